@@ -1,0 +1,72 @@
+#pragma once
+
+// Reading files around the page cache: O_DIRECT with aligned buffers, and a
+// buffered fallback where the filesystem refuses direct I/O.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace neuralink {
+
+// Offset, length and memory alignment used for direct reads. 4 KiB covers
+// the logical block size of the devices we target (UFS, NVMe, virtio).
+constexpr size_t kDirectAlign = 4096;
+
+class AlignedBuffer {
+public:
+    AlignedBuffer() = default;
+    AlignedBuffer(size_t size, size_t alignment = kDirectAlign);
+
+    uint8_t *       data()       { return ptr_.get(); }
+    const uint8_t * data() const { return ptr_.get(); }
+    size_t          size() const { return size_; }
+
+private:
+    struct Free { void operator()(uint8_t * p) const; };
+    std::unique_ptr<uint8_t, Free> ptr_;
+    size_t size_ = 0;
+};
+
+class DirectFile {
+public:
+    // Opens `path` read-only, with O_DIRECT when `direct` is set and allowed.
+    // Throws std::runtime_error naming the file when it cannot be opened.
+    DirectFile(const std::string & path, bool direct);
+    ~DirectFile();
+
+    DirectFile(const DirectFile &) = delete;
+    DirectFile & operator=(const DirectFile &) = delete;
+
+    const std::string & path() const { return path_; }
+    uint64_t size() const { return size_; }
+    bool direct() const { return direct_; }
+    // why direct I/O is not in use (empty when it is, or was not asked for)
+    const std::string & note() const { return note_; }
+
+    // Reads exactly [offset, offset + len) into dst. When direct(), all three
+    // must be aligned to kDirectAlign, except that len may run past the end of
+    // the file by less than one block. Throws on I/O errors and short reads.
+    void read_exact(uint64_t offset, void * dst, size_t len) const;
+
+    // Reads an arbitrary byte range into a fresh aligned buffer; *start points
+    // at the first requested byte inside it.
+    AlignedBuffer read_range(uint64_t offset, size_t len, const uint8_t ** start) const;
+
+private:
+    std::string path_;
+    int         fd_     = -1;
+    uint64_t    size_   = 0;
+    bool        direct_ = false;
+    std::string note_;
+};
+
+// Fraction of the pages of [offset, offset + len) of a file that are in the
+// page cache (mincore over a fresh mapping, which itself faults nothing in).
+double resident_fraction(const std::string & path, uint64_t offset, uint64_t len);
+
+// Drops the file's clean pages from the page cache (posix_fadvise DONTNEED).
+void evict_from_page_cache(const std::string & path);
+
+} // namespace neuralink

@@ -1,0 +1,80 @@
+#pragma once
+
+// The engine behind llama.cpp's FFN hook: it owns the FFN weights of every
+// layer (read by itself from the model file, around the page cache) and
+// evaluates the layers llama.cpp hands it.
+
+#include "neuralink/direct_file.h"
+#include "neuralink/ffn_layer.h"
+#include "neuralink/gguf_model.h"
+
+#include "llama-ffn-hook.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace neuralink {
+
+struct EngineOptions {
+    bool direct_io = true; // read weights with O_DIRECT (falls back to buffered where refused)
+};
+
+struct LayerStatus {
+    int         il = -1;
+    bool        loaded = false;  // weights read and usable
+    bool        offered = false; // llama.cpp asked the hook about this layer
+    bool        taken = false;   // and the engine took it
+    std::string reason;          // why not loaded or not taken
+};
+
+class Engine {
+public:
+    // Reads the FFN weights of all layers. Throws std::runtime_error naming
+    // the file for unreadable or malformed models.
+    explicit Engine(const std::string & model_path, const EngineOptions & options = {});
+
+    Engine(const Engine &) = delete;
+    Engine & operator=(const Engine &) = delete;
+
+    // the hook to pass to llama_set_ffn_hook; user_data is this engine
+    const llama_ffn_hook * hook() const { return &hook_; }
+
+    // hook entry points (see llama-ffn-hook.h)
+    int32_t take(const llama_ffn_hook_layer & layer, int32_t * n_phases);
+    void    compute(int32_t handle, int32_t phase, const float * x, float * y,
+                    int64_t n_tokens, int ith, int nth);
+
+    const GgufModel & model() const { return model_; }
+    int n_layer() const { return (int) status_.size(); }
+    const std::vector<LayerStatus> & layer_status() const { return status_; }
+    const FfnLayer & layer(int il) const;
+    size_t weight_bytes() const { return weight_bytes_; }
+    bool direct_io() const { return direct_io_; }
+    const std::string & io_note() const { return io_note_; }
+    uint64_t tokens_computed() const { return tokens_computed_; }
+
+    // Evaluates layer il on n_tokens rows of x on the calling thread, with
+    // activation `act`: the reference path for tests.
+    void forward(int il, Activation act, const float * x, float * y, int64_t n_tokens);
+
+private:
+    void load_layer(int il, DirectFile & file);
+    WeightMatrix load_matrix(const TensorInfo & t, DirectFile & file);
+    std::vector<float> load_vector(const TensorInfo & t, int64_t n, DirectFile & file);
+    std::string check_layer(const FfnLayer & L, const llama_ffn_hook_layer & d) const;
+
+    GgufModel model_;
+    llama_ffn_hook hook_ {};
+    std::vector<LayerStatus> status_;
+    std::vector<std::unique_ptr<FfnLayer>> layers_;
+    std::vector<AlignedBuffer> storage_;
+    FfnScratch scratch_;
+    size_t weight_bytes_ = 0;
+    bool direct_io_ = false;
+    std::string io_note_;
+    uint64_t tokens_computed_ = 0;
+};
+
+} // namespace neuralink

@@ -1,0 +1,58 @@
+#pragma once
+
+// Directory of a GGUF file: metadata and where each tensor's bytes lie.
+// Parsed with ggml's own gguf reader; no tensor data is read.
+
+#include "ggml.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+struct gguf_context;
+
+namespace neuralink {
+
+struct TensorInfo {
+    std::string name;
+    ggml_type   type;
+    int         n_dims;
+    int64_t     ne[4];
+    uint64_t    offset; // absolute offset of the data in the file
+    uint64_t    nbytes;
+};
+
+class GgufModel {
+public:
+    // Throws std::runtime_error naming the file when it is missing, not a GGUF
+    // file, or truncated (a tensor's data extends past the end of the file).
+    explicit GgufModel(const std::string & path);
+    ~GgufModel();
+
+    GgufModel(const GgufModel &) = delete;
+    GgufModel & operator=(const GgufModel &) = delete;
+
+    const std::string & path() const { return path_; }
+    const std::string & architecture() const { return arch_; }
+    uint64_t file_size() const { return file_size_; }
+    const std::vector<TensorInfo> & tensors() const { return tensors_; }
+
+    const TensorInfo * find(const std::string & name) const;
+    const TensorInfo & require(const std::string & name) const;
+
+    // metadata values; `fallback` when the key is absent (throws when present with another type)
+    std::string get_string(const std::string & key, const std::string & fallback = "") const;
+    int64_t     get_int(const std::string & key, int64_t fallback) const;
+
+private:
+    std::string path_;
+    std::string arch_;
+    uint64_t    file_size_ = 0;
+    gguf_context * gguf_ = nullptr;
+    std::vector<TensorInfo> tensors_;
+    std::unordered_map<std::string, size_t> by_name_;
+};
+
+} // namespace neuralink

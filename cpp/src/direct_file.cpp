@@ -1,0 +1,168 @@
+#include "neuralink/direct_file.h"
+
+#include "neuralink/errors.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <fcntl.h>
+#include <stdexcept>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <vector>
+
+namespace neuralink {
+
+static std::string errno_text(int err) {
+    return std::strerror(err);
+}
+
+void AlignedBuffer::Free::operator()(uint8_t * p) const {
+    std::free(p);
+}
+
+AlignedBuffer::AlignedBuffer(size_t size, size_t alignment) : size_(size) {
+    void * p = nullptr;
+    const size_t padded = (size + alignment - 1) / alignment * alignment;
+    if (posix_memalign(&p, alignment, std::max(padded, alignment)) != 0) {
+        throw std::bad_alloc();
+    }
+    ptr_.reset((uint8_t *) p);
+}
+
+DirectFile::DirectFile(const std::string & path, bool direct) : path_(path) {
+    if (direct) {
+        fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);
+        if (fd_ >= 0) {
+            direct_ = true;
+        } else if (errno == EINVAL) {
+            note_ = "the filesystem refuses O_DIRECT; reading through the page cache";
+        } else {
+            throw ModelFileError(path + ": cannot open: " + errno_text(errno));
+        }
+    }
+    if (fd_ < 0) {
+        fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+        if (fd_ < 0) {
+            throw ModelFileError(path + ": cannot open: " + errno_text(errno));
+        }
+    }
+    struct stat st {};
+    if (fstat(fd_, &st) != 0) {
+        const int err = errno;
+        ::close(fd_);
+        throw ModelFileError(path + ": cannot stat: " + errno_text(err));
+    }
+    size_ = (uint64_t) st.st_size;
+
+    if (direct_ && size_ >= kDirectAlign) {
+        // some filesystems accept O_DIRECT at open and refuse the reads
+        AlignedBuffer probe(kDirectAlign);
+        if (::pread(fd_, probe.data(), kDirectAlign, 0) < 0 && errno == EINVAL) {
+            ::close(fd_);
+            fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+            if (fd_ < 0) {
+                throw ModelFileError(path + ": cannot open: " + errno_text(errno));
+            }
+            direct_ = false;
+            note_ = "direct reads fail with EINVAL on this filesystem; reading through the page cache";
+        }
+    }
+}
+
+DirectFile::~DirectFile() {
+    if (fd_ >= 0) {
+        ::close(fd_);
+    }
+}
+
+void DirectFile::read_exact(uint64_t offset, void * dst, size_t len) const {
+    if (direct_ && (offset % kDirectAlign || (uintptr_t) dst % kDirectAlign || len % kDirectAlign)) {
+        throw std::invalid_argument(path_ + ": unaligned direct read at offset " + std::to_string(offset) +
+                " of " + std::to_string(len) + " bytes");
+    }
+    // a direct read may end past EOF (its last block is partial); only the bytes up to EOF are needed then
+    const uint64_t need_end = direct_ ? std::min<uint64_t>(offset + len, std::max<uint64_t>(size_, offset)) : offset + len;
+    uint8_t * out = (uint8_t *) dst;
+    uint64_t pos = offset;
+    while (pos < offset + len) {
+        const ssize_t got = ::pread(fd_, out + (pos - offset), (size_t) (offset + len - pos), (off_t) pos);
+        if (got < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            throw IoError(path_ + ": read of " + std::to_string(len) + " bytes at offset " +
+                    std::to_string(offset) + " failed: " + errno_text(errno));
+        }
+        if (got == 0) {
+            break;
+        }
+        pos += (uint64_t) got;
+    }
+    if (pos < need_end) {
+        throw IoError(path_ + ": short read at offset " + std::to_string(offset) + ": wanted " +
+                std::to_string(len) + " bytes, got " + std::to_string(pos - offset) +
+                " (file is " + std::to_string(size_) + " bytes: changed or truncated?)");
+    }
+}
+
+AlignedBuffer DirectFile::read_range(uint64_t offset, size_t len, const uint8_t ** start) const {
+    const uint64_t begin = direct_ ? offset / kDirectAlign * kDirectAlign : offset;
+    const uint64_t end   = direct_ ? (offset + len + kDirectAlign - 1) / kDirectAlign * kDirectAlign : offset + len;
+    if (offset + len > size_) {
+        throw IoError(path_ + ": range [" + std::to_string(offset) + ", " + std::to_string(offset + len) +
+                ") lies beyond the end of the file (" + std::to_string(size_) + " bytes)");
+    }
+    AlignedBuffer buf((size_t) (end - begin));
+    read_exact(begin, buf.data(), (size_t) (end - begin));
+    *start = buf.data() + (offset - begin);
+    return buf;
+}
+
+double resident_fraction(const std::string & path, uint64_t offset, uint64_t len) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        throw ModelFileError(path + ": cannot open: " + errno_text(errno));
+    }
+    const long page = sysconf(_SC_PAGESIZE);
+    const uint64_t begin = offset / page * page;
+    const uint64_t end = (offset + len + page - 1) / page * page;
+    if (len == 0) {
+        ::close(fd);
+        return 0.0;
+    }
+    void * addr = mmap(nullptr, end - begin, PROT_READ, MAP_SHARED, fd, (off_t) begin);
+    const int map_err = errno;
+    ::close(fd);
+    if (addr == MAP_FAILED) {
+        throw std::runtime_error(path + ": mmap failed: " + errno_text(map_err));
+    }
+    std::vector<unsigned char> vec((end - begin) / page);
+    const int rc = mincore(addr, end - begin, vec.data());
+    const int mc_err = errno;
+    munmap(addr, end - begin);
+    if (rc != 0) {
+        throw std::runtime_error(path + ": mincore failed: " + errno_text(mc_err));
+    }
+    size_t resident = 0;
+    for (unsigned char v : vec) {
+        resident += v & 1;
+    }
+    return (double) resident / (double) vec.size();
+}
+
+void evict_from_page_cache(const std::string & path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        throw ModelFileError(path + ": cannot open: " + errno_text(errno));
+    }
+    const int rc = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    ::close(fd);
+    if (rc != 0) {
+        throw std::runtime_error(path + ": posix_fadvise(DONTNEED) failed: " + errno_text(rc));
+    }
+}
+
+} // namespace neuralink

@@ -1,0 +1,218 @@
+#include "neuralink/engine.h"
+
+#include "neuralink/errors.h"
+
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+
+namespace neuralink {
+
+static std::string layer_tensor(int il, const char * base, const char * suffix) {
+    char buf[96];
+    std::snprintf(buf, sizeof(buf), "blk.%d.%s.%s", il, base, suffix);
+    return buf;
+}
+
+static int32_t hook_take(void * user_data, const llama_ffn_hook_layer * layer, int32_t * n_phases) {
+    try {
+        return ((Engine *) user_data)->take(*layer, n_phases);
+    } catch (const std::exception &) {
+        return -1; // leave the layer to llama.cpp rather than let an exception cross the C boundary
+    }
+}
+
+static void hook_compute(void * user_data, int32_t handle, int32_t phase, const float * x, float * y,
+                         int64_t n_tokens, int32_t ith, int32_t nth) {
+    ((Engine *) user_data)->compute(handle, phase, x, y, n_tokens, ith, nth);
+}
+
+Engine::Engine(const std::string & model_path, const EngineOptions & options) : model_(model_path) {
+    init_ggml_cpu();
+    hook_.take = hook_take;
+    hook_.compute = hook_compute;
+    hook_.user_data = this;
+
+    const std::string & arch = model_.architecture();
+    const int64_t n_layer = model_.get_int(arch + ".block_count", -1);
+    if (n_layer <= 0) {
+        throw ModelFileError(model_.path() + ": metadata has no positive " + arch + ".block_count");
+    }
+    if (model_.get_int(arch + ".expert_count", 0) > 0) {
+        throw UnsupportedModelError(model_.path() + ": architecture '" + arch +
+                "' has mixture-of-experts FFNs, which neuralink does not support");
+    }
+    DirectFile file(model_path, options.direct_io);
+    direct_io_ = file.direct();
+    io_note_ = file.note();
+    status_.resize((size_t) n_layer);
+    layers_.resize((size_t) n_layer);
+    for (int il = 0; il < (int) n_layer; ++il) {
+        status_[il].il = il;
+        load_layer(il, file);
+    }
+}
+
+WeightMatrix Engine::load_matrix(const TensorInfo & t, DirectFile & file) {
+    std::string why;
+    if (!weight_type_supported(t.type, &why)) {
+        throw std::invalid_argument("tensor '" + t.name + "': " + why);
+    }
+    if (t.n_dims > 2) {
+        throw std::invalid_argument("tensor '" + t.name + "' has " + std::to_string(t.n_dims) + " dimensions, expected 2");
+    }
+    WeightMatrix m;
+    m.wt = &weight_type(t.type);
+    m.name = t.name;
+    m.cols = t.ne[0];
+    m.rows = t.ne[1];
+    m.row_bytes = m.wt->row_bytes(m.cols);
+    if (m.row_bytes * (size_t) m.rows != t.nbytes) {
+        throw ModelFileError(model_.path() + ": tensor '" + t.name + "' holds " + std::to_string(t.nbytes) +
+                " bytes, expected " + std::to_string(m.row_bytes * (size_t) m.rows));
+    }
+    const uint8_t * start = nullptr;
+    storage_.push_back(file.read_range(t.offset, t.nbytes, &start));
+    m.data = start;
+    weight_bytes_ += t.nbytes;
+    return m;
+}
+
+std::vector<float> Engine::load_vector(const TensorInfo & t, int64_t n, DirectFile & file) {
+    if (t.ne[0] != n || t.ne[1] != 1) {
+        throw std::invalid_argument("tensor '" + t.name + "' has shape [" + std::to_string(t.ne[0]) + ", " +
+                std::to_string(t.ne[1]) + "], expected [" + std::to_string(n) + "]");
+    }
+    std::string why;
+    if (!weight_type_supported(t.type, &why)) {
+        throw std::invalid_argument("tensor '" + t.name + "': " + why);
+    }
+    const uint8_t * start = nullptr;
+    AlignedBuffer buf = file.read_range(t.offset, t.nbytes, &start);
+    std::vector<float> v((size_t) n);
+    weight_type(t.type).to_float(start, v.data(), n);
+    return v;
+}
+
+void Engine::load_layer(int il, DirectFile & file) {
+    LayerStatus & st = status_[il];
+    const TensorInfo * up   = model_.find(layer_tensor(il, "ffn_up", "weight"));
+    const TensorInfo * down = model_.find(layer_tensor(il, "ffn_down", "weight"));
+    const TensorInfo * gate = model_.find(layer_tensor(il, "ffn_gate", "weight"));
+    if (!up || !down) {
+        st.reason = "no dense FFN tensors (" + layer_tensor(il, "ffn_up", "weight") + ", " +
+                layer_tensor(il, "ffn_down", "weight") + ")";
+        return;
+    }
+    auto L = std::make_unique<FfnLayer>();
+    L->il = il;
+    try {
+        L->up = load_matrix(*up, file);
+        L->down = load_matrix(*down, file);
+        L->n_embd = L->up.cols;
+        L->n_ff = L->up.rows;
+        L->n_out = L->down.rows;
+        if (L->down.cols != L->n_ff) {
+            throw std::invalid_argument("'" + down->name + "' has rows of " + std::to_string(L->down.cols) +
+                    ", expected n_ff = " + std::to_string(L->n_ff));
+        }
+        if (gate) {
+            L->gate = load_matrix(*gate, file);
+            L->gated = true;
+            if (L->gate.cols != L->n_embd || L->gate.rows != L->n_ff) {
+                throw std::invalid_argument("'" + gate->name + "' shape differs from '" + up->name + "'");
+            }
+        }
+        if (const TensorInfo * b = model_.find(layer_tensor(il, "ffn_up", "bias"))) {
+            L->up_bias = load_vector(*b, L->n_ff, file);
+        }
+        if (const TensorInfo * b = model_.find(layer_tensor(il, "ffn_gate", "bias"))) {
+            L->gate_bias = load_vector(*b, L->n_ff, file);
+        }
+        if (const TensorInfo * b = model_.find(layer_tensor(il, "ffn_down", "bias"))) {
+            L->down_bias = load_vector(*b, L->n_out, file);
+        }
+    } catch (const std::invalid_argument & e) {
+        st.reason = e.what();
+        return;
+    }
+    st.loaded = true;
+    layers_[il] = std::move(L);
+}
+
+const FfnLayer & Engine::layer(int il) const {
+    if (il < 0 || il >= n_layer() || !layers_[il]) {
+        throw std::out_of_range("layer " + std::to_string(il) + " has no FFN weights in the engine" +
+                (il >= 0 && il < n_layer() ? ": " + status_[il].reason : std::string()));
+    }
+    return *layers_[il];
+}
+
+static bool same_name(const char * a, const std::string & b) {
+    return a ? b == a : b.empty();
+}
+
+std::string Engine::check_layer(const FfnLayer & L, const llama_ffn_hook_layer & d) const {
+    if (!same_name(d.up, L.up.name) || !same_name(d.down, L.down.name) || !same_name(d.gate, L.gate.name)) {
+        return std::string("the graph uses tensors (") + (d.gate ? d.gate : "-") + ", " + (d.up ? d.up : "-") +
+                ", " + (d.down ? d.down : "-") + ") other than the layer's own";
+    }
+    if (d.gated != L.gated) {
+        return "gating differs between the graph and the model file";
+    }
+    if ((d.up_bias != nullptr) != !L.up_bias.empty() || (d.gate_bias != nullptr) != !L.gate_bias.empty() ||
+        (d.down_bias != nullptr) != !L.down_bias.empty()) {
+        return "biases differ between the graph and the model file";
+    }
+    if (d.n_embd != L.n_embd || d.n_ff != L.n_ff || d.n_out != L.n_out) {
+        return "shapes differ between the graph and the model file";
+    }
+    if (d.act < LLAMA_FFN_HOOK_ACT_SILU || d.act > LLAMA_FFN_HOOK_ACT_RELU_SQR) {
+        return "unknown activation " + std::to_string(d.act);
+    }
+    return "";
+}
+
+int32_t Engine::take(const llama_ffn_hook_layer & d, int32_t * n_phases) {
+    if (d.il < 0 || d.il >= n_layer()) {
+        return -1;
+    }
+    LayerStatus & st = status_[d.il];
+    st.offered = true;
+    if (!layers_[d.il]) {
+        st.taken = false;
+        return -1;
+    }
+    FfnLayer & L = *layers_[d.il];
+    const std::string why = check_layer(L, d);
+    if (!why.empty()) {
+        st.taken = false;
+        st.reason = why;
+        return -1;
+    }
+    L.act = (Activation) d.act;
+    scratch_.reserve(L, d.n_tokens);
+    st.taken = true;
+    *n_phases = kDensePhases;
+    return d.il;
+}
+
+void Engine::compute(int32_t handle, int32_t phase, const float * x, float * y, int64_t n_tokens, int ith, int nth) {
+    const FfnLayer & L = *layers_[handle];
+    dense_ffn_phase(L, scratch_, phase, x, y, n_tokens, ith, nth);
+    if (phase == kDensePhases - 1 && ith == 0) {
+        tokens_computed_ += (uint64_t) n_tokens;
+    }
+}
+
+void Engine::forward(int il, Activation act, const float * x, float * y, int64_t n_tokens) {
+    layer(il); // validates il
+    FfnLayer & L = *layers_[il];
+    L.act = act;
+    scratch_.reserve(L, n_tokens);
+    for (int phase = 0; phase < kDensePhases; ++phase) {
+        dense_ffn_phase(L, scratch_, phase, x, y, n_tokens, 0, 1);
+    }
+}
+
+} // namespace neuralink

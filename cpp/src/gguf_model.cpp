@@ -1,0 +1,112 @@
+#include "neuralink/gguf_model.h"
+
+#include "neuralink/errors.h"
+
+#include "gguf.h"
+
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
+#include <sys/stat.h>
+
+namespace neuralink {
+
+GgufModel::GgufModel(const std::string & path) : path_(path) {
+    struct stat st {};
+    if (stat(path.c_str(), &st) != 0) {
+        throw ModelFileError(path + ": cannot open: " + std::strerror(errno));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        throw ModelFileError(path + ": not a regular file");
+    }
+    file_size_ = (uint64_t) st.st_size;
+
+    ggml_context * meta = nullptr;
+    gguf_init_params params = { /*.no_alloc =*/ true, /*.ctx =*/ &meta };
+    gguf_ = gguf_init_from_file(path.c_str(), params);
+    if (gguf_ == nullptr) {
+        throw ModelFileError(path + ": not a valid GGUF file (bad magic or version, or a truncated or corrupt header)");
+    }
+
+    const int64_t n = gguf_get_n_tensors(gguf_);
+    const uint64_t data_offset = gguf_get_data_offset(gguf_);
+    tensors_.reserve((size_t) n);
+    for (int64_t i = 0; i < n; ++i) {
+        const char * name = gguf_get_tensor_name(gguf_, i);
+        const ggml_tensor * t = ggml_get_tensor(meta, name);
+        TensorInfo info;
+        info.name   = name;
+        info.type   = gguf_get_tensor_type(gguf_, i);
+        info.n_dims = ggml_n_dims(t);
+        for (int d = 0; d < 4; ++d) {
+            info.ne[d] = t->ne[d];
+        }
+        info.offset = data_offset + gguf_get_tensor_offset(gguf_, i);
+        info.nbytes = gguf_get_tensor_size(gguf_, i);
+        if (info.offset + info.nbytes > file_size_) {
+            ggml_free(meta);
+            throw ModelFileError(path + ": tensor '" + info.name + "' data [" + std::to_string(info.offset) + ", " +
+                    std::to_string(info.offset + info.nbytes) + ") lies beyond the end of the file (" +
+                    std::to_string(file_size_) + " bytes): truncated file?");
+        }
+        by_name_[info.name] = tensors_.size();
+        tensors_.push_back(std::move(info));
+    }
+    ggml_free(meta);
+
+    arch_ = get_string("general.architecture");
+    if (arch_.empty()) {
+        throw ModelFileError(path + ": GGUF metadata has no general.architecture");
+    }
+}
+
+GgufModel::~GgufModel() {
+    if (gguf_) {
+        gguf_free(gguf_);
+    }
+}
+
+const TensorInfo * GgufModel::find(const std::string & name) const {
+    const auto it = by_name_.find(name);
+    return it == by_name_.end() ? nullptr : &tensors_[it->second];
+}
+
+const TensorInfo & GgufModel::require(const std::string & name) const {
+    const TensorInfo * t = find(name);
+    if (!t) {
+        throw ModelFileError(path_ + ": tensor '" + name + "' not found");
+    }
+    return *t;
+}
+
+std::string GgufModel::get_string(const std::string & key, const std::string & fallback) const {
+    const int64_t id = gguf_find_key(gguf_, key.c_str());
+    if (id < 0) {
+        return fallback;
+    }
+    if (gguf_get_kv_type(gguf_, id) != GGUF_TYPE_STRING) {
+        throw ModelFileError(path_ + ": metadata key '" + key + "' is not a string");
+    }
+    return gguf_get_val_str(gguf_, id);
+}
+
+int64_t GgufModel::get_int(const std::string & key, int64_t fallback) const {
+    const int64_t id = gguf_find_key(gguf_, key.c_str());
+    if (id < 0) {
+        return fallback;
+    }
+    switch (gguf_get_kv_type(gguf_, id)) {
+        case GGUF_TYPE_UINT8:  return gguf_get_val_u8(gguf_, id);
+        case GGUF_TYPE_INT8:   return gguf_get_val_i8(gguf_, id);
+        case GGUF_TYPE_UINT16: return gguf_get_val_u16(gguf_, id);
+        case GGUF_TYPE_INT16:  return gguf_get_val_i16(gguf_, id);
+        case GGUF_TYPE_UINT32: return gguf_get_val_u32(gguf_, id);
+        case GGUF_TYPE_INT32:  return gguf_get_val_i32(gguf_, id);
+        case GGUF_TYPE_UINT64: return (int64_t) gguf_get_val_u64(gguf_, id);
+        case GGUF_TYPE_INT64:  return gguf_get_val_i64(gguf_, id);
+        default:
+            throw ModelFileError(path_ + ": metadata key '" + key + "' is not an integer");
+    }
+}
+
+} // namespace neuralink

@@ -1,0 +1,375 @@
+// Checks of the engine core against straightforward float references.
+
+#include "test_util.h"
+
+#include "neuralink/direct_file.h"
+#include "neuralink/engine.h"
+#include "neuralink/ffn_layer.h"
+#include "neuralink/gguf_model.h"
+#include "neuralink/weight_types.h"
+
+#include "gguf.h"
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+using namespace neuralink;
+
+namespace {
+
+std::vector<float> random_floats(size_t n, uint32_t seed, float scale = 1.0f) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> dist(0.0f, scale);
+    std::vector<float> v(n);
+    for (auto & x : v) {
+        x = dist(rng);
+    }
+    return v;
+}
+
+// rows x cols floats quantized into `type` with ggml's own quantizer
+std::vector<uint8_t> quantize(ggml_type type, const std::vector<float> & w, int64_t rows, int64_t cols) {
+    std::vector<uint8_t> q(ggml_row_size(type, cols) * rows);
+    ggml_quantize_chunk(type, w.data(), q.data(), 0, rows, cols, nullptr);
+    return q;
+}
+
+std::vector<float> dequantize(ggml_type type, const uint8_t * q, int64_t rows, int64_t cols) {
+    std::vector<float> w((size_t) (rows * cols));
+    for (int64_t r = 0; r < rows; ++r) {
+        weight_type(type).to_float(q + r * ggml_row_size(type, cols), w.data() + r * cols, cols);
+    }
+    return w;
+}
+
+struct OwnedMatrix {
+    std::vector<uint8_t> bytes;
+    WeightMatrix m;
+};
+
+OwnedMatrix make_matrix(ggml_type type, int64_t rows, int64_t cols, uint32_t seed) {
+    OwnedMatrix o;
+    o.bytes = quantize(type, random_floats((size_t) (rows * cols), seed, 0.5f), rows, cols);
+    o.m.wt = &weight_type(type);
+    o.m.rows = rows;
+    o.m.cols = cols;
+    o.m.row_bytes = ggml_row_size(type, cols);
+    o.m.data = o.bytes.data();
+    return o;
+}
+
+// y = down act(gate x + bg) * (up x + bu) + bd in double precision from dequantized weights
+std::vector<float> reference_ffn(const FfnLayer & L, const std::vector<float> & x, int64_t n_tokens) {
+    const auto up = dequantize(L.up.wt->type, L.up.data, L.n_ff, L.n_embd);
+    const auto down = dequantize(L.down.wt->type, L.down.data, L.n_out, L.n_ff);
+    const auto gate = L.gated ? dequantize(L.gate.wt->type, L.gate.data, L.n_ff, L.n_embd) : std::vector<float>();
+    std::vector<float> y((size_t) (n_tokens * L.n_out));
+    std::vector<double> h((size_t) L.n_ff);
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        const float * xt = x.data() + t * L.n_embd;
+        for (int64_t r = 0; r < L.n_ff; ++r) {
+            double u = 0, g = 0;
+            for (int64_t i = 0; i < L.n_embd; ++i) {
+                u += (double) up[r * L.n_embd + i] * xt[i];
+                if (L.gated) {
+                    g += (double) gate[r * L.n_embd + i] * xt[i];
+                }
+            }
+            if (!L.up_bias.empty()) u += L.up_bias[r];
+            if (!L.gate_bias.empty()) g += L.gate_bias[r];
+            h[r] = L.gated ? activate(L.act, (float) g) * u : activate(L.act, (float) u);
+        }
+        for (int64_t e = 0; e < L.n_out; ++e) {
+            double v = L.down_bias.empty() ? 0.0 : L.down_bias[e];
+            for (int64_t r = 0; r < L.n_ff; ++r) {
+                v += (double) down[e * L.n_ff + r] * h[r];
+            }
+            y[t * L.n_out + e] = (float) v;
+        }
+    }
+    return y;
+}
+
+void run_phases(const FfnLayer & L, FfnScratch & s, const float * x, float * y, int64_t n_tokens, int nth) {
+    s.reserve(L, n_tokens);
+    for (int phase = 0; phase < kDensePhases; ++phase) {
+        for (int ith = 0; ith < nth; ++ith) {
+            dense_ffn_phase(L, s, phase, x, y, n_tokens, ith, nth);
+        }
+    }
+}
+
+double max_abs(const std::vector<float> & v) {
+    double m = 0;
+    for (float x : v) m = std::max(m, (double) std::fabs(x));
+    return m;
+}
+
+double max_abs_diff(const std::vector<float> & a, const std::vector<float> & b) {
+    double m = 0;
+    for (size_t i = 0; i < a.size(); ++i) m = std::max(m, (double) std::fabs(a[i] - b[i]));
+    return m;
+}
+
+// a one- or two-layer GGUF of random weights, written with ggml's gguf writer
+std::string write_tiny_gguf(const std::string & name, ggml_type type, int n_layer, int64_t n_embd, int64_t n_ff,
+                            bool gated, bool biases) {
+    ggml_init_params ip = { /*.mem_size =*/ 64u << 20, /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ false };
+    ggml_context * ctx = ggml_init(ip);
+    gguf_context * g = gguf_init_empty();
+    gguf_set_val_str(g, "general.architecture", "llama");
+    gguf_set_val_u32(g, "llama.block_count", (uint32_t) n_layer);
+    uint32_t seed = 1;
+    auto add = [&](const std::string & tname, ggml_type t, int64_t ne0, int64_t ne1) {
+        ggml_tensor * tensor = ne1 > 1 ? ggml_new_tensor_2d(ctx, t, ne0, ne1) : ggml_new_tensor_1d(ctx, t, ne0);
+        ggml_set_name(tensor, tname.c_str());
+        const auto w = random_floats((size_t) (ne0 * ne1), seed++, 0.5f);
+        if (t == GGML_TYPE_F32) {
+            std::memcpy(tensor->data, w.data(), w.size() * sizeof(float));
+        } else {
+            ggml_quantize_chunk(t, w.data(), tensor->data, 0, ne1, ne0, nullptr);
+        }
+        gguf_add_tensor(g, tensor);
+    };
+    for (int il = 0; il < n_layer; ++il) {
+        const std::string p = "blk." + std::to_string(il) + ".";
+        if (gated) add(p + "ffn_gate.weight", type, n_embd, n_ff);
+        add(p + "ffn_up.weight", type, n_embd, n_ff);
+        add(p + "ffn_down.weight", type, n_ff, n_embd);
+        if (biases) {
+            add(p + "ffn_up.bias", GGML_TYPE_F32, n_ff, 1);
+            add(p + "ffn_down.bias", GGML_TYPE_F32, n_embd, 1);
+        }
+    }
+    const std::string path = nltest::tmp_dir() + "/" + name;
+    CHECK(gguf_write_to_file(g, path.c_str(), false));
+    gguf_free(g);
+    ggml_free(ctx);
+    return path;
+}
+
+llama_ffn_hook_layer describe(const FfnLayer & L, int64_t n_tokens, std::vector<std::string> & names) {
+    names = { L.up.name, L.gate.name, L.down.name };
+    llama_ffn_hook_layer d {};
+    d.il = L.il;
+    d.act = (int32_t) L.act;
+    d.gated = L.gated;
+    d.n_embd = L.n_embd;
+    d.n_ff = L.n_ff;
+    d.n_out = L.n_out;
+    d.n_tokens = n_tokens;
+    d.up = names[0].c_str();
+    d.gate = L.gated ? names[1].c_str() : nullptr;
+    d.down = names[2].c_str();
+    return d;
+}
+
+const ggml_type kWeightTypes[] = {
+    GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q5_0,
+    GGML_TYPE_Q5_1, GGML_TYPE_Q8_0, GGML_TYPE_Q2_K, GGML_TYPE_Q3_K, GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K,
+};
+
+} // namespace
+
+TEST(vec_dot_of_every_weight_type_matches_dequantized_dot) {
+    const int64_t n = 512;
+    const auto a = random_floats(n, 7);
+    for (ggml_type type : kWeightTypes) {
+        const WeightType & wt = weight_type(type);
+        const auto q = quantize(type, random_floats(n, 8), 1, n);
+        const auto w = dequantize(type, q.data(), 1, n);
+        std::vector<uint8_t> aq(wt.act_row_bytes(n));
+        wt.act_from_float(a.data(), aq.data(), n);
+        float got = 0;
+        wt.vec_dot((int) n, &got, 0, q.data(), 0, aq.data(), 0, 1);
+        double want = 0, scale = 0;
+        for (int64_t i = 0; i < n; ++i) {
+            want += (double) w[i] * a[i];
+            scale += std::fabs((double) w[i] * a[i]);
+        }
+        // activations are rounded to vec_dot_type: 8-bit for quants, 16-bit for F16/BF16, exact for F32
+        const double tol = wt.vec_dot_type == GGML_TYPE_F32 ? 1e-5 : wt.vec_dot_type == GGML_TYPE_F16 ? 2e-3 : 1.5e-2;
+        CHECK_NEAR(got, want, tol * scale);
+    }
+}
+
+TEST(activations_follow_ggml_definitions) {
+    CHECK(activate(Activation::Relu, -2.0f) == 0.0f);
+    CHECK(activate(Activation::Relu, 3.0f) == 3.0f);
+    CHECK(activate(Activation::ReluSqr, -2.0f) == 0.0f);
+    CHECK(activate(Activation::ReluSqr, 3.0f) == 9.0f);
+    CHECK_NEAR(activate(Activation::Silu, 1.0f), 1.0 / (1.0 + std::exp(-1.0)), 1e-6);
+    for (float v : { -3.0f, -0.5f, 0.0f, 0.7f, 2.5f }) {
+        const double exact = 0.5 * v * (1.0 + std::tanh(0.7978845608 * v * (1.0 + 0.044715 * v * v)));
+        CHECK_NEAR(activate(Activation::Gelu, v), exact, 2e-3 * std::max(1.0, std::fabs(exact)));
+    }
+    CHECK(activate(Activation::Gelu, -11.0f) == 0.0f);
+    CHECK(activate(Activation::Gelu, 12.0f) == 12.0f);
+    CHECK(activation_from_name("relu_sqr") == Activation::ReluSqr);
+    CHECK_THROWS(std::invalid_argument, activation_from_name("tanh"), "unknown activation 'tanh'");
+}
+
+TEST(split_range_covers_everything_once_in_grains) {
+    for (int64_t n : { 0, 1, 15, 16, 17, 1536, 14336 }) {
+        for (int nth : { 1, 2, 3, 8 }) {
+            int64_t next = 0;
+            for (int ith = 0; ith < nth; ++ith) {
+                const auto [b, e] = split_range(n, ith, nth, 16);
+                CHECK(b == next);
+                CHECK(e >= b);
+                CHECK(b % 16 == 0 || b == n);
+                next = e;
+            }
+            CHECK(next == n);
+        }
+    }
+}
+
+TEST(dense_ffn_matches_float_reference_for_every_weight_type) {
+    const int64_t n_embd = 256, n_ff = 512, n_tokens = 5;
+    for (ggml_type type : kWeightTypes) {
+        for (Activation act : { Activation::Silu, Activation::Gelu, Activation::ReluSqr }) {
+            const bool gated = act != Activation::ReluSqr;
+            auto up = make_matrix(type, n_ff, n_embd, 1), gate = make_matrix(type, n_ff, n_embd, 2),
+                 down = make_matrix(type, n_embd, n_ff, 3);
+            FfnLayer L;
+            L.il = 0;
+            L.act = act;
+            L.gated = gated;
+            L.n_embd = n_embd;
+            L.n_ff = n_ff;
+            L.n_out = n_embd;
+            L.up = up.m;
+            L.down = down.m;
+            if (gated) L.gate = gate.m;
+            L.up_bias = random_floats(n_ff, 4, 0.1f);
+            L.down_bias = random_floats(n_embd, 5, 0.1f);
+            const auto x = random_floats(n_tokens * n_embd, 6);
+            std::vector<float> y(n_tokens * n_embd);
+            FfnScratch s;
+            run_phases(L, s, x.data(), y.data(), n_tokens, 1);
+            const auto want = reference_ffn(L, x, n_tokens);
+            const double tol = weight_type(type).vec_dot_type == GGML_TYPE_F32 ? 1e-4 : 3e-2;
+            if (max_abs_diff(y, want) > tol * max_abs(want)) {
+                throw nltest::Failure(std::string("type ") + ggml_type_name(type) + ", " + activation_name(act) +
+                        ": max diff " + std::to_string(max_abs_diff(y, want)) + " vs max " + std::to_string(max_abs(want)));
+            }
+        }
+    }
+}
+
+TEST(dense_ffn_split_across_threads_is_bit_identical) {
+    const int64_t n_embd = 256, n_ff = 768, n_tokens = 7;
+    auto up = make_matrix(GGML_TYPE_Q4_1, n_ff, n_embd, 11), gate = make_matrix(GGML_TYPE_Q4_K, n_ff, n_embd, 12),
+         down = make_matrix(GGML_TYPE_Q6_K, n_embd, n_ff, 13);
+    FfnLayer L;
+    L.il = 0;
+    L.gated = true;
+    L.n_embd = n_embd;
+    L.n_ff = n_ff;
+    L.n_out = n_embd;
+    L.up = up.m;
+    L.gate = gate.m;
+    L.down = down.m;
+    const auto x = random_floats(n_tokens * n_embd, 14);
+    std::vector<float> y1(n_tokens * n_embd), y3(n_tokens * n_embd);
+    FfnScratch s;
+    run_phases(L, s, x.data(), y1.data(), n_tokens, 1);
+    run_phases(L, s, x.data(), y3.data(), n_tokens, 3);
+    CHECK(std::memcmp(y1.data(), y3.data(), y1.size() * sizeof(float)) == 0);
+}
+
+TEST(gguf_model_rejects_missing_foreign_and_truncated_files) {
+    const std::string dir = nltest::tmp_dir();
+    CHECK_THROWS(std::runtime_error, GgufModel(dir + "/absent.gguf"), "absent.gguf: cannot open");
+    {
+        std::ofstream(dir + "/text.gguf") << "this is not a model\n";
+    }
+    CHECK_THROWS(std::runtime_error, GgufModel(dir + "/text.gguf"), "text.gguf: not a valid GGUF file");
+
+    const std::string path = write_tiny_gguf("trunc.gguf", GGML_TYPE_Q8_0, 1, 64, 128, true, false);
+    const auto size = std::filesystem::file_size(path);
+    std::filesystem::resize_file(path, size - 100);
+    bool rejected = false;
+    try {
+        GgufModel m(path);
+    } catch (const std::runtime_error & e) {
+        rejected = std::string(e.what()).find("trunc.gguf") != std::string::npos;
+    }
+    CHECK(rejected);
+}
+
+TEST(direct_file_reads_ranges_and_reports_out_of_range) {
+    const std::string path = nltest::tmp_dir() + "/bytes.bin";
+    std::vector<uint8_t> data(3 * kDirectAlign + 123);
+    for (size_t i = 0; i < data.size(); ++i) data[i] = (uint8_t) (i * 7 + 3);
+    {
+        std::ofstream f(path, std::ios::binary);
+        f.write((const char *) data.data(), (std::streamsize) data.size());
+    }
+    DirectFile file(path, true);
+    for (auto [off, len] : { std::pair<uint64_t, size_t>{ 0, 10 }, { 100, 5000 }, { 4096, 4096 }, { 8000, data.size() - 8000 } }) {
+        const uint8_t * start = nullptr;
+        AlignedBuffer buf = file.read_range(off, len, &start);
+        CHECK(std::memcmp(start, data.data() + off, len) == 0);
+    }
+    const uint8_t * start = nullptr;
+    CHECK_THROWS(std::runtime_error, file.read_range(data.size() - 10, 20, &start), "beyond the end of the file");
+}
+
+TEST(engine_takes_matching_layers_and_declines_others) {
+    const std::string path = write_tiny_gguf("tiny.gguf", GGML_TYPE_Q8_0, 2, 64, 128, true, true);
+    Engine engine(path, EngineOptions {});
+    CHECK(engine.n_layer() == 2);
+    CHECK(engine.layer_status()[1].loaded);
+
+    std::vector<std::string> names;
+    llama_ffn_hook_layer d = describe(engine.layer(1), 4, names);
+    d.up_bias = "blk.1.ffn_up.bias";
+    d.down_bias = "blk.1.ffn_down.bias";
+    int32_t n_phases = 0;
+    CHECK(engine.take(d, &n_phases) == 1);
+    CHECK(n_phases == kDensePhases);
+    CHECK(engine.layer_status()[1].taken);
+
+    // a shared-expert FFN of the same layer uses other tensors: not ours
+    llama_ffn_hook_layer other = d;
+    other.up = "blk.1.ffn_up_shexp.weight";
+    CHECK(engine.take(other, &n_phases) < 0);
+    CHECK(engine.layer_status()[1].reason.find("other than the layer's own") != std::string::npos);
+
+    llama_ffn_hook_layer no_bias = d;
+    no_bias.down_bias = nullptr;
+    CHECK(engine.take(no_bias, &n_phases) < 0);
+}
+
+TEST(engine_forward_matches_reference_and_hook_path) {
+    const int64_t n_embd = 64, n_ff = 128, n_tokens = 3;
+    const std::string path = write_tiny_gguf("tiny2.gguf", GGML_TYPE_F32, 1, n_embd, n_ff, true, true);
+    Engine engine(path, EngineOptions {});
+    const auto x = random_floats(n_tokens * n_embd, 21);
+    std::vector<float> y(n_tokens * n_embd), y_hook(n_tokens * n_embd);
+    engine.forward(0, Activation::Silu, x.data(), y.data(), n_tokens);
+    const auto want = reference_ffn(engine.layer(0), x, n_tokens);
+    CHECK(max_abs_diff(y, want) <= 1e-4 * max_abs(want));
+
+    // through the C hook, two threads, as llama.cpp would run it
+    std::vector<std::string> names;
+    llama_ffn_hook_layer d = describe(engine.layer(0), n_tokens, names);
+    d.up_bias = "blk.0.ffn_up.bias";
+    d.down_bias = "blk.0.ffn_down.bias";
+    const llama_ffn_hook * hook = engine.hook();
+    int32_t n_phases = 0;
+    const int32_t handle = hook->take(hook->user_data, &d, &n_phases);
+    CHECK(handle == 0);
+    for (int phase = 0; phase < n_phases; ++phase) {
+        for (int ith = 0; ith < 2; ++ith) {
+            hook->compute(hook->user_data, handle, phase, x.data(), y_hook.data(), n_tokens, ith, 2);
+        }
+    }
+    CHECK(std::memcmp(y.data(), y_hook.data(), y.size() * sizeof(float)) == 0);
+    CHECK(engine.tokens_computed() == (uint64_t) n_tokens);
+}

@@ -1,0 +1,55 @@
+"""Access to the FFN-hook C API that patches/ adds to llama.cpp's libllama.
+
+llama-cpp-python loads libllama with ctypes; the patched build exports
+``llama_set_ffn_hook``. A stock build does not, and we say so plainly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from neuralink.errors import HookUnavailableError
+
+SETUP_COMMAND = "bash scripts/setup.sh"
+
+
+class FfnHookApi:
+    """The patched libllama's hook entry points."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._set = lib.llama_set_ffn_hook
+        self._set.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        self._set.restype = None
+        version = lib.llama_ffn_hook_api_version
+        version.argtypes = []
+        version.restype = ctypes.c_int32
+        self.version = int(version())
+
+    def attach(self, ctx: ctypes.c_void_p, hook_address: int) -> None:
+        """Set the hook at `hook_address` (a ``struct llama_ffn_hook *``) on a context."""
+        self._set(ctx, ctypes.c_void_p(hook_address))
+
+    def detach(self, ctx: ctypes.c_void_p) -> None:
+        """Clear the context's hook; no graph refers to it once this returns."""
+        self._set(ctx, None)
+
+
+def ffn_hook_api(expected_version: int) -> FfnHookApi:
+    """The hook API of the loaded libllama, or HookUnavailableError naming the fix."""
+    import llama_cpp
+    from llama_cpp import llama_cpp as bindings
+
+    lib = bindings._lib
+    where = getattr(lib, "_name", "libllama")
+    if not hasattr(lib, "llama_set_ffn_hook"):
+        raise HookUnavailableError(
+            f"the installed llama-cpp-python {llama_cpp.__version__} ({where}) has no FFN hook: "
+            f"it is not neuralink's patched build. Run `{SETUP_COMMAND}` to build and install it."
+        )
+    api = FfnHookApi(lib)
+    if api.version != expected_version:
+        raise HookUnavailableError(
+            f"{where} implements FFN hook API version {api.version}, but this neuralink needs "
+            f"version {expected_version}. Run `{SETUP_COMMAND}` to rebuild the patched llama-cpp-python."
+        )
+    return api

