@@ -127,7 +127,18 @@ if ! stamp_ok neuralink "$nl_key"; then
 fi
 say "ready: $VENV"
 
+run_cpp_tests() {
+  # the engine core's own tests, linked against the same ggml as the Python module
+  local lib_dir
+  lib_dir=$("$PY" -c 'import importlib.util as u, os; print(os.path.join(list(u.find_spec("llama_cpp").submodule_search_locations)[0], "lib"))')
+  say "building and running the C++ engine tests"
+  PATH="$VENV/bin:$PATH" cmake -S "$ROOT/cpp" -B "$ROOT/build/cpp" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DNEURALINK_LLAMA_SRC="$LLAMA_SRC/vendor/llama.cpp" -DNEURALINK_LLAMA_LIB_DIR="$lib_dir" > /dev/null
+  PATH="$VENV/bin:$PATH" cmake --build "$ROOT/build/cpp" > /dev/null
+  (cd "$ROOT/build/cpp" && ./neuralink_tests)
+}
+
 case "$job" in
   run)  exec "$VENV/bin/neuralink" demo "$@" ;;
-  test) cd "$ROOT" && exec "$PY" -m pytest tests "$@" ;;
+  test) run_cpp_tests && cd "$ROOT" && exec "$PY" -m pytest tests "$@" ;;
 esac

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from neuralink import _engine
+from conftest import ModelFactory
 from neuralink.synthetic import (
     ARCH_SPECS,
     ARCHITECTURES,
@@ -26,24 +26,6 @@ CORE_TYPES = ("f32", "f16", "q8_0", "q4_1", "q4_k")
 EXTRA_TYPES = ("bf16", "q4_0", "q5_0", "q5_1", "q5_k", "q6_k")
 RUN_CASES = [(arch, wt) for arch in ARCHITECTURES for wt in CORE_TYPES] + [("llama", wt) for wt in EXTRA_TYPES]
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it writes tokens to flash memory in 2024."
-
-ModelFactory = Callable[..., Path]
-
-
-@pytest.fixture(scope="session")
-def synthetic_model(tmp_path_factory: pytest.TempPathFactory) -> ModelFactory:
-    """Build each (arch, weight type) model once per session."""
-    root = tmp_path_factory.mktemp("synthetic")
-    built: dict[tuple[str, str], Path] = {}
-
-    def build(arch: Arch, weight_type: str = "f32") -> Path:
-        key = (arch, weight_type)
-        if key not in built:
-            built[key] = write_synthetic_model(root / f"{arch}-{weight_type}.gguf", arch, weight_type=weight_type)
-        return built[key]
-
-    return build
-
 
 def load(path: Path, **kwargs: object) -> llama_cpp.Llama:
     return llama_cpp.Llama(str(path), n_ctx=128, verbose=False, **kwargs)
@@ -103,10 +85,12 @@ def test_tensor_types_and_shapes(synthetic_model: ModelFactory, arch: Arch, weig
     qtype = resolve_weight_type(weight_type)
 
     gated = arch != "arcee"
-    assert ARCH_SPECS[arch].gated == gated
+    fused = arch == "phi3"
+    assert ARCH_SPECS[arch].gated == gated and ARCH_SPECS[arch].fused_gate_up == fused
     for il in range(N_LAYER):
-        expected = {"ffn_up": [N_EMBD, N_FF], "ffn_down": [N_FF, N_EMBD], "attn_q": [N_EMBD, N_EMBD]}
-        if gated:
+        n_up = 2 * N_FF if fused else N_FF
+        expected = {"ffn_up": [N_EMBD, n_up], "ffn_down": [N_FF, N_EMBD], "attn_q": [N_EMBD, N_EMBD]}
+        if gated and not fused:
             expected["ffn_gate"] = [N_EMBD, N_FF]
         else:
             assert f"blk.{il}.ffn_gate.weight" not in tensors

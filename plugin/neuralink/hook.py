@@ -13,6 +13,41 @@ from neuralink.errors import HookUnavailableError
 SETUP_COMMAND = "bash scripts/setup.sh"
 
 
+class FfnHookLayer(ctypes.Structure):
+    """``struct llama_ffn_hook_layer``: what the graph builder tells the hook about one FFN."""
+
+    _fields_ = [
+        ("il", ctypes.c_int32),
+        ("act", ctypes.c_int32),
+        ("gated", ctypes.c_bool),
+        ("n_embd", ctypes.c_int64),
+        ("n_ff", ctypes.c_int64),
+        ("n_out", ctypes.c_int64),
+        ("n_tokens", ctypes.c_int64),
+        ("up", ctypes.c_char_p),
+        ("gate", ctypes.c_char_p),
+        ("down", ctypes.c_char_p),
+        ("up_bias", ctypes.c_char_p),
+        ("gate_bias", ctypes.c_char_p),
+        ("down_bias", ctypes.c_char_p),
+    ]
+
+
+FFN_HOOK_TAKE = ctypes.CFUNCTYPE(
+    ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(FfnHookLayer), ctypes.POINTER(ctypes.c_int32)
+)
+FFN_HOOK_COMPUTE = ctypes.CFUNCTYPE(
+    None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p,
+    ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
+)
+
+
+class FfnHook(ctypes.Structure):
+    """``struct llama_ffn_hook``; a Python hook keeps its callbacks alive as long as it is set."""
+
+    _fields_ = [("take", FFN_HOOK_TAKE), ("compute", FFN_HOOK_COMPUTE), ("user_data", ctypes.c_void_p)]
+
+
 class FfnHookApi:
     """The patched libllama's hook entry points."""
 

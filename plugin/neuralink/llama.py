@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import llama_cpp
@@ -42,6 +44,8 @@ class Llama(llama_cpp.Llama):
     def __init__(self, model_path: str, *args: Any, direct_io: bool = True, **kwargs: Any) -> None:
         self._hook_api: FfnHookApi | None = None
         self._engine: _engine.Engine | None = None
+        # llama_cpp.Llama.__del__ closes this stack even when __init__ failed early
+        self._stack = contextlib.ExitStack()
         api = ffn_hook_api(_engine.FFN_HOOK_API_VERSION)
         if not os.path.exists(model_path):
             raise ModelFileError(f"{model_path}: no such model file")
@@ -75,6 +79,20 @@ class Llama(llama_cpp.Llama):
         if self._engine is None:
             raise RuntimeError("this Llama is closed")
         return self._engine
+
+    @contextlib.contextmanager
+    def stock_ffn(self) -> Iterator[None]:
+        """Within the block, llama.cpp computes the FFNs itself (from the mapped weights).
+
+        For A/B checks: the rest of the model, the KV cache and the sampler are
+        shared, so outputs differ only by the FFN computation.
+        """
+        assert self._hook_api is not None and self._engine is not None, "this Llama is closed"
+        self._hook_api.detach(self._ctx.ctx)
+        try:
+            yield
+        finally:
+            self._hook_api.attach(self._ctx.ctx, self._engine.hook_address)
 
     def _detach_engine(self) -> None:
         # runs before the context is freed (the exit stack unwinds in reverse order)

@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as QType
 
 log = logging.getLogger(__name__)
 
-Arch = Literal["llama", "qwen2", "gemma3", "arcee"]
+Arch = Literal["llama", "qwen2", "gemma3", "arcee", "phi3"]
 FfnPart = Literal["gate", "up", "down"]
 
 ARCHITECTURES: tuple[Arch, ...] = get_args(Arch)
@@ -48,6 +48,7 @@ class ArchSpec:
     post_norms: bool = False  # gemma3: post-attention and post-FFW norms
     sliding_window: bool = False  # gemma3: interleaved local/global attention
     scaled_embeddings: bool = False  # gemma3: input embeddings multiplied by sqrt(n_embd)
+    fused_gate_up: bool = False  # phi3: gate and up stacked in one ffn_up of 2*n_ff rows (LLM_FFN_SWIGLU)
 
 
 ARCH_SPECS: dict[Arch, ArchSpec] = {
@@ -58,6 +59,7 @@ ARCH_SPECS: dict[Arch, ArchSpec] = {
         scaled_embeddings=True,
     ),
     "arcee": ArchSpec(MODEL_ARCH.ARCEE, gated=False),
+    "phi3": ArchSpec(MODEL_ARCH.PHI3, gated=True, fused_gate_up=True),
 }
 
 
@@ -201,7 +203,8 @@ def _add_metadata(
     context_length: int,
     quantized: bool,
 ) -> None:
-    writer.add_name(f"neuralink-synthetic-{arch}")
+    # no architecture in the name: llama.cpp keys tokenizer quirks on names containing e.g. "phi3"
+    writer.add_name("neuralink synthetic model")
     if quantized:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(context_length)
@@ -289,9 +292,12 @@ def _add_tensors(
         if spec.gated:
             ffn["gate"] = random_matrix(n_ff, n_embd)
         ffn.update(overrides.get(il, {}))
-        if spec.gated:
-            add_matrix(_tensor_name(MODEL_TENSOR.FFN_GATE, il), ffn["gate"])
-        add_matrix(_tensor_name(MODEL_TENSOR.FFN_UP, il), ffn["up"])
+        if spec.fused_gate_up:
+            add_matrix(_tensor_name(MODEL_TENSOR.FFN_UP, il), np.concatenate([ffn["gate"], ffn["up"]]))
+        else:
+            if spec.gated:
+                add_matrix(_tensor_name(MODEL_TENSOR.FFN_GATE, il), ffn["gate"])
+            add_matrix(_tensor_name(MODEL_TENSOR.FFN_UP, il), ffn["up"])
         add_matrix(_tensor_name(MODEL_TENSOR.FFN_DOWN, il), ffn["down"])
         if spec.post_norms:
             writer.add_tensor(_tensor_name(MODEL_TENSOR.FFN_POST_NORM, il), ones)
