@@ -45,3 +45,43 @@ def corpus(name: str) -> Path:
     if not path.is_file():
         pytest.skip(f"corpus {path} not found (the shared data folder sits beside the repository)")
     return path
+
+
+@pytest.fixture(scope="session")
+def converted_model(tmp_path_factory: pytest.TempPathFactory, synthetic_model: ModelFactory) -> Callable[..., tuple[Path, Path]]:
+    """A synthetic model converted with a random placement: (converted GGUF, sidecar), built once per key.
+
+    The criterion defaults to what the gate predictor needs (|act(gate)| for
+    gated FFNs, native zeros for arcee's ReLU^2), with `threshold` per layer.
+    """
+    import numpy as np
+
+    from neuralink.convert import convert_model
+    from neuralink.placement import Placement, file_sha256
+
+    root = tmp_path_factory.mktemp("converted")
+    built: dict[tuple, tuple[Path, Path]] = {}
+
+    def build(arch: Arch, weight_type: str = "f32", threshold: float = 0.1, criterion: str | None = None,
+              seed: int = 0, **options: object) -> tuple[Path, Path]:
+        key = (arch, weight_type, threshold, criterion, seed, tuple(sorted(options.items())))
+        if key not in built:
+            source = synthetic_model(arch, weight_type, **options)
+            n_layer, n_ff = int(options.get("n_layer", 2)), int(options.get("n_ff", 512))
+            rng = np.random.default_rng(seed)
+            placement = Placement(
+                method="random",
+                orders=[rng.permutation(n_ff).astype(np.int32) for _ in range(n_layer)],
+                chain_starts=[np.array([0], dtype=np.int32)] * n_layer,
+                frequencies=[rng.random(n_ff, dtype=np.float32) for _ in range(n_layer)],
+                thresholds=np.full(n_layer, 0.0 if arch == "arcee" else threshold, dtype=np.float32),
+                criterion=criterion or ("relu" if arch == "arcee" else "gate_magnitude"),
+                n_tokens=0,
+                model_sha256=file_sha256(source),
+            )
+            name = f"{arch}-{weight_type}-{len(built)}"
+            result = convert_model(source, placement, root / f"{name}.gguf", root / f"{name}.sidecar")
+            built[key] = (result.output, result.sidecar)
+        return built[key]
+
+    return build

@@ -68,7 +68,7 @@ def test_missing_model_file(tmp_path: Path) -> None:
 def test_not_a_gguf_file(tmp_path: Path) -> None:
     path = tmp_path / "notes.gguf"
     path.write_text("these are not weights\n" * 100)
-    with pytest.raises(ModelFileError, match=r"notes\.gguf: not a valid GGUF file"):
+    with pytest.raises(ModelFileError, match=r"notes\.gguf: not a (valid )?GGUF file"):
         neuralink.Llama(str(path), verbose=False)
 
 
@@ -78,5 +78,5 @@ def test_truncated_gguf_file(synthetic_model: ModelFactory, tmp_path: Path) -> N
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.truncate(size - 4096)
-    with pytest.raises(ModelFileError, match=r"truncated\.gguf.*(beyond the end of the file|not a valid GGUF)"):
+    with pytest.raises(ModelFileError, match=r"truncated\.gguf.*(beyond the end of the file|not a valid GGUF|truncated)"):
         neuralink.Llama(str(path), verbose=False)

@@ -8,8 +8,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+
 namespace py = pybind11;
 using namespace neuralink;
+
+void register_cache(py::module_ & m); // cache_bindings.cpp
 
 static void register_errors() {
     // the Python classes live in neuralink.errors so that they can be caught without the extension
@@ -31,6 +35,9 @@ static void register_errors() {
 }
 
 static void register_engine(py::module_ & m) {
+    PYBIND11_NUMPY_DTYPE(LayerStepStats, il, n_tokens, predicted, truly_active, reads, cache_hits, bytes_read,
+                         active_bytes, io_ns, stall_ns, layer_ns);
+
     py::class_<LayerStatus>(m, "LayerStatus")
         .def_readonly("il", &LayerStatus::il)
         .def_readonly("loaded", &LayerStatus::loaded)
@@ -44,14 +51,33 @@ static void register_engine(py::module_ & m) {
         });
 
     py::class_<Engine>(m, "Engine")
-        .def(py::init([](const std::string & model_path, bool direct_io) {
+        .def(py::init([](const std::string & model_path, bool direct_io, std::optional<std::string> sidecar,
+                         const std::string & predictor, const std::string & cache_policy, size_t cache_bytes,
+                         int queue_depth, std::optional<uint64_t> collapse_gap_bytes, uint64_t max_read_bytes,
+                         double read_latency_s, double bandwidth_bytes_s) {
                  EngineOptions opts;
                  opts.direct_io = direct_io;
+                 if (sidecar) {
+                     opts.sidecar_path = *sidecar;
+                     opts.sparse.predictor = predictor_from_name(predictor);
+                     opts.sparse.cache_policy = cache_policy_from_name(cache_policy);
+                     opts.sparse.cache_bytes = cache_bytes;
+                     opts.sparse.queue_depth = queue_depth;
+                     opts.sparse.collapse_gap_bytes = collapse_gap_bytes.value_or(UINT64_MAX);
+                     opts.sparse.max_read_bytes = max_read_bytes;
+                     opts.sparse.device.read_latency_s = read_latency_s;
+                     opts.sparse.device.bandwidth_bytes_s = bandwidth_bytes_s;
+                     opts.sparse.direct_io = direct_io;
+                 }
                  // reading the weights takes a while and touches no Python object
                  py::gil_scoped_release release;
                  return std::make_unique<Engine>(model_path, opts);
              }),
-             py::arg("model_path"), py::arg("direct_io") = true)
+             py::arg("model_path"), py::arg("direct_io") = true, py::arg("sidecar") = py::none(),
+             py::arg("predictor") = "gate", py::arg("cache_policy") = "linking", py::arg("cache_bytes") = 0,
+             py::arg("queue_depth") = 8, py::arg("collapse_gap_bytes") = py::none(),
+             py::arg("max_read_bytes") = 1 << 20, py::arg("read_latency_s") = 60e-6,
+             py::arg("bandwidth_bytes_s") = 1.4e9)
         .def_property_readonly("hook_address", [](const Engine & e) { return (uintptr_t) e.hook(); })
         .def_property_readonly("architecture", [](const Engine & e) { return e.model().architecture(); })
         .def_property_readonly("n_layer", &Engine::n_layer)
@@ -60,16 +86,61 @@ static void register_engine(py::module_ & m) {
         .def_property_readonly("io_note", &Engine::io_note)
         .def_property_readonly("tokens_computed", &Engine::tokens_computed)
         .def("layer_status", &Engine::layer_status)
+        .def_property_readonly("sparse", [](const Engine & e) { return e.sparse() != nullptr; })
+        .def_property_readonly("predictor", [](const Engine & e) {
+            return e.sparse() ? std::string(predictor_name(e.sparse()->options().predictor)) : std::string("dense");
+        })
+        .def_property_readonly("resident_bytes", [](const Engine & e) {
+            return e.sparse() ? e.sparse()->resident_bytes() : e.weight_bytes();
+        }, "bytes of FFN data the engine keeps in RAM (all weights when dense; gates, biases when sparse)")
+        .def_property_readonly("scratch_bytes", [](const Engine & e) {
+            return e.sparse() ? e.sparse()->scratch_bytes() : (size_t) 0;
+        })
+        .def("error", [](const Engine & e) { return e.sparse() ? e.sparse()->error() : std::string(); },
+             "The first read or compute failure since the last clear_error(), empty if none.")
+        .def("clear_error", [](Engine & e) { if (e.sparse()) e.sparse()->clear_error(); })
+        .def("take_stats", [](Engine & e) {
+            std::vector<LayerStepStats> stats = e.sparse() ? e.sparse()->take_stats() : std::vector<LayerStepStats>();
+            py::array_t<LayerStepStats> out((py::ssize_t) stats.size());
+            std::copy(stats.begin(), stats.end(), out.mutable_data());
+            return out;
+        }, "Per layer evaluation counters since the last call (a numpy structured array).")
+        .def("configure_cache", [](Engine & e, const std::string & policy, size_t bytes) {
+            if (!e.sparse()) throw std::invalid_argument("the dense engine has no bundle cache");
+            const CachePolicy p = cache_policy_from_name(policy);
+            // pinning reads records from the sidecar; nothing here touches Python objects
+            py::gil_scoped_release release;
+            e.sparse()->configure_cache(p, bytes);
+        }, py::arg("policy"), py::arg("bytes"), "Replace the bundle cache (between evaluations only).")
+        .def_property_readonly("store_bytes", [](const Engine & e) {
+            return e.sparse() ? e.sparse()->store_bytes() : (uint64_t) 0;
+        }, "bytes of all bundle records in the sidecar")
+        .def("inject_fault", [](Engine & e, const std::string & kind, uint64_t after) {
+            if (!e.sparse()) throw std::invalid_argument("fault injection needs the sparse engine (a sidecar)");
+            const InjectedFault fault = kind == "eio" ? InjectedFault::Eio : kind == "short_read" ? InjectedFault::ShortRead
+                                      : kind == "none" ? InjectedFault::None
+                                      : throw std::invalid_argument("fault must be 'eio', 'short_read' or 'none'");
+            e.sparse()->inject_fault(fault, after);
+        }, py::arg("kind"), py::arg("after") = 0, "Test seam: make the read `after` reads from now fail.")
+        .def("cache_stats", [](Engine & e) {
+            py::dict d;
+            if (!e.sparse()) return d;
+            const CacheStats c = e.sparse()->cache().stats();
+            d["lookups"] = c.lookups; d["hits"] = c.hits; d["admissions"] = c.admissions;
+            d["rejections"] = c.rejections; d["evictions"] = c.evictions; d["used_bytes"] = c.used_bytes;
+            d["capacity_bytes"] = c.capacity_bytes; d["entries"] = c.entries;
+            return d;
+        })
         .def("forward",
              [](Engine & e, int il, py::array_t<float, py::array::c_style | py::array::forcecast> x,
                 const std::string & activation) {
-                 const FfnLayer & L = e.layer(il);
-                 if (x.ndim() != 2 || x.shape(1) != L.n_embd) {
-                     throw std::invalid_argument("x must have shape (n_tokens, " + std::to_string(L.n_embd) + ")");
+                 const auto [n_embd, n_out] = e.layer_shape(il);
+                 if (x.ndim() != 2 || x.shape(1) != n_embd) {
+                     throw std::invalid_argument("x must have shape (n_tokens, " + std::to_string(n_embd) + ")");
                  }
                  const Activation act = activation_from_name(activation);
                  const int64_t n_tokens = x.shape(0);
-                 py::array_t<float> y({ (py::ssize_t) n_tokens, (py::ssize_t) L.n_out });
+                 py::array_t<float> y({ (py::ssize_t) n_tokens, (py::ssize_t) n_out });
                  const float * xp = x.data();
                  float * yp = y.mutable_data();
                  {
@@ -119,7 +190,42 @@ static void register_quant(py::module_ & m) {
           py::arg("type"), py::arg("q"), py::arg("cols"), "Decode rows of a ggml type to floats.");
 }
 
+static void register_planner(py::module_ & m) {
+    m.def("plan_reads",
+          [](py::array_t<uint32_t, py::array::c_style | py::array::forcecast> needed, uint64_t region_offset,
+             size_t record_bytes, uint32_t n_records, uint32_t max_gap, uint64_t max_read_bytes) {
+              BundleRegion region { region_offset, record_bytes, n_records };
+              CollapsePolicy policy { max_gap, max_read_bytes };
+              const auto reads = plan_reads(region, needed.data(), (size_t) needed.size(), policy);
+              py::array_t<uint64_t> out({ (py::ssize_t) reads.size(), (py::ssize_t) 5 });
+              auto o = out.mutable_unchecked<2>();
+              for (size_t i = 0; i < reads.size(); ++i) {
+                  o(i, 0) = reads[i].offset; o(i, 1) = reads[i].length; o(i, 2) = reads[i].first;
+                  o(i, 3) = reads[i].count; o(i, 4) = reads[i].n_needed;
+              }
+              return out;
+          },
+          py::arg("needed"), py::arg("region_offset"), py::arg("record_bytes"), py::arg("n_records"),
+          py::arg("max_gap") = 0, py::arg("max_read_bytes") = 0,
+          "Plan direct-I/O reads for sorted needed positions: rows of (offset, length, first, count, n_needed).");
+}
+
 static void register_io(py::module_ & m) {
+    m.def("probe_reads",
+          [](const std::string & path, size_t read_size, int queue_depth, uint64_t n_reads, uint64_t seed, bool direct) {
+              ProbeResult r;
+              {
+                  // only C++ buffers and threads are involved
+                  py::gil_scoped_release release;
+                  r = probe_reads(path, read_size, queue_depth, n_reads, seed, direct);
+              }
+              py::dict d;
+              d["seconds"] = r.seconds; d["reads"] = r.reads; d["bytes"] = r.bytes; d["direct"] = r.direct;
+              return d;
+          },
+          py::arg("path"), py::arg("read_size"), py::arg("queue_depth"), py::arg("n_reads"), py::arg("seed") = 0,
+          py::arg("direct") = true,
+          "Random aligned reads of one size with queue_depth in flight: {seconds, reads, bytes, direct}.");
     m.def("resident_fraction", &resident_fraction, py::arg("path"), py::arg("offset"), py::arg("length"),
           "Fraction of the pages of a file range that are in the page cache (mincore).");
     m.def("evict_from_page_cache", &evict_from_page_cache, py::arg("path"),
@@ -132,5 +238,7 @@ PYBIND11_MODULE(_engine, m) {
     register_errors();
     register_engine(m);
     register_quant(m);
+    register_planner(m);
     register_io(m);
+    register_cache(m);
 }

@@ -14,6 +14,21 @@ static std::string layer_tensor(int il, const char * base, const char * suffix) 
     return buf;
 }
 
+std::pair<int64_t, int64_t> Engine::layer_shape(int il) const {
+    if (sparse_) {
+        if (!sparse_->has_layer(il)) {
+            throw std::out_of_range("layer " + std::to_string(il) + " is not served from the sidecar");
+        }
+        return { sparse_->layer(il).n_embd, sparse_->layer(il).n_out };
+    }
+    const FfnLayer & L = layer(il);
+    return { L.n_embd, L.n_out };
+}
+
+static bool same_name(const char * a, const std::string & b) {
+    return a ? b == a : b.empty();
+}
+
 static int32_t hook_take(void * user_data, const llama_ffn_hook_layer * layer, int32_t * n_phases) {
     try {
         return ((Engine *) user_data)->take(*layer, n_phases);
@@ -47,10 +62,104 @@ Engine::Engine(const std::string & model_path, const EngineOptions & options) : 
     io_note_ = file.note();
     status_.resize((size_t) n_layer);
     layers_.resize((size_t) n_layer);
+    if (!options.sidecar_path.empty()) {
+        const std::string model_id = model_.get_string("neuralink.model_id");
+        if (model_id.empty()) {
+            throw ModelFileError(model_.path() + ": not a model converted by neuralink (no neuralink.model_id); "
+                                 "a sidecar belongs to the converted GGUF written with it");
+        }
+        auto store = std::make_shared<SidecarStore>(options.sidecar_path, model_id, options.direct_io);
+        if (store->n_layer() != n_layer) {
+            throw ModelFileError(options.sidecar_path + ": holds " + std::to_string(store->n_layer()) +
+                                 " layers, the model " + std::to_string(n_layer));
+        }
+        const Predictor predictor = options.sparse.predictor;
+        const Criterion criterion = criterion_from_name(store->criterion());
+        if (predictor == Predictor::Gate && (!store->gated() || criterion == Criterion::OutputMagnitude)) {
+            throw UnsupportedModelError(options.sidecar_path + ": the gate predictor needs a gated FFN profiled with a "
+                    "gate-only criterion (gate_magnitude or relu), this sidecar has " +
+                    (store->gated() ? "criterion '" + store->criterion() + "'" : std::string("a non-gated FFN")) +
+                    "; use predictor 'dense' or 'oracle', or convert again with the gate criterion");
+        }
+        sparse_ = std::make_unique<SparseFfn>(std::move(store), options.sparse);
+        for (int il = 0; il < (int) n_layer; ++il) {
+            status_[il].il = il;
+            load_sparse_layer(il, file);
+        }
+        return;
+    }
     for (int il = 0; il < (int) n_layer; ++il) {
         status_[il].il = il;
         load_layer(il, file);
     }
+}
+
+void Engine::load_sparse_layer(int il, DirectFile & file) {
+    LayerStatus & st = status_[il];
+    const SidecarStore & store = sparse_->store();
+    const TensorInfo * up   = model_.find(layer_tensor(il, "ffn_up", "weight"));
+    const TensorInfo * down = model_.find(layer_tensor(il, "ffn_down", "weight"));
+    const TensorInfo * gate = model_.find(layer_tensor(il, "ffn_gate", "weight"));
+    if (!up || !down || (gate != nullptr) != store.gated()) {
+        st.reason = "the model's FFN tensors do not match the sidecar (gated " + std::string(store.gated() ? "yes" : "no") + ")";
+        return;
+    }
+    SparseLayerWeights L;
+    L.il = il;
+    L.act = store.activation();
+    L.gated = store.gated();
+    L.n_embd = up->ne[0];
+    L.n_ff = up->ne[1];
+    L.n_out = down->ne[1];
+    if (L.n_embd != store.n_embd() || L.n_ff != store.n_ff()) {
+        throw ModelFileError(store.path() + ": layer " + std::to_string(il) + " sizes differ from " + model_.path());
+    }
+    const Predictor predictor = sparse_->options().predictor;
+    try {
+        if (L.gated && predictor != Predictor::Dense) {
+            L.gate = load_matrix(*gate, file);
+            if (L.gate.wt != store.layer(il).gate.wt) {
+                throw std::invalid_argument("the sidecar's gate rows are not in the model's gate type");
+            }
+        }
+        if (!L.gated && predictor == Predictor::Oracle) {
+            L.up = load_matrix(*up, file);
+        }
+        if (const TensorInfo * b = model_.find(layer_tensor(il, "ffn_up", "bias"))) {
+            L.up_bias = load_vector(*b, L.n_ff, file);
+        }
+        if (const TensorInfo * b = model_.find(layer_tensor(il, "ffn_gate", "bias"))) {
+            L.gate_bias = load_vector(*b, L.n_ff, file);
+        }
+        if (const TensorInfo * b = model_.find(layer_tensor(il, "ffn_down", "bias"))) {
+            L.down_bias = load_vector(*b, L.n_out, file);
+        }
+    } catch (const std::invalid_argument & e) {
+        st.reason = e.what();
+        return;
+    }
+    sparse_->add_layer(std::move(L));
+    st.loaded = true;
+}
+
+std::string Engine::check_sparse_layer(const llama_ffn_hook_layer & d) const {
+    const SparseLayerWeights & L = sparse_->layer(d.il);
+    const std::string up = layer_tensor(d.il, "ffn_up", "weight"), down = layer_tensor(d.il, "ffn_down", "weight"),
+            gate = layer_tensor(d.il, "ffn_gate", "weight");
+    if (!same_name(d.up, up) || !same_name(d.down, down) || !same_name(d.gate, L.gated ? gate : std::string())) {
+        return "the graph uses tensors other than the layer's own";
+    }
+    if ((d.up_bias != nullptr) != !L.up_bias.empty() || (d.gate_bias != nullptr) != !L.gate_bias.empty() ||
+        (d.down_bias != nullptr) != !L.down_bias.empty()) {
+        return "biases differ between the graph and the model file";
+    }
+    if (d.gated != L.gated || d.n_embd != L.n_embd || d.n_ff != L.n_ff || d.n_out != L.n_out) {
+        return "shapes or gating differ between the graph and the sidecar";
+    }
+    if (d.act != (int32_t) L.act) {
+        return std::string("llama.cpp uses another activation than the sidecar's ") + activation_name(L.act);
+    }
+    return "";
 }
 
 WeightMatrix Engine::load_matrix(const TensorInfo & t, DirectFile & file) {
@@ -148,10 +257,6 @@ const FfnLayer & Engine::layer(int il) const {
     return *layers_[il];
 }
 
-static bool same_name(const char * a, const std::string & b) {
-    return a ? b == a : b.empty();
-}
-
 std::string Engine::check_layer(const FfnLayer & L, const llama_ffn_hook_layer & d) const {
     if (!same_name(d.up, L.up.name) || !same_name(d.down, L.down.name) || !same_name(d.gate, L.gate.name)) {
         return std::string("the graph uses tensors (") + (d.gate ? d.gate : "-") + ", " + (d.up ? d.up : "-") +
@@ -179,6 +284,22 @@ int32_t Engine::take(const llama_ffn_hook_layer & d, int32_t * n_phases) {
     }
     LayerStatus & st = status_[d.il];
     st.offered = true;
+    if (sparse_) {
+        if (!sparse_->has_layer(d.il)) {
+            st.taken = false;
+            return -1;
+        }
+        const std::string why = check_sparse_layer(d);
+        if (!why.empty()) {
+            st.taken = false;
+            st.reason = why;
+            return -1;
+        }
+        sparse_->reserve(d.il, d.n_tokens);
+        st.taken = true;
+        *n_phases = SparseFfn::kPhases;
+        return d.il;
+    }
     if (!layers_[d.il]) {
         st.taken = false;
         return -1;
@@ -198,6 +319,13 @@ int32_t Engine::take(const llama_ffn_hook_layer & d, int32_t * n_phases) {
 }
 
 void Engine::compute(int32_t handle, int32_t phase, const float * x, float * y, int64_t n_tokens, int ith, int nth) {
+    if (sparse_) {
+        sparse_->phase(handle, phase, x, y, n_tokens, ith, nth);
+        if (phase == SparseFfn::kPhases - 1 && ith == 0) {
+            tokens_computed_ += (uint64_t) n_tokens;
+        }
+        return;
+    }
     const FfnLayer & L = *layers_[handle];
     dense_ffn_phase(L, scratch_, phase, x, y, n_tokens, ith, nth);
     if (phase == kDensePhases - 1 && ith == 0) {
@@ -206,6 +334,17 @@ void Engine::compute(int32_t handle, int32_t phase, const float * x, float * y, 
 }
 
 void Engine::forward(int il, Activation act, const float * x, float * y, int64_t n_tokens) {
+    if (sparse_) {
+        // the sidecar fixes the activation; `act` applies to the dense path only
+        if (!sparse_->has_layer(il)) {
+            throw std::out_of_range("layer " + std::to_string(il) + " is not served from the sidecar");
+        }
+        sparse_->reserve(il, n_tokens);
+        for (int phase = 0; phase < SparseFfn::kPhases; ++phase) {
+            sparse_->phase(il, phase, x, y, n_tokens, 0, 1);
+        }
+        return;
+    }
     layer(il); // validates il
     FfnLayer & L = *layers_[il];
     L.act = act;

@@ -5,6 +5,10 @@ computed by neuralink's C++ engine through an FFN hook in a patched
 llama.cpp (installed by ``scripts/setup.sh``).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from neuralink.errors import (
     EngineIOError,
     HookUnavailableError,
@@ -12,8 +16,10 @@ from neuralink.errors import (
     NeuralinkError,
     UnsupportedModelError,
 )
-from neuralink.llama import Llama
 from neuralink.models import default_model_path
+
+if TYPE_CHECKING:
+    from neuralink.llama import Llama
 
 __version__ = "0.1.0"
 
@@ -26,3 +32,13 @@ __all__ = [
     "UnsupportedModelError",
     "default_model_path",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Llama pulls in llama.cpp and numpy; importing neuralink alone stays light (CLI start-up,
+    # benchmark workers that join a memory cgroup before loading anything large)
+    if name == "Llama":
+        from neuralink.llama import Llama
+
+        return Llama
+    raise AttributeError(f"module 'neuralink' has no attribute {name!r}")

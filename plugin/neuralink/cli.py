@@ -16,6 +16,13 @@ from neuralink.errors import NeuralinkError
 # subcommand -> module implementing it
 SUBCOMMANDS: dict[str, str] = {
     "demo": "neuralink.demo",
+    "bench": "neuralink.bench",
+    "profile": "neuralink.profile",
+    "place": "neuralink.place",
+    "plot": "neuralink.plot",
+    "convert": "neuralink.convert",
+    "perplexity": "neuralink.perplexity",
+    "device-profile": "neuralink.device",
 }
 
 

@@ -7,6 +7,7 @@
 #include "neuralink/direct_file.h"
 #include "neuralink/ffn_layer.h"
 #include "neuralink/gguf_model.h"
+#include "neuralink/sparse_ffn.h"
 
 #include "llama-ffn-hook.h"
 
@@ -18,7 +19,9 @@
 namespace neuralink {
 
 struct EngineOptions {
-    bool direct_io = true; // read weights with O_DIRECT (falls back to buffered where refused)
+    bool direct_io = true;    // read weights with O_DIRECT (falls back to buffered where refused)
+    std::string sidecar_path; // empty: dense, all FFN weights in RAM; else sparse, bundles read from the sidecar
+    SparseOptions sparse;     // used with a sidecar
 };
 
 struct LayerStatus {
@@ -50,6 +53,8 @@ public:
     int n_layer() const { return (int) status_.size(); }
     const std::vector<LayerStatus> & layer_status() const { return status_; }
     const FfnLayer & layer(int il) const;
+    // n_embd and n_out of a layer the engine serves (dense or sparse); throws std::out_of_range
+    std::pair<int64_t, int64_t> layer_shape(int il) const;
     size_t weight_bytes() const { return weight_bytes_; }
     bool direct_io() const { return direct_io_; }
     const std::string & io_note() const { return io_note_; }
@@ -59,8 +64,14 @@ public:
     // activation `act`: the reference path for tests.
     void forward(int il, Activation act, const float * x, float * y, int64_t n_tokens);
 
+    // the sparse evaluator when a sidecar is used, else null
+    SparseFfn * sparse() { return sparse_.get(); }
+    const SparseFfn * sparse() const { return sparse_.get(); }
+
 private:
     void load_layer(int il, DirectFile & file);
+    void load_sparse_layer(int il, DirectFile & file);
+    std::string check_sparse_layer(const llama_ffn_hook_layer & d) const;
     WeightMatrix load_matrix(const TensorInfo & t, DirectFile & file);
     std::vector<float> load_vector(const TensorInfo & t, int64_t n, DirectFile & file);
     std::string check_layer(const FfnLayer & L, const llama_ffn_hook_layer & d) const;
@@ -71,6 +82,7 @@ private:
     std::vector<std::unique_ptr<FfnLayer>> layers_;
     std::vector<AlignedBuffer> storage_;
     FfnScratch scratch_;
+    std::unique_ptr<SparseFfn> sparse_;
     size_t weight_bytes_ = 0;
     bool direct_io_ = false;
     std::string io_note_;

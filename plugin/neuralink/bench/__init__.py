@@ -6,13 +6,29 @@ variants it compares and reports ratios next to absolute numbers.
 
 from __future__ import annotations
 
+from __future__ import annotations
+
 import argparse
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # benchmark name -> module with configure_parser(parser) and main(args)
 BENCHMARKS: dict[str, str] = {
     "dense": "neuralink.bench.dense",
+    "e2e": "neuralink.bench.e2e",
 }
+
+
+def last_logits(llm) -> np.ndarray:
+    """Logits of the last evaluated token (llama-cpp-python keeps `scores` only with logits_all)."""
+    import llama_cpp
+    import numpy as np
+
+    pointer = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),))
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neuralink.bench import last_logits
 from neuralink.models import default_model_path
 
 PROMPTS = (
@@ -40,11 +41,11 @@ def decode_tokens_per_second(llm, prompt: str, n_tokens: int) -> float:
     """Greedy-decode n_tokens after `prompt`; tokens per second of the decode steps alone."""
     llm.reset()
     llm.eval(llm.tokenize(prompt.encode()))
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = int(np.argmax(last_logits(llm)))
     start = time.perf_counter()
     for _ in range(n_tokens):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits(llm)))
     return n_tokens / (time.perf_counter() - start)
 
 

@@ -1,0 +1,159 @@
+#pragma once
+
+// Sparse FFN evaluation from the sidecar's bundle store. Per layer, three
+// phases on every compute thread:
+//   0  x -> xq: activations converted to the gate/up vec_dot types
+//   1  over the thread's own range of positions: predict the active neurons,
+//      look them up in the cache, plan collapsed reads for the misses and
+//      submit them at once, then compute h = act(g) * u neuron by neuron as
+//      cache hits and completed reads allow (compute overlaps the reads)
+//   2  y = down h over the active neurons, each thread owning a slice of the
+//      output rows (no reduction)
+// The result equals the dense FFN of the thresholded model: h is zero for a
+// neuron the predictor leaves out (and, for exact predictors, where the
+// criterion says so for a token).
+
+#include "neuralink/bundle_cache.h"
+#include "neuralink/ffn_layer.h"
+#include "neuralink/io_pool.h"
+#include "neuralink/read_planner.h"
+#include "neuralink/sidecar_store.h"
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace neuralink {
+
+enum class Predictor { Dense, Gate, Oracle };
+const char * predictor_name(Predictor p);
+Predictor predictor_from_name(const std::string & name); // throws std::invalid_argument
+
+// How "active" is judged from the resident vectors, as written in the sidecar.
+enum class Criterion { NativeZero, GateMagnitude, OutputMagnitude };
+Criterion criterion_from_name(const std::string & name);  // "relu", "gate_magnitude", "magnitude"
+
+// Device cost model: one read costs latency + bytes / bandwidth.
+struct DeviceCost {
+    double read_latency_s = 60e-6;
+    double bandwidth_bytes_s = 1.4e9;
+    double cost(uint64_t n_reads, uint64_t bytes) const { return (double) n_reads * read_latency_s + (double) bytes / bandwidth_bytes_s; }
+};
+
+struct SparseOptions {
+    Predictor predictor = Predictor::Gate;
+    CachePolicy cache_policy = CachePolicy::Linking;
+    size_t cache_bytes = 0;
+    int queue_depth = 8;
+    uint64_t collapse_gap_bytes = UINT64_MAX; // merge runs whose gap is at most this; UINT64_MAX: from the cost model
+    uint64_t max_read_bytes = 1 << 20;
+    DeviceCost device;
+    bool direct_io = true;
+};
+
+// What llama.cpp computes a layer from, apart from the bundles.
+struct SparseLayerWeights {
+    int il = -1;
+    Activation act = Activation::Silu;
+    bool gated = false;
+    int64_t n_embd = 0, n_ff = 0, n_out = 0;
+    WeightMatrix gate;        // resident gate rows in placed order (gate/oracle predictors on gated models)
+    WeightMatrix up;          // resident up rows (oracle on non-gated models only)
+    std::vector<float> gate_bias, up_bias, down_bias; // placed order; empty when absent
+};
+
+// One layer evaluation's counters.
+struct LayerStepStats {
+    uint32_t il = 0;
+    uint32_t n_tokens = 0;
+    uint32_t predicted = 0;     // neurons evaluated (union over the tokens)
+    int32_t  truly_active = -1; // neurons active by the criterion, -1 when the predictor cannot know
+    uint32_t reads = 0;
+    uint32_t cache_hits = 0;
+    uint64_t bytes_read = 0;
+    uint64_t active_bytes = 0;  // record bytes of the evaluated neurons
+    uint64_t io_ns = 0;         // first read issued -> last read completed
+    uint64_t stall_ns = 0;      // longest time a compute thread waited for reads (the I/O not hidden by compute)
+    uint64_t layer_ns = 0;      // phase 0 start -> phase 2 end (thread 0's view)
+};
+
+class SparseFfn {
+public:
+    static constexpr int kPhases = 3;
+
+    SparseFfn(std::shared_ptr<SidecarStore> store, const SparseOptions & options);
+    ~SparseFfn();
+
+    // a layer's resident weights; `L.il` indexes the sidecar's layers
+    void add_layer(SparseLayerWeights L);
+    bool has_layer(int il) const { return il >= 0 && il < (int) layers_.size() && layers_[il] != nullptr; }
+    const SparseLayerWeights & layer(int il) const { return *layers_.at((size_t) il); }
+
+    // grows scratch for n_tokens (graph build time, single thread)
+    void reserve(int il, int64_t n_tokens);
+    void phase(int il, int phase, const float * x, float * y, int64_t n_tokens, int ith, int nth);
+
+    const SparseOptions & options() const { return options_; }
+    const SidecarStore & store() const { return *store_; }
+    BundleCache & cache() { return *cache_; }
+    // Replaces the cache (between evaluations only); the pinned policy reads its records here.
+    void configure_cache(CachePolicy policy, size_t bytes);
+    // bytes of all bundle records of all layers
+    uint64_t store_bytes() const;
+    // bytes of resident predictor/gate/bias data
+    size_t resident_bytes() const { return resident_bytes_; }
+    // worst-case bytes of I/O and compute scratch
+    size_t scratch_bytes() const;
+
+    // Reading or computing failed: the message, empty when all is well. Once
+    // set, layers produce zeros until cleared, so a wrong answer is never silent.
+    std::string error() const;
+    void clear_error();
+
+    std::vector<LayerStepStats> take_stats();
+
+    // test seam: the read `after` reads from now fails with `fault`
+    void inject_fault(InjectedFault fault, uint64_t after) { pool_->inject_fault(fault, after); }
+
+private:
+    struct ThreadState;
+    struct Pending;
+
+    void predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, ThreadState & ts);
+    void gather(int il, int64_t n_tokens, ThreadState & ts);
+    void compute_h(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos, size_t n, ThreadState & ts);
+    void down(int il, float * y, int64_t n_tokens, int ith, int nth);
+    void fail(const std::string & what);
+    ThreadState & thread_state(int ith);
+    uint32_t max_gap_records(const BundleRegion & region) const;
+
+    std::shared_ptr<SidecarStore> store_;
+    SparseOptions options_;
+    std::unique_ptr<IoPool> pool_;
+    std::unique_ptr<BundleCache> cache_;
+    std::vector<std::unique_ptr<SparseLayerWeights>> layers_;
+    size_t resident_bytes_ = 0;
+
+    // shared per evaluation (layers run one after the other)
+    int64_t capacity_ = 0;
+    std::vector<uint8_t> xq_gate_, xq_up_;   // n_tokens rows in the vec_dot types
+    std::vector<float> h_;                   // n_tokens x n_ff, placed order
+    std::vector<uint8_t> token_active_;      // n_tokens x n_ff flags (1: the criterion holds for the token)
+    std::vector<const uint8_t *> record_of_; // n_ff: bundle record of each evaluated position
+    // one slot per compute thread, allocated up front so no thread ever sees the table move
+    static constexpr int kMaxThreads = 256;
+    std::vector<std::unique_ptr<ThreadState>> threads_;
+
+    std::atomic<bool> failed_ { false };
+    mutable std::mutex error_mutex_;
+    std::string error_;
+
+    uint64_t layer_start_ns_ = 0;
+    std::mutex stats_mutex_;
+    std::vector<LayerStepStats> stats_;
+};
+
+} // namespace neuralink

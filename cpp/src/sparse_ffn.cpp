@@ -1,0 +1,508 @@
+#include "neuralink/sparse_ffn.h"
+
+#include "neuralink/errors.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+namespace neuralink {
+
+const char * predictor_name(Predictor p) {
+    switch (p) {
+        case Predictor::Dense:  return "dense";
+        case Predictor::Gate:   return "gate";
+        case Predictor::Oracle: return "oracle";
+    }
+    return "?";
+}
+
+Predictor predictor_from_name(const std::string & name) {
+    for (Predictor p : { Predictor::Dense, Predictor::Gate, Predictor::Oracle }) {
+        if (name == predictor_name(p)) {
+            return p;
+        }
+    }
+    throw std::invalid_argument("unknown predictor '" + name + "' (expected dense, gate or oracle)");
+}
+
+Criterion criterion_from_name(const std::string & name) {
+    if (name == "relu") return Criterion::NativeZero;
+    if (name == "gate_magnitude") return Criterion::GateMagnitude;
+    if (name == "magnitude") return Criterion::OutputMagnitude;
+    throw std::invalid_argument("unknown activity criterion '" + name + "' (expected relu, gate_magnitude or magnitude)");
+}
+
+// A read in flight and what it covers.
+struct SparseFfn::Pending {
+    PendingRead read;
+    PlannedRead plan;
+};
+
+// What one compute thread keeps between phases; other threads read it in phase 2.
+struct SparseFfn::ThreadState {
+    std::vector<uint32_t> active;   // positions this thread evaluates, sorted
+    std::vector<uint32_t> misses;
+    std::vector<const uint8_t *> hit_records;
+    std::vector<uint32_t> hit_positions;
+    AlignedBuffer cache_copies;     // records copied out of the cache
+    AlignedBuffer read_arena;       // destinations of this thread's reads
+    std::vector<std::unique_ptr<Pending>> pending;
+    size_t n_pending = 0;
+    std::vector<float> tmp;         // a dequantized slice of a down column
+    std::vector<const uint8_t *> read_records; // the needed records of one completed read
+    std::vector<uint32_t> read_positions;
+    std::vector<PendingRead *> batch;
+    // counters of the current layer
+    uint32_t truly_active = 0;
+    uint32_t cache_hits = 0;
+    uint32_t reads = 0;
+    uint64_t bytes_read = 0;
+    uint64_t first_issue_ns = 0;
+    uint64_t last_done_ns = 0;
+    uint64_t stall_ns = 0;
+};
+
+SparseFfn::SparseFfn(std::shared_ptr<SidecarStore> store, const SparseOptions & options)
+    : store_(std::move(store)), options_(options) {
+    init_ggml_cpu();
+    pool_ = std::make_unique<IoPool>(store_->file(), options_.queue_depth);
+    layers_.resize((size_t) store_->n_layer());
+    threads_.resize(kMaxThreads);
+    configure_cache(options_.cache_policy, options_.cache_bytes);
+}
+
+uint64_t SparseFfn::store_bytes() const {
+    uint64_t bytes = 0;
+    for (int il = 0; il < store_->n_layer(); ++il) {
+        bytes += (uint64_t) store_->layer(il).region.record_bytes * store_->layer(il).region.n_records;
+    }
+    return bytes;
+}
+
+void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
+    std::vector<size_t> record_bytes;
+    std::vector<std::vector<float>> frequency;
+    for (int il = 0; il < store_->n_layer(); ++il) {
+        record_bytes.push_back(store_->layer(il).region.record_bytes);
+        frequency.push_back(store_->layer(il).frequency);
+    }
+    BundleCacheOptions cache_options;
+    cache_options.max_entries = (size_t) store_->n_layer() * (size_t) store_->n_ff();
+    auto cache = std::make_unique<BundleCache>(policy, bytes, record_bytes, cache_options);
+    if (policy == CachePolicy::Pinned) {
+        cache->pin_hottest(frequency, [this](uint32_t il, uint32_t pos, uint8_t * dst) {
+            const BundleRegion & region = store_->layer((int) il).region;
+            const uint8_t * start = nullptr;
+            AlignedBuffer buf = store_->file().read_range(region.record_offset(pos), region.record_bytes, &start);
+            std::memcpy(dst, start, region.record_bytes);
+        });
+    }
+    cache_ = std::move(cache);
+    options_.cache_policy = policy;
+    options_.cache_bytes = bytes;
+}
+
+SparseFfn::~SparseFfn() = default;
+
+void SparseFfn::add_layer(SparseLayerWeights L) {
+    if (L.il < 0 || L.il >= store_->n_layer()) {
+        throw std::invalid_argument("layer " + std::to_string(L.il) + " is not in the sidecar");
+    }
+    resident_bytes_ += L.gate.row_bytes * (size_t) L.gate.rows + L.up.row_bytes * (size_t) L.up.rows +
+            sizeof(float) * (L.gate_bias.size() + L.up_bias.size() + L.down_bias.size());
+    const int il = L.il;
+    layers_[(size_t) il] = std::make_unique<SparseLayerWeights>(std::move(L));
+}
+
+uint32_t SparseFfn::max_gap_records(const BundleRegion & region) const {
+    // a gap is worth reading through when its bytes cost less time than one more read
+    const double gap_bytes = options_.collapse_gap_bytes == UINT64_MAX
+            ? options_.device.read_latency_s * options_.device.bandwidth_bytes_s
+            : (double) options_.collapse_gap_bytes;
+    return (uint32_t) std::min<double>(gap_bytes / (double) std::max<size_t>(region.record_bytes, 1), region.n_records);
+}
+
+void SparseFfn::reserve(int il, int64_t n_tokens) {
+    const SparseLayerWeights & L = *layers_.at((size_t) il);
+    const SidecarLayer & S = store_->layer(il);
+    const size_t xq_gate = S.gate.wt ? S.gate.wt->act_row_bytes(L.n_embd) : 0;
+    const size_t xq_gate_resident = L.gate.wt ? L.gate.wt->act_row_bytes(L.n_embd) : 0;
+    const size_t xq_up = S.up.wt->act_row_bytes(L.n_embd);
+    const size_t xq_up_resident = L.up.wt ? L.up.wt->act_row_bytes(L.n_embd) : 0;
+    const size_t tokens = (size_t) std::max(n_tokens, capacity_);
+    auto grow = [&](auto & v, size_t n) { if (v.size() < n) v.resize(n); };
+    grow(xq_gate_, tokens * std::max(xq_gate, xq_gate_resident));
+    grow(xq_up_, tokens * std::max(xq_up, xq_up_resident));
+    grow(h_, tokens * (size_t) L.n_ff);
+    grow(token_active_, tokens * (size_t) L.n_ff);
+    grow(record_of_, (size_t) L.n_ff);
+    capacity_ = (int64_t) tokens;
+}
+
+size_t SparseFfn::scratch_bytes() const {
+    size_t bytes = xq_gate_.size() + xq_up_.size() + h_.size() * sizeof(float) + token_active_.size() +
+            record_of_.size() * sizeof(void *);
+    for (const auto & ts : threads_) {
+        if (ts) {
+            bytes += ts->cache_copies.size() + ts->read_arena.size();
+        }
+    }
+    return bytes;
+}
+
+SparseFfn::ThreadState & SparseFfn::thread_state(int ith) {
+    if (ith < 0 || ith >= kMaxThreads) {
+        throw std::runtime_error("compute thread " + std::to_string(ith) + " beyond the engine's " +
+                                 std::to_string(kMaxThreads) + " thread slots");
+    }
+    // only thread ith touches slot ith, so creating it needs no lock
+    if (!threads_[ith]) {
+        threads_[ith] = std::make_unique<ThreadState>();
+    }
+    return *threads_[ith];
+}
+
+void SparseFfn::fail(const std::string & what) {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    if (error_.empty()) {
+        error_ = what;
+    }
+    failed_.store(true, std::memory_order_release);
+}
+
+std::string SparseFfn::error() const {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    return error_;
+}
+
+void SparseFfn::clear_error() {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    pool_->clear_error();
+    error_.clear();
+    failed_.store(false, std::memory_order_release);
+}
+
+std::vector<LayerStepStats> SparseFfn::take_stats() {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    std::vector<LayerStepStats> out;
+    out.swap(stats_);
+    return out;
+}
+
+// converts rows of floats into `type`, the blocks split across threads (as the dense path does)
+static void convert_rows_split(const WeightType & wt, const float * x, int64_t n_tokens, int64_t n, uint8_t * dst,
+                               int ith, int nth) {
+    const int64_t bs = ggml_blck_size(wt.vec_dot_type);
+    const size_t bb = ggml_type_size(wt.vec_dot_type);
+    const size_t row = wt.act_row_bytes(n);
+    const int64_t per_row = n / bs;
+    const auto [b0, b1] = split_range(n_tokens * per_row, ith, nth);
+    for (int64_t b = b0; b < b1;) {
+        const int64_t t = b / per_row, first = b % per_row;
+        const int64_t last = std::min(per_row, first + (b1 - b));
+        wt.act_from_float(x + t * n + first * bs, dst + t * row + first * bb, (last - first) * bs);
+        b += last - first;
+    }
+}
+
+// the down input as the dense path would round it: F16/BF16 vec_dot types see h in that precision
+static float round_for(ggml_type vec_dot_type, float v) {
+    if (vec_dot_type == GGML_TYPE_F16) return ggml_fp16_to_fp32(ggml_fp32_to_fp16(v));
+    if (vec_dot_type == GGML_TYPE_BF16) return ggml_bf16_to_fp32(ggml_fp32_to_bf16(v));
+    return v;
+}
+
+void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, ThreadState & ts) {
+    const SparseLayerWeights & L = *layers_[il];
+    const SidecarLayer & S = store_->layer(il);
+    const Criterion criterion = criterion_from_name(store_->criterion());
+    const int64_t n_ff = L.n_ff;
+    ts.active.clear();
+    if (options_.predictor == Predictor::Dense) {
+        for (int64_t p = r0; p < r1; ++p) {
+            ts.active.push_back((uint32_t) p);
+            for (int64_t t = 0; t < n_tokens; ++t) token_active_[t * n_ff + p] = 1;
+        }
+        return;
+    }
+    // gate (and oracle on gated models): exact gate values from the resident rows; oracle on
+    // non-gated models: exact up values from resident up rows
+    const WeightMatrix & W = L.gated ? L.gate : L.up;
+    const std::vector<float> & bias = L.gated ? L.gate_bias : L.up_bias;
+    const size_t xq_row = W.wt->act_row_bytes(L.n_embd);
+    const uint8_t * xq = L.gated ? xq_gate_.data() : xq_up_.data();
+    for (int64_t p = r0; p < r1; ++p) {
+        bool any = false;
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            float v;
+            W.wt->vec_dot((int) L.n_embd, &v, 0, W.row(p), 0, xq + t * xq_row, 0, 1);
+            if (!bias.empty()) v += bias[p];
+            h_[t * n_ff + p] = v; // the pre-activation, consumed by compute_h
+            const float a = activate(L.act, v);
+            const bool on = criterion == Criterion::NativeZero ? a != 0.0f : std::fabs(a) > S.threshold;
+            token_active_[t * n_ff + p] = on;
+            any |= on;
+        }
+        if (any) {
+            ts.active.push_back((uint32_t) p);
+        }
+    }
+}
+
+void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos, size_t n,
+                          ThreadState & ts) {
+    const SparseLayerWeights & L = *layers_[il];
+    const SidecarLayer & S = store_->layer(il);
+    const Criterion criterion = criterion_from_name(store_->criterion());
+    const int64_t n_ff = L.n_ff;
+    const bool resident_pre = options_.predictor != Predictor::Dense; // pre-activation already in h_
+    const ggml_type down_vdt = S.down.wt->vec_dot_type;
+    const size_t xq_up_row = S.up.wt->act_row_bytes(L.n_embd);
+    const size_t xq_gate_row = S.gate.wt ? S.gate.wt->act_row_bytes(L.n_embd) : 0;
+    for (size_t i = 0; i < n; ++i) {
+        const uint32_t p = pos[i];
+        const uint8_t * rec = records[i];
+        record_of_[p] = rec;
+        bool criterion_holds = false;
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            float & hv = h_[t * n_ff + p];
+            if (!token_active_[t * n_ff + p]) {
+                hv = 0.0f;
+                continue;
+            }
+            float u;
+            S.up.wt->vec_dot((int) L.n_embd, &u, 0, rec + S.up.offset, 0, xq_up_.data() + t * xq_up_row, 0, 1);
+            if (!L.up_bias.empty()) u += L.up_bias[p];
+            float a;
+            if (L.gated) {
+                float g = hv;
+                if (!resident_pre) {
+                    S.gate.wt->vec_dot((int) L.n_embd, &g, 0, rec + S.gate.offset, 0, xq_gate_.data() + t * xq_gate_row, 0, 1);
+                    if (!L.gate_bias.empty()) g += L.gate_bias[p];
+                }
+                a = activate(L.act, g);
+                hv = round_for(down_vdt, a * u);
+            } else {
+                a = activate(L.act, u);
+                hv = round_for(down_vdt, a);
+            }
+            criterion_holds |= criterion == Criterion::NativeZero ? a != 0.0f
+                             : criterion == Criterion::GateMagnitude ? std::fabs(a) > S.threshold
+                             : std::fabs(hv) > S.threshold;
+        }
+        ts.truly_active += criterion_holds;
+    }
+}
+
+void SparseFfn::gather(int il, int64_t n_tokens, ThreadState & ts) {
+    const SidecarLayer & S = store_->layer(il);
+    const size_t rec = S.region.record_bytes;
+    // cache hits are copied out, so eviction by another thread cannot pull them from under us
+    const size_t need = ts.active.size() * rec;
+    if (ts.cache_copies.size() < need) {
+        ts.cache_copies = AlignedBuffer(std::max(need, ts.cache_copies.size() * 2));
+    }
+    ts.misses.clear();
+    ts.hit_positions.clear();
+    ts.hit_records.clear();
+    uint8_t * slot = ts.cache_copies.data();
+    for (uint32_t p : ts.active) {
+        if (cache_->lookup((uint32_t) il, p, slot)) {
+            ts.hit_positions.push_back(p);
+            ts.hit_records.push_back(slot);
+            slot += rec;
+        } else {
+            ts.misses.push_back(p);
+        }
+    }
+    ts.cache_hits = (uint32_t) ts.hit_positions.size();
+
+    // reads for the misses: collapsed runs, or the whole range when the cost model says that is cheaper
+    CollapsePolicy policy;
+    policy.max_gap = max_gap_records(S.region);
+    policy.max_read_bytes = options_.max_read_bytes;
+    std::vector<PlannedRead> reads = plan_reads(S.region, ts.misses.data(), ts.misses.size(), policy);
+    if (!ts.misses.empty() && (n_tokens > 1 || options_.predictor == Predictor::Dense)) {
+        CollapsePolicy all = policy;
+        all.max_gap = S.region.n_records;
+        const uint32_t first = ts.misses.front(), last = ts.misses.back();
+        std::vector<uint32_t> span(last - first + 1);
+        for (uint32_t i = 0; i < span.size(); ++i) span[i] = first + i;
+        std::vector<PlannedRead> whole = plan_reads(S.region, span.data(), span.size(), all);
+        uint64_t bytes = 0, whole_bytes = 0;
+        for (const auto & r : reads) bytes += r.length;
+        for (const auto & r : whole) whole_bytes += r.length;
+        if (options_.device.cost(whole.size(), whole_bytes) < options_.device.cost(reads.size(), bytes)) {
+            for (auto & r : whole) r.n_needed = 0; // the needed count is only used for admission below
+            reads = std::move(whole);
+        }
+    }
+
+    uint64_t arena = 0;
+    for (const auto & r : reads) arena += r.length;
+    if (ts.read_arena.size() < arena) {
+        ts.read_arena = AlignedBuffer(std::max<uint64_t>(arena, ts.read_arena.size() * 2));
+    }
+    while (ts.pending.size() < reads.size()) ts.pending.push_back(std::make_unique<Pending>());
+    std::vector<PendingRead *> & batch = ts.batch;
+    batch.resize(reads.size());
+    uint64_t at = 0;
+    for (size_t i = 0; i < reads.size(); ++i) {
+        Pending & pd = *ts.pending[i];
+        pd.plan = reads[i];
+        pd.read.offset = reads[i].offset;
+        pd.read.length = reads[i].length;
+        pd.read.dst = ts.read_arena.data() + at;
+        at += reads[i].length;
+        batch[i] = &pd.read;
+    }
+    ts.n_pending = reads.size();
+    ts.reads = (uint32_t) reads.size();
+    ts.bytes_read = at;
+    ts.first_issue_ns = steady_now_ns();
+    ts.last_done_ns = 0;
+    if (!batch.empty()) {
+        pool_->submit(batch.data(), batch.size());
+    }
+}
+
+void SparseFfn::down(int il, float * y, int64_t n_tokens, int ith, int nth) {
+    const SparseLayerWeights & L = *layers_[il];
+    const SidecarLayer & S = store_->layer(il);
+    const WeightType & dt = *S.down.wt;
+    const int64_t bs = dt.block_size;
+    const auto [b0, b1] = split_range(L.n_embd / bs, ith, nth);
+    const int64_t e0 = b0 * bs, e1 = b1 * bs, n = e1 - e0;
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        float * yt = y + t * L.n_out;
+        for (int64_t e = e0; e < e1; ++e) yt[e] = L.down_bias.empty() ? 0.0f : L.down_bias[e];
+    }
+    if (n == 0) {
+        return;
+    }
+    ThreadState & me = thread_state(ith);
+    if ((int64_t) me.tmp.size() < n) me.tmp.resize((size_t) n);
+    const size_t slice_offset = S.down.offset + (size_t) b0 * ggml_type_size(dt.type);
+    for (int j = 0; j < nth; ++j) {
+        const ThreadState & ts = *threads_[j];
+        for (uint32_t p : ts.active) {
+            dt.to_float(record_of_[p] + slice_offset, me.tmp.data(), n);
+            for (int64_t t = 0; t < n_tokens; ++t) {
+                const float hv = h_[t * L.n_ff + p];
+                if (hv == 0.0f) continue;
+                float * yt = y + t * L.n_out + e0;
+                for (int64_t e = 0; e < n; ++e) yt[e] += hv * me.tmp[e];
+            }
+        }
+    }
+}
+
+void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_tokens, int ith, int nth) {
+    const SparseLayerWeights & L = *layers_[il];
+    const SidecarLayer & S = store_->layer(il);
+    if (failed_.load(std::memory_order_acquire)) {
+        if (phase == kPhases - 1) {
+            const auto [t0, t1] = split_range(n_tokens, ith, nth);
+            std::memset(y + t0 * L.n_out, 0, sizeof(float) * (size_t) ((t1 - t0) * L.n_out));
+        }
+        return;
+    }
+    ThreadState & ts = thread_state(ith);
+    try {
+        switch (phase) {
+            case 0: {
+                if (ith == 0) {
+                    layer_start_ns_ = steady_now_ns();
+                    if (il == 0) {
+                        store_->check_unchanged();
+                    }
+                }
+                // resident rows are the model's own, bundle rows verbatim copies: one conversion serves both
+                if (S.gate.wt) convert_rows_split(*S.gate.wt, x, n_tokens, L.n_embd, xq_gate_.data(), ith, nth);
+                convert_rows_split(*S.up.wt, x, n_tokens, L.n_embd, xq_up_.data(), ith, nth);
+            } break;
+            case 1: {
+                const auto [r0, r1] = split_range(L.n_ff, ith, nth, kRowBlock);
+                ts.truly_active = 0;
+                ts.stall_ns = 0;
+                predict(il, n_tokens, r0, r1, ts);
+                gather(il, n_tokens, ts);
+                compute_h(il, n_tokens, ts.hit_records.data(), ts.hit_positions.data(), ts.hit_positions.size(), ts);
+                // neurons of each read as it completes; misses stay sorted along the reads
+                size_t m = 0;
+                std::vector<const uint8_t *> & recs = ts.read_records;
+                std::vector<uint32_t> & pos = ts.read_positions;
+                for (size_t i = 0; i < ts.n_pending; ++i) {
+                    Pending & pd = *ts.pending[i];
+                    const uint64_t wait_start = steady_now_ns();
+                    pool_->wait(pd.read);
+                    ts.stall_ns += steady_now_ns() - wait_start;
+                    ts.last_done_ns = std::max(ts.last_done_ns, pd.read.done_ns);
+                    recs.clear();
+                    pos.clear();
+                    const uint32_t end = pd.plan.first + pd.plan.count;
+                    for (; m < ts.misses.size() && ts.misses[m] < end; ++m) {
+                        const uint32_t p = ts.misses[m];
+                        if (p < pd.plan.first) continue;
+                        pos.push_back(p);
+                        recs.push_back(pd.read.dst + (S.region.record_offset(p) - pd.read.offset));
+                    }
+                    compute_h(il, n_tokens, recs.data(), pos.data(), pos.size(), ts);
+                    const bool isolated = pos.size() == 1;
+                    for (size_t k = 0; k < pos.size(); ++k) {
+                        cache_->admit((uint32_t) il, pos[k], recs[k], isolated);
+                    }
+                }
+            } break;
+            case 2: {
+                down(il, y, n_tokens, ith, nth);
+                if (ith == 0) {
+                    LayerStepStats st;
+                    st.il = (uint32_t) il;
+                    st.n_tokens = (uint32_t) n_tokens;
+                    uint64_t first = UINT64_MAX, last = 0;
+                    uint32_t truly = 0;
+                    for (int j = 0; j < nth; ++j) {
+                        const ThreadState & o = *threads_[j];
+                        st.predicted += (uint32_t) o.active.size();
+                        truly += o.truly_active;
+                        st.reads += o.reads;
+                        st.cache_hits += o.cache_hits;
+                        st.bytes_read += o.bytes_read;
+                        st.stall_ns = std::max(st.stall_ns, o.stall_ns);
+                        if (o.reads) {
+                            first = std::min(first, o.first_issue_ns);
+                            last = std::max(last, o.last_done_ns);
+                        }
+                    }
+                    st.truly_active = (int32_t) truly;
+                    st.active_bytes = (uint64_t) st.predicted * S.region.record_bytes;
+                    st.io_ns = last > first ? last - first : 0;
+                    st.layer_ns = steady_now_ns() - layer_start_ns_;
+                    std::lock_guard<std::mutex> lock(stats_mutex_);
+                    stats_.push_back(st);
+                }
+            } break;
+            default:
+                break;
+        }
+    } catch (const std::exception & e) {
+        // reads still in flight write into this thread's arena: let them land before anything reuses it
+        for (size_t i = 0; i < ts.n_pending; ++i) {
+            while (ts.pending[i]->read.state.load(std::memory_order_acquire) == PendingRead::kQueued) {
+                std::this_thread::yield();
+            }
+        }
+        ts.n_pending = 0;
+        ts.active.clear();
+        fail(e.what());
+        if (phase == kPhases - 1) {
+            const auto [t0, t1] = split_range(n_tokens, ith, nth);
+            std::memset(y + t0 * L.n_out, 0, sizeof(float) * (size_t) ((t1 - t0) * L.n_out));
+        }
+    }
+}
+
+} // namespace neuralink

@@ -1,0 +1,190 @@
+// The read planner and the pread pool.
+
+#include "test_util.h"
+
+#include "neuralink/errors.h"
+#include "neuralink/io_pool.h"
+#include "neuralink/read_planner.h"
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <set>
+
+using namespace neuralink;
+
+namespace {
+
+// checks the planner's contract for one set of needed positions
+void check_plan(const BundleRegion & region, const std::vector<uint32_t> & needed, const CollapsePolicy & policy) {
+    const auto reads = plan_reads(region, needed.data(), needed.size(), policy);
+    std::set<uint32_t> covered_needed;
+    uint32_t n_needed = 0;
+    for (size_t i = 0; i < reads.size(); ++i) {
+        const PlannedRead & r = reads[i];
+        CHECK(r.offset % kDirectAlign == 0);
+        CHECK(r.length % kDirectAlign == 0 && r.length > 0);
+        CHECK(r.offset <= region.record_offset(r.first));
+        CHECK(region.record_offset(r.first + r.count - 1) + region.record_bytes <= r.offset + r.length);
+        if (i > 0) {
+            CHECK(reads[i - 1].first + reads[i - 1].count <= r.first);
+        }
+        if (policy.max_read_bytes) {
+            // a capped read holds at most the cap plus the alignment slack at both ends
+            CHECK(r.length <= policy.max_read_bytes + 2 * kDirectAlign || r.count == 1);
+        }
+        n_needed += r.n_needed;
+        for (uint32_t p : needed) {
+            if (p >= r.first && p < r.first + r.count) {
+                covered_needed.insert(p);
+            }
+        }
+    }
+    CHECK(covered_needed.size() == needed.size());
+    CHECK(n_needed == needed.size());
+}
+
+std::string write_pattern_file(const std::string & name, size_t size) {
+    const std::string path = nltest::tmp_dir() + "/" + name;
+    std::vector<uint8_t> data(size);
+    for (size_t i = 0; i < size; ++i) data[i] = (uint8_t) (i * 131 + (i >> 12));
+    std::ofstream(path, std::ios::binary).write((const char *) data.data(), (std::streamsize) size);
+    return path;
+}
+
+uint8_t pattern(size_t i) { return (uint8_t) (i * 131 + (i >> 12)); }
+
+} // namespace
+
+TEST(plan_reads_merges_runs_within_the_gap_and_aligns) {
+    BundleRegion region { 8192, 1000, 100 };
+    const std::vector<uint32_t> needed = { 3, 4, 5, 9, 40, 41, 99 };
+    CollapsePolicy tight;
+    auto reads = plan_reads(region, needed.data(), needed.size(), tight);
+    // 3-5 and 9 share 4 KiB blocks (records are 1000 bytes), 40-41 and 99 stand alone
+    CHECK(reads.size() == 3);
+    CHECK(reads[0].first == 3 && reads[0].count == 7 && reads[0].n_needed == 4);
+    CHECK(reads[1].first == 40 && reads[1].count == 2);
+    CHECK(reads[2].first == 99 && reads[2].count == 1);
+    CollapsePolicy loose;
+    loose.max_gap = 60;
+    reads = plan_reads(region, needed.data(), needed.size(), loose);
+    CHECK(reads.size() == 1 && reads[0].n_needed == needed.size());
+    CHECK(reads[0].offset == 8192 + 3000 / 4096 * 4096);
+}
+
+TEST(plan_reads_covers_random_masks_with_aligned_reads) {
+    std::mt19937 rng(5);
+    for (int trial = 0; trial < 300; ++trial) {
+        BundleRegion region;
+        region.offset = 4096 * (1 + rng() % 50);
+        region.record_bytes = 64 + rng() % 9000;
+        region.n_records = 1 + rng() % 3000;
+        const double density = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
+        std::vector<uint32_t> needed;
+        for (uint32_t p = 0; p < region.n_records; ++p) {
+            if (std::uniform_real_distribution<double>(0.0, 1.0)(rng) < density) needed.push_back(p);
+        }
+        CollapsePolicy policy;
+        policy.max_gap = rng() % 20;
+        policy.max_read_bytes = rng() % 3 == 0 ? 0 : 4096 * (1 + rng() % 64);
+        check_plan(region, needed, policy);
+    }
+}
+
+TEST(plan_reads_rejects_unsorted_or_out_of_range_positions) {
+    BundleRegion region { 0, 100, 10 };
+    const std::vector<uint32_t> unsorted = { 3, 2 }, too_far = { 1, 10 };
+    CHECK_THROWS(std::invalid_argument, plan_reads(region, unsorted.data(), 2, CollapsePolicy {}), "sorted, unique");
+    CHECK_THROWS(std::invalid_argument, plan_reads(region, too_far.data(), 2, CollapsePolicy {}), "below 10");
+}
+
+TEST(plan_whole_region_reads_everything_in_capped_pieces) {
+    BundleRegion region { 4096, 1536, 1000 };
+    const auto reads = plan_whole_region(region, 256 * 1024);
+    CHECK(reads.front().first == 0);
+    CHECK(reads.back().first + reads.back().count == region.n_records);
+    uint32_t needed = 0;
+    for (const auto & r : reads) needed += r.n_needed;
+    CHECK(needed == region.n_records);
+    CHECK(reads.size() >= region.n_records * region.record_bytes / (256 * 1024));
+}
+
+TEST(io_pool_reads_many_ranges_in_flight) {
+    const size_t size = 64 * kDirectAlign;
+    const std::string path = write_pattern_file("pool.bin", size);
+    DirectFile file(path, true);
+    IoPool pool(file, 4);
+    std::vector<std::unique_ptr<PendingRead>> reads;
+    std::vector<AlignedBuffer> buffers;
+    std::vector<PendingRead *> batch;
+    for (size_t i = 0; i < 32; ++i) {
+        auto r = std::make_unique<PendingRead>();
+        r->offset = (i * 7 % 60) * kDirectAlign;
+        r->length = (1 + i % 4) * kDirectAlign;
+        buffers.emplace_back(r->length);
+        r->dst = buffers.back().data();
+        batch.push_back(r.get());
+        reads.push_back(std::move(r));
+    }
+    pool.submit(batch.data(), batch.size());
+    for (size_t i = 0; i < reads.size(); ++i) {
+        pool.wait(*reads[i]);
+        for (size_t j = 0; j < reads[i]->length; j += 97) {
+            CHECK(reads[i]->dst[j] == pattern(reads[i]->offset + j));
+        }
+    }
+    CHECK(pool.reads_done() == reads.size());
+    CHECK(pool.error().empty());
+}
+
+TEST(io_pool_reports_injected_faults_to_the_waiter) {
+    const std::string path = write_pattern_file("faults.bin", 16 * kDirectAlign);
+    DirectFile file(path, true);
+    for (InjectedFault fault : { InjectedFault::Eio, InjectedFault::ShortRead }) {
+        IoPool pool(file, 2);
+        pool.inject_fault(fault, 1);
+        PendingRead a, b, c;
+        AlignedBuffer buf(3 * 2 * kDirectAlign);
+        PendingRead * batch[] = { &a, &b, &c };
+        for (int i = 0; i < 3; ++i) {
+            batch[i]->offset = i * 2 * kDirectAlign;
+            batch[i]->length = 2 * kDirectAlign;
+            batch[i]->dst = buf.data() + i * 2 * kDirectAlign;
+        }
+        // submitted one by one so that the second read is the one that fails
+        pool.submit(&batch[0], 1);
+        pool.wait(a);
+        pool.submit(&batch[1], 2);
+        int failed = 0;
+        for (PendingRead * r : { &b, &c }) {
+            try {
+                pool.wait(*r);
+            } catch (const IoError & e) {
+                ++failed;
+                CHECK(std::string(e.what()).find("faults.bin") != std::string::npos);
+                CHECK(std::string(e.what()).find(fault == InjectedFault::Eio ? "Input/output error" : "short read") != std::string::npos);
+            }
+        }
+        CHECK(failed >= 1);
+        CHECK(!pool.error().empty());
+    }
+}
+
+TEST(io_pool_reports_a_file_truncated_underneath) {
+    const std::string path = write_pattern_file("shrinks.bin", 16 * kDirectAlign);
+    DirectFile file(path, true);
+    std::filesystem::resize_file(path, 4 * kDirectAlign);
+    IoPool pool(file, 1);
+    PendingRead r;
+    AlignedBuffer buf(4 * kDirectAlign);
+    r.offset = 8 * kDirectAlign;
+    r.length = 4 * kDirectAlign;
+    r.dst = buf.data();
+    PendingRead * batch[] = { &r };
+    pool.submit(batch, 1);
+    CHECK_THROWS(IoError, pool.wait(r), "short read");
+}

@@ -1,0 +1,131 @@
+"""Perplexity: every token scored once, the NLL matches a direct computation, any Llama-like class works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import ModelFactory
+from neuralink import ModelFileError
+from neuralink.cli import main as cli_main
+from neuralink.perplexity import paired_nll_difference, perplexity, scoring_windows
+
+TEXT = (
+    "The model reads the neuron of the layer, and the quick brown fox jumps over the lazy dog. "
+    "We have more people for the first time, and it is not what they were about. "
+) * 6
+
+
+@given(st.integers(0, 3000), st.integers(2, 600), st.data())
+def test_windows_score_each_token_once_with_the_promised_context(
+    n_tokens: int, n_ctx: int, data: st.DataObject
+) -> None:
+    stride = data.draw(st.integers(1, n_ctx))
+    windows = scoring_windows(n_tokens, n_ctx, stride)
+    scored = [t for w in windows for t in range(w.first_scored, w.end)]
+    assert scored == sorted(set(scored))  # each token at most once, in text order
+    missing = set(range(1, n_tokens)) - set(scored)
+    if stride < n_ctx:
+        assert not missing
+    else:  # non-overlapping windows: only each window's first token, which has no context
+        assert missing <= set(range(0, n_tokens, n_ctx))
+    for i, w in enumerate(windows):
+        assert w.begin < w.first_scored < w.end <= w.begin + n_ctx
+        if i > 0 and stride < n_ctx:
+            assert w.first_scored - w.begin >= n_ctx - stride
+
+
+def test_window_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="stride"):
+        scoring_windows(100, 16, 17)
+    with pytest.raises(ValueError, match="n_ctx"):
+        scoring_windows(100, 1, 1)
+
+
+def reference_nll(path: Path) -> np.ndarray:
+    """Per-token NLL of TEXT from one evaluation of all its tokens, log-softmax in float64."""
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=512, logits_all=True, verbose=False)
+    try:
+        tokens = llm.tokenize(TEXT.encode(), add_bos=True)
+        llm.eval(tokens)
+        logits = np.asarray(llm.scores[: len(tokens)], dtype=np.float64)
+    finally:
+        llm.close()
+    log_probs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - logits.max(1, keepdims=True)
+    return -log_probs[np.arange(len(tokens) - 1), tokens[1:]]
+
+
+def test_one_window_equals_a_direct_computation(synthetic_model: ModelFactory) -> None:
+    path = synthetic_model("llama", "f32")
+    expected = reference_nll(path)
+    assert 150 < expected.size < 511
+    result = perplexity(path, TEXT, n_ctx=512, stride=512)
+    assert result.n_windows == 1 and result.n_scored == expected.size
+    np.testing.assert_allclose(result.token_nll, expected, rtol=1e-5, atol=1e-5)
+    assert result.perplexity == pytest.approx(np.exp(expected.mean()), rel=1e-5)
+
+
+def test_windows_cut_the_context(synthetic_model: ModelFactory) -> None:
+    path = synthetic_model("llama", "f32")
+    whole = perplexity(path, TEXT, n_ctx=512)
+    strided = perplexity(path, TEXT, n_ctx=64, stride=32)
+    assert strided.n_scored == whole.n_scored and strided.n_windows > 1
+    # the first window's tokens see the same context either way; later ones see at most 64 tokens
+    np.testing.assert_allclose(strided.token_nll[:63], whole.token_nll[:63], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(strided.token_nll[63:], whole.token_nll[63:], rtol=1e-3, atol=1e-3)
+    disjoint = perplexity(path, TEXT, n_ctx=64, stride=64)
+    assert disjoint.n_scored == whole.n_scored - (disjoint.n_windows - 1)
+
+
+def test_max_tokens_and_llama_subclasses(synthetic_model: ModelFactory) -> None:
+    evaluated: list[int] = []
+
+    class CountingLlama(llama_cpp.Llama):
+        def eval(self, tokens):  # type: ignore[no-untyped-def]
+            evaluated.append(len(tokens))
+            return super().eval(tokens)
+
+    result = perplexity(synthetic_model("arcee", "f16"), TEXT, n_ctx=32, stride=16, max_tokens=100,
+                        llama_factory=CountingLlama)
+    assert result.n_scored == 99
+    assert evaluated and max(evaluated) <= 32 and len(evaluated) == result.n_windows
+    assert np.isfinite(result.token_nll).all()
+
+
+def test_paired_difference_of_a_model_with_itself_is_zero(synthetic_model: ModelFactory) -> None:
+    path = synthetic_model("llama", "f32")
+    a = perplexity(path, TEXT, n_ctx=128)
+    mean, error = paired_nll_difference(a, a)
+    assert mean == 0.0 and error == 0.0
+    with pytest.raises(ValueError, match="same scored tokens"):
+        paired_nll_difference(a, perplexity(path, TEXT, n_ctx=128, max_tokens=50))
+
+
+def test_errors_name_the_problem(synthetic_model: ModelFactory, tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="absent.gguf: no such model file"):
+        perplexity(tmp_path / "absent.gguf", TEXT)
+    with pytest.raises(ValueError, match="at least 2"):
+        perplexity(synthetic_model("llama", "f32"), "a", max_tokens=1)
+
+
+def test_cli_prints_a_comparison_table(
+    synthetic_model: ModelFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    model = synthetic_model("llama", "f32")
+    code = cli_main(["perplexity", "--model", str(model), "--model", str(model), "--text", str(text),
+                     "--n-ctx", "64"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith(str(model)[:20]) or "..." in line]
+    assert len(rows) == 2 and "+0.000%" in rows[1]
+
+    code = cli_main(["perplexity", "--model", str(model), "--text", str(tmp_path / "absent.txt")])
+    assert code == 1 and "absent.txt: cannot read the text" in capsys.readouterr().err

@@ -1,0 +1,210 @@
+"""Profiling: masks against a numpy reference of the FFN, thresholds, the stats file, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from neuralink.activations import ActivationReader
+from neuralink.cli import main as cli_main
+from neuralink.coactivation import CoactivationStats
+from neuralink.errors import ModelFileError
+from neuralink.profile import ProfileError, profile_model, read_documents, split_windows
+from neuralink.synthetic import write_synthetic_model
+
+N_EMBD, N_FF, WINDOW = 128, 512, 128
+WORDS = ("the of and to in is that it for was on are with as be this by at from or have an not but which they one "
+         "you all were we can there their has more will would about if what so when out up time people new first "
+         "after some model token layer neuron memory flash quick brown fox jumps over lazy dog").split()
+
+
+def carried_text(n_words: int, seed: int) -> str:
+    """Text the tests carry: seeded random sentences over the synthetic vocabulary's words."""
+    rng = np.random.default_rng(seed)
+    sentences = [" ".join(rng.choice(WORDS, int(rng.integers(6, 14)))).capitalize() + "." for _ in range(n_words // 10)]
+    return " ".join(sentences)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("profile-models")
+    return {
+        arch: write_synthetic_model(root / f"{arch}.gguf", arch, n_embd=N_EMBD, n_ff=N_FF, n_head=4,
+                                    context_length=256)
+        for arch in ("arcee", "llama")
+    }
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("profile-texts")
+    paths = {"calibration": root / "calibration.txt", "heldout": root / "heldout.txt", "short": root / "short.txt"}
+    paths["calibration"].write_text(carried_text(500, seed=1))
+    paths["heldout"].write_text(carried_text(300, seed=2))
+    paths["short"].write_text("The quick brown fox.")
+    return paths
+
+
+def ffn_reference(model: Path, text: Path) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """Each layer's FFN input as llama.cpp computed it (ffn_norm), over the windows profiling uses; the weights."""
+    weights: dict[str, list[np.ndarray]] = {"up": [], "gate": []}
+    tensors = {t.name: t for t in gguf.GGUFReader(model).tensors}
+    for layer in range(2):
+        for part in weights:
+            tensor = tensors.get(f"blk.{layer}.ffn_{part}.weight")
+            if tensor is not None:
+                weights[part].append(np.asarray(tensor.data, dtype=np.float64))  # (n_ff, n_embd)
+    inputs: list[list[np.ndarray]] = [[], []]
+    with ActivationReader(model, window=WINDOW) as reader:
+        windows = split_windows([reader.tokenize(text.read_text())], reader.text_tokens_per_window, None)
+        for tokens in windows:
+            reader.evaluate(tokens, "ffn_norm".__eq__, lambda _n, layer, rows: inputs[layer].append(rows.copy()))
+    return [np.concatenate(parts).astype(np.float64) for parts in inputs], weights
+
+
+def test_relu_masks_are_the_native_zeros_of_relu_squared(models: dict[str, Path], texts: dict[str, Path]) -> None:
+    stats = profile_model(models["arcee"], [texts["calibration"]], window=WINDOW)
+    assert (stats.criterion, stats.activation) == ("relu", "ffn_sqr(relu)")
+    assert np.all(stats.thresholds == 0) and math.isnan(stats.target_density)
+    inputs, weights = ffn_reference(models["arcee"], texts["calibration"])
+    for layer in range(2):
+        up = inputs[layer] @ weights["up"][layer].T
+        # float32 sums in another order may flip the sign of values within rounding of zero
+        decided = np.abs(up) > 1e-4 * np.abs(up).max()
+        masks = stats.layer_masks(layer)
+        assert masks.shape == up.shape == (stats.n_tokens, N_FF)
+        assert np.array_equal(masks[decided], (up > 0)[decided])
+        assert decided.mean() > 0.999
+        assert np.array_equal(stats.activation_counts[layer], masks.sum(axis=0))
+
+
+def test_gated_masks_threshold_swiglu_at_the_target_density(models: dict[str, Path], texts: dict[str, Path]) -> None:
+    stats = profile_model(models["llama"], [texts["calibration"]], window=WINDOW, density=0.2)
+    assert (stats.criterion, stats.activation) == ("magnitude", "ffn_swiglu")
+    # thresholds placed on every token of this short text: the density is exact up to ties
+    assert np.allclose(stats.densities(), 0.2, atol=1e-3)
+    inputs, weights = ffn_reference(models["llama"], texts["calibration"])
+    for layer in range(2):
+        gate, up = inputs[layer] @ weights["gate"][layer].T, inputs[layer] @ weights["up"][layer].T
+        magnitude = np.abs(gate / (1 + np.exp(-gate)) * up)
+        threshold = float(stats.thresholds[layer])
+        decided = np.abs(magnitude - threshold) > 1e-4 * threshold
+        assert np.array_equal(stats.layer_masks(layer)[decided], (magnitude > threshold)[decided])
+        assert decided.mean() > 0.99
+
+
+def test_thresholds_from_a_sample_of_the_text_land_near_the_target(models: dict[str, Path],
+                                                                   texts: dict[str, Path]) -> None:
+    stats = profile_model(models["llama"], [texts["calibration"]], window=WINDOW, density=0.3, threshold_tokens=200)
+    assert stats.n_tokens > 600
+    assert np.allclose(stats.densities(), 0.3, atol=0.03)
+
+
+def test_heldout_text_reuses_the_calibration_thresholds(models: dict[str, Path], texts: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    calibration = profile_model(models["llama"], [texts["calibration"]], window=WINDOW, density=0.2)
+    calibration.save(tmp_path / "calibration.npz")
+    heldout = profile_model(models["llama"], [texts["heldout"]], window=WINDOW, density=0.5,
+                            thresholds_from=tmp_path / "calibration.npz")
+    assert np.array_equal(heldout.thresholds, calibration.thresholds)
+    assert heldout.target_density == 0.2  # the calibration's, whatever was asked
+    assert not np.allclose(heldout.densities(), 0.2, atol=1e-4)  # not re-fitted to the held-out text
+    with pytest.raises(ProfileError, match="another model"):
+        profile_model(models["arcee"], [texts["heldout"]], window=WINDOW, thresholds_from=tmp_path / "calibration.npz")
+
+
+def test_stats_file_round_trip(models: dict[str, Path], texts: dict[str, Path], tmp_path: Path) -> None:
+    stats = profile_model(models["llama"], [texts["heldout"]], window=WINDOW, max_tokens=300, min_tokens=100)
+    assert stats.n_tokens == 300
+    stats.save(tmp_path / "stats.npz")
+    loaded = CoactivationStats.load(tmp_path / "stats.npz")
+    assert loaded.model_sha256 == stats.model_sha256 and loaded.sources == (str(texts["heldout"]),)
+    assert np.array_equal(loaded.thresholds, stats.thresholds)
+    assert np.array_equal(loaded.activation_counts, stats.activation_counts)
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.masks or [], stats.masks or [], strict=True))
+    light = CoactivationStats.load(tmp_path / "stats.npz", with_masks=False)
+    assert light.masks is None and light.n_tokens == 300
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "stats.npz").read_bytes()[:5000])
+    for bad in ("other.npz", "truncated.npz"):
+        with pytest.raises(ModelFileError, match=f"{bad}: not a neuralink co-activation stats file"):
+            CoactivationStats.load(tmp_path / bad)
+
+
+def test_documents_and_windows(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"prompt": "second", "id": 2}) + "\n")
+    assert read_documents([prompts]) == ["first", "second"]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "ok"}) + "\n{not json\n")
+    with pytest.raises(ProfileError, match=r"bad\.jsonl:2: not a JSON line"):
+        read_documents([tmp_path / "bad.jsonl"])
+    (tmp_path / "field.jsonl").write_text(json.dumps({"body": "no"}) + "\n")
+    with pytest.raises(ProfileError, match=r'field\.jsonl:1: expected an object with a string "text"'):
+        read_documents([tmp_path / "field.jsonl"])
+    with pytest.raises(ProfileError, match="no such text file"):
+        read_documents([tmp_path / "missing.txt"])
+
+    documents = [np.arange(10), np.arange(100, 125)]
+    windows = split_windows(documents, per_window=8, max_tokens=30)
+    assert [len(w) for w in windows] == [8, 2, 8, 8, 4]  # a window never spans two documents
+    assert sum(map(len, windows)) == 30
+
+
+def run_profile_cli(*args: str) -> int:
+    return cli_main(["profile", *args])
+
+
+@pytest.mark.parametrize("case", ["missing model", "not gguf", "truncated gguf", "short text", "no output dir"])
+def test_bad_input_fails_cleanly(case: str, models: dict[str, Path], texts: dict[str, Path], tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    model, text, output = models["llama"], texts["calibration"], tmp_path / "stats.npz"
+    expected = {"missing model": "no such model file", "not gguf": "not a GGUF file",
+                "truncated gguf": "could not load", "short text": "at least 256 needed",
+                "no output dir": "does not exist"}[case]
+    if case == "missing model":
+        model = tmp_path / "missing.gguf"
+    elif case == "not gguf":
+        model = texts["short"]
+    elif case == "truncated gguf":
+        model = tmp_path / "truncated.gguf"
+        model.write_bytes(models["llama"].read_bytes()[:100_000])
+    elif case == "short text":
+        text = texts["short"]
+    else:
+        output = tmp_path / "no-such-dir" / "stats.npz"
+    code = run_profile_cli(str(text), "-o", str(output), "--model", str(model), "--window", str(WINDOW))
+    error = capsys.readouterr().err
+    assert code == 1
+    assert expected in error
+    assert not output.exists()
+    assert not list(output.parent.glob(".*.tmp")) if output.parent.exists() else True
+
+
+def test_cli_profiles_calibration_then_heldout(models: dict[str, Path], texts: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    calibration, heldout = tmp_path / "calibration.npz", tmp_path / "heldout.npz"
+    common = ["--model", str(models["llama"]), "--window", str(WINDOW), "--density", "0.1"]
+    assert run_profile_cli(str(texts["calibration"]), "-o", str(calibration), *common) == 0
+    assert run_profile_cli(str(texts["heldout"]), "-o", str(heldout), *common,
+                           "--thresholds-from", str(calibration)) == 0
+    assert "magnitude on ffn_swiglu" in capsys.readouterr().out
+    assert np.array_equal(CoactivationStats.load(heldout).thresholds, CoactivationStats.load(calibration).thresholds)
+
+
+@pytest.mark.slow
+def test_smollm2_profile(tmp_path: Path) -> None:
+    from neuralink import default_model_path
+
+    text = tmp_path / "text.txt"
+    text.write_text(carried_text(600, seed=3))
+    stats = profile_model(default_model_path(), [text], window=256, density=0.2, max_tokens=512)
+    assert (stats.architecture, stats.activation, stats.criterion) == ("llama", "ffn_swiglu", "magnitude")
+    assert (stats.n_layer, stats.n_ff, stats.n_tokens) == (30, 1536, 512)
+    assert np.allclose(stats.densities(), 0.2, atol=2e-3)
+    # the last layer's FFN ran on every token, not only on the output rows
+    assert stats.layer_masks(stats.n_layer - 1).any(axis=1).mean() > 0.95

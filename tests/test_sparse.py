@@ -1,0 +1,196 @@
+"""The online engine: sparse FFNs from the sidecar's bundle store, through neuralink.Llama."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+import neuralink
+from conftest import ModelFactory
+from neuralink import EngineIOError, ModelFileError, _engine
+from neuralink.budget import MemoryBudgetError
+from neuralink.synthetic import ggml_type_name
+from test_llama_hook import DECODE_PREFIX, batch_logits, decode_logits, greedy, rel_max_abs, tokens_of
+
+CONTEXT = dict(n_ctx=256, logits_all=True, verbose=False)
+
+
+def run_model(llm: neuralink.Llama) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    prompt = tokens_of(llm, 48)
+    return (
+        batch_logits(llm, prompt),
+        decode_logits(llm, prompt[:DECODE_PREFIX], prompt[DECODE_PREFIX : DECODE_PREFIX + 16]),
+        greedy(llm, prompt[:12], 16),
+    )
+
+
+FLOAT_CASES = [("llama", "f32"), ("gemma3", "f16"), ("arcee", "f32"), ("qwen2", "bf16"), ("arcee", "f16")]
+ACTIVATION = {"llama": "silu", "qwen2": "silu", "gemma3": "gelu", "arcee": "relu_sqr"}
+
+
+@pytest.mark.parametrize(("arch", "weight_type"), FLOAT_CASES)
+def test_dense_predictor_ffn_outputs_equal_the_dense_engine(converted_model, arch: str, weight_type: str) -> None:
+    model, sidecar = converted_model(arch, weight_type)
+    dense = _engine.Engine(str(model))
+    sparse = _engine.Engine(str(model), sidecar=str(sidecar), predictor="dense", cache_policy="none")
+    x = np.random.default_rng(7).standard_normal((5, 256)).astype(np.float32)
+    for il in range(2):
+        want = dense.forward(il, x, ACTIVATION[arch])
+        assert rel_max_abs(sparse.forward(il, x, ACTIVATION[arch]), want) <= 1e-4
+        assert rel_max_abs(sparse.forward(il, x[:1], ACTIVATION[arch]), want[:1]) <= 1e-4
+
+
+@pytest.mark.parametrize(("arch", "weight_type"), FLOAT_CASES)
+def test_dense_predictor_logits_and_text_match_the_dense_engine(converted_model, arch: str, weight_type: str) -> None:
+    model, sidecar = converted_model(arch, weight_type)
+    dense = neuralink.Llama(str(model), sidecar=False, **CONTEXT)
+    want = run_model(dense)
+    dense.close()
+    sparse = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="dense", **CONTEXT)
+    assert sparse.engine.sparse and sparse.engine.predictor == "dense"
+    got = run_model(sparse)
+    stats = sparse.ffn_stats()
+    sparse.close()
+    # per-layer outputs agree to ~1e-6 (above); through the whole network summation order shows at ~1e-4
+    assert rel_max_abs(got[0], want[0]) <= 1e-3
+    assert rel_max_abs(got[1], want[1]) <= 1e-3
+    assert got[2] == want[2]
+    # every layer evaluation went through the bundle store
+    assert len(stats) > 0 and (stats["bytes_read"] > 0).any()
+
+
+def read_ffn(model: Path, il: int) -> dict[str, np.ndarray]:
+    """A converted model's FFN weights of layer il as float rows (gate/up: per neuron, down: per output)."""
+    reader = gguf.GGUFReader(model)
+    out = {}
+    for part in ("gate", "up", "down"):
+        t = next(t for t in reader.tensors if t.name == f"blk.{il}.ffn_{part}.weight")
+        rows = int(t.shape[1])
+        raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(rows, -1)
+        out[part] = _engine.dequantize(ggml_type_name(gguf.GGMLQuantizationType(t.tensor_type)), raw, int(t.shape[0]))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_gate_predictor_equals_a_numpy_reference_of_the_thresholded_ffn(converted_model, arch: str) -> None:
+    threshold = 0.08
+    model, sidecar = converted_model(arch, "f32", threshold=threshold)
+    engine = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 256)).astype(np.float32)
+    act = {"llama": lambda v: v / (1 + np.exp(-v)),
+           "gemma3": lambda v: 0.5 * v * (1 + np.tanh(0.7978845608 * v * (1 + 0.044715 * v * v)))}[arch]
+    for il in range(2):
+        w = read_ffn(model, il)
+        g = x.astype(np.float64) @ w["gate"].T
+        u = x.astype(np.float64) @ w["up"].T
+        a = act(g)
+        mask = np.abs(a) > threshold
+        assert 0.05 < mask.mean() < 0.95, "the threshold must leave some neurons out and keep others"
+        want = (a * u * mask) @ w["down"].T
+        got = engine.forward(il, x, "silu")
+        # gelu goes through ggml's fp16 table; everything else is float arithmetic
+        assert rel_max_abs(got, want) <= (2e-3 if arch == "gemma3" else 1e-5)
+        stats = engine.take_stats()
+        assert stats[-1]["predicted"] == mask.any(axis=0).sum()
+
+
+def test_cache_collapse_and_queue_depth_never_change_outputs(converted_model) -> None:
+    model, sidecar = converted_model("llama", "q8_0", threshold=0.05)
+    outputs, reads = [], []
+    for policy, cache_bytes, gap, depth in [
+        ("none", 0, 0, 1), ("lru", 1 << 20, 0, 8), ("s3fifo", 1 << 19, 1 << 20, 4),
+        ("linking", 1 << 20, 1 << 16, 2), ("pinned", 1 << 20, None, 8),
+    ]:
+        llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_policy=policy,
+                              cache_bytes=cache_bytes, collapse_gap=gap, queue_depth=depth, **CONTEXT)
+        outputs.append(run_model(llm))
+        stats = llm.ffn_stats()
+        reads.append((stats["reads"].sum(), stats["cache_hits"].sum()))
+        llm.close()
+    for out in outputs[1:]:
+        assert np.array_equal(out[0], outputs[0][0])
+        assert np.array_equal(out[1], outputs[0][1])
+        assert out[2] == outputs[0][2]
+    # and they do change what is read
+    assert len(set(reads)) > 1
+
+
+def test_injected_read_faults_raise_and_the_model_keeps_working(converted_model) -> None:
+    model, sidecar = converted_model("llama", "q4_1", threshold=0.05)
+    llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none", **CONTEXT)
+    prompt = tokens_of(llm, 12)
+    llm.reset()
+    llm.eval(prompt)
+    want = np.array(llm.scores[: len(prompt)])
+    for kind, message in [("eio", "Input/output error"), ("short_read", "short read")]:
+        llm.engine.inject_fault(kind, 0)
+        llm.reset()
+        with pytest.raises(EngineIOError, match=message):
+            llm.eval(prompt)
+        assert llm.n_tokens == 0, "a failed evaluation leaves the context as it was"
+    llm.engine.inject_fault("none")
+    llm.reset()
+    llm.eval(prompt)
+    assert np.array_equal(np.array(llm.scores[: len(prompt)]), want)
+    llm.close()
+
+
+def test_a_sidecar_of_another_model_is_refused(converted_model) -> None:
+    model, _ = converted_model("llama", "f32", seed=0)
+    _, other_sidecar = converted_model("llama", "f32", seed=1)
+    with pytest.raises(ModelFileError, match="belongs to model id"):
+        neuralink.Llama(str(model), sidecar=str(other_sidecar), **CONTEXT)
+
+
+def test_the_gate_predictor_needs_a_gate_criterion(converted_model) -> None:
+    model, sidecar = converted_model("llama", "f32", criterion="magnitude")
+    with pytest.raises(neuralink.UnsupportedModelError, match="gate predictor needs"):
+        neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", **CONTEXT)
+    # the default predictor falls back to dense for such a sidecar
+    llm = neuralink.Llama(str(model), sidecar=str(sidecar), **CONTEXT)
+    assert llm.engine.predictor == "dense"
+    llm.close()
+
+
+def test_memory_budget_below_the_minimum_is_refused_with_the_minimum_named(converted_model) -> None:
+    model, sidecar = converted_model("llama", "q8_0")
+    with pytest.raises(MemoryBudgetError, match=r"below the minimum [0-9.]+ MiB"):
+        neuralink.Llama(str(model), sidecar=str(sidecar), memory_budget="1MB", **CONTEXT)
+    llm = neuralink.Llama(str(model), sidecar=str(sidecar), memory_budget="2GiB", cache_policy="lru", **CONTEXT)
+    plan = llm.memory_plan
+    assert plan is not None and plan.minimum < plan.budget
+    assert llm.engine.cache_stats()["capacity_bytes"] == plan.cache == plan.store_bytes
+    llm.close()
+    with pytest.raises(MemoryBudgetError, match="cannot read memory size"):
+        neuralink.Llama(str(model), sidecar=str(sidecar), memory_budget="lots", **CONTEXT)
+
+
+def test_planned_reads_are_aligned_and_cover_every_needed_neuron() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        n_records=st.integers(1, 3000), record_bytes=st.integers(1, 20000), offset_blocks=st.integers(0, 100),
+        density=st.floats(0.0, 1.0), seed=st.integers(0, 2**32 - 1), max_gap=st.integers(0, 50),
+        max_read=st.sampled_from([0, 4096, 65536, 1 << 20]),
+    )
+    def check(n_records, record_bytes, offset_blocks, density, seed, max_gap, max_read):
+        rng = np.random.default_rng(seed)
+        needed = np.flatnonzero(rng.random(n_records) < density).astype(np.uint32)
+        offset = offset_blocks * 4096
+        reads = _engine.plan_reads(needed, offset, record_bytes, n_records, max_gap, max_read)
+        assert (reads[:, 0] % 4096 == 0).all() and (reads[:, 1] % 4096 == 0).all()
+        covered = np.zeros(n_records, dtype=bool)
+        for read_offset, length, first, count, _ in reads:
+            assert read_offset <= offset + first * record_bytes
+            assert offset + (first + count) * record_bytes <= read_offset + length
+            covered[first : first + count] = True
+        assert covered[needed].all()
+        assert reads[:, 4].sum() == len(needed)
+
+    check()
