@@ -63,8 +63,8 @@ def converted_model(tmp_path_factory: pytest.TempPathFactory, synthetic_model: M
     built: dict[tuple, tuple[Path, Path]] = {}
 
     def build(arch: Arch, weight_type: str = "f32", threshold: float = 0.1, criterion: str | None = None,
-              seed: int = 0, **options: object) -> tuple[Path, Path]:
-        key = (arch, weight_type, threshold, criterion, seed, tuple(sorted(options.items())))
+              seed: int = 0, bundle_parts: str = "auto", **options: object) -> tuple[Path, Path]:
+        key = (arch, weight_type, threshold, criterion, seed, bundle_parts, tuple(sorted(options.items())))
         if key not in built:
             source = synthetic_model(arch, weight_type, **options)
             n_layer, n_ff = int(options.get("n_layer", 2)), int(options.get("n_ff", 512))
@@ -80,7 +80,8 @@ def converted_model(tmp_path_factory: pytest.TempPathFactory, synthetic_model: M
                 model_sha256=file_sha256(source),
             )
             name = f"{arch}-{weight_type}-{len(built)}"
-            result = convert_model(source, placement, root / f"{name}.gguf", root / f"{name}.sidecar")
+            result = convert_model(source, placement, root / f"{name}.gguf", root / f"{name}.sidecar",
+                                   bundle_parts=bundle_parts)
             built[key] = (result.output, result.sidecar)
         return built[key]
 

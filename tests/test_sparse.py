@@ -28,12 +28,17 @@ def run_model(llm: neuralink.Llama) -> tuple[np.ndarray, np.ndarray, list[int]]:
 
 
 FLOAT_CASES = [("llama", "f32"), ("gemma3", "f16"), ("arcee", "f32"), ("qwen2", "bf16"), ("arcee", "f16")]
+# gated models' records with and without their gate rows (resident then)
+LAYOUTS = ["gate-up-down", "up-down"]
 ACTIVATION = {"llama": "silu", "qwen2": "silu", "gemma3": "gelu", "arcee": "relu_sqr"}
 
 
+@pytest.mark.parametrize("bundle_parts", LAYOUTS)
 @pytest.mark.parametrize(("arch", "weight_type"), FLOAT_CASES)
-def test_dense_predictor_ffn_outputs_equal_the_dense_engine(converted_model, arch: str, weight_type: str) -> None:
-    model, sidecar = converted_model(arch, weight_type)
+def test_dense_predictor_ffn_outputs_equal_the_dense_engine(
+    converted_model, arch: str, weight_type: str, bundle_parts: str
+) -> None:
+    model, sidecar = converted_model(arch, weight_type, bundle_parts="up-down" if arch == "arcee" else bundle_parts)
     dense = _engine.Engine(str(model))
     sparse = _engine.Engine(str(model), sidecar=str(sidecar), predictor="dense", cache_policy="none")
     x = np.random.default_rng(7).standard_normal((5, 256)).astype(np.float32)
@@ -43,9 +48,12 @@ def test_dense_predictor_ffn_outputs_equal_the_dense_engine(converted_model, arc
         assert rel_max_abs(sparse.forward(il, x[:1], ACTIVATION[arch]), want[:1]) <= 1e-4
 
 
+@pytest.mark.parametrize("bundle_parts", LAYOUTS)
 @pytest.mark.parametrize(("arch", "weight_type"), FLOAT_CASES)
-def test_dense_predictor_logits_and_text_match_the_dense_engine(converted_model, arch: str, weight_type: str) -> None:
-    model, sidecar = converted_model(arch, weight_type)
+def test_dense_predictor_logits_and_text_match_the_dense_engine(
+    converted_model, arch: str, weight_type: str, bundle_parts: str
+) -> None:
+    model, sidecar = converted_model(arch, weight_type, bundle_parts="up-down" if arch == "arcee" else bundle_parts)
     dense = neuralink.Llama(str(model), sidecar=False, **CONTEXT)
     want = run_model(dense)
     dense.close()
@@ -78,6 +86,11 @@ def read_ffn(model: Path, il: int) -> dict[str, np.ndarray]:
 def test_gate_predictor_equals_a_numpy_reference_of_the_thresholded_ffn(converted_model, arch: str) -> None:
     threshold = 0.08
     model, sidecar = converted_model(arch, "f32", threshold=threshold)
+    from neuralink.sidecar import Sidecar
+
+    with Sidecar.open(sidecar, model) as opened:
+        # a gate-only criterion: the records leave the gate rows out (they are resident)
+        assert opened.header.bundle_gate is False and opened.layouts[0].gate is None
     engine = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none")
     rng = np.random.default_rng(3)
     x = rng.standard_normal((6, 256)).astype(np.float32)

@@ -116,9 +116,10 @@ void Engine::load_sparse_layer(int il, DirectFile & file) {
     }
     const Predictor predictor = sparse_->options().predictor;
     try {
-        if (L.gated && predictor != Predictor::Dense) {
+        // the gate and oracle predictors compute the gate up front; records without gate rows need them too
+        if (L.gated && (predictor != Predictor::Dense || !store.bundle_gate())) {
             L.gate = load_matrix(*gate, file);
-            if (L.gate.wt != store.layer(il).gate.wt) {
+            if (store.bundle_gate() && L.gate.wt != store.layer(il).gate.wt) {
                 throw std::invalid_argument("the sidecar's gate rows are not in the model's gate type");
             }
         }

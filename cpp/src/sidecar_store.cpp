@@ -92,6 +92,10 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
     n_embd_ = (int64_t) r.u("neuralink.n_embd");
     n_ff_ = (int64_t) r.u("neuralink.n_ff");
     gated_ = r.flag("neuralink.gated");
+    bundle_gate_ = r.flag("neuralink.bundle.gate");
+    if (bundle_gate_ && !gated_) {
+        r.fail("neuralink.bundle.gate is set for a non-gated model");
+    }
     activation_ = activation_from_name(r.str("neuralink.activation"));
     criterion_ = r.str("neuralink.placement.criterion");
     if (n_layer == 0 || n_embd_ <= 0 || n_ff_ <= 0 || n_layer > 4096) {
@@ -106,7 +110,7 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
                                { "neuralink.bundle.down_type", "neuralink.bundle.down_offset" } };
     const uint32_t * types[3] = {};
     const uint32_t * offsets[3] = {};
-    for (int part = gated_ ? 0 : 1; part < 3; ++part) {
+    for (int part = bundle_gate_ ? 0 : 1; part < 3; ++part) {
         types[part] = (const uint32_t *) r.array(keys[part].type, GGUF_TYPE_UINT32, n_layer);
         offsets[part] = (const uint32_t *) r.array(keys[part].offset, GGUF_TYPE_UINT32, n_layer);
     }
@@ -121,7 +125,7 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
         L.region.n_records = (uint32_t) n_ff_;
         RecordPart * parts[3] = { &L.gate, &L.up, &L.down };
         size_t end = 0;
-        for (int part = gated_ ? 0 : 1; part < 3; ++part) {
+        for (int part = bundle_gate_ ? 0 : 1; part < 3; ++part) {
             const ggml_type type = (ggml_type) types[part][il];
             std::string why;
             if (!weight_type_supported(type, &why)) {

@@ -260,7 +260,9 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
     const bool resident_pre = options_.predictor != Predictor::Dense; // pre-activation already in h_
     const ggml_type down_vdt = S.down.wt->vec_dot_type;
     const size_t xq_up_row = S.up.wt->act_row_bytes(L.n_embd);
-    const size_t xq_gate_row = S.gate.wt ? S.gate.wt->act_row_bytes(L.n_embd) : 0;
+    // the gate row comes from the record, or from the resident rows when records hold none
+    const WeightType * gate_wt = S.gate.wt ? S.gate.wt : L.gate.wt;
+    const size_t xq_gate_row = gate_wt ? gate_wt->act_row_bytes(L.n_embd) : 0;
     for (size_t i = 0; i < n; ++i) {
         const uint32_t p = pos[i];
         const uint8_t * rec = records[i];
@@ -279,7 +281,8 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
             if (L.gated) {
                 float g = hv;
                 if (!resident_pre) {
-                    S.gate.wt->vec_dot((int) L.n_embd, &g, 0, rec + S.gate.offset, 0, xq_gate_.data() + t * xq_gate_row, 0, 1);
+                    const uint8_t * row = S.gate.wt ? rec + S.gate.offset : L.gate.row(p);
+                    gate_wt->vec_dot((int) L.n_embd, &g, 0, row, 0, xq_gate_.data() + t * xq_gate_row, 0, 1);
                     if (!L.gate_bias.empty()) g += L.gate_bias[p];
                 }
                 a = activate(L.act, g);
@@ -420,7 +423,9 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
                     }
                 }
                 // resident rows are the model's own, bundle rows verbatim copies: one conversion serves both
-                if (S.gate.wt) convert_rows_split(*S.gate.wt, x, n_tokens, L.n_embd, xq_gate_.data(), ith, nth);
+                if (const WeightType * gate_wt = L.gate.wt ? L.gate.wt : S.gate.wt) {
+                    convert_rows_split(*gate_wt, x, n_tokens, L.n_embd, xq_gate_.data(), ith, nth);
+                }
                 convert_rows_split(*S.up.wt, x, n_tokens, L.n_embd, xq_up_.data(), ith, nth);
             } break;
             case 1: {

@@ -45,6 +45,8 @@ KEY_N_LAYER = "neuralink.n_layer"
 KEY_N_EMBD = "neuralink.n_embd"
 KEY_N_FF = "neuralink.n_ff"
 KEY_GATED = "neuralink.gated"
+# whether each record holds the gate row (gated models); without it the engine keeps gate rows resident
+KEY_BUNDLE_GATE = "neuralink.bundle.gate"
 KEY_ACTIVATION = "neuralink.activation"
 KEY_PLACEMENT_CRITERION = "neuralink.placement.criterion"
 KEY_PLACEMENT_N_TOKENS = "neuralink.placement.n_tokens"

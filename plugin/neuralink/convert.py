@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from gguf import GGMLQuantizationType as QType
@@ -146,13 +147,28 @@ def _model_id(source_sha256: str, placement: Placement, gguf_types: tuple[QType,
     return "nl1-" + h.hexdigest()[:32]
 
 
-def bundle_layouts(model: FfnModel, bundle_down_type: DownEncoding = "auto") -> tuple[BundleLayout, ...]:
-    """Each layer's sidecar record layout: gate/up in their GGUF types, down in the chosen encoding."""
+BundleParts = Literal["auto", "gate-up-down", "up-down"]
+BUNDLE_PARTS: tuple[BundleParts, ...] = ("auto", "gate-up-down", "up-down")
+# activity criteria the gate predictor can evaluate from the gate alone (see docs/engine.md)
+GATE_ONLY_CRITERIA = ("gate_magnitude", "relu")
+
+
+def bundle_has_gate(model: FfnModel, parts: BundleParts, criterion: str) -> bool:
+    """Whether records hold gate rows: never for non-gated FFNs; with "auto", unless the gate
+    predictor applies (a gate-only criterion), which keeps gate rows resident and reads up+down only."""
+    if not model.gated or parts == "up-down":
+        return False
+    return parts == "gate-up-down" or criterion not in GATE_ONLY_CRITERIA
+
+
+def bundle_layouts(model: FfnModel, bundle_down_type: DownEncoding = "auto",
+                   gate: bool = True) -> tuple[BundleLayout, ...]:
+    """Each layer's sidecar record layout: gate (if `gate`) and up in their GGUF types, down in the chosen encoding."""
     try:
         return tuple(
             BundleLayout.build(
                 model.n_embd, layer.up.type, choose_down_type(layer.down.type, model.n_embd, bundle_down_type),
-                layer.gate.type if layer.gate is not None else None,
+                layer.gate.type if layer.gate is not None and gate else None,
             )
             for layer in model.layers
         )
@@ -202,6 +218,7 @@ def plan_conversion(
     *,
     down_type: DownEncoding = "auto",
     bundle_down_type: DownEncoding = "auto",
+    bundle_parts: BundleParts = "auto",
     activation: Activation | None = None,
     force: bool = False,
 ) -> ConversionPlan:
@@ -212,6 +229,8 @@ def plan_conversion(
     """
     if down_type not in DOWN_ENCODINGS or bundle_down_type not in DOWN_ENCODINGS:
         raise ValueError(f"down encodings must be one of {DOWN_ENCODINGS}")
+    if bundle_parts not in BUNDLE_PARTS:
+        raise ValueError(f"bundle parts must be one of {BUNDLE_PARTS}")
     model_path = Path(model_path)
     model, output, sidecar = check_model_and_outputs(model_path, output, sidecar, activation=activation, force=force)
 
@@ -224,7 +243,7 @@ def plan_conversion(
     _check_placement(placement, where, model, sha256)
 
     gguf_types = tuple(choose_down_type(layer.down.type, model.n_ff, down_type) for layer in model.layers)
-    layouts = bundle_layouts(model, bundle_down_type)
+    layouts = bundle_layouts(model, bundle_down_type, bundle_has_gate(model, bundle_parts, placement.criterion))
     return ConversionPlan(model, placement, output, sidecar, sha256, _model_id(sha256, placement, gguf_types, layouts),
                           gguf_types, layouts)
 
@@ -296,6 +315,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
             criterion=plan.placement.criterion,
             n_tokens=plan.placement.n_tokens,
             thresholds=tuple(float(t) for t in plan.placement.thresholds),
+            bundle_gate=plan.layouts[0].gate is not None,
         )
         write_sidecar(plan.sidecar, header, plan.layouts, [layer.down.type for layer in model.layers],
                       [len(starts) for starts in plan.placement.chain_starts],
@@ -333,13 +353,15 @@ def convert_model(
     *,
     down_type: DownEncoding = "auto",
     bundle_down_type: DownEncoding = "auto",
+    bundle_parts: BundleParts = "auto",
     activation: Activation | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> ConversionResult:
     """Convert `model_path` with `placement`: :func:`plan_conversion`, then :func:`run_conversion`."""
     plan = plan_conversion(model_path, placement, output, sidecar, down_type=down_type,
-                           bundle_down_type=bundle_down_type, activation=activation, force=force)
+                           bundle_down_type=bundle_down_type, bundle_parts=bundle_parts, activation=activation,
+                           force=force)
     return run_conversion(plan, progress)
 
 
@@ -424,6 +446,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="type of the converted GGUF's re-encoded ffn_down (default: auto, see docs/convert.md)")
     parser.add_argument("--bundle-down-type", choices=DOWN_ENCODINGS, default="auto",
                         help="type of the sidecar's down columns (default: auto)")
+    parser.add_argument("--bundle-parts", choices=BUNDLE_PARTS, default="auto",
+                        help="what a neuron's record holds: gate-up-down (the paper's bundle) or up-down (gate rows "
+                             "stay resident for the gate predictor); auto: up-down when the criterion is gate-only")
     parser.add_argument("--activation", choices=ACTIVATIONS, default=None,
                         help="FFN activation, for architectures neuralink does not know")
     parser.add_argument("--force", action="store_true", help="convert a model that neuralink already converted")
@@ -446,7 +471,8 @@ def main(args: argparse.Namespace) -> int:
 
     def plan(placement: Placement | Path) -> ConversionPlan:
         return plan_conversion(args.model, placement, args.output, args.sidecar, down_type=args.down_type,
-                               bundle_down_type=args.bundle_down_type, activation=args.activation, force=args.force)
+                               bundle_down_type=args.bundle_down_type, bundle_parts=args.bundle_parts,
+                               activation=args.activation, force=args.force)
 
     placement: Placement | Path
     if args.calibration is None:

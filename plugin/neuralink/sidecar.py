@@ -26,6 +26,7 @@ from neuralink import _engine
 from neuralink.constants import (
     BUNDLE_PART_ALIGNMENT,
     KEY_ACTIVATION,
+    KEY_BUNDLE_GATE,
     KEY_BUNDLE_DOWN_OFFSET,
     KEY_BUNDLE_DOWN_SOURCE_TYPE,
     KEY_BUNDLE_DOWN_TYPE,
@@ -133,6 +134,13 @@ class SidecarHeader:
     n_tokens: int  # calibration tokens the placement was profiled on
     thresholds: tuple[float, ...]  # per layer: activation magnitude defining "active"
     version: int = SIDECAR_VERSION
+    bundle_gate: bool | None = None  # records hold the gate row; None: whenever the model is gated
+
+    def __post_init__(self) -> None:
+        if self.bundle_gate is None:
+            object.__setattr__(self, "bundle_gate", self.gated)
+        if self.bundle_gate and not self.gated:
+            raise ValueError("a non-gated model has no gate rows to bundle")
 
 
 @dataclass(frozen=True)
@@ -203,8 +211,8 @@ def write_sidecar(
     n_layer, n_ff = header.n_layer, header.n_ff
     if not (len(layouts) == len(down_source_types) == len(chain_counts) == len(header.thresholds) == n_layer):
         raise ValueError(f"sidecar for {n_layer} layers needs one layout, source type, chain count and threshold each")
-    if any((lay.gate is not None) != header.gated for lay in layouts):
-        raise ValueError("bundle layouts disagree with header.gated")
+    if any((lay.gate is not None) != header.bundle_gate for lay in layouts):
+        raise ValueError("bundle layouts disagree with header.bundle_gate")
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     writer = gguf.GGUFWriter(tmp, SIDECAR_ARCHITECTURE)
@@ -218,6 +226,7 @@ def write_sidecar(
         writer.add_uint32(KEY_N_EMBD, header.n_embd)
         writer.add_uint32(KEY_N_FF, n_ff)
         writer.add_bool(KEY_GATED, header.gated)
+        writer.add_bool(KEY_BUNDLE_GATE, bool(header.bundle_gate))
         writer.add_string(KEY_ACTIVATION, header.activation)
         writer.add_string(KEY_PLACEMENT_METHOD, header.placement_method)
         writer.add_string(KEY_PLACEMENT_CRITERION, header.criterion)
@@ -415,6 +424,9 @@ def _read_header(directory: GgufDirectory) -> tuple[SidecarHeader, tuple[BundleL
     if min(n_layer, n_embd, n_ff) <= 0:
         raise ModelFileError(f"{path}: n_layer, n_embd and n_ff must be positive ({n_layer}, {n_embd}, {n_ff})")
     gated = directory.require(KEY_GATED, bool)
+    bundle_gate = directory.require(KEY_BUNDLE_GATE, bool)
+    if bundle_gate and not gated:
+        raise ModelFileError(f"{path}: {KEY_BUNDLE_GATE} is set for a non-gated model")
     activation = directory.require(KEY_ACTIVATION, str)
     if activation not in ACTIVATIONS:
         raise ModelFileError(f"{path}: unknown activation {activation!r}")
@@ -429,9 +441,10 @@ def _read_header(directory: GgufDirectory) -> tuple[SidecarHeader, tuple[BundleL
         n_tokens=directory.require(KEY_PLACEMENT_N_TOKENS, int),
         thresholds=tuple(float(t) for t in thresholds),
         version=version,
+        bundle_gate=bundle_gate,
     )
 
-    part_names = ("gate", "up", "down") if gated else ("up", "down")
+    part_names = ("gate", "up", "down") if bundle_gate else ("up", "down")
     keys = [KEY_BUNDLE_RECORD_BYTES] + [k[p] for k in (_TYPE_KEYS, _OFFSET_KEYS) for p in part_names]
     columns = {key: _layer_array(directory, key, n_layer) for key in keys}
     source_types = _layer_array(directory, KEY_BUNDLE_DOWN_SOURCE_TYPE, n_layer)

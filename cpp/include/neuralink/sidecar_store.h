@@ -46,6 +46,8 @@ public:
     int64_t n_embd() const { return n_embd_; }
     int64_t n_ff() const { return n_ff_; }
     bool gated() const { return gated_; }
+    // records hold gate rows; when a gated model's do not, the engine keeps gate rows resident
+    bool bundle_gate() const { return bundle_gate_; }
     Activation activation() const { return activation_; }
     const std::string & criterion() const { return criterion_; }
     const SidecarLayer & layer(int il) const { return layers_.at((size_t) il); }
@@ -61,6 +63,7 @@ private:
     int64_t n_embd_ = 0;
     int64_t n_ff_ = 0;
     bool gated_ = false;
+    bool bundle_gate_ = false;
     Activation activation_ = Activation::Silu;
     std::vector<SidecarLayer> layers_;
     int64_t mtime_ns_ = 0;
