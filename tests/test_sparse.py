@@ -114,12 +114,13 @@ def test_gate_predictor_equals_a_numpy_reference_of_the_thresholded_ffn(converte
 def test_cache_collapse_and_queue_depth_never_change_outputs(converted_model) -> None:
     model, sidecar = converted_model("llama", "q8_0", threshold=0.05)
     outputs, reads = [], []
-    for policy, cache_bytes, gap, depth in [
-        ("none", 0, 0, 1), ("lru", 1 << 20, 0, 8), ("s3fifo", 1 << 19, 1 << 20, 4),
-        ("linking", 1 << 20, 1 << 16, 2), ("pinned", 1 << 20, None, 8),
+    for policy, cache_bytes, gap, depth, backend in [
+        ("none", 0, 0, 1, "uring"), ("lru", 1 << 20, 0, 8, "pread"), ("s3fifo", 1 << 19, 1 << 20, 4, "uring"),
+        ("linking", 1 << 20, 1 << 16, 2, "pread"), ("pinned", 1 << 20, None, 8, "auto"),
     ]:
         llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_policy=policy,
-                              cache_bytes=cache_bytes, collapse_gap=gap, queue_depth=depth, **CONTEXT)
+                              cache_bytes=cache_bytes, collapse_gap=gap, queue_depth=depth, io_backend=backend,
+                              **CONTEXT)
         outputs.append(run_model(llm))
         stats = llm.ffn_stats()
         reads.append((stats["reads"].sum(), stats["cache_hits"].sum()))
@@ -132,9 +133,12 @@ def test_cache_collapse_and_queue_depth_never_change_outputs(converted_model) ->
     assert len(set(reads)) > 1
 
 
-def test_injected_read_faults_raise_and_the_model_keeps_working(converted_model) -> None:
+@pytest.mark.parametrize("io_backend", ["uring", "pread"])
+def test_injected_read_faults_raise_and_the_model_keeps_working(converted_model, io_backend: str) -> None:
     model, sidecar = converted_model("llama", "q4_1", threshold=0.05)
-    llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none", **CONTEXT)
+    llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none",
+                          io_backend=io_backend, **CONTEXT)
+    assert llm.engine.io_backend == io_backend
     prompt = tokens_of(llm, 12)
     llm.reset()
     llm.eval(prompt)

@@ -54,7 +54,7 @@ static void register_engine(py::module_ & m) {
         .def(py::init([](const std::string & model_path, bool direct_io, std::optional<std::string> sidecar,
                          const std::string & predictor, const std::string & cache_policy, size_t cache_bytes,
                          int queue_depth, std::optional<uint64_t> collapse_gap_bytes, uint64_t max_read_bytes,
-                         double read_latency_s, double bandwidth_bytes_s) {
+                         double read_latency_s, double bandwidth_bytes_s, const std::string & io_backend) {
                  EngineOptions opts;
                  opts.direct_io = direct_io;
                  if (sidecar) {
@@ -68,6 +68,7 @@ static void register_engine(py::module_ & m) {
                      opts.sparse.device.read_latency_s = read_latency_s;
                      opts.sparse.device.bandwidth_bytes_s = bandwidth_bytes_s;
                      opts.sparse.direct_io = direct_io;
+                     opts.sparse.io_backend = io_backend_from_name(io_backend);
                  }
                  // reading the weights takes a while and touches no Python object
                  py::gil_scoped_release release;
@@ -77,7 +78,7 @@ static void register_engine(py::module_ & m) {
              py::arg("predictor") = "gate", py::arg("cache_policy") = "linking", py::arg("cache_bytes") = 0,
              py::arg("queue_depth") = 8, py::arg("collapse_gap_bytes") = py::none(),
              py::arg("max_read_bytes") = 1 << 20, py::arg("read_latency_s") = 60e-6,
-             py::arg("bandwidth_bytes_s") = 1.4e9)
+             py::arg("bandwidth_bytes_s") = 1.4e9, py::arg("io_backend") = "auto")
         .def_property_readonly("hook_address", [](const Engine & e) { return (uintptr_t) e.hook(); })
         .def_property_readonly("architecture", [](const Engine & e) { return e.model().architecture(); })
         .def_property_readonly("n_layer", &Engine::n_layer)
@@ -90,6 +91,12 @@ static void register_engine(py::module_ & m) {
         .def_property_readonly("predictor", [](const Engine & e) {
             return e.sparse() ? std::string(predictor_name(e.sparse()->options().predictor)) : std::string("dense");
         })
+        .def_property_readonly("io_backend", [](const Engine & e) {
+            return e.sparse() ? std::string(io_backend_name(e.sparse()->io_backend())) : std::string("none");
+        }, "how bundles are read: 'uring', 'pread' (a pool of reader threads), or 'none' for the dense engine")
+        .def_property_readonly("io_backend_note", [](const Engine & e) {
+            return e.sparse() ? e.sparse()->io_note() : std::string();
+        }, "why the pread pool is used when it is")
         .def_property_readonly("resident_bytes", [](const Engine & e) {
             return e.sparse() ? e.sparse()->resident_bytes() : e.weight_bytes();
         }, "bytes of FFN data the engine keeps in RAM (all weights when dense; gates, biases when sparse)")

@@ -93,8 +93,7 @@ void DirectFile::read_exact(uint64_t offset, void * dst, size_t len) const {
             if (errno == EINTR) {
                 continue;
             }
-            throw IoError(path_ + ": read of " + std::to_string(len) + " bytes at offset " +
-                    std::to_string(offset) + " failed: " + errno_text(errno));
+            throw IoError(read_error_message(*this, offset, len, errno_text(errno)));
         }
         if (got == 0) {
             break;
@@ -102,9 +101,7 @@ void DirectFile::read_exact(uint64_t offset, void * dst, size_t len) const {
         pos += (uint64_t) got;
     }
     if (pos < need_end) {
-        throw IoError(path_ + ": short read at offset " + std::to_string(offset) + ": wanted " +
-                std::to_string(len) + " bytes, got " + std::to_string(pos - offset) +
-                " (file is " + std::to_string(size_) + " bytes: changed or truncated?)");
+        throw IoError(short_read_message(*this, offset, len, pos - offset));
     }
 }
 
@@ -119,6 +116,17 @@ AlignedBuffer DirectFile::read_range(uint64_t offset, size_t len, const uint8_t 
     read_exact(begin, buf.data(), (size_t) (end - begin));
     *start = buf.data() + (offset - begin);
     return buf;
+}
+
+std::string read_error_message(const DirectFile & file, uint64_t offset, uint64_t length, const std::string & why) {
+    return file.path() + ": read of " + std::to_string(length) + " bytes at offset " + std::to_string(offset) +
+           " failed: " + why;
+}
+
+std::string short_read_message(const DirectFile & file, uint64_t offset, uint64_t length, uint64_t got) {
+    return file.path() + ": short read at offset " + std::to_string(offset) + ": wanted " + std::to_string(length) +
+           " bytes, got " + std::to_string(got) + " (file is " + std::to_string(file.size()) +
+           " bytes: changed or truncated?)";
 }
 
 double resident_fraction(const std::string & path, uint64_t offset, uint64_t len) {

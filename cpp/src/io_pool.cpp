@@ -23,7 +23,22 @@ uint64_t steady_now_ns() {
             std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-IoPool::IoPool(const DirectFile & file, int queue_depth) : file_(file) {
+void FaultPlan::inject(InjectedFault fault, uint64_t after) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    fault_ = fault;
+    countdown_ = fault == InjectedFault::None ? -1 : (int64_t) after;
+}
+
+InjectedFault FaultPlan::next() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (countdown_ < 0) {
+        return InjectedFault::None;
+    }
+    return countdown_-- == 0 ? fault_ : InjectedFault::None;
+}
+
+IoPool::IoPool(const DirectFile & file, int queue_depth, FaultPlan * faults)
+    : file_(file), faults_(faults ? faults : &own_faults_) {
     if (queue_depth < 1) {
         throw std::invalid_argument("queue depth must be at least 1, got " + std::to_string(queue_depth));
     }
@@ -73,7 +88,6 @@ void IoPool::fail(PendingRead & read, const std::string & what) {
 void IoPool::run() {
     for (;;) {
         PendingRead * read = nullptr;
-        InjectedFault fault = InjectedFault::None;
         {
             std::unique_lock<std::mutex> lock(mutex_);
             cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
@@ -82,25 +96,17 @@ void IoPool::run() {
             }
             read = queue_.front();
             queue_.pop_front();
-            if (fault_countdown_ == 0) {
-                fault = fault_;
-            }
-            if (fault_countdown_ >= 0) {
-                --fault_countdown_;
-            }
         }
+        const InjectedFault fault = faults_->next();
         if (fault == InjectedFault::Eio) {
-            fail(*read, file_.path() + ": read of " + std::to_string(read->length) + " bytes at offset " +
-                    std::to_string(read->offset) + " failed: Input/output error (injected)");
+            fail(*read, read_error_message(file_, read->offset, read->length, "Input/output error (injected)"));
+            continue;
+        }
+        if (fault == InjectedFault::ShortRead) {
+            fail(*read, short_read_message(file_, read->offset, read->length, read->length / 2) + " (injected)");
             continue;
         }
         try {
-            if (fault == InjectedFault::ShortRead) {
-                // the file "ends" half way through this read
-                file_.read_exact(read->offset, read->dst, read->length / 2 / kDirectAlign * kDirectAlign);
-                throw IoError(file_.path() + ": short read at offset " + std::to_string(read->offset) + ": wanted " +
-                        std::to_string(read->length) + " bytes, got " + std::to_string(read->length / 2) + " (injected)");
-            }
             file_.read_exact(read->offset, read->dst, read->length);
         } catch (const std::exception & e) {
             fail(*read, e.what());
@@ -129,12 +135,6 @@ void IoPool::wait(const PendingRead & read) const {
             std::this_thread::yield();
         }
     }
-}
-
-void IoPool::inject_fault(InjectedFault fault, uint64_t after) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    fault_ = fault;
-    fault_countdown_ = fault == InjectedFault::None ? -1 : (int64_t) after;
 }
 
 std::string IoPool::error() const {

@@ -51,6 +51,7 @@ struct SparseFfn::ThreadState {
     std::vector<std::unique_ptr<Pending>> pending;
     size_t n_pending = 0;
     std::vector<float> tmp;         // a dequantized slice of a down column
+    std::unique_ptr<ReadQueue> queue;          // this thread's way to the device
     std::vector<const uint8_t *> read_records; // the needed records of one completed read
     std::vector<uint32_t> read_positions;
     std::vector<PendingRead *> batch;
@@ -67,7 +68,17 @@ struct SparseFfn::ThreadState {
 SparseFfn::SparseFfn(std::shared_ptr<SidecarStore> store, const SparseOptions & options)
     : store_(std::move(store)), options_(options) {
     init_ggml_cpu();
-    pool_ = std::make_unique<IoPool>(store_->file(), options_.queue_depth);
+    std::string why;
+    if (options_.io_backend == IoBackend::Pread || !uring_available(&why)) {
+        if (options_.io_backend == IoBackend::Uring) {
+            throw IoError(store_->path() + ": io_uring was asked for but is not available: " + why);
+        }
+        backend_ = IoBackend::Pread;
+        io_note_ = options_.io_backend == IoBackend::Pread ? "pread pool chosen" : why + "; using the pread pool";
+        pool_ = std::make_unique<IoPool>(store_->file(), options_.queue_depth, &faults_);
+    } else {
+        backend_ = IoBackend::Uring;
+    }
     layers_.resize((size_t) store_->n_layer());
     threads_.resize(kMaxThreads);
     configure_cache(options_.cache_policy, options_.cache_bytes);
@@ -179,7 +190,9 @@ std::string SparseFfn::error() const {
 
 void SparseFfn::clear_error() {
     std::lock_guard<std::mutex> lock(error_mutex_);
-    pool_->clear_error();
+    if (pool_) {
+        pool_->clear_error();
+    }
     error_.clear();
     failed_.store(false, std::memory_order_release);
 }
@@ -367,7 +380,16 @@ void SparseFfn::gather(int il, int64_t n_tokens, ThreadState & ts) {
     ts.first_issue_ns = steady_now_ns();
     ts.last_done_ns = 0;
     if (!batch.empty()) {
-        pool_->submit(batch.data(), batch.size());
+        if (!ts.queue) {
+            std::string why;
+            ts.queue = backend_ == IoBackend::Uring
+                    ? make_uring_queue(store_->file(), (unsigned) options_.queue_depth, faults_, &why)
+                    : make_pool_queue(*pool_);
+            if (!ts.queue) {
+                throw IoError(store_->path() + ": cannot set up io_uring for a compute thread: " + why);
+            }
+        }
+        ts.queue->submit(batch.data(), batch.size());
     }
 }
 
@@ -442,7 +464,7 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
                 for (size_t i = 0; i < ts.n_pending; ++i) {
                     Pending & pd = *ts.pending[i];
                     const uint64_t wait_start = steady_now_ns();
-                    pool_->wait(pd.read);
+                    ts.queue->wait(pd.read);
                     ts.stall_ns += steady_now_ns() - wait_start;
                     ts.last_done_ns = std::max(ts.last_done_ns, pd.read.done_ns);
                     recs.clear();
@@ -495,10 +517,8 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
         }
     } catch (const std::exception & e) {
         // reads still in flight write into this thread's arena: let them land before anything reuses it
-        for (size_t i = 0; i < ts.n_pending; ++i) {
-            while (ts.pending[i]->read.state.load(std::memory_order_acquire) == PendingRead::kQueued) {
-                std::this_thread::yield();
-            }
+        if (ts.queue) {
+            ts.queue->drain();
         }
         ts.n_pending = 0;
         ts.active.clear();

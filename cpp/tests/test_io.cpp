@@ -5,6 +5,7 @@
 #include "neuralink/errors.h"
 #include "neuralink/io_pool.h"
 #include "neuralink/read_planner.h"
+#include "neuralink/read_queue.h"
 
 #include <algorithm>
 #include <cstring>
@@ -187,4 +188,52 @@ TEST(io_pool_reports_a_file_truncated_underneath) {
     PendingRead * batch[] = { &r };
     pool.submit(batch, 1);
     CHECK_THROWS(IoError, pool.wait(r), "short read");
+}
+
+TEST(uring_and_pool_queues_read_the_same_bytes_and_report_faults) {
+    std::string why;
+    if (!uring_available(&why)) {
+        std::printf("        (io_uring unavailable here: %s; checking the pool queue only)\n", why.c_str());
+    }
+    const std::string path = write_pattern_file("queues.bin", 96 * kDirectAlign);
+    DirectFile file(path, true);
+    IoPool pool(file, 3);
+    FaultPlan faults;
+    std::vector<std::unique_ptr<ReadQueue>> queues;
+    queues.push_back(make_pool_queue(pool));
+    if (auto uring = make_uring_queue(file, 4, faults, &why)) {
+        queues.push_back(std::move(uring));
+    }
+    for (auto & queue : queues) {
+        // more reads than ring entries: the backlog must feed the ring as slots free up
+        std::vector<std::unique_ptr<PendingRead>> reads;
+        std::vector<AlignedBuffer> buffers;
+        std::vector<PendingRead *> batch;
+        for (size_t i = 0; i < 40; ++i) {
+            auto r = std::make_unique<PendingRead>();
+            r->offset = (i * 13 % 90) * kDirectAlign;
+            r->length = (1 + i % 3) * kDirectAlign;
+            buffers.emplace_back(r->length);
+            r->dst = buffers.back().data();
+            batch.push_back(r.get());
+            reads.push_back(std::move(r));
+        }
+        queue->submit(batch.data(), batch.size());
+        for (auto & r : reads) {
+            queue->wait(*r);
+            for (size_t j = 0; j < r->length; j += 211) CHECK(r->dst[j] == pattern(r->offset + j));
+        }
+    }
+    if (queues.size() == 2) {
+        ReadQueue & uring = *queues[1];
+        faults.inject(InjectedFault::Eio, 1);
+        PendingRead a, b;
+        AlignedBuffer buf(2 * kDirectAlign);
+        a.offset = 0; a.length = kDirectAlign; a.dst = buf.data();
+        b.offset = kDirectAlign; b.length = kDirectAlign; b.dst = buf.data() + kDirectAlign;
+        PendingRead * both[] = { &a, &b };
+        uring.submit(both, 2);
+        uring.wait(a);
+        CHECK_THROWS(IoError, uring.wait(b), "Input/output error (injected)");
+    }
 }

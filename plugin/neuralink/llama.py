@@ -57,7 +57,10 @@ class Llama(llama_cpp.Llama):
         the DRAM cache of neuron bundles (``none``, ``lru``, ``s3fifo``,
         ``linking``, ``pinned``) and its size.
     queue_depth:
-        reads in flight at once.
+        reads in flight at once (per compute thread with io_uring).
+    io_backend:
+        ``"auto"`` (io_uring where the kernel allows it, else a pool of
+        pread threads), ``"uring"`` or ``"pread"``.
     collapse_gap:
         merge two runs of neurons into one read when the bytes between them
         are at most this many (default: from the device cost model).
@@ -90,6 +93,7 @@ class Llama(llama_cpp.Llama):
         cache_policy: str = "linking",
         cache_bytes: int = 0,
         queue_depth: int = 8,
+        io_backend: str = "auto",
         collapse_gap: int | None = None,
         memory_budget: str | int | None = None,
         direct_io: bool = True,
@@ -113,7 +117,7 @@ class Llama(llama_cpp.Llama):
             engine_args.update(
                 sidecar=os.fspath(sidecar_path), predictor=predictor or _default_predictor(model_path, sidecar_path),
                 cache_policy=cache_policy, cache_bytes=cache_bytes, queue_depth=queue_depth,
-                collapse_gap_bytes=collapse_gap,
+                collapse_gap_bytes=collapse_gap, io_backend=io_backend,
             )
         elif predictor not in (None, "dense"):
             raise ValueError(f"predictor {predictor!r} needs a sidecar; {model_path} is used without one")
@@ -126,6 +130,8 @@ class Llama(llama_cpp.Llama):
         engine = _engine.Engine(os.fspath(model_path), **engine_args)
         if not engine.direct_io and direct_io:
             logger.warning("%s: %s", model_path, engine.io_note)
+        if engine.io_backend_note:
+            logger.info("%s: %s", model_path, engine.io_backend_note)
 
         kv_overrides = dict(kwargs.pop("kv_overrides", None) or {})
         kv_overrides[LAZY_FFN_WEIGHTS_KEY] = True
@@ -146,8 +152,8 @@ class Llama(llama_cpp.Llama):
                 raise
             engine.configure_cache(cache_policy, self.memory_plan.cache)
         self._neuralink_args = dict(sidecar=sidecar, predictor=predictor, cache_policy=cache_policy,
-                                    cache_bytes=cache_bytes, queue_depth=queue_depth, collapse_gap=collapse_gap,
-                                    memory_budget=memory_budget, direct_io=direct_io)
+                                    cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
+                                    collapse_gap=collapse_gap, memory_budget=memory_budget, direct_io=direct_io)
         self._stats: list[np.ndarray] = []
 
         refused = [s for s in engine.layer_status() if not s.taken]

@@ -40,6 +40,7 @@ public:
     DirectFile & operator=(const DirectFile &) = delete;
 
     const std::string & path() const { return path_; }
+    int fd() const { return fd_; }
     uint64_t size() const { return size_; }
     bool direct() const { return direct_; }
     // why direct I/O is not in use (empty when it is, or was not asked for)
@@ -61,6 +62,10 @@ private:
     bool        direct_ = false;
     std::string note_;
 };
+
+// What every read path says when a read fails or comes back short.
+std::string read_error_message(const DirectFile & file, uint64_t offset, uint64_t length, const std::string & why);
+std::string short_read_message(const DirectFile & file, uint64_t offset, uint64_t length, uint64_t got);
 
 // Fraction of the pages of [offset, offset + len) of a file that are in the
 // page cache (mincore over a fresh mapping, which itself faults nothing in).

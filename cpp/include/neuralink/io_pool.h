@@ -31,10 +31,25 @@ struct PendingRead {
 
 enum class InjectedFault { None, ShortRead, Eio };
 
+// Test seam shared by the read paths: the read `after` reads from now fails.
+class FaultPlan {
+public:
+    void inject(InjectedFault fault, uint64_t after);
+    // the fault of the read about to be issued (None almost always)
+    InjectedFault next();
+
+private:
+    std::mutex mutex_;
+    InjectedFault fault_ = InjectedFault::None;
+    int64_t countdown_ = -1;
+};
+
+
 class IoPool {
 public:
-    // `queue_depth` reader threads (reads in flight at once), at least 1.
-    IoPool(const DirectFile & file, int queue_depth);
+    // `queue_depth` reader threads (reads in flight at once), at least 1;
+    // `faults` (default: the pool's own) decides which reads fail on purpose.
+    IoPool(const DirectFile & file, int queue_depth, FaultPlan * faults = nullptr);
     ~IoPool();
 
     IoPool(const IoPool &) = delete;
@@ -49,7 +64,7 @@ public:
     void wait(const PendingRead & read) const;
 
     // Test seam: the read `after` reads from now fails with `fault`.
-    void inject_fault(InjectedFault fault, uint64_t after);
+    void inject_fault(InjectedFault fault, uint64_t after) { faults_->inject(fault, after); }
 
     // the first error met since the last clear_error(), empty if none
     std::string error() const;
@@ -68,8 +83,8 @@ private:
     std::deque<PendingRead *> queue_;
     bool stopping_ = false;
     std::string error_;
-    InjectedFault fault_ = InjectedFault::None;
-    int64_t fault_countdown_ = -1;
+    FaultPlan own_faults_;
+    FaultPlan * faults_;
     std::atomic<uint64_t> reads_done_ { 0 };
     std::atomic<uint64_t> bytes_read_ { 0 };
 };

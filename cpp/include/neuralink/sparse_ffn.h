@@ -17,6 +17,7 @@
 #include "neuralink/ffn_layer.h"
 #include "neuralink/io_pool.h"
 #include "neuralink/read_planner.h"
+#include "neuralink/read_queue.h"
 #include "neuralink/sidecar_store.h"
 
 #include <atomic>
@@ -47,7 +48,8 @@ struct SparseOptions {
     Predictor predictor = Predictor::Gate;
     CachePolicy cache_policy = CachePolicy::Linking;
     size_t cache_bytes = 0;
-    int queue_depth = 8;
+    int queue_depth = 8;          // reads in flight: per compute thread with io_uring, in all with the pread pool
+    IoBackend io_backend = IoBackend::Auto; // io_uring where the kernel allows, else the pread pool
     uint64_t collapse_gap_bytes = UINT64_MAX; // merge runs whose gap is at most this; UINT64_MAX: from the cost model
     uint64_t max_read_bytes = 1 << 20;
     DeviceCost device;
@@ -116,7 +118,10 @@ public:
     std::vector<LayerStepStats> take_stats();
 
     // test seam: the read `after` reads from now fails with `fault`
-    void inject_fault(InjectedFault fault, uint64_t after) { pool_->inject_fault(fault, after); }
+    void inject_fault(InjectedFault fault, uint64_t after) { faults_.inject(fault, after); }
+    // the read path in use, and why it is not io_uring when it is not
+    IoBackend io_backend() const { return backend_; }
+    const std::string & io_note() const { return io_note_; }
 
 private:
     struct ThreadState;
@@ -132,7 +137,10 @@ private:
 
     std::shared_ptr<SidecarStore> store_;
     SparseOptions options_;
-    std::unique_ptr<IoPool> pool_;
+    FaultPlan faults_;
+    IoBackend backend_ = IoBackend::Pread;
+    std::string io_note_;
+    std::unique_ptr<IoPool> pool_; // the pread path only
     std::unique_ptr<BundleCache> cache_;
     std::vector<std::unique_ptr<SparseLayerWeights>> layers_;
     size_t resident_bytes_ = 0;
