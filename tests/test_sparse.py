@@ -75,7 +75,9 @@ def read_ffn(model: Path, il: int) -> dict[str, np.ndarray]:
     reader = gguf.GGUFReader(model)
     out = {}
     for part in ("gate", "up", "down"):
-        t = next(t for t in reader.tensors if t.name == f"blk.{il}.ffn_{part}.weight")
+        t = next((t for t in reader.tensors if t.name == f"blk.{il}.ffn_{part}.weight"), None)
+        if t is None:  # non-gated FFNs have no gate
+            continue
         rows = int(t.shape[1])
         raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(rows, -1)
         out[part] = _engine.dequantize(ggml_type_name(gguf.GGMLQuantizationType(t.tensor_type)), raw, int(t.shape[0]))

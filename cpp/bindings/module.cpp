@@ -122,6 +122,15 @@ static void register_engine(py::module_ & m) {
         .def_property_readonly("store_bytes", [](const Engine & e) {
             return e.sparse() ? e.sparse()->store_bytes() : (uint64_t) 0;
         }, "bytes of all bundle records in the sidecar")
+        .def("capture_inputs", &Engine::capture_inputs, py::arg("max_tokens"),
+             "Record up to max_tokens FFN input rows per layer from now on (dense engine; 0 stops).")
+        .def("captured_inputs", [](const Engine & e, int il) {
+            const auto [n_embd, n_out] = e.layer_shape(il);
+            const std::vector<float> & rows = e.captured_inputs(il);
+            py::array_t<float> out({ (py::ssize_t) (rows.size() / (size_t) n_embd), (py::ssize_t) n_embd });
+            std::copy(rows.begin(), rows.end(), out.mutable_data());
+            return out;
+        }, py::arg("il"), "The FFN input rows captured for layer il, shape (n, n_embd).")
         .def("inject_fault", [](Engine & e, const std::string & kind, uint64_t after) {
             if (!e.sparse()) throw std::invalid_argument("fault injection needs the sparse engine (a sidecar)");
             const InjectedFault fault = kind == "eio" ? InjectedFault::Eio : kind == "short_read" ? InjectedFault::ShortRead

@@ -14,6 +14,14 @@ static std::string layer_tensor(int il, const char * base, const char * suffix) 
     return buf;
 }
 
+void Engine::capture_inputs(int64_t max_tokens) {
+    if (sparse_) {
+        throw std::invalid_argument("input capture needs the dense engine (no sidecar)");
+    }
+    capture_max_tokens_ = max_tokens;
+    captured_.assign(status_.size(), {});
+}
+
 std::pair<int64_t, int64_t> Engine::layer_shape(int il) const {
     if (sparse_) {
         if (!sparse_->has_layer(il)) {
@@ -81,6 +89,14 @@ Engine::Engine(const std::string & model_path, const EngineOptions & options) : 
                     (store->gated() ? "criterion '" + store->criterion() + "'" : std::string("a non-gated FFN")) +
                     "; use predictor 'dense' or 'oracle', or convert again with the gate criterion");
         }
+        if (predictor == Predictor::LowRank && store->predictor_rank() == 0) {
+            throw UnsupportedModelError(options.sidecar_path + ": has no low-rank predictor; convert with "
+                                        "--lowrank-rank to fit one, or use another predictor");
+        }
+        if (predictor == Predictor::LowRank && criterion == Criterion::OutputMagnitude) {
+            throw UnsupportedModelError(options.sidecar_path + ": the low-rank predictor needs a criterion on one "
+                                        "pre-activation (gate_magnitude or relu), not '" + store->criterion() + "'");
+        }
         sparse_ = std::make_unique<SparseFfn>(std::move(store), options.sparse);
         for (int il = 0; il < (int) n_layer; ++il) {
             status_[il].il = il;
@@ -117,7 +133,8 @@ void Engine::load_sparse_layer(int il, DirectFile & file) {
     const Predictor predictor = sparse_->options().predictor;
     try {
         // the gate and oracle predictors compute the gate up front; records without gate rows need them too
-        if (L.gated && (predictor != Predictor::Dense || !store.bundle_gate())) {
+        const bool gate_first = predictor == Predictor::Gate || predictor == Predictor::Oracle;
+        if (L.gated && (gate_first || !store.bundle_gate())) {
             L.gate = load_matrix(*gate, file);
             if (store.bundle_gate() && L.gate.wt != store.layer(il).gate.wt) {
                 throw std::invalid_argument("the sidecar's gate rows are not in the model's gate type");
@@ -328,6 +345,13 @@ void Engine::compute(int32_t handle, int32_t phase, const float * x, float * y, 
         return;
     }
     const FfnLayer & L = *layers_[handle];
+    if (phase == 0 && ith == 0 && capture_max_tokens_ > 0) {
+        // calibration rows for predictors: appended by one thread before any phase overwrites them
+        std::vector<float> & rows = captured_[handle];
+        const int64_t room = capture_max_tokens_ - (int64_t) rows.size() / L.n_embd;
+        const int64_t take = std::min(room, n_tokens);
+        if (take > 0) rows.insert(rows.end(), x, x + take * L.n_embd);
+    }
     dense_ffn_phase(L, scratch_, phase, x, y, n_tokens, ith, nth);
     if (phase == kDensePhases - 1 && ith == 0) {
         tokens_computed_ += (uint64_t) n_tokens;

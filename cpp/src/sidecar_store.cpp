@@ -115,6 +115,15 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
         offsets[part] = (const uint32_t *) r.array(keys[part].offset, GGUF_TYPE_UINT32, n_layer);
     }
 
+    const float * predictor_thresholds = nullptr;
+    if (gguf_find_key(h.ctx, "neuralink.predictor.rank") >= 0) {
+        predictor_rank_ = (int) r.u("neuralink.predictor.rank");
+        if (predictor_rank_ <= 0 || predictor_rank_ > n_embd_) {
+            r.fail("predictor rank " + std::to_string(predictor_rank_) + " outside 1.." + std::to_string(n_embd_));
+        }
+        predictor_thresholds = (const float *) r.array("neuralink.predictor.thresholds", GGUF_TYPE_FLOAT32, n_layer);
+    }
+
     file_ = std::make_unique<DirectFile>(path, direct_io);
     layers_.resize(n_layer);
     for (uint64_t il = 0; il < n_layer; ++il) {
@@ -170,6 +179,14 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
         const TensorInfo & chains = dir.require("blk." + std::to_string(il) + ".chain_starts");
         L.chain_starts.resize(chains.nbytes / 4);
         read_table(chains.name, GGML_TYPE_I32, L.chain_starts.data(), L.chain_starts.size());
+        if (predictor_rank_ > 0) {
+            const size_t rank = (size_t) predictor_rank_;
+            L.predictor_a.resize(rank * (size_t) n_embd_);
+            L.predictor_b.resize((size_t) n_ff_ * rank);
+            read_table("blk." + std::to_string(il) + ".predictor_a", GGML_TYPE_F32, L.predictor_a.data(), L.predictor_a.size());
+            read_table("blk." + std::to_string(il) + ".predictor_b", GGML_TYPE_F32, L.predictor_b.data(), L.predictor_b.size());
+            L.predictor_threshold = predictor_thresholds[il];
+        }
     }
 
     struct stat st {};

@@ -14,17 +14,18 @@ const char * predictor_name(Predictor p) {
         case Predictor::Dense:  return "dense";
         case Predictor::Gate:   return "gate";
         case Predictor::Oracle: return "oracle";
+        case Predictor::LowRank: return "lowrank";
     }
     return "?";
 }
 
 Predictor predictor_from_name(const std::string & name) {
-    for (Predictor p : { Predictor::Dense, Predictor::Gate, Predictor::Oracle }) {
+    for (Predictor p : { Predictor::Dense, Predictor::Gate, Predictor::Oracle, Predictor::LowRank }) {
         if (name == predictor_name(p)) {
             return p;
         }
     }
-    throw std::invalid_argument("unknown predictor '" + name + "' (expected dense, gate or oracle)");
+    throw std::invalid_argument("unknown predictor '" + name + "' (expected dense, gate, oracle or lowrank)");
 }
 
 Criterion criterion_from_name(const std::string & name) {
@@ -149,6 +150,7 @@ void SparseFfn::reserve(int il, int64_t n_tokens) {
     grow(h_, tokens * (size_t) L.n_ff);
     grow(token_active_, tokens * (size_t) L.n_ff);
     grow(record_of_, (size_t) L.n_ff);
+    grow(lowrank_z_, tokens * (size_t) store_->predictor_rank());
     capacity_ = (int64_t) tokens;
 }
 
@@ -240,6 +242,27 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
         }
         return;
     }
+    if (options_.predictor == Predictor::LowRank) {
+        // scores B (A x) from phase 0's A x; the real criterion is applied once the neuron is computed
+        const int rank = store_->predictor_rank();
+        for (int64_t p = r0; p < r1; ++p) {
+            const float * b = S.predictor_b.data() + (size_t) p * rank;
+            bool any = false;
+            for (int64_t t = 0; t < n_tokens; ++t) {
+                const float * z = lowrank_z_.data() + (size_t) t * rank;
+                float v = 0.0f;
+                for (int k = 0; k < rank; ++k) v += b[k] * z[k];
+                const float a = activate(L.act, v);
+                const bool on = (criterion == Criterion::NativeZero ? a : std::fabs(a)) > S.predictor_threshold;
+                token_active_[t * n_ff + p] = on;
+                any |= on;
+            }
+            if (any) {
+                ts.active.push_back((uint32_t) p);
+            }
+        }
+        return;
+    }
     // gate (and oracle on gated models): exact gate values from the resident rows; oracle on
     // non-gated models: exact up values from resident up rows
     const WeightMatrix & W = L.gated ? L.gate : L.up;
@@ -270,7 +293,8 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
     const SidecarLayer & S = store_->layer(il);
     const Criterion criterion = criterion_from_name(store_->criterion());
     const int64_t n_ff = L.n_ff;
-    const bool resident_pre = options_.predictor != Predictor::Dense; // pre-activation already in h_
+    // gate and oracle computed the exact pre-activation into h_ while predicting
+    const bool resident_pre = options_.predictor == Predictor::Gate || options_.predictor == Predictor::Oracle;
     const ggml_type down_vdt = S.down.wt->vec_dot_type;
     const size_t xq_up_row = S.up.wt->act_row_bytes(L.n_embd);
     // the gate row comes from the record, or from the resident rows when records hold none
@@ -304,9 +328,13 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
                 a = activate(L.act, u);
                 hv = round_for(down_vdt, a);
             }
-            criterion_holds |= criterion == Criterion::NativeZero ? a != 0.0f
+            const bool holds = criterion == Criterion::NativeZero ? a != 0.0f
                              : criterion == Criterion::GateMagnitude ? std::fabs(a) > S.threshold
                              : std::fabs(hv) > S.threshold;
+            if (!holds && options_.predictor == Predictor::LowRank) {
+                hv = 0.0f; // predicted but not active: read for nothing, but the output stays the thresholded model's
+            }
+            criterion_holds |= holds;
         }
         ts.truly_active += criterion_holds;
     }
@@ -447,6 +475,20 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
                 // resident rows are the model's own, bundle rows verbatim copies: one conversion serves both
                 if (const WeightType * gate_wt = L.gate.wt ? L.gate.wt : S.gate.wt) {
                     convert_rows_split(*gate_wt, x, n_tokens, L.n_embd, xq_gate_.data(), ith, nth);
+                }
+                if (options_.predictor == Predictor::LowRank) {
+                    // z = A x, the tokens split across threads
+                    const int rank = store_->predictor_rank();
+                    const auto [t0, t1] = split_range(n_tokens, ith, nth);
+                    for (int64_t t = t0; t < t1; ++t) {
+                        const float * xt = x + t * L.n_embd;
+                        for (int k = 0; k < rank; ++k) {
+                            const float * a = S.predictor_a.data() + (size_t) k * L.n_embd;
+                            float v = 0.0f;
+                            for (int64_t i = 0; i < L.n_embd; ++i) v += a[i] * xt[i];
+                            lowrank_z_[(size_t) t * rank + k] = v;
+                        }
+                    }
                 }
                 convert_rows_split(*S.up.wt, x, n_tokens, L.n_embd, xq_up_.data(), ith, nth);
             } break;

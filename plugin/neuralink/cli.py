@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "plot": "neuralink.plot",
     "convert": "neuralink.convert",
     "perplexity": "neuralink.perplexity",
+    "predictor": "neuralink.predictor",
     "device-profile": "neuralink.device",
 }
 

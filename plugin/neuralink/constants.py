@@ -72,3 +72,10 @@ SIDECAR_DOWN_ERROR = "neuralink.down_reencoding_error"
 # per-layer FFN biases, permuted with their neurons
 FFN_GATE_BIAS = TENSOR_NAMES[MODEL_TENSOR.FFN_GATE] + ".bias"
 FFN_UP_BIAS = TENSOR_NAMES[MODEL_TENSOR.FFN_UP] + ".bias"
+
+# sidecar only, optional: the low-rank activity predictor (neuralink.predictor), see docs/sidecar.md
+KEY_PREDICTOR_RANK = "neuralink.predictor.rank"
+KEY_PREDICTOR_THRESHOLDS = "neuralink.predictor.thresholds"
+KEY_PREDICTOR_RECALL = "neuralink.predictor.recall"
+SIDECAR_PREDICTOR_A = "blk.{bid}.predictor_a"
+SIDECAR_PREDICTOR_B = "blk.{bid}.predictor_b"

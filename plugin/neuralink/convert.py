@@ -47,12 +47,14 @@ from neuralink.ffn_tensors import (
     DownEncoding,
     FfnModel,
     choose_down_type,
+    decode_matrix,
     down_columns,
     inspect_ffn_model,
     permute_rows,
 )
 from neuralink.permuted_gguf import write_permuted_gguf
 from neuralink.placement import Placement, file_sha256
+from neuralink.predictor import LowRankPredictor, capture_ffn_inputs, fit_lowrank
 from neuralink.sidecar import BundleLayout, BundlePart, SidecarHeader, SidecarLayer, write_sidecar
 from neuralink.synthetic import ggml_type_name
 
@@ -74,6 +76,7 @@ class ConversionPlan:
     model_id: str
     gguf_down_types: tuple[QType, ...]  # per layer: ffn_down's type in the converted GGUF
     layouts: tuple[BundleLayout, ...]  # per layer: the sidecar's bundle record
+    predictor: LowRankPredictor | None = None  # written into the sidecar when given
 
     @property
     def work_bytes(self) -> int:
@@ -219,6 +222,7 @@ def plan_conversion(
     down_type: DownEncoding = "auto",
     bundle_down_type: DownEncoding = "auto",
     bundle_parts: BundleParts = "auto",
+    predictor: LowRankPredictor | None = None,
     activation: Activation | None = None,
     force: bool = False,
 ) -> ConversionPlan:
@@ -244,11 +248,21 @@ def plan_conversion(
 
     gguf_types = tuple(choose_down_type(layer.down.type, model.n_ff, down_type) for layer in model.layers)
     layouts = bundle_layouts(model, bundle_down_type, bundle_has_gate(model, bundle_parts, placement.criterion))
+    if predictor is not None and len(predictor.layers) != model.n_layer:
+        raise ValueError(f"the predictor has {len(predictor.layers)} layers, {model_path} has {model.n_layer}")
     return ConversionPlan(model, placement, output, sidecar, sha256, _model_id(sha256, placement, gguf_types, layouts),
-                          gguf_types, layouts)
+                          gguf_types, layouts, predictor)
+
+
+def _predictor_header(predictor: LowRankPredictor | None) -> dict[str, object]:
+    if predictor is None:
+        return {}
+    return dict(predictor_rank=predictor.rank, predictor_thresholds=tuple(float(t) for t in predictor.thresholds),
+                predictor_recall=predictor.recall_target)
 
 
 def _sidecar_layers(plan: ConversionPlan, data: np.ndarray, progress: Progress) -> Iterator[SidecarLayer]:
+    placed_b = plan.predictor.placed(plan.placement.orders) if plan.predictor is not None else None
     for layer, layout in zip(plan.model.layers, plan.layouts):
         order = np.asarray(plan.placement.orders[layer.il], dtype=np.int64)
         records = np.empty((plan.model.n_ff, layout.record_bytes), dtype=np.uint8)
@@ -267,6 +281,8 @@ def _sidecar_layers(plan: ConversionPlan, data: np.ndarray, progress: Progress) 
             chain_starts=np.asarray(plan.placement.chain_starts[layer.il], dtype=np.int32),
             bundles=records,
             down_error=down.rel_rms_error,
+            predictor_a=plan.predictor.layers[layer.il].a if plan.predictor is not None else None,
+            predictor_b=placed_b[layer.il] if placed_b is not None else None,
         )
         progress(sum(t.nbytes for t in layer.permuted))
 
@@ -316,6 +332,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
             n_tokens=plan.placement.n_tokens,
             thresholds=tuple(float(t) for t in plan.placement.thresholds),
             bundle_gate=plan.layouts[0].gate is not None,
+            **_predictor_header(plan.predictor),
         )
         write_sidecar(plan.sidecar, header, plan.layouts, [layer.down.type for layer in model.layers],
                       [len(starts) for starts in plan.placement.chain_starts],
@@ -354,14 +371,15 @@ def convert_model(
     down_type: DownEncoding = "auto",
     bundle_down_type: DownEncoding = "auto",
     bundle_parts: BundleParts = "auto",
+    predictor: LowRankPredictor | None = None,
     activation: Activation | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> ConversionResult:
     """Convert `model_path` with `placement`: :func:`plan_conversion`, then :func:`run_conversion`."""
     plan = plan_conversion(model_path, placement, output, sidecar, down_type=down_type,
-                           bundle_down_type=bundle_down_type, bundle_parts=bundle_parts, activation=activation,
-                           force=force)
+                           bundle_down_type=bundle_down_type, bundle_parts=bundle_parts, predictor=predictor,
+                           activation=activation, force=force)
     return run_conversion(plan, progress)
 
 
@@ -401,6 +419,29 @@ def placement_from_text(
         results = place_layers(stats_path, [chosen], bundle_bytes=bundle_bytes, workers=workers,
                                progress=lambda done, total: report("place", done, total))
     return build_placement(stats, results, chosen)
+
+
+def fit_model_predictor(
+    model_path: str | os.PathLike[str],
+    texts: Sequence[str | os.PathLike[str]],
+    placement: Placement,
+    *,
+    rank: int = 64,
+    recall: float = 0.99,
+    max_tokens: int = 4096,
+    threads: int | None = None,
+) -> LowRankPredictor:
+    """Fit the low-rank predictor of `model_path` on calibration texts, for the placement's criterion and thresholds."""
+    model = inspect_ffn_model(model_path)
+    inputs = capture_ffn_inputs(model_path, texts, max_tokens=max_tokens, threads=threads)
+    data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
+
+    def weights(il: int) -> np.ndarray:
+        layer = model.layers[il]
+        return decode_matrix(data, layer.gate if layer.gate is not None else layer.up)
+
+    return fit_lowrank(inputs, weights, activation=model.activation, criterion=placement.criterion,
+                       activity_thresholds=placement.thresholds, rank=rank, recall=recall)
 
 
 def _error_summary(errors: tuple[float, ...]) -> str:
@@ -462,6 +503,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     calibration.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens (default: 4096)")
     calibration.add_argument("--workers", type=int, default=2, help="layers placed in parallel (default: 2)")
     calibration.add_argument("--threads", type=int, default=None, help="llama.cpp threads while profiling")
+    calibration.add_argument("--lowrank-rank", type=int, default=0, metavar="R",
+                             help="also fit a rank-R low-rank activity predictor on the calibration text and store "
+                                  "it in the sidecar (for predictor='lowrank'; 0: none)")
+    calibration.add_argument("--lowrank-recall", type=float, default=0.99,
+                             help="fraction of truly active neurons the predictor must find on the calibration "
+                                  "text (default: 0.99)")
     calibration.add_argument("--save-placement", type=Path, default=None, metavar="FILE",
                              help="also keep the placement (.npz) for later conversions or evaluation")
 
@@ -469,10 +516,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    def plan(placement: Placement | Path) -> ConversionPlan:
+    def plan(placement: Placement | Path, predictor: LowRankPredictor | None = None) -> ConversionPlan:
         return plan_conversion(args.model, placement, args.output, args.sidecar, down_type=args.down_type,
                                bundle_down_type=args.bundle_down_type, bundle_parts=args.bundle_parts,
-                               activation=args.activation, force=args.force)
+                               predictor=predictor, activation=args.activation, force=args.force)
 
     placement: Placement | Path
     if args.calibration is None:
@@ -502,7 +549,13 @@ def main(args: argparse.Namespace) -> int:
                 bar.close()
         if args.save_placement is not None:
             placement.save(args.save_placement)
-    conversion = plan(placement)
+    predictor = None
+    if args.lowrank_rank:
+        if args.calibration is None:
+            raise ValueError("--lowrank-rank fits on the calibration text: give --calibration")
+        predictor = fit_model_predictor(args.model, args.calibration, placement, rank=args.lowrank_rank,
+                                        recall=args.lowrank_recall, max_tokens=args.max_tokens, threads=args.threads)
+    conversion = plan(placement, predictor)
     with tqdm(total=conversion.work_bytes, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
               disable=None) as bar:
         result = run_conversion(conversion, bar.update)

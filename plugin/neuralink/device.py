@@ -210,8 +210,8 @@ def measure_device(
     for size, depth in grid:
         rates = [r["reads"] / r["seconds"] for r in runs[size, depth]]
         points.append(ProbePoint(read_bytes=size, queue_depth=depth, reads=sum(r["reads"] for r in runs[size, depth]),
-                                 seconds=sum(r["seconds"] for r in runs[size, depth]),
-                                 iops=statistics.median(rates), iops_min=min(rates), iops_max=max(rates)))
+                                 seconds=sum(r["seconds"] for r in runs[size, depth]), iops=statistics.median(rates),
+                                 iops_min=min(rates), iops_max=max(rates)))
     profile = DeviceProfile(
         device=identity, path=str(path.resolve()), sizes=sizes, depths=depths, points=points, direct=direct,
         measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -223,7 +223,7 @@ def measure_device(
 
 def _pilot(target: Path, size: int, depth: int, seconds_per_point: float, trials: int, seed: int,
            buffered: bool) -> int:
-    """Reads per run so that `trials` runs take about seconds_per_point, from short untimed-for-the-record runs."""
+    """Reads per run so that `trials` runs take about seconds_per_point, scaled from pilot runs not recorded."""
     least = _MIN_READS_PER_DEPTH * depth
     n = least
     while True:
@@ -237,9 +237,8 @@ def _pilot(target: Path, size: int, depth: int, seconds_per_point: float, trials
 
 def default_cache_dir() -> Path:
     """~/.cache/neuralink/devices, honouring $NEURALINK_CACHE and $XDG_CACHE_HOME like scripts/setup.sh."""
-    root = os.environ.get("NEURALINK_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
-        "neuralink"
-    return Path(root) / "devices"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("NEURALINK_CACHE") or base / "neuralink") / "devices"
 
 
 def load_or_measure(

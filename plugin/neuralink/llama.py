@@ -15,7 +15,13 @@ import numpy as np
 
 from neuralink import _engine
 from neuralink.budget import MemoryBudgetError, MemoryPlan, capture_llama_log, parse_buffer_sizes, parse_size, resident_bytes
-from neuralink.constants import KEY_GATED, KEY_PLACEMENT_CRITERION, KEY_SIDECAR_NAME, LAZY_FFN_WEIGHTS_KEY
+from neuralink.constants import (
+    KEY_GATED,
+    KEY_PLACEMENT_CRITERION,
+    KEY_PREDICTOR_RANK,
+    KEY_SIDECAR_NAME,
+    LAZY_FFN_WEIGHTS_KEY,
+)
 from neuralink.errors import EngineIOError, ModelFileError, UnsupportedModelError
 from neuralink.gguf_directory import read_gguf_directory
 from neuralink.hook import FfnHookApi, ffn_hook_api
@@ -50,9 +56,11 @@ class Llama(llama_cpp.Llama):
     predictor:
         how the active neurons are found with a sidecar: ``"gate"`` (gated
         FFNs: exact gate from resident gate rows, the sidecar's threshold),
-        ``"dense"`` (every neuron: the reference), ``"oracle"`` (the true
-        active set from resident weights, for measurement). Default: ``"gate"``
-        where it applies, else ``"dense"``.
+        ``"lowrank"`` (the sidecar's low-rank predictor, any FFN: reads the
+        predicted neurons' bundles), ``"dense"`` (every neuron: the
+        reference), ``"oracle"`` (the true active set from resident weights,
+        for measurement). Default: ``"gate"`` where it applies, else
+        ``"lowrank"`` when the sidecar has one, else ``"dense"``.
     cache_policy, cache_bytes:
         the DRAM cache of neuron bundles (``none``, ``lru``, ``s3fifo``,
         ``linking``, ``pinned``) and its size.
@@ -244,8 +252,11 @@ class Llama(llama_cpp.Llama):
 
 
 def _default_predictor(model_path: str | os.PathLike[str], sidecar: str | os.PathLike[str]) -> str:
-    # the exact gate predictor where the sidecar's criterion allows it, else every neuron
+    # the exact gate predictor where the criterion allows it, else the sidecar's low-rank one, else every neuron
     directory = read_gguf_directory(sidecar)
-    gated = bool(directory.get(KEY_GATED))
-    criterion = directory.get(KEY_PLACEMENT_CRITERION)
-    return "gate" if gated and criterion in ("gate_magnitude", "relu") else "dense"
+    gate_only = directory.get(KEY_PLACEMENT_CRITERION) in ("gate_magnitude", "relu")
+    if bool(directory.get(KEY_GATED)) and gate_only:
+        return "gate"
+    if directory.get(KEY_PREDICTOR_RANK) and gate_only:
+        return "lowrank"
+    return "dense"

@@ -44,6 +44,9 @@ from neuralink.constants import (
     KEY_PLACEMENT_METHOD,
     KEY_PLACEMENT_N_TOKENS,
     KEY_PLACEMENT_THRESHOLDS,
+    KEY_PREDICTOR_RANK,
+    KEY_PREDICTOR_RECALL,
+    KEY_PREDICTOR_THRESHOLDS,
     KEY_SIDECAR_VERSION,
     KEY_SOURCE_ARCHITECTURE,
     KEY_SOURCE_SHA256,
@@ -54,6 +57,8 @@ from neuralink.constants import (
     SIDECAR_DOWN_ERROR,
     SIDECAR_NEURON_FREQUENCY,
     SIDECAR_NEURON_ORDER,
+    SIDECAR_PREDICTOR_A,
+    SIDECAR_PREDICTOR_B,
     SIDECAR_VERSION,
     ffn_tensor_name,
 )
@@ -135,6 +140,9 @@ class SidecarHeader:
     thresholds: tuple[float, ...]  # per layer: activation magnitude defining "active"
     version: int = SIDECAR_VERSION
     bundle_gate: bool | None = None  # records hold the gate row; None: whenever the model is gated
+    predictor_rank: int = 0  # of the low-rank activity predictor; 0: none
+    predictor_thresholds: tuple[float, ...] = ()  # per layer: predicted score above which a neuron is read
+    predictor_recall: float = 0.0  # the calibration recall its thresholds were tuned for
 
     def __post_init__(self) -> None:
         if self.bundle_gate is None:
@@ -178,6 +186,8 @@ class SidecarLayer:
     chain_starts: np.ndarray  # int32: positions where a chain of linked neurons begins
     bundles: np.ndarray  # uint8 (n_ff, record_bytes)
     down_error: float  # relative RMS error of the re-encoded down columns
+    predictor_a: np.ndarray | None = None  # float32 (rank, n_embd)
+    predictor_b: np.ndarray | None = None  # float32 (n_ff, rank), placed order
 
 
 _TYPE_KEYS = {"gate": KEY_BUNDLE_GATE_TYPE, "up": KEY_BUNDLE_UP_TYPE, "down": KEY_BUNDLE_DOWN_TYPE}
@@ -237,6 +247,14 @@ def write_sidecar(
             writer.add_key_value(key, values, GGUFValueType.ARRAY, sub_type=GGUFValueType.UINT32)
         writer.add_key_value(KEY_BUNDLE_DOWN_SOURCE_TYPE, [int(t) for t in down_source_types],
                              GGUFValueType.ARRAY, sub_type=GGUFValueType.UINT32)
+        rank = header.predictor_rank
+        if rank:
+            if len(header.predictor_thresholds) != n_layer:
+                raise ValueError(f"a rank-{rank} predictor needs {n_layer} thresholds")
+            writer.add_uint32(KEY_PREDICTOR_RANK, rank)
+            writer.add_key_value(KEY_PREDICTOR_THRESHOLDS, [float(t) for t in header.predictor_thresholds],
+                                 GGUFValueType.ARRAY, sub_type=GGUFValueType.FLOAT32)
+            writer.add_float32(KEY_PREDICTOR_RECALL, header.predictor_recall)
 
         int32, float32, int8 = np.dtype(np.int32), np.dtype(np.float32), np.dtype(np.int8)
         for il, (layout, n_chains) in enumerate(zip(layouts, chain_counts)):
@@ -245,6 +263,11 @@ def write_sidecar(
             writer.add_tensor_info(ffn_tensor_name(SIDECAR_CHAIN_STARTS, il), (n_chains,), int32, 4 * n_chains)
             writer.add_tensor_info(ffn_tensor_name(SIDECAR_BUNDLES, il), (n_ff, layout.record_bytes), int8,
                                    n_ff * layout.record_bytes)
+            if rank:
+                n_embd = header.n_embd
+                writer.add_tensor_info(ffn_tensor_name(SIDECAR_PREDICTOR_A, il), (rank, n_embd), float32,
+                                       4 * rank * n_embd)
+                writer.add_tensor_info(ffn_tensor_name(SIDECAR_PREDICTOR_B, il), (n_ff, rank), float32, 4 * n_ff * rank)
         writer.add_tensor_info(SIDECAR_DOWN_ERROR, (n_layer,), float32, 4 * n_layer)
 
         writer.write_header_to_file(tmp)
@@ -264,6 +287,13 @@ def write_sidecar(
             writer.write_tensor_data(np.ascontiguousarray(layer.frequencies, dtype=np.float32))
             writer.write_tensor_data(np.ascontiguousarray(layer.chain_starts, dtype=np.int32))
             writer.write_tensor_data(np.ascontiguousarray(layer.bundles).view(np.int8))
+            if rank:
+                a, b = layer.predictor_a, layer.predictor_b
+                if a is None or b is None or a.shape != (rank, header.n_embd) or b.shape != (n_ff, rank):
+                    raise ValueError(f"layer {il}: the rank-{rank} predictor needs A ({rank}, {header.n_embd}) "
+                                     f"and B ({n_ff}, {rank})")
+                writer.write_tensor_data(np.ascontiguousarray(a, dtype=np.float32))
+                writer.write_tensor_data(np.ascontiguousarray(b, dtype=np.float32))
             down_errors.append(layer.down_error)
         if len(down_errors) != n_layer:
             raise ValueError(f"{len(down_errors)} layers given, the sidecar declares {n_layer}")
@@ -357,6 +387,15 @@ class Sidecar:
         self._check_layer(il)
         return self._tensor(SIDECAR_CHAIN_STARTS, il).view("<i4")
 
+    def predictor(self, il: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer `il`'s low-rank predictor: A (rank, n_embd) and B (n_ff, rank, placed order), float32 views."""
+        self._check_layer(il)
+        rank = self.header.predictor_rank
+        if not rank:
+            raise ValueError(f"{self.path}: has no low-rank predictor")
+        a = self._tensor(SIDECAR_PREDICTOR_A, il).view("<f4").reshape(rank, self.header.n_embd)
+        return a, self._tensor(SIDECAR_PREDICTOR_B, il).view("<f4").reshape(self.header.n_ff, rank)
+
     @property
     def down_errors(self) -> np.ndarray:
         """float32 [n_layer]: relative RMS error of each layer's re-encoded down columns (0 when exact)."""
@@ -406,6 +445,17 @@ def _read_type(path: Path, key: str, il: int, raw: int) -> QType:
     return qtype
 
 
+def _read_predictor_header(directory: GgufDirectory, n_layer: int, n_embd: int) -> dict[str, object]:
+    rank = directory.get(KEY_PREDICTOR_RANK)
+    if rank is None:
+        return {}
+    if not isinstance(rank, int) or not 0 < rank <= n_embd:
+        raise ModelFileError(f"{directory.path}: {KEY_PREDICTOR_RANK} must be an integer in 1..{n_embd}, not {rank!r}")
+    thresholds = _layer_array(directory, KEY_PREDICTOR_THRESHOLDS, n_layer)
+    return dict(predictor_rank=rank, predictor_thresholds=tuple(float(t) for t in thresholds),
+                predictor_recall=float(directory.get(KEY_PREDICTOR_RECALL, 0.0)))
+
+
 def _read_header(directory: GgufDirectory) -> tuple[SidecarHeader, tuple[BundleLayout, ...], tuple[QType, ...]]:
     path = directory.path
     arch = directory.get("general.architecture")
@@ -442,6 +492,7 @@ def _read_header(directory: GgufDirectory) -> tuple[SidecarHeader, tuple[BundleL
         thresholds=tuple(float(t) for t in thresholds),
         version=version,
         bundle_gate=bundle_gate,
+        **_read_predictor_header(directory, n_layer, n_embd),
     )
 
     part_names = ("gate", "up", "down") if bundle_gate else ("up", "down")
@@ -496,4 +547,7 @@ def _check_tensors(directory: GgufDirectory, header: SidecarHeader, layouts: Seq
             raise ModelFileError(f"{path}: tensor '{chain_name}' must hold 1 to {n_ff} chain starts")
         check(chain_name, QType.I32, (n_chains,))
         check(ffn_tensor_name(SIDECAR_BUNDLES, il), QType.I8, (layout.record_bytes, n_ff))
+        if header.predictor_rank:
+            check(ffn_tensor_name(SIDECAR_PREDICTOR_A, il), QType.F32, (header.n_embd, header.predictor_rank))
+            check(ffn_tensor_name(SIDECAR_PREDICTOR_B, il), QType.F32, (header.predictor_rank, n_ff))
     check(SIDECAR_DOWN_ERROR, QType.F32, (header.n_layer,))

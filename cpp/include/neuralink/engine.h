@@ -64,6 +64,12 @@ public:
     // activation `act`: the reference path for tests.
     void forward(int il, Activation act, const float * x, float * y, int64_t n_tokens);
 
+    // Records up to `max_tokens` FFN input rows per layer from now on (dense
+    // engine only; 0 stops): calibration data for fitting predictors.
+    void capture_inputs(int64_t max_tokens);
+    // the rows captured for layer il: n rows of n_embd floats
+    const std::vector<float> & captured_inputs(int il) const { return captured_.at((size_t) il); }
+
     // the sparse evaluator when a sidecar is used, else null
     SparseFfn * sparse() { return sparse_.get(); }
     const SparseFfn * sparse() const { return sparse_.get(); }
@@ -83,6 +89,8 @@ private:
     std::vector<AlignedBuffer> storage_;
     FfnScratch scratch_;
     std::unique_ptr<SparseFfn> sparse_;
+    int64_t capture_max_tokens_ = 0;
+    std::vector<std::vector<float>> captured_;
     size_t weight_bytes_ = 0;
     bool direct_io_ = false;
     std::string io_note_;

@@ -31,6 +31,10 @@ struct SidecarLayer {
     std::vector<int32_t> order;        // original index of the neuron at each position
     std::vector<float> frequency;      // activation frequency at each position
     std::vector<int32_t> chain_starts; // positions where a chain of linked neurons begins
+    // the low-rank activity predictor, when the sidecar has one: scores = B (A x)
+    std::vector<float> predictor_a;    // rank rows of n_embd
+    std::vector<float> predictor_b;    // n_ff rows of rank, placed order
+    float predictor_threshold = 0.0f;  // a score above it predicts the neuron active
 };
 
 class SidecarStore {
@@ -51,6 +55,8 @@ public:
     Activation activation() const { return activation_; }
     const std::string & criterion() const { return criterion_; }
     const SidecarLayer & layer(int il) const { return layers_.at((size_t) il); }
+    // rank of the low-rank predictor, 0 when the sidecar has none
+    int predictor_rank() const { return predictor_rank_; }
     const DirectFile & file() const { return *file_; }
 
     // Throws IoError when the file's size or modification time changed since it was opened.
@@ -64,6 +70,7 @@ private:
     int64_t n_ff_ = 0;
     bool gated_ = false;
     bool bundle_gate_ = false;
+    int predictor_rank_ = 0;
     Activation activation_ = Activation::Silu;
     std::vector<SidecarLayer> layers_;
     int64_t mtime_ns_ = 0;

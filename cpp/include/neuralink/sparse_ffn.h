@@ -29,7 +29,7 @@
 
 namespace neuralink {
 
-enum class Predictor { Dense, Gate, Oracle };
+enum class Predictor { Dense, Gate, Oracle, LowRank };
 const char * predictor_name(Predictor p);
 Predictor predictor_from_name(const std::string & name); // throws std::invalid_argument
 
@@ -150,6 +150,7 @@ private:
     std::vector<uint8_t> xq_gate_, xq_up_;   // n_tokens rows in the vec_dot types
     std::vector<float> h_;                   // n_tokens x n_ff, placed order
     std::vector<uint8_t> token_active_;      // n_tokens x n_ff flags (1: the criterion holds for the token)
+    std::vector<float> lowrank_z_;           // n_tokens x rank: A x, the low-rank predictor's inner values
     std::vector<const uint8_t *> record_of_; // n_ff: bundle record of each evaluated position
     // one slot per compute thread, allocated up front so no thread ever sees the table move
     static constexpr int kMaxThreads = 256;

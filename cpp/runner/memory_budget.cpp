@@ -1,0 +1,109 @@
+#include "memory_budget.h"
+
+#include "neuralink/engine.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <unistd.h>
+
+namespace neuralink_run {
+
+// the value before " MiB" that follows `marker` in a log line, if any
+static bool mib_after(const std::string & line, const std::string & marker, uint64_t * bytes) {
+    const size_t at = line.find(marker);
+    if (at == std::string::npos) {
+        return false;
+    }
+    const double mib = std::strtod(line.c_str() + at + marker.size(), nullptr);
+    *bytes = (uint64_t) (mib * 1024.0 * 1024.0);
+    return true;
+}
+
+LlamaBuffers parse_buffer_sizes(const std::vector<std::string> & log) {
+    LlamaBuffers b;
+    std::map<std::string, uint64_t> compute; // per backend name
+    for (const std::string & line : log) {
+        uint64_t bytes = 0;
+        if (mib_after(line, "KV buffer size = ", &bytes)) {
+            b.kv_cache += bytes;
+        } else if (mib_after(line, "output buffer size = ", &bytes)) {
+            b.output += bytes;
+        } else if (mib_after(line, "compute buffer size = ", &bytes)) {
+            // "llama_context:        CPU compute buffer size = ..." : the backend is the word before
+            const std::string head = line.substr(0, line.find(" compute buffer size"));
+            const size_t colon = head.rfind(':');
+            std::string backend = colon == std::string::npos ? head : head.substr(colon + 1);
+            backend.erase(0, backend.find_first_not_of(' '));
+            compute[backend] = bytes;
+        }
+    }
+    for (const auto & kv : compute) {
+        b.compute += kv.second;
+    }
+    return b;
+}
+
+uint64_t resident_bytes() {
+    FILE * f = std::fopen("/proc/self/statm", "r");
+    if (!f) {
+        return 0;
+    }
+    unsigned long long size = 0, resident = 0;
+    const int n = std::fscanf(f, "%llu %llu", &size, &resident);
+    std::fclose(f);
+    return n == 2 ? (uint64_t) resident * (uint64_t) sysconf(_SC_PAGESIZE) : 0;
+}
+
+uint64_t MemoryPlan::cache() const {
+    const uint64_t min = minimum();
+    return budget > min ? std::min(budget - min, store_bytes) : 0;
+}
+
+std::string MemoryPlan::describe() const {
+    const std::pair<const char *, uint64_t> rows[] = {
+        { "budget", budget }, { "process", process }, { "non ffn weights", non_ffn_weights },
+        { "engine resident", engine_resident }, { "kv cache", kv_cache }, { "llama buffers", llama_buffers },
+        { "engine scratch", engine_scratch }, { "store bytes", store_bytes }, { "minimum", minimum() },
+        { "bundle cache", cache() },
+    };
+    std::string out;
+    char line[96];
+    for (const auto & r : rows) {
+        std::snprintf(line, sizeof(line), "  %-16s %9.1f MiB\n", r.first, (double) r.second / (1 << 20));
+        out += line;
+    }
+    return out;
+}
+
+static bool ends_with(const std::string & s, const std::string & suffix) {
+    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64_t process_before,
+                       const std::vector<std::string> & llama_log, int n_threads, int n_ubatch) {
+    const neuralink::SparseFfn & sparse = *engine.sparse();
+    MemoryPlan p;
+    p.budget = budget;
+    p.process = process_before;
+    for (const neuralink::TensorInfo & t : engine.model().tensors()) {
+        if (!ends_with(t.name, ".ffn_gate.weight") && !ends_with(t.name, ".ffn_up.weight") &&
+            !ends_with(t.name, ".ffn_down.weight")) {
+            p.non_ffn_weights += t.nbytes;
+        }
+    }
+    const LlamaBuffers buffers = parse_buffer_sizes(llama_log);
+    p.engine_resident = sparse.resident_bytes();
+    p.kv_cache = buffers.kv_cache;
+    p.llama_buffers = buffers.output + buffers.compute;
+    p.store_bytes = sparse.store_bytes();
+    // as neuralink.Llama: per thread, reads and cache copies of a whole layer at worst; h and flags per batch row
+    const std::string & arch = engine.model().architecture();
+    const uint64_t n_ff = (uint64_t) std::max<int64_t>(0, engine.model().get_int(arch + ".feed_forward_length", 0));
+    const uint64_t layer_store = p.store_bytes / (uint64_t) std::max(engine.n_layer(), 1);
+    p.engine_scratch = 2 * layer_store + (uint64_t) n_threads * 64 * 1024 + (uint64_t) n_ubatch * n_ff * 6;
+    return p;
+}
+
+} // namespace neuralink_run

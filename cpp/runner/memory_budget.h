@@ -1,0 +1,53 @@
+#pragma once
+
+// The memory budget as neuralink.budget accounts it (docs/engine.md, "Memory
+// budget"): what the process holds before the model, the non-FFN weights, what
+// the engine keeps resident, llama.cpp's KV cache, output and compute buffers
+// (from llama.cpp's own log) and the engine's worst-case scratch. The bundle
+// cache gets the rest. Kept field for field in step with MemoryPlan there.
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace neuralink {
+class Engine;
+}
+
+namespace neuralink_run {
+
+// llama.cpp's allocations as it logs them ("KV buffer size = 1.00 MiB" ...).
+struct LlamaBuffers {
+    uint64_t kv_cache = 0;
+    uint64_t output = 0;
+    uint64_t compute = 0; // the last reservation per backend: attaching the hook re-reserves
+};
+
+LlamaBuffers parse_buffer_sizes(const std::vector<std::string> & log);
+
+// This process's resident set size (VmRSS), 0 where /proc is unreadable.
+uint64_t resident_bytes();
+
+struct MemoryPlan {
+    uint64_t budget = 0;
+    uint64_t process = 0;         // resident before the model was loaded
+    uint64_t non_ffn_weights = 0; // attention, norms, embeddings: read every token
+    uint64_t engine_resident = 0; // gate rows, biases
+    uint64_t kv_cache = 0;
+    uint64_t llama_buffers = 0;   // output and compute buffers
+    uint64_t engine_scratch = 0;  // I/O buffers and compute scratch, worst case
+    uint64_t store_bytes = 0;     // all bundles: more cache than this is useless
+
+    uint64_t minimum() const {
+        return process + non_ffn_weights + engine_resident + kv_cache + llama_buffers + engine_scratch;
+    }
+    uint64_t cache() const;
+    std::string describe() const; // one "  name  N MiB" line per field
+};
+
+// The plan for a sparse engine attached to a context with n_threads threads
+// and micro-batches of n_ubatch tokens.
+MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64_t process_before,
+                       const std::vector<std::string> & llama_log, int n_threads, int n_ubatch);
+
+} // namespace neuralink_run

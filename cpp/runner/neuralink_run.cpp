@@ -1,0 +1,456 @@
+// neuralink-run: greedy generation with llama.cpp whose FFNs run in
+// neuralink's engine, without Python. It does what neuralink.Llama does
+// (plugin/neuralink/llama.py): engine first (it reads what it keeps of the FFN
+// weights itself), then the model with its FFN weights mapped lazily, then the
+// hook, and it refuses a model unless every layer is taken.
+
+#include "memory_budget.h"
+#include "runner_options.h"
+
+#include "neuralink/engine.h"
+#include "neuralink/errors.h"
+#include "neuralink/sidecar_store.h"
+
+#include "llama-ffn-hook.h"
+#include "llama.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <fcntl.h>
+#include <memory>
+#include <string>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <vector>
+
+using namespace neuralink_run;
+using neuralink::LayerStepStats;
+
+namespace {
+
+struct BudgetError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// llama.cpp's log: shown with --verbose, errors always; kept while the memory plan needs the buffer sizes
+struct LlamaLog {
+    bool verbose = false;
+    bool capture = false;
+    std::vector<std::string> lines;
+    std::string last_error;
+    ggml_log_level last_level = GGML_LOG_LEVEL_INFO;
+};
+
+void on_llama_log(ggml_log_level level, const char * text, void * user_data) {
+    auto & log = *(LlamaLog *) user_data;
+    if (level == GGML_LOG_LEVEL_CONT) {
+        level = log.last_level; // a continuation of the previous message
+    }
+    log.last_level = level;
+    if (log.capture) {
+        log.lines.emplace_back(text);
+    }
+    if (level == GGML_LOG_LEVEL_ERROR) {
+        log.last_error += text;
+    }
+    if (log.verbose || level == GGML_LOG_LEVEL_ERROR) {
+        std::fputs(text, stderr);
+    }
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void note(const char * fmt, ...) __attribute__((format(printf, 1, 2)));
+void note(const char * fmt, ...) {
+    std::fputs("neuralink-run: ", stderr);
+    va_list ap;
+    va_start(ap, fmt);
+    std::vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    std::fputc('\n', stderr);
+}
+
+// Opens the model for reading before anything else, so the first error names the file and the cause.
+void check_readable(const std::string & path, const char * what) {
+    struct stat st {};
+    if (stat(path.c_str(), &st) != 0) {
+        throw neuralink::ModelFileError(path + ": cannot open " + what + ": " + std::strerror(errno));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        throw neuralink::ModelFileError(path + ": " + what + " is not a regular file");
+    }
+    const int fd = open(path.c_str(), O_RDONLY);
+    if (fd < 0) {
+        throw neuralink::ModelFileError(path + ": cannot read " + what + ": " + std::strerror(errno));
+    }
+    close(fd);
+}
+
+std::string directory_of(const std::string & path) {
+    const size_t slash = path.rfind('/');
+    return slash == std::string::npos ? std::string(".") : path.substr(0, slash);
+}
+
+// The sidecar to use, or "" for the dense engine. A converted model names its sidecar; running it
+// densely by accident would read every FFN weight into RAM, so a named but absent sidecar is an error.
+std::string resolve_sidecar(const RunnerOptions & o, const neuralink::GgufModel & model) {
+    if (o.dense) {
+        return "";
+    }
+    if (!o.sidecar.empty()) {
+        check_readable(o.sidecar, "sidecar");
+        return o.sidecar;
+    }
+    const std::string name = model.get_string("neuralink.sidecar.name");
+    if (name.empty()) {
+        return "";
+    }
+    const std::string path = directory_of(o.model) + "/" + name;
+    struct stat st {};
+    if (stat(path.c_str(), &st) != 0) {
+        throw neuralink::ModelFileError(o.model + ": names its sidecar '" + name + "', which is not beside it (" + path +
+                                        ": " + std::strerror(errno) + "); pass --sidecar FILE, or --dense to run "
+                                        "without one");
+    }
+    check_readable(path, "sidecar");
+    return path;
+}
+
+// As neuralink.Llama: the exact gate predictor where the sidecar's criterion allows it, else every neuron.
+std::string default_predictor(const neuralink::SidecarStore & store) {
+    const std::string & c = store.criterion();
+    return store.gated() && (c == "gate_magnitude" || c == "relu") ? "gate" : "dense";
+}
+
+neuralink::EngineOptions engine_options(const RunnerOptions & o, const std::string & sidecar,
+                                        const std::string & predictor) {
+    neuralink::EngineOptions opts;
+    opts.direct_io = o.direct_io;
+    if (!sidecar.empty()) {
+        opts.sidecar_path = sidecar;
+        opts.sparse.predictor = neuralink::predictor_from_name(predictor);
+        opts.sparse.cache_policy = neuralink::cache_policy_from_name(o.cache_policy);
+        opts.sparse.cache_bytes = o.cache_bytes;
+        opts.sparse.queue_depth = o.queue_depth;
+        opts.sparse.direct_io = o.direct_io;
+        opts.sparse.io_backend = neuralink::io_backend_from_name(o.io_backend);
+    }
+    return opts;
+}
+
+// Every layer must be taken, or part of the model would run from llama.cpp's mapped weights.
+void require_all_layers_taken(const neuralink::Engine & engine, const std::string & model_path) {
+    std::vector<const neuralink::LayerStatus *> refused;
+    for (const auto & s : engine.layer_status()) {
+        if (!s.taken) {
+            refused.push_back(&s);
+        }
+    }
+    if (refused.empty()) {
+        return;
+    }
+    std::string details;
+    for (size_t i = 0; i < refused.size() && i < 3; ++i) {
+        const auto & s = *refused[i];
+        std::string why = s.offered ? s.reason
+                : "llama.cpp did not offer its FFN to the hook (a form neuralink does not serve: fused gate/up, "
+                  "per-tensor scales, clamped SwiGLU, or no build_ffn call)" +
+                  (s.reason.empty() ? std::string() : "; the engine notes: " + s.reason);
+        details += (i ? "; layer " : "layer ") + std::to_string(s.il) + ": " + why;
+    }
+    if (refused.size() > 3) {
+        details += " (and " + std::to_string(refused.size() - 3) + " more)";
+    }
+    throw neuralink::UnsupportedModelError(model_path + ": architecture '" + engine.model().architecture() + "': " +
+            std::to_string(refused.size()) + " of " + std::to_string(engine.n_layer()) +
+            " layers cannot be served by neuralink: " + details);
+}
+
+// Layer counters summed over a phase of the run (prompt or generation).
+struct StepTotals {
+    uint64_t tokens = 0;
+    uint64_t reads = 0, bytes_read = 0, active_bytes = 0, cache_hits = 0, predicted = 0;
+    uint64_t io_ns = 0, stall_ns = 0, ffn_ns = 0;
+    double seconds = 0;
+
+    void add(const std::vector<LayerStepStats> & stats) {
+        for (const LayerStepStats & s : stats) {
+            reads += s.reads; bytes_read += s.bytes_read; active_bytes += s.active_bytes;
+            cache_hits += s.cache_hits; predicted += s.predicted;
+            io_ns += s.io_ns; stall_ns += s.stall_ns; ffn_ns += s.layer_ns;
+        }
+    }
+};
+
+void print_totals(const char * what, const StepTotals & t, bool sparse) {
+    if (t.tokens == 0) {
+        return;
+    }
+    const double n = (double) t.tokens;
+    std::fprintf(stderr, "%-10s %6llu tokens  %8.3f s  %9.2f tok/s", what, (unsigned long long) t.tokens, t.seconds,
+                 n / t.seconds);
+    if (!sparse) {
+        std::fputc('\n', stderr); // the dense engine keeps no per-layer counters
+        return;
+    }
+    std::fprintf(stderr, "  FFN %.3f ms/token\n", t.ffn_ns / n / 1e6);
+    const double lookups = (double) t.predicted;
+    std::fprintf(stderr,
+                 "           reads/token %.1f  bytes/token %.1f KiB  mean read %.1f KiB  cache hits %.1f%%\n"
+                 "           I/O %.3f ms/token  I/O stall %.3f ms/token  effective bandwidth %.1f MB/s\n",
+                 t.reads / n, t.bytes_read / n / 1024.0, t.reads ? t.bytes_read / (double) t.reads / 1024.0 : 0.0,
+                 lookups > 0 ? 100.0 * t.cache_hits / lookups : 0.0, t.io_ns / n / 1e6, t.stall_ns / n / 1e6,
+                 t.io_ns ? t.active_bytes / (t.io_ns / 1e9) / 1e6 : 0.0);
+}
+
+struct ModelFree { void operator()(llama_model * m) const { llama_model_free(m); } };
+struct ContextFree { void operator()(llama_context * c) const { llama_free(c); } };
+
+// Detaches the hook before the context is freed, so no graph refers to the engine any more.
+struct HookAttachment {
+    llama_context * ctx = nullptr;
+    ~HookAttachment() { if (ctx) llama_set_ffn_hook(ctx, nullptr); }
+};
+
+std::vector<llama_token> tokenize(const llama_vocab * vocab, const std::string & text) {
+    const int n = -llama_tokenize(vocab, text.c_str(), (int32_t) text.size(), nullptr, 0, true, false);
+    std::vector<llama_token> tokens((size_t) std::max(n, 0));
+    if (llama_tokenize(vocab, text.c_str(), (int32_t) text.size(), tokens.data(), (int32_t) tokens.size(), true,
+                       false) < 0) {
+        throw std::runtime_error("cannot tokenize the prompt");
+    }
+    return tokens;
+}
+
+std::string piece(const llama_vocab * vocab, llama_token token) {
+    char buf[256];
+    const int n = llama_token_to_piece(vocab, token, buf, sizeof(buf), 0, false);
+    return n > 0 ? std::string(buf, (size_t) n) : std::string();
+}
+
+int run(const RunnerOptions & o) {
+    LlamaLog log;
+    log.verbose = o.verbose;
+    llama_log_set(on_llama_log, &log);
+    llama_backend_init();
+    if (llama_ffn_hook_api_version() != LLAMA_FFN_HOOK_API_VERSION) {
+        throw std::runtime_error("libllama's FFN hook API is version " + std::to_string(llama_ffn_hook_api_version()) +
+                                 ", this runner was built for version " + std::to_string(LLAMA_FFN_HOOK_API_VERSION));
+    }
+    const uint64_t process_before = resident_bytes();
+
+    check_readable(o.model, "model");
+    std::string sidecar, predictor = "dense";
+    {
+        const neuralink::GgufModel directory(o.model);
+        sidecar = resolve_sidecar(o, directory);
+        if (!sidecar.empty()) {
+            const std::string model_id = directory.get_string("neuralink.model_id");
+            if (model_id.empty()) {
+                throw neuralink::ModelFileError(o.model + ": not a model converted by neuralink (no neuralink.model_id); "
+                                                "a sidecar belongs to the converted GGUF written with it");
+            }
+            const neuralink::SidecarStore store(sidecar, model_id, false); // checks the model id before any weight is read
+            predictor = o.predictor.empty() ? default_predictor(store) : o.predictor;
+        } else if (!o.predictor.empty() && o.predictor != "dense") {
+            throw UsageError("--predictor " + o.predictor + " needs a sidecar; " + o.model + " names none (pass --sidecar)");
+        } else if (o.memory_budget) {
+            throw UsageError(o.model + ": --memory-budget needs a model converted by neuralink and its sidecar "
+                             "(without one, the engine keeps every FFN weight in RAM)");
+        }
+    }
+
+    auto t0 = std::chrono::steady_clock::now();
+    neuralink::Engine engine(o.model, engine_options(o, sidecar, predictor));
+    const double engine_s = seconds_since(t0);
+    if (o.direct_io && !engine.direct_io()) {
+        note("%s", engine.io_note().c_str());
+    }
+    if (engine.sparse()) {
+        const auto * sparse = engine.sparse();
+        note("sparse: sidecar %s, predictor %s, cache %s", sidecar.c_str(), predictor.c_str(), o.cache_policy.c_str());
+        note("reads: %s%s%s (asked: %s)", neuralink::io_backend_name(sparse->io_backend()),
+             sparse->io_note().empty() ? "" : ", ", sparse->io_note().c_str(), o.io_backend.c_str());
+    } else {
+        note("dense: %.1f MiB of FFN weights read in %.2f s", engine.weight_bytes() / 1048576.0, engine_s);
+    }
+
+    // llama.cpp maps the FFN weights lazily: never prefetched, repacked or read by it
+    llama_model_kv_override overrides[2] {};
+    overrides[0].tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
+    std::snprintf(overrides[0].key, sizeof(overrides[0].key), "%s", LLAMA_FFN_HOOK_LAZY_WEIGHTS_KEY);
+    overrides[0].val_bool = true;
+    llama_model_params mparams = llama_model_default_params();
+    mparams.kv_overrides = overrides;
+    t0 = std::chrono::steady_clock::now();
+    std::unique_ptr<llama_model, ModelFree> model(llama_model_load_from_file(o.model.c_str(), mparams));
+    if (!model) {
+        throw neuralink::ModelFileError(o.model + ": llama.cpp cannot load it: " +
+                                        (log.last_error.empty() ? std::string("see --verbose") : log.last_error));
+    }
+    const llama_vocab * vocab = llama_model_get_vocab(model.get());
+    const std::vector<llama_token> prompt = tokenize(vocab, o.prompt);
+    if (prompt.empty()) {
+        throw UsageError("the prompt tokenizes to nothing");
+    }
+
+    llama_context_params cparams = llama_context_default_params();
+    cparams.n_ctx = (uint32_t) (o.n_ctx ? o.n_ctx : (int) prompt.size() + o.n_predict);
+    cparams.n_batch = (uint32_t) o.n_batch;
+    cparams.n_ubatch = (uint32_t) std::min(o.n_batch, (int) cparams.n_ubatch);
+    cparams.n_threads = cparams.n_threads_batch = o.n_threads;
+    if ((int) prompt.size() + o.n_predict > (int) cparams.n_ctx) {
+        throw UsageError("the prompt (" + std::to_string(prompt.size()) + " tokens) and -n " +
+                         std::to_string(o.n_predict) + " exceed the context of " + std::to_string(cparams.n_ctx) +
+                         " tokens: raise --ctx-size");
+    }
+    // llama.cpp logs its KV, output and compute buffer sizes here; attaching the hook re-reserves the latter
+    log.capture = o.memory_budget.has_value();
+    std::unique_ptr<llama_context, ContextFree> ctx(llama_init_from_model(model.get(), cparams));
+    if (!ctx) {
+        throw std::runtime_error("llama.cpp cannot create a context: " + log.last_error);
+    }
+    HookAttachment attachment;
+    llama_set_ffn_hook(ctx.get(), engine.hook());
+    attachment.ctx = ctx.get();
+    log.capture = false;
+    const double load_s = seconds_since(t0);
+    require_all_layers_taken(engine, o.model);
+
+    if (o.memory_budget) {
+        const MemoryPlan plan = plan_memory(engine, *o.memory_budget, process_before, log.lines, o.n_threads,
+                                            (int) llama_n_ubatch(ctx.get()));
+        if (plan.budget < plan.minimum()) {
+            char head[160];
+            std::snprintf(head, sizeof(head), "memory budget %.1f MiB is below the minimum %.1f MiB",
+                          plan.budget / 1048576.0, plan.minimum() / 1048576.0);
+            throw BudgetError(o.model + ": " + head + " this model and context need (raise the budget, or lower "
+                              "--ctx-size / --batch-size):\n" + plan.describe());
+        }
+        engine.sparse()->configure_cache(neuralink::cache_policy_from_name(o.cache_policy), plan.cache());
+        note("memory budget:\n%s", plan.describe().c_str());
+    }
+    note("model loaded in %.2f s: architecture '%s', %d layers served by the engine, %d threads",
+         load_s, engine.model().architecture().c_str(), engine.n_layer(), o.n_threads);
+
+    FILE * logits_out = nullptr;
+    if (!o.dump_logits.empty() && !(logits_out = std::fopen(o.dump_logits.c_str(), "wb"))) {
+        throw UsageError("--dump-logits " + o.dump_logits + ": " + std::strerror(errno));
+    }
+    std::unique_ptr<FILE, int (*)(FILE *)> logits_guard(logits_out, logits_out ? &std::fclose : nullptr);
+    const int n_vocab = llama_vocab_n_tokens(vocab);
+    auto check_engine = [&](const char * during) {
+        if (engine.sparse() && !engine.sparse()->error().empty()) {
+            throw neuralink::IoError(std::string("during ") + during + ": " + engine.sparse()->error());
+        }
+    };
+    auto take_stats = [&](StepTotals & into) {
+        if (engine.sparse()) {
+            into.add(engine.sparse()->take_stats());
+        }
+    };
+
+    StepTotals prompt_totals, gen_totals;
+    std::fputs(o.prompt.c_str(), stdout);
+    std::fflush(stdout);
+    t0 = std::chrono::steady_clock::now();
+    for (size_t i = 0; i < prompt.size(); i += (size_t) o.n_batch) {
+        const int n = (int) std::min(prompt.size() - i, (size_t) o.n_batch);
+        if (llama_decode(ctx.get(), llama_batch_get_one(const_cast<llama_token *>(prompt.data() + i), n)) != 0) {
+            check_engine("the prompt");
+            throw std::runtime_error("llama_decode failed on the prompt: " + log.last_error);
+        }
+        check_engine("the prompt");
+    }
+    prompt_totals.seconds = seconds_since(t0);
+    prompt_totals.tokens = prompt.size();
+    take_stats(prompt_totals);
+
+    std::vector<llama_token> generated;
+    t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < o.n_predict; ++i) {
+        const float * logits = llama_get_logits_ith(ctx.get(), -1);
+        // greedy: the first of the largest logits
+        llama_token next = (llama_token) (std::max_element(logits, logits + n_vocab) - logits);
+        if (logits_out && std::fwrite(logits, sizeof(float), (size_t) n_vocab, logits_out) != (size_t) n_vocab) {
+            throw std::runtime_error("--dump-logits " + o.dump_logits + ": write failed: " + std::strerror(errno));
+        }
+        if (!o.ignore_eos && llama_vocab_is_eog(vocab, next)) {
+            break;
+        }
+        generated.push_back(next);
+        std::fputs(piece(vocab, next).c_str(), stdout);
+        std::fflush(stdout);
+        if (i + 1 == o.n_predict) {
+            break; // the last token is printed, not fed back
+        }
+        if (llama_decode(ctx.get(), llama_batch_get_one(&next, 1)) != 0) {
+            check_engine("generation");
+            throw std::runtime_error("llama_decode failed at generated token " + std::to_string(i) + ": " +
+                                     log.last_error);
+        }
+        check_engine("generation");
+        ++gen_totals.tokens;
+    }
+    gen_totals.seconds = seconds_since(t0);
+    take_stats(gen_totals);
+    std::fputs("\n", stdout);
+    std::fflush(stdout);
+
+    std::string ids;
+    for (llama_token t : generated) {
+        ids += (ids.empty() ? "" : " ") + std::to_string(t);
+    }
+    std::fprintf(stderr, "\ngenerated token ids: %s\n", ids.c_str());
+    print_totals("prompt", prompt_totals, engine.sparse() != nullptr);
+    print_totals("generation", gen_totals, engine.sparse() != nullptr);
+    if (engine.sparse()) {
+        const auto c = engine.sparse()->cache().stats();
+        std::fprintf(stderr, "engine     resident %.1f MiB, bundle store %.1f MiB, cache %.1f of %.1f MiB\n",
+                     engine.sparse()->resident_bytes() / 1048576.0, engine.sparse()->store_bytes() / 1048576.0,
+                     c.used_bytes / 1048576.0, c.capacity_bytes / 1048576.0);
+    } else {
+        std::fprintf(stderr, "engine     dense, %.1f MiB of FFN weights resident\n", engine.weight_bytes() / 1048576.0);
+    }
+    return kExitOk;
+}
+
+} // namespace
+
+int main(int argc, char ** argv) {
+    RunnerOptions options;
+    try {
+        options = parse_options(argc, argv);
+    } catch (const UsageError & e) {
+        std::fprintf(stderr, "neuralink-run: %s\nrun '%s --help' for usage\n", e.what(), argv[0]);
+        return kExitBadArgs;
+    }
+    if (options.help) {
+        std::fputs(usage(argv[0]).c_str(), stdout);
+        return kExitOk;
+    }
+    try {
+        return run(options);
+    } catch (const UsageError & e) {
+        note("%s", e.what());
+        return kExitBadArgs;
+    } catch (const neuralink::ModelFileError & e) {
+        note("%s", e.what());
+        return kExitModelFile;
+    } catch (const neuralink::UnsupportedModelError & e) {
+        note("%s", e.what());
+        return kExitUnsupported;
+    } catch (const BudgetError & e) {
+        note("%s", e.what());
+        return kExitBudget;
+    } catch (const std::exception & e) {
+        note("error: %s", e.what());
+        return kExitRunFailed;
+    }
+}

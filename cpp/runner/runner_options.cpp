@@ -1,0 +1,197 @@
+#include "runner_options.h"
+
+#include <cctype>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+namespace neuralink_run {
+
+const char * default_io_backend() {
+#ifdef __ANDROID__
+    return "pread";
+#else
+    return "auto";
+#endif
+}
+
+std::string usage(const char * argv0) {
+    std::string u = std::string("usage: ") + argv0 + " -m MODEL.gguf -p PROMPT [options]\n";
+    u += R"(
+Generates text greedily with llama.cpp, every layer's FFN computed by
+neuralink's engine through the FFN hook: densely from the GGUF's weights, or
+sparsely from a converted model's sidecar (bundles read from flash with direct
+I/O). Text is streamed to stdout; statistics and diagnostics go to stderr.
+
+model and weights:
+  -m, --model FILE         the GGUF to run (a model converted by `neuralink convert`
+                           for sparse mode, or any supported GGUF for dense mode)
+  --sidecar FILE           the bundle store to read FFN neurons from; by default the
+                           sidecar a converted model names (neuralink.sidecar.name),
+                           looked up beside the model
+  --dense                  ignore any sidecar: read all FFN weights into RAM once
+  --predictor NAME         how active neurons are found with a sidecar: gate (exact
+                           gate from resident gate rows and the sidecar's threshold),
+                           dense (every neuron: the reference) or oracle (the true
+                           active set, for measurement); default: gate where the
+                           sidecar allows it, else dense
+  --cache-policy NAME      DRAM cache of bundles: none, lru, s3fifo, linking, pinned
+                           (default linking)
+  --cache-bytes SIZE       the cache's size (default 0: no cache)
+  --memory-budget SIZE     the whole process's memory: everything resident is
+                           accounted (process, non-FFN weights, engine, KV cache,
+                           llama.cpp buffers, engine scratch) and the bundle cache
+                           gets the rest; refused when below the minimum. Overrides
+                           --cache-bytes. Needs a sidecar.
+  --io-backend NAME        auto (io_uring where the kernel allows it, else a pool of
+                           pread threads), uring or pread (default: )";
+    u += default_io_backend();
+    u += R"(; on Android
+                           pread, since seccomp commonly refuses io_uring there)
+  --queue-depth N          reads in flight (per compute thread with io_uring; default 8)
+  --no-direct-io           read through the page cache instead of O_DIRECT
+
+generation:
+  -p, --prompt TEXT        the prompt (tokenized with the model's BOS where it uses one)
+  -n, --n-predict N        tokens to generate (default 64)
+  -t, --threads N          compute threads (default: the hardware's, at most 4)
+  -c, --ctx-size N         context length (default: prompt + n-predict tokens)
+  -b, --batch-size N       prompt tokens per decode call (default 512)
+  --ignore-eos             keep generating past end-of-generation tokens
+  --dump-logits FILE       write the logits behind each generated token: raw float32,
+                           little-endian, one row of n_vocab values per token
+
+other:
+  -v, --verbose            show llama.cpp's own log
+  -h, --help               this text
+
+SIZE is bytes or a number with a unit: 120MB, 1.5GiB, 512M (K/M/G binary,
+kB/MB/GB decimal).
+
+exit status: 0 done; 1 a read or decode failed while generating; 2 bad
+arguments; 3 a missing, unreadable or malformed model or sidecar, or a
+sidecar of another model; 4 a model whose FFNs the hook cannot take (the
+architecture and the reason are named); 5 a memory budget below the minimum.
+)";
+    return u;
+}
+
+uint64_t parse_size(const std::string & text, const char * what) {
+    const char * s = text.c_str();
+    char * end = nullptr;
+    errno = 0;
+    const double value = std::strtod(s, &end);
+    if (end == s || errno != 0 || !std::isfinite(value) || value <= 0) {
+        throw UsageError(std::string(what) + ": cannot read size '" + text + "': expected e.g. 120MB, 1.5GiB or 512M");
+    }
+    std::string unit;
+    for (; *end; ++end) {
+        if (!std::isspace((unsigned char) *end)) {
+            unit += (char) std::tolower((unsigned char) *end);
+        }
+    }
+    struct Unit { const char * name; double bytes; };
+    static const Unit units[] = {
+        { "", 1 }, { "b", 1 }, { "k", 1024.0 }, { "kb", 1e3 }, { "kib", 1024.0 }, { "m", 1048576.0 }, { "mb", 1e6 },
+        { "mib", 1048576.0 }, { "g", 1073741824.0 }, { "gb", 1e9 }, { "gib", 1073741824.0 },
+    };
+    for (const Unit & u : units) {
+        if (unit == u.name) {
+            const uint64_t bytes = (uint64_t) (value * u.bytes);
+            if (bytes == 0) {
+                throw UsageError(std::string(what) + ": size '" + text + "' is less than one byte");
+            }
+            return bytes;
+        }
+    }
+    throw UsageError(std::string(what) + ": unknown unit in '" + text + "' (expected B, K, M, G, kB, MB, GB, KiB, MiB or GiB)");
+}
+
+static int parse_int(const std::string & flag, const std::string & text, int min, int max) {
+    char * end = nullptr;
+    errno = 0;
+    const long v = std::strtol(text.c_str(), &end, 10);
+    if (text.empty() || *end != '\0' || errno != 0 || v < min || v > max) {
+        throw UsageError(flag + " expects an integer in [" + std::to_string(min) + ", " + std::to_string(max) +
+                         "], got '" + text + "'");
+    }
+    return (int) v;
+}
+
+static void check_name(const std::string & flag, const std::string & value, std::initializer_list<const char *> names) {
+    std::string all;
+    for (const char * n : names) {
+        if (value == n) {
+            return;
+        }
+        all += (all.empty() ? "" : ", ") + std::string(n);
+    }
+    throw UsageError(flag + " must be one of " + all + ", got '" + value + "'");
+}
+
+RunnerOptions parse_options(int argc, char ** argv) {
+    RunnerOptions o;
+    bool cache_bytes_given = false, predictor_given = false;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        // every option but the switches takes the next argument
+        auto value = [&]() -> std::string {
+            if (i + 1 >= argc) {
+                throw UsageError(a + " expects a value");
+            }
+            return argv[++i];
+        };
+        if (a == "-h" || a == "--help") { o.help = true; return o; }
+        else if (a == "-m" || a == "--model") { o.model = value(); }
+        else if (a == "--sidecar") { o.sidecar = value(); }
+        else if (a == "--dense") { o.dense = true; }
+        else if (a == "--predictor") { o.predictor = value(); predictor_given = true; }
+        else if (a == "--cache-policy") { o.cache_policy = value(); }
+        else if (a == "--cache-bytes") { o.cache_bytes = parse_size(value(), "--cache-bytes"); cache_bytes_given = true; }
+        else if (a == "--memory-budget") { o.memory_budget = parse_size(value(), "--memory-budget"); }
+        else if (a == "--io-backend") { o.io_backend = value(); }
+        else if (a == "--queue-depth") { o.queue_depth = parse_int(a, value(), 1, 1024); }
+        else if (a == "--no-direct-io") { o.direct_io = false; }
+        else if (a == "-p" || a == "--prompt") { o.prompt = value(); }
+        else if (a == "-n" || a == "--n-predict") { o.n_predict = parse_int(a, value(), 0, 1 << 20); }
+        else if (a == "-t" || a == "--threads") { o.n_threads = parse_int(a, value(), 1, 256); }
+        else if (a == "-c" || a == "--ctx-size") { o.n_ctx = parse_int(a, value(), 1, 1 << 24); }
+        else if (a == "-b" || a == "--batch-size") { o.n_batch = parse_int(a, value(), 1, 1 << 16); }
+        else if (a == "--ignore-eos") { o.ignore_eos = true; }
+        else if (a == "--dump-logits") { o.dump_logits = value(); }
+        else if (a == "-v" || a == "--verbose") { o.verbose = true; }
+        else { throw UsageError("unknown argument '" + a + "' (see --help)"); }
+    }
+    if (o.model.empty()) {
+        throw UsageError("no model: pass -m MODEL.gguf");
+    }
+    if (o.prompt.empty()) {
+        throw UsageError("no prompt: pass -p TEXT");
+    }
+    if (o.dense && !o.sidecar.empty()) {
+        throw UsageError("--dense and --sidecar exclude each other");
+    }
+    if (predictor_given) {
+        check_name("--predictor", o.predictor, { "gate", "dense", "oracle" });
+        if (o.dense && o.predictor != "dense") {
+            throw UsageError("--predictor " + o.predictor + " needs a sidecar, and --dense uses none");
+        }
+    }
+    check_name("--cache-policy", o.cache_policy, { "none", "lru", "s3fifo", "linking", "pinned" });
+    if (o.io_backend.empty()) {
+        o.io_backend = default_io_backend();
+    }
+    check_name("--io-backend", o.io_backend, { "auto", "uring", "pread" });
+    if (o.dense && (o.memory_budget || cache_bytes_given)) {
+        throw UsageError("--memory-budget and --cache-bytes need a sidecar: with --dense every FFN weight is in RAM");
+    }
+    if (o.n_threads == 0) {
+        const unsigned hw = std::thread::hardware_concurrency();
+        o.n_threads = hw == 0 ? 1 : (int) (hw < 4 ? hw : 4);
+    }
+    return o;
+}
+
+} // namespace neuralink_run

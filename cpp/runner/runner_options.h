@@ -1,0 +1,64 @@
+#pragma once
+
+// neuralink-run's command line: what to run and how, parsed and checked
+// before any file is opened.
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+namespace neuralink_run {
+
+// Exit codes, documented in --help.
+enum ExitCode : int {
+    kExitOk          = 0,
+    kExitRunFailed   = 1, // a read or decode failed while generating
+    kExitBadArgs     = 2,
+    kExitModelFile   = 3, // a missing, unreadable or malformed model or sidecar, or a mismatched sidecar
+    kExitUnsupported = 4, // a well-formed model whose FFNs the hook cannot take
+    kExitBudget      = 5, // the memory budget cannot hold the model
+};
+
+// A command line that cannot be run; the message says what to change.
+struct UsageError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+
+struct RunnerOptions {
+    std::string model;
+    std::string sidecar;         // empty: the one the converted model names, if any
+    bool dense = false;          // ignore any sidecar: all FFN weights in RAM
+    std::string predictor;       // empty: "gate" where the sidecar allows it, else "dense"
+    std::string cache_policy = "linking";
+    uint64_t cache_bytes = 0;
+    std::optional<uint64_t> memory_budget;
+    std::string io_backend;      // "auto", "uring" or "pread"; empty: the platform default
+    int queue_depth = 8;
+    bool direct_io = true;
+    std::string prompt;
+    int n_predict = 64;
+    int n_threads = 0;           // 0: the hardware's threads, at most 4
+    int n_ctx = 0;               // 0: prompt + n_predict tokens
+    int n_batch = 512;
+    bool ignore_eos = false;
+    std::string dump_logits;     // raw float32, one row of n_vocab per generated token
+    bool verbose = false;        // llama.cpp's own log
+    bool help = false;
+};
+
+// Parses argv; throws UsageError naming the offending argument.
+RunnerOptions parse_options(int argc, char ** argv);
+
+// The --help text.
+std::string usage(const char * argv0);
+
+// Bytes in "120MB", "1.5GiB", "512M" (binary for K/M/G, decimal for kB/MB/GB)
+// or a plain integer, as neuralink.budget.parse_size; throws UsageError.
+uint64_t parse_size(const std::string & text, const char * what);
+
+// The read path used when --io-backend is not given: "pread" on Android, where
+// seccomp commonly refuses io_uring to apps and shells, "auto" elsewhere.
+const char * default_io_backend();
+
+} // namespace neuralink_run
