@@ -241,6 +241,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("NEURALINK_CACHE") or base / "neuralink") / "devices"
 
 
+def cached_profile(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> DeviceProfile | None:
+    """The cached profile of the device holding `path`, or None: never measures (for model loading)."""
+    identity = device_identity(path)
+    cache_file = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{identity.key}.json"
+    if not cache_file.is_file():
+        return None
+    try:
+        profile = DeviceProfile.load(cache_file)
+    except DeviceProfileError as e:
+        logger.warning("ignoring the cached profile: %s", e)
+        return None
+    return profile if profile.device.key == identity.key else None
+
+
 def load_or_measure(
     path: str | os.PathLike[str],
     *,
@@ -258,17 +272,12 @@ def load_or_measure(
     """
     identity = device_identity(path)
     cache_file = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"{identity.key}.json"
-    if not remeasure and cache_file.is_file():
-        try:
-            cached = DeviceProfile.load(cache_file)
-        except DeviceProfileError as e:
-            logger.warning("ignoring the cached profile: %s", e)
-        else:
-            if cached.device.key == identity.key and set(sizes) <= set(cached.sizes) and \
-                    set(depths) <= set(cached.depths):
-                logger.info("%s: cached profile of %s from %s", path, identity.describe(), cache_file)
-                return cached
-            logger.info("%s: the cached profile does not cover the requested grid; measuring", cache_file)
+    cached = None if remeasure else cached_profile(path, cache_dir)
+    if cached is not None:
+        if set(sizes) <= set(cached.sizes) and set(depths) <= set(cached.depths):
+            logger.info("%s: cached profile of %s from %s", path, identity.describe(), cache_file)
+            return cached
+        logger.info("%s: the cached profile does not cover the requested grid; measuring", cache_file)
     profile = measure_device(path, sizes=sizes, depths=depths, **measure_options)
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,8 @@ class Llama(llama_cpp.Llama):
         pread threads), ``"uring"`` or ``"pread"``.
     collapse_gap:
         merge two runs of neurons into one read when the bytes between them
-        are at most this many (default: from the device cost model).
+        are at most this many (default: from the device's cached profile, see
+        ``neuralink device-profile``, else a phone-flash cost model).
     memory_budget:
         the whole process's memory ("150MB", "1.5GiB" or bytes): with a
         sidecar, everything resident is accounted (see neuralink.budget) and
@@ -124,9 +125,11 @@ class Llama(llama_cpp.Llama):
         if sidecar_path is not None:
             engine_args.update(
                 sidecar=os.fspath(sidecar_path), predictor=predictor or _default_predictor(model_path, sidecar_path),
-                cache_policy=cache_policy, cache_bytes=cache_bytes, queue_depth=queue_depth,
-                collapse_gap_bytes=collapse_gap, io_backend=io_backend,
+                cache_policy=cache_policy, cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
             )
+            engine_args.update(_read_cost_options(sidecar_path, queue_depth))
+            if collapse_gap is not None:
+                engine_args["collapse_gap_bytes"] = collapse_gap
         elif predictor not in (None, "dense"):
             raise ValueError(f"predictor {predictor!r} needs a sidecar; {model_path} is used without one")
         if budget is not None and sidecar_path is None:
@@ -249,6 +252,20 @@ class Llama(llama_cpp.Llama):
         state = super().__getstate__()
         state.update(self._neuralink_args)
         return state
+
+
+def _read_cost_options(sidecar: str | os.PathLike[str], queue_depth: int) -> dict[str, Any]:
+    # the device's measured read cost sets the collapse gap; never measure while loading a model
+    from neuralink.device import cached_profile
+
+    profile = cached_profile(sidecar)
+    if profile is None:
+        logger.info("%s: no device profile cached; the engine uses a phone-flash cost model "
+                    "(run `neuralink device-profile %s` to measure this storage)", sidecar, Path(sidecar).parent)
+        return {}
+    options = profile.engine_options(queue_depth)
+    del options["queue_depth"]
+    return options
 
 
 def _default_predictor(model_path: str | os.PathLike[str], sidecar: str | os.PathLike[str]) -> str:
