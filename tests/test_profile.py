@@ -84,7 +84,7 @@ def test_relu_masks_are_the_native_zeros_of_relu_squared(models: dict[str, Path]
 
 
 def test_gated_masks_threshold_swiglu_at_the_target_density(models: dict[str, Path], texts: dict[str, Path]) -> None:
-    stats = profile_model(models["llama"], [texts["calibration"]], window=WINDOW, density=0.2)
+    stats = profile_model(models["llama"], [texts["calibration"]], window=WINDOW, density=0.2, criterion="magnitude")
     assert (stats.criterion, stats.activation) == ("magnitude", "ffn_swiglu")
     # thresholds placed on every token of this short text: the density is exact up to ties
     assert np.allclose(stats.densities(), 0.2, atol=1e-3)
@@ -96,6 +96,28 @@ def test_gated_masks_threshold_swiglu_at_the_target_density(models: dict[str, Pa
         decided = np.abs(magnitude - threshold) > 1e-4 * threshold
         assert np.array_equal(stats.layer_masks(layer)[decided], (magnitude > threshold)[decided])
         assert decided.mean() > 0.99
+
+
+def test_gate_criterion_thresholds_act_of_the_gate(models: dict[str, Path], texts: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    stats = profile_model(models["llama"], [texts["calibration"]], window=WINDOW, density=0.2)  # the default
+    assert (stats.criterion, stats.activation) == ("gate_magnitude", "silu(ffn_gate)")
+    assert np.allclose(stats.densities(), 0.2, atol=1e-3)
+    inputs, weights = ffn_reference(models["llama"], texts["calibration"])
+    for layer in range(2):
+        gate = inputs[layer] @ weights["gate"][layer].T
+        magnitude = np.abs(gate / (1 + np.exp(-gate)))
+        threshold = float(stats.thresholds[layer])
+        decided = np.abs(magnitude - threshold) > 1e-4 * threshold
+        assert np.array_equal(stats.layer_masks(layer)[decided], (magnitude > threshold)[decided])
+    calibration = tmp_path / "gate.npz"
+    stats.save(calibration)
+    heldout = profile_model(models["llama"], [texts["heldout"]], window=WINDOW, thresholds_from=calibration)
+    assert (heldout.criterion, heldout.activation) == ("gate_magnitude", "silu(ffn_gate)")
+    assert np.array_equal(heldout.thresholds, stats.thresholds)
+    # a ReLU-family FFN keeps its native zeros whatever is asked
+    native = profile_model(models["arcee"], [texts["heldout"]], window=WINDOW, criterion="gate_magnitude")
+    assert (native.criterion, native.activation) == ("relu", "ffn_sqr(relu)")
 
 
 def test_thresholds_from_a_sample_of_the_text_land_near_the_target(models: dict[str, Path],
@@ -192,7 +214,7 @@ def test_cli_profiles_calibration_then_heldout(models: dict[str, Path], texts: d
     assert run_profile_cli(str(texts["calibration"]), "-o", str(calibration), *common) == 0
     assert run_profile_cli(str(texts["heldout"]), "-o", str(heldout), *common,
                            "--thresholds-from", str(calibration)) == 0
-    assert "magnitude on ffn_swiglu" in capsys.readouterr().out
+    assert "gate_magnitude on silu(ffn_gate)" in capsys.readouterr().out
     assert np.array_equal(CoactivationStats.load(heldout).thresholds, CoactivationStats.load(calibration).thresholds)
 
 
@@ -203,7 +225,7 @@ def test_smollm2_profile(tmp_path: Path) -> None:
     text = tmp_path / "text.txt"
     text.write_text(carried_text(600, seed=3))
     stats = profile_model(default_model_path(), [text], window=256, density=0.2, max_tokens=512)
-    assert (stats.architecture, stats.activation, stats.criterion) == ("llama", "ffn_swiglu", "magnitude")
+    assert (stats.architecture, stats.activation, stats.criterion) == ("llama", "silu(ffn_gate)", "gate_magnitude")
     assert (stats.n_layer, stats.n_ff, stats.n_tokens) == (30, 1536, 512)
     assert np.allclose(stats.densities(), 0.2, atol=2e-3)
     # the last layer's FFN ran on every token, not only on the output rows

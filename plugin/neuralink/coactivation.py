@@ -23,8 +23,10 @@ from neuralink.errors import ModelFileError
 COACTIVATION_FORMAT_VERSION = 1
 COACTIVATION_KIND = "neuralink.coactivation"
 
-# "relu": the FFN zeroes inactive neurons itself; "magnitude": |activation| > a per-layer threshold
-Criterion = Literal["relu", "magnitude"]
+# "relu": the FFN zeroes inactive neurons itself; "magnitude": |act(gate) * up| (the input of ffn_down)
+# > a per-layer threshold; "gate_magnitude": |act(gate)| > a per-layer threshold (CATS), which a
+# runtime can decide from the gate rows alone
+Criterion = Literal["relu", "magnitude", "gate_magnitude"]
 CRITERIA: tuple[Criterion, ...] = get_args(Criterion)
 
 # bit k of mask byte b is neuron 8b + k
@@ -50,10 +52,11 @@ class CoactivationStats:
 
     masks[l] is uint8 (n_tokens, ceil(n_ff / 8)), bit-packed (``pack_masks``);
     activation_counts[l, i] is the number of tokens in which neuron i of layer
-    l was active. With criterion "magnitude", a neuron is active when
-    |activation| > thresholds[l]; with "relu", when its activation is non-zero
-    (thresholds are 0). `activation` names the llama.cpp tensor that was
-    thresholded (the input of ffn_down), e.g. "ffn_swiglu".
+    l was active: with criterion "relu" when its activation is non-zero
+    (thresholds are 0), otherwise when the magnitude of `activation` exceeds
+    thresholds[l]. `activation` names what was thresholded, in llama.cpp's
+    tensor names: "ffn_swiglu" (the input of ffn_down, criterion
+    "magnitude"), "silu(ffn_gate)" (criterion "gate_magnitude"), "ffn_sqr(relu)".
     """
 
     model_sha256: str

@@ -389,6 +389,7 @@ def placement_from_text(
     *,
     method: str | None = None,
     density: float | None = None,
+    criterion: str | None = None,
     max_tokens: int | None = 4096,
     bundle_bytes: Sequence[int] | None = None,
     workers: int = 2,
@@ -397,25 +398,27 @@ def placement_from_text(
 ) -> Placement:
     """Profile `model_path` on the calibration `texts` and place its neurons (`neuralink profile` + `place`).
 
-    `method` and `density` default to those of ``neuralink place`` and
-    ``neuralink profile``; `bundle_bytes` (per layer, for the placement's
-    read-cost model) to the sidecar's records with the default encoding. The
-    co-activation masks live in a temporary file only while placing.
+    `method`, `density` and `criterion` default to those of ``neuralink place``
+    and ``neuralink profile``; `bundle_bytes` (per layer, for the placement's
+    read-cost model) to the sidecar's records with the default encoding and
+    parts. The co-activation masks live in a temporary file only while placing.
     """
     from neuralink.place import DEFAULT_METHOD, METHODS, build_placement, place_layers
-    from neuralink.profile import DEFAULT_DENSITY, profile_model
+    from neuralink.profile import DEFAULT_CRITERION, DEFAULT_DENSITY, profile_model
 
     chosen = next((m for m in METHODS if m == (method or DEFAULT_METHOD)), None)
     if chosen is None:
         raise ValueError(f"unknown placement method {method!r}; expected one of {METHODS}")
     report = progress or (lambda stage, done, total: None)
     stats = profile_model(model_path, texts, density=density if density is not None else DEFAULT_DENSITY,
-                          max_tokens=max_tokens, threads=threads,
+                          criterion=criterion or DEFAULT_CRITERION, max_tokens=max_tokens, threads=threads,
                           progress=lambda done, total: report("profile", done, total))
     with tempfile.TemporaryDirectory(prefix="neuralink-convert-") as tmp:
         stats_path = stats.save(Path(tmp) / "calibration.npz")
         if bundle_bytes is None:
-            bundle_bytes = [lay.record_bytes for lay in bundle_layouts(inspect_ffn_model(model_path))]
+            model = inspect_ffn_model(model_path)
+            layouts = bundle_layouts(model, gate=bundle_has_gate(model, "auto", stats.criterion))
+            bundle_bytes = [lay.record_bytes for lay in layouts]
         results = place_layers(stats_path, [chosen], bundle_bytes=bundle_bytes, workers=workers,
                                progress=lambda done, total: report("place", done, total))
     return build_placement(stats, results, chosen)
@@ -495,11 +498,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="convert a model that neuralink already converted")
     calibration = parser.add_argument_group("with --calibration")
     from neuralink.place import DEFAULT_METHOD, METHODS
+    from neuralink.profile import DEFAULT_CRITERION, GATED_CRITERIA
 
     calibration.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                              help=f"placement method (default: {DEFAULT_METHOD})")
     calibration.add_argument("--density", type=float, default=None,
                              help="target active fraction of gated FFNs (default: that of `neuralink profile`)")
+    calibration.add_argument("--criterion", choices=GATED_CRITERIA, default=DEFAULT_CRITERION,
+                             help="what a gated FFN's activity threshold applies to: |act(gate)| (gate_magnitude, "
+                                  "default: the engine's exact gate predictor then reads up+down only) or "
+                                  "|act(gate)*up| (magnitude: full bundles, predictor lowrank/oracle)")
     calibration.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens (default: 4096)")
     calibration.add_argument("--workers", type=int, default=2, help="layers placed in parallel (default: 2)")
     calibration.add_argument("--threads", type=int, default=None, help="llama.cpp threads while profiling")
@@ -528,7 +536,8 @@ def main(args: argparse.Namespace) -> int:
         # refuse a bad model or output before minutes of profiling, not after
         model, _, _ = check_model_and_outputs(args.model, args.output, args.sidecar, activation=args.activation,
                                               force=args.force)
-        record_bytes = [layout.record_bytes for layout in bundle_layouts(model, args.bundle_down_type)]
+        gate = bundle_has_gate(model, args.bundle_parts, "relu" if not model.gated else args.criterion)
+        record_bytes = [layout.record_bytes for layout in bundle_layouts(model, args.bundle_down_type, gate)]
         if args.save_placement is not None:
             _check_writable(args.save_placement)
         bars: dict[str, tqdm] = {}
@@ -542,7 +551,7 @@ def main(args: argparse.Namespace) -> int:
 
         try:
             placement = placement_from_text(args.model, args.calibration, method=args.method, density=args.density,
-                                            max_tokens=args.max_tokens, bundle_bytes=record_bytes,
+                                            criterion=args.criterion, max_tokens=args.max_tokens, bundle_bytes=record_bytes,
                                             workers=args.workers, threads=args.threads, progress=show)
         finally:
             for bar in bars.values():

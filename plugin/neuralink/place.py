@@ -198,7 +198,7 @@ def build_placement(stats: CoactivationStats, results: Sequence[LayerResult], me
         chain_starts=[r.chain_starts[method].astype(np.int32) for r in ordered],
         frequencies=[stats.frequencies(r.layer).astype(np.float32) for r in ordered],
         thresholds=np.asarray(stats.thresholds, dtype=np.float32),
-        criterion=f"{stats.criterion}:{stats.activation}",
+        criterion=stats.criterion,
         n_tokens=stats.n_tokens,
         model_sha256=stats.model_sha256,
     )
@@ -221,17 +221,21 @@ def place(
     """
     stats = CoactivationStats.load(calibration, with_masks=False)
     check_model_matches(stats, model, str(calibration))
-    sizes = bundle_bytes if bundle_bytes is not None else sidecar_bundle_bytes(model)
+    sizes = bundle_bytes if bundle_bytes is not None else sidecar_bundle_bytes(model, stats.criterion)
     results = place_layers(calibration, [method], bundle_bytes=sizes, cost=cost, workers=workers, progress=progress)
     return build_placement(stats, results, method)
 
 
-def sidecar_bundle_bytes(model: str | os.PathLike[str]) -> list[int]:
-    """Bytes per neuron of each layer's bundle as `neuralink convert` stores it by default."""
-    from neuralink.convert import bundle_layouts
+def sidecar_bundle_bytes(model: str | os.PathLike[str], criterion: str) -> list[int]:
+    """Bytes per neuron of each layer's bundle as `neuralink convert` stores it by default for `criterion`.
+
+    Gate-only criteria leave gate rows out of the records: the gate predictor keeps them resident.
+    """
+    from neuralink.convert import bundle_has_gate, bundle_layouts
     from neuralink.ffn_tensors import inspect_ffn_model
 
-    return [layout.record_bytes for layout in bundle_layouts(inspect_ffn_model(model))]
+    ffn = inspect_ffn_model(model)
+    return [layout.record_bytes for layout in bundle_layouts(ffn, gate=bundle_has_gate(ffn, "auto", criterion))]
 
 
 def check_model_matches(stats: CoactivationStats, model: str | os.PathLike[str], where: str) -> None:
@@ -320,7 +324,10 @@ def main(args: argparse.Namespace) -> int:
     stats = CoactivationStats.load(args.stats, with_masks=False)
     model = args.model or default_model_path()
     check_model_matches(stats, model, str(args.stats))
-    bundle_bytes = [args.bundle_bytes] * stats.n_layer if args.bundle_bytes else sidecar_bundle_bytes(model)
+    if args.bundle_bytes:
+        bundle_bytes = [args.bundle_bytes] * stats.n_layer
+    else:
+        bundle_bytes = sidecar_bundle_bytes(model, stats.criterion)
     methods = list(dict.fromkeys(([args.method] if output else []) + (args.compare if args.evaluate else [])))
 
     with tqdm(total=stats.n_layer, unit="layer", desc="place", file=sys.stderr, disable=None) as bar:

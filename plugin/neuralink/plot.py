@@ -23,7 +23,7 @@ from neuralink.placement import Placement
 DEFAULT_NEURONS = 512
 # methods that need no device cost model; draw "hotcold" from its placement file
 PLOT_METHODS: tuple[Method, ...] = ("identity", "frequency", "neuralink")
-FIGURE_INCHES = (11.0, 5.0)
+FIGURE_INCHES = (11.0, 6.0)
 FIGURE_DPI = 120
 
 

