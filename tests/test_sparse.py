@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import neuralink
-from conftest import ModelFactory
 from neuralink import EngineIOError, ModelFileError, _engine
 from neuralink.budget import MemoryBudgetError
 from neuralink.synthetic import ggml_type_name

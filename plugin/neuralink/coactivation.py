@@ -18,6 +18,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from neuralink.atomic import save_npz
 from neuralink.errors import ModelFileError
 
 COACTIVATION_FORMAT_VERSION = 1
@@ -142,15 +143,7 @@ class CoactivationStats:
             "activation_counts": np.asarray(self.activation_counts, dtype=np.int64),
         }
         arrays.update((f"masks_{il}", packed) for il, packed in enumerate(self.masks))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return save_npz(path, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, with_masks: bool = True) -> CoactivationStats:

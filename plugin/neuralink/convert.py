@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import logging
 import os
-import secrets
 import struct
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from typing import Literal
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
+from neuralink.atomic import temporary_path
 from neuralink.constants import (
     CONVERTED_SUFFIX,
     KEY_MODEL_ID,
@@ -297,7 +297,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
     start = time.perf_counter()
     model = plan.model
     data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
-    tmp = plan.output.with_name(f".{plan.output.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = temporary_path(plan.output)
     try:
         metadata = {
             KEY_MODEL_ID: plan.model_id,

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from neuralink import _engine
+from neuralink.atomic import temporary_path
 from neuralink.device_profile import (
     BANDWIDTH_SATURATION,
     DEFAULT_DEPTHS,
@@ -385,7 +386,7 @@ def write_outputs(profile: DeviceProfile, json_path: Path | None, png_path: Path
     try:
         for final, render in ((png_path, lambda t: _render_png(profile, t)), (json_path, profile.save)):
             if final is not None:
-                tmp = final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+                tmp = temporary_path(final)
                 staged.append((tmp, final))
                 render(tmp)
         for tmp, final in staged:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neuralink.atomic import atomic_output
 from neuralink.errors import NeuralinkError
 from neuralink.iocost import DeviceCostModel
 
@@ -248,10 +248,5 @@ class DeviceProfile:
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Call write(tmp) on a temporary name beside `path`, then rename it over `path`; no partial file remains."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neuralink.atomic import save_npz
 from neuralink.errors import ModelFileError
 
 PLACEMENT_FORMAT_VERSION = 1
@@ -82,15 +83,7 @@ class Placement:
             arrays[f"order_{il}"] = np.asarray(self.orders[il], dtype=np.int32)
             arrays[f"chain_starts_{il}"] = np.asarray(self.chain_starts[il], dtype=np.int32)
             arrays[f"frequencies_{il}"] = np.asarray(self.frequencies[il], dtype=np.float32)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return save_npz(path, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Placement:

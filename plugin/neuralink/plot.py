@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neuralink.atomic import atomic_output
 from neuralink.coactivation import CoactivationStats, coactivation_counts
 from neuralink.errors import NeuralinkError
 from neuralink.place import DEFAULT_METHOD, Method, order_layer
@@ -93,13 +94,8 @@ def plot_coactivation(
     figure.suptitle(f"{stats.model_name}, layer {layer}: {stats.n_tokens} tokens, {stats.criterion} on "
                     f"{stats.activation}, positions {first}..{last - 1} of {stats.n_ff}")
     output = Path(output)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(output) as tmp:
         figure.savefig(tmp, format="png")
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return output
 
 

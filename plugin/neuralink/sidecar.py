@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -22,9 +20,8 @@ import numpy as np
 from gguf import GGUFValueType
 from gguf import GGMLQuantizationType as QType
 
-from neuralink import _engine
+from neuralink.atomic import atomic_gguf
 from neuralink.constants import (
-    BUNDLE_PART_ALIGNMENT,
     KEY_ACTIVATION,
     KEY_BUNDLE_GATE,
     KEY_BUNDLE_DOWN_OFFSET,
@@ -63,131 +60,12 @@ from neuralink.constants import (
     ffn_tensor_name,
 )
 from neuralink.errors import ModelFileError
-from neuralink.ffn_tensors import ACTIVATIONS, Activation
+from neuralink.ffn_tensors import ACTIVATIONS
 from neuralink.gguf_directory import GgufDirectory, TensorEntry, read_gguf_directory
-from neuralink.synthetic import ggml_type_name
+from neuralink.sidecar_records import BundleLayout, BundlePart, ByteRange, NeuronWeights, SidecarHeader, SidecarLayer
 
 log = logging.getLogger(__name__)
 
-
-def _pad(n: int, alignment: int) -> int:
-    return -(-n // alignment) * alignment
-
-
-@dataclass(frozen=True)
-class BundlePart:
-    """One weight vector inside a bundle record: n_embd values of `type` at `offset`."""
-
-    type: QType
-    offset: int
-    nbytes: int
-
-    def decode(self, record: np.ndarray, n_embd: int) -> np.ndarray:
-        raw = record[self.offset:self.offset + self.nbytes].reshape(1, self.nbytes)
-        return _engine.dequantize(ggml_type_name(self.type), raw, n_embd)[0]
-
-
-@dataclass(frozen=True)
-class BundleLayout:
-    """The layout of one layer's bundle record: [gate | up | down], each part padded to 4 bytes."""
-
-    n_embd: int
-    up: BundlePart
-    down: BundlePart
-    gate: BundlePart | None
-    record_bytes: int
-
-    @classmethod
-    def build(cls, n_embd: int, up_type: QType, down_type: QType, gate_type: QType | None = None) -> BundleLayout:
-        """Lay out gate (if any), up and down one after the other; ValueError if n_embd does not fit a type."""
-        offset = 0
-        parts: list[BundlePart | None] = []
-        for qtype in (gate_type, up_type, down_type):
-            if qtype is None:
-                parts.append(None)
-                continue
-            block = gguf.GGML_QUANT_SIZES[qtype][0]
-            if n_embd % block:
-                raise ValueError(f"n_embd = {n_embd} values do not fit {ggml_type_name(qtype)} blocks of {block}")
-            nbytes = _engine.row_bytes(ggml_type_name(qtype), n_embd)
-            parts.append(BundlePart(qtype, offset, nbytes))
-            offset += _pad(nbytes, BUNDLE_PART_ALIGNMENT)
-        gate, up, down = parts
-        assert up is not None and down is not None
-        return cls(n_embd, up, down, gate, offset)
-
-    @property
-    def parts(self) -> dict[str, BundlePart]:
-        named = {"gate": self.gate, "up": self.up, "down": self.down}
-        return {name: part for name, part in named.items() if part is not None}
-
-
-@dataclass(frozen=True)
-class SidecarHeader:
-    """Everything a sidecar says about the model and placement it belongs to."""
-
-    model_id: str  # also in the converted GGUF's metadata: the pair must match
-    source_sha256: str  # of the original GGUF the conversion started from
-    source_architecture: str
-    n_layer: int
-    n_embd: int
-    n_ff: int
-    gated: bool
-    activation: Activation
-    placement_method: str
-    criterion: str
-    n_tokens: int  # calibration tokens the placement was profiled on
-    thresholds: tuple[float, ...]  # per layer: activation magnitude defining "active"
-    version: int = SIDECAR_VERSION
-    bundle_gate: bool | None = None  # records hold the gate row; None: whenever the model is gated
-    predictor_rank: int = 0  # of the low-rank activity predictor; 0: none
-    predictor_thresholds: tuple[float, ...] = ()  # per layer: predicted score above which a neuron is read
-    predictor_recall: float = 0.0  # the calibration recall its thresholds were tuned for
-
-    def __post_init__(self) -> None:
-        if self.bundle_gate is None:
-            object.__setattr__(self, "bundle_gate", self.gated)
-        if self.bundle_gate and not self.gated:
-            raise ValueError("a non-gated model has no gate rows to bundle")
-
-
-@dataclass(frozen=True)
-class ByteRange:
-    """A byte range [offset, offset + length) of the sidecar file."""
-
-    offset: int
-    length: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
-
-    def aligned(self, alignment: int = SIDECAR_ALIGNMENT) -> ByteRange:
-        """The smallest range with offset and length multiples of `alignment` that covers this one."""
-        start = self.offset // alignment * alignment
-        return ByteRange(start, _pad(self.end, alignment) - start)
-
-
-@dataclass(frozen=True)
-class NeuronWeights:
-    """One neuron's weights decoded to float32, each of n_embd values."""
-
-    gate: np.ndarray | None
-    up: np.ndarray
-    down: np.ndarray
-
-
-@dataclass(frozen=True)
-class SidecarLayer:
-    """What the writer stores for one layer, all in placed order."""
-
-    order: np.ndarray  # int32 [n_ff]: original index of the neuron at each position
-    frequencies: np.ndarray  # float32 [n_ff]: activation frequency of the neuron at each position
-    chain_starts: np.ndarray  # int32: positions where a chain of linked neurons begins
-    bundles: np.ndarray  # uint8 (n_ff, record_bytes)
-    down_error: float  # relative RMS error of the re-encoded down columns
-    predictor_a: np.ndarray | None = None  # float32 (rank, n_embd)
-    predictor_b: np.ndarray | None = None  # float32 (n_ff, rank), placed order
 
 
 _TYPE_KEYS = {"gate": KEY_BUNDLE_GATE_TYPE, "up": KEY_BUNDLE_UP_TYPE, "down": KEY_BUNDLE_DOWN_TYPE}
@@ -224,9 +102,7 @@ def write_sidecar(
     if any((lay.gate is not None) != header.bundle_gate for lay in layouts):
         raise ValueError("bundle layouts disagree with header.bundle_gate")
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    writer = gguf.GGUFWriter(tmp, SIDECAR_ARCHITECTURE)
-    try:
+    with atomic_gguf(path, SIDECAR_ARCHITECTURE) as writer:
         writer.add_custom_alignment(SIDECAR_ALIGNMENT)
         writer.add_uint32(KEY_SIDECAR_VERSION, header.version)
         writer.add_string(KEY_MODEL_ID, header.model_id)
@@ -270,7 +146,7 @@ def write_sidecar(
                 writer.add_tensor_info(ffn_tensor_name(SIDECAR_PREDICTOR_B, il), (n_ff, rank), float32, 4 * n_ff * rank)
         writer.add_tensor_info(SIDECAR_DOWN_ERROR, (n_layer,), float32, 4 * n_layer)
 
-        writer.write_header_to_file(tmp)
+        writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         down_errors: list[float] = []
@@ -298,12 +174,6 @@ def write_sidecar(
         if len(down_errors) != n_layer:
             raise ValueError(f"{len(down_errors)} layers given, the sidecar declares {n_layer}")
         writer.write_tensor_data(np.asarray(down_errors, dtype=np.float32))
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     log.info("wrote sidecar %s (%d layers, %d neurons each)", path, n_layer, n_ff)
     return path
 
@@ -551,3 +421,9 @@ def _check_tensors(directory: GgufDirectory, header: SidecarHeader, layouts: Seq
             check(ffn_tensor_name(SIDECAR_PREDICTOR_A, il), QType.F32, (header.n_embd, header.predictor_rank))
             check(ffn_tensor_name(SIDECAR_PREDICTOR_B, il), QType.F32, (header.predictor_rank, n_ff))
     check(SIDECAR_DOWN_ERROR, QType.F32, (header.n_layer,))
+
+
+__all__ = [
+    "BundleLayout", "BundlePart", "ByteRange", "NeuronWeights", "Sidecar", "SidecarHeader", "SidecarLayer",
+    "write_sidecar",
+]

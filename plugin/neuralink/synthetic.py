@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, TokenType
 from gguf import GGMLQuantizationType as QType
+
+from neuralink.atomic import atomic_gguf
 
 log = logging.getLogger(__name__)
 
@@ -334,21 +335,13 @@ def write_synthetic_model(
     vocab = build_vocabulary()
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    writer = gguf.GGUFWriter(tmp, MODEL_ARCH_NAMES[ARCH_SPECS[arch].model_arch])
-    try:
+    with atomic_gguf(path, MODEL_ARCH_NAMES[ARCH_SPECS[arch].model_arch]) as writer:
         quantized = qtype not in (QType.F32, QType.F16, QType.BF16)
         _add_metadata(writer, arch, vocab, context_length=context_length, quantized=quantized, **dims)
         _add_tensors(writer, arch, qtype, len(vocab.tokens), overrides, seed=seed, **dims)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     log.info(
         "wrote synthetic %s model (%s, %d layers, n_embd %d, n_ff %d) to %s",
         arch, qtype.name.lower(), n_layer, n_embd, n_ff, path,

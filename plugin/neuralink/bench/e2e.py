@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from neuralink.atomic import atomic_output, write_text
 from neuralink.budget import parse_size
 from neuralink.cgroup import CgroupUnavailable, MemoryCgroup
 
@@ -164,10 +164,11 @@ def plot(results: list[RunResult], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -205,9 +206,7 @@ def main(args: argparse.Namespace) -> int:
     results = run_e2e(args, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(results))
     if args.json:
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps([vars(r) for r in results], indent=1, default=str))
-        os.replace(tmp, args.json)
+        write_text(args.json, json.dumps([vars(r) for r in results], indent=1, default=str))
     if args.png:
         plot(results, args.png)
     return 0
