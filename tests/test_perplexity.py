@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import ModelFactory
+from conftest import ModelFactory, corpus
 from neuralink import ModelFileError
 from neuralink.cli import main as cli_main
 from neuralink.perplexity import paired_nll_difference, perplexity, scoring_windows
@@ -129,3 +129,36 @@ def test_cli_prints_a_comparison_table(
 
     code = cli_main(["perplexity", "--model", str(model), "--text", str(tmp_path / "absent.txt")])
     assert code == 1 and "absent.txt: cannot read the text" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dense_inference_through_the_engine_within_half_a_percent_of_llama_cpp(
+    smollm2_path: Path, tmp_path: Path
+) -> None:
+    """Issue 4's acceptance on SmolLM2 (Q4_1), held-out text: the engine's dense paths against stock llama.cpp."""
+    import neuralink
+    from neuralink.convert import convert_model
+    from neuralink.ffn_tensors import inspect_ffn_model
+    from neuralink.placement import Placement, file_sha256
+
+    model = inspect_ffn_model(smollm2_path)
+    rng = np.random.default_rng(0)
+    placement = Placement(
+        "random", [rng.permutation(model.n_ff).astype(np.int32) for _ in range(model.n_layer)],
+        [np.array([0], np.int32)] * model.n_layer, [np.full(model.n_ff, 0.2, np.float32)] * model.n_layer,
+        np.full(model.n_layer, 0.1, np.float32), "gate_magnitude", 0, file_sha256(smollm2_path),
+    )
+    converted = convert_model(smollm2_path, placement, tmp_path / "smollm2.neuralink.gguf")
+    text = corpus("emma.txt").read_text(encoding="utf-8")
+    settings = dict(n_ctx=512, stride=512, max_tokens=2048)
+    stock = perplexity(smollm2_path, text, **settings)
+    # the dense engine: every FFN weight in RAM, llama.cpp's own arithmetic
+    in_ram = perplexity(smollm2_path, text, llama_factory=neuralink.Llama, **settings)
+    # every bundle read from the sidecar (down columns re-encoded in q8_0)
+    from_sidecar = perplexity(converted.output, text, llama_factory=neuralink.Llama, sidecar=str(converted.sidecar),
+                              predictor="dense", cache_policy="none", **settings)
+    assert stock.n_scored > 2000
+    for result in (in_ram, from_sidecar):
+        assert result.perplexity <= stock.perplexity * 1.005
+        mean, _ = paired_nll_difference(result, stock)
+        assert abs(mean) < 0.005  # and not suspiciously better: the weights barely moved

@@ -14,6 +14,7 @@ namespace py = pybind11;
 using namespace neuralink;
 
 void register_cache(py::module_ & m); // cache_bindings.cpp
+void register_replay(py::module_ & m); // replay_bindings.cpp
 
 static void register_errors() {
     // the Python classes live in neuralink.errors so that they can be caught without the extension
@@ -36,7 +37,7 @@ static void register_errors() {
 
 static void register_engine(py::module_ & m) {
     PYBIND11_NUMPY_DTYPE(LayerStepStats, il, n_tokens, predicted, truly_active, reads, cache_hits, bytes_read,
-                         active_bytes, io_ns, stall_ns, layer_ns);
+                         active_bytes, io_ns, stall_ns, layer_ns, predicted_pairs, computed_pairs);
 
     py::class_<LayerStatus>(m, "LayerStatus")
         .def_readonly("il", &LayerStatus::il)
@@ -54,7 +55,8 @@ static void register_engine(py::module_ & m) {
         .def(py::init([](const std::string & model_path, bool direct_io, std::optional<std::string> sidecar,
                          const std::string & predictor, const std::string & cache_policy, size_t cache_bytes,
                          int queue_depth, std::optional<uint64_t> collapse_gap_bytes, uint64_t max_read_bytes,
-                         double read_latency_s, double bandwidth_bytes_s, const std::string & io_backend) {
+                         double read_latency_s, double bandwidth_bytes_s, const std::string & io_backend,
+                         std::optional<std::vector<float>> thresholds, std::optional<std::vector<float>> predictor_thresholds) {
                  EngineOptions opts;
                  opts.direct_io = direct_io;
                  if (sidecar) {
@@ -69,6 +71,10 @@ static void register_engine(py::module_ & m) {
                      opts.sparse.device.bandwidth_bytes_s = bandwidth_bytes_s;
                      opts.sparse.direct_io = direct_io;
                      opts.sparse.io_backend = io_backend_from_name(io_backend);
+                     opts.sparse.thresholds = thresholds.value_or(std::vector<float>());
+                     opts.sparse.predictor_thresholds = predictor_thresholds.value_or(std::vector<float>());
+                 } else if (thresholds || predictor_thresholds) {
+                     throw std::invalid_argument("thresholds apply to the sparse engine: pass a sidecar");
                  }
                  // reading the weights takes a while and touches no Python object
                  py::gil_scoped_release release;
@@ -78,7 +84,8 @@ static void register_engine(py::module_ & m) {
              py::arg("predictor") = "gate", py::arg("cache_policy") = "linking", py::arg("cache_bytes") = 0,
              py::arg("queue_depth") = 8, py::arg("collapse_gap_bytes") = py::none(),
              py::arg("max_read_bytes") = 1 << 20, py::arg("read_latency_s") = 60e-6,
-             py::arg("bandwidth_bytes_s") = 1.4e9, py::arg("io_backend") = "auto")
+             py::arg("bandwidth_bytes_s") = 1.4e9, py::arg("io_backend") = "auto",
+             py::arg("thresholds") = py::none(), py::arg("predictor_thresholds") = py::none())
         .def_property_readonly("hook_address", [](const Engine & e) { return (uintptr_t) e.hook(); })
         .def_property_readonly("architecture", [](const Engine & e) { return e.model().architecture(); })
         .def_property_readonly("n_layer", &Engine::n_layer)
@@ -91,6 +98,17 @@ static void register_engine(py::module_ & m) {
         .def_property_readonly("predictor", [](const Engine & e) {
             return e.sparse() ? std::string(predictor_name(e.sparse()->options().predictor)) : std::string("dense");
         })
+        .def_property_readonly("thresholds", [](const Engine & e) {
+            std::vector<float> t;
+            for (int il = 0; e.sparse() && il < e.n_layer(); ++il) t.push_back(e.sparse()->threshold(il));
+            return t;
+        }, "per-layer activity thresholds in use (the sidecar's unless overridden); empty for the dense engine")
+        .def_property_readonly("predictor_thresholds", [](const Engine & e) {
+            std::vector<float> t;
+            const bool lowrank = e.sparse() && e.sparse()->store().predictor_rank() > 0;
+            for (int il = 0; lowrank && il < e.n_layer(); ++il) t.push_back(e.sparse()->predictor_threshold(il));
+            return t;
+        }, "per-layer low-rank predictor thresholds in use; empty without a low-rank predictor")
         .def_property_readonly("io_backend", [](const Engine & e) {
             return e.sparse() ? std::string(io_backend_name(e.sparse()->io_backend())) : std::string("none");
         }, "how bundles are read: 'uring', 'pread' (a pool of reader threads), or 'none' for the dense engine")
@@ -257,4 +275,5 @@ PYBIND11_MODULE(_engine, m) {
     register_planner(m);
     register_io(m);
     register_cache(m);
+    register_replay(m);
 }

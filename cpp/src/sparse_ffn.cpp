@@ -58,6 +58,8 @@ struct SparseFfn::ThreadState {
     std::vector<PendingRead *> batch;
     // counters of the current layer
     uint32_t truly_active = 0;
+    uint64_t predicted_pairs = 0;
+    uint64_t computed_pairs = 0;
     uint32_t cache_hits = 0;
     uint32_t reads = 0;
     uint64_t bytes_read = 0;
@@ -80,9 +82,34 @@ SparseFfn::SparseFfn(std::shared_ptr<SidecarStore> store, const SparseOptions & 
     } else {
         backend_ = IoBackend::Uring;
     }
+    for (const auto * given : { &options_.thresholds, &options_.predictor_thresholds }) {
+        const char * what = given == &options_.thresholds ? "activity" : "predictor";
+        if (!given->empty() && given->size() != (size_t) store_->n_layer()) {
+            throw std::invalid_argument(store_->path() + ": " + std::to_string(given->size()) + " " + what +
+                                        " thresholds given for " + std::to_string(store_->n_layer()) + " layers");
+        }
+        for (size_t il = 0; il < given->size(); ++il) {
+            if (std::isnan((*given)[il])) {
+                throw std::invalid_argument(std::string(what) + " threshold of layer " + std::to_string(il) + " is NaN");
+            }
+        }
+    }
+    if (!options_.predictor_thresholds.empty() && store_->predictor_rank() == 0) {
+        throw std::invalid_argument(store_->path() + ": predictor thresholds given, but the sidecar has no "
+                                    "low-rank predictor");
+    }
     layers_.resize((size_t) store_->n_layer());
     threads_.resize(kMaxThreads);
     configure_cache(options_.cache_policy, options_.cache_bytes);
+}
+
+float SparseFfn::threshold(int il) const {
+    return options_.thresholds.empty() ? store_->layer(il).threshold : options_.thresholds.at((size_t) il);
+}
+
+float SparseFfn::predictor_threshold(int il) const {
+    return options_.predictor_thresholds.empty() ? store_->layer(il).predictor_threshold
+                                                 : options_.predictor_thresholds.at((size_t) il);
 }
 
 uint64_t SparseFfn::store_bytes() const {
@@ -234,6 +261,7 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
     const SidecarLayer & S = store_->layer(il);
     const Criterion criterion = criterion_from_name(store_->criterion());
     const int64_t n_ff = L.n_ff;
+    const float threshold = this->threshold(il);
     ts.active.clear();
     if (options_.predictor == Predictor::Dense) {
         for (int64_t p = r0; p < r1; ++p) {
@@ -245,6 +273,7 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
     if (options_.predictor == Predictor::LowRank) {
         // scores B (A x) from phase 0's A x; the real criterion is applied once the neuron is computed
         const int rank = store_->predictor_rank();
+        const float predictor_threshold = this->predictor_threshold(il);
         for (int64_t p = r0; p < r1; ++p) {
             const float * b = S.predictor_b.data() + (size_t) p * rank;
             bool any = false;
@@ -253,7 +282,7 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
                 float v = 0.0f;
                 for (int k = 0; k < rank; ++k) v += b[k] * z[k];
                 const float a = activate(L.act, v);
-                const bool on = (criterion == Criterion::NativeZero ? a : std::fabs(a)) > S.predictor_threshold;
+                const bool on = (criterion == Criterion::NativeZero ? a : std::fabs(a)) > predictor_threshold;
                 token_active_[t * n_ff + p] = on;
                 any |= on;
             }
@@ -277,7 +306,8 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
             if (!bias.empty()) v += bias[p];
             h_[t * n_ff + p] = v; // the pre-activation, consumed by compute_h
             const float a = activate(L.act, v);
-            const bool on = criterion == Criterion::NativeZero ? a != 0.0f : std::fabs(a) > S.threshold;
+            // ReLU-family activations are >= 0: a threshold of 0 keeps exactly the native non-zeros
+            const bool on = (criterion == Criterion::NativeZero ? a : std::fabs(a)) > threshold;
             token_active_[t * n_ff + p] = on;
             any |= on;
         }
@@ -293,6 +323,7 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
     const SidecarLayer & S = store_->layer(il);
     const Criterion criterion = criterion_from_name(store_->criterion());
     const int64_t n_ff = L.n_ff;
+    const float threshold = this->threshold(il);
     // gate and oracle computed the exact pre-activation into h_ while predicting
     const bool resident_pre = options_.predictor == Predictor::Gate || options_.predictor == Predictor::Oracle;
     const ggml_type down_vdt = S.down.wt->vec_dot_type;
@@ -311,6 +342,7 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
                 hv = 0.0f;
                 continue;
             }
+            ++ts.predicted_pairs;
             float u;
             S.up.wt->vec_dot((int) L.n_embd, &u, 0, rec + S.up.offset, 0, xq_up_.data() + t * xq_up_row, 0, 1);
             if (!L.up_bias.empty()) u += L.up_bias[p];
@@ -328,11 +360,13 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
                 a = activate(L.act, u);
                 hv = round_for(down_vdt, a);
             }
-            const bool holds = criterion == Criterion::NativeZero ? a != 0.0f
-                             : criterion == Criterion::GateMagnitude ? std::fabs(a) > S.threshold
-                             : std::fabs(hv) > S.threshold;
+            const bool holds = criterion == Criterion::NativeZero ? a > threshold
+                             : criterion == Criterion::GateMagnitude ? std::fabs(a) > threshold
+                             : std::fabs(hv) > threshold;
             if (!holds && options_.predictor == Predictor::LowRank) {
                 hv = 0.0f; // predicted but not active: read for nothing, but the output stays the thresholded model's
+            } else {
+                ++ts.computed_pairs;
             }
             criterion_holds |= holds;
         }
@@ -495,6 +529,8 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
             case 1: {
                 const auto [r0, r1] = split_range(L.n_ff, ith, nth, kRowBlock);
                 ts.truly_active = 0;
+                ts.predicted_pairs = 0;
+                ts.computed_pairs = 0;
                 ts.stall_ns = 0;
                 predict(il, n_tokens, r0, r1, ts);
                 gather(il, n_tokens, ts);
@@ -537,6 +573,8 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
                         const ThreadState & o = *threads_[j];
                         st.predicted += (uint32_t) o.active.size();
                         truly += o.truly_active;
+                        st.predicted_pairs += o.predicted_pairs;
+                        st.computed_pairs += o.computed_pairs;
                         st.reads += o.reads;
                         st.cache_hits += o.cache_hits;
                         st.bytes_read += o.bytes_read;

@@ -1,4 +1,4 @@
-"""Type stubs of neuralink's C++ engine (cpp/bindings/module.cpp, cache_bindings.cpp)."""
+"""Type stubs of neuralink's C++ engine (cpp/bindings/module.cpp, cache_bindings.cpp, replay_bindings.cpp)."""
 
 from collections.abc import Callable, Sequence
 
@@ -34,6 +34,8 @@ class Engine:
         read_latency_s: float = 60e-6,
         bandwidth_bytes_s: float = 1.4e9,
         io_backend: str = "auto",
+        thresholds: Sequence[float] | None = None,
+        predictor_thresholds: Sequence[float] | None = None,
     ) -> None: ...
     @property
     def hook_address(self) -> int: ...
@@ -53,6 +55,10 @@ class Engine:
     def sparse(self) -> bool: ...
     @property
     def predictor(self) -> str: ...
+    @property
+    def thresholds(self) -> list[float]: ...
+    @property
+    def predictor_thresholds(self) -> list[float]: ...
     @property
     def io_backend(self) -> str: ...
     @property
@@ -140,3 +146,43 @@ class BundleCache:
     def reset_stats(self) -> None: ...
 
 def cache_policy_names() -> list[str]: ...
+
+# the trace replayer of `neuralink bench io` (cpp/bindings/replay_bindings.cpp)
+
+class Replayer:
+    def __init__(
+        self,
+        path: str,
+        regions: Sequence[tuple[int, int, int]],
+        steps: Sequence[Sequence[int]],
+        plan: str = "collapse",
+        collapse_gap_bytes: int = 0,
+        max_read_bytes: int = 1 << 20,
+        queue_depth: int = 8,
+        io_backend: str = "auto",
+        direct: bool = True,
+        cache_policy: str = "none",
+        cache_bytes: int = 0,
+        p_run: float = 0.1,
+        window_tokens: int = 0,
+    ) -> None: ...
+    def pin(self, frequency: Sequence[npt.ArrayLike]) -> None: ...
+    def replay(
+        self, positions: npt.ArrayLike, offsets: npt.ArrayLike, token_begin: int, token_end: int
+    ) -> npt.NDArray[np.void]: ...
+    @property
+    def n_steps(self) -> int: ...
+    @property
+    def direct(self) -> bool: ...
+    @property
+    def io_note(self) -> str: ...
+    @property
+    def io_backend(self) -> str: ...
+    @property
+    def io_backend_note(self) -> str: ...
+    @property
+    def cache_used_bytes(self) -> int: ...
+
+def plan_runs(
+    needed: npt.ArrayLike, region_offset: int, record_bytes: int, n_records: int, max_read_bytes: int = 0
+) -> npt.NDArray[np.uint64]: ...

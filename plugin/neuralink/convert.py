@@ -261,7 +261,9 @@ def _predictor_header(predictor: LowRankPredictor | None) -> dict[str, object]:
                 predictor_recall=predictor.recall_target)
 
 
-def _sidecar_layers(plan: ConversionPlan, data: np.ndarray, progress: Progress) -> Iterator[SidecarLayer]:
+def sidecar_layers(plan: ConversionPlan, data: np.ndarray, progress: Progress) -> Iterator[SidecarLayer]:
+    """Each layer's sidecar data for `plan` (records in placed order) from the source GGUF's bytes `data`;
+    `progress` gets the source bytes consumed, once per layer."""
     placed_b = plan.predictor.placed(plan.placement.orders) if plan.predictor is not None else None
     for layer, layout in zip(plan.model.layers, plan.layouts):
         order = np.asarray(plan.placement.orders[layer.il], dtype=np.int64)
@@ -336,7 +338,7 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> Co
         )
         write_sidecar(plan.sidecar, header, plan.layouts, [layer.down.type for layer in model.layers],
                       [len(starts) for starts in plan.placement.chain_starts],
-                      recorded(_sidecar_layers(plan, data, progress)))
+                      recorded(sidecar_layers(plan, data, progress)))
         try:
             os.replace(tmp, plan.output)
         except BaseException:

@@ -81,6 +81,10 @@ class Llama(llama_cpp.Llama):
     direct_io:
         read weights and bundles with O_DIRECT, around the page cache (falls
         back to buffered reads where the filesystem refuses).
+    thresholds, predictor_thresholds:
+        per-layer activity thresholds (and low-rank predictor thresholds)
+        replacing the sidecar's, to run at another density without converting
+        again; see ``neuralink.perplexity_sweep.density_thresholds``.
 
     The model is loaded with its FFN weights mapped lazily (never prefetched,
     repacked or read by llama.cpp), the engine is attached to the context for
@@ -106,6 +110,8 @@ class Llama(llama_cpp.Llama):
         collapse_gap: int | None = None,
         memory_budget: str | int | None = None,
         direct_io: bool = True,
+        thresholds: Sequence[float] | None = None,
+        predictor_thresholds: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> None:
         self._hook_api: FfnHookApi | None = None
@@ -130,6 +136,12 @@ class Llama(llama_cpp.Llama):
             engine_args.update(_read_cost_options(sidecar_path, queue_depth))
             if collapse_gap is not None:
                 engine_args["collapse_gap_bytes"] = collapse_gap
+            if thresholds is not None:
+                engine_args["thresholds"] = [float(t) for t in thresholds]
+            if predictor_thresholds is not None:
+                engine_args["predictor_thresholds"] = [float(t) for t in predictor_thresholds]
+        elif thresholds is not None or predictor_thresholds is not None:
+            raise ValueError(f"thresholds apply to a sidecar's sparse engine; {model_path} is used without one")
         elif predictor not in (None, "dense"):
             raise ValueError(f"predictor {predictor!r} needs a sidecar; {model_path} is used without one")
         if budget is not None and sidecar_path is None:
@@ -164,7 +176,8 @@ class Llama(llama_cpp.Llama):
             engine.configure_cache(cache_policy, self.memory_plan.cache)
         self._neuralink_args = dict(sidecar=sidecar, predictor=predictor, cache_policy=cache_policy,
                                     cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
-                                    collapse_gap=collapse_gap, memory_budget=memory_budget, direct_io=direct_io)
+                                    collapse_gap=collapse_gap, memory_budget=memory_budget, direct_io=direct_io,
+                                    thresholds=thresholds, predictor_thresholds=predictor_thresholds)
         self._stats: list[np.ndarray] = []
 
         refused = [s for s in engine.layer_status() if not s.taken]
@@ -220,7 +233,9 @@ class Llama(llama_cpp.Llama):
         active_bytes (record bytes of the evaluated neurons), io_ns (first
         read issued to last completed), stall_ns (the longest wait of a
         compute thread for its reads: I/O not hidden by compute), layer_ns
-        (the layer's wall time).
+        (the layer's wall time), predicted_pairs and computed_pairs ((token,
+        neuron) pairs selected by the predictor and entering the down
+        projection: the per-token density of a batch).
         Empty for the dense engine.
         """
         self._stats.append(self.engine.take_stats())

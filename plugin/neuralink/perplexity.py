@@ -8,6 +8,12 @@ first token, every later one its last `stride` tokens, so each of those has
 at least n_ctx - stride tokens of context (stride = n_ctx: non-overlapping
 windows, the first token of each unscored). The result is the mean negative
 log-likelihood per scored token (nats) and its exponential, the perplexity.
+
+With --sweep, one converted model is scored by stock llama.cpp, by the
+engine reading every neuron, and by each predictor at densities 1.0, 0.5,
+0.3, 0.2, 0.1 (thresholds placed on --calibration text), and the sparsest
+density within --budget (default +5 %) of stock is reported per predictor
+(neuralink.perplexity_sweep, docs/perplexity.md).
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ import llama_cpp
 import numpy as np
 
 from neuralink.errors import ModelFileError, NeuralinkError
+
+DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1)
+DEFAULT_CALIBRATION_TOKENS = 2048
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +120,8 @@ def perplexity(
     max_tokens: int | None = 4096,
     llama_factory: LlamaFactory = llama_cpp.Llama,
     n_threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    inspect: Callable[[Any], None] | None = None,
     **llama_kwargs: Any,
 ) -> PerplexityResult:
     """Perplexity of `text` under the model at `model_path` (method in the module doc).
@@ -118,8 +129,11 @@ def perplexity(
     `llama_factory` builds the model: ``llama_cpp.Llama`` (default),
     ``neuralink.Llama`` or any class taking the same arguments; extra keyword
     arguments go to it. `stride` defaults to n_ctx // 2; `max_tokens` caps the
-    tokens of the text used (None: all). Raises ModelFileError for a missing
-    model and ValueError when the text has fewer than 2 tokens.
+    tokens of the text used (None: all). `progress(windows done, windows)` is
+    called after each window; `inspect(model)` once all are scored, before the
+    model is closed (e.g. to read ``neuralink.Llama.ffn_stats()``). Raises
+    ModelFileError for a missing model and ValueError when the text has fewer
+    than 2 tokens.
     """
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -143,7 +157,11 @@ def perplexity(
             rows = slice(window.first_scored - 1 - window.begin, window.end - 1 - window.begin)
             logits = np.asarray(llm.scores[rows], dtype=np.float32)
             nlls.append(_window_nll(logits, tokens[window.first_scored:window.end]))
+            if progress is not None:
+                progress(len(nlls), len(windows))
         seconds = time.perf_counter() - start
+        if inspect is not None:
+            inspect(llm)
     finally:
         llm.close()
     result = PerplexityResult(str(model_path), n_ctx, stride, len(windows), np.concatenate(nlls), seconds)
@@ -190,6 +208,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: n_ctx/2)")
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens of the text to use (default: 4096)")
     parser.add_argument("--threads", dest="n_threads", type=int, default=None, help="compute threads")
+    sweep = parser.add_argument_group(
+        "density sweep (--sweep): one converted model, stock llama.cpp against the engine at several densities")
+    sweep.add_argument("--sweep", action="store_true",
+                       help="score the converted --model with stock llama.cpp, the engine dense, and each predictor "
+                            "at each density; report the sparsest density within --budget (docs/perplexity.md)")
+    sweep.add_argument("--calibration", type=Path, action="append", default=[], metavar="TEXT",
+                       help="text on which each density's thresholds are placed (the conversion's calibration text; "
+                            "not the scored text); repeatable")
+    sweep.add_argument("--sidecar", type=Path, default=None, help="the model's sidecar (default: the one it names)")
+    sweep.add_argument("--densities", default=",".join(f"{d:g}" for d in DEFAULT_DENSITIES),
+                       help="target densities, comma-separated (default: %(default)s)")
+    sweep.add_argument("--predictors", default=None,
+                       help="comma-separated, of gate, lowrank, oracle (default: every applicable one)")
+    sweep.add_argument("--budget", default="5",
+                       help="perplexity increase allowed over stock llama.cpp, in percent (default: 5)")
+    sweep.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS,
+                       help=f"calibration tokens for the thresholds (default: {DEFAULT_CALIBRATION_TOKENS})")
+    sweep.add_argument("--png", type=Path, default=None, help="also draw perplexity against active fraction here")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -197,6 +233,14 @@ def main(args: argparse.Namespace) -> int:
         text = args.text.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise NeuralinkError(f"{args.text}: cannot read the text: {e}") from None
+    if args.sweep:
+        from neuralink.perplexity_sweep import run_cli
+
+        return run_cli(args, text)
+    sweep_only = [flag for flag, given in (("--calibration", args.calibration), ("--sidecar", args.sidecar),
+                                           ("--predictors", args.predictors), ("--png", args.png)) if given]
+    if sweep_only:
+        raise NeuralinkError(f"{', '.join(sweep_only)}: only with --sweep")
     results = []
     for model in args.model:
         print(f"scoring {model} ...", file=sys.stderr)

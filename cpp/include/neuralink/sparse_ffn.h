@@ -54,6 +54,11 @@ struct SparseOptions {
     uint64_t max_read_bytes = 1 << 20;
     DeviceCost device;
     bool direct_io = true;
+    // per-layer activity thresholds replacing the sidecar's, to run at another density without converting
+    // again (empty: the sidecar's); a neuron is active when its criterion value exceeds the threshold
+    std::vector<float> thresholds;
+    // per-layer low-rank predictor thresholds replacing the sidecar's (empty: the sidecar's)
+    std::vector<float> predictor_thresholds;
 };
 
 // What llama.cpp computes a layer from, apart from the bundles.
@@ -80,6 +85,8 @@ struct LayerStepStats {
     uint64_t io_ns = 0;         // first read issued -> last read completed
     uint64_t stall_ns = 0;      // longest time a compute thread waited for reads (the I/O not hidden by compute)
     uint64_t layer_ns = 0;      // phase 0 start -> phase 2 end (thread 0's view)
+    uint64_t predicted_pairs = 0; // (token, neuron) pairs the predictor selected
+    uint64_t computed_pairs = 0;  // (token, neuron) pairs whose h entered the down projection
 };
 
 class SparseFfn {
@@ -99,6 +106,9 @@ public:
     void phase(int il, int phase, const float * x, float * y, int64_t n_tokens, int ith, int nth);
 
     const SparseOptions & options() const { return options_; }
+    // the activity and low-rank predictor thresholds in use for layer il (the options' or the sidecar's)
+    float threshold(int il) const;
+    float predictor_threshold(int il) const;
     const SidecarStore & store() const { return *store_; }
     BundleCache & cache() { return *cache_; }
     // Replaces the cache (between evaluations only); the pinned policy reads its records here.

@@ -6,8 +6,6 @@ variants it compares and reports ratios next to absolute numbers.
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import argparse
 import importlib
 from typing import TYPE_CHECKING
@@ -19,6 +17,7 @@ if TYPE_CHECKING:
 BENCHMARKS: dict[str, str] = {
     "dense": "neuralink.bench.dense",
     "e2e": "neuralink.bench.e2e",
+    "io": "neuralink.bench.io",
 }
 
 
