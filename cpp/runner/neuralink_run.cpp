@@ -228,10 +228,243 @@ std::vector<llama_token> tokenize(const llama_vocab * vocab, const std::string &
     return tokens;
 }
 
+// The ids of --follow-tokens FILE: whitespace-separated integers.
+std::vector<llama_token> read_token_ids(const std::string & path) {
+    FILE * f = std::fopen(path.c_str(), "r");
+    if (!f) {
+        throw UsageError("--follow-tokens " + path + ": " + std::strerror(errno));
+    }
+    std::vector<llama_token> ids;
+    long id = 0;
+    int n = 0;
+    while ((n = std::fscanf(f, "%ld", &id)) == 1) {
+        ids.push_back((llama_token) id);
+    }
+    const bool clean_end = n == EOF && !std::ferror(f);
+    std::fclose(f);
+    if (!clean_end) {
+        throw UsageError("--follow-tokens " + path + ": token " + std::to_string(ids.size()) +
+                         " is not an integer (expected whitespace-separated token ids)");
+    }
+    return ids;
+}
+
 std::string piece(const llama_vocab * vocab, llama_token token) {
     char buf[256];
     const int n = llama_token_to_piece(vocab, token, buf, sizeof(buf), 0, false);
     return n > 0 ? std::string(buf, (size_t) n) : std::string();
+}
+
+// The engine for the model, or null with --stock-ffn; *sidecar_out is the sidecar it reads, if any.
+std::unique_ptr<neuralink::Engine> open_engine(const RunnerOptions & o, std::string * sidecar_out) {
+    check_readable(o.model, "model");
+    const neuralink::GgufModel directory(o.model); // names the file if it is not a valid GGUF
+    if (o.stock_ffn) {
+        note("stock llama.cpp: FFNs computed by llama.cpp from its mapped weights, no engine");
+        return nullptr;
+    }
+    const std::string sidecar = resolve_sidecar(o, directory);
+    std::string predictor = "dense";
+    if (!sidecar.empty()) {
+        const std::string model_id = directory.get_string("neuralink.model_id");
+        if (model_id.empty()) {
+            throw neuralink::ModelFileError(o.model + ": not a model converted by neuralink (no neuralink.model_id); "
+                                            "a sidecar belongs to the converted GGUF written with it");
+        }
+        const neuralink::SidecarStore store(sidecar, model_id, false); // checks the model id before any weight is read
+        predictor = o.predictor.empty() ? default_predictor(store) : o.predictor;
+    } else if (!o.predictor.empty() && o.predictor != "dense") {
+        throw UsageError("--predictor " + o.predictor + " needs a sidecar; " + o.model + " names none (pass --sidecar)");
+    } else if (o.memory_budget) {
+        throw UsageError(o.model + ": --memory-budget needs a model converted by neuralink and its sidecar "
+                         "(without one, the engine keeps every FFN weight in RAM)");
+    }
+
+    const auto t0 = std::chrono::steady_clock::now();
+    auto engine = std::make_unique<neuralink::Engine>(o.model, engine_options(o, sidecar, predictor));
+    if (o.direct_io && !engine->direct_io()) {
+        note("%s", engine->io_note().c_str());
+    }
+    if (const auto * sparse = engine->sparse()) {
+        note("sparse: sidecar %s, predictor %s, cache %s", sidecar.c_str(), predictor.c_str(), o.cache_policy.c_str());
+        const std::string asked = o.io_backend_given ? "--io-backend " + o.io_backend
+                : o.io_backend + " by default, " + default_io_backend_reason();
+        note("reads: %s%s%s (asked: %s)", neuralink::io_backend_name(sparse->io_backend()),
+             sparse->io_note().empty() ? "" : ", ", sparse->io_note().c_str(), asked.c_str());
+    } else {
+        note("dense: %.1f MiB of FFN weights read in %.2f s", engine->weight_bytes() / 1048576.0, seconds_since(t0));
+    }
+    *sidecar_out = sidecar;
+    return engine;
+}
+
+// What run() holds of llama.cpp; members are freed in reverse order: the hook is detached first.
+struct LlamaSession {
+    std::unique_ptr<llama_model, ModelFree> model;
+    std::unique_ptr<llama_context, ContextFree> ctx;
+    HookAttachment attachment;
+    const llama_vocab * vocab = nullptr;
+    std::vector<llama_token> prompt;
+};
+
+void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & log, LlamaSession & s) {
+    llama_model_kv_override overrides[2] {}; // the empty key ends the list
+    llama_model_params mparams = llama_model_default_params();
+    if (engine) {
+        // llama.cpp maps the FFN weights lazily: never prefetched, repacked or read by it
+        overrides[0].tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
+        std::snprintf(overrides[0].key, sizeof(overrides[0].key), "%s", LLAMA_FFN_HOOK_LAZY_WEIGHTS_KEY);
+        overrides[0].val_bool = true;
+        mparams.kv_overrides = overrides;
+    }
+    s.model.reset(llama_model_load_from_file(o.model.c_str(), mparams));
+    if (!s.model) {
+        throw neuralink::ModelFileError(o.model + ": llama.cpp cannot load it: " +
+                                        (log.last_error.empty() ? std::string("see --verbose") : log.last_error));
+    }
+    s.vocab = llama_model_get_vocab(s.model.get());
+    s.prompt = tokenize(s.vocab, o.prompt);
+    if (s.prompt.empty()) {
+        throw UsageError("the prompt tokenizes to nothing");
+    }
+    llama_context_params cparams = llama_context_default_params();
+    cparams.n_ctx = (uint32_t) (o.n_ctx ? o.n_ctx : (int) s.prompt.size() + o.n_predict);
+    cparams.n_batch = (uint32_t) o.n_batch;
+    cparams.n_ubatch = (uint32_t) std::min(o.n_batch, (int) cparams.n_ubatch);
+    cparams.n_threads = cparams.n_threads_batch = o.n_threads;
+    cparams.flash_attn_type = o.flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    if ((int) s.prompt.size() + o.n_predict > (int) cparams.n_ctx) {
+        throw UsageError("the prompt (" + std::to_string(s.prompt.size()) + " tokens) and -n " +
+                         std::to_string(o.n_predict) + " exceed the context of " + std::to_string(cparams.n_ctx) +
+                         " tokens: raise --ctx-size");
+    }
+    s.ctx.reset(llama_init_from_model(s.model.get(), cparams));
+    if (!s.ctx) {
+        throw std::runtime_error("llama.cpp cannot create a context: " + log.last_error);
+    }
+    if (engine) {
+        llama_set_ffn_hook(s.ctx.get(), engine->hook());
+        s.attachment.ctx = s.ctx.get();
+        require_all_layers_taken(*engine, o.model);
+    }
+}
+
+// Sizes the bundle cache from --memory-budget, or refuses a budget below the minimum.
+void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, const LlamaSession & s,
+                         uint64_t process_before, const std::vector<std::string> & llama_log) {
+    const MemoryPlan plan = plan_memory(engine, *o.memory_budget, process_before, llama_log, o.n_threads,
+                                        (int) llama_n_ubatch(s.ctx.get()));
+    if (plan.budget < plan.minimum()) {
+        char head[160];
+        std::snprintf(head, sizeof(head), "memory budget %.1f MiB is below the minimum %.1f MiB",
+                      plan.budget / 1048576.0, plan.minimum() / 1048576.0);
+        throw BudgetError(o.model + ": " + head + " this model and context need (raise the budget, or lower "
+                          "--ctx-size / --batch-size):\n" + plan.describe());
+    }
+    engine.sparse()->configure_cache(neuralink::cache_policy_from_name(o.cache_policy), plan.cache());
+    note("memory budget:\n%s", plan.describe().c_str());
+}
+
+struct Generation {
+    std::vector<llama_token> tokens; // fed back (and printed): the greedy ones, or those of --follow-tokens
+    std::vector<llama_token> greedy; // the argmax at each step
+    StepTotals prompt, decode;
+};
+
+Generation generate(const RunnerOptions & o, LlamaSession & s, neuralink::SparseFfn * sparse, const LlamaLog & log,
+                    const std::vector<llama_token> & follow) {
+    const int n_vocab = llama_vocab_n_tokens(s.vocab);
+    for (size_t i = 0; i < follow.size(); ++i) {
+        if (follow[i] < 0 || follow[i] >= n_vocab) {
+            throw UsageError("--follow-tokens " + o.follow_tokens + ": token " + std::to_string(i) + " is " +
+                             std::to_string(follow[i]) + ", outside this model's vocabulary of " +
+                             std::to_string(n_vocab));
+        }
+    }
+    FILE * logits_out = nullptr;
+    if (!o.dump_logits.empty() && !(logits_out = std::fopen(o.dump_logits.c_str(), "wb"))) {
+        throw UsageError("--dump-logits " + o.dump_logits + ": " + std::strerror(errno));
+    }
+    std::unique_ptr<FILE, int (*)(FILE *)> logits_guard(logits_out, &std::fclose);
+    // a failed read leaves zeros in the layer's output: never let such a token through
+    auto decode = [&](llama_token * tokens, int n, const std::string & what) {
+        const int rc = llama_decode(s.ctx.get(), llama_batch_get_one(tokens, n));
+        if (sparse && !sparse->error().empty()) {
+            throw neuralink::IoError("during " + what + ": " + sparse->error());
+        }
+        if (rc != 0) {
+            throw std::runtime_error("llama_decode failed on " + what + " (status " + std::to_string(rc) + "): " +
+                                     log.last_error);
+        }
+    };
+    Generation g;
+    std::fputs(o.prompt.c_str(), stdout);
+    std::fflush(stdout);
+    auto t0 = std::chrono::steady_clock::now();
+    for (size_t i = 0; i < s.prompt.size(); i += (size_t) o.n_batch) {
+        const int n = (int) std::min(s.prompt.size() - i, (size_t) o.n_batch);
+        decode(s.prompt.data() + i, n, "the prompt");
+    }
+    g.prompt.seconds = seconds_since(t0);
+    g.prompt.tokens = s.prompt.size();
+    if (sparse) {
+        g.prompt.add(sparse->take_stats());
+    }
+
+    t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < o.n_predict; ++i) {
+        const float * logits = llama_get_logits_ith(s.ctx.get(), -1);
+        // greedy: the first of the largest logits
+        const llama_token greedy = (llama_token) (std::max_element(logits, logits + n_vocab) - logits);
+        llama_token next = follow.empty() ? greedy : follow[(size_t) i];
+        g.greedy.push_back(greedy);
+        if (logits_out && std::fwrite(logits, sizeof(float), (size_t) n_vocab, logits_out) != (size_t) n_vocab) {
+            throw std::runtime_error("--dump-logits " + o.dump_logits + ": write failed: " + std::strerror(errno));
+        }
+        if (!o.ignore_eos && llama_vocab_is_eog(s.vocab, next)) {
+            break;
+        }
+        g.tokens.push_back(next);
+        std::fputs(piece(s.vocab, next).c_str(), stdout);
+        std::fflush(stdout);
+        if (i + 1 < o.n_predict) { // the last token is printed, not fed back
+            decode(&next, 1, "generated token " + std::to_string(i));
+            ++g.decode.tokens;
+        }
+    }
+    g.decode.seconds = seconds_since(t0);
+    if (sparse) {
+        g.decode.add(sparse->take_stats());
+    }
+    std::fputs("\n", stdout);
+    std::fflush(stdout);
+    return g;
+}
+
+std::string join_ids(const std::vector<llama_token> & tokens) {
+    std::string ids;
+    for (llama_token t : tokens) {
+        ids += (ids.empty() ? "" : " ") + std::to_string(t);
+    }
+    return ids;
+}
+
+void report(const Generation & g, const neuralink::Engine * engine, bool followed) {
+    std::fprintf(stderr, "\ngenerated token ids: %s\n", join_ids(g.tokens).c_str());
+    if (followed) {
+        std::fprintf(stderr, "greedy token ids: %s\n", join_ids(g.greedy).c_str());
+    }
+    const neuralink::SparseFfn * sparse = engine ? engine->sparse() : nullptr;
+    print_totals("prompt", g.prompt, sparse != nullptr);
+    print_totals("generation", g.decode, sparse != nullptr);
+    if (sparse) {
+        const auto c = const_cast<neuralink::SparseFfn *>(sparse)->cache().stats();
+        std::fprintf(stderr, "engine     resident %.1f MiB, bundle store %.1f MiB, cache %.1f of %.1f MiB\n",
+                     sparse->resident_bytes() / 1048576.0, sparse->store_bytes() / 1048576.0,
+                     c.used_bytes / 1048576.0, c.capacity_bytes / 1048576.0);
+    } else if (engine) {
+        std::fprintf(stderr, "engine     dense, %.1f MiB of FFN weights resident\n", engine->weight_bytes() / 1048576.0);
+    }
 }
 
 int run(const RunnerOptions & o) {
@@ -243,181 +476,37 @@ int run(const RunnerOptions & o) {
         throw std::runtime_error("libllama's FFN hook API is version " + std::to_string(llama_ffn_hook_api_version()) +
                                  ", this runner was built for version " + std::to_string(LLAMA_FFN_HOOK_API_VERSION));
     }
+    std::vector<llama_token> follow;
+    if (!o.follow_tokens.empty()) {
+        follow = read_token_ids(o.follow_tokens);
+        if ((int) follow.size() < o.n_predict) {
+            throw UsageError("--follow-tokens " + o.follow_tokens + ": holds " + std::to_string(follow.size()) +
+                             " token ids, fewer than -n " + std::to_string(o.n_predict));
+        }
+    }
     const uint64_t process_before = resident_bytes();
+    note("system: %s", llama_print_system_info()); // which SIMD kernels this build of ggml runs
 
-    check_readable(o.model, "model");
-    std::string sidecar, predictor = "dense";
-    {
-        const neuralink::GgufModel directory(o.model);
-        sidecar = resolve_sidecar(o, directory);
-        if (!sidecar.empty()) {
-            const std::string model_id = directory.get_string("neuralink.model_id");
-            if (model_id.empty()) {
-                throw neuralink::ModelFileError(o.model + ": not a model converted by neuralink (no neuralink.model_id); "
-                                                "a sidecar belongs to the converted GGUF written with it");
-            }
-            const neuralink::SidecarStore store(sidecar, model_id, false); // checks the model id before any weight is read
-            predictor = o.predictor.empty() ? default_predictor(store) : o.predictor;
-        } else if (!o.predictor.empty() && o.predictor != "dense") {
-            throw UsageError("--predictor " + o.predictor + " needs a sidecar; " + o.model + " names none (pass --sidecar)");
-        } else if (o.memory_budget) {
-            throw UsageError(o.model + ": --memory-budget needs a model converted by neuralink and its sidecar "
-                             "(without one, the engine keeps every FFN weight in RAM)");
-        }
-    }
-
-    auto t0 = std::chrono::steady_clock::now();
-    neuralink::Engine engine(o.model, engine_options(o, sidecar, predictor));
-    const double engine_s = seconds_since(t0);
-    if (o.direct_io && !engine.direct_io()) {
-        note("%s", engine.io_note().c_str());
-    }
-    if (engine.sparse()) {
-        const auto * sparse = engine.sparse();
-        note("sparse: sidecar %s, predictor %s, cache %s", sidecar.c_str(), predictor.c_str(), o.cache_policy.c_str());
-        note("reads: %s%s%s (asked: %s)", neuralink::io_backend_name(sparse->io_backend()),
-             sparse->io_note().empty() ? "" : ", ", sparse->io_note().c_str(), o.io_backend.c_str());
-    } else {
-        note("dense: %.1f MiB of FFN weights read in %.2f s", engine.weight_bytes() / 1048576.0, engine_s);
-    }
-
-    // llama.cpp maps the FFN weights lazily: never prefetched, repacked or read by it
-    llama_model_kv_override overrides[2] {};
-    overrides[0].tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
-    std::snprintf(overrides[0].key, sizeof(overrides[0].key), "%s", LLAMA_FFN_HOOK_LAZY_WEIGHTS_KEY);
-    overrides[0].val_bool = true;
-    llama_model_params mparams = llama_model_default_params();
-    mparams.kv_overrides = overrides;
-    t0 = std::chrono::steady_clock::now();
-    std::unique_ptr<llama_model, ModelFree> model(llama_model_load_from_file(o.model.c_str(), mparams));
-    if (!model) {
-        throw neuralink::ModelFileError(o.model + ": llama.cpp cannot load it: " +
-                                        (log.last_error.empty() ? std::string("see --verbose") : log.last_error));
-    }
-    const llama_vocab * vocab = llama_model_get_vocab(model.get());
-    const std::vector<llama_token> prompt = tokenize(vocab, o.prompt);
-    if (prompt.empty()) {
-        throw UsageError("the prompt tokenizes to nothing");
-    }
-
-    llama_context_params cparams = llama_context_default_params();
-    cparams.n_ctx = (uint32_t) (o.n_ctx ? o.n_ctx : (int) prompt.size() + o.n_predict);
-    cparams.n_batch = (uint32_t) o.n_batch;
-    cparams.n_ubatch = (uint32_t) std::min(o.n_batch, (int) cparams.n_ubatch);
-    cparams.n_threads = cparams.n_threads_batch = o.n_threads;
-    if ((int) prompt.size() + o.n_predict > (int) cparams.n_ctx) {
-        throw UsageError("the prompt (" + std::to_string(prompt.size()) + " tokens) and -n " +
-                         std::to_string(o.n_predict) + " exceed the context of " + std::to_string(cparams.n_ctx) +
-                         " tokens: raise --ctx-size");
-    }
-    // llama.cpp logs its KV, output and compute buffer sizes here; attaching the hook re-reserves the latter
+    std::string sidecar;
+    // declared before the session: the engine must outlive every graph that calls it
+    std::unique_ptr<neuralink::Engine> engine = open_engine(o, &sidecar);
+    const auto t0 = std::chrono::steady_clock::now();
+    LlamaSession session;
+    // llama.cpp logs its KV, output and compute buffer sizes while loading; attaching re-reserves the latter
     log.capture = o.memory_budget.has_value();
-    std::unique_ptr<llama_context, ContextFree> ctx(llama_init_from_model(model.get(), cparams));
-    if (!ctx) {
-        throw std::runtime_error("llama.cpp cannot create a context: " + log.last_error);
-    }
-    HookAttachment attachment;
-    llama_set_ffn_hook(ctx.get(), engine.hook());
-    attachment.ctx = ctx.get();
+    load_llama(o, engine.get(), log, session);
     log.capture = false;
-    const double load_s = seconds_since(t0);
-    require_all_layers_taken(engine, o.model);
-
     if (o.memory_budget) {
-        const MemoryPlan plan = plan_memory(engine, *o.memory_budget, process_before, log.lines, o.n_threads,
-                                            (int) llama_n_ubatch(ctx.get()));
-        if (plan.budget < plan.minimum()) {
-            char head[160];
-            std::snprintf(head, sizeof(head), "memory budget %.1f MiB is below the minimum %.1f MiB",
-                          plan.budget / 1048576.0, plan.minimum() / 1048576.0);
-            throw BudgetError(o.model + ": " + head + " this model and context need (raise the budget, or lower "
-                              "--ctx-size / --batch-size):\n" + plan.describe());
-        }
-        engine.sparse()->configure_cache(neuralink::cache_policy_from_name(o.cache_policy), plan.cache());
-        note("memory budget:\n%s", plan.describe().c_str());
+        apply_memory_budget(o, *engine, session, process_before, log.lines);
     }
-    note("model loaded in %.2f s: architecture '%s', %d layers served by the engine, %d threads",
-         load_s, engine.model().architecture().c_str(), engine.n_layer(), o.n_threads);
-
-    FILE * logits_out = nullptr;
-    if (!o.dump_logits.empty() && !(logits_out = std::fopen(o.dump_logits.c_str(), "wb"))) {
-        throw UsageError("--dump-logits " + o.dump_logits + ": " + std::strerror(errno));
-    }
-    std::unique_ptr<FILE, int (*)(FILE *)> logits_guard(logits_out, logits_out ? &std::fclose : nullptr);
-    const int n_vocab = llama_vocab_n_tokens(vocab);
-    auto check_engine = [&](const char * during) {
-        if (engine.sparse() && !engine.sparse()->error().empty()) {
-            throw neuralink::IoError(std::string("during ") + during + ": " + engine.sparse()->error());
-        }
-    };
-    auto take_stats = [&](StepTotals & into) {
-        if (engine.sparse()) {
-            into.add(engine.sparse()->take_stats());
-        }
-    };
-
-    StepTotals prompt_totals, gen_totals;
-    std::fputs(o.prompt.c_str(), stdout);
-    std::fflush(stdout);
-    t0 = std::chrono::steady_clock::now();
-    for (size_t i = 0; i < prompt.size(); i += (size_t) o.n_batch) {
-        const int n = (int) std::min(prompt.size() - i, (size_t) o.n_batch);
-        if (llama_decode(ctx.get(), llama_batch_get_one(const_cast<llama_token *>(prompt.data() + i), n)) != 0) {
-            check_engine("the prompt");
-            throw std::runtime_error("llama_decode failed on the prompt: " + log.last_error);
-        }
-        check_engine("the prompt");
-    }
-    prompt_totals.seconds = seconds_since(t0);
-    prompt_totals.tokens = prompt.size();
-    take_stats(prompt_totals);
-
-    std::vector<llama_token> generated;
-    t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < o.n_predict; ++i) {
-        const float * logits = llama_get_logits_ith(ctx.get(), -1);
-        // greedy: the first of the largest logits
-        llama_token next = (llama_token) (std::max_element(logits, logits + n_vocab) - logits);
-        if (logits_out && std::fwrite(logits, sizeof(float), (size_t) n_vocab, logits_out) != (size_t) n_vocab) {
-            throw std::runtime_error("--dump-logits " + o.dump_logits + ": write failed: " + std::strerror(errno));
-        }
-        if (!o.ignore_eos && llama_vocab_is_eog(vocab, next)) {
-            break;
-        }
-        generated.push_back(next);
-        std::fputs(piece(vocab, next).c_str(), stdout);
-        std::fflush(stdout);
-        if (i + 1 == o.n_predict) {
-            break; // the last token is printed, not fed back
-        }
-        if (llama_decode(ctx.get(), llama_batch_get_one(&next, 1)) != 0) {
-            check_engine("generation");
-            throw std::runtime_error("llama_decode failed at generated token " + std::to_string(i) + ": " +
-                                     log.last_error);
-        }
-        check_engine("generation");
-        ++gen_totals.tokens;
-    }
-    gen_totals.seconds = seconds_since(t0);
-    take_stats(gen_totals);
-    std::fputs("\n", stdout);
-    std::fflush(stdout);
-
-    std::string ids;
-    for (llama_token t : generated) {
-        ids += (ids.empty() ? "" : " ") + std::to_string(t);
-    }
-    std::fprintf(stderr, "\ngenerated token ids: %s\n", ids.c_str());
-    print_totals("prompt", prompt_totals, engine.sparse() != nullptr);
-    print_totals("generation", gen_totals, engine.sparse() != nullptr);
-    if (engine.sparse()) {
-        const auto c = engine.sparse()->cache().stats();
-        std::fprintf(stderr, "engine     resident %.1f MiB, bundle store %.1f MiB, cache %.1f of %.1f MiB\n",
-                     engine.sparse()->resident_bytes() / 1048576.0, engine.sparse()->store_bytes() / 1048576.0,
-                     c.used_bytes / 1048576.0, c.capacity_bytes / 1048576.0);
+    if (engine) {
+        note("model loaded in %.2f s: architecture '%s', all %d FFNs served by the engine, %d threads",
+             seconds_since(t0), engine->model().architecture().c_str(), engine->n_layer(), o.n_threads);
     } else {
-        std::fprintf(stderr, "engine     dense, %.1f MiB of FFN weights resident\n", engine.weight_bytes() / 1048576.0);
+        note("model loaded in %.2f s, %d threads", seconds_since(t0), o.n_threads);
     }
+    const Generation g = generate(o, session, engine ? engine->sparse() : nullptr, log, follow);
+    report(g, engine.get(), !follow.empty());
     return kExitOk;
 }
 

@@ -10,10 +10,22 @@
 namespace neuralink_run {
 
 const char * default_io_backend() {
-#ifdef __ANDROID__
+#if defined(NEURALINK_RUNNER_DEFAULT_IO)
+    return NEURALINK_RUNNER_DEFAULT_IO;
+#elif defined(__ANDROID__)
     return "pread";
 #else
     return "auto";
+#endif
+}
+
+const char * default_io_backend_reason() {
+#if defined(NEURALINK_RUNNER_DEFAULT_IO)
+    return "set when this runner was built (NEURALINK_RUNNER_DEFAULT_IO)";
+#elif defined(__ANDROID__)
+    return "the Android default: seccomp commonly refuses io_uring to apps and adb shells";
+#else
+    return "the Linux default: io_uring where the kernel allows it, else the pread pool";
 #endif
 }
 
@@ -32,6 +44,8 @@ model and weights:
                            sidecar a converted model names (neuralink.sidecar.name),
                            looked up beside the model
   --dense                  ignore any sidecar: read all FFN weights into RAM once
+  --stock-ffn              no engine, no hook: llama.cpp computes the FFNs from its
+                           mapped weights (the baseline to compare with)
   --predictor NAME         how active neurons are found with a sidecar: gate (exact
                            gate from resident gate rows and the sidecar's threshold),
                            dense (every neuron: the reference) or oracle (the true
@@ -59,9 +73,15 @@ generation:
   -t, --threads N          compute threads (default: the hardware's, at most 4)
   -c, --ctx-size N         context length (default: prompt + n-predict tokens)
   -b, --batch-size N       prompt tokens per decode call (default 512)
+  --flash-attn             llama.cpp's flash attention (default off, as neuralink.Llama,
+                           so both give the same tokens)
   --ignore-eos             keep generating past end-of-generation tokens
   --dump-logits FILE       write the logits behind each generated token: raw float32,
                            little-endian, one row of n_vocab values per token
+  --follow-tokens FILE     feed the token ids in FILE (whitespace-separated, e.g. the
+                           'generated token ids' of another run) instead of the greedy
+                           choice, so two builds' logits compare at every step; the
+                           greedy choices are still reported ('greedy token ids')
 
 other:
   -v, --verbose            show llama.cpp's own log
@@ -147,11 +167,12 @@ RunnerOptions parse_options(int argc, char ** argv) {
         else if (a == "-m" || a == "--model") { o.model = value(); }
         else if (a == "--sidecar") { o.sidecar = value(); }
         else if (a == "--dense") { o.dense = true; }
+        else if (a == "--stock-ffn") { o.stock_ffn = true; }
         else if (a == "--predictor") { o.predictor = value(); predictor_given = true; }
         else if (a == "--cache-policy") { o.cache_policy = value(); }
         else if (a == "--cache-bytes") { o.cache_bytes = parse_size(value(), "--cache-bytes"); cache_bytes_given = true; }
         else if (a == "--memory-budget") { o.memory_budget = parse_size(value(), "--memory-budget"); }
-        else if (a == "--io-backend") { o.io_backend = value(); }
+        else if (a == "--io-backend") { o.io_backend = value(); o.io_backend_given = true; }
         else if (a == "--queue-depth") { o.queue_depth = parse_int(a, value(), 1, 1024); }
         else if (a == "--no-direct-io") { o.direct_io = false; }
         else if (a == "-p" || a == "--prompt") { o.prompt = value(); }
@@ -159,8 +180,10 @@ RunnerOptions parse_options(int argc, char ** argv) {
         else if (a == "-t" || a == "--threads") { o.n_threads = parse_int(a, value(), 1, 256); }
         else if (a == "-c" || a == "--ctx-size") { o.n_ctx = parse_int(a, value(), 1, 1 << 24); }
         else if (a == "-b" || a == "--batch-size") { o.n_batch = parse_int(a, value(), 1, 1 << 16); }
+        else if (a == "--flash-attn") { o.flash_attn = true; }
         else if (a == "--ignore-eos") { o.ignore_eos = true; }
         else if (a == "--dump-logits") { o.dump_logits = value(); }
+        else if (a == "--follow-tokens") { o.follow_tokens = value(); }
         else if (a == "-v" || a == "--verbose") { o.verbose = true; }
         else { throw UsageError("unknown argument '" + a + "' (see --help)"); }
     }
@@ -169,6 +192,10 @@ RunnerOptions parse_options(int argc, char ** argv) {
     }
     if (o.prompt.empty()) {
         throw UsageError("no prompt: pass -p TEXT");
+    }
+    if (o.stock_ffn && (o.dense || !o.sidecar.empty() || predictor_given || cache_bytes_given || o.memory_budget)) {
+        throw UsageError("--stock-ffn runs llama.cpp alone: it takes none of --dense, --sidecar, --predictor, "
+                         "--cache-bytes, --memory-budget");
     }
     if (o.dense && !o.sidecar.empty()) {
         throw UsageError("--dense and --sidecar exclude each other");

@@ -29,11 +29,13 @@ struct RunnerOptions {
     std::string model;
     std::string sidecar;         // empty: the one the converted model names, if any
     bool dense = false;          // ignore any sidecar: all FFN weights in RAM
+    bool stock_ffn = false;      // no engine: llama.cpp's own FFNs (the baseline, and a reference)
     std::string predictor;       // empty: "gate" where the sidecar allows it, else "dense"
     std::string cache_policy = "linking";
     uint64_t cache_bytes = 0;
     std::optional<uint64_t> memory_budget;
     std::string io_backend;      // "auto", "uring" or "pread"; empty: the platform default
+    bool io_backend_given = false; // false: io_backend is this build's default (logged as such)
     int queue_depth = 8;
     bool direct_io = true;
     std::string prompt;
@@ -41,8 +43,10 @@ struct RunnerOptions {
     int n_threads = 0;           // 0: the hardware's threads, at most 4
     int n_ctx = 0;               // 0: prompt + n_predict tokens
     int n_batch = 512;
+    bool flash_attn = false;     // off, as neuralink.Llama (llama-cpp-python's default): same tokens as Python
     bool ignore_eos = false;
     std::string dump_logits;     // raw float32, one row of n_vocab per generated token
+    std::string follow_tokens;   // feed these token ids instead of the greedy ones (compare builds step by step)
     bool verbose = false;        // llama.cpp's own log
     bool help = false;
 };
@@ -58,7 +62,11 @@ std::string usage(const char * argv0);
 uint64_t parse_size(const std::string & text, const char * what);
 
 // The read path used when --io-backend is not given: "pread" on Android, where
-// seccomp commonly refuses io_uring to apps and shells, "auto" elsewhere.
+// seccomp commonly refuses io_uring to apps and shells, "auto" elsewhere; a
+// build may fix it with NEURALINK_RUNNER_DEFAULT_IO (cpp/CMakeLists.txt).
 const char * default_io_backend();
+
+// Why default_io_backend() is what it is, for the log.
+const char * default_io_backend_reason();
 
 } // namespace neuralink_run
