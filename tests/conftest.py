@@ -86,3 +86,18 @@ def converted_model(tmp_path_factory: pytest.TempPathFactory, synthetic_model: M
         return built[key]
 
     return build
+
+
+# words of the synthetic models' vocabulary, for text the tests carry
+WORDS = ("the of and to in is that it for was on are with as be this by at from or have an not but which they one "
+         "you all were we can there their has more will would about if what so when out up time people new first "
+         "after some model token layer neuron memory flash quick brown fox jumps over lazy dog").split()
+
+
+def carried_text(n_words: int, seed: int) -> str:
+    """Text the tests carry: seeded random sentences over the synthetic vocabulary's words."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sentences = [" ".join(rng.choice(WORDS, int(rng.integers(6, 14)))).capitalize() + "." for _ in range(n_words // 10)]
+    return " ".join(sentences)

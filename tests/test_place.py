@@ -9,6 +9,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
+from conftest import carried_text
 from neuralink import linking
 from neuralink.cli import main as cli_main
 from neuralink.coactivation import CoactivationStats, coactivation_counts, pack_masks
@@ -27,16 +28,7 @@ from neuralink.synthetic import write_synthetic_model
 
 N_EMBD, N_FF, GROUP = 128, 256, 16
 N_GROUPS = N_FF // GROUP
-WORDS = ("the of and to in is that it for was on are with as be this by at from or have an not but which they one "
-         "you all were we can there their has more will would about if what so when out up time people new first "
-         "after some model token layer neuron memory flash quick brown fox jumps over lazy dog").split()
 
-
-def carried_text(n_words: int, seed: int) -> str:
-    """Text the tests carry: seeded random sentences over the synthetic vocabulary's words."""
-    rng = np.random.default_rng(seed)
-    sentences = [" ".join(rng.choice(WORDS, int(rng.integers(6, 14)))).capitalize() + "." for _ in range(n_words // 10)]
-    return " ".join(sentences)
 
 
 # ---------------------------------------------------------------- greedy against networkx

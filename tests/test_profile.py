@@ -10,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
+from conftest import carried_text
 from neuralink.activations import ActivationReader
 from neuralink.cli import main as cli_main
 from neuralink.coactivation import CoactivationStats
@@ -18,16 +19,7 @@ from neuralink.profile import ProfileError, profile_model, read_documents, split
 from neuralink.synthetic import write_synthetic_model
 
 N_EMBD, N_FF, WINDOW = 128, 512, 128
-WORDS = ("the of and to in is that it for was on are with as be this by at from or have an not but which they one "
-         "you all were we can there their has more will would about if what so when out up time people new first "
-         "after some model token layer neuron memory flash quick brown fox jumps over lazy dog").split()
 
-
-def carried_text(n_words: int, seed: int) -> str:
-    """Text the tests carry: seeded random sentences over the synthetic vocabulary's words."""
-    rng = np.random.default_rng(seed)
-    sentences = [" ".join(rng.choice(WORDS, int(rng.integers(6, 14)))).capitalize() + "." for _ in range(n_words // 10)]
-    return " ".join(sentences)
 
 
 @pytest.fixture(scope="module")

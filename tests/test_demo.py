@@ -1,0 +1,58 @@
+"""`neuralink demo`, the main job: converts a model once (cached), then generates through the sparse engine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ModelFactory, carried_text
+
+
+def run_demo(cache: Path, *args: object) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, NEURALINK_CACHE=str(cache))
+    return subprocess.run([sys.executable, "-m", "neuralink.cli", "demo", *map(str, args)], capture_output=True,
+                          text=True, errors="replace", env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("demo-text") / "calibration.txt"
+    path.write_text(carried_text(3000, seed=5))
+    return path
+
+
+def test_demo_converts_once_then_runs_sparse(synthetic_model: ModelFactory, calibration: Path,
+                                             tmp_path: Path) -> None:
+    model = synthetic_model("llama", "q8_0")
+    common = ("--model", model, "--calibration", calibration, "--max-tokens", 8, "--memory-budget", "2GB")
+    first = run_demo(tmp_path, *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    converted = list((tmp_path / "converted").glob("*/*.neuralink.gguf"))
+    assert len(converted) == 1 and converted[0].with_suffix(".sidecar").is_file()
+    assert f"converting {model.name} once" in first.stderr
+    assert "FFN layers served by neuralink: 2/2 (sparse, from the sidecar" in first.stderr
+    for line in ("bundle cache", "active neurons", "reads per token", "I/O per token", "tok/s"):
+        assert line in first.stderr, line
+    second = run_demo(tmp_path, *common)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "converted model (cached)" in second.stderr and "converting" not in second.stderr
+    assert second.stdout == first.stdout  # greedy: the same text from the cached conversion
+
+
+def test_demo_dense_needs_no_conversion(synthetic_model: ModelFactory, tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "--model", synthetic_model("qwen2", "f16"), "--dense", "--max-tokens", 4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dense engine, weights in RAM" in result.stderr
+    assert not (tmp_path / "converted").exists()
+
+
+def test_demo_refuses_a_budget_below_the_minimum(synthetic_model: ModelFactory, calibration: Path,
+                                                 tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "--model", synthetic_model("llama", "q8_0"), "--calibration", calibration,
+                      "--memory-budget", "1MB", "--max-tokens", 4)
+    assert result.returncode != 0
+    assert "is below the minimum" in result.stderr
