@@ -34,13 +34,21 @@ def test_demo_converts_once_then_runs_sparse(synthetic_model: ModelFactory, cali
     converted = list((tmp_path / "converted").glob("*/*.neuralink.gguf"))
     assert len(converted) == 1 and converted[0].with_suffix(".sidecar").is_file()
     assert f"converting {model.name} once" in first.stderr
-    assert "FFN layers served by neuralink: 2/2 (sparse, from the sidecar" in first.stderr
+    assert "FFN layers served by neuralink: 2/2 (sparse, from the sidecar, predictor dense" in first.stderr
     for line in ("bundle cache", "active neurons", "reads per token", "I/O per token", "tok/s"):
         assert line in first.stderr, line
     second = run_demo(tmp_path, *common)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "converted model (cached)" in second.stderr and "converting" not in second.stderr
     assert second.stdout == first.stdout  # greedy: the same text from the cached conversion
+
+
+def test_demo_on_a_relu_model_reads_what_the_low_rank_predictor_picks(synthetic_model: ModelFactory,
+                                                                       calibration: Path, tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "--model", synthetic_model("arcee", "f16"), "--calibration", calibration,
+                      "--max-tokens", 6, "--memory-budget", "2GB")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "predictor lowrank" in result.stderr  # fitted at conversion: a ReLU FFN has no gate to predict from
 
 
 def test_demo_dense_needs_no_conversion(synthetic_model: ModelFactory, tmp_path: Path) -> None:

@@ -185,3 +185,13 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
         assert run.returncode == 0, run.stderr[-3000:]
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
+
+
+def test_trained_model_with_training_metadata_is_convertible(tmp_path: Path, smollm2_path: Path) -> None:
+    from neuralink.ffn_tensors import inspect_ffn_model
+
+    path = export_gguf(random_model(), tmp_path / "trained.gguf", smollm2_path,
+                       training_metadata={"config": "tiny", "steps": 4})
+    assert gguf.GGUFReader(path).get_field("neuralink.training.steps") is not None
+    # neuralink.training.* keys are not the mark of a converted model: neuralink convert must accept it
+    assert not inspect_ffn_model(path).converted

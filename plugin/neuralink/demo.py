@@ -6,8 +6,11 @@ The main job of `bash scripts/setup.sh run`. On the embedded default model
   1. converts the model once (profile on calibration text, co-activation
      placement, permuted GGUF + sidecar bundle store), cached under
      $NEURALINK_CACHE/converted (~/.cache/neuralink) by the model's SHA-256;
-  2. generates with neuralink.Llama: gate predictor, bundles read with direct
-     I/O, a linking cache sized by --memory-budget;
+  2. generates with neuralink.Llama: bundles read with direct I/O, a linking
+     cache sized by --memory-budget; --predictor auto reads every neuron's
+     bundle on gated (SwiGLU/GeGLU) models, whose thresholded sparsity costs
+     SmolLM2 over +5 % perplexity at any density below 1 (docs/benchmarks.md),
+     and the sidecar's own predictor elsewhere (ReLU models);
   3. prints what was read per token and how fast decoding went.
 
 Calibration text: --calibration files, else the project's shared corpus
@@ -53,6 +56,7 @@ class DemoStats:
     layers_served: int
     n_layer: int
     sparse: bool
+    predictor: str
     ffn: np.ndarray  # per layer evaluation counters (Llama.ffn_stats), decode steps only
     n_ff: int
     cache_bytes: int
@@ -91,7 +95,8 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
     """The converted GGUF of `model` (its sidecar beside it), converting it on first use."""
     from tqdm import tqdm
 
-    from neuralink.convert import convert_model, placement_from_text
+    from neuralink.convert import convert_model, fit_model_predictor, placement_from_text
+    from neuralink.ffn_tensors import inspect_ffn_model
     from neuralink.placement import file_sha256
 
     folder = cache_root() / file_sha256(model)[:16]
@@ -117,21 +122,37 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
 
     try:
         placement = placement_from_text(model, calibration, max_tokens=4096, threads=threads, progress=show)
+        # non-gated FFNs have no exact gate predictor: fit the low-rank one
+        predictor = None if inspect_ffn_model(model).gated else fit_model_predictor(
+            model, calibration, placement, rank=64, threads=threads)
         with tqdm(desc="convert", unit="B", unit_scale=True, file=sys.stderr, disable=None) as bar:
-            convert_model(model, placement, output, sidecar, progress=bar.update)
+            convert_model(model, placement, output, sidecar, predictor=predictor, progress=bar.update)
     finally:
         for bar in bars.values():
             bar.close()
     return output
 
 
+def choose_predictor(model: Path, asked: str) -> str | None:
+    """The predictor for --predictor `asked`: None lets the engine choose (see neuralink.Llama)."""
+    from neuralink.constants import KEY_PLACEMENT_CRITERION
+    from neuralink.gguf_directory import read_gguf_directory
+    from neuralink.llama import find_sidecar
+
+    if asked != "auto":
+        return asked
+    sidecar = find_sidecar(model)
+    criterion = read_gguf_directory(sidecar).get(KEY_PLACEMENT_CRITERION) if sidecar else None
+    return "dense" if criterion in ("gate_magnitude", "magnitude") else None
+
+
 def generate(model: Path, prompt: str, max_tokens: int, threads: int | None, direct_io: bool,
-             memory_budget: str | None, dense: bool):
+             memory_budget: str | None, dense: bool, predictor: str | None = None):
     """Yield completion text pieces, then a final DemoStats."""
     from neuralink.ffn_tensors import inspect_ffn_model
     from neuralink.llama import Llama
 
-    options = {"sidecar": False} if dense else {"memory_budget": memory_budget}
+    options = {"sidecar": False} if dense else {"memory_budget": memory_budget, "predictor": predictor}
     # a small batch keeps llama.cpp's compute buffer (n_batch x n_vocab logits) from eating the budget
     llm = Llama(str(model), n_ctx=512, n_batch=64, n_threads=threads, direct_io=direct_io, verbose=False,
                 **options)
@@ -150,7 +171,8 @@ def generate(model: Path, prompt: str, max_tokens: int, threads: int | None, dir
         yield DemoStats(
             n_generated=n_generated, seconds=seconds,
             layers_served=sum(s.taken for s in engine.layer_status()), n_layer=engine.n_layer,
-            sparse=engine.sparse, ffn=llm.ffn_stats(), n_ff=inspect_ffn_model(model).n_ff,
+            sparse=engine.sparse, predictor=engine.predictor if engine.sparse else "", ffn=llm.ffn_stats(),
+            n_ff=inspect_ffn_model(model).n_ff,
             cache_bytes=llm.memory_plan.cache if llm.memory_plan is not None else 0, direct_io=engine.direct_io,
         )
     finally:
@@ -158,8 +180,9 @@ def generate(model: Path, prompt: str, max_tokens: int, threads: int | None, dir
 
 
 def describe(stats: DemoStats) -> str:
-    lines = [f"FFN layers served by neuralink: {stats.layers_served}/{stats.n_layer} "
-             f"({'sparse, from the sidecar' if stats.sparse else 'dense engine, weights in RAM'}; "
+    source = (f"sparse, from the sidecar, predictor {stats.predictor}" if stats.sparse
+              else "dense engine, weights in RAM")
+    lines = [f"FFN layers served by neuralink: {stats.layers_served}/{stats.n_layer} ({source}; "
              f"{'direct' if stats.direct_io else 'buffered'} I/O)"]
     if stats.sparse and stats.ffn.size and stats.n_generated:
         f, n = stats.ffn, stats.n_generated
@@ -188,6 +211,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-budget", default=DEFAULT_BUDGET,
                         help=f"memory of the whole process, e.g. 150MB (default: {DEFAULT_BUDGET}); the bundle "
                              "cache gets what the rest leaves")
+    parser.add_argument("--predictor", choices=("auto", "gate", "lowrank", "dense", "oracle"), default="auto",
+                        help="how active neurons are found (default auto: dense on gated FFNs, where thresholding "
+                             "costs too much quality on small models, else the sidecar's predictor)")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: half the cores)")
     parser.add_argument("--dense", action="store_true",
                         help="no conversion: the dense engine computes every FFN from weights in RAM")
@@ -209,8 +235,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"model: {model}", file=sys.stderr)
     sys.stdout.write(args.prompt)
     stats = None
+    predictor = None if args.dense else choose_predictor(model, args.predictor)
     for piece in generate(model, args.prompt, args.max_tokens, args.threads, args.direct_io, args.memory_budget,
-                          args.dense):
+                          args.dense, predictor):
         if isinstance(piece, DemoStats):
             stats = piece
         else:

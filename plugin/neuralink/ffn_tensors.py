@@ -22,7 +22,9 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 
 from neuralink import _engine
-from neuralink.constants import FFN_DOWN, FFN_GATE, FFN_GATE_BIAS, FFN_UP, FFN_UP_BIAS, ffn_tensor_name
+from neuralink.constants import (
+    FFN_DOWN, FFN_GATE, FFN_GATE_BIAS, FFN_UP, FFN_UP_BIAS, KEY_MODEL_ID, ffn_tensor_name,
+)
 from neuralink.errors import ModelFileError, UnsupportedModelError
 from neuralink.gguf_directory import GgufDirectory, TensorEntry, read_gguf_directory
 from neuralink.synthetic import ggml_type_name
@@ -100,8 +102,9 @@ class FfnModel:
 
     @property
     def converted(self) -> bool:
-        """Whether the file already carries neuralink.* metadata (was written by ``neuralink convert``)."""
-        return any(key.startswith("neuralink.") for key in self.directory.metadata)
+        """Whether the file was written by ``neuralink convert`` (it names a model id); other neuralink.* keys,
+        e.g. the training record of scripts/train_relu_model.py, do not make a model converted."""
+        return self.directory.get(KEY_MODEL_ID) is not None
 
 
 def _layer_tensor(directory: GgufDirectory, template: str, il: int) -> TensorEntry | None:

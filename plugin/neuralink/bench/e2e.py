@@ -71,6 +71,8 @@ def run_worker(variant: str, cap: str, args: argparse.Namespace, prompts_file: P
             command += ["--budget", str(int(limit * args.budget_fraction))]
         if args.predictor:
             command += ["--predictor", args.predictor]
+        if args.thresholds_file is not None:
+            command += ["--thresholds", str(args.thresholds_file)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
         lines = done.stdout.strip().splitlines()
@@ -188,11 +190,32 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-batch", type=int, default=64)
     parser.add_argument("--predictor", default=None)
     parser.add_argument("--cache-policy", default="linking")
+    parser.add_argument("--density", type=float, default=None,
+                        help="run neuralink at this target density instead of the sidecar's (thresholds placed on "
+                             "--calibration text, as `neuralink perplexity --sweep` does)")
+    parser.add_argument("--calibration", type=Path, nargs="+", default=None, metavar="TEXT",
+                        help="calibration text for --density (the conversion's)")
     parser.add_argument("--budget-fraction", type=float, default=0.95,
                         help="neuralink's memory_budget as a fraction of the cap (headroom for measurement)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before giving up")
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     parser.add_argument("--png", type=Path, default=None, help="write the tok/s vs cap curve here")
+
+
+def _write_density_thresholds(args: argparse.Namespace, path: Path) -> Path:
+    """Per-layer thresholds for --density on --calibration, as the worker's JSON file."""
+    from neuralink.errors import NeuralinkError
+    from neuralink.perplexity_sweep import density_thresholds
+
+    if not args.calibration:
+        raise NeuralinkError("--density needs --calibration TEXT (the text the model was converted from)")
+    (found,) = density_thresholds(args.model, args.sidecar, args.calibration, [args.density], threads=args.threads)
+    options = {"thresholds": [float(t) for t in found.thresholds]}
+    if found.predictor_thresholds is not None:
+        options["predictor_thresholds"] = [float(t) for t in found.predictor_thresholds]
+    print(f"density {args.density}: thresholds placed on {', '.join(map(str, args.calibration))}, calibration "
+          f"active fraction {float(found.calibration_density.mean()):.3f}", file=sys.stderr)
+    return write_text(path, json.dumps(options))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -203,7 +226,11 @@ def main(args: argparse.Namespace) -> int:
     if args.sidecar is None:
         raise ModelFileError(f"{args.model}: names no sidecar beside it; pass --sidecar")
     args.stock_model = args.stock_model or args.model
-    results = run_e2e(args, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    with tempfile.TemporaryDirectory(prefix="neuralink-e2e-") as tmp:
+        args.thresholds_file = None
+        if args.density is not None:
+            args.thresholds_file = _write_density_thresholds(args, Path(tmp) / "thresholds.json")
+        results = run_e2e(args, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(results))
     if args.json:
         write_text(args.json, json.dumps([vars(r) for r in results], indent=1, default=str))

@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> dict:
     else:
         import neuralink
 
+        overrides = json.loads(Path(args.thresholds).read_text()) if args.thresholds else {}
         llm = neuralink.Llama(args.model, sidecar=args.sidecar, memory_budget=args.budget, predictor=args.predictor,
-                              cache_policy=args.cache_policy, **context)
+                              cache_policy=args.cache_policy, **overrides, **context)
     load_s = time.perf_counter() - start
     prompts = json.loads(Path(args.prompts).read_text())
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
@@ -107,6 +108,7 @@ def main() -> int:
     parser.add_argument("--budget", default=None)
     parser.add_argument("--predictor", default=None)
     parser.add_argument("--cache-policy", default="linking")
+    parser.add_argument("--thresholds", default=None, help="JSON file: thresholds= and predictor_thresholds= of Llama")
     parser.add_argument("--prompts", required=True)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
