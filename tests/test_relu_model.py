@@ -131,7 +131,12 @@ def test_script_refuses_missing_corpora_and_writes_nothing(tmp_path: Path) -> No
 
 
 def test_script_refuses_an_unwritable_output(tmp_path: Path) -> None:
-    run = run_script("--config", "tiny", "--out", tmp_path / "missing-dir" / "model.gguf", timeout=120)
+    data = tmp_path / "data"  # corpora present (their content is never read): the output is what is wrong
+    data.mkdir()
+    for name in ("tinyshakespeare.txt", "little_women.txt", "emma.txt"):
+        (data / name).write_text("text\n")
+    run = run_script("--config", "tiny", "--out", tmp_path / "missing-dir" / "model.gguf", "--data-dir", data,
+                     timeout=120)
     assert run.returncode == 1
     assert "does not exist" in run.stderr
 

@@ -134,6 +134,21 @@ def test_cache_collapse_and_queue_depth_never_change_outputs(converted_model) ->
     assert len(set(reads)) > 1
 
 
+def test_verbose_completions_print_their_ffn_statistics(converted_model, capfd: pytest.CaptureFixture[str]) -> None:
+    model, sidecar = converted_model("llama", "q8_0", threshold=0.05)
+    llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", **{**CONTEXT, "verbose": True})
+    try:
+        llm.create_completion("the quick brown fox", max_tokens=4, temperature=0.0)
+        first = [line for line in capfd.readouterr().err.splitlines() if line.startswith("neuralink FFN:")]
+        assert len(first) == 1 and " reads and " in first[0] and "cache hits/token" in first[0]
+        assert llm.ffn_summary() == "neuralink FFN: no layer evaluated"  # each summary covers what is new
+        for _ in llm.create_completion("the lazy dog", max_tokens=3, temperature=0.0, stream=True):
+            pass
+        assert sum(line.startswith("neuralink FFN:") for line in capfd.readouterr().err.splitlines()) == 1
+    finally:
+        llm.close()
+
+
 @pytest.mark.parametrize("io_backend", ["uring", "pread"])
 def test_injected_read_faults_raise_and_the_model_keeps_working(converted_model, io_backend: str) -> None:
     model, sidecar = converted_model("llama", "q4_1", threshold=0.05)

@@ -179,6 +179,7 @@ class Llama(llama_cpp.Llama):
                                     collapse_gap=collapse_gap, memory_budget=memory_budget, direct_io=direct_io,
                                     thresholds=thresholds, predictor_thresholds=predictor_thresholds)
         self._stats: list[np.ndarray] = []
+        self._summarized = 0
 
         refused = [s for s in engine.layer_status() if not s.taken]
         if refused:
@@ -224,6 +225,40 @@ class Llama(llama_cpp.Llama):
             engine.clear_error()
             self.n_tokens = n_before
             raise EngineIOError(error)
+
+    def create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        """``llama_cpp.Llama.create_completion``; with ``verbose=True`` and a sidecar, it also prints the
+        FFN statistics of the completion (``ffn_summary``) to stderr when it is done (after the last chunk
+        when streaming). ``__call__`` and ``create_chat_completion`` go through here."""
+        result = super().create_completion(*args, **kwargs)
+        if not self.verbose or self._engine is None or not self._engine.sparse:
+            return result
+        if isinstance(result, Iterator):
+            return self._report_when_done(result)
+        print(self.ffn_summary(), file=sys.stderr)
+        return result
+
+    def _report_when_done(self, chunks: Iterator[Any]) -> Iterator[Any]:
+        yield from chunks
+        print(self.ffn_summary(), file=sys.stderr)
+
+    def ffn_summary(self) -> str:
+        """One line on the FFN work since the last summary: tokens, neurons, reads, bytes, cache, I/O time."""
+        stats = self.ffn_stats()
+        start = self._summarized if self._summarized <= len(stats) else 0  # ffn_stats(reset=True) restarts
+        rows = stats[start:] if stats.size else stats
+        self._summarized = len(stats)
+        if not rows.size:
+            return "neuralink FFN: no layer evaluated"
+        n_layer = max(self.engine.n_layer, 1)
+        tokens = int(rows["n_tokens"].sum()) // n_layer
+        per = max(tokens, 1)
+        return (f"neuralink FFN: {tokens} tokens, {rows['computed_pairs'].sum() / per / n_layer:.0f} neurons "
+                f"active/layer/token (predicted {rows['predicted_pairs'].sum() / per / n_layer:.0f}), "
+                f"{rows['reads'].sum() / per:.1f} reads and {rows['bytes_read'].sum() / per / 2**20:.2f} MiB "
+                f"read/token, {rows['cache_hits'].sum() / per:.0f} cache hits/token, "
+                f"I/O {rows['io_ns'].sum() / per / 1e6:.2f} ms/token "
+                f"({rows['stall_ns'].sum() / per / 1e6:.2f} ms waited)")
 
     def ffn_stats(self, reset: bool = False) -> np.ndarray:
         """Counters of every layer evaluation since the start (or the last reset), one row each.
