@@ -3,6 +3,7 @@
 #include "neuralink/direct_file.h"
 #include "neuralink/engine.h"
 #include "neuralink/errors.h"
+#include "planned_reads.h"
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -231,13 +232,7 @@ static void register_planner(py::module_ & m) {
               BundleRegion region { region_offset, record_bytes, n_records };
               CollapsePolicy policy { max_gap, max_read_bytes };
               const auto reads = plan_reads(region, needed.data(), (size_t) needed.size(), policy);
-              py::array_t<uint64_t> out({ (py::ssize_t) reads.size(), (py::ssize_t) 5 });
-              auto o = out.mutable_unchecked<2>();
-              for (size_t i = 0; i < reads.size(); ++i) {
-                  o(i, 0) = reads[i].offset; o(i, 1) = reads[i].length; o(i, 2) = reads[i].first;
-                  o(i, 3) = reads[i].count; o(i, 4) = reads[i].n_needed;
-              }
-              return out;
+              return planned_reads_array(reads);
           },
           py::arg("needed"), py::arg("region_offset"), py::arg("record_bytes"), py::arg("n_records"),
           py::arg("max_gap") = 0, py::arg("max_read_bytes") = 0,

@@ -1,6 +1,7 @@
 // pybind11 bindings of the trace replayer (neuralink bench io): wiring only, no logic.
 
 #include "neuralink/replay.h"
+#include "planned_reads.h"
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -78,13 +79,7 @@ void register_replay(py::module_ & m) {
              size_t record_bytes, uint32_t n_records, uint64_t max_read_bytes) {
               BundleRegion region { region_offset, record_bytes, n_records };
               const auto reads = plan_runs(region, needed.data(), (size_t) needed.size(), max_read_bytes);
-              py::array_t<uint64_t> out({ (py::ssize_t) reads.size(), (py::ssize_t) 5 });
-              auto o = out.mutable_unchecked<2>();
-              for (size_t i = 0; i < reads.size(); ++i) {
-                  o(i, 0) = reads[i].offset; o(i, 1) = reads[i].length; o(i, 2) = reads[i].first;
-                  o(i, 3) = reads[i].count; o(i, 4) = reads[i].n_needed;
-              }
-              return out;
+              return planned_reads_array(reads);
           },
           py::arg("needed"), py::arg("region_offset"), py::arg("record_bytes"), py::arg("n_records"),
           py::arg("max_read_bytes") = 0,
