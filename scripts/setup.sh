@@ -115,6 +115,9 @@ install_cross_tools() {
 }
 
 case "$job" in
-  run)  exec "$VENV/bin/neuralink" demo "$@" ;;
+  run)
+    corpus="$ROOT/../shared/data/tinyshakespeare.txt"  # the project's calibration text, when it is there
+    if [ -f "$corpus" ]; then exec "$VENV/bin/neuralink" demo --calibration "$corpus" "$@"; fi
+    exec "$VENV/bin/neuralink" demo "$@" ;;
   test) install_cross_tools && run_cpp_tests && cd "$ROOT" && exec "$PY" -m pytest tests "$@" ;;
 esac

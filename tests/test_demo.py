@@ -12,10 +12,10 @@ import pytest
 from conftest import ModelFactory, carried_text
 
 
-def run_demo(cache: Path, *args: object) -> subprocess.CompletedProcess[str]:
+def run_demo(cache: Path, *args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, NEURALINK_CACHE=str(cache))
     return subprocess.run([sys.executable, "-m", "neuralink.cli", "demo", *map(str, args)], capture_output=True,
-                          text=True, errors="replace", env=env, timeout=600)
+                          text=True, errors="replace", env=env, timeout=600, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,18 @@ def test_demo_on_a_relu_model_reads_what_the_low_rank_predictor_picks(synthetic_
                       "--max-tokens", 6, "--memory-budget", "2GB")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "predictor lowrank" in result.stderr  # fitted at conversion: a ReLU FFN has no gate to predict from
+
+
+def test_demo_without_a_corpus_calibrates_on_text_the_model_writes(synthetic_model: ModelFactory,
+                                                                    tmp_path: Path) -> None:
+    alone = tmp_path / "work"  # no ../shared/data from here
+    alone.mkdir()
+    result = run_demo(tmp_path / "cache", "--model", synthetic_model("llama", "q8_0"), "--max-tokens", 4,
+                      "--memory-budget", "2GB", cwd=alone)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = list((tmp_path / "cache" / "converted").glob("*/calibration.txt"))
+    assert len(written) == 1 and len(written[0].read_text().split()) > 300
+    assert "calibrated on calibration.txt" in result.stderr
 
 
 def test_demo_dense_needs_no_conversion(synthetic_model: ModelFactory, tmp_path: Path) -> None:

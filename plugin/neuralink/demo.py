@@ -14,8 +14,8 @@ The main job of `bash scripts/setup.sh run`. On the embedded default model
   3. prints what was read per token and how fast decoding went.
 
 Calibration text: --calibration files, else the project's shared corpus
-(../shared/data/tinyshakespeare.txt) when it is there, else text the model
-writes itself from a few prompts. --dense skips the conversion and runs the
+(../shared/data/tinyshakespeare.txt from the current folder) when it is
+there, else text the model writes itself from a few prompts. --dense skips the conversion and runs the
 dense engine (every FFN weight in RAM) instead.
 """
 
@@ -34,7 +34,8 @@ from neuralink.models import default_model_path
 
 DEFAULT_PROMPT = "The three most useful things to know about flash storage are"
 DEFAULT_BUDGET = "160MB"
-SHARED_CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
+# the project's corpus, from the project root (scripts/setup.sh run passes it explicitly)
+SHARED_CORPUS = Path("..") / "shared" / "data" / "tinyshakespeare.txt"
 # prompts the model continues to make its own calibration text when no corpus is at hand
 SELF_PROMPTS = (
     "Once upon a time, in a small village by the sea,",
