@@ -22,9 +22,11 @@ dense engine (every FFN weight in RAM) instead.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,7 +234,9 @@ def main(args: argparse.Namespace) -> int:
     if not args.dense and find_sidecar(model) is None:
         if read_gguf_directory(model).get(KEY_MODEL_ID):
             raise ModelFileError(f"{model}: converted by neuralink, but the sidecar it names is not beside it")
-        model = converted_model(model, args.calibration, args.threads)
+        # in a child process: profiling's memory must not count against the generation's --memory-budget
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            model = pool.submit(converted_model, model, args.calibration, args.threads).result()
     print(f"model: {model}", file=sys.stderr)
     sys.stdout.write(args.prompt)
     stats = None
