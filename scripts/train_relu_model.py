@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train a small ReLU-native decoder (llama.cpp's `arcee` architecture) and export it to GGUF.
 
-    .venv/bin/python scripts/train_relu_model.py --config small --out /work/models/relu-small.gguf
+    .venv/bin/python scripts/train_relu_model.py --config small --out models/relu-small.gguf
     .venv/bin/python scripts/train_relu_model.py --config tiny --out /tmp/relu-tiny.gguf   # ~2 minutes
 
 Trains on tinyshakespeare.txt + little_women.txt (the last 5 % of each held out
