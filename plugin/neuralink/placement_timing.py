@@ -10,12 +10,11 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 
 import numpy as np
 
+from neuralink.child import run_in_child
 from neuralink.coactivation import coactivation_counts, pack_masks
 from neuralink.iocost import DEFAULT_COST_MODEL, DeviceCostModel
 
@@ -83,8 +82,8 @@ def time_methods(
     """Time each method on the same synthetic layer, each in a fresh process."""
     timings = []
     for method in methods:
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            timings.append(pool.submit(_time_one, method, n_ff, n_tokens, seed, bundle_bytes, cost).result())
+        timings.append(run_in_child(f"timing placement {method}", _time_one, method, n_ff, n_tokens, seed,
+                                    bundle_bytes, cost))
     return timings
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from neuralink.atomic import atomic_output, write_text
 from neuralink.budget import parse_size
 from neuralink.cgroup import CgroupUnavailable, MemoryCgroup
+from neuralink.child import report_child_death
 
 DEFAULT_CAPS = ("none", "300MB", "200MB", "150MB", "120MB", "100MB", "90MB", "80MB", "70MB")
 # the project's shared corpora sit beside the repository; commands run from its root
@@ -41,6 +42,7 @@ class RunResult:
     runs: list[dict] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
     note: str = ""
+    crashed: bool = False
 
     def median(self, key: str) -> float | None:
         values = [r[key] for r in self.runs if key in r]
@@ -78,7 +80,14 @@ def run_worker(variant: str, cap: str, args: argparse.Namespace, prompts_file: P
         lines = done.stdout.strip().splitlines()
         if done.returncode != 0 or not lines:
             killed = group is not None and group.oom_killed()
-            result = {"error": "killed by the OOM killer" if killed else f"exit {done.returncode}: {done.stderr[-300:]}"}
+            if killed:
+                result = {"error": "killed by the OOM killer"}
+            elif done.returncode < 0:  # e.g. a segfault: say which signal, and keep the worker's stderr in a log
+                died = report_child_death(f"bench e2e {variant} at cap {cap}", done.returncode, done.stderr,
+                                          log_name=f"bench-e2e-{variant}-{cap}")
+                result = {"error": str(died), "crashed": True}
+            else:  # a refusal (e.g. a budget below the minimum) or another error the worker reported
+                result = {"error": f"exit {done.returncode}: {done.stderr[-300:]}"}
         else:
             result = json.loads(lines[-1])
     except subprocess.TimeoutExpired:
@@ -107,7 +116,9 @@ def run_e2e(args: argparse.Namespace, progress=print) -> list[RunResult]:
                 for _ in range(args.runs):
                     result, peak = run_worker(variant, cap, args, prompts_file, use_cgroups)
                     if "error" in result:
-                        row.note = result["error"].splitlines()[0][:120]
+                        row.crashed = bool(result.get("crashed"))
+                        # a crash keeps its whole line: it names the log
+                        row.note = result["error"].splitlines()[0][: None if row.crashed else 120]
                         break
                     row.runs.append(result)
                     if peak is not None:
@@ -236,4 +247,7 @@ def main(args: argparse.Namespace) -> int:
         write_text(args.json, json.dumps([vars(r) for r in results], indent=1, default=str))
     if args.png:
         plot(results, args.png)
-    return 0
+    crashed = [r for r in results if r.crashed]
+    for r in crashed:
+        print(f"neuralink bench e2e: error: {r.note}", file=sys.stderr)
+    return 1 if crashed else 0
