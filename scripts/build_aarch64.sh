@@ -177,9 +177,9 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralink.convert import convert_model
-from neuralink.placement import Placement, file_sha256
-from neuralink.synthetic import write_synthetic_model
+from neuralink.convert.conversion import convert_model
+from neuralink.formats.placement import Placement, file_sha256
+from neuralink.models.synthetic import write_synthetic_model
 
 root, float_tolerance = Path(sys.argv[1]), sys.argv[2]
 root.mkdir(parents=True, exist_ok=True)

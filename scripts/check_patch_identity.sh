@@ -46,7 +46,7 @@ models=("$@")
 if [ ${#models[@]} -eq 0 ]; then
   models=("$("$VENV/bin/python" -c 'import neuralink; print(neuralink.default_model_path())')")
   for spec in llama:q4_K qwen2:f16 gemma3:q8_0 arcee:q4_1; do
-    models+=("$("$VENV/bin/python" -c "from neuralink.synthetic import write_synthetic_model as w; \
+    models+=("$("$VENV/bin/python" -c "from neuralink.models.synthetic import write_synthetic_model as w; \
 print(w('$WORK/${spec/:/-}.gguf', '${spec%%:*}', weight_type='${spec##*:}'))")")
   done
 fi

@@ -57,8 +57,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_inputs(args: argparse.Namespace) -> tuple[list[Path], Path]:
-    from neuralink.profile import check_output_path
-    from neuralink.relu_training import TrainingError
+    from neuralink.profile.activity import check_output_path
+    from neuralink.models.relu_training import TrainingError
 
     texts = [args.data_dir / name for name in (*TRAIN_TEXTS, TEST_TEXT)]
     missing = [str(p) for p in texts if not p.is_file()]
@@ -92,10 +92,10 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from neuralink.models import default_model_path
-    from neuralink.perplexity import paired_nll_difference, perplexity
-    from neuralink.relu_model import ReluDecoder, export_gguf
-    from neuralink.relu_training import (
+    from neuralink.runtime.default_model import default_model_path
+    from neuralink.evaluate.perplexity import paired_nll_difference, perplexity
+    from neuralink.models.relu_model import ReluDecoder, export_gguf
+    from neuralink.models.relu_training import (
         CONFIGS, Tokenizer, TrainingError, config_summary, mean_loss, prepare_training_data, read_text,
         relu_sparsity_llama_cpp, relu_sparsity_torch, score_text, text_windows, train,
     )

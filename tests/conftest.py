@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from neuralink.synthetic import Arch, write_synthetic_model
+from neuralink.models.synthetic import Arch, write_synthetic_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -56,8 +56,8 @@ def converted_model(tmp_path_factory: pytest.TempPathFactory, synthetic_model: M
     """
     import numpy as np
 
-    from neuralink.convert import convert_model
-    from neuralink.placement import Placement, file_sha256
+    from neuralink.convert.conversion import convert_model
+    from neuralink.formats.placement import Placement, file_sha256
 
     root = tmp_path_factory.mktemp("converted")
     built: dict[tuple, tuple[Path, Path]] = {}

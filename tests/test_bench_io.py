@@ -11,15 +11,15 @@ import pytest
 
 from conftest import carried_text
 from neuralink import _engine
-from neuralink.bench.io import bench_io
-from neuralink.bench.io_files import bundle_store_layout
-from neuralink.bench.io_variants import COLUMNS, VARIANTS, build_trace
+from neuralink.evaluate.bench.io import bench_io
+from neuralink.evaluate.bench.io_files import bundle_store_layout
+from neuralink.evaluate.bench.io_variants import COLUMNS, VARIANTS, build_trace
 from neuralink.cli import main as cli_main
-from neuralink.coactivation import CoactivationStats, pack_masks
-from neuralink.iocost import DeviceCostModel, count_reads
-from neuralink.place import build_placement, place_layers
-from neuralink.placement import file_sha256
-from neuralink.synthetic import write_synthetic_model
+from neuralink.formats.coactivation import CoactivationStats, pack_masks
+from neuralink.place.read_cost import DeviceCostModel, count_reads
+from neuralink.place.orders import build_placement, place_layers
+from neuralink.formats.placement import file_sha256
+from neuralink.models.synthetic import write_synthetic_model
 
 N_EMBD, N_FF, GROUP, N_LAYER = 128, 256, 16, 2
 N_GROUPS = N_FF // GROUP

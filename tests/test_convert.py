@@ -16,13 +16,13 @@ from gguf import GGMLQuantizationType as QType
 from conftest import REPO_ROOT, ModelFactory, corpus
 from neuralink import ModelFileError, UnsupportedModelError, _engine
 from neuralink.cli import main as cli_main
-from neuralink.constants import KEY_MODEL_ID, KEY_SIDECAR_NAME, KEY_SOURCE_SHA256
-from neuralink.convert import convert_model, default_output_paths, plan_conversion
-from neuralink.ffn_tensors import choose_down_type, inspect_ffn_model
-from neuralink.gguf_directory import read_gguf_directory
-from neuralink.placement import Placement, file_sha256
-from neuralink.sidecar import Sidecar
-from neuralink.synthetic import ggml_type_name
+from neuralink.formats.constants import KEY_MODEL_ID, KEY_SIDECAR_NAME, KEY_SOURCE_SHA256
+from neuralink.convert.conversion import convert_model, default_output_paths, plan_conversion
+from neuralink.formats.ffn_tensors import choose_down_type, inspect_ffn_model
+from neuralink.formats.gguf_directory import read_gguf_directory
+from neuralink.formats.placement import Placement, file_sha256
+from neuralink.formats.sidecar import Sidecar
+from neuralink.models.synthetic import ggml_type_name
 
 PROMPT = (
     b"The quick brown fox jumps over the lazy dog, and then it writes tokens to flash memory; "
@@ -155,7 +155,7 @@ def test_tensors_and_metadata_are_kept_or_permuted_exactly(
 
 def test_ffn_biases_are_permuted_with_their_neurons(tmp_path: Path) -> None:
     # no synthetic architecture has FFN biases: add an up bias to a converted-by-hand llama
-    from neuralink.synthetic import write_synthetic_model
+    from neuralink.models.synthetic import write_synthetic_model
 
     plain = write_synthetic_model(tmp_path / "plain.gguf", "llama", n_layer=1)
     reader = gguf.GGUFReader(plain)
@@ -345,7 +345,7 @@ def test_already_converted_model_needs_force(workdir: Path, capsys: pytest.Captu
 def test_failure_midway_leaves_no_output_and_keeps_old_files(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from neuralink import convert as convert_module
+    from neuralink.convert import conversion as convert_module
 
     output, sidecar = default_output_paths(workdir / "model.gguf")
     output.write_bytes(b"previous model")
@@ -400,7 +400,7 @@ def test_one_command_from_calibration_text(synthetic_model: ModelFactory, tmp_pa
 
 @pytest.mark.slow
 def test_converted_smollm2_perplexity_within_half_a_percent(smollm2_path: Path, tmp_path: Path) -> None:
-    from neuralink.perplexity import paired_nll_difference, perplexity
+    from neuralink.evaluate.perplexity import paired_nll_difference, perplexity
 
     text = corpus("emma.txt").read_text(encoding="utf-8")
     result = convert_model(smollm2_path, random_placement(smollm2_path), tmp_path / "smollm2.neuralink.gguf")

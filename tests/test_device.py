@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from neuralink import _engine, cli, device
-from neuralink.device import DeviceIdentity, DeviceProfile, DeviceProfileError, ProbePoint
-from neuralink.device_profile import BANDWIDTH_SATURATION
+from neuralink import _engine, cli
+from neuralink.runtime import device_probe as device
+from neuralink.runtime.device_probe import DeviceIdentity, DeviceProfile, DeviceProfileError, ProbePoint
+from neuralink.runtime.device_profile import BANDWIDTH_SATURATION
 from neuralink.errors import EngineIOError
 
 TINY = {"sizes": [4096, 8192], "depths": [1, 2], "seconds_per_point": 0.005, "probe_bytes": 1 << 20, "trials": 2}

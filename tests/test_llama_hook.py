@@ -28,7 +28,7 @@ import pytest
 import neuralink
 from conftest import ModelFactory
 from neuralink import _engine
-from neuralink.hook import FFN_HOOK_COMPUTE, FFN_HOOK_TAKE, FfnHook, ffn_hook_api
+from neuralink.runtime.hook import FFN_HOOK_COMPUTE, FFN_HOOK_TAKE, FfnHook, ffn_hook_api
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "

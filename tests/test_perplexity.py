@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from conftest import ModelFactory, corpus
 from neuralink import ModelFileError
 from neuralink.cli import main as cli_main
-from neuralink.perplexity import paired_nll_difference, perplexity, scoring_windows
+from neuralink.evaluate.perplexity import paired_nll_difference, perplexity, scoring_windows
 
 TEXT = (
     "The model reads the neuron of the layer, and the quick brown fox jumps over the lazy dog. "
@@ -137,9 +137,9 @@ def test_dense_inference_through_the_engine_within_half_a_percent_of_llama_cpp(
 ) -> None:
     """Issue 4's acceptance on SmolLM2 (Q4_1), held-out text: the engine's dense paths against stock llama.cpp."""
     import neuralink
-    from neuralink.convert import convert_model
-    from neuralink.ffn_tensors import inspect_ffn_model
-    from neuralink.placement import Placement, file_sha256
+    from neuralink.convert.conversion import convert_model
+    from neuralink.formats.ffn_tensors import inspect_ffn_model
+    from neuralink.formats.placement import Placement, file_sha256
 
     model = inspect_ffn_model(smollm2_path)
     rng = np.random.default_rng(0)

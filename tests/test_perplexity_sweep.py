@@ -11,9 +11,9 @@ import pytest
 import neuralink
 from conftest import ModelFactory
 from neuralink.cli import main as cli_main
-from neuralink.convert import convert_model, fit_model_predictor
-from neuralink.perplexity import PerplexityResult
-from neuralink.perplexity_sweep import (
+from neuralink.convert.conversion import convert_model, fit_model_predictor
+from neuralink.evaluate.perplexity import PerplexityResult
+from neuralink.evaluate.density_sweep import (
     SweepError,
     SweepResult,
     SweepRow,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import carried_text
-from neuralink import linking
+from neuralink.place import linking
 from neuralink.cli import main as cli_main
-from neuralink.coactivation import CoactivationStats, coactivation_counts, pack_masks
-from neuralink.iocost import DeviceCostModel, ReadCounts, count_reads
-from neuralink.place import (
+from neuralink.formats.coactivation import CoactivationStats, coactivation_counts, pack_masks
+from neuralink.place.read_cost import DeviceCostModel, ReadCounts, count_reads
+from neuralink.place.orders import (
     METHODS,
     dense_reads,
     order_layer,
@@ -22,9 +22,9 @@ from neuralink.place import (
     place_layers,
     quality_table,
 )
-from neuralink.placement import Placement, file_sha256
-from neuralink.profile import profile_model
-from neuralink.synthetic import write_synthetic_model
+from neuralink.formats.placement import Placement, file_sha256
+from neuralink.profile.activity import profile_model
+from neuralink.models.synthetic import write_synthetic_model
 
 N_EMBD, N_FF, GROUP = 128, 256, 16
 N_GROUPS = N_FF // GROUP
@@ -324,7 +324,7 @@ def test_place_refuses_heldout_profiled_with_other_thresholds(tmp_path: Path,
 
 
 def test_coactivation_counts_equal_the_masks_product(monkeypatch: pytest.MonkeyPatch) -> None:
-    from neuralink import coactivation
+    from neuralink.formats import coactivation
 
     monkeypatch.setattr(coactivation, "_COUNT_CHUNK_TOKENS", 64)  # several token chunks and row blocks
     rng = np.random.default_rng(9)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from neuralink.cli import main as cli_main
-from neuralink.coactivation import CoactivationStats, pack_masks
-from neuralink.placement import Placement
-from neuralink.plot import FIGURE_DPI, FIGURE_INCHES, PlotError, plot_coactivation
+from neuralink.formats.coactivation import CoactivationStats, pack_masks
+from neuralink.formats.placement import Placement
+from neuralink.place.plot import FIGURE_DPI, FIGURE_INCHES, PlotError, plot_coactivation
 
 N_FF = 96
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -10,10 +10,10 @@ import pytest
 import neuralink
 from conftest import ModelFactory
 from neuralink import _engine
-from neuralink.convert import convert_model, fit_model_predictor
-from neuralink.placement import Placement, file_sha256
-from neuralink.predictor import activity_score, capture_ffn_inputs, evaluate_predictor, fit_layer
-from neuralink.sidecar import Sidecar
+from neuralink.convert.conversion import convert_model, fit_model_predictor
+from neuralink.formats.placement import Placement, file_sha256
+from neuralink.convert.predictor import activity_score, capture_ffn_inputs, evaluate_predictor, fit_layer
+from neuralink.formats.sidecar import Sidecar
 from test_llama_hook import rel_max_abs
 from test_sparse import read_ffn
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from conftest import carried_text
-from neuralink.activations import ActivationReader
+from neuralink.profile.activations import ActivationReader
 from neuralink.cli import main as cli_main
-from neuralink.coactivation import CoactivationStats
+from neuralink.formats.coactivation import CoactivationStats
 from neuralink.errors import ModelFileError
-from neuralink.profile import ProfileError, profile_model, read_documents, split_windows
-from neuralink.synthetic import write_synthetic_model
+from neuralink.profile.activity import ProfileError, profile_model, read_documents, split_windows
+from neuralink.models.synthetic import write_synthetic_model
 
 N_EMBD, N_FF, WINDOW = 128, 512, 128
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, corpus
-from neuralink.relu_model import DecoderShape, ReluDecoder, export_gguf, load_gguf
-from neuralink.relu_training import cross_entropy, relu_sparsity_llama_cpp, relu_sparsity_torch
+from neuralink.models.relu_model import DecoderShape, ReluDecoder, export_gguf, load_gguf
+from neuralink.models.relu_training import cross_entropy, relu_sparsity_llama_cpp, relu_sparsity_torch
 
 SCRIPT = REPO_ROOT / "scripts" / "train_relu_model.py"
 # held out from training: not in tinyshakespeare or little_women (a sentence of emma.txt's style, written here)
@@ -194,7 +194,7 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_trained_model_with_training_metadata_is_convertible(tmp_path: Path, smollm2_path: Path) -> None:
-    from neuralink.ffn_tensors import inspect_ffn_model
+    from neuralink.formats.ffn_tensors import inspect_ffn_model
 
     path = export_gguf(random_model(), tmp_path / "trained.gguf", smollm2_path,
                        training_metadata={"config": "tiny", "steps": 4})

@@ -10,8 +10,8 @@ import pytest
 
 import neuralink
 from neuralink import EngineIOError, ModelFileError, _engine
-from neuralink.budget import MemoryBudgetError
-from neuralink.synthetic import ggml_type_name
+from neuralink.runtime.memory_budget import MemoryBudgetError
+from neuralink.models.synthetic import ggml_type_name
 from test_llama_hook import DECODE_PREFIX, batch_logits, decode_logits, greedy, rel_max_abs, tokens_of
 
 CONTEXT = dict(n_ctx=256, logits_all=True, verbose=False)
@@ -87,7 +87,7 @@ def read_ffn(model: Path, il: int) -> dict[str, np.ndarray]:
 def test_gate_predictor_equals_a_numpy_reference_of_the_thresholded_ffn(converted_model, arch: str) -> None:
     threshold = 0.08
     model, sidecar = converted_model(arch, "f32", threshold=threshold)
-    from neuralink.sidecar import Sidecar
+    from neuralink.formats.sidecar import Sidecar
 
     with Sidecar.open(sidecar, model) as opened:
         # a gate-only criterion: the records leave the gate rows out (they are resident)

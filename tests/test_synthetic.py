@@ -11,7 +11,7 @@ import pytest
 
 from neuralink import _engine
 from conftest import ModelFactory
-from neuralink.synthetic import (
+from neuralink.models.synthetic import (
     ARCH_SPECS,
     ARCHITECTURES,
     Arch,

@@ -16,10 +16,10 @@ from neuralink.errors import (
     NeuralinkError,
     UnsupportedModelError,
 )
-from neuralink.models import default_model_path
+from neuralink.runtime.default_model import default_model_path
 
 if TYPE_CHECKING:
-    from neuralink.llama import Llama
+    from neuralink.runtime.llama import Llama
 
 __version__ = "0.1.0"
 
@@ -38,7 +38,7 @@ def __getattr__(name: str) -> Any:
     # Llama pulls in llama.cpp and numpy; importing neuralink alone stays light (CLI start-up,
     # benchmark workers that join a memory cgroup before loading anything large)
     if name == "Llama":
-        from neuralink.llama import Llama
+        from neuralink.runtime.llama import Llama
 
         return Llama
     raise AttributeError(f"module 'neuralink' has no attribute {name!r}")

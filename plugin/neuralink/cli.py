@@ -17,14 +17,14 @@ from neuralink.errors import NeuralinkError
 # subcommand -> module implementing it
 SUBCOMMANDS: dict[str, str] = {
     "demo": "neuralink.demo",
-    "bench": "neuralink.bench",
-    "profile": "neuralink.profile",
-    "place": "neuralink.place",
-    "plot": "neuralink.plot",
-    "convert": "neuralink.convert",
-    "perplexity": "neuralink.perplexity",
-    "predictor": "neuralink.predictor",
-    "device-profile": "neuralink.device",
+    "bench": "neuralink.evaluate.bench",
+    "profile": "neuralink.profile.activity",
+    "place": "neuralink.place.orders",
+    "plot": "neuralink.place.plot",
+    "convert": "neuralink.convert.conversion",
+    "perplexity": "neuralink.evaluate.perplexity",
+    "predictor": "neuralink.convert.predictor",
+    "device-profile": "neuralink.runtime.device_probe",
 }
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from neuralink.child import run_in_child
-from neuralink.models import default_model_path
+from neuralink.runtime.default_model import default_model_path
 
 DEFAULT_PROMPT = "The three most useful things to know about flash storage are"
 DEFAULT_BUDGET = "160MB"
@@ -79,7 +79,7 @@ def self_calibration_text(model: Path, out: Path, threads: int | None) -> Path:
     import llama_cpp
     from tqdm import tqdm
 
-    from neuralink.atomic import write_text
+    from neuralink.formats.files import write_text
 
     llm = llama_cpp.Llama(str(model), n_ctx=512, n_threads=threads, seed=1234, verbose=False)
     pieces = []
@@ -97,9 +97,9 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
     """The converted GGUF of `model` (its sidecar beside it), converting it on first use."""
     from tqdm import tqdm
 
-    from neuralink.convert import convert_model, fit_model_predictor, placement_from_text
-    from neuralink.ffn_tensors import inspect_ffn_model
-    from neuralink.placement import file_sha256
+    from neuralink.convert.conversion import convert_model, fit_model_predictor, placement_from_text
+    from neuralink.formats.ffn_tensors import inspect_ffn_model
+    from neuralink.formats.placement import file_sha256
 
     folder = cache_root() / file_sha256(model)[:16]
     output = folder / f"{model.stem}.neuralink.gguf"
@@ -137,9 +137,9 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
 
 def choose_predictor(model: Path, asked: str) -> str | None:
     """The predictor for --predictor `asked`: None lets the engine choose (see neuralink.Llama)."""
-    from neuralink.constants import KEY_PLACEMENT_CRITERION
-    from neuralink.gguf_directory import read_gguf_directory
-    from neuralink.llama import find_sidecar
+    from neuralink.formats.constants import KEY_PLACEMENT_CRITERION
+    from neuralink.formats.gguf_directory import read_gguf_directory
+    from neuralink.runtime.llama import find_sidecar
 
     if asked != "auto":
         return asked
@@ -151,8 +151,8 @@ def choose_predictor(model: Path, asked: str) -> str | None:
 def generate(model: Path, prompt: str, max_tokens: int, threads: int | None, direct_io: bool,
              memory_budget: str | None, dense: bool, predictor: str | None = None):
     """Yield completion text pieces, then a final DemoStats."""
-    from neuralink.ffn_tensors import inspect_ffn_model
-    from neuralink.llama import Llama
+    from neuralink.formats.ffn_tensors import inspect_ffn_model
+    from neuralink.runtime.llama import Llama
 
     options = {"sidecar": False} if dense else {"memory_budget": memory_budget, "predictor": predictor}
     # a small batch keeps llama.cpp's compute buffer (n_batch x n_vocab logits) from eating the budget
@@ -224,10 +224,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from neuralink.constants import KEY_MODEL_ID
+    from neuralink.formats.constants import KEY_MODEL_ID
     from neuralink.errors import ModelFileError
-    from neuralink.gguf_directory import read_gguf_directory
-    from neuralink.llama import find_sidecar
+    from neuralink.formats.gguf_directory import read_gguf_directory
+    from neuralink.runtime.llama import find_sidecar
 
     model = args.model or default_model_path()
     if not args.dense and find_sidecar(model) is None:

@@ -1,0 +1,256 @@
+"""Fit and evaluate the low-rank activity predictor: which neurons a token will activate, without their weights.
+
+Per layer, the pre-activation the activity criterion looks at (the gate of
+a gated FFN, the up projection otherwise) is W x with W of n_ff x n_embd. A
+rank-r approximation P = B A costs r (n_embd + n_ff) per token instead of
+n_ff n_embd, and is fitted activation-aware: it minimises the error on the
+layer's real inputs, || (W - B A) X ||, by a truncated SVD of W C^(1/2) with
+C = X^T X / T the inputs' second moment (then A = V_r^T C^(-1/2), B = U_r S_r).
+A neuron is predicted active when its predicted score passes a per-layer
+threshold, chosen on the calibration tokens so that a fraction `recall` of
+the truly active (token, neuron) pairs is predicted.
+
+The engine evaluates the predictor, reads the predicted neurons' full
+bundles, computes them exactly and applies the real criterion, so a false
+positive costs a read but never changes the output; a false negative is a
+neuron left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# criteria a predictor of one pre-activation can decide (see docs/engine.md)
+PredictableCriterion = Literal["gate_magnitude", "relu"]
+
+
+def activation_values(activation: str, v: np.ndarray) -> np.ndarray:
+    """act(v) as the FFN applies it (GELU in its tanh form)."""
+    if activation == "silu":
+        return v / (1.0 + np.exp(-v))
+    if activation == "gelu":
+        return 0.5 * v * (1.0 + np.tanh(0.7978845608028654 * v * (1.0 + 0.044715 * v * v)))
+    if activation == "relu":
+        return np.maximum(v, 0.0)
+    if activation == "relu_sqr":
+        return np.square(np.maximum(v, 0.0))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def activity_score(activation: str, criterion: str, v: np.ndarray) -> np.ndarray:
+    """The number the criterion compares with its threshold: |act(v)|, or act(v) for native zeros."""
+    a = activation_values(activation, v)
+    if criterion == "relu":
+        # ReLU-family activations are >= 0; "active" is act > 0, so the score is act itself
+        return a
+    if criterion == "gate_magnitude":
+        return np.abs(a)
+    raise ValueError(f"a low-rank predictor needs a criterion on one pre-activation (relu or gate_magnitude), "
+                     f"not {criterion!r}")
+
+
+@dataclass
+class LayerFit:
+    a: np.ndarray          # float32 (rank, n_embd)
+    b: np.ndarray          # float32 (n_ff, rank), original neuron order
+    threshold: float       # predicted score above which a neuron is predicted active
+    recall: float          # on the calibration tokens
+    precision: float
+    predicted_density: float
+    true_density: float
+
+
+@dataclass
+class LowRankPredictor:
+    """A fitted predictor for every layer, in the original neuron order."""
+
+    rank: int
+    activation: str
+    criterion: str
+    recall_target: float
+    layers: list[LayerFit]
+
+    def placed(self, orders: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Each layer's B with rows in placed order (row k predicts the neuron stored at position k)."""
+        return [np.ascontiguousarray(fit.b[np.asarray(order)]) for fit, order in zip(self.layers, orders)]
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return np.array([fit.threshold for fit in self.layers], dtype=np.float32)
+
+
+def fit_layer(x: np.ndarray, w: np.ndarray, rank: int, activation: str, criterion: str, activity_threshold: float,
+              recall: float) -> LayerFit:
+    """Fit one layer's predictor from its inputs x (T, n_embd) and pre-activation weights w (n_ff, n_embd)."""
+    x64 = x.astype(np.float64)
+    w64 = w.astype(np.float64)
+    n_embd = x.shape[1]
+    rank = min(rank, n_embd, w.shape[0])
+    second_moment = x64.T @ x64 / len(x64)
+    # a small ridge keeps C^(-1/2) bounded along directions the inputs never take
+    eigval, eigvec = np.linalg.eigh(second_moment + 1e-6 * np.trace(second_moment) / n_embd * np.eye(n_embd))
+    root = (eigvec * np.sqrt(eigval)) @ eigvec.T
+    inv_root = (eigvec / np.sqrt(eigval)) @ eigvec.T
+    u, s, vt = np.linalg.svd(w64 @ root, full_matrices=False)
+    a = vt[:rank] @ inv_root
+    b = u[:, :rank] * s[:rank]
+
+    truly = activity_score(activation, criterion, x64 @ w64.T) > activity_threshold
+    predicted_score = activity_score(activation, criterion, (x64 @ a.T) @ b.T)
+    active_scores = np.sort(predicted_score[truly])
+    if active_scores.size:
+        # the largest threshold that predicts at least `recall` of the truly active pairs: the k-th
+        # smallest of their scores, nudged below it because the engine predicts score > threshold
+        k = int(np.floor((1.0 - recall) * active_scores.size))
+        threshold = float(np.nextafter(active_scores[k], -np.inf))
+    else:
+        threshold = float("inf")
+    predicted = predicted_score > threshold
+    hits = np.count_nonzero(predicted & truly)
+    return LayerFit(
+        a=a.astype(np.float32), b=b.astype(np.float32), threshold=float(threshold),
+        recall=hits / max(np.count_nonzero(truly), 1), precision=hits / max(np.count_nonzero(predicted), 1),
+        predicted_density=float(predicted.mean()), true_density=float(truly.mean()),
+    )
+
+
+def fit_lowrank(
+    inputs: Sequence[np.ndarray],
+    weights: Callable[[int], np.ndarray],
+    *,
+    activation: str,
+    criterion: str,
+    activity_thresholds: Sequence[float],
+    rank: int = 64,
+    recall: float = 0.99,
+    progress: Callable[[int, int], None] | None = None,
+) -> LowRankPredictor:
+    """Fit every layer: `inputs[l]` the FFN inputs of layer l (T, n_embd), `weights(l)` its pre-activation rows."""
+    if not 0.0 < recall <= 1.0:
+        raise ValueError(f"recall must lie in (0, 1], got {recall}")
+    layers = []
+    for il, x in enumerate(inputs):
+        if len(x) < rank:
+            raise ValueError(f"layer {il}: {len(x)} calibration tokens cannot fit a rank-{rank} predictor")
+        layers.append(fit_layer(x, weights(il), rank, activation, criterion, float(activity_thresholds[il]), recall))
+        log.info("layer %d: recall %.4f precision %.3f predicted density %.3f (true %.3f)", il,
+                 layers[-1].recall, layers[-1].precision, layers[-1].predicted_density, layers[-1].true_density)
+        if progress:
+            progress(il + 1, len(inputs))
+    return LowRankPredictor(rank, activation, criterion, recall, layers)
+
+
+def capture_ffn_inputs(
+    model_path: str | os.PathLike[str],
+    texts: Sequence[str | os.PathLike[str]],
+    *,
+    max_tokens: int = 4096,
+    window: int = 512,
+    threads: int | None = None,
+) -> list[np.ndarray]:
+    """Every layer's FFN inputs over the texts, as the dense engine receives them from llama.cpp.
+
+    Returns per layer an array (tokens, n_embd). Logits are requested at every
+    position so that the last layer's FFN sees every token too.
+    """
+    from neuralink.runtime.llama import Llama
+    from neuralink.profile.activity import read_documents, split_windows
+
+    llm = Llama(os.fspath(model_path), sidecar=False, n_ctx=window, n_batch=window, n_ubatch=window,
+                logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False)
+    try:
+        documents = [np.array(llm.tokenize(doc.encode("utf-8")), dtype=np.int32) for doc in read_documents(texts)]
+        engine = llm.engine
+        engine.capture_inputs(max_tokens)
+        for tokens in split_windows(documents, window, max_tokens):
+            llm.reset()
+            llm.eval(tokens.tolist())
+        inputs = [engine.captured_inputs(il) for il in range(engine.n_layer)]
+        engine.capture_inputs(0)
+    finally:
+        llm.close()
+    return inputs
+
+
+@dataclass
+class LayerReport:
+    il: int
+    recall: float
+    precision: float
+    predicted_density: float
+    true_density: float
+
+
+def evaluate_predictor(
+    model_path: str | os.PathLike[str],
+    sidecar_path: str | os.PathLike[str],
+    texts: Sequence[str | os.PathLike[str]],
+    *,
+    max_tokens: int = 2048,
+    threads: int | None = None,
+) -> list[LayerReport]:
+    """Recall and precision of a sidecar's low-rank predictor on (held-out) texts, per layer.
+
+    Runs the converted model densely to get every layer's real inputs, and
+    compares the predicted active sets with the criterion's true ones.
+    """
+    from neuralink.formats.ffn_tensors import decode_matrix, inspect_ffn_model
+    from neuralink.formats.sidecar import Sidecar
+
+    model = inspect_ffn_model(model_path)
+    inputs = capture_ffn_inputs(model_path, texts, max_tokens=max_tokens, threads=threads)
+    data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
+    reports = []
+    with Sidecar.open(sidecar_path, model_path) as sidecar:
+        header = sidecar.header
+        if not header.predictor_rank:
+            raise ValueError(f"{sidecar_path}: has no low-rank predictor (convert with --lowrank-rank)")
+        for il, x in enumerate(inputs):
+            layer = model.layers[il]
+            w = decode_matrix(data, layer.gate if layer.gate is not None else layer.up)
+            x64 = x.astype(np.float64)
+            truly = activity_score(header.activation, header.criterion, x64 @ w.T.astype(np.float64)) \
+                > header.thresholds[il]
+            a, b = sidecar.predictor(il)
+            predicted = activity_score(header.activation, header.criterion, (x64 @ a.T) @ b.T) \
+                > header.predictor_thresholds[il]
+            hits = np.count_nonzero(predicted & truly)
+            reports.append(LayerReport(il, hits / max(np.count_nonzero(truly), 1),
+                                       hits / max(np.count_nonzero(predicted), 1),
+                                       float(predicted.mean()), float(truly.mean())))
+    return reports
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", nargs="+", type=str, help="held-out text(s): .txt, or .jsonl with a \"text\" field")
+    parser.add_argument("--model", required=True, help="converted GGUF whose sidecar holds a low-rank predictor")
+    parser.add_argument("--sidecar", default=None, help="its sidecar (default: the one named in the model)")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="tokens to evaluate on (default: 2048)")
+    parser.add_argument("--threads", type=int, default=None)
+
+
+def main(args: argparse.Namespace) -> int:
+    from neuralink.errors import ModelFileError
+    from neuralink.runtime.llama import find_sidecar
+
+    sidecar = args.sidecar or find_sidecar(args.model)
+    if sidecar is None:
+        raise ModelFileError(f"{args.model}: names no sidecar beside it; pass --sidecar")
+    reports = evaluate_predictor(args.model, sidecar, args.text, max_tokens=args.max_tokens, threads=args.threads)
+    print("| layer | recall | precision | predicted density | true density |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in reports:
+        print(f"| {r.il} | {r.recall:.4f} | {r.precision:.3f} | {r.predicted_density:.3f} | {r.true_density:.3f} |")
+    mean = lambda key: float(np.mean([getattr(r, key) for r in reports]))  # noqa: E731
+    print(f"| mean | {mean('recall'):.4f} | {mean('precision'):.3f} | {mean('predicted_density'):.3f} "
+          f"| {mean('true_density'):.3f} |")
+    return 0

@@ -1,0 +1,1 @@
+"""Stage 5, evaluate: perplexity and density sweeps, benchmarks against stock llama.cpp, memory caps."""

@@ -1,0 +1,253 @@
+"""End to end: decode speed and memory of stock llama.cpp and neuralink under memory caps.
+
+Each (cap, variant, run) is a fresh process inside its own cgroup v1 memory
+group limited to the cap, with the model files evicted from the page cache
+first: stock `llama_cpp.Llama` (mmap, as users run it) against
+`neuralink.Llama` on the converted model and its sidecar with
+memory_budget = the cap. Same prompts (from a text, default emma.txt), greedy
+decoding. Prints a table (median over runs) and writes JSON and a PNG curve.
+Without the right to create cgroups it says so and runs uncapped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from neuralink.formats.files import atomic_output, write_text
+from neuralink.runtime.memory_budget import parse_size
+from neuralink.evaluate.cgroup import CgroupUnavailable, MemoryCgroup
+from neuralink.child import report_child_death
+
+DEFAULT_CAPS = ("none", "300MB", "200MB", "150MB", "120MB", "100MB", "90MB", "80MB", "70MB")
+# the project's shared corpora sit beside the repository; commands run from its root
+SHARED_TEXT = Path("..") / "shared" / "data" / "emma.txt"
+FALLBACK_PROMPTS = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
+    "The three most useful things to know about flash storage are",
+    "Once upon a time, in a small village by the sea, there lived",
+)
+
+
+@dataclass
+class RunResult:
+    cap: str
+    variant: str
+    runs: list[dict] = field(default_factory=list)
+    peaks: list[int] = field(default_factory=list)
+    note: str = ""
+    crashed: bool = False
+
+    def median(self, key: str) -> float | None:
+        values = [r[key] for r in self.runs if key in r]
+        return statistics.median(values) if values else None
+
+
+def prompts_from(text_path: Path | None, n: int, words: int = 40) -> list[str]:
+    """n prompts of `words` words taken at evenly spaced offsets of a text (built-in ones without a text)."""
+    if text_path is None or not text_path.is_file():
+        return list(FALLBACK_PROMPTS[:n])
+    tokens = text_path.read_text(encoding="utf-8", errors="replace").split()
+    step = max((len(tokens) - words) // (n + 1), 1)
+    return [" ".join(tokens[(i + 1) * step : (i + 1) * step + words]) for i in range(n)]
+
+
+def run_worker(variant: str, cap: str, args: argparse.Namespace, prompts_file: Path, use_cgroups: bool) -> tuple[dict, int | None]:
+    limit = None if cap == "none" else parse_size(cap)
+    group = MemoryCgroup.create(limit) if use_cgroups else None
+    command = [sys.executable, "-m", "neuralink.evaluate.bench.worker", "--variant", variant,
+               "--model", str(args.stock_model if variant == "stock" else args.model),
+               "--prompts", str(prompts_file), "--tokens", str(args.tokens), "--threads", str(args.threads),
+               "--n-ctx", str(args.n_ctx), "--n-batch", str(args.n_batch)]
+    if group is not None:
+        command += ["--cgroup", str(group.path)]
+    if variant == "neuralink":
+        command += ["--sidecar", str(args.sidecar), "--cache-policy", args.cache_policy]
+        if limit is not None:
+            command += ["--budget", str(int(limit * args.budget_fraction))]
+        if args.predictor:
+            command += ["--predictor", args.predictor]
+        if args.thresholds_file is not None:
+            command += ["--thresholds", str(args.thresholds_file)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            killed = group is not None and group.oom_killed()
+            if killed:
+                result = {"error": "killed by the OOM killer"}
+            elif done.returncode < 0:  # e.g. a segfault: say which signal, and keep the worker's stderr in a log
+                died = report_child_death(f"bench e2e {variant} at cap {cap}", done.returncode, done.stderr,
+                                          log_name=f"bench-e2e-{variant}-{cap}")
+                result = {"error": str(died), "crashed": True}
+            else:  # a refusal (e.g. a budget below the minimum) or another error the worker reported
+                result = {"error": f"exit {done.returncode}: {done.stderr[-300:]}"}
+        else:
+            result = json.loads(lines[-1])
+    except subprocess.TimeoutExpired:
+        result = {"error": f"no result within {args.timeout} s"}
+    peak = group.peak_bytes() if group is not None else None
+    if group is not None:
+        group.remove()
+    return result, peak
+
+
+def run_e2e(args: argparse.Namespace, progress=print) -> list[RunResult]:
+    try:
+        MemoryCgroup.create(None).remove()
+        use_cgroups = True
+    except CgroupUnavailable as e:
+        use_cgroups = False
+        progress(f"no memory caps: {e}; every variant runs uncapped")
+    prompts = prompts_from(args.prompts_from, args.prompts)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts_file = Path(tmp) / "prompts.json"
+        prompts_file.write_text(json.dumps(prompts))
+        for cap in args.caps:
+            for variant in args.variants:
+                row = RunResult(cap, variant)
+                for _ in range(args.runs):
+                    result, peak = run_worker(variant, cap, args, prompts_file, use_cgroups)
+                    if "error" in result:
+                        row.crashed = bool(result.get("crashed"))
+                        # a crash keeps its whole line: it names the log
+                        row.note = result["error"].splitlines()[0][: None if row.crashed else 120]
+                        break
+                    row.runs.append(result)
+                    if peak is not None:
+                        row.peaks.append(peak)
+                progress(f"cap {cap:>6} {variant:>9}: "
+                         + (f"{row.median('tok_s'):.2f} tok/s" if row.runs else row.note))
+                results.append(row)
+    return results
+
+
+def format_table(results: list[RunResult]) -> str:
+    by_cap: dict[str, dict[str, RunResult]] = {}
+    for r in results:
+        by_cap.setdefault(r.cap, {})[r.variant] = r
+    lines = ["| cap | stock tok/s | neuralink tok/s | neuralink / stock | stock peak MiB | neuralink peak MiB "
+             "| reads/token | MiB read/token | I/O stall ms/token | cache hits | notes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "—" if v is None else format(v, spec)
+
+    for cap, rows in by_cap.items():
+        stock, nl = rows.get("stock"), rows.get("neuralink")
+        s_tok = stock.median("tok_s") if stock else None
+        n_tok = nl.median("tok_s") if nl else None
+        ratio = n_tok / s_tok if s_tok and n_tok else None
+        peak = lambda r: statistics.median(r.peaks) / 2**20 if r and r.peaks else None  # noqa: E731
+        notes = "; ".join(f"{r.variant}: {r.note}" for r in (stock, nl) if r and r.note)
+        stall = nl.median("stall_s_per_token") if nl else None
+        read_mib = nl.median("bytes_per_token") if nl else None
+        lines.append(
+            f"| {cap} | {fmt(s_tok, '.2f')} | {fmt(n_tok, '.2f')} | {fmt(ratio, '.1f')} | {fmt(peak(stock), '.0f')} "
+            f"| {fmt(peak(nl), '.0f')} | {fmt(nl.median('reads_per_token') if nl else None, '.0f')} "
+            f"| {fmt(read_mib / 2**20 if read_mib else None, '.2f')} | {fmt(stall * 1e3 if stall else None, '.2f')} "
+            f"| {fmt(nl.median('cache_hit_rate') if nl else None, '.2f')} | {notes} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for variant, style in (("stock", "o-"), ("neuralink", "s-")):
+        points = [(parse_size(r.cap) / 2**20, r.median("tok_s")) for r in results
+                  if r.variant == variant and r.cap != "none" and r.runs]
+        if points:
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, style, label=f"{variant} llama.cpp" if variant == "stock" else "neuralink")
+    ax.set_xlabel("memory cap of the whole process (MiB)")
+    ax.set_ylabel("decode tokens / s")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="converted GGUF (neuralink convert)")
+    parser.add_argument("--sidecar", type=Path, default=None, help="its sidecar (default: the one named in the model)")
+    parser.add_argument("--stock-model", type=Path, default=None,
+                        help="GGUF stock llama.cpp runs (default: the converted model, same weights)")
+    parser.add_argument("--caps", nargs="+", default=list(DEFAULT_CAPS), help="memory caps, 'none' for uncapped")
+    parser.add_argument("--variants", nargs="+", choices=["stock", "neuralink"], default=["stock", "neuralink"])
+    parser.add_argument("--prompts-from", type=Path, default=SHARED_TEXT,
+                        help=f"text to take prompts from (default: {SHARED_TEXT}; built-in prompts if absent)")
+    parser.add_argument("--prompts", type=int, default=3, help="number of prompts (default: 3)")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per prompt (default: 32)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per cell, median reported (default: 3)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-ctx", type=int, default=512)
+    parser.add_argument("--n-batch", type=int, default=64)
+    parser.add_argument("--predictor", default=None)
+    parser.add_argument("--cache-policy", default="linking")
+    parser.add_argument("--density", type=float, default=None,
+                        help="run neuralink at this target density instead of the sidecar's (thresholds placed on "
+                             "--calibration text, as `neuralink perplexity --sweep` does)")
+    parser.add_argument("--calibration", type=Path, nargs="+", default=None, metavar="TEXT",
+                        help="calibration text for --density (the conversion's)")
+    parser.add_argument("--budget-fraction", type=float, default=0.95,
+                        help="neuralink's memory_budget as a fraction of the cap (headroom for measurement)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before giving up")
+    parser.add_argument("--json", type=Path, default=None, help="write all results here")
+    parser.add_argument("--png", type=Path, default=None, help="write the tok/s vs cap curve here")
+
+
+def _write_density_thresholds(args: argparse.Namespace, path: Path) -> Path:
+    """Per-layer thresholds for --density on --calibration, as the worker's JSON file."""
+    from neuralink.errors import NeuralinkError
+    from neuralink.evaluate.density_sweep import density_thresholds
+
+    if not args.calibration:
+        raise NeuralinkError("--density needs --calibration TEXT (the text the model was converted from)")
+    (found,) = density_thresholds(args.model, args.sidecar, args.calibration, [args.density], threads=args.threads)
+    options = {"thresholds": [float(t) for t in found.thresholds]}
+    if found.predictor_thresholds is not None:
+        options["predictor_thresholds"] = [float(t) for t in found.predictor_thresholds]
+    print(f"density {args.density}: thresholds placed on {', '.join(map(str, args.calibration))}, calibration "
+          f"active fraction {float(found.calibration_density.mean()):.3f}", file=sys.stderr)
+    return write_text(path, json.dumps(options))
+
+
+def main(args: argparse.Namespace) -> int:
+    from neuralink.errors import ModelFileError
+    from neuralink.runtime.llama import find_sidecar
+
+    args.sidecar = args.sidecar or find_sidecar(args.model)
+    if args.sidecar is None:
+        raise ModelFileError(f"{args.model}: names no sidecar beside it; pass --sidecar")
+    args.stock_model = args.stock_model or args.model
+    with tempfile.TemporaryDirectory(prefix="neuralink-e2e-") as tmp:
+        args.thresholds_file = None
+        if args.density is not None:
+            args.thresholds_file = _write_density_thresholds(args, Path(tmp) / "thresholds.json")
+        results = run_e2e(args, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_table(results))
+    if args.json:
+        write_text(args.json, json.dumps([vars(r) for r in results], indent=1, default=str))
+    if args.png:
+        plot(results, args.png)
+    crashed = [r for r in results if r.crashed]
+    for r in crashed:
+        print(f"neuralink bench e2e: error: {r.note}", file=sys.stderr)
+    return 1 if crashed else 0

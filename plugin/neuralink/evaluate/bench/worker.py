@@ -1,0 +1,129 @@
+"""One benchmark run in a fresh process: join a memory cgroup, load, decode, report JSON on stdout.
+
+Run by ``neuralink bench e2e``; not a user command. The process joins its
+cgroup before importing anything heavy, evicts the model files from the page
+cache (cold storage), then loads the variant and decodes greedily after each
+prompt, timing every decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def _decode_steps(llm, prompt: str, n_tokens: int) -> tuple[list[float], int, float]:
+    import numpy as np
+
+    from neuralink.evaluate.bench import last_logits
+
+    llm.reset()
+    tokens = llm.tokenize(prompt.encode())
+    start = time.perf_counter()
+    llm.eval(tokens)
+    prompt_s = time.perf_counter() - start
+    token = int(np.argmax(last_logits(llm)))
+    steps = []
+    for _ in range(n_tokens):
+        start = time.perf_counter()
+        llm.eval([token])
+        steps.append(time.perf_counter() - start)
+        token = int(np.argmax(last_logits(llm)))
+    return steps, len(tokens), prompt_s
+
+
+def run(args: argparse.Namespace) -> dict:
+    from neuralink import _engine
+
+    for path in filter(None, (args.model, args.sidecar)):
+        _engine.evict_from_page_cache(path)
+    context = dict(n_ctx=args.n_ctx, n_batch=args.n_batch, n_ubatch=args.n_batch, n_threads=args.threads,
+                   n_threads_batch=args.threads, verbose=False)
+    start = time.perf_counter()
+    if args.variant == "stock":
+        import llama_cpp
+
+        llm = llama_cpp.Llama(args.model, **context)
+    else:
+        import neuralink
+
+        overrides = json.loads(Path(args.thresholds).read_text()) if args.thresholds else {}
+        llm = neuralink.Llama(args.model, sidecar=args.sidecar, memory_budget=args.budget, predictor=args.predictor,
+                              cache_policy=args.cache_policy, **overrides, **context)
+    load_s = time.perf_counter() - start
+    prompts = json.loads(Path(args.prompts).read_text())
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    steps: list[float] = []
+    prompt_s = 0.0
+    prompt_tokens = 0
+    if args.variant == "neuralink":
+        llm.ffn_stats(reset=True)
+    for prompt in prompts:
+        s, n, p = _decode_steps(llm, prompt, args.tokens)
+        steps += s
+        prompt_s += p
+        prompt_tokens += n
+    result = {
+        "variant": args.variant,
+        "load_s": load_s,
+        "decode_tokens": len(steps),
+        "tok_s": len(steps) / sum(steps),
+        "median_token_s": statistics.median(steps),
+        "prompt_tok_s": prompt_tokens / prompt_s if prompt_s else 0.0,
+        "major_faults_per_token": (resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults_before)
+        / (len(steps) + prompt_tokens),
+    }
+    if args.variant == "neuralink":
+        stats = llm.ffn_stats()
+        decode = stats[stats["n_tokens"] == 1]
+        n = max(len(steps), 1)
+        result.update(
+            reads_per_token=float(decode["reads"].sum()) / n,
+            bytes_per_token=float(decode["bytes_read"].sum()) / n,
+            active_bytes_per_token=float(decode["active_bytes"].sum()) / n,
+            io_s_per_token=float(decode["io_ns"].sum()) * 1e-9 / n,
+            stall_s_per_token=float(decode["stall_ns"].sum()) * 1e-9 / n,
+            cache_hit_rate=float(decode["cache_hits"].sum()) / max(float(decode["predicted"].sum()), 1.0),
+            density=float(decode["predicted"].sum()) / max(float(len(decode)) * llm.engine.n_layer, 1.0),
+            memory_plan={k: v for k, v in vars(llm.memory_plan).items()} if llm.memory_plan else None,
+        )
+        if llm.memory_plan is not None:
+            result["memory_plan"]["minimum"] = llm.memory_plan.minimum
+            result["memory_plan"]["cache"] = llm.memory_plan.cache
+    llm.close()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m neuralink.evaluate.bench.worker")
+    parser.add_argument("--cgroup", default=None)
+    parser.add_argument("--variant", choices=["stock", "neuralink"], required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--sidecar", default=None)
+    parser.add_argument("--budget", default=None)
+    parser.add_argument("--predictor", default=None)
+    parser.add_argument("--cache-policy", default="linking")
+    parser.add_argument("--thresholds", default=None, help="JSON file: thresholds= and predictor_thresholds= of Llama")
+    parser.add_argument("--prompts", required=True)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-ctx", type=int, default=512)
+    parser.add_argument("--n-batch", type=int, default=64)
+    args = parser.parse_args()
+    if args.cgroup:
+        (Path(args.cgroup) / "cgroup.procs").write_text("0\n")  # join before anything large is loaded
+    try:
+        result = run(args)
+    except Exception as e:  # reported to the parent, which prints a table row for it
+        result = {"variant": args.variant, "error": f"{type(e).__name__}: {e}"}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

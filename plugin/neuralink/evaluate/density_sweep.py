@@ -1,0 +1,479 @@
+"""Perplexity of a converted model at several densities, for each predictor (`neuralink perplexity --sweep`).
+
+The sidecar fixes one per-layer activity threshold t_l, set at one density
+when the model was converted. To run at another density without converting
+again, `density_thresholds` places new thresholds on calibration text: it
+runs the dense engine over the text to capture every layer's FFN inputs x,
+computes the criterion's score of every (token, neuron) pair from the
+converted model's own weights (|act(gate)| for gate_magnitude, act(up or
+gate) for relu) and takes, per layer, the value that a fraction `density` of
+the scores exceeds (the quantile rule of `neuralink profile`). Density 1.0 is
+threshold 0: every neuron whose activation is not exactly zero. A ReLU
+model cannot be made denser than its native zeros: asking for more gives
+threshold 0, and the measured active fraction says so.
+
+The low-rank predictor's threshold is re-tuned for each density on the same
+calibration tokens, for the recall the sidecar's was tuned for (0.99 by
+default): with the sidecar's A and B, the largest threshold that still
+predicts that fraction of the truly active pairs.
+
+`perplexity_sweep` then scores held-out text with stock llama.cpp (the
+reference), the engine reading every bundle (predictor dense), and each
+applicable predictor at each density, and reports per predictor the
+sparsest (lowest) density whose perplexity stays within a budget of the
+reference's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from neuralink.errors import ModelFileError, NeuralinkError
+from neuralink.evaluate.perplexity import DEFAULT_CALIBRATION_TOKENS, DEFAULT_DENSITIES, PerplexityResult, perplexity
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET = 0.05
+# quantiles over at most this many scores per layer (as `neuralink profile` does); the rest are sampled
+MAX_THRESHOLD_SAMPLES = 1 << 21
+SWEEP_PREDICTORS = ("gate", "lowrank", "oracle")
+
+# called with (windows done, windows to do, what is being scored)
+SweepProgress = Callable[[int, int, str], None]
+
+
+class SweepError(NeuralinkError, ValueError):
+    """A sweep cannot run as asked: bad densities or budget, a sidecar it cannot vary, no calibration text."""
+
+
+@dataclass(frozen=True)
+class DensityThresholds:
+    """Per-layer thresholds that put the activity criterion at one target density on calibration text."""
+
+    density: float                    # the target
+    thresholds: np.ndarray            # float32 (n_layer,): activity thresholds
+    calibration_density: np.ndarray   # float64 (n_layer,): fraction of calibration pairs active under them
+    predictor_thresholds: np.ndarray | None = None  # float32 (n_layer,): re-tuned low-rank thresholds
+    predictor_recall: np.ndarray | None = None      # float64 (n_layer,): their recall on the calibration pairs
+
+
+def _activity_scores(activation: str, criterion: str, v: np.ndarray) -> np.ndarray:
+    from neuralink.convert.predictor import activity_score
+
+    return activity_score(activation, criterion, v)
+
+
+def threshold_for_density(scores: np.ndarray, density: float, rng: np.random.Generator) -> float:
+    """The per-layer threshold that a fraction `density` of `scores` exceeds (profile's quantile rule).
+
+    Density 1.0 gives 0: every non-zero activation.
+    """
+    if density >= 1.0:
+        return 0.0
+    values = scores.ravel()
+    if values.size > MAX_THRESHOLD_SAMPLES:
+        values = values[rng.integers(0, values.size, MAX_THRESHOLD_SAMPLES)]
+    k = min(max(math.ceil((1.0 - density) * values.size) - 1, 0), values.size - 1)
+    return float(np.partition(values, k)[k])
+
+
+def recall_threshold(predicted_scores: np.ndarray, truly_active: np.ndarray, recall: float) -> tuple[float, float]:
+    """The largest predictor threshold keeping a fraction `recall` of the truly active pairs, and the recall it gets.
+
+    Same rule as `neuralink.convert.predictor.fit_layer`: the k-th smallest predicted
+    score of the truly active pairs, nudged down because the engine predicts
+    score > threshold.
+    """
+    active_scores = np.sort(predicted_scores[truly_active])
+    if not active_scores.size:
+        return float("inf"), 1.0
+    k = int(np.floor((1.0 - recall) * active_scores.size))
+    threshold = float(np.nextafter(np.float32(active_scores[k]), np.float32(-np.inf)))
+    return threshold, float(np.count_nonzero(active_scores > threshold) / active_scores.size)
+
+
+def density_thresholds(
+    model_path: str | os.PathLike[str],
+    sidecar_path: str | os.PathLike[str],
+    texts: Sequence[str | os.PathLike[str]],
+    densities: Sequence[float] = DEFAULT_DENSITIES,
+    *,
+    max_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    recall: float | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+) -> list[DensityThresholds]:
+    """Activity thresholds (and re-tuned low-rank thresholds) of a converted model for each target density.
+
+    Calibrates on the first `max_tokens` tokens of `texts` (use the
+    conversion's calibration text, not the text to be scored). `recall`
+    defaults to the one the sidecar's predictor was tuned for. Raises
+    SweepError for densities outside (0, 1] and for sidecars whose criterion
+    has no single pre-activation (`magnitude`).
+    """
+    from neuralink.formats.ffn_tensors import decode_matrix, inspect_ffn_model, permute_vector
+    from neuralink.convert.predictor import capture_ffn_inputs
+    from neuralink.formats.sidecar import Sidecar
+
+    check_densities(densities)
+    with Sidecar.open(sidecar_path, model_path) as sidecar:
+        header = sidecar.header
+        if header.criterion not in ("gate_magnitude", "relu"):
+            raise SweepError(
+                f"{sidecar_path}: criterion '{header.criterion}' thresholds |act(gate)*up|, which no predictor "
+                "decides before reading the bundle; convert with --criterion gate_magnitude to vary the density"
+            )
+        predictors = [sidecar.predictor(il) for il in range(header.n_layer)] if header.predictor_rank else None
+        recall = recall if recall is not None else (header.predictor_recall or 0.99)
+        model = inspect_ffn_model(model_path)
+        inputs = capture_ffn_inputs(model_path, texts, max_tokens=max_tokens, threads=threads)
+        if min(len(x) for x in inputs) == 0:
+            raise SweepError(f"{', '.join(map(str, texts))}: no calibration tokens")
+        data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
+        rng = np.random.default_rng(seed)
+        n_layer, n_density = header.n_layer, len(densities)
+        thresholds = np.zeros((n_density, n_layer), dtype=np.float32)
+        calibration = np.zeros((n_density, n_layer))
+        predictor_thresholds = np.zeros((n_density, n_layer), dtype=np.float32)
+        predictor_recall = np.zeros((n_density, n_layer))
+        for il, x in enumerate(inputs):
+            layer = model.layers[il]
+            # the converted GGUF holds rows in placed order, as the engine and the sidecar's B do
+            tensor, bias = (layer.gate, layer.gate_bias) if layer.gate is not None else (layer.up, layer.up_bias)
+            x64 = x.astype(np.float64)
+            v = x64 @ decode_matrix(data, tensor).T.astype(np.float64)
+            if bias is not None:
+                v += permute_vector(data, bias, np.arange(model.n_ff)).astype(np.float64)
+            scores = _activity_scores(header.activation, header.criterion, v)
+            predicted = None
+            if predictors is not None:
+                a, b = predictors[il]
+                predicted = _activity_scores(header.activation, header.criterion,
+                                             (x64 @ a.T.astype(np.float64)) @ b.T.astype(np.float64))
+            for j, density in enumerate(densities):
+                t = threshold_for_density(scores, density, rng)
+                truly = scores > t
+                thresholds[j, il] = t
+                calibration[j, il] = truly.mean()
+                if predicted is not None:
+                    predictor_thresholds[j, il], predictor_recall[j, il] = recall_threshold(predicted, truly, recall)
+    result = []
+    for j, density in enumerate(densities):
+        result.append(DensityThresholds(
+            float(density), thresholds[j], calibration[j],
+            predictor_thresholds[j] if predictors is not None else None,
+            predictor_recall[j] if predictors is not None else None,
+        ))
+        log.info("density %.2f: calibration active fraction %.4f (layers %.4f..%.4f)", density,
+                 calibration[j].mean(), calibration[j].min(), calibration[j].max())
+    return result
+
+
+def check_densities(densities: Sequence[float]) -> None:
+    if not densities:
+        raise SweepError("no densities to sweep")
+    bad = [d for d in densities if not (0.0 < d <= 1.0)]
+    if bad:
+        raise SweepError(f"densities must lie in (0, 1], got {bad}")
+    if len(set(densities)) != len(densities):
+        raise SweepError(f"densities repeat: {list(densities)}")
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One scored setting."""
+
+    label: str                  # "stock llama.cpp", "engine dense", or the predictor
+    predictor: str | None       # None for stock llama.cpp
+    density: float | None       # target density; None where no threshold applies
+    result: PerplexityResult
+    active_fraction: float      # (token, neuron) pairs computed / all pairs, over every layer evaluation
+    predicted_fraction: float   # pairs the predictor selected / all pairs (> active for lowrank: read for nothing)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Every setting's perplexity, and the reference they are judged against."""
+
+    model: str
+    budget: float               # relative perplexity increase allowed over the reference
+    rows: tuple[SweepRow, ...]  # rows[0] is the reference (stock llama.cpp)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def reference(self) -> SweepRow:
+        return self.rows[0]
+
+    def change(self, row: SweepRow) -> float:
+        """Relative perplexity change of `row` against the reference."""
+        return row.result.perplexity / self.reference.result.perplexity - 1.0
+
+    def within_budget(self, row: SweepRow) -> bool:
+        return self.change(row) <= self.budget
+
+    def sparsest_within_budget(self, predictor: str) -> SweepRow | None:
+        """The row of `predictor` with the lowest target density whose perplexity is within the budget."""
+        rows = [r for r in self.rows if r.predictor == predictor and r.density is not None and self.within_budget(r)]
+        return min(rows, key=lambda r: r.density) if rows else None
+
+    @property
+    def predictors(self) -> list[str]:
+        return list(dict.fromkeys(r.predictor for r in self.rows if r.density is not None))
+
+
+def _fraction(stats: np.ndarray, key: str, n_ff: int) -> float:
+    pairs = float(stats["n_tokens"].astype(np.float64).sum()) * n_ff
+    return float(stats[key].astype(np.float64).sum() / pairs) if pairs else math.nan
+
+
+def applicable_predictors(model_path: str | os.PathLike[str], sidecar_path: str | os.PathLike[str]) -> list[str]:
+    """The predictors whose density a sweep can vary on this sidecar, and why others are left out."""
+    from neuralink.formats.sidecar import Sidecar
+
+    with Sidecar.open(sidecar_path, model_path) as sidecar:
+        header = sidecar.header
+    predictors = []
+    if header.gated:
+        predictors.append("gate")  # on gated models oracle computes the same exact gate: the same active set
+    if header.predictor_rank:
+        predictors.append("lowrank")
+    if not header.gated:
+        predictors.append("oracle")
+    return predictors
+
+
+def perplexity_sweep(
+    model_path: str | os.PathLike[str],
+    text: str,
+    calibration: Sequence[str | os.PathLike[str]],
+    *,
+    sidecar: str | os.PathLike[str] | None = None,
+    densities: Sequence[float] = DEFAULT_DENSITIES,
+    predictors: Sequence[str] | None = None,
+    budget: float = DEFAULT_BUDGET,
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    n_ctx: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = 4096,
+    n_threads: int | None = None,
+    thresholds: Sequence[DensityThresholds] | None = None,
+    progress: SweepProgress | None = None,
+) -> SweepResult:
+    """Perplexity of `text` under stock llama.cpp, the engine dense, and each predictor at each density.
+
+    `model_path` is a converted GGUF; `sidecar` defaults to the one it names.
+    `predictors` defaults to every applicable one (gate on gated models,
+    lowrank when the sidecar has one, oracle on non-gated models).
+    `thresholds` skips the calibration (one entry per density, e.g. from
+    `density_thresholds`). Raises SweepError for bad settings.
+    """
+    from neuralink.runtime.llama import Llama, find_sidecar
+    from neuralink.formats.sidecar import Sidecar
+
+    check_densities(densities)
+    if budget < 0 or not math.isfinite(budget):
+        raise SweepError(f"the perplexity budget must be a non-negative fraction, got {budget}")
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ModelFileError(f"{model_path}: no such model file")
+    sidecar_path = Path(sidecar) if sidecar is not None else find_sidecar(model_path)
+    if sidecar_path is None:
+        raise SweepError(f"{model_path}: names no sidecar beside it; a sweep needs a model converted by "
+                         "`neuralink convert` (or pass the sidecar)")
+    with Sidecar.open(sidecar_path, model_path) as opened:
+        n_ff = opened.header.n_ff
+    applicable = applicable_predictors(model_path, sidecar_path)
+    chosen = list(predictors) if predictors is not None else applicable
+    unknown = [p for p in chosen if p not in SWEEP_PREDICTORS]
+    if unknown:
+        raise SweepError(f"unknown predictors {unknown} (expected some of {', '.join(SWEEP_PREDICTORS)})")
+    notes = []
+    for p in chosen:
+        if p not in applicable and p != "oracle":  # oracle runs anywhere; on gated models it repeats gate
+            raise SweepError(f"{sidecar_path}: predictor '{p}' does not apply to this sidecar "
+                             f"(applicable: {', '.join(applicable) or 'none'})")
+    if "oracle" not in chosen and "gate" in chosen:
+        notes.append("oracle is not run on gated models: it finds the same active set as gate")
+    if thresholds is None:
+        thresholds = density_thresholds(model_path, sidecar_path, calibration, densities,
+                                        max_tokens=calibration_tokens, threads=n_threads)
+    if [t.density for t in thresholds] != [float(d) for d in densities]:
+        raise SweepError("thresholds must be given for exactly the swept densities, in order")
+    if "lowrank" in chosen and thresholds[0].predictor_thresholds is None:
+        raise SweepError(f"{sidecar_path}: has no low-rank predictor")
+
+    settings: list[tuple[str, str | None, DensityThresholds | None]] = [("stock llama.cpp", None, None),
+                                                                         ("engine dense", "dense", None)]
+    settings += [(p, p, t) for p in chosen for t in thresholds]
+    scoring = dict(n_ctx=n_ctx, stride=stride, max_tokens=max_tokens, n_threads=n_threads)
+    done = 0
+    rows: list[SweepRow] = []
+    for i, (label, predictor, setting) in enumerate(settings):
+        name = label if setting is None else f"{label} @ {setting.density:g}"
+        stats: list[np.ndarray] = []
+
+        def report(windows_done: int, windows: int, name: str = name) -> None:
+            if progress is not None:
+                # every run scores the same windows: the first one tells how many
+                total = windows * len(settings)
+                progress(min(done + windows_done, total), total, name)
+
+        kwargs: dict[str, Any] = {}
+        if predictor is None:
+            factory: Any = llama_cpp.Llama
+        else:
+            factory = Llama
+            kwargs = dict(sidecar=str(sidecar_path), predictor=predictor, cache_policy="none")
+            if setting is not None:
+                kwargs["thresholds"] = setting.thresholds.tolist()
+                if predictor == "lowrank":
+                    assert setting.predictor_thresholds is not None
+                    kwargs["predictor_thresholds"] = setting.predictor_thresholds.tolist()
+        result = perplexity(model_path, text, llama_factory=factory, progress=report,
+                            inspect=(lambda llm: stats.append(llm.ffn_stats())) if predictor else None,
+                            **scoring, **kwargs)
+        done += result.n_windows
+        if predictor is None:
+            active = predicted = 1.0
+        else:
+            active, predicted = _fraction(stats[0], "computed_pairs", n_ff), _fraction(stats[0], "predicted_pairs", n_ff)
+        rows.append(SweepRow(label, predictor, None if setting is None else setting.density, result, active, predicted))
+        log.info("%s: perplexity %.4f, active fraction %.4f", name, result.perplexity, active)
+    return SweepResult(str(model_path), budget, tuple(rows), tuple(notes))
+
+
+def format_sweep(sweep: SweepResult) -> str:
+    """The sweep as a markdown table and, per predictor, the sparsest density within the budget."""
+    ref = sweep.reference.result
+    pct = 100 * sweep.budget
+    lines = [
+        f"| setting | target density | active fraction | predicted fraction | PPL | Δ% vs stock | within +{pct:g} % |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | :---: |",
+    ]
+    for row in sweep.rows:
+        density = "" if row.density is None else f"{row.density:g}"
+        change = "" if row is sweep.reference else f"{100 * sweep.change(row):+.2f}%"
+        within = "" if row is sweep.reference else ("yes" if sweep.within_budget(row) else "no")
+        lines.append(f"| {row.label} | {density} | {row.active_fraction:.3f} | {row.predicted_fraction:.3f} | "
+                     f"{row.result.perplexity:.4f} | {change} | {within} |")
+    lines.append("")
+    lines.append(f"sparsest density (lowest target) whose perplexity is within +{pct:g} % of stock llama.cpp's "
+                 f"({ref.perplexity:.4f} -> at most {ref.perplexity * (1 + sweep.budget):.4f}):")
+    for predictor in sweep.predictors:
+        best = sweep.sparsest_within_budget(predictor)
+        if best is None:
+            lines.append(f"  {predictor:<8} none of the densities tried")
+        else:
+            lines.append(f"  {predictor:<8} {best.density:g} (measured active fraction {best.active_fraction:.3f}, "
+                         f"PPL {best.result.perplexity:.4f}, {100 * sweep.change(best):+.2f}%)")
+    lines.append(f"(text: {ref.n_scored} tokens scored in {ref.n_windows} windows of {ref.n_ctx}, stride {ref.stride};"
+                 " active fraction: (token, neuron) pairs computed over all pairs, every layer)")
+    lines += [f"note: {n}" for n in sweep.notes]
+    return "\n".join(lines)
+
+
+def plot_sweep(sweep: SweepResult, path: str | os.PathLike[str]) -> None:
+    """A PNG: perplexity against measured active fraction, one curve per predictor, with the budget line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's global backend
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter
+
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ref = sweep.reference.result.perplexity
+    for i, predictor in enumerate(sweep.predictors):
+        rows = sorted((r for r in sweep.rows if r.predictor == predictor and r.density is not None),
+                      key=lambda r: r.active_fraction)
+        line, = ax.plot([r.active_fraction for r in rows], [r.result.perplexity for r in rows], marker="o",
+                        label=predictor)
+        for r in rows:  # each curve's target densities, on alternate sides so that curves do not overwrite
+            ax.annotate(f"{r.density:g}", (r.active_fraction, r.result.perplexity), textcoords="offset points",
+                        xytext=(5, 5 if i % 2 == 0 else -11), fontsize=7, color=line.get_color())
+    ax.axhline(ref, color="black", linewidth=1, label="stock llama.cpp")
+    ax.axhline(ref * (1 + sweep.budget), color="black", linestyle="--", linewidth=1,
+               label=f"budget +{100 * sweep.budget:g} %")
+    ax.set_yscale("log")  # sparse settings can be orders of magnitude worse
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel("measured active fraction (token, neuron pairs)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"{Path(sweep.model).name}: perplexity against density", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.savefig(os.fspath(path), dpi=120)
+
+
+def parse_budget(value: str) -> float:
+    """'5', '5%' or '+5 %' -> 0.05."""
+    try:
+        budget = float(value.replace("%", "").replace("+", "").strip()) / 100.0
+    except ValueError:
+        raise SweepError(f"--budget must be a percentage such as 5 or 5%, got {value!r}") from None
+    if budget < 0 or not math.isfinite(budget):
+        raise SweepError(f"--budget must be a non-negative percentage, got {value!r}")
+    return budget
+
+
+def parse_densities(value: str) -> list[float]:
+    """'1,0.5,0.2' -> [1.0, 0.5, 0.2]."""
+    try:
+        densities = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise SweepError(f"--densities must be comma-separated numbers, got {value!r}") from None
+    check_densities(densities)
+    return densities
+
+
+def run_cli(args: Any, text: str) -> int:
+    """`neuralink perplexity --sweep`: the table on stdout, progress on stderr, a PNG if asked."""
+    from tqdm import tqdm
+
+    if len(args.model) != 1:
+        raise SweepError("--sweep scores one converted model; give --model once")
+    if not args.calibration:
+        raise SweepError("--sweep needs --calibration TEXT (the conversion's calibration text) to place "
+                         "the thresholds of each density")
+    for path in args.calibration:
+        if not Path(path).is_file():
+            raise SweepError(f"{path}: no such calibration text")
+    if args.png is not None and not Path(args.png).parent.resolve().is_dir():
+        raise SweepError(f"{args.png}: its directory does not exist")
+    densities = parse_densities(args.densities)
+    budget = parse_budget(args.budget)
+    predictors = [p.strip() for p in args.predictors.split(",") if p.strip()] if args.predictors else None
+    print(f"placing thresholds for densities {', '.join(f'{d:g}' for d in densities)} on "
+          f"{args.calibration_tokens} tokens of {', '.join(map(str, args.calibration))} ...", file=sys.stderr)
+    bar = tqdm(total=None, unit="window", file=sys.stderr, dynamic_ncols=True)
+
+    def show(done: int, total: int, name: str) -> None:
+        bar.total = total
+        bar.set_description(name, refresh=False)
+        bar.n = done
+        bar.refresh()
+
+    try:
+        sweep = perplexity_sweep(args.model[0], text, args.calibration, sidecar=args.sidecar, densities=densities,
+                                 predictors=predictors, budget=budget, calibration_tokens=args.calibration_tokens,
+                                 n_ctx=args.n_ctx, stride=args.stride, max_tokens=args.max_tokens,
+                                 n_threads=args.n_threads, progress=show)
+    except NeuralinkError:
+        raise
+    except ValueError as e:  # window settings, too short a text
+        raise SweepError(f"{args.model[0]}: {e}") from None
+    finally:
+        bar.close()
+    print(format_sweep(sweep))
+    if args.png is not None:
+        plot_sweep(sweep, args.png)
+        print(f"wrote {args.png}", file=sys.stderr)
+    return 0

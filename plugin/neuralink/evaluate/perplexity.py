@@ -1,0 +1,253 @@
+"""Perplexity of models on a text: compare an original, a converted and a sparse model side by side.
+
+Method: the text is tokenized once (with the model's own BOS convention) and
+cut to --max-tokens. Windows of n_ctx tokens start every `stride` tokens; each
+window is evaluated from an empty cache with logits at every position, and
+scores only the tokens no earlier window scored: the first window all but its
+first token, every later one its last `stride` tokens, so each of those has
+at least n_ctx - stride tokens of context (stride = n_ctx: non-overlapping
+windows, the first token of each unscored). The result is the mean negative
+log-likelihood per scored token (nats) and its exponential, the perplexity.
+
+With --sweep, one converted model is scored by stock llama.cpp, by the
+engine reading every neuron, and by each predictor at densities 1.0, 0.5,
+0.3, 0.2, 0.1 (thresholds placed on --calibration text), and the sparsest
+density within --budget (default +5 %) of stock is reported per predictor
+(neuralink.evaluate.density_sweep, docs/perplexity.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from neuralink.errors import ModelFileError, NeuralinkError
+
+DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1)
+DEFAULT_CALIBRATION_TOKENS = 2048
+
+log = logging.getLogger(__name__)
+
+LlamaFactory = Callable[..., llama_cpp.Llama]
+
+
+@dataclass(frozen=True)
+class ScoringWindow:
+    """Evaluate tokens [begin, end) and score the targets [first_scored, end)."""
+
+    begin: int
+    end: int
+    first_scored: int
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """Token-level likelihood of a text under one model."""
+
+    model: str
+    n_ctx: int
+    stride: int
+    n_windows: int
+    token_nll: np.ndarray = field(repr=False)  # float64, one per scored token, in text order
+    seconds: float
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.token_nll.size)
+
+    @property
+    def nll(self) -> float:
+        """Mean negative log-likelihood per scored token, in nats."""
+        return float(self.token_nll.mean())
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+    @property
+    def nll_standard_error(self) -> float:
+        """Standard error of the mean NLL, treating tokens as independent (an underestimate)."""
+        return float(self.token_nll.std(ddof=1) / math.sqrt(self.n_scored)) if self.n_scored > 1 else math.nan
+
+
+def scoring_windows(n_tokens: int, n_ctx: int, stride: int) -> list[ScoringWindow]:
+    """The windows scoring each token of a text at most once (see the module doc).
+
+    With stride < n_ctx every token but the first is scored; with stride ==
+    n_ctx the first token of each window is not (it has no context).
+    """
+    if n_ctx < 2:
+        raise ValueError(f"n_ctx must be at least 2, got {n_ctx}")
+    if not 1 <= stride <= n_ctx:
+        raise ValueError(f"stride must be in 1..n_ctx ({n_ctx}), got {stride}")
+    windows: list[ScoringWindow] = []
+    scored_until = 1  # token 0 has no context
+    begin = 0
+    while scored_until < n_tokens:
+        end = min(begin + n_ctx, n_tokens)
+        first_scored = max(scored_until, begin + 1)
+        if first_scored < end:
+            windows.append(ScoringWindow(begin, end, first_scored))
+        scored_until = end
+        begin += stride
+    return windows
+
+
+def _window_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    # log-softmax of each row at its target: logsumexp(row) - row[target], accumulated in float64
+    peak = logits.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(logits - peak).sum(axis=1, dtype=np.float64)) + peak[:, 0]
+    return log_norm - logits[np.arange(len(targets)), targets]
+
+
+def perplexity(
+    model_path: str | os.PathLike[str],
+    text: str,
+    *,
+    n_ctx: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = 4096,
+    llama_factory: LlamaFactory = llama_cpp.Llama,
+    n_threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    inspect: Callable[[Any], None] | None = None,
+    **llama_kwargs: Any,
+) -> PerplexityResult:
+    """Perplexity of `text` under the model at `model_path` (method in the module doc).
+
+    `llama_factory` builds the model: ``llama_cpp.Llama`` (default),
+    ``neuralink.Llama`` or any class taking the same arguments; extra keyword
+    arguments go to it. `stride` defaults to n_ctx // 2; `max_tokens` caps the
+    tokens of the text used (None: all). `progress(windows done, windows)` is
+    called after each window; `inspect(model)` once all are scored, before the
+    model is closed (e.g. to read ``neuralink.Llama.ffn_stats()``). Raises
+    ModelFileError for a missing model and ValueError when the text has fewer
+    than 2 tokens.
+    """
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ModelFileError(f"{model_path}: no such model file")
+    stride = stride if stride is not None else max(1, n_ctx // 2)
+    llm = llama_factory(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                        n_threads=n_threads, verbose=False, **llama_kwargs)
+    try:
+        tokens = np.asarray(llm.tokenize(text.encode("utf-8"), add_bos=True), dtype=np.int64)
+        if max_tokens is not None:
+            tokens = tokens[:max_tokens]
+        if tokens.size < 2:
+            raise ValueError(f"the text has {tokens.size} tokens; perplexity needs at least 2")
+        windows = scoring_windows(int(tokens.size), n_ctx, stride)
+        start = time.perf_counter()
+        nlls: list[np.ndarray] = []
+        for window in windows:
+            llm.reset()
+            llm.eval(tokens[window.begin:window.end].tolist())
+            # row r of the window's logits predicts token begin + r + 1
+            rows = slice(window.first_scored - 1 - window.begin, window.end - 1 - window.begin)
+            logits = np.asarray(llm.scores[rows], dtype=np.float32)
+            nlls.append(_window_nll(logits, tokens[window.first_scored:window.end]))
+            if progress is not None:
+                progress(len(nlls), len(windows))
+        seconds = time.perf_counter() - start
+        if inspect is not None:
+            inspect(llm)
+    finally:
+        llm.close()
+    result = PerplexityResult(str(model_path), n_ctx, stride, len(windows), np.concatenate(nlls), seconds)
+    log.info("%s: perplexity %.4f over %d tokens (%d windows, %.1f s)", model_path, result.perplexity,
+             result.n_scored, result.n_windows, seconds)
+    return result
+
+
+def paired_nll_difference(result: PerplexityResult, reference: PerplexityResult) -> tuple[float, float]:
+    """Mean per-token NLL difference to `reference` on the same tokens, and its standard error.
+
+    Pairing token by token removes the text's own variance, which dominates
+    the unpaired standard errors: a +0.5 % perplexity change is +0.005 nats.
+    """
+    if result.token_nll.shape != reference.token_nll.shape:
+        raise ValueError("paired comparison needs the same scored tokens (same tokenizer, text and windows)")
+    diff = result.token_nll - reference.token_nll
+    error = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else math.nan
+    return float(diff.mean()), error
+
+
+def print_table(results: Sequence[PerplexityResult]) -> None:
+    """Results side by side, each compared with the first on the same tokens (the CLI's output)."""
+    base = results[0]
+    print(f"{'model':<44} {'tokens':>6} {'NLL':>8} {'PPL':>9} {'PPL vs first':>12} {'dNLL +- s.e.':>18} {'s':>6}")
+    for r in results:
+        name = r.model if len(r.model) <= 44 else "..." + r.model[-41:]
+        change = f"{100 * (r.perplexity / base.perplexity - 1):+.3f}%"
+        try:
+            mean, error = paired_nll_difference(r, base)
+            paired = f"{mean:+.5f} +- {error:.5f}"
+        except ValueError:
+            paired = "(other tokens)"
+        print(f"{name:<44} {r.n_scored:>6} {r.nll:>8.5f} {r.perplexity:>9.4f} {change:>12} {paired:>18} "
+              f"{r.seconds:>6.1f}")
+    print(f"(n_ctx {base.n_ctx}, stride {base.stride}, {base.n_windows} windows)")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, action="append", required=True,
+                        help="GGUF model; repeat to compare several on the same tokens (first is the reference)")
+    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to score")
+    parser.add_argument("--n-ctx", type=int, default=512, help="window length in tokens (default: 512)")
+    parser.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: n_ctx/2)")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="tokens of the text to use (default: 4096)")
+    parser.add_argument("--threads", dest="n_threads", type=int, default=None, help="compute threads")
+    sweep = parser.add_argument_group(
+        "density sweep (--sweep): one converted model, stock llama.cpp against the engine at several densities")
+    sweep.add_argument("--sweep", action="store_true",
+                       help="score the converted --model with stock llama.cpp, the engine dense, and each predictor "
+                            "at each density; report the sparsest density within --budget (docs/perplexity.md)")
+    sweep.add_argument("--calibration", type=Path, action="append", default=[], metavar="TEXT",
+                       help="text on which each density's thresholds are placed (the conversion's calibration text; "
+                            "not the scored text); repeatable")
+    sweep.add_argument("--sidecar", type=Path, default=None, help="the model's sidecar (default: the one it names)")
+    sweep.add_argument("--densities", default=",".join(f"{d:g}" for d in DEFAULT_DENSITIES),
+                       help="target densities, comma-separated (default: %(default)s)")
+    sweep.add_argument("--predictors", default=None,
+                       help="comma-separated, of gate, lowrank, oracle (default: every applicable one)")
+    sweep.add_argument("--budget", default="5",
+                       help="perplexity increase allowed over stock llama.cpp, in percent (default: 5)")
+    sweep.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS,
+                       help=f"calibration tokens for the thresholds (default: {DEFAULT_CALIBRATION_TOKENS})")
+    sweep.add_argument("--png", type=Path, default=None, help="also draw perplexity against active fraction here")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        text = args.text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise NeuralinkError(f"{args.text}: cannot read the text: {e}") from None
+    if args.sweep:
+        from neuralink.evaluate.density_sweep import run_cli
+
+        return run_cli(args, text)
+    sweep_only = [flag for flag, given in (("--calibration", args.calibration), ("--sidecar", args.sidecar),
+                                           ("--predictors", args.predictors), ("--png", args.png)) if given]
+    if sweep_only:
+        raise NeuralinkError(f"{', '.join(sweep_only)}: only with --sweep")
+    results = []
+    for model in args.model:
+        print(f"scoring {model} ...", file=sys.stderr)
+        try:
+            results.append(perplexity(model, text, n_ctx=args.n_ctx, stride=args.stride,
+                                      max_tokens=args.max_tokens, n_threads=args.n_threads))
+        except ValueError as e:  # bad window settings or too short a text
+            raise NeuralinkError(f"{model}: {e}") from None
+    print_table(results)
+    return 0

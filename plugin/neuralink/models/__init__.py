@@ -1,0 +1,2 @@
+"""Models neuralink brings for tests and benchmarks: tiny synthetic GGUFs and a small ReLU^2 model
+with its training. Nothing here ships in the runtime path."""

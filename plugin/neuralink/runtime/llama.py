@@ -1,0 +1,329 @@
+"""``neuralink.Llama``: a drop-in ``llama_cpp.Llama`` whose FFNs run in neuralink's engine."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from neuralink import _engine
+from neuralink.runtime.memory_budget import MemoryBudgetError, MemoryPlan, capture_llama_log, parse_buffer_sizes, parse_size, resident_bytes
+from neuralink.formats.constants import (
+    KEY_GATED,
+    KEY_PLACEMENT_CRITERION,
+    KEY_PREDICTOR_RANK,
+    KEY_SIDECAR_NAME,
+    LAZY_FFN_WEIGHTS_KEY,
+)
+from neuralink.errors import EngineIOError, ModelFileError, UnsupportedModelError
+from neuralink.formats.gguf_directory import read_gguf_directory
+from neuralink.runtime.hook import FfnHookApi, ffn_hook_api
+
+logger = logging.getLogger(__name__)
+
+_NOT_OFFERED = (
+    "llama.cpp did not offer its FFN to the hook (a form neuralink does not serve: "
+    "fused gate/up, per-tensor scales, clamped SwiGLU, a LoRA adapter on the FFN, or no build_ffn call)"
+)
+
+
+def find_sidecar(model_path: str | os.PathLike[str]) -> Path | None:
+    """The sidecar a converted model names in its metadata, if it sits beside the model."""
+    name = read_gguf_directory(model_path).get(KEY_SIDECAR_NAME)
+    if not name:
+        return None
+    path = Path(model_path).parent / str(name)
+    return path if path.is_file() else None
+
+
+class Llama(llama_cpp.Llama):
+    """``llama_cpp.Llama`` with every layer's dense FFN computed by neuralink's C++ engine.
+
+    Takes the same arguments as ``llama_cpp.Llama``, plus:
+
+    sidecar:
+        the bundle store of a model converted by ``neuralink convert``. By
+        default the sidecar named in a converted model's metadata is used when
+        it sits beside the model; ``False`` forces the dense engine (all FFN
+        weights read into RAM once).
+    predictor:
+        how the active neurons are found with a sidecar: ``"gate"`` (gated
+        FFNs: exact gate from resident gate rows, the sidecar's threshold),
+        ``"lowrank"`` (the sidecar's low-rank predictor, any FFN: reads the
+        predicted neurons' bundles), ``"dense"`` (every neuron: the
+        reference), ``"oracle"`` (the true active set from resident weights,
+        for measurement). Default: ``"gate"`` where it applies, else
+        ``"lowrank"`` when the sidecar has one, else ``"dense"``.
+    cache_policy, cache_bytes:
+        the DRAM cache of neuron bundles (``none``, ``lru``, ``s3fifo``,
+        ``linking``, ``pinned``) and its size.
+    queue_depth:
+        reads in flight at once (per compute thread with io_uring).
+    io_backend:
+        ``"auto"`` (io_uring where the kernel allows it, else a pool of
+        pread threads), ``"uring"`` or ``"pread"``.
+    collapse_gap:
+        merge two runs of neurons into one read when the bytes between them
+        are at most this many (default: from the device's cached profile, see
+        ``neuralink device-profile``, else a phone-flash cost model).
+    memory_budget:
+        the whole process's memory ("150MB", "1.5GiB" or bytes): with a
+        sidecar, everything resident is accounted (see neuralink.runtime.memory_budget) and
+        the bundle cache gets the rest; a budget below the minimum is refused
+        with the minimum named. Overrides cache_bytes.
+    direct_io:
+        read weights and bundles with O_DIRECT, around the page cache (falls
+        back to buffered reads where the filesystem refuses).
+    thresholds, predictor_thresholds:
+        per-layer activity thresholds (and low-rank predictor thresholds)
+        replacing the sidecar's, to run at another density without converting
+        again; see ``neuralink.evaluate.density_sweep.density_thresholds``.
+
+    The model is loaded with its FFN weights mapped lazily (never prefetched,
+    repacked or read by llama.cpp), the engine is attached to the context for
+    its whole life and detached on ``close()``.
+
+    Raises HookUnavailableError when llama-cpp-python is not the patched
+    build, ModelFileError for unreadable or mismatched files and
+    UnsupportedModelError for architectures or FFN forms the engine cannot
+    serve. A failed read raises EngineIOError from the call that needed it;
+    the context is left as it was before that call.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *args: Any,
+        sidecar: str | os.PathLike[str] | bool | None = None,
+        predictor: str | None = None,
+        cache_policy: str = "linking",
+        cache_bytes: int = 0,
+        queue_depth: int = 8,
+        io_backend: str = "auto",
+        collapse_gap: int | None = None,
+        memory_budget: str | int | None = None,
+        direct_io: bool = True,
+        thresholds: Sequence[float] | None = None,
+        predictor_thresholds: Sequence[float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._hook_api: FfnHookApi | None = None
+        self._engine: _engine.Engine | None = None
+        self.memory_plan: MemoryPlan | None = None
+        # llama_cpp.Llama.__del__ closes this stack even when __init__ failed early
+        self._stack = contextlib.ExitStack()
+        baseline = resident_bytes()
+        budget = parse_size(memory_budget) if memory_budget is not None else None
+        api = ffn_hook_api(_engine.FFN_HOOK_API_VERSION)
+        if not os.path.exists(model_path):
+            raise ModelFileError(f"{model_path}: no such model file")
+        sidecar_path = find_sidecar(model_path) if sidecar is None or sidecar is True else sidecar or None
+        if sidecar is True and sidecar_path is None:
+            raise ModelFileError(f"{model_path}: names no sidecar beside it; pass sidecar= explicitly")
+        engine_args: dict[str, Any] = dict(direct_io=direct_io)
+        if sidecar_path is not None:
+            engine_args.update(
+                sidecar=os.fspath(sidecar_path), predictor=predictor or _default_predictor(model_path, sidecar_path),
+                cache_policy=cache_policy, cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
+            )
+            engine_args.update(_read_cost_options(sidecar_path, queue_depth))
+            if collapse_gap is not None:
+                engine_args["collapse_gap_bytes"] = collapse_gap
+            if thresholds is not None:
+                engine_args["thresholds"] = [float(t) for t in thresholds]
+            if predictor_thresholds is not None:
+                engine_args["predictor_thresholds"] = [float(t) for t in predictor_thresholds]
+        elif thresholds is not None or predictor_thresholds is not None:
+            raise ValueError(f"thresholds apply to a sidecar's sparse engine; {model_path} is used without one")
+        elif predictor not in (None, "dense"):
+            raise ValueError(f"predictor {predictor!r} needs a sidecar; {model_path} is used without one")
+        if budget is not None and sidecar_path is None:
+            raise MemoryBudgetError(
+                f"{model_path}: a memory budget needs a model converted by neuralink and its sidecar "
+                "(without one, the engine keeps every FFN weight in RAM)"
+            )
+        # the engine reads what it keeps of the FFN weights itself, before llama.cpp maps the rest
+        engine = _engine.Engine(os.fspath(model_path), **engine_args)
+        if not engine.direct_io and direct_io:
+            logger.warning("%s: %s", model_path, engine.io_note)
+        if engine.io_backend_note:
+            logger.info("%s: %s", model_path, engine.io_backend_note)
+
+        kv_overrides = dict(kwargs.pop("kv_overrides", None) or {})
+        kv_overrides[LAZY_FFN_WEIGHTS_KEY] = True
+        # llama.cpp reports its KV, output and compute buffers in its log; attaching re-reserves the latter
+        with capture_llama_log() if budget is not None else contextlib.nullcontext([]) as log:
+            super().__init__(model_path, *args, kv_overrides=kv_overrides, **kwargs)
+            api.attach(self._ctx.ctx, engine.hook_address)
+        self._hook_api, self._engine = api, engine
+        self._stack.callback(self._detach_engine)
+        if budget is not None:
+            if self.verbose:
+                print("".join(log), end="", file=sys.stderr)
+            self.memory_plan = self._plan_memory(model_path, budget, baseline, log)
+            try:
+                self.memory_plan.check(model_path)
+            except MemoryBudgetError:
+                self.close()
+                raise
+            engine.configure_cache(cache_policy, self.memory_plan.cache)
+        self._neuralink_args = dict(sidecar=sidecar, predictor=predictor, cache_policy=cache_policy,
+                                    cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
+                                    collapse_gap=collapse_gap, memory_budget=memory_budget, direct_io=direct_io,
+                                    thresholds=thresholds, predictor_thresholds=predictor_thresholds)
+        self._stats: list[np.ndarray] = []
+        self._summarized = 0
+
+        refused = [s for s in engine.layer_status() if not s.taken]
+        if refused:
+            details = "; ".join(f"layer {s.il}: {s.reason or _NOT_OFFERED}" for s in refused[:3])
+            more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
+            self.close()
+            raise UnsupportedModelError(
+                f"{model_path}: architecture '{engine.architecture}': {len(refused)} of "
+                f"{engine.n_layer} layers cannot be served by neuralink: {details}{more}"
+            )
+
+    def _plan_memory(self, model_path: str, budget: int, baseline: int, log: list[str]) -> MemoryPlan:
+        directory = read_gguf_directory(model_path)
+        ffn = (".ffn_gate.weight", ".ffn_up.weight", ".ffn_down.weight")
+        non_ffn = sum(t.nbytes for name, t in directory.tensors.items() if not name.endswith(ffn))
+        buffers = parse_buffer_sizes(log)
+        engine = self.engine
+        n_ff = int(directory.get(f"{engine.architecture}.feed_forward_length") or 0)
+        layer_store = engine.store_bytes // max(engine.n_layer, 1)
+        # per thread, reads and cache copies of a whole layer at worst; h and token flags per batch row
+        threads = max(self.n_threads, self.n_threads_batch or self.n_threads)
+        scratch = 2 * layer_store + threads * 64 * 1024 + self.context_params.n_ubatch * n_ff * 6
+        return MemoryPlan(budget=budget, process=baseline, non_ffn_weights=non_ffn,
+                          engine_resident=engine.resident_bytes, kv_cache=buffers.kv_cache,
+                          llama_buffers=buffers.output + buffers.compute, engine_scratch=scratch,
+                          store_bytes=engine.store_bytes)
+
+    @property
+    def engine(self) -> _engine.Engine:
+        """The engine serving this model's FFNs (layer status, bytes, counters)."""
+        if self._engine is None:
+            raise RuntimeError("this Llama is closed")
+        return self._engine
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        n_before = self.n_tokens
+        super().eval(tokens)
+        engine = self.engine
+        self._stats.append(engine.take_stats())
+        error = engine.error()
+        if error:
+            # the failed call's KV entries are dropped by the next eval, which starts at n_tokens
+            engine.clear_error()
+            self.n_tokens = n_before
+            raise EngineIOError(error)
+
+    def create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        """``llama_cpp.Llama.create_completion``; with ``verbose=True`` and a sidecar, it also prints the
+        FFN statistics of the completion (``ffn_summary``) to stderr when it is done (after the last chunk
+        when streaming). ``__call__`` and ``create_chat_completion`` go through here."""
+        result = super().create_completion(*args, **kwargs)
+        if not self.verbose or self._engine is None or not self._engine.sparse:
+            return result
+        if isinstance(result, Iterator):
+            return self._report_when_done(result)
+        print(self.ffn_summary(), file=sys.stderr)
+        return result
+
+    def _report_when_done(self, chunks: Iterator[Any]) -> Iterator[Any]:
+        yield from chunks
+        print(self.ffn_summary(), file=sys.stderr)
+
+    def ffn_summary(self) -> str:
+        """One line on the FFN work since the last summary: tokens, neurons, reads, bytes, cache, I/O time."""
+        stats = self.ffn_stats()
+        start = self._summarized if self._summarized <= len(stats) else 0  # ffn_stats(reset=True) restarts
+        rows = stats[start:] if stats.size else stats
+        self._summarized = len(stats)
+        if not rows.size:
+            return "neuralink FFN: no layer evaluated"
+        n_layer = max(self.engine.n_layer, 1)
+        tokens = int(rows["n_tokens"].sum()) // n_layer
+        per = max(tokens, 1)
+        return (f"neuralink FFN: {tokens} tokens, {rows['computed_pairs'].sum() / per / n_layer:.0f} neurons "
+                f"active/layer/token (predicted {rows['predicted_pairs'].sum() / per / n_layer:.0f}), "
+                f"{rows['reads'].sum() / per:.1f} reads and {rows['bytes_read'].sum() / per / 2**20:.2f} MiB "
+                f"read/token, {rows['cache_hits'].sum() / per:.0f} cache hits/token, "
+                f"I/O {rows['io_ns'].sum() / per / 1e6:.2f} ms/token "
+                f"({rows['stall_ns'].sum() / per / 1e6:.2f} ms waited)")
+
+    def ffn_stats(self, reset: bool = False) -> np.ndarray:
+        """Counters of every layer evaluation since the start (or the last reset), one row each.
+
+        Fields: il, n_tokens, predicted (neurons evaluated), truly_active (by
+        the criterion; -1 if unknown), reads, cache_hits, bytes_read,
+        active_bytes (record bytes of the evaluated neurons), io_ns (first
+        read issued to last completed), stall_ns (the longest wait of a
+        compute thread for its reads: I/O not hidden by compute), layer_ns
+        (the layer's wall time), predicted_pairs and computed_pairs ((token,
+        neuron) pairs selected by the predictor and entering the down
+        projection: the per-token density of a batch).
+        Empty for the dense engine.
+        """
+        self._stats.append(self.engine.take_stats())
+        stats = np.concatenate(self._stats) if self._stats else np.array([])
+        self._stats = [] if reset else [stats]
+        return stats
+
+    @contextlib.contextmanager
+    def stock_ffn(self) -> Iterator[None]:
+        """Within the block, llama.cpp computes the FFNs itself (from the mapped weights).
+
+        For A/B checks: the rest of the model, the KV cache and the sampler are
+        shared, so outputs differ only by the FFN computation.
+        """
+        assert self._hook_api is not None and self._engine is not None, "this Llama is closed"
+        self._hook_api.detach(self._ctx.ctx)
+        try:
+            yield
+        finally:
+            self._hook_api.attach(self._ctx.ctx, self._engine.hook_address)
+
+    def _detach_engine(self) -> None:
+        # runs before the context is freed (the exit stack unwinds in reverse order)
+        if self._hook_api is not None and self._engine is not None:
+            self._hook_api.detach(self._ctx.ctx)
+        self._engine = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(self._neuralink_args)
+        return state
+
+
+def _read_cost_options(sidecar: str | os.PathLike[str], queue_depth: int) -> dict[str, Any]:
+    # the device's measured read cost sets the collapse gap; never measure while loading a model
+    from neuralink.runtime.device_probe import cached_profile
+
+    profile = cached_profile(sidecar)
+    if profile is None:
+        logger.info("%s: no device profile cached; the engine uses a phone-flash cost model "
+                    "(run `neuralink device-profile %s` to measure this storage)", sidecar, Path(sidecar).parent)
+        return {}
+    options = profile.engine_options(queue_depth)
+    del options["queue_depth"]
+    return options
+
+
+def _default_predictor(model_path: str | os.PathLike[str], sidecar: str | os.PathLike[str]) -> str:
+    # the exact gate predictor where the criterion allows it, else the sidecar's low-rank one, else every neuron
+    directory = read_gguf_directory(sidecar)
+    gate_only = directory.get(KEY_PLACEMENT_CRITERION) in ("gate_magnitude", "relu")
+    if bool(directory.get(KEY_GATED)) and gate_only:
+        return "gate"
+    if directory.get(KEY_PREDICTOR_RANK) and gate_only:
+        return "lowrank"
+    return "dense"
