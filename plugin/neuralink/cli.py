@@ -1,30 +1,38 @@
-"""The ``neuralink`` command: a dispatcher over one module per subcommand.
+"""The ``neuralink`` command: a dispatcher over the subcommands each stage's ``cli.py`` defines.
 
-Each subcommand module has a docstring (its help), ``configure_parser(parser)``
-and ``main(args)``, which passes the parsed arguments to a plain function.
+A subcommand is a :class:`neuralink.command.Command`: its help, its
+``configure_parser(parser)`` and its ``main(args)``, which passes the parsed
+arguments to a plain library function.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 
+from neuralink import demo
+from neuralink.command import Command, add_commands
+from neuralink.convert import cli as convert_cli
 from neuralink.errors import NeuralinkError
+from neuralink.evaluate import cli as evaluate_cli
+from neuralink.evaluate.bench import cli as bench_cli
+from neuralink.place import cli as place_cli
+from neuralink.profile import cli as profile_cli
+from neuralink.runtime import cli as runtime_cli
 
-# subcommand -> module implementing it
-SUBCOMMANDS: dict[str, str] = {
-    "demo": "neuralink.demo",
-    "bench": "neuralink.evaluate.bench",
-    "profile": "neuralink.profile.activity",
-    "place": "neuralink.place.orders",
-    "plot": "neuralink.place.plot",
-    "convert": "neuralink.convert.conversion",
-    "perplexity": "neuralink.evaluate.perplexity",
-    "predictor": "neuralink.convert.predictor",
-    "device-profile": "neuralink.runtime.device_probe",
+# the subcommands, in the order of the pipeline they serve
+SUBCOMMANDS: dict[str, Command] = {
+    "demo": demo.DEMO,
+    "bench": bench_cli.BENCH,
+    "profile": profile_cli.PROFILE,
+    "place": place_cli.PLACE,
+    "plot": place_cli.PLOT,
+    "convert": convert_cli.CONVERT,
+    "perplexity": evaluate_cli.PERPLEXITY,
+    "predictor": evaluate_cli.PREDICTOR,
+    "device-profile": runtime_cli.DEVICE_PROFILE,
 }
 
 
@@ -34,18 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run llama.cpp models whose FFN weights stay on flash storage.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
-        doc = (module.__doc__ or "").strip()
-        p = sub.add_parser(
-            name,
-            help=doc.splitlines()[0] if doc else None,
-            description=doc,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.configure_parser(p)
-        p.set_defaults(_main=module.main)
+    add_commands(parser, SUBCOMMANDS, dest="command", main_attribute="_main")
     return parser
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from neuralink.child import run_in_child
+from neuralink.command import Command
 from neuralink.runtime.default_model import default_model_path
 
 DEFAULT_PROMPT = "The three most useful things to know about flash storage are"
@@ -250,3 +251,6 @@ def main(args: argparse.Namespace) -> int:
     assert stats is not None
     print("\n" + describe(stats), file=sys.stderr)
     return 0
+
+
+DEMO = Command(__doc__, configure_parser, main)

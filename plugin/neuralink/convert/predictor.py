@@ -18,7 +18,6 @@ neuron left out.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -230,27 +229,3 @@ def evaluate_predictor(
     return reports
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("text", nargs="+", type=str, help="held-out text(s): .txt, or .jsonl with a \"text\" field")
-    parser.add_argument("--model", required=True, help="converted GGUF whose sidecar holds a low-rank predictor")
-    parser.add_argument("--sidecar", default=None, help="its sidecar (default: the one named in the model)")
-    parser.add_argument("--max-tokens", type=int, default=2048, help="tokens to evaluate on (default: 2048)")
-    parser.add_argument("--threads", type=int, default=None)
-
-
-def main(args: argparse.Namespace) -> int:
-    from neuralink.errors import ModelFileError
-    from neuralink.runtime.llama import find_sidecar
-
-    sidecar = args.sidecar or find_sidecar(args.model)
-    if sidecar is None:
-        raise ModelFileError(f"{args.model}: names no sidecar beside it; pass --sidecar")
-    reports = evaluate_predictor(args.model, sidecar, args.text, max_tokens=args.max_tokens, threads=args.threads)
-    print("| layer | recall | precision | predicted density | true density |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in reports:
-        print(f"| {r.il} | {r.recall:.4f} | {r.precision:.3f} | {r.predicted_density:.3f} | {r.true_density:.3f} |")
-    mean = lambda key: float(np.mean([getattr(r, key) for r in reports]))  # noqa: E731
-    print(f"| mean | {mean('recall'):.4f} | {mean('precision'):.3f} | {mean('predicted_density'):.3f} "
-          f"| {mean('true_density'):.3f} |")
-    return 0

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,36 +351,6 @@ def perplexity_sweep(
     return SweepResult(str(model_path), budget, tuple(rows), tuple(notes))
 
 
-def format_sweep(sweep: SweepResult) -> str:
-    """The sweep as a markdown table and, per predictor, the sparsest density within the budget."""
-    ref = sweep.reference.result
-    pct = 100 * sweep.budget
-    lines = [
-        f"| setting | target density | active fraction | predicted fraction | PPL | Δ% vs stock | within +{pct:g} % |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | :---: |",
-    ]
-    for row in sweep.rows:
-        density = "" if row.density is None else f"{row.density:g}"
-        change = "" if row is sweep.reference else f"{100 * sweep.change(row):+.2f}%"
-        within = "" if row is sweep.reference else ("yes" if sweep.within_budget(row) else "no")
-        lines.append(f"| {row.label} | {density} | {row.active_fraction:.3f} | {row.predicted_fraction:.3f} | "
-                     f"{row.result.perplexity:.4f} | {change} | {within} |")
-    lines.append("")
-    lines.append(f"sparsest density (lowest target) whose perplexity is within +{pct:g} % of stock llama.cpp's "
-                 f"({ref.perplexity:.4f} -> at most {ref.perplexity * (1 + sweep.budget):.4f}):")
-    for predictor in sweep.predictors:
-        best = sweep.sparsest_within_budget(predictor)
-        if best is None:
-            lines.append(f"  {predictor:<8} none of the densities tried")
-        else:
-            lines.append(f"  {predictor:<8} {best.density:g} (measured active fraction {best.active_fraction:.3f}, "
-                         f"PPL {best.result.perplexity:.4f}, {100 * sweep.change(best):+.2f}%)")
-    lines.append(f"(text: {ref.n_scored} tokens scored in {ref.n_windows} windows of {ref.n_ctx}, stride {ref.stride};"
-                 " active fraction: (token, neuron) pairs computed over all pairs, every layer)")
-    lines += [f"note: {n}" for n in sweep.notes]
-    return "\n".join(lines)
-
-
 def plot_sweep(sweep: SweepResult, path: str | os.PathLike[str]) -> None:
     """A PNG: perplexity against measured active fraction, one curve per predictor, with the budget line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's global backend
@@ -413,6 +382,36 @@ def plot_sweep(sweep: SweepResult, path: str | os.PathLike[str]) -> None:
     fig.savefig(os.fspath(path), dpi=120)
 
 
+def format_sweep(sweep: SweepResult) -> str:
+    """The sweep as a markdown table and, per predictor, the sparsest density within the budget."""
+    ref = sweep.reference.result
+    pct = 100 * sweep.budget
+    lines = [
+        f"| setting | target density | active fraction | predicted fraction | PPL | Δ% vs stock | within +{pct:g} % |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | :---: |",
+    ]
+    for row in sweep.rows:
+        density = "" if row.density is None else f"{row.density:g}"
+        change = "" if row is sweep.reference else f"{100 * sweep.change(row):+.2f}%"
+        within = "" if row is sweep.reference else ("yes" if sweep.within_budget(row) else "no")
+        lines.append(f"| {row.label} | {density} | {row.active_fraction:.3f} | {row.predicted_fraction:.3f} | "
+                     f"{row.result.perplexity:.4f} | {change} | {within} |")
+    lines.append("")
+    lines.append(f"sparsest density (lowest target) whose perplexity is within +{pct:g} % of stock llama.cpp's "
+                 f"({ref.perplexity:.4f} -> at most {ref.perplexity * (1 + sweep.budget):.4f}):")
+    for predictor in sweep.predictors:
+        best = sweep.sparsest_within_budget(predictor)
+        if best is None:
+            lines.append(f"  {predictor:<8} none of the densities tried")
+        else:
+            lines.append(f"  {predictor:<8} {best.density:g} (measured active fraction {best.active_fraction:.3f}, "
+                         f"PPL {best.result.perplexity:.4f}, {100 * sweep.change(best):+.2f}%)")
+    lines.append(f"(text: {ref.n_scored} tokens scored in {ref.n_windows} windows of {ref.n_ctx}, stride {ref.stride};"
+                 " active fraction: (token, neuron) pairs computed over all pairs, every layer)")
+    lines += [f"note: {n}" for n in sweep.notes]
+    return "\n".join(lines)
+
+
 def parse_budget(value: str) -> float:
     """'5', '5%' or '+5 %' -> 0.05."""
     try:
@@ -432,48 +431,3 @@ def parse_densities(value: str) -> list[float]:
         raise SweepError(f"--densities must be comma-separated numbers, got {value!r}") from None
     check_densities(densities)
     return densities
-
-
-def run_cli(args: Any, text: str) -> int:
-    """`neuralink perplexity --sweep`: the table on stdout, progress on stderr, a PNG if asked."""
-    from tqdm import tqdm
-
-    if len(args.model) != 1:
-        raise SweepError("--sweep scores one converted model; give --model once")
-    if not args.calibration:
-        raise SweepError("--sweep needs --calibration TEXT (the conversion's calibration text) to place "
-                         "the thresholds of each density")
-    for path in args.calibration:
-        if not Path(path).is_file():
-            raise SweepError(f"{path}: no such calibration text")
-    if args.png is not None and not Path(args.png).parent.resolve().is_dir():
-        raise SweepError(f"{args.png}: its directory does not exist")
-    densities = parse_densities(args.densities)
-    budget = parse_budget(args.budget)
-    predictors = [p.strip() for p in args.predictors.split(",") if p.strip()] if args.predictors else None
-    print(f"placing thresholds for densities {', '.join(f'{d:g}' for d in densities)} on "
-          f"{args.calibration_tokens} tokens of {', '.join(map(str, args.calibration))} ...", file=sys.stderr)
-    bar = tqdm(total=None, unit="window", file=sys.stderr, dynamic_ncols=True)
-
-    def show(done: int, total: int, name: str) -> None:
-        bar.total = total
-        bar.set_description(name, refresh=False)
-        bar.n = done
-        bar.refresh()
-
-    try:
-        sweep = perplexity_sweep(args.model[0], text, args.calibration, sidecar=args.sidecar, densities=densities,
-                                 predictors=predictors, budget=budget, calibration_tokens=args.calibration_tokens,
-                                 n_ctx=args.n_ctx, stride=args.stride, max_tokens=args.max_tokens,
-                                 n_threads=args.n_threads, progress=show)
-    except NeuralinkError:
-        raise
-    except ValueError as e:  # window settings, too short a text
-        raise SweepError(f"{args.model[0]}: {e}") from None
-    finally:
-        bar.close()
-    print(format_sweep(sweep))
-    if args.png is not None:
-        plot_sweep(sweep, args.png)
-        print(f"wrote {args.png}", file=sys.stderr)
-    return 0

@@ -18,13 +18,11 @@ density within --budget (default +5 %) of stock is reported per predictor
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from neuralink.errors import ModelFileError, NeuralinkError
+from neuralink.errors import ModelFileError
 
 DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1)
 DEFAULT_CALIBRATION_TOKENS = 2048
@@ -183,71 +181,3 @@ def paired_nll_difference(result: PerplexityResult, reference: PerplexityResult)
     return float(diff.mean()), error
 
 
-def print_table(results: Sequence[PerplexityResult]) -> None:
-    """Results side by side, each compared with the first on the same tokens (the CLI's output)."""
-    base = results[0]
-    print(f"{'model':<44} {'tokens':>6} {'NLL':>8} {'PPL':>9} {'PPL vs first':>12} {'dNLL +- s.e.':>18} {'s':>6}")
-    for r in results:
-        name = r.model if len(r.model) <= 44 else "..." + r.model[-41:]
-        change = f"{100 * (r.perplexity / base.perplexity - 1):+.3f}%"
-        try:
-            mean, error = paired_nll_difference(r, base)
-            paired = f"{mean:+.5f} +- {error:.5f}"
-        except ValueError:
-            paired = "(other tokens)"
-        print(f"{name:<44} {r.n_scored:>6} {r.nll:>8.5f} {r.perplexity:>9.4f} {change:>12} {paired:>18} "
-              f"{r.seconds:>6.1f}")
-    print(f"(n_ctx {base.n_ctx}, stride {base.stride}, {base.n_windows} windows)")
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, action="append", required=True,
-                        help="GGUF model; repeat to compare several on the same tokens (first is the reference)")
-    parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to score")
-    parser.add_argument("--n-ctx", type=int, default=512, help="window length in tokens (default: 512)")
-    parser.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: n_ctx/2)")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="tokens of the text to use (default: 4096)")
-    parser.add_argument("--threads", dest="n_threads", type=int, default=None, help="compute threads")
-    sweep = parser.add_argument_group(
-        "density sweep (--sweep): one converted model, stock llama.cpp against the engine at several densities")
-    sweep.add_argument("--sweep", action="store_true",
-                       help="score the converted --model with stock llama.cpp, the engine dense, and each predictor "
-                            "at each density; report the sparsest density within --budget (docs/perplexity.md)")
-    sweep.add_argument("--calibration", type=Path, action="append", default=[], metavar="TEXT",
-                       help="text on which each density's thresholds are placed (the conversion's calibration text; "
-                            "not the scored text); repeatable")
-    sweep.add_argument("--sidecar", type=Path, default=None, help="the model's sidecar (default: the one it names)")
-    sweep.add_argument("--densities", default=",".join(f"{d:g}" for d in DEFAULT_DENSITIES),
-                       help="target densities, comma-separated (default: %(default)s)")
-    sweep.add_argument("--predictors", default=None,
-                       help="comma-separated, of gate, lowrank, oracle (default: every applicable one)")
-    sweep.add_argument("--budget", default="5",
-                       help="perplexity increase allowed over stock llama.cpp, in percent (default: 5)")
-    sweep.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS,
-                       help=f"calibration tokens for the thresholds (default: {DEFAULT_CALIBRATION_TOKENS})")
-    sweep.add_argument("--png", type=Path, default=None, help="also draw perplexity against active fraction here")
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        text = args.text.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise NeuralinkError(f"{args.text}: cannot read the text: {e}") from None
-    if args.sweep:
-        from neuralink.evaluate.density_sweep import run_cli
-
-        return run_cli(args, text)
-    sweep_only = [flag for flag, given in (("--calibration", args.calibration), ("--sidecar", args.sidecar),
-                                           ("--predictors", args.predictors), ("--png", args.png)) if given]
-    if sweep_only:
-        raise NeuralinkError(f"{', '.join(sweep_only)}: only with --sweep")
-    results = []
-    for model in args.model:
-        print(f"scoring {model} ...", file=sys.stderr)
-        try:
-            results.append(perplexity(model, text, n_ctx=args.n_ctx, stride=args.stride,
-                                      max_tokens=args.max_tokens, n_threads=args.n_threads))
-        except ValueError as e:  # bad window settings or too short a text
-            raise NeuralinkError(f"{model}: {e}") from None
-    print_table(results)
-    return 0

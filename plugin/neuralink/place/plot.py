@@ -9,7 +9,6 @@ itself (P(i)) is left out; colours are clipped at the 99.5th percentile.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -107,24 +106,3 @@ def _downsample(matrix: np.ndarray, pixels: int) -> np.ndarray:
     return matrix[:n, :n].reshape(n // factor, factor, n // factor, factor).mean(axis=(1, 3))
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("stats", type=Path, metavar="STATS", help="co-activation stats (from `neuralink profile`)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
-    parser.add_argument("--layer", type=int, default=0, help="layer to draw (default: 0)")
-    parser.add_argument("--placement", type=Path, default=None, help="placement file (from `neuralink place`)")
-    parser.add_argument("--method", choices=PLOT_METHODS, default=DEFAULT_METHOD,
-                        help=f"order to compute when no --placement is given (default: {DEFAULT_METHOD}); "
-                             "for hotcold, pass its --placement")
-    parser.add_argument("--neurons", type=int, default=DEFAULT_NEURONS,
-                        help=f"stored positions to show, from --first (default: {DEFAULT_NEURONS}; 0 for all)")
-    parser.add_argument("--first", type=int, default=0, help="first stored position shown (default: 0)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from neuralink.profile.activity import check_output_path
-
-    output = check_output_path(args.output)
-    path = plot_coactivation(args.stats, output, layer=args.layer, placement=args.placement, method=args.method,
-                             neurons=args.neurons or None, first=args.first)
-    print(path)
-    return 0

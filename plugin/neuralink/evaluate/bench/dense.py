@@ -8,22 +8,27 @@ the ratio neuralink / stock, for each thread count.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 
-from neuralink.evaluate.bench import last_logits
-from neuralink.runtime.default_model import default_model_path
+from neuralink.runtime.llama import Llama
 
 PROMPTS = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
     "The three most useful things to know about flash storage are",
     "Once upon a time, in a small village by the sea, there lived",
 )
+
+
+def last_logits(llm) -> np.ndarray:
+    """Logits of the last evaluated token (llama-cpp-python keeps `scores` only with logits_all)."""
+    pointer = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),))
 
 
 @dataclass
@@ -51,10 +56,6 @@ def decode_tokens_per_second(llm, prompt: str, n_tokens: int) -> float:
 
 def run_dense_benchmark(model: Path, n_tokens: int, runs: int, thread_counts: list[int]) -> list[DenseRow]:
     """Median decode tok/s of stock and neuralink for each thread count, measured in alternation."""
-    import llama_cpp
-
-    from neuralink.runtime.llama import Llama
-
     rows = []
     for threads in thread_counts:
         kwargs = dict(n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -78,18 +79,3 @@ def format_table(rows: list[DenseRow]) -> str:
     lines = ["| threads | stock tok/s | neuralink tok/s | neuralink / stock |", "| --- | --- | --- | --- |"]
     lines += [f"| {r.threads} | {r.stock_tok_s:.1f} | {r.neuralink_tok_s:.1f} | {r.ratio:.2f} |" for r in rows]
     return "\n".join(lines)
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=None, help="GGUF model (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--tokens", type=int, default=128, help="tokens decoded after each prompt (default: 128)")
-    parser.add_argument("--runs", type=int, default=3, help="rounds over the prompts (default: 3)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
-
-
-def main(args: argparse.Namespace) -> int:
-    model = args.model or default_model_path()
-    rows = run_dense_benchmark(model, args.tokens, args.runs, args.threads)
-    print(f"model: {model}\n{len(PROMPTS)} prompts x {args.runs} runs, {args.tokens} decoded tokens each, median\n")
-    print(format_table(rows))
-    return 0

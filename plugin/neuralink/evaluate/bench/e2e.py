@@ -11,16 +11,16 @@ Without the right to create cgroups it says so and runs uncapped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neuralink.formats.files import atomic_output, write_text
+from neuralink.formats.files import atomic_output
 from neuralink.runtime.memory_budget import parse_size
 from neuralink.evaluate.cgroup import CgroupUnavailable, MemoryCgroup
 from neuralink.child import report_child_death
@@ -33,6 +33,29 @@ FALLBACK_PROMPTS = (
     "The three most useful things to know about flash storage are",
     "Once upon a time, in a small village by the sea, there lived",
 )
+
+
+@dataclass(frozen=True)
+class E2eSettings:
+    """What every run of `neuralink bench e2e` shares: the models, the prompts, the decode and the engine."""
+
+    model: Path  # the converted GGUF neuralink runs
+    sidecar: Path
+    stock_model: Path  # the GGUF stock llama.cpp runs
+    caps: tuple[str, ...] = DEFAULT_CAPS  # memory caps ("120MB"), "none" for uncapped
+    variants: tuple[str, ...] = ("stock", "neuralink")
+    prompts_from: Path | None = SHARED_TEXT
+    prompts: int = 3
+    tokens: int = 32
+    runs: int = 3
+    threads: int = 2
+    n_ctx: int = 512
+    n_batch: int = 64
+    predictor: str | None = None
+    cache_policy: str = "linking"
+    budget_fraction: float = 0.95  # neuralink's memory_budget as a fraction of the cap
+    timeout: float = 900.0
+    thresholds_file: Path | None = None  # thresholds= and predictor_thresholds= for neuralink.Llama (JSON)
 
 
 @dataclass
@@ -58,25 +81,27 @@ def prompts_from(text_path: Path | None, n: int, words: int = 40) -> list[str]:
     return [" ".join(tokens[(i + 1) * step : (i + 1) * step + words]) for i in range(n)]
 
 
-def run_worker(variant: str, cap: str, args: argparse.Namespace, prompts_file: Path, use_cgroups: bool) -> tuple[dict, int | None]:
+def run_worker(variant: str, cap: str, settings: E2eSettings, prompts_file: Path,
+               use_cgroups: bool) -> tuple[dict, int | None]:
+    """One run of `variant` under `cap` in a fresh worker process (and cgroup): its JSON result, peak bytes."""
     limit = None if cap == "none" else parse_size(cap)
     group = MemoryCgroup.create(limit) if use_cgroups else None
     command = [sys.executable, "-m", "neuralink.evaluate.bench.worker", "--variant", variant,
-               "--model", str(args.stock_model if variant == "stock" else args.model),
-               "--prompts", str(prompts_file), "--tokens", str(args.tokens), "--threads", str(args.threads),
-               "--n-ctx", str(args.n_ctx), "--n-batch", str(args.n_batch)]
+               "--model", str(settings.stock_model if variant == "stock" else settings.model),
+               "--prompts", str(prompts_file), "--tokens", str(settings.tokens), "--threads", str(settings.threads),
+               "--n-ctx", str(settings.n_ctx), "--n-batch", str(settings.n_batch)]
     if group is not None:
         command += ["--cgroup", str(group.path)]
     if variant == "neuralink":
-        command += ["--sidecar", str(args.sidecar), "--cache-policy", args.cache_policy]
+        command += ["--sidecar", str(settings.sidecar), "--cache-policy", settings.cache_policy]
         if limit is not None:
-            command += ["--budget", str(int(limit * args.budget_fraction))]
-        if args.predictor:
-            command += ["--predictor", args.predictor]
-        if args.thresholds_file is not None:
-            command += ["--thresholds", str(args.thresholds_file)]
+            command += ["--budget", str(int(limit * settings.budget_fraction))]
+        if settings.predictor:
+            command += ["--predictor", settings.predictor]
+        if settings.thresholds_file is not None:
+            command += ["--thresholds", str(settings.thresholds_file)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=settings.timeout)
         lines = done.stdout.strip().splitlines()
         if done.returncode != 0 or not lines:
             killed = group is not None and group.oom_killed()
@@ -91,30 +116,31 @@ def run_worker(variant: str, cap: str, args: argparse.Namespace, prompts_file: P
         else:
             result = json.loads(lines[-1])
     except subprocess.TimeoutExpired:
-        result = {"error": f"no result within {args.timeout} s"}
+        result = {"error": f"no result within {settings.timeout} s"}
     peak = group.peak_bytes() if group is not None else None
     if group is not None:
         group.remove()
     return result, peak
 
 
-def run_e2e(args: argparse.Namespace, progress=print) -> list[RunResult]:
+def run_e2e(settings: E2eSettings, progress: Callable[[str], None] = print) -> list[RunResult]:
+    """Every (cap, variant), `settings.runs` times; `progress` gets one line per cell."""
     try:
         MemoryCgroup.create(None).remove()
         use_cgroups = True
     except CgroupUnavailable as e:
         use_cgroups = False
         progress(f"no memory caps: {e}; every variant runs uncapped")
-    prompts = prompts_from(args.prompts_from, args.prompts)
+    prompts = prompts_from(settings.prompts_from, settings.prompts)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         prompts_file = Path(tmp) / "prompts.json"
         prompts_file.write_text(json.dumps(prompts))
-        for cap in args.caps:
-            for variant in args.variants:
+        for cap in settings.caps:
+            for variant in settings.variants:
                 row = RunResult(cap, variant)
-                for _ in range(args.runs):
-                    result, peak = run_worker(variant, cap, args, prompts_file, use_cgroups)
+                for _ in range(settings.runs):
+                    result, peak = run_worker(variant, cap, settings, prompts_file, use_cgroups)
                     if "error" in result:
                         row.crashed = bool(result.get("crashed"))
                         # a crash keeps its whole line: it names the log
@@ -184,70 +210,3 @@ def plot(results: list[RunResult], path: Path) -> None:
         plt.close(fig)
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True, help="converted GGUF (neuralink convert)")
-    parser.add_argument("--sidecar", type=Path, default=None, help="its sidecar (default: the one named in the model)")
-    parser.add_argument("--stock-model", type=Path, default=None,
-                        help="GGUF stock llama.cpp runs (default: the converted model, same weights)")
-    parser.add_argument("--caps", nargs="+", default=list(DEFAULT_CAPS), help="memory caps, 'none' for uncapped")
-    parser.add_argument("--variants", nargs="+", choices=["stock", "neuralink"], default=["stock", "neuralink"])
-    parser.add_argument("--prompts-from", type=Path, default=SHARED_TEXT,
-                        help=f"text to take prompts from (default: {SHARED_TEXT}; built-in prompts if absent)")
-    parser.add_argument("--prompts", type=int, default=3, help="number of prompts (default: 3)")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per prompt (default: 32)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per cell, median reported (default: 3)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--n-ctx", type=int, default=512)
-    parser.add_argument("--n-batch", type=int, default=64)
-    parser.add_argument("--predictor", default=None)
-    parser.add_argument("--cache-policy", default="linking")
-    parser.add_argument("--density", type=float, default=None,
-                        help="run neuralink at this target density instead of the sidecar's (thresholds placed on "
-                             "--calibration text, as `neuralink perplexity --sweep` does)")
-    parser.add_argument("--calibration", type=Path, nargs="+", default=None, metavar="TEXT",
-                        help="calibration text for --density (the conversion's)")
-    parser.add_argument("--budget-fraction", type=float, default=0.95,
-                        help="neuralink's memory_budget as a fraction of the cap (headroom for measurement)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before giving up")
-    parser.add_argument("--json", type=Path, default=None, help="write all results here")
-    parser.add_argument("--png", type=Path, default=None, help="write the tok/s vs cap curve here")
-
-
-def _write_density_thresholds(args: argparse.Namespace, path: Path) -> Path:
-    """Per-layer thresholds for --density on --calibration, as the worker's JSON file."""
-    from neuralink.errors import NeuralinkError
-    from neuralink.evaluate.density_sweep import density_thresholds
-
-    if not args.calibration:
-        raise NeuralinkError("--density needs --calibration TEXT (the text the model was converted from)")
-    (found,) = density_thresholds(args.model, args.sidecar, args.calibration, [args.density], threads=args.threads)
-    options = {"thresholds": [float(t) for t in found.thresholds]}
-    if found.predictor_thresholds is not None:
-        options["predictor_thresholds"] = [float(t) for t in found.predictor_thresholds]
-    print(f"density {args.density}: thresholds placed on {', '.join(map(str, args.calibration))}, calibration "
-          f"active fraction {float(found.calibration_density.mean()):.3f}", file=sys.stderr)
-    return write_text(path, json.dumps(options))
-
-
-def main(args: argparse.Namespace) -> int:
-    from neuralink.errors import ModelFileError
-    from neuralink.runtime.llama import find_sidecar
-
-    args.sidecar = args.sidecar or find_sidecar(args.model)
-    if args.sidecar is None:
-        raise ModelFileError(f"{args.model}: names no sidecar beside it; pass --sidecar")
-    args.stock_model = args.stock_model or args.model
-    with tempfile.TemporaryDirectory(prefix="neuralink-e2e-") as tmp:
-        args.thresholds_file = None
-        if args.density is not None:
-            args.thresholds_file = _write_density_thresholds(args, Path(tmp) / "thresholds.json")
-        results = run_e2e(args, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    print(format_table(results))
-    if args.json:
-        write_text(args.json, json.dumps([vars(r) for r in results], indent=1, default=str))
-    if args.png:
-        plot(results, args.png)
-    crashed = [r for r in results if r.crashed]
-    for r in crashed:
-        print(f"neuralink bench e2e: error: {r.note}", file=sys.stderr)
-    return 1 if crashed else 0

@@ -22,11 +22,8 @@ I/O latency per token (per layer, first read issued -> last completed, summed).
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -54,23 +51,18 @@ from neuralink.evaluate.bench.io_variants import (
     VariantResult,
     build_trace,
     markdown_table,
-    plot_results,
     ratio_lines,
     replay_variants,
 )
 from neuralink.evaluate.bench.io_inputs import (
-    DEFAULT_CALIBRATION_TOKENS,
-    DEFAULT_MAX_TOKENS,
-    PLACEMENT_METHODS,
     BenchInputs,
     BenchIoError,
     StageProgress,
-    need_file,
     prepare_inputs,
 )
 from neuralink.formats.coactivation import CoactivationStats
-from neuralink.convert.conversion import BUNDLE_PARTS, BundleParts, bundle_has_gate
-from neuralink.formats.ffn_tensors import DOWN_ENCODINGS, DownEncoding, inspect_ffn_model
+from neuralink.convert.conversion import BundleParts, bundle_has_gate
+from neuralink.formats.ffn_tensors import DownEncoding, inspect_ffn_model
 from neuralink.formats.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -289,135 +281,6 @@ def result_json(result: BenchIoResult, inputs: BenchInputs) -> dict[str, object]
         "max_read_bytes": s.max_read_bytes, "device": result.device, "load_average": list(os.getloadavg()),
         "variants": [r.to_json() for r in result.results.values()],
     }
-
-
-def _cache_rule(text: str) -> tuple[str, str]:
-    name, sep, rule = text.partition("=")
-    if not sep or name not in VARIANTS or rule not in CACHE_RULES:
-        raise argparse.ArgumentTypeError(f"expected VARIANT=RULE, VARIANT in {VARIANTS}, RULE in {CACHE_RULES}")
-    return name, rule
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from neuralink.runtime.memory_budget import parse_size
-    from neuralink.profile.activity import GATED_CRITERIA
-
-    parser.add_argument("--model", type=Path, default=None, help="the original GGUF (default: SmolLM2-135M)")
-    cal = parser.add_mutually_exclusive_group()
-    cal.add_argument("--calibration", type=Path, nargs="+", default=None, metavar="TEXT",
-                     help="calibration text: profiled for the thresholds and the placement")
-    cal.add_argument("--calibration-stats", type=Path, default=None, metavar="STATS",
-                     help="calibration profile already made (`neuralink profile`)")
-    held = parser.add_mutually_exclusive_group(required=True)
-    held.add_argument("--text", type=Path, nargs="+", default=None, metavar="HELDOUT",
-                      help="held-out text whose activation trace is replayed")
-    held.add_argument("--trace", type=Path, default=None, metavar="STATS",
-                      help="held-out profile already made with the calibration's thresholds")
-    parser.add_argument("--placement", type=Path, default=None, help="placement file (default: place the calibration)")
-    parser.add_argument("--placement-method", choices=PLACEMENT_METHODS, default="neuralink",
-                        help="how the neuralink variant's order is made when placing (default: neuralink)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="VARIANT",
-                        help=f"variants to replay (default: all of {', '.join(VARIANTS)})")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help=f"held-out tokens replayed (default: {DEFAULT_MAX_TOKENS})")
-    parser.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS,
-                        help=f"calibration tokens profiled (default: {DEFAULT_CALIBRATION_TOKENS})")
-    parser.add_argument("--density", type=float, default=None, help="target active fraction of gated FFNs "
-                        "when profiling the calibration (default: that of `neuralink profile`)")
-    parser.add_argument("--criterion", choices=GATED_CRITERIA, default=None,
-                        help="activity criterion of gated FFNs when profiling (default: that of `neuralink profile`)")
-    parser.add_argument("--cache-fraction", type=float, default=DEFAULT_CACHE_FRACTION,
-                        help="DRAM for every variant's cache, as a fraction of the FFN bundle store (default: 0.05)")
-    parser.add_argument("--cache-bytes", type=parse_size, default=None, metavar="SIZE",
-                        help="the cache budget as a size instead (e.g. 4MB)")
-    parser.add_argument("--cache", type=_cache_rule, action="append", default=[], metavar="VARIANT=RULE",
-                        help=f"replace a variant's cache rule (one of {', '.join(CACHE_RULES)}); repeatable")
-    parser.add_argument("--queue-depth", type=int, default=8, help="reads in flight (default: 8, the engine's)")
-    parser.add_argument("--collapse-gap", type=int, default=None, metavar="BYTES",
-                        help="largest gap read through by access collapse (default: from the cached device profile "
-                             "at the queue depth, else the default cost model)")
-    parser.add_argument("--max-read-bytes", type=parse_size, default=1 << 20, metavar="SIZE",
-                        help="split longer reads (default: 1MiB, the engine's)")
-    parser.add_argument("--io-backend", choices=("auto", "uring", "pread"), default="auto",
-                        help="io_uring ring or pread pool (default: auto, as the engine)")
-    parser.add_argument("--bundle-parts", choices=BUNDLE_PARTS, default="auto",
-                        help="what a neuron read holds, as `neuralink convert` (default: auto: up+down when the "
-                             "gate predictor keeps gate rows resident, else gate+up+down)")
-    parser.add_argument("--bundle-down-type", choices=DOWN_ENCODINGS, default="auto",
-                        help="encoding of the down columns, as `neuralink convert` (default: auto)")
-    parser.add_argument("--replay-dir", type=Path, default=None, metavar="DIR",
-                        help="write the replay files (and the profiles made) here and keep them; matching files "
-                             "there are reused (default: a temporary directory beside the model, removed)")
-    parser.add_argument("--chunk-tokens", type=int, default=16,
-                        help="tokens each variant replays before the next takes its turn (default: 16)")
-    parser.add_argument("--png", type=Path, default=None, metavar="OUT", help="write a bar chart (PNG)")
-    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the results (JSON)")
-    parser.add_argument("--window", type=int, default=None,
-                        help="tokens per llama.cpp context window while profiling (default: that of `neuralink profile`)")
-    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads while profiling")
-    parser.add_argument("--workers", type=int, default=2, help="layers placed in parallel (default: 2)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from neuralink.formats.files import atomic_output, write_text
-    from neuralink.runtime.default_model import default_model_path
-    from neuralink.profile.activity import check_output_path
-
-    # refuse bad outputs before minutes of profiling, not after
-    png = check_output_path(args.png) if args.png is not None else None
-    json_path = check_output_path(args.json) if args.json is not None else None
-    if args.max_tokens < 1 or args.calibration_tokens < 1:
-        raise BenchIoError("--max-tokens and --calibration-tokens must be positive")
-    model = args.model or default_model_path()
-    need_file(model, "model file")
-    bars: dict[str, tqdm] = {}
-
-    def show(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            unit = "tok" if stage in ("profile calibration", "profile text", "replay") else "layer"
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr, disable=None)
-        bar.total = total
-        bar.update(done - bar.n)
-
-    try:
-        inputs = prepare_inputs(
-            model, calibration=args.calibration, calibration_stats=args.calibration_stats, text=args.text,
-            trace=args.trace, placement=args.placement, placement_method=args.placement_method,
-            density=args.density, criterion=args.criterion, calibration_tokens=args.calibration_tokens,
-            max_tokens=args.max_tokens, bundle_parts=args.bundle_parts, bundle_down_type=args.bundle_down_type,
-            window=args.window, threads=args.threads, workers=args.workers,
-            save_dir=_made_dir(args.replay_dir) if args.replay_dir is not None else None,
-            progress=show,
-        )
-        result = bench_io(
-            model, inputs.trace, inputs.placement, variants=args.variants, cache_rules=dict(args.cache),
-            replay_dir=args.replay_dir, cache_fraction=args.cache_fraction, cache_bytes=args.cache_bytes,
-            queue_depth=args.queue_depth, collapse_gap_bytes=args.collapse_gap, max_read_bytes=args.max_read_bytes,
-            io_backend=args.io_backend, bundle_parts=args.bundle_parts, bundle_down_type=args.bundle_down_type,
-            max_tokens=args.max_tokens, chunk_tokens=args.chunk_tokens, progress=show,
-        )
-    finally:
-        for bar in bars.values():
-            bar.close()
-    # both outputs or neither: the PNG is renamed into place only once the JSON is written
-    title = f"neuralink bench io: {model.name}, {result.n_tokens} tokens"
-    if png is not None:
-        with atomic_output(png) as png_tmp:
-            plot_results(result.results, str(png_tmp), title)
-            if json_path is not None:
-                write_text(json_path, json.dumps(result_json(result, inputs), indent=1) + "\n")
-    elif json_path is not None:
-        write_text(json_path, json.dumps(result_json(result, inputs), indent=1) + "\n")
-    print(report_text(result, inputs))
-    for path in inputs.saved:
-        print(f"kept {path}")
-    for path in (png, json_path):
-        if path is not None:
-            print(f"wrote {path}")
-    return 0
 
 
 def _made_dir(directory: Path) -> Path:

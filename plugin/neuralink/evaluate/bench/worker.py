@@ -18,9 +18,10 @@ from pathlib import Path
 
 
 def _decode_steps(llm, prompt: str, n_tokens: int) -> tuple[list[float], int, float]:
+    # loaded only now: the process joined its memory cgroup before anything large was imported
     import numpy as np
 
-    from neuralink.evaluate.bench import last_logits
+    from neuralink.evaluate.bench.dense import last_logits
 
     llm.reset()
     tokens = llm.tokenize(prompt.encode())
@@ -38,6 +39,7 @@ def _decode_steps(llm, prompt: str, n_tokens: int) -> tuple[list[float], int, fl
 
 
 def run(args: argparse.Namespace) -> dict:
+    # imported after main() joined the cgroup, so that the engine's and llama.cpp's memory is charged to it
     from neuralink import _engine
 
     for path in filter(None, (args.model, args.sidecar)):
