@@ -177,8 +177,9 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralink.convert.conversion import convert_model
-from neuralink.formats.placement import Placement, file_sha256
+from neuralink.convert.writer import convert_model
+from neuralink.formats.files import file_sha256
+from neuralink.formats.placement import Placement
 from neuralink.models.synthetic import write_synthetic_model
 
 root, float_tolerance = Path(sys.argv[1]), sys.argv[2]

@@ -57,7 +57,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_inputs(args: argparse.Namespace) -> tuple[list[Path], Path]:
-    from neuralink.profile.activity import check_output_path
+    from neuralink.formats.files import check_output_path
     from neuralink.models.relu_training import TrainingError
 
     texts = [args.data_dir / name for name in (*TRAIN_TEXTS, TEST_TEXT)]

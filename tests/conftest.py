@@ -56,8 +56,9 @@ def converted_model(tmp_path_factory: pytest.TempPathFactory, synthetic_model: M
     """
     import numpy as np
 
-    from neuralink.convert.conversion import convert_model
-    from neuralink.formats.placement import Placement, file_sha256
+    from neuralink.convert.writer import convert_model
+    from neuralink.formats.files import file_sha256
+    from neuralink.formats.placement import Placement
 
     root = tmp_path_factory.mktemp("converted")
     built: dict[tuple, tuple[Path, Path]] = {}

@@ -16,9 +16,10 @@ from neuralink.evaluate.bench.io_files import bundle_store_layout
 from neuralink.evaluate.bench.io_variants import COLUMNS, VARIANTS, build_trace
 from neuralink.cli import main as cli_main
 from neuralink.formats.coactivation import CoactivationStats, pack_masks
-from neuralink.place.read_cost import DeviceCostModel, count_reads
+from neuralink.place.read_cost import count_reads
+from neuralink.runtime.device_profile import DeviceCostModel
 from neuralink.place.orders import build_placement, place_layers
-from neuralink.formats.placement import file_sha256
+from neuralink.formats.files import file_sha256
 from neuralink.models.synthetic import write_synthetic_model
 
 N_EMBD, N_FF, GROUP, N_LAYER = 128, 256, 16, 2

@@ -17,12 +17,14 @@ from conftest import REPO_ROOT, ModelFactory, corpus
 from neuralink import ModelFileError, UnsupportedModelError, _engine
 from neuralink.cli import main as cli_main
 from neuralink.formats.constants import KEY_MODEL_ID, KEY_SIDECAR_NAME, KEY_SOURCE_SHA256
-from neuralink.convert.conversion import convert_model, default_output_paths, plan_conversion
+from neuralink.convert.plan import default_output_paths, plan_conversion
+from neuralink.convert.writer import convert_model
 from neuralink.formats.ffn_tensors import choose_down_type, inspect_ffn_model
 from neuralink.formats.gguf_directory import read_gguf_directory
-from neuralink.formats.placement import Placement, file_sha256
+from neuralink.formats.files import file_sha256
+from neuralink.formats.placement import Placement
 from neuralink.formats.sidecar import Sidecar
-from neuralink.models.synthetic import ggml_type_name
+from neuralink.formats.ggml_types import ggml_type_name
 
 PROMPT = (
     b"The quick brown fox jumps over the lazy dog, and then it writes tokens to flash memory; "
@@ -345,7 +347,7 @@ def test_already_converted_model_needs_force(workdir: Path, capsys: pytest.Captu
 def test_failure_midway_leaves_no_output_and_keeps_old_files(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from neuralink.convert import conversion as convert_module
+    from neuralink.convert import writer as convert_module
 
     output, sidecar = default_output_paths(workdir / "model.gguf")
     output.write_bytes(b"previous model")

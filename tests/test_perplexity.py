@@ -137,9 +137,10 @@ def test_dense_inference_through_the_engine_within_half_a_percent_of_llama_cpp(
 ) -> None:
     """Issue 4's acceptance on SmolLM2 (Q4_1), held-out text: the engine's dense paths against stock llama.cpp."""
     import neuralink
-    from neuralink.convert.conversion import convert_model
+    from neuralink.convert.writer import convert_model
     from neuralink.formats.ffn_tensors import inspect_ffn_model
-    from neuralink.formats.placement import Placement, file_sha256
+    from neuralink.formats.files import file_sha256
+    from neuralink.formats.placement import Placement
 
     model = inspect_ffn_model(smollm2_path)
     rng = np.random.default_rng(0)

@@ -11,7 +11,8 @@ import pytest
 import neuralink
 from conftest import ModelFactory
 from neuralink.cli import main as cli_main
-from neuralink.convert.conversion import convert_model, fit_model_predictor
+from neuralink.convert.pipeline import fit_model_predictor
+from neuralink.convert.writer import convert_model
 from neuralink.evaluate.perplexity import PerplexityResult
 from neuralink.evaluate.density_sweep import (
     SweepError,

@@ -13,16 +13,16 @@ from conftest import carried_text
 from neuralink.place import linking
 from neuralink.cli import main as cli_main
 from neuralink.formats.coactivation import CoactivationStats, coactivation_counts, pack_masks
-from neuralink.place.read_cost import DeviceCostModel, ReadCounts, count_reads
+from neuralink.place.read_cost import ReadCounts, count_reads, dense_reads, quality_table
+from neuralink.runtime.device_profile import DeviceCostModel
 from neuralink.place.orders import (
     METHODS,
-    dense_reads,
     order_layer,
     place,
     place_layers,
-    quality_table,
 )
-from neuralink.formats.placement import Placement, file_sha256
+from neuralink.formats.files import file_sha256
+from neuralink.formats.placement import Placement
 from neuralink.profile.activity import profile_model
 from neuralink.models.synthetic import write_synthetic_model
 

@@ -15,7 +15,9 @@ from neuralink.profile.activations import ActivationReader
 from neuralink.cli import main as cli_main
 from neuralink.formats.coactivation import CoactivationStats
 from neuralink.errors import ModelFileError
-from neuralink.profile.activity import ProfileError, profile_model, read_documents, split_windows
+from neuralink.errors import ProfileError
+from neuralink.profile.activity import profile_model
+from neuralink.profile.text import read_documents, split_windows
 from neuralink.models.synthetic import write_synthetic_model
 
 N_EMBD, N_FF, WINDOW = 128, 512, 128

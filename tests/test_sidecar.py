@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from conftest import ModelFactory
 from neuralink import ModelFileError, _engine
 from neuralink.formats.constants import KEY_SIDECAR_VERSION, SIDECAR_ALIGNMENT
-from neuralink.convert.conversion import ConversionResult, convert_model
+from neuralink.convert.writer import ConversionResult, convert_model
 from neuralink.formats.ffn_tensors import DownEncoding
 from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.placement import Placement
 from neuralink.formats.sidecar import BundleLayout, ByteRange, Sidecar
-from neuralink.models.synthetic import ggml_type_name
+from neuralink.formats.ggml_types import ggml_type_name
 from test_convert import random_placement
 
 # relative RMS error allowed for one re-encoded down column, by the type it is stored in

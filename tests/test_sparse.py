@@ -11,7 +11,7 @@ import pytest
 import neuralink
 from neuralink import EngineIOError, ModelFileError, _engine
 from neuralink.runtime.memory_budget import MemoryBudgetError
-from neuralink.models.synthetic import ggml_type_name
+from neuralink.formats.ggml_types import ggml_type_name
 from test_llama_hook import DECODE_PREFIX, batch_logits, decode_logits, greedy, rel_max_abs, tokens_of
 
 CONTEXT = dict(n_ctx=256, logits_all=True, verbose=False)

@@ -16,10 +16,9 @@ from neuralink.models.synthetic import (
     ARCHITECTURES,
     Arch,
     build_vocabulary,
-    ggml_type_name,
-    resolve_weight_type,
     write_synthetic_model,
 )
+from neuralink.formats.ggml_types import ggml_type_name, resolve_weight_type
 
 N_EMBD, N_FF, N_LAYER = 256, 512, 2
 CORE_TYPES = ("f32", "f16", "q8_0", "q4_1", "q4_k")

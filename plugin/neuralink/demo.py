@@ -98,9 +98,10 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
     """The converted GGUF of `model` (its sidecar beside it), converting it on first use."""
     from tqdm import tqdm
 
-    from neuralink.convert.conversion import convert_model, fit_model_predictor, placement_from_text
+    from neuralink.convert.pipeline import fit_model_predictor, placement_from_text
+    from neuralink.convert.writer import convert_model
     from neuralink.formats.ffn_tensors import inspect_ffn_model
-    from neuralink.formats.placement import file_sha256
+    from neuralink.formats.files import file_sha256
 
     folder = cache_root() / file_sha256(model)[:16]
     output = folder / f"{model.stem}.neuralink.gguf"

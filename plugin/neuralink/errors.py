@@ -30,3 +30,7 @@ class ChildProcessDied(NeuralinkError, RuntimeError):
 
     def __reduce__(self):  # picklable, so a child's own child can report through it
         return (type(self), (self.step, self.how, self.log_path))
+
+
+class ProfileError(NeuralinkError, ValueError):
+    """Profiling cannot proceed: missing or malformed text, too little of it, or mismatched thresholds."""

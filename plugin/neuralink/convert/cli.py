@@ -1,4 +1,14 @@
-"""``neuralink convert``: the command line of the convert stage (neuralink.convert.conversion)."""
+"""Convert a GGUF model for neuralink: reorder its FFN neurons and write their bundle store.
+
+Writes two files next to each other:
+  <name>.neuralink.gguf     the model with every FFN tensor permuted to the
+                            placement's neuron order (gate/up rows, their
+                            biases, down columns); stock llama.cpp runs it.
+  <name>.neuralink.sidecar  the placement and the bundle store the engine
+                            reads from flash (docs/sidecar.md).
+Both are written to temporary files and renamed when complete; the input is
+never modified. See docs/convert.md.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from neuralink.command import Command
-from neuralink.convert import conversion
-from neuralink.convert.conversion import (
-    BUNDLE_PARTS,
-    ConversionPlan,
-    ConversionResult,
-    check_writable,
-    bundle_has_gate,
-    bundle_layouts,
-    check_model_and_outputs,
-    fit_model_predictor,
-    placement_from_text,
-    plan_conversion,
-    run_conversion,
-)
+from neuralink.convert.pipeline import fit_model_predictor, placement_from_text
+from neuralink.convert.plan import ConversionPlan, check_model_and_outputs, check_writable, plan_conversion
+from neuralink.convert.writer import ConversionResult, run_conversion
+from neuralink.formats.bundle_layout import BUNDLE_PARTS, bundle_has_gate, bundle_layouts
 from neuralink.convert.predictor import LowRankPredictor
 from neuralink.formats.ffn_tensors import ACTIVATIONS, DOWN_ENCODINGS
 from neuralink.formats.placement import Placement
-from neuralink.models.synthetic import ggml_type_name
+from neuralink.formats.ggml_types import ggml_type_name
 from neuralink.place.orders import DEFAULT_METHOD, METHODS
 from neuralink.profile.activity import DEFAULT_CRITERION, GATED_CRITERIA
 
@@ -152,4 +152,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-CONVERT = Command(conversion.__doc__, configure_parser, main)
+CONVERT = Command(__doc__, configure_parser, main)

@@ -162,7 +162,7 @@ def capture_ffn_inputs(
     position so that the last layer's FFN sees every token too.
     """
     from neuralink.runtime.llama import Llama
-    from neuralink.profile.activity import read_documents, split_windows
+    from neuralink.profile.text import read_documents, split_windows
 
     llm = Llama(os.fspath(model_path), sidecar=False, n_ctx=window, n_batch=window, n_ubatch=window,
                 logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -178,54 +178,5 @@ def capture_ffn_inputs(
     finally:
         llm.close()
     return inputs
-
-
-@dataclass
-class LayerReport:
-    il: int
-    recall: float
-    precision: float
-    predicted_density: float
-    true_density: float
-
-
-def evaluate_predictor(
-    model_path: str | os.PathLike[str],
-    sidecar_path: str | os.PathLike[str],
-    texts: Sequence[str | os.PathLike[str]],
-    *,
-    max_tokens: int = 2048,
-    threads: int | None = None,
-) -> list[LayerReport]:
-    """Recall and precision of a sidecar's low-rank predictor on (held-out) texts, per layer.
-
-    Runs the converted model densely to get every layer's real inputs, and
-    compares the predicted active sets with the criterion's true ones.
-    """
-    from neuralink.formats.ffn_tensors import decode_matrix, inspect_ffn_model
-    from neuralink.formats.sidecar import Sidecar
-
-    model = inspect_ffn_model(model_path)
-    inputs = capture_ffn_inputs(model_path, texts, max_tokens=max_tokens, threads=threads)
-    data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
-    reports = []
-    with Sidecar.open(sidecar_path, model_path) as sidecar:
-        header = sidecar.header
-        if not header.predictor_rank:
-            raise ValueError(f"{sidecar_path}: has no low-rank predictor (convert with --lowrank-rank)")
-        for il, x in enumerate(inputs):
-            layer = model.layers[il]
-            w = decode_matrix(data, layer.gate if layer.gate is not None else layer.up)
-            x64 = x.astype(np.float64)
-            truly = activity_score(header.activation, header.criterion, x64 @ w.T.astype(np.float64)) \
-                > header.thresholds[il]
-            a, b = sidecar.predictor(il)
-            predicted = activity_score(header.activation, header.criterion, (x64 @ a.T) @ b.T) \
-                > header.predictor_thresholds[il]
-            hits = np.count_nonzero(predicted & truly)
-            reports.append(LayerReport(il, hits / max(np.count_nonzero(truly), 1),
-                                       hits / max(np.count_nonzero(predicted), 1),
-                                       float(predicted.mean()), float(truly.mean())))
-    return reports
 
 

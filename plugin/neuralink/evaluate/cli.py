@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from neuralink.command import Command
-from neuralink.convert import predictor
-from neuralink.convert.predictor import evaluate_predictor
+from neuralink.evaluate import predictor_quality
+from neuralink.evaluate.predictor_quality import evaluate_predictor
 from neuralink.errors import ModelFileError, NeuralinkError
 from neuralink.evaluate import perplexity as perplexity_module
 from neuralink.evaluate.density_sweep import (
+    DEFAULT_CALIBRATION_TOKENS,
+    DEFAULT_DENSITIES,
     SweepError,
     format_sweep,
     parse_budget,
@@ -23,8 +25,6 @@ from neuralink.evaluate.density_sweep import (
     plot_sweep,
 )
 from neuralink.evaluate.perplexity import (
-    DEFAULT_CALIBRATION_TOKENS,
-    DEFAULT_DENSITIES,
     PerplexityResult,
     paired_nll_difference,
     perplexity,
@@ -168,4 +168,4 @@ def predictor_main(args: argparse.Namespace) -> int:
 
 
 PERPLEXITY = Command(perplexity_module.__doc__, configure_parser, main)
-PREDICTOR = Command(predictor.__doc__, configure_predictor_parser, predictor_main)
+PREDICTOR = Command(predictor_quality.__doc__, configure_predictor_parser, predictor_main)

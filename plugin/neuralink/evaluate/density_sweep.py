@@ -38,10 +38,14 @@ import llama_cpp
 import numpy as np
 
 from neuralink.errors import ModelFileError, NeuralinkError
-from neuralink.evaluate.perplexity import DEFAULT_CALIBRATION_TOKENS, DEFAULT_DENSITIES, PerplexityResult, perplexity
+from neuralink.evaluate.perplexity import PerplexityResult, perplexity
 
 log = logging.getLogger(__name__)
 
+DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1)
+
+
+DEFAULT_CALIBRATION_TOKENS = 2048
 DEFAULT_BUDGET = 0.05
 # quantiles over at most this many scores per layer (as `neuralink profile` does); the rest are sampled
 MAX_THRESHOLD_SAMPLES = 1 << 21

@@ -32,8 +32,6 @@ import numpy as np
 
 from neuralink.errors import ModelFileError
 
-DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1)
-DEFAULT_CALIBRATION_TOKENS = 2048
 
 log = logging.getLogger(__name__)
 

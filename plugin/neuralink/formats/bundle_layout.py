@@ -1,20 +1,24 @@
-"""What a sidecar holds, as Python values: record layouts, the header, byte ranges, one layer's data (docs/sidecar.md).
+"""A neuron's bundle record: which parts it holds, their layout, the byte ranges of runs, decoded weights.
 
-`neuralink.formats.sidecar` writes and reads these; this module only describes them.
+A bundle is one neuron's [gate row | up row | down column] as the sidecar
+stores it (docs/sidecar.md). `neuralink.formats.sidecar` writes and reads
+records laid out here; placement sizes its cost model from them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 from neuralink import _engine
-from neuralink.formats.constants import BUNDLE_PART_ALIGNMENT, SIDECAR_ALIGNMENT, SIDECAR_VERSION
-from neuralink.formats.ffn_tensors import Activation
-from neuralink.models.synthetic import ggml_type_name
+from neuralink.errors import ModelFileError
+from neuralink.formats.constants import BUNDLE_PART_ALIGNMENT, SIDECAR_ALIGNMENT
+from neuralink.formats.ffn_tensors import DownEncoding, FfnModel, choose_down_type
+from neuralink.formats.ggml_types import ggml_type_name
 
 
 def _pad(n: int, alignment: int) -> int:
@@ -70,35 +74,6 @@ class BundleLayout:
 
 
 @dataclass(frozen=True)
-class SidecarHeader:
-    """Everything a sidecar says about the model and placement it belongs to."""
-
-    model_id: str  # also in the converted GGUF's metadata: the pair must match
-    source_sha256: str  # of the original GGUF the conversion started from
-    source_architecture: str
-    n_layer: int
-    n_embd: int
-    n_ff: int
-    gated: bool
-    activation: Activation
-    placement_method: str
-    criterion: str
-    n_tokens: int  # calibration tokens the placement was profiled on
-    thresholds: tuple[float, ...]  # per layer: activation magnitude defining "active"
-    version: int = SIDECAR_VERSION
-    bundle_gate: bool | None = None  # records hold the gate row; None: whenever the model is gated
-    predictor_rank: int = 0  # of the low-rank activity predictor; 0: none
-    predictor_thresholds: tuple[float, ...] = ()  # per layer: predicted score above which a neuron is read
-    predictor_recall: float = 0.0  # the calibration recall its thresholds were tuned for
-
-    def __post_init__(self) -> None:
-        if self.bundle_gate is None:
-            object.__setattr__(self, "bundle_gate", self.gated)
-        if self.bundle_gate and not self.gated:
-            raise ValueError("a non-gated model has no gate rows to bundle")
-
-
-@dataclass(frozen=True)
 class ByteRange:
     """A byte range [offset, offset + length) of the sidecar file."""
 
@@ -124,14 +99,34 @@ class NeuronWeights:
     down: np.ndarray
 
 
-@dataclass(frozen=True)
-class SidecarLayer:
-    """What the writer stores for one layer, all in placed order."""
+BundleParts = Literal["auto", "gate-up-down", "up-down"]
 
-    order: np.ndarray  # int32 [n_ff]: original index of the neuron at each position
-    frequencies: np.ndarray  # float32 [n_ff]: activation frequency of the neuron at each position
-    chain_starts: np.ndarray  # int32: positions where a chain of linked neurons begins
-    bundles: np.ndarray  # uint8 (n_ff, record_bytes)
-    down_error: float  # relative RMS error of the re-encoded down columns
-    predictor_a: np.ndarray | None = None  # float32 (rank, n_embd)
-    predictor_b: np.ndarray | None = None  # float32 (n_ff, rank), placed order
+
+BUNDLE_PARTS: tuple[BundleParts, ...] = ("auto", "gate-up-down", "up-down")
+
+
+# activity criteria the gate predictor can evaluate from the gate alone (see docs/engine.md)
+GATE_ONLY_CRITERIA = ("gate_magnitude", "relu")
+
+
+def bundle_has_gate(model: FfnModel, parts: BundleParts, criterion: str) -> bool:
+    """Whether records hold gate rows: never for non-gated FFNs; with "auto", unless the gate
+    predictor applies (a gate-only criterion), which keeps gate rows resident and reads up+down only."""
+    if not model.gated or parts == "up-down":
+        return False
+    return parts == "gate-up-down" or criterion not in GATE_ONLY_CRITERIA
+
+
+def bundle_layouts(model: FfnModel, bundle_down_type: DownEncoding = "auto",
+                   gate: bool = True) -> tuple[BundleLayout, ...]:
+    """Each layer's sidecar record layout: gate (if `gate`) and up in their GGUF types, down in the chosen encoding."""
+    try:
+        return tuple(
+            BundleLayout.build(
+                model.n_embd, layer.up.type, choose_down_type(layer.down.type, model.n_embd, bundle_down_type),
+                layer.gate.type if layer.gate is not None and gate else None,
+            )
+            for layer in model.layers
+        )
+    except ValueError as e:  # a gate/up row always fits its own type: only a corrupt file gets here
+        raise ModelFileError(f"{model.directory.path}: {e}") from None

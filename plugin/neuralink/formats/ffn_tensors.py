@@ -27,7 +27,7 @@ from neuralink.formats.constants import (
 )
 from neuralink.errors import ModelFileError, UnsupportedModelError
 from neuralink.formats.gguf_directory import GgufDirectory, TensorEntry, read_gguf_directory
-from neuralink.models.synthetic import ggml_type_name
+from neuralink.formats.ggml_types import ggml_type_name
 
 log = logging.getLogger(__name__)
 

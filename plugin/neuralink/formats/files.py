@@ -1,11 +1,14 @@
-"""Atomic file output: write under a temporary name beside the target, rename into place on success.
+"""Files neuralink reads and writes: atomic output, output paths checked up front, content digests.
 
-Every file neuralink writes goes through here, so an error, Ctrl-C or a full
-disk never leaves a half-written output under the name a user asked for.
+Every file neuralink writes goes through here: it is written under a
+temporary name beside the target and renamed into place on success, so an
+error, Ctrl-C or a full disk never leaves a half-written output under the
+name a user asked for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Iterator, Mapping
@@ -14,6 +17,8 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+
+from neuralink.errors import NeuralinkError
 
 
 def temporary_path(path: str | os.PathLike[str]) -> Path:
@@ -62,4 +67,32 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     return path
 
 
-__all__ = ["atomic_gguf", "atomic_output", "save_npz", "temporary_path", "write_text"]
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """SHA-256 of a whole file, hex: the identity of a model file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class OutputPathError(NeuralinkError, OSError):
+    """An output file cannot be created where it was asked for."""
+
+
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """`path` if a file can be created there; OutputPathError naming what is wrong otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{path}: is a directory, expected a file name for the output")
+    if not path.parent.is_dir():
+        raise OutputPathError(f"{path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{path}: directory {path.parent} is not writable")
+    return path
+
+
+__all__ = [
+    "OutputPathError", "atomic_gguf", "atomic_output", "check_output_path", "file_sha256", "save_npz", "temporary_path",
+    "write_text",
+]

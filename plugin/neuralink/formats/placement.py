@@ -6,7 +6,6 @@ file, written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +16,6 @@ from neuralink.formats.files import save_npz
 from neuralink.errors import ModelFileError
 
 PLACEMENT_FORMAT_VERSION = 1
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """SHA-256 of a whole file, hex: the identity of a model file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

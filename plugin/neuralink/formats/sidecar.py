@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -60,12 +61,53 @@ from neuralink.formats.constants import (
     ffn_tensor_name,
 )
 from neuralink.errors import ModelFileError
-from neuralink.formats.ffn_tensors import ACTIVATIONS
 from neuralink.formats.gguf_directory import GgufDirectory, TensorEntry, read_gguf_directory
-from neuralink.formats.bundle_layout import BundleLayout, BundlePart, ByteRange, NeuronWeights, SidecarHeader, SidecarLayer
+from neuralink.formats.bundle_layout import BundleLayout, BundlePart, ByteRange, NeuronWeights
+from neuralink.formats.ffn_tensors import ACTIVATIONS, Activation
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class SidecarHeader:
+    """Everything a sidecar says about the model and placement it belongs to."""
+
+    model_id: str  # also in the converted GGUF's metadata: the pair must match
+    source_sha256: str  # of the original GGUF the conversion started from
+    source_architecture: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    gated: bool
+    activation: Activation
+    placement_method: str
+    criterion: str
+    n_tokens: int  # calibration tokens the placement was profiled on
+    thresholds: tuple[float, ...]  # per layer: activation magnitude defining "active"
+    version: int = SIDECAR_VERSION
+    bundle_gate: bool | None = None  # records hold the gate row; None: whenever the model is gated
+    predictor_rank: int = 0  # of the low-rank activity predictor; 0: none
+    predictor_thresholds: tuple[float, ...] = ()  # per layer: predicted score above which a neuron is read
+    predictor_recall: float = 0.0  # the calibration recall its thresholds were tuned for
+
+    def __post_init__(self) -> None:
+        if self.bundle_gate is None:
+            object.__setattr__(self, "bundle_gate", self.gated)
+        if self.bundle_gate and not self.gated:
+            raise ValueError("a non-gated model has no gate rows to bundle")
+
+
+@dataclass(frozen=True)
+class SidecarLayer:
+    """What the writer stores for one layer, all in placed order."""
+
+    order: np.ndarray  # int32 [n_ff]: original index of the neuron at each position
+    frequencies: np.ndarray  # float32 [n_ff]: activation frequency of the neuron at each position
+    chain_starts: np.ndarray  # int32: positions where a chain of linked neurons begins
+    bundles: np.ndarray  # uint8 (n_ff, record_bytes)
+    down_error: float  # relative RMS error of the re-encoded down columns
+    predictor_a: np.ndarray | None = None  # float32 (rank, n_embd)
+    predictor_b: np.ndarray | None = None  # float32 (n_ff, rank), placed order
 
 
 _TYPE_KEYS = {"gate": KEY_BUNDLE_GATE_TYPE, "up": KEY_BUNDLE_UP_TYPE, "down": KEY_BUNDLE_DOWN_TYPE}

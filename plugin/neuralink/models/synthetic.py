@@ -19,6 +19,7 @@ from gguf import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, T
 from gguf import GGMLQuantizationType as QType
 
 from neuralink.formats.files import atomic_gguf
+from neuralink.formats.ggml_types import ggml_type_name, resolve_weight_type
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,6 @@ FfnPart = Literal["gate", "up", "down"]
 
 ARCHITECTURES: tuple[Arch, ...] = get_args(Arch)
 
-# integer and f64 tensors are not weights ggml can multiply with
-_NOT_WEIGHT_TYPES = frozenset({QType.I8, QType.I16, QType.I32, QType.I64, QType.F64})
 
 _RMS_EPS = 1e-6
 # output rows of std 2/sqrt(n_embd) give logits of std ~2: peaked, not one-hot
@@ -108,24 +107,6 @@ def build_vocabulary() -> Vocabulary:
     # SentencePiece scores are log-probabilities: earlier pieces are more frequent
     scores = [0.0] * n_fixed + [-float(i) for i in range(len(pieces))]
     return Vocabulary(tuple(tokens), tuple(scores), tuple(types))
-
-
-def resolve_weight_type(name: str) -> QType:
-    """The ggml type called `name` ("q4_k", "Q8_0", "bf16", ...); ValueError if it cannot hold weights."""
-    try:
-        qtype = QType[name.upper()]
-    except KeyError:
-        known = ", ".join(t.name.lower() for t in QType if t not in _NOT_WEIGHT_TYPES)
-        raise ValueError(f"unknown weight type {name!r}; expected one of: {known}") from None
-    if qtype in _NOT_WEIGHT_TYPES:
-        raise ValueError(f"{name!r} is not a weight type: ggml multiplies no integer or f64 matrices")
-    return qtype
-
-
-def ggml_type_name(qtype: QType) -> str:
-    """ggml's own spelling of a type name (``ggml_type_name``): "q4_K", "q8_0", "bf16"."""
-    name = qtype.name.lower()
-    return name[:-2] + "_K" if name.endswith("_k") else name
 
 
 def _encode(matrix: np.ndarray, qtype: QType) -> np.ndarray:

@@ -16,15 +16,14 @@ from neuralink.place.orders import (
     PlacementError,
     build_placement,
     check_model_matches,
-    dense_reads,
     place_layers,
-    quality_table,
     sidecar_bundle_bytes,
 )
 from neuralink.place.plot import DEFAULT_NEURONS, PLOT_METHODS, plot_coactivation
-from neuralink.place.read_cost import DeviceCostModel, ReadCounts
+from neuralink.place.read_cost import ReadCounts, dense_reads, quality_table
+from neuralink.runtime.device_profile import DeviceCostModel
 from neuralink.place.timing import DEFAULT_TIMING_BUNDLE_BYTES, time_methods, timing_table
-from neuralink.profile.activity import check_output_path
+from neuralink.formats.files import check_output_path
 from neuralink.runtime.default_model import default_model_path
 
 

@@ -36,8 +36,11 @@ from neuralink.place import linking
 from neuralink.child import map_in_children
 from neuralink.formats.coactivation import CoactivationStats, coactivation_counts, load_layer_masks, unpack_masks
 from neuralink.errors import ModelFileError, NeuralinkError
-from neuralink.place.read_cost import DEFAULT_COST_MODEL, DeviceCostModel, ReadCounts, count_reads
-from neuralink.formats.placement import Placement, file_sha256
+from neuralink.place.read_cost import ReadCounts, count_reads
+from neuralink.runtime.device_profile import DEFAULT_COST_MODEL, DeviceCostModel
+from neuralink.formats.files import file_sha256
+from neuralink.formats.bundle_layout import bundle_has_gate, bundle_layouts
+from neuralink.formats.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +230,6 @@ def sidecar_bundle_bytes(model: str | os.PathLike[str], criterion: str) -> list[
 
     Gate-only criteria leave gate rows out of the records: the gate predictor keeps them resident.
     """
-    from neuralink.convert.conversion import bundle_has_gate, bundle_layouts
     from neuralink.formats.ffn_tensors import inspect_ffn_model
 
     ffn = inspect_ffn_model(model)
@@ -240,32 +242,5 @@ def check_model_matches(stats: CoactivationStats, model: str | os.PathLike[str],
         raise ModelFileError(f"{model}: no such model file")
     if file_sha256(model) != stats.model_sha256:
         raise ModelFileError(f"{model}: not the model {where} was profiled on ({stats.model_name})")
-
-
-def dense_reads(n_ff: int, bundle_bytes: Sequence[int], n_tokens: int, cost: DeviceCostModel) -> ReadCounts:
-    """Reading every layer whole, once per token: the reference a placement has to beat."""
-    a = cost.alignment
-    layer_bytes = sum(-(-n_ff * b // a) * a for b in bundle_bytes)
-    reads = len(bundle_bytes) * n_tokens
-    return ReadCounts(n_tokens=n_tokens, reads=reads, read_bytes=layer_bytes * n_tokens,
-                      seconds=cost.seconds(reads, layer_bytes * n_tokens))
-
-
-def quality_table(totals: dict[str, ReadCounts], baseline: str | None = "neuralink") -> str:
-    """A plain-text table of per-token read statistics, one row per method."""
-    header = (f"{'method':<12} {'runs/tok':>9} {'run len':>8} {'reads/tok':>10} {'KiB/tok':>9} "
-              f"{'I/O ms/tok':>11} {'eff GB/s':>9} {'time vs ' + (baseline or '-'):>16}")
-    lines = [header, "-" * len(header)]
-    reference = totals.get(baseline) if baseline else None
-    for name, c in totals.items():
-        ratio = f"{c.seconds / reference.seconds:.3f}x" if reference and reference.seconds else "-"
-        runs = f"{c.per_token(c.runs):9.1f}" if c.runs else f"{'-':>9}"
-        run_length = f"{c.mean_run_length:8.3f}" if c.runs else f"{'-':>8}"
-        bandwidth = f"{c.effective_bandwidth / 1e9:9.3f}" if c.active else f"{'-':>9}"
-        lines.append(
-            f"{name:<12} {runs} {run_length} {c.per_token(c.reads):10.1f} {c.per_token(c.read_bytes) / 1024:9.1f} "
-            f"{c.per_token(c.seconds) * 1e3:11.3f} {bandwidth} {ratio:>16}"
-        )
-    return "\n".join(lines)
 
 

@@ -14,39 +14,14 @@ best a planner can do. Reads are direct I/O: each covers whole
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-DEFAULT_READ_LATENCY_S = 60e-6
-DEFAULT_BANDWIDTH_BYTES_PER_S = 1.4e9
-DEFAULT_ALIGNMENT = 4096
+from neuralink.runtime.device_profile import DeviceCostModel
+
 _TOKEN_CHUNK = 1024
-
-
-@dataclass(frozen=True)
-class DeviceCostModel:
-    """Time of one read: latency + bytes / bandwidth; reads cover whole alignment blocks."""
-
-    read_latency_s: float = DEFAULT_READ_LATENCY_S
-    bandwidth_bytes_per_s: float = DEFAULT_BANDWIDTH_BYTES_PER_S
-    alignment: int = DEFAULT_ALIGNMENT
-
-    def __post_init__(self) -> None:
-        if self.read_latency_s < 0 or self.bandwidth_bytes_per_s <= 0 or self.alignment < 1:
-            raise ValueError(f"cost model needs latency >= 0, bandwidth > 0 and alignment >= 1: {self}")
-
-    def collapse_gap(self, bundle_bytes: int) -> int:
-        """Largest gap, in neurons, that costs less to read through than one more read."""
-        return max(math.ceil(self.read_latency_s * self.bandwidth_bytes_per_s / bundle_bytes) - 1, 0)
-
-    def seconds(self, reads: float, n_bytes: float) -> float:
-        """Time of `reads` reads moving `n_bytes` bytes in all, one after the other."""
-        return reads * self.read_latency_s + n_bytes / self.bandwidth_bytes_per_s
-
-
-DEFAULT_COST_MODEL = DeviceCostModel()
 
 
 @dataclass
@@ -124,3 +99,29 @@ def _count_chunk(placed: np.ndarray, bundle_bytes: int, cost: DeviceCostModel, g
     read_bytes = int((-(-read_end // a) * a - (read_start // a) * a).sum())
     return np.array([placed.sum(), len(run_start), read_first.sum(), read_bytes], dtype=np.int64)
 
+
+def dense_reads(n_ff: int, bundle_bytes: Sequence[int], n_tokens: int, cost: DeviceCostModel) -> ReadCounts:
+    """Reading every layer whole, once per token: the reference a placement has to beat."""
+    a = cost.alignment
+    layer_bytes = sum(-(-n_ff * b // a) * a for b in bundle_bytes)
+    reads = len(bundle_bytes) * n_tokens
+    return ReadCounts(n_tokens=n_tokens, reads=reads, read_bytes=layer_bytes * n_tokens,
+                      seconds=cost.seconds(reads, layer_bytes * n_tokens))
+
+
+def quality_table(totals: dict[str, ReadCounts], baseline: str | None = "neuralink") -> str:
+    """A plain-text table of per-token read statistics, one row per method."""
+    header = (f"{'method':<12} {'runs/tok':>9} {'run len':>8} {'reads/tok':>10} {'KiB/tok':>9} "
+              f"{'I/O ms/tok':>11} {'eff GB/s':>9} {'time vs ' + (baseline or '-'):>16}")
+    lines = [header, "-" * len(header)]
+    reference = totals.get(baseline) if baseline else None
+    for name, c in totals.items():
+        ratio = f"{c.seconds / reference.seconds:.3f}x" if reference and reference.seconds else "-"
+        runs = f"{c.per_token(c.runs):9.1f}" if c.runs else f"{'-':>9}"
+        run_length = f"{c.mean_run_length:8.3f}" if c.runs else f"{'-':>8}"
+        bandwidth = f"{c.effective_bandwidth / 1e9:9.3f}" if c.active else f"{'-':>9}"
+        lines.append(
+            f"{name:<12} {runs} {run_length} {c.per_token(c.reads):10.1f} {c.per_token(c.read_bytes) / 1024:9.1f} "
+            f"{c.per_token(c.seconds) * 1e3:11.3f} {bandwidth} {ratio:>16}"
+        )
+    return "\n".join(lines)

@@ -24,20 +24,19 @@ Writes a co-activation stats file (.npz, see docs/profile.md) for
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
 from neuralink.formats.coactivation import CoactivationStats, Criterion, pack_masks
-from neuralink.errors import NeuralinkError, UnsupportedModelError
-from neuralink.formats.placement import file_sha256
+from neuralink.errors import ProfileError, UnsupportedModelError
+from neuralink.formats.files import file_sha256
+from neuralink.profile.text import read_documents, split_windows
 
 if TYPE_CHECKING:
     from neuralink.profile.activations import ActivationReader
@@ -76,14 +75,6 @@ GATE_FUNCTIONS: dict[str, GateFunction] = {
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
-class ProfileError(NeuralinkError, ValueError):
-    """Profiling cannot proceed: missing or malformed text, too little of it, or mismatched thresholds."""
-
-
-class OutputPathError(NeuralinkError, OSError):
-    """An output file cannot be created where it was asked for."""
-
-
 @dataclass(frozen=True)
 class FfnActivation:
     """Which llama.cpp tensor defines a neuron's activity, and how."""
@@ -106,55 +97,6 @@ class FfnActivation:
             # ggml's gelu: the tanh approximation
             return np.abs(0.5 * rows * (1.0 + np.tanh(_SQRT_2_OVER_PI * (rows + 0.044715 * rows**3))))
         return np.abs(rows)
-
-
-def read_documents(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """The documents of text files: a .txt file is one document, a .jsonl file one per line."""
-    documents: list[str] = []
-    for path in map(Path, paths):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ProfileError(f"{path}: no such text file") from None
-        except UnicodeDecodeError as e:
-            raise ProfileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise ProfileError(f"{path}: cannot read ({e.strerror})") from None
-        if path.suffix.lower() == ".jsonl":
-            documents += _jsonl_documents(path, text)
-        elif text.strip():
-            documents.append(text)
-    return documents
-
-
-def _jsonl_documents(path: Path, text: str) -> list[str]:
-    documents = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ProfileError(f"{path}:{number}: not a JSON line ({e.msg})") from None
-        value = next((record[k] for k in ("text", "prompt") if isinstance(record, dict) and k in record), None)
-        if not isinstance(value, str):
-            raise ProfileError(f'{path}:{number}: expected an object with a string "text" or "prompt" field')
-        if value.strip():
-            documents.append(value)
-    return documents
-
-
-def split_windows(documents: Sequence[np.ndarray], per_window: int, max_tokens: int | None) -> list[np.ndarray]:
-    """Cut each document's tokens into windows of at most `per_window`, keeping `max_tokens` in all."""
-    windows: list[np.ndarray] = []
-    budget = math.inf if max_tokens is None else max_tokens
-    for tokens in documents:
-        tokens = tokens[: int(min(len(tokens), budget))]
-        budget -= len(tokens)
-        windows += [tokens[i : i + per_window] for i in range(0, len(tokens), per_window)]
-        if budget <= 0:
-            break
-    return windows
 
 
 def probe_ffn_activation(
@@ -357,20 +299,7 @@ def profile_model(
     return stats
 
 
-def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """`path` if a file can be created there; OutputPathError naming what is wrong otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputPathError(f"{path}: is a directory, expected a file name for the output")
-    if not path.parent.is_dir():
-        raise OutputPathError(f"{path}: directory {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{path}: directory {path.parent} is not writable")
-    return path
-
-
 __all__ = [
-    "ACTIVATION_TENSORS", "DEFAULT_CRITERION", "GATED_CRITERIA", "FfnActivation", "OutputPathError", "ProfileError",
-    "check_output_path",
-    "magnitude_thresholds", "probe_ffn_activation", "profile_model", "read_documents", "split_windows",
+    "ACTIVATION_TENSORS", "DEFAULT_CRITERION", "GATED_CRITERIA", "FfnActivation", "ProfileError",
+    "magnitude_thresholds", "probe_ffn_activation", "profile_model",
 ]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from neuralink.command import Command
+from neuralink.formats.files import OutputPathError, check_output_path
 from neuralink.profile import activity
 from neuralink.profile.activity import (
     DEFAULT_CRITERION,
@@ -15,8 +16,6 @@ from neuralink.profile.activity import (
     DEFAULT_THRESHOLD_TOKENS,
     DEFAULT_WINDOW,
     GATED_CRITERIA,
-    OutputPathError,
-    check_output_path,
     profile_model,
 )
 from neuralink.runtime.default_model import default_model_path

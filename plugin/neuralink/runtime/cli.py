@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from neuralink.command import Command
-from neuralink.profile.activity import check_output_path
+from neuralink.formats.files import check_output_path
 from neuralink.runtime import device_probe
 from neuralink.runtime.device_probe import (
     DEFAULT_PROBE_BYTES,

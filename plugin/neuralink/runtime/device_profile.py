@@ -1,4 +1,6 @@
-"""A device profile: direct-I/O IOPS and bandwidth over read sizes x queue depths, and the cost model it gives.
+"""A device's read cost: the cost model of one read, and the profile measured for it.
+
+A device profile holds direct-I/O IOPS and bandwidth over read sizes x queue depths, and the cost model it gives.
 
 Written by ``neuralink device-profile`` (neuralink.runtime.device_probe), one JSON file per
 device. The engine takes from it, for its queue depth, the cost of one more
@@ -20,7 +22,36 @@ from typing import Any
 
 from neuralink.formats.files import atomic_output
 from neuralink.errors import NeuralinkError
-from neuralink.place.read_cost import DeviceCostModel
+
+# the phone-flash model used without a measured profile (DESIGN.md: ~60 us per read at queue depth 1, ~1.4 GB/s)
+DEFAULT_READ_LATENCY_S = 60e-6
+DEFAULT_BANDWIDTH_BYTES_PER_S = 1.4e9
+DEFAULT_ALIGNMENT = 4096
+
+
+@dataclass(frozen=True)
+class DeviceCostModel:
+    """Time of one read: latency + bytes / bandwidth; reads cover whole alignment blocks."""
+
+    read_latency_s: float = DEFAULT_READ_LATENCY_S
+    bandwidth_bytes_per_s: float = DEFAULT_BANDWIDTH_BYTES_PER_S
+    alignment: int = DEFAULT_ALIGNMENT
+
+    def __post_init__(self) -> None:
+        if self.read_latency_s < 0 or self.bandwidth_bytes_per_s <= 0 or self.alignment < 1:
+            raise ValueError(f"cost model needs latency >= 0, bandwidth > 0 and alignment >= 1: {self}")
+
+    def collapse_gap(self, bundle_bytes: int) -> int:
+        """Largest gap, in neurons, that costs less to read through than one more read."""
+        return max(math.ceil(self.read_latency_s * self.bandwidth_bytes_per_s / bundle_bytes) - 1, 0)
+
+    def seconds(self, reads: float, n_bytes: float) -> float:
+        """Time of `reads` reads moving `n_bytes` bytes in all, one after the other."""
+        return reads * self.read_latency_s + n_bytes / self.bandwidth_bytes_per_s
+
+
+DEFAULT_COST_MODEL = DeviceCostModel()
+
 
 DEVICE_PROFILE_FORMAT = "neuralink.device-profile"
 DEVICE_PROFILE_FORMAT_VERSION = 1

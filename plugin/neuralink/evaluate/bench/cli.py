@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from neuralink.command import Command, add_commands
-from neuralink.convert.conversion import BUNDLE_PARTS
+from neuralink.formats.bundle_layout import BUNDLE_PARTS
 from neuralink.errors import ModelFileError, NeuralinkError
 from neuralink.evaluate import bench
 from neuralink.evaluate.bench import dense, e2e, io
@@ -30,7 +30,8 @@ from neuralink.evaluate.bench.io_variants import CACHE_RULES, VARIANTS, plot_res
 from neuralink.evaluate.density_sweep import density_thresholds
 from neuralink.formats.ffn_tensors import DOWN_ENCODINGS
 from neuralink.formats.files import atomic_output, write_text
-from neuralink.profile.activity import GATED_CRITERIA, check_output_path
+from neuralink.formats.files import check_output_path
+from neuralink.profile.activity import GATED_CRITERIA
 from neuralink.runtime.default_model import default_model_path
 from neuralink.runtime.llama import find_sidecar
 from neuralink.runtime.memory_budget import parse_size

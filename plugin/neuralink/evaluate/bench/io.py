@@ -61,7 +61,7 @@ from neuralink.evaluate.bench.io_inputs import (
     prepare_inputs,
 )
 from neuralink.formats.coactivation import CoactivationStats
-from neuralink.convert.conversion import BundleParts, bundle_has_gate
+from neuralink.formats.bundle_layout import BundleParts, bundle_has_gate
 from neuralink.formats.ffn_tensors import DownEncoding, inspect_ffn_model
 from neuralink.formats.placement import Placement
 
@@ -88,7 +88,7 @@ class BenchIoResult:
 
 def _collapse_gap(replay_dir: Path, queue_depth: int, override: int | None) -> tuple[int, str]:
     from neuralink.runtime.device_probe import cached_profile
-    from neuralink.place.read_cost import DEFAULT_COST_MODEL
+    from neuralink.runtime.device_profile import DEFAULT_COST_MODEL
 
     if override is not None:
         return override, f"collapse gap {override} B (--collapse-gap)"

@@ -25,7 +25,9 @@ import numpy as np
 
 from neuralink.formats.files import atomic_gguf
 from neuralink.formats.constants import SIDECAR_ALIGNMENT, ffn_tensor_name
-from neuralink.convert.conversion import BundleParts, sidecar_layers, plan_conversion
+from neuralink.convert.plan import plan_conversion
+from neuralink.convert.writer import sidecar_layers
+from neuralink.formats.bundle_layout import BundleParts
 from neuralink.errors import ModelFileError
 from neuralink.formats.ffn_tensors import DownEncoding
 from neuralink.formats.gguf_directory import read_gguf_directory

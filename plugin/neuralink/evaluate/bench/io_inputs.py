@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from neuralink.formats.coactivation import CoactivationStats
-from neuralink.convert.conversion import BundleParts, bundle_has_gate, bundle_layouts
+from neuralink.formats.bundle_layout import BundleParts, bundle_has_gate, bundle_layouts
 from neuralink.errors import NeuralinkError
 from neuralink.formats.ffn_tensors import DownEncoding, inspect_ffn_model
-from neuralink.formats.placement import Placement, file_sha256
+from neuralink.formats.files import file_sha256
+from neuralink.formats.placement import Placement
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_CALIBRATION_TOKENS = 4096

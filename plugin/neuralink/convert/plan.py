@@ -1,0 +1,197 @@
+"""Plan a conversion: check the model, the placement and the outputs, choose encodings and record layouts.
+
+A conversion writes two files next to each other:
+  <name>.neuralink.gguf     the model with every FFN tensor permuted to the
+                            placement's neuron order (gate/up rows, their
+                            biases, down columns); stock llama.cpp runs it.
+  <name>.neuralink.sidecar  the placement and the bundle store the engine
+                            reads from flash (docs/sidecar.md).
+:func:`plan_conversion` checks everything and writes nothing;
+``neuralink.convert.writer`` writes the plan. See docs/convert.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+
+from neuralink.formats.constants import (
+    CONVERTED_SUFFIX,
+    KEY_MODEL_ID,
+    SIDECAR_SUFFIX,
+    SIDECAR_VERSION,
+)
+from neuralink.errors import ModelFileError
+from neuralink.formats.ffn_tensors import (
+    DOWN_ENCODINGS,
+    Activation,
+    DownEncoding,
+    FfnModel,
+    choose_down_type,
+    inspect_ffn_model,
+)
+from neuralink.formats.files import file_sha256
+from neuralink.formats.placement import Placement
+from neuralink.convert.predictor import LowRankPredictor
+from neuralink.formats.bundle_layout import BUNDLE_PARTS, BundleLayout, BundleParts, bundle_has_gate, bundle_layouts
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]  # called with the number of source bytes just processed
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """A validated conversion: inputs checked, output types and layouts chosen, nothing written yet."""
+
+    model: FfnModel
+    placement: Placement
+    output: Path
+    sidecar: Path
+    source_sha256: str
+    model_id: str
+    gguf_down_types: tuple[QType, ...]  # per layer: ffn_down's type in the converted GGUF
+    layouts: tuple[BundleLayout, ...]  # per layer: the sidecar's bundle record
+    predictor: LowRankPredictor | None = None  # written into the sidecar when given
+
+    @property
+    def work_bytes(self) -> int:
+        """Units of work `progress` reports: source tensor bytes, once per output file."""
+        return 2 * sum(t.nbytes for t in self.model.directory.tensors.values())
+
+
+def default_output_paths(model_path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """<dir>/<stem>.neuralink.gguf and <dir>/<stem>.neuralink.sidecar for <dir>/<stem>.gguf."""
+    model_path = Path(model_path)
+    stem = model_path.name.removesuffix(".gguf").removesuffix(".neuralink")
+    return model_path.with_name(stem + CONVERTED_SUFFIX), model_path.with_name(stem + SIDECAR_SUFFIX)
+
+
+def _sidecar_for(output: Path) -> Path:
+    return output.with_name(output.name.removesuffix(".gguf").removesuffix(".neuralink") + SIDECAR_SUFFIX)
+
+
+def check_writable(path: Path) -> None:
+    directory = path.parent
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a directory; give a file name for the output")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot write the output there: {e.strerror or e}") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def _check_placement(placement: Placement, where: str, model: FfnModel, sha256: str) -> None:
+    placement.validate(where)
+    sizes = {len(order) for order in placement.orders}
+    if placement.n_layer != model.n_layer or sizes != {model.n_ff}:
+        raise ModelFileError(
+            f"{where}: placement has {placement.n_layer} layers of {sorted(sizes)} neurons, but "
+            f"{model.directory.path} has {model.n_layer} layers of {model.n_ff}: it belongs to another model"
+        )
+    if placement.model_sha256 != sha256:
+        raise ModelFileError(
+            f"{where}: placement was made for the model with sha256 {placement.model_sha256[:16]}..., "
+            f"but {model.directory.path} has sha256 {sha256[:16]}...: profile and place this model"
+        )
+
+
+def _model_id(source_sha256: str, placement: Placement, gguf_types: tuple[QType, ...],
+              layouts: tuple[BundleLayout, ...]) -> str:
+    # a digest of everything that decides the converted bytes: same inputs, same id
+    h = hashlib.sha256(f"neuralink/{SIDECAR_VERSION}/{source_sha256}/{placement.method}".encode())
+    for il, order in enumerate(placement.orders):
+        h.update(np.ascontiguousarray(order, dtype="<i4").tobytes())
+        h.update(struct.pack("<3I", gguf_types[il], layouts[il].down.type, layouts[il].record_bytes))
+    return "nl1-" + h.hexdigest()[:32]
+
+
+def check_model_and_outputs(
+    model_path: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    sidecar: str | os.PathLike[str] | None = None,
+    *,
+    activation: Activation | None = None,
+    force: bool = False,
+) -> tuple[FfnModel, Path, Path]:
+    """The model's FFN tensors and the two output paths, once both are known to be usable.
+
+    Cheap (reads the model's directory only): run it before minutes of
+    profiling. Raises ModelFileError for unreadable or truncated models,
+    already converted input without `force`, and unwritable or clashing
+    outputs; UnsupportedModelError for architectures and FFN forms.
+    """
+    model_path = Path(model_path)
+    model = inspect_ffn_model(model_path, activation)
+    if model.converted and not force:
+        raise ModelFileError(
+            f"{model_path}: already converted by neuralink (model id {model.directory.get(KEY_MODEL_ID)!r}); "
+            "convert the original model, or force it"
+        )
+    output = Path(output) if output is not None else default_output_paths(model_path)[0]
+    sidecar = Path(sidecar) if sidecar is not None else _sidecar_for(output)
+    for path in (output, sidecar):
+        if path.resolve() == model_path.resolve() or _same_file(path, model_path):
+            raise ModelFileError(f"{path}: is the input model; the input is never overwritten")
+    if output.resolve() == sidecar.resolve():
+        raise ModelFileError(f"{output}: the converted model and the sidecar need different file names")
+    check_writable(output)
+    check_writable(sidecar)
+    return model, output, sidecar
+
+
+def plan_conversion(
+    model_path: str | os.PathLike[str],
+    placement: Placement | str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    sidecar: str | os.PathLike[str] | None = None,
+    *,
+    down_type: DownEncoding = "auto",
+    bundle_down_type: DownEncoding = "auto",
+    bundle_parts: BundleParts = "auto",
+    predictor: LowRankPredictor | None = None,
+    activation: Activation | None = None,
+    force: bool = False,
+) -> ConversionPlan:
+    """Check the inputs and outputs of a conversion and choose its encodings; writes nothing.
+
+    Raises what :func:`check_model_and_outputs` raises, and ModelFileError
+    for an unreadable placement or one made for another model.
+    """
+    if down_type not in DOWN_ENCODINGS or bundle_down_type not in DOWN_ENCODINGS:
+        raise ValueError(f"down encodings must be one of {DOWN_ENCODINGS}")
+    if bundle_parts not in BUNDLE_PARTS:
+        raise ValueError(f"bundle parts must be one of {BUNDLE_PARTS}")
+    model_path = Path(model_path)
+    model, output, sidecar = check_model_and_outputs(model_path, output, sidecar, activation=activation, force=force)
+
+    where = "placement"
+    if not isinstance(placement, Placement):
+        where = str(placement)
+        placement = Placement.load(placement)
+    log.info("hashing %s", model_path)
+    sha256 = file_sha256(model_path)
+    _check_placement(placement, where, model, sha256)
+
+    gguf_types = tuple(choose_down_type(layer.down.type, model.n_ff, down_type) for layer in model.layers)
+    layouts = bundle_layouts(model, bundle_down_type, bundle_has_gate(model, bundle_parts, placement.criterion))
+    if predictor is not None and len(predictor.layers) != model.n_layer:
+        raise ValueError(f"the predictor has {len(predictor.layers)} layers, {model_path} has {model.n_layer}")
+    return ConversionPlan(model, placement, output, sidecar, sha256, _model_id(sha256, placement, gguf_types, layouts),
+                          gguf_types, layouts, predictor)
+
+

@@ -1,0 +1,192 @@
+"""Write a planned conversion: the permuted GGUF and the sidecar, streamed a tensor (or a layer) at a time.
+
+Both files are written to temporary names and renamed when complete; the
+input is never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from neuralink.formats.files import temporary_path
+from neuralink.formats.constants import (
+    KEY_MODEL_ID,
+    KEY_PLACEMENT_METHOD,
+    KEY_SIDECAR_NAME,
+    KEY_SIDECAR_VERSION,
+    KEY_SOURCE_SHA256,
+    SIDECAR_VERSION,
+)
+from neuralink.errors import ModelFileError
+from neuralink.formats.ffn_tensors import (
+    Activation,
+    DownEncoding,
+    down_columns,
+    permute_rows,
+)
+from neuralink.formats.permuted_gguf import write_permuted_gguf
+from neuralink.formats.placement import Placement
+from neuralink.convert.predictor import LowRankPredictor
+from neuralink.formats.ggml_types import ggml_type_name
+
+from neuralink.formats.bundle_layout import (
+    BundlePart,
+    BundleParts,
+)
+from neuralink.formats.sidecar import SidecarHeader, SidecarLayer, write_sidecar
+from neuralink.convert.plan import ConversionPlan, Progress, plan_conversion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What a conversion wrote, and how far re-encoding moved the down weights."""
+
+    output: Path
+    sidecar: Path
+    model_id: str
+    gguf_down_types: tuple[str, ...]
+    gguf_down_errors: tuple[float, ...]  # per layer, relative RMS; 0 when the permutation was exact
+    bundle_down_types: tuple[str, ...]
+    bundle_down_errors: tuple[float, ...]
+    record_bytes: tuple[int, ...]
+    seconds: float
+
+
+def _predictor_header(predictor: LowRankPredictor | None) -> dict[str, object]:
+    if predictor is None:
+        return {}
+    return dict(predictor_rank=predictor.rank, predictor_thresholds=tuple(float(t) for t in predictor.thresholds),
+                predictor_recall=predictor.recall_target)
+
+
+def sidecar_layers(plan: ConversionPlan, data: np.ndarray, progress: Progress) -> Iterator[SidecarLayer]:
+    """Each layer's sidecar data for `plan` (records in placed order) from the source GGUF's bytes `data`;
+    `progress` gets the source bytes consumed, once per layer."""
+    placed_b = plan.predictor.placed(plan.placement.orders) if plan.predictor is not None else None
+    for layer, layout in zip(plan.model.layers, plan.layouts):
+        order = np.asarray(plan.placement.orders[layer.il], dtype=np.int64)
+        records = np.empty((plan.model.n_ff, layout.record_bytes), dtype=np.uint8)
+        records[:] = 0  # padding between parts stays zero
+        def fill(part: BundlePart, values: np.ndarray) -> None:
+            records[:, part.offset:part.offset + part.nbytes] = values
+
+        if layout.gate is not None and layer.gate is not None:
+            fill(layout.gate, permute_rows(data, layer.gate, order))
+        fill(layout.up, permute_rows(data, layer.up, order))
+        down = down_columns(data, layer.down, order, layout.down.type)
+        fill(layout.down, down.data)
+        yield SidecarLayer(
+            order=order.astype(np.int32),
+            frequencies=np.asarray(plan.placement.frequencies[layer.il], dtype=np.float32)[order],
+            chain_starts=np.asarray(plan.placement.chain_starts[layer.il], dtype=np.int32),
+            bundles=records,
+            down_error=down.rel_rms_error,
+            predictor_a=plan.predictor.layers[layer.il].a if plan.predictor is not None else None,
+            predictor_b=placed_b[layer.il] if placed_b is not None else None,
+        )
+        progress(sum(t.nbytes for t in layer.permuted))
+
+
+def run_conversion(plan: ConversionPlan, progress: Progress | None = None) -> ConversionResult:
+    """Write the converted GGUF and the sidecar of `plan`, streaming one tensor (or layer) at a time.
+
+    Both files are complete before either is renamed into place; on any
+    error no output is left behind.
+    """
+    progress = progress or (lambda n: None)
+    start = time.perf_counter()
+    model = plan.model
+    data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
+    tmp = temporary_path(plan.output)
+    try:
+        metadata = {
+            KEY_MODEL_ID: plan.model_id,
+            KEY_SIDECAR_VERSION: SIDECAR_VERSION,
+            KEY_SIDECAR_NAME: plan.sidecar.name,
+            KEY_SOURCE_SHA256: plan.source_sha256,
+            KEY_PLACEMENT_METHOD: plan.placement.method,
+        }
+        gguf_errors = write_permuted_gguf(model, data, plan.placement.orders, plan.gguf_down_types, metadata, tmp,
+                                          progress)
+        # the source bytes the sidecar pass reads but that no layer covers (attention, embeddings) count as done
+        progress(sum(t.nbytes for t in model.directory.tensors.values())
+                 - sum(t.nbytes for layer in model.layers for t in layer.permuted))
+        bundle_errors: list[float] = []
+
+        def recorded(layers: Iterator[SidecarLayer]) -> Iterator[SidecarLayer]:
+            for layer in layers:
+                bundle_errors.append(layer.down_error)
+                yield layer
+
+        header = SidecarHeader(
+            model_id=plan.model_id,
+            source_sha256=plan.source_sha256,
+            source_architecture=model.architecture,
+            n_layer=model.n_layer,
+            n_embd=model.n_embd,
+            n_ff=model.n_ff,
+            gated=model.gated,
+            activation=model.activation,
+            placement_method=plan.placement.method,
+            criterion=plan.placement.criterion,
+            n_tokens=plan.placement.n_tokens,
+            thresholds=tuple(float(t) for t in plan.placement.thresholds),
+            bundle_gate=plan.layouts[0].gate is not None,
+            **_predictor_header(plan.predictor),
+        )
+        write_sidecar(plan.sidecar, header, plan.layouts, [layer.down.type for layer in model.layers],
+                      [len(starts) for starts in plan.placement.chain_starts],
+                      recorded(sidecar_layers(plan, data, progress)))
+        try:
+            os.replace(tmp, plan.output)
+        except BaseException:
+            plan.sidecar.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise ModelFileError(f"writing {plan.output} and {plan.sidecar} failed: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        del data
+    seconds = time.perf_counter() - start
+    log.info("converted %s -> %s + %s in %.1f s", model.directory.path, plan.output, plan.sidecar, seconds)
+    return ConversionResult(
+        output=plan.output,
+        sidecar=plan.sidecar,
+        model_id=plan.model_id,
+        gguf_down_types=tuple(ggml_type_name(t) for t in plan.gguf_down_types),
+        gguf_down_errors=tuple(gguf_errors),
+        bundle_down_types=tuple(ggml_type_name(lay.down.type) for lay in plan.layouts),
+        bundle_down_errors=tuple(bundle_errors),
+        record_bytes=tuple(lay.record_bytes for lay in plan.layouts),
+        seconds=seconds,
+    )
+
+
+def convert_model(
+    model_path: str | os.PathLike[str],
+    placement: Placement | str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    sidecar: str | os.PathLike[str] | None = None,
+    *,
+    down_type: DownEncoding = "auto",
+    bundle_down_type: DownEncoding = "auto",
+    bundle_parts: BundleParts = "auto",
+    predictor: LowRankPredictor | None = None,
+    activation: Activation | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ConversionResult:
+    """Convert `model_path` with `placement`: :func:`plan_conversion`, then :func:`run_conversion`."""
+    plan = plan_conversion(model_path, placement, output, sidecar, down_type=down_type,
+                           bundle_down_type=bundle_down_type, bundle_parts=bundle_parts, predictor=predictor,
+                           activation=activation, force=force)
+    return run_conversion(plan, progress)

@@ -1,0 +1,65 @@
+"""Recall and precision of a sidecar's low-rank activity predictor on held-out text (``neuralink predictor``).
+
+The converted model runs densely to give every layer's real FFN inputs; the
+predictor's active sets are compared with the criterion's true ones. A false
+positive costs a read, a false negative leaves a neuron out (see
+neuralink.convert.predictor, which fits the predictor).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from neuralink.convert.predictor import activity_score, capture_ffn_inputs
+from neuralink.formats.ffn_tensors import decode_matrix, inspect_ffn_model
+from neuralink.formats.sidecar import Sidecar
+
+@dataclass
+class LayerReport:
+    il: int
+    recall: float
+    precision: float
+    predicted_density: float
+    true_density: float
+
+
+def evaluate_predictor(
+    model_path: str | os.PathLike[str],
+    sidecar_path: str | os.PathLike[str],
+    texts: Sequence[str | os.PathLike[str]],
+    *,
+    max_tokens: int = 2048,
+    threads: int | None = None,
+) -> list[LayerReport]:
+    """Recall and precision of a sidecar's low-rank predictor on (held-out) texts, per layer.
+
+    Runs the converted model densely to get every layer's real inputs, and
+    compares the predicted active sets with the criterion's true ones.
+    """
+
+    model = inspect_ffn_model(model_path)
+    inputs = capture_ffn_inputs(model_path, texts, max_tokens=max_tokens, threads=threads)
+    data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
+    reports = []
+    with Sidecar.open(sidecar_path, model_path) as sidecar:
+        header = sidecar.header
+        if not header.predictor_rank:
+            raise ValueError(f"{sidecar_path}: has no low-rank predictor (convert with --lowrank-rank)")
+        for il, x in enumerate(inputs):
+            layer = model.layers[il]
+            w = decode_matrix(data, layer.gate if layer.gate is not None else layer.up)
+            x64 = x.astype(np.float64)
+            truly = activity_score(header.activation, header.criterion, x64 @ w.T.astype(np.float64)) \
+                > header.thresholds[il]
+            a, b = sidecar.predictor(il)
+            predicted = activity_score(header.activation, header.criterion, (x64 @ a.T) @ b.T) \
+                > header.predictor_thresholds[il]
+            hits = np.count_nonzero(predicted & truly)
+            reports.append(LayerReport(il, hits / max(np.count_nonzero(truly), 1),
+                                       hits / max(np.count_nonzero(predicted), 1),
+                                       float(predicted.mean()), float(truly.mean())))
+    return reports

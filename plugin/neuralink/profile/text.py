@@ -1,0 +1,61 @@
+"""Text input: the documents of .txt and .jsonl files, and token windows cut from them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from neuralink.errors import ProfileError
+
+def read_documents(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The documents of text files: a .txt file is one document, a .jsonl file one per line."""
+    documents: list[str] = []
+    for path in map(Path, paths):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ProfileError(f"{path}: no such text file") from None
+        except UnicodeDecodeError as e:
+            raise ProfileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise ProfileError(f"{path}: cannot read ({e.strerror})") from None
+        if path.suffix.lower() == ".jsonl":
+            documents += _jsonl_documents(path, text)
+        elif text.strip():
+            documents.append(text)
+    return documents
+
+
+def _jsonl_documents(path: Path, text: str) -> list[str]:
+    documents = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ProfileError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+        value = next((record[k] for k in ("text", "prompt") if isinstance(record, dict) and k in record), None)
+        if not isinstance(value, str):
+            raise ProfileError(f'{path}:{number}: expected an object with a string "text" or "prompt" field')
+        if value.strip():
+            documents.append(value)
+    return documents
+
+
+def split_windows(documents: Sequence[np.ndarray], per_window: int, max_tokens: int | None) -> list[np.ndarray]:
+    """Cut each document's tokens into windows of at most `per_window`, keeping `max_tokens` in all."""
+    windows: list[np.ndarray] = []
+    budget = math.inf if max_tokens is None else max_tokens
+    for tokens in documents:
+        tokens = tokens[: int(min(len(tokens), budget))]
+        budget -= len(tokens)
+        windows += [tokens[i : i + per_window] for i in range(0, len(tokens), per_window)]
+        if budget <= 0:
+            break
+    return windows
