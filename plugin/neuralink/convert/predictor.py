@@ -26,6 +26,8 @@ from typing import Literal
 
 import numpy as np
 
+from neuralink.profile.thresholds import recall_threshold
+
 log = logging.getLogger(__name__)
 
 # criteria a predictor of one pre-activation can decide (see docs/engine.md)
@@ -105,14 +107,7 @@ def fit_layer(x: np.ndarray, w: np.ndarray, rank: int, activation: str, criterio
 
     truly = activity_score(activation, criterion, x64 @ w64.T) > activity_threshold
     predicted_score = activity_score(activation, criterion, (x64 @ a.T) @ b.T)
-    active_scores = np.sort(predicted_score[truly])
-    if active_scores.size:
-        # the largest threshold that predicts at least `recall` of the truly active pairs: the k-th
-        # smallest of their scores, nudged below it because the engine predicts score > threshold
-        k = int(np.floor((1.0 - recall) * active_scores.size))
-        threshold = float(np.nextafter(active_scores[k], -np.inf))
-    else:
-        threshold = float("inf")
+    threshold, _ = recall_threshold(predicted_score, truly, recall, precision=np.float64)
     predicted = predicted_score > threshold
     hits = np.count_nonzero(predicted & truly)
     return LayerFit(

@@ -38,7 +38,9 @@ import llama_cpp
 import numpy as np
 
 from neuralink.errors import ModelFileError, NeuralinkError
+from neuralink.convert.predictor import activity_score, capture_ffn_inputs
 from neuralink.evaluate.perplexity import PerplexityResult, perplexity
+from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold, recall_threshold
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1)
 
 DEFAULT_CALIBRATION_TOKENS = 2048
 DEFAULT_BUDGET = 0.05
-# quantiles over at most this many scores per layer (as `neuralink profile` does); the rest are sampled
-MAX_THRESHOLD_SAMPLES = 1 << 21
 SWEEP_PREDICTORS = ("gate", "lowrank", "oracle")
 
 # called with (windows done, windows to do, what is being scored)
@@ -70,14 +70,9 @@ class DensityThresholds:
     predictor_recall: np.ndarray | None = None      # float64 (n_layer,): their recall on the calibration pairs
 
 
-def _activity_scores(activation: str, criterion: str, v: np.ndarray) -> np.ndarray:
-    from neuralink.convert.predictor import activity_score
-
-    return activity_score(activation, criterion, v)
-
-
 def threshold_for_density(scores: np.ndarray, density: float, rng: np.random.Generator) -> float:
-    """The per-layer threshold that a fraction `density` of `scores` exceeds (profile's quantile rule).
+    """The per-layer threshold that a fraction `density` of `scores` exceeds (the density rule of
+    neuralink.profile.thresholds, on at most MAX_THRESHOLD_SAMPLES sampled scores).
 
     Density 1.0 gives 0: every non-zero activation.
     """
@@ -86,23 +81,7 @@ def threshold_for_density(scores: np.ndarray, density: float, rng: np.random.Gen
     values = scores.ravel()
     if values.size > MAX_THRESHOLD_SAMPLES:
         values = values[rng.integers(0, values.size, MAX_THRESHOLD_SAMPLES)]
-    k = min(max(math.ceil((1.0 - density) * values.size) - 1, 0), values.size - 1)
-    return float(np.partition(values, k)[k])
-
-
-def recall_threshold(predicted_scores: np.ndarray, truly_active: np.ndarray, recall: float) -> tuple[float, float]:
-    """The largest predictor threshold keeping a fraction `recall` of the truly active pairs, and the recall it gets.
-
-    Same rule as `neuralink.convert.predictor.fit_layer`: the k-th smallest predicted
-    score of the truly active pairs, nudged down because the engine predicts
-    score > threshold.
-    """
-    active_scores = np.sort(predicted_scores[truly_active])
-    if not active_scores.size:
-        return float("inf"), 1.0
-    k = int(np.floor((1.0 - recall) * active_scores.size))
-    threshold = float(np.nextafter(np.float32(active_scores[k]), np.float32(-np.inf)))
-    return threshold, float(np.count_nonzero(active_scores > threshold) / active_scores.size)
+    return density_threshold(values, density)
 
 
 def density_thresholds(
@@ -125,7 +104,6 @@ def density_thresholds(
     has no single pre-activation (`magnitude`).
     """
     from neuralink.formats.ffn_tensors import decode_matrix, inspect_ffn_model, permute_vector
-    from neuralink.convert.predictor import capture_ffn_inputs
     from neuralink.formats.sidecar import Sidecar
 
     check_densities(densities)
@@ -157,11 +135,11 @@ def density_thresholds(
             v = x64 @ decode_matrix(data, tensor).T.astype(np.float64)
             if bias is not None:
                 v += permute_vector(data, bias, np.arange(model.n_ff)).astype(np.float64)
-            scores = _activity_scores(header.activation, header.criterion, v)
+            scores = activity_score(header.activation, header.criterion, v)
             predicted = None
             if predictors is not None:
                 a, b = predictors[il]
-                predicted = _activity_scores(header.activation, header.criterion,
+                predicted = activity_score(header.activation, header.criterion,
                                              (x64 @ a.T.astype(np.float64)) @ b.T.astype(np.float64))
             for j, density in enumerate(densities):
                 t = threshold_for_density(scores, density, rng)

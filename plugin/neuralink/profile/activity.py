@@ -37,6 +37,7 @@ from neuralink.formats.coactivation import CoactivationStats, Criterion, pack_ma
 from neuralink.errors import ProfileError, UnsupportedModelError
 from neuralink.formats.files import file_sha256
 from neuralink.profile.text import read_documents, split_windows
+from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold
 
 if TYPE_CHECKING:
     from neuralink.profile.activations import ActivationReader
@@ -55,8 +56,6 @@ DEFAULT_DENSITY = 0.2
 DEFAULT_WINDOW = 512
 DEFAULT_MIN_TOKENS = 256
 DEFAULT_THRESHOLD_TOKENS = 2048
-# activation magnitudes kept per layer to place the threshold: the density it gives is within ~0.001
-MAX_THRESHOLD_SAMPLES = 1 << 21
 _PROBE_TOKENS = 4
 
 # called with (tokens done, tokens to do); pilot tokens for thresholds count too
@@ -174,9 +173,7 @@ def magnitude_thresholds(
         progress(len(tokens))
     thresholds = np.empty(reader.n_layer, dtype=np.float32)
     for layer, parts in samples.items():
-        values = np.concatenate(parts)
-        k = min(max(math.ceil((1.0 - density) * values.size) - 1, 0), values.size - 1)
-        thresholds[layer] = np.partition(values, k)[k]
+        thresholds[layer] = density_threshold(np.concatenate(parts), density)
     return thresholds
 
 
