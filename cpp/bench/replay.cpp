@@ -8,9 +8,6 @@
 
 namespace neuralink {
 
-static uint64_t align_down(uint64_t v, size_t a) { return v / a * a; }
-static uint64_t align_up(uint64_t v, size_t a) { return (v + a - 1) / a * a; }
-
 const char * replay_plan_name(ReplayPlan plan) {
     switch (plan) {
         case ReplayPlan::Runs:     return "runs";
@@ -69,8 +66,7 @@ WindowCache::WindowCache(uint32_t window_tokens, size_t capacity_bytes, std::vec
 }
 
 size_t WindowCache::charge(uint32_t layer) const {
-    const size_t a = BundleCache::kSlotAlign;
-    return (record_bytes_.at(layer) + a - 1) / a * a + BundleCache::kLiveEntryBytes;
+    return align_up(record_bytes_.at(layer), BundleCache::kSlotAlign) + BundleCache::kLiveEntryBytes;
 }
 
 void WindowCache::drop_back() {

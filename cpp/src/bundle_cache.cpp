@@ -1,5 +1,7 @@
 #include "neuralink/bundle_cache.h"
 
+#include "neuralink/direct_file.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -90,7 +92,7 @@ BundleCache::BundleCache(CachePolicy policy, size_t capacity_bytes, std::vector<
             throw std::invalid_argument("record_bytes[" + std::to_string(l) + "] = " + std::to_string(bytes) +
                                         " is not a valid record size");
         }
-        const size_t slot = (bytes + kSlotAlign - 1) / kSlotAlign * kSlotAlign;
+        const size_t slot = align_up(bytes, kSlotAlign);
         min_slot = std::min(min_slot, slot);
         const auto same = [&](const SizeClass & c) { return c.slot_bytes == slot; };
         const size_t c = std::find_if(classes_.begin(), classes_.end(), same) - classes_.begin();

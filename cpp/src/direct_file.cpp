@@ -25,7 +25,7 @@ void AlignedBuffer::Free::operator()(uint8_t * p) const {
 
 AlignedBuffer::AlignedBuffer(size_t size, size_t alignment) : size_(size) {
     void * p = nullptr;
-    const size_t padded = (size + alignment - 1) / alignment * alignment;
+    const size_t padded = align_up(size, alignment);
     if (posix_memalign(&p, alignment, std::max(padded, alignment)) != 0) {
         throw std::bad_alloc();
     }
@@ -106,8 +106,8 @@ void DirectFile::read_exact(uint64_t offset, void * dst, size_t len) const {
 }
 
 AlignedBuffer DirectFile::read_range(uint64_t offset, size_t len, const uint8_t ** start) const {
-    const uint64_t begin = direct_ ? offset / kDirectAlign * kDirectAlign : offset;
-    const uint64_t end   = direct_ ? (offset + len + kDirectAlign - 1) / kDirectAlign * kDirectAlign : offset + len;
+    const uint64_t begin = direct_ ? align_down(offset, kDirectAlign) : offset;
+    const uint64_t end   = direct_ ? align_up(offset + len, kDirectAlign) : offset + len;
     if (offset + len > size_) {
         throw IoError(path_ + ": range [" + std::to_string(offset) + ", " + std::to_string(offset + len) +
                 ") lies beyond the end of the file (" + std::to_string(size_) + " bytes)");
@@ -135,8 +135,8 @@ double resident_fraction(const std::string & path, uint64_t offset, uint64_t len
         throw ModelFileError(path + ": cannot open: " + errno_text(errno));
     }
     const long page = sysconf(_SC_PAGESIZE);
-    const uint64_t begin = offset / page * page;
-    const uint64_t end = (offset + len + page - 1) / page * page;
+    const uint64_t begin = align_down(offset, (uint64_t) page);
+    const uint64_t end = align_up(offset + len, (uint64_t) page);
     if (len == 0) {
         ::close(fd);
         return 0.0;

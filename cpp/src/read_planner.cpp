@@ -6,9 +6,6 @@
 
 namespace neuralink {
 
-static uint64_t align_down(uint64_t v, size_t a) { return v / a * a; }
-static uint64_t align_up(uint64_t v, size_t a) { return (v + a - 1) / a * a; }
-
 // appends the aligned read of records [first, last], merging it into the previous read when their
 // aligned ranges touch (one operation instead of two) and the merged read stays within max_read_bytes
 static void emit(std::vector<PlannedRead> & out, const BundleRegion & region, uint32_t first, uint32_t last,

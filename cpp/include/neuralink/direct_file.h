@@ -14,6 +14,10 @@ namespace neuralink {
 // the logical block size of the devices we target (UFS, NVMe, virtio).
 constexpr size_t kDirectAlign = 4096;
 
+// v rounded down and up to a multiple of a (a > 0): the one rounding rule of reads, buffers and slots
+constexpr uint64_t align_down(uint64_t v, uint64_t a) { return v / a * a; }
+constexpr uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
 class AlignedBuffer {
 public:
     AlignedBuffer() = default;
