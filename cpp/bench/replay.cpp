@@ -1,6 +1,7 @@
 #include "neuralink/replay.h"
 
 #include "neuralink/errors.h"
+#include "neuralink/names.h"
 
 #include <algorithm>
 #include <cstring>
@@ -8,23 +9,12 @@
 
 namespace neuralink {
 
-const char * replay_plan_name(ReplayPlan plan) {
-    switch (plan) {
-        case ReplayPlan::Runs:     return "runs";
-        case ReplayPlan::Collapse: return "collapse";
-        case ReplayPlan::Whole:    return "whole";
-    }
-    return "?";
-}
+static constexpr Named<ReplayPlan> kReplayPlanNames[] = {
+    { ReplayPlan::Runs, "runs" }, { ReplayPlan::Collapse, "collapse" }, { ReplayPlan::Whole, "whole" },
+};
 
-ReplayPlan replay_plan_from_name(const std::string & name) {
-    for (ReplayPlan p : { ReplayPlan::Runs, ReplayPlan::Collapse, ReplayPlan::Whole }) {
-        if (name == replay_plan_name(p)) {
-            return p;
-        }
-    }
-    throw std::invalid_argument("unknown replay plan '" + name + "' (expected runs, collapse or whole)");
-}
+const char * replay_plan_name(ReplayPlan plan) { return name_in(kReplayPlanNames, plan); }
+ReplayPlan replay_plan_from_name(const std::string & name) { return value_in(kReplayPlanNames, name, "replay plan"); }
 
 std::vector<PlannedRead> plan_runs(const BundleRegion & region, const uint32_t * needed, size_t n_needed,
                                    uint64_t max_read_bytes, size_t align) {

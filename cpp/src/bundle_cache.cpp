@@ -1,6 +1,7 @@
 #include "neuralink/bundle_cache.h"
 
 #include "neuralink/direct_file.h"
+#include "neuralink/names.h"
 
 #include <algorithm>
 #include <cmath>
@@ -43,29 +44,25 @@ size_t table_bytes_for(CachePolicy p, size_t n_entries) {
     return n_entries * BundleCache::kLiveEntryBytes + n_ghost * BundleCache::kGhostEntryBytes;
 }
 
-const char * const kPolicyNames[] = { "none", "lru", "s3fifo", "linking", "pinned" };
+constexpr Named<CachePolicy> kPolicyNames[] = {
+    { CachePolicy::None, "none" }, { CachePolicy::Lru, "lru" }, { CachePolicy::S3Fifo, "s3fifo" },
+    { CachePolicy::Linking, "linking" }, { CachePolicy::Pinned, "pinned" },
+};
 
 } // namespace
 
-const char * cache_policy_name(CachePolicy policy) { return kPolicyNames[(int) policy]; }
+const char * cache_policy_name(CachePolicy policy) { return name_in(kPolicyNames, policy); }
 
 const std::vector<std::string> & cache_policy_names() {
-    static const std::vector<std::string> names(std::begin(kPolicyNames), std::end(kPolicyNames));
+    static const std::vector<std::string> names = [] {
+        std::vector<std::string> all;
+        for (const auto & n : kPolicyNames) all.push_back(n.name);
+        return all;
+    }();
     return names;
 }
 
-CachePolicy cache_policy_from_name(const std::string & name) {
-    for (size_t i = 0; i < cache_policy_names().size(); ++i) {
-        if (name == kPolicyNames[i]) {
-            return (CachePolicy) i;
-        }
-    }
-    std::string valid;
-    for (const auto & n : cache_policy_names()) {
-        valid += (valid.empty() ? "'" : ", '") + n + "'";
-    }
-    throw std::invalid_argument("unknown cache policy '" + name + "' (expected one of " + valid + ")");
-}
+CachePolicy cache_policy_from_name(const std::string & name) { return value_in(kPolicyNames, name, "cache policy"); }
 
 BundleCache::BundleCache(CachePolicy policy, size_t capacity_bytes, std::vector<size_t> record_bytes,
                          const BundleCacheOptions & options)

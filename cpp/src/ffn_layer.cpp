@@ -1,5 +1,7 @@
 #include "neuralink/ffn_layer.h"
 
+#include "neuralink/names.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -18,24 +20,13 @@ void ggml_vec_silu_f32(const int n, float * y, const float * x);
 
 namespace neuralink {
 
-const char * activation_name(Activation act) {
-    switch (act) {
-        case Activation::Silu:    return "silu";
-        case Activation::Gelu:    return "gelu";
-        case Activation::Relu:    return "relu";
-        case Activation::ReluSqr: return "relu_sqr";
-    }
-    return "?";
-}
+static constexpr Named<Activation> kActivationNames[] = {
+    { Activation::Silu, "silu" }, { Activation::Gelu, "gelu" }, { Activation::Relu, "relu" },
+    { Activation::ReluSqr, "relu_sqr" },
+};
 
-Activation activation_from_name(const std::string & name) {
-    for (Activation a : { Activation::Silu, Activation::Gelu, Activation::Relu, Activation::ReluSqr }) {
-        if (name == activation_name(a)) {
-            return a;
-        }
-    }
-    throw std::invalid_argument("unknown activation '" + name + "' (expected silu, gelu, relu or relu_sqr)");
-}
+const char * activation_name(Activation act) { return name_in(kActivationNames, act); }
+Activation activation_from_name(const std::string & name) { return value_in(kActivationNames, name, "activation"); }
 
 // ggml evaluates GELU on f32 through a table indexed by the fp16 input (GGML_GELU_FP16)
 static const std::array<ggml_fp16_t, 1 << 16> & gelu_table() {

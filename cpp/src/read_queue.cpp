@@ -1,6 +1,7 @@
 #include "neuralink/read_queue.h"
 
 #include "neuralink/errors.h"
+#include "neuralink/names.h"
 
 #include <atomic>
 #include <cerrno>
@@ -21,23 +22,12 @@
 
 namespace neuralink {
 
-const char * io_backend_name(IoBackend b) {
-    switch (b) {
-        case IoBackend::Auto:  return "auto";
-        case IoBackend::Uring: return "uring";
-        case IoBackend::Pread: return "pread";
-    }
-    return "?";
-}
+static constexpr Named<IoBackend> kIoBackendNames[] = {
+    { IoBackend::Auto, "auto" }, { IoBackend::Uring, "uring" }, { IoBackend::Pread, "pread" },
+};
 
-IoBackend io_backend_from_name(const std::string & name) {
-    for (IoBackend b : { IoBackend::Auto, IoBackend::Uring, IoBackend::Pread }) {
-        if (name == io_backend_name(b)) {
-            return b;
-        }
-    }
-    throw std::invalid_argument("unknown I/O backend '" + name + "' (expected auto, uring or pread)");
-}
+const char * io_backend_name(IoBackend b) { return name_in(kIoBackendNames, b); }
+IoBackend io_backend_from_name(const std::string & name) { return value_in(kIoBackendNames, name, "I/O backend"); }
 
 namespace {
 

@@ -1,6 +1,7 @@
 #include "neuralink/sparse_ffn.h"
 
 #include "neuralink/errors.h"
+#include "neuralink/names.h"
 
 #include <algorithm>
 #include <cmath>
@@ -9,30 +10,20 @@
 
 namespace neuralink {
 
-const char * predictor_name(Predictor p) {
-    switch (p) {
-        case Predictor::Dense:  return "dense";
-        case Predictor::Gate:   return "gate";
-        case Predictor::Oracle: return "oracle";
-        case Predictor::LowRank: return "lowrank";
-    }
-    return "?";
-}
+static constexpr Named<Predictor> kPredictorNames[] = {
+    { Predictor::Dense, "dense" }, { Predictor::Gate, "gate" }, { Predictor::Oracle, "oracle" },
+    { Predictor::LowRank, "lowrank" },
+};
+// as the sidecar writes them (neuralink.placement.criterion)
+static constexpr Named<Criterion> kCriterionNames[] = {
+    { Criterion::NativeZero, "relu" }, { Criterion::GateMagnitude, "gate_magnitude" },
+    { Criterion::OutputMagnitude, "magnitude" },
+};
 
-Predictor predictor_from_name(const std::string & name) {
-    for (Predictor p : { Predictor::Dense, Predictor::Gate, Predictor::Oracle, Predictor::LowRank }) {
-        if (name == predictor_name(p)) {
-            return p;
-        }
-    }
-    throw std::invalid_argument("unknown predictor '" + name + "' (expected dense, gate, oracle or lowrank)");
-}
-
+const char * predictor_name(Predictor p) { return name_in(kPredictorNames, p); }
+Predictor predictor_from_name(const std::string & name) { return value_in(kPredictorNames, name, "predictor"); }
 Criterion criterion_from_name(const std::string & name) {
-    if (name == "relu") return Criterion::NativeZero;
-    if (name == "gate_magnitude") return Criterion::GateMagnitude;
-    if (name == "magnitude") return Criterion::OutputMagnitude;
-    throw std::invalid_argument("unknown activity criterion '" + name + "' (expected relu, gate_magnitude or magnitude)");
+    return value_in(kCriterionNames, name, "activity criterion");
 }
 
 // A read in flight and what it covers.

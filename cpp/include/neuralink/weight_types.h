@@ -36,7 +36,8 @@ const WeightType & weight_type(ggml_type type);
 // Initializes ggml-cpu's tables (idempotent); call before using any kernel.
 void init_ggml_cpu();
 
-// ggml type by its ggml name ("q4_1", "f16", ...); throws std::invalid_argument
+// ggml type by its ggml name ("q4_1", "f16", ...), looked up in ggml's own type traits (the table is
+// ggml's, not ours: names.h is for the engine's options); throws std::invalid_argument
 ggml_type type_from_name(const std::string & name);
 
 // rows x cols floats encoded in `type` with ggml's reference quantizer
