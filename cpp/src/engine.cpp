@@ -82,7 +82,7 @@ Engine::Engine(const std::string & model_path, const EngineOptions & options) : 
                                  " layers, the model " + std::to_string(n_layer));
         }
         const Predictor predictor = options.sparse.predictor;
-        const Criterion criterion = criterion_from_name(store->criterion());
+        const Criterion criterion = store->criterion_kind();
         if (predictor == Predictor::Gate && (!store->gated() || criterion == Criterion::OutputMagnitude)) {
             throw UnsupportedModelError(options.sidecar_path + ": the gate predictor needs a gated FFN profiled with a "
                     "gate-only criterion (gate_magnitude or relu), this sidecar has " +

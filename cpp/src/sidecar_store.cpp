@@ -2,6 +2,7 @@
 
 #include "neuralink/errors.h"
 #include "neuralink/gguf_model.h"
+#include "neuralink/names.h"
 
 #include "gguf.h"
 
@@ -9,6 +10,16 @@
 #include <sys/stat.h>
 
 namespace neuralink {
+
+// as the converter writes them (neuralink.placement.criterion)
+static constexpr Named<Criterion> kCriterionNames[] = {
+    { Criterion::NativeZero, "relu" }, { Criterion::GateMagnitude, "gate_magnitude" },
+    { Criterion::OutputMagnitude, "magnitude" },
+};
+
+Criterion criterion_from_name(const std::string & name) {
+    return value_in(kCriterionNames, name, "activity criterion");
+}
 
 namespace {
 
@@ -98,6 +109,7 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
     }
     activation_ = activation_from_name(r.str("neuralink.activation"));
     criterion_ = r.str("neuralink.placement.criterion");
+    criterion_kind_ = criterion_from_name(criterion_);
     if (n_layer == 0 || n_embd_ <= 0 || n_ff_ <= 0 || n_layer > 4096) {
         r.fail("implausible sizes n_layer " + std::to_string(n_layer) + ", n_embd " + std::to_string(n_embd_) +
                ", n_ff " + std::to_string(n_ff_));

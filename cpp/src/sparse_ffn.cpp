@@ -14,17 +14,10 @@ static constexpr Named<Predictor> kPredictorNames[] = {
     { Predictor::Dense, "dense" }, { Predictor::Gate, "gate" }, { Predictor::Oracle, "oracle" },
     { Predictor::LowRank, "lowrank" },
 };
-// as the sidecar writes them (neuralink.placement.criterion)
-static constexpr Named<Criterion> kCriterionNames[] = {
-    { Criterion::NativeZero, "relu" }, { Criterion::GateMagnitude, "gate_magnitude" },
-    { Criterion::OutputMagnitude, "magnitude" },
-};
 
 const char * predictor_name(Predictor p) { return name_in(kPredictorNames, p); }
 Predictor predictor_from_name(const std::string & name) { return value_in(kPredictorNames, name, "predictor"); }
-Criterion criterion_from_name(const std::string & name) {
-    return value_in(kCriterionNames, name, "activity criterion");
-}
+
 
 // A read in flight and what it covers.
 struct SparseFfn::Pending {
@@ -250,7 +243,7 @@ static float round_for(ggml_type vec_dot_type, float v) {
 void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, ThreadState & ts) {
     const SparseLayerWeights & L = *layers_[il];
     const SidecarLayer & S = store_->layer(il);
-    const Criterion criterion = criterion_from_name(store_->criterion());
+    const Criterion criterion = store_->criterion_kind();
     const int64_t n_ff = L.n_ff;
     const float threshold = this->threshold(il);
     ts.active.clear();
@@ -312,7 +305,7 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
                           ThreadState & ts) {
     const SparseLayerWeights & L = *layers_[il];
     const SidecarLayer & S = store_->layer(il);
-    const Criterion criterion = criterion_from_name(store_->criterion());
+    const Criterion criterion = store_->criterion_kind();
     const int64_t n_ff = L.n_ff;
     const float threshold = this->threshold(il);
     // gate and oracle computed the exact pre-activation into h_ while predicting
@@ -477,9 +470,109 @@ void SparseFfn::down(int il, float * y, int64_t n_tokens, int ith, int nth) {
     }
 }
 
-void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_tokens, int ith, int nth) {
+// phase 0: x converted to the gate/up vec_dot types (and A x for the low-rank predictor), split across threads
+void SparseFfn::convert_inputs(int il, const float * x, int64_t n_tokens, int ith, int nth) {
     const SparseLayerWeights & L = *layers_[il];
     const SidecarLayer & S = store_->layer(il);
+    if (ith == 0) {
+        layer_start_ns_ = steady_now_ns();
+        if (il == 0) {
+            store_->check_unchanged();
+        }
+    }
+    // resident rows are the model's own, bundle rows verbatim copies: one conversion serves both
+    if (const WeightType * gate_wt = L.gate.wt ? L.gate.wt : S.gate.wt) {
+        convert_rows_split(*gate_wt, x, n_tokens, L.n_embd, xq_gate_.data(), ith, nth);
+    }
+    if (options_.predictor == Predictor::LowRank) {
+        // z = A x, the tokens split across threads
+        const int rank = store_->predictor_rank();
+        const auto [t0, t1] = split_range(n_tokens, ith, nth);
+        for (int64_t t = t0; t < t1; ++t) {
+            const float * xt = x + t * L.n_embd;
+            for (int k = 0; k < rank; ++k) {
+                const float * a = S.predictor_a.data() + (size_t) k * L.n_embd;
+                float v = 0.0f;
+                for (int64_t i = 0; i < L.n_embd; ++i) v += a[i] * xt[i];
+                lowrank_z_[(size_t) t * rank + k] = v;
+            }
+        }
+    }
+    convert_rows_split(*S.up.wt, x, n_tokens, L.n_embd, xq_up_.data(), ith, nth);
+}
+
+// phase 1: this thread's positions predicted, looked up in the cache, read, and computed into h as reads complete
+void SparseFfn::select_and_compute(int il, int64_t n_tokens, int ith, int nth, ThreadState & ts) {
+    const SparseLayerWeights & L = *layers_[il];
+    const SidecarLayer & S = store_->layer(il);
+    const auto [r0, r1] = split_range(L.n_ff, ith, nth, kRowBlock);
+    ts.truly_active = 0;
+    ts.predicted_pairs = 0;
+    ts.computed_pairs = 0;
+    ts.stall_ns = 0;
+    predict(il, n_tokens, r0, r1, ts);
+    gather(il, n_tokens, ts);
+    compute_h(il, n_tokens, ts.hit_records.data(), ts.hit_positions.data(), ts.hit_positions.size(), ts);
+    // neurons of each read as it completes; misses stay sorted along the reads
+    size_t m = 0;
+    std::vector<const uint8_t *> & recs = ts.read_records;
+    std::vector<uint32_t> & pos = ts.read_positions;
+    for (size_t i = 0; i < ts.n_pending; ++i) {
+        Pending & pd = *ts.pending[i];
+        const uint64_t wait_start = steady_now_ns();
+        ts.queue->wait(pd.read);
+        ts.stall_ns += steady_now_ns() - wait_start;
+        ts.last_done_ns = std::max(ts.last_done_ns, pd.read.done_ns);
+        recs.clear();
+        pos.clear();
+        const uint32_t end = pd.plan.first + pd.plan.count;
+        for (; m < ts.misses.size() && ts.misses[m] < end; ++m) {
+            const uint32_t p = ts.misses[m];
+            if (p < pd.plan.first) continue;
+            pos.push_back(p);
+            recs.push_back(pd.read.dst + (S.region.record_offset(p) - pd.read.offset));
+        }
+        compute_h(il, n_tokens, recs.data(), pos.data(), pos.size(), ts);
+        const bool isolated = pos.size() == 1;
+        for (size_t k = 0; k < pos.size(); ++k) {
+            cache_->admit((uint32_t) il, pos[k], recs[k], isolated);
+        }
+    }
+}
+
+// after phase 2, on thread 0: the layer's counters, summed over the threads
+void SparseFfn::record_stats(int il, int64_t n_tokens, int nth) {
+    const SidecarLayer & S = store_->layer(il);
+    LayerStepStats st;
+    st.il = (uint32_t) il;
+    st.n_tokens = (uint32_t) n_tokens;
+    uint64_t first = UINT64_MAX, last = 0;
+    uint32_t truly = 0;
+    for (int j = 0; j < nth; ++j) {
+        const ThreadState & o = *threads_[j];
+        st.predicted += (uint32_t) o.active.size();
+        truly += o.truly_active;
+        st.predicted_pairs += o.predicted_pairs;
+        st.computed_pairs += o.computed_pairs;
+        st.reads += o.reads;
+        st.cache_hits += o.cache_hits;
+        st.bytes_read += o.bytes_read;
+        st.stall_ns = std::max(st.stall_ns, o.stall_ns);
+        if (o.reads) {
+            first = std::min(first, o.first_issue_ns);
+            last = std::max(last, o.last_done_ns);
+        }
+    }
+    st.truly_active = (int32_t) truly;
+    st.active_bytes = (uint64_t) st.predicted * S.region.record_bytes;
+    st.io_ns = last > first ? last - first : 0;
+    st.layer_ns = steady_now_ns() - layer_start_ns_;
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    stats_.push_back(st);
+}
+
+void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_tokens, int ith, int nth) {
+    const SparseLayerWeights & L = *layers_[il];
     if (failed_.load(std::memory_order_acquire)) {
         if (phase == kPhases - 1) {
             const auto [t0, t1] = split_range(n_tokens, ith, nth);
@@ -490,101 +583,13 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
     ThreadState & ts = thread_state(ith);
     try {
         switch (phase) {
-            case 0: {
-                if (ith == 0) {
-                    layer_start_ns_ = steady_now_ns();
-                    if (il == 0) {
-                        store_->check_unchanged();
-                    }
-                }
-                // resident rows are the model's own, bundle rows verbatim copies: one conversion serves both
-                if (const WeightType * gate_wt = L.gate.wt ? L.gate.wt : S.gate.wt) {
-                    convert_rows_split(*gate_wt, x, n_tokens, L.n_embd, xq_gate_.data(), ith, nth);
-                }
-                if (options_.predictor == Predictor::LowRank) {
-                    // z = A x, the tokens split across threads
-                    const int rank = store_->predictor_rank();
-                    const auto [t0, t1] = split_range(n_tokens, ith, nth);
-                    for (int64_t t = t0; t < t1; ++t) {
-                        const float * xt = x + t * L.n_embd;
-                        for (int k = 0; k < rank; ++k) {
-                            const float * a = S.predictor_a.data() + (size_t) k * L.n_embd;
-                            float v = 0.0f;
-                            for (int64_t i = 0; i < L.n_embd; ++i) v += a[i] * xt[i];
-                            lowrank_z_[(size_t) t * rank + k] = v;
-                        }
-                    }
-                }
-                convert_rows_split(*S.up.wt, x, n_tokens, L.n_embd, xq_up_.data(), ith, nth);
-            } break;
-            case 1: {
-                const auto [r0, r1] = split_range(L.n_ff, ith, nth, kRowBlock);
-                ts.truly_active = 0;
-                ts.predicted_pairs = 0;
-                ts.computed_pairs = 0;
-                ts.stall_ns = 0;
-                predict(il, n_tokens, r0, r1, ts);
-                gather(il, n_tokens, ts);
-                compute_h(il, n_tokens, ts.hit_records.data(), ts.hit_positions.data(), ts.hit_positions.size(), ts);
-                // neurons of each read as it completes; misses stay sorted along the reads
-                size_t m = 0;
-                std::vector<const uint8_t *> & recs = ts.read_records;
-                std::vector<uint32_t> & pos = ts.read_positions;
-                for (size_t i = 0; i < ts.n_pending; ++i) {
-                    Pending & pd = *ts.pending[i];
-                    const uint64_t wait_start = steady_now_ns();
-                    ts.queue->wait(pd.read);
-                    ts.stall_ns += steady_now_ns() - wait_start;
-                    ts.last_done_ns = std::max(ts.last_done_ns, pd.read.done_ns);
-                    recs.clear();
-                    pos.clear();
-                    const uint32_t end = pd.plan.first + pd.plan.count;
-                    for (; m < ts.misses.size() && ts.misses[m] < end; ++m) {
-                        const uint32_t p = ts.misses[m];
-                        if (p < pd.plan.first) continue;
-                        pos.push_back(p);
-                        recs.push_back(pd.read.dst + (S.region.record_offset(p) - pd.read.offset));
-                    }
-                    compute_h(il, n_tokens, recs.data(), pos.data(), pos.size(), ts);
-                    const bool isolated = pos.size() == 1;
-                    for (size_t k = 0; k < pos.size(); ++k) {
-                        cache_->admit((uint32_t) il, pos[k], recs[k], isolated);
-                    }
-                }
-            } break;
-            case 2: {
+            case 0: convert_inputs(il, x, n_tokens, ith, nth); break;
+            case 1: select_and_compute(il, n_tokens, ith, nth, ts); break;
+            case 2:
                 down(il, y, n_tokens, ith, nth);
-                if (ith == 0) {
-                    LayerStepStats st;
-                    st.il = (uint32_t) il;
-                    st.n_tokens = (uint32_t) n_tokens;
-                    uint64_t first = UINT64_MAX, last = 0;
-                    uint32_t truly = 0;
-                    for (int j = 0; j < nth; ++j) {
-                        const ThreadState & o = *threads_[j];
-                        st.predicted += (uint32_t) o.active.size();
-                        truly += o.truly_active;
-                        st.predicted_pairs += o.predicted_pairs;
-                        st.computed_pairs += o.computed_pairs;
-                        st.reads += o.reads;
-                        st.cache_hits += o.cache_hits;
-                        st.bytes_read += o.bytes_read;
-                        st.stall_ns = std::max(st.stall_ns, o.stall_ns);
-                        if (o.reads) {
-                            first = std::min(first, o.first_issue_ns);
-                            last = std::max(last, o.last_done_ns);
-                        }
-                    }
-                    st.truly_active = (int32_t) truly;
-                    st.active_bytes = (uint64_t) st.predicted * S.region.record_bytes;
-                    st.io_ns = last > first ? last - first : 0;
-                    st.layer_ns = steady_now_ns() - layer_start_ns_;
-                    std::lock_guard<std::mutex> lock(stats_mutex_);
-                    stats_.push_back(st);
-                }
-            } break;
-            default:
+                if (ith == 0) record_stats(il, n_tokens, nth);
                 break;
+            default: break;
         }
     } catch (const std::exception & e) {
         // reads still in flight write into this thread's arena: let them land before anything reuses it

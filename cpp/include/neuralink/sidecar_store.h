@@ -37,6 +37,10 @@ struct SidecarLayer {
     float predictor_threshold = 0.0f;  // a score above it predicts the neuron active
 };
 
+// How "active" is judged, as the sidecar records it (neuralink.placement.criterion).
+enum class Criterion { NativeZero, GateMagnitude, OutputMagnitude };
+Criterion criterion_from_name(const std::string & name);  // "relu", "gate_magnitude", "magnitude"
+
 class SidecarStore {
 public:
     // Validates the container, version, alignment and every layer's layout and
@@ -54,6 +58,8 @@ public:
     bool bundle_gate() const { return bundle_gate_; }
     Activation activation() const { return activation_; }
     const std::string & criterion() const { return criterion_; }
+    // criterion(), resolved once when the sidecar is opened
+    Criterion criterion_kind() const { return criterion_kind_; }
     const SidecarLayer & layer(int il) const { return layers_.at((size_t) il); }
     // rank of the low-rank predictor, 0 when the sidecar has none
     int predictor_rank() const { return predictor_rank_; }
@@ -66,6 +72,7 @@ private:
     std::unique_ptr<DirectFile> file_;
     std::string model_id_;
     std::string criterion_;
+    Criterion criterion_kind_ = Criterion::GateMagnitude;
     int64_t n_embd_ = 0;
     int64_t n_ff_ = 0;
     bool gated_ = false;

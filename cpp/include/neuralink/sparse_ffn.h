@@ -33,10 +33,6 @@ enum class Predictor { Dense, Gate, Oracle, LowRank };
 const char * predictor_name(Predictor p);
 Predictor predictor_from_name(const std::string & name); // throws std::invalid_argument
 
-// How "active" is judged from the resident vectors, as written in the sidecar.
-enum class Criterion { NativeZero, GateMagnitude, OutputMagnitude };
-Criterion criterion_from_name(const std::string & name);  // "relu", "gate_magnitude", "magnitude"
-
 // Device cost model: one read costs latency + bytes / bandwidth.
 struct DeviceCost {
     double read_latency_s = 60e-6;
@@ -138,6 +134,9 @@ private:
     struct Pending;
 
     void predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, ThreadState & ts);
+    void convert_inputs(int il, const float * x, int64_t n_tokens, int ith, int nth);
+    void select_and_compute(int il, int64_t n_tokens, int ith, int nth, ThreadState & ts);
+    void record_stats(int il, int64_t n_tokens, int nth);
     void gather(int il, int64_t n_tokens, ThreadState & ts);
     void compute_h(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos, size_t n, ThreadState & ts);
     void down(int il, float * y, int64_t n_tokens, int ith, int nth);
