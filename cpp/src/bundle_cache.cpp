@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
 #include <stdexcept>
 
 namespace neuralink {
@@ -34,12 +35,10 @@ uint64_t mix64(uint64_t x) {
     return x ^ (x >> 31);
 }
 
-bool has_ghost(CachePolicy p) { return p == CachePolicy::S3Fifo || p == CachePolicy::Linking; }
-
 // ghost keys: as many as the main queue (90 % of the budget) holds entries
-size_t ghost_capacity(CachePolicy p, size_t n_entries) { return has_ghost(p) ? n_entries - n_entries / 10 : 0; }
+size_t ghost_capacity(const CachePolicyTraits & p, size_t n_entries) { return p.s3fifo ? n_entries - n_entries / 10 : 0; }
 
-size_t table_bytes_for(CachePolicy p, size_t n_entries) {
+size_t table_bytes_for(const CachePolicyTraits & p, size_t n_entries) {
     const size_t n_ghost = ghost_capacity(p, n_entries);
     return n_entries * BundleCache::kLiveEntryBytes + n_ghost * BundleCache::kGhostEntryBytes;
 }
@@ -49,7 +48,25 @@ constexpr Named<CachePolicy> kPolicyNames[] = {
     { CachePolicy::Linking, "linking" }, { CachePolicy::Pinned, "pinned" },
 };
 
+// What each policy does, one row per CachePolicy in enum order: lookup(), admit() and evict_one()
+// read these flags, never the policy itself
+constexpr CachePolicyTraits kPolicyTraits[] = {
+    //                holds  admits  lru    s3fifo run_sampled
+    /* none    */ {   false, false,  false, false, false },
+    /* lru     */ {   true,  true,   true,  false, false },
+    /* s3fifo  */ {   true,  true,   false, true,  false },
+    /* linking */ {   true,  true,   false, true,  true  },
+    /* pinned  */ {   true,  false,  false, false, false },
+};
+
 } // namespace
+
+const CachePolicyTraits & cache_policy_traits(CachePolicy policy) {
+    if ((int) policy < 0 || (size_t) policy >= std::size(kPolicyTraits)) {
+        throw std::invalid_argument("cache policy " + std::to_string((int) policy) + " does not exist");
+    }
+    return kPolicyTraits[(int) policy];
+}
 
 const char * cache_policy_name(CachePolicy policy) { return name_in(kPolicyNames, policy); }
 
@@ -66,12 +83,10 @@ CachePolicy cache_policy_from_name(const std::string & name) { return value_in(k
 
 BundleCache::BundleCache(CachePolicy policy, size_t capacity_bytes, std::vector<size_t> record_bytes,
                          const BundleCacheOptions & options)
-    : policy_(policy), capacity_(capacity_bytes), record_bytes_(std::move(record_bytes)), p_run_(options.p_run) {
+    : policy_(policy), traits_(cache_policy_traits(policy)), capacity_(capacity_bytes),
+      record_bytes_(std::move(record_bytes)), p_run_(options.p_run) {
     static_assert(sizeof(Entry) + kIndexSlotsPerKey * sizeof(uint32_t) == kLiveEntryBytes, "entry layout changed");
     static_assert(sizeof(uint64_t) + kIndexSlotsPerKey * sizeof(uint32_t) == kGhostEntryBytes, "ghost layout changed");
-    if ((int) policy < 0 || (int) policy > (int) CachePolicy::Pinned) {
-        throw std::invalid_argument("cache policy " + std::to_string((int) policy) + " does not exist");
-    }
     if (record_bytes_.empty()) {
         throw std::invalid_argument("record_bytes is empty: the cache needs the record size of every layer");
     }
@@ -104,13 +119,13 @@ BundleCache::BundleCache(CachePolicy policy, size_t capacity_bytes, std::vector<
     }
 
     // the most entries whose tables plus smallest records fit the budget
-    size_t lo = 0, hi = policy_ == CachePolicy::None ? 0 : std::min<size_t>(capacity_ / min_slot, kMaxEntries);
+    size_t lo = 0, hi = !traits_.holds ? 0 : std::min<size_t>(capacity_ / min_slot, kMaxEntries);
     if (options.max_entries) {
         hi = std::min(hi, options.max_entries);
     }
     while (lo < hi) {
         const size_t n = lo + (hi - lo + 1) / 2;
-        const size_t tables = table_bytes_for(policy_, n);
+        const size_t tables = table_bytes_for(traits_, n);
         if (tables <= capacity_ && (capacity_ - tables) / min_slot >= n) {
             lo = n;
         } else {
@@ -118,8 +133,8 @@ BundleCache::BundleCache(CachePolicy policy, size_t capacity_bytes, std::vector<
         }
     }
     const size_t n_entries = lo;
-    const size_t n_ghost = ghost_capacity(policy_, n_entries);
-    table_bytes_ = table_bytes_for(policy_, n_entries);
+    const size_t n_ghost = ghost_capacity(traits_, n_entries);
+    table_bytes_ = table_bytes_for(traits_, n_entries);
     record_budget_ = capacity_ - table_bytes_;
     small_target_ = record_budget_ / 10;
     entries_.resize(n_entries);
@@ -302,7 +317,7 @@ void BundleCache::make_room(size_t slot) {
 }
 
 bool BundleCache::evict_one() {
-    if (policy_ == CachePolicy::Lru) {
+    if (traits_.lru) {
         if (main_.tail == kNil) {
             return false;
         }
@@ -468,10 +483,10 @@ bool BundleCache::lookup(uint32_t layer, uint32_t pos, uint8_t * dst) {
     // copied under the lock so that no eviction can recycle the slot mid-copy (a few KiB: ~100 ns)
     std::memcpy(dst, x.slot, record_bytes_[layer]);
     ++counters_.hits;
-    if (policy_ == CachePolicy::Lru) {
+    if (traits_.lru) {
         unlink(main_, e);
         push_front(main_, e);
-    } else if (has_ghost(policy_) && x.freq < kMaxFreq) {
+    } else if (traits_.s3fifo && x.freq < kMaxFreq) {
         ++x.freq;
     }
     return true;
@@ -481,7 +496,7 @@ void BundleCache::admit(uint32_t layer, uint32_t pos, const uint8_t * record, bo
     check_layer(layer);
     std::lock_guard<std::mutex> lock(mutex_);
     ++offers_;
-    if (policy_ == CachePolicy::None || policy_ == CachePolicy::Pinned) {
+    if (!traits_.admits) {
         ++counters_.rejections;
         return;
     }
@@ -492,7 +507,7 @@ void BundleCache::admit(uint32_t layer, uint32_t pos, const uint8_t * record, bo
     }
     const bool ghost_hit = at != SIZE_MAX;
     // linking: a neuron inside a run costs almost nothing to re-read with its neighbours, one read alone costs an I/O
-    if ((policy_ == CachePolicy::Linking && !isolated && !ghost_hit && !draw_run_admission(key)) ||
+    if ((traits_.run_sampled && !isolated && !ghost_hit && !draw_run_admission(key)) ||
         entries_.empty() || slot_bytes(layer) > record_budget_) {
         ++counters_.rejections;
         return;
@@ -502,7 +517,7 @@ void BundleCache::admit(uint32_t layer, uint32_t pos, const uint8_t * record, bo
     }
     make_room(slot_bytes(layer));
     // recently evicted keys skip probation: S3-FIFO's ghost hit
-    insert(layer, pos, record, policy_ == CachePolicy::Lru || ghost_hit ? main_ : small_);
+    insert(layer, pos, record, !traits_.s3fifo || ghost_hit ? main_ : small_);
     ++counters_.admissions;
 }
 

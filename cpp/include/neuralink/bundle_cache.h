@@ -23,6 +23,16 @@ namespace neuralink {
 
 enum class CachePolicy { None, Lru, S3Fifo, Linking, Pinned };
 
+// How a policy behaves, as the cache's operations read it (one row per policy in bundle_cache.cpp).
+struct CachePolicyTraits {
+    bool holds;       // keeps records at all (none: no tables, no entries)
+    bool admits;      // admit() inserts what was read (pinned fills once, through pin_hottest)
+    bool lru;         // one recency-ordered queue: a hit moves to the front, eviction takes the back
+    bool s3fifo;      // a probation (small) and a main queue, 2-bit use counters and ghost keys
+    bool run_sampled; // linking: a neuron read inside a run is admitted with probability p_run
+};
+const CachePolicyTraits & cache_policy_traits(CachePolicy policy);
+
 // "none", "lru", "s3fifo", "linking", "pinned"
 const char * cache_policy_name(CachePolicy policy);
 // throws std::invalid_argument naming the valid names
@@ -140,6 +150,7 @@ private:
     void clear_entries();
 
     const CachePolicy policy_;
+    const CachePolicyTraits & traits_;
     const size_t capacity_;
     const std::vector<size_t> record_bytes_;
     const double p_run_;
