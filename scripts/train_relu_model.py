@@ -58,7 +58,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def _check_inputs(args: argparse.Namespace) -> tuple[list[Path], Path]:
     from neuralink.formats.files import check_output_path
-    from neuralink.models.relu_training import TrainingError
+    from neuralink.errors import TrainingError
 
     texts = [args.data_dir / name for name in (*TRAIN_TEXTS, TEST_TEXT)]
     missing = [str(p) for p in texts if not p.is_file()]
@@ -96,9 +96,19 @@ def main(args: argparse.Namespace) -> int:
     from neuralink.evaluate.perplexity import paired_nll_difference, perplexity
     from neuralink.models.relu_model import ReluDecoder, export_gguf
     from neuralink.models.relu_training import (
-        CONFIGS, Tokenizer, TrainingError, config_summary, mean_loss, prepare_training_data, read_text,
-        relu_sparsity_llama_cpp, relu_sparsity_torch, score_text, text_windows, train,
+        CONFIGS,
+        Tokenizer,
+        config_summary,
+        mean_loss,
+        prepare_training_data,
+        read_text,
+        relu_sparsity_llama_cpp,
+        relu_sparsity_torch,
+        score_text,
+        text_windows,
+        train,
     )
+    from neuralink.errors import TrainingError
 
     train_paths, test_path = _check_inputs(args)
     config = CONFIGS[args.config]

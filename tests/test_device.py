@@ -10,7 +10,8 @@ import pytest
 
 from neuralink import _engine, cli
 from neuralink.runtime import device_probe as device
-from neuralink.runtime.device_probe import DeviceIdentity, DeviceProfile, DeviceProfileError, ProbePoint
+from neuralink.runtime.device_probe import DeviceIdentity, DeviceProfile, ProbePoint
+from neuralink.errors import DeviceProfileError
 from neuralink.runtime.device_profile import BANDWIDTH_SATURATION
 from neuralink.errors import EngineIOError
 

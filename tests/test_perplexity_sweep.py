@@ -15,7 +15,6 @@ from neuralink.convert.pipeline import fit_model_predictor
 from neuralink.convert.writer import convert_model
 from neuralink.evaluate.perplexity import PerplexityResult
 from neuralink.evaluate.density_sweep import (
-    SweepError,
     SweepResult,
     SweepRow,
     density_thresholds,
@@ -24,6 +23,7 @@ from neuralink.evaluate.density_sweep import (
     parse_densities,
     perplexity_sweep,
 )
+from neuralink.errors import SweepError
 from test_llama_hook import rel_max_abs
 from test_predictor import CALIBRATION, placement_for
 

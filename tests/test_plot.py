@@ -12,7 +12,8 @@ import pytest
 from neuralink.cli import main as cli_main
 from neuralink.formats.coactivation import CoactivationStats, pack_masks
 from neuralink.formats.placement import Placement
-from neuralink.place.plot import FIGURE_DPI, FIGURE_INCHES, PlotError, plot_coactivation
+from neuralink.place.plot import FIGURE_DPI, FIGURE_INCHES, plot_coactivation
+from neuralink.errors import PlotError
 
 N_FF = 96
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,7 @@ import pytest
 
 import neuralink
 from neuralink import EngineIOError, ModelFileError, _engine
-from neuralink.runtime.memory_budget import MemoryBudgetError
+from neuralink.errors import MemoryBudgetError
 from neuralink.formats.ggml_types import ggml_type_name
 from test_llama_hook import DECODE_PREFIX, batch_logits, decode_logits, greedy, rel_max_abs, tokens_of
 

@@ -32,6 +32,9 @@ static void register_errors() {
             py::set_error(errors.attr("UnsupportedModelError"), e.what());
         } catch (const IoError & e) {
             py::set_error(errors.attr("EngineIOError"), e.what());
+        } catch (const std::invalid_argument & e) {
+            // an option or input the engine refuses: a neuralink error, and still a ValueError
+            py::set_error(errors.attr("OptionError"), e.what());
         }
     });
 }

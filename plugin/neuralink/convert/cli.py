@@ -29,6 +29,7 @@ from neuralink.formats.placement import Placement
 from neuralink.formats.ggml_types import ggml_type_name
 from neuralink.place.orders import DEFAULT_METHOD, METHODS
 from neuralink.profile.activity import DEFAULT_CRITERION, GATED_CRITERIA
+from neuralink.errors import OptionError
 
 
 def _error_summary(errors: tuple[float, ...]) -> str:
@@ -141,7 +142,7 @@ def main(args: argparse.Namespace) -> int:
     predictor = None
     if args.lowrank_rank:
         if args.calibration is None:
-            raise ValueError("--lowrank-rank fits on the calibration text: give --calibration")
+            raise OptionError("--lowrank-rank fits on the calibration text: give --calibration")
         predictor = fit_model_predictor(args.model, args.calibration, placement, rank=args.lowrank_rank,
                                         recall=args.lowrank_recall, max_tokens=args.max_tokens, threads=args.threads)
     conversion = plan(placement, predictor)

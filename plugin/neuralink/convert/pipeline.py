@@ -22,6 +22,7 @@ from neuralink.formats.bundle_layout import (
 )
 from neuralink.place.orders import DEFAULT_METHOD, METHODS, build_placement, place_layers
 from neuralink.profile.activity import DEFAULT_CRITERION, DEFAULT_DENSITY, profile_model
+from neuralink.errors import OptionError
 
 
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total) of profiling and placement
@@ -50,7 +51,7 @@ def placement_from_text(
 
     chosen = next((m for m in METHODS if m == (method or DEFAULT_METHOD)), None)
     if chosen is None:
-        raise ValueError(f"unknown placement method {method!r}; expected one of {METHODS}")
+        raise OptionError(f"unknown placement method {method!r}; expected one of {METHODS}")
     report = progress or (lambda stage, done, total: None)
     stats = profile_model(model_path, texts, density=density if density is not None else DEFAULT_DENSITY,
                           criterion=criterion or DEFAULT_CRITERION, max_tokens=max_tokens, threads=threads,

@@ -30,7 +30,7 @@ from neuralink.formats.constants import (
     SIDECAR_SUFFIX,
     SIDECAR_VERSION,
 )
-from neuralink.errors import ModelFileError
+from neuralink.errors import ModelFileError, OptionError
 from neuralink.formats.ffn_tensors import (
     DOWN_ENCODINGS,
     Activation,
@@ -173,9 +173,9 @@ def plan_conversion(
     for an unreadable placement or one made for another model.
     """
     if down_type not in DOWN_ENCODINGS or bundle_down_type not in DOWN_ENCODINGS:
-        raise ValueError(f"down encodings must be one of {DOWN_ENCODINGS}")
+        raise OptionError(f"down encodings must be one of {DOWN_ENCODINGS}")
     if bundle_parts not in BUNDLE_PARTS:
-        raise ValueError(f"bundle parts must be one of {BUNDLE_PARTS}")
+        raise OptionError(f"bundle parts must be one of {BUNDLE_PARTS}")
     model_path = Path(model_path)
     model, output, sidecar = check_model_and_outputs(model_path, output, sidecar, activation=activation, force=force)
 
@@ -190,7 +190,7 @@ def plan_conversion(
     gguf_types = tuple(choose_down_type(layer.down.type, model.n_ff, down_type) for layer in model.layers)
     layouts = bundle_layouts(model, bundle_down_type, bundle_has_gate(model, bundle_parts, placement.criterion))
     if predictor is not None and len(predictor.layers) != model.n_layer:
-        raise ValueError(f"the predictor has {len(predictor.layers)} layers, {model_path} has {model.n_layer}")
+        raise OptionError(f"the predictor has {len(predictor.layers)} layers, {model_path} has {model.n_layer}")
     return ConversionPlan(model, placement, output, sidecar, sha256, _model_id(sha256, placement, gguf_types, layouts),
                           gguf_types, layouts, predictor)
 

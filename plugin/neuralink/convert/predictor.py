@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from neuralink.profile.thresholds import recall_threshold
+from neuralink.errors import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +131,11 @@ def fit_lowrank(
 ) -> LowRankPredictor:
     """Fit every layer: `inputs[l]` the FFN inputs of layer l (T, n_embd), `weights(l)` its pre-activation rows."""
     if not 0.0 < recall <= 1.0:
-        raise ValueError(f"recall must lie in (0, 1], got {recall}")
+        raise OptionError(f"recall must lie in (0, 1], got {recall}")
     layers = []
     for il, x in enumerate(inputs):
         if len(x) < rank:
-            raise ValueError(f"layer {il}: {len(x)} calibration tokens cannot fit a rank-{rank} predictor")
+            raise OptionError(f"layer {il}: {len(x)} calibration tokens cannot fit a rank-{rank} predictor")
         layers.append(fit_layer(x, weights(il), rank, activation, criterion, float(activity_thresholds[il]), recall))
         log.info("layer %d: recall %.4f precision %.3f predicted density %.3f (true %.3f)", il,
                  layers[-1].recall, layers[-1].precision, layers[-1].predicted_density, layers[-1].true_density)

@@ -11,12 +11,9 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from neuralink.errors import CgroupUnavailable
 
 MEMORY_ROOT = Path("/sys/fs/cgroup/memory")
-
-
-class CgroupUnavailable(RuntimeError):
-    """No cgroup v1 memory controller we may write to: the reason, in plain words."""
 
 
 @dataclass

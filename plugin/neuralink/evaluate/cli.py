@@ -17,13 +17,13 @@ from neuralink.evaluate import perplexity as perplexity_module
 from neuralink.evaluate.density_sweep import (
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_DENSITIES,
-    SweepError,
     format_sweep,
     parse_budget,
     parse_densities,
     perplexity_sweep,
     plot_sweep,
 )
+from neuralink.errors import SweepError
 from neuralink.evaluate.perplexity import (
     PerplexityResult,
     paired_nll_difference,

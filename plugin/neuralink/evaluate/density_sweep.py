@@ -37,7 +37,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from neuralink.errors import ModelFileError, NeuralinkError
+from neuralink.errors import ModelFileError, SweepError
 from neuralink.convert.predictor import activity_score, capture_ffn_inputs
 from neuralink.evaluate.perplexity import PerplexityResult, perplexity
 from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold, recall_threshold
@@ -53,10 +53,6 @@ SWEEP_PREDICTORS = ("gate", "lowrank", "oracle")
 
 # called with (windows done, windows to do, what is being scored)
 SweepProgress = Callable[[int, int, str], None]
-
-
-class SweepError(NeuralinkError, ValueError):
-    """A sweep cannot run as asked: bad densities or budget, a sidecar it cannot vary, no calibration text."""
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from neuralink.errors import ModelFileError
+from neuralink.errors import ModelFileError, OptionError
 
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,9 @@ def scoring_windows(n_tokens: int, n_ctx: int, stride: int) -> list[ScoringWindo
     n_ctx the first token of each window is not (it has no context).
     """
     if n_ctx < 2:
-        raise ValueError(f"n_ctx must be at least 2, got {n_ctx}")
+        raise OptionError(f"n_ctx must be at least 2, got {n_ctx}")
     if not 1 <= stride <= n_ctx:
-        raise ValueError(f"stride must be in 1..n_ctx ({n_ctx}), got {stride}")
+        raise OptionError(f"stride must be in 1..n_ctx ({n_ctx}), got {stride}")
     windows: list[ScoringWindow] = []
     scored_until = 1  # token 0 has no context
     begin = 0
@@ -142,7 +142,7 @@ def perplexity(
         if max_tokens is not None:
             tokens = tokens[:max_tokens]
         if tokens.size < 2:
-            raise ValueError(f"the text has {tokens.size} tokens; perplexity needs at least 2")
+            raise OptionError(f"the text has {tokens.size} tokens; perplexity needs at least 2")
         windows = scoring_windows(int(tokens.size), n_ctx, stride)
         start = time.perf_counter()
         nlls: list[np.ndarray] = []

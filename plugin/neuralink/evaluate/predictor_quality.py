@@ -17,6 +17,7 @@ import numpy as np
 from neuralink.convert.predictor import activity_score, capture_ffn_inputs
 from neuralink.formats.ffn_tensors import decode_matrix, inspect_ffn_model
 from neuralink.formats.sidecar import Sidecar
+from neuralink.errors import OptionError
 
 @dataclass
 class LayerReport:
@@ -48,7 +49,7 @@ def evaluate_predictor(
     with Sidecar.open(sidecar_path, model_path) as sidecar:
         header = sidecar.header
         if not header.predictor_rank:
-            raise ValueError(f"{sidecar_path}: has no low-rank predictor (convert with --lowrank-rank)")
+            raise OptionError(f"{sidecar_path}: has no low-rank predictor (convert with --lowrank-rank)")
         for il, x in enumerate(inputs):
             layer = model.layers[il]
             w = decode_matrix(data, layer.gate if layer.gate is not None else layer.up)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from neuralink.errors import OutputPathError
 
-from neuralink.errors import NeuralinkError
 
 
 def temporary_path(path: str | os.PathLike[str]) -> Path:
@@ -74,10 +74,6 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-class OutputPathError(NeuralinkError, OSError):
-    """An output file cannot be created where it was asked for."""
 
 
 def check_output_path(path: str | os.PathLike[str]) -> Path:

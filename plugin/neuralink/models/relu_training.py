@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neuralink.errors import NeuralinkError
+from neuralink.errors import NeuralinkError, TrainingError
 from neuralink.evaluate.perplexity import scoring_windows
 from neuralink.models.relu_model import DecoderShape, ReluDecoder
 
@@ -34,10 +34,6 @@ DOCUMENT_SEPARATOR = "<|endoftext|>"
 
 # called with (steps done, steps planned, training loss of the last step, learning rate)
 StepCallback = Callable[[int, int, float, float], None]
-
-
-class TrainingError(NeuralinkError, ValueError):
-    """Training cannot start: missing or unreadable text, too little of it, or bad settings."""
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ from neuralink.place import orders, plot
 from neuralink.place.orders import (
     DEFAULT_METHOD,
     METHODS,
-    PlacementError,
     build_placement,
     check_model_matches,
     place_layers,
     sidecar_bundle_bytes,
 )
+from neuralink.errors import PlacementError
 from neuralink.place.plot import DEFAULT_NEURONS, PLOT_METHODS, plot_coactivation
 from neuralink.place.read_cost import ReadCounts, dense_reads, quality_table
 from neuralink.runtime.device_profile import DeviceCostModel

@@ -35,7 +35,7 @@ import numpy as np
 from neuralink.place import linking
 from neuralink.child import map_in_children
 from neuralink.formats.coactivation import CoactivationStats, coactivation_counts, load_layer_masks, unpack_masks
-from neuralink.errors import ModelFileError, NeuralinkError
+from neuralink.errors import ModelFileError, OptionError, PlacementError
 from neuralink.place.read_cost import ReadCounts, count_reads
 from neuralink.runtime.device_profile import DEFAULT_COST_MODEL, DeviceCostModel
 from neuralink.formats.files import file_sha256
@@ -49,10 +49,6 @@ METHODS: tuple[Method, ...] = get_args(Method)
 DEFAULT_METHOD: Method = "neuralink"
 # fractions of the greedy path's links that "hotcold" tries cutting
 HOTCOLD_CUT_FRACTIONS = (0.0, 0.125, 0.25, 0.5, 1.0)
-
-
-class PlacementError(NeuralinkError, ValueError):
-    """Placement cannot proceed: mismatched stats and model, or bad options."""
 
 
 def order_layer(
@@ -73,12 +69,12 @@ def order_layer(
     if method == "frequency":
         return np.argsort(-activation_counts, kind="stable").astype(np.int64)
     if method not in METHODS:
-        raise ValueError(f"unknown placement method {method!r}; expected one of {METHODS}")
+        raise OptionError(f"unknown placement method {method!r}; expected one of {METHODS}")
     path = linking.concatenate_by_frequency(linking.greedy_chains(counts), activation_counts)
     if method == "neuralink":
         return path
     if bundle_bytes is None:
-        raise ValueError("the hotcold placement needs the layer's bundle size for its cost model")
+        raise OptionError("the hotcold placement needs the layer's bundle size for its cost model")
     active = unpack_masks(packed_masks, n_ff)
     candidates = [linking.cut_and_sort(counts, path, fraction) for fraction in HOTCOLD_CUT_FRACTIONS]
     seconds = [count_reads(active, order, bundle_bytes, cost).seconds for order in candidates]

@@ -16,19 +16,15 @@ import numpy as np
 
 from neuralink.formats.files import atomic_output
 from neuralink.formats.coactivation import CoactivationStats, coactivation_counts
-from neuralink.errors import NeuralinkError
 from neuralink.place.orders import DEFAULT_METHOD, Method, order_layer
 from neuralink.formats.placement import Placement
+from neuralink.errors import PlotError
 
 DEFAULT_NEURONS = 512
 # methods that need no device cost model; draw "hotcold" from its placement file
 PLOT_METHODS: tuple[Method, ...] = ("identity", "frequency", "neuralink")
 FIGURE_INCHES = (11.0, 6.0)
 FIGURE_DPI = 120
-
-
-class PlotError(NeuralinkError, ValueError):
-    """The plot cannot be drawn: bad layer or window, or a placement of another model."""
 
 
 def _layer_order(stats: CoactivationStats, matrix_counts: np.ndarray, layer: int,

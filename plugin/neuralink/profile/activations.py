@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from llama_cpp import llama_cpp as bindings
 
-from neuralink.errors import ModelFileError, NeuralinkError, UnsupportedModelError
+from neuralink.errors import ModelFileError, NeuralinkError, OptionError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class ActivationReader(contextlib.AbstractContextManager["ActivationReader"]):
     def __init__(self, model_path: str | os.PathLike[str], *, window: int, threads: int | None = None) -> None:
         self.path = check_gguf_file(model_path)
         if window < 2:
-            raise ValueError(f"window must hold at least 2 tokens, got {window}")
+            raise OptionError(f"window must hold at least 2 tokens, got {window}")
         self.window = window
         self._stack = contextlib.ExitStack()
         self._wanted: Callable[[str], bool] = lambda _name: False

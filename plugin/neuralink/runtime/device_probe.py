@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from neuralink import _engine
+from neuralink.errors import DeviceProfileError
 from neuralink.formats.files import temporary_path
 from neuralink.runtime.device_profile import (
     BANDWIDTH_SATURATION,
@@ -36,7 +37,6 @@ from neuralink.runtime.device_profile import (
     READ_ALIGN,
     DeviceIdentity,
     DeviceProfile,
-    DeviceProfileError,
     MiB,
     ProbePoint,
     write_atomically,

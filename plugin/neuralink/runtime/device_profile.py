@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from neuralink.formats.files import atomic_output
-from neuralink.errors import NeuralinkError
+from neuralink.errors import DeviceProfileError, OptionError
 
 # the phone-flash model used without a measured profile (DESIGN.md: ~60 us per read at queue depth 1, ~1.4 GB/s)
 DEFAULT_READ_LATENCY_S = 60e-6
@@ -39,7 +39,7 @@ class DeviceCostModel:
 
     def __post_init__(self) -> None:
         if self.read_latency_s < 0 or self.bandwidth_bytes_per_s <= 0 or self.alignment < 1:
-            raise ValueError(f"cost model needs latency >= 0, bandwidth > 0 and alignment >= 1: {self}")
+            raise OptionError(f"cost model needs latency >= 0, bandwidth > 0 and alignment >= 1: {self}")
 
     def collapse_gap(self, bundle_bytes: int) -> int:
         """Largest gap, in neurons, that costs less to read through than one more read."""
@@ -62,10 +62,6 @@ READ_ALIGN = 4 * KiB  # the engine's direct-I/O block (kDirectAlign)
 # a read size saturates the device at a depth when it reaches this fraction of the best bandwidth there
 BANDWIDTH_SATURATION = 0.8
 PEAK_SIZES = 3  # the largest read sizes whose median bandwidth is the device's peak at a depth
-
-
-class DeviceProfileError(NeuralinkError, OSError):
-    """The storage cannot be profiled: a missing path, no room for the probe file, a failed read."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import llama_cpp
 import numpy as np
 
 from neuralink import _engine
-from neuralink.runtime.memory_budget import MemoryBudgetError, MemoryPlan, capture_llama_log, parse_buffer_sizes, parse_size, resident_bytes
+from neuralink.errors import MemoryBudgetError, OptionError
+from neuralink.runtime.memory_budget import MemoryPlan, capture_llama_log, parse_buffer_sizes, parse_size, resident_bytes
 from neuralink.formats.constants import (
     KEY_GATED,
     KEY_PLACEMENT_CRITERION,
@@ -141,9 +142,9 @@ class Llama(llama_cpp.Llama):
             if predictor_thresholds is not None:
                 engine_args["predictor_thresholds"] = [float(t) for t in predictor_thresholds]
         elif thresholds is not None or predictor_thresholds is not None:
-            raise ValueError(f"thresholds apply to a sidecar's sparse engine; {model_path} is used without one")
+            raise OptionError(f"thresholds apply to a sidecar's sparse engine; {model_path} is used without one")
         elif predictor not in (None, "dense"):
-            raise ValueError(f"predictor {predictor!r} needs a sidecar; {model_path} is used without one")
+            raise OptionError(f"predictor {predictor!r} needs a sidecar; {model_path} is used without one")
         if budget is not None and sidecar_path is None:
             raise MemoryBudgetError(
                 f"{model_path}: a memory budget needs a model converted by neuralink and its sidecar "

@@ -16,17 +16,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
-from neuralink.errors import NeuralinkError
+from neuralink.errors import MemoryBudgetError
 
 _UNITS = {
     "": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
     "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
 }
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
-
-
-class MemoryBudgetError(NeuralinkError, ValueError):
-    """A memory budget that cannot hold the model, or that cannot be read."""
 
 
 def parse_size(value: str | int) -> int:

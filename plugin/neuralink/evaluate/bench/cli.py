@@ -22,11 +22,11 @@ from neuralink.evaluate.bench.io_inputs import (
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_MAX_TOKENS,
     PLACEMENT_METHODS,
-    BenchIoError,
     need_file,
     prepare_inputs,
 )
 from neuralink.evaluate.bench.io_variants import CACHE_RULES, VARIANTS, plot_results
+from neuralink.errors import BenchIoError
 from neuralink.evaluate.density_sweep import density_thresholds
 from neuralink.formats.ffn_tensors import DOWN_ENCODINGS
 from neuralink.formats.files import atomic_output, write_text

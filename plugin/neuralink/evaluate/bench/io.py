@@ -54,12 +54,8 @@ from neuralink.evaluate.bench.io_variants import (
     ratio_lines,
     replay_variants,
 )
-from neuralink.evaluate.bench.io_inputs import (
-    BenchInputs,
-    BenchIoError,
-    StageProgress,
-    prepare_inputs,
-)
+from neuralink.evaluate.bench.io_inputs import BenchInputs, StageProgress, prepare_inputs
+from neuralink.errors import BenchIoError
 from neuralink.formats.coactivation import CoactivationStats
 from neuralink.formats.bundle_layout import BundleParts, bundle_has_gate
 from neuralink.formats.ffn_tensors import DownEncoding, inspect_ffn_model

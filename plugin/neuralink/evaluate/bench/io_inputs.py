@@ -12,20 +12,16 @@ import numpy as np
 
 from neuralink.formats.coactivation import CoactivationStats
 from neuralink.formats.bundle_layout import BundleParts, bundle_has_gate, bundle_layouts
-from neuralink.errors import NeuralinkError
 from neuralink.formats.ffn_tensors import DownEncoding, inspect_ffn_model
 from neuralink.formats.files import file_sha256
 from neuralink.formats.placement import Placement
+from neuralink.errors import BenchIoError
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_CALIBRATION_TOKENS = 4096
 PLACEMENT_METHODS = ("neuralink", "hotcold")
 # called with (stage, done, total) for "profile calibration", "profile text", "place", "write", "replay"
 StageProgress = Callable[[str, int, int], None]
-
-
-class BenchIoError(NeuralinkError, ValueError):
-    """`bench io` cannot run: missing or mismatched inputs, or bad options."""
 
 
 @dataclass
