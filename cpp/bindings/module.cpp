@@ -1,5 +1,6 @@
 // pybind11 bindings of the engine: wiring only, no logic.
 
+#include "neuralink/defaults.h"
 #include "neuralink/direct_file.h"
 #include "neuralink/engine.h"
 #include "neuralink/errors.h"
@@ -86,9 +87,9 @@ static void register_engine(py::module_ & m) {
              }),
              py::arg("model_path"), py::arg("direct_io") = true, py::arg("sidecar") = py::none(),
              py::arg("predictor") = "gate", py::arg("cache_policy") = "linking", py::arg("cache_bytes") = 0,
-             py::arg("queue_depth") = 8, py::arg("collapse_gap_bytes") = py::none(),
-             py::arg("max_read_bytes") = 1 << 20, py::arg("read_latency_s") = 60e-6,
-             py::arg("bandwidth_bytes_s") = 1.4e9, py::arg("io_backend") = "auto",
+             py::arg("queue_depth") = kDefaultQueueDepth, py::arg("collapse_gap_bytes") = py::none(),
+             py::arg("max_read_bytes") = kDefaultMaxReadBytes, py::arg("read_latency_s") = kDefaultReadLatencyS,
+             py::arg("bandwidth_bytes_s") = kDefaultBandwidthBytesS, py::arg("io_backend") = "auto",
              py::arg("thresholds") = py::none(), py::arg("predictor_thresholds") = py::none())
         .def_property_readonly("hook_address", [](const Engine & e) { return (uintptr_t) e.hook(); })
         .def_property_readonly("architecture", [](const Engine & e) { return e.model().architecture(); })
@@ -268,6 +269,12 @@ PYBIND11_MODULE(_engine, m) {
     m.doc() = "neuralink's C++ engine";
     m.attr("FFN_HOOK_API_VERSION") = LLAMA_FFN_HOOK_API_VERSION;
     register_errors();
+    // the engine's defaults (neuralink/defaults.h): Python reads them from here, never restates them
+    m.attr("DEFAULT_READ_LATENCY_S") = kDefaultReadLatencyS;
+    m.attr("DEFAULT_BANDWIDTH_BYTES_S") = kDefaultBandwidthBytesS;
+    m.attr("DEFAULT_QUEUE_DEPTH") = kDefaultQueueDepth;
+    m.attr("DEFAULT_MAX_READ_BYTES") = kDefaultMaxReadBytes;
+    m.attr("DIRECT_ALIGN") = kDirectAlign;
     register_engine(m);
     register_quant(m);
     register_planner(m);

@@ -37,7 +37,7 @@ void register_replay(py::module_ & m) {
                  return std::make_unique<Replayer>(path, std::move(rs), std::move(steps), o);
              }),
              py::arg("path"), py::arg("regions"), py::arg("steps"), py::arg("plan") = "collapse",
-             py::arg("collapse_gap_bytes") = 0, py::arg("max_read_bytes") = 1 << 20, py::arg("queue_depth") = 8,
+             py::arg("collapse_gap_bytes") = 0, py::arg("max_read_bytes") = kDefaultMaxReadBytes, py::arg("queue_depth") = kDefaultQueueDepth,
              py::arg("io_backend") = "auto", py::arg("direct") = true, py::arg("cache_policy") = "none",
              py::arg("cache_bytes") = 0, py::arg("p_run") = 0.1, py::arg("window_tokens") = 0,
              "Replay reads of `regions` ((offset, record_bytes, n_records) each) of a file; steps[s] lists the "

@@ -64,7 +64,9 @@ model and weights:
     u += default_io_backend();
     u += R"(; on Android
                            pread, since seccomp commonly refuses io_uring there)
-  --queue-depth N          reads in flight (per compute thread with io_uring; default 8)
+  --queue-depth N          reads in flight (per compute thread with io_uring; default )";
+    u += std::to_string(neuralink::kDefaultQueueDepth);
+    u += R"()
   --no-direct-io           read through the page cache instead of O_DIRECT
 
 generation:

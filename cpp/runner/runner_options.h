@@ -3,6 +3,8 @@
 // neuralink-run's command line: what to run and how, parsed and checked
 // before any file is opened.
 
+#include "neuralink/defaults.h"
+
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
@@ -36,7 +38,7 @@ struct RunnerOptions {
     std::optional<uint64_t> memory_budget;
     std::string io_backend;      // "auto", "uring" or "pread"; empty: the platform default
     bool io_backend_given = false; // false: io_backend is this build's default (logged as such)
-    int queue_depth = 8;
+    int queue_depth = neuralink::kDefaultQueueDepth;
     bool direct_io = true;
     std::string prompt;
     int n_predict = 64;

@@ -7,6 +7,12 @@ import numpy.typing as npt
 
 FFN_HOOK_API_VERSION: int
 
+# the engine's defaults (cpp/include/neuralink/defaults.h) and its direct-I/O alignment
+DEFAULT_READ_LATENCY_S: float
+DEFAULT_BANDWIDTH_BYTES_S: float
+DEFAULT_QUEUE_DEPTH: int
+DEFAULT_MAX_READ_BYTES: int
+DIRECT_ALIGN: int
 class LayerStatus:
     @property
     def il(self) -> int: ...
@@ -28,11 +34,11 @@ class Engine:
         predictor: str = "gate",
         cache_policy: str = "linking",
         cache_bytes: int = 0,
-        queue_depth: int = 8,
+        queue_depth: int = ...,
         collapse_gap_bytes: int | None = None,
-        max_read_bytes: int = 1 << 20,
-        read_latency_s: float = 60e-6,
-        bandwidth_bytes_s: float = 1.4e9,
+        max_read_bytes: int = ...,
+        read_latency_s: float = ...,
+        bandwidth_bytes_s: float = ...,
         io_backend: str = "auto",
         thresholds: Sequence[float] | None = None,
         predictor_thresholds: Sequence[float] | None = None,
@@ -157,8 +163,8 @@ class Replayer:
         steps: Sequence[Sequence[int]],
         plan: str = "collapse",
         collapse_gap_bytes: int = 0,
-        max_read_bytes: int = 1 << 20,
-        queue_depth: int = 8,
+        max_read_bytes: int = ...,
+        queue_depth: int = ...,
         io_backend: str = "auto",
         direct: bool = True,
         cache_policy: str = "none",

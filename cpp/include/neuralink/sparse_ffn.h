@@ -14,6 +14,7 @@
 // criterion says so for a token).
 
 #include "neuralink/bundle_cache.h"
+#include "neuralink/defaults.h"
 #include "neuralink/ffn_layer.h"
 #include "neuralink/io_pool.h"
 #include "neuralink/read_planner.h"
@@ -35,8 +36,8 @@ Predictor predictor_from_name(const std::string & name); // throws std::invalid_
 
 // Device cost model: one read costs latency + bytes / bandwidth.
 struct DeviceCost {
-    double read_latency_s = 60e-6;
-    double bandwidth_bytes_s = 1.4e9;
+    double read_latency_s = kDefaultReadLatencyS;
+    double bandwidth_bytes_s = kDefaultBandwidthBytesS;
     double cost(uint64_t n_reads, uint64_t bytes) const { return (double) n_reads * read_latency_s + (double) bytes / bandwidth_bytes_s; }
 };
 
@@ -44,10 +45,10 @@ struct SparseOptions {
     Predictor predictor = Predictor::Gate;
     CachePolicy cache_policy = CachePolicy::Linking;
     size_t cache_bytes = 0;
-    int queue_depth = 8;          // reads in flight: per compute thread with io_uring, in all with the pread pool
+    int queue_depth = kDefaultQueueDepth; // reads in flight: per compute thread with io_uring, in all with the pread pool
     IoBackend io_backend = IoBackend::Auto; // io_uring where the kernel allows, else the pread pool
     uint64_t collapse_gap_bytes = UINT64_MAX; // merge runs whose gap is at most this; UINT64_MAX: from the cost model
-    uint64_t max_read_bytes = 1 << 20;
+    uint64_t max_read_bytes = kDefaultMaxReadBytes;
     DeviceCost device;
     bool direct_io = true;
     // per-layer activity thresholds replacing the sidecar's, to run at another density without converting

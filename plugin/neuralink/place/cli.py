@@ -44,11 +44,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="layers placed in parallel, one process each (default: 2)")
     cost = parser.add_argument_group("cost model (--evaluate, and the hotcold method)")
     cost.add_argument("--read-latency-us", type=float, default=DeviceCostModel.read_latency_s * 1e6,
-                      help="time of one read besides its transfer, microseconds (default: 60, UFS at QD1)")
+                      help="time of one read besides its transfer, microseconds "
+                           f"(default: {DeviceCostModel.read_latency_s * 1e6:g}, UFS at QD1)")
     cost.add_argument("--bandwidth-gbps", type=float, default=DeviceCostModel.bandwidth_bytes_per_s / 1e9,
-                      help="sequential read bandwidth, GB/s (default: 1.4)")
+                      help=f"sequential read bandwidth, GB/s (default: {DeviceCostModel.bandwidth_bytes_per_s / 1e9:g})")
     cost.add_argument("--alignment", type=int, default=DeviceCostModel.alignment,
-                      help="direct-I/O block: reads cover whole blocks (default: 4096; 1 for none)")
+                      help=f"direct-I/O block: reads cover whole blocks (default: {DeviceCostModel.alignment}; 1 for none)")
     cost.add_argument("--bundle-bytes", type=int, default=None,
                       help="bytes per neuron bundle in every layer (default: the bundle store `neuralink convert` "
                            "writes for --model; 6912, a 7B-class Q4_0 bundle, for --timing-layer)")

@@ -20,13 +20,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neuralink import _engine
 from neuralink.formats.files import atomic_output
 from neuralink.errors import DeviceProfileError, OptionError
 
-# the phone-flash model used without a measured profile (DESIGN.md: ~60 us per read at queue depth 1, ~1.4 GB/s)
-DEFAULT_READ_LATENCY_S = 60e-6
-DEFAULT_BANDWIDTH_BYTES_PER_S = 1.4e9
-DEFAULT_ALIGNMENT = 4096
+# the phone-flash model used without a measured profile: the engine's defaults (neuralink/defaults.h)
+DEFAULT_READ_LATENCY_S: float = _engine.DEFAULT_READ_LATENCY_S
+DEFAULT_BANDWIDTH_BYTES_PER_S: float = _engine.DEFAULT_BANDWIDTH_BYTES_S
+DEFAULT_ALIGNMENT: int = _engine.DIRECT_ALIGN
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ DEVICE_PROFILE_FORMAT_VERSION = 1
 KiB, MiB = 1 << 10, 1 << 20
 DEFAULT_SIZES: tuple[int, ...] = tuple(4 * KiB << i for i in range(11))  # 4 KiB ... 4 MiB
 DEFAULT_DEPTHS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-READ_ALIGN = 4 * KiB  # the engine's direct-I/O block (kDirectAlign)
+READ_ALIGN: int = _engine.DIRECT_ALIGN  # the engine's direct-I/O block (kDirectAlign)
 # a read size saturates the device at a depth when it reaches this fraction of the best bandwidth there
 BANDWIDTH_SATURATION = 0.8
 PEAK_SIZES = 3  # the largest read sizes whose median bandwidth is the device's peak at a depth

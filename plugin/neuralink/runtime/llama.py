@@ -106,7 +106,7 @@ class Llama(llama_cpp.Llama):
         predictor: str | None = None,
         cache_policy: str = "linking",
         cache_bytes: int = 0,
-        queue_depth: int = 8,
+        queue_depth: int = _engine.DEFAULT_QUEUE_DEPTH,
         io_backend: str = "auto",
         collapse_gap: int | None = None,
         memory_budget: str | int | None = None,

@@ -8,6 +8,7 @@
 // Neuralink, dense) over the same trace and compares their reads and times.
 
 #include "neuralink/bundle_cache.h"
+#include "neuralink/defaults.h"
 #include "neuralink/direct_file.h"
 #include "neuralink/io_pool.h"
 #include "neuralink/read_planner.h"
@@ -78,8 +79,8 @@ private:
 struct ReplayOptions {
     ReplayPlan plan = ReplayPlan::Collapse;
     uint64_t collapse_gap_bytes = 0;    // Collapse: merge runs whose gap is at most this many bytes
-    uint64_t max_read_bytes = 1 << 20;  // split longer reads (0: no cap)
-    int queue_depth = 8;
+    uint64_t max_read_bytes = kDefaultMaxReadBytes;  // split longer reads (0: no cap)
+    int queue_depth = kDefaultQueueDepth;
     IoBackend io_backend = IoBackend::Auto;
     bool direct = true;
     CachePolicy cache_policy = CachePolicy::None;

@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from neuralink import _engine
 from neuralink.command import Command, add_commands
 from neuralink.formats.bundle_layout import BUNDLE_PARTS
 from neuralink.errors import ModelFileError, NeuralinkError
@@ -158,12 +159,14 @@ def configure_io_parser(parser: argparse.ArgumentParser) -> None:
                         help="the cache budget as a size instead (e.g. 4MB)")
     parser.add_argument("--cache", type=_cache_rule, action="append", default=[], metavar="VARIANT=RULE",
                         help=f"replace a variant's cache rule (one of {', '.join(CACHE_RULES)}); repeatable")
-    parser.add_argument("--queue-depth", type=int, default=8, help="reads in flight (default: 8, the engine's)")
+    parser.add_argument("--queue-depth", type=int, default=_engine.DEFAULT_QUEUE_DEPTH,
+                        help=f"reads in flight (default: {_engine.DEFAULT_QUEUE_DEPTH}, the engine's)")
     parser.add_argument("--collapse-gap", type=int, default=None, metavar="BYTES",
                         help="largest gap read through by access collapse (default: from the cached device profile "
                              "at the queue depth, else the default cost model)")
-    parser.add_argument("--max-read-bytes", type=parse_size, default=1 << 20, metavar="SIZE",
-                        help="split longer reads (default: 1MiB, the engine's)")
+    parser.add_argument("--max-read-bytes", type=parse_size, default=_engine.DEFAULT_MAX_READ_BYTES,
+                        metavar="SIZE", help=f"split longer reads (default: {_engine.DEFAULT_MAX_READ_BYTES} bytes, "
+                                             "the engine's)")
     parser.add_argument("--io-backend", choices=("auto", "uring", "pread"), default="auto",
                         help="io_uring ring or pread pool (default: auto, as the engine)")
     parser.add_argument("--bundle-parts", choices=BUNDLE_PARTS, default="auto",

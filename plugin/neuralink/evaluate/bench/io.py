@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from neuralink import _engine
+
 from neuralink.evaluate.bench.io_files import (
     ReplayLayout,
     bundle_store_layout,
@@ -122,9 +124,9 @@ def bench_io(
     replay_dir: Path | None = None,
     cache_fraction: float = DEFAULT_CACHE_FRACTION,
     cache_bytes: int | None = None,
-    queue_depth: int = 8,
+    queue_depth: int = _engine.DEFAULT_QUEUE_DEPTH,
     collapse_gap_bytes: int | None = None,
-    max_read_bytes: int = 1 << 20,
+    max_read_bytes: int = _engine.DEFAULT_MAX_READ_BYTES,
     io_backend: str = "auto",
     bundle_parts: BundleParts = "auto",
     bundle_down_type: DownEncoding = "auto",
@@ -190,7 +192,6 @@ def bench_io(
                 advance(n_layer)
             layouts_by_source["tensors"] = tensor_file_layout(path, identity.bundle_bytes)
 
-        from neuralink import _engine
         from neuralink.runtime.device_probe import device_identity
 
         for layout in layouts_by_source.values():

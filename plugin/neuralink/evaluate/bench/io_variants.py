@@ -60,9 +60,9 @@ class ReplaySettings:
     """What every variant shares: the DRAM budget, the device, the collapse rule."""
 
     cache_bytes: int
-    queue_depth: int = 8
+    queue_depth: int = _engine.DEFAULT_QUEUE_DEPTH
     collapse_gap_bytes: int = 0
-    max_read_bytes: int = 1 << 20
+    max_read_bytes: int = _engine.DEFAULT_MAX_READ_BYTES
     io_backend: str = "auto"
     window_tokens: int = LLMFLASH_WINDOW_TOKENS
     chunk_tokens: int = 16
