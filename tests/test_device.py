@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from neuralink import _engine, cli
+from neuralink.command import size_argument
 from neuralink.runtime import device_probe as device
 from neuralink.runtime.device_probe import DeviceIdentity, DeviceProfile, ProbePoint
 from neuralink.errors import DeviceProfileError
@@ -221,8 +222,8 @@ def test_a_failed_or_interrupted_read_removes_the_probe_file(tmp_path: Path, mon
 
 
 def test_parse_size() -> None:
-    assert [device.parse_size(t) for t in ("4096", "4K", "4KiB", "64k", "1M", "1MiB")] == [
+    assert [size_argument(t) for t in ("4096", "4K", "4KiB", "64k", "1M", "1MiB")] == [
         4096, 4096, 4096, 65536, 1 << 20, 1 << 20]
     for bad in ("0", "x", "4T", "-4K"):
         with pytest.raises(Exception, match="not a positive size"):
-            device.parse_size(bad)
+            size_argument(bad)

@@ -17,6 +17,7 @@ using namespace neuralink;
 
 void register_cache(py::module_ & m); // cache_bindings.cpp
 void register_replay(py::module_ & m); // replay_bindings.cpp
+void register_memory(py::module_ & m); // memory_bindings.cpp
 
 static void register_errors() {
     // the Python classes live in neuralink.errors so that they can be caught without the extension
@@ -268,17 +269,18 @@ static void register_io(py::module_ & m) {
 PYBIND11_MODULE(_engine, m) {
     m.doc() = "neuralink's C++ engine";
     m.attr("FFN_HOOK_API_VERSION") = LLAMA_FFN_HOOK_API_VERSION;
-    register_errors();
     // the engine's defaults (neuralink/defaults.h): Python reads them from here, never restates them
     m.attr("DEFAULT_READ_LATENCY_S") = kDefaultReadLatencyS;
     m.attr("DEFAULT_BANDWIDTH_BYTES_S") = kDefaultBandwidthBytesS;
     m.attr("DEFAULT_QUEUE_DEPTH") = kDefaultQueueDepth;
     m.attr("DEFAULT_MAX_READ_BYTES") = kDefaultMaxReadBytes;
     m.attr("DIRECT_ALIGN") = kDirectAlign;
+    register_errors();
     register_engine(m);
     register_quant(m);
     register_planner(m);
     register_io(m);
     register_cache(m);
     register_replay(m);
+    register_memory(m);
 }

@@ -4,7 +4,7 @@
 // weights itself), then the model with its FFN weights mapped lazily, then the
 // hook, and it refuses a model unless every layer is taken.
 
-#include "memory_budget.h"
+#include "neuralink/memory_plan.h"
 #include "runner_options.h"
 
 #include "neuralink/engine.h"
@@ -29,6 +29,9 @@
 
 using namespace neuralink_run;
 using neuralink::LayerStepStats;
+using neuralink::MemoryPlan;
+using neuralink::plan_memory;
+using neuralink::resident_bytes;
 
 namespace {
 

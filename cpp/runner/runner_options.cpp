@@ -1,5 +1,7 @@
 #include "runner_options.h"
 
+#include "neuralink/sizes.h"
+
 #include <cctype>
 #include <cerrno>
 #include <cmath>
@@ -89,8 +91,8 @@ other:
   -v, --verbose            show llama.cpp's own log
   -h, --help               this text
 
-SIZE is bytes or a number with a unit: 120MB, 1.5GiB, 512M (K/M/G binary,
-kB/MB/GB decimal).
+SIZE is bytes or a number with a unit: 120MB, 1.5GiB, 512M (K/M/G and
+KiB/MiB/GiB binary, kB/MB/GB decimal).
 
 exit status: 0 done; 1 a read or decode failed while generating; 2 bad
 arguments; 3 a missing, unreadable or malformed model or sidecar, or a
@@ -101,34 +103,11 @@ architecture and the reason are named); 5 a memory budget below the minimum.
 }
 
 uint64_t parse_size(const std::string & text, const char * what) {
-    const char * s = text.c_str();
-    char * end = nullptr;
-    errno = 0;
-    const double value = std::strtod(s, &end);
-    if (end == s || errno != 0 || !std::isfinite(value) || value <= 0) {
-        throw UsageError(std::string(what) + ": cannot read size '" + text + "': expected e.g. 120MB, 1.5GiB or 512M");
+    try {
+        return neuralink::parse_size(text);
+    } catch (const std::invalid_argument & e) {
+        throw UsageError(std::string(what) + ": " + e.what());
     }
-    std::string unit;
-    for (; *end; ++end) {
-        if (!std::isspace((unsigned char) *end)) {
-            unit += (char) std::tolower((unsigned char) *end);
-        }
-    }
-    struct Unit { const char * name; double bytes; };
-    static const Unit units[] = {
-        { "", 1 }, { "b", 1 }, { "k", 1024.0 }, { "kb", 1e3 }, { "kib", 1024.0 }, { "m", 1048576.0 }, { "mb", 1e6 },
-        { "mib", 1048576.0 }, { "g", 1073741824.0 }, { "gb", 1e9 }, { "gib", 1073741824.0 },
-    };
-    for (const Unit & u : units) {
-        if (unit == u.name) {
-            const uint64_t bytes = (uint64_t) (value * u.bytes);
-            if (bytes == 0) {
-                throw UsageError(std::string(what) + ": size '" + text + "' is less than one byte");
-            }
-            return bytes;
-        }
-    }
-    throw UsageError(std::string(what) + ": unknown unit in '" + text + "' (expected B, K, M, G, kB, MB, GB, KiB, MiB or GiB)");
 }
 
 static int parse_int(const std::string & flag, const std::string & text, int min, int max) {

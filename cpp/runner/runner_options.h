@@ -59,8 +59,7 @@ RunnerOptions parse_options(int argc, char ** argv);
 // The --help text.
 std::string usage(const char * argv0);
 
-// Bytes in "120MB", "1.5GiB", "512M" (binary for K/M/G, decimal for kB/MB/GB)
-// or a plain integer, as neuralink.budget.parse_size; throws UsageError.
+// neuralink::parse_size (neuralink/sizes.h) for the option `what`; throws UsageError naming it.
 uint64_t parse_size(const std::string & text, const char * what);
 
 // The read path used when --io-backend is not given: "pread" on Android, where

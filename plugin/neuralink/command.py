@@ -11,6 +11,9 @@ import argparse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from neuralink.errors import SizeError
+from neuralink.formats.sizes import parse_size
+
 
 @dataclass(frozen=True)
 class Command:
@@ -31,3 +34,11 @@ def add_commands(parser: argparse.ArgumentParser, commands: Mapping[str, Command
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         command.configure_parser(p)
         p.set_defaults(**{main_attribute: command.main})
+
+
+def size_argument(text: str) -> int:
+    """An argparse type: bytes in "4096", "64K", "1MiB", "120MB" (neuralink.formats.sizes)."""
+    try:
+        return parse_size(text)
+    except SizeError as e:
+        raise argparse.ArgumentTypeError(f"not a positive size: {e}") from None

@@ -214,7 +214,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     parser.add_argument("--memory-budget", default=DEFAULT_BUDGET,
                         help=f"memory of the whole process, e.g. 150MB (default: {DEFAULT_BUDGET}); the bundle "
-                             "cache gets what the rest leaves")
+                             "cache gets what the rest leaves. MB is 10^6 bytes, MiB 2^20; K/M/G are binary")
     parser.add_argument("--predictor", choices=("auto", "gate", "lowrank", "dense", "oracle"), default="auto",
                         help="how active neurons are found (default auto: dense on gated FFNs, where thresholding "
                              "costs too much quality on small models, else the sidecar's predictor)")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from neuralink.command import Command
+from neuralink.command import Command, size_argument
 from neuralink.formats.files import check_output_path
 from neuralink.runtime import device_probe
 from neuralink.runtime.device_probe import (
@@ -17,7 +17,6 @@ from neuralink.runtime.device_probe import (
     describe_measurement,
     grid_table,
     load_or_measure,
-    parse_size,
     write_outputs,
 )
 from neuralink.runtime.device_profile import DEFAULT_DEPTHS, DEFAULT_SIZES
@@ -27,13 +26,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", nargs="?", type=Path, default=Path("."), metavar="PATH",
                         help="a file or directory on the storage to profile, e.g. a model's sidecar (default: .)")
     parser.add_argument("--remeasure", action="store_true", help="measure even if the device has a cached profile")
-    parser.add_argument("--sizes", nargs="+", type=parse_size, default=list(DEFAULT_SIZES), metavar="SIZE",
-                        help="read sizes, multiples of 4K (default: 4K 8K ... 4M)")
+    parser.add_argument("--sizes", nargs="+", type=size_argument, default=list(DEFAULT_SIZES), metavar="SIZE",
+                        help="read sizes, multiples of 4K; K/M/G and KiB/MiB/GiB are binary, kB/MB/GB decimal "
+                             "(default: 4K 8K ... 4M)")
     parser.add_argument("--depths", nargs="+", type=int, default=list(DEFAULT_DEPTHS), metavar="N",
                         help="queue depths: reads in flight (default: 1 2 4 8 16 32)")
     parser.add_argument("--seconds-per-point", type=float, default=DEFAULT_SECONDS_PER_POINT, metavar="S",
                         help=f"time spent on each (size, depth) (default: {DEFAULT_SECONDS_PER_POINT:g})")
-    parser.add_argument("--probe-bytes", type=parse_size, default=DEFAULT_PROBE_BYTES, metavar="SIZE",
+    parser.add_argument("--probe-bytes", type=size_argument, default=DEFAULT_PROBE_BYTES, metavar="SIZE",
                         help="size of the temporary probe file written when PATH is a directory or a smaller "
                              "file (default: 256M)")
     parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",

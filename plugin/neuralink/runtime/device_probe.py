@@ -12,12 +12,10 @@ like the paper's Figure 4.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import logging
 import os
-import re
 import secrets
 import stat
 import statistics
@@ -28,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from neuralink import _engine
-from neuralink.errors import DeviceProfileError
 from neuralink.formats.files import temporary_path
 from neuralink.runtime.device_profile import (
     BANDWIDTH_SATURATION,
@@ -37,10 +34,11 @@ from neuralink.runtime.device_profile import (
     READ_ALIGN,
     DeviceIdentity,
     DeviceProfile,
-    MiB,
     ProbePoint,
     write_atomically,
 )
+from neuralink.formats.sizes import MiB, format_size
+from neuralink.errors import DeviceProfileError
 
 logger = logging.getLogger(__name__)
 
@@ -285,22 +283,6 @@ def load_or_measure(
     except OSError as e:
         logger.warning("could not cache the device profile in %s: %s", cache_file, e)
     return profile
-
-
-def format_size(n_bytes: int) -> str:
-    """4096 -> "4 KiB", 1048576 -> "1 MiB"."""
-    for unit, scale in (("MiB", MiB), ("KiB", 1 << 10)):
-        if n_bytes >= scale and n_bytes % scale == 0:
-            return f"{n_bytes // scale} {unit}"
-    return f"{n_bytes} B"
-
-
-def parse_size(text: str) -> int:
-    """ "4096", "4K", "4KiB", "1M", "1MiB" -> bytes (an argparse type)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if match is None or int(match[1]) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size (e.g. 4096, 64K, 1MiB)")
-    return int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2].upper()]
 
 
 def grid_table(profile: DeviceProfile) -> str:

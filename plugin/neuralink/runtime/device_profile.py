@@ -22,6 +22,7 @@ from typing import Any
 
 from neuralink import _engine
 from neuralink.formats.files import atomic_output
+from neuralink.formats.sizes import KiB
 from neuralink.errors import DeviceProfileError, OptionError
 
 # the phone-flash model used without a measured profile: the engine's defaults (neuralink/defaults.h)
@@ -56,7 +57,6 @@ DEFAULT_COST_MODEL = DeviceCostModel()
 
 DEVICE_PROFILE_FORMAT = "neuralink.device-profile"
 DEVICE_PROFILE_FORMAT_VERSION = 1
-KiB, MiB = 1 << 10, 1 << 20
 DEFAULT_SIZES: tuple[int, ...] = tuple(4 * KiB << i for i in range(11))  # 4 KiB ... 4 MiB
 DEFAULT_DEPTHS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 READ_ALIGN: int = _engine.DIRECT_ALIGN  # the engine's direct-I/O block (kDirectAlign)

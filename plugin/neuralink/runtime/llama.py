@@ -14,8 +14,15 @@ import llama_cpp
 import numpy as np
 
 from neuralink import _engine
+from neuralink.runtime.memory_budget import (
+    MemoryPlan,
+    capture_llama_log,
+    check_memory_plan,
+    memory_budget_bytes,
+    plan_memory,
+    resident_bytes,
+)
 from neuralink.errors import MemoryBudgetError, OptionError
-from neuralink.runtime.memory_budget import MemoryPlan, capture_llama_log, parse_buffer_sizes, parse_size, resident_bytes
 from neuralink.formats.constants import (
     KEY_GATED,
     KEY_PLACEMENT_CRITERION,
@@ -121,7 +128,7 @@ class Llama(llama_cpp.Llama):
         # llama_cpp.Llama.__del__ closes this stack even when __init__ failed early
         self._stack = contextlib.ExitStack()
         baseline = resident_bytes()
-        budget = parse_size(memory_budget) if memory_budget is not None else None
+        budget = memory_budget_bytes(memory_budget) if memory_budget is not None else None
         api = ffn_hook_api(_engine.FFN_HOOK_API_VERSION)
         if not os.path.exists(model_path):
             raise ModelFileError(f"{model_path}: no such model file")
@@ -168,9 +175,9 @@ class Llama(llama_cpp.Llama):
         if budget is not None:
             if self.verbose:
                 print("".join(log), end="", file=sys.stderr)
-            self.memory_plan = self._plan_memory(model_path, budget, baseline, log)
+            self.memory_plan = self._plan_memory(budget, baseline, log)
             try:
-                self.memory_plan.check(model_path)
+                check_memory_plan(self.memory_plan, model_path)
             except MemoryBudgetError:
                 self.close()
                 raise
@@ -192,21 +199,10 @@ class Llama(llama_cpp.Llama):
                 f"{engine.n_layer} layers cannot be served by neuralink: {details}{more}"
             )
 
-    def _plan_memory(self, model_path: str, budget: int, baseline: int, log: list[str]) -> MemoryPlan:
-        directory = read_gguf_directory(model_path)
-        ffn = (".ffn_gate.weight", ".ffn_up.weight", ".ffn_down.weight")
-        non_ffn = sum(t.nbytes for name, t in directory.tensors.items() if not name.endswith(ffn))
-        buffers = parse_buffer_sizes(log)
-        engine = self.engine
-        n_ff = int(directory.get(f"{engine.architecture}.feed_forward_length") or 0)
-        layer_store = engine.store_bytes // max(engine.n_layer, 1)
-        # per thread, reads and cache copies of a whole layer at worst; h and token flags per batch row
+    def _plan_memory(self, budget: int, baseline: int, log: list[str]) -> MemoryPlan:
+        # as many compute threads as llama.cpp may run at once; one micro-batch of rows
         threads = max(self.n_threads, self.n_threads_batch or self.n_threads)
-        scratch = 2 * layer_store + threads * 64 * 1024 + self.context_params.n_ubatch * n_ff * 6
-        return MemoryPlan(budget=budget, process=baseline, non_ffn_weights=non_ffn,
-                          engine_resident=engine.resident_bytes, kv_cache=buffers.kv_cache,
-                          llama_buffers=buffers.output + buffers.compute, engine_scratch=scratch,
-                          store_bytes=engine.store_bytes)
+        return plan_memory(self.engine, budget, baseline, log, threads, self.context_params.n_ubatch)
 
     @property
     def engine(self) -> _engine.Engine:

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from neuralink import _engine
-from neuralink.command import Command, add_commands
+from neuralink.command import Command, add_commands, size_argument
 from neuralink.formats.bundle_layout import BUNDLE_PARTS
 from neuralink.errors import ModelFileError, NeuralinkError
 from neuralink.evaluate import bench
@@ -26,16 +26,16 @@ from neuralink.evaluate.bench.io_inputs import (
     need_file,
     prepare_inputs,
 )
-from neuralink.evaluate.bench.io_variants import CACHE_RULES, VARIANTS, plot_results
 from neuralink.errors import BenchIoError
+from neuralink.evaluate.bench.io_variants import CACHE_RULES, VARIANTS, plot_results
 from neuralink.evaluate.density_sweep import density_thresholds
 from neuralink.formats.ffn_tensors import DOWN_ENCODINGS
 from neuralink.formats.files import atomic_output, write_text
+from neuralink.formats.sizes import format_size
 from neuralink.formats.files import check_output_path
 from neuralink.profile.activity import GATED_CRITERIA
 from neuralink.runtime.default_model import default_model_path
 from neuralink.runtime.llama import find_sidecar
-from neuralink.runtime.memory_budget import parse_size
 
 
 def configure_dense_parser(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sidecar", type=Path, default=None, help="its sidecar (default: the one named in the model)")
     parser.add_argument("--stock-model", type=Path, default=None,
                         help="GGUF stock llama.cpp runs (default: the converted model, same weights)")
-    parser.add_argument("--caps", nargs="+", default=list(DEFAULT_CAPS), help="memory caps, 'none' for uncapped")
+    parser.add_argument("--caps", nargs="+", default=list(DEFAULT_CAPS), help="memory caps (e.g. 120MB: MB is 10^6 bytes, MiB and M 2^20), 'none' for uncapped")
     parser.add_argument("--variants", nargs="+", choices=["stock", "neuralink"], default=["stock", "neuralink"])
     parser.add_argument("--prompts-from", type=Path, default=SHARED_TEXT,
                         help=f"text to take prompts from (default: {SHARED_TEXT}; built-in prompts if absent)")
@@ -155,8 +155,8 @@ def configure_io_parser(parser: argparse.ArgumentParser) -> None:
                         help="activity criterion of gated FFNs when profiling (default: that of `neuralink profile`)")
     parser.add_argument("--cache-fraction", type=float, default=DEFAULT_CACHE_FRACTION,
                         help="DRAM for every variant's cache, as a fraction of the FFN bundle store (default: 0.05)")
-    parser.add_argument("--cache-bytes", type=parse_size, default=None, metavar="SIZE",
-                        help="the cache budget as a size instead (e.g. 4MB)")
+    parser.add_argument("--cache-bytes", type=size_argument, default=None, metavar="SIZE",
+                        help="the cache budget as a size instead (e.g. 4MB = 4,000,000 bytes, 4MiB = 4,194,304)")
     parser.add_argument("--cache", type=_cache_rule, action="append", default=[], metavar="VARIANT=RULE",
                         help=f"replace a variant's cache rule (one of {', '.join(CACHE_RULES)}); repeatable")
     parser.add_argument("--queue-depth", type=int, default=_engine.DEFAULT_QUEUE_DEPTH,
@@ -164,8 +164,8 @@ def configure_io_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--collapse-gap", type=int, default=None, metavar="BYTES",
                         help="largest gap read through by access collapse (default: from the cached device profile "
                              "at the queue depth, else the default cost model)")
-    parser.add_argument("--max-read-bytes", type=parse_size, default=_engine.DEFAULT_MAX_READ_BYTES,
-                        metavar="SIZE", help=f"split longer reads (default: {_engine.DEFAULT_MAX_READ_BYTES} bytes, "
+    parser.add_argument("--max-read-bytes", type=size_argument, default=_engine.DEFAULT_MAX_READ_BYTES,
+                        metavar="SIZE", help=f"split longer reads (default: {format_size(_engine.DEFAULT_MAX_READ_BYTES)}, "
                                              "the engine's)")
     parser.add_argument("--io-backend", choices=("auto", "uring", "pread"), default="auto",
                         help="io_uring ring or pread pool (default: auto, as the engine)")

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from neuralink import _engine
+from neuralink.runtime.device_probe import device_identity
 
 from neuralink.evaluate.bench.io_files import (
     ReplayLayout,
@@ -191,8 +192,6 @@ def bench_io(
                 reused.append(path)
                 advance(n_layer)
             layouts_by_source["tensors"] = tensor_file_layout(path, identity.bundle_bytes)
-
-        from neuralink.runtime.device_probe import device_identity
 
         for layout in layouts_by_source.values():
             _engine.evict_from_page_cache(str(layout.path))  # cold also for a buffered fallback

@@ -92,11 +92,8 @@ def run(args: argparse.Namespace) -> dict:
             stall_s_per_token=float(decode["stall_ns"].sum()) * 1e-9 / n,
             cache_hit_rate=float(decode["cache_hits"].sum()) / max(float(decode["predicted"].sum()), 1.0),
             density=float(decode["predicted"].sum()) / max(float(len(decode)) * llm.engine.n_layer, 1.0),
-            memory_plan={k: v for k, v in vars(llm.memory_plan).items()} if llm.memory_plan else None,
+            memory_plan=llm.memory_plan.to_dict() if llm.memory_plan else None,
         )
-        if llm.memory_plan is not None:
-            result["memory_plan"]["minimum"] = llm.memory_plan.minimum
-            result["memory_plan"]["cache"] = llm.memory_plan.cache
     llm.close()
     return result
 

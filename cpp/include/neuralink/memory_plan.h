@@ -1,20 +1,19 @@
 #pragma once
 
-// The memory budget as neuralink.budget accounts it (docs/engine.md, "Memory
+// The memory plan of a sparse engine under a budget (docs/engine.md, "Memory
 // budget"): what the process holds before the model, the non-FFN weights, what
 // the engine keeps resident, llama.cpp's KV cache, output and compute buffers
 // (from llama.cpp's own log) and the engine's worst-case scratch. The bundle
-// cache gets the rest. Kept field for field in step with MemoryPlan there.
+// cache gets the rest. The one definition of the plan: neuralink-run uses it
+// directly, neuralink.Llama through the bindings (neuralink._engine.plan_memory).
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
 namespace neuralink {
-class Engine;
-}
 
-namespace neuralink_run {
+class Engine;
 
 // llama.cpp's allocations as it logs them ("KV buffer size = 1.00 MiB" ...).
 struct LlamaBuffers {
@@ -47,7 +46,7 @@ struct MemoryPlan {
 
 // The plan for a sparse engine attached to a context with n_threads threads
 // and micro-batches of n_ubatch tokens.
-MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64_t process_before,
+MemoryPlan plan_memory(const Engine & engine, uint64_t budget, uint64_t process_before,
                        const std::vector<std::string> & llama_log, int n_threads, int n_ubatch);
 
-} // namespace neuralink_run
+} // namespace neuralink

@@ -1,4 +1,4 @@
-#include "memory_budget.h"
+#include "neuralink/memory_plan.h"
 
 #include "neuralink/engine.h"
 
@@ -8,7 +8,7 @@
 #include <map>
 #include <unistd.h>
 
-namespace neuralink_run {
+namespace neuralink {
 
 // the value before " MiB" that follows `marker` in a log line, if any
 static bool mib_after(const std::string & line, const std::string & marker, uint64_t * bytes) {
@@ -83,11 +83,11 @@ static bool ends_with(const std::string & s, const std::string & suffix) {
 
 MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64_t process_before,
                        const std::vector<std::string> & llama_log, int n_threads, int n_ubatch) {
-    const neuralink::SparseFfn & sparse = *engine.sparse();
+    const SparseFfn & sparse = *engine.sparse();
     MemoryPlan p;
     p.budget = budget;
     p.process = process_before;
-    for (const neuralink::TensorInfo & t : engine.model().tensors()) {
+    for (const TensorInfo & t : engine.model().tensors()) {
         if (!ends_with(t.name, ".ffn_gate.weight") && !ends_with(t.name, ".ffn_up.weight") &&
             !ends_with(t.name, ".ffn_down.weight")) {
             p.non_ffn_weights += t.nbytes;
@@ -98,7 +98,7 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     p.kv_cache = buffers.kv_cache;
     p.llama_buffers = buffers.output + buffers.compute;
     p.store_bytes = sparse.store_bytes();
-    // as neuralink.Llama: per thread, reads and cache copies of a whole layer at worst; h and flags per batch row
+    // per thread, reads and cache copies of a whole layer at worst; h and token flags per batch row
     const std::string & arch = engine.model().architecture();
     const uint64_t n_ff = (uint64_t) std::max<int64_t>(0, engine.model().get_int(arch + ".feed_forward_length", 0));
     const uint64_t layer_store = p.store_bytes / (uint64_t) std::max(engine.n_layer(), 1);
@@ -106,4 +106,4 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     return p;
 }
 
-} // namespace neuralink_run
+} // namespace neuralink

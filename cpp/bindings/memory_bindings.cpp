@@ -1,0 +1,42 @@
+// pybind11 bindings of the memory plan and the size rule: wiring only, no logic.
+
+#include "neuralink/engine.h"
+#include "neuralink/memory_plan.h"
+#include "neuralink/sizes.h"
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+namespace py = pybind11;
+using namespace neuralink;
+
+void register_memory(py::module_ & m) {
+    py::class_<MemoryPlan>(m, "MemoryPlan", "Where a memory budget goes; every field in bytes (neuralink/memory_plan.h).")
+        .def_readonly("budget", &MemoryPlan::budget)
+        .def_readonly("process", &MemoryPlan::process)
+        .def_readonly("non_ffn_weights", &MemoryPlan::non_ffn_weights)
+        .def_readonly("engine_resident", &MemoryPlan::engine_resident)
+        .def_readonly("kv_cache", &MemoryPlan::kv_cache)
+        .def_readonly("llama_buffers", &MemoryPlan::llama_buffers)
+        .def_readonly("engine_scratch", &MemoryPlan::engine_scratch)
+        .def_readonly("store_bytes", &MemoryPlan::store_bytes)
+        .def_property_readonly("minimum", &MemoryPlan::minimum, "the smallest budget that holds everything but the cache")
+        .def_property_readonly("cache", &MemoryPlan::cache, "what the bundle cache gets")
+        .def("describe", &MemoryPlan::describe, "one '  name  N MiB' line per field")
+        .def("to_dict", [](const MemoryPlan & p) {
+            py::dict d;
+            d["budget"] = p.budget; d["process"] = p.process; d["non_ffn_weights"] = p.non_ffn_weights;
+            d["engine_resident"] = p.engine_resident; d["kv_cache"] = p.kv_cache; d["llama_buffers"] = p.llama_buffers;
+            d["engine_scratch"] = p.engine_scratch; d["store_bytes"] = p.store_bytes;
+            d["minimum"] = p.minimum(); d["cache"] = p.cache();
+            return d;
+        }, "every field, and minimum and cache");
+    m.def("plan_memory", &plan_memory, py::arg("engine"), py::arg("budget"), py::arg("process_before"),
+          py::arg("llama_log"), py::arg("n_threads"), py::arg("n_ubatch"),
+          "The memory plan of a sparse engine attached to a context (n_threads threads, micro-batches of n_ubatch); "
+          "llama_log: llama.cpp's log lines, which report its KV, output and compute buffers.");
+    m.def("resident_bytes", &resident_bytes, "This process's resident set size (VmRSS).");
+    m.def("parse_size", &parse_size, py::arg("text"), py::arg("what") = "size",
+          "Bytes in '120MB', '1.5GiB', '512M' or '4096': K/M/G and KiB/MiB/GiB binary, kB/MB/GB decimal; "
+          "ValueError 'cannot read <what> ...' otherwise.");
+}
