@@ -28,11 +28,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 
 from neuralink.child import run_in_child
 from neuralink.command import Command
 from neuralink.runtime.default_model import default_model_path
+from neuralink.formats.files import write_text
+from neuralink.convert.pipeline import fit_model_predictor, placement_from_text
+from neuralink.convert.writer import convert_model
+from neuralink.formats.ffn_tensors import inspect_ffn_model
+from neuralink.formats.files import file_sha256
+from neuralink.formats.constants import KEY_PLACEMENT_CRITERION
+from neuralink.formats.gguf_directory import read_gguf_directory
+from neuralink.runtime.llama import find_sidecar
+from neuralink.runtime.llama import Llama
+from neuralink.formats.constants import KEY_MODEL_ID
+from neuralink.errors import ModelFileError
 
 DEFAULT_PROMPT = "The three most useful things to know about flash storage are"
 DEFAULT_BUDGET = "160MB"
@@ -77,10 +89,7 @@ def cache_root() -> Path:
 
 def self_calibration_text(model: Path, out: Path, threads: int | None) -> Path:
     """Let the model write calibration text from SELF_PROMPTS (sampled, seeded) into `out`."""
-    import llama_cpp
-    from tqdm import tqdm
-
-    from neuralink.formats.files import write_text
+    from tqdm import tqdm  # deferred: progress bars are the CLI's, loaded when one is shown
 
     llm = llama_cpp.Llama(str(model), n_ctx=512, n_threads=threads, seed=1234, verbose=False)
     pieces = []
@@ -96,12 +105,7 @@ def self_calibration_text(model: Path, out: Path, threads: int | None) -> Path:
 
 def converted_model(model: Path, calibration: list[Path] | None, threads: int | None) -> Path:
     """The converted GGUF of `model` (its sidecar beside it), converting it on first use."""
-    from tqdm import tqdm
-
-    from neuralink.convert.pipeline import fit_model_predictor, placement_from_text
-    from neuralink.convert.writer import convert_model
-    from neuralink.formats.ffn_tensors import inspect_ffn_model
-    from neuralink.formats.files import file_sha256
+    from tqdm import tqdm  # deferred: progress bars are the CLI's, loaded when one is shown
 
     folder = cache_root() / file_sha256(model)[:16]
     output = folder / f"{model.stem}.neuralink.gguf"
@@ -139,10 +143,6 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
 
 def choose_predictor(model: Path, asked: str) -> str | None:
     """The predictor for --predictor `asked`: None lets the engine choose (see neuralink.Llama)."""
-    from neuralink.formats.constants import KEY_PLACEMENT_CRITERION
-    from neuralink.formats.gguf_directory import read_gguf_directory
-    from neuralink.runtime.llama import find_sidecar
-
     if asked != "auto":
         return asked
     sidecar = find_sidecar(model)
@@ -153,9 +153,6 @@ def choose_predictor(model: Path, asked: str) -> str | None:
 def generate(model: Path, prompt: str, max_tokens: int, threads: int | None, direct_io: bool,
              memory_budget: str | None, dense: bool, predictor: str | None = None):
     """Yield completion text pieces, then a final DemoStats."""
-    from neuralink.formats.ffn_tensors import inspect_ffn_model
-    from neuralink.runtime.llama import Llama
-
     options = {"sidecar": False} if dense else {"memory_budget": memory_budget, "predictor": predictor}
     # a small batch keeps llama.cpp's compute buffer (n_batch x n_vocab logits) from eating the budget
     llm = Llama(str(model), n_ctx=512, n_batch=64, n_threads=threads, direct_io=direct_io, verbose=False,
@@ -226,11 +223,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from neuralink.formats.constants import KEY_MODEL_ID
-    from neuralink.errors import ModelFileError
-    from neuralink.formats.gguf_directory import read_gguf_directory
-    from neuralink.runtime.llama import find_sidecar
-
     model = args.model or default_model_path()
     if not args.dense and find_sidecar(model) is None:
         if read_gguf_directory(model).get(KEY_MODEL_ID):

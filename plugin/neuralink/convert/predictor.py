@@ -28,6 +28,7 @@ import numpy as np
 
 from neuralink.profile.thresholds import recall_threshold
 from neuralink.errors import OptionError
+from neuralink.profile.text import read_documents, split_windows
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,7 @@ def capture_ffn_inputs(
     Returns per layer an array (tokens, n_embd). Logits are requested at every
     position so that the last layer's FFN sees every token too.
     """
-    from neuralink.runtime.llama import Llama
-    from neuralink.profile.text import read_documents, split_windows
+    from neuralink.runtime.llama import Llama  # deferred: llama_cpp loads libllama, only for commands that run a model
 
     llm = Llama(os.fspath(model_path), sidecar=False, n_ctx=window, n_batch=window, n_ubatch=window,
                 logits_all=True, n_threads=threads, n_threads_batch=threads, verbose=False)

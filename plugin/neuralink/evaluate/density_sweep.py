@@ -41,6 +41,9 @@ from neuralink.errors import ModelFileError, SweepError
 from neuralink.convert.predictor import activity_score, capture_ffn_inputs
 from neuralink.evaluate.perplexity import PerplexityResult, perplexity
 from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold, recall_threshold
+from neuralink.formats.ffn_tensors import decode_matrix, inspect_ffn_model, permute_vector
+from neuralink.formats.sidecar import Sidecar
+from neuralink.runtime.llama import Llama, find_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +102,6 @@ def density_thresholds(
     SweepError for densities outside (0, 1] and for sidecars whose criterion
     has no single pre-activation (`magnitude`).
     """
-    from neuralink.formats.ffn_tensors import decode_matrix, inspect_ffn_model, permute_vector
-    from neuralink.formats.sidecar import Sidecar
-
     check_densities(densities)
     with Sidecar.open(sidecar_path, model_path) as sidecar:
         header = sidecar.header
@@ -215,8 +215,6 @@ def _fraction(stats: np.ndarray, key: str, n_ff: int) -> float:
 
 def applicable_predictors(model_path: str | os.PathLike[str], sidecar_path: str | os.PathLike[str]) -> list[str]:
     """The predictors whose density a sweep can vary on this sidecar, and why others are left out."""
-    from neuralink.formats.sidecar import Sidecar
-
     with Sidecar.open(sidecar_path, model_path) as sidecar:
         header = sidecar.header
     predictors = []
@@ -254,9 +252,6 @@ def perplexity_sweep(
     `thresholds` skips the calibration (one entry per density, e.g. from
     `density_thresholds`). Raises SweepError for bad settings.
     """
-    from neuralink.runtime.llama import Llama, find_sidecar
-    from neuralink.formats.sidecar import Sidecar
-
     check_densities(densities)
     if budget < 0 or not math.isfinite(budget):
         raise SweepError(f"the perplexity budget must be a non-negative fraction, got {budget}")
@@ -331,7 +326,8 @@ def perplexity_sweep(
 
 def plot_sweep(sweep: SweepResult, path: str | os.PathLike[str]) -> None:
     """A PNG: perplexity against measured active fraction, one curve per predictor, with the budget line."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's global backend
+    # deferred: matplotlib loads only when a picture is drawn; Agg, without touching pyplot's global backend
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FormatStrFormatter
 

@@ -124,7 +124,7 @@ class Tokenizer:
     """llama.cpp's tokenizer of a GGUF file (vocabulary only), as the exported model will tokenize."""
 
     def __init__(self, gguf_path: str | os.PathLike[str]) -> None:
-        import llama_cpp
+        import llama_cpp  # deferred: training itself needs only torch; llama.cpp loads for its tokenizer
 
         self.path = Path(gguf_path)
         self._llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
@@ -347,7 +347,7 @@ def relu_sparsity_torch(model: ReluDecoder, windows: Sequence[np.ndarray]) -> np
 def relu_sparsity_llama_cpp(model_path: str | os.PathLike[str], windows: Sequence[np.ndarray],
                             threads: int | None = None) -> np.ndarray:
     """Per layer, the fraction of exact zeros in llama.cpp's own "ffn_sqr(relu)" tensors over the windows."""
-    from neuralink.profile.activations import ActivationReader
+    from neuralink.profile.activations import ActivationReader  # deferred: llama_cpp loads libllama
 
     width = max(len(w) for w in windows)
     zeros: dict[int, int] = {}

@@ -18,6 +18,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, TokenType
 from gguf import GGMLQuantizationType as QType
 
+from neuralink import _engine
 from neuralink.formats.files import atomic_gguf
 from neuralink.formats.ggml_types import ggml_type_name, resolve_weight_type
 
@@ -112,9 +113,7 @@ def build_vocabulary() -> Vocabulary:
 def _encode(matrix: np.ndarray, qtype: QType) -> np.ndarray:
     if qtype == QType.F32:
         return np.ascontiguousarray(matrix, dtype=np.float32)
-    from neuralink._engine import quantize  # the built engine is only needed to write quantized weights
-
-    return quantize(ggml_type_name(qtype), np.ascontiguousarray(matrix, dtype=np.float32))
+    return _engine.quantize(ggml_type_name(qtype), np.ascontiguousarray(matrix, dtype=np.float32))
 
 
 def _tensor_name(tensor: MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:

@@ -41,6 +41,7 @@ from neuralink.runtime.device_profile import DEFAULT_COST_MODEL, DeviceCostModel
 from neuralink.formats.files import file_sha256
 from neuralink.formats.bundle_layout import bundle_has_gate, bundle_layouts
 from neuralink.formats.placement import Placement
+from neuralink.formats.ffn_tensors import inspect_ffn_model
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +227,6 @@ def sidecar_bundle_bytes(model: str | os.PathLike[str], criterion: str) -> list[
 
     Gate-only criteria leave gate rows out of the records: the gate predictor keeps them resident.
     """
-    from neuralink.formats.ffn_tensors import inspect_ffn_model
-
     ffn = inspect_ffn_model(model)
     return [layout.record_bytes for layout in bundle_layouts(ffn, gate=bundle_has_gate(ffn, "auto", criterion))]
 

@@ -58,7 +58,8 @@ def plot_coactivation(
     the layer (all with `neurons=None`); windows wider than 1024 neurons are
     averaged down to at most 1024 pixels.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's global backend
+    # deferred: matplotlib loads only when a picture is drawn; Agg, without touching pyplot's global backend
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     stats = CoactivationStats.load(stats_path)

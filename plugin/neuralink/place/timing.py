@@ -17,6 +17,7 @@ import numpy as np
 from neuralink.child import run_in_child
 from neuralink.formats.coactivation import coactivation_counts, pack_masks
 from neuralink.runtime.device_profile import DEFAULT_COST_MODEL, DeviceCostModel
+from neuralink.place.orders import order_layer
 
 GROUP_SIZE = 16
 # a 7B-class layer's bundle: gate, up and down of n_embd 4096 in Q4_0 (4.5 bits per weight)
@@ -63,8 +64,6 @@ def _peak_rss_bytes() -> int:
 
 def _time_one(method: str, n_ff: int, n_tokens: int, seed: int, bundle_bytes: int,
               cost: DeviceCostModel) -> PlacementTiming:
-    from neuralink.place.orders import order_layer
-
     packed = synthetic_layer_masks(n_ff, n_tokens, seed=seed)
     input_rss = _peak_rss_bytes()
     start = time.perf_counter()

@@ -328,7 +328,8 @@ def describe_measurement(profile: DeviceProfile) -> str:
 
 
 def _render_png(profile: DeviceProfile, output: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg, without touching pyplot's global backend
+    # deferred: matplotlib loads only when a picture is drawn; Agg, without touching pyplot's global backend
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(11, 4.6), dpi=120)

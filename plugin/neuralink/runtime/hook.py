@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ctypes
 
+import llama_cpp
+from llama_cpp import llama_cpp as bindings
+
 from neuralink.errors import HookUnavailableError
 
 SETUP_COMMAND = "bash scripts/setup.sh"
@@ -71,9 +74,6 @@ class FfnHookApi:
 
 def ffn_hook_api(expected_version: int) -> FfnHookApi:
     """The hook API of the loaded libllama, or HookUnavailableError naming the fix."""
-    import llama_cpp
-    from llama_cpp import llama_cpp as bindings
-
     lib = bindings._lib
     where = getattr(lib, "_name", "libllama")
     if not hasattr(lib, "llama_set_ffn_hook"):

@@ -33,6 +33,7 @@ from neuralink.formats.constants import (
 from neuralink.errors import EngineIOError, ModelFileError, UnsupportedModelError
 from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.runtime.hook import FfnHookApi, ffn_hook_api
+from neuralink.runtime.device_probe import cached_profile
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +304,6 @@ class Llama(llama_cpp.Llama):
 
 def _read_cost_options(sidecar: str | os.PathLike[str], queue_depth: int) -> dict[str, Any]:
     # the device's measured read cost sets the collapse gap; never measure while loading a model
-    from neuralink.runtime.device_probe import cached_profile
 
     profile = cached_profile(sidecar)
     if profile is None:

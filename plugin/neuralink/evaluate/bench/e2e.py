@@ -186,7 +186,7 @@ def format_table(results: list[RunResult]) -> str:
 
 
 def plot(results: list[RunResult], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib loads only when a picture is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -63,6 +63,8 @@ from neuralink.formats.coactivation import CoactivationStats
 from neuralink.formats.bundle_layout import BundleParts, bundle_has_gate
 from neuralink.formats.ffn_tensors import DownEncoding, inspect_ffn_model
 from neuralink.formats.placement import Placement
+from neuralink.runtime.device_probe import cached_profile
+from neuralink.runtime.device_profile import DEFAULT_COST_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,6 @@ class BenchIoResult:
 
 
 def _collapse_gap(replay_dir: Path, queue_depth: int, override: int | None) -> tuple[int, str]:
-    from neuralink.runtime.device_probe import cached_profile
-    from neuralink.runtime.device_profile import DEFAULT_COST_MODEL
-
     if override is not None:
         return override, f"collapse gap {override} B (--collapse-gap)"
     profile = cached_profile(replay_dir)

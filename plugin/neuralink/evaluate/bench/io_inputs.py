@@ -16,6 +16,8 @@ from neuralink.formats.ffn_tensors import DownEncoding, inspect_ffn_model
 from neuralink.formats.files import file_sha256
 from neuralink.formats.placement import Placement
 from neuralink.errors import BenchIoError
+from neuralink.place.orders import build_placement, check_model_matches, place_layers
+from neuralink.profile.activity import DEFAULT_CRITERION, DEFAULT_DENSITY, DEFAULT_WINDOW, profile_model
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_CALIBRATION_TOKENS = 4096
@@ -61,9 +63,6 @@ def prepare_inputs(
 ) -> BenchInputs:
     """Profile and place whatever was not given as a file: the calibration stats (for thresholds and the
     placement), the placement, and the held-out trace. With `save_dir`, what was made is kept there."""
-    from neuralink.place.orders import build_placement, check_model_matches, place_layers
-    from neuralink.profile.activity import DEFAULT_CRITERION, DEFAULT_DENSITY, DEFAULT_WINDOW, profile_model
-
     report = progress or (lambda stage, done, total: None)
     for path in calibration or ():
         need_file(path, "calibration text")

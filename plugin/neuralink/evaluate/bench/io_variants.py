@@ -255,7 +255,7 @@ def ratio_lines(results: dict[Variant, VariantResult]) -> list[str]:
 
 def plot_results(results: dict[Variant, VariantResult], output: str, title: str) -> None:
     """A bar chart per metric, one bar per variant (PNG)."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib loads only when a picture is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -48,11 +48,11 @@ def run(args: argparse.Namespace) -> dict:
                    n_threads_batch=args.threads, verbose=False)
     start = time.perf_counter()
     if args.variant == "stock":
-        import llama_cpp
+        import llama_cpp  # after joining the cgroup, as above
 
         llm = llama_cpp.Llama(args.model, **context)
     else:
-        import neuralink
+        import neuralink  # after joining the cgroup, as above
 
         overrides = json.loads(Path(args.thresholds).read_text()) if args.thresholds else {}
         llm = neuralink.Llama(args.model, sidecar=args.sidecar, memory_budget=args.budget, predictor=args.predictor,
