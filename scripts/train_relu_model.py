@@ -57,8 +57,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_inputs(args: argparse.Namespace) -> tuple[list[Path], Path]:
-    from neuralink.formats.files import check_output_path
     from neuralink.errors import TrainingError
+    from neuralink.formats.files import check_output_path
 
     texts = [args.data_dir / name for name in (*TRAIN_TEXTS, TEST_TEXT)]
     missing = [str(p) for p in texts if not p.is_file()]
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from neuralink.runtime.default_model import default_model_path
+    from neuralink.errors import TrainingError
     from neuralink.evaluate.perplexity import paired_nll_difference, perplexity
     from neuralink.models.relu_model import ReluDecoder, export_gguf
     from neuralink.models.relu_training import (
@@ -108,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
         text_windows,
         train,
     )
-    from neuralink.errors import TrainingError
+    from neuralink.runtime.default_model import default_model_path
 
     train_paths, test_path = _check_inputs(args)
     config = CONFIGS[args.config]

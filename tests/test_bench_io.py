@@ -9,18 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import carried_text
 from neuralink import _engine
+from neuralink.cli import main as cli_main
 from neuralink.evaluate.bench.io import bench_io
 from neuralink.evaluate.bench.io_files import bundle_store_layout
 from neuralink.evaluate.bench.io_variants import COLUMNS, VARIANTS, build_trace
-from neuralink.cli import main as cli_main
 from neuralink.formats.coactivation import CoactivationStats, pack_masks
-from neuralink.place.read_cost import count_reads
-from neuralink.runtime.device_profile import DeviceCostModel
-from neuralink.place.orders import build_placement, place_layers
 from neuralink.formats.files import file_sha256
 from neuralink.models.synthetic import write_synthetic_model
+from neuralink.place.orders import build_placement, place_layers
+from neuralink.place.read_cost import count_reads
+from neuralink.runtime.device_profile import DeviceCostModel
+
+from conftest import carried_text
 
 N_EMBD, N_FF, GROUP, N_LAYER = 128, 256, 16, 2
 N_GROUPS = N_FF // GROUP

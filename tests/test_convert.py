@@ -13,18 +13,19 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QType
 
-from conftest import REPO_ROOT, ModelFactory, corpus
 from neuralink import ModelFileError, UnsupportedModelError, _engine
 from neuralink.cli import main as cli_main
-from neuralink.formats.constants import KEY_MODEL_ID, KEY_SIDECAR_NAME, KEY_SOURCE_SHA256
 from neuralink.convert.plan import default_output_paths, plan_conversion
 from neuralink.convert.writer import convert_model
+from neuralink.formats.constants import KEY_MODEL_ID, KEY_SIDECAR_NAME, KEY_SOURCE_SHA256
 from neuralink.formats.ffn_tensors import choose_down_type, inspect_ffn_model
-from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.files import file_sha256
+from neuralink.formats.ggml_types import ggml_type_name
+from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.placement import Placement
 from neuralink.formats.sidecar import Sidecar
-from neuralink.formats.ggml_types import ggml_type_name
+
+from conftest import REPO_ROOT, ModelFactory, corpus
 
 PROMPT = (
     b"The quick brown fox jumps over the lazy dog, and then it writes tokens to flash memory; "

@@ -21,8 +21,8 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from neuralink.runtime.memory_budget import capture_llama_log
 from neuralink.models.synthetic import write_synthetic_model
+from neuralink.runtime.memory_budget import capture_llama_log
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction sets")

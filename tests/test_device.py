@@ -10,11 +10,10 @@ import pytest
 
 from neuralink import _engine, cli
 from neuralink.command import size_argument
+from neuralink.errors import DeviceProfileError, EngineIOError
 from neuralink.runtime import device_probe as device
 from neuralink.runtime.device_probe import DeviceIdentity, DeviceProfile, ProbePoint
-from neuralink.errors import DeviceProfileError
 from neuralink.runtime.device_profile import BANDWIDTH_SATURATION
-from neuralink.errors import EngineIOError
 
 TINY = {"sizes": [4096, 8192], "depths": [1, 2], "seconds_per_point": 0.005, "probe_bytes": 1 << 20, "trials": 2}
 TINY_FLAGS = ["--sizes", "4K", "8K", "--depths", "1", "2", "--seconds-per-point", "0.005", "--probe-bytes", "1M"]

@@ -10,8 +10,9 @@ import gguf
 import pytest
 
 import neuralink
-from conftest import ModelFactory
 from neuralink import HookUnavailableError, ModelFileError, UnsupportedModelError
+
+from conftest import ModelFactory
 
 
 def test_stock_llama_cpp_python_without_hook_names_the_setup_command(

@@ -26,9 +26,10 @@ import numpy as np
 import pytest
 
 import neuralink
-from conftest import ModelFactory
 from neuralink import _engine
 from neuralink.runtime.hook import FFN_HOOK_COMPUTE, FFN_HOOK_TAKE, FfnHook, ffn_hook_api
+
+from conftest import ModelFactory
 
 TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "

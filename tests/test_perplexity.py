@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import ModelFactory, corpus
 from neuralink import ModelFileError
 from neuralink.cli import main as cli_main
 from neuralink.evaluate.perplexity import paired_nll_difference, perplexity, scoring_windows
+
+from conftest import ModelFactory, corpus
 
 TEXT = (
     "The model reads the neuron of the layer, and the quick brown fox jumps over the lazy dog. "

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_llama_hook import rel_max_abs
+from test_predictor import CALIBRATION, placement_for
 
 import neuralink
-from conftest import ModelFactory
 from neuralink.cli import main as cli_main
 from neuralink.convert.pipeline import fit_model_predictor
 from neuralink.convert.writer import convert_model
-from neuralink.evaluate.perplexity import PerplexityResult
+from neuralink.errors import SweepError
 from neuralink.evaluate.density_sweep import (
     SweepResult,
     SweepRow,
@@ -23,9 +24,9 @@ from neuralink.evaluate.density_sweep import (
     parse_densities,
     perplexity_sweep,
 )
-from neuralink.errors import SweepError
-from test_llama_hook import rel_max_abs
-from test_predictor import CALIBRATION, placement_for
+from neuralink.evaluate.perplexity import PerplexityResult
+
+from conftest import ModelFactory
 
 CONTEXT = dict(n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True, verbose=False)
 CALIBRATION_TOKENS = 400

@@ -9,22 +9,23 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from conftest import carried_text
-from neuralink.place import linking
 from neuralink.cli import main as cli_main
 from neuralink.formats.coactivation import CoactivationStats, coactivation_counts, pack_masks
-from neuralink.place.read_cost import ReadCounts, count_reads, dense_reads, quality_table
-from neuralink.runtime.device_profile import DeviceCostModel
+from neuralink.formats.files import file_sha256
+from neuralink.formats.placement import Placement
+from neuralink.models.synthetic import write_synthetic_model
+from neuralink.place import linking
 from neuralink.place.orders import (
     METHODS,
     order_layer,
     place,
     place_layers,
 )
-from neuralink.formats.files import file_sha256
-from neuralink.formats.placement import Placement
+from neuralink.place.read_cost import ReadCounts, count_reads, dense_reads, quality_table
 from neuralink.profile.activity import profile_model
-from neuralink.models.synthetic import write_synthetic_model
+from neuralink.runtime.device_profile import DeviceCostModel
+
+from conftest import carried_text
 
 N_EMBD, N_FF, GROUP = 128, 256, 16
 N_GROUPS = N_FF // GROUP

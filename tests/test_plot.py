@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from neuralink.cli import main as cli_main
+from neuralink.errors import PlotError
 from neuralink.formats.coactivation import CoactivationStats, pack_masks
 from neuralink.formats.placement import Placement
 from neuralink.place.plot import FIGURE_DPI, FIGURE_INCHES, plot_coactivation
-from neuralink.errors import PlotError
 
 N_FF = 96
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -6,19 +6,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import neuralink
-from conftest import ModelFactory
-from neuralink import _engine
-from neuralink.convert.pipeline import fit_model_predictor
-from neuralink.convert.writer import convert_model
-from neuralink.formats.files import file_sha256
-from neuralink.formats.placement import Placement
-from neuralink.convert.predictor import activity_score, capture_ffn_inputs, fit_layer
-from neuralink.evaluate.predictor_quality import evaluate_predictor
-from neuralink.formats.sidecar import Sidecar
 from test_llama_hook import rel_max_abs
 from test_sparse import read_ffn
+
+import neuralink
+from neuralink import _engine
+from neuralink.convert.pipeline import fit_model_predictor
+from neuralink.convert.predictor import activity_score, capture_ffn_inputs, fit_layer
+from neuralink.convert.writer import convert_model
+from neuralink.evaluate.predictor_quality import evaluate_predictor
+from neuralink.formats.files import file_sha256
+from neuralink.formats.placement import Placement
+from neuralink.formats.sidecar import Sidecar
+
+from conftest import ModelFactory
 
 # enough varied English for a few hundred calibration tokens on the synthetic vocabulary
 CALIBRATION = " ".join([

@@ -10,15 +10,15 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import carried_text
-from neuralink.profile.activations import ActivationReader
 from neuralink.cli import main as cli_main
+from neuralink.errors import ModelFileError, ProfileError
 from neuralink.formats.coactivation import CoactivationStats
-from neuralink.errors import ModelFileError
-from neuralink.errors import ProfileError
+from neuralink.models.synthetic import write_synthetic_model
+from neuralink.profile.activations import ActivationReader
 from neuralink.profile.activity import profile_model
 from neuralink.profile.text import read_documents, split_windows
-from neuralink.models.synthetic import write_synthetic_model
+
+from conftest import carried_text
 
 N_EMBD, N_FF, WINDOW = 128, 512, 128
 

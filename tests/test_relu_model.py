@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, corpus
 from neuralink.models.relu_model import DecoderShape, ReluDecoder, export_gguf, load_gguf
 from neuralink.models.relu_training import cross_entropy, relu_sparsity_llama_cpp, relu_sparsity_torch
+
+from conftest import REPO_ROOT, corpus
 
 SCRIPT = REPO_ROOT / "scripts" / "train_relu_model.py"
 # held out from training: not in tinyshakespeare or little_women (a sentence of emma.txt's style, written here)

@@ -12,17 +12,18 @@ import pytest
 from gguf import GGMLQuantizationType as QType
 from hypothesis import given
 from hypothesis import strategies as st
+from test_convert import random_placement
 
-from conftest import ModelFactory
 from neuralink import ModelFileError, _engine
-from neuralink.formats.constants import KEY_SIDECAR_VERSION, SIDECAR_ALIGNMENT
 from neuralink.convert.writer import ConversionResult, convert_model
+from neuralink.formats.constants import KEY_SIDECAR_VERSION, SIDECAR_ALIGNMENT
 from neuralink.formats.ffn_tensors import DownEncoding
+from neuralink.formats.ggml_types import ggml_type_name
 from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.placement import Placement
 from neuralink.formats.sidecar import BundleLayout, ByteRange, Sidecar
-from neuralink.formats.ggml_types import ggml_type_name
-from test_convert import random_placement
+
+from conftest import ModelFactory
 
 # relative RMS error allowed for one re-encoded down column, by the type it is stored in
 DOWN_TOLERANCE = {QType.F32: 0.0, QType.F16: 0.0, QType.BF16: 0.0, QType.Q8_0: 0.01, QType.Q4_1: 0.15}

@@ -7,12 +7,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from test_llama_hook import DECODE_PREFIX, batch_logits, decode_logits, greedy, rel_max_abs, tokens_of
 
 import neuralink
 from neuralink import EngineIOError, ModelFileError, _engine
 from neuralink.errors import MemoryBudgetError
 from neuralink.formats.ggml_types import ggml_type_name
-from test_llama_hook import DECODE_PREFIX, batch_logits, decode_logits, greedy, rel_max_abs, tokens_of
 
 CONTEXT = dict(n_ctx=256, logits_all=True, verbose=False)
 

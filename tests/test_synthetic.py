@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from neuralink import _engine
-from conftest import ModelFactory
+from neuralink.formats.ggml_types import ggml_type_name, resolve_weight_type
 from neuralink.models.synthetic import (
     ARCH_SPECS,
     ARCHITECTURES,
@@ -18,7 +18,8 @@ from neuralink.models.synthetic import (
     build_vocabulary,
     write_synthetic_model,
 )
-from neuralink.formats.ggml_types import ggml_type_name, resolve_weight_type
+
+from conftest import ModelFactory
 
 N_EMBD, N_FF, N_LAYER = 256, 512, 2
 CORE_TYPES = ("f32", "f16", "q8_0", "q4_1", "q4_k")

@@ -33,18 +33,15 @@ import numpy as np
 
 from neuralink.child import run_in_child
 from neuralink.command import Command
-from neuralink.runtime.default_model import default_model_path
-from neuralink.formats.files import write_text
 from neuralink.convert.pipeline import fit_model_predictor, placement_from_text
 from neuralink.convert.writer import convert_model
-from neuralink.formats.ffn_tensors import inspect_ffn_model
-from neuralink.formats.files import file_sha256
-from neuralink.formats.constants import KEY_PLACEMENT_CRITERION
-from neuralink.formats.gguf_directory import read_gguf_directory
-from neuralink.runtime.llama import find_sidecar
-from neuralink.runtime.llama import Llama
-from neuralink.formats.constants import KEY_MODEL_ID
 from neuralink.errors import ModelFileError
+from neuralink.formats.constants import KEY_MODEL_ID, KEY_PLACEMENT_CRITERION
+from neuralink.formats.ffn_tensors import inspect_ffn_model
+from neuralink.formats.files import file_sha256, write_text
+from neuralink.formats.gguf_directory import read_gguf_directory
+from neuralink.runtime.default_model import default_model_path
+from neuralink.runtime.llama import Llama, find_sidecar
 
 DEFAULT_PROMPT = "The three most useful things to know about flash storage are"
 DEFAULT_BUDGET = "160MB"

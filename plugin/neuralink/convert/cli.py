@@ -21,15 +21,15 @@ import numpy as np
 from neuralink.command import Command
 from neuralink.convert.pipeline import fit_model_predictor, placement_from_text
 from neuralink.convert.plan import ConversionPlan, check_model_and_outputs, check_writable, plan_conversion
-from neuralink.convert.writer import ConversionResult, run_conversion
-from neuralink.formats.bundle_layout import BUNDLE_PARTS, bundle_has_gate, bundle_layouts
 from neuralink.convert.predictor import LowRankPredictor
+from neuralink.convert.writer import ConversionResult, run_conversion
+from neuralink.errors import OptionError
+from neuralink.formats.bundle_layout import BUNDLE_PARTS, bundle_has_gate, bundle_layouts
 from neuralink.formats.ffn_tensors import ACTIVATIONS, DOWN_ENCODINGS
-from neuralink.formats.placement import Placement
 from neuralink.formats.ggml_types import ggml_type_name
+from neuralink.formats.placement import Placement
 from neuralink.place.orders import DEFAULT_METHOD, METHODS
 from neuralink.profile.activity import DEFAULT_CRITERION, GATED_CRITERIA
-from neuralink.errors import OptionError
 
 
 def _error_summary(errors: tuple[float, ...]) -> str:

@@ -9,21 +9,19 @@ from pathlib import Path
 
 import numpy as np
 
+from neuralink.convert.predictor import LowRankPredictor, capture_ffn_inputs, fit_lowrank
+from neuralink.errors import OptionError
+from neuralink.formats.bundle_layout import (
+    bundle_has_gate,
+    bundle_layouts,
+)
 from neuralink.formats.ffn_tensors import (
     decode_matrix,
     inspect_ffn_model,
 )
 from neuralink.formats.placement import Placement
-from neuralink.convert.predictor import LowRankPredictor, capture_ffn_inputs, fit_lowrank
-
-from neuralink.formats.bundle_layout import (
-    bundle_has_gate,
-    bundle_layouts,
-)
 from neuralink.place.orders import DEFAULT_METHOD, METHODS, build_placement, place_layers
 from neuralink.profile.activity import DEFAULT_CRITERION, DEFAULT_DENSITY, profile_model
-from neuralink.errors import OptionError
-
 
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total) of profiling and placement
 

@@ -24,13 +24,15 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
+from neuralink.convert.predictor import LowRankPredictor
+from neuralink.errors import ModelFileError, OptionError
+from neuralink.formats.bundle_layout import BUNDLE_PARTS, BundleLayout, BundleParts, bundle_has_gate, bundle_layouts
 from neuralink.formats.constants import (
     CONVERTED_SUFFIX,
     KEY_MODEL_ID,
     SIDECAR_SUFFIX,
     SIDECAR_VERSION,
 )
-from neuralink.errors import ModelFileError, OptionError
 from neuralink.formats.ffn_tensors import (
     DOWN_ENCODINGS,
     Activation,
@@ -41,8 +43,6 @@ from neuralink.formats.ffn_tensors import (
 )
 from neuralink.formats.files import file_sha256
 from neuralink.formats.placement import Placement
-from neuralink.convert.predictor import LowRankPredictor
-from neuralink.formats.bundle_layout import BUNDLE_PARTS, BundleLayout, BundleParts, bundle_has_gate, bundle_layouts
 
 log = logging.getLogger(__name__)
 

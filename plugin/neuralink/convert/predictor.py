@@ -26,9 +26,9 @@ from typing import Literal
 
 import numpy as np
 
-from neuralink.profile.thresholds import recall_threshold
 from neuralink.errors import OptionError
 from neuralink.profile.text import read_documents, split_windows
+from neuralink.profile.thresholds import recall_threshold
 
 log = logging.getLogger(__name__)
 

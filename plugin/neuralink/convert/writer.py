@@ -15,7 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralink.formats.files import temporary_path
+from neuralink.convert.plan import ConversionPlan, Progress, plan_conversion
+from neuralink.convert.predictor import LowRankPredictor
+from neuralink.errors import ModelFileError
+from neuralink.formats.bundle_layout import (
+    BundlePart,
+    BundleParts,
+)
 from neuralink.formats.constants import (
     KEY_MODEL_ID,
     KEY_PLACEMENT_METHOD,
@@ -24,24 +30,17 @@ from neuralink.formats.constants import (
     KEY_SOURCE_SHA256,
     SIDECAR_VERSION,
 )
-from neuralink.errors import ModelFileError
 from neuralink.formats.ffn_tensors import (
     Activation,
     DownEncoding,
     down_columns,
     permute_rows,
 )
+from neuralink.formats.files import temporary_path
+from neuralink.formats.ggml_types import ggml_type_name
 from neuralink.formats.permuted_gguf import write_permuted_gguf
 from neuralink.formats.placement import Placement
-from neuralink.convert.predictor import LowRankPredictor
-from neuralink.formats.ggml_types import ggml_type_name
-
-from neuralink.formats.bundle_layout import (
-    BundlePart,
-    BundleParts,
-)
 from neuralink.formats.sidecar import SidecarHeader, SidecarLayer, write_sidecar
-from neuralink.convert.plan import ConversionPlan, Progress, plan_conversion
 
 log = logging.getLogger(__name__)
 

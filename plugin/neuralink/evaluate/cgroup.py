@@ -11,6 +11,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
 from neuralink.errors import CgroupUnavailable
 
 MEMORY_ROOT = Path("/sys/fs/cgroup/memory")

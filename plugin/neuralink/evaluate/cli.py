@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from neuralink.command import Command
-from neuralink.evaluate import predictor_quality
-from neuralink.evaluate.predictor_quality import evaluate_predictor
-from neuralink.errors import ModelFileError, NeuralinkError
+from neuralink.errors import ModelFileError, NeuralinkError, SweepError
 from neuralink.evaluate import perplexity as perplexity_module
+from neuralink.evaluate import predictor_quality
 from neuralink.evaluate.density_sweep import (
     DEFAULT_CALIBRATION_TOKENS,
     DEFAULT_DENSITIES,
@@ -23,12 +22,12 @@ from neuralink.evaluate.density_sweep import (
     perplexity_sweep,
     plot_sweep,
 )
-from neuralink.errors import SweepError
 from neuralink.evaluate.perplexity import (
     PerplexityResult,
     paired_nll_difference,
     perplexity,
 )
+from neuralink.evaluate.predictor_quality import evaluate_predictor
 from neuralink.runtime.llama import find_sidecar
 
 

@@ -37,12 +37,12 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from neuralink.errors import ModelFileError, SweepError
 from neuralink.convert.predictor import activity_score, capture_ffn_inputs
+from neuralink.errors import ModelFileError, SweepError
 from neuralink.evaluate.perplexity import PerplexityResult, perplexity
-from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold, recall_threshold
 from neuralink.formats.ffn_tensors import decode_matrix, inspect_ffn_model, permute_vector
 from neuralink.formats.sidecar import Sidecar
+from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold, recall_threshold
 from neuralink.runtime.llama import Llama, find_sidecar
 
 log = logging.getLogger(__name__)

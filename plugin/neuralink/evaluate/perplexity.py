@@ -32,7 +32,6 @@ import numpy as np
 
 from neuralink.errors import ModelFileError, OptionError
 
-
 log = logging.getLogger(__name__)
 
 LlamaFactory = Callable[..., llama_cpp.Llama]

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from neuralink.convert.predictor import activity_score, capture_ffn_inputs
+from neuralink.errors import OptionError
 from neuralink.formats.ffn_tensors import decode_matrix, inspect_ffn_model
 from neuralink.formats.sidecar import Sidecar
-from neuralink.errors import OptionError
+
 
 @dataclass
 class LayerReport:

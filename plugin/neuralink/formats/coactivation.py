@@ -18,8 +18,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from neuralink.formats.files import save_npz
 from neuralink.errors import ModelFileError
+from neuralink.formats.files import save_npz
 
 COACTIVATION_FORMAT_VERSION = 1
 COACTIVATION_KIND = "neuralink.formats.coactivation"

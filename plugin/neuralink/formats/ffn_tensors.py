@@ -22,12 +22,18 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QType
 
 from neuralink import _engine
-from neuralink.formats.constants import (
-    FFN_DOWN, FFN_GATE, FFN_GATE_BIAS, FFN_UP, FFN_UP_BIAS, KEY_MODEL_ID, ffn_tensor_name,
-)
 from neuralink.errors import ModelFileError, UnsupportedModelError
-from neuralink.formats.gguf_directory import GgufDirectory, TensorEntry, read_gguf_directory
+from neuralink.formats.constants import (
+    FFN_DOWN,
+    FFN_GATE,
+    FFN_GATE_BIAS,
+    FFN_UP,
+    FFN_UP_BIAS,
+    KEY_MODEL_ID,
+    ffn_tensor_name,
+)
 from neuralink.formats.ggml_types import ggml_type_name
+from neuralink.formats.gguf_directory import GgufDirectory, TensorEntry, read_gguf_directory
 
 log = logging.getLogger(__name__)
 

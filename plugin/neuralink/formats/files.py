@@ -17,8 +17,8 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from neuralink.errors import OutputPathError
 
+from neuralink.errors import OutputPathError
 
 
 def temporary_path(path: str | os.PathLike[str]) -> Path:

@@ -19,8 +19,8 @@ from gguf import GGMLQuantizationType as QType
 
 from neuralink import _engine
 from neuralink.formats.ffn_tensors import FfnModel, permute_down, permute_rows, permute_vector
-from neuralink.formats.gguf_directory import TensorEntry
 from neuralink.formats.ggml_types import ggml_type_name
+from neuralink.formats.gguf_directory import TensorEntry
 
 
 def _pack_string(value: str) -> bytes:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralink.formats.files import save_npz
 from neuralink.errors import ModelFileError
+from neuralink.formats.files import save_npz
 
 PLACEMENT_FORMAT_VERSION = 1
 

@@ -18,16 +18,17 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGUFValueType
 from gguf import GGMLQuantizationType as QType
+from gguf import GGUFValueType
 
-from neuralink.formats.files import atomic_gguf
+from neuralink.errors import ModelFileError
+from neuralink.formats.bundle_layout import BundleLayout, BundlePart, ByteRange, NeuronWeights
 from neuralink.formats.constants import (
     KEY_ACTIVATION,
-    KEY_BUNDLE_GATE,
     KEY_BUNDLE_DOWN_OFFSET,
     KEY_BUNDLE_DOWN_SOURCE_TYPE,
     KEY_BUNDLE_DOWN_TYPE,
+    KEY_BUNDLE_GATE,
     KEY_BUNDLE_GATE_OFFSET,
     KEY_BUNDLE_GATE_TYPE,
     KEY_BUNDLE_RECORD_BYTES,
@@ -60,10 +61,9 @@ from neuralink.formats.constants import (
     SIDECAR_VERSION,
     ffn_tensor_name,
 )
-from neuralink.errors import ModelFileError
-from neuralink.formats.gguf_directory import GgufDirectory, TensorEntry, read_gguf_directory
-from neuralink.formats.bundle_layout import BundleLayout, BundlePart, ByteRange, NeuronWeights
 from neuralink.formats.ffn_tensors import ACTIVATIONS, Activation
+from neuralink.formats.files import atomic_gguf
+from neuralink.formats.gguf_directory import GgufDirectory, TensorEntry, read_gguf_directory
 
 log = logging.getLogger(__name__)
 

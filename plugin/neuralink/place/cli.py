@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 from neuralink.command import Command
+from neuralink.errors import PlacementError
 from neuralink.formats.coactivation import CoactivationStats
+from neuralink.formats.files import check_output_path
 from neuralink.place import orders, plot
 from neuralink.place.orders import (
     DEFAULT_METHOD,
@@ -18,13 +20,11 @@ from neuralink.place.orders import (
     place_layers,
     sidecar_bundle_bytes,
 )
-from neuralink.errors import PlacementError
 from neuralink.place.plot import DEFAULT_NEURONS, PLOT_METHODS, plot_coactivation
 from neuralink.place.read_cost import ReadCounts, dense_reads, quality_table
-from neuralink.runtime.device_profile import DeviceCostModel
 from neuralink.place.timing import DEFAULT_TIMING_BUNDLE_BYTES, time_methods, timing_table
-from neuralink.formats.files import check_output_path
 from neuralink.runtime.default_model import default_model_path
+from neuralink.runtime.device_profile import DeviceCostModel
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

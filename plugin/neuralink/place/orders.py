@@ -32,16 +32,16 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from neuralink.place import linking
 from neuralink.child import map_in_children
-from neuralink.formats.coactivation import CoactivationStats, coactivation_counts, load_layer_masks, unpack_masks
 from neuralink.errors import ModelFileError, OptionError, PlacementError
+from neuralink.formats.bundle_layout import bundle_has_gate, bundle_layouts
+from neuralink.formats.coactivation import CoactivationStats, coactivation_counts, load_layer_masks, unpack_masks
+from neuralink.formats.ffn_tensors import inspect_ffn_model
+from neuralink.formats.files import file_sha256
+from neuralink.formats.placement import Placement
+from neuralink.place import linking
 from neuralink.place.read_cost import ReadCounts, count_reads
 from neuralink.runtime.device_profile import DEFAULT_COST_MODEL, DeviceCostModel
-from neuralink.formats.files import file_sha256
-from neuralink.formats.bundle_layout import bundle_has_gate, bundle_layouts
-from neuralink.formats.placement import Placement
-from neuralink.formats.ffn_tensors import inspect_ffn_model
 
 log = logging.getLogger(__name__)
 

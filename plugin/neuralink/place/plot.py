@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralink.formats.files import atomic_output
-from neuralink.formats.coactivation import CoactivationStats, coactivation_counts
-from neuralink.place.orders import DEFAULT_METHOD, Method, order_layer
-from neuralink.formats.placement import Placement
 from neuralink.errors import PlotError
+from neuralink.formats.coactivation import CoactivationStats, coactivation_counts
+from neuralink.formats.files import atomic_output
+from neuralink.formats.placement import Placement
+from neuralink.place.orders import DEFAULT_METHOD, Method, order_layer
 
 DEFAULT_NEURONS = 512
 # methods that need no device cost model; draw "hotcold" from its placement file

@@ -16,8 +16,8 @@ import numpy as np
 
 from neuralink.child import run_in_child
 from neuralink.formats.coactivation import coactivation_counts, pack_masks
-from neuralink.runtime.device_profile import DEFAULT_COST_MODEL, DeviceCostModel
 from neuralink.place.orders import order_layer
+from neuralink.runtime.device_profile import DEFAULT_COST_MODEL, DeviceCostModel
 
 GROUP_SIZE = 16
 # a 7B-class layer's bundle: gate, up and down of n_embd 4096 in Q4_0 (4.5 bits per weight)

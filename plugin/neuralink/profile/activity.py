@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
-from neuralink.formats.coactivation import CoactivationStats, Criterion, pack_masks
 from neuralink.errors import ProfileError, UnsupportedModelError
+from neuralink.formats.coactivation import CoactivationStats, Criterion, pack_masks
 from neuralink.formats.files import file_sha256
 from neuralink.profile.text import read_documents, split_windows
 from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold

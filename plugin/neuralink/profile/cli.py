@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from neuralink.command import Command
-from neuralink.formats.files import check_output_path
 from neuralink.errors import OutputPathError
+from neuralink.formats.files import check_output_path
 from neuralink.profile import activity
 from neuralink.profile.activity import (
     DEFAULT_CRITERION,

@@ -12,6 +12,7 @@ import numpy as np
 
 from neuralink.errors import ProfileError
 
+
 def read_documents(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     """The documents of text files: a .txt file is one document, a .jsonl file one per line."""
     documents: list[str] = []

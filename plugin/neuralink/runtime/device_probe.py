@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 
 from neuralink import _engine
+from neuralink.errors import DeviceProfileError
 from neuralink.formats.files import temporary_path
+from neuralink.formats.sizes import MiB, format_size
 from neuralink.runtime.device_profile import (
     BANDWIDTH_SATURATION,
     DEFAULT_DEPTHS,
@@ -37,8 +39,6 @@ from neuralink.runtime.device_profile import (
     ProbePoint,
     write_atomically,
 )
-from neuralink.formats.sizes import MiB, format_size
-from neuralink.errors import DeviceProfileError
 
 logger = logging.getLogger(__name__)
 

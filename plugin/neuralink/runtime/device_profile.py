@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from neuralink import _engine
+from neuralink.errors import DeviceProfileError, OptionError
 from neuralink.formats.files import atomic_output
 from neuralink.formats.sizes import KiB
-from neuralink.errors import DeviceProfileError, OptionError
 
 # the phone-flash model used without a measured profile: the engine's defaults (neuralink/defaults.h)
 DEFAULT_READ_LATENCY_S: float = _engine.DEFAULT_READ_LATENCY_S

@@ -14,6 +14,17 @@ import llama_cpp
 import numpy as np
 
 from neuralink import _engine
+from neuralink.errors import EngineIOError, MemoryBudgetError, ModelFileError, OptionError, UnsupportedModelError
+from neuralink.formats.constants import (
+    KEY_GATED,
+    KEY_PLACEMENT_CRITERION,
+    KEY_PREDICTOR_RANK,
+    KEY_SIDECAR_NAME,
+    LAZY_FFN_WEIGHTS_KEY,
+)
+from neuralink.formats.gguf_directory import read_gguf_directory
+from neuralink.runtime.device_probe import cached_profile
+from neuralink.runtime.hook import FfnHookApi, ffn_hook_api
 from neuralink.runtime.memory_budget import (
     MemoryPlan,
     capture_llama_log,
@@ -22,18 +33,6 @@ from neuralink.runtime.memory_budget import (
     plan_memory,
     resident_bytes,
 )
-from neuralink.errors import MemoryBudgetError, OptionError
-from neuralink.formats.constants import (
-    KEY_GATED,
-    KEY_PLACEMENT_CRITERION,
-    KEY_PREDICTOR_RANK,
-    KEY_SIDECAR_NAME,
-    LAZY_FFN_WEIGHTS_KEY,
-)
-from neuralink.errors import EngineIOError, ModelFileError, UnsupportedModelError
-from neuralink.formats.gguf_directory import read_gguf_directory
-from neuralink.runtime.hook import FfnHookApi, ffn_hook_api
-from neuralink.runtime.device_probe import cached_profile
 
 logger = logging.getLogger(__name__)
 

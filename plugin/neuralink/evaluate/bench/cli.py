@@ -10,8 +10,7 @@ from pathlib import Path
 
 from neuralink import _engine
 from neuralink.command import Command, add_commands, size_argument
-from neuralink.formats.bundle_layout import BUNDLE_PARTS
-from neuralink.errors import ModelFileError, NeuralinkError
+from neuralink.errors import BenchIoError, ModelFileError, NeuralinkError
 from neuralink.evaluate import bench
 from neuralink.evaluate.bench import dense, e2e, io
 from neuralink.evaluate.bench.dense import PROMPTS, run_dense_benchmark
@@ -26,13 +25,12 @@ from neuralink.evaluate.bench.io_inputs import (
     need_file,
     prepare_inputs,
 )
-from neuralink.errors import BenchIoError
 from neuralink.evaluate.bench.io_variants import CACHE_RULES, VARIANTS, plot_results
 from neuralink.evaluate.density_sweep import density_thresholds
+from neuralink.formats.bundle_layout import BUNDLE_PARTS
 from neuralink.formats.ffn_tensors import DOWN_ENCODINGS
-from neuralink.formats.files import atomic_output, write_text
+from neuralink.formats.files import atomic_output, check_output_path, write_text
 from neuralink.formats.sizes import format_size
-from neuralink.formats.files import check_output_path
 from neuralink.profile.activity import GATED_CRITERIA
 from neuralink.runtime.default_model import default_model_path
 from neuralink.runtime.llama import find_sidecar

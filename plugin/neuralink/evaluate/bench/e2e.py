@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from neuralink.child import report_child_death
+from neuralink.errors import CgroupUnavailable
+from neuralink.evaluate.cgroup import MemoryCgroup
 from neuralink.formats.files import atomic_output
 from neuralink.formats.sizes import parse_size
-from neuralink.evaluate.cgroup import MemoryCgroup
-from neuralink.errors import CgroupUnavailable
-from neuralink.child import report_child_death
 
 DEFAULT_CAPS = ("none", "300MB", "200MB", "150MB", "120MB", "100MB", "90MB", "80MB", "70MB")
 # the project's shared corpora sit beside the repository; commands run from its root

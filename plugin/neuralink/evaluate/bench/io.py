@@ -33,8 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from neuralink import _engine
-from neuralink.runtime.device_probe import device_identity
-
+from neuralink.errors import BenchIoError
 from neuralink.evaluate.bench.io_files import (
     ReplayLayout,
     bundle_store_layout,
@@ -44,6 +43,7 @@ from neuralink.evaluate.bench.io_files import (
     write_bundle_store,
     write_tensor_file,
 )
+from neuralink.evaluate.bench.io_inputs import BenchInputs, StageProgress, prepare_inputs
 from neuralink.evaluate.bench.io_variants import (
     CACHE_RULES,
     DEFAULT_SPECS,
@@ -57,13 +57,11 @@ from neuralink.evaluate.bench.io_variants import (
     ratio_lines,
     replay_variants,
 )
-from neuralink.evaluate.bench.io_inputs import BenchInputs, StageProgress, prepare_inputs
-from neuralink.errors import BenchIoError
-from neuralink.formats.coactivation import CoactivationStats
 from neuralink.formats.bundle_layout import BundleParts, bundle_has_gate
+from neuralink.formats.coactivation import CoactivationStats
 from neuralink.formats.ffn_tensors import DownEncoding, inspect_ffn_model
 from neuralink.formats.placement import Placement
-from neuralink.runtime.device_probe import cached_profile
+from neuralink.runtime.device_probe import cached_profile, device_identity
 from neuralink.runtime.device_profile import DEFAULT_COST_MODEL
 
 log = logging.getLogger(__name__)

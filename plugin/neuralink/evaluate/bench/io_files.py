@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralink.formats.files import atomic_gguf
-from neuralink.formats.constants import SIDECAR_ALIGNMENT, ffn_tensor_name
 from neuralink.convert.plan import plan_conversion
 from neuralink.convert.writer import sidecar_layers
-from neuralink.formats.bundle_layout import BundleParts
 from neuralink.errors import ModelFileError
+from neuralink.formats.bundle_layout import BundleParts
+from neuralink.formats.constants import SIDECAR_ALIGNMENT, ffn_tensor_name
 from neuralink.formats.ffn_tensors import DownEncoding
+from neuralink.formats.files import atomic_gguf
 from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.placement import Placement
 from neuralink.formats.sidecar import Sidecar, SidecarHeader, write_sidecar

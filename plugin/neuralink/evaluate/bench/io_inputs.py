@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralink.formats.coactivation import CoactivationStats
+from neuralink.errors import BenchIoError
 from neuralink.formats.bundle_layout import BundleParts, bundle_has_gate, bundle_layouts
+from neuralink.formats.coactivation import CoactivationStats
 from neuralink.formats.ffn_tensors import DownEncoding, inspect_ffn_model
 from neuralink.formats.files import file_sha256
 from neuralink.formats.placement import Placement
-from neuralink.errors import BenchIoError
 from neuralink.place.orders import build_placement, check_model_matches, place_layers
 from neuralink.profile.activity import DEFAULT_CRITERION, DEFAULT_DENSITY, DEFAULT_WINDOW, profile_model
 
