@@ -23,15 +23,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from neuralink.errors import ChildProcessDied
+from neuralink.paths import cache_dir
 
 T = TypeVar("T")
 
 
 def log_dir() -> Path:
     """Where crash logs of child processes go: $NEURALINK_CACHE/logs (default ~/.cache/neuralink/logs)."""
-    cache = os.environ.get("NEURALINK_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "neuralink")
-    return Path(cache) / "logs"
+    return cache_dir("logs")
 
 
 def describe_exit(exitcode: int | None) -> str:

@@ -18,6 +18,7 @@ from neuralink.convert import cli as convert_cli
 from neuralink.errors import NeuralinkError
 from neuralink.evaluate import cli as evaluate_cli
 from neuralink.evaluate.bench import cli as bench_cli
+from neuralink.models import cli as models_cli
 from neuralink.place import cli as place_cli
 from neuralink.profile import cli as profile_cli
 from neuralink.runtime import cli as runtime_cli
@@ -25,6 +26,7 @@ from neuralink.runtime import cli as runtime_cli
 # the subcommands, in the order of the pipeline they serve
 SUBCOMMANDS: dict[str, Command] = {
     "demo": demo.DEMO,
+    "fetch": models_cli.FETCH,
     "bench": bench_cli.BENCH,
     "profile": profile_cli.PROFILE,
     "place": place_cli.PLACE,

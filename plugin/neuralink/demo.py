@@ -22,7 +22,6 @@ dense engine (every FFN weight in RAM) instead.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from neuralink.formats.constants import KEY_MODEL_ID, KEY_PLACEMENT_CRITERION
 from neuralink.formats.ffn_tensors import inspect_ffn_model
 from neuralink.formats.files import file_sha256, write_text
 from neuralink.formats.gguf_directory import read_gguf_directory
+from neuralink.paths import cache_dir
 from neuralink.runtime.default_model import default_model_path
 from neuralink.runtime.llama import Llama, find_sidecar
 
@@ -79,11 +79,6 @@ class DemoStats:
         return self.n_generated / self.seconds if self.seconds > 0 else 0.0
 
 
-def cache_root() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(os.environ.get("NEURALINK_CACHE") or base / "neuralink") / "converted"
-
-
 def self_calibration_text(model: Path, out: Path, threads: int | None) -> Path:
     """Let the model write calibration text from SELF_PROMPTS (sampled, seeded) into `out`."""
     from tqdm import tqdm  # deferred: progress bars are the CLI's, loaded when one is shown
@@ -104,7 +99,7 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
     """The converted GGUF of `model` (its sidecar beside it), converting it on first use."""
     from tqdm import tqdm  # deferred: progress bars are the CLI's, loaded when one is shown
 
-    folder = cache_root() / file_sha256(model)[:16]
+    folder = cache_dir("converted") / file_sha256(model)[:16]
     output = folder / f"{model.stem}.neuralink.gguf"
     sidecar = folder / f"{model.stem}.neuralink.sidecar"
     if output.is_file() and sidecar.is_file():

