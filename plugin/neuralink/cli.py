@@ -26,6 +26,7 @@ from neuralink.runtime import cli as runtime_cli
 # the subcommands, in the order of the pipeline they serve
 SUBCOMMANDS: dict[str, Command] = {
     "demo": demo.DEMO,
+    "serve": runtime_cli.SERVE,
     "fetch": models_cli.FETCH,
     "bench": bench_cli.BENCH,
     "profile": profile_cli.PROFILE,

@@ -1,4 +1,5 @@
-"""``neuralink device-profile``: the command line of the storage probe (neuralink.runtime.device_probe)."""
+"""The runtime's commands: ``neuralink serve`` (an OpenAI-compatible server) and ``neuralink device-profile``
+(the storage probe, neuralink.runtime.device_probe)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from neuralink.command import Command, size_argument
+from neuralink.command import Command, positive_int, size_argument
+from neuralink.errors import OptionError
 from neuralink.formats.files import check_output_path
 from neuralink.runtime import device_probe
 from neuralink.runtime.device_probe import (
@@ -75,3 +77,60 @@ def main(args: argparse.Namespace) -> int:
 
 
 DEVICE_PROFILE = Command(device_probe.__doc__, configure_parser, main)
+
+
+SERVE_DOC = """Serve a model over llama-cpp-python's OpenAI-compatible HTTP API, its FFN run by neuralink.
+
+`neuralink serve MODEL` is `python -m llama_cpp.server --model MODEL` with
+neuralink.Llama behind it: the same app, routes (/v1/completions,
+/v1/chat/completions, /v1/embeddings, /v1/models, ...), settings and errors,
+and every llama-cpp-python server option (--n_ctx, --chat_format, --host,
+--port, --api_key, ...; spelled as that server spells them). The neuralink
+options (--memory-budget, --predictor, ...) are those of neuralink.Llama. A
+converted model uses the sidecar beside it. See docs/serve.md.
+"""
+
+
+def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
+    from llama_cpp.server.cli import add_args_from_model  # deferred: pydantic, loaded for this command only
+    from llama_cpp.server.settings import Settings
+
+    parser.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                        help="the GGUF to serve (a model converted by `neuralink convert` runs sparse)")
+    nl = parser.add_argument_group("neuralink options (as neuralink.Llama's arguments)")
+    nl.add_argument("--sidecar", default=None, help="the sidecar to use (default: the one beside a converted model)")
+    nl.add_argument("--predictor", default=None,
+                    help="gate, lowrank, dense or oracle (default: the one the conversion validated)")
+    nl.add_argument("--memory-budget", type=size_argument, default=None, metavar="SIZE",
+                    help="the whole process's memory, e.g. 800MB or 1GiB (kB/MB/GB decimal, K/M/G binary)")
+    nl.add_argument("--cache-policy", default="linking", help="bundle cache policy (default: linking)")
+    nl.add_argument("--queue-depth", type=positive_int, default=None, help="reads in flight at once")
+    nl.add_argument("--io-backend", choices=("auto", "uring", "pread"), default="auto",
+                    help="how bundles are read (default: auto)")
+    nl.add_argument("--buffered-io", action="store_true", help="read through the page cache instead of O_DIRECT")
+    add_args_from_model(parser.add_argument_group("llama-cpp-python server options"), Settings)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    import uvicorn  # deferred: the server's dependencies load for this command only
+    from llama_cpp.server.cli import parse_model_from_args
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    from neuralink.runtime.server import NeuralinkOptions, create_neuralink_app
+
+    args.model = args.model_path or args.model
+    if not args.model:
+        raise OptionError("name the model to serve: neuralink serve MODEL")
+    if not Path(args.model).is_file():
+        raise OptionError(f"{args.model}: no such model file")
+    server = parse_model_from_args(ServerSettings, args)
+    options = NeuralinkOptions(sidecar=args.sidecar, predictor=args.predictor, memory_budget=args.memory_budget,
+                               cache_policy=args.cache_policy, queue_depth=args.queue_depth,
+                               io_backend=args.io_backend, direct_io=not args.buffered_io)
+    app = create_neuralink_app(server, [(parse_model_from_args(ModelSettings, args), options)])
+    uvicorn.run(app, host=server.host, port=server.port, ssl_keyfile=server.ssl_keyfile,
+                ssl_certfile=server.ssl_certfile)
+    return 0
+
+
+SERVE = Command(SERVE_DOC, configure_serve_parser, serve_main)
