@@ -2,6 +2,7 @@
 
 #include "neuralink/defaults.h"
 #include "neuralink/direct_file.h"
+#include "neuralink/checksum.h"
 #include "neuralink/engine.h"
 #include "neuralink/errors.h"
 #include "planned_reads.h"
@@ -43,7 +44,8 @@ static void register_errors() {
 
 static void register_engine(py::module_ & m) {
     PYBIND11_NUMPY_DTYPE(LayerStepStats, il, n_tokens, predicted, truly_active, reads, cache_hits, bytes_read,
-                         active_bytes, io_ns, stall_ns, layer_ns, predicted_pairs, computed_pairs);
+                         active_bytes, io_ns, stall_ns, layer_ns, predicted_pairs, computed_pairs, final_neurons,
+                         down_reads, down_cache_hits, down_bytes_read);
 
     py::class_<LayerStatus>(m, "LayerStatus")
         .def_readonly("il", &LayerStatus::il)
@@ -62,7 +64,8 @@ static void register_engine(py::module_ & m) {
                          const std::string & predictor, const std::string & cache_policy, size_t cache_bytes,
                          int queue_depth, std::optional<uint64_t> collapse_gap_bytes, uint64_t max_read_bytes,
                          double read_latency_s, double bandwidth_bytes_s, const std::string & io_backend,
-                         std::optional<std::vector<float>> thresholds, std::optional<std::vector<float>> predictor_thresholds) {
+                         std::optional<std::vector<float>> thresholds, std::optional<std::vector<float>> predictor_thresholds,
+                         std::optional<std::vector<float>> candidate_thresholds, bool verify_checksums) {
                  EngineOptions opts;
                  opts.direct_io = direct_io;
                  if (sidecar) {
@@ -79,7 +82,9 @@ static void register_engine(py::module_ & m) {
                      opts.sparse.io_backend = io_backend_from_name(io_backend);
                      opts.sparse.thresholds = thresholds.value_or(std::vector<float>());
                      opts.sparse.predictor_thresholds = predictor_thresholds.value_or(std::vector<float>());
-                 } else if (thresholds || predictor_thresholds) {
+                     opts.sparse.candidate_thresholds = candidate_thresholds.value_or(std::vector<float>());
+                     opts.sparse.verify_checksums = verify_checksums;
+                 } else if (thresholds || predictor_thresholds || candidate_thresholds) {
                      throw std::invalid_argument("thresholds apply to the sparse engine: pass a sidecar");
                  }
                  // reading the weights takes a while and touches no Python object
@@ -91,7 +96,8 @@ static void register_engine(py::module_ & m) {
              py::arg("queue_depth") = kDefaultQueueDepth, py::arg("collapse_gap_bytes") = py::none(),
              py::arg("max_read_bytes") = kDefaultMaxReadBytes, py::arg("read_latency_s") = kDefaultReadLatencyS,
              py::arg("bandwidth_bytes_s") = kDefaultBandwidthBytesS, py::arg("io_backend") = "auto",
-             py::arg("thresholds") = py::none(), py::arg("predictor_thresholds") = py::none())
+             py::arg("thresholds") = py::none(), py::arg("predictor_thresholds") = py::none(),
+             py::arg("candidate_thresholds") = py::none(), py::arg("verify_checksums") = true)
         .def_property_readonly("hook_address", [](const Engine & e) { return (uintptr_t) e.hook(); })
         .def_property_readonly("architecture", [](const Engine & e) { return e.model().architecture(); })
         .def_property_readonly("n_layer", &Engine::n_layer)
@@ -109,6 +115,28 @@ static void register_engine(py::module_ & m) {
             for (int il = 0; e.sparse() && il < e.n_layer(); ++il) t.push_back(e.sparse()->threshold(il));
             return t;
         }, "per-layer activity thresholds in use (the sidecar's unless overridden); empty for the dense engine")
+        .def_property_readonly("candidate_thresholds", [](const Engine & e) {
+            std::vector<float> t;
+            const bool contribution = e.sparse() && e.sparse()->store().criterion_kind() == Criterion::Contribution;
+            for (int il = 0; contribution && il < e.n_layer(); ++il) t.push_back(e.sparse()->candidate_threshold(il));
+            return t;
+        }, "per-layer candidate thresholds of the contribution criterion in use; empty for other criteria")
+        .def("set_thresholds", [](Engine & e, std::optional<std::vector<float>> thresholds,
+                                  std::optional<std::vector<float>> candidate_thresholds,
+                                  std::optional<std::vector<float>> predictor_thresholds) {
+            if (!e.sparse()) throw std::invalid_argument("thresholds apply to the sparse engine: pass a sidecar");
+            e.sparse()->set_thresholds(thresholds.value_or(std::vector<float>()),
+                                       candidate_thresholds.value_or(std::vector<float>()),
+                                       predictor_thresholds.value_or(std::vector<float>()));
+        }, py::arg("thresholds") = py::none(), py::arg("candidate_thresholds") = py::none(),
+           py::arg("predictor_thresholds") = py::none(),
+           "Replace the per-layer thresholds between evaluations (None: the sidecar's).")
+        .def_property_readonly("criterion", [](const Engine & e) {
+            return e.sparse() ? e.sparse()->store().criterion() : std::string();
+        }, "the sidecar's activity criterion; empty for the dense engine")
+        .def_property_readonly("split_layout", [](const Engine & e) {
+            return e.sparse() && e.sparse()->store().split();
+        }, "down columns in a region of their own, read once up rows show they are needed")
         .def_property_readonly("predictor_thresholds", [](const Engine & e) {
             std::vector<float> t;
             const bool lowrank = e.sparse() && e.sparse()->store().predictor_rank() > 0;
@@ -195,6 +223,14 @@ static void register_engine(py::module_ & m) {
 }
 
 static void register_quant(py::module_ & m) {
+    m.def("checksum64", [](py::bytes data) {
+        const std::string s = data;
+        return checksum64(s.data(), s.size());
+    }, py::arg("data"), "The sidecar's 64-bit record checksum of a byte string (neuralink.formats.checksum).");
+    m.def("block_checksum64", [](py::bytes data) {
+        const std::string s = data;
+        return block_checksum64(s.data(), s.size());
+    }, py::arg("data"), "The sidecar's checksum of a long range (of its 4 KiB blocks' checksums).");
     m.def("row_bytes", [](const std::string & type, int64_t n) { return ggml_row_size(type_from_name(type), n); },
           py::arg("type"), py::arg("n"), "Bytes of a row of n values of a ggml type.");
     m.def("quantize",

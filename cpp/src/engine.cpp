@@ -85,7 +85,7 @@ Engine::Engine(const std::string & model_path, const EngineOptions & options) : 
         const Criterion criterion = store->criterion_kind();
         if (predictor == Predictor::Gate && (!store->gated() || criterion == Criterion::OutputMagnitude)) {
             throw UnsupportedModelError(options.sidecar_path + ": the gate predictor needs a gated FFN profiled with a "
-                    "gate-only criterion (gate_magnitude or relu), this sidecar has " +
+                    "criterion it can decide from the gate (contribution, gate_magnitude or relu), this sidecar has " +
                     (store->gated() ? "criterion '" + store->criterion() + "'" : std::string("a non-gated FFN")) +
                     "; use predictor 'dense' or 'oracle', or convert again with the gate criterion");
         }
@@ -93,7 +93,7 @@ Engine::Engine(const std::string & model_path, const EngineOptions & options) : 
             throw UnsupportedModelError(options.sidecar_path + ": has no low-rank predictor; convert with "
                                         "--lowrank-rank to fit one, or use another predictor");
         }
-        if (predictor == Predictor::LowRank && criterion == Criterion::OutputMagnitude) {
+        if (predictor == Predictor::LowRank && (criterion == Criterion::OutputMagnitude || criterion == Criterion::Contribution)) {
             throw UnsupportedModelError(options.sidecar_path + ": the low-rank predictor needs a criterion on one "
                                         "pre-activation (gate_magnitude or relu), not '" + store->criterion() + "'");
         }
@@ -140,7 +140,8 @@ void Engine::load_sparse_layer(int il, DirectFile & file) {
                 throw std::invalid_argument("the sidecar's gate rows are not in the model's gate type");
             }
         }
-        if (!L.gated && predictor == Predictor::Oracle) {
+        // the oracle knows the true active set: from resident up rows (non-gated, or the contribution criterion)
+        if (predictor == Predictor::Oracle && (!L.gated || store.criterion_kind() == Criterion::Contribution)) {
             L.up = load_matrix(*up, file);
         }
         if (const TensorInfo * b = model_.find(layer_tensor(il, "ffn_up", "bias"))) {

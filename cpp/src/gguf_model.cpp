@@ -30,6 +30,7 @@ GgufModel::GgufModel(const std::string & path) : path_(path) {
 
     const int64_t n = gguf_get_n_tensors(gguf_);
     const uint64_t data_offset = gguf_get_data_offset(gguf_);
+    data_offset_ = data_offset;
     tensors_.reserve((size_t) n);
     for (int64_t i = 0; i < n; ++i) {
         const char * name = gguf_get_tensor_name(gguf_, i);

@@ -1,11 +1,13 @@
 #include "neuralink/sidecar_store.h"
 
+#include "neuralink/checksum.h"
 #include "neuralink/errors.h"
 #include "neuralink/gguf_model.h"
 #include "neuralink/names.h"
 
 #include "gguf.h"
 
+#include <cmath>
 #include <cstring>
 #include <sys/stat.h>
 
@@ -14,7 +16,7 @@ namespace neuralink {
 // as the converter writes them (neuralink.placement.criterion)
 static constexpr Named<Criterion> kCriterionNames[] = {
     { Criterion::NativeZero, "relu" }, { Criterion::GateMagnitude, "gate_magnitude" },
-    { Criterion::OutputMagnitude, "magnitude" },
+    { Criterion::OutputMagnitude, "magnitude" }, { Criterion::Contribution, "contribution" },
 };
 
 Criterion criterion_from_name(const std::string & name) {
@@ -73,6 +75,39 @@ struct Reader {
 
 } // namespace
 
+static void verify_checksums(const DirectFile & file, const GgufModel & dir, const Reader & r) {
+    const TensorInfo * sums = dir.find("neuralink.checksums");
+    if (!sums || sums->type != GGML_TYPE_I64 || sums->nbytes != 16) {
+        r.fail("tensor 'neuralink.checksums' (I64 [2]) is missing or malformed");
+    }
+    uint64_t stored[2];
+    {
+        const uint8_t * start = nullptr;
+        AlignedBuffer buf = file.read_range(sums->offset, sums->nbytes, &start);
+        std::memcpy(stored, start, sizeof(stored));
+    }
+    const uint8_t * start = nullptr;
+    AlignedBuffer header = file.read_range(0, dir.data_offset(), &start);
+    if (block_checksum64(start, dir.data_offset()) != stored[0]) {
+        r.fail("header checksum mismatch: the metadata or tensor directory is corrupt");
+    }
+    // every table (all tensors but the record regions and the checksums), in file order
+    std::vector<uint64_t> tables;
+    for (const TensorInfo & t : dir.tensors()) {
+        const bool records = t.name.size() > 8 && (t.name.compare(t.name.size() - 8, 8, ".bundles") == 0 ||
+                                                   t.name.find(".down_columns") != std::string::npos);
+        if (records || t.name == "neuralink.checksums") {
+            continue;
+        }
+        const uint8_t * p = nullptr;
+        AlignedBuffer data = file.read_range(t.offset, t.nbytes, &p);
+        tables.push_back(block_checksum64(p, t.nbytes));
+    }
+    if (checksum64(tables.data(), tables.size() * sizeof(uint64_t)) != stored[1]) {
+        r.fail("table checksum mismatch: a neuron order, frequency, threshold, checksum or predictor table is corrupt");
+    }
+}
+
 SidecarStore::SidecarStore(const std::string & path, const std::string & expected_model_id, bool direct_io) {
     GgufModel dir(path); // container parse, tensor bounds within the file
     GgufHandle h;
@@ -88,12 +123,16 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
     const uint64_t version = r.u("neuralink.sidecar.version");
     if (version != kSidecarVersion) {
         r.fail("sidecar format version " + std::to_string(version) + "; this engine reads version " +
-               std::to_string(kSidecarVersion));
+               std::to_string(kSidecarVersion) + (version < kSidecarVersion
+                   ? ": it was written by an older neuralink, convert the model again (neuralink convert)"
+                   : ": it was written by a newer neuralink, update this one"));
     }
     if (gguf_get_alignment(h.ctx) != kSidecarAlignment) {
         r.fail("general.alignment is " + std::to_string(gguf_get_alignment(h.ctx)) + ", expected " +
                std::to_string(kSidecarAlignment));
     }
+    file_ = std::make_unique<DirectFile>(path, direct_io);
+    verify_checksums(*file_, dir, r);
     model_id_ = r.str("neuralink.model_id");
     if (!expected_model_id.empty() && model_id_ != expected_model_id) {
         r.fail("belongs to model id '" + model_id_ + "', not '" + expected_model_id +
@@ -136,17 +175,53 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
         predictor_thresholds = (const float *) r.array("neuralink.predictor.thresholds", GGUF_TYPE_FLOAT32, n_layer);
     }
 
-    file_ = std::make_unique<DirectFile>(path, direct_io);
+    const std::string layout = r.str("neuralink.bundle.layout");
+    if (layout != "joint" && layout != "split") {
+        r.fail("neuralink.bundle.layout is '" + layout + "', expected 'joint' or 'split'");
+    }
+    split_ = layout == "split";
+    const uint32_t * down_record_bytes = split_
+            ? (const uint32_t *) r.array("neuralink.bundle.down_record_bytes", GGUF_TYPE_UINT32, n_layer) : nullptr;
+    const bool contribution = criterion_kind_ == Criterion::Contribution;
+    if (contribution && !gated_) {
+        r.fail("criterion 'contribution' needs a gated FFN");
+    }
+    // the thresholds in use: (activity, candidate) per layer, chosen by the conversion's quality search
+    std::vector<float> runtime((size_t) n_layer * 2);
+    {
+        const TensorInfo & ti = dir.require("neuralink.runtime_thresholds");
+        if (ti.type != GGML_TYPE_F32 || ti.nbytes != runtime.size() * 4) {
+            r.fail("tensor 'neuralink.runtime_thresholds' must be F32 [2, n_layer]");
+        }
+        const uint8_t * start = nullptr;
+        AlignedBuffer buf = file_->read_range(ti.offset, ti.nbytes, &start);
+        std::memcpy(runtime.data(), start, ti.nbytes);
+    }
     layers_.resize(n_layer);
     for (uint64_t il = 0; il < n_layer; ++il) {
         SidecarLayer & L = layers_[il];
         const std::string where = "layer " + std::to_string(il) + ": ";
-        L.threshold = thresholds[il];
+        (void) thresholds; // the profile's, kept in the metadata for the record; runtime ones are used
+        L.threshold = runtime[2 * il];
+        L.candidate_threshold = runtime[2 * il + 1];
+        for (float t : { L.threshold, L.candidate_threshold }) {
+            if (!std::isfinite(t) || t < 0.0f) {
+                r.fail(where + "threshold " + std::to_string(t) + " is not a finite value >= 0");
+            }
+        }
         L.region.record_bytes = record_bytes[il];
         L.region.n_records = (uint32_t) n_ff_;
+        if (split_) {
+            L.down_region.record_bytes = down_record_bytes[il];
+            L.down_region.n_records = (uint32_t) n_ff_;
+        }
         RecordPart * parts[3] = { &L.gate, &L.up, &L.down };
         size_t end = 0;
         for (int part = bundle_gate_ ? 0 : 1; part < 3; ++part) {
+            if (part == 2 && split_) {
+                end = 0; // the down part is laid out in the down region's records
+            }
+            const size_t record = part == 2 && split_ ? L.down_region.record_bytes : L.region.record_bytes;
             const ggml_type type = (ggml_type) types[part][il];
             std::string why;
             if (!weight_type_supported(type, &why)) {
@@ -159,25 +234,30 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
                 r.fail(where + "n_embd " + std::to_string(n_embd_) + " does not fit " + p.wt->name() + " blocks");
             }
             p.nbytes = p.wt->row_bytes(n_embd_);
-            if (p.offset < end || p.offset + p.nbytes > L.region.record_bytes) {
-                r.fail(where + "bundle parts overlap or overflow the record of " + std::to_string(L.region.record_bytes) + " bytes");
+            if (p.offset < end || p.offset + p.nbytes > record) {
+                r.fail(where + "bundle parts overlap or overflow the record of " + std::to_string(record) + " bytes");
             }
             end = p.offset + p.nbytes;
         }
-        const std::string bundles = "blk." + std::to_string(il) + ".bundles";
-        const TensorInfo & t = dir.require(bundles);
-        if (t.nbytes != L.region.record_bytes * (uint64_t) n_ff_) {
-            r.fail("tensor '" + bundles + "' holds " + std::to_string(t.nbytes) + " bytes, expected n_ff x record_bytes = " +
-                   std::to_string(L.region.record_bytes * (uint64_t) n_ff_));
+        auto place_region = [&](const std::string & name, BundleRegion & region) {
+            const TensorInfo & t = dir.require(name);
+            if (t.nbytes != region.record_bytes * (uint64_t) n_ff_) {
+                r.fail("tensor '" + name + "' holds " + std::to_string(t.nbytes) + " bytes, expected n_ff x record_bytes = " +
+                       std::to_string(region.record_bytes * (uint64_t) n_ff_));
+            }
+            if (t.offset % kSidecarAlignment) {
+                r.fail("tensor '" + name + "' is not aligned to " + std::to_string(kSidecarAlignment) + " bytes");
+            }
+            region.offset = t.offset;
+        };
+        place_region("blk." + std::to_string(il) + ".bundles", L.region);
+        if (split_) {
+            place_region("blk." + std::to_string(il) + ".down_columns", L.down_region);
         }
-        if (t.offset % kSidecarAlignment) {
-            r.fail("tensor '" + bundles + "' is not aligned to " + std::to_string(kSidecarAlignment) + " bytes");
-        }
-        L.region.offset = t.offset;
         // the small per-layer tables are read once, through the same file
         auto read_table = [&](const std::string & name, ggml_type type, void * dst, size_t count) {
             const TensorInfo & ti = dir.require(name);
-            if (ti.type != type || ti.nbytes != count * 4) {
+            if (ti.type != type || ti.nbytes != count * ggml_type_size(type)) {
                 r.fail("tensor '" + name + "' has the wrong type or size");
             }
             const uint8_t * start = nullptr;
@@ -188,6 +268,38 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
         L.frequency.resize((size_t) n_ff_);
         read_table("blk." + std::to_string(il) + ".neuron_order", GGML_TYPE_I32, L.order.data(), (size_t) n_ff_);
         read_table("blk." + std::to_string(il) + ".neuron_frequency", GGML_TYPE_F32, L.frequency.data(), (size_t) n_ff_);
+        auto check_range = [&](const std::vector<float> & v, const char * what, float hi) {
+            for (float x : v) {
+                if (!std::isfinite(x) || x < 0.0f || x > hi) {
+                    r.fail(where + what + " holds " + std::to_string(x) + ", outside [0, " + std::to_string(hi) + "]");
+                }
+            }
+        };
+        std::vector<bool> seen((size_t) n_ff_, false);
+        for (int32_t o : L.order) {
+            if (o < 0 || o >= n_ff_ || seen[(size_t) o]) {
+                r.fail(where + "neuron order is not a permutation of 0.." + std::to_string(n_ff_ - 1));
+            }
+            seen[(size_t) o] = true;
+        }
+        check_range(L.frequency, "neuron_frequency", 1.0f);
+        L.candidate_frequency = L.frequency;
+        if (contribution) {
+            L.candidate_scale.resize((size_t) n_ff_);
+            L.down_norm.resize((size_t) n_ff_);
+            read_table("blk." + std::to_string(il) + ".candidate_scale", GGML_TYPE_F32, L.candidate_scale.data(), (size_t) n_ff_);
+            read_table("blk." + std::to_string(il) + ".down_norm", GGML_TYPE_F32, L.down_norm.data(), (size_t) n_ff_);
+            read_table("blk." + std::to_string(il) + ".candidate_frequency", GGML_TYPE_F32, L.candidate_frequency.data(), (size_t) n_ff_);
+            check_range(L.candidate_scale, "candidate_scale", INFINITY);
+            check_range(L.down_norm, "down_norm", INFINITY);
+            check_range(L.candidate_frequency, "candidate_frequency", 1.0f);
+        }
+        L.record_hash.resize((size_t) n_ff_);
+        read_table("blk." + std::to_string(il) + ".bundle_hash", GGML_TYPE_I64, L.record_hash.data(), (size_t) n_ff_);
+        if (split_) {
+            L.down_hash.resize((size_t) n_ff_);
+            read_table("blk." + std::to_string(il) + ".down_hash", GGML_TYPE_I64, L.down_hash.data(), (size_t) n_ff_);
+        }
         const TensorInfo & chains = dir.require("blk." + std::to_string(il) + ".chain_starts");
         L.chain_starts.resize(chains.nbytes / 4);
         read_table(chains.name, GGML_TYPE_I32, L.chain_starts.data(), L.chain_starts.size());
@@ -205,6 +317,17 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
     if (stat(path.c_str(), &st) == 0) {
         size_ = (uint64_t) st.st_size;
         mtime_ns_ = (int64_t) st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+    }
+}
+
+void SidecarStore::check_record(int il, bool down, uint32_t pos, const uint8_t * record) const {
+    const SidecarLayer & L = layers_[(size_t) il];
+    const BundleRegion & region = down ? L.down_region : L.region;
+    const uint64_t want = (down ? L.down_hash : L.record_hash)[pos];
+    if (checksum64(record, region.record_bytes) != want) {
+        throw IoError(file_->path() + ": layer " + std::to_string(il) + ", neuron " + std::to_string(pos) + ": " +
+                      (down ? "down column" : "bundle") + " record at offset " +
+                      std::to_string(region.record_offset(pos)) + " fails its checksum (corrupt sidecar or a bad read)");
     }
 }
 

@@ -25,16 +25,25 @@ struct SparseFfn::Pending {
     PlannedRead plan;
 };
 
-// What one compute thread keeps between phases; other threads read it in phase 2.
-struct SparseFfn::ThreadState {
-    std::vector<uint32_t> active;   // positions this thread evaluates, sorted
+// One wave of records of one region: the cache hits, and the reads of the misses.
+struct SparseFfn::Wave {
     std::vector<uint32_t> misses;
     std::vector<const uint8_t *> hit_records;
     std::vector<uint32_t> hit_positions;
     AlignedBuffer cache_copies;     // records copied out of the cache
-    AlignedBuffer read_arena;       // destinations of this thread's reads
+    AlignedBuffer read_arena;       // destinations of the reads
     std::vector<std::unique_ptr<Pending>> pending;
     size_t n_pending = 0;
+    uint32_t cache_hits = 0;
+    uint32_t reads = 0;
+    uint64_t bytes_read = 0;
+};
+
+// What one compute thread keeps between phases; other threads read it in phase 2.
+struct SparseFfn::ThreadState {
+    std::vector<uint32_t> active;   // candidate positions this thread evaluates, sorted
+    std::vector<uint32_t> finals;   // of those, the positions whose down column enters y, sorted
+    Wave wave[2];                   // 0: the bundle region; 1: the down region (split layout)
     std::vector<float> tmp;         // a dequantized slice of a down column
     std::unique_ptr<ReadQueue> queue;          // this thread's way to the device
     std::vector<const uint8_t *> read_records; // the needed records of one completed read
@@ -44,9 +53,6 @@ struct SparseFfn::ThreadState {
     uint32_t truly_active = 0;
     uint64_t predicted_pairs = 0;
     uint64_t computed_pairs = 0;
-    uint32_t cache_hits = 0;
-    uint32_t reads = 0;
-    uint64_t bytes_read = 0;
     uint64_t first_issue_ns = 0;
     uint64_t last_done_ns = 0;
     uint64_t stall_ns = 0;
@@ -66,22 +72,9 @@ SparseFfn::SparseFfn(std::shared_ptr<SidecarStore> store, const SparseOptions & 
     } else {
         backend_ = IoBackend::Uring;
     }
-    for (const auto * given : { &options_.thresholds, &options_.predictor_thresholds }) {
-        const char * what = given == &options_.thresholds ? "activity" : "predictor";
-        if (!given->empty() && given->size() != (size_t) store_->n_layer()) {
-            throw std::invalid_argument(store_->path() + ": " + std::to_string(given->size()) + " " + what +
-                                        " thresholds given for " + std::to_string(store_->n_layer()) + " layers");
-        }
-        for (size_t il = 0; il < given->size(); ++il) {
-            if (std::isnan((*given)[il])) {
-                throw std::invalid_argument(std::string(what) + " threshold of layer " + std::to_string(il) + " is NaN");
-            }
-        }
-    }
-    if (!options_.predictor_thresholds.empty() && store_->predictor_rank() == 0) {
-        throw std::invalid_argument(store_->path() + ": predictor thresholds given, but the sidecar has no "
-                                    "low-rank predictor");
-    }
+    check_thresholds(options_.thresholds, "activity");
+    check_thresholds(options_.candidate_thresholds, "candidate");
+    check_thresholds(options_.predictor_thresholds, "predictor");
     layers_.resize((size_t) store_->n_layer());
     threads_.resize(kMaxThreads);
     configure_cache(options_.cache_policy, options_.cache_bytes);
@@ -89,6 +82,44 @@ SparseFfn::SparseFfn(std::shared_ptr<SidecarStore> store, const SparseOptions & 
 
 float SparseFfn::threshold(int il) const {
     return options_.thresholds.empty() ? store_->layer(il).threshold : options_.thresholds.at((size_t) il);
+}
+
+void SparseFfn::check_thresholds(const std::vector<float> & given, const char * what) const {
+    if (given.empty()) {
+        return;
+    }
+    if (given.size() != (size_t) store_->n_layer()) {
+        throw std::invalid_argument(store_->path() + ": " + std::to_string(given.size()) + " " + what +
+                                    " thresholds given for " + std::to_string(store_->n_layer()) + " layers");
+    }
+    for (size_t il = 0; il < given.size(); ++il) {
+        if (std::isnan(given[il])) {
+            throw std::invalid_argument(std::string(what) + " threshold of layer " + std::to_string(il) + " is NaN");
+        }
+    }
+    if (std::string(what) == "predictor" && store_->predictor_rank() == 0) {
+        throw std::invalid_argument(store_->path() + ": predictor thresholds given, but the sidecar has no "
+                                    "low-rank predictor");
+    }
+    if (std::string(what) == "candidate" && store_->criterion_kind() != Criterion::Contribution) {
+        throw std::invalid_argument(store_->path() + ": candidate thresholds apply to the contribution criterion, "
+                                    "this sidecar's is '" + store_->criterion() + "'");
+    }
+}
+
+void SparseFfn::set_thresholds(std::vector<float> thresholds, std::vector<float> candidate_thresholds,
+                               std::vector<float> predictor_thresholds) {
+    check_thresholds(thresholds, "activity");
+    check_thresholds(candidate_thresholds, "candidate");
+    check_thresholds(predictor_thresholds, "predictor");
+    options_.thresholds = std::move(thresholds);
+    options_.candidate_thresholds = std::move(candidate_thresholds);
+    options_.predictor_thresholds = std::move(predictor_thresholds);
+}
+
+float SparseFfn::candidate_threshold(int il) const {
+    return options_.candidate_thresholds.empty() ? store_->layer(il).candidate_threshold
+                                                 : options_.candidate_thresholds.at((size_t) il);
 }
 
 float SparseFfn::predictor_threshold(int il) const {
@@ -99,26 +130,39 @@ float SparseFfn::predictor_threshold(int il) const {
 uint64_t SparseFfn::store_bytes() const {
     uint64_t bytes = 0;
     for (int il = 0; il < store_->n_layer(); ++il) {
-        bytes += (uint64_t) store_->layer(il).region.record_bytes * store_->layer(il).region.n_records;
+        const SidecarLayer & S = store_->layer(il);
+        bytes += (uint64_t) S.region.record_bytes * S.region.n_records +
+                 (uint64_t) S.down_region.record_bytes * S.down_region.n_records;
     }
     return bytes;
 }
 
+// The cache's keys: layer il's bundle records are key il, its down columns (split layout) key n_layer + il.
 void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
+    const int n_layer = store_->n_layer();
     std::vector<size_t> record_bytes;
     std::vector<std::vector<float>> frequency;
-    for (int il = 0; il < store_->n_layer(); ++il) {
+    for (int il = 0; il < n_layer; ++il) {
         record_bytes.push_back(store_->layer(il).region.record_bytes);
+        frequency.push_back(store_->layer(il).candidate_frequency);
+    }
+    for (int il = 0; store_->split() && il < n_layer; ++il) {
+        record_bytes.push_back(store_->layer(il).down_region.record_bytes);
         frequency.push_back(store_->layer(il).frequency);
     }
     BundleCacheOptions cache_options;
-    cache_options.max_entries = (size_t) store_->n_layer() * (size_t) store_->n_ff();
+    cache_options.max_entries = record_bytes.size() * (size_t) store_->n_ff();
     auto cache = std::make_unique<BundleCache>(policy, bytes, record_bytes, cache_options);
     if (policy == CachePolicy::Pinned) {
-        cache->pin_hottest(frequency, [this](uint32_t il, uint32_t pos, uint8_t * dst) {
-            const BundleRegion & region = store_->layer((int) il).region;
+        cache->pin_hottest(frequency, [this, n_layer](uint32_t key, uint32_t pos, uint8_t * dst) {
+            const bool down = (int) key >= n_layer;
+            const int il = down ? (int) key - n_layer : (int) key;
+            const BundleRegion & region = down ? store_->layer(il).down_region : store_->layer(il).region;
             const uint8_t * start = nullptr;
             AlignedBuffer buf = store_->file().read_range(region.record_offset(pos), region.record_bytes, &start);
+            if (options_.verify_checksums) {
+                store_->check_record(il, down, pos, start);
+            }
             std::memcpy(dst, start, region.record_bytes);
         });
     }
@@ -161,16 +205,17 @@ void SparseFfn::reserve(int il, int64_t n_tokens) {
     grow(h_, tokens * (size_t) L.n_ff);
     grow(token_active_, tokens * (size_t) L.n_ff);
     grow(record_of_, (size_t) L.n_ff);
+    grow(down_of_, (size_t) L.n_ff);
     grow(lowrank_z_, tokens * (size_t) store_->predictor_rank());
     capacity_ = (int64_t) tokens;
 }
 
 size_t SparseFfn::scratch_bytes() const {
     size_t bytes = xq_gate_.size() + xq_up_.size() + h_.size() * sizeof(float) + token_active_.size() +
-            record_of_.size() * sizeof(void *);
+            (record_of_.size() + down_of_.size()) * sizeof(void *);
     for (const auto & ts : threads_) {
         if (ts) {
-            bytes += ts->cache_copies.size() + ts->read_arena.size();
+            for (const Wave & w : ts->wave) bytes += w.cache_copies.size() + w.read_arena.size();
         }
     }
     return bytes;
@@ -282,6 +327,11 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
     const std::vector<float> & bias = L.gated ? L.gate_bias : L.up_bias;
     const size_t xq_row = W.wt->act_row_bytes(L.n_embd);
     const uint8_t * xq = L.gated ? xq_gate_.data() : xq_up_.data();
+    const bool contribution = criterion == Criterion::Contribution;
+    // the oracle knows u too (resident up rows) and selects exactly the final neurons
+    const bool oracle_up = contribution && options_.predictor == Predictor::Oracle;
+    const float candidate_threshold = contribution ? this->candidate_threshold(il) : 0.0f;
+    const size_t xq_up_row = oracle_up ? L.up.wt->act_row_bytes(L.n_embd) : 0;
     for (int64_t p = r0; p < r1; ++p) {
         bool any = false;
         for (int64_t t = 0; t < n_tokens; ++t) {
@@ -290,8 +340,18 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
             if (!bias.empty()) v += bias[p];
             h_[t * n_ff + p] = v; // the pre-activation, consumed by compute_h
             const float a = activate(L.act, v);
-            // ReLU-family activations are >= 0: a threshold of 0 keeps exactly the native non-zeros
-            const bool on = (criterion == Criterion::NativeZero ? a : std::fabs(a)) > threshold;
+            bool on;
+            if (oracle_up) {
+                float u;
+                L.up.wt->vec_dot((int) L.n_embd, &u, 0, L.up.row(p), 0, xq_up_.data() + t * xq_up_row, 0, 1);
+                if (!L.up_bias.empty()) u += L.up_bias[p];
+                on = std::fabs(a * u) * S.down_norm[p] > threshold;
+            } else if (contribution) {
+                on = std::fabs(a) * S.candidate_scale[p] > candidate_threshold;
+            } else {
+                // ReLU-family activations are >= 0: a threshold of 0 keeps exactly the native non-zeros
+                on = (criterion == Criterion::NativeZero ? a : std::fabs(a)) > threshold;
+            }
             token_active_[t * n_ff + p] = on;
             any |= on;
         }
@@ -310,6 +370,9 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
     const float threshold = this->threshold(il);
     // gate and oracle computed the exact pre-activation into h_ while predicting
     const bool resident_pre = options_.predictor == Predictor::Gate || options_.predictor == Predictor::Oracle;
+    // neurons read for nothing keep h = 0, so the output stays the thresholded model's; dense computes all
+    const bool filter = options_.predictor == Predictor::LowRank ||
+                        (criterion == Criterion::Contribution && options_.predictor != Predictor::Dense);
     const ggml_type down_vdt = S.down.wt->vec_dot_type;
     const size_t xq_up_row = S.up.wt->act_row_bytes(L.n_embd);
     // the gate row comes from the record, or from the resident rows when records hold none
@@ -319,7 +382,7 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
         const uint32_t p = pos[i];
         const uint8_t * rec = records[i];
         record_of_[p] = rec;
-        bool criterion_holds = false;
+        bool criterion_holds = false, computed = false;
         for (int64_t t = 0; t < n_tokens; ++t) {
             float & hv = h_[t * n_ff + p];
             if (!token_active_[t * n_ff + p]) {
@@ -346,53 +409,62 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
             }
             const bool holds = criterion == Criterion::NativeZero ? a > threshold
                              : criterion == Criterion::GateMagnitude ? std::fabs(a) > threshold
+                             : criterion == Criterion::Contribution ? std::fabs(hv) * S.down_norm[p] > threshold
                              : std::fabs(hv) > threshold;
-            if (!holds && options_.predictor == Predictor::LowRank) {
-                hv = 0.0f; // predicted but not active: read for nothing, but the output stays the thresholded model's
+            if (!holds && filter) {
+                hv = 0.0f;
             } else {
                 ++ts.computed_pairs;
+                computed = true;
             }
             criterion_holds |= holds;
         }
         ts.truly_active += criterion_holds;
+        if (computed) {
+            ts.finals.push_back(p);
+        }
     }
 }
 
-void SparseFfn::gather(int il, int64_t n_tokens, ThreadState & ts) {
+// Looks up `positions` of one region in the cache and submits collapsed reads for the misses.
+void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & positions, int64_t n_tokens, ThreadState & ts,
+                       Wave & w) {
     const SidecarLayer & S = store_->layer(il);
-    const size_t rec = S.region.record_bytes;
+    const BundleRegion & region = down ? S.down_region : S.region;
+    const uint32_t key = down ? (uint32_t) (store_->n_layer() + il) : (uint32_t) il;
+    const size_t rec = region.record_bytes;
     // cache hits are copied out, so eviction by another thread cannot pull them from under us
-    const size_t need = ts.active.size() * rec;
-    if (ts.cache_copies.size() < need) {
-        ts.cache_copies = AlignedBuffer(std::max(need, ts.cache_copies.size() * 2));
+    const size_t need = positions.size() * rec;
+    if (w.cache_copies.size() < need) {
+        w.cache_copies = AlignedBuffer(std::max(need, w.cache_copies.size() * 2));
     }
-    ts.misses.clear();
-    ts.hit_positions.clear();
-    ts.hit_records.clear();
-    uint8_t * slot = ts.cache_copies.data();
-    for (uint32_t p : ts.active) {
-        if (cache_->lookup((uint32_t) il, p, slot)) {
-            ts.hit_positions.push_back(p);
-            ts.hit_records.push_back(slot);
+    w.misses.clear();
+    w.hit_positions.clear();
+    w.hit_records.clear();
+    uint8_t * slot = w.cache_copies.data();
+    for (uint32_t p : positions) {
+        if (cache_->lookup(key, p, slot)) {
+            w.hit_positions.push_back(p);
+            w.hit_records.push_back(slot);
             slot += rec;
         } else {
-            ts.misses.push_back(p);
+            w.misses.push_back(p);
         }
     }
-    ts.cache_hits = (uint32_t) ts.hit_positions.size();
+    w.cache_hits = (uint32_t) w.hit_positions.size();
 
     // reads for the misses: collapsed runs, or the whole range when the cost model says that is cheaper
     CollapsePolicy policy;
-    policy.max_gap = max_gap_records(S.region);
+    policy.max_gap = max_gap_records(region);
     policy.max_read_bytes = options_.max_read_bytes;
-    std::vector<PlannedRead> reads = plan_reads(S.region, ts.misses.data(), ts.misses.size(), policy);
-    if (!ts.misses.empty() && (n_tokens > 1 || options_.predictor == Predictor::Dense)) {
+    std::vector<PlannedRead> reads = plan_reads(region, w.misses.data(), w.misses.size(), policy);
+    if (!w.misses.empty() && (n_tokens > 1 || options_.predictor == Predictor::Dense)) {
         CollapsePolicy all = policy;
-        all.max_gap = S.region.n_records;
-        const uint32_t first = ts.misses.front(), last = ts.misses.back();
+        all.max_gap = region.n_records;
+        const uint32_t first = w.misses.front(), last = w.misses.back();
         std::vector<uint32_t> span(last - first + 1);
         for (uint32_t i = 0; i < span.size(); ++i) span[i] = first + i;
-        std::vector<PlannedRead> whole = plan_reads(S.region, span.data(), span.size(), all);
+        std::vector<PlannedRead> whole = plan_reads(region, span.data(), span.size(), all);
         uint64_t bytes = 0, whole_bytes = 0;
         for (const auto & r : reads) bytes += r.length;
         for (const auto & r : whole) whole_bytes += r.length;
@@ -404,28 +476,27 @@ void SparseFfn::gather(int il, int64_t n_tokens, ThreadState & ts) {
 
     uint64_t arena = 0;
     for (const auto & r : reads) arena += r.length;
-    if (ts.read_arena.size() < arena) {
-        ts.read_arena = AlignedBuffer(std::max<uint64_t>(arena, ts.read_arena.size() * 2));
+    if (w.read_arena.size() < arena) {
+        w.read_arena = AlignedBuffer(std::max<uint64_t>(arena, w.read_arena.size() * 2));
     }
-    while (ts.pending.size() < reads.size()) ts.pending.push_back(std::make_unique<Pending>());
+    while (w.pending.size() < reads.size()) w.pending.push_back(std::make_unique<Pending>());
     std::vector<PendingRead *> & batch = ts.batch;
     batch.resize(reads.size());
     uint64_t at = 0;
     for (size_t i = 0; i < reads.size(); ++i) {
-        Pending & pd = *ts.pending[i];
+        Pending & pd = *w.pending[i];
         pd.plan = reads[i];
         pd.read.offset = reads[i].offset;
         pd.read.length = reads[i].length;
-        pd.read.dst = ts.read_arena.data() + at;
+        pd.read.dst = w.read_arena.data() + at;
         at += reads[i].length;
         batch[i] = &pd.read;
     }
-    ts.n_pending = reads.size();
-    ts.reads = (uint32_t) reads.size();
-    ts.bytes_read = at;
-    ts.first_issue_ns = steady_now_ns();
-    ts.last_done_ns = 0;
+    w.n_pending = reads.size();
+    w.reads = (uint32_t) reads.size();
+    w.bytes_read = at;
     if (!batch.empty()) {
+        if (ts.first_issue_ns == 0) ts.first_issue_ns = steady_now_ns();
         if (!ts.queue) {
             std::string why;
             ts.queue = backend_ == IoBackend::Uring
@@ -437,6 +508,44 @@ void SparseFfn::gather(int il, int64_t n_tokens, ThreadState & ts) {
         }
         ts.queue->submit(batch.data(), batch.size());
     }
+}
+
+// Waits for a wave's reads one by one; each completed read's needed records are checked,
+// handed to on_records(records, positions, n) and offered to the cache.
+template <class OnRecords>
+void SparseFfn::complete(int il, bool down, ThreadState & ts, Wave & w, OnRecords on_records) {
+    const SidecarLayer & S = store_->layer(il);
+    const BundleRegion & region = down ? S.down_region : S.region;
+    const uint32_t key = down ? (uint32_t) (store_->n_layer() + il) : (uint32_t) il;
+    size_t m = 0;
+    std::vector<const uint8_t *> & recs = ts.read_records;
+    std::vector<uint32_t> & pos = ts.read_positions;
+    for (size_t i = 0; i < w.n_pending; ++i) {
+        Pending & pd = *w.pending[i];
+        const uint64_t wait_start = steady_now_ns();
+        ts.queue->wait(pd.read);
+        ts.stall_ns += steady_now_ns() - wait_start;
+        ts.last_done_ns = std::max(ts.last_done_ns, pd.read.done_ns);
+        recs.clear();
+        pos.clear();
+        const uint32_t end = pd.plan.first + pd.plan.count;
+        for (; m < w.misses.size() && w.misses[m] < end; ++m) {
+            const uint32_t p = w.misses[m];
+            if (p < pd.plan.first) continue;
+            const uint8_t * record = pd.read.dst + (region.record_offset(p) - pd.read.offset);
+            if (options_.verify_checksums) {
+                store_->check_record(il, down, p, record);
+            }
+            pos.push_back(p);
+            recs.push_back(record);
+        }
+        on_records(recs.data(), pos.data(), pos.size());
+        const bool isolated = pos.size() == 1;
+        for (size_t k = 0; k < pos.size(); ++k) {
+            cache_->admit(key, pos[k], recs[k], isolated);
+        }
+    }
+    w.n_pending = 0;
 }
 
 void SparseFfn::down(int il, float * y, int64_t n_tokens, int ith, int nth) {
@@ -456,10 +565,11 @@ void SparseFfn::down(int il, float * y, int64_t n_tokens, int ith, int nth) {
     ThreadState & me = thread_state(ith);
     if ((int64_t) me.tmp.size() < n) me.tmp.resize((size_t) n);
     const size_t slice_offset = S.down.offset + (size_t) b0 * ggml_type_size(dt.type);
+    const std::vector<const uint8_t *> & down_records = store_->split() ? down_of_ : record_of_;
     for (int j = 0; j < nth; ++j) {
         const ThreadState & ts = *threads_[j];
-        for (uint32_t p : ts.active) {
-            dt.to_float(record_of_[p] + slice_offset, me.tmp.data(), n);
+        for (uint32_t p : ts.finals) {
+            dt.to_float(down_records[p] + slice_offset, me.tmp.data(), n);
             for (int64_t t = 0; t < n_tokens; ++t) {
                 const float hv = h_[t * L.n_ff + p];
                 if (hv == 0.0f) continue;
@@ -501,43 +611,40 @@ void SparseFfn::convert_inputs(int il, const float * x, int64_t n_tokens, int it
     convert_rows_split(*S.up.wt, x, n_tokens, L.n_embd, xq_up_.data(), ith, nth);
 }
 
-// phase 1: this thread's positions predicted, looked up in the cache, read, and computed into h as reads complete
+// phase 1: this thread's positions predicted, looked up in the cache, read, and computed into h as reads
+// complete; with the split layout, then the down columns of the neurons that passed
 void SparseFfn::select_and_compute(int il, int64_t n_tokens, int ith, int nth, ThreadState & ts) {
     const SparseLayerWeights & L = *layers_[il];
-    const SidecarLayer & S = store_->layer(il);
     const auto [r0, r1] = split_range(L.n_ff, ith, nth, kRowBlock);
     ts.truly_active = 0;
     ts.predicted_pairs = 0;
     ts.computed_pairs = 0;
     ts.stall_ns = 0;
+    ts.first_issue_ns = 0;
+    ts.last_done_ns = 0;
+    ts.finals.clear();
+    ts.wave[1].cache_hits = ts.wave[1].reads = 0; // the down wave runs with the split layout only
+    ts.wave[1].bytes_read = 0;
     predict(il, n_tokens, r0, r1, ts);
-    gather(il, n_tokens, ts);
-    compute_h(il, n_tokens, ts.hit_records.data(), ts.hit_positions.data(), ts.hit_positions.size(), ts);
+    Wave & bundles = ts.wave[0];
+    gather(il, false, ts.active, n_tokens, ts, bundles);
+    compute_h(il, n_tokens, bundles.hit_records.data(), bundles.hit_positions.data(), bundles.hit_positions.size(), ts);
     // neurons of each read as it completes; misses stay sorted along the reads
-    size_t m = 0;
-    std::vector<const uint8_t *> & recs = ts.read_records;
-    std::vector<uint32_t> & pos = ts.read_positions;
-    for (size_t i = 0; i < ts.n_pending; ++i) {
-        Pending & pd = *ts.pending[i];
-        const uint64_t wait_start = steady_now_ns();
-        ts.queue->wait(pd.read);
-        ts.stall_ns += steady_now_ns() - wait_start;
-        ts.last_done_ns = std::max(ts.last_done_ns, pd.read.done_ns);
-        recs.clear();
-        pos.clear();
-        const uint32_t end = pd.plan.first + pd.plan.count;
-        for (; m < ts.misses.size() && ts.misses[m] < end; ++m) {
-            const uint32_t p = ts.misses[m];
-            if (p < pd.plan.first) continue;
-            pos.push_back(p);
-            recs.push_back(pd.read.dst + (S.region.record_offset(p) - pd.read.offset));
-        }
-        compute_h(il, n_tokens, recs.data(), pos.data(), pos.size(), ts);
-        const bool isolated = pos.size() == 1;
-        for (size_t k = 0; k < pos.size(); ++k) {
-            cache_->admit((uint32_t) il, pos[k], recs[k], isolated);
-        }
+    complete(il, false, ts, bundles, [&](const uint8_t * const * recs, const uint32_t * pos, size_t n) {
+        compute_h(il, n_tokens, recs, pos, n, ts);
+    });
+    std::sort(ts.finals.begin(), ts.finals.end());
+    if (!store_->split()) {
+        return;
     }
+    Wave & downs = ts.wave[1];
+    gather(il, true, ts.finals, n_tokens, ts, downs);
+    for (size_t k = 0; k < downs.hit_positions.size(); ++k) {
+        down_of_[downs.hit_positions[k]] = downs.hit_records[k];
+    }
+    complete(il, true, ts, downs, [&](const uint8_t * const * recs, const uint32_t * pos, size_t n) {
+        for (size_t k = 0; k < n; ++k) down_of_[pos[k]] = recs[k];
+    });
 }
 
 // after phase 2, on thread 0: the layer's counters, summed over the threads
@@ -551,20 +658,27 @@ void SparseFfn::record_stats(int il, int64_t n_tokens, int nth) {
     for (int j = 0; j < nth; ++j) {
         const ThreadState & o = *threads_[j];
         st.predicted += (uint32_t) o.active.size();
+        st.final_neurons += (uint32_t) o.finals.size();
         truly += o.truly_active;
         st.predicted_pairs += o.predicted_pairs;
         st.computed_pairs += o.computed_pairs;
-        st.reads += o.reads;
-        st.cache_hits += o.cache_hits;
-        st.bytes_read += o.bytes_read;
+        for (int k = 0; k < 2; ++k) {
+            st.reads += o.wave[k].reads;
+            st.cache_hits += o.wave[k].cache_hits;
+            st.bytes_read += o.wave[k].bytes_read;
+        }
+        st.down_reads += o.wave[1].reads;
+        st.down_cache_hits += o.wave[1].cache_hits;
+        st.down_bytes_read += o.wave[1].bytes_read;
         st.stall_ns = std::max(st.stall_ns, o.stall_ns);
-        if (o.reads) {
+        if (o.first_issue_ns) {
             first = std::min(first, o.first_issue_ns);
             last = std::max(last, o.last_done_ns);
         }
     }
     st.truly_active = (int32_t) truly;
-    st.active_bytes = (uint64_t) st.predicted * S.region.record_bytes;
+    st.active_bytes = (uint64_t) st.predicted * S.region.record_bytes +
+                      (uint64_t) st.final_neurons * S.down_region.record_bytes;
     st.io_ns = last > first ? last - first : 0;
     st.layer_ns = steady_now_ns() - layer_start_ns_;
     std::lock_guard<std::mutex> lock(stats_mutex_);
@@ -596,8 +710,9 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
         if (ts.queue) {
             ts.queue->drain();
         }
-        ts.n_pending = 0;
+        for (Wave & w : ts.wave) w.n_pending = 0;
         ts.active.clear();
+        ts.finals.clear();
         fail(e.what());
         if (phase == kPhases - 1) {
             const auto [t0, t1] = split_range(n_tokens, ith, nth);

@@ -7,10 +7,10 @@ The main job of `bash scripts/setup.sh run`. On the embedded default model
      placement, permuted GGUF + sidecar bundle store), cached under
      $NEURALINK_CACHE/converted (~/.cache/neuralink) by the model's SHA-256;
   2. generates with neuralink.Llama: bundles read with direct I/O, a linking
-     cache sized by --memory-budget; --predictor auto reads every neuron's
-     bundle on gated (SwiGLU/GeGLU) models, whose thresholded sparsity costs
-     SmolLM2 over +5 % perplexity at any density below 1 (docs/benchmarks.md),
-     and the sidecar's own predictor elsewhere (ReLU models);
+     cache sized by --memory-budget; --predictor auto runs what the
+     conversion's quality search validated on held-out calibration text
+     (the sparsest per-layer densities within +3 % perplexity; every neuron
+     when nothing sparser passed);
   3. prints what was read per token and how fast decoding went.
 
 Calibration text: --calibration files, else the project's shared corpus
@@ -32,10 +32,9 @@ import numpy as np
 
 from neuralink.child import run_in_child
 from neuralink.command import Command
-from neuralink.convert.pipeline import fit_model_predictor, placement_from_text
-from neuralink.convert.writer import convert_model
+from neuralink.convert.pipeline import convert_from_text
 from neuralink.errors import ModelFileError
-from neuralink.formats.constants import KEY_MODEL_ID, KEY_PLACEMENT_CRITERION
+from neuralink.formats.constants import KEY_MODEL_ID
 from neuralink.formats.ffn_tensors import inspect_ffn_model
 from neuralink.formats.files import file_sha256, write_text
 from neuralink.formats.gguf_directory import read_gguf_directory
@@ -121,25 +120,23 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
         bar.update(done - bar.n)
 
     try:
-        placement = placement_from_text(model, calibration, max_tokens=4096, threads=threads, progress=show)
-        # non-gated FFNs have no exact gate predictor: fit the low-rank one
-        predictor = None if inspect_ffn_model(model).gated else fit_model_predictor(
-            model, calibration, placement, rank=64, threads=threads)
-        with tqdm(desc="convert", unit="B", unit_scale=True, file=sys.stderr, disable=None) as bar:
-            convert_model(model, placement, output, sidecar, predictor=predictor, progress=bar.update)
+        # non-gated FFNs have no exact gate predictor: fit the low-rank one; the quality search validates either
+        rank = 0 if inspect_ffn_model(model).gated else 64
+        result = convert_from_text(model, calibration, output, sidecar, max_tokens=4096, lowrank_rank=rank,
+                                   threads=threads, progress=show)
     finally:
         for bar in bars.values():
             bar.close()
+    q = result.quality
+    if "perplexity_change" in q:
+        print(f"quality check: {q.get('chosen')}, perplexity {100 * q['perplexity_change']:+.2f} % on held-out text "
+              f"(budget {100 * q['budget']:.0f} %); default predictor {q.get('predictor')}", file=sys.stderr)
     return output
 
 
 def choose_predictor(model: Path, asked: str) -> str | None:
-    """The predictor for --predictor `asked`: None lets the engine choose (see neuralink.Llama)."""
-    if asked != "auto":
-        return asked
-    sidecar = find_sidecar(model)
-    criterion = read_gguf_directory(sidecar).get(KEY_PLACEMENT_CRITERION) if sidecar else None
-    return "dense" if criterion in ("gate_magnitude", "magnitude") else None
+    """The predictor for --predictor `asked`: None (auto) runs what the conversion validated (see neuralink.Llama)."""
+    return None if asked == "auto" else asked
 
 
 def generate(model: Path, prompt: str, max_tokens: int, threads: int | None, direct_io: bool,

@@ -37,6 +37,8 @@ public:
     const std::string & path() const { return path_; }
     const std::string & architecture() const { return arch_; }
     uint64_t file_size() const { return file_size_; }
+    // where the data section starts: the bytes before it are the header (metadata and tensor infos)
+    uint64_t data_offset() const { return data_offset_; }
     const std::vector<TensorInfo> & tensors() const { return tensors_; }
 
     const TensorInfo * find(const std::string & name) const;
@@ -50,6 +52,7 @@ private:
     std::string path_;
     std::string arch_;
     uint64_t    file_size_ = 0;
+    uint64_t    data_offset_ = 0;
     gguf_context * gguf_ = nullptr;
     std::vector<TensorInfo> tensors_;
     std::unordered_map<std::string, size_t> by_name_;

@@ -1,8 +1,12 @@
 #pragma once
 
 // The sidecar's bundle store, as the engine reads it: per layer, where the
-// records are, how one is laid out, the threshold that defines "active" and
-// the placement's statistics. Format: docs/sidecar.md.
+// records are, how one is laid out, the thresholds that define "active", the
+// placement's statistics and every record's checksum. Format: docs/sidecar.md.
+//
+// Two layouts: "joint" keeps one record per neuron ([gate | up | down]);
+// "split" keeps the down columns in a second region of their own, so that a
+// neuron's down column is read only once its up row has shown it is needed.
 
 #include "neuralink/direct_file.h"
 #include "neuralink/ffn_layer.h"
@@ -25,21 +29,32 @@ struct RecordPart {
 };
 
 struct SidecarLayer {
-    BundleRegion region;
-    RecordPart gate, up, down;
-    float threshold = 0.0f;            // activation magnitude defining "active" on calibration text
+    BundleRegion region;               // records of [gate | up | down] (joint) or [gate | up] (split)
+    BundleRegion down_region;          // split: one down column per record; joint: no records
+    RecordPart gate, up, down;         // down's offset is within down_region's records when split
+    float threshold = 0.0f;            // the criterion value above which a neuron is active
+    float candidate_threshold = 0.0f;  // contribution: |act(gate)| * candidate_scale above it reads the up row
     std::vector<int32_t> order;        // original index of the neuron at each position
     std::vector<float> frequency;      // activation frequency at each position
+    std::vector<float> candidate_frequency; // contribution: how often the up row is read (else = frequency)
     std::vector<int32_t> chain_starts; // positions where a chain of linked neurons begins
+    // contribution: per position, E|up| * |down column| (scales the gate for candidates) and |down column|
+    std::vector<float> candidate_scale;
+    std::vector<float> down_norm;
+    std::vector<uint64_t> record_hash; // checksum64 of each record of `region`
+    std::vector<uint64_t> down_hash;   // checksum64 of each record of `down_region` (split)
     // the low-rank activity predictor, when the sidecar has one: scores = B (A x)
     std::vector<float> predictor_a;    // rank rows of n_embd
     std::vector<float> predictor_b;    // n_ff rows of rank, placed order
     float predictor_threshold = 0.0f;  // a score above it predicts the neuron active
 };
 
-// How "active" is judged, as the sidecar records it (neuralink.placement.criterion).
-enum class Criterion { NativeZero, GateMagnitude, OutputMagnitude };
-Criterion criterion_from_name(const std::string & name);  // "relu", "gate_magnitude", "magnitude"
+// How "active" is judged, as the sidecar records it (neuralink.placement.criterion):
+// relu: act(x) != 0; gate_magnitude: |act(gate)| > t; magnitude: |act(gate) * up| > t;
+// contribution: |act(gate) * up| * |down column| > t, its up row read only when
+// |act(gate)| * candidate_scale > candidate_threshold.
+enum class Criterion { NativeZero, GateMagnitude, OutputMagnitude, Contribution };
+Criterion criterion_from_name(const std::string & name);  // "relu", "gate_magnitude", "magnitude", "contribution"
 
 class SidecarStore {
 public:
@@ -63,10 +78,14 @@ public:
     const SidecarLayer & layer(int il) const { return layers_.at((size_t) il); }
     // rank of the low-rank predictor, 0 when the sidecar has none
     int predictor_rank() const { return predictor_rank_; }
+    // down columns in a region of their own (the "split" layout)
+    bool split() const { return split_; }
     const DirectFile & file() const { return *file_; }
 
     // Throws IoError when the file's size or modification time changed since it was opened.
     void check_unchanged() const;
+    // Throws IoError naming the layer and neuron when `record` (of the down region when `down`) fails its checksum.
+    void check_record(int il, bool down, uint32_t pos, const uint8_t * record) const;
 
 private:
     std::unique_ptr<DirectFile> file_;
@@ -77,6 +96,7 @@ private:
     int64_t n_ff_ = 0;
     bool gated_ = false;
     bool bundle_gate_ = false;
+    bool split_ = false;
     int predictor_rank_ = 0;
     Activation activation_ = Activation::Silu;
     std::vector<SidecarLayer> layers_;
@@ -85,7 +105,7 @@ private:
 };
 
 // The sidecar format version this engine reads, its container name and alignment.
-constexpr uint32_t kSidecarVersion = 1;
+constexpr uint32_t kSidecarVersion = 2;
 constexpr const char * kSidecarArchitecture = "neuralink_sidecar";
 constexpr size_t kSidecarAlignment = 4096;
 

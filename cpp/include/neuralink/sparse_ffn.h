@@ -3,15 +3,18 @@
 // Sparse FFN evaluation from the sidecar's bundle store. Per layer, three
 // phases on every compute thread:
 //   0  x -> xq: activations converted to the gate/up vec_dot types
-//   1  over the thread's own range of positions: predict the active neurons,
-//      look them up in the cache, plan collapsed reads for the misses and
-//      submit them at once, then compute h = act(g) * u neuron by neuron as
-//      cache hits and completed reads allow (compute overlaps the reads)
-//   2  y = down h over the active neurons, each thread owning a slice of the
+//   1  over the thread's own range of positions: predict the candidate
+//      neurons, look them up in the cache, plan collapsed reads for the misses
+//      and submit them at once, then compute h = act(g) * u neuron by neuron as
+//      cache hits and completed reads allow (compute overlaps the reads). With
+//      the split layout a second wave follows: the down columns of the neurons
+//      whose h passed the criterion, from the cache or read the same way.
+//   2  y = down h over the final neurons, each thread owning a slice of the
 //      output rows (no reduction)
 // The result equals the dense FFN of the thresholded model: h is zero for a
 // neuron the predictor leaves out (and, for exact predictors, where the
-// criterion says so for a token).
+// criterion says so for a token). Every record read from the sidecar is
+// checked against its checksum before it is used or cached.
 
 #include "neuralink/bundle_cache.h"
 #include "neuralink/defaults.h"
@@ -56,6 +59,10 @@ struct SparseOptions {
     std::vector<float> thresholds;
     // per-layer low-rank predictor thresholds replacing the sidecar's (empty: the sidecar's)
     std::vector<float> predictor_thresholds;
+    // per-layer candidate thresholds of the contribution criterion replacing the sidecar's (empty: the sidecar's)
+    std::vector<float> candidate_thresholds;
+    // check every record read against its checksum (off only to measure what checking costs)
+    bool verify_checksums = true;
 };
 
 // What llama.cpp computes a layer from, apart from the bundles.
@@ -65,7 +72,7 @@ struct SparseLayerWeights {
     bool gated = false;
     int64_t n_embd = 0, n_ff = 0, n_out = 0;
     WeightMatrix gate;        // resident gate rows in placed order (gate/oracle predictors on gated models)
-    WeightMatrix up;          // resident up rows (oracle on non-gated models only)
+    WeightMatrix up;          // resident up rows (oracle on non-gated models, and with the contribution criterion)
     std::vector<float> gate_bias, up_bias, down_bias; // placed order; empty when absent
 };
 
@@ -84,6 +91,10 @@ struct LayerStepStats {
     uint64_t layer_ns = 0;      // phase 0 start -> phase 2 end (thread 0's view)
     uint64_t predicted_pairs = 0; // (token, neuron) pairs the predictor selected
     uint64_t computed_pairs = 0;  // (token, neuron) pairs whose h entered the down projection
+    uint32_t final_neurons = 0;   // neurons whose down column entered the projection (union over the tokens)
+    uint32_t down_reads = 0;      // of `reads`: reads of the down region (split layout)
+    uint32_t down_cache_hits = 0; // of `cache_hits`: down columns found in the cache
+    uint64_t down_bytes_read = 0; // of `bytes_read`: bytes read from the down region
 };
 
 class SparseFfn {
@@ -103,9 +114,13 @@ public:
     void phase(int il, int phase, const float * x, float * y, int64_t n_tokens, int ith, int nth);
 
     const SparseOptions & options() const { return options_; }
-    // the activity and low-rank predictor thresholds in use for layer il (the options' or the sidecar's)
+    // the activity, low-rank predictor and candidate thresholds in use for layer il (the options' or the sidecar's)
     float threshold(int il) const;
     float predictor_threshold(int il) const;
+    float candidate_threshold(int il) const;
+    // Replaces the per-layer thresholds (between evaluations only; an empty vector keeps the sidecar's).
+    void set_thresholds(std::vector<float> thresholds, std::vector<float> candidate_thresholds,
+                        std::vector<float> predictor_thresholds);
     const SidecarStore & store() const { return *store_; }
     BundleCache & cache() { return *cache_; }
     // Replaces the cache (between evaluations only); the pinned policy reads its records here.
@@ -133,13 +148,17 @@ public:
 private:
     struct ThreadState;
     struct Pending;
+    struct Wave;
 
     void predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, ThreadState & ts);
     void convert_inputs(int il, const float * x, int64_t n_tokens, int ith, int nth);
     void select_and_compute(int il, int64_t n_tokens, int ith, int nth, ThreadState & ts);
     void record_stats(int il, int64_t n_tokens, int nth);
-    void gather(int il, int64_t n_tokens, ThreadState & ts);
+    void gather(int il, bool down, const std::vector<uint32_t> & positions, int64_t n_tokens, ThreadState & ts, Wave & w);
+    template <class OnRecords>
+    void complete(int il, bool down, ThreadState & ts, Wave & w, OnRecords on_records);
     void compute_h(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos, size_t n, ThreadState & ts);
+    void check_thresholds(const std::vector<float> & given, const char * what) const;
     void down(int il, float * y, int64_t n_tokens, int ith, int nth);
     void fail(const std::string & what);
     ThreadState & thread_state(int ith);
@@ -162,6 +181,7 @@ private:
     std::vector<uint8_t> token_active_;      // n_tokens x n_ff flags (1: the criterion holds for the token)
     std::vector<float> lowrank_z_;           // n_tokens x rank: A x, the low-rank predictor's inner values
     std::vector<const uint8_t *> record_of_; // n_ff: bundle record of each evaluated position
+    std::vector<const uint8_t *> down_of_;   // n_ff: the record holding each final position's down column
     // one slot per compute thread, allocated up front so no thread ever sees the table move
     static constexpr int kMaxThreads = 256;
     std::vector<std::unique_ptr<ThreadState>> threads_;

@@ -6,8 +6,13 @@ Writes two files next to each other:
                             biases, down columns); stock llama.cpp runs it.
   <name>.neuralink.sidecar  the placement and the bundle store the engine
                             reads from flash (docs/sidecar.md).
-Both are written to temporary files and renamed when complete; the input is
-never modified. See docs/convert.md.
+With --calibration, the end of the text is kept aside: the model is profiled
+and placed on the rest, and once the pair is written a quality search picks
+the sparsest per-layer densities whose perplexity on the held-out text stays
+within --ppl-budget of every neuron (default +3 %); the sidecar records what
+was chosen and measured, and neuralink.Llama runs it by default. Both files
+are written to temporary names and committed together (a kill leaves the old
+pair or the new one); the input is never modified. See docs/convert.md.
 """
 
 from __future__ import annotations
@@ -19,15 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from neuralink.command import Command
-from neuralink.convert.pipeline import fit_model_predictor, placement_from_text
-from neuralink.convert.plan import ConversionPlan, check_model_and_outputs, check_writable, plan_conversion
-from neuralink.convert.predictor import LowRankPredictor
+from neuralink.command import fraction_argument, positive_int
+from neuralink.convert.pipeline import convert_from_text
+from neuralink.convert.plan import check_writable, plan_conversion
+from neuralink.convert.quality import ALLOCATIONS, DEFAULT_BUDGET, DEFAULT_HELDOUT_TOKENS
 from neuralink.convert.writer import ConversionResult, run_conversion
 from neuralink.errors import OptionError
-from neuralink.formats.bundle_layout import BUNDLE_PARTS, bundle_has_gate, bundle_layouts
+from neuralink.formats.bundle_layout import BUNDLE_LAYOUTS, BUNDLE_PARTS
 from neuralink.formats.ffn_tensors import ACTIVATIONS, DOWN_ENCODINGS
 from neuralink.formats.ggml_types import ggml_type_name
-from neuralink.formats.placement import Placement
 from neuralink.place.orders import DEFAULT_METHOD, METHODS
 from neuralink.profile.activity import DEFAULT_CRITERION, GATED_CRITERIA
 
@@ -40,8 +45,9 @@ def _types_summary(types: tuple[str, ...]) -> str:
     return ", ".join(sorted(set(types)))
 
 
-def print_summary(result: ConversionResult, plan: ConversionPlan) -> None:
+def print_summary(result: ConversionResult) -> None:
     """The CLI's report of a finished conversion."""
+    plan = result.plan
     model = plan.model
     mb = 1024 * 1024
     placement = plan.placement
@@ -58,6 +64,16 @@ def print_summary(result: ConversionResult, plan: ConversionPlan) -> None:
           f"{_error_summary(result.bundle_down_errors):>36}")
     print(f"\nsource ffn_down type {_types_summary(tuple(ggml_type_name(l.down.type) for l in model.layers))}; "
           f"done in {result.seconds:.1f} s")
+    q = result.quality
+    if "perplexity_change" in q:
+        print(f"\nquality check on {q.get('heldout_tokens', '?')} held-out tokens: {q.get('chosen')} -> perplexity "
+              f"{100 * q['perplexity_change']:+.2f} % (budget {100 * q.get('budget', 0):.1f} %), up rows read "
+              f"{q.get('up_density', 1.0):.3f}, down columns {q.get('down_density', 1.0):.3f} of (token, neuron) pairs")
+        print(f"default predictor: {q.get('predictor')}"
+              + ("" if q.get("validated") else " (the measured setting is outside the budget, so neuralink.Llama "
+                 "reads every neuron unless predictor='gate' is passed)"))
+    elif plan.placement.criterion != "relu":
+        print("\nno quality check (no --calibration): neuralink.Llama reads every neuron by default")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +91,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="type of the converted GGUF's re-encoded ffn_down (default: auto, see docs/convert.md)")
     parser.add_argument("--bundle-down-type", choices=DOWN_ENCODINGS, default="auto",
                         help="type of the sidecar's down columns (default: auto)")
+    parser.add_argument("--bundle-layout", choices=BUNDLE_LAYOUTS, default="auto",
+                        help="joint: one record per neuron; split: down columns in a region of their own, read "
+                             "only once the up row shows they are needed (auto: split for the contribution criterion)")
     parser.add_argument("--bundle-parts", choices=BUNDLE_PARTS, default="auto",
                         help="what a neuron's record holds: gate-up-down (the paper's bundle) or up-down (gate rows "
                              "stay resident for the gate predictor); auto: up-down when the criterion is gate-only")
@@ -84,15 +103,27 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     calibration = parser.add_argument_group("with --calibration")
     calibration.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                              help=f"placement method (default: {DEFAULT_METHOD})")
-    calibration.add_argument("--density", type=float, default=None,
-                             help="target active fraction of gated FFNs (default: that of `neuralink profile`)")
+    calibration.add_argument("--density", type=fraction_argument, default=None,
+                             help="override: one final density (fraction of (token, neuron) pairs whose down column "
+                                  "is read) for every layer instead of the quality search; still measured")
+    calibration.add_argument("--ppl-budget", type=float, default=100 * DEFAULT_BUDGET, metavar="PERCENT",
+                             help=f"perplexity increase the quality search may spend on held-out calibration text "
+                                  f"(default: {100 * DEFAULT_BUDGET:g}, i.e. +{100 * DEFAULT_BUDGET:g} %%)")
+    calibration.add_argument("--allocation", choices=ALLOCATIONS, default="sensitivity",
+                             help="per-layer densities from each layer's measured sensitivity (default), or one "
+                                  "density for all")
+    calibration.add_argument("--heldout-tokens", type=positive_int, default=DEFAULT_HELDOUT_TOKENS,
+                             help=f"calibration tokens kept aside for the quality check (default: "
+                                  f"{DEFAULT_HELDOUT_TOKENS})")
     calibration.add_argument("--criterion", choices=GATED_CRITERIA, default=DEFAULT_CRITERION,
-                             help="what a gated FFN's activity threshold applies to: |act(gate)| (gate_magnitude, "
-                                  "default: the engine's exact gate predictor then reads up+down only) or "
-                                  "|act(gate)*up| (magnitude: full bundles, predictor lowrank/oracle)")
-    calibration.add_argument("--max-tokens", type=int, default=4096, help="calibration tokens (default: 4096)")
-    calibration.add_argument("--workers", type=int, default=2, help="layers placed in parallel (default: 2)")
-    calibration.add_argument("--threads", type=int, default=None, help="llama.cpp threads while profiling")
+                             help="what decides a gated FFN's active neurons: contribution (default: "
+                                  "|act(gate)*up|*|down column| among candidates picked from the gate; the engine's "
+                                  "gate predictor reads up rows, then down columns), gate_magnitude (|act(gate)|, "
+                                  "CATS) or magnitude (|act(gate)*up|, for analysis)")
+    calibration.add_argument("--max-tokens", type=positive_int, default=4096,
+                             help="calibration tokens profiled (default: 4096)")
+    calibration.add_argument("--workers", type=positive_int, default=2, help="layers placed in parallel (default: 2)")
+    calibration.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads while profiling")
     calibration.add_argument("--lowrank-rank", type=int, default=0, metavar="R",
                              help="also fit a rank-R low-rank activity predictor on the calibration text and store "
                                   "it in the sidecar (for predictor='lowrank'; 0: none)")
@@ -105,51 +136,50 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm  # deferred: progress bars are the CLI's, loaded when one is shown
-    def plan(placement: Placement | Path, predictor: LowRankPredictor | None = None) -> ConversionPlan:
-        return plan_conversion(args.model, placement, args.output, args.sidecar, down_type=args.down_type,
-                               bundle_down_type=args.bundle_down_type, bundle_parts=args.bundle_parts,
-                               predictor=predictor, activation=args.activation, force=args.force)
 
-    placement: Placement | Path
-    if args.calibration is None:
-        placement = args.placement
-    else:
-        # refuse a bad model or output before minutes of profiling, not after
-        model, _, _ = check_model_and_outputs(args.model, args.output, args.sidecar, activation=args.activation,
-                                              force=args.force)
-        gate = bundle_has_gate(model, args.bundle_parts, "relu" if not model.gated else args.criterion)
-        record_bytes = [layout.record_bytes for layout in bundle_layouts(model, args.bundle_down_type, gate)]
-        if args.save_placement is not None:
-            check_writable(args.save_placement)
-        bars: dict[str, tqdm] = {}
+    if args.lowrank_rank and args.calibration is None:
+        raise OptionError("--lowrank-rank fits on the calibration text: give --calibration")
+    if not args.ppl_budget > 0:
+        raise OptionError(f"--ppl-budget must be a positive percentage, got {args.ppl_budget}")
+    bars: dict[str, tqdm] = {}
+    units = {"profile": "tok", "convert": "B"}
 
-        def show(stage: str, done: int, total: int) -> None:
-            bar = bars.get(stage) or bars.setdefault(
-                stage, tqdm(total=total, desc=stage, unit="tok" if stage == "profile" else "layer", file=sys.stderr,
-                            disable=None))
-            bar.total = total
-            bar.update(done - bar.n)
+    def show(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=units.get(stage, "step"), file=sys.stderr,
+                                     unit_scale=stage == "convert", disable=None)
+        bar.total = total
+        bar.update(done - bar.n)
 
-        try:
-            placement = placement_from_text(args.model, args.calibration, method=args.method, density=args.density,
-                                            criterion=args.criterion, max_tokens=args.max_tokens, bundle_bytes=record_bytes,
-                                            workers=args.workers, threads=args.threads, progress=show)
-        finally:
-            for bar in bars.values():
-                bar.close()
-        if args.save_placement is not None:
-            placement.save(args.save_placement)
-    predictor = None
-    if args.lowrank_rank:
+    try:
         if args.calibration is None:
-            raise OptionError("--lowrank-rank fits on the calibration text: give --calibration")
-        predictor = fit_model_predictor(args.model, args.calibration, placement, rank=args.lowrank_rank,
-                                        recall=args.lowrank_recall, max_tokens=args.max_tokens, threads=args.threads)
-    conversion = plan(placement, predictor)
-    with tqdm(total=conversion.work_bytes, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
-              disable=None) as bar:
-        result = run_conversion(conversion, bar.update)
-    print_summary(result, conversion)
+            conversion = plan_conversion(args.model, args.placement, args.output, args.sidecar,
+                                         down_type=args.down_type, bundle_down_type=args.bundle_down_type,
+                                         bundle_parts=args.bundle_parts, bundle_layout=args.bundle_layout,
+                                         activation=args.activation, force=args.force)
+            done = [0]
+
+            def advance(n: int) -> None:
+                done[0] += n
+                show("convert", done[0], conversion.work_bytes)
+
+            result = run_conversion(conversion, advance)
+        else:
+            if args.save_placement is not None:
+                check_writable(args.save_placement)
+            result = convert_from_text(
+                args.model, args.calibration, args.output, args.sidecar, method=args.method, density=args.density,
+                criterion=args.criterion, max_tokens=args.max_tokens, budget=args.ppl_budget / 100,
+                allocation=args.allocation, heldout_tokens=args.heldout_tokens, lowrank_rank=args.lowrank_rank,
+                lowrank_recall=args.lowrank_recall, down_type=args.down_type, bundle_down_type=args.bundle_down_type,
+                bundle_parts=args.bundle_parts, bundle_layout=args.bundle_layout, activation=args.activation,
+                force=args.force, workers=args.workers, threads=args.threads, save_placement=args.save_placement,
+                progress=show)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print_summary(result)
     return 0
 
 

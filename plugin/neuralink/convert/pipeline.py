@@ -1,7 +1,13 @@
-"""The profile -> place -> convert pipeline from calibration text, and the predictor fitted on the way."""
+"""The profile -> place -> convert -> validate pipeline from calibration text, and the predictor fitted on the way.
+
+`convert_from_text` keeps the end of the calibration text aside, profiles
+and places on the rest, writes the pair, and runs the quality search on the
+held-out part before the pair is committed (neuralink.convert.quality).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -9,19 +15,35 @@ from pathlib import Path
 
 import numpy as np
 
+from neuralink.convert.plan import check_model_and_outputs, plan_conversion
 from neuralink.convert.predictor import LowRankPredictor, capture_ffn_inputs, fit_lowrank
+from neuralink.convert.quality import (
+    DEFAULT_BUDGET,
+    DEFAULT_HELDOUT_TOKENS,
+    Allocation,
+    ThresholdScorer,
+    measure_predictor,
+    search,
+)
+from neuralink.convert.writer import ConversionResult, run_conversion
 from neuralink.errors import OptionError
 from neuralink.formats.bundle_layout import (
+    BundleLayoutName,
+    BundleParts,
     bundle_has_gate,
     bundle_layouts,
+    bundle_split,
 )
 from neuralink.formats.ffn_tensors import (
+    Activation,
+    DownEncoding,
     decode_matrix,
     inspect_ffn_model,
 )
 from neuralink.formats.placement import Placement
 from neuralink.place.orders import DEFAULT_METHOD, METHODS, build_placement, place_layers
-from neuralink.profile.activity import DEFAULT_CRITERION, DEFAULT_DENSITY, profile_model
+from neuralink.profile.activity import DEFAULT_CRITERION, profile_model
+from neuralink.profile.text import read_documents, split_heldout
 
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total) of profiling and placement
 
@@ -51,15 +73,16 @@ def placement_from_text(
     if chosen is None:
         raise OptionError(f"unknown placement method {method!r}; expected one of {METHODS}")
     report = progress or (lambda stage, done, total: None)
-    stats = profile_model(model_path, texts, density=density if density is not None else DEFAULT_DENSITY,
+    stats = profile_model(model_path, texts, density=density,
                           criterion=criterion or DEFAULT_CRITERION, max_tokens=max_tokens, threads=threads,
                           progress=lambda done, total: report("profile", done, total))
     with tempfile.TemporaryDirectory(prefix="neuralink-convert-") as tmp:
         stats_path = stats.save(Path(tmp) / "calibration.npz")
         if bundle_bytes is None:
             model = inspect_ffn_model(model_path)
-            layouts = bundle_layouts(model, gate=bundle_has_gate(model, "auto", stats.criterion))
-            bundle_bytes = [lay.record_bytes for lay in layouts]
+            layouts = bundle_layouts(model, gate=bundle_has_gate(model, "auto", stats.criterion),
+                                     split=bundle_split("auto", stats.criterion))
+            bundle_bytes = [lay.neuron_bytes for lay in layouts]
         results = place_layers(stats_path, [chosen], bundle_bytes=bundle_bytes, workers=workers,
                                progress=lambda done, total: report("place", done, total))
     return build_placement(stats, results, chosen)
@@ -86,3 +109,93 @@ def fit_model_predictor(
 
     return fit_lowrank(inputs, weights, activation=model.activation, criterion=placement.criterion,
                        activity_thresholds=placement.thresholds, rank=rank, recall=recall)
+
+
+HELDOUT_CHARS_PER_TOKEN = 4  # English and code both tokenize to ~3.5-4.5 characters a token
+
+
+def convert_from_text(
+    model_path: str | os.PathLike[str],
+    texts: Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str] | None = None,
+    sidecar: str | os.PathLike[str] | None = None,
+    *,
+    method: str | None = None,
+    density: float | None = None,
+    criterion: str | None = None,
+    max_tokens: int | None = 4096,
+    budget: float = DEFAULT_BUDGET,
+    allocation: Allocation = "sensitivity",
+    heldout_tokens: int = DEFAULT_HELDOUT_TOKENS,
+    lowrank_rank: int = 0,
+    lowrank_recall: float = 0.99,
+    down_type: DownEncoding = "auto",
+    bundle_down_type: DownEncoding = "auto",
+    bundle_parts: BundleParts = "auto",
+    bundle_layout: BundleLayoutName = "auto",
+    activation: Activation | None = None,
+    force: bool = False,
+    workers: int = 2,
+    threads: int | None = None,
+    save_placement: str | os.PathLike[str] | None = None,
+    progress: StageProgress | None = None,
+) -> ConversionResult:
+    """Convert `model_path` from calibration `texts`, validated on their held-out end (module doc).
+
+    `density` fixes one final density for every layer instead of searching
+    (still measured and recorded); `budget` is the perplexity increase the
+    search may spend (0.03: +3 %). ReLU FFNs fit the low-rank predictor when
+    `lowrank_rank` is set, and it is validated the same way.
+    """
+    report = progress or (lambda stage, done, total: None)
+    model, output_path, sidecar_path = check_model_and_outputs(model_path, output, sidecar, activation=activation,
+                                                              force=force)
+    criterion = criterion or DEFAULT_CRITERION
+    effective = criterion if model.gated else "relu"
+    documents = read_documents(texts)
+    profile_docs, heldout = split_heldout(documents, heldout_tokens * HELDOUT_CHARS_PER_TOKEN)
+    if not heldout.strip():
+        raise OptionError(f"{', '.join(map(str, texts))}: too little calibration text to keep any aside for "
+                          "the quality check")
+    with tempfile.TemporaryDirectory(prefix="neuralink-convert-") as tmp:
+        profile_text = Path(tmp) / "profile.jsonl"
+        profile_text.write_text("".join(json.dumps({"text": d}) + "\n" for d in profile_docs), encoding="utf-8")
+        gate = bundle_has_gate(model, bundle_parts, effective)
+        split = bundle_split(bundle_layout, effective)
+        record_bytes = [lay.neuron_bytes for lay in bundle_layouts(model, bundle_down_type, gate, split)]
+        placement = placement_from_text(model_path, [profile_text], method=method, density=density,
+                                        criterion=criterion, max_tokens=max_tokens, bundle_bytes=record_bytes,
+                                        workers=workers, threads=threads, progress=report)
+        if save_placement is not None:
+            placement.save(save_placement)
+        predictor = None
+        if lowrank_rank:
+            predictor = fit_model_predictor(model_path, [profile_text], placement, rank=lowrank_rank,
+                                            recall=lowrank_recall, max_tokens=max_tokens or 4096, threads=threads)
+
+    def validate(gguf: Path, side: Path) -> tuple[list[tuple[float, float]], dict]:
+        if placement.criterion == "contribution":
+            assert placement.selection is not None
+            scorer = ThresholdScorer(gguf, side, heldout, max_tokens=heldout_tokens, threads=threads)
+            try:
+                setting, record = search(scorer, placement.selection, model.n_layer, budget=budget,
+                                         allocation=allocation, fixed_density=density, progress=report)
+            finally:
+                scorer.close()
+            return setting.runtime, record
+        # the sidecar's own thresholds, with the predictor a user would get
+        candidate = "lowrank" if predictor is not None else ("gate" if model.gated else "dense")
+        record = measure_predictor(gguf, side, heldout, candidate, budget=budget, threads=threads)
+        runtime = [(float(t), 0.0) for t in placement.thresholds]
+        return runtime, record
+
+    plan = plan_conversion(model_path, placement, output_path, sidecar_path, down_type=down_type,
+                           bundle_down_type=bundle_down_type, bundle_parts=bundle_parts, bundle_layout=bundle_layout,
+                           predictor=predictor, activation=activation, force=force)
+    bytes_done = [0]
+
+    def convert_progress(n: int) -> None:
+        bytes_done[0] += n
+        report("convert", bytes_done[0], plan.work_bytes)
+
+    return run_conversion(plan, convert_progress, validate)

@@ -12,26 +12,31 @@ A conversion writes two files next to each other:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 from neuralink.convert.predictor import LowRankPredictor
 from neuralink.errors import ModelFileError, OptionError
-from neuralink.formats.bundle_layout import BUNDLE_PARTS, BundleLayout, BundleParts, bundle_has_gate, bundle_layouts
+from neuralink.formats.bundle_layout import (
+    BUNDLE_LAYOUTS,
+    BUNDLE_PARTS,
+    BundleLayout,
+    BundleLayoutName,
+    BundleParts,
+    bundle_has_gate,
+    bundle_layouts,
+    bundle_split,
+)
 from neuralink.formats.constants import (
     CONVERTED_SUFFIX,
     KEY_MODEL_ID,
     SIDECAR_SUFFIX,
-    SIDECAR_VERSION,
 )
 from neuralink.formats.ffn_tensors import (
     DOWN_ENCODINGS,
@@ -43,6 +48,7 @@ from neuralink.formats.ffn_tensors import (
 )
 from neuralink.formats.files import file_sha256
 from neuralink.formats.placement import Placement
+from neuralink.formats.sidecar_records import sidecar_model_id
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +116,6 @@ def _check_placement(placement: Placement, where: str, model: FfnModel, sha256: 
         )
 
 
-def _model_id(source_sha256: str, placement: Placement, gguf_types: tuple[QType, ...],
-              layouts: tuple[BundleLayout, ...]) -> str:
-    # a digest of everything that decides the converted bytes: same inputs, same id
-    h = hashlib.sha256(f"neuralink/{SIDECAR_VERSION}/{source_sha256}/{placement.method}".encode())
-    for il, order in enumerate(placement.orders):
-        h.update(np.ascontiguousarray(order, dtype="<i4").tobytes())
-        h.update(struct.pack("<3I", gguf_types[il], layouts[il].down.type, layouts[il].record_bytes))
-    return "nl1-" + h.hexdigest()[:32]
-
-
 def check_model_and_outputs(
     model_path: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
@@ -163,6 +159,7 @@ def plan_conversion(
     down_type: DownEncoding = "auto",
     bundle_down_type: DownEncoding = "auto",
     bundle_parts: BundleParts = "auto",
+    bundle_layout: BundleLayoutName = "auto",
     predictor: LowRankPredictor | None = None,
     activation: Activation | None = None,
     force: bool = False,
@@ -176,6 +173,8 @@ def plan_conversion(
         raise OptionError(f"down encodings must be one of {DOWN_ENCODINGS}")
     if bundle_parts not in BUNDLE_PARTS:
         raise OptionError(f"bundle parts must be one of {BUNDLE_PARTS}")
+    if bundle_layout not in BUNDLE_LAYOUTS:
+        raise OptionError(f"bundle layout must be one of {BUNDLE_LAYOUTS}")
     model_path = Path(model_path)
     model, output, sidecar = check_model_and_outputs(model_path, output, sidecar, activation=activation, force=force)
 
@@ -188,10 +187,15 @@ def plan_conversion(
     _check_placement(placement, where, model, sha256)
 
     gguf_types = tuple(choose_down_type(layer.down.type, model.n_ff, down_type) for layer in model.layers)
-    layouts = bundle_layouts(model, bundle_down_type, bundle_has_gate(model, bundle_parts, placement.criterion))
+    if placement.criterion == "contribution" and placement.selection is None:
+        raise ModelFileError(f"{where}: a contribution-criterion placement without its selection tables "
+                             "(profile and place the model again)")
+    split = bundle_split(bundle_layout, placement.criterion)
+    layouts = bundle_layouts(model, bundle_down_type, bundle_has_gate(model, bundle_parts, placement.criterion), split)
     if predictor is not None and len(predictor.layers) != model.n_layer:
         raise OptionError(f"the predictor has {len(predictor.layers)} layers, {model_path} has {model.n_layer}")
-    return ConversionPlan(model, placement, output, sidecar, sha256, _model_id(sha256, placement, gguf_types, layouts),
-                          gguf_types, layouts, predictor)
+    model_id = sidecar_model_id(sha256, placement.method, "split" if split else "joint", placement.criterion,
+                                placement.orders, layouts)
+    return ConversionPlan(model, placement, output, sidecar, sha256, model_id, gguf_types, layouts, predictor)
 
 

@@ -31,19 +31,11 @@ import llama_cpp
 import numpy as np
 
 from neuralink.errors import ModelFileError, OptionError
+from neuralink.runtime.scoring import scoring_windows, window_nll
 
 log = logging.getLogger(__name__)
 
 LlamaFactory = Callable[..., llama_cpp.Llama]
-
-
-@dataclass(frozen=True)
-class ScoringWindow:
-    """Evaluate tokens [begin, end) and score the targets [first_scored, end)."""
-
-    begin: int
-    end: int
-    first_scored: int
 
 
 @dataclass(frozen=True)
@@ -74,36 +66,6 @@ class PerplexityResult:
     def nll_standard_error(self) -> float:
         """Standard error of the mean NLL, treating tokens as independent (an underestimate)."""
         return float(self.token_nll.std(ddof=1) / math.sqrt(self.n_scored)) if self.n_scored > 1 else math.nan
-
-
-def scoring_windows(n_tokens: int, n_ctx: int, stride: int) -> list[ScoringWindow]:
-    """The windows scoring each token of a text at most once (see the module doc).
-
-    With stride < n_ctx every token but the first is scored; with stride ==
-    n_ctx the first token of each window is not (it has no context).
-    """
-    if n_ctx < 2:
-        raise OptionError(f"n_ctx must be at least 2, got {n_ctx}")
-    if not 1 <= stride <= n_ctx:
-        raise OptionError(f"stride must be in 1..n_ctx ({n_ctx}), got {stride}")
-    windows: list[ScoringWindow] = []
-    scored_until = 1  # token 0 has no context
-    begin = 0
-    while scored_until < n_tokens:
-        end = min(begin + n_ctx, n_tokens)
-        first_scored = max(scored_until, begin + 1)
-        if first_scored < end:
-            windows.append(ScoringWindow(begin, end, first_scored))
-        scored_until = end
-        begin += stride
-    return windows
-
-
-def _window_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    # log-softmax of each row at its target: logsumexp(row) - row[target], accumulated in float64
-    peak = logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(logits - peak).sum(axis=1, dtype=np.float64)) + peak[:, 0]
-    return log_norm - logits[np.arange(len(targets)), targets]
 
 
 def perplexity(
@@ -151,7 +113,7 @@ def perplexity(
             # row r of the window's logits predicts token begin + r + 1
             rows = slice(window.first_scored - 1 - window.begin, window.end - 1 - window.begin)
             logits = np.asarray(llm.scores[rows], dtype=np.float32)
-            nlls.append(_window_nll(logits, tokens[window.first_scored:window.end]))
+            nlls.append(window_nll(logits, tokens[window.first_scored:window.end]))
             if progress is not None:
                 progress(len(nlls), len(windows))
         seconds = time.perf_counter() - start

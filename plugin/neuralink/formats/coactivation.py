@@ -26,8 +26,9 @@ COACTIVATION_KIND = "neuralink.formats.coactivation"
 
 # "relu": the FFN zeroes inactive neurons itself; "magnitude": |act(gate) * up| (the input of ffn_down)
 # > a per-layer threshold; "gate_magnitude": |act(gate)| > a per-layer threshold (CATS), which a
-# runtime can decide from the gate rows alone
-Criterion = Literal["relu", "magnitude", "gate_magnitude"]
+# runtime can decide from the gate rows alone; "contribution": |act(gate) * up| * |down column| > a
+# per-layer threshold, among the candidates |act(gate)| * E|up| * |down column| > another (docs/profile.md)
+Criterion = Literal["relu", "magnitude", "gate_magnitude", "contribution"]
 CRITERIA: tuple[Criterion, ...] = get_args(Criterion)
 
 # bit k of mask byte b is neuron 8b + k
@@ -45,6 +46,46 @@ def pack_masks(active: np.ndarray) -> np.ndarray:
 def unpack_masks(packed: np.ndarray, n_ff: int) -> np.ndarray:
     """The boolean (n_tokens, n_ff) mask of `pack_masks` output."""
     return np.unpackbits(packed, axis=1, count=n_ff, bitorder=MASK_BIT_ORDER).view(bool)
+
+
+# densities of the score quantile tables: QUANTILE_POINTS evenly from 0 to 1
+QUANTILE_POINTS = 1001
+
+
+@dataclass
+class SelectionStats:
+    """What a threshold at any density needs, per layer (original neuron indexing).
+
+    score_quantiles[l, w, k] is the score that a fraction k / (QUANTILE_POINTS - 1)
+    of layer l's calibration (token, neuron) scores exceeds, for w = 0 the final
+    score (the criterion's value) and w = 1 the candidate score (what is known
+    before reading: |act(gate)| * candidate scale); up_mean_abs[l, i] is E|up_i|
+    and candidate_counts[l, i] the tokens in which neuron i was a candidate.
+    """
+
+    score_quantiles: np.ndarray  # float32 (n_layer, 2, QUANTILE_POINTS)
+    up_mean_abs: np.ndarray  # float32 (n_layer, n_ff)
+    candidate_counts: np.ndarray  # int64 (n_layer, n_ff)
+    candidate_thresholds: np.ndarray  # float32 (n_layer,): at the profile's candidate density
+
+    def threshold(self, layer: int, density: float, candidate: bool = False) -> float:
+        """The score that a fraction `density` of layer `layer`'s calibration scores exceeds (interpolated)."""
+        table = self.score_quantiles[layer, 1 if candidate else 0]
+        if density >= 1.0:
+            return 0.0
+        grid = np.linspace(0.0, 1.0, table.size)
+        return float(max(np.interp(density, grid, table), 0.0))
+
+    ARRAYS = ("score_quantiles", "up_mean_abs", "candidate_counts", "candidate_thresholds")
+
+    def arrays(self, prefix: str = "selection_") -> dict[str, np.ndarray]:
+        return {prefix + name: np.asarray(getattr(self, name)) for name in self.ARRAYS}
+
+    @classmethod
+    def from_arrays(cls, z: object, prefix: str = "selection_") -> SelectionStats | None:
+        if prefix + "score_quantiles" not in z:  # type: ignore[operator]
+            return None
+        return cls(**{name: np.asarray(z[prefix + name]) for name in cls.ARRAYS})  # type: ignore[index]
 
 
 @dataclass
@@ -73,6 +114,7 @@ class CoactivationStats:
     n_tokens: int
     activation_counts: np.ndarray
     masks: list[np.ndarray] | None
+    selection: SelectionStats | None = None  # the contribution criterion's tables
 
     @property
     def n_layer(self) -> int:
@@ -143,6 +185,8 @@ class CoactivationStats:
             "activation_counts": np.asarray(self.activation_counts, dtype=np.int64),
         }
         arrays.update((f"masks_{il}", packed) for il, packed in enumerate(self.masks))
+        if self.selection is not None:
+            arrays.update(self.selection.arrays())
         return save_npz(path, arrays)
 
     @classmethod
@@ -167,6 +211,7 @@ class CoactivationStats:
                     n_tokens=int(z["n_tokens"]),
                     activation_counts=z["activation_counts"],
                     masks=masks,
+                    selection=SelectionStats.from_arrays(z),
                 )
         except ModelFileError:
             raise

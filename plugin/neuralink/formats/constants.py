@@ -21,7 +21,8 @@ def ffn_tensor_name(template: str, layer: int) -> str:
 
 # a sidecar is a GGUF container whose general.architecture is this name, so llama.cpp refuses to load it as a model
 SIDECAR_ARCHITECTURE = "neuralink_sidecar"
-SIDECAR_VERSION = 1
+# 2: the split layout, the contribution criterion, checksums of every record, header and table
+SIDECAR_VERSION = 2
 # every tensor's data starts on this boundary: direct I/O reads need offsets aligned to the logical block size
 SIDECAR_ALIGNMENT = 4096
 # each part of a bundle record starts on this boundary inside the record, so f32 parts are naturally aligned
@@ -60,14 +61,32 @@ KEY_BUNDLE_UP_OFFSET = "neuralink.bundle.up_offset"
 KEY_BUNDLE_DOWN_TYPE = "neuralink.bundle.down_type"
 KEY_BUNDLE_DOWN_OFFSET = "neuralink.bundle.down_offset"
 KEY_BUNDLE_DOWN_SOURCE_TYPE = "neuralink.bundle.down_source_type"
+# "joint": one record per neuron [gate | up | down]; "split": [gate | up] records and down columns in a region of
+# their own, read only for the neurons whose up row showed they are needed (docs/sidecar.md)
+KEY_BUNDLE_LAYOUT = "neuralink.bundle.layout"
+KEY_BUNDLE_DOWN_RECORD_BYTES = "neuralink.bundle.down_record_bytes"
 
 # sidecar tensors, per layer (same "blk.{bid}." convention as gguf's own names)
 SIDECAR_NEURON_ORDER = "blk.{bid}.neuron_order"
 SIDECAR_NEURON_FREQUENCY = "blk.{bid}.neuron_frequency"
 SIDECAR_CHAIN_STARTS = "blk.{bid}.chain_starts"
 SIDECAR_BUNDLES = "blk.{bid}.bundles"
+SIDECAR_DOWN_COLUMNS = "blk.{bid}.down_columns"
+SIDECAR_BUNDLE_HASH = "blk.{bid}.bundle_hash"
+SIDECAR_DOWN_HASH = "blk.{bid}.down_hash"
+# the contribution criterion's per-neuron tables (placed order)
+SIDECAR_CANDIDATE_SCALE = "blk.{bid}.candidate_scale"
+SIDECAR_DOWN_NORM = "blk.{bid}.down_norm"
+SIDECAR_CANDIDATE_FREQUENCY = "blk.{bid}.candidate_frequency"
 # one per file, after the layers: relative RMS error of each layer's re-encoded down columns
 SIDECAR_DOWN_ERROR = "neuralink.down_reencoding_error"
+# F32 (n_layer, 2): the (activity, candidate) thresholds the engine runs with, chosen by the quality search
+SIDECAR_RUNTIME_THRESHOLDS = "neuralink.runtime_thresholds"
+# I8 [SIDECAR_QUALITY_BYTES]: what the conversion measured and chose, JSON, zero-padded
+SIDECAR_QUALITY = "neuralink.quality"
+SIDECAR_QUALITY_BYTES = 16384
+# I64 [2]: checksum of the header (bytes before the data section) and of every table, written last
+SIDECAR_CHECKSUMS = "neuralink.checksums"
 
 # per-layer FFN biases, permuted with their neurons
 FFN_GATE_BIAS = TENSOR_NAMES[MODEL_TENSOR.FFN_GATE] + ".bias"

@@ -42,7 +42,7 @@ ACTIVATIONS: tuple[Activation, ...] = get_args(Activation)
 
 # How the converted GGUF's ffn_down and the sidecar's down columns are encoded:
 # "auto" (the measured default per type), "same" (the source ffn_down type), or a fixed type.
-DownEncoding = Literal["auto", "same", "q8_0", "f16", "f32"]
+DownEncoding = Literal["auto", "same", "q8_0", "q6_K", "q5_K", "q4_K", "f16", "f32"]
 DOWN_ENCODINGS: tuple[DownEncoding, ...] = get_args(DownEncoding)
 
 FLOAT_TYPES = frozenset({QType.F32, QType.F16, QType.BF16})

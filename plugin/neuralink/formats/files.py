@@ -9,10 +9,12 @@ name a user asked for.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 
 import gguf
@@ -76,6 +78,75 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def conversion_journal(model_path: str | os.PathLike[str]) -> Path:
+    """Where a conversion writing `model_path` keeps its commit journal: a hidden file beside it."""
+    path = Path(model_path)
+    return path.with_name(f".{path.name}.commit")
+
+
+def commit_pair(renames: list[tuple[Path, Path]], journal: Path) -> None:
+    """Rename every (temporary, final) pair so that a kill at any instant leaves the old files or the new ones.
+
+    The journal (written atomically first) lists the renames; `recover_pair`
+    completes them after a kill, and every reader of the pair calls it first.
+    """
+    write_text(journal, json.dumps([[os.fspath(a), os.fspath(b)] for a, b in renames]))
+    _fsync_directory(journal.parent)
+    recover_pair(journal)
+
+
+def recover_pair(journal: Path) -> bool:
+    """Complete the renames an interrupted `commit_pair` left in `journal`; True when there was one."""
+    try:
+        renames = json.loads(journal.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        journal.unlink(missing_ok=True)  # unreadable: it was never completely written, so nothing was renamed
+        return False
+    for tmp, final in renames:
+        if os.path.exists(tmp):
+            os.replace(tmp, final)
+    _fsync_directory(journal.parent)
+    journal.unlink(missing_ok=True)
+    return True
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries earlier writers of `path` left behind (``.<name>.<pid>.<random>.tmp`` of a
+    process that is gone); returns them."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        parts = tmp.name.removeprefix(f".{path.name}.").split(".")
+        if len(parts) != 3 or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def check_output_path(path: str | os.PathLike[str]) -> Path:
     """`path` if a file can be created there; OutputPathError naming what is wrong otherwise."""
     path = Path(path)
@@ -89,6 +160,6 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
 
 
 __all__ = [
-    "OutputPathError", "atomic_gguf", "atomic_output", "check_output_path", "file_sha256", "save_npz", "temporary_path",
-    "write_text",
+    "OutputPathError", "atomic_gguf", "atomic_output", "check_output_path", "commit_pair", "conversion_journal",
+    "file_sha256", "recover_pair", "remove_stale_temporaries", "save_npz", "temporary_path", "write_text",
 ]

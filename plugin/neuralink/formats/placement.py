@@ -13,9 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from neuralink.errors import ModelFileError
+from neuralink.formats.coactivation import SelectionStats
 from neuralink.formats.files import save_npz
 
-PLACEMENT_FORMAT_VERSION = 1
+# 2: the contribution criterion's selection tables, when the profile has them
+PLACEMENT_FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Placement:
     criterion: str
     n_tokens: int
     model_sha256: str
+    selection: SelectionStats | None = None  # contribution criterion: score quantiles, E|up|, candidate counts
 
     @property
     def n_layer(self) -> int:
@@ -73,6 +77,8 @@ class Placement:
             arrays[f"order_{il}"] = np.asarray(self.orders[il], dtype=np.int32)
             arrays[f"chain_starts_{il}"] = np.asarray(self.chain_starts[il], dtype=np.int32)
             arrays[f"frequencies_{il}"] = np.asarray(self.frequencies[il], dtype=np.float32)
+        if self.selection is not None:
+            arrays.update(self.selection.arrays())
         return save_npz(path, arrays)
 
     @classmethod
@@ -81,7 +87,7 @@ class Placement:
         try:
             with np.load(path, allow_pickle=False) as z:
                 version = int(z["format_version"])
-                if version != PLACEMENT_FORMAT_VERSION:
+                if version not in READABLE_VERSIONS:
                     raise ModelFileError(
                         f"{path}: placement format version {version}, expected {PLACEMENT_FORMAT_VERSION}"
                     )
@@ -95,6 +101,7 @@ class Placement:
                     criterion=str(z["criterion"]),
                     n_tokens=int(z["n_tokens"]),
                     model_sha256=str(z["model_sha256"]),
+                    selection=SelectionStats.from_arrays(z),
                 )
         except ModelFileError:
             raise

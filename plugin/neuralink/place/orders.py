@@ -197,6 +197,7 @@ def build_placement(stats: CoactivationStats, results: Sequence[LayerResult], me
         criterion=stats.criterion,
         n_tokens=stats.n_tokens,
         model_sha256=stats.model_sha256,
+        selection=stats.selection,
     )
 
 

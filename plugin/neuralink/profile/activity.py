@@ -6,7 +6,12 @@ records for every token and every layer which neurons were active:
 
   ReLU-family FFNs (ReLU, ReLU^2, ReGLU): active = activation != 0 (native zeros);
   gated FFNs (SwiGLU, GeGLU), --criterion
-    gate_magnitude (default, CATS):      active = |act(gate)| > t_l, which the
+    contribution (default):              active = |act(gate) * up| * |down_i| > t_l
+                                         among the candidates |act(gate)| *
+                                         E|up_i| * |down_i| > c_l, which the
+                                         engine's gate predictor decides from
+                                         resident gate rows, then the up row;
+    gate_magnitude (CATS):               active = |act(gate)| > t_l, which the
                                          engine's gate predictor decides
                                          exactly from resident gate rows;
     magnitude:                           active = |act(gate) * up| > t_l (the
@@ -34,8 +39,9 @@ from typing import TYPE_CHECKING, Literal, get_args
 import numpy as np
 
 from neuralink.errors import ProfileError, UnsupportedModelError
-from neuralink.formats.coactivation import CoactivationStats, Criterion, pack_masks
+from neuralink.formats.coactivation import CoactivationStats, Criterion, SelectionStats, pack_masks
 from neuralink.formats.files import file_sha256
+from neuralink.profile.contribution import PilotScores, candidate_scale, down_column_norms
 from neuralink.profile.text import read_documents, split_windows
 from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold
 
@@ -53,6 +59,9 @@ ACTIVATION_TENSORS = frozenset({
 NATIVE_ZERO_TENSORS = frozenset({"ffn_relu", "ffn_sqr(relu)", "ffn_reglu"})
 
 DEFAULT_DENSITY = 0.2
+# the contribution criterion's profile keeps what the engine runs near (its thresholds are chosen later, by
+# the conversion's quality search); placement orders neurons by co-activation at this density
+DEFAULT_CONTRIBUTION_DENSITY = 0.45
 DEFAULT_WINDOW = 512
 DEFAULT_MIN_TOKENS = 256
 DEFAULT_THRESHOLD_TOKENS = 2048
@@ -61,9 +70,15 @@ _PROBE_TOKENS = 4
 # called with (tokens done, tokens to do); pilot tokens for thresholds count too
 ProgressCallback = Callable[[int, int], None]
 # what --criterion may ask of a gated FFN; ReLU-family FFNs always use their native zeros
-GatedCriterion = Literal["magnitude", "gate_magnitude"]
+GatedCriterion = Literal["contribution", "magnitude", "gate_magnitude"]
 GATED_CRITERIA: tuple[GatedCriterion, ...] = get_args(GatedCriterion)
-DEFAULT_CRITERION: GatedCriterion = "gate_magnitude"
+DEFAULT_CRITERION: GatedCriterion = "contribution"
+UP_TENSOR = "ffn_up"
+
+
+def default_density(criterion: str) -> float:
+    """The profile density when none is given: what placement's co-activation is measured at."""
+    return DEFAULT_CONTRIBUTION_DENSITY if criterion == "contribution" else DEFAULT_DENSITY
 GateFunction = Literal["silu", "gelu"]
 # the gate projection before its activation (build_ffn names it for parallel gates)
 GATE_TENSOR = "ffn_gate"
@@ -86,6 +101,16 @@ class FfnActivation:
     def name(self) -> str:
         """What is thresholded, as the stats file records it: "ffn_swiglu", "silu(ffn_gate)"."""
         return f"{self.gate_function}({self.tensor})" if self.gate_function else self.tensor
+
+    def activate(self, rows: np.ndarray) -> np.ndarray:
+        """act(rows) for the gate function (identity without one), float32, a new array."""
+        if self.gate_function == "silu":
+            # x * sigmoid(x), with sigmoid through tanh: no overflow for large |x|
+            return rows * (0.5 + 0.5 * np.tanh(0.5 * rows))
+        if self.gate_function == "gelu":
+            # ggml's gelu: the tanh approximation
+            return 0.5 * rows * (1.0 + np.tanh(_SQRT_2_OVER_PI * (rows + 0.044715 * rows**3)))
+        return np.array(rows)
 
     def magnitudes(self, rows: np.ndarray) -> np.ndarray:
         """|value| of what is thresholded, from the tensor's rows (float32, a new array)."""
@@ -133,10 +158,28 @@ def probe_ffn_activation(
     functions = {GATE_FUNCTIONS.get(name) for names in seen.values() for name in names} - {None}
     if gates != set(seen) or len(functions) != 1:
         raise UnsupportedModelError(
-            f"{reader.path}: architecture '{reader.architecture}': criterion gate_magnitude needs a parallel gate "
+            f"{reader.path}: architecture '{reader.architecture}': criterion {criterion} needs a parallel gate "
             f"with SiLU or GELU in every layer; this FFN computes {sorted(set(seen[0]))}"
         )
-    return FfnActivation(GATE_TENSOR, "gate_magnitude", functions.pop()), n_ff
+    return FfnActivation(GATE_TENSOR, criterion, functions.pop()), n_ff
+
+
+_GATE_AND_UP = frozenset({GATE_TENSOR, UP_TENSOR})
+
+
+def _paired(consume: Callable[[int, np.ndarray, np.ndarray], None]) -> Callable[[str, int, np.ndarray], None]:
+    """An ActivationReader consumer that calls consume(layer, gate_rows, up_rows) once a layer showed both."""
+    first: dict[int, tuple[str, np.ndarray]] = {}
+
+    def on_tensor(name: str, layer: int, rows: np.ndarray) -> None:
+        if layer not in first:
+            first[layer] = (name, rows.copy())  # the view is valid only during this call
+            return
+        other_name, other = first.pop(layer)
+        gate, up = (other, rows) if other_name == GATE_TENSOR else (rows, other)
+        consume(layer, gate, up)
+
+    return on_tensor
 
 
 def _pilot_windows(windows: list[np.ndarray], threshold_tokens: int) -> list[np.ndarray]:
@@ -195,7 +238,7 @@ def profile_model(
     model: str | os.PathLike[str],
     texts: Sequence[str | os.PathLike[str]],
     *,
-    density: float = DEFAULT_DENSITY,
+    density: float | None = None,
     criterion: GatedCriterion = DEFAULT_CRITERION,
     window: int = DEFAULT_WINDOW,
     max_tokens: int | None = None,
@@ -215,6 +258,8 @@ def profile_model(
     zeros. Raises ModelFileError, UnsupportedModelError or ProfileError with
     the file and the problem.
     """
+    if density is None:
+        density = default_density(criterion)
     if not 0.0 < density < 1.0:
         raise ProfileError(f"density must be between 0 and 1 (exclusive), got {density}")
     if criterion not in GATED_CRITERIA:
@@ -244,9 +289,15 @@ def profile_model(
                  n_tokens, len(windows))
 
         pilot: list[np.ndarray] = []
+        contribution = activation.criterion == "contribution"
+        down_norms = down_column_norms(model_path) if contribution else []
+        selection = None
         if source is not None:
             thresholds, density = _reused_thresholds(source, thresholds_from, model_sha256, activation,
                                                      reader.n_layer, n_ff)
+            selection = source.selection
+            if contribution and selection is None:
+                raise ProfileError(f"{thresholds_from}: has no contribution selection tables")
         elif activation.criterion == "relu":
             thresholds, density = np.zeros(reader.n_layer, dtype=np.float32), math.nan
         else:
@@ -260,12 +311,29 @@ def profile_model(
             if progress is not None:
                 progress(done, total)
 
-        if pilot:
+        if pilot and contribution:
+            scores = PilotScores(reader.n_layer, n_ff, down_norms, sum(map(len, pilot)))
+            for tokens in pilot:
+                reader.evaluate(tokens, _GATE_AND_UP.__contains__,
+                                _paired(lambda layer, g, u: scores.add(layer, activation.activate(g), u)))
+                advance(len(tokens))
+            selection, thresholds = scores.selection(density)
+        elif pilot:
             thresholds = magnitude_thresholds(reader, pilot, activation, density, progress=advance)
 
         masks = [np.zeros((n_tokens, math.ceil(n_ff / 8)), dtype=np.uint8) for _ in range(reader.n_layer)]
         counts = np.zeros((reader.n_layer, n_ff), dtype=np.int64)
+        candidate_counts = np.zeros((reader.n_layer, n_ff), dtype=np.int64)
+        scales = [candidate_scale(selection, down_norms, il) for il in range(reader.n_layer)] if contribution else []
         offset = 0
+
+        def record_contribution(layer: int, g: np.ndarray, u: np.ndarray) -> None:
+            a = activation.activate(g)
+            candidates = np.abs(a) * scales[layer] > selection.candidate_thresholds[layer]  # type: ignore[union-attr]
+            active = candidates & (np.abs(a * u) * down_norms[layer] > thresholds[layer])
+            masks[layer][offset : offset + len(g)] = pack_masks(active)
+            counts[layer] += active.sum(axis=0)
+            candidate_counts[layer] += candidates.sum(axis=0)
 
         def record(_name: str, layer: int, rows: np.ndarray) -> None:
             if activation.criterion == "relu":
@@ -279,16 +347,22 @@ def profile_model(
             counts[layer] += active.sum(axis=0)
 
         for tokens in windows:
-            reader.evaluate(tokens, activation.tensor.__eq__, record)
+            if contribution:
+                reader.evaluate(tokens, _GATE_AND_UP.__contains__, _paired(record_contribution))
+            else:
+                reader.evaluate(tokens, activation.tensor.__eq__, record)
             offset += len(tokens)
             advance(len(tokens))
         architecture = reader.architecture
+        if selection is not None:
+            selection = SelectionStats(selection.score_quantiles, selection.up_mean_abs, candidate_counts,
+                                       selection.candidate_thresholds)
 
     stats = CoactivationStats(
         model_sha256=model_sha256, model_name=model_path.name, architecture=architecture,
         activation=activation.name, criterion=activation.criterion, target_density=float(density),
         thresholds=thresholds, n_ff=n_ff, window=window, sources=tuple(os.fspath(t) for t in texts),
-        n_tokens=n_tokens, activation_counts=counts, masks=masks,
+        n_tokens=n_tokens, activation_counts=counts, masks=masks, selection=selection,
     )
     densities = stats.densities()
     log.info("active fraction per layer: mean %.4f, min %.4f, max %.4f",

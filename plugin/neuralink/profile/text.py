@@ -60,3 +60,29 @@ def split_windows(documents: Sequence[np.ndarray], per_window: int, max_tokens: 
         if budget <= 0:
             break
     return windows
+
+
+def split_heldout(documents: Sequence[str], heldout_chars: int, max_fraction: float = 0.4) -> tuple[list[str], str]:
+    """Documents to profile on and a held-out text of about `heldout_chars` characters from their end.
+
+    Whole documents are held out from the last one back; the one that
+    straddles the boundary is cut at a line break. At most `max_fraction` of
+    the text is held out, so that profiling keeps the larger part.
+    """
+    total = sum(map(len, documents))
+    want = min(heldout_chars, int(total * max_fraction))
+    keep, held = list(documents), []
+    taken = 0
+    while keep and taken < want:
+        doc = keep.pop()
+        need = want - taken
+        if len(doc) <= need:
+            held.insert(0, doc)
+            taken += len(doc)
+            continue
+        cut = doc.rfind("\n", 0, len(doc) - need)
+        cut = cut if cut > 0 else len(doc) - need
+        keep.append(doc[:cut])
+        held.insert(0, doc[cut:])
+        taken += len(doc) - cut
+    return [d for d in keep if d.strip()], "\n".join(held)

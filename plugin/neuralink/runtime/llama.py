@@ -15,14 +15,10 @@ import numpy as np
 
 from neuralink import _engine
 from neuralink.errors import EngineIOError, MemoryBudgetError, ModelFileError, OptionError, UnsupportedModelError
-from neuralink.formats.constants import (
-    KEY_GATED,
-    KEY_PLACEMENT_CRITERION,
-    KEY_PREDICTOR_RANK,
-    KEY_SIDECAR_NAME,
-    LAZY_FFN_WEIGHTS_KEY,
-)
+from neuralink.formats.constants import KEY_SIDECAR_NAME, LAZY_FFN_WEIGHTS_KEY
+from neuralink.formats.files import conversion_journal, recover_pair
 from neuralink.formats.gguf_directory import read_gguf_directory
+from neuralink.formats.sidecar import Sidecar
 from neuralink.runtime.device_probe import cached_profile
 from neuralink.runtime.hook import FfnHookApi, ffn_hook_api
 from neuralink.runtime.memory_budget import (
@@ -43,12 +39,23 @@ _NOT_OFFERED = (
 
 
 def find_sidecar(model_path: str | os.PathLike[str]) -> Path | None:
-    """The sidecar a converted model names in its metadata, if it sits beside the model."""
+    """The sidecar a converted model names in its metadata, if it sits beside the model.
+
+    A conversion interrupted between renaming its two files is completed first
+    (``neuralink.formats.files.recover_pair``), so the pair found is whole.
+    """
+    recover_pair(conversion_journal(model_path))
     name = read_gguf_directory(model_path).get(KEY_SIDECAR_NAME)
     if not name:
         return None
     path = Path(model_path).parent / str(name)
     return path if path.is_file() else None
+
+
+def named_sidecar(model_path: str | os.PathLike[str]) -> str | None:
+    """The sidecar file name a converted model's metadata gives, None for an unconverted model."""
+    name = read_gguf_directory(model_path).get(KEY_SIDECAR_NAME)
+    return str(name) if name else None
 
 
 class Llama(llama_cpp.Llama):
@@ -89,10 +96,17 @@ class Llama(llama_cpp.Llama):
     direct_io:
         read weights and bundles with O_DIRECT, around the page cache (falls
         back to buffered reads where the filesystem refuses).
-    thresholds, predictor_thresholds:
-        per-layer activity thresholds (and low-rank predictor thresholds)
-        replacing the sidecar's, to run at another density without converting
-        again; see ``neuralink.evaluate.density_sweep.density_thresholds``.
+    thresholds, candidate_thresholds, predictor_thresholds:
+        per-layer activity thresholds (and the contribution criterion's
+        candidate thresholds, the low-rank predictor's thresholds) replacing
+        the sidecar's, to run at another density without converting again;
+        see ``neuralink.evaluate.density_sweep``. ``engine.set_thresholds``
+        changes them on a loaded model.
+
+    The default predictor is the one the conversion validated (its quality
+    search measured perplexity on held-out calibration text within the
+    budget, at the densities the sidecar records); a sidecar without a
+    validated setting runs ``"dense"``, every neuron, and says so in the log.
 
     The model is loaded with its FFN weights mapped lazily (never prefetched,
     repacked or read by llama.cpp), the engine is attached to the context for
@@ -120,6 +134,7 @@ class Llama(llama_cpp.Llama):
         direct_io: bool = True,
         thresholds: Sequence[float] | None = None,
         predictor_thresholds: Sequence[float] | None = None,
+        candidate_thresholds: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> None:
         self._hook_api: FfnHookApi | None = None
@@ -133,12 +148,18 @@ class Llama(llama_cpp.Llama):
         if not os.path.exists(model_path):
             raise ModelFileError(f"{model_path}: no such model file")
         sidecar_path = find_sidecar(model_path) if sidecar is None or sidecar is True else sidecar or None
-        if sidecar is True and sidecar_path is None:
-            raise ModelFileError(f"{model_path}: names no sidecar beside it; pass sidecar= explicitly")
+        if sidecar_path is None and sidecar is not False and named_sidecar(model_path):
+            raise ModelFileError(
+                f"{model_path}: converted by neuralink, but its sidecar {named_sidecar(model_path)} is not beside it; "
+                "put it back, pass sidecar=<path>, or pass sidecar=False to run the dense engine (all FFN weights in RAM)"
+            )
         engine_args: dict[str, Any] = dict(direct_io=direct_io)
         if sidecar_path is not None:
+            # checksums, ranges and the recomputed model id, before the engine reads a byte of the records
+            with Sidecar.open(sidecar_path, model_path) as opened:
+                quality = dict(opened.header.quality)
             engine_args.update(
-                sidecar=os.fspath(sidecar_path), predictor=predictor or _default_predictor(model_path, sidecar_path),
+                sidecar=os.fspath(sidecar_path), predictor=predictor or _default_predictor(sidecar_path, quality),
                 cache_policy=cache_policy, cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
             )
             engine_args.update(_read_cost_options(sidecar_path, queue_depth))
@@ -148,7 +169,9 @@ class Llama(llama_cpp.Llama):
                 engine_args["thresholds"] = [float(t) for t in thresholds]
             if predictor_thresholds is not None:
                 engine_args["predictor_thresholds"] = [float(t) for t in predictor_thresholds]
-        elif thresholds is not None or predictor_thresholds is not None:
+            if candidate_thresholds is not None:
+                engine_args["candidate_thresholds"] = [float(t) for t in candidate_thresholds]
+        elif thresholds is not None or predictor_thresholds is not None or candidate_thresholds is not None:
             raise OptionError(f"thresholds apply to a sidecar's sparse engine; {model_path} is used without one")
         elif predictor not in (None, "dense"):
             raise OptionError(f"predictor {predictor!r} needs a sidecar; {model_path} is used without one")
@@ -185,7 +208,8 @@ class Llama(llama_cpp.Llama):
         self._neuralink_args = dict(sidecar=sidecar, predictor=predictor, cache_policy=cache_policy,
                                     cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
                                     collapse_gap=collapse_gap, memory_budget=memory_budget, direct_io=direct_io,
-                                    thresholds=thresholds, predictor_thresholds=predictor_thresholds)
+                                    thresholds=thresholds, predictor_thresholds=predictor_thresholds,
+                                    candidate_thresholds=candidate_thresholds)
         self._stats: list[np.ndarray] = []
         self._summarized = 0
 
@@ -314,12 +338,10 @@ def _read_cost_options(sidecar: str | os.PathLike[str], queue_depth: int) -> dic
     return options
 
 
-def _default_predictor(model_path: str | os.PathLike[str], sidecar: str | os.PathLike[str]) -> str:
-    # the exact gate predictor where the criterion allows it, else the sidecar's low-rank one, else every neuron
-    directory = read_gguf_directory(sidecar)
-    gate_only = directory.get(KEY_PLACEMENT_CRITERION) in ("gate_magnitude", "relu")
-    if bool(directory.get(KEY_GATED)) and gate_only:
-        return "gate"
-    if directory.get(KEY_PREDICTOR_RANK) and gate_only:
-        return "lowrank"
+def _default_predictor(sidecar: str | os.PathLike[str], quality: dict[str, Any]) -> str:
+    # what the conversion validated for quality, else every neuron: a default never runs an unmeasured density
+    if quality.get("validated") and quality.get("predictor") in ("gate", "lowrank", "dense"):
+        return str(quality["predictor"])
+    logger.warning("%s: no sparse setting was validated for quality when it was converted (convert with "
+                   "--calibration to run the quality search); reading every neuron (predictor 'dense')", sidecar)
     return "dense"

@@ -17,7 +17,7 @@ from neuralink.formats.ffn_tensors import DownEncoding, inspect_ffn_model
 from neuralink.formats.files import file_sha256
 from neuralink.formats.placement import Placement
 from neuralink.place.orders import build_placement, check_model_matches, place_layers
-from neuralink.profile.activity import DEFAULT_CRITERION, DEFAULT_DENSITY, DEFAULT_WINDOW, profile_model
+from neuralink.profile.activity import DEFAULT_CRITERION, DEFAULT_WINDOW, profile_model
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_CALIBRATION_TOKENS = 4096
@@ -90,7 +90,7 @@ def prepare_inputs(
         cal_path = calibration_stats
         cal_stats: CoactivationStats | None = None
         if cal_path is None and calibration is not None and (placement is None or text is not None):
-            cal_stats = profile_model(model, calibration, density=density or DEFAULT_DENSITY,
+            cal_stats = profile_model(model, calibration, density=density,
                                       criterion=criterion or DEFAULT_CRITERION, max_tokens=calibration_tokens,
                                       min_tokens=min(256, calibration_tokens), window=window or DEFAULT_WINDOW,
                                       threads=threads,

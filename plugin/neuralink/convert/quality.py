@@ -1,0 +1,228 @@
+"""The conversion's quality search: the sparsest per-layer densities within a perplexity budget.
+
+Runs on the converted pair before it is committed. One neuralink.Llama is
+loaded on it and scores held-out calibration text (text the profile never
+saw) under several threshold settings (``engine.set_thresholds``, no reload):
+
+  1. the reference: every neuron (thresholds 0);
+  2. sensitivity (allocation "sensitivity"): each layer alone at a probe
+     density, the rest dense; layers are ranked by the NLL they cost;
+  3. a ladder of final densities (candidates = final + CANDIDATE_MARGIN):
+     each layer gets the global level shifted by its sensitivity tier (the
+     most sensitive third two steps denser, the least sensitive third two
+     steps sparser), and the sparsest global level whose perplexity stays
+     within the budget is chosen (bisection: the ladder is monotone).
+
+What was chosen and everything measured goes into the sidecar's quality
+record; neuralink.Llama then runs the validated setting by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from neuralink.errors import OptionError
+from neuralink.formats.coactivation import SelectionStats
+from neuralink.profile.contribution import candidate_density
+
+log = logging.getLogger(__name__)
+
+Allocation = Literal["sensitivity", "uniform"]
+ALLOCATIONS: tuple[Allocation, ...] = ("sensitivity", "uniform")
+DEFAULT_BUDGET = 0.03
+DEFAULT_HELDOUT_TOKENS = 1024
+# final densities the search walks (1.0: every neuron)
+LADDER = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0)
+PROBE_DENSITY = 0.3
+TIER_STEPS = 2
+
+# (stage, done, total)
+SearchProgress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Per-layer final densities and the thresholds that give them."""
+
+    finals: tuple[float, ...]
+    thresholds: tuple[float, ...]
+    candidates: tuple[float, ...]
+
+    @property
+    def runtime(self) -> list[tuple[float, float]]:
+        return list(zip(self.thresholds, self.candidates))
+
+
+def setting_for(selection: SelectionStats, finals: Sequence[float]) -> Setting:
+    """The (activity, candidate) thresholds of each layer at its final density (1.0: every neuron)."""
+    thresholds, candidates = [], []
+    for il, final in enumerate(finals):
+        if final >= 1.0:
+            thresholds.append(0.0)
+            candidates.append(0.0)
+            continue
+        thresholds.append(selection.threshold(il, final))
+        candidates.append(selection.threshold(il, candidate_density(final), candidate=True))
+    return Setting(tuple(float(f) for f in finals), tuple(thresholds), tuple(candidates))
+
+
+def tier_offsets(sensitivity: Sequence[float]) -> np.ndarray:
+    """Ladder steps per layer: +TIER_STEPS for the most sensitive third, -TIER_STEPS for the least, 0 between."""
+    n = len(sensitivity)
+    rank = np.argsort(np.argsort(np.asarray(sensitivity)))  # 0 = least sensitive
+    return np.where(rank >= 2 * n // 3, TIER_STEPS, np.where(rank < n // 3, -TIER_STEPS, 0))
+
+
+def layer_levels(level: int, offsets: np.ndarray) -> list[float]:
+    return [LADDER[int(np.clip(level + off, 0, len(LADDER) - 1))] for off in offsets]
+
+
+class ThresholdScorer:
+    """One loaded neuralink.Llama on the converted pair, scoring held-out text under threshold settings."""
+
+    def __init__(self, model: os.PathLike[str] | str, sidecar: os.PathLike[str] | str, text: str, *,
+                 max_tokens: int = DEFAULT_HELDOUT_TOKENS, n_ctx: int = 512, threads: int | None = None,
+                 predictor: str = "gate") -> None:
+        # llama_cpp loads libllama on import: only conversions with a quality search pay for it
+        from neuralink.runtime.llama import Llama
+        from neuralink.runtime.scoring import TextScorer
+
+        self.llm = Llama(os.fspath(model), sidecar=os.fspath(sidecar), predictor=predictor, n_ctx=n_ctx,
+                         n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
+        try:
+            tokens = np.asarray(self.llm.tokenize(text.encode("utf-8"), add_bos=True)[:max_tokens], dtype=np.int64)
+            self.scorer = TextScorer(self.llm, tokens, n_ctx)
+        except BaseException:
+            self.llm.close()
+            raise
+        self.passes = 0
+
+    def nll(self, setting: Setting | None = None) -> tuple[float, dict[str, float]]:
+        """Mean NLL under `setting` (None: the sidecar's), and the densities it ran at (up rows and down
+        columns read per (token, neuron) pair)."""
+        engine = self.llm.engine
+        if setting is not None:
+            engine.set_thresholds(list(setting.thresholds), list(setting.candidates), None)
+        engine.take_stats()
+        nll = float(self.scorer.score().mean())
+        stats = engine.take_stats()
+        self.passes += 1
+        pairs = float(np.sum(stats["n_tokens"].astype(np.float64))) * engine_n_ff(self.llm)
+        return nll, {"up_density": float(stats["predicted_pairs"].sum() / pairs),
+                     "down_density": float(stats["computed_pairs"].sum() / pairs)}
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def engine_n_ff(llm: Any) -> int:
+    arch = llm.metadata["general.architecture"]
+    return int(llm.metadata[f"{arch}.feed_forward_length"])
+
+
+def search(scorer: ThresholdScorer, selection: SelectionStats, n_layer: int, *, budget: float = DEFAULT_BUDGET,
+           allocation: Allocation = "sensitivity", fixed_density: float | None = None,
+           progress: SearchProgress | None = None) -> tuple[Setting, dict[str, Any]]:
+    """The chosen setting and the quality record (module doc). `fixed_density`: no search, one uniform final
+    density (measured all the same, so the record says what it costs)."""
+    if allocation not in ALLOCATIONS:
+        raise OptionError(f"allocation must be one of {ALLOCATIONS}, not {allocation!r}")
+    if not budget > 0:
+        raise OptionError(f"the perplexity budget must be positive, got {budget}")
+    report = progress or (lambda stage, done, total: None)
+    dense = setting_for(selection, [1.0] * n_layer)
+    reference, _ = scorer.nll(dense)
+    record: dict[str, Any] = {"budget": budget, "reference_nll": reference, "allocation": allocation,
+                              "heldout_tokens": int(scorer.scorer.tokens.size), "measured": []}
+
+    def measure(setting: Setting, label: str) -> float:
+        nll, densities = scorer.nll(setting)
+        ratio = math.exp(nll - reference) - 1.0
+        record["measured"].append({"label": label, "perplexity_change": ratio, **densities})
+        log.info("quality search: %s: perplexity %+.2f %% (up rows %.3f, down columns %.3f)", label, 100 * ratio,
+                 densities["up_density"], densities["down_density"])
+        return ratio
+
+    if fixed_density is not None:
+        setting = setting_for(selection, [fixed_density] * n_layer)
+        ratio = measure(setting, f"uniform {fixed_density}")
+        return setting, _chosen(record, setting, ratio, budget, f"uniform {fixed_density} (given)")
+
+    offsets = np.zeros(n_layer, dtype=int)
+    if allocation == "sensitivity":
+        sensitivity = []
+        for il in range(n_layer):
+            finals = [1.0] * n_layer
+            finals[il] = PROBE_DENSITY
+            nll, _ = scorer.nll(setting_for(selection, finals))
+            sensitivity.append(nll - reference)
+            report("sensitivity", il + 1, n_layer)
+        record["sensitivity"] = sensitivity
+        offsets = tier_offsets(sensitivity)
+
+    # bisection over the global level: the sparsest one within the budget
+    low, high = 0, len(LADDER) - 1  # high (every neuron) is within any budget
+    results: dict[int, float] = {high: 0.0}
+    steps = math.ceil(math.log2(len(LADDER))) + 1
+    done = 0
+    while low < high:
+        mid = (low + high) // 2
+        setting = setting_for(selection, layer_levels(mid, offsets))
+        results[mid] = measure(setting, f"level {LADDER[mid]}")
+        done += 1
+        report("densities", done, steps)
+        if results[mid] <= budget:
+            high = mid
+        else:
+            low = mid + 1
+    setting = setting_for(selection, layer_levels(high, offsets))
+    return setting, _chosen(record, setting, results.get(high, 0.0), budget, f"level {LADDER[high]}")
+
+
+def measure_predictor(model: os.PathLike[str] | str, sidecar: os.PathLike[str] | str, text: str, predictor: str,
+                      *, budget: float = DEFAULT_BUDGET, threads: int | None = None) -> dict[str, Any]:
+    """The quality record of running `predictor` at the sidecar's own thresholds (criteria without a density
+    search: relu with the low-rank predictor, gate_magnitude): its perplexity against every neuron."""
+    record: dict[str, Any] = {"budget": budget, "measured": []}
+    nlls = {}
+    for name in ("dense", predictor):
+        scorer = ThresholdScorer(model, sidecar, text, threads=threads, predictor=name)
+        try:
+            nlls[name], densities = scorer.nll()
+            record["heldout_tokens"] = int(scorer.scorer.tokens.size)
+        finally:
+            scorer.close()
+        record["measured"].append({"label": name, **densities})
+    ratio = math.exp(nlls[predictor] - nlls["dense"]) - 1.0
+    within = ratio <= budget
+    record.update(validated=within, predictor=predictor if within else "dense", chosen=predictor,
+                  within_budget=within, perplexity_change=ratio, reference_nll=nlls["dense"],
+                  up_density=record["measured"][-1]["up_density"], down_density=record["measured"][-1]["down_density"])
+    log.info("quality check: predictor %s: perplexity %+.2f %% (budget %.1f %%)", predictor, 100 * ratio, 100 * budget)
+    return record
+
+
+def _chosen(record: dict[str, Any], setting: Setting, ratio: float, budget: float, label: str) -> dict[str, Any]:
+    measured = next((m for m in reversed(record["measured"]) if m["label"] == label), None)
+    dense = all(f >= 1.0 for f in setting.finals)
+    # validated: measured within the budget; a given density outside it is recorded but not run by default
+    within = ratio <= budget
+    record.update(
+        validated=within,
+        predictor="gate" if within and not dense else "dense",
+        chosen=label,
+        within_budget=within,
+        perplexity_change=ratio,
+        layer_densities=list(setting.finals),
+        up_density=measured["up_density"] if measured else 1.0,
+        down_density=measured["down_density"] if measured else 1.0,
+    )
+    return record
