@@ -46,7 +46,7 @@ def random_placement(model_path: Path, seed: int = 0, method: str = "random") ->
                       for _ in range(model.n_layer)],
         frequencies=[rng.random(n_ff).astype(np.float32) for _ in range(model.n_layer)],
         thresholds=rng.random(model.n_layer).astype(np.float32),
-        criterion="test",
+        criterion="magnitude" if model.gated else "relu",  # full bundles: gate, up and down
         n_tokens=1000,
         model_sha256=file_sha256(model_path),
     )

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from neuralink.formats.sidecar import Sidecar
+
 from conftest import ModelFactory, carried_text
 
 
@@ -34,7 +36,11 @@ def test_demo_converts_once_then_runs_sparse(synthetic_model: ModelFactory, cali
     converted = list((tmp_path / "converted").glob("*/*.neuralink.gguf"))
     assert len(converted) == 1 and converted[0].with_suffix(".sidecar").is_file()
     assert f"converting {model.name} once" in first.stderr
-    assert "FFN layers served by neuralink: 2/2 (sparse, from the sidecar, predictor dense" in first.stderr
+    # the predictor the conversion's quality search validated on held-out calibration text runs by default
+    assert "quality check: " in first.stderr
+    with Sidecar.open(converted[0].with_suffix(".sidecar"), converted[0]) as sidecar:
+        validated = sidecar.header.default_predictor
+    assert f"FFN layers served by neuralink: 2/2 (sparse, from the sidecar, predictor {validated}" in first.stderr
     for line in ("bundle cache", "active neurons", "reads per token", "I/O per token", "tok/s"):
         assert line in first.stderr, line
     second = run_demo(tmp_path, *common)

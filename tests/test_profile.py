@@ -92,9 +92,37 @@ def test_gated_masks_threshold_swiglu_at_the_target_density(models: dict[str, Pa
         assert decided.mean() > 0.99
 
 
+def test_contribution_is_the_default_and_selects_among_gate_candidates(models: dict[str, Path],
+                                                                     texts: dict[str, Path]) -> None:
+    stats = profile_model(models["llama"], [texts["calibration"]], window=WINDOW, density=0.3)
+    assert (stats.criterion, stats.activation) == ("contribution", "silu(ffn_gate)")
+    selection = stats.selection
+    assert selection is not None
+    inputs, weights = ffn_reference(models["llama"], texts["calibration"])
+    tensors = {t.name: t for t in gguf.GGUFReader(models["llama"]).tensors}
+    for layer in range(2):
+        down = np.asarray(tensors[f"blk.{layer}.ffn_down.weight"].data, dtype=np.float64)  # (n_embd, n_ff)
+        down_norm = np.linalg.norm(down, axis=0)
+        gate, up = inputs[layer] @ weights["gate"][layer].T, inputs[layer] @ weights["up"][layer].T
+        act = gate / (1 + np.exp(-gate))
+        # E|up| per neuron, measured on the same text
+        np.testing.assert_allclose(selection.up_mean_abs[layer], np.abs(up).mean(axis=0), rtol=1e-3)
+        candidate = np.abs(act) * selection.up_mean_abs[layer] * down_norm
+        final = np.abs(act * up) * down_norm
+        t_c, t_f = float(selection.candidate_thresholds[layer]), float(stats.thresholds[layer])
+        decided = (np.abs(candidate - t_c) > 1e-4 * t_c) & (np.abs(final - t_f) > 1e-4 * t_f)
+        want = (candidate > t_c) & (final > t_f)
+        assert np.array_equal(stats.layer_masks(layer)[decided], want[decided]) and decided.mean() > 0.99
+        # candidates are the up rows read: more than the final neurons, counted per neuron
+        assert (candidate > t_c).mean() > want.mean()
+        np.testing.assert_array_equal(selection.candidate_counts[layer][decided.all(axis=0)],
+                                      (candidate > t_c).sum(axis=0)[decided.all(axis=0)])
+
+
 def test_gate_criterion_thresholds_act_of_the_gate(models: dict[str, Path], texts: dict[str, Path],
                                                    tmp_path: Path) -> None:
-    stats = profile_model(models["llama"], [texts["calibration"]], window=WINDOW, density=0.2)  # the default
+    stats = profile_model(models["llama"], [texts["calibration"]], window=WINDOW, density=0.2,
+                          criterion="gate_magnitude")
     assert (stats.criterion, stats.activation) == ("gate_magnitude", "silu(ffn_gate)")
     assert np.allclose(stats.densities(), 0.2, atol=1e-3)
     inputs, weights = ffn_reference(models["llama"], texts["calibration"])
@@ -106,7 +134,8 @@ def test_gate_criterion_thresholds_act_of_the_gate(models: dict[str, Path], text
         assert np.array_equal(stats.layer_masks(layer)[decided], (magnitude > threshold)[decided])
     calibration = tmp_path / "gate.npz"
     stats.save(calibration)
-    heldout = profile_model(models["llama"], [texts["heldout"]], window=WINDOW, thresholds_from=calibration)
+    heldout = profile_model(models["llama"], [texts["heldout"]], window=WINDOW, thresholds_from=calibration,
+                            criterion="gate_magnitude")
     assert (heldout.criterion, heldout.activation) == ("gate_magnitude", "silu(ffn_gate)")
     assert np.array_equal(heldout.thresholds, stats.thresholds)
     # a ReLU-family FFN keeps its native zeros whatever is asked
@@ -204,7 +233,8 @@ def test_bad_input_fails_cleanly(case: str, models: dict[str, Path], texts: dict
 def test_cli_profiles_calibration_then_heldout(models: dict[str, Path], texts: dict[str, Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     calibration, heldout = tmp_path / "calibration.npz", tmp_path / "heldout.npz"
-    common = ["--model", str(models["llama"]), "--window", str(WINDOW), "--density", "0.1"]
+    common = ["--model", str(models["llama"]), "--window", str(WINDOW), "--density", "0.1", "--criterion",
+              "gate_magnitude"]
     assert run_profile_cli(str(texts["calibration"]), "-o", str(calibration), *common) == 0
     assert run_profile_cli(str(texts["heldout"]), "-o", str(heldout), *common,
                            "--thresholds-from", str(calibration)) == 0
@@ -218,7 +248,8 @@ def test_smollm2_profile(tmp_path: Path) -> None:
 
     text = tmp_path / "text.txt"
     text.write_text(carried_text(600, seed=3))
-    stats = profile_model(default_model_path(), [text], window=256, density=0.2, max_tokens=512)
+    stats = profile_model(default_model_path(), [text], window=256, density=0.2, max_tokens=512,
+                          criterion="gate_magnitude")
     assert (stats.architecture, stats.activation, stats.criterion) == ("llama", "silu(ffn_gate)", "gate_magnitude")
     assert (stats.n_layer, stats.n_ff, stats.n_tokens) == (30, 1536, 512)
     assert np.allclose(stats.densities(), 0.2, atol=2e-3)

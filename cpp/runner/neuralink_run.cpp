@@ -125,11 +125,8 @@ std::string resolve_sidecar(const RunnerOptions & o, const neuralink::GgufModel 
     return path;
 }
 
-// As neuralink.Llama: the exact gate predictor where the sidecar's criterion allows it, else every neuron.
-std::string default_predictor(const neuralink::SidecarStore & store) {
-    const std::string & c = store.criterion();
-    return store.gated() && (c == "gate_magnitude" || c == "relu") ? "gate" : "dense";
-}
+// As neuralink.Llama: the predictor the conversion validated for quality, else every neuron.
+std::string default_predictor(const neuralink::SidecarStore & store) { return store.default_predictor(); }
 
 neuralink::EngineOptions engine_options(const RunnerOptions & o, const std::string & sidecar,
                                         const std::string & predictor) {

@@ -369,6 +369,11 @@ void Engine::forward(int il, Activation act, const float * x, float * y, int64_t
         for (int phase = 0; phase < SparseFfn::kPhases; ++phase) {
             sparse_->phase(il, phase, x, y, n_tokens, 0, 1);
         }
+        // a failed read or checksum is kept for the graph's caller; here the caller is us: rethrow it
+        if (std::string what = sparse_->error(); !what.empty()) {
+            sparse_->clear_error();
+            throw IoError(what);
+        }
         return;
     }
     layer(il); // validates il

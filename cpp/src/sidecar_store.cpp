@@ -197,6 +197,21 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
         AlignedBuffer buf = file_->read_range(ti.offset, ti.nbytes, &start);
         std::memcpy(runtime.data(), start, ti.nbytes);
     }
+    {
+        const TensorInfo & ti = dir.require("neuralink.default_predictor");
+        if (ti.type != GGML_TYPE_I8 || ti.nbytes != 16) {
+            r.fail("tensor 'neuralink.default_predictor' must be I8 [16]");
+        }
+        const uint8_t * start = nullptr;
+        AlignedBuffer buf = file_->read_range(ti.offset, ti.nbytes, &start);
+        default_predictor_.assign((const char *) start, strnlen((const char *) start, ti.nbytes));
+        if (default_predictor_ != "dense" && default_predictor_ != "gate" && default_predictor_ != "lowrank") {
+            r.fail("default predictor '" + default_predictor_ + "', expected 'dense', 'gate' or 'lowrank'");
+        }
+        if (default_predictor_ == "lowrank" && predictor_rank_ == 0) {
+            r.fail("default predictor 'lowrank', but the sidecar has no low-rank predictor");
+        }
+    }
     layers_.resize(n_layer);
     for (uint64_t il = 0; il < n_layer; ++il) {
         SidecarLayer & L = layers_[il];

@@ -76,6 +76,8 @@ public:
     // criterion(), resolved once when the sidecar is opened
     Criterion criterion_kind() const { return criterion_kind_; }
     const SidecarLayer & layer(int il) const { return layers_.at((size_t) il); }
+    // the predictor to run by default: the one the conversion's quality search validated, else "dense"
+    const std::string & default_predictor() const { return default_predictor_; }
     // rank of the low-rank predictor, 0 when the sidecar has none
     int predictor_rank() const { return predictor_rank_; }
     // down columns in a region of their own (the "split" layout)
@@ -97,6 +99,7 @@ private:
     bool gated_ = false;
     bool bundle_gate_ = false;
     bool split_ = false;
+    std::string default_predictor_ = "dense";
     int predictor_rank_ = 0;
     Activation activation_ = Activation::Silu;
     std::vector<SidecarLayer> layers_;

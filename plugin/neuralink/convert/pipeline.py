@@ -26,7 +26,7 @@ from neuralink.convert.quality import (
     search,
 )
 from neuralink.convert.writer import ConversionResult, run_conversion
-from neuralink.errors import OptionError
+from neuralink.errors import OptionError, ProfileError
 from neuralink.formats.bundle_layout import (
     BundleLayoutName,
     BundleParts,
@@ -163,9 +163,14 @@ def convert_from_text(
         gate = bundle_has_gate(model, bundle_parts, effective)
         split = bundle_split(bundle_layout, effective)
         record_bytes = [lay.neuron_bytes for lay in bundle_layouts(model, bundle_down_type, gate, split)]
-        placement = placement_from_text(model_path, [profile_text], method=method, density=density,
-                                        criterion=criterion, max_tokens=max_tokens, bundle_bytes=record_bytes,
-                                        workers=workers, threads=threads, progress=report)
+        try:
+            placement = placement_from_text(model_path, [profile_text], method=method, density=density,
+                                            criterion=criterion, max_tokens=max_tokens, bundle_bytes=record_bytes,
+                                            workers=workers, threads=threads, progress=report)
+        except ProfileError as e:
+            # profiled from a temporary copy of the text less its held-out end: name the user's files
+            names = f"{', '.join(map(str, texts))} (less the {len(heldout)} characters kept aside)"
+            raise ProfileError(str(e).replace(os.fspath(profile_text), names)) from None
         if save_placement is not None:
             placement.save(save_placement)
         predictor = None

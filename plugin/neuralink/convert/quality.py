@@ -108,12 +108,11 @@ class ThresholdScorer:
     def nll(self, setting: Setting | None = None) -> tuple[float, dict[str, float]]:
         """Mean NLL under `setting` (None: the sidecar's), and the densities it ran at (up rows and down
         columns read per (token, neuron) pair)."""
-        engine = self.llm.engine
         if setting is not None:
-            engine.set_thresholds(list(setting.thresholds), list(setting.candidates), None)
-        engine.take_stats()
+            self.llm.engine.set_thresholds(list(setting.thresholds), list(setting.candidates), None)
+        self.llm.ffn_stats(reset=True)  # Llama.eval collects the engine's counters: start from none
         nll = float(self.scorer.score().mean())
-        stats = engine.take_stats()
+        stats = self.llm.ffn_stats(reset=True)
         self.passes += 1
         pairs = float(np.sum(stats["n_tokens"].astype(np.float64))) * engine_n_ff(self.llm)
         return nll, {"up_density": float(stats["predicted_pairs"].sum() / pairs),
@@ -153,8 +152,8 @@ def search(scorer: ThresholdScorer, selection: SelectionStats, n_layer: int, *, 
 
     if fixed_density is not None:
         setting = setting_for(selection, [fixed_density] * n_layer)
-        ratio = measure(setting, f"uniform {fixed_density}")
-        return setting, _chosen(record, setting, ratio, budget, f"uniform {fixed_density} (given)")
+        label = f"uniform {fixed_density} (given)"
+        return setting, _chosen(record, setting, measure(setting, label), budget, label)
 
     offsets = np.zeros(n_layer, dtype=int)
     if allocation == "sensitivity":

@@ -85,6 +85,11 @@ SIDECAR_RUNTIME_THRESHOLDS = "neuralink.runtime_thresholds"
 # I8 [SIDECAR_QUALITY_BYTES]: what the conversion measured and chose, JSON, zero-padded
 SIDECAR_QUALITY = "neuralink.quality"
 SIDECAR_QUALITY_BYTES = 16384
+# I8 [SIDECAR_PREDICTOR_NAME_BYTES]: the predictor neuralink.Llama and neuralink-run use by default, ASCII,
+# zero-padded: the one the conversion's quality search validated, else "dense" (every neuron)
+SIDECAR_DEFAULT_PREDICTOR = "neuralink.default_predictor"
+SIDECAR_PREDICTOR_NAME_BYTES = 16
+DEFAULT_PREDICTORS = ("dense", "gate", "lowrank")
 # I64 [2]: checksum of the header (bytes before the data section) and of every table, written last
 SIDECAR_CHECKSUMS = "neuralink.checksums"
 

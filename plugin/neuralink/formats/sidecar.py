@@ -27,6 +27,7 @@ from neuralink.errors import ModelFileError
 from neuralink.formats.bundle_layout import BundleLayout, BundlePart, ByteRange, NeuronWeights
 from neuralink.formats.checksum import records_checksums
 from neuralink.formats.constants import (
+    DEFAULT_PREDICTORS,
     KEY_ACTIVATION,
     KEY_BUNDLE_DOWN_OFFSET,
     KEY_BUNDLE_DOWN_SOURCE_TYPE,
@@ -70,6 +71,8 @@ from neuralink.formats.constants import (
     SIDECAR_NEURON_ORDER,
     SIDECAR_PREDICTOR_A,
     SIDECAR_PREDICTOR_B,
+    SIDECAR_DEFAULT_PREDICTOR,
+    SIDECAR_PREDICTOR_NAME_BYTES,
     SIDECAR_QUALITY,
     SIDECAR_QUALITY_BYTES,
     SIDECAR_RUNTIME_THRESHOLDS,
@@ -358,6 +361,10 @@ def _read_header(directory: GgufDirectory) -> tuple[SidecarHeader, tuple[BundleL
         quality = decode_quality(quality_raw)
     except ValueError:
         raise ModelFileError(f"{path}: the quality record is not valid JSON") from None
+    default_predictor = bytes(_small_tensor(directory, SIDECAR_DEFAULT_PREDICTOR, "u1",
+                                            SIDECAR_PREDICTOR_NAME_BYTES)).rstrip(b"\0").decode(errors="replace")
+    if default_predictor not in DEFAULT_PREDICTORS:
+        raise ModelFileError(f"{path}: default predictor {default_predictor!r}, expected one of {DEFAULT_PREDICTORS}")
     header = SidecarHeader(
         model_id=directory.require(KEY_MODEL_ID, str),
         source_sha256=directory.require(KEY_SOURCE_SHA256, str),
@@ -372,6 +379,7 @@ def _read_header(directory: GgufDirectory) -> tuple[SidecarHeader, tuple[BundleL
         layout=layout,  # type: ignore[arg-type]
         runtime_thresholds=tuple((float(a), float(b)) for a, b in runtime),
         quality=quality,
+        default_predictor=default_predictor,
         **_read_predictor_header(directory, n_layer, n_embd),
     )
 
@@ -446,6 +454,7 @@ def _check_tensors(directory: GgufDirectory, header: SidecarHeader, layouts: Seq
     check(SIDECAR_DOWN_ERROR, QType.F32, (header.n_layer,))
     check(SIDECAR_RUNTIME_THRESHOLDS, QType.F32, (2, header.n_layer))
     check(SIDECAR_QUALITY, QType.I8, (SIDECAR_QUALITY_BYTES,))
+    check(SIDECAR_DEFAULT_PREDICTOR, QType.I8, (SIDECAR_PREDICTOR_NAME_BYTES,))
     check(SIDECAR_CHECKSUMS, QType.I64, (2,))
 
 

@@ -17,9 +17,11 @@ import numpy as np
 
 from neuralink.formats.bundle_layout import BundleLayout
 from neuralink.formats.constants import (
+    DEFAULT_PREDICTORS,
     SIDECAR_BUNDLES,
     SIDECAR_CHECKSUMS,
     SIDECAR_DOWN_COLUMNS,
+    SIDECAR_PREDICTOR_NAME_BYTES,
     SIDECAR_QUALITY_BYTES,
     SIDECAR_VERSION,
 )
@@ -54,6 +56,8 @@ class SidecarHeader:
     runtime_thresholds: tuple[tuple[float, float], ...] | None = None
     # what the conversion measured and chose (densities, perplexities, the validated predictor), JSON-able
     quality: dict[str, Any] = field(default_factory=dict)
+    # what runs by default: the predictor the quality search validated, else "dense"
+    default_predictor: str = "dense"
 
     def __post_init__(self) -> None:
         if self.bundle_gate is None:
@@ -95,6 +99,20 @@ def encode_quality(quality: dict[str, Any]) -> np.ndarray:
         raise ValueError(f"quality record of {len(raw)} bytes exceeds {SIDECAR_QUALITY_BYTES}")
     out = np.zeros(SIDECAR_QUALITY_BYTES, dtype=np.uint8)
     out[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    return out
+
+
+def validated_predictor(quality: dict[str, Any]) -> str:
+    """The predictor a quality record allows by default: the one it validated within its budget, else "dense"."""
+    predictor = quality.get("predictor")
+    return str(predictor) if quality.get("validated") and predictor in DEFAULT_PREDICTORS else "dense"
+
+
+def encode_predictor_name(name: str) -> np.ndarray:
+    if name not in DEFAULT_PREDICTORS:
+        raise ValueError(f"default predictor must be one of {DEFAULT_PREDICTORS}, not {name!r}")
+    out = np.zeros(SIDECAR_PREDICTOR_NAME_BYTES, dtype=np.uint8)
+    out[: len(name)] = np.frombuffer(name.encode(), dtype=np.uint8)
     return out
 
 

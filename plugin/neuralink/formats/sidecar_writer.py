@@ -58,6 +58,7 @@ from neuralink.formats.constants import (
     SIDECAR_CANDIDATE_SCALE,
     SIDECAR_CHAIN_STARTS,
     SIDECAR_CHECKSUMS,
+    SIDECAR_DEFAULT_PREDICTOR,
     SIDECAR_DOWN_COLUMNS,
     SIDECAR_DOWN_ERROR,
     SIDECAR_DOWN_HASH,
@@ -66,6 +67,7 @@ from neuralink.formats.constants import (
     SIDECAR_NEURON_ORDER,
     SIDECAR_PREDICTOR_A,
     SIDECAR_PREDICTOR_B,
+    SIDECAR_PREDICTOR_NAME_BYTES,
     SIDECAR_QUALITY,
     SIDECAR_QUALITY_BYTES,
     SIDECAR_RUNTIME_THRESHOLDS,
@@ -73,7 +75,14 @@ from neuralink.formats.constants import (
 )
 from neuralink.formats.files import atomic_output
 from neuralink.formats.gguf_directory import read_gguf_directory
-from neuralink.formats.sidecar_records import SidecarHeader, SidecarLayer, encode_quality, is_table_tensor
+from neuralink.formats.sidecar_records import (
+    SidecarHeader,
+    SidecarLayer,
+    encode_predictor_name,
+    encode_quality,
+    is_table_tensor,
+    validated_predictor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +219,8 @@ def write_unsealed(
         writer.add_tensor_info(SIDECAR_DOWN_ERROR, (n_layer,), f32, 4 * n_layer)
         writer.add_tensor_info(SIDECAR_RUNTIME_THRESHOLDS, (n_layer, 2), f32, 8 * n_layer)
         writer.add_tensor_info(SIDECAR_QUALITY, (SIDECAR_QUALITY_BYTES,), i8, SIDECAR_QUALITY_BYTES)
+        writer.add_tensor_info(SIDECAR_DEFAULT_PREDICTOR, (SIDECAR_PREDICTOR_NAME_BYTES,), i8,
+                               SIDECAR_PREDICTOR_NAME_BYTES)
         writer.add_tensor_info(SIDECAR_CHECKSUMS, (2,), i64, 16)
 
         writer.write_header_to_file()
@@ -247,6 +258,7 @@ def write_unsealed(
         writer.write_tensor_data(np.asarray(down_errors, dtype=np.float32))
         writer.write_tensor_data(runtime)
         writer.write_tensor_data(encode_quality(header.quality).view(np.int8))
+        writer.write_tensor_data(encode_predictor_name(validated_predictor(header.quality)).view(np.int8))
         writer.write_tensor_data(np.zeros(2, dtype=np.int64))
     finally:
         writer.close()
@@ -286,7 +298,8 @@ def seal_sidecar(path: str | os.PathLike[str]) -> None:
 
 def patch_runtime(path: str | os.PathLike[str], runtime_thresholds: Sequence[tuple[float, float]],
                   quality: dict[str, Any]) -> None:
-    """Replace the runtime thresholds and the quality record of the sidecar at `path`, then seal it again.
+    """Replace the runtime thresholds, the quality record and the default predictor it validates (else
+    "dense") of the sidecar at `path`, then seal it again.
 
     For a sidecar not yet renamed into place (the conversion's temporary
     file): patching a sidecar in use would change it under a running engine.
@@ -297,4 +310,5 @@ def patch_runtime(path: str | os.PathLike[str], runtime_thresholds: Sequence[tup
         raise ValueError("runtime thresholds must be (activity, candidate) pairs of finite values >= 0")
     _write_tensor(path, SIDECAR_RUNTIME_THRESHOLDS, runtime)
     _write_tensor(path, SIDECAR_QUALITY, encode_quality(quality))
+    _write_tensor(path, SIDECAR_DEFAULT_PREDICTOR, encode_predictor_name(validated_predictor(quality)))
     seal_sidecar(path)

@@ -157,9 +157,9 @@ class Llama(llama_cpp.Llama):
         if sidecar_path is not None:
             # checksums, ranges and the recomputed model id, before the engine reads a byte of the records
             with Sidecar.open(sidecar_path, model_path) as opened:
-                quality = dict(opened.header.quality)
+                validated = opened.header.default_predictor
             engine_args.update(
-                sidecar=os.fspath(sidecar_path), predictor=predictor or _default_predictor(sidecar_path, quality),
+                sidecar=os.fspath(sidecar_path), predictor=predictor or _default_predictor(sidecar_path, validated),
                 cache_policy=cache_policy, cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
             )
             engine_args.update(_read_cost_options(sidecar_path, queue_depth))
@@ -338,10 +338,11 @@ def _read_cost_options(sidecar: str | os.PathLike[str], queue_depth: int) -> dic
     return options
 
 
-def _default_predictor(sidecar: str | os.PathLike[str], quality: dict[str, Any]) -> str:
+def _default_predictor(sidecar: str | os.PathLike[str], validated: str) -> str:
     # what the conversion validated for quality, else every neuron: a default never runs an unmeasured density
-    if quality.get("validated") and quality.get("predictor") in ("gate", "lowrank", "dense"):
-        return str(quality["predictor"])
-    logger.warning("%s: no sparse setting was validated for quality when it was converted (convert with "
-                   "--calibration to run the quality search); reading every neuron (predictor 'dense')", sidecar)
+    if validated != "dense":
+        return validated
+    logger.warning("%s: no sparse setting of this sidecar was validated for quality (`neuralink convert "
+                   "--calibration` runs the quality search, which keeps one only within its perplexity budget); "
+                   "reading every neuron (predictor 'dense')", sidecar)
     return "dense"

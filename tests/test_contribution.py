@@ -1,0 +1,111 @@
+"""The contribution criterion end to end: profile, convert (split layout), and the engine's two read waves.
+
+The engine must compute exactly the thresholded model: h = act(gate) * up for
+the candidates |act(gate)| * scale > c (their up rows read in a first wave),
+and y = down h over the neurons whose |h| * |down column| > t (their down
+columns read in a second wave).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_sparse import read_ffn, rel_max_abs
+
+import neuralink
+from neuralink import _engine
+from neuralink.convert.pipeline import convert_from_text
+from neuralink.formats.sidecar import Sidecar
+
+from conftest import ModelFactory, carried_text
+
+DENSITY = 0.3
+
+
+@pytest.fixture(scope="module")
+def contribution_pair(synthetic_model: ModelFactory, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("contribution")
+    text = root / "calibration.txt"
+    text.write_text(carried_text(2500, seed=11))
+    result = convert_from_text(synthetic_model("llama", "f32"), [text], root / "m.gguf", root / "m.sidecar",
+                               density=DENSITY, max_tokens=1024, heldout_tokens=256, workers=1)
+    return result.output, result.sidecar
+
+
+def silu(v: np.ndarray) -> np.ndarray:
+    return v / (1 + np.exp(-v))
+
+
+def test_conversion_writes_the_split_layout_and_measures_the_given_density(contribution_pair) -> None:
+    model, sidecar = contribution_pair
+    with Sidecar.open(sidecar, model) as opened:
+        header = opened.header
+        assert (header.criterion, header.layout, header.bundle_gate) == ("contribution", "split", False)
+        q = header.quality
+        # --density skips the search but is measured all the same; it runs by default only within the budget
+        assert q["chosen"] == f"uniform {DENSITY} (given)" and q["heldout_tokens"] > 100
+        assert q["validated"] == (q["perplexity_change"] <= q["budget"])
+        assert header.default_predictor == ("gate" if q["validated"] else "dense")
+        assert 0 < q["down_density"] < q["up_density"] <= 1.0
+        for il in range(header.n_layer):
+            opened.verify_records(il)
+
+
+def test_engine_equals_the_thresholded_ffn(contribution_pair) -> None:
+    model, sidecar = contribution_pair
+    engine = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none")
+    rng = np.random.default_rng(5)
+    with Sidecar.open(sidecar, model) as opened:
+        runtime = opened.header.runtime_thresholds
+        tables = [(opened.candidate_scale(il), opened.down_norms(il)) for il in range(opened.header.n_layer)]
+    checked = 0
+    for il, ((final_t, candidate_t), (scale, down_norm)) in enumerate(zip(runtime, tables)):
+        w = read_ffn(model, il)
+        x = rng.standard_normal((64, w["up"].shape[1])).astype(np.float32) * 0.5
+        g, u = x.astype(np.float64) @ w["gate"].T, x.astype(np.float64) @ w["up"].T
+        a = silu(g)
+        cand_score, final_score = np.abs(a) * scale, np.abs(a * u) * down_norm
+        # tokens with a score within rounding of a threshold could go either way: leave them out
+        clear = ((np.abs(cand_score - candidate_t) > 1e-4 * candidate_t) &
+                 (np.abs(final_score - final_t) > 1e-4 * final_t)).all(axis=1)
+        x, a, u = x[clear], a[clear], u[clear]
+        candidates = np.abs(a) * scale > candidate_t
+        finals = candidates & (np.abs(a * u) * down_norm > final_t)
+        assert 0 < finals.mean() < candidates.mean() < 1, "the thresholds must leave neurons out at each step"
+        want = (a * u * finals) @ w["down"].T
+        got = engine.forward(il, x, "silu")
+        assert rel_max_abs(got, want) <= 1e-5
+        stats = engine.take_stats()[-1]
+        # first wave: the candidates' up rows; second wave: the finals' down columns
+        assert stats["predicted"] == candidates.any(axis=0).sum()
+        assert stats["final_neurons"] == finals.any(axis=0).sum()
+        assert stats["down_reads"] > 0 and stats["down_bytes_read"] < stats["bytes_read"]
+        checked += len(x)
+    assert checked > 64
+
+
+def test_llama_runs_the_validated_setting_by_default(contribution_pair) -> None:
+    model, sidecar = contribution_pair
+    with Sidecar.open(sidecar, model) as opened:
+        default = opened.header.default_predictor
+    llm = neuralink.Llama(str(model), n_ctx=128, verbose=False)
+    assert llm.engine.predictor == default
+    llm.close()
+
+
+def test_a_corrupt_record_is_an_io_error_naming_layer_and_neuron(contribution_pair, tmp_path: Path) -> None:
+    model, sidecar = contribution_pair
+    copy_model, copy_sidecar = tmp_path / model.name, tmp_path / sidecar.name
+    copy_model.write_bytes(model.read_bytes())
+    data = bytearray(sidecar.read_bytes())
+    with Sidecar.open(sidecar, model) as opened:
+        offset = opened.down_store_offset(1) + 5 * opened.layouts[1].down_record_bytes + 3
+    data[offset] ^= 0x40
+    copy_sidecar.write_bytes(bytes(data))
+    engine = _engine.Engine(str(copy_model), sidecar=str(copy_sidecar), predictor="dense", cache_policy="none")
+    x = np.ones((1, 256), dtype=np.float32)
+    engine.forward(0, x, "silu")  # layer 0 is intact
+    with pytest.raises(neuralink.EngineIOError, match=r"layer 1.*neuron 5\b.*checksum"):
+        engine.forward(1, x, "silu")
