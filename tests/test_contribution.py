@@ -109,3 +109,24 @@ def test_a_corrupt_record_is_an_io_error_naming_layer_and_neuron(contribution_pa
     engine.forward(0, x, "silu")  # layer 0 is intact
     with pytest.raises(neuralink.EngineIOError, match=r"layer 1.*neuron 5\b.*checksum"):
         engine.forward(1, x, "silu")
+
+
+def test_sweep_varies_both_thresholds_of_a_contribution_sidecar(contribution_pair, tmp_path: Path) -> None:
+    from neuralink.evaluate.density_sweep import density_thresholds, perplexity_sweep
+
+    model, sidecar = contribution_pair
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(carried_text(1500, seed=12))
+    thresholds = density_thresholds(model, sidecar, [calibration], [1.0, 0.5, 0.2], max_tokens=512)
+    # denser targets: lower thresholds at both steps; the measured fraction follows the target
+    finals = [t.thresholds.mean() for t in thresholds]
+    candidates = [t.candidate_thresholds.mean() for t in thresholds]
+    assert finals[0] == candidates[0] == 0.0 and finals[1] < finals[2] and candidates[1] < candidates[2]
+    assert thresholds[2].calibration_density.mean() < thresholds[1].calibration_density.mean() <= 0.5 + 0.02
+    text = carried_text(600, seed=13)
+    sweep = perplexity_sweep(model, text, [calibration], densities=[1.0, 0.5, 0.2], thresholds=thresholds,
+                             max_tokens=256, n_ctx=128)
+    rows = {r.density: r for r in sweep.rows if r.predictor == "gate"}
+    # up rows are read for the candidates, down columns for fewer: the finals
+    assert rows[0.2].active_fraction < rows[0.5].active_fraction < rows[1.0].active_fraction
+    assert rows[0.2].active_fraction < rows[0.2].predicted_fraction < 1.0

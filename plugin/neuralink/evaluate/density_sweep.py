@@ -37,11 +37,12 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from neuralink.convert.predictor import activity_score, capture_ffn_inputs
+from neuralink.convert.predictor import activation_values, activity_score, capture_ffn_inputs
 from neuralink.errors import ModelFileError, SweepError
 from neuralink.evaluate.perplexity import PerplexityResult, perplexity
 from neuralink.formats.ffn_tensors import decode_matrix, inspect_ffn_model, permute_vector
 from neuralink.formats.sidecar import Sidecar
+from neuralink.profile.contribution import candidate_density
 from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold, recall_threshold
 from neuralink.runtime.llama import Llama, find_sidecar
 
@@ -67,6 +68,7 @@ class DensityThresholds:
     calibration_density: np.ndarray   # float64 (n_layer,): fraction of calibration pairs active under them
     predictor_thresholds: np.ndarray | None = None  # float32 (n_layer,): re-tuned low-rank thresholds
     predictor_recall: np.ndarray | None = None      # float64 (n_layer,): their recall on the calibration pairs
+    candidate_thresholds: np.ndarray | None = None  # float32 (n_layer,): contribution criterion's candidate step
 
 
 def threshold_for_density(scores: np.ndarray, density: float, rng: np.random.Generator) -> float:
@@ -105,11 +107,15 @@ def density_thresholds(
     check_densities(densities)
     with Sidecar.open(sidecar_path, model_path) as sidecar:
         header = sidecar.header
-        if header.criterion not in ("gate_magnitude", "relu"):
+        if header.criterion not in ("gate_magnitude", "relu", "contribution"):
             raise SweepError(
-                f"{sidecar_path}: criterion '{header.criterion}' thresholds |act(gate)*up|, which no predictor "
-                "decides before reading the bundle; convert with --criterion gate_magnitude to vary the density"
+                f"{sidecar_path}: criterion '{header.criterion}' thresholds |act(gate)*up| with no candidate step, "
+                "which no predictor decides before reading the bundle; convert with --criterion contribution or "
+                "gate_magnitude to vary the density"
             )
+        contribution = header.criterion == "contribution"
+        tables = [(sidecar.candidate_scale(il), sidecar.down_norms(il)) for il in range(header.n_layer)] \
+            if contribution else None
         predictors = [sidecar.predictor(il) for il in range(header.n_layer)] if header.predictor_rank else None
         recall = recall if recall is not None else (header.predictor_recall or 0.99)
         model = inspect_ffn_model(model_path)
@@ -123,6 +129,7 @@ def density_thresholds(
         calibration = np.zeros((n_density, n_layer))
         predictor_thresholds = np.zeros((n_density, n_layer), dtype=np.float32)
         predictor_recall = np.zeros((n_density, n_layer))
+        candidate_thresholds = np.zeros((n_density, n_layer), dtype=np.float32)
         for il, x in enumerate(inputs):
             layer = model.layers[il]
             # the converted GGUF holds rows in placed order, as the engine and the sidecar's B do
@@ -131,6 +138,20 @@ def density_thresholds(
             v = x64 @ decode_matrix(data, tensor).T.astype(np.float64)
             if bias is not None:
                 v += permute_vector(data, bias, np.arange(model.n_ff)).astype(np.float64)
+            if tables is not None:
+                # final |act(gate) * up| * |down|, among candidates |act(gate)| * E|up| * |down| (placed order)
+                a = activation_values(header.activation, v)
+                up = x64 @ decode_matrix(data, layer.up).T.astype(np.float64)
+                if layer.up_bias is not None:
+                    up += permute_vector(data, layer.up_bias, np.arange(model.n_ff)).astype(np.float64)
+                scale, down_norm = tables[il]
+                candidate_scores, final_scores = np.abs(a) * scale, np.abs(a * up) * down_norm
+                for j, density in enumerate(densities):
+                    t = threshold_for_density(final_scores, density, rng)
+                    c = threshold_for_density(candidate_scores, candidate_density(density), rng)
+                    thresholds[j, il], candidate_thresholds[j, il] = t, c
+                    calibration[j, il] = ((candidate_scores > c) & (final_scores > t)).mean()
+                continue
             scores = activity_score(header.activation, header.criterion, v)
             predicted = None
             if predictors is not None:
@@ -150,6 +171,7 @@ def density_thresholds(
             float(density), thresholds[j], calibration[j],
             predictor_thresholds[j] if predictors is not None else None,
             predictor_recall[j] if predictors is not None else None,
+            candidate_thresholds[j] if header.criterion == "contribution" else None,
         ))
         log.info("density %.2f: calibration active fraction %.4f (layers %.4f..%.4f)", density,
                  calibration[j].mean(), calibration[j].min(), calibration[j].max())
@@ -308,6 +330,8 @@ def perplexity_sweep(
             kwargs = dict(sidecar=str(sidecar_path), predictor=predictor, cache_policy="none")
             if setting is not None:
                 kwargs["thresholds"] = setting.thresholds.tolist()
+                if setting.candidate_thresholds is not None:
+                    kwargs["candidate_thresholds"] = setting.candidate_thresholds.tolist()
                 if predictor == "lowrank":
                     assert setting.predictor_thresholds is not None
                     kwargs["predictor_thresholds"] = setting.predictor_thresholds.tolist()
