@@ -255,3 +255,13 @@ def test_smollm2_profile(tmp_path: Path) -> None:
     assert np.allclose(stats.densities(), 0.2, atol=2e-3)
     # the last layer's FFN ran on every token, not only on the output rows
     assert stats.layer_masks(stats.n_layer - 1).any(axis=1).mean() > 0.95
+
+
+def test_quantile_tables_follow_the_density_rule_at_every_point() -> None:
+    from neuralink.profile.thresholds import density_threshold, density_thresholds
+
+    values = np.random.default_rng(4).standard_exponential(50_001).astype(np.float32)
+    densities = np.linspace(0.0, 1.0, 101)
+    one_sort = density_thresholds(values, densities)
+    assert [float(v) for v in one_sort] == [density_threshold(values, d) for d in densities]
+    assert np.all(np.diff(one_sort) <= 0)  # denser: lower thresholds

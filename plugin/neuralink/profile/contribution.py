@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from neuralink.formats.coactivation import QUANTILE_POINTS, SelectionStats
-from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold
+from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_thresholds
 
 # up rows are read for this much more of the neurons than the final density keeps (candidates =
 # final + margin): measured on Qwen2.5-Coder-1.5B and SmolLM2 (docs/benchmarks.md), where a smaller
@@ -46,8 +46,7 @@ def down_column_norms(model_path: str | os.PathLike[str]) -> list[np.ndarray]:
 
 def quantile_table(scores: np.ndarray) -> np.ndarray:
     """float32 [QUANTILE_POINTS]: the score a fraction d of `scores` exceeds, for d evenly from 0 to 1."""
-    return np.array([density_threshold(scores, d) for d in np.linspace(0.0, 1.0, QUANTILE_POINTS)],
-                    dtype=np.float32)
+    return density_thresholds(scores, np.linspace(0.0, 1.0, QUANTILE_POINTS)).astype(np.float32)
 
 
 class PilotScores:

@@ -18,11 +18,22 @@ import numpy as np
 MAX_THRESHOLD_SAMPLES = 1 << 21
 
 
+def _density_rank(n: int, density: float) -> int:
+    # the ceil((1 - density) n)-th smallest of n values, as a 0-based rank
+    return min(max(math.ceil((1.0 - density) * n) - 1, 0), n - 1)
+
+
 def density_threshold(values: np.ndarray, density: float) -> float:
     """The value that a fraction `density` of `values` exceeds: the ceil((1 - density) n)-th smallest."""
     values = values.ravel()
-    k = min(max(math.ceil((1.0 - density) * values.size) - 1, 0), values.size - 1)
+    k = _density_rank(values.size, density)
     return float(np.partition(values, k)[k])
+
+
+def density_thresholds(values: np.ndarray, densities: np.ndarray) -> np.ndarray:
+    """`density_threshold` at each of `densities`, from one sort (float64 array)."""
+    ordered = np.sort(values.ravel())
+    return np.array([ordered[_density_rank(ordered.size, float(d))] for d in densities], dtype=np.float64)
 
 
 def recall_threshold(predicted_scores: np.ndarray, truly_active: np.ndarray, recall: float, *,
