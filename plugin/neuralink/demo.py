@@ -31,7 +31,7 @@ import llama_cpp
 import numpy as np
 
 from neuralink.child import run_in_child
-from neuralink.command import Command
+from neuralink.command import Command, positive_int
 from neuralink.convert.pipeline import convert_from_text
 from neuralink.errors import ModelFileError
 from neuralink.formats.constants import KEY_MODEL_ID
@@ -197,14 +197,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", type=Path, nargs="+", default=None, metavar="TEXT",
                         help="calibration text for the first conversion (default: see above)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    parser.add_argument("--max-tokens", type=positive_int, default=64, help="tokens to generate (default: 64)")
     parser.add_argument("--memory-budget", default=DEFAULT_BUDGET,
                         help=f"memory of the whole process, e.g. 150MB (default: {DEFAULT_BUDGET}); the bundle "
                              "cache gets what the rest leaves. MB is 10^6 bytes, MiB 2^20; K/M/G are binary")
     parser.add_argument("--predictor", choices=("auto", "gate", "lowrank", "dense", "oracle"), default="auto",
                         help="how active neurons are found (default auto: dense on gated FFNs, where thresholding "
                              "costs too much quality on small models, else the sidecar's predictor)")
-    parser.add_argument("--threads", type=int, default=None, help="compute threads (default: half the cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="compute threads (default: half the cores)")
     parser.add_argument("--dense", action="store_true",
                         help="no conversion: the dense engine computes every FFN from weights in RAM")
     parser.add_argument("--no-direct-io", dest="direct_io", action="store_false",

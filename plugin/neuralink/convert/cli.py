@@ -23,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralink.command import Command
-from neuralink.command import fraction_argument, positive_int
+from neuralink.command import Command, fraction_argument, non_negative_int, positive_float, positive_int
 from neuralink.convert.pipeline import convert_from_text
 from neuralink.convert.plan import check_writable, plan_conversion
 from neuralink.convert.quality import ALLOCATIONS, DEFAULT_BUDGET, DEFAULT_HELDOUT_TOKENS
@@ -106,7 +105,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     calibration.add_argument("--density", type=fraction_argument, default=None,
                              help="override: one final density (fraction of (token, neuron) pairs whose down column "
                                   "is read) for every layer instead of the quality search; still measured")
-    calibration.add_argument("--ppl-budget", type=float, default=100 * DEFAULT_BUDGET, metavar="PERCENT",
+    calibration.add_argument("--ppl-budget", type=positive_float, default=100 * DEFAULT_BUDGET, metavar="PERCENT",
                              help=f"perplexity increase the quality search may spend on held-out calibration text "
                                   f"(default: {100 * DEFAULT_BUDGET:g}, i.e. +{100 * DEFAULT_BUDGET:g} %%)")
     calibration.add_argument("--allocation", choices=ALLOCATIONS, default="sensitivity",
@@ -124,10 +123,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              help="calibration tokens profiled (default: 4096)")
     calibration.add_argument("--workers", type=positive_int, default=2, help="layers placed in parallel (default: 2)")
     calibration.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads while profiling")
-    calibration.add_argument("--lowrank-rank", type=int, default=0, metavar="R",
+    calibration.add_argument("--lowrank-rank", type=non_negative_int, default=0, metavar="R",
                              help="also fit a rank-R low-rank activity predictor on the calibration text and store "
                                   "it in the sidecar (for predictor='lowrank'; 0: none)")
-    calibration.add_argument("--lowrank-recall", type=float, default=0.99,
+    calibration.add_argument("--lowrank-recall", type=fraction_argument, default=0.99,
                              help="fraction of truly active neurons the predictor must find on the calibration "
                                   "text (default: 0.99)")
     calibration.add_argument("--save-placement", type=Path, default=None, metavar="FILE",
@@ -139,8 +138,6 @@ def main(args: argparse.Namespace) -> int:
 
     if args.lowrank_rank and args.calibration is None:
         raise OptionError("--lowrank-rank fits on the calibration text: give --calibration")
-    if not args.ppl_budget > 0:
-        raise OptionError(f"--ppl-budget must be a positive percentage, got {args.ppl_budget}")
     bars: dict[str, tqdm] = {}
     units = {"profile": "tok", "convert": "B"}
 

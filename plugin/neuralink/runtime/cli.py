@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from neuralink.command import Command, positive_int, size_argument
+from neuralink.command import Command, positive_float, positive_int, size_argument
 from neuralink.errors import OptionError
 from neuralink.formats.files import check_output_path
 from neuralink.runtime import device_probe
@@ -31,9 +31,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", nargs="+", type=size_argument, default=list(DEFAULT_SIZES), metavar="SIZE",
                         help="read sizes, multiples of 4K; K/M/G and KiB/MiB/GiB are binary, kB/MB/GB decimal "
                              "(default: 4K 8K ... 4M)")
-    parser.add_argument("--depths", nargs="+", type=int, default=list(DEFAULT_DEPTHS), metavar="N",
+    parser.add_argument("--depths", nargs="+", type=positive_int, default=list(DEFAULT_DEPTHS), metavar="N",
                         help="queue depths: reads in flight (default: 1 2 4 8 16 32)")
-    parser.add_argument("--seconds-per-point", type=float, default=DEFAULT_SECONDS_PER_POINT, metavar="S",
+    parser.add_argument("--seconds-per-point", type=positive_float, default=DEFAULT_SECONDS_PER_POINT, metavar="S",
                         help=f"time spent on each (size, depth) (default: {DEFAULT_SECONDS_PER_POINT:g})")
     parser.add_argument("--probe-bytes", type=size_argument, default=DEFAULT_PROBE_BYTES, metavar="SIZE",
                         help="size of the temporary probe file written when PATH is a directory or a smaller "

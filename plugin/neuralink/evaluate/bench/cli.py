@@ -9,7 +9,15 @@ import tempfile
 from pathlib import Path
 
 from neuralink import _engine
-from neuralink.command import Command, add_commands, size_argument
+from neuralink.command import (
+    Command,
+    add_commands,
+    fraction_argument,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    size_argument,
+)
 from neuralink.errors import BenchIoError, ModelFileError, NeuralinkError
 from neuralink.evaluate import bench
 from neuralink.evaluate.bench import dense, e2e, io
@@ -38,9 +46,9 @@ from neuralink.runtime.llama import find_sidecar
 
 def configure_dense_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="GGUF model (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--tokens", type=int, default=128, help="tokens decoded after each prompt (default: 128)")
-    parser.add_argument("--runs", type=int, default=3, help="rounds over the prompts (default: 3)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
+    parser.add_argument("--tokens", type=positive_int, default=128, help="tokens decoded after each prompt (default: 128)")
+    parser.add_argument("--runs", type=positive_int, default=3, help="rounds over the prompts (default: 3)")
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
 
 
 def dense_main(args: argparse.Namespace) -> int:
@@ -60,22 +68,22 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", choices=["stock", "neuralink"], default=["stock", "neuralink"])
     parser.add_argument("--prompts-from", type=Path, default=SHARED_TEXT,
                         help=f"text to take prompts from (default: {SHARED_TEXT}; built-in prompts if absent)")
-    parser.add_argument("--prompts", type=int, default=3, help="number of prompts (default: 3)")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per prompt (default: 32)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per cell, median reported (default: 3)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--n-ctx", type=int, default=512)
-    parser.add_argument("--n-batch", type=int, default=64)
+    parser.add_argument("--prompts", type=positive_int, default=3, help="number of prompts (default: 3)")
+    parser.add_argument("--tokens", type=positive_int, default=32, help="tokens decoded per prompt (default: 32)")
+    parser.add_argument("--runs", type=positive_int, default=3, help="runs per cell, median reported (default: 3)")
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--n-ctx", type=positive_int, default=512)
+    parser.add_argument("--n-batch", type=positive_int, default=64)
     parser.add_argument("--predictor", default=None)
     parser.add_argument("--cache-policy", default="linking")
-    parser.add_argument("--density", type=float, default=None,
+    parser.add_argument("--density", type=fraction_argument, default=None,
                         help="run neuralink at this target density instead of the sidecar's (thresholds placed on "
                              "--calibration text, as `neuralink perplexity --sweep` does)")
     parser.add_argument("--calibration", type=Path, nargs="+", default=None, metavar="TEXT",
                         help="calibration text for --density (the conversion's)")
-    parser.add_argument("--budget-fraction", type=float, default=0.95,
+    parser.add_argument("--budget-fraction", type=fraction_argument, default=0.95,
                         help="neuralink's memory_budget as a fraction of the cap (headroom for measurement)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run before giving up")
+    parser.add_argument("--timeout", type=positive_float, default=900.0, help="seconds per run before giving up")
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     parser.add_argument("--png", type=Path, default=None, help="write the tok/s vs cap curve here")
 
@@ -143,23 +151,23 @@ def configure_io_parser(parser: argparse.ArgumentParser) -> None:
                         help="how the neuralink variant's order is made when placing (default: neuralink)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="VARIANT",
                         help=f"variants to replay (default: all of {', '.join(VARIANTS)})")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+    parser.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,
                         help=f"held-out tokens replayed (default: {DEFAULT_MAX_TOKENS})")
-    parser.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS,
+    parser.add_argument("--calibration-tokens", type=positive_int, default=DEFAULT_CALIBRATION_TOKENS,
                         help=f"calibration tokens profiled (default: {DEFAULT_CALIBRATION_TOKENS})")
-    parser.add_argument("--density", type=float, default=None, help="target active fraction of gated FFNs "
+    parser.add_argument("--density", type=fraction_argument, default=None, help="target active fraction of gated FFNs "
                         "when profiling the calibration (default: that of `neuralink profile`)")
     parser.add_argument("--criterion", choices=GATED_CRITERIA, default=None,
                         help="activity criterion of gated FFNs when profiling (default: that of `neuralink profile`)")
-    parser.add_argument("--cache-fraction", type=float, default=DEFAULT_CACHE_FRACTION,
+    parser.add_argument("--cache-fraction", type=fraction_argument, default=DEFAULT_CACHE_FRACTION,
                         help="DRAM for every variant's cache, as a fraction of the FFN bundle store (default: 0.05)")
     parser.add_argument("--cache-bytes", type=size_argument, default=None, metavar="SIZE",
                         help="the cache budget as a size instead (e.g. 4MB = 4,000,000 bytes, 4MiB = 4,194,304)")
     parser.add_argument("--cache", type=_cache_rule, action="append", default=[], metavar="VARIANT=RULE",
                         help=f"replace a variant's cache rule (one of {', '.join(CACHE_RULES)}); repeatable")
-    parser.add_argument("--queue-depth", type=int, default=_engine.DEFAULT_QUEUE_DEPTH,
+    parser.add_argument("--queue-depth", type=positive_int, default=_engine.DEFAULT_QUEUE_DEPTH,
                         help=f"reads in flight (default: {_engine.DEFAULT_QUEUE_DEPTH}, the engine's)")
-    parser.add_argument("--collapse-gap", type=int, default=None, metavar="BYTES",
+    parser.add_argument("--collapse-gap", type=non_negative_int, default=None, metavar="BYTES",
                         help="largest gap read through by access collapse (default: from the cached device profile "
                              "at the queue depth, else the default cost model)")
     parser.add_argument("--max-read-bytes", type=size_argument, default=_engine.DEFAULT_MAX_READ_BYTES,
@@ -175,14 +183,14 @@ def configure_io_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replay-dir", type=Path, default=None, metavar="DIR",
                         help="write the replay files (and the profiles made) here and keep them; matching files "
                              "there are reused (default: a temporary directory beside the model, removed)")
-    parser.add_argument("--chunk-tokens", type=int, default=16,
+    parser.add_argument("--chunk-tokens", type=positive_int, default=16,
                         help="tokens each variant replays before the next takes its turn (default: 16)")
     parser.add_argument("--png", type=Path, default=None, metavar="OUT", help="write a bar chart (PNG)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the results (JSON)")
-    parser.add_argument("--window", type=int, default=None,
+    parser.add_argument("--window", type=positive_int, default=None,
                         help="tokens per llama.cpp context window while profiling (default: that of `neuralink profile`)")
-    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads while profiling")
-    parser.add_argument("--workers", type=int, default=2, help="layers placed in parallel (default: 2)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads while profiling")
+    parser.add_argument("--workers", type=positive_int, default=2, help="layers placed in parallel (default: 2)")
 
 
 def io_main(args: argparse.Namespace) -> int:
