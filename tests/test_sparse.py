@@ -227,3 +227,31 @@ def test_planned_reads_are_aligned_and_cover_every_needed_neuron() -> None:
         assert reads[:, 4].sum() == len(needed)
 
     check()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_after_a_read_error_answers_as_a_fresh_model(converted_model, stream: bool) -> None:
+    model, sidecar = converted_model("llama", "q4_1", threshold=0.05)
+    settings = dict(sidecar=str(sidecar), predictor="gate", cache_policy="none", n_ctx=256, n_batch=8, verbose=False)
+    prompt = "the quick brown fox jumps over the lazy dog and the model of the flash memory"
+
+    def complete(llm: neuralink.Llama, max_tokens: int = 8) -> str:
+        out = llm(prompt, max_tokens=max_tokens, temperature=0.0, stream=stream)
+        return "".join(c["choices"][0]["text"] for c in out) if stream else out["choices"][0]["text"]
+
+    fresh = neuralink.Llama(str(model), **settings)
+    want = complete(fresh)
+    fresh.reset()
+    fresh.ffn_stats(reset=True)
+    complete(fresh, max_tokens=1)  # the prompt only: its one token is sampled, never decoded
+    prompt_reads = int(fresh.ffn_stats()["reads"].sum())
+    fresh.close()
+    assert prompt_reads > 4
+    # a read of the first prompt batch, of a middle one, and of the first generated token fails
+    for after in (0, prompt_reads // 2, prompt_reads):
+        llm = neuralink.Llama(str(model), **settings)
+        llm.engine.inject_fault("eio", after)
+        with pytest.raises(EngineIOError, match="Input/output error"):
+            complete(llm)
+        assert complete(llm) == want, f"a read failing after {after} reads"
+        llm.close()

@@ -242,9 +242,11 @@ class Llama(llama_cpp.Llama):
         self._stats.append(engine.take_stats())
         error = engine.error()
         if error:
-            # the failed call's KV entries are dropped by the next eval, which starts at n_tokens
+            # the failed call's KV entries are dropped by the next eval, which starts at n_tokens; the context's
+            # logits are the failed decode's, so the next generate must decode again before it samples
             engine.clear_error()
             self.n_tokens = n_before
+            self._requires_eval = True
             raise EngineIOError(error)
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
