@@ -57,3 +57,26 @@ def test_ffn_pages_stay_out_of_the_page_cache(private_model_copy: Path) -> None:
     # the check can fail: llama.cpp's own path maps, prefetches and reads every FFN page
     assert stock["resident"] > 0.5, stock
     assert hooked["resident"] <= 0.05, hooked
+
+
+def test_closing_gives_the_memory_back(smollm2_path: Path) -> None:
+    # in a fresh interpreter, so that what other tests left in this one does not count
+    script = f"""
+import gc, neuralink
+from neuralink.runtime.memory_budget import resident_bytes
+start = resident_bytes()
+for _ in range(2):
+    llm = neuralink.Llama({str(smollm2_path)!r}, sidecar=False, n_ctx=512, verbose=False)
+    llm("The capital of France is", max_tokens=4)
+    loaded = resident_bytes()
+    llm.close()
+    del llm
+    gc.collect()
+    print((loaded - start) >> 20, (resident_bytes() - start) >> 20)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for line in done.stdout.split("\n")[:2]:
+        loaded, after = map(int, line.split())
+        # the dense engine holds SmolLM2's FFN weights (~60 MiB) while loaded; little of it stays after close()
+        assert loaded > 60 and after < 20, done.stdout

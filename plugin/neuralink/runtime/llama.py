@@ -27,6 +27,7 @@ from neuralink.runtime.memory_budget import (
     check_memory_plan,
     memory_budget_bytes,
     plan_memory,
+    release_free_heap,
     resident_bytes,
 )
 
@@ -314,6 +315,11 @@ class Llama(llama_cpp.Llama):
             yield
         finally:
             self._hook_api.attach(self._ctx.ctx, self._engine.hook_address)
+
+    def close(self) -> None:
+        """Free the model, the context and the engine, and give the memory back to the system."""
+        super().close()
+        release_free_heap()
 
     def _detach_engine(self) -> None:
         # runs before the context is freed (the exit stack unwinds in reverse order)

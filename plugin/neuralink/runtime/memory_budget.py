@@ -39,6 +39,17 @@ def resident_bytes() -> int:
     return _engine.resident_bytes()
 
 
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim), so that memory a closed model
+    freed leaves the process's RSS: without it ~90 MB of a closed SmolLM2 stayed resident."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):  # not glibc (musl, bionic): nothing to do
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+
+
 @contextlib.contextmanager
 def capture_llama_log() -> Iterator[list[str]]:
     """Collect llama.cpp's log lines within the block (they are not printed meanwhile)."""
