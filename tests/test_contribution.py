@@ -130,3 +130,32 @@ def test_sweep_varies_both_thresholds_of_a_contribution_sidecar(contribution_pai
     # up rows are read for the candidates, down columns for fewer: the finals
     assert rows[0.2].active_fraction < rows[0.5].active_fraction < rows[1.0].active_fraction
     assert rows[0.2].active_fraction < rows[0.2].predicted_fraction < 1.0
+
+
+def test_the_search_scores_what_the_engine_computes(contribution_pair) -> None:
+    from neuralink.convert.quality import ContributionScorer, Setting, ThresholdScorer
+
+    model, sidecar = contribution_pair
+    with Sidecar.open(sidecar, model) as opened:
+        runtime = opened.header.runtime_thresholds
+    setting = Setting(finals=(DENSITY,) * len(runtime), thresholds=tuple(t for t, _ in runtime),
+                      candidates=tuple(c for _, c in runtime))
+    text = carried_text(200, seed=14)
+    # one window each (BOS + up to 120 tokens): both score the very same tokens in the very same context
+    fast = ContributionScorer(model, sidecar, text, max_tokens=120, n_ctx=128)
+    engine = ThresholdScorer(model, sidecar, text, max_tokens=121, n_ctx=128)
+    dense = Setting(finals=(1.0,) * len(runtime), thresholds=(0.0,) * len(runtime), candidates=(0.0,) * len(runtime))
+    try:
+        # llama.cpp with h zeroed in place, and the engine reading the bundles: the same thresholded model. Both
+        # take the same neurons; the NLLs agree as closely as llama.cpp's and the engine's dense logits do (their
+        # float sums differ in order: ~1e-3 of the logits on this random model), and so do the changes
+        (nll_fast, dens_fast), (nll_engine, dens_engine) = fast.nll(setting), engine.nll(setting)
+        assert dens_fast["down_density"] == pytest.approx(dens_engine["down_density"], abs=1e-3)
+        assert dens_fast["up_density"] == pytest.approx(dens_engine["up_density"], abs=1e-3)
+        assert 0 < dens_fast["down_density"] < dens_fast["up_density"] < 1
+        change_fast, change_engine = nll_fast - fast.nll(dense)[0], nll_engine - engine.nll(dense)[0]
+        assert change_engine > 0.01 and abs(change_fast - change_engine) < 0.25 * change_engine
+        assert abs(nll_fast - nll_engine) < 1e-3 * nll_engine
+    finally:
+        fast.close()
+        engine.close()

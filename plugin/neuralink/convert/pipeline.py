@@ -21,7 +21,7 @@ from neuralink.convert.quality import (
     DEFAULT_BUDGET,
     DEFAULT_HELDOUT_TOKENS,
     Allocation,
-    ThresholdScorer,
+    ContributionScorer,
     measure_predictor,
     search,
 )
@@ -181,7 +181,7 @@ def convert_from_text(
     def validate(gguf: Path, side: Path) -> tuple[list[tuple[float, float]], dict]:
         if placement.criterion == "contribution":
             assert placement.selection is not None
-            scorer = ThresholdScorer(gguf, side, heldout, max_tokens=heldout_tokens, threads=threads)
+            scorer = ContributionScorer(gguf, side, heldout, max_tokens=heldout_tokens, threads=threads)
             try:
                 setting, record = search(scorer, placement.selection, model.n_layer, budget=budget,
                                          allocation=allocation, fixed_density=density, progress=report)

@@ -1,8 +1,16 @@
 """The conversion's quality search: the sparsest per-layer densities within a perplexity budget.
 
-Runs on the converted pair before it is committed. One neuralink.Llama is
-loaded on it and scores held-out calibration text (text the profile never
-saw) under several threshold settings (``engine.set_thresholds``, no reload):
+Runs on the converted pair before it is committed, scoring held-out
+calibration text (text the profile never saw) under several threshold
+settings. ``ContributionScorer`` computes the thresholded model with
+llama.cpp's own batched kernels on the converted GGUF (whose rows are in the
+sidecar's order, its ffn_down re-encoded as the sidecar's down columns are):
+through the eval callback, the FFN activation h (the input of ffn_down) is
+zeroed in place wherever the engine would not read the neuron, with the
+sidecar's candidate scales and down norms. That is the engine's arithmetic
+on the engine's decisions, at llama.cpp's prompt speed (the engine reads and
+computes neuron by neuron, which is several times slower on long batches).
+The search:
 
   1. the reference: every neuron (thresholds 0);
   2. sensitivity (allocation "sensitivity"): each layer alone at a probe
@@ -31,6 +39,7 @@ import numpy as np
 from neuralink.errors import OptionError
 from neuralink.formats.coactivation import SelectionStats
 from neuralink.profile.contribution import candidate_density
+from neuralink.runtime.scoring import window_nll
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +93,65 @@ def layer_levels(level: int, offsets: np.ndarray) -> list[float]:
     return [LADDER[int(np.clip(level + off, 0, len(LADDER) - 1))] for off in offsets]
 
 
+class ContributionScorer:
+    """The converted model's held-out NLL under contribution thresholds, computed by llama.cpp (module doc)."""
+
+    def __init__(self, model: os.PathLike[str] | str, sidecar: os.PathLike[str] | str, text: str, *,
+                 max_tokens: int = DEFAULT_HELDOUT_TOKENS, n_ctx: int = 512, threads: int | None = None) -> None:
+        from neuralink.formats.sidecar import Sidecar
+        from neuralink.profile.activations import ActivationReader
+        from neuralink.profile.activity import GATE_FUNCTIONS, GATE_TENSOR, FfnActivation, probe_ffn_activation
+
+        with Sidecar.open(sidecar, model) as opened:
+            n_layer = opened.header.n_layer
+            self.tables = [(opened.candidate_scale(il), opened.down_norms(il)) for il in range(n_layer)]
+        self.reader = ActivationReader(model, window=n_ctx, threads=threads)
+        try:
+            tokens = self.reader.tokenize(text)[:max_tokens]
+            if tokens.size < 2:
+                raise OptionError(f"{len(tokens)} held-out tokens: the quality check needs at least 2")
+            per = self.reader.text_tokens_per_window
+            self.windows = [tokens[i:i + per] for i in range(0, len(tokens), per) if len(tokens[i:i + per]) > 1]
+            form, _ = probe_ffn_activation(self.reader, tokens, "magnitude")  # the tensor ffn_down consumes
+            self.h_tensor = form.tensor
+            self.activate = FfnActivation(GATE_TENSOR, "contribution", GATE_FUNCTIONS[form.tensor]).activate
+        except BaseException:
+            self.reader.close()
+            raise
+        self.tokens = tokens
+        self.passes = 0
+
+    def nll(self, setting: Setting) -> tuple[float, dict[str, float]]:
+        """Mean NLL under `setting`, and the densities it ran at: up rows read (candidates) and down columns
+        used (finals) per (token, neuron) pair."""
+        gates: dict[int, np.ndarray] = {}
+        counts = np.zeros(3)  # candidates, finals, pairs
+
+        def consume(name: str, layer: int, rows: np.ndarray) -> None:
+            if name == "ffn_gate":
+                gates[layer] = self.activate(rows)
+                return
+            a = gates.pop(layer)
+            scale, down_norm = self.tables[layer]
+            candidates = np.abs(a) * scale > setting.candidates[layer]
+            finals = candidates & (np.abs(rows) * down_norm > setting.thresholds[layer])
+            rows[~finals] = 0.0  # llama.cpp's own buffer: ffn_down reads it next
+            counts[:] += (candidates.sum(), finals.sum(), finals.size)
+
+        total, scored = 0.0, 0
+        wanted = {"ffn_gate", self.h_tensor}.__contains__
+        for tokens in self.windows:
+            self.reader.evaluate(tokens, wanted, consume)
+            logits = self.reader.logits()[:-1]
+            total += float(window_nll(logits, tokens[1:]).sum())
+            scored += len(tokens) - 1
+        self.passes += 1
+        return total / scored, {"up_density": counts[0] / counts[2], "down_density": counts[1] / counts[2]}
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 class ThresholdScorer:
     """One loaded neuralink.Llama on the converted pair, scoring held-out text under threshold settings."""
 
@@ -127,7 +195,7 @@ def engine_n_ff(llm: Any) -> int:
     return int(llm.metadata[f"{arch}.feed_forward_length"])
 
 
-def search(scorer: ThresholdScorer, selection: SelectionStats, n_layer: int, *, budget: float = DEFAULT_BUDGET,
+def search(scorer: ContributionScorer, selection: SelectionStats, n_layer: int, *, budget: float = DEFAULT_BUDGET,
            allocation: Allocation = "sensitivity", fixed_density: float | None = None,
            progress: SearchProgress | None = None) -> tuple[Setting, dict[str, Any]]:
     """The chosen setting and the quality record (module doc). `fixed_density`: no search, one uniform final
@@ -140,7 +208,7 @@ def search(scorer: ThresholdScorer, selection: SelectionStats, n_layer: int, *, 
     dense = setting_for(selection, [1.0] * n_layer)
     reference, _ = scorer.nll(dense)
     record: dict[str, Any] = {"budget": budget, "reference_nll": reference, "allocation": allocation,
-                              "heldout_tokens": int(scorer.scorer.tokens.size), "measured": []}
+                              "heldout_tokens": int(scorer.tokens.size), "measured": []}
 
     def measure(setting: Setting, label: str) -> float:
         nll, densities = scorer.nll(setting)

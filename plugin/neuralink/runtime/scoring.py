@@ -7,11 +7,14 @@ which scores one loaded model under several threshold settings.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import llama_cpp
 import numpy as np
 
 from neuralink.errors import OptionError
+
+if TYPE_CHECKING:
+    import llama_cpp
 
 
 @dataclass(frozen=True)
