@@ -19,7 +19,9 @@ from neuralink.command import (
     size_argument,
 )
 from neuralink.errors import BenchIoError, ModelFileError, NeuralinkError
-from neuralink.evaluate import bench
+from neuralink.evaluate import agreement, bench
+from neuralink.evaluate.agreement import PROMPTS as AGREEMENT_PROMPTS
+from neuralink.evaluate.agreement import format_agreement, greedy_agreement
 from neuralink.evaluate.bench import dense, e2e, io
 from neuralink.evaluate.bench.dense import PROMPTS, run_dense_benchmark
 from neuralink.evaluate.bench.dense import format_table as dense_table
@@ -251,6 +253,33 @@ def io_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_agreement_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("original", type=Path, help="the original GGUF, run by stock llama-cpp-python")
+    parser.add_argument("converted", type=Path, help="its conversion, run by neuralink.Llama")
+    parser.add_argument("--tokens", type=positive_int, default=32, help="greedy tokens per prompt (default: 32)")
+    parser.add_argument("--predictor", default=None,
+                        help="neuralink's predictor (default: the one the conversion validated)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="compute threads")
+    parser.add_argument("--cache-bytes", type=size_argument, default=0, metavar="SIZE",
+                        help="neuralink's bundle cache (default: none; the text does not depend on it)")
+
+
+def agreement_main(args: argparse.Namespace) -> int:
+    from tqdm import tqdm  # deferred: progress bars are the CLI's, loaded when one is shown
+
+    for path in (args.original, args.converted):
+        need_file(path, "model")
+    extra = {"predictor": args.predictor} if args.predictor else {}
+    with tqdm(total=len(AGREEMENT_PROMPTS), desc="prompts", file=sys.stderr, disable=None) as bar:
+        results = greedy_agreement(args.original, args.converted, tokens=args.tokens, threads=args.threads,
+                                   cache_bytes=args.cache_bytes, progress=lambda done, _: bar.update(done - bar.n),
+                                   **extra)
+    print(f"greedy agreement over the first {args.tokens} generated tokens: stock {args.original.name} vs "
+          f"neuralink {args.converted.name}\n")
+    print(format_agreement(results))
+    return 0
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_commands(parser, BENCHMARKS, dest="benchmark", main_attribute="_bench_main")
 
@@ -262,6 +291,7 @@ def main(args: argparse.Namespace) -> int:
 DENSE = Command(dense.__doc__, configure_dense_parser, dense_main)
 E2E = Command(e2e.__doc__, configure_e2e_parser, e2e_main)
 IO = Command(io.__doc__, configure_io_parser, io_main)
+AGREEMENT = Command(agreement.__doc__, configure_agreement_parser, agreement_main)
 # benchmark name -> its command
-BENCHMARKS: dict[str, Command] = {"dense": DENSE, "e2e": E2E, "io": IO}
+BENCHMARKS: dict[str, Command] = {"dense": DENSE, "e2e": E2E, "io": IO, "agreement": AGREEMENT}
 BENCH = Command(bench.__doc__, configure_parser, main)

@@ -1,0 +1,40 @@
+"""neuralink bench agreement: greedy continuations of stock llama.cpp and neuralink compared token by token."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from neuralink.evaluate.agreement import Agreement, greedy_agreement
+
+from conftest import ModelFactory
+
+
+
+def test_identical_fraction_and_first_difference() -> None:
+    same = Agreement("p", [1, 2, 3, 4], [1, 2, 3, 4])
+    assert (same.identical_fraction, same.first_difference) == (1.0, None)
+    derailed = Agreement("p", [1, 2, 3, 4], [1, 9, 3, 4])  # one token differs, the rest realigns
+    assert (derailed.identical_fraction, derailed.first_difference) == (0.75, 1)
+    short = Agreement("p", [1, 2, 3, 4], [1, 2])  # stopped early: the missing tokens count as different
+    assert (short.identical_fraction, short.first_difference) == (0.5, 2)
+
+
+def test_the_dense_engine_agrees_with_stock_on_every_token(converted_model) -> None:
+    # stock llama.cpp and the dense engine (all FFN weights in RAM: llama.cpp's arithmetic) on the same GGUF
+    converted, _ = converted_model("llama", "q8_0")
+    results = greedy_agreement(converted, converted, prompts=["the quick brown fox", "memory of the model"],
+                               tokens=12, sidecar=False)
+    assert len(results) == 2 and all(len(r.stock) == 12 for r in results)
+    assert all(r.identical_fraction == 1.0 and r.first_difference is None for r in results)
+
+
+def test_the_command_prints_a_row_per_prompt_and_the_mean(synthetic_model: ModelFactory, converted_model) -> None:
+    converted, _ = converted_model("llama", "q8_0")
+    done = subprocess.run([sys.executable, "-m", "neuralink", "bench", "agreement", str(synthetic_model("llama", "q8_0")),
+                           str(converted), "--tokens", "4", "--predictor", "dense"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if re.match(r"\| .+ \| [01]\.\d\d \| (-|\d+) \|$", line)]
+    assert len(rows) == 20 and "| **all 20** | **" in done.stdout
