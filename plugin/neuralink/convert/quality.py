@@ -39,7 +39,7 @@ import numpy as np
 from neuralink.errors import OptionError
 from neuralink.formats.coactivation import SelectionStats
 from neuralink.profile.contribution import candidate_density
-from neuralink.runtime.scoring import window_nll
+from neuralink.runtime.scoring import scoring_windows, window_nll
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,17 @@ def layer_levels(level: int, offsets: np.ndarray) -> list[float]:
 
 
 class ContributionScorer:
-    """The converted model's held-out NLL under contribution thresholds, computed by llama.cpp (module doc)."""
+    """The converted model's NLL on a text under contribution thresholds, computed by llama.cpp (module doc).
+
+    Tokens and windows are those of ``neuralink.evaluate.perplexity``: the
+    text tokenized with the model's BOS, windows of `n_ctx` every `stride`,
+    each scoring the tokens no earlier one scored, so its NLLs pair token by
+    token with the engine's and with stock llama.cpp's.
+    """
 
     def __init__(self, model: os.PathLike[str] | str, sidecar: os.PathLike[str] | str, text: str, *,
-                 max_tokens: int = DEFAULT_HELDOUT_TOKENS, n_ctx: int = 512, threads: int | None = None) -> None:
+                 max_tokens: int | None = DEFAULT_HELDOUT_TOKENS, n_ctx: int = 512, stride: int | None = None,
+                 threads: int | None = None) -> None:
         from neuralink.formats.sidecar import Sidecar
         from neuralink.profile.activations import ActivationReader
         from neuralink.profile.activity import GATE_FUNCTIONS, GATE_TENSOR, FfnActivation, probe_ffn_activation
@@ -107,23 +114,21 @@ class ContributionScorer:
             self.tables = [(opened.candidate_scale(il), opened.down_norms(il)) for il in range(n_layer)]
         self.reader = ActivationReader(model, window=n_ctx, threads=threads)
         try:
-            tokens = self.reader.tokenize(text)[:max_tokens]
-            if tokens.size < 2:
-                raise OptionError(f"{len(tokens)} held-out tokens: the quality check needs at least 2")
-            per = self.reader.text_tokens_per_window
-            self.windows = [tokens[i:i + per] for i in range(0, len(tokens), per) if len(tokens[i:i + per]) > 1]
-            form, _ = probe_ffn_activation(self.reader, tokens, "magnitude")  # the tensor ffn_down consumes
+            reader = self.reader
+            tokens = np.concatenate([[reader.bos_token] if reader.adds_bos else [], reader.tokenize(text)])
+            self.tokens = tokens.astype(np.int64)[:max_tokens]
+            self.windows = scoring_windows(int(self.tokens.size), n_ctx, stride if stride is not None else n_ctx)
+            form, _ = probe_ffn_activation(reader, self.tokens[1:], "magnitude")  # the tensor ffn_down consumes
             self.h_tensor = form.tensor
             self.activate = FfnActivation(GATE_TENSOR, "contribution", GATE_FUNCTIONS[form.tensor]).activate
         except BaseException:
             self.reader.close()
             raise
-        self.tokens = tokens
         self.passes = 0
 
-    def nll(self, setting: Setting) -> tuple[float, dict[str, float]]:
-        """Mean NLL under `setting`, and the densities it ran at: up rows read (candidates) and down columns
-        used (finals) per (token, neuron) pair."""
+    def token_nll(self, setting: Setting) -> tuple[np.ndarray, dict[str, float]]:
+        """The NLL of every scored token under `setting` (float64, text order), and the densities it ran at: up
+        rows read (candidates) and down columns used (finals) per (token, neuron) pair."""
         gates: dict[int, np.ndarray] = {}
         counts = np.zeros(3)  # candidates, finals, pairs
 
@@ -138,15 +143,20 @@ class ContributionScorer:
             rows[~finals] = 0.0  # llama.cpp's own buffer: ffn_down reads it next
             counts[:] += (candidates.sum(), finals.sum(), finals.size)
 
-        total, scored = 0.0, 0
+        nlls = []
         wanted = {"ffn_gate", self.h_tensor}.__contains__
-        for tokens in self.windows:
-            self.reader.evaluate(tokens, wanted, consume)
-            logits = self.reader.logits()[:-1]
-            total += float(window_nll(logits, tokens[1:]).sum())
-            scored += len(tokens) - 1
+        for w in self.windows:
+            self.reader.evaluate(self.tokens[w.begin:w.end], wanted, consume, bos=False)
+            # row r of the window's logits predicts token begin + r + 1
+            logits = self.reader.logits()[w.first_scored - 1 - w.begin:w.end - 1 - w.begin]
+            nlls.append(window_nll(logits, self.tokens[w.first_scored:w.end]))
         self.passes += 1
-        return total / scored, {"up_density": counts[0] / counts[2], "down_density": counts[1] / counts[2]}
+        return np.concatenate(nlls), {"up_density": counts[0] / counts[2], "down_density": counts[1] / counts[2]}
+
+    def nll(self, setting: Setting) -> tuple[float, dict[str, float]]:
+        """Mean NLL under `setting`, and the densities it ran at (`token_nll`)."""
+        nlls, densities = self.token_nll(setting)
+        return float(nlls.mean()), densities
 
     def close(self) -> None:
         self.reader.close()

@@ -179,12 +179,15 @@ class ActivationReader(contextlib.AbstractContextManager["ActivationReader"]):
             raise NeuralinkError(f"{self.path}: tokenizing {len(data)} bytes needs {-n} tokens, more than bytes")
         return np.frombuffer(buf, dtype=np.int32, count=n).copy()
 
-    def evaluate(self, tokens: np.ndarray, wanted: Callable[[str], bool], consume: TensorConsumer) -> None:
-        """Decode `tokens` as a fresh sequence and show `consume` each wanted tensor's text rows."""
-        prefix = [self.bos_token] if self.adds_bos else []
+    def evaluate(self, tokens: np.ndarray, wanted: Callable[[str], bool], consume: TensorConsumer, *,
+                 bos: bool = True) -> None:
+        """Decode `tokens` as a fresh sequence and show `consume` each wanted tensor's text rows.
+
+        `bos=False` decodes `tokens` as given (a window cut from a tokenized text that already has its BOS)."""
+        prefix = [self.bos_token] if self.adds_bos and bos else []
         n = len(prefix) + len(tokens)
-        if not 0 < len(tokens) <= self.text_tokens_per_window:
-            raise ValueError(f"a window holds 1..{self.text_tokens_per_window} text tokens, got {len(tokens)}")
+        if not 0 < n <= self.window:
+            raise ValueError(f"a window holds 1..{self.window - len(prefix)} text tokens, got {len(tokens)}")
         self._batch_tokens[: len(prefix)] = prefix
         self._batch_tokens[len(prefix) : n] = tokens
         self._batch.n_tokens = n
