@@ -127,6 +127,9 @@ def test_sweep_varies_both_thresholds_of_a_contribution_sidecar(contribution_pai
     sweep = perplexity_sweep(model, text, [calibration], densities=[1.0, 0.5, 0.2], thresholds=thresholds,
                              max_tokens=256, n_ctx=128)
     rows = {r.density: r for r in sweep.rows if r.predictor == "gate"}
+    # every neuron, scored with the thresholds applied in place: stock llama.cpp's numbers on the same windows
+    assert rows[1.0].result.token_nll.shape == sweep.reference.result.token_nll.shape
+    assert rows[1.0].result.perplexity == pytest.approx(sweep.reference.result.perplexity, rel=1e-5)
     # up rows are read for the candidates, down columns for fewer: the finals
     assert rows[0.2].active_fraction < rows[0.5].active_fraction < rows[1.0].active_fraction
     assert rows[0.2].active_fraction < rows[0.2].predicted_fraction < 1.0

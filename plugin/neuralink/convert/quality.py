@@ -117,7 +117,8 @@ class ContributionScorer:
             reader = self.reader
             tokens = np.concatenate([[reader.bos_token] if reader.adds_bos else [], reader.tokenize(text)])
             self.tokens = tokens.astype(np.int64)[:max_tokens]
-            self.windows = scoring_windows(int(self.tokens.size), n_ctx, stride if stride is not None else n_ctx)
+            self.n_ctx, self.stride = n_ctx, stride if stride is not None else n_ctx
+            self.windows = scoring_windows(int(self.tokens.size), n_ctx, self.stride)
             form, _ = probe_ffn_activation(reader, self.tokens[1:], "magnitude")  # the tensor ffn_down consumes
             self.h_tensor = form.tensor
             self.activate = FfnActivation(GATE_TENSOR, "contribution", GATE_FUNCTIONS[form.tensor]).activate

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from neuralink.convert.quality import ContributionScorer, Setting
 from neuralink.convert.predictor import activation_values, activity_score, capture_ffn_inputs
 from neuralink.errors import ModelFileError, SweepError
 from neuralink.evaluate.perplexity import PerplexityResult, perplexity
@@ -286,6 +288,7 @@ def perplexity_sweep(
                          "`neuralink convert` (or pass the sidecar)")
     with Sidecar.open(sidecar_path, model_path) as opened:
         n_ff = opened.header.n_ff
+        contribution = opened.header.criterion == "contribution"
     applicable = applicable_predictors(model_path, sidecar_path)
     chosen = list(predictors) if predictors is not None else applicable
     unknown = [p for p in chosen if p not in SWEEP_PREDICTORS]
@@ -310,9 +313,25 @@ def perplexity_sweep(
                                                                          ("engine dense", "dense", None)]
     settings += [(p, p, t) for p in chosen for t in thresholds]
     scoring = dict(n_ctx=n_ctx, stride=stride, max_tokens=max_tokens, n_threads=n_threads)
+    # contribution settings: llama.cpp with h zeroed where the engine would skip (the conversion's quality search),
+    # on the same tokens and windows as perplexity(); one load serves them all
+    fast = ContributionScorer(model_path, sidecar_path, text, max_tokens=max_tokens, n_ctx=n_ctx,
+                              stride=stride if stride is not None else max(1, n_ctx // 2), threads=n_threads) \
+        if contribution else None
+    try:
+        rows = _score_settings(settings, model_path, sidecar_path, text, scoring, n_ff, fast, progress)
+    finally:
+        if fast is not None:
+            fast.close()
+    return SweepResult(str(model_path), budget, tuple(rows), tuple(notes))
+
+
+def _score_settings(settings: list[tuple[str, str | None, DensityThresholds | None]], model_path: Path,
+                    sidecar_path: Path, text: str, scoring: dict[str, Any], n_ff: int,
+                    fast: ContributionScorer | None, progress: SweepProgress | None) -> list[SweepRow]:
     done = 0
     rows: list[SweepRow] = []
-    for i, (label, predictor, setting) in enumerate(settings):
+    for label, predictor, setting in settings:
         name = label if setting is None else f"{label} @ {setting.density:g}"
         stats: list[np.ndarray] = []
 
@@ -322,6 +341,20 @@ def perplexity_sweep(
                 total = windows * len(settings)
                 progress(min(done + windows_done, total), total, name)
 
+        if fast is not None and setting is not None:
+            start = time.perf_counter()
+            finals = tuple([setting.density] * len(setting.thresholds))
+            nlls, densities = fast.token_nll(Setting(finals, tuple(setting.thresholds.tolist()),
+                                                     tuple(setting.candidate_thresholds.tolist())))
+            result = PerplexityResult(str(model_path), fast.n_ctx, fast.stride, len(fast.windows), nlls,
+                                      time.perf_counter() - start)
+            report(len(fast.windows), len(fast.windows))
+            done += result.n_windows
+            rows.append(SweepRow(label, predictor, setting.density, result, densities["down_density"],
+                                 densities["up_density"]))
+            log.info("%s: perplexity %.4f, down columns %.4f, up rows %.4f", name, result.perplexity,
+                     densities["down_density"], densities["up_density"])
+            continue
         kwargs: dict[str, Any] = {}
         if predictor is None:
             factory: Any = llama_cpp.Llama
@@ -345,7 +378,7 @@ def perplexity_sweep(
             active, predicted = _fraction(stats[0], "computed_pairs", n_ff), _fraction(stats[0], "predicted_pairs", n_ff)
         rows.append(SweepRow(label, predictor, None if setting is None else setting.density, result, active, predicted))
         log.info("%s: perplexity %.4f, active fraction %.4f", name, result.perplexity, active)
-    return SweepResult(str(model_path), budget, tuple(rows), tuple(notes))
+    return rows
 
 
 def plot_sweep(sweep: SweepResult, path: str | os.PathLike[str]) -> None:
