@@ -129,7 +129,7 @@ def test_sweep_varies_both_thresholds_of_a_contribution_sidecar(contribution_pai
     rows = {r.density: r for r in sweep.rows if r.predictor == "gate"}
     # every neuron, scored with the thresholds applied in place: stock llama.cpp's numbers on the same windows
     assert rows[1.0].result.token_nll.shape == sweep.reference.result.token_nll.shape
-    assert rows[1.0].result.perplexity == pytest.approx(sweep.reference.result.perplexity, rel=1e-5)
+    assert rows[1.0].result.perplexity == pytest.approx(sweep.reference.result.perplexity, rel=1e-4)
     # up rows are read for the candidates, down columns for fewer: the finals
     assert rows[0.2].active_fraction < rows[0.5].active_fraction < rows[1.0].active_fraction
     assert rows[0.2].active_fraction < rows[0.2].predicted_fraction < 1.0
