@@ -11,7 +11,13 @@ The main job of `bash scripts/setup.sh run`. On the embedded default model
      conversion's quality search validated on held-out calibration text
      (the sparsest per-layer densities within +3 % perplexity; every neuron
      when nothing sparser passed);
-  3. prints what was read per token and how fast decoding went.
+  3. prints what was read per token and how fast decoding went;
+  4. runs the same prompt through stock llama-cpp-python (on the original
+     GGUF) and through neuralink, each in a fresh process under the same
+     memory cap (a cgroup v1 memory group, where the machine allows one;
+     otherwise it says so and both run uncapped), and prints them side by
+     side: decode speed, peak memory, what neuralink read, and both texts
+     (--no-compare skips it).
 
 Calibration text: --calibration files, else the project's shared corpus
 (../shared/data/tinyshakespeare.txt from the current folder) when it is
@@ -22,6 +28,7 @@ dense engine (every FFN weight in RAM) instead.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +41,7 @@ from neuralink.child import run_in_child
 from neuralink.command import Command, positive_int
 from neuralink.convert.pipeline import convert_from_text
 from neuralink.errors import ModelFileError
+from neuralink.evaluate.bench.e2e import E2eSettings, RunResult, run_e2e
 from neuralink.formats.constants import KEY_MODEL_ID
 from neuralink.formats.ffn_tensors import inspect_ffn_model
 from neuralink.formats.files import file_sha256, write_text
@@ -190,6 +198,53 @@ def describe(stats: DemoStats) -> str:
     return "\n".join(lines)
 
 
+def compare_with_stock(original: Path, converted: Path, prompt: str, max_tokens: int, cap: str,
+                       threads: int | None, predictor: str | None) -> tuple[list[RunResult], list[str]]:
+    """Stock llama-cpp-python on `original` and neuralink on `converted`, each in a fresh process under `cap`;
+    the runs, and notes (e.g. that no memory cap could be set)."""
+    sidecar = find_sidecar(converted)
+    assert sidecar is not None
+    settings = E2eSettings(model=converted, sidecar=sidecar, stock_model=original, caps=(cap,), prompt_texts=(prompt,),
+                           tokens=max_tokens, runs=1, threads=threads or max(1, (os.cpu_count() or 2) // 2),
+                           predictor=predictor)
+    notes: list[str] = []
+    return run_e2e(settings, progress=notes.append), [n for n in notes if n.startswith("no memory caps")]
+
+
+def side_by_side(results: list[RunResult], cap: str, notes: list[str]) -> str:
+    """The comparison the demo prints: one column per variant, then both texts."""
+    runs = {r.variant: r for r in results}
+    capped = not notes
+    lines = ["\nstock llama-cpp-python and neuralink, each in a fresh process "
+             + (f"under a {cap} memory cap (cgroup)" if capped else f"without a memory cap ({notes[0]})"),
+             f"{'':22}{'stock llama.cpp':>18}{'neuralink':>18}"]
+
+    def cell(r: RunResult | None, value) -> str:
+        if r is None or not r.runs:
+            return (r.note[:17] if r else "-").rjust(18)
+        return f"{value(r):>18}"
+
+    stock, nl = runs.get("stock"), runs.get("neuralink")
+    rows = [
+        ("decode tok/s", lambda r: f"{r.median('tok_s'):.2f}"),
+        ("prompt tok/s", lambda r: f"{r.median('prompt_tok_s'):.1f}"),
+        # the cgroup's peak (charged page cache included) where there is one, else the process's peak RSS
+        ("peak memory", lambda r: f"{(max(r.peaks) if r.peaks else r.median('peak_rss')) / 2**20:.0f} MiB"),
+    ]
+    for label, value in rows:
+        lines.append(f"{label:22}{cell(stock, value)}{cell(nl, value)}")
+    if nl is not None and nl.runs:
+        run = nl.runs[0]
+        lines.append(f"{'read per token':22}{'(whole model)':>18}{run['bytes_per_token'] / 2**20:>14.2f} MiB")
+        lines.append(f"{'cache hits':22}{'':>18}{run['cache_hit_rate']:>18.0%}")
+    if stock is not None and nl is not None and stock.runs and nl.runs:
+        lines.append(f"{'speed, neuralink/stock':22}{'':>18}{nl.median('tok_s') / stock.median('tok_s'):>17.2f}x")
+    for r in (stock, nl):
+        if r is not None and r.runs:
+            lines.append(f"\n{r.variant} text: {r.runs[0]['texts'][0]!r}")
+    return "\n".join(lines)
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help="GGUF model: an original (converted once, cached) or one `neuralink convert` wrote "
@@ -209,10 +264,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="no conversion: the dense engine computes every FFN from weights in RAM")
     parser.add_argument("--no-direct-io", dest="direct_io", action="store_false",
                         help="read FFN weights through the page cache instead of O_DIRECT")
+    parser.add_argument("--no-compare", dest="compare", action="store_false",
+                        help="skip running stock llama-cpp-python and neuralink side by side under the memory cap")
 
 
 def main(args: argparse.Namespace) -> int:
-    model = args.model or default_model_path()
+    model = source = args.model or default_model_path()
     if not args.dense and find_sidecar(model) is None:
         if read_gguf_directory(model).get(KEY_MODEL_ID):
             raise ModelFileError(f"{model}: converted by neuralink, but the sidecar it names is not beside it")
@@ -232,6 +289,15 @@ def main(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     assert stats is not None
     print("\n" + describe(stats), file=sys.stderr)
+    if args.compare and not args.dense:
+        original = source if source != model else None
+        if original is None:
+            print("\n(no side-by-side run: the original GGUF of this converted model is not known; give --model "
+                  "the original)", file=sys.stderr)
+        else:
+            results, notes = compare_with_stock(original, model, args.prompt, args.max_tokens, args.memory_budget,
+                                                args.threads, predictor)
+            print(side_by_side(results, args.memory_budget, notes), file=sys.stderr)
     return 0
 
 

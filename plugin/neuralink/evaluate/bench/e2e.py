@@ -47,6 +47,7 @@ class E2eSettings:
     variants: tuple[str, ...] = ("stock", "neuralink")
     prompts_from: Path | None = SHARED_TEXT
     prompts: int = 3
+    prompt_texts: tuple[str, ...] = ()  # these prompts instead of ones taken from `prompts_from`
     tokens: int = 32
     runs: int = 3
     threads: int = 2
@@ -132,7 +133,7 @@ def run_e2e(settings: E2eSettings, progress: Callable[[str], None] = print) -> l
     except CgroupUnavailable as e:
         use_cgroups = False
         progress(f"no memory caps: {e}; every variant runs uncapped")
-    prompts = prompts_from(settings.prompts_from, settings.prompts)
+    prompts = list(settings.prompt_texts) or prompts_from(settings.prompts_from, settings.prompts)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         prompts_file = Path(tmp) / "prompts.json"

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-def _decode_steps(llm, prompt: str, n_tokens: int) -> tuple[list[float], int, float]:
+def _decode_steps(llm, prompt: str, n_tokens: int) -> tuple[list[float], int, float, str]:
     # loaded only now: the process joined its memory cgroup before anything large was imported
     import numpy as np
 
@@ -29,13 +29,17 @@ def _decode_steps(llm, prompt: str, n_tokens: int) -> tuple[list[float], int, fl
     llm.eval(tokens)
     prompt_s = time.perf_counter() - start
     token = int(np.argmax(last_logits(llm)))
-    steps = []
+    steps, generated = [], [token]
     for _ in range(n_tokens):
         start = time.perf_counter()
         llm.eval([token])
         steps.append(time.perf_counter() - start)
         token = int(np.argmax(last_logits(llm)))
-    return steps, len(tokens), prompt_s
+        generated.append(token)
+    # the text up to the end-of-text token, if the model wrote one (decoding went on: a fixed count is timed)
+    end = generated.index(llm.token_eos()) if llm.token_eos() in generated else len(generated)
+    text = llm.detokenize(generated[:end], prev_tokens=tokens).decode("utf-8", errors="replace")
+    return steps, len(tokens), prompt_s, text
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -63,13 +67,15 @@ def run(args: argparse.Namespace) -> dict:
     steps: list[float] = []
     prompt_s = 0.0
     prompt_tokens = 0
+    texts = []
     if args.variant == "neuralink":
         llm.ffn_stats(reset=True)
     for prompt in prompts:
-        s, n, p = _decode_steps(llm, prompt, args.tokens)
+        s, n, p, text = _decode_steps(llm, prompt, args.tokens)
         steps += s
         prompt_s += p
         prompt_tokens += n
+        texts.append(text)
     result = {
         "variant": args.variant,
         "load_s": load_s,
@@ -79,6 +85,8 @@ def run(args: argparse.Namespace) -> dict:
         "prompt_tok_s": prompt_tokens / prompt_s if prompt_s else 0.0,
         "major_faults_per_token": (resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults_before)
         / (len(steps) + prompt_tokens),
+        "texts": texts,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # VmHWM: Linux reports KiB
     }
     if args.variant == "neuralink":
         stats = llm.ffn_stats()
