@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Fuzz a converted model's sidecar: N random mutations, each refused loudly or changing nothing.
+
+    python scripts/fuzz_sidecar.py MODEL.neuralink.gguf [--sidecar FILE] [--mutations 1000] [--seed 0]
+
+Each mutation (a flipped bit, a run of random bytes, or a cut) is written to
+a scratch copy and evaluated by the engine (every layer, predictor dense, so
+every record is read) in a worker process; the outcome is one of: refused
+(ModelFileError / EngineIOError / ValueError naming the file), identical
+output, SILENT DIFFERENCE, CRASH (the worker died on a signal) or HANG (no
+answer within --timeout). Prints a table of outcomes; exit status 1 if any
+mutation was silent, crashed or hung.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+WORKER = r"""
+import sys, json, numpy as np
+from neuralink import _engine, ModelFileError, EngineIOError
+model, sidecar, n_layer, n_embd = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+x = np.random.default_rng(0).standard_normal((3, n_embd)).astype(np.float32)
+want = None
+for line in sys.stdin:
+    path = line.strip() or sidecar
+    try:
+        engine = _engine.Engine(model, sidecar=path, predictor="dense", cache_policy="none")
+        got = np.stack([engine.forward(il, x, "silu") for il in range(n_layer)])
+        del engine
+        if want is None:
+            want = got
+            outcome = "reference"
+        else:
+            outcome = "identical" if np.array_equal(got, want) else "SILENT DIFFERENCE"
+    except (ModelFileError, EngineIOError, ValueError) as e:
+        outcome = "refused" if path in str(e) or "sidecar" in str(e) else "refused, error names no file"
+    print(outcome, flush=True)
+"""
+
+
+def mutate(data: bytes, rng: np.random.Generator, kind: int) -> bytes:
+    blob = bytearray(data)
+    if kind == 0:
+        blob[int(rng.integers(len(blob)))] ^= 1 << int(rng.integers(8))
+    elif kind == 1:
+        at, n = int(rng.integers(len(blob))), int(rng.integers(1, 4097))
+        blob[at:at + n] = rng.integers(0, 256, min(n, len(blob) - at), dtype=np.uint8).tobytes()
+    else:
+        blob = blob[: int(rng.integers(1, len(blob)))]
+    return bytes(blob)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--sidecar", type=Path, default=None)
+    parser.add_argument("--mutations", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per mutation before calling it a hang")
+    args = parser.parse_args()
+    from neuralink.formats.sidecar import Sidecar
+    from neuralink.runtime.llama import find_sidecar
+
+    sidecar = args.sidecar or find_sidecar(args.model)
+    if sidecar is None:
+        parser.error(f"{args.model}: names no sidecar beside it; pass --sidecar")
+    with Sidecar.open(sidecar, args.model) as opened:
+        n_layer, n_embd = opened.header.n_layer, opened.header.n_embd
+    data = sidecar.read_bytes()
+    rng = np.random.default_rng(args.seed)
+    outcomes: Counter[str] = Counter()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp) / sidecar.name
+        worker = None
+        i = 0
+        while i <= args.mutations:
+            if worker is None:
+                worker = subprocess.Popen([sys.executable, "-c", WORKER, str(args.model), str(sidecar), str(n_layer),
+                                           str(n_embd)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                worker.stdin.write("\n")  # the intact sidecar first: the reference output
+                worker.stdin.flush()
+                assert worker.stdout.readline().strip() == "reference"
+            if i == 0:
+                i += 1
+                continue
+            scratch.write_bytes(mutate(data, rng, i % 3))
+            worker.stdin.write(f"{scratch}\n")
+            worker.stdin.flush()
+            deadline = time.monotonic() + args.timeout
+            line = ""
+            while time.monotonic() < deadline and worker.poll() is None:
+                ready, _, _ = select.select([worker.stdout], [], [], 0.5)
+                if ready:
+                    line = worker.stdout.readline().strip()
+                    break
+            if line:
+                outcomes[line] += 1
+            else:
+                outcomes["CRASH" if worker.poll() is not None else "HANG"] += 1
+                worker.kill()
+                worker.wait()
+                worker = None
+            i += 1
+        if worker is not None:
+            worker.stdin.close()
+            worker.wait()
+    seconds = time.perf_counter() - start
+    print(f"{args.mutations} mutations of {sidecar} ({len(data):,} bytes) in {seconds:.0f} s\n")
+    print("| outcome | mutations |\n| --- | ---: |")
+    for outcome, n in sorted(outcomes.items()):
+        print(f"| {outcome} | {n} |")
+    bad = sum(n for o, n in outcomes.items() if o in ("SILENT DIFFERENCE", "CRASH", "HANG", "refused, error names no file"))
+    print(json.dumps({"outcomes": dict(outcomes), "bad": bad}), file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
