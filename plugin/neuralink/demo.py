@@ -259,8 +259,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"memory of the whole process, e.g. 150MB (default: {DEFAULT_BUDGET}); the bundle "
                              "cache gets what the rest leaves. MB is 10^6 bytes, MiB 2^20; K/M/G are binary")
     parser.add_argument("--predictor", choices=("auto", "gate", "lowrank", "dense", "oracle"), default="auto",
-                        help="how active neurons are found (default auto: dense on gated FFNs, where thresholding "
-                             "costs too much quality on small models, else the sidecar's predictor)")
+                        help="how active neurons are found (default auto: what the conversion's quality search "
+                             "validated on held-out text, else every neuron)")
     parser.add_argument("--threads", type=positive_int, default=None, help="compute threads (default: half the cores)")
     parser.add_argument("--dense", action="store_true",
                         help="no conversion: the dense engine computes every FFN from weights in RAM")
