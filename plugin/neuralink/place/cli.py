@@ -113,7 +113,7 @@ def configure_plot_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=PLOT_METHODS, default=DEFAULT_METHOD,
                         help=f"order to compute when no --placement is given (default: {DEFAULT_METHOD}); "
                              "for hotcold, pass its --placement")
-    parser.add_argument("--neurons", type=positive_int, default=DEFAULT_NEURONS,
+    parser.add_argument("--neurons", type=non_negative_int, default=DEFAULT_NEURONS,
                         help=f"stored positions to show, from --first (default: {DEFAULT_NEURONS}; 0 for all)")
     parser.add_argument("--first", type=non_negative_int, default=0, help="first stored position shown (default: 0)")
 
