@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from neuralink.formats.constants import SIDECAR_VERSION
 from neuralink.formats.sidecar import Sidecar
 
 from conftest import ModelFactory, carried_text
@@ -35,6 +36,8 @@ def test_demo_converts_once_then_runs_sparse(synthetic_model: ModelFactory, cali
     assert first.returncode == 0, first.stderr[-3000:]
     converted = list((tmp_path / "converted").glob("*/*.neuralink.gguf"))
     assert len(converted) == 1 and converted[0].with_suffix(".sidecar").is_file()
+    # the cache is keyed by the sidecar format too, so an older neuralink's conversion is made again, not refused
+    assert converted[0].parent.name.endswith(f"-v{SIDECAR_VERSION}")
     assert f"converting {model.name} once" in first.stderr
     # the predictor the conversion's quality search validated on held-out calibration text runs by default
     assert "quality check: " in first.stderr

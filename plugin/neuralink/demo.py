@@ -5,7 +5,8 @@ The main job of `bash scripts/setup.sh run`. On the embedded default model
 
   1. converts the model once (profile on calibration text, co-activation
      placement, permuted GGUF + sidecar bundle store), cached under
-     $NEURALINK_CACHE/converted (~/.cache/neuralink) by the model's SHA-256;
+     $NEURALINK_CACHE/converted (~/.cache/neuralink) by the model's SHA-256
+     and the sidecar format version;
   2. generates with neuralink.Llama: bundles read with direct I/O, a linking
      cache sized by --memory-budget; --predictor auto runs what the
      conversion's quality search validated on held-out calibration text
@@ -42,7 +43,7 @@ from neuralink.command import Command, positive_int
 from neuralink.convert.pipeline import convert_from_text
 from neuralink.errors import ModelFileError
 from neuralink.evaluate.bench.e2e import E2eSettings, RunResult, run_e2e
-from neuralink.formats.constants import KEY_MODEL_ID
+from neuralink.formats.constants import KEY_MODEL_ID, SIDECAR_VERSION
 from neuralink.formats.ffn_tensors import inspect_ffn_model
 from neuralink.formats.files import file_sha256, write_text
 from neuralink.formats.gguf_directory import read_gguf_directory
@@ -107,7 +108,8 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
     """The converted GGUF of `model` (its sidecar beside it), converting it on first use."""
     from tqdm import tqdm  # deferred: progress bars are the CLI's, loaded when one is shown
 
-    folder = cache_dir("converted") / file_sha256(model)[:16]
+    # keyed by the sidecar format too: a conversion an older neuralink cached is made again, not refused
+    folder = cache_dir("converted") / f"{file_sha256(model)[:16]}-v{SIDECAR_VERSION}"
     output = folder / f"{model.stem}.neuralink.gguf"
     sidecar = folder / f"{model.stem}.neuralink.sidecar"
     if output.is_file() and sidecar.is_file():
