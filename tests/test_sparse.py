@@ -10,9 +10,14 @@ import pytest
 from test_llama_hook import DECODE_PREFIX, batch_logits, decode_logits, greedy, rel_max_abs, tokens_of
 
 import neuralink
-from neuralink import EngineIOError, ModelFileError, _engine
+from neuralink import EngineIOError, EngineNumericError, ModelFileError, _engine
 from neuralink.errors import MemoryBudgetError
+from neuralink.formats.checksum import records_checksums
+from neuralink.formats.constants import SIDECAR_BUNDLE_HASH, SIDECAR_BUNDLES, SIDECAR_DOWN_COLUMNS, SIDECAR_DOWN_HASH
 from neuralink.formats.ggml_types import ggml_type_name
+from neuralink.formats.gguf_directory import read_gguf_directory
+from neuralink.formats.sidecar import Sidecar
+from neuralink.formats.sidecar_writer import seal_sidecar
 
 CONTEXT = dict(n_ctx=256, logits_all=True, verbose=False)
 
@@ -255,3 +260,41 @@ def test_a_call_after_a_read_error_answers_as_a_fresh_model(converted_model, str
             complete(llm)
         assert complete(llm) == want, f"a read failing after {after} reads"
         llm.close()
+
+
+def poison_down_column(sidecar: Path, il: int, position: int) -> None:
+    """Fill one neuron's down column with 0xFF bytes (NaN in f32, f16 and a q8_0/q4 block's scale) and
+    re-seal its record checksum: corruption the checksums cannot see, as a buggy writer would leave it."""
+    with Sidecar.open(sidecar) as opened:
+        layout = opened.layouts[il]
+    store, table = (SIDECAR_DOWN_COLUMNS, SIDECAR_DOWN_HASH) if layout.split else (SIDECAR_BUNDLES, SIDECAR_BUNDLE_HASH)
+    record_bytes = layout.down_record_bytes if layout.split else layout.record_bytes
+    tensors = read_gguf_directory(sidecar).tensors
+    records, hashes = (tensors[name.format(bid=il)] for name in (store, table))
+    data = bytearray(sidecar.read_bytes())
+    start = records.offset + position * record_bytes + layout.down.offset
+    data[start:start + layout.down.nbytes] = b"\xff" * layout.down.nbytes
+    first = records.offset + position * record_bytes
+    record = np.frombuffer(bytes(data[first:first + record_bytes]), dtype=np.uint8)
+    at = hashes.offset + 8 * position
+    data[at:at + 8] = records_checksums(record.reshape(1, -1)).astype("<u8").tobytes()
+    sidecar.write_bytes(bytes(data))
+    seal_sidecar(sidecar)
+
+
+def test_a_non_finite_ffn_output_is_refused_naming_the_layer(converted_model, tmp_path: Path) -> None:
+    model, sidecar = converted_model("llama", "q8_0")
+    poisoned = tmp_path / sidecar.name
+    poisoned.write_bytes(sidecar.read_bytes())
+    poison_down_column(poisoned, 1, 3)
+    x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
+    engine = _engine.Engine(str(model), sidecar=str(poisoned), predictor="dense", cache_policy="none")
+    assert np.all(np.isfinite(engine.forward(0, x, "silu")))
+    with pytest.raises(EngineNumericError, match="layer 1: the FFN output of token 0 is not finite"):
+        engine.forward(1, x, "silu")
+    assert np.all(np.isfinite(engine.forward(0, x, "silu"))), "the engine keeps working after the refusal"
+
+    llm = neuralink.Llama(str(model), sidecar=str(poisoned), predictor="dense", cache_policy="none", **CONTEXT)
+    with pytest.raises(EngineNumericError, match="layer 1"):
+        llm("the quick brown fox", max_tokens=4)
+    llm.close()

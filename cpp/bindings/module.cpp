@@ -35,6 +35,8 @@ static void register_errors() {
             py::set_error(errors.attr("UnsupportedModelError"), e.what());
         } catch (const IoError & e) {
             py::set_error(errors.attr("EngineIOError"), e.what());
+        } catch (const NumericError & e) {
+            py::set_error(errors.attr("EngineNumericError"), e.what());
         } catch (const std::invalid_argument & e) {
             // an option or input the engine refuses: a neuralink error, and still a ValueError
             py::set_error(errors.attr("OptionError"), e.what());
@@ -157,6 +159,8 @@ static void register_engine(py::module_ & m) {
         })
         .def("error", [](const Engine & e) { return e.sparse() ? e.sparse()->error() : std::string(); },
              "The first read or compute failure since the last clear_error(), empty if none.")
+        .def("error_is_numeric", [](const Engine & e) { return e.sparse() && e.sparse()->error_is_numeric(); },
+             "Whether that failure is a non-finite FFN output rather than a read.")
         .def("clear_error", [](Engine & e) { if (e.sparse()) e.sparse()->clear_error(); })
         .def("take_stats", [](Engine & e) {
             std::vector<LayerStepStats> stats = e.sparse() ? e.sparse()->take_stats() : std::vector<LayerStepStats>();

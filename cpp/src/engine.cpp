@@ -371,7 +371,9 @@ void Engine::forward(int il, Activation act, const float * x, float * y, int64_t
         }
         // a failed read or checksum is kept for the graph's caller; here the caller is us: rethrow it
         if (std::string what = sparse_->error(); !what.empty()) {
+            const bool numeric = sparse_->error_is_numeric();
             sparse_->clear_error();
+            if (numeric) throw NumericError(what);
             throw IoError(what);
         }
         return;

@@ -233,10 +233,11 @@ SparseFfn::ThreadState & SparseFfn::thread_state(int ith) {
     return *threads_[ith];
 }
 
-void SparseFfn::fail(const std::string & what) {
+void SparseFfn::fail(const std::string & what, bool numeric) {
     std::lock_guard<std::mutex> lock(error_mutex_);
     if (error_.empty()) {
         error_ = what;
+        error_numeric_ = numeric;
     }
     failed_.store(true, std::memory_order_release);
 }
@@ -246,8 +247,14 @@ std::string SparseFfn::error() const {
     return error_;
 }
 
+bool SparseFfn::error_is_numeric() const {
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    return error_numeric_;
+}
+
 void SparseFfn::clear_error() {
     std::lock_guard<std::mutex> lock(error_mutex_);
+    error_numeric_ = false;
     if (pool_) {
         pool_->clear_error();
     }
@@ -578,6 +585,15 @@ void SparseFfn::down(int il, float * y, int64_t n_tokens, int ith, int nth) {
             }
         }
     }
+    // a NaN or infinity here would spread through every later layer into the logits: refuse it
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        const float * yt = y + t * L.n_out;
+        if (!std::all_of(yt + e0, yt + e1, [](float v) { return std::isfinite(v); })) {
+            throw NumericError("layer " + std::to_string(il) + ": the FFN output of token " + std::to_string(t) +
+                               " is not finite (NaN or infinity): the sidecar's weights are corrupt or the "
+                               "activations overflowed");
+        }
+    }
 }
 
 // phase 0: x converted to the gate/up vec_dot types (and A x for the low-rank predictor), split across threads
@@ -713,7 +729,7 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
         for (Wave & w : ts.wave) w.n_pending = 0;
         ts.active.clear();
         ts.finals.clear();
-        fail(e.what());
+        fail(e.what(), dynamic_cast<const NumericError *>(&e) != nullptr);
         if (phase == kPhases - 1) {
             const auto [t0, t1] = split_range(n_tokens, ith, nth);
             std::memset(y + t0 * L.n_out, 0, sizeof(float) * (size_t) ((t1 - t0) * L.n_out));

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from neuralink.errors import (
     EngineIOError,
+    EngineNumericError,
     HookUnavailableError,
     ModelFileError,
     NeuralinkError,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EngineIOError",
+    "EngineNumericError",
     "HookUnavailableError",
     "Llama",
     "ModelFileError",

@@ -76,6 +76,11 @@ class EngineIOError(NeuralinkError, OSError):
     """A read of FFN weights failed or came back short."""
 
 
+class EngineNumericError(NeuralinkError, ArithmeticError):
+    """An FFN output held NaN or infinity (weights corrupt beyond the checksums, or an overflow): refused, never
+    passed on to the next layer."""
+
+
 class DeviceProfileError(NeuralinkError, OSError):
     """The storage cannot be profiled: a missing path, no room for the probe file, a failed read."""
 

@@ -21,4 +21,10 @@ struct IoError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
+// an FFN output holding NaN or infinity: weights corrupt beyond what the checksums see, or a numeric
+// blow-up; refused instead of handed to the next layer
+struct NumericError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
 } // namespace neuralink

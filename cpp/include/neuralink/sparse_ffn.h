@@ -135,6 +135,8 @@ public:
     // Reading or computing failed: the message, empty when all is well. Once
     // set, layers produce zeros until cleared, so a wrong answer is never silent.
     std::string error() const;
+    // the failure was a non-finite FFN output (NumericError), not a read (IoError)
+    bool error_is_numeric() const;
     void clear_error();
 
     std::vector<LayerStepStats> take_stats();
@@ -160,7 +162,7 @@ private:
     void compute_h(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos, size_t n, ThreadState & ts);
     void check_thresholds(const std::vector<float> & given, const char * what) const;
     void down(int il, float * y, int64_t n_tokens, int ith, int nth);
-    void fail(const std::string & what);
+    void fail(const std::string & what, bool numeric = false);
     ThreadState & thread_state(int ith);
     uint32_t max_gap_records(const BundleRegion & region) const;
 
@@ -189,6 +191,7 @@ private:
     std::atomic<bool> failed_ { false };
     mutable std::mutex error_mutex_;
     std::string error_;
+    bool error_numeric_ = false;
 
     uint64_t layer_start_ns_ = 0;
     std::mutex stats_mutex_;
