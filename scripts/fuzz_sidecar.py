@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Fuzz a converted model's sidecar: N random mutations, each refused loudly or changing nothing.
+"""Fuzz a converted model's files: N random mutations, each refused loudly or changing nothing.
 
-    python scripts/fuzz_sidecar.py MODEL.neuralink.gguf [--sidecar FILE] [--mutations 1000] [--seed 0]
+    python scripts/fuzz_sidecar.py MODEL.neuralink.gguf [--target sidecar|gguf] [--mutations 1000] [--seed 0]
 
 Each mutation (a flipped bit, a run of random bytes, or a cut) is written to
-a scratch copy and evaluated by the engine (every layer, predictor dense, so
-every record is read) in a worker process; the outcome is one of: refused
-(ModelFileError / EngineIOError / ValueError naming the file), identical
-output, SILENT DIFFERENCE, CRASH (the worker died on a signal) or HANG (no
-answer within --timeout). Prints a table of outcomes; exit status 1 if any
-mutation was silent, crashed or hung.
+a scratch copy of the sidecar (--target sidecar, the default) or of the
+converted GGUF (--target gguf) and evaluated in a worker process: for the
+sidecar, the engine computes every layer (predictor dense, so every record is
+read); for the GGUF, neuralink.Llama loads it (llama.cpp parses it) and
+evaluates a prompt. The outcome is one of: refused (ModelFileError /
+EngineIOError / ValueError naming the file), identical output, SILENT
+DIFFERENCE, CRASH (the worker died on a signal) or HANG (no answer within
+--timeout). Prints a table of outcomes; exit status 1 if any mutation was
+silent, crashed or hung.
 """
 
 from __future__ import annotations
@@ -48,6 +51,32 @@ for line in sys.stdin:
     print(outcome, flush=True)
 """
 
+# the GGUF through neuralink.Llama: checked against the sidecar's model checksums, then parsed by llama.cpp
+GGUF_WORKER = r"""
+import sys, numpy as np
+import neuralink
+from neuralink import ModelFileError, EngineIOError
+model, sidecar = sys.argv[1], sys.argv[2]
+want = None
+for line in sys.stdin:
+    path = line.strip() or model
+    try:
+        llm = neuralink.Llama(path, sidecar=sidecar, predictor="dense", cache_policy="none", n_ctx=64,
+                              logits_all=True, verbose=False)
+        tokens = llm.tokenize(b"The capital of France is")
+        llm.eval(tokens)
+        got = np.array(llm.scores[: len(tokens)])
+        llm.close()
+        if want is None:
+            want = got
+            outcome = "reference"
+        else:
+            outcome = "identical" if np.array_equal(got, want) else "SILENT DIFFERENCE"
+    except (ModelFileError, EngineIOError, ValueError) as e:
+        outcome = "refused" if path in str(e) else "refused, error names no file"
+    print(outcome, flush=True)
+"""
+
 
 def mutate(data: bytes, rng: np.random.Generator, kind: int) -> bytes:
     blob = bytearray(data)
@@ -65,6 +94,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
     parser.add_argument("--sidecar", type=Path, default=None)
+    parser.add_argument("--target", choices=("sidecar", "gguf"), default="sidecar", help="the file to mutate")
     parser.add_argument("--mutations", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per mutation before calling it a hang")
@@ -77,19 +107,22 @@ def main() -> int:
         parser.error(f"{args.model}: names no sidecar beside it; pass --sidecar")
     with Sidecar.open(sidecar, args.model) as opened:
         n_layer, n_embd = opened.header.n_layer, opened.header.n_embd
-    data = sidecar.read_bytes()
+    target = sidecar if args.target == "sidecar" else args.model
+    data = target.read_bytes()
     rng = np.random.default_rng(args.seed)
     outcomes: Counter[str] = Counter()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp) / sidecar.name
+        scratch = Path(tmp) / target.name
         worker = None
         i = 0
         while i <= args.mutations:
             if worker is None:
-                worker = subprocess.Popen([sys.executable, "-c", WORKER, str(args.model), str(sidecar), str(n_layer),
-                                           str(n_embd)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                worker.stdin.write("\n")  # the intact sidecar first: the reference output
+                command = [WORKER, str(args.model), str(sidecar), str(n_layer), str(n_embd)] \
+                    if args.target == "sidecar" else [GGUF_WORKER, str(args.model), str(sidecar)]
+                worker = subprocess.Popen([sys.executable, "-c", *command], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                worker.stdin.write("\n")  # the intact file first: the reference output
                 worker.stdin.flush()
                 assert worker.stdout.readline().strip() == "reference"
             if i == 0:
@@ -117,7 +150,7 @@ def main() -> int:
             worker.stdin.close()
             worker.wait()
     seconds = time.perf_counter() - start
-    print(f"{args.mutations} mutations of {sidecar} ({len(data):,} bytes) in {seconds:.0f} s\n")
+    print(f"{args.mutations} mutations of {target} ({len(data):,} bytes) in {seconds:.0f} s\n")
     print("| outcome | mutations |\n| --- | ---: |")
     for outcome, n in sorted(outcomes.items()):
         print(f"| {outcome} | {n} |")

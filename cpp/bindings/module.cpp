@@ -5,6 +5,7 @@
 #include "neuralink/checksum.h"
 #include "neuralink/engine.h"
 #include "neuralink/errors.h"
+#include "neuralink/model_integrity.h"
 #include "planned_reads.h"
 
 #include <pybind11/numpy.h>
@@ -227,6 +228,15 @@ static void register_engine(py::module_ & m) {
 }
 
 static void register_quant(py::module_ & m) {
+    m.def("file_block_checksum", &file_block_checksum, py::arg("path"), py::arg("offset"), py::arg("nbytes"),
+          py::call_guard<py::gil_scoped_release>(),
+          "block_checksum64 of nbytes bytes of the file at path from offset (ModelFileError if shorter).");
+    m.def("verify_model_file", [](const std::string & gguf, const std::string & sidecar) {
+              const SidecarStore store(sidecar, "", false);
+              return verify_model_file(gguf, store);
+          }, py::arg("gguf"), py::arg("sidecar"), py::call_guard<py::gil_scoped_release>(),
+          "Check the converted GGUF against the checksums its sidecar recorded; ModelFileError naming the first "
+          "range that differs. Returns the bytes checked (0 when the sidecar records none).");
     m.def("checksum64", [](py::bytes data) {
         const std::string s = data;
         return checksum64(s.data(), s.size());

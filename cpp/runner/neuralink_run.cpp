@@ -5,6 +5,7 @@
 // hook, and it refuses a model unless every layer is taken.
 
 #include "neuralink/memory_plan.h"
+#include "neuralink/model_integrity.h"
 #include "runner_options.h"
 
 #include "neuralink/engine.h"
@@ -272,6 +273,7 @@ std::unique_ptr<neuralink::Engine> open_engine(const RunnerOptions & o, std::str
                                             "a sidecar belongs to the converted GGUF written with it");
         }
         const neuralink::SidecarStore store(sidecar, model_id, false); // checks the model id before any weight is read
+        neuralink::verify_model_file(o.model, store); // what llama.cpp will read, before it parses the model
         predictor = o.predictor.empty() ? default_predictor(store) : o.predictor;
     } else if (!o.predictor.empty() && o.predictor != "dense") {
         throw UsageError("--predictor " + o.predictor + " needs a sidecar; " + o.model + " names none (pass --sidecar)");
@@ -390,6 +392,7 @@ Generation generate(const RunnerOptions & o, LlamaSession & s, neuralink::Sparse
     auto decode = [&](llama_token * tokens, int n, const std::string & what) {
         const int rc = llama_decode(s.ctx.get(), llama_batch_get_one(tokens, n));
         if (sparse && !sparse->error().empty()) {
+            if (sparse->error_is_numeric()) throw neuralink::NumericError("during " + what + ": " + sparse->error());
             throw neuralink::IoError("during " + what + ": " + sparse->error());
         }
         if (rc != 0) {

@@ -212,6 +212,16 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
             r.fail("default predictor 'lowrank', but the sidecar has no low-rank predictor");
         }
     }
+    if (const TensorInfo * ti = dir.find("neuralink.model_checksums")) {
+        // (offset, nbytes, checksum) triples; optional in format version 2 (older conversions lack it)
+        if (ti->type != GGML_TYPE_I64 || ti->nbytes == 0 || ti->nbytes % sizeof(ModelRange) != 0) {
+            r.fail("tensor 'neuralink.model_checksums' must be I64 [3, n]");
+        }
+        model_ranges_.resize(ti->nbytes / sizeof(ModelRange));
+        const uint8_t * start = nullptr;
+        AlignedBuffer buf = file_->read_range(ti->offset, ti->nbytes, &start);
+        std::memcpy(model_ranges_.data(), start, ti->nbytes);
+    }
     layers_.resize(n_layer);
     for (uint64_t il = 0; il < n_layer; ++il) {
         SidecarLayer & L = layers_[il];

@@ -54,6 +54,14 @@ struct SidecarLayer {
 // contribution: |act(gate) * up| * |down column| > t, its up row read only when
 // |act(gate)| * candidate_scale > candidate_threshold.
 enum class Criterion { NativeZero, GateMagnitude, OutputMagnitude, Contribution };
+
+// A byte range of the converted GGUF that llama.cpp reads (its header, a tensor the sidecar does not
+// replace) and the block_checksum64 the conversion recorded for it.
+struct ModelRange {
+    uint64_t offset = 0;
+    uint64_t nbytes = 0;
+    uint64_t checksum = 0;
+};
 Criterion criterion_from_name(const std::string & name);  // "relu", "gate_magnitude", "magnitude", "contribution"
 
 class SidecarStore {
@@ -82,6 +90,8 @@ public:
     int predictor_rank() const { return predictor_rank_; }
     // down columns in a region of their own (the "split" layout)
     bool split() const { return split_; }
+    // the converted GGUF's checksummed ranges (verify_model_file); empty in sidecars written before them
+    const std::vector<ModelRange> & model_ranges() const { return model_ranges_; }
     const DirectFile & file() const { return *file_; }
 
     // Throws IoError when the file's size or modification time changed since it was opened.
@@ -103,6 +113,7 @@ private:
     int predictor_rank_ = 0;
     Activation activation_ = Activation::Silu;
     std::vector<SidecarLayer> layers_;
+    std::vector<ModelRange> model_ranges_;
     int64_t mtime_ns_ = 0;
     uint64_t size_ = 0;
 };

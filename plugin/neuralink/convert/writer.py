@@ -41,6 +41,7 @@ from neuralink.formats.ffn_tensors import (
 )
 from neuralink.formats.files import commit_pair, conversion_journal, recover_pair, remove_stale_temporaries, temporary_path
 from neuralink.formats.ggml_types import ggml_type_name
+from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.permuted_gguf import write_permuted_gguf
 from neuralink.formats.placement import Placement
 from neuralink import _engine
@@ -113,6 +114,17 @@ def sidecar_layers(plan: ConversionPlan, data: np.ndarray, progress: Progress) -
             **tables,
         )
         progress(sum(t.nbytes for t in layer.permuted))
+
+
+def model_checksums(gguf_path: Path, replaced: set[str]) -> np.ndarray:
+    """(offset, nbytes, checksum) of the header of the GGUF at `gguf_path` and of each of its tensors not in
+    `replaced`: the bytes llama.cpp reads from a converted model, for loaders to verify (llama.cpp has no
+    checksums of its own)."""
+    directory = read_gguf_directory(gguf_path)
+    ranges = [(0, directory.data_offset)] + [(t.offset, t.nbytes) for t in directory.tensors.values()
+                                             if t.name not in replaced]
+    return np.array([(offset, nbytes, _engine.file_block_checksum(os.fspath(gguf_path), offset, nbytes))
+                     for offset, nbytes in ranges], dtype=np.uint64)
 
 
 def initial_runtime_thresholds(placement: Placement) -> tuple[tuple[float, float], ...]:
@@ -189,7 +201,8 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None,
         )
         write_unsealed(tmp_sidecar, header, plan.layouts, [layer.down.type for layer in model.layers],
                        [len(starts) for starts in plan.placement.chain_starts],
-                       recorded(sidecar_layers(plan, data, progress)))
+                       recorded(sidecar_layers(plan, data, progress)),
+                       model_checksums(tmp, {t.name for layer in model.layers for t in layer.permuted}))
         seal_sidecar(tmp_sidecar)
         if validate is not None:
             chosen = validate(tmp, tmp_sidecar)

@@ -92,6 +92,8 @@ SIDECAR_PREDICTOR_NAME_BYTES = 16
 DEFAULT_PREDICTORS = ("dense", "gate", "lowrank")
 # I64 [2]: checksum of the header (bytes before the data section) and of every table, written last
 SIDECAR_CHECKSUMS = "neuralink.checksums"
+# (offset, nbytes, block checksum) of the converted GGUF's header and of each tensor the sidecar does not replace
+SIDECAR_MODEL_CHECKSUMS = "neuralink.model_checksums"
 
 # per-layer FFN biases, permuted with their neurons
 FFN_GATE_BIAS = TENSOR_NAMES[MODEL_TENSOR.FFN_GATE] + ".bias"

@@ -63,6 +63,7 @@ from neuralink.formats.constants import (
     SIDECAR_DOWN_ERROR,
     SIDECAR_DOWN_HASH,
     SIDECAR_DOWN_NORM,
+    SIDECAR_MODEL_CHECKSUMS,
     SIDECAR_NEURON_FREQUENCY,
     SIDECAR_NEURON_ORDER,
     SIDECAR_PREDICTOR_A,
@@ -129,6 +130,7 @@ def write_sidecar(
     down_source_types: Sequence[QType],
     chain_counts: Sequence[int],
     layers: Iterable[SidecarLayer],
+    model_checksums: np.ndarray | None = None,
 ) -> Path:
     """Write and seal a sidecar at `path` through a temporary file and a rename, one layer at a time.
 
@@ -138,7 +140,7 @@ def write_sidecar(
     """
     path = Path(path)
     with atomic_output(path) as tmp:
-        write_unsealed(tmp, header, layouts, down_source_types, chain_counts, layers)
+        write_unsealed(tmp, header, layouts, down_source_types, chain_counts, layers, model_checksums)
         seal_sidecar(tmp)
     log.info("wrote sidecar %s (%d layers, %d neurons each)", path, header.n_layer, header.n_ff)
     return path
@@ -151,8 +153,14 @@ def write_unsealed(
     down_source_types: Sequence[QType],
     chain_counts: Sequence[int],
     layers: Iterable[SidecarLayer],
+    model_checksums: np.ndarray | None = None,
 ) -> None:
-    """The sidecar's bytes at `path`, checksums still zero (`seal_sidecar` fills them)."""
+    """The sidecar's bytes at `path`, checksums still zero (`seal_sidecar` fills them).
+
+    `model_checksums`: (offset, nbytes, checksum) rows of the converted GGUF's
+    header and of every tensor the sidecar does not replace, verified by
+    loaders before llama.cpp reads that file.
+    """
     import gguf  # the writer class; kept here so that readers need no writer
 
     n_layer, n_ff = header.n_layer, header.n_ff
@@ -221,6 +229,11 @@ def write_unsealed(
         writer.add_tensor_info(SIDECAR_QUALITY, (SIDECAR_QUALITY_BYTES,), i8, SIDECAR_QUALITY_BYTES)
         writer.add_tensor_info(SIDECAR_DEFAULT_PREDICTOR, (SIDECAR_PREDICTOR_NAME_BYTES,), i8,
                                SIDECAR_PREDICTOR_NAME_BYTES)
+        if model_checksums is not None:
+            model_checksums = np.ascontiguousarray(model_checksums, dtype=np.uint64).view(np.int64)
+            if model_checksums.ndim != 2 or model_checksums.shape[1] != 3 or len(model_checksums) == 0:
+                raise ValueError("model checksums are (offset, nbytes, checksum) rows")
+            writer.add_tensor_info(SIDECAR_MODEL_CHECKSUMS, model_checksums.shape, i64, model_checksums.nbytes)
         writer.add_tensor_info(SIDECAR_CHECKSUMS, (2,), i64, 16)
 
         writer.write_header_to_file()
@@ -259,6 +272,8 @@ def write_unsealed(
         writer.write_tensor_data(runtime)
         writer.write_tensor_data(encode_quality(header.quality).view(np.int8))
         writer.write_tensor_data(encode_predictor_name(validated_predictor(header.quality)).view(np.int8))
+        if model_checksums is not None:
+            writer.write_tensor_data(model_checksums)
         writer.write_tensor_data(np.zeros(2, dtype=np.int64))
     finally:
         writer.close()

@@ -14,7 +14,7 @@ import llama_cpp
 import numpy as np
 
 from neuralink import _engine
-from neuralink.errors import EngineIOError, MemoryBudgetError, ModelFileError, OptionError, UnsupportedModelError
+from neuralink.errors import EngineIOError, EngineNumericError, MemoryBudgetError, ModelFileError, OptionError, UnsupportedModelError
 from neuralink.formats.constants import KEY_SIDECAR_NAME, LAZY_FFN_WEIGHTS_KEY
 from neuralink.formats.files import conversion_journal, recover_pair
 from neuralink.formats.gguf_directory import read_gguf_directory
@@ -159,6 +159,8 @@ class Llama(llama_cpp.Llama):
             # checksums, ranges and the recomputed model id, before the engine reads a byte of the records
             with Sidecar.open(sidecar_path, model_path) as opened:
                 validated = opened.header.default_predictor
+            # then the bytes llama.cpp will read from the converted GGUF, against what the conversion recorded
+            _engine.verify_model_file(os.fspath(model_path), os.fspath(sidecar_path))
             engine_args.update(
                 sidecar=os.fspath(sidecar_path), predictor=predictor or _default_predictor(sidecar_path, validated),
                 cache_policy=cache_policy, cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
@@ -245,10 +247,11 @@ class Llama(llama_cpp.Llama):
         if error:
             # the failed call's KV entries are dropped by the next eval, which starts at n_tokens; the context's
             # logits are the failed decode's, so the next generate must decode again before it samples
+            numeric = engine.error_is_numeric()
             engine.clear_error()
             self.n_tokens = n_before
             self._requires_eval = True
-            raise EngineIOError(error)
+            raise (EngineNumericError if numeric else EngineIOError)(error)
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
         """``llama_cpp.Llama.create_completion``; with ``verbose=True`` and a sidecar, it also prints the
