@@ -14,7 +14,14 @@ import llama_cpp
 import numpy as np
 
 from neuralink import _engine
-from neuralink.errors import EngineIOError, EngineNumericError, MemoryBudgetError, ModelFileError, OptionError, UnsupportedModelError
+from neuralink.errors import (
+    EngineIOError,
+    EngineNumericError,
+    MemoryBudgetError,
+    ModelFileError,
+    OptionError,
+    UnsupportedModelError,
+)
 from neuralink.formats.constants import KEY_SIDECAR_NAME, LAZY_FFN_WEIGHTS_KEY
 from neuralink.formats.files import conversion_journal, recover_pair
 from neuralink.formats.gguf_directory import read_gguf_directory
