@@ -16,12 +16,13 @@ from test_convert import random_placement
 
 from neuralink import ModelFileError, _engine
 from neuralink.convert.writer import ConversionResult, convert_model
-from neuralink.formats.constants import KEY_SIDECAR_VERSION, SIDECAR_ALIGNMENT
+from neuralink.formats.constants import KEY_SIDECAR_VERSION, SIDECAR_ALIGNMENT, SIDECAR_DEFAULT_PREDICTOR
 from neuralink.formats.ffn_tensors import DownEncoding
 from neuralink.formats.ggml_types import ggml_type_name
 from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.placement import Placement
 from neuralink.formats.sidecar import BundleLayout, ByteRange, Sidecar
+from neuralink.formats.sidecar_records import encode_predictor_name
 from neuralink.formats.sidecar_writer import seal_sidecar
 
 from conftest import ModelFactory
@@ -226,4 +227,14 @@ def test_corrupt_order_is_refused(sidecar_file: Path) -> None:
         Sidecar.open(sidecar_file)
     seal_sidecar(sidecar_file)  # checksums that agree with the corrupt table: the order itself is still checked
     with pytest.raises(ModelFileError, match="layer 0 neuron order is not a permutation"):
+        Sidecar.open(sidecar_file)
+
+
+def test_default_lowrank_predictor_needs_a_predictor(sidecar_file: Path) -> None:
+    assert Sidecar.open(sidecar_file).header.predictor_rank == 0  # converted without --lowrank-rank
+    with open(sidecar_file, "r+b") as f:  # a writer bug: the default names a predictor the file lacks
+        f.seek(read_gguf_directory(sidecar_file).tensors[SIDECAR_DEFAULT_PREDICTOR].offset)
+        f.write(encode_predictor_name("lowrank").tobytes())
+    seal_sidecar(sidecar_file)
+    with pytest.raises(ModelFileError, match="default predictor 'lowrank', but the sidecar has no low-rank predictor"):
         Sidecar.open(sidecar_file)

@@ -365,6 +365,9 @@ def _read_header(directory: GgufDirectory) -> tuple[SidecarHeader, tuple[BundleL
                                             SIDECAR_PREDICTOR_NAME_BYTES)).rstrip(b"\0").decode(errors="replace")
     if default_predictor not in DEFAULT_PREDICTORS:
         raise ModelFileError(f"{path}: default predictor {default_predictor!r}, expected one of {DEFAULT_PREDICTORS}")
+    predictor_header = _read_predictor_header(directory, n_layer, n_embd)
+    if default_predictor == "lowrank" and not predictor_header.get("predictor_rank"):
+        raise ModelFileError(f"{path}: default predictor 'lowrank', but the sidecar has no low-rank predictor")
     header = SidecarHeader(
         model_id=directory.require(KEY_MODEL_ID, str),
         source_sha256=directory.require(KEY_SOURCE_SHA256, str),
@@ -380,7 +383,7 @@ def _read_header(directory: GgufDirectory) -> tuple[SidecarHeader, tuple[BundleL
         runtime_thresholds=tuple((float(a), float(b)) for a, b in runtime),
         quality=quality,
         default_predictor=default_predictor,
-        **_read_predictor_header(directory, n_layer, n_embd),
+        **predictor_header,
     )
 
     split = layout == "split"
