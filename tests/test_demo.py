@@ -46,10 +46,20 @@ def test_demo_converts_once_then_runs_sparse(synthetic_model: ModelFactory, cali
     assert f"FFN layers served by neuralink: 2/2 (sparse, from the sidecar, predictor {validated}" in first.stderr
     for line in ("bundle cache", "active neurons", "reads per token", "I/O per token", "tok/s"):
         assert line in first.stderr, line
-    second = run_demo(tmp_path, *common)
+    png = tmp_path / "side-by-side.png"
+    second = run_demo(tmp_path, *common, "--png", png)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "converted model (cached)" in second.stderr and "converting" not in second.stderr
     assert second.stdout == first.stdout  # greedy: the same text from the cached conversion
+    # stock and neuralink side by side, printed and drawn
+    assert "stock llama-cpp-python and neuralink, each in a fresh process" in second.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_png_needs_the_side_by_side_run(synthetic_model: ModelFactory, tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "--model", synthetic_model("llama", "q8_0"), "--dense", "--png", tmp_path / "x.png")
+    assert result.returncode == 1 and "--png draws the side-by-side run" in result.stderr
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_demo_on_a_relu_model_reads_what_the_low_rank_predictor_picks(synthetic_model: ModelFactory,

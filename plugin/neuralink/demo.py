@@ -41,11 +41,11 @@ import numpy as np
 from neuralink.child import run_in_child
 from neuralink.command import Command, positive_int
 from neuralink.convert.pipeline import convert_from_text
-from neuralink.errors import ModelFileError
-from neuralink.evaluate.bench.e2e import E2eSettings, RunResult, run_e2e
+from neuralink.errors import ModelFileError, OptionError
+from neuralink.evaluate.bench.e2e import E2eSettings, RunResult, plot_pair, run_e2e
 from neuralink.formats.constants import KEY_MODEL_ID, SIDECAR_VERSION
 from neuralink.formats.ffn_tensors import inspect_ffn_model
-from neuralink.formats.files import file_sha256, write_text
+from neuralink.formats.files import check_output_path, file_sha256, write_text
 from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.models.fetch import MODELS, fetch_model
 from neuralink.paths import cache_dir
@@ -270,9 +270,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="read FFN weights through the page cache instead of O_DIRECT")
     parser.add_argument("--no-compare", dest="compare", action="store_false",
                         help="skip running stock llama-cpp-python and neuralink side by side under the memory cap")
+    parser.add_argument("--png", type=Path, default=None, metavar="OUT",
+                        help="also draw the side-by-side run here: decode speed and peak memory, stock and "
+                             "neuralink (PNG)")
 
 
 def main(args: argparse.Namespace) -> int:
+    png = check_output_path(args.png) if args.png is not None else None
+    if png is not None and (args.dense or not args.compare):
+        raise OptionError("--png draws the side-by-side run: it needs neither --dense nor --no-compare")
     if args.model in MODELS:
         print(f"fetching {args.model} (once; `neuralink fetch --list` says where it is kept)", file=sys.stderr)
         args.model = fetch_model(args.model)
@@ -305,6 +311,10 @@ def main(args: argparse.Namespace) -> int:
             results, notes = compare_with_stock(original, model, args.prompt, args.max_tokens, args.memory_budget,
                                                 args.threads, predictor)
             print(side_by_side(results, args.memory_budget, notes), file=sys.stderr)
+            if png is not None:
+                cap = f"under a {args.memory_budget} cap" if not notes else "uncapped"
+                plot_pair(results, f"{Path(original).name}, {cap}", png)
+                print(f"wrote {png}", file=sys.stderr)
     return 0
 
 

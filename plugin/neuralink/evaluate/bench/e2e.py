@@ -212,3 +212,37 @@ def plot(results: list[RunResult], path: Path) -> None:
         plt.close(fig)
 
 
+
+
+def plot_pair(results: list[RunResult], title: str, path: Path) -> None:
+    """Two panels, stock and neuralink side by side: decode tok/s, and peak memory against the cap (the demo's
+    picture)."""
+    import matplotlib  # deferred: matplotlib loads only when a picture is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results if r.runs]
+    names = ["stock llama.cpp" if r.variant == "stock" else r.variant for r in runs]
+    colors = ["tab:gray" if r.variant == "stock" else "tab:blue" for r in runs]
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(8, 3.6))
+    speeds = [r.median("tok_s") or 0.0 for r in runs]
+    peaks = [(max(r.peaks) if r.peaks else r.median("peak_rss") or 0.0) / 2**20 for r in runs]
+    for ax, values, label, fmt in ((speed, speeds, "decode tokens / s", "{:.1f}"),
+                                   (memory, peaks, "peak memory (MiB)", "{:.0f}")):
+        bars = ax.bar(names, values, color=colors)
+        ax.bar_label(bars, [fmt.format(v) for v in values])
+        ax.set_ylabel(label)
+        ax.margins(y=0.15)
+    caps = {r.cap for r in runs} - {"none"}
+    if len(caps) == 1:
+        cap = parse_size(caps.pop()) / 2**20
+        memory.axhline(cap, color="tab:red", linestyle="--", label=f"cap {cap:.0f} MiB")
+        memory.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
