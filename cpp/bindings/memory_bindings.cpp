@@ -25,17 +25,22 @@ void register_memory(py::module_ & m) {
         .def("describe", &MemoryPlan::describe, "one '  name  N MiB' line per field")
         .def("to_dict", [](const MemoryPlan & p) {
             py::dict d;
-            d["budget"] = p.budget; d["process"] = p.process; d["non_ffn_weights"] = p.non_ffn_weights;
+            d["budget"] = p.budget; d["process"] = p.process; d["load_heap"] = p.load_heap;
+            d["code_pages"] = p.code_pages;
+            d["non_ffn_weights"] = p.non_ffn_weights;
             d["engine_resident"] = p.engine_resident; d["kv_cache"] = p.kv_cache; d["llama_buffers"] = p.llama_buffers;
             d["engine_scratch"] = p.engine_scratch; d["store_bytes"] = p.store_bytes;
             d["minimum"] = p.minimum(); d["cache"] = p.cache();
             return d;
         }, "every field, and minimum and cache");
     m.def("plan_memory", &plan_memory, py::arg("engine"), py::arg("budget"), py::arg("process_before"),
-          py::arg("llama_log"), py::arg("n_threads"), py::arg("n_ubatch"),
+          py::arg("llama_log"), py::arg("n_threads"), py::arg("n_ubatch"), py::arg("load_anon_growth"),
           "The memory plan of a sparse engine attached to a context (n_threads threads, micro-batches of n_ubatch); "
-          "llama_log: llama.cpp's log lines, which report its KV, output and compute buffers.");
+          "llama_log: llama.cpp's log lines, which report its KV, output and compute buffers; load_anon_growth: "
+          "the anonymous memory (RssAnon) opening the engine and loading the model added, of which what "
+          "exceeds the KV cache and the engine's resident rows is heap nobody reports (vocabulary, tables).");
     m.def("resident_bytes", &resident_bytes, "This process's resident set size (VmRSS).");
+    m.def("anonymous_resident_bytes", &anonymous_resident_bytes, "Its anonymous part (RssAnon).");
     m.def("parse_size", &parse_size, py::arg("text"), py::arg("what") = "size",
           "Bytes in '120MB', '1.5GiB', '512M' or '4096': K/M/G and KiB/MiB/GiB binary, kB/MB/GB decimal; "
           "ValueError 'cannot read <what> ...' otherwise.");

@@ -353,9 +353,10 @@ void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & 
 
 // Sizes the bundle cache from --memory-budget, or refuses a budget below the minimum.
 void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, const LlamaSession & s,
-                         uint64_t process_before, const std::vector<std::string> & llama_log) {
+                         uint64_t process_before, uint64_t load_anon_growth,
+                         const std::vector<std::string> & llama_log) {
     const MemoryPlan plan = plan_memory(engine, *o.memory_budget, process_before, llama_log, o.n_threads,
-                                        (int) llama_n_ubatch(s.ctx.get()));
+                                        (int) llama_n_ubatch(s.ctx.get()), load_anon_growth);
     if (plan.budget < plan.minimum()) {
         char head[160];
         std::snprintf(head, sizeof(head), "memory budget %.1f MiB is below the minimum %.1f MiB",
@@ -488,6 +489,7 @@ int run(const RunnerOptions & o) {
         }
     }
     const uint64_t process_before = resident_bytes();
+    const uint64_t anon_before = neuralink::anonymous_resident_bytes();
     note("system: %s", llama_print_system_info()); // which SIMD kernels this build of ggml runs
 
     std::string sidecar;
@@ -498,9 +500,11 @@ int run(const RunnerOptions & o) {
     // llama.cpp logs its KV, output and compute buffer sizes while loading; attaching re-reserves the latter
     log.capture = o.memory_budget.has_value();
     load_llama(o, engine.get(), log, session);
+    const uint64_t anon_after = neuralink::anonymous_resident_bytes();
     log.capture = false;
     if (o.memory_budget) {
-        apply_memory_budget(o, *engine, session, process_before, log.lines);
+        apply_memory_budget(o, *engine, session, process_before,
+                            anon_after > anon_before ? anon_after - anon_before : 0, log.lines);
     }
     if (engine) {
         note("model loaded in %.2f s: architecture '%s', all %d FFNs served by the engine, %d threads",

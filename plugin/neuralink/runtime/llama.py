@@ -30,6 +30,7 @@ from neuralink.runtime.device_probe import cached_profile
 from neuralink.runtime.hook import FfnHookApi, ffn_hook_api
 from neuralink.runtime.memory_budget import (
     MemoryPlan,
+    anonymous_resident_bytes,
     capture_llama_log,
     check_memory_plan,
     memory_budget_bytes,
@@ -150,7 +151,7 @@ class Llama(llama_cpp.Llama):
         self.memory_plan: MemoryPlan | None = None
         # llama_cpp.Llama.__del__ closes this stack even when __init__ failed early
         self._stack = contextlib.ExitStack()
-        baseline = resident_bytes()
+        baseline, anon_before = resident_bytes(), anonymous_resident_bytes()
         budget = memory_budget_bytes(memory_budget) if memory_budget is not None else None
         api = ffn_hook_api(_engine.FFN_HOOK_API_VERSION)
         if not os.path.exists(model_path):
@@ -203,12 +204,13 @@ class Llama(llama_cpp.Llama):
         with capture_llama_log() if budget is not None else contextlib.nullcontext([]) as log:
             super().__init__(model_path, *args, kv_overrides=kv_overrides, **kwargs)
             api.attach(self._ctx.ctx, engine.hook_address)
+            load_anon_growth = max(0, anonymous_resident_bytes() - anon_before)
         self._hook_api, self._engine = api, engine
         self._stack.callback(self._detach_engine)
         if budget is not None:
             if self.verbose:
                 print("".join(log), end="", file=sys.stderr)
-            self.memory_plan = self._plan_memory(budget, baseline, log)
+            self.memory_plan = self._plan_memory(budget, baseline, log, load_anon_growth)
             try:
                 check_memory_plan(self.memory_plan, model_path)
             except MemoryBudgetError:
@@ -233,10 +235,13 @@ class Llama(llama_cpp.Llama):
                 f"{engine.n_layer} layers cannot be served by neuralink: {details}{more}"
             )
 
-    def _plan_memory(self, budget: int, baseline: int, log: list[str]) -> MemoryPlan:
+    def _plan_memory(self, budget: int, baseline: int, log: list[str], load_anon_growth: int) -> MemoryPlan:
         # as many compute threads as llama.cpp may run at once; one micro-batch of rows
         threads = max(self.n_threads, self.n_threads_batch or self.n_threads)
-        return plan_memory(self.engine, budget, baseline, log, threads, self.context_params.n_ubatch)
+        # llama-cpp-python's logits for every position (logits_all) fill as the context does: the process's own
+        process = baseline + (self.scores.nbytes if self._logits_all else 0)
+        return plan_memory(self.engine, budget, process, log, threads, self.context_params.n_ubatch,
+                           load_anon_growth)
 
     @property
     def engine(self) -> _engine.Engine:

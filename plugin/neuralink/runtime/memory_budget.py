@@ -39,6 +39,11 @@ def resident_bytes() -> int:
     return _engine.resident_bytes()
 
 
+def anonymous_resident_bytes() -> int:
+    """Its anonymous part (RssAnon: heap and private mappings, no file pages)."""
+    return _engine.anonymous_resident_bytes()
+
+
 def release_free_heap() -> None:
     """Hand the C heap's free pages back to the system (glibc's malloc_trim), so that memory a closed model
     freed leaves the process's RSS: without it ~90 MB of a closed SmolLM2 stayed resident."""
@@ -67,9 +72,11 @@ def capture_llama_log() -> Iterator[list[str]]:
 
 
 def plan_memory(engine: _engine.Engine, budget: int, process_before: int, llama_log: list[str], n_threads: int,
-                n_ubatch: int) -> MemoryPlan:
-    """The engine's plan for a sparse `engine` on a context of n_threads threads and micro-batches of n_ubatch."""
-    return _engine.plan_memory(engine, budget, process_before, llama_log, n_threads, n_ubatch)
+                n_ubatch: int, load_anon_growth: int) -> MemoryPlan:
+    """The engine's plan for a sparse `engine` on a context of n_threads threads and micro-batches of n_ubatch;
+    `load_anon_growth`: the anonymous memory opening the engine and loading the model added (what exceeds the
+    KV cache and the engine's resident rows is heap nobody reports: vocabulary and tokenizer tables)."""
+    return _engine.plan_memory(engine, budget, process_before, llama_log, n_threads, n_ubatch, load_anon_growth)
 
 
 def check_memory_plan(plan: MemoryPlan, model: str) -> None:
