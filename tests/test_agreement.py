@@ -38,3 +38,15 @@ def test_the_command_prints_a_row_per_prompt_and_the_mean(synthetic_model: Model
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if re.match(r"\| .+ \| [01]\.\d\d \| (-|\d+) \|$", line)]
     assert len(rows) == 20 and "| **all 20** | **" in done.stdout
+
+
+def test_on_vec_dot_kernels_the_dense_engine_agrees_with_stock_on_k_quants(synthetic_model: ModelFactory) -> None:
+    # K-quant weights: llama.cpp's tiled GEMM (prompt batches) and repacked Q4_K weights sum in another order than
+    # the engine's vec_dot; with both off (--vec-dot, which must be set before the process's first matmul: a
+    # subprocess) every greedy token agrees, over many tokens, not only one step's logits
+    model = synthetic_model("llama", "q4_K")
+    done = subprocess.run([sys.executable, "-m", "neuralink", "bench", "agreement", str(model), str(model),
+                           "--tokens", "48", "--vec-dot"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(llama.cpp on vec_dot kernels)" in done.stdout
+    assert "| 20 identical |" in done.stdout, done.stdout

@@ -11,8 +11,9 @@ differ.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,11 +76,48 @@ def greedy_tokens(llm: llama_cpp.Llama, prompt: str, n: int) -> list[int]:
     return out
 
 
+@contextlib.contextmanager
+def llama_cpp_on_vec_dot() -> Iterator[None]:
+    """Models loaded within the block run every matmul on ggml's vec_dot kernels, as neuralink's engine does.
+
+    llama.cpp picks other kernels where it can: a tiled GEMM for batches of
+    8 or more rows of K-quant weights (off with GGML_CPU_TILED_MM=0, read
+    once per process, so this must come before the process's first
+    matmul), and weights repacked at load into interleaved rows with their own
+    GEMV/GEMM (Q4_0, Q4_K, IQ4_NL on AVX2; off with the model parameter
+    use_extra_bufts=false, which llama-cpp-python does not expose: the
+    default parameters are wrapped here). Both sum in another order than
+    vec_dot, so only with both off can stock and the engine agree to the bit.
+    """
+    os.environ["GGML_CPU_TILED_MM"] = "0"
+    module = llama_cpp.llama.llama_cpp  # where llama_cpp.Llama looks the default parameters up
+    defaults = module.llama_model_default_params
+
+    def without_repacking() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = without_repacking
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = defaults
+
+
 def greedy_agreement(original: str | os.PathLike[str], converted: str | os.PathLike[str], *,
                      prompts: Sequence[str] = PROMPTS, tokens: int = 32, n_ctx: int = 512,
                      threads: int | None = None, progress: Callable[[int, int], None] | None = None,
-                     **neuralink_args: Any) -> list[Agreement]:
-    """Greedy continuations of `prompts` by stock llama.cpp on `original` and neuralink.Llama on `converted`."""
+                     vec_dot: bool = False, **neuralink_args: Any) -> list[Agreement]:
+    """Greedy continuations of `prompts` by stock llama.cpp on `original` and neuralink.Llama on `converted`;
+    with `vec_dot`, llama.cpp's matmuls on both sides run on vec_dot (``llama_cpp_on_vec_dot``)."""
+    with llama_cpp_on_vec_dot() if vec_dot else contextlib.nullcontext():
+        return _greedy_agreement(original, converted, prompts, tokens, n_ctx, threads, progress, neuralink_args)
+
+
+def _greedy_agreement(original: str | os.PathLike[str], converted: str | os.PathLike[str], prompts: Sequence[str],
+                      tokens: int, n_ctx: int, threads: int | None, progress: Callable[[int, int], None] | None,
+                      neuralink_args: dict[str, Any]) -> list[Agreement]:
     settings = dict(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
     stock = llama_cpp.Llama(os.fspath(original), **settings)
     try:
@@ -110,4 +148,4 @@ def format_agreement(results: Sequence[Agreement]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PROMPTS", "Agreement", "format_agreement", "greedy_agreement"]
+__all__ = ["PROMPTS", "Agreement", "format_agreement", "greedy_agreement", "llama_cpp_on_vec_dot"]

@@ -262,6 +262,10 @@ def configure_agreement_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="compute threads")
     parser.add_argument("--cache-bytes", type=size_argument, default=0, metavar="SIZE",
                         help="neuralink's bundle cache (default: none; the text does not depend on it)")
+    parser.add_argument("--vec-dot", action="store_true",
+                        help="run llama.cpp's matmuls on vec_dot on both sides, as the engine does (no tiled "
+                             "K-quant GEMM, no repacked weights): separates the engine's arithmetic from "
+                             "llama.cpp's choice of kernels (docs/hook.md)")
 
 
 def agreement_main(args: argparse.Namespace) -> int:
@@ -273,9 +277,10 @@ def agreement_main(args: argparse.Namespace) -> int:
     with tqdm(total=len(AGREEMENT_PROMPTS), desc="prompts", file=sys.stderr, disable=None) as bar:
         results = greedy_agreement(args.original, args.converted, tokens=args.tokens, threads=args.threads,
                                    cache_bytes=args.cache_bytes, progress=lambda done, _: bar.update(done - bar.n),
-                                   **extra)
+                                   vec_dot=args.vec_dot, **extra)
+    kernels = " (llama.cpp on vec_dot kernels)" if args.vec_dot else ""
     print(f"greedy agreement over the first {args.tokens} generated tokens: stock {args.original.name} vs "
-          f"neuralink {args.converted.name}\n")
+          f"neuralink {args.converted.name}{kernels}\n")
     print(format_agreement(results))
     return 0
 
