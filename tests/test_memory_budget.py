@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from test_convert import random_placement
 
+import neuralink
 from neuralink.convert.writer import convert_model
 from neuralink.formats.sizes import parse_size
+from neuralink.runtime.memory_budget import _cgroup_limit, automatic_budget
 
 # a fresh process per run: VmHWM is the peak of everything it did, from import to the last token
 RUN = r"""
@@ -35,7 +37,7 @@ def converted_smollm2(smollm2_path: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.mark.parametrize(("budget", "n_batch", "policy"), [
-    ("160MB", 64, "linking"), ("160MB", 16, "linking"), ("200MB", 16, "linking"), ("200MB", 128, "lru"),
+    ("160MB", 8, "linking"), ("160MB", 16, "linking"), ("200MB", 8, "s3fifo"), ("200MB", 128, "lru"),
     ("220MB", 32, "none"),
 ])
 def test_peak_rss_stays_within_the_budget(converted_smollm2: Path, budget: str, n_batch: int, policy: str) -> None:
@@ -46,3 +48,45 @@ def test_peak_rss_stays_within_the_budget(converted_smollm2: Path, budget: str, 
     assert run["minimum"] <= parse_size(budget)
     assert run["peak"] <= parse_size(budget), (
         f"peak RSS {run['peak'] / 2**20:.1f} MiB over the {budget} budget (cache {run['cache'] / 2**20:.1f} MiB)")
+
+
+def test_the_cgroup_limit_is_read_from_v1_and_v2(tmp_path: Path) -> None:
+    proc = tmp_path / "cgroup"
+    v1 = tmp_path / "memory" / "bench" / "run"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("838860800\n")
+    proc.write_text("12:cpu,cpuacct:/\n7:memory:/bench/run\n0::/\n")
+    assert _cgroup_limit(proc, tmp_path) == 838860800
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert _cgroup_limit(proc, tmp_path) is None
+    v2 = tmp_path / "user.slice"
+    v2.mkdir()
+    proc.write_text("0::/user.slice\n")
+    (v2 / "memory.max").write_text("max\n")
+    assert _cgroup_limit(proc, tmp_path) is None
+    (v2 / "memory.max").write_text("536870912\n")
+    assert _cgroup_limit(proc, tmp_path) == 536870912
+
+
+def test_without_a_budget_the_cache_uses_the_memory_there_is(converted_smollm2: Path) -> None:
+    budget, source = automatic_budget()
+    assert budget > 0 and "MiB" in source
+    llm = neuralink.Llama(str(converted_smollm2), n_batch=64, verbose=False)
+    plan = llm.memory_plan
+    assert plan is not None and plan.budget == pytest.approx(budget, rel=0.05)
+    if plan.budget < plan.minimum + plan.whole_store_cache:
+        pytest.skip(f"this machine has too little free memory to cache the whole store ({source})")
+    assert plan.cache == plan.whole_store_cache >= plan.store_bytes
+    prompt = "The history of the city begins in the early medieval period"
+    first = llm(prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    llm.ffn_stats(reset=True)
+    llm.reset()
+    again = llm(prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    stats = llm.ffn_stats()
+    llm.close()
+    assert again == first
+    assert int(stats["bytes_read"].sum()) == 0, "everything the first run read came from the cache the second time"
+    # an explicit cache size or policy still wins
+    none = neuralink.Llama(str(converted_smollm2), n_batch=64, cache_policy="none", verbose=False)
+    assert none.memory_plan is None
+    none.close()

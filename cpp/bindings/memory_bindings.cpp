@@ -20,6 +20,7 @@ void register_memory(py::module_ & m) {
         .def_readonly("llama_buffers", &MemoryPlan::llama_buffers)
         .def_readonly("engine_scratch", &MemoryPlan::engine_scratch)
         .def_readonly("store_bytes", &MemoryPlan::store_bytes)
+        .def_readonly("whole_store_cache", &MemoryPlan::whole_store_cache)
         .def_property_readonly("minimum", &MemoryPlan::minimum, "the smallest budget that holds everything but the cache")
         .def_property_readonly("cache", &MemoryPlan::cache, "what the bundle cache gets")
         .def("describe", &MemoryPlan::describe, "one '  name  N MiB' line per field")
@@ -30,6 +31,7 @@ void register_memory(py::module_ & m) {
             d["non_ffn_weights"] = p.non_ffn_weights;
             d["engine_resident"] = p.engine_resident; d["kv_cache"] = p.kv_cache; d["llama_buffers"] = p.llama_buffers;
             d["engine_scratch"] = p.engine_scratch; d["store_bytes"] = p.store_bytes;
+            d["whole_store_cache"] = p.whole_store_cache;
             d["minimum"] = p.minimum(); d["cache"] = p.cache();
             return d;
         }, "every field, and minimum and cache");

@@ -104,7 +104,7 @@ BundleCache::BundleCache(CachePolicy policy, size_t capacity_bytes, std::vector<
             throw std::invalid_argument("record_bytes[" + std::to_string(l) + "] = " + std::to_string(bytes) +
                                         " is not a valid record size");
         }
-        const size_t slot = align_up(bytes, kSlotAlign);
+        const size_t slot = align_up(bytes, kSlotAlign) + kMallocChunkOverhead;
         min_slot = std::min(min_slot, slot);
         const auto same = [&](const SizeClass & c) { return c.slot_bytes == slot; };
         const size_t c = std::find_if(classes_.begin(), classes_.end(), same) - classes_.begin();
@@ -145,6 +145,19 @@ BundleCache::BundleCache(CachePolicy policy, size_t capacity_bytes, std::vector<
     ghosts_.assign(n_ghost, kNoKey);
     index_.assign(kIndexSlotsPerKey * (n_entries + n_ghost), kNil);
     counters_.capacity_bytes = capacity_;
+}
+
+size_t BundleCache::bytes_to_hold(CachePolicy policy, const std::vector<size_t> & record_bytes,
+                                  size_t records_per_key) {
+    const CachePolicyTraits & traits = cache_policy_traits(policy);
+    if (!traits.holds) {
+        return 0;
+    }
+    size_t slots = 0;
+    for (size_t bytes : record_bytes) {
+        slots += (align_up(bytes, kSlotAlign) + kMallocChunkOverhead) * records_per_key;
+    }
+    return slots + table_bytes_for(traits, record_bytes.size() * records_per_key);
 }
 
 BundleCache::~BundleCache() {
@@ -266,7 +279,7 @@ uint8_t * BundleCache::acquire_slot(uint32_t layer) {
             held_bytes_ -= other.slot_bytes;
         }
     }
-    uint8_t * s = new uint8_t[sc.slot_bytes];
+    uint8_t * s = new uint8_t[sc.slot_bytes - kMallocChunkOverhead];
     held_bytes_ += sc.slot_bytes;
     return s;
 }
@@ -506,8 +519,10 @@ void BundleCache::admit(uint32_t layer, uint32_t pos, const uint8_t * record, bo
         return;
     }
     const bool ghost_hit = at != SIZE_MAX;
-    // linking: a neuron inside a run costs almost nothing to re-read with its neighbours, one read alone costs an I/O
-    if ((traits_.run_sampled && !isolated && !ghost_hit && !draw_run_admission(key)) ||
+    // linking: a neuron inside a run costs almost nothing to re-read with its neighbours, one read alone costs an
+    // I/O; that choice only matters when admitting means evicting: free room takes every record
+    const bool room = free_entry_ != kNil && held_bytes_ + slot_bytes(layer) <= record_budget_;
+    if ((traits_.run_sampled && !isolated && !ghost_hit && !room && !draw_run_admission(key)) ||
         entries_.empty() || slot_bytes(layer) > record_budget_) {
         ++counters_.rejections;
         return;

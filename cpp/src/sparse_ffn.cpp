@@ -138,6 +138,15 @@ uint64_t SparseFfn::store_bytes() const {
 }
 
 // The cache's keys: layer il's bundle records are key il, its down columns (split layout) key n_layer + il.
+size_t SparseFfn::cache_bytes_to_hold_store() const {
+    std::vector<size_t> record_bytes;
+    for (int il = 0; il < store_->n_layer(); ++il) {
+        record_bytes.push_back(store_->layer(il).region.record_bytes);
+        if (store_->split()) record_bytes.push_back(store_->layer(il).down_region.record_bytes);
+    }
+    return BundleCache::bytes_to_hold(options_.cache_policy, record_bytes, (size_t) store_->n_ff());
+}
+
 void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
     const int n_layer = store_->n_layer();
     std::vector<size_t> record_bytes;
@@ -434,6 +443,11 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
 }
 
 // Looks up `positions` of one region in the cache and submits collapsed reads for the misses.
+// I/O and cache-copy buffers grow to what a wave needs, in 64 KiB steps and never beyond: each thread's
+// positions are a contiguous share of the layer, so the threads' buffers together stay within the
+// memory plan's scratch (twice a layer's records)
+static size_t scratch_size(uint64_t need) { return (size_t) align_up(need, (uint64_t) 64 << 10); }
+
 void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & positions, int64_t n_tokens, ThreadState & ts,
                        Wave & w) {
     const SidecarLayer & S = store_->layer(il);
@@ -443,7 +457,7 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
     // cache hits are copied out, so eviction by another thread cannot pull them from under us
     const size_t need = positions.size() * rec;
     if (w.cache_copies.size() < need) {
-        w.cache_copies = AlignedBuffer(std::max(need, w.cache_copies.size() * 2));
+        w.cache_copies = AlignedBuffer(scratch_size(need));
     }
     w.misses.clear();
     w.hit_positions.clear();
@@ -484,7 +498,7 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
     uint64_t arena = 0;
     for (const auto & r : reads) arena += r.length;
     if (w.read_arena.size() < arena) {
-        w.read_arena = AlignedBuffer(std::max<uint64_t>(arena, w.read_arena.size() * 2));
+        w.read_arena = AlignedBuffer(scratch_size(arena));
     }
     while (w.pending.size() < reads.size()) w.pending.push_back(std::make_unique<Pending>());
     std::vector<PendingRead *> & batch = ts.batch;

@@ -53,7 +53,7 @@ from neuralink.runtime.default_model import default_model_path
 from neuralink.runtime.llama import Llama, find_sidecar
 
 DEFAULT_PROMPT = "The three most useful things to know about flash storage are"
-DEFAULT_BUDGET = "160MB"
+DEFAULT_BUDGET = "220MB"
 # the project's corpus, from the project root (scripts/setup.sh run passes it explicitly)
 SHARED_CORPUS = Path("..") / "shared" / "data" / "tinyshakespeare.txt"
 # prompts the model continues to make its own calibration text when no corpus is at hand

@@ -66,14 +66,20 @@ public:
     // table bytes per cached record (entry 24 B + 2 index slots) and per ghost key (key 8 B + 2 index slots)
     static constexpr size_t kLiveEntryBytes = 32;
     static constexpr size_t kGhostEntryBytes = 16;
-    // record slots are rounded up to this many bytes (malloc's granularity), and charged as such
+    // record slots are rounded up to this many bytes (malloc's granularity), and charged with malloc's chunk
+    // header on top (glibc: 16 bytes for such a size): what the process really holds per cached record
     static constexpr size_t kSlotAlign = 16;
+    static constexpr size_t kMallocChunkOverhead = 16;
 
     // record_bytes[l]: bytes of one record of layer l. Throws std::invalid_argument
     // for an empty list, a zero size, more than 65536 layers, or p_run outside [0, 1].
     BundleCache(CachePolicy policy, size_t capacity_bytes, std::vector<size_t> record_bytes,
                 const BundleCacheOptions & options = {});
     ~BundleCache();
+
+    // The capacity at which a cache of `policy` holds every record: records_per_key records of each size in
+    // record_bytes (their slots and tables; max_entries = record_bytes.size() * records_per_key).
+    static size_t bytes_to_hold(CachePolicy policy, const std::vector<size_t> & record_bytes, size_t records_per_key);
 
     BundleCache(const BundleCache &) = delete;
     BundleCache & operator=(const BundleCache &) = delete;

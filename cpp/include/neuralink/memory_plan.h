@@ -39,7 +39,8 @@ struct MemoryPlan {
     uint64_t kv_cache = 0;
     uint64_t llama_buffers = 0;   // output and compute buffers
     uint64_t engine_scratch = 0;  // I/O buffers and compute scratch, worst case
-    uint64_t store_bytes = 0;     // all bundles: more cache than this is useless
+    uint64_t store_bytes = 0;     // all bundles
+    uint64_t whole_store_cache = 0; // a cache this large holds them all (slots and tables): more is useless
 
     uint64_t minimum() const {
         return process + load_heap + code_pages + non_ffn_weights + engine_resident + kv_cache + llama_buffers +

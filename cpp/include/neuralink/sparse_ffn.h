@@ -127,6 +127,8 @@ public:
     void configure_cache(CachePolicy policy, size_t bytes);
     // bytes of all bundle records of all layers
     uint64_t store_bytes() const;
+    // the cache capacity (records and the cache's tables) that holds every record of the store
+    size_t cache_bytes_to_hold_store() const;
     // bytes of resident predictor/gate/bias data
     size_t resident_bytes() const { return resident_bytes_; }
     // worst-case bytes of I/O and compute scratch

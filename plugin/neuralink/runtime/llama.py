@@ -31,6 +31,7 @@ from neuralink.runtime.hook import FfnHookApi, ffn_hook_api
 from neuralink.runtime.memory_budget import (
     MemoryPlan,
     anonymous_resident_bytes,
+    automatic_budget,
     capture_llama_log,
     check_memory_plan,
     memory_budget_bytes,
@@ -87,7 +88,11 @@ class Llama(llama_cpp.Llama):
         ``"lowrank"`` when the sidecar has one, else ``"dense"``.
     cache_policy, cache_bytes:
         the DRAM cache of neuron bundles (``none``, ``lru``, ``s3fifo``,
-        ``linking``, ``pinned``) and its size.
+        ``linking``, ``pinned``) and its size. Without cache_bytes and
+        memory_budget, the cache gets what the process may use: the tighter
+        of its cgroup's memory limit and the system's available memory, less
+        10 % (at least 256 MiB), less everything else the memory plan counts
+        (``memory_plan``); with free memory the whole store ends up cached.
     queue_depth:
         reads in flight at once (per compute thread with io_uring).
     io_backend:
@@ -191,6 +196,11 @@ class Llama(llama_cpp.Llama):
                 f"{model_path}: a memory budget needs a model converted by neuralink and its sidecar "
                 "(without one, the engine keeps every FFN weight in RAM)"
             )
+        automatic = None  # (budget, where it came from) when the cache is sized from the memory there is
+        if budget is None and sidecar_path is not None and cache_bytes == 0 and cache_policy != "none":
+            automatic = automatic_budget()
+            if automatic is not None:
+                budget = automatic[0]
         # the engine reads what it keeps of the FFN weights itself, before llama.cpp maps the rest
         engine = _engine.Engine(os.fspath(model_path), **engine_args)
         if not engine.direct_io and direct_io:
@@ -211,11 +221,18 @@ class Llama(llama_cpp.Llama):
             if self.verbose:
                 print("".join(log), end="", file=sys.stderr)
             self.memory_plan = self._plan_memory(budget, baseline, log, load_anon_growth)
-            try:
-                check_memory_plan(self.memory_plan, model_path)
-            except MemoryBudgetError:
-                self.close()
-                raise
+            if automatic is not None:
+                # nobody asked for a budget: never refuse, size the cache from what is there
+                plan = self.memory_plan
+                logger.info("%s: bundle cache %.0f MiB of a %.0f MiB store, sized from %s (memory_budget= or "
+                            "cache_bytes= choose it)", model_path, plan.cache / 2**20, plan.store_bytes / 2**20,
+                            automatic[1])
+            else:
+                try:
+                    check_memory_plan(self.memory_plan, model_path)
+                except MemoryBudgetError:
+                    self.close()
+                    raise
             engine.configure_cache(cache_policy, self.memory_plan.cache)
         self._neuralink_args = dict(sidecar=sidecar, predictor=predictor, cache_policy=cache_policy,
                                     cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,

@@ -15,6 +15,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+
+def cache_hit_rate(stats: Any) -> float:
+    """Cache hits over cache lookups of ffn_stats() rows: every predicted neuron's record, and in the split layout
+    every final neuron's down record too (a layer whose down wave read or hit anything)."""
+    import numpy as np  # deferred: the worker joins its cgroup before importing anything large
+
+    split = (stats["down_reads"] + stats["down_cache_hits"]) > 0
+    lookups = stats["predicted"].sum() + np.where(split, stats["final_neurons"], 0).sum()
+    return float(stats["cache_hits"].sum()) / max(float(lookups), 1.0)
 
 
 def _decode_steps(llm, prompt: str, n_tokens: int) -> tuple[list[float], int, float, str]:
@@ -98,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
             active_bytes_per_token=float(decode["active_bytes"].sum()) / n,
             io_s_per_token=float(decode["io_ns"].sum()) * 1e-9 / n,
             stall_s_per_token=float(decode["stall_ns"].sum()) * 1e-9 / n,
-            cache_hit_rate=float(decode["cache_hits"].sum()) / max(float(decode["predicted"].sum()), 1.0),
+            cache_hit_rate=cache_hit_rate(decode),
             density=float(decode["predicted"].sum()) / max(float(len(decode)) * llm.engine.n_layer, 1.0),
             memory_plan=llm.memory_plan.to_dict() if llm.memory_plan else None,
         )
