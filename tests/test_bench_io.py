@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,9 @@ def test_cli_prints_the_table_and_writes_chart_and_json(planted, capsys: pytest.
     assert [r.split("|")[1].strip() for r in rows] == list(VARIANTS)
     assert "neuralink vs llamacpp" in text
     assert "direct I/O (O_DIRECT)" in text or "BUFFERED" in text
+    # what verifying the records' checksums costs, measured on this CPU
+    assert re.search(r"record checksums: [0-9.]+ GB/s on this CPU .*: verifying neuralink's [0-9.]+ MiB per token "
+                     r"costs [0-9.]+ ms of CPU", text), text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(out.read_text())
     assert [v["variant"] for v in data["variants"]] == list(VARIANTS)

@@ -23,8 +23,10 @@ I/O latency per token (per layer, first read issued -> last completed, summed).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -237,6 +239,33 @@ def _pin_frequencies(placement: Placement, order: list[np.ndarray] | None, layou
     return [per_layer[il] for il, step in enumerate(layout.steps) for _ in step]
 
 
+def checksum_throughput(n_bytes: int = 1 << 20, calls: int = 32, repeats: int = 3) -> float:
+    """Bytes per second at which this CPU computes the sidecar's checksum (checksum64 over 4 KiB blocks, the
+    same multiply-rotate loop that verifies each record as it arrives): the best of `repeats` passes of `calls`
+    hashes of an n_bytes buffer (small enough to stay in cache, as a record just read does)."""
+    data = np.random.default_rng(0).integers(0, 256, n_bytes, dtype=np.uint8).tobytes()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            _engine.block_checksum64(data)
+        best = min(best, time.perf_counter() - start)
+    return n_bytes * calls / best
+
+
+def checksum_line(result: BenchIoResult, throughput: float) -> str:
+    """What verifying every record read costs the neuralink variant per token, at `throughput` bytes/s."""
+    nl = next((r for r in result.results.values() if r.name == "neuralink"), None)
+    line = f"record checksums: {throughput / 1e9:.1f} GB/s on this CPU (checksum64, measured here)"
+    if nl is None:
+        return line
+    per_token = nl.metrics()["bytes_per_token"]
+    io_ms = nl.metrics()["io_ms_per_token"]
+    verify_ms = per_token / throughput * 1e3
+    return (f"{line}: verifying neuralink's {per_token / 2**20:.2f} MiB per token costs {verify_ms:.2f} ms of CPU "
+            f"({100 * verify_ms / io_ms:.1f} % of its {io_ms:.2f} ms of I/O; not in the replayed times above)")
+
+
 def report_text(result: BenchIoResult, inputs: BenchInputs) -> str:
     """The printed report: what was replayed, on what, the table and the paper's ratios."""
     held, placement = inputs.trace, inputs.placement
@@ -260,6 +289,7 @@ def report_text(result: BenchIoResult, inputs: BenchInputs) -> str:
     lines += [f"note: {n}" for n in notes]
     lines += ["", markdown_table(result.results), ""]
     lines += ratio_lines(result.results)
+    lines += ["", checksum_line(result, checksum_throughput())]
     return "\n".join(lines)
 
 
