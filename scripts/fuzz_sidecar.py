@@ -55,7 +55,7 @@ for line in sys.stdin:
 GGUF_WORKER = r"""
 import sys, numpy as np
 import neuralink
-from neuralink import ModelFileError, EngineIOError
+from neuralink import ModelFileError, EngineIOError, EngineNumericError
 model, sidecar = sys.argv[1], sys.argv[2]
 want = None
 for line in sys.stdin:
@@ -72,22 +72,38 @@ for line in sys.stdin:
             outcome = "reference"
         else:
             outcome = "identical" if np.array_equal(got, want) else "SILENT DIFFERENCE"
-    except (ModelFileError, EngineIOError, ValueError) as e:
+    except (ModelFileError, EngineIOError, EngineNumericError, ValueError) as e:
         outcome = "refused" if path in str(e) else "refused, error names no file"
     print(outcome, flush=True)
 """
 
 
-def mutate(data: bytes, rng: np.random.Generator, kind: int) -> bytes:
+def mutate(data: bytes, rng: np.random.Generator, kind: int) -> tuple[bytes, str]:
+    """The mutated bytes, and what was done (for the report of bad outcomes)."""
     blob = bytearray(data)
     if kind == 0:
-        blob[int(rng.integers(len(blob)))] ^= 1 << int(rng.integers(8))
-    elif kind == 1:
+        at = int(rng.integers(len(blob)))
+        blob[at] ^= 1 << int(rng.integers(8))
+        return bytes(blob), f"bit flipped at {at}"
+    if kind == 1:
         at, n = int(rng.integers(len(blob))), int(rng.integers(1, 4097))
         blob[at:at + n] = rng.integers(0, 256, min(n, len(blob) - at), dtype=np.uint8).tobytes()
-    else:
-        blob = blob[: int(rng.integers(1, len(blob)))]
-    return bytes(blob)
+        return bytes(blob), f"{n} random bytes at {at}"
+    at = int(rng.integers(1, len(blob)))
+    return bytes(blob[:at]), f"cut at {at}"
+
+
+def region(path: Path, offset: int) -> str:
+    """Which part of the GGUF file at `path` holds byte `offset`."""
+    from neuralink.formats.gguf_directory import read_gguf_directory
+
+    directory = read_gguf_directory(path)
+    if offset < directory.data_offset:
+        return "header"
+    for t in directory.tensors.values():
+        if t.offset <= offset < t.offset + t.nbytes:
+            return f"tensor {t.name}"
+    return "padding"
 
 
 def main() -> int:
@@ -111,6 +127,7 @@ def main() -> int:
     data = target.read_bytes()
     rng = np.random.default_rng(args.seed)
     outcomes: Counter[str] = Counter()
+    bad_cases: list[str] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp) / target.name
@@ -120,15 +137,18 @@ def main() -> int:
             if worker is None:
                 command = [WORKER, str(args.model), str(sidecar), str(n_layer), str(n_embd)] \
                     if args.target == "sidecar" else [GGUF_WORKER, str(args.model), str(sidecar)]
+                errors = open(Path(tmp) / "worker.err", "w")  # what a crashed worker said last
                 worker = subprocess.Popen([sys.executable, "-c", *command], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                          stdout=subprocess.PIPE, stderr=errors, text=True)
+                errors.close()
                 worker.stdin.write("\n")  # the intact file first: the reference output
                 worker.stdin.flush()
                 assert worker.stdout.readline().strip() == "reference"
             if i == 0:
                 i += 1
                 continue
-            scratch.write_bytes(mutate(data, rng, i % 3))
+            blob, what = mutate(data, rng, i % 3)
+            scratch.write_bytes(blob)
             worker.stdin.write(f"{scratch}\n")
             worker.stdin.flush()
             deadline = time.monotonic() + args.timeout
@@ -138,10 +158,17 @@ def main() -> int:
                 if ready:
                     line = worker.stdout.readline().strip()
                     break
-            if line:
-                outcomes[line] += 1
-            else:
-                outcomes["CRASH" if worker.poll() is not None else "HANG"] += 1
+            if not line:
+                line = "CRASH" if worker.poll() is not None else "HANG"
+            outcomes[line] += 1
+            if line not in ("identical", "refused"):
+                at = int(what.rsplit(" ", 1)[1])
+                said = ""
+                if line == "CRASH":
+                    tail = (Path(tmp) / "worker.err").read_text(errors="replace").strip().splitlines()[-1:]
+                    said = f": {tail[0][:200]}" if tail else f": exit status {worker.returncode}"
+                bad_cases.append(f"mutation {i}: {line}: {what} ({region(target, at)}){said}")
+            if line in ("CRASH", "HANG"):
                 worker.kill()
                 worker.wait()
                 worker = None
@@ -154,6 +181,8 @@ def main() -> int:
     print("| outcome | mutations |\n| --- | ---: |")
     for outcome, n in sorted(outcomes.items()):
         print(f"| {outcome} | {n} |")
+    for case in bad_cases:
+        print(case)
     bad = sum(n for o, n in outcomes.items() if o in ("SILENT DIFFERENCE", "CRASH", "HANG", "refused, error names no file"))
     print(json.dumps({"outcomes": dict(outcomes), "bad": bad}), file=sys.stderr)
     return 1 if bad else 0

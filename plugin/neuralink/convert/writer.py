@@ -202,7 +202,8 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None,
         write_unsealed(tmp_sidecar, header, plan.layouts, [layer.down.type for layer in model.layers],
                        [len(starts) for starts in plan.placement.chain_starts],
                        recorded(sidecar_layers(plan, data, progress)),
-                       model_checksums(tmp, {t.name for layer in model.layers for t in layer.permuted}))
+                       # the engine reads up and down from the sidecar only; gate rows and biases from the GGUF
+                       model_checksums(tmp, {t.name for layer in model.layers for t in (layer.up, layer.down)}))
         seal_sidecar(tmp_sidecar)
         if validate is not None:
             chosen = validate(tmp, tmp_sidecar)
