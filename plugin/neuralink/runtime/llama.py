@@ -280,7 +280,9 @@ class Llama(llama_cpp.Llama):
             engine.clear_error()
             self.n_tokens = n_before
             self._requires_eval = True
-            raise (EngineNumericError if numeric else EngineIOError)(error)
+            if numeric:  # the engine names the layer; say which model
+                raise EngineNumericError(f"{self.model_path}: {error}")
+            raise EngineIOError(error)
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
         """``llama_cpp.Llama.create_completion``; with ``verbose=True`` and a sidecar, it also prints the
