@@ -137,7 +137,6 @@ uint64_t SparseFfn::store_bytes() const {
     return bytes;
 }
 
-// The cache's keys: layer il's bundle records are key il, its down columns (split layout) key n_layer + il.
 size_t SparseFfn::cache_bytes_to_hold_store() const {
     std::vector<size_t> record_bytes;
     for (int il = 0; il < store_->n_layer(); ++il) {
@@ -147,6 +146,7 @@ size_t SparseFfn::cache_bytes_to_hold_store() const {
     return BundleCache::bytes_to_hold(options_.cache_policy, record_bytes, (size_t) store_->n_ff());
 }
 
+// The cache's keys: layer il's bundle records are key il, its down columns (split layout) key n_layer + il.
 void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
     const int n_layer = store_->n_layer();
     std::vector<size_t> record_bytes;
