@@ -21,13 +21,14 @@ from neuralink._engine import BundleCache, cache_policy_names
 
 POLICIES = ["none", "lru", "s3fifo", "linking", "pinned"]
 SLOT_ALIGN = 16
+MALLOC_CHUNK_OVERHEAD = 16  # charged per slot on top of its aligned size
 MAX_FREQ = 3
 
 Key = tuple[int, int]
 
 
 def slot_bytes(record_bytes: int) -> int:
-    return -(-record_bytes // SLOT_ALIGN) * SLOT_ALIGN
+    return -(-record_bytes // SLOT_ALIGN) * SLOT_ALIGN + MALLOC_CHUNK_OVERHEAD
 
 
 def record(layer: int, pos: int, n: int, version: int = 0) -> bytes:
@@ -139,7 +140,7 @@ class S3FifoModel:
     max_entries: int
     budget: int
     sizes: list[int]
-    run_admission: bool = True  # linking with p_run = 0 refuses every in-run neuron not in the ghost
+    run_admission: bool = True  # linking with p_run = 0 refuses in-run neurons not in the ghost once full
     small: OrderedDict[Key, None] = field(default_factory=OrderedDict)  # oldest first
     main: OrderedDict[Key, None] = field(default_factory=OrderedDict)
     freq: dict[Key, int] = field(default_factory=dict)
@@ -164,7 +165,8 @@ class S3FifoModel:
     def admit(self, key: Key, isolated: bool) -> None:
         slot = self.slot(key)
         ghost_hit = key in self.ghost
-        if key in self.freq or (not isolated and not ghost_hit and not self.run_admission):
+        room = len(self.freq) < self.max_entries and self.small_bytes + self.main_bytes + slot <= self.budget
+        if key in self.freq or (not isolated and not ghost_hit and not room and not self.run_admission):
             return
         if self.max_entries == 0 or slot > self.budget:
             return

@@ -521,7 +521,7 @@ void BundleCache::admit(uint32_t layer, uint32_t pos, const uint8_t * record, bo
     const bool ghost_hit = at != SIZE_MAX;
     // linking: a neuron inside a run costs almost nothing to re-read with its neighbours, one read alone costs an
     // I/O; that choice only matters when admitting means evicting: free room takes every record
-    const bool room = free_entry_ != kNil && held_bytes_ + slot_bytes(layer) <= record_budget_;
+    const bool room = free_entry_ != kNil && live_bytes_ + slot_bytes(layer) <= record_budget_;
     if ((traits_.run_sampled && !isolated && !ghost_hit && !room && !draw_run_admission(key)) ||
         entries_.empty() || slot_bytes(layer) > record_budget_) {
         ++counters_.rejections;
