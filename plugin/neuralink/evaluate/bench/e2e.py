@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from neuralink.child import report_child_death
 from neuralink.errors import CgroupUnavailable
@@ -186,12 +187,26 @@ def format_table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[RunResult], path: Path) -> None:
+def _pyplot() -> Any:
     import matplotlib  # deferred: matplotlib loads only when a picture is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    """Write `fig` to `path` atomically, and free it."""
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        _pyplot().close(fig)
+
+
+def plot(results: list[RunResult], path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for variant, style in (("stock", "o-"), ("neuralink", "s-")):
         points = [(parse_size(r.cap) / 2**20, r.median("tok_s")) for r in results
@@ -205,11 +220,7 @@ def plot(results: list[RunResult], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    _save_png(fig, path)
 
 
 
@@ -217,11 +228,7 @@ def plot(results: list[RunResult], path: Path) -> None:
 def plot_pair(results: list[RunResult], title: str, path: Path) -> None:
     """Two panels, stock and neuralink side by side: decode tok/s, and peak memory against the cap (the demo's
     picture)."""
-    import matplotlib  # deferred: matplotlib loads only when a picture is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     runs = [r for r in results if r.runs]
     names = ["stock llama.cpp" if r.variant == "stock" else r.variant for r in runs]
     colors = ["tab:gray" if r.variant == "stock" else "tab:blue" for r in runs]
@@ -241,8 +248,4 @@ def plot_pair(results: list[RunResult], title: str, path: Path) -> None:
         memory.legend(loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    try:
-        with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    _save_png(fig, path)
