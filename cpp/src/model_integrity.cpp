@@ -7,7 +7,6 @@
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
-#include <memory>
 #include <unistd.h>
 #include <vector>
 
@@ -17,6 +16,10 @@ namespace {
 
 struct Fd {
     int fd = -1;
+    Fd() = default;
+    Fd(Fd && o) noexcept : fd(o.fd) { o.fd = -1; }
+    Fd(const Fd &) = delete;
+    Fd & operator=(const Fd &) = delete;
     ~Fd() { if (fd >= 0) ::close(fd); }
 };
 
@@ -24,20 +27,17 @@ constexpr size_t kPiece = 256 * kChecksumBlock; // 1 MiB per read
 
 } // namespace
 
-uint64_t file_block_checksum(const std::string & path, uint64_t offset, uint64_t nbytes) {
-    Fd f;
-    f.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (f.fd < 0) {
-        throw ModelFileError(path + ": cannot open: " + std::strerror(errno));
-    }
-    std::vector<uint8_t> piece(kPiece);
+// block_checksum64 of [offset, offset + nbytes) of the open file, read a piece at a time into `piece`
+static uint64_t range_checksum(int fd, const std::string & path, uint64_t offset, uint64_t nbytes,
+                               std::vector<uint8_t> & piece) {
+    piece.resize(kPiece);
     std::vector<uint64_t> blocks;
     blocks.reserve((size_t) (nbytes / kChecksumBlock + 1));
     for (uint64_t done = 0; done < nbytes;) {
         const size_t want = (size_t) std::min<uint64_t>(kPiece, nbytes - done);
         size_t got = 0;
         while (got < want) {
-            const ssize_t n = ::pread(f.fd, piece.data() + got, want - got, (off_t) (offset + done + got));
+            const ssize_t n = ::pread(fd, piece.data() + got, want - got, (off_t) (offset + done + got));
             if (n < 0 && errno == EINTR) continue;
             if (n < 0) throw ModelFileError(path + ": read failed: " + std::strerror(errno));
             if (n == 0) {
@@ -55,20 +55,41 @@ uint64_t file_block_checksum(const std::string & path, uint64_t offset, uint64_t
     return checksum64(blocks.data(), blocks.size() * sizeof(uint64_t));
 }
 
+static Fd open_model(const std::string & path) {
+    Fd f;
+    f.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (f.fd < 0) {
+        throw ModelFileError(path + ": cannot open: " + std::strerror(errno));
+    }
+    return f;
+}
+
+uint64_t file_block_checksum(const std::string & path, uint64_t offset, uint64_t nbytes) {
+    const Fd f = open_model(path);
+    std::vector<uint8_t> piece;
+    return range_checksum(f.fd, path, offset, nbytes, piece);
+}
+
 uint64_t verify_model_file(const std::string & gguf_path, const SidecarStore & store) {
+    const std::vector<ModelRange> & ranges = store.model_ranges();
+    if (ranges.empty()) {
+        return 0;
+    }
+    const Fd f = open_model(gguf_path);
+    std::vector<uint8_t> piece;
     uint64_t checked = 0;
-    std::unique_ptr<GgufModel> directory; // parsed once the header range passed
-    for (size_t i = 0; i < store.model_ranges().size(); ++i) {
-        const ModelRange & range = store.model_ranges()[i];
-        if (file_block_checksum(gguf_path, range.offset, range.nbytes) == range.checksum) {
+    for (size_t i = 0; i < ranges.size(); ++i) {
+        const ModelRange & range = ranges[i];
+        if (range_checksum(f.fd, gguf_path, range.offset, range.nbytes, piece) == range.checksum) {
             checked += range.nbytes;
-            if (i == 0) directory = std::make_unique<GgufModel>(gguf_path);
             continue;
         }
         std::string what = "its header (metadata and tensor directory)";
-        if (i > 0 && directory) {
+        if (i > 0) {
+            // the header passed, so its tensor directory can name the range; parsed only now, on failure
             what = "the tensor data at byte " + std::to_string(range.offset);
-            for (const TensorInfo & t : directory->tensors()) {
+            const GgufModel directory(gguf_path);
+            for (const TensorInfo & t : directory.tensors()) {
                 if (t.offset == range.offset) what = "tensor '" + t.name + "'";
             }
         }
