@@ -198,7 +198,7 @@ static void register_engine(py::module_ & m) {
         .def("cache_stats", [](Engine & e) {
             py::dict d;
             if (!e.sparse()) return d;
-            const CacheStats c = e.sparse()->cache().stats();
+            const CacheStats c = e.sparse()->cache_stats();
             d["lookups"] = c.lookups; d["hits"] = c.hits; d["admissions"] = c.admissions;
             d["rejections"] = c.rejections; d["evictions"] = c.evictions; d["used_bytes"] = c.used_bytes;
             d["capacity_bytes"] = c.capacity_bytes; d["entries"] = c.entries;

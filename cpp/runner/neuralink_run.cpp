@@ -462,7 +462,7 @@ void report(const Generation & g, const neuralink::Engine * engine, bool followe
     print_totals("prompt", g.prompt, sparse != nullptr);
     print_totals("generation", g.decode, sparse != nullptr);
     if (sparse) {
-        const auto c = const_cast<neuralink::SparseFfn *>(sparse)->cache().stats();
+        const auto c = sparse->cache_stats();
         std::fprintf(stderr, "engine     resident %.1f MiB, bundle store %.1f MiB, cache %.1f of %.1f MiB\n",
                      sparse->resident_bytes() / 1048576.0, sparse->store_bytes() / 1048576.0,
                      c.used_bytes / 1048576.0, c.capacity_bytes / 1048576.0);

@@ -1,5 +1,6 @@
 #include "neuralink/sparse_ffn.h"
 
+#include "neuralink/column_axpy.h"
 #include "neuralink/errors.h"
 #include "neuralink/names.h"
 
@@ -41,7 +42,8 @@ struct SparseFfn::Wave {
 
 // What one compute thread keeps between phases; other threads read it in phase 2.
 struct SparseFfn::ThreadState {
-    std::vector<uint32_t> active;   // candidate positions this thread evaluates, sorted
+    std::vector<uint32_t> active;   // candidate positions predicted in this thread's range (phase 1), sorted
+    std::vector<uint32_t> work;     // this thread's share of all threads' candidates (phase 2), sorted
     std::vector<uint32_t> finals;   // of those, the positions whose down column enters y, sorted
     Wave wave[2];                   // 0: the bundle region; 1: the down region (split layout)
     std::vector<float> tmp;         // a dequantized slice of a down column
@@ -159,9 +161,18 @@ void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
         record_bytes.push_back(store_->layer(il).down_region.record_bytes);
         frequency.push_back(store_->layer(il).frequency);
     }
+    const size_t n_ff = (size_t) store_->n_ff();
+    std::unique_ptr<StoreArena> arena;
+    if (policy != CachePolicy::None && policy != CachePolicy::Pinned &&
+        bytes >= StoreArena::bytes_for(record_bytes, n_ff)) {
+        // everything fits: nothing would ever be evicted, so no policy has anything to decide
+        arena = std::make_unique<StoreArena>(record_bytes, n_ff, bytes);
+    }
     BundleCacheOptions cache_options;
-    cache_options.max_entries = record_bytes.size() * (size_t) store_->n_ff();
-    auto cache = std::make_unique<BundleCache>(policy, bytes, record_bytes, cache_options);
+    cache_options.max_entries = record_bytes.size() * n_ff;
+    // with the arena the cache object stays, empty and without tables, for the policy's name only
+    auto cache = std::make_unique<BundleCache>(arena ? CachePolicy::None : policy, arena ? 0 : bytes, record_bytes,
+                                               cache_options);
     if (policy == CachePolicy::Pinned) {
         cache->pin_hottest(frequency, [this, n_layer](uint32_t key, uint32_t pos, uint8_t * dst) {
             const bool down = (int) key >= n_layer;
@@ -176,6 +187,7 @@ void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
         });
     }
     cache_ = std::move(cache);
+    arena_ = std::move(arena);
     options_.cache_policy = policy;
     options_.cache_bytes = bytes;
 }
@@ -455,21 +467,34 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
     const uint32_t key = down ? (uint32_t) (store_->n_layer() + il) : (uint32_t) il;
     const size_t rec = region.record_bytes;
     // cache hits are copied out, so eviction by another thread cannot pull them from under us
-    const size_t need = positions.size() * rec;
+    const size_t need = arena_ ? 0 : positions.size() * rec;
     if (w.cache_copies.size() < need) {
         w.cache_copies = AlignedBuffer(scratch_size(need));
     }
     w.misses.clear();
     w.hit_positions.clear();
     w.hit_records.clear();
-    uint8_t * slot = w.cache_copies.data();
-    for (uint32_t p : positions) {
-        if (cache_->lookup(key, p, slot)) {
-            w.hit_positions.push_back(p);
-            w.hit_records.push_back(slot);
-            slot += rec;
-        } else {
-            w.misses.push_back(p);
+    if (arena_) {
+        // records in the arena never move: used in place
+        for (uint32_t p : positions) {
+            if (const uint8_t * record = arena_->find(key, p)) {
+                w.hit_positions.push_back(p);
+                w.hit_records.push_back(record);
+            } else {
+                w.misses.push_back(p);
+            }
+        }
+        arena_->count(positions.size(), w.hit_positions.size());
+    } else {
+        uint8_t * slot = w.cache_copies.data();
+        for (uint32_t p : positions) {
+            if (cache_->lookup(key, p, slot)) {
+                w.hit_positions.push_back(p);
+                w.hit_records.push_back(slot);
+                slot += rec;
+            } else {
+                w.misses.push_back(p);
+            }
         }
     }
     w.cache_hits = (uint32_t) w.hit_positions.size();
@@ -563,7 +588,11 @@ void SparseFfn::complete(int il, bool down, ThreadState & ts, Wave & w, OnRecord
         on_records(recs.data(), pos.data(), pos.size());
         const bool isolated = pos.size() == 1;
         for (size_t k = 0; k < pos.size(); ++k) {
-            cache_->admit(key, pos[k], recs[k], isolated);
+            if (arena_) {
+                arena_->admit(key, pos[k], recs[k]);
+            } else {
+                cache_->admit(key, pos[k], recs[k], isolated);
+            }
         }
     }
     w.n_pending = 0;
@@ -590,12 +619,16 @@ void SparseFfn::down(int il, float * y, int64_t n_tokens, int ith, int nth) {
     for (int j = 0; j < nth; ++j) {
         const ThreadState & ts = *threads_[j];
         for (uint32_t p : ts.finals) {
-            dt.to_float(down_records[p] + slice_offset, me.tmp.data(), n);
+            const uint8_t * column = down_records[p] + slice_offset;
+            if (n_tokens == 1) {
+                // decoding: scale the encoded column straight into y
+                if (h_[p] != 0.0f) column_axpy(dt, column, h_[p], y + e0, n, me.tmp.data());
+                continue;
+            }
+            dt.to_float(column, me.tmp.data(), n);
             for (int64_t t = 0; t < n_tokens; ++t) {
                 const float hv = h_[t * L.n_ff + p];
-                if (hv == 0.0f) continue;
-                float * yt = y + t * L.n_out + e0;
-                for (int64_t e = 0; e < n; ++e) yt[e] += hv * me.tmp[e];
+                if (hv != 0.0f) float_axpy(me.tmp.data(), hv, y + t * L.n_out + e0, n);
             }
         }
     }
@@ -641,11 +674,31 @@ void SparseFfn::convert_inputs(int il, const float * x, int64_t n_tokens, int it
     convert_rows_split(*S.up.wt, x, n_tokens, L.n_embd, xq_up_.data(), ith, nth);
 }
 
-// phase 1: this thread's positions predicted, looked up in the cache, read, and computed into h as reads
-// complete; with the split layout, then the down columns of the neurons that passed
-void SparseFfn::select_and_compute(int il, int64_t n_tokens, int ith, int nth, ThreadState & ts) {
+// phase 1: the candidates among this thread's range of positions
+void SparseFfn::predict_range(int il, int64_t n_tokens, int ith, int nth, ThreadState & ts) {
     const SparseLayerWeights & L = *layers_[il];
     const auto [r0, r1] = split_range(L.n_ff, ith, nth, kRowBlock);
+    predict(il, n_tokens, r0, r1, ts);
+}
+
+// this thread's equal share of the candidates all threads predicted, in position order
+void SparseFfn::take_share(int nth, int ith, ThreadState & ts) const {
+    int64_t total = 0;
+    for (int j = 0; j < nth; ++j) total += (int64_t) threads_[j]->active.size();
+    const auto [k0, k1] = split_range(total, ith, nth);
+    ts.work.clear();
+    int64_t base = 0;
+    for (int j = 0; j < nth && base < k1; ++j) {
+        const std::vector<uint32_t> & a = threads_[j]->active;
+        const int64_t lo = std::max(base, k0), hi = std::min(base + (int64_t) a.size(), k1);
+        if (lo < hi) ts.work.insert(ts.work.end(), a.begin() + (lo - base), a.begin() + (hi - base));
+        base += (int64_t) a.size();
+    }
+}
+
+// phase 2: this thread's share of the candidates looked up in the cache, read, and computed into h as reads
+// complete; with the split layout, then the down columns of the neurons that passed
+void SparseFfn::read_and_compute(int il, int64_t n_tokens, int ith, int nth, ThreadState & ts) {
     ts.truly_active = 0;
     ts.predicted_pairs = 0;
     ts.computed_pairs = 0;
@@ -655,9 +708,9 @@ void SparseFfn::select_and_compute(int il, int64_t n_tokens, int ith, int nth, T
     ts.finals.clear();
     ts.wave[1].cache_hits = ts.wave[1].reads = 0; // the down wave runs with the split layout only
     ts.wave[1].bytes_read = 0;
-    predict(il, n_tokens, r0, r1, ts);
+    take_share(nth, ith, ts);
     Wave & bundles = ts.wave[0];
-    gather(il, false, ts.active, n_tokens, ts, bundles);
+    gather(il, false, ts.work, n_tokens, ts, bundles);
     compute_h(il, n_tokens, bundles.hit_records.data(), bundles.hit_positions.data(), bundles.hit_positions.size(), ts);
     // neurons of each read as it completes; misses stay sorted along the reads
     complete(il, false, ts, bundles, [&](const uint8_t * const * recs, const uint32_t * pos, size_t n) {
@@ -728,8 +781,9 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
     try {
         switch (phase) {
             case 0: convert_inputs(il, x, n_tokens, ith, nth); break;
-            case 1: select_and_compute(il, n_tokens, ith, nth, ts); break;
-            case 2:
+            case 1: predict_range(il, n_tokens, ith, nth, ts); break;
+            case 2: read_and_compute(il, n_tokens, ith, nth, ts); break;
+            case 3:
                 down(il, y, n_tokens, ith, nth);
                 if (ith == 0) record_stats(il, n_tokens, nth);
                 break;
@@ -742,6 +796,7 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
         }
         for (Wave & w : ts.wave) w.n_pending = 0;
         ts.active.clear();
+        ts.work.clear();
         ts.finals.clear();
         fail(e.what(), dynamic_cast<const NumericError *>(&e) != nullptr);
         if (phase == kPhases - 1) {

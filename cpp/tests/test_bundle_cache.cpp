@@ -4,6 +4,7 @@
 #include "test_util.h"
 
 #include "neuralink/bundle_cache.h"
+#include "neuralink/store_arena.h"
 
 #include <algorithm>
 #include <atomic>
@@ -413,4 +414,51 @@ TEST(cache_concurrent_use_keeps_records_and_budget) {
         CHECK(s.lookups == lookups && s.hits > 0 && s.hits <= s.lookups);
         CHECK(s.used_bytes <= s.capacity_bytes);
     }
+}
+
+TEST(store_arena_keeps_every_record_it_admits_within_its_bytes) {
+    const std::vector<size_t> sizes = { 1080, 2000, 520 };
+    const size_t per_key = 1500;
+    StoreArena arena(sizes, per_key, StoreArena::bytes_for(sizes, per_key));
+    CHECK(arena.find(1, 7) == nullptr);
+    arena.admit(1, 7, make_record(1, 7, sizes[1]).data());
+    arena.admit(1, 7, make_record(2, 9, sizes[1]).data()); // already there: left as it is
+    const uint8_t * r = arena.find(1, 7);
+    CHECK(r != nullptr && std::memcmp(r, make_record(1, 7, sizes[1]).data(), sizes[1]) == 0);
+    CHECK(arena.find(0, 7) == nullptr && arena.find(1, 8) == nullptr);
+    CHECK_THROWS(std::invalid_argument, arena.admit(3, 0, r), "out of range");
+    CHECK_THROWS(std::invalid_argument, arena.admit(0, (uint32_t) per_key, r), "out of range");
+    CacheStats s = arena.stats();
+    CHECK(s.entries == 1 && s.admissions == 1 && s.used_bytes == 3 * per_key + sizes[1]);
+    CHECK(s.used_bytes <= s.capacity_bytes);
+    arena.count(5, 2);
+    arena.reset_stats();
+    s = arena.stats();
+    CHECK(s.lookups == 0 && s.entries == 1); // a reset forgets counts, not records
+}
+
+TEST(store_arena_concurrent_admissions_and_lookups_see_whole_records) {
+    const std::vector<size_t> sizes = { 1080, 2000, 520 };
+    const size_t per_key = 1500;
+    StoreArena arena(sizes, per_key, StoreArena::bytes_for(sizes, per_key));
+    std::atomic<int> bad_bytes { 0 };
+    std::vector<std::thread> workers;
+    for (int t = 0; t < 6; ++t) {
+        workers.emplace_back([&, t] {
+            std::mt19937 rng(200 + t);
+            std::vector<uint8_t> buf(2000);
+            for (int i = 0; i < 20000; ++i) {
+                const uint32_t l = rng() % 3, p = rng() % per_key;
+                if (const uint8_t * r = arena.find(l, p)) {
+                    bad_bytes += std::memcmp(r, make_record(l, p, sizes[l]).data(), sizes[l]) != 0;
+                } else {
+                    arena.admit(l, p, make_record(l, p, sizes[l]).data());
+                }
+            }
+        });
+    }
+    for (auto & w : workers) w.join();
+    const CacheStats s = arena.stats();
+    CHECK(bad_bytes == 0);
+    CHECK(s.entries > 0 && s.entries <= 3 * per_key && s.used_bytes <= s.capacity_bytes);
 }

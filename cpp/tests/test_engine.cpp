@@ -2,6 +2,7 @@
 
 #include "test_util.h"
 
+#include "neuralink/column_axpy.h"
 #include "neuralink/direct_file.h"
 #include "neuralink/engine.h"
 #include "neuralink/ffn_layer.h"
@@ -193,6 +194,24 @@ TEST(vec_dot_of_every_weight_type_matches_dequantized_dot) {
         // activations are rounded to vec_dot_type: 8-bit for quants, 16-bit for F16/BF16, exact for F32
         const double tol = wt.vec_dot_type == GGML_TYPE_F32 ? 1e-5 : wt.vec_dot_type == GGML_TYPE_F16 ? 2e-3 : 1.5e-2;
         CHECK_NEAR(got, want, tol * scale);
+    }
+}
+
+TEST(column_axpy_of_every_weight_type_adds_the_scaled_dequantized_column) {
+    const int64_t n = 512;
+    auto column = random_floats(n, 11);
+    column[3] = 1e-7f; // a block whose fp16 scale is subnormal
+    for (int64_t i = 0; i < 32; ++i) column[32 + i] = 1e-6f * (float) (i - 16);
+    const auto y0 = random_floats(n, 12);
+    for (ggml_type type : kWeightTypes) {
+        const WeightType & wt = weight_type(type);
+        const auto q = quantize(type, column, 1, n);
+        const auto w = dequantize(type, q.data(), 1, n);
+        std::vector<float> y = y0, tmp(n);
+        column_axpy(wt, q.data(), -0.75f, y.data(), n, tmp.data());
+        for (int64_t i = 0; i < n; ++i) {
+            CHECK_NEAR(y[i], y0[i] - 0.75 * w[i], 1e-6 * (1.0 + std::fabs(y0[i])));
+        }
     }
 }
 

@@ -1,15 +1,18 @@
 #pragma once
 
-// Sparse FFN evaluation from the sidecar's bundle store. Per layer, three
+// Sparse FFN evaluation from the sidecar's bundle store. Per layer, four
 // phases on every compute thread:
 //   0  x -> xq: activations converted to the gate/up vec_dot types
-//   1  over the thread's own range of positions: predict the candidate
-//      neurons, look them up in the cache, plan collapsed reads for the misses
-//      and submit them at once, then compute h = act(g) * u neuron by neuron as
-//      cache hits and completed reads allow (compute overlaps the reads). With
-//      the split layout a second wave follows: the down columns of the neurons
-//      whose h passed the criterion, from the cache or read the same way.
-//   2  y = down h over the final neurons, each thread owning a slice of the
+//   1  over the thread's own range of positions: predict the candidate neurons
+//   2  over the thread's share of all the candidates (an equal count each, in
+//      position order: placement clusters hot neurons, so equal ranges would
+//      not be equal work): look them up in the cache, plan collapsed reads for
+//      the misses and submit them at once, then compute h = act(g) * u neuron
+//      by neuron as cache hits and completed reads allow (compute overlaps the
+//      reads). With the split layout a second wave follows: the down columns
+//      of the neurons whose h passed the criterion, from the cache or read the
+//      same way.
+//   3  y = down h over the final neurons, each thread owning a slice of the
 //      output rows (no reduction)
 // The result equals the dense FFN of the thresholded model: h is zero for a
 // neuron the predictor leaves out (and, for exact predictors, where the
@@ -23,6 +26,7 @@
 #include "neuralink/read_planner.h"
 #include "neuralink/read_queue.h"
 #include "neuralink/sidecar_store.h"
+#include "neuralink/store_arena.h"
 
 #include <atomic>
 #include <cstdint>
@@ -99,7 +103,7 @@ struct LayerStepStats {
 
 class SparseFfn {
 public:
-    static constexpr int kPhases = 3;
+    static constexpr int kPhases = 4;
 
     SparseFfn(std::shared_ptr<SidecarStore> store, const SparseOptions & options);
     ~SparseFfn();
@@ -122,8 +126,11 @@ public:
     void set_thresholds(std::vector<float> thresholds, std::vector<float> candidate_thresholds,
                         std::vector<float> predictor_thresholds);
     const SidecarStore & store() const { return *store_; }
-    BundleCache & cache() { return *cache_; }
-    // Replaces the cache (between evaluations only); the pinned policy reads its records here.
+    // the cache's counters (of the store arena when the budget holds the whole store)
+    CacheStats cache_stats() const { return arena_ ? arena_->stats() : cache_->stats(); }
+    // Replaces the cache (between evaluations only); the pinned policy reads its records here. A budget that
+    // holds every record of the store gets the store arena instead (any policy but none and pinned): the same
+    // records kept, without eviction, locks or copies.
     void configure_cache(CachePolicy policy, size_t bytes);
     // bytes of all bundle records of all layers
     uint64_t store_bytes() const;
@@ -156,7 +163,9 @@ private:
 
     void predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, ThreadState & ts);
     void convert_inputs(int il, const float * x, int64_t n_tokens, int ith, int nth);
-    void select_and_compute(int il, int64_t n_tokens, int ith, int nth, ThreadState & ts);
+    void predict_range(int il, int64_t n_tokens, int ith, int nth, ThreadState & ts);
+    void take_share(int nth, int ith, ThreadState & ts) const;
+    void read_and_compute(int il, int64_t n_tokens, int ith, int nth, ThreadState & ts);
     void record_stats(int il, int64_t n_tokens, int nth);
     void gather(int il, bool down, const std::vector<uint32_t> & positions, int64_t n_tokens, ThreadState & ts, Wave & w);
     template <class OnRecords>
@@ -175,6 +184,7 @@ private:
     std::string io_note_;
     std::unique_ptr<IoPool> pool_; // the pread path only
     std::unique_ptr<BundleCache> cache_;
+    std::unique_ptr<StoreArena> arena_; // in place of cache_'s records when the budget holds the whole store
     std::vector<std::unique_ptr<SparseLayerWeights>> layers_;
     size_t resident_bytes_ = 0;
 

@@ -1,0 +1,73 @@
+#include "neuralink/store_arena.h"
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace neuralink {
+
+size_t StoreArena::bytes_for(const std::vector<size_t> & record_bytes, size_t records_per_key) {
+    size_t bytes = 0;
+    for (size_t b : record_bytes) {
+        bytes += (b + 1) * records_per_key;
+    }
+    return bytes;
+}
+
+StoreArena::StoreArena(std::vector<size_t> record_bytes, size_t records_per_key, size_t capacity_bytes)
+    : capacity_(capacity_bytes) {
+    if (record_bytes.empty() || records_per_key == 0 || records_per_key > UINT32_MAX) {
+        throw std::invalid_argument("a store arena needs at least one key and one record per key");
+    }
+    for (size_t k = 0; k < record_bytes.size(); ++k) {
+        if (record_bytes[k] == 0) {
+            throw std::invalid_argument("record_bytes[" + std::to_string(k) + "] is 0");
+        }
+        Region r;
+        r.record_bytes = record_bytes[k];
+        r.n_records = (uint32_t) records_per_key;
+        // new[] without an initialiser touches nothing: large blocks come from mmap and stay unbacked until written
+        r.records.reset(new uint8_t[record_bytes[k] * records_per_key]);
+        r.state.reset(new std::atomic<uint8_t>[records_per_key]);
+        for (size_t p = 0; p < records_per_key; ++p) r.state[p].store(kEmpty, std::memory_order_relaxed);
+        state_bytes_ += records_per_key;
+        regions_.push_back(std::move(r));
+    }
+}
+
+void StoreArena::admit(uint32_t key, uint32_t pos, const uint8_t * record) {
+    if (key >= regions_.size() || pos >= regions_[key].n_records) {
+        throw std::invalid_argument("store arena: record (" + std::to_string(key) + ", " + std::to_string(pos) +
+                                    ") is out of range");
+    }
+    Region & r = regions_[key];
+    uint8_t expected = kEmpty;
+    if (!r.state[pos].compare_exchange_strong(expected, kWriting, std::memory_order_acquire)) {
+        return;
+    }
+    std::memcpy(r.records.get() + (size_t) pos * r.record_bytes, record, r.record_bytes);
+    r.state[pos].store(kReady, std::memory_order_release);
+    admissions_.fetch_add(1, std::memory_order_relaxed);
+    entries_.fetch_add(1, std::memory_order_relaxed);
+    held_bytes_.fetch_add(r.record_bytes, std::memory_order_relaxed);
+}
+
+CacheStats StoreArena::stats() const {
+    CacheStats s;
+    s.lookups = lookups_.load(std::memory_order_relaxed);
+    s.hits = hits_.load(std::memory_order_relaxed);
+    s.admissions = admissions_.load(std::memory_order_relaxed);
+    s.table_bytes = state_bytes_;
+    s.used_bytes = state_bytes_ + held_bytes_.load(std::memory_order_relaxed);
+    s.capacity_bytes = capacity_;
+    s.entries = entries_.load(std::memory_order_relaxed);
+    return s;
+}
+
+void StoreArena::reset_stats() {
+    lookups_.store(0, std::memory_order_relaxed);
+    hits_.store(0, std::memory_order_relaxed);
+    admissions_.store(0, std::memory_order_relaxed);
+}
+
+} // namespace neuralink
