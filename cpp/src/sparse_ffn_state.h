@@ -1,0 +1,51 @@
+#pragma once
+
+// SparseFfn's per-thread state, shared by its two source files: sparse_ffn.cpp
+// (options, prediction, compute, the down projection) and sparse_reads.cpp
+// (cache lookups, planned reads, completions).
+
+#include "neuralink/sparse_ffn.h"
+
+namespace neuralink {
+
+// A read in flight and what it covers.
+struct SparseFfn::Pending {
+    PendingRead read;
+    PlannedRead plan;
+};
+
+// One wave of records of one region: the cache hits, and the reads of the misses.
+struct SparseFfn::Wave {
+    std::vector<uint32_t> misses;
+    std::vector<const uint8_t *> hit_records;
+    std::vector<uint32_t> hit_positions;
+    AlignedBuffer cache_copies;     // records copied out of the cache
+    AlignedBuffer read_arena;       // destinations of the reads
+    std::vector<std::unique_ptr<Pending>> pending;
+    size_t n_pending = 0;
+    uint32_t cache_hits = 0;
+    uint32_t reads = 0;
+    uint64_t bytes_read = 0;
+};
+
+// What one compute thread keeps between phases; other threads read it in phases 2 and 3.
+struct SparseFfn::ThreadState {
+    std::vector<uint32_t> active;   // candidate positions predicted in this thread's range (phase 1), sorted
+    std::vector<uint32_t> work;     // this thread's share of all threads' candidates (phase 2), sorted
+    std::vector<uint32_t> finals;   // of those, the positions whose down column enters y, sorted
+    Wave wave[2];                   // 0: the bundle region; 1: the down region (split layout)
+    std::vector<float> tmp;         // a dequantized slice of a down column
+    std::unique_ptr<ReadQueue> queue;          // this thread's way to the device
+    std::vector<const uint8_t *> read_records; // the needed records of one completed read
+    std::vector<uint32_t> read_positions;
+    std::vector<PendingRead *> batch;
+    // counters of the current layer
+    uint32_t truly_active = 0;
+    uint64_t predicted_pairs = 0;
+    uint64_t computed_pairs = 0;
+    uint64_t first_issue_ns = 0;
+    uint64_t last_done_ns = 0;
+    uint64_t stall_ns = 0;
+};
+
+} // namespace neuralink

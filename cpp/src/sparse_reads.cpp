@@ -1,0 +1,215 @@
+// SparseFfn's reading side: each thread's share of the candidates looked up in
+// the cache or the store arena, the misses read in collapsed runs, each read's
+// records checked and computed as it completes (see sparse_ffn.h).
+
+#include "sparse_ffn_state.h"
+
+#include "neuralink/errors.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace neuralink {
+
+uint32_t SparseFfn::max_gap_records(const BundleRegion & region) const {
+    // a gap is worth reading through when its bytes cost less time than one more read
+    const double gap_bytes = options_.collapse_gap_bytes == UINT64_MAX
+            ? options_.device.read_latency_s * options_.device.bandwidth_bytes_s
+            : (double) options_.collapse_gap_bytes;
+    return (uint32_t) std::min<double>(gap_bytes / (double) std::max<size_t>(region.record_bytes, 1), region.n_records);
+}
+
+// this thread's equal share of the candidates all threads predicted, in position order
+void SparseFfn::take_share(int nth, int ith, ThreadState & ts) const {
+    int64_t total = 0;
+    for (int j = 0; j < nth; ++j) total += (int64_t) threads_[j]->active.size();
+    const auto [k0, k1] = split_range(total, ith, nth);
+    ts.work.clear();
+    int64_t base = 0;
+    for (int j = 0; j < nth && base < k1; ++j) {
+        const std::vector<uint32_t> & a = threads_[j]->active;
+        const int64_t lo = std::max(base, k0), hi = std::min(base + (int64_t) a.size(), k1);
+        if (lo < hi) ts.work.insert(ts.work.end(), a.begin() + (lo - base), a.begin() + (hi - base));
+        base += (int64_t) a.size();
+    }
+}
+
+// phase 2: this thread's share of the candidates looked up in the cache, read, and computed into h as reads
+// complete; with the split layout, then the down columns of the neurons that passed
+void SparseFfn::read_and_compute(int il, int64_t n_tokens, int ith, int nth, ThreadState & ts) {
+    ts.truly_active = 0;
+    ts.predicted_pairs = 0;
+    ts.computed_pairs = 0;
+    ts.stall_ns = 0;
+    ts.first_issue_ns = 0;
+    ts.last_done_ns = 0;
+    ts.finals.clear();
+    ts.wave[1].cache_hits = ts.wave[1].reads = 0; // the down wave runs with the split layout only
+    ts.wave[1].bytes_read = 0;
+    take_share(nth, ith, ts);
+    Wave & bundles = ts.wave[0];
+    gather(il, false, ts.work, n_tokens, ts, bundles);
+    compute_h(il, n_tokens, bundles.hit_records.data(), bundles.hit_positions.data(), bundles.hit_positions.size(), ts);
+    // neurons of each read as it completes; misses stay sorted along the reads
+    complete(il, false, ts, bundles, [&](const uint8_t * const * recs, const uint32_t * pos, size_t n) {
+        compute_h(il, n_tokens, recs, pos, n, ts);
+    });
+    std::sort(ts.finals.begin(), ts.finals.end());
+    if (!store_->split()) {
+        return;
+    }
+    Wave & downs = ts.wave[1];
+    gather(il, true, ts.finals, n_tokens, ts, downs);
+    for (size_t k = 0; k < downs.hit_positions.size(); ++k) {
+        down_of_[downs.hit_positions[k]] = downs.hit_records[k];
+    }
+    complete(il, true, ts, downs, [&](const uint8_t * const * recs, const uint32_t * pos, size_t n) {
+        for (size_t k = 0; k < n; ++k) down_of_[pos[k]] = recs[k];
+    });
+}
+
+// Looks up `positions` of one region in the cache and submits collapsed reads for the misses.
+// I/O and cache-copy buffers grow to what a wave needs, in 64 KiB steps and never beyond: each thread's
+// positions are a contiguous share of the layer, so the threads' buffers together stay within the
+// memory plan's scratch (twice a layer's records)
+static size_t scratch_size(uint64_t need) { return (size_t) align_up(need, (uint64_t) 64 << 10); }
+
+void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & positions, int64_t n_tokens, ThreadState & ts,
+                       Wave & w) {
+    const SidecarLayer & S = store_->layer(il);
+    const BundleRegion & region = down ? S.down_region : S.region;
+    const uint32_t key = down ? (uint32_t) (store_->n_layer() + il) : (uint32_t) il;
+    const size_t rec = region.record_bytes;
+    // cache hits are copied out, so eviction by another thread cannot pull them from under us
+    const size_t need = arena_ ? 0 : positions.size() * rec;
+    if (w.cache_copies.size() < need) {
+        w.cache_copies = AlignedBuffer(scratch_size(need));
+    }
+    w.misses.clear();
+    w.hit_positions.clear();
+    w.hit_records.clear();
+    if (arena_) {
+        // records in the arena never move: used in place
+        for (uint32_t p : positions) {
+            if (const uint8_t * record = arena_->find(key, p)) {
+                w.hit_positions.push_back(p);
+                w.hit_records.push_back(record);
+            } else {
+                w.misses.push_back(p);
+            }
+        }
+        arena_->count(positions.size(), w.hit_positions.size());
+    } else {
+        uint8_t * slot = w.cache_copies.data();
+        for (uint32_t p : positions) {
+            if (cache_->lookup(key, p, slot)) {
+                w.hit_positions.push_back(p);
+                w.hit_records.push_back(slot);
+                slot += rec;
+            } else {
+                w.misses.push_back(p);
+            }
+        }
+    }
+    w.cache_hits = (uint32_t) w.hit_positions.size();
+
+    // reads for the misses: collapsed runs, or the whole range when the cost model says that is cheaper
+    CollapsePolicy policy;
+    policy.max_gap = max_gap_records(region);
+    policy.max_read_bytes = options_.max_read_bytes;
+    std::vector<PlannedRead> reads = plan_reads(region, w.misses.data(), w.misses.size(), policy);
+    if (!w.misses.empty() && (n_tokens > 1 || options_.predictor == Predictor::Dense)) {
+        CollapsePolicy all = policy;
+        all.max_gap = region.n_records;
+        const uint32_t first = w.misses.front(), last = w.misses.back();
+        std::vector<uint32_t> span(last - first + 1);
+        for (uint32_t i = 0; i < span.size(); ++i) span[i] = first + i;
+        std::vector<PlannedRead> whole = plan_reads(region, span.data(), span.size(), all);
+        uint64_t bytes = 0, whole_bytes = 0;
+        for (const auto & r : reads) bytes += r.length;
+        for (const auto & r : whole) whole_bytes += r.length;
+        if (options_.device.cost(whole.size(), whole_bytes) < options_.device.cost(reads.size(), bytes)) {
+            for (auto & r : whole) r.n_needed = 0; // the needed count is only used for admission below
+            reads = std::move(whole);
+        }
+    }
+
+    uint64_t arena = 0;
+    for (const auto & r : reads) arena += r.length;
+    if (w.read_arena.size() < arena) {
+        w.read_arena = AlignedBuffer(scratch_size(arena));
+    }
+    while (w.pending.size() < reads.size()) w.pending.push_back(std::make_unique<Pending>());
+    std::vector<PendingRead *> & batch = ts.batch;
+    batch.resize(reads.size());
+    uint64_t at = 0;
+    for (size_t i = 0; i < reads.size(); ++i) {
+        Pending & pd = *w.pending[i];
+        pd.plan = reads[i];
+        pd.read.offset = reads[i].offset;
+        pd.read.length = reads[i].length;
+        pd.read.dst = w.read_arena.data() + at;
+        at += reads[i].length;
+        batch[i] = &pd.read;
+    }
+    w.n_pending = reads.size();
+    w.reads = (uint32_t) reads.size();
+    w.bytes_read = at;
+    if (!batch.empty()) {
+        if (ts.first_issue_ns == 0) ts.first_issue_ns = steady_now_ns();
+        if (!ts.queue) {
+            std::string why;
+            ts.queue = backend_ == IoBackend::Uring
+                    ? make_uring_queue(store_->file(), (unsigned) options_.queue_depth, faults_, &why)
+                    : make_pool_queue(*pool_);
+            if (!ts.queue) {
+                throw IoError(store_->path() + ": cannot set up io_uring for a compute thread: " + why);
+            }
+        }
+        ts.queue->submit(batch.data(), batch.size());
+    }
+}
+
+// Waits for a wave's reads one by one; each completed read's needed records are checked,
+// handed to on_records(records, positions, n) and offered to the cache.
+template <class OnRecords>
+void SparseFfn::complete(int il, bool down, ThreadState & ts, Wave & w, OnRecords on_records) {
+    const SidecarLayer & S = store_->layer(il);
+    const BundleRegion & region = down ? S.down_region : S.region;
+    const uint32_t key = down ? (uint32_t) (store_->n_layer() + il) : (uint32_t) il;
+    size_t m = 0;
+    std::vector<const uint8_t *> & recs = ts.read_records;
+    std::vector<uint32_t> & pos = ts.read_positions;
+    for (size_t i = 0; i < w.n_pending; ++i) {
+        Pending & pd = *w.pending[i];
+        const uint64_t wait_start = steady_now_ns();
+        ts.queue->wait(pd.read);
+        ts.stall_ns += steady_now_ns() - wait_start;
+        ts.last_done_ns = std::max(ts.last_done_ns, pd.read.done_ns);
+        recs.clear();
+        pos.clear();
+        const uint32_t end = pd.plan.first + pd.plan.count;
+        for (; m < w.misses.size() && w.misses[m] < end; ++m) {
+            const uint32_t p = w.misses[m];
+            if (p < pd.plan.first) continue;
+            const uint8_t * record = pd.read.dst + (region.record_offset(p) - pd.read.offset);
+            if (options_.verify_checksums) {
+                store_->check_record(il, down, p, record);
+            }
+            pos.push_back(p);
+            recs.push_back(record);
+        }
+        on_records(recs.data(), pos.data(), pos.size());
+        const bool isolated = pos.size() == 1;
+        for (size_t k = 0; k < pos.size(); ++k) {
+            if (arena_) {
+                arena_->admit(key, pos[k], recs[k]);
+            } else {
+                cache_->admit(key, pos[k], recs[k], isolated);
+            }
+        }
+    }
+    w.n_pending = 0;
+}
+
+} // namespace neuralink
