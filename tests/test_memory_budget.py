@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from test_convert import random_placement
 
 import neuralink
 from neuralink.convert.writer import convert_model
+from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.sizes import parse_size
 from neuralink.runtime.memory_budget import _cgroup_limit, automatic_budget
 
@@ -90,3 +92,28 @@ def test_without_a_budget_the_cache_uses_the_memory_there_is(converted_smollm2: 
     none = neuralink.Llama(str(converted_smollm2), n_batch=64, cache_policy="none", verbose=False)
     assert none.memory_plan is None
     none.close()
+
+
+def test_the_budget_counts_the_embedding_rows_a_context_touches_or_all_of_a_tied_embedding(
+    converted_model, converted_smollm2: Path
+) -> None:
+    page = os.sysconf("SC_PAGE_SIZE")
+    # rows of several pages, so that one context's rows are less than the table (llama.cpp pads n_ctx to 256)
+    untied, _ = converted_model("llama", "f32", n_embd=2048, n_head=16, n_head_kv=4, n_ff=256, n_layer=1)
+    for model in (untied, converted_smollm2):
+        directory = read_gguf_directory(model)
+        embedding = directory.tensors["token_embd.weight"]
+        tied = "output.weight" not in directory.tensors
+        llm = neuralink.Llama(str(model), memory_budget="2GiB", n_ctx=256, n_batch=32, verbose=False)
+        row = embedding.nbytes // embedding.shape[1]
+        touched = llm.n_ctx() * (-(-row // page) + 1) * page
+        plan = llm.memory_plan
+        llm.close()
+        assert plan is not None
+        if tied:  # the output matrix: every token reads all of it
+            assert plan.token_embedding == embedding.nbytes
+        else:  # looked up row by row in the mapped file
+            assert plan.token_embedding == touched < embedding.nbytes
+        ffn = (".ffn_gate.weight", ".ffn_up.weight", ".ffn_down.weight")
+        others = [t.nbytes for t in directory.tensors.values() if t.name != embedding.name and not t.name.endswith(ffn)]
+        assert plan.non_ffn_weights == directory.data_offset + sum(others)

@@ -15,6 +15,7 @@ void register_memory(py::module_ & m) {
         .def_readonly("budget", &MemoryPlan::budget)
         .def_readonly("process", &MemoryPlan::process)
         .def_readonly("non_ffn_weights", &MemoryPlan::non_ffn_weights)
+        .def_readonly("token_embedding", &MemoryPlan::token_embedding)
         .def_readonly("engine_resident", &MemoryPlan::engine_resident)
         .def_readonly("kv_cache", &MemoryPlan::kv_cache)
         .def_readonly("llama_buffers", &MemoryPlan::llama_buffers)
@@ -28,7 +29,7 @@ void register_memory(py::module_ & m) {
             py::dict d;
             d["budget"] = p.budget; d["process"] = p.process; d["load_heap"] = p.load_heap;
             d["code_pages"] = p.code_pages;
-            d["non_ffn_weights"] = p.non_ffn_weights;
+            d["non_ffn_weights"] = p.non_ffn_weights; d["token_embedding"] = p.token_embedding;
             d["engine_resident"] = p.engine_resident; d["kv_cache"] = p.kv_cache; d["llama_buffers"] = p.llama_buffers;
             d["engine_scratch"] = p.engine_scratch; d["store_bytes"] = p.store_bytes;
             d["whole_store_cache"] = p.whole_store_cache;
@@ -36,8 +37,8 @@ void register_memory(py::module_ & m) {
             return d;
         }, "every field, and minimum and cache");
     m.def("plan_memory", &plan_memory, py::arg("engine"), py::arg("budget"), py::arg("process_before"),
-          py::arg("llama_log"), py::arg("n_threads"), py::arg("n_ubatch"), py::arg("load_anon_growth"),
-          "The memory plan of a sparse engine attached to a context (n_threads threads, micro-batches of n_ubatch); "
+          py::arg("llama_log"), py::arg("n_threads"), py::arg("n_ubatch"), py::arg("n_ctx"), py::arg("load_anon_growth"),
+          "The memory plan of a sparse engine attached to a context (n_ctx tokens, n_threads threads, micro-batches of n_ubatch); "
           "llama_log: llama.cpp's log lines, which report its KV, output and compute buffers; load_anon_growth: "
           "the anonymous memory (RssAnon) opening the engine and loading the model added, of which what "
           "exceeds the KV cache and the engine's resident rows is heap nobody reports (vocabulary, tables).");

@@ -356,7 +356,8 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
                          uint64_t process_before, uint64_t load_anon_growth,
                          const std::vector<std::string> & llama_log) {
     const MemoryPlan plan = plan_memory(engine, *o.memory_budget, process_before, llama_log, o.n_threads,
-                                        (int) llama_n_ubatch(s.ctx.get()), load_anon_growth);
+                                        (int) llama_n_ubatch(s.ctx.get()), (int) llama_n_ctx(s.ctx.get()),
+                                        load_anon_growth);
     if (plan.budget < plan.minimum()) {
         char head[160];
         std::snprintf(head, sizeof(head), "memory budget %.1f MiB is below the minimum %.1f MiB",

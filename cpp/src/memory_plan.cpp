@@ -85,7 +85,7 @@ uint64_t MemoryPlan::cache() const {
 std::string MemoryPlan::describe() const {
     const std::pair<const char *, uint64_t> rows[] = {
         { "budget", budget }, { "process", process }, { "load heap", load_heap }, { "code pages", code_pages },
-        { "non ffn weights", non_ffn_weights },
+        { "non ffn weights", non_ffn_weights }, { "token embedding", token_embedding },
         { "engine resident", engine_resident }, { "kv cache", kv_cache }, { "llama buffers", llama_buffers },
         { "engine scratch", engine_scratch }, { "store bytes", store_bytes },
         { "whole store cache", whole_store_cache }, { "minimum", minimum() },
@@ -105,18 +105,37 @@ static bool ends_with(const std::string & s, const std::string & suffix) {
 }
 
 MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64_t process_before,
-                       const std::vector<std::string> & llama_log, int n_threads, int n_ubatch,
+                       const std::vector<std::string> & llama_log, int n_threads, int n_ubatch, int n_ctx,
                        uint64_t load_anon_growth) {
     const SparseFfn & sparse = *engine.sparse();
     MemoryPlan p;
     p.budget = budget;
     p.process = process_before;
     p.non_ffn_weights = engine.model().data_offset(); // metadata and vocabulary, read at load
+    const TensorInfo * embedding = nullptr;
+    bool tied = true;
+    for (const TensorInfo & t : engine.model().tensors()) {
+        if (t.name == "token_embd.weight") {
+            embedding = &t;
+        } else if (t.name == "output.weight") {
+            tied = false;
+        }
+    }
     for (const TensorInfo & t : engine.model().tensors()) {
         if (!ends_with(t.name, ".ffn_gate.weight") && !ends_with(t.name, ".ffn_up.weight") &&
-            !ends_with(t.name, ".ffn_down.weight")) {
+            !ends_with(t.name, ".ffn_down.weight") && &t != embedding) {
             p.non_ffn_weights += t.nbytes;
         }
+    }
+    if (embedding) {
+        // with an output matrix of its own, token_embd is only looked up: each token of a context maps the
+        // pages of its row (at most two when a row is under a page); tied, every token reads all of it
+        const uint64_t row = embedding->ne[1] > 0 ? embedding->nbytes / (uint64_t) embedding->ne[1] : embedding->nbytes;
+        const long page_size = sysconf(_SC_PAGESIZE);
+        const uint64_t page = page_size > 0 ? (uint64_t) page_size : 4096;
+        const uint64_t pages_per_row = (row + page - 1) / page + 1;
+        const uint64_t touched = (uint64_t) std::max(n_ctx, 1) * pages_per_row * page;
+        p.token_embedding = tied ? embedding->nbytes : std::min(embedding->nbytes, touched);
     }
     const LlamaBuffers buffers = parse_buffer_sizes(llama_log);
     p.engine_resident = sparse.resident_bytes();

@@ -34,7 +34,8 @@ struct MemoryPlan {
     uint64_t process = 0;         // resident before the model was loaded
     uint64_t load_heap = 0;       // heap the load added beyond KV cache and engine rows: vocabulary, tables
     uint64_t code_pages = 0;      // library code first run after the load (ggml kernels, sampling)
-    uint64_t non_ffn_weights = 0; // the GGUF header, attention, norms, embeddings: read every token
+    uint64_t non_ffn_weights = 0; // the GGUF header, attention, norms, output: read every token (or at load)
+    uint64_t token_embedding = 0; // the pages of token_embd one context's tokens touch (all of it when tied)
     uint64_t engine_resident = 0; // gate rows, biases
     uint64_t kv_cache = 0;
     uint64_t llama_buffers = 0;   // output and compute buffers
@@ -43,22 +44,23 @@ struct MemoryPlan {
     uint64_t whole_store_cache = 0; // a cache this large holds them all (slots and tables): more is useless
 
     uint64_t minimum() const {
-        return process + load_heap + code_pages + non_ffn_weights + engine_resident + kv_cache + llama_buffers +
+        return process + load_heap + code_pages + non_ffn_weights + token_embedding + engine_resident + kv_cache +
+               llama_buffers +
                engine_scratch;
     }
     uint64_t cache() const;
     std::string describe() const; // one "  name  N MiB" line per field
 };
 
-// The plan for a sparse engine attached to a context with n_threads threads
-// and micro-batches of n_ubatch tokens. `load_anon_growth`: how much anonymous
+// The plan for a sparse engine attached to a context of n_ctx tokens with
+// n_threads threads and micro-batches of n_ubatch tokens. `load_anon_growth`: how much anonymous
 // memory opening the engine, loading the model and creating the context added
 // (RssAnon after minus before); what exceeds the KV cache (which llama.cpp
 // clears, so it is resident) and the engine's resident rows is heap nobody
 // reports: llama.cpp's vocabulary and tokenizer tables (~18 MiB for a
 // 49k-token vocabulary) and the engine's sidecar tables.
 MemoryPlan plan_memory(const Engine & engine, uint64_t budget, uint64_t process_before,
-                       const std::vector<std::string> & llama_log, int n_threads, int n_ubatch,
+                       const std::vector<std::string> & llama_log, int n_threads, int n_ubatch, int n_ctx,
                        uint64_t load_anon_growth);
 
 } // namespace neuralink

@@ -258,7 +258,7 @@ class Llama(llama_cpp.Llama):
         # llama-cpp-python's logits for every position (logits_all) fill as the context does: the process's own
         process = baseline + (self.scores.nbytes if self._logits_all else 0)
         return plan_memory(self.engine, budget, process, log, threads, self.context_params.n_ubatch,
-                           load_anon_growth)
+                           self.n_ctx(), load_anon_growth)
 
     @property
     def engine(self) -> _engine.Engine:

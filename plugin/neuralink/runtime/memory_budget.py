@@ -131,11 +131,13 @@ def capture_llama_log() -> Iterator[list[str]]:
 
 
 def plan_memory(engine: _engine.Engine, budget: int, process_before: int, llama_log: list[str], n_threads: int,
-                n_ubatch: int, load_anon_growth: int) -> MemoryPlan:
-    """The engine's plan for a sparse `engine` on a context of n_threads threads and micro-batches of n_ubatch;
+                n_ubatch: int, n_ctx: int, load_anon_growth: int) -> MemoryPlan:
+    """The engine's plan for a sparse `engine` on a context of n_ctx tokens, n_threads threads and micro-batches
+    of n_ubatch;
     `load_anon_growth`: the anonymous memory opening the engine and loading the model added (what exceeds the
     KV cache and the engine's resident rows is heap nobody reports: vocabulary and tokenizer tables)."""
-    return _engine.plan_memory(engine, budget, process_before, llama_log, n_threads, n_ubatch, load_anon_growth)
+    return _engine.plan_memory(engine, budget, process_before, llama_log, n_threads, n_ubatch, n_ctx,
+                               load_anon_growth)
 
 
 def check_memory_plan(plan: MemoryPlan, model: str) -> None:
