@@ -50,3 +50,23 @@ def test_on_vec_dot_kernels_the_dense_engine_agrees_with_stock_on_k_quants(synth
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(llama.cpp on vec_dot kernels)" in done.stdout
     assert "| 20 identical |" in done.stdout, done.stdout
+
+
+def test_densities_run_against_the_same_stock_pass_with_a_summary(synthetic_model: ModelFactory, converted_model,
+                                                                  tmp_path) -> None:
+    from test_predictor import CALIBRATION
+
+    converted, _ = converted_model("llama", "q8_0")
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(CALIBRATION, encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "neuralink", "bench", "agreement", str(synthetic_model("llama", "q8_0")),
+                           str(converted), "--tokens", "6", "--densities", "1,0.3", "--calibration", str(calibration)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = dict(re.findall(r"^\| (default|density [0-9.]+) \| ([01]\.\d{3}) \| \d+ of 20 \|$", done.stdout, re.M))
+    assert set(summary) == {"default", "density 1", "density 0.3"}
+    # every neuron is the dense model (the sidecar's default here: nothing was validated sparse), both agree alike
+    assert summary["density 1"] == summary["default"]
+    missing = subprocess.run([sys.executable, "-m", "neuralink", "bench", "agreement", str(converted), str(converted),
+                              "--densities", "0.5"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "--densities needs --calibration" in missing.stderr

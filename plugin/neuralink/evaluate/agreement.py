@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,29 +111,36 @@ def greedy_agreement(original: str | os.PathLike[str], converted: str | os.PathL
                      vec_dot: bool = False, **neuralink_args: Any) -> list[Agreement]:
     """Greedy continuations of `prompts` by stock llama.cpp on `original` and neuralink.Llama on `converted`;
     with `vec_dot`, llama.cpp's matmuls on both sides run on vec_dot (``llama_cpp_on_vec_dot``)."""
+    return greedy_agreements(original, converted, {"": neuralink_args}, prompts=prompts, tokens=tokens, n_ctx=n_ctx,
+                             threads=threads, progress=progress, vec_dot=vec_dot)[""]
+
+
+def greedy_agreements(original: str | os.PathLike[str], converted: str | os.PathLike[str],
+                      variants: Mapping[str, Mapping[str, Any]], *, prompts: Sequence[str] = PROMPTS,
+                      tokens: int = 32, n_ctx: int = 512, threads: int | None = None,
+                      progress: Callable[[int, int], None] | None = None,
+                      vec_dot: bool = False) -> dict[str, list[Agreement]]:
+    """As greedy_agreement, for several neuralink.Llama settings (name -> keyword arguments) against one stock
+    pass; progress counts prompts over all of them."""
     with llama_cpp_on_vec_dot() if vec_dot else contextlib.nullcontext():
-        return _greedy_agreement(original, converted, prompts, tokens, n_ctx, threads, progress, neuralink_args)
-
-
-def _greedy_agreement(original: str | os.PathLike[str], converted: str | os.PathLike[str], prompts: Sequence[str],
-                      tokens: int, n_ctx: int, threads: int | None, progress: Callable[[int, int], None] | None,
-                      neuralink_args: dict[str, Any]) -> list[Agreement]:
-    settings = dict(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
-    stock = llama_cpp.Llama(os.fspath(original), **settings)
-    try:
-        reference = [greedy_tokens(stock, p, tokens) for p in prompts]
-    finally:
-        stock.close()
-    sparse = Llama(os.fspath(converted), **settings, **neuralink_args)
-    results = []
-    try:
-        for i, (prompt, want) in enumerate(zip(prompts, reference)):
-            results.append(Agreement(prompt, want, greedy_tokens(sparse, prompt, tokens)))
-            if progress is not None:
-                progress(i + 1, len(prompts))
-    finally:
-        sparse.close()
-    return results
+        settings = dict(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        stock = llama_cpp.Llama(os.fspath(original), **settings)
+        try:
+            reference = [greedy_tokens(stock, p, tokens) for p in prompts]
+        finally:
+            stock.close()
+        results: dict[str, list[Agreement]] = {}
+        for k, (name, args) in enumerate(variants.items()):
+            sparse = Llama(os.fspath(converted), **settings, **args)
+            try:
+                results[name] = []
+                for i, (prompt, want) in enumerate(zip(prompts, reference)):
+                    results[name].append(Agreement(prompt, want, greedy_tokens(sparse, prompt, tokens)))
+                    if progress is not None:
+                        progress(k * len(prompts) + i + 1, len(variants) * len(prompts))
+            finally:
+                sparse.close()
+        return results
 
 
 def format_agreement(results: Sequence[Agreement]) -> str:
@@ -142,10 +149,16 @@ def format_agreement(results: Sequence[Agreement]) -> str:
         first = r.first_difference
         lines.append(f"| {r.prompt.splitlines()[0][:48]!r} | {r.identical_fraction:.2f} | "
                      f"{'-' if first is None else first} |")
-    mean = sum(r.identical_fraction for r in results) / max(len(results), 1)
-    same = sum(r.first_difference is None for r in results)
+    mean, same = agreement_summary(results)
     lines.append(f"| **all {len(results)}** | **{mean:.3f}** | {same} identical |")
     return "\n".join(lines)
 
 
-__all__ = ["PROMPTS", "Agreement", "format_agreement", "greedy_agreement", "llama_cpp_on_vec_dot"]
+def agreement_summary(results: Sequence[Agreement]) -> tuple[float, int]:
+    """The mean identical fraction, and how many continuations were identical throughout."""
+    mean = sum(r.identical_fraction for r in results) / max(len(results), 1)
+    return mean, sum(r.first_difference is None for r in results)
+
+
+__all__ = ["PROMPTS", "Agreement", "agreement_summary", "format_agreement", "greedy_agreement", "greedy_agreements",
+           "llama_cpp_on_vec_dot"]

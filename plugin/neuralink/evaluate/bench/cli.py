@@ -21,7 +21,7 @@ from neuralink.command import (
 from neuralink.errors import BenchIoError, ModelFileError, NeuralinkError
 from neuralink.evaluate import agreement, bench
 from neuralink.evaluate.agreement import PROMPTS as AGREEMENT_PROMPTS
-from neuralink.evaluate.agreement import format_agreement, greedy_agreement
+from neuralink.evaluate.agreement import agreement_summary, format_agreement, greedy_agreements
 from neuralink.evaluate.bench import dense, e2e, io
 from neuralink.evaluate.bench.dense import PROMPTS, run_dense_benchmark
 from neuralink.evaluate.bench.dense import format_table as dense_table
@@ -36,7 +36,7 @@ from neuralink.evaluate.bench.io_inputs import (
     prepare_inputs,
 )
 from neuralink.evaluate.bench.io_variants import CACHE_RULES, VARIANTS, plot_results
-from neuralink.evaluate.density_sweep import density_thresholds
+from neuralink.evaluate.density_sweep import density_thresholds, parse_densities
 from neuralink.formats.bundle_layout import BUNDLE_PARTS
 from neuralink.formats.ffn_tensors import DOWN_ENCODINGS
 from neuralink.formats.files import atomic_output, check_output_path, write_text
@@ -262,6 +262,11 @@ def configure_agreement_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="compute threads")
     parser.add_argument("--cache-bytes", type=size_argument, default=0, metavar="SIZE",
                         help="neuralink's bundle cache (default: none; the text does not depend on it)")
+    parser.add_argument("--densities", default=None, metavar="D[,D...]",
+                        help="also run at these uniform target densities, thresholds placed on --calibration text "
+                             "(as `neuralink perplexity --sweep` does), against the same stock pass")
+    parser.add_argument("--calibration", type=Path, nargs="+", default=None, metavar="TEXT",
+                        help="calibration text for --densities (the conversion's)")
     parser.add_argument("--vec-dot", action="store_true",
                         help="run llama.cpp's matmuls on vec_dot on both sides, as the engine does (no tiled "
                              "K-quant GEMM, no repacked weights): separates the engine's arithmetic from "
@@ -273,15 +278,40 @@ def agreement_main(args: argparse.Namespace) -> int:
 
     for path in (args.original, args.converted):
         need_file(path, "model")
-    extra = {"predictor": args.predictor} if args.predictor else {}
-    with tqdm(total=len(AGREEMENT_PROMPTS), desc="prompts", file=sys.stderr, disable=None) as bar:
-        results = greedy_agreement(args.original, args.converted, tokens=args.tokens, threads=args.threads,
-                                   cache_bytes=args.cache_bytes, progress=lambda done, _: bar.update(done - bar.n),
-                                   vec_dot=args.vec_dot, **extra)
+    base: dict = {"cache_bytes": args.cache_bytes}
+    if args.predictor:
+        base["predictor"] = args.predictor
+    variants = {"default": base}
+    if args.densities:
+        if not args.calibration:
+            raise NeuralinkError("--densities needs --calibration TEXT (the text the model was converted from)")
+        sidecar = find_sidecar(args.converted)
+        if sidecar is None:
+            raise ModelFileError(f"{args.converted}: names no sidecar beside it")
+        for found in density_thresholds(args.converted, sidecar, args.calibration, parse_densities(args.densities),
+                                        threads=args.threads):
+            options = {**base, "thresholds": [float(t) for t in found.thresholds]}
+            if found.candidate_thresholds is not None:
+                options["candidate_thresholds"] = [float(t) for t in found.candidate_thresholds]
+            if found.predictor_thresholds is not None:
+                options["predictor_thresholds"] = [float(t) for t in found.predictor_thresholds]
+            variants[f"density {found.density:g}"] = options
+    total = len(variants) * len(AGREEMENT_PROMPTS)
+    with tqdm(total=total, desc="prompts", file=sys.stderr, disable=None) as bar:
+        results = greedy_agreements(args.original, args.converted, variants, tokens=args.tokens,
+                                    threads=args.threads, progress=lambda done, _: bar.update(done - bar.n),
+                                    vec_dot=args.vec_dot)
     kernels = " (llama.cpp on vec_dot kernels)" if args.vec_dot else ""
     print(f"greedy agreement over the first {args.tokens} generated tokens: stock {args.original.name} vs "
-          f"neuralink {args.converted.name}{kernels}\n")
-    print(format_agreement(results))
+          f"neuralink {args.converted.name}{kernels}")
+    for name, rows in results.items():
+        print(f"\n{name}:\n")
+        print(format_agreement(rows))
+    if len(results) > 1:
+        print("\n| setting | mean identical | identical continuations |\n| --- | ---: | ---: |")
+        for name, rows in results.items():
+            mean, same = agreement_summary(rows)
+            print(f"| {name} | {mean:.3f} | {same} of {len(rows)} |")
     return 0
 
 
