@@ -117,3 +117,17 @@ def test_the_budget_counts_the_embedding_rows_a_context_touches_or_all_of_a_tied
         ffn = (".ffn_gate.weight", ".ffn_up.weight", ".ffn_down.weight")
         others = [t.nbytes for t in directory.tensors.values() if t.name != embedding.name and not t.name.endswith(ffn)]
         assert plan.non_ffn_weights == directory.data_offset + sum(others)
+
+
+def test_under_a_budget_llama_cpp_keeps_weights_unrepacked(converted_model, capfd: pytest.CaptureFixture[str]) -> None:
+    # repacking copies Q4_0/Q4_K weights into anonymous memory beside the mapped file: not where memory is short
+    model, sidecar = converted_model("llama", "q4_0")
+    logs = {}
+    for name, options in [("budget", dict(memory_budget="2GiB")), ("free", dict(cache_policy="none")),
+                          ("budget, asked", dict(memory_budget="2GiB", repack_weights=True))]:
+        llm = neuralink.Llama(str(model), sidecar=str(sidecar), n_ctx=256, verbose=True, **options)
+        llm.close()
+        logs[name] = capfd.readouterr().err
+    assert "CPU_REPACK" in logs["free"], "this build repacks Q4_0 weights: the test must see it do so"
+    assert "CPU_REPACK" not in logs["budget"]
+    assert "CPU_REPACK" in logs["budget, asked"]

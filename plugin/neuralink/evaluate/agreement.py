@@ -19,7 +19,7 @@ from typing import Any
 
 import llama_cpp
 
-from neuralink.runtime.llama import Llama
+from neuralink.runtime.llama import Llama, without_weight_repacking
 
 # ten code prompts and ten English ones
 PROMPTS = (
@@ -90,19 +90,8 @@ def llama_cpp_on_vec_dot() -> Iterator[None]:
     vec_dot, so only with both off can stock and the engine agree to the bit.
     """
     os.environ["GGML_CPU_TILED_MM"] = "0"
-    module = llama_cpp.llama.llama_cpp  # where llama_cpp.Llama looks the default parameters up
-    defaults = module.llama_model_default_params
-
-    def without_repacking() -> Any:
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    module.llama_model_default_params = without_repacking
-    try:
+    with without_weight_repacking():
         yield
-    finally:
-        module.llama_model_default_params = defaults
 
 
 def greedy_agreement(original: str | os.PathLike[str], converted: str | os.PathLike[str], *,

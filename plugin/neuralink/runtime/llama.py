@@ -116,6 +116,12 @@ class Llama(llama_cpp.Llama):
         the sidecar's, to run at another density without converting again;
         see ``neuralink.evaluate.density_sweep``. ``engine.set_thresholds``
         changes them on a loaded model.
+    repack_weights:
+        let llama.cpp copy the non-FFN weights it has faster kernels for
+        (Q4_0, Q4_K, IQ4_NL) into repacked rows at load. The copy is
+        anonymous memory beside the mapped file's pages: 80 MiB on
+        Qwen2.5-Coder-1.5B. Default: off under an explicit memory_budget,
+        where memory is what is short, on otherwise.
 
     The default predictor is the one the conversion validated (its quality
     search measured perplexity on held-out calibration text within the
@@ -149,6 +155,7 @@ class Llama(llama_cpp.Llama):
         thresholds: Sequence[float] | None = None,
         predictor_thresholds: Sequence[float] | None = None,
         candidate_thresholds: Sequence[float] | None = None,
+        repack_weights: bool | None = None,
         **kwargs: Any,
     ) -> None:
         self._hook_api: FfnHookApi | None = None
@@ -211,7 +218,9 @@ class Llama(llama_cpp.Llama):
         kv_overrides = dict(kwargs.pop("kv_overrides", None) or {})
         kv_overrides[LAZY_FFN_WEIGHTS_KEY] = True
         # llama.cpp reports its KV, output and compute buffers in its log; attaching re-reserves the latter
-        with capture_llama_log() if budget is not None else contextlib.nullcontext([]) as log:
+        repack = repack_weights if repack_weights is not None else memory_budget is None
+        with capture_llama_log() if budget is not None else contextlib.nullcontext([]) as log, \
+                contextlib.nullcontext() if repack else without_weight_repacking():
             super().__init__(model_path, *args, kv_overrides=kv_overrides, **kwargs)
             api.attach(self._ctx.ctx, engine.hook_address)
             load_anon_growth = max(0, anonymous_resident_bytes() - anon_before)
@@ -238,6 +247,7 @@ class Llama(llama_cpp.Llama):
                                     cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
                                     collapse_gap=collapse_gap, memory_budget=memory_budget, direct_io=direct_io,
                                     thresholds=thresholds, predictor_thresholds=predictor_thresholds,
+                                    repack_weights=repack_weights,
                                     candidate_thresholds=candidate_thresholds)
         self._stats: list[np.ndarray] = []
         self._summarized = 0
@@ -365,6 +375,30 @@ class Llama(llama_cpp.Llama):
         state = super().__getstate__()
         state.update(self._neuralink_args)
         return state
+
+
+@contextlib.contextmanager
+def without_weight_repacking() -> Iterator[None]:
+    """llama_cpp.Llama models loaded within the block keep their weights in the mapped file, unrepacked.
+
+    llama.cpp copies Q4_0, Q4_K and IQ4_NL weights into interleaved rows for
+    its repacked GEMV/GEMM at load (use_extra_bufts, which llama-cpp-python
+    does not expose: its default parameters are wrapped for the block; not
+    thread-safe against another load at the same time).
+    """
+    module = llama_cpp.llama.llama_cpp  # where llama_cpp.Llama looks the default parameters up
+    defaults = module.llama_model_default_params
+
+    def unrepacked() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = unrepacked
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = defaults
 
 
 def _read_cost_options(sidecar: str | os.PathLike[str], queue_depth: int) -> dict[str, Any]:
