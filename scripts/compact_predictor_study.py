@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Can a compact copy of the gate find the contribution criterion's neurons? Recall against neurons selected.
+
+    python scripts/compact_predictor_study.py MODEL --calibration CAL.jsonl --heldout EVAL.txt \
+        [--layers 0 5 10 15] [--densities 0.3 0.4] [--ranks 64 128 256]
+
+Per layer, on held-out tokens, the "finals" are the (token, neuron) pairs
+whose |act(gate) * up| * |down column| passes the threshold that keeps the
+target density on the calibration tokens (the contribution criterion).
+Each predictor scores every pair from the gate alone, times the neuron's
+E|up| * |down column| (the engine's candidate scale), and the table gives the
+fraction of pairs it must select to find 99 % of the finals:
+
+  gate_exact   the exact gate (the resident gate rows of the `gate` predictor)
+  lowrankR     an activation-aware rank-R factor of the gate (as `--lowrank-rank` fits)
+  sign1        1-bit gate rows: sign times the row's mean |w|
+  q2           2-bit gate rows: sign times {0.5, 1.5} of the row's mean |w|
+
+A predictor is worth its DRAM only when its fraction is well under 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import gguf
+import numpy as np
+
+from neuralink import _engine
+from neuralink.convert.predictor import capture_ffn_inputs
+from neuralink.formats.ggml_types import ggml_type_name
+
+
+def dequantized(tensors: dict, name: str) -> np.ndarray:
+    t = tensors[name]
+    raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(int(t.shape[1]), -1)
+    return _engine.dequantize(ggml_type_name(gguf.GGMLQuantizationType(t.tensor_type)), raw, int(t.shape[0]))
+
+
+def silu(v: np.ndarray) -> np.ndarray:
+    return v / (1.0 + np.exp(-v))
+
+
+def fraction_for_recall(score: np.ndarray, truth: np.ndarray, recall: float = 0.99) -> float:
+    """Fraction of all pairs selected by the lowest threshold that still finds `recall` of the true pairs."""
+    return float((score >= np.quantile(score[truth], 1.0 - recall)).mean())
+
+
+def layer_rows(il: int, x_cal: np.ndarray, x_held: np.ndarray, tensors: dict, densities: list[float],
+               ranks: list[int]) -> list[tuple[str, float, float]]:
+    g = dequantized(tensors, f"blk.{il}.ffn_gate.weight").astype(np.float64)
+    u = dequantized(tensors, f"blk.{il}.ffn_up.weight").astype(np.float64)
+    down_norm = np.linalg.norm(dequantized(tensors, f"blk.{il}.ffn_down.weight"), axis=0)
+    xc, xh = x_cal.astype(np.float64), x_held.astype(np.float64)
+    scale = np.abs(xc @ u.T).mean(0) * down_norm  # the candidate scale E|up| * |down column|
+    criterion_cal = np.abs(silu(xc @ g.T) * (xc @ u.T)) * down_norm
+    criterion_held = np.abs(silu(xh @ g.T) * (xh @ u.T)) * down_norm
+    second = xc.T @ xc / len(xc)
+    eigval, eigvec = np.linalg.eigh(second + 1e-6 * np.trace(second) / len(second) * np.eye(len(second)))
+    left, s, vt = np.linalg.svd(g @ ((eigvec * np.sqrt(eigval)) @ eigvec.T), full_matrices=False)
+    inv_root = (eigvec / np.sqrt(eigval)) @ eigvec.T
+    mean_abs = np.abs(g).mean(1, keepdims=True)
+    approximations = {"gate_exact": g}
+    for r in ranks:
+        approximations[f"lowrank{r}"] = (left[:, :r] * s[:r]) @ (vt[:r] @ inv_root)
+    approximations["sign1"] = np.sign(g) * mean_abs
+    approximations["q2"] = np.sign(g) * np.where(np.abs(g) > mean_abs, 1.5, 0.5) * mean_abs * 0.75
+    rows = []
+    for density in densities:
+        truth = criterion_held > np.quantile(criterion_cal, 1.0 - density)
+        for name, w in approximations.items():
+            rows.append((name, density, fraction_for_recall(np.abs(silu(xh @ w.T)) * scale, truth)))
+        rows.append(("(finals)", density, float(truth.mean())))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--calibration", required=True, help="text the thresholds and factors are fitted on")
+    parser.add_argument("--heldout", required=True, help="text the recall is measured on")
+    parser.add_argument("--layers", type=int, nargs="+", default=[0, 5, 10, 15])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.3, 0.4])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--calibration-tokens", type=int, default=1536)
+    parser.add_argument("--heldout-tokens", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    x_cal = capture_ffn_inputs(args.model, [args.calibration], max_tokens=args.calibration_tokens, threads=args.threads)
+    x_held = capture_ffn_inputs(args.model, [args.heldout], max_tokens=args.heldout_tokens, threads=args.threads)
+    tensors = {t.name: t for t in gguf.GGUFReader(args.model).tensors}
+    print("| layer | density | predictor | fraction selected for 99 % recall |\n| ---: | ---: | --- | ---: |")
+    for il in args.layers:
+        for name, density, fraction in layer_rows(il, x_cal[il], x_held[il], tensors, args.densities, args.ranks):
+            print(f"| {il} | {density:g} | {name} | {fraction:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
