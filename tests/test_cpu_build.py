@@ -120,6 +120,19 @@ def test_library_uses_only_instructions_this_cpu_has():
         assert "AVX2" in compiled
 
 
+def test_the_sparse_down_projection_runs_the_widest_loops_this_cpu_has():
+    """Its loops are compiled per instruction set and picked at run time: a CPU with AVX-512 must get them."""
+    from neuralink import _engine
+
+    flags = cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "fma"} <= flags:
+        assert _engine.column_axpy_isa() == "avx512"
+    elif {"avx2", "fma"} <= flags:
+        assert _engine.column_axpy_isa() == "avx2"
+    else:
+        assert _engine.column_axpy_isa() == "generic"
+
+
 def test_setup_never_selects_amx_even_on_an_amx_cpu():
     """The CMake options setup.sh derives for a Sapphire Rapids CPU: AVX-512 and its extensions on, AMX off."""
     out = subprocess.run(

@@ -1,5 +1,6 @@
 // pybind11 bindings of the engine: wiring only, no logic.
 
+#include "neuralink/column_axpy.h"
 #include "neuralink/defaults.h"
 #include "neuralink/direct_file.h"
 #include "neuralink/checksum.h"
@@ -228,6 +229,8 @@ static void register_engine(py::module_ & m) {
 }
 
 static void register_quant(py::module_ & m) {
+    m.def("column_axpy_isa", &column_axpy_isa,
+          "The instruction set of the sparse down projection's loops on this CPU: 'avx512', 'avx2' or 'generic'.");
     m.def("file_block_checksum", &file_block_checksum, py::arg("path"), py::arg("offset"), py::arg("nbytes"),
           py::call_guard<py::gil_scoped_release>(),
           "block_checksum64 of nbytes bytes of the file at path from offset (ModelFileError if shorter).");

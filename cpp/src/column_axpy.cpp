@@ -2,12 +2,20 @@
 
 #include <cstring>
 
-// function multi-versioning: one clone per instruction set, chosen by the loader (GNU ifunc, x86-64 Linux)
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(__ANDROID__)
-#define NL_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define NL_CLONES
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+// GCC 12 flags the _mm512_undefined_* placeholders inside its own AVX-512 headers
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+
+// one copy of each loop per instruction set, picked once from what the CPU reports (GCC's target_clones would
+// dispatch "arch=" clones on the CPU model, not its features, and fall back on newer models)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define NL_X86_VERSIONS 1
+#define NL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define NL_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+#define NL_INLINE inline __attribute__((always_inline))
 
 namespace neuralink {
 
@@ -38,33 +46,138 @@ inline float half_to_float(uint16_t h) {
 constexpr int64_t kQ8Block = 32;
 constexpr size_t kQ8BlockBytes = 2 + kQ8Block; // fp16 scale, 32 int8 values (ggml's block_q8_0)
 
-NL_CLONES void q8_0_axpy(const uint8_t * column, float h, float * y, int64_t n) {
-    for (int64_t b = 0; b < n / kQ8Block; ++b) {
-        const uint8_t * block = column + (size_t) b * kQ8BlockBytes;
-        uint16_t d;
-        std::memcpy(&d, block, sizeof d);
-        const float s = h * half_to_float(d);
-        const int8_t * q = (const int8_t *) (block + 2);
-        float * yb = y + b * kQ8Block;
-        for (int64_t i = 0; i < kQ8Block; ++i) yb[i] += s * (float) q[i];
+// y += sum_k h[k] * column[k], columns in order (each y element sees the columns' terms one after the other,
+// as one column at a time would add them)
+NL_INLINE void q8_0_axpy_body(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
+    for (int k = 0; k < count; ++k) {
+        for (int64_t b = 0; b < n / kQ8Block; ++b) {
+            const uint8_t * block = columns[k] + (size_t) b * kQ8BlockBytes;
+            uint16_t d;
+            std::memcpy(&d, block, sizeof d);
+            const float s = h[k] * half_to_float(d);
+            const int8_t * q = (const int8_t *) (block + 2);
+            float * yb = y + b * kQ8Block;
+            for (int64_t i = 0; i < kQ8Block; ++i) yb[i] += s * (float) q[i];
+        }
     }
 }
 
-NL_CLONES void axpy(const float * x, float h, float * y, int64_t n) {
+NL_INLINE void axpy_body(const float * x, float h, float * y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] += h * x[i];
+}
+
+using Q8Axpy = void (*)(const uint8_t * const *, const float *, int, float *, int64_t);
+using FloatAxpy = void (*)(const float *, float, float *, int64_t);
+
+void q8_0_axpy_generic(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) {
+    q8_0_axpy_body(c, h, count, y, n);
+}
+void axpy_generic(const float * x, float h, float * y, int64_t n) { axpy_body(x, h, y, n); }
+#ifdef NL_X86_VERSIONS
+// a block of y (32 floats) stays in two registers while up to kGroup columns are added to it
+constexpr int kGroup = 4;
+
+// the next group's columns are scattered over the store: ask for their lines while this group computes
+NL_INLINE void prefetch_group(const uint8_t * const * columns, int from, int count, int64_t n) {
+    const size_t bytes = (size_t) (n / kQ8Block) * kQ8BlockBytes;
+    for (int k = from; k < from + kGroup && k < count; ++k) {
+        for (size_t at = 0; at < bytes; at += 64) _mm_prefetch((const char *) columns[k] + at, _MM_HINT_T0);
+    }
+}
+
+NL_AVX512 void q8_0_axpy_avx512(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
+    for (int k0 = 0; k0 < count; k0 += kGroup) {
+        const int m = count - k0 < kGroup ? count - k0 : kGroup;
+        prefetch_group(columns, k0 + kGroup, count, n);
+        for (int64_t b = 0; b < n / kQ8Block; ++b) {
+            float * yb = y + b * kQ8Block;
+            __m512 lo = _mm512_loadu_ps(yb), hi = _mm512_loadu_ps(yb + 16);
+            for (int k = k0; k < k0 + m; ++k) {
+                const uint8_t * block = columns[k] + (size_t) b * kQ8BlockBytes;
+                uint16_t d;
+                std::memcpy(&d, block, sizeof d);
+                const __m512 s = _mm512_set1_ps(h[k] * _cvtsh_ss(d));
+                const __m128i q0 = _mm_loadu_si128((const __m128i *) (block + 2));
+                const __m128i q1 = _mm_loadu_si128((const __m128i *) (block + 18));
+                lo = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), lo);
+                hi = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), hi);
+            }
+            _mm512_storeu_ps(yb, lo);
+            _mm512_storeu_ps(yb + 16, hi);
+        }
+    }
+}
+
+NL_AVX2 void q8_0_axpy_avx2(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
+    for (int k0 = 0; k0 < count; k0 += kGroup) {
+        const int m = count - k0 < kGroup ? count - k0 : kGroup;
+        prefetch_group(columns, k0 + kGroup, count, n);
+        for (int64_t b = 0; b < n / kQ8Block; ++b) {
+            float * yb = y + b * kQ8Block;
+            __m256 acc[4] = { _mm256_loadu_ps(yb), _mm256_loadu_ps(yb + 8), _mm256_loadu_ps(yb + 16),
+                              _mm256_loadu_ps(yb + 24) };
+            for (int k = k0; k < k0 + m; ++k) {
+                const uint8_t * block = columns[k] + (size_t) b * kQ8BlockBytes;
+                uint16_t d;
+                std::memcpy(&d, block, sizeof d);
+                const __m256 s = _mm256_set1_ps(h[k] * _cvtsh_ss(d));
+                for (int j = 0; j < 4; ++j) {
+                    const __m128i q = _mm_loadl_epi64((const __m128i *) (block + 2 + 8 * j));
+                    acc[j] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), acc[j]);
+                }
+            }
+            for (int j = 0; j < 4; ++j) _mm256_storeu_ps(yb + 8 * j, acc[j]);
+        }
+    }
+}
+
+NL_AVX512 void axpy_avx512(const float * x, float h, float * y, int64_t n) { axpy_body(x, h, y, n); }
+NL_AVX2 void axpy_avx2(const float * x, float h, float * y, int64_t n) { axpy_body(x, h, y, n); }
+#endif
+
+struct Kernels {
+    const char * isa;
+    Q8Axpy q8_0;
+    FloatAxpy f32;
+};
+
+const Kernels & kernels() {
+    static const Kernels chosen = [] {
+#ifdef NL_X86_VERSIONS
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
+            return Kernels { "avx512", q8_0_axpy_avx512, axpy_avx512 };
+        }
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+            return Kernels { "avx2", q8_0_axpy_avx2, axpy_avx2 };
+        }
+#endif
+        return Kernels { "generic", q8_0_axpy_generic, axpy_generic };
+    }();
+    return chosen;
 }
 
 } // namespace
 
-void float_axpy(const float * x, float h, float * y, int64_t n) { axpy(x, h, y, n); }
+const char * column_axpy_isa() { return kernels().isa; }
+
+void float_axpy(const float * x, float h, float * y, int64_t n) { kernels().f32(x, h, y, n); }
 
 void column_axpy(const WeightType & wt, const uint8_t * column, float h, float * y, int64_t n, float * tmp) {
+    columns_axpy(wt, &column, &h, 1, y, n, tmp);
+}
+
+void columns_axpy(const WeightType & wt, const uint8_t * const * columns, const float * h, int count, float * y,
+                  int64_t n, float * tmp) {
     if (wt.type == GGML_TYPE_Q8_0) {
-        q8_0_axpy(column, h, y, n);
+        kernels().q8_0(columns, h, count, y, n);
         return;
     }
-    wt.to_float(column, tmp, n);
-    axpy(tmp, h, y, n);
+    for (int k = 0; k < count; ++k) {
+        wt.to_float(columns[k], tmp, n);
+        kernels().f32(tmp, h[k], y, n);
+    }
 }
 
 } // namespace neuralink

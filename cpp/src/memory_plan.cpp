@@ -146,11 +146,13 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     p.llama_buffers = buffers.output + buffers.compute;
     p.store_bytes = sparse.store_bytes();
     p.whole_store_cache = sparse.cache_bytes_to_hold_store();
-    // per thread, reads and cache copies of a whole layer at worst; h and token flags per batch row
+    // reads and cache copies of a whole layer at worst; per thread 64 KiB of slack and a decoded token's list of
+    // down columns and their h (a pointer and a float per neuron); h and token flags per batch row
     const std::string & arch = engine.model().architecture();
     const uint64_t n_ff = (uint64_t) std::max<int64_t>(0, engine.model().get_int(arch + ".feed_forward_length", 0));
     const uint64_t layer_store = p.store_bytes / (uint64_t) std::max(engine.n_layer(), 1);
-    p.engine_scratch = 2 * layer_store + (uint64_t) n_threads * 64 * 1024 + (uint64_t) n_ubatch * n_ff * 6;
+    p.engine_scratch = 2 * layer_store + (uint64_t) n_threads * (64 * 1024 + n_ff * (sizeof(void *) + sizeof(float))) +
+                       (uint64_t) n_ubatch * n_ff * 6;
     return p;
 }
 

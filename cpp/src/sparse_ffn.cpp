@@ -424,15 +424,23 @@ void SparseFfn::down(int il, float * y, int64_t n_tokens, int ith, int nth) {
     if ((int64_t) me.tmp.size() < n) me.tmp.resize((size_t) n);
     const size_t slice_offset = S.down.offset + (size_t) b0 * ggml_type_size(dt.type);
     const std::vector<const uint8_t *> & down_records = store_->split() ? down_of_ : record_of_;
-    for (int j = 0; j < nth; ++j) {
+    if (n_tokens == 1) {
+        // decoding: the encoded columns scaled straight into y, several at a time
+        me.down_columns.clear();
+        me.down_h.clear();
+        for (int j = 0; j < nth; ++j) {
+            for (uint32_t p : threads_[j]->finals) {
+                if (h_[p] == 0.0f) continue;
+                me.down_columns.push_back(down_records[p] + slice_offset);
+                me.down_h.push_back(h_[p]);
+            }
+        }
+        columns_axpy(dt, me.down_columns.data(), me.down_h.data(), (int) me.down_h.size(), y + e0, n, me.tmp.data());
+    }
+    for (int j = 0; j < nth && n_tokens > 1; ++j) {
         const ThreadState & ts = *threads_[j];
         for (uint32_t p : ts.finals) {
             const uint8_t * column = down_records[p] + slice_offset;
-            if (n_tokens == 1) {
-                // decoding: scale the encoded column straight into y
-                if (h_[p] != 0.0f) column_axpy(dt, column, h_[p], y + e0, n, me.tmp.data());
-                continue;
-            }
             dt.to_float(column, me.tmp.data(), n);
             for (int64_t t = 0; t < n_tokens; ++t) {
                 const float hv = h_[t * L.n_ff + p];

@@ -215,6 +215,26 @@ TEST(column_axpy_of_every_weight_type_adds_the_scaled_dequantized_column) {
     }
 }
 
+TEST(columns_axpy_adds_columns_in_order_as_one_at_a_time_would) {
+    const int64_t n = 256;
+    const int count = 7; // a group of four and a remainder
+    for (ggml_type type : { GGML_TYPE_Q8_0, GGML_TYPE_Q4_K }) {
+        const WeightType & wt = weight_type(type);
+        std::vector<std::vector<uint8_t>> storage;
+        std::vector<const uint8_t *> columns;
+        std::vector<float> h;
+        for (int k = 0; k < count; ++k) {
+            storage.push_back(quantize(type, random_floats(n, 20 + k), 1, n));
+            h.push_back(0.25f * (float) (k - 3));
+        }
+        for (const auto & c : storage) columns.push_back(c.data());
+        std::vector<float> tmp(n), together = random_floats(n, 30), one_by_one = together;
+        columns_axpy(wt, columns.data(), h.data(), count, together.data(), n, tmp.data());
+        for (int k = 0; k < count; ++k) column_axpy(wt, columns[k], h[k], one_by_one.data(), n, tmp.data());
+        CHECK(std::memcmp(together.data(), one_by_one.data(), n * sizeof(float)) == 0);
+    }
+}
+
 TEST(activations_follow_ggml_definitions) {
     CHECK(activate(Activation::Relu, -2.0f) == 0.0f);
     CHECK(activate(Activation::Relu, 3.0f) == 3.0f);

@@ -4,7 +4,8 @@
 // column in the sidecar's encoding. q8_0 columns are scaled and accumulated
 // block by block without a float copy; other types are dequantized once into
 // scratch. The loops are compiled for AVX-512, AVX2+FMA and plain x86-64 and
-// the CPU picks at load time (never -march=native: the build runs everywhere).
+// the first call picks by what the CPU reports (never -march=native: the
+// build runs everywhere).
 
 #include "neuralink/weight_types.h"
 
@@ -16,7 +17,15 @@ namespace neuralink {
 // and tmp room for n floats (used by types other than q8_0)
 void column_axpy(const WeightType & wt, const uint8_t * column, float h, float * y, int64_t n, float * tmp);
 
+// y[0, n) += sum over k of h[k] * columns[k][0, n), the columns added in order (as `count` calls of column_axpy
+// would add them); q8_0 columns are added four at a time to each block of y held in registers
+void columns_axpy(const WeightType & wt, const uint8_t * const * columns, const float * h, int count, float * y,
+                  int64_t n, float * tmp);
+
 // y[0, n) += h * x[0, n)
 void float_axpy(const float * x, float h, float * y, int64_t n);
+
+// the instruction set of the loops in use: "avx512", "avx2" or "generic"
+const char * column_axpy_isa();
 
 } // namespace neuralink
