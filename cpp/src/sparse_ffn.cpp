@@ -258,6 +258,10 @@ static void convert_rows_split(const WeightType & wt, const float * x, int64_t n
     }
 }
 
+// records ahead of the one being computed whose cache lines are requested
+static constexpr size_t kPrefetchAhead = 2;
+static inline void prefetch(const uint8_t * p) { __builtin_prefetch(p, 0, 3); }
+
 // the down input as the dense path would round it: F16/BF16 vec_dot types see h in that precision
 static float round_for(ggml_type vec_dot_type, float v) {
     if (vec_dot_type == GGML_TYPE_F16) return ggml_fp16_to_fp32(ggml_fp32_to_fp16(v));
@@ -358,9 +362,14 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
     // the gate row comes from the record, or from the resident rows when records hold none
     const WeightType * gate_wt = S.gate.wt ? S.gate.wt : L.gate.wt;
     const size_t xq_gate_row = gate_wt ? gate_wt->act_row_bytes(L.n_embd) : 0;
+    const size_t record_bytes = S.region.record_bytes;
     for (size_t i = 0; i < n; ++i) {
         const uint32_t p = pos[i];
         const uint8_t * rec = records[i];
+        if (i + kPrefetchAhead < n) {
+            // records sit wherever the cache or the read put them: ask for a later one's lines while this computes
+            for (size_t at = 0; at < record_bytes; at += 64) prefetch(records[i + kPrefetchAhead] + at);
+        }
         record_of_[p] = rec;
         bool criterion_holds = false, computed = false;
         for (int64_t t = 0; t < n_tokens; ++t) {
