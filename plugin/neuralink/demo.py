@@ -10,7 +10,7 @@ The main job of `bash scripts/setup.sh run`. On the embedded default model
   2. generates with neuralink.Llama: bundles read with direct I/O, a linking
      cache sized by --memory-budget; --predictor auto runs what the
      conversion's quality search validated on held-out calibration text
-     (the sparsest per-layer densities within +3 % perplexity; every neuron
+     (the sparsest per-layer densities within +1 % perplexity; every neuron
      when nothing sparser passed);
   3. prints what was read per token and how fast decoding went;
   4. runs the same prompt through stock llama-cpp-python (on the original
@@ -41,6 +41,7 @@ import numpy as np
 from neuralink.child import run_in_child
 from neuralink.command import Command, positive_int
 from neuralink.convert.pipeline import convert_from_text
+from neuralink.convert.quality import DEFAULT_BUDGET as QUALITY_BUDGET
 from neuralink.errors import ModelFileError, OptionError
 from neuralink.evaluate.bench.e2e import E2eSettings, RunResult, plot_pair, run_e2e
 from neuralink.formats.constants import KEY_MODEL_ID, SIDECAR_VERSION
@@ -108,8 +109,9 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
     """The converted GGUF of `model` (its sidecar beside it), converting it on first use."""
     from tqdm import tqdm  # deferred: progress bars are the CLI's, loaded when one is shown
 
-    # keyed by the sidecar format too: a conversion an older neuralink cached is made again, not refused
-    folder = cache_dir("converted") / f"{file_sha256(model)[:16]}-v{SIDECAR_VERSION}"
+    # keyed by the sidecar format and the quality budget too: a conversion an older neuralink cached (another
+    # format, or validated under another budget) is made again, not refused or silently kept
+    folder = cache_dir("converted") / f"{file_sha256(model)[:16]}-v{SIDECAR_VERSION}-ppl{100 * QUALITY_BUDGET:g}"
     output = folder / f"{model.stem}.neuralink.gguf"
     sidecar = folder / f"{model.stem}.neuralink.sidecar"
     if output.is_file() and sidecar.is_file():

@@ -9,7 +9,7 @@ Writes two files next to each other:
 With --calibration, the end of the text is kept aside: the model is profiled
 and placed on the rest, and once the pair is written a quality search picks
 the sparsest per-layer densities whose perplexity on the held-out text stays
-within --ppl-budget of every neuron (default +3 %); the sidecar records what
+within --ppl-budget of every neuron (default +1 %); the sidecar records what
 was chosen and measured, and neuralink.Llama runs it by default. Both files
 are written to temporary names and committed together (a kill leaves the old
 pair or the new one); the input is never modified. See docs/convert.md.

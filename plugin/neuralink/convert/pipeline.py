@@ -144,7 +144,7 @@ def convert_from_text(
 
     `density` fixes one final density for every layer instead of searching
     (still measured and recorded); `budget` is the perplexity increase the
-    search may spend (0.03: +3 %). ReLU FFNs fit the low-rank predictor when
+    search may spend (0.01: +1 %). ReLU FFNs fit the low-rank predictor when
     `lowrank_rank` is set, and it is validated the same way.
     """
     report = progress or (lambda stage, done, total: None)

@@ -45,7 +45,9 @@ log = logging.getLogger(__name__)
 
 Allocation = Literal["sensitivity", "uniform"]
 ALLOCATIONS: tuple[Allocation, ...] = ("sensitivity", "uniform")
-DEFAULT_BUDGET = 0.03
+# +1 %: at +3 % Qwen2.5-Coder-1.5B's greedy text agreed with stock on 0.33 of 32 tokens (every neuron: 0.67),
+# and the held-out text is the calibration's own domain (docs/benchmarks.md)
+DEFAULT_BUDGET = 0.01
 DEFAULT_HELDOUT_TOKENS = 1024
 # final densities the search walks (1.0: every neuron)
 LADDER = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0)
