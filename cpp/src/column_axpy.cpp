@@ -8,8 +8,8 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-// one copy of each loop per instruction set, picked once from what the CPU reports (GCC's target_clones would
-// dispatch "arch=" clones on the CPU model, not its features, and fall back on newer models)
+// one copy of each loop per instruction set, picked once from the features the CPU reports (target_clones'
+// "arch=" clones ran the plain loop on a Sapphire Rapids: their resolver matches CPU models, not features)
 #if defined(__x86_64__) && defined(__GNUC__)
 #define NL_X86_VERSIONS 1
 #define NL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
