@@ -128,11 +128,13 @@ void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
         // everything fits: nothing would ever be evicted, so no policy has anything to decide
         arena = std::make_unique<StoreArena>(record_bytes, n_ff, bytes);
     }
-    BundleCacheOptions cache_options;
-    cache_options.max_entries = record_bytes.size() * n_ff;
-    // with the arena the cache object stays, empty and without tables, for the policy's name only
-    auto cache = std::make_unique<BundleCache>(arena ? CachePolicy::None : policy, arena ? 0 : bytes, record_bytes,
-                                               cache_options);
+    // one of the two holds the records: every use of cache_ is on the path without the arena
+    std::unique_ptr<BundleCache> cache;
+    if (!arena) {
+        BundleCacheOptions cache_options;
+        cache_options.max_entries = record_bytes.size() * n_ff;
+        cache = std::make_unique<BundleCache>(policy, bytes, record_bytes, cache_options);
+    }
     if (policy == CachePolicy::Pinned) {
         cache->pin_hottest(frequency, [this, n_layer](uint32_t key, uint32_t pos, uint8_t * dst) {
             const bool down = (int) key >= n_layer;

@@ -184,7 +184,7 @@ private:
     std::string io_note_;
     std::unique_ptr<IoPool> pool_; // the pread path only
     std::unique_ptr<BundleCache> cache_;
-    std::unique_ptr<StoreArena> arena_; // in place of cache_'s records when the budget holds the whole store
+    std::unique_ptr<StoreArena> arena_; // in place of cache_ (then null) when the budget holds the whole store
     std::vector<std::unique_ptr<SparseLayerWeights>> layers_;
     size_t resident_bytes_ = 0;
 
