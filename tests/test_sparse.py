@@ -45,7 +45,8 @@ def test_dense_predictor_ffn_outputs_equal_the_dense_engine(
     model, sidecar = converted_model(arch, weight_type, bundle_parts="up-down" if arch == "arcee" else bundle_parts)
     dense = _engine.Engine(str(model))
     sparse = _engine.Engine(str(model), sidecar=str(sidecar), predictor="dense", cache_policy="none")
-    x = np.random.default_rng(7).standard_normal((5, 256)).astype(np.float32)
+    # 12 tokens: a prompt batch, through ggml's batched products and the token-tiled down projection
+    x = np.random.default_rng(7).standard_normal((12, 256)).astype(np.float32)
     for il in range(2):
         want = dense.forward(il, x, ACTIVATION[arch])
         assert rel_max_abs(sparse.forward(il, x, ACTIVATION[arch]), want) <= 1e-4
@@ -70,8 +71,8 @@ def test_dense_predictor_logits_and_text_match_the_dense_engine(
     assert rel_max_abs(got[0], want[0]) <= 1e-3
     assert rel_max_abs(got[1], want[1]) <= 1e-3
     assert got[2] == want[2]
-    # every layer evaluation went through the bundle store
-    assert len(stats) > 0 and (stats["bytes_read"] > 0).any()
+    # every layer evaluation went through the bundle store: read from it, or from the copy preload made at load
+    assert len(stats) > 0 and ((stats["bytes_read"] > 0) | (stats["cache_hits"] > 0)).all()
 
 
 def read_ffn(model: Path, il: int) -> dict[str, np.ndarray]:
@@ -88,8 +89,10 @@ def read_ffn(model: Path, il: int) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.parametrize("n_tokens", [6, 20])  # one by one with vec_dot; a batch through ggml's mul_mat
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_gate_predictor_equals_a_numpy_reference_of_the_thresholded_ffn(converted_model, arch: str) -> None:
+def test_gate_predictor_equals_a_numpy_reference_of_the_thresholded_ffn(converted_model, arch: str,
+                                                                        n_tokens: int) -> None:
     threshold = 0.08
     model, sidecar = converted_model(arch, "f32", threshold=threshold)
     from neuralink.formats.sidecar import Sidecar
@@ -99,7 +102,7 @@ def test_gate_predictor_equals_a_numpy_reference_of_the_thresholded_ffn(converte
         assert opened.header.bundle_gate is False and opened.layouts[0].gate is None
     engine = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none")
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((6, 256)).astype(np.float32)
+    x = rng.standard_normal((n_tokens, 256)).astype(np.float32)
     act = {"llama": lambda v: v / (1 + np.exp(-v)),
            "gemma3": lambda v: 0.5 * v * (1 + np.tanh(0.7978845608 * v * (1 + 0.044715 * v * v)))}[arch]
     for il in range(2):
@@ -298,3 +301,20 @@ def test_a_non_finite_ffn_output_is_refused_naming_the_layer(converted_model, tm
     with pytest.raises(EngineNumericError, match="layer 1"):
         llm("the quick brown fox", max_tokens=4)
     llm.close()
+
+
+def test_preload_reads_the_whole_store_at_load_and_changes_no_output(converted_model) -> None:
+    model, sidecar = converted_model("llama", "f32")
+    runs = {}
+    for preload in (True, False):
+        llm = neuralink.Llama(str(model), sidecar=str(sidecar), memory_budget="1GB", preload=preload, **CONTEXT)
+        assert llm.engine.cache_holds_store
+        held_at_load = llm.engine.cache_stats()["entries"]
+        logits = batch_logits(llm, tokens_of(llm, 24))
+        stats = llm.ffn_stats()
+        runs[preload] = (held_at_load, int(stats["bytes_read"].sum()), logits)
+        llm.close()
+    n_records = 2 * 512  # 2 layers of 512 neurons, one record each
+    assert runs[True][0] == n_records and runs[False][0] == 0  # every record at load, or none
+    assert runs[True][1] == 0 and runs[False][1] > 0  # nothing left to read, or the store read on demand
+    assert np.array_equal(runs[True][2], runs[False][2])

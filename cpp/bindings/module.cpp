@@ -177,6 +177,16 @@ static void register_engine(py::module_ & m) {
             py::gil_scoped_release release;
             e.sparse()->configure_cache(p, bytes);
         }, py::arg("policy"), py::arg("bytes"), "Replace the bundle cache (between evaluations only).")
+        .def_property_readonly("cache_holds_store", [](const Engine & e) {
+            return e.sparse() && e.sparse()->holds_store();
+        }, "whether the bundle cache's budget holds every record of the store (the store arena)")
+        .def("fill_cache", [](Engine & e, int threads) {
+            if (!e.sparse()) throw std::invalid_argument("the dense engine has no bundle cache");
+            py::gil_scoped_release release;
+            return e.sparse()->fill_arena(threads);
+        }, py::arg("threads") = 2,
+           "Read the whole store into the cache in long sequential reads, every record checked, when the cache "
+           "holds the store (cache_holds_store); else do nothing. Between evaluations only. Returns the bytes read.")
         .def_property_readonly("store_bytes", [](const Engine & e) {
             return e.sparse() ? e.sparse()->store_bytes() : (uint64_t) 0;
         }, "bytes of all bundle records in the sidecar")

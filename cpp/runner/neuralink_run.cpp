@@ -367,6 +367,11 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
     }
     engine.sparse()->configure_cache(neuralink::cache_policy_from_name(o.cache_policy), plan.cache());
     note("memory budget:\n%s", plan.describe().c_str());
+    if (engine.sparse()->holds_store()) {
+        // the cache holds every record: read them now in long reads rather than neuron by neuron while decoding
+        const uint64_t bytes = engine.sparse()->fill_arena();
+        note("bundle store read into the cache: %.1f MiB", (double) bytes / (1 << 20));
+    }
 }
 
 struct Generation {

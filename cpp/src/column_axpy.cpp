@@ -1,6 +1,8 @@
 #include "neuralink/column_axpy.h"
 
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -62,17 +64,33 @@ NL_INLINE void q8_0_axpy_body(const uint8_t * const * columns, const float * h, 
     }
 }
 
+// the same for each of n_tok tokens: y + t * y_stride += sum_k h[k * n_tok + t] * column[k]
+NL_INLINE void q8_0_axpy_tokens_body(const uint8_t * const * columns, const float * h, int count, int n_tok, float * y,
+                                     int64_t y_stride, int64_t n) {
+    for (int t = 0; t < n_tok; ++t) {
+        for (int k = 0; k < count; ++k) {
+            const float hk = h[(size_t) k * n_tok + t];
+            q8_0_axpy_body(&columns[k], &hk, 1, y + t * y_stride, n);
+        }
+    }
+}
+
 NL_INLINE void axpy_body(const float * x, float h, float * y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] += h * x[i];
 }
 
 using Q8Axpy = void (*)(const uint8_t * const *, const float *, int, float *, int64_t);
 using FloatAxpy = void (*)(const float *, float, float *, int64_t);
+using Q8AxpyTokens = void (*)(const uint8_t * const *, const float *, int, int, float *, int64_t, int64_t);
 
 void q8_0_axpy_generic(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) {
     q8_0_axpy_body(c, h, count, y, n);
 }
 void axpy_generic(const float * x, float h, float * y, int64_t n) { axpy_body(x, h, y, n); }
+void q8_0_axpy_tokens_generic(const uint8_t * const * c, const float * h, int count, int n_tok, float * y,
+                              int64_t y_stride, int64_t n) {
+    q8_0_axpy_tokens_body(c, h, count, n_tok, y, y_stride, n);
+}
 #ifdef NL_X86_VERSIONS
 // a block of y (32 floats) stays in two registers while up to kGroup columns are added to it
 constexpr int kGroup = 4;
@@ -131,6 +149,99 @@ NL_AVX2 void q8_0_axpy_avx2(const uint8_t * const * columns, const float * h, in
     }
 }
 
+// Several tokens at once (a prompt batch): each block of a column is converted once and added to every token's
+// block of y, all held in registers; per token the same terms in the same order as q8_0_axpy_*.
+template <int T>
+NL_AVX512 void q8_0_axpy_tokens_avx512_t(const uint8_t * const * columns, const float * h, int count, float * y,
+                                         int64_t y_stride, int64_t n) {
+    for (int k0 = 0; k0 < count; k0 += kGroup) {
+        const int m = count - k0 < kGroup ? count - k0 : kGroup;
+        prefetch_group(columns, k0 + kGroup, count, n);
+        for (int64_t b = 0; b < n / kQ8Block; ++b) {
+            __m512 lo[T], hi[T];
+            for (int t = 0; t < T; ++t) {
+                lo[t] = _mm512_loadu_ps(y + t * y_stride + b * kQ8Block);
+                hi[t] = _mm512_loadu_ps(y + t * y_stride + b * kQ8Block + 16);
+            }
+            for (int k = k0; k < k0 + m; ++k) {
+                const uint8_t * block = columns[k] + (size_t) b * kQ8BlockBytes;
+                uint16_t d;
+                std::memcpy(&d, block, sizeof d);
+                const float dk = _cvtsh_ss(d);
+                const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (block + 2))));
+                const __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (block + 18))));
+                for (int t = 0; t < T; ++t) {
+                    const __m512 st = _mm512_set1_ps(h[(size_t) k * T + t] * dk);
+                    lo[t] = _mm512_fmadd_ps(st, f0, lo[t]);
+                    hi[t] = _mm512_fmadd_ps(st, f1, hi[t]);
+                }
+            }
+            for (int t = 0; t < T; ++t) {
+                _mm512_storeu_ps(y + t * y_stride + b * kQ8Block, lo[t]);
+                _mm512_storeu_ps(y + t * y_stride + b * kQ8Block + 16, hi[t]);
+            }
+        }
+    }
+}
+
+NL_AVX512 void q8_0_axpy_tokens_avx512(const uint8_t * const * c, const float * h, int count, int n_tok, float * y,
+                                       int64_t y_stride, int64_t n) {
+    switch (n_tok) {
+        case 1: q8_0_axpy_tokens_avx512_t<1>(c, h, count, y, y_stride, n); break;
+        case 2: q8_0_axpy_tokens_avx512_t<2>(c, h, count, y, y_stride, n); break;
+        case 3: q8_0_axpy_tokens_avx512_t<3>(c, h, count, y, y_stride, n); break;
+        case 4: q8_0_axpy_tokens_avx512_t<4>(c, h, count, y, y_stride, n); break;
+        case 5: q8_0_axpy_tokens_avx512_t<5>(c, h, count, y, y_stride, n); break;
+        case 6: q8_0_axpy_tokens_avx512_t<6>(c, h, count, y, y_stride, n); break;
+        case 7: q8_0_axpy_tokens_avx512_t<7>(c, h, count, y, y_stride, n); break;
+        default: q8_0_axpy_tokens_avx512_t<8>(c, h, count, y, y_stride, n); break;
+    }
+}
+
+template <int T>
+NL_AVX2 void q8_0_axpy_tokens_avx2_t(const uint8_t * const * columns, const float * h, int stride_h, int count,
+                                     float * y, int64_t y_stride, int64_t n) {
+    for (int k0 = 0; k0 < count; k0 += kGroup) {
+        const int m = count - k0 < kGroup ? count - k0 : kGroup;
+        prefetch_group(columns, k0 + kGroup, count, n);
+        for (int64_t b = 0; b < n / kQ8Block; ++b) {
+            __m256 acc[T][4];
+            for (int t = 0; t < T; ++t) {
+                for (int j = 0; j < 4; ++j) acc[t][j] = _mm256_loadu_ps(y + t * y_stride + b * kQ8Block + 8 * j);
+            }
+            for (int k = k0; k < k0 + m; ++k) {
+                const uint8_t * block = columns[k] + (size_t) b * kQ8BlockBytes;
+                uint16_t d;
+                std::memcpy(&d, block, sizeof d);
+                const float dk = _cvtsh_ss(d);
+                __m256 f[4];
+                for (int j = 0; j < 4; ++j) {
+                    f[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (block + 2 + 8 * j))));
+                }
+                for (int t = 0; t < T; ++t) {
+                    const __m256 st = _mm256_set1_ps(h[(size_t) k * stride_h + t] * dk);
+                    for (int j = 0; j < 4; ++j) acc[t][j] = _mm256_fmadd_ps(st, f[j], acc[t][j]);
+                }
+            }
+            for (int t = 0; t < T; ++t) {
+                for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + t * y_stride + b * kQ8Block + 8 * j, acc[t][j]);
+            }
+        }
+    }
+}
+
+// sixteen registers hold two tokens' blocks and one converted block: tokens go two at a time
+NL_AVX2 void q8_0_axpy_tokens_avx2(const uint8_t * const * c, const float * h, int count, int n_tok, float * y,
+                                   int64_t y_stride, int64_t n) {
+    for (int t = 0; t < n_tok; t += 2) {
+        if (n_tok - t >= 2) {
+            q8_0_axpy_tokens_avx2_t<2>(c, h + t, n_tok, count, y + t * y_stride, y_stride, n);
+        } else {
+            q8_0_axpy_tokens_avx2_t<1>(c, h + t, n_tok, count, y + t * y_stride, y_stride, n);
+        }
+    }
+}
+
 NL_AVX512 void axpy_avx512(const float * x, float h, float * y, int64_t n) { axpy_body(x, h, y, n); }
 NL_AVX2 void axpy_avx2(const float * x, float h, float * y, int64_t n) { axpy_body(x, h, y, n); }
 #endif
@@ -139,6 +250,7 @@ struct Kernels {
     const char * isa;
     Q8Axpy q8_0;
     FloatAxpy f32;
+    Q8AxpyTokens q8_0_tokens;
 };
 
 const Kernels & kernels() {
@@ -147,13 +259,13 @@ const Kernels & kernels() {
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
-            return Kernels { "avx512", q8_0_axpy_avx512, axpy_avx512 };
+            return Kernels { "avx512", q8_0_axpy_avx512, axpy_avx512, q8_0_axpy_tokens_avx512 };
         }
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-            return Kernels { "avx2", q8_0_axpy_avx2, axpy_avx2 };
+            return Kernels { "avx2", q8_0_axpy_avx2, axpy_avx2, q8_0_axpy_tokens_avx2 };
         }
 #endif
-        return Kernels { "generic", q8_0_axpy_generic, axpy_generic };
+        return Kernels { "generic", q8_0_axpy_generic, axpy_generic, q8_0_axpy_tokens_generic };
     }();
     return chosen;
 }
@@ -177,6 +289,22 @@ void columns_axpy(const WeightType & wt, const uint8_t * const * columns, const 
     for (int k = 0; k < count; ++k) {
         wt.to_float(columns[k], tmp, n);
         kernels().f32(tmp, h[k], y, n);
+    }
+}
+
+void columns_axpy_tokens(const WeightType & wt, const uint8_t * const * columns, const float * h, int count,
+                         int n_tok, float * y, int64_t y_stride, int64_t n, float * tmp) {
+    if (n_tok < 1 || n_tok > kMaxTileTokens) {
+        throw std::invalid_argument("columns_axpy_tokens: " + std::to_string(n_tok) + " tokens, expected 1 to " +
+                                    std::to_string(kMaxTileTokens));
+    }
+    if (wt.type == GGML_TYPE_Q8_0) {
+        kernels().q8_0_tokens(columns, h, count, n_tok, y, y_stride, n);
+        return;
+    }
+    for (int k = 0; k < count; ++k) {
+        wt.to_float(columns[k], tmp, n);
+        for (int t = 0; t < n_tok; ++t) kernels().f32(tmp, h[(size_t) k * n_tok + t], y + t * y_stride, n);
     }
 }
 

@@ -1,6 +1,8 @@
 #include "neuralink/memory_plan.h"
 
+#include "neuralink/column_axpy.h"
 #include "neuralink/engine.h"
+#include "neuralink/row_gemm.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -146,13 +148,25 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     p.llama_buffers = buffers.output + buffers.compute;
     p.store_bytes = sparse.store_bytes();
     p.whole_store_cache = sparse.cache_bytes_to_hold_store();
-    // reads and cache copies of a whole layer at worst; per thread 64 KiB of slack and a decoded token's list of
-    // down columns and their h (a pointer and a float per neuron); h and token flags per batch row
+    // reads and cache copies of a whole layer at worst; per thread 64 KiB of slack and what the phases keep
+    // (below); h and token flags per batch row
     const std::string & arch = engine.model().architecture();
     const uint64_t n_ff = (uint64_t) std::max<int64_t>(0, engine.model().get_int(arch + ".feed_forward_length", 0));
     const uint64_t layer_store = p.store_bytes / (uint64_t) std::max(engine.n_layer(), 1);
-    p.engine_scratch = 2 * layer_store + (uint64_t) n_threads * (64 * 1024 + n_ff * (sizeof(void *) + sizeof(float))) +
-                       (uint64_t) n_ubatch * n_ff * 6;
+    // a tile of tokens' list of down columns and their h (a pointer and kMaxTileTokens floats per neuron)
+    uint64_t per_thread = 64 * 1024 + n_ff * (sizeof(void *) + kMaxTileTokens * sizeof(float));
+    if (n_ubatch >= kGemmMinTokens && sparse.store().n_layer() > 0) {
+        // prompt batches: ggml's work buffer for the largest product (a thread's range of gate rows, or a
+        // stretch of records' up or gate rows) and the up and gate results of one stretch
+        const SidecarLayer & S = sparse.store().layer(0);
+        const int64_t n_embd = sparse.store().n_embd();
+        uint64_t work = 0;
+        for (const WeightType * wt : { S.up.wt, S.gate.wt, sparse.has_layer(0) ? sparse.layer(0).gate.wt : nullptr }) {
+            if (wt) work = std::max<uint64_t>(work, rows_times_tokens_work_bytes(*wt, (int64_t) n_ff, n_embd, n_ubatch));
+        }
+        per_thread += work + 2 * (uint64_t) n_ubatch * kStretchRecords * sizeof(float);
+    }
+    p.engine_scratch = 2 * layer_store + (uint64_t) n_threads * per_thread + (uint64_t) n_ubatch * n_ff * 6;
     return p;
 }
 

@@ -3,6 +3,7 @@
 #include "neuralink/column_axpy.h"
 #include "neuralink/errors.h"
 #include "neuralink/names.h"
+#include "neuralink/row_gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -318,11 +319,21 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
     const bool oracle_up = contribution && options_.predictor == Predictor::Oracle;
     const float candidate_threshold = contribution ? this->candidate_threshold(il) : 0.0f;
     const size_t xq_up_row = oracle_up ? L.up.wt->act_row_bytes(L.n_embd) : 0;
+    // a prompt batch: the range's rows against every token at once, into h_
+    const bool batched = n_tokens >= kGemmMinTokens && r1 > r0;
+    if (batched) {
+        rows_times_tokens(*W.wt, W.row(r0), W.row_bytes, r1 - r0, L.n_embd, xq, n_tokens, h_.data() + r0, n_ff,
+                          ts.gemm_work);
+    }
     for (int64_t p = r0; p < r1; ++p) {
         bool any = false;
         for (int64_t t = 0; t < n_tokens; ++t) {
             float v;
-            W.wt->vec_dot((int) L.n_embd, &v, 0, W.row(p), 0, xq + t * xq_row, 0, 1);
+            if (batched) {
+                v = h_[t * n_ff + p];
+            } else {
+                W.wt->vec_dot((int) L.n_embd, &v, 0, W.row(p), 0, xq + t * xq_row, 0, 1);
+            }
             if (!bias.empty()) v += bias[p];
             h_[t * n_ff + p] = v; // the pre-activation, consumed by compute_h
             const float a = activate(L.act, v);
@@ -347,8 +358,11 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
     }
 }
 
-void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos, size_t n,
-                          ThreadState & ts) {
+// One neuron's h for every token of the batch, and whether it enters the down projection. u and g, when
+// given, hold the neuron's up and gate products for token t at u[t * u_stride] (a batched product); else
+// they are computed here from the record with vec_dot.
+void SparseFfn::finish_neuron(int il, int64_t n_tokens, uint32_t p, const uint8_t * rec, ThreadState & ts,
+                              const float * u_given, int64_t u_stride, const float * g_given, int64_t g_stride) {
     const SparseLayerWeights & L = *layers_[il];
     const SidecarLayer & S = store_->layer(il);
     const Criterion criterion = store_->criterion_kind();
@@ -364,56 +378,118 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
     // the gate row comes from the record, or from the resident rows when records hold none
     const WeightType * gate_wt = S.gate.wt ? S.gate.wt : L.gate.wt;
     const size_t xq_gate_row = gate_wt ? gate_wt->act_row_bytes(L.n_embd) : 0;
-    const size_t record_bytes = S.region.record_bytes;
+    record_of_[p] = rec;
+    bool criterion_holds = false, computed = false;
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        float & hv = h_[t * n_ff + p];
+        if (!token_active_[t * n_ff + p]) {
+            hv = 0.0f;
+            continue;
+        }
+        ++ts.predicted_pairs;
+        float u;
+        if (u_given) {
+            u = u_given[t * u_stride];
+        } else {
+            S.up.wt->vec_dot((int) L.n_embd, &u, 0, rec + S.up.offset, 0, xq_up_.data() + t * xq_up_row, 0, 1);
+        }
+        if (!L.up_bias.empty()) u += L.up_bias[p];
+        float a;
+        if (L.gated) {
+            float g = hv;
+            if (!resident_pre) {
+                if (g_given) {
+                    g = g_given[t * g_stride];
+                } else {
+                    const uint8_t * row = S.gate.wt ? rec + S.gate.offset : L.gate.row(p);
+                    gate_wt->vec_dot((int) L.n_embd, &g, 0, row, 0, xq_gate_.data() + t * xq_gate_row, 0, 1);
+                }
+                if (!L.gate_bias.empty()) g += L.gate_bias[p];
+            }
+            a = activate(L.act, g);
+            hv = round_for(down_vdt, a * u);
+        } else {
+            a = activate(L.act, u);
+            hv = round_for(down_vdt, a);
+        }
+        const bool holds = criterion == Criterion::NativeZero ? a > threshold
+                         : criterion == Criterion::GateMagnitude ? std::fabs(a) > threshold
+                         : criterion == Criterion::Contribution ? std::fabs(hv) * S.down_norm[p] > threshold
+                         : std::fabs(hv) > threshold;
+        if (!holds && filter) {
+            hv = 0.0f;
+        } else {
+            ++ts.computed_pairs;
+            computed = true;
+        }
+        criterion_holds |= holds;
+    }
+    ts.truly_active += criterion_holds;
+    if (computed) {
+        ts.finals.push_back(p);
+    }
+}
+
+void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos, size_t n,
+                          ThreadState & ts) {
+    if (n_tokens >= kGemmMinTokens) {
+        compute_h_batched(il, n_tokens, records, pos, n, ts);
+        return;
+    }
+    const size_t record_bytes = store_->layer(il).region.record_bytes;
     for (size_t i = 0; i < n; ++i) {
-        const uint32_t p = pos[i];
-        const uint8_t * rec = records[i];
         if (i + kPrefetchAhead < n) {
             // records sit wherever the cache or the read put them: ask for a later one's lines while this computes
             for (size_t at = 0; at < record_bytes; at += 64) prefetch(records[i + kPrefetchAhead] + at);
         }
-        record_of_[p] = rec;
-        bool criterion_holds = false, computed = false;
-        for (int64_t t = 0; t < n_tokens; ++t) {
-            float & hv = h_[t * n_ff + p];
-            if (!token_active_[t * n_ff + p]) {
-                hv = 0.0f;
-                continue;
-            }
-            ++ts.predicted_pairs;
-            float u;
-            S.up.wt->vec_dot((int) L.n_embd, &u, 0, rec + S.up.offset, 0, xq_up_.data() + t * xq_up_row, 0, 1);
-            if (!L.up_bias.empty()) u += L.up_bias[p];
-            float a;
-            if (L.gated) {
-                float g = hv;
-                if (!resident_pre) {
-                    const uint8_t * row = S.gate.wt ? rec + S.gate.offset : L.gate.row(p);
-                    gate_wt->vec_dot((int) L.n_embd, &g, 0, row, 0, xq_gate_.data() + t * xq_gate_row, 0, 1);
-                    if (!L.gate_bias.empty()) g += L.gate_bias[p];
-                }
-                a = activate(L.act, g);
-                hv = round_for(down_vdt, a * u);
-            } else {
-                a = activate(L.act, u);
-                hv = round_for(down_vdt, a);
-            }
-            const bool holds = criterion == Criterion::NativeZero ? a > threshold
-                             : criterion == Criterion::GateMagnitude ? std::fabs(a) > threshold
-                             : criterion == Criterion::Contribution ? std::fabs(hv) * S.down_norm[p] > threshold
-                             : std::fabs(hv) > threshold;
-            if (!holds && filter) {
-                hv = 0.0f;
-            } else {
-                ++ts.computed_pairs;
-                computed = true;
-            }
-            criterion_holds |= holds;
+        finish_neuron(il, n_tokens, pos[i], records[i], ts, nullptr, 0, nullptr, 0);
+    }
+}
+
+// the fewest records worth a batched product (kStretchRecords at most: its results for a 64-token batch, 64 KiB)
+static constexpr size_t kMinStretchRecords = 4;
+
+// A prompt batch: the up rows (and gate rows, when the prediction did not compute the gate) of each stretch of
+// equally spaced records go through ggml's batched mul_mat at once; records that stand alone through vec_dot.
+void SparseFfn::compute_h_batched(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos,
+                                  size_t n, ThreadState & ts) {
+    const SparseLayerWeights & L = *layers_[il];
+    const SidecarLayer & S = store_->layer(il);
+    const bool resident_pre = options_.predictor == Predictor::Gate || options_.predictor == Predictor::Oracle;
+    const bool need_gate = L.gated && !resident_pre;
+    const WeightType * gate_wt = S.gate.wt ? S.gate.wt : L.gate.wt;
+    auto up_of = [&](size_t k) { return records[k] + S.up.offset; };
+    auto gate_of = [&](size_t k) { return S.gate.wt ? records[k] + S.gate.offset : L.gate.row(pos[k]); };
+    for (size_t i = 0; i < n;) {
+        size_t j = i + 1;
+        const ptrdiff_t su = j < n ? up_of(j) - up_of(i) : 0;
+        const ptrdiff_t sg = j < n && need_gate ? gate_of(j) - gate_of(i) : 0;
+        const bool spaced = su > 0 && gemm_stride_ok(*S.up.wt, L.n_embd, (size_t) su) &&
+                            (!need_gate || (sg > 0 && gemm_stride_ok(*gate_wt, L.n_embd, (size_t) sg)));
+        while (spaced && j < n && j - i < kStretchRecords && up_of(j) - up_of(j - 1) == su &&
+               (!need_gate || gate_of(j) - gate_of(j - 1) == sg)) {
+            ++j;
         }
-        ts.truly_active += criterion_holds;
-        if (computed) {
-            ts.finals.push_back(p);
+        const size_t m = j - i;
+        if (m < kMinStretchRecords) {
+            for (size_t k = i; k < j; ++k) finish_neuron(il, n_tokens, pos[k], records[k], ts, nullptr, 0, nullptr, 0);
+            i = j;
+            continue;
         }
+        const size_t need = (size_t) n_tokens * m;
+        if (ts.gemm_u.size() < need) ts.gemm_u.resize(need);
+        rows_times_tokens(*S.up.wt, up_of(i), (size_t) su, (int64_t) m, L.n_embd, xq_up_.data(), n_tokens,
+                          ts.gemm_u.data(), (int64_t) m, ts.gemm_work);
+        if (need_gate) {
+            if (ts.gemm_g.size() < need) ts.gemm_g.resize(need);
+            rows_times_tokens(*gate_wt, gate_of(i), (size_t) sg, (int64_t) m, L.n_embd, xq_gate_.data(), n_tokens,
+                              ts.gemm_g.data(), (int64_t) m, ts.gemm_work);
+        }
+        for (size_t k = i; k < j; ++k) {
+            finish_neuron(il, n_tokens, pos[k], records[k], ts, ts.gemm_u.data() + (k - i), (int64_t) m,
+                          need_gate ? ts.gemm_g.data() + (k - i) : nullptr, (int64_t) m);
+        }
+        i = j;
     }
 }
 
@@ -435,29 +511,24 @@ void SparseFfn::down(int il, float * y, int64_t n_tokens, int ith, int nth) {
     if ((int64_t) me.tmp.size() < n) me.tmp.resize((size_t) n);
     const size_t slice_offset = S.down.offset + (size_t) b0 * ggml_type_size(dt.type);
     const std::vector<const uint8_t *> & down_records = store_->split() ? down_of_ : record_of_;
-    if (n_tokens == 1) {
-        // decoding: the encoded columns scaled straight into y, several at a time
+    // up to kMaxTileTokens tokens at a time: the encoded columns of their nonzero h scaled straight into their
+    // slices of y, held in registers while the columns stream past, each column block converted once for all
+    // of them; a token gets the same sums in a batch as alone
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += kMaxTileTokens) {
+        const int tile = (int) std::min<int64_t>(kMaxTileTokens, n_tokens - t0);
         me.down_columns.clear();
         me.down_h.clear();
         for (int j = 0; j < nth; ++j) {
             for (uint32_t p : threads_[j]->finals) {
-                if (h_[p] == 0.0f) continue;
+                bool any = false;
+                for (int t = 0; t < tile; ++t) any |= h_[(t0 + t) * L.n_ff + p] != 0.0f;
+                if (!any) continue;
                 me.down_columns.push_back(down_records[p] + slice_offset);
-                me.down_h.push_back(h_[p]);
+                for (int t = 0; t < tile; ++t) me.down_h.push_back(h_[(t0 + t) * L.n_ff + p]);
             }
         }
-        columns_axpy(dt, me.down_columns.data(), me.down_h.data(), (int) me.down_h.size(), y + e0, n, me.tmp.data());
-    }
-    for (int j = 0; j < nth && n_tokens > 1; ++j) {
-        const ThreadState & ts = *threads_[j];
-        for (uint32_t p : ts.finals) {
-            const uint8_t * column = down_records[p] + slice_offset;
-            dt.to_float(column, me.tmp.data(), n);
-            for (int64_t t = 0; t < n_tokens; ++t) {
-                const float hv = h_[t * L.n_ff + p];
-                if (hv != 0.0f) float_axpy(me.tmp.data(), hv, y + t * L.n_out + e0, n);
-            }
-        }
+        columns_axpy_tokens(dt, me.down_columns.data(), me.down_h.data(), (int) me.down_columns.size(), tile,
+                            y + t0 * L.n_out + e0, L.n_out, n, me.tmp.data());
     }
     // a NaN or infinity here would spread through every later layer into the logits: refuse it
     for (int64_t t = 0; t < n_tokens; ++t) {

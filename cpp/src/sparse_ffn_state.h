@@ -35,12 +35,15 @@ struct SparseFfn::ThreadState {
     std::vector<uint32_t> finals;   // of those, the positions whose down column enters y, sorted
     Wave wave[2];                   // 0: the bundle region; 1: the down region (split layout)
     std::vector<float> tmp;         // a dequantized slice of a down column
-    std::vector<const uint8_t *> down_columns; // phase 3 of a decoded token: this thread's slice of each column
-    std::vector<float> down_h;                 // and the h it is scaled by
+    std::vector<const uint8_t *> down_columns; // phase 3, a tile of tokens: this thread's slice of each column
+    std::vector<float> down_h;                 // and the h of each token of the tile it is scaled by
     std::unique_ptr<ReadQueue> queue;          // this thread's way to the device
     std::vector<const uint8_t *> read_records; // the needed records of one completed read
     std::vector<uint32_t> read_positions;
     std::vector<PendingRead *> batch;
+    // prompt batches: ggml's work buffer, and the up (and gate) products of a stretch of records
+    std::vector<uint8_t> gemm_work;
+    std::vector<float> gemm_u, gemm_g;
     // counters of the current layer
     uint32_t truly_active = 0;
     uint64_t predicted_pairs = 0;

@@ -7,7 +7,10 @@
 #include "neuralink/errors.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <exception>
+#include <thread>
 
 namespace neuralink {
 
@@ -210,6 +213,66 @@ void SparseFfn::complete(int il, bool down, ThreadState & ts, Wave & w, OnRecord
         }
     }
     w.n_pending = 0;
+}
+
+// The whole store read up front: every region in chunks of kFillChunkBytes, the chunks shared among the
+// threads in order, each chunk's records checked and copied to their places in the arena.
+static constexpr uint64_t kFillChunkBytes = 8ull << 20;
+
+uint64_t SparseFfn::fill_arena(int threads) {
+    if (!arena_) {
+        return 0;
+    }
+    struct Chunk { int il; bool down; uint32_t first, count; };
+    std::vector<Chunk> chunks;
+    const int n_layer = store_->n_layer();
+    for (int k = 0; k < (store_->split() ? 2 : 1); ++k) {
+        for (int il = 0; il < n_layer; ++il) {
+            const bool down = k == 1;
+            const BundleRegion & region = down ? store_->layer(il).down_region : store_->layer(il).region;
+            const uint32_t per = (uint32_t) std::max<uint64_t>(1, kFillChunkBytes / std::max<size_t>(region.record_bytes, 1));
+            for (uint32_t first = 0; first < region.n_records; first += per) {
+                chunks.push_back({ il, down, first, std::min(per, region.n_records - first) });
+            }
+        }
+    }
+    std::atomic<size_t> next { 0 };
+    std::atomic<uint64_t> bytes { 0 };
+    std::atomic<bool> stop { false };
+    std::exception_ptr error;
+    std::mutex error_mutex;
+    auto work = [&]() {
+        try {
+            for (size_t c; !stop.load(std::memory_order_relaxed) && (c = next.fetch_add(1)) < chunks.size();) {
+                const Chunk & ch = chunks[c];
+                const BundleRegion & region = ch.down ? store_->layer(ch.il).down_region : store_->layer(ch.il).region;
+                const uint32_t key = ch.down ? (uint32_t) (n_layer + ch.il) : (uint32_t) ch.il;
+                const uint8_t * start = nullptr;
+                const size_t len = (size_t) ch.count * region.record_bytes;
+                AlignedBuffer buf = store_->file().read_range(region.record_offset(ch.first), len, &start);
+                for (uint32_t i = 0; i < ch.count; ++i) {
+                    const uint8_t * record = start + (size_t) i * region.record_bytes;
+                    if (options_.verify_checksums) {
+                        store_->check_record(ch.il, ch.down, ch.first + i, record);
+                    }
+                    arena_->admit(key, ch.first + i, record);
+                }
+                bytes.fetch_add(len, std::memory_order_relaxed);
+            }
+        } catch (...) {
+            std::lock_guard<std::mutex> lock(error_mutex);
+            if (!error) error = std::current_exception();
+            stop.store(true);
+        }
+    };
+    std::vector<std::thread> pool;
+    for (int t = 1; t < std::max(threads, 1); ++t) pool.emplace_back(work);
+    work();
+    for (std::thread & t : pool) t.join();
+    if (error) {
+        std::rethrow_exception(error);
+    }
+    return bytes.load();
 }
 
 } // namespace neuralink

@@ -7,6 +7,7 @@
 #include "neuralink/engine.h"
 #include "neuralink/ffn_layer.h"
 #include "neuralink/gguf_model.h"
+#include "neuralink/row_gemm.h"
 #include "neuralink/weight_types.h"
 
 #include "gguf.h"
@@ -232,6 +233,66 @@ TEST(columns_axpy_adds_columns_in_order_as_one_at_a_time_would) {
         columns_axpy(wt, columns.data(), h.data(), count, together.data(), n, tmp.data());
         for (int k = 0; k < count; ++k) column_axpy(wt, columns[k], h[k], one_by_one.data(), n, tmp.data());
         CHECK(std::memcmp(together.data(), one_by_one.data(), n * sizeof(float)) == 0);
+    }
+}
+
+TEST(columns_axpy_tokens_gives_each_token_the_sums_it_gets_alone) {
+    const int64_t n = 256;
+    const int count = 9;
+    for (ggml_type type : { GGML_TYPE_Q8_0, GGML_TYPE_Q4_K }) {
+        const WeightType & wt = weight_type(type);
+        std::vector<std::vector<uint8_t>> storage;
+        std::vector<const uint8_t *> columns;
+        for (int k = 0; k < count; ++k) storage.push_back(quantize(type, random_floats(n, 40 + k), 1, n));
+        for (const auto & c : storage) columns.push_back(c.data());
+        for (int n_tok = 1; n_tok <= kMaxTileTokens; ++n_tok) {
+            // h[k * n_tok + t], some zero (a token whose h is zero for a column the tile's others need)
+            std::vector<float> h((size_t) count * n_tok);
+            for (size_t i = 0; i < h.size(); ++i) h[i] = i % 5 == 2 ? 0.0f : 0.125f * (float) ((int) (i % 11) - 5);
+            const int64_t stride = n + 32;
+            std::vector<float> tmp(n), tile = random_floats(stride * n_tok, 50 + n_tok), alone = tile;
+            columns_axpy_tokens(wt, columns.data(), h.data(), count, n_tok, tile.data(), stride, n, tmp.data());
+            for (int t = 0; t < n_tok; ++t) {
+                std::vector<const uint8_t *> nonzero;
+                std::vector<float> ht;
+                for (int k = 0; k < count; ++k) {
+                    if (h[(size_t) k * n_tok + t] == 0.0f) continue;
+                    nonzero.push_back(columns[k]);
+                    ht.push_back(h[(size_t) k * n_tok + t]);
+                }
+                columns_axpy(wt, nonzero.data(), ht.data(), (int) ht.size(), alone.data() + t * stride, n, tmp.data());
+            }
+            CHECK(std::memcmp(tile.data(), alone.data(), tile.size() * sizeof(float)) == 0);
+        }
+    }
+}
+
+TEST(rows_times_tokens_matches_vec_dot_on_strided_rows) {
+    const int64_t n_embd = 256, n_rows = 12, n_tokens = 9;
+    for (ggml_type type : { GGML_TYPE_Q4_K, GGML_TYPE_Q8_0, GGML_TYPE_F32 }) {
+        const WeightType & wt = weight_type(type);
+        const size_t row = wt.row_bytes(n_embd), stride = row + 2 * ggml_type_size(type); // rows inside records
+        const auto q = quantize(type, random_floats(n_rows * n_embd, 60), n_rows, n_embd);
+        std::vector<uint8_t> records(stride * n_rows);
+        for (int64_t r = 0; r < n_rows; ++r) std::memcpy(records.data() + r * stride, q.data() + r * row, row);
+        const auto x = random_floats(n_tokens * n_embd, 61);
+        const size_t act_row = wt.act_row_bytes(n_embd);
+        std::vector<uint8_t> xq(act_row * n_tokens);
+        for (int64_t t = 0; t < n_tokens; ++t) wt.act_from_float(x.data() + t * n_embd, xq.data() + t * act_row, n_embd);
+        CHECK(gemm_stride_ok(wt, n_embd, stride));
+        CHECK(!gemm_stride_ok(wt, n_embd, row - 1));
+        const int64_t out_stride = n_rows + 3;
+        std::vector<float> out(out_stride * n_tokens, -1.0f);
+        std::vector<uint8_t> work;
+        rows_times_tokens(wt, records.data(), stride, n_rows, n_embd, xq.data(), n_tokens, out.data(), out_stride, work);
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            for (int64_t r = 0; r < n_rows; ++r) {
+                float want;
+                wt.vec_dot((int) n_embd, &want, 0, q.data() + r * row, 0, xq.data() + t * act_row, 0, 1);
+                CHECK_NEAR(out[t * out_stride + r], want, 1e-4 * (1.0 + std::fabs(want)));
+            }
+            CHECK(out[t * out_stride + n_rows] == -1.0f); // nothing written between the rows of out
+        }
     }
 }
 

@@ -22,6 +22,15 @@ void column_axpy(const WeightType & wt, const uint8_t * column, float h, float *
 void columns_axpy(const WeightType & wt, const uint8_t * const * columns, const float * h, int count, float * y,
                   int64_t n, float * tmp);
 
+// the most tokens columns_axpy_tokens takes at once (AVX-512: 16 registers of y, 2 of a converted block)
+constexpr int kMaxTileTokens = 8;
+
+// For each token t < n_tok (1 to kMaxTileTokens): y + t * y_stride gets what columns_axpy would add with the
+// weights h[k * n_tok + t]; each q8_0 block is converted once for all the tokens (a prompt batch), and a
+// token's sums are the ones it would get alone. tmp: room for n floats (types other than q8_0).
+void columns_axpy_tokens(const WeightType & wt, const uint8_t * const * columns, const float * h, int count,
+                         int n_tok, float * y, int64_t y_stride, int64_t n, float * tmp);
+
 // y[0, n) += h * x[0, n)
 void float_axpy(const float * x, float h, float * y, int64_t n);
 

@@ -132,6 +132,12 @@ public:
     // holds every record of the store gets the store arena instead (any policy but none and pinned): the same
     // records kept, without eviction, locks or copies.
     void configure_cache(CachePolicy policy, size_t bytes);
+    // Whether the cache is the store arena (its budget holds every record of the store).
+    bool holds_store() const { return arena_ != nullptr; }
+    // Reads every record of the store into the arena in long sequential reads, `threads` of them at once,
+    // checking each record's checksum (between evaluations only). Does nothing without the arena. Returns
+    // the bytes read. Throws IoError for a failed read or a record that fails its checksum.
+    uint64_t fill_arena(int threads = 2);
     // bytes of all bundle records of all layers
     uint64_t store_bytes() const;
     // the cache capacity (records and the cache's tables) that holds every record of the store
@@ -171,6 +177,10 @@ private:
     template <class OnRecords>
     void complete(int il, bool down, ThreadState & ts, Wave & w, OnRecords on_records);
     void compute_h(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos, size_t n, ThreadState & ts);
+    void compute_h_batched(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos, size_t n,
+                           ThreadState & ts);
+    void finish_neuron(int il, int64_t n_tokens, uint32_t p, const uint8_t * rec, ThreadState & ts,
+                       const float * u, int64_t u_stride, const float * g, int64_t g_stride);
     void check_thresholds(const std::vector<float> & given, const char * what) const;
     void down(int il, float * y, int64_t n_tokens, int ith, int nth);
     void fail(const std::string & what, bool numeric = false);

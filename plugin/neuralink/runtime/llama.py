@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,10 @@ class Llama(llama_cpp.Llama):
         anonymous memory beside the mapped file's pages: 80 MiB on
         Qwen2.5-Coder-1.5B. Default: off under an explicit memory_budget,
         where memory is what is short, on otherwise.
+    preload:
+        when the cache holds the whole store (``engine.cache_holds_store``),
+        read it at load in long sequential reads, every record checked,
+        instead of neuron by neuron during the first tokens. Default on.
 
     The default predictor is the one the conversion validated (its quality
     search measured perplexity on held-out calibration text within the
@@ -156,6 +161,7 @@ class Llama(llama_cpp.Llama):
         predictor_thresholds: Sequence[float] | None = None,
         candidate_thresholds: Sequence[float] | None = None,
         repack_weights: bool | None = None,
+        preload: bool = True,
         **kwargs: Any,
     ) -> None:
         self._hook_api: FfnHookApi | None = None
@@ -243,11 +249,20 @@ class Llama(llama_cpp.Llama):
                     self.close()
                     raise
             engine.configure_cache(cache_policy, self.memory_plan.cache)
+            if preload and engine.cache_holds_store:
+                start = time.perf_counter()
+                try:
+                    filled = engine.fill_cache()
+                except Exception:
+                    self.close()
+                    raise
+                logger.info("%s: bundle store read into the cache: %.0f MiB in %.2f s", model_path, filled / 2**20,
+                            time.perf_counter() - start)
         self._neuralink_args = dict(sidecar=sidecar, predictor=predictor, cache_policy=cache_policy,
                                     cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
                                     collapse_gap=collapse_gap, memory_budget=memory_budget, direct_io=direct_io,
                                     thresholds=thresholds, predictor_thresholds=predictor_thresholds,
-                                    repack_weights=repack_weights,
+                                    repack_weights=repack_weights, preload=preload,
                                     candidate_thresholds=candidate_thresholds)
         self._stats: list[np.ndarray] = []
         self._summarized = 0

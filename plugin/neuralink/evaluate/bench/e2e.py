@@ -140,18 +140,22 @@ def run_e2e(settings: E2eSettings, progress: Callable[[str], None] = print) -> l
         prompts_file = Path(tmp) / "prompts.json"
         prompts_file.write_text(json.dumps(prompts))
         for cap in settings.caps:
-            for variant in settings.variants:
-                row = RunResult(cap, variant)
-                for _ in range(settings.runs):
+            rows = {variant: RunResult(cap, variant) for variant in settings.variants}
+            # the variants take turns, run by run: a shared machine's slow minutes fall on both alike
+            for _ in range(settings.runs):
+                for variant, row in rows.items():
+                    if row.note:
+                        continue  # it failed: its later runs would too
                     result, peak = run_worker(variant, cap, settings, prompts_file, use_cgroups)
                     if "error" in result:
                         row.crashed = bool(result.get("crashed"))
                         # a crash keeps its whole line: it names the log
                         row.note = result["error"].splitlines()[0][: None if row.crashed else 120]
-                        break
+                        continue
                     row.runs.append(result)
                     if peak is not None:
                         row.peaks.append(peak)
+            for variant, row in rows.items():
                 progress(f"cap {cap:>6} {variant:>9}: "
                          + (f"{row.median('tok_s'):.2f} tok/s" if row.runs else row.note))
                 results.append(row)
