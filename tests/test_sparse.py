@@ -318,3 +318,19 @@ def test_preload_reads_the_whole_store_at_load_and_changes_no_output(converted_m
     assert runs[True][0] == n_records and runs[False][0] == 0  # every record at load, or none
     assert runs[True][1] == 0 and runs[False][1] > 0  # nothing left to read, or the store read on demand
     assert np.array_equal(runs[True][2], runs[False][2])
+
+
+def test_the_auto_cache_policy_keeps_the_whole_store_or_pins_the_hottest_records(converted_model) -> None:
+    model, sidecar = converted_model("llama", "f32")
+    store = _engine.Engine(str(model), sidecar=str(sidecar)).store_bytes
+    whole = neuralink.Llama(str(model), sidecar=str(sidecar), cache_bytes=2 * store, **CONTEXT)
+    assert whole.engine.cache_holds_store  # the store arena
+    whole.close()
+    part = neuralink.Llama(str(model), sidecar=str(sidecar), cache_bytes=store // 4, **CONTEXT)
+    assert part.engine.cache_policy == "pinned" and not part.engine.cache_holds_store
+    stats = part.engine.cache_stats()
+    assert stats["entries"] > 0 and stats["used_bytes"] <= store // 4  # pinned at load, within its bytes
+    part.close()
+    chosen = neuralink.Llama(str(model), sidecar=str(sidecar), cache_bytes=store // 4, cache_policy="lru", **CONTEXT)
+    assert chosen.engine.cache_policy == "lru"
+    chosen.close()

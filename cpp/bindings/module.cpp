@@ -180,6 +180,12 @@ static void register_engine(py::module_ & m) {
         .def_property_readonly("cache_holds_store", [](const Engine & e) {
             return e.sparse() && e.sparse()->holds_store();
         }, "whether the bundle cache's budget holds every record of the store (the store arena)")
+        .def_property_readonly("cache_policy", [](const Engine & e) {
+            return e.sparse() ? std::string(cache_policy_name(e.sparse()->options().cache_policy)) : std::string("none");
+        }, "the bundle cache's policy in use ('none' for the dense engine)")
+        .def("cache_would_hold_store", [](const Engine & e, size_t bytes) {
+            return e.sparse() && e.sparse()->arena_fits(bytes);
+        }, py::arg("bytes"), "whether a bundle cache of `bytes` would hold every record of the store")
         .def("fill_cache", [](Engine & e, int threads) {
             if (!e.sparse()) throw std::invalid_argument("the dense engine has no bundle cache");
             py::gil_scoped_release release;

@@ -109,6 +109,15 @@ size_t SparseFfn::cache_bytes_to_hold_store() const {
     return BundleCache::bytes_to_hold(options_.cache_policy, record_bytes, (size_t) store_->n_ff());
 }
 
+bool SparseFfn::arena_fits(size_t bytes) const {
+    std::vector<size_t> record_bytes;
+    for (int il = 0; il < store_->n_layer(); ++il) {
+        record_bytes.push_back(store_->layer(il).region.record_bytes);
+        if (store_->split()) record_bytes.push_back(store_->layer(il).down_region.record_bytes);
+    }
+    return bytes >= StoreArena::bytes_for(record_bytes, (size_t) store_->n_ff());
+}
+
 // The cache's keys: layer il's bundle records are key il, its down columns (split layout) key n_layer + il.
 void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
     const int n_layer = store_->n_layer();
@@ -124,8 +133,7 @@ void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
     }
     const size_t n_ff = (size_t) store_->n_ff();
     std::unique_ptr<StoreArena> arena;
-    if (policy != CachePolicy::None && policy != CachePolicy::Pinned &&
-        bytes >= StoreArena::bytes_for(record_bytes, n_ff)) {
+    if (policy != CachePolicy::None && policy != CachePolicy::Pinned && arena_fits(bytes)) {
         // everything fits: nothing would ever be evicted, so no policy has anything to decide
         arena = std::make_unique<StoreArena>(record_bytes, n_ff, bytes);
     }
@@ -358,26 +366,42 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
     }
 }
 
-// One neuron's h for every token of the batch, and whether it enters the down projection. u and g, when
-// given, hold the neuron's up and gate products for token t at u[t * u_stride] (a batched product); else
-// they are computed here from the record with vec_dot.
-void SparseFfn::finish_neuron(int il, int64_t n_tokens, uint32_t p, const uint8_t * rec, ThreadState & ts,
-                              const float * u_given, int64_t u_stride, const float * g_given, int64_t g_stride) {
+// What finishing a neuron needs of its layer, worked out once per call of compute_h rather than per neuron.
+struct SparseFfn::LayerMath {
+    const SparseLayerWeights & L;
+    const SidecarLayer & S;
+    Criterion criterion;
+    float threshold;
+    bool resident_pre; // gate and oracle computed the exact pre-activation into h_ while predicting
+    bool filter;       // neurons read for nothing keep h = 0 (the thresholded model); dense computes all
+    ggml_type down_vdt;
+    size_t xq_up_row;
+    const WeightType * gate_wt; // the gate row's type: the record's, or the resident rows' when records hold none
+    size_t xq_gate_row;
+};
+
+SparseFfn::LayerMath SparseFfn::layer_math(int il) const {
     const SparseLayerWeights & L = *layers_[il];
     const SidecarLayer & S = store_->layer(il);
     const Criterion criterion = store_->criterion_kind();
-    const int64_t n_ff = L.n_ff;
-    const float threshold = this->threshold(il);
-    // gate and oracle computed the exact pre-activation into h_ while predicting
-    const bool resident_pre = options_.predictor == Predictor::Gate || options_.predictor == Predictor::Oracle;
-    // neurons read for nothing keep h = 0, so the output stays the thresholded model's; dense computes all
-    const bool filter = options_.predictor == Predictor::LowRank ||
-                        (criterion == Criterion::Contribution && options_.predictor != Predictor::Dense);
-    const ggml_type down_vdt = S.down.wt->vec_dot_type;
-    const size_t xq_up_row = S.up.wt->act_row_bytes(L.n_embd);
-    // the gate row comes from the record, or from the resident rows when records hold none
     const WeightType * gate_wt = S.gate.wt ? S.gate.wt : L.gate.wt;
-    const size_t xq_gate_row = gate_wt ? gate_wt->act_row_bytes(L.n_embd) : 0;
+    return LayerMath { L, S, criterion, threshold(il),
+                       options_.predictor == Predictor::Gate || options_.predictor == Predictor::Oracle,
+                       options_.predictor == Predictor::LowRank ||
+                               (criterion == Criterion::Contribution && options_.predictor != Predictor::Dense),
+                       S.down.wt->vec_dot_type, S.up.wt->act_row_bytes(L.n_embd), gate_wt,
+                       gate_wt ? gate_wt->act_row_bytes(L.n_embd) : 0 };
+}
+
+// One neuron's h for every token of the batch, and whether it enters the down projection. u and g, when
+// given, hold the neuron's up and gate products for token t at u[t * u_stride] (a batched product); else
+// they are computed here from the record with vec_dot.
+inline void SparseFfn::finish_neuron(const LayerMath & M, int64_t n_tokens, uint32_t p, const uint8_t * rec,
+                                     ThreadState & ts, const float * u_given, int64_t u_stride, const float * g_given,
+                                     int64_t g_stride) {
+    const SparseLayerWeights & L = M.L;
+    const SidecarLayer & S = M.S;
+    const int64_t n_ff = L.n_ff;
     record_of_[p] = rec;
     bool criterion_holds = false, computed = false;
     for (int64_t t = 0; t < n_tokens; ++t) {
@@ -391,32 +415,32 @@ void SparseFfn::finish_neuron(int il, int64_t n_tokens, uint32_t p, const uint8_
         if (u_given) {
             u = u_given[t * u_stride];
         } else {
-            S.up.wt->vec_dot((int) L.n_embd, &u, 0, rec + S.up.offset, 0, xq_up_.data() + t * xq_up_row, 0, 1);
+            S.up.wt->vec_dot((int) L.n_embd, &u, 0, rec + S.up.offset, 0, xq_up_.data() + t * M.xq_up_row, 0, 1);
         }
         if (!L.up_bias.empty()) u += L.up_bias[p];
         float a;
         if (L.gated) {
             float g = hv;
-            if (!resident_pre) {
+            if (!M.resident_pre) {
                 if (g_given) {
                     g = g_given[t * g_stride];
                 } else {
                     const uint8_t * row = S.gate.wt ? rec + S.gate.offset : L.gate.row(p);
-                    gate_wt->vec_dot((int) L.n_embd, &g, 0, row, 0, xq_gate_.data() + t * xq_gate_row, 0, 1);
+                    M.gate_wt->vec_dot((int) L.n_embd, &g, 0, row, 0, xq_gate_.data() + t * M.xq_gate_row, 0, 1);
                 }
                 if (!L.gate_bias.empty()) g += L.gate_bias[p];
             }
             a = activate(L.act, g);
-            hv = round_for(down_vdt, a * u);
+            hv = round_for(M.down_vdt, a * u);
         } else {
             a = activate(L.act, u);
-            hv = round_for(down_vdt, a);
+            hv = round_for(M.down_vdt, a);
         }
-        const bool holds = criterion == Criterion::NativeZero ? a > threshold
-                         : criterion == Criterion::GateMagnitude ? std::fabs(a) > threshold
-                         : criterion == Criterion::Contribution ? std::fabs(hv) * S.down_norm[p] > threshold
-                         : std::fabs(hv) > threshold;
-        if (!holds && filter) {
+        const bool holds = M.criterion == Criterion::NativeZero ? a > M.threshold
+                         : M.criterion == Criterion::GateMagnitude ? std::fabs(a) > M.threshold
+                         : M.criterion == Criterion::Contribution ? std::fabs(hv) * S.down_norm[p] > M.threshold
+                         : std::fabs(hv) > M.threshold;
+        if (!holds && M.filter) {
             hv = 0.0f;
         } else {
             ++ts.computed_pairs;
@@ -436,13 +460,14 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
         compute_h_batched(il, n_tokens, records, pos, n, ts);
         return;
     }
-    const size_t record_bytes = store_->layer(il).region.record_bytes;
+    const LayerMath M = layer_math(il);
+    const size_t record_bytes = M.S.region.record_bytes;
     for (size_t i = 0; i < n; ++i) {
         if (i + kPrefetchAhead < n) {
             // records sit wherever the cache or the read put them: ask for a later one's lines while this computes
             for (size_t at = 0; at < record_bytes; at += 64) prefetch(records[i + kPrefetchAhead] + at);
         }
-        finish_neuron(il, n_tokens, pos[i], records[i], ts, nullptr, 0, nullptr, 0);
+        finish_neuron(M, n_tokens, pos[i], records[i], ts, nullptr, 0, nullptr, 0);
     }
 }
 
@@ -453,11 +478,11 @@ static constexpr size_t kMinStretchRecords = 4;
 // equally spaced records go through ggml's batched mul_mat at once; records that stand alone through vec_dot.
 void SparseFfn::compute_h_batched(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos,
                                   size_t n, ThreadState & ts) {
-    const SparseLayerWeights & L = *layers_[il];
-    const SidecarLayer & S = store_->layer(il);
-    const bool resident_pre = options_.predictor == Predictor::Gate || options_.predictor == Predictor::Oracle;
-    const bool need_gate = L.gated && !resident_pre;
-    const WeightType * gate_wt = S.gate.wt ? S.gate.wt : L.gate.wt;
+    const LayerMath M = layer_math(il);
+    const SparseLayerWeights & L = M.L;
+    const SidecarLayer & S = M.S;
+    const bool need_gate = L.gated && !M.resident_pre;
+    const WeightType * gate_wt = M.gate_wt;
     auto up_of = [&](size_t k) { return records[k] + S.up.offset; };
     auto gate_of = [&](size_t k) { return S.gate.wt ? records[k] + S.gate.offset : L.gate.row(pos[k]); };
     for (size_t i = 0; i < n;) {
@@ -472,7 +497,7 @@ void SparseFfn::compute_h_batched(int il, int64_t n_tokens, const uint8_t * cons
         }
         const size_t m = j - i;
         if (m < kMinStretchRecords) {
-            for (size_t k = i; k < j; ++k) finish_neuron(il, n_tokens, pos[k], records[k], ts, nullptr, 0, nullptr, 0);
+            for (size_t k = i; k < j; ++k) finish_neuron(M, n_tokens, pos[k], records[k], ts, nullptr, 0, nullptr, 0);
             i = j;
             continue;
         }
@@ -486,7 +511,7 @@ void SparseFfn::compute_h_batched(int il, int64_t n_tokens, const uint8_t * cons
                               ts.gemm_g.data(), (int64_t) m, ts.gemm_work);
         }
         for (size_t k = i; k < j; ++k) {
-            finish_neuron(il, n_tokens, pos[k], records[k], ts, ts.gemm_u.data() + (k - i), (int64_t) m,
+            finish_neuron(M, n_tokens, pos[k], records[k], ts, ts.gemm_u.data() + (k - i), (int64_t) m,
                           need_gate ? ts.gemm_g.data() + (k - i) : nullptr, (int64_t) m);
         }
         i = j;
@@ -527,8 +552,13 @@ void SparseFfn::down(int il, float * y, int64_t n_tokens, int ith, int nth) {
                 for (int t = 0; t < tile; ++t) me.down_h.push_back(h_[(t0 + t) * L.n_ff + p]);
             }
         }
-        columns_axpy_tokens(dt, me.down_columns.data(), me.down_h.data(), (int) me.down_columns.size(), tile,
-                            y + t0 * L.n_out + e0, L.n_out, n, me.tmp.data());
+        float * yt = y + t0 * L.n_out + e0;
+        if (tile == 1) {
+            columns_axpy(dt, me.down_columns.data(), me.down_h.data(), (int) me.down_columns.size(), yt, n, me.tmp.data());
+        } else {
+            columns_axpy_tokens(dt, me.down_columns.data(), me.down_h.data(), (int) me.down_columns.size(), tile, yt,
+                                L.n_out, n, me.tmp.data());
+        }
     }
     // a NaN or infinity here would spread through every later layer into the logits: refuse it
     for (int64_t t = 0; t < n_tokens; ++t) {

@@ -134,6 +134,8 @@ public:
     void configure_cache(CachePolicy policy, size_t bytes);
     // Whether the cache is the store arena (its budget holds every record of the store).
     bool holds_store() const { return arena_ != nullptr; }
+    // Whether a cache of `bytes` would be the store arena (with a policy that allows one).
+    bool arena_fits(size_t bytes) const;
     // Reads every record of the store into the arena in long sequential reads, `threads` of them at once,
     // checking each record's checksum (between evaluations only). Does nothing without the arena. Returns
     // the bytes read. Throws IoError for a failed read or a record that fails its checksum.
@@ -179,7 +181,9 @@ private:
     void compute_h(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos, size_t n, ThreadState & ts);
     void compute_h_batched(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos, size_t n,
                            ThreadState & ts);
-    void finish_neuron(int il, int64_t n_tokens, uint32_t p, const uint8_t * rec, ThreadState & ts,
+    struct LayerMath;
+    LayerMath layer_math(int il) const;
+    void finish_neuron(const LayerMath & M, int64_t n_tokens, uint32_t p, const uint8_t * rec, ThreadState & ts,
                        const float * u, int64_t u_stride, const float * g, int64_t g_stride);
     void check_thresholds(const std::vector<float> & given, const char * what) const;
     void down(int il, float * y, int64_t n_tokens, int ith, int nth);

@@ -103,7 +103,9 @@ def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
                     help="gate, lowrank, dense or oracle (default: the one the conversion validated)")
     nl.add_argument("--memory-budget", type=size_argument, default=None, metavar="SIZE",
                     help="the whole process's memory, e.g. 800MB or 1GiB (kB/MB/GB decimal, K/M/G binary)")
-    nl.add_argument("--cache-policy", default="linking", help="bundle cache policy (default: linking)")
+    nl.add_argument("--cache-policy", default="auto",
+                    help="bundle cache policy: auto (the whole store when it fits, else pinned), none, lru, s3fifo, "
+                         "linking, pinned (default: auto)")
     nl.add_argument("--queue-depth", type=positive_int, default=None, help="reads in flight at once")
     nl.add_argument("--io-backend", choices=("auto", "uring", "pread"), default="auto",
                     help="how bundles are read (default: auto)")

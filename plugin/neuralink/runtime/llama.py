@@ -69,6 +69,14 @@ def named_sidecar(model_path: str | os.PathLike[str]) -> str | None:
     return str(name) if name else None
 
 
+def _resolved_policy(policy: str, engine: _engine.Engine, cache_bytes: int) -> str:
+    """The cache policy `auto` stands for at this size: the whole store when it fits (any evicting policy gets
+    the store arena), else the hottest records pinned."""
+    if policy != "auto":
+        return policy
+    return "linking" if engine.cache_would_hold_store(cache_bytes) else "pinned"
+
+
 class Llama(llama_cpp.Llama):
     """``llama_cpp.Llama`` with every layer's dense FFN computed by neuralink's C++ engine.
 
@@ -88,8 +96,13 @@ class Llama(llama_cpp.Llama):
         for measurement). Default: ``"gate"`` where it applies, else
         ``"lowrank"`` when the sidecar has one, else ``"dense"``.
     cache_policy, cache_bytes:
-        the DRAM cache of neuron bundles (``none``, ``lru``, ``s3fifo``,
-        ``linking``, ``pinned``) and its size. Without cache_bytes and
+        the DRAM cache of neuron bundles (``auto``, ``none``, ``lru``,
+        ``s3fifo``, ``linking``, ``pinned``) and its size. ``auto`` (the
+        default): the whole store when the cache holds it, else ``pinned``,
+        the most frequently needed records kept for good (they lie in
+        stretches the reads then skip: on Qwen2.5-Coder-1.5B under a 1 GB
+        cap 391 instead of 494 MiB read per token, SmolLM2 under 220 MB 15
+        instead of 30). Without cache_bytes and
         memory_budget, the cache gets what the process may use: the tighter
         of its cgroup's memory limit and the system's available memory, less
         10 % (at least 256 MiB), less everything else the memory plan counts
@@ -150,7 +163,7 @@ class Llama(llama_cpp.Llama):
         *args: Any,
         sidecar: str | os.PathLike[str] | bool | None = None,
         predictor: str | None = None,
-        cache_policy: str = "linking",
+        cache_policy: str = "auto",
         cache_bytes: int = 0,
         queue_depth: int = _engine.DEFAULT_QUEUE_DEPTH,
         io_backend: str = "auto",
@@ -189,7 +202,10 @@ class Llama(llama_cpp.Llama):
             _engine.verify_model_file(os.fspath(model_path), os.fspath(sidecar_path))
             engine_args.update(
                 sidecar=os.fspath(sidecar_path), predictor=predictor or _default_predictor(sidecar_path, validated),
-                cache_policy=cache_policy, cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
+                # auto: sized once the store's bytes are known (below)
+                cache_policy="linking" if cache_policy == "auto" else cache_policy,
+                cache_bytes=0 if cache_policy == "auto" else cache_bytes, queue_depth=queue_depth,
+                io_backend=io_backend,
             )
             engine_args.update(_read_cost_options(sidecar_path, queue_depth))
             if collapse_gap is not None:
@@ -216,6 +232,8 @@ class Llama(llama_cpp.Llama):
                 budget = automatic[0]
         # the engine reads what it keeps of the FFN weights itself, before llama.cpp maps the rest
         engine = _engine.Engine(os.fspath(model_path), **engine_args)
+        if cache_policy == "auto" and cache_bytes and budget is None and sidecar_path is not None:
+            engine.configure_cache(_resolved_policy(cache_policy, engine, cache_bytes), cache_bytes)
         if not engine.direct_io and direct_io:
             logger.warning("%s: %s", model_path, engine.io_note)
         if engine.io_backend_note:
@@ -248,7 +266,8 @@ class Llama(llama_cpp.Llama):
                 except MemoryBudgetError:
                     self.close()
                     raise
-            engine.configure_cache(cache_policy, self.memory_plan.cache)
+            engine.configure_cache(_resolved_policy(cache_policy, engine, self.memory_plan.cache),
+                                   self.memory_plan.cache)
             if preload and engine.cache_holds_store:
                 start = time.perf_counter()
                 try:

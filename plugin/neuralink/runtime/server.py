@@ -31,7 +31,7 @@ class NeuralinkOptions:
     sidecar: str | None = None
     predictor: str | None = None
     memory_budget: int | str | None = None
-    cache_policy: str = "linking"
+    cache_policy: str = "auto"
     queue_depth: int | None = None
     io_backend: str = "auto"
     direct_io: bool = True

@@ -18,7 +18,7 @@ from neuralink.command import (
     positive_int,
     size_argument,
 )
-from neuralink.errors import BenchIoError, ModelFileError, NeuralinkError
+from neuralink.errors import BenchIoError, ModelFileError, NeuralinkError, OptionError
 from neuralink.evaluate import agreement, bench
 from neuralink.evaluate.agreement import PROMPTS as AGREEMENT_PROMPTS
 from neuralink.evaluate.agreement import agreement_summary, format_agreement, greedy_agreements
@@ -77,7 +77,7 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-ctx", type=positive_int, default=512)
     parser.add_argument("--n-batch", type=positive_int, default=64)
     parser.add_argument("--predictor", default=None)
-    parser.add_argument("--cache-policy", default="linking")
+    parser.add_argument("--cache-policy", default="auto", help="neuralink.Llama's cache_policy (default: auto)")
     parser.add_argument("--density", type=fraction_argument, default=None,
                         help="run neuralink at this target density instead of the sidecar's (thresholds placed on "
                              "--calibration text, as `neuralink perplexity --sweep` does)")
@@ -85,6 +85,9 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
                         help="calibration text for --density (the conversion's)")
     parser.add_argument("--budget-fraction", type=fraction_argument, default=0.95,
                         help="neuralink's memory_budget as a fraction of the cap (headroom for measurement)")
+    parser.add_argument("--ttft-tokens", type=int, default=256,
+                        help="after decoding, time one prompt of this many tokens (from --prompts-from) to its first "
+                             "token in the same process, caches as the decodes left them; 0 skips (default: 256)")
     parser.add_argument("--timeout", type=positive_float, default=900.0, help="seconds per run before giving up")
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     parser.add_argument("--png", type=Path, default=None, help="write the tok/s vs cap curve here")
@@ -104,6 +107,8 @@ def _write_density_thresholds(args: argparse.Namespace, sidecar: Path, path: Pat
 
 
 def e2e_main(args: argparse.Namespace) -> int:
+    if not 0 <= args.ttft_tokens < args.n_ctx:
+        raise OptionError(f"--ttft-tokens {args.ttft_tokens}: expected 0 (skip) up to --n-ctx - 1 ({args.n_ctx - 1})")
     sidecar = args.sidecar or find_sidecar(args.model)
     if sidecar is None:
         raise ModelFileError(f"{args.model}: names no sidecar beside it; pass --sidecar")
@@ -116,7 +121,7 @@ def e2e_main(args: argparse.Namespace) -> int:
             variants=tuple(args.variants), prompts_from=args.prompts_from, prompts=args.prompts, tokens=args.tokens,
             runs=args.runs, threads=args.threads, n_ctx=args.n_ctx, n_batch=args.n_batch, predictor=args.predictor,
             cache_policy=args.cache_policy, budget_fraction=args.budget_fraction, timeout=args.timeout,
-            thresholds_file=thresholds_file)
+            thresholds_file=thresholds_file, ttft_tokens=args.ttft_tokens)
         results = run_e2e(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(e2e_table(results))
     if args.json:

@@ -55,10 +55,11 @@ class E2eSettings:
     n_ctx: int = 512
     n_batch: int = 64
     predictor: str | None = None
-    cache_policy: str = "linking"
+    cache_policy: str = "auto"
     budget_fraction: float = 0.95  # neuralink's memory_budget as a fraction of the cap
     timeout: float = 900.0
     thresholds_file: Path | None = None  # thresholds= and predictor_thresholds= for neuralink.Llama (JSON)
+    ttft_tokens: int = 0  # after decoding, time a prompt of this many tokens to its first token (0: skip)
 
 
 @dataclass
@@ -93,6 +94,8 @@ def run_worker(variant: str, cap: str, settings: E2eSettings, prompts_file: Path
                "--model", str(settings.stock_model if variant == "stock" else settings.model),
                "--prompts", str(prompts_file), "--tokens", str(settings.tokens), "--threads", str(settings.threads),
                "--n-ctx", str(settings.n_ctx), "--n-batch", str(settings.n_batch)]
+    if settings.ttft_tokens:
+        command += ["--ttft-prompt", str(prompts_file.parent / "ttft.txt"), "--ttft-tokens", str(settings.ttft_tokens)]
     if group is not None:
         command += ["--cgroup", str(group.path)]
     if variant == "neuralink":
@@ -139,6 +142,11 @@ def run_e2e(settings: E2eSettings, progress: Callable[[str], None] = print) -> l
     with tempfile.TemporaryDirectory() as tmp:
         prompts_file = Path(tmp) / "prompts.json"
         prompts_file.write_text(json.dumps(prompts))
+        if settings.ttft_tokens:
+            # words enough for the tokens (code and English run 1-2 tokens a word); the worker cuts to the count
+            long_prompt = prompts_from(settings.prompts_from, 1, words=settings.ttft_tokens)[0]
+            (Path(tmp) / "ttft.txt").write_text(long_prompt if len(long_prompt.split()) >= settings.ttft_tokens
+                                                else " ".join(prompts * settings.ttft_tokens))
         for cap in settings.caps:
             rows = {variant: RunResult(cap, variant) for variant in settings.variants}
             # the variants take turns, run by run: a shared machine's slow minutes fall on both alike
@@ -167,8 +175,8 @@ def format_table(results: list[RunResult]) -> str:
     for r in results:
         by_cap.setdefault(r.cap, {})[r.variant] = r
     lines = ["| cap | stock tok/s | neuralink tok/s | neuralink / stock | stock peak MiB | neuralink peak MiB "
-             "| reads/token | MiB read/token | I/O stall ms/token | cache hits | notes |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| reads/token | MiB read/token | I/O stall ms/token | cache hits | TTFT s (stock, neuralink) | notes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def fmt(v: float | None, spec: str) -> str:
         return "—" if v is None else format(v, spec)
@@ -186,7 +194,9 @@ def format_table(results: list[RunResult]) -> str:
             f"| {cap} | {fmt(s_tok, '.2f')} | {fmt(n_tok, '.2f')} | {fmt(ratio, '.1f')} | {fmt(peak(stock), '.0f')} "
             f"| {fmt(peak(nl), '.0f')} | {fmt(nl.median('reads_per_token') if nl else None, '.0f')} "
             f"| {fmt(read_mib / 2**20 if read_mib else None, '.2f')} | {fmt(stall * 1e3 if stall else None, '.2f')} "
-            f"| {fmt(nl.median('cache_hit_rate') if nl else None, '.2f')} | {notes} |"
+            f"| {fmt(nl.median('cache_hit_rate') if nl else None, '.2f')} "
+            f"| {fmt(stock.median('ttft_s') if stock else None, '.2f')}, {fmt(nl.median('ttft_s') if nl else None, '.2f')} "
+            f"| {notes} |"
         )
     return "\n".join(lines)
 

@@ -53,6 +53,22 @@ def _decode_steps(llm, prompt: str, n_tokens: int) -> tuple[list[float], int, fl
     return steps, len(tokens), prompt_s, text
 
 
+def _time_to_first_token(llm, text: str, n_tokens: int) -> tuple[float, int]:
+    """Seconds from a fresh context to the first greedy token of a prompt of n_tokens tokens of `text`
+    (repeated when short), and the prompt's length."""
+    import numpy as np
+
+    from neuralink.evaluate.bench.dense import last_logits
+
+    tokens = llm.tokenize(text.encode())
+    tokens = (tokens * (n_tokens // max(len(tokens), 1) + 1))[:n_tokens]
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(tokens)
+    int(np.argmax(last_logits(llm)))
+    return time.perf_counter() - start, len(tokens)
+
+
 def run(args: argparse.Namespace) -> dict:
     # imported after main() joined the cgroup, so that the engine's and llama.cpp's memory is charged to it
     from neuralink import _engine
@@ -87,6 +103,7 @@ def run(args: argparse.Namespace) -> dict:
         prompt_s += p
         prompt_tokens += n
         texts.append(text)
+    ttft = _time_to_first_token(llm, Path(args.ttft_prompt).read_text(), args.ttft_tokens) if args.ttft_tokens else None
     result = {
         "variant": args.variant,
         "load_s": load_s,
@@ -99,6 +116,8 @@ def run(args: argparse.Namespace) -> dict:
         "texts": texts,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # VmHWM: Linux reports KiB
     }
+    if ttft is not None:
+        result["ttft_s"], result["ttft_tokens"] = ttft
     if args.variant == "neuralink":
         stats = llm.ffn_stats()
         decode = stats[stats["n_tokens"] == 1]
@@ -125,13 +144,15 @@ def main() -> int:
     parser.add_argument("--sidecar", default=None)
     parser.add_argument("--budget", default=None)
     parser.add_argument("--predictor", default=None)
-    parser.add_argument("--cache-policy", default="linking")
+    parser.add_argument("--cache-policy", default="auto")
     parser.add_argument("--thresholds", default=None, help="JSON file: thresholds= and predictor_thresholds= of Llama")
     parser.add_argument("--prompts", required=True)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-ctx", type=int, default=512)
     parser.add_argument("--n-batch", type=int, default=64)
+    parser.add_argument("--ttft-prompt", default=None, help="text of the time-to-first-token prompt")
+    parser.add_argument("--ttft-tokens", type=int, default=0)
     args = parser.parse_args()
     if args.cgroup:
         (Path(args.cgroup) / "cgroup.procs").write_text("0\n")  # join before anything large is loaded
