@@ -1,8 +1,9 @@
 #pragma once
 
-// SparseFfn's per-thread state, shared by its two source files: sparse_ffn.cpp
-// (options, prediction, compute, the down projection) and sparse_reads.cpp
-// (cache lookups, planned reads, completions).
+// SparseFfn's per-thread state, shared by its three source files: sparse_ffn.cpp
+// (options, cache set-up, the phases), sparse_compute.cpp (prediction, h, the
+// down projection) and sparse_reads.cpp (cache lookups, planned reads,
+// completions, the store's preload).
 
 #include "neuralink/sparse_ffn.h"
 

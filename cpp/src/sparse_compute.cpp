@@ -1,0 +1,317 @@
+// SparseFfn's computing side: the prediction (phase 1's work), h of each read or cached neuron (phase 2),
+// for prompt batches through ggml's batched products, and the down projection (phase 3); see sparse_ffn.h.
+
+#include "sparse_ffn_state.h"
+
+#include "neuralink/column_axpy.h"
+#include "neuralink/errors.h"
+#include "neuralink/row_gemm.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace neuralink {
+
+// records ahead of the one being computed whose cache lines are requested
+static constexpr size_t kPrefetchAhead = 2;
+static inline void prefetch(const uint8_t * p) { __builtin_prefetch(p, 0, 3); }
+
+// the down input as the dense path would round it: F16/BF16 vec_dot types see h in that precision
+static float round_for(ggml_type vec_dot_type, float v) {
+    if (vec_dot_type == GGML_TYPE_F16) return ggml_fp16_to_fp32(ggml_fp32_to_fp16(v));
+    if (vec_dot_type == GGML_TYPE_BF16) return ggml_bf16_to_fp32(ggml_fp32_to_bf16(v));
+    return v;
+}
+
+void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, ThreadState & ts) {
+    const SparseLayerWeights & L = *layers_[il];
+    const SidecarLayer & S = store_->layer(il);
+    const Criterion criterion = store_->criterion_kind();
+    const int64_t n_ff = L.n_ff;
+    const float threshold = this->threshold(il);
+    ts.active.clear();
+    if (options_.predictor == Predictor::Dense) {
+        for (int64_t p = r0; p < r1; ++p) {
+            ts.active.push_back((uint32_t) p);
+            for (int64_t t = 0; t < n_tokens; ++t) token_active_[t * n_ff + p] = 1;
+        }
+        return;
+    }
+    if (options_.predictor == Predictor::LowRank) {
+        // scores B (A x) from phase 0's A x; the real criterion is applied once the neuron is computed
+        const int rank = store_->predictor_rank();
+        const float predictor_threshold = this->predictor_threshold(il);
+        for (int64_t p = r0; p < r1; ++p) {
+            const float * b = S.predictor_b.data() + (size_t) p * rank;
+            bool any = false;
+            for (int64_t t = 0; t < n_tokens; ++t) {
+                const float * z = lowrank_z_.data() + (size_t) t * rank;
+                float v = 0.0f;
+                for (int k = 0; k < rank; ++k) v += b[k] * z[k];
+                const float a = activate(L.act, v);
+                const bool on = (criterion == Criterion::NativeZero ? a : std::fabs(a)) > predictor_threshold;
+                token_active_[t * n_ff + p] = on;
+                any |= on;
+            }
+            if (any) {
+                ts.active.push_back((uint32_t) p);
+            }
+        }
+        return;
+    }
+    // gate (and oracle on gated models): exact gate values from the resident rows; oracle on
+    // non-gated models: exact up values from resident up rows
+    const WeightMatrix & W = L.gated ? L.gate : L.up;
+    const std::vector<float> & bias = L.gated ? L.gate_bias : L.up_bias;
+    const size_t xq_row = W.wt->act_row_bytes(L.n_embd);
+    const uint8_t * xq = L.gated ? xq_gate_.data() : xq_up_.data();
+    const bool contribution = criterion == Criterion::Contribution;
+    // the oracle knows u too (resident up rows) and selects exactly the final neurons
+    const bool oracle_up = contribution && options_.predictor == Predictor::Oracle;
+    const float candidate_threshold = contribution ? this->candidate_threshold(il) : 0.0f;
+    const size_t xq_up_row = oracle_up ? L.up.wt->act_row_bytes(L.n_embd) : 0;
+    // a prompt batch: the range's rows against every token at once, into h_
+    const bool batched = n_tokens >= kGemmMinTokens && r1 > r0;
+    if (batched) {
+        rows_times_tokens(*W.wt, W.row(r0), W.row_bytes, r1 - r0, L.n_embd, xq, n_tokens, h_.data() + r0, n_ff,
+                          ts.gemm_work);
+    }
+    for (int64_t p = r0; p < r1; ++p) {
+        bool any = false;
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            float v;
+            if (batched) {
+                v = h_[t * n_ff + p];
+            } else {
+                W.wt->vec_dot((int) L.n_embd, &v, 0, W.row(p), 0, xq + t * xq_row, 0, 1);
+            }
+            if (!bias.empty()) v += bias[p];
+            h_[t * n_ff + p] = v; // the pre-activation, consumed by compute_h
+            const float a = activate(L.act, v);
+            bool on;
+            if (oracle_up) {
+                float u;
+                L.up.wt->vec_dot((int) L.n_embd, &u, 0, L.up.row(p), 0, xq_up_.data() + t * xq_up_row, 0, 1);
+                if (!L.up_bias.empty()) u += L.up_bias[p];
+                on = std::fabs(a * u) * S.down_norm[p] > threshold;
+            } else if (contribution) {
+                on = std::fabs(a) * S.candidate_scale[p] > candidate_threshold;
+            } else {
+                // ReLU-family activations are >= 0: a threshold of 0 keeps exactly the native non-zeros
+                on = (criterion == Criterion::NativeZero ? a : std::fabs(a)) > threshold;
+            }
+            token_active_[t * n_ff + p] = on;
+            any |= on;
+        }
+        if (any) {
+            ts.active.push_back((uint32_t) p);
+        }
+    }
+}
+
+// What finishing a neuron needs of its layer, worked out once per call of compute_h rather than per neuron.
+struct SparseFfn::LayerMath {
+    const SparseLayerWeights & L;
+    const SidecarLayer & S;
+    Criterion criterion;
+    float threshold;
+    bool resident_pre; // gate and oracle computed the exact pre-activation into h_ while predicting
+    bool filter;       // neurons read for nothing keep h = 0 (the thresholded model); dense computes all
+    ggml_type down_vdt;
+    size_t xq_up_row;
+    const WeightType * gate_wt; // the gate row's type: the record's, or the resident rows' when records hold none
+    size_t xq_gate_row;
+};
+
+SparseFfn::LayerMath SparseFfn::layer_math(int il) const {
+    const SparseLayerWeights & L = *layers_[il];
+    const SidecarLayer & S = store_->layer(il);
+    const Criterion criterion = store_->criterion_kind();
+    const WeightType * gate_wt = S.gate.wt ? S.gate.wt : L.gate.wt;
+    return LayerMath { L, S, criterion, threshold(il),
+                       options_.predictor == Predictor::Gate || options_.predictor == Predictor::Oracle,
+                       options_.predictor == Predictor::LowRank ||
+                               (criterion == Criterion::Contribution && options_.predictor != Predictor::Dense),
+                       S.down.wt->vec_dot_type, S.up.wt->act_row_bytes(L.n_embd), gate_wt,
+                       gate_wt ? gate_wt->act_row_bytes(L.n_embd) : 0 };
+}
+
+// One neuron's h for every token of the batch, and whether it enters the down projection. u and g, when
+// given, hold the neuron's up and gate products for token t at u[t * u_stride] (a batched product); else
+// they are computed here from the record with vec_dot.
+inline void SparseFfn::finish_neuron(const LayerMath & M, int64_t n_tokens, uint32_t p, const uint8_t * rec,
+                                     ThreadState & ts, const float * u_given, int64_t u_stride, const float * g_given,
+                                     int64_t g_stride) {
+    const SparseLayerWeights & L = M.L;
+    const SidecarLayer & S = M.S;
+    const int64_t n_ff = L.n_ff;
+    record_of_[p] = rec;
+    bool criterion_holds = false, computed = false;
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        float & hv = h_[t * n_ff + p];
+        if (!token_active_[t * n_ff + p]) {
+            hv = 0.0f;
+            continue;
+        }
+        ++ts.predicted_pairs;
+        float u;
+        if (u_given) {
+            u = u_given[t * u_stride];
+        } else {
+            S.up.wt->vec_dot((int) L.n_embd, &u, 0, rec + S.up.offset, 0, xq_up_.data() + t * M.xq_up_row, 0, 1);
+        }
+        if (!L.up_bias.empty()) u += L.up_bias[p];
+        float a;
+        if (L.gated) {
+            float g = hv;
+            if (!M.resident_pre) {
+                if (g_given) {
+                    g = g_given[t * g_stride];
+                } else {
+                    const uint8_t * row = S.gate.wt ? rec + S.gate.offset : L.gate.row(p);
+                    M.gate_wt->vec_dot((int) L.n_embd, &g, 0, row, 0, xq_gate_.data() + t * M.xq_gate_row, 0, 1);
+                }
+                if (!L.gate_bias.empty()) g += L.gate_bias[p];
+            }
+            a = activate(L.act, g);
+            hv = round_for(M.down_vdt, a * u);
+        } else {
+            a = activate(L.act, u);
+            hv = round_for(M.down_vdt, a);
+        }
+        const bool holds = M.criterion == Criterion::NativeZero ? a > M.threshold
+                         : M.criterion == Criterion::GateMagnitude ? std::fabs(a) > M.threshold
+                         : M.criterion == Criterion::Contribution ? std::fabs(hv) * S.down_norm[p] > M.threshold
+                         : std::fabs(hv) > M.threshold;
+        if (!holds && M.filter) {
+            hv = 0.0f;
+        } else {
+            ++ts.computed_pairs;
+            computed = true;
+        }
+        criterion_holds |= holds;
+    }
+    ts.truly_active += criterion_holds;
+    if (computed) {
+        ts.finals.push_back(p);
+    }
+}
+
+void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos, size_t n,
+                          ThreadState & ts) {
+    if (n_tokens >= kGemmMinTokens) {
+        compute_h_batched(il, n_tokens, records, pos, n, ts);
+        return;
+    }
+    const LayerMath M = layer_math(il);
+    const size_t record_bytes = M.S.region.record_bytes;
+    for (size_t i = 0; i < n; ++i) {
+        if (i + kPrefetchAhead < n) {
+            // records sit wherever the cache or the read put them: ask for a later one's lines while this computes
+            for (size_t at = 0; at < record_bytes; at += 64) prefetch(records[i + kPrefetchAhead] + at);
+        }
+        finish_neuron(M, n_tokens, pos[i], records[i], ts, nullptr, 0, nullptr, 0);
+    }
+}
+
+// the fewest records worth a batched product (kStretchRecords at most: its results for a 64-token batch, 64 KiB)
+static constexpr size_t kMinStretchRecords = 4;
+
+// A prompt batch: the up rows (and gate rows, when the prediction did not compute the gate) of each stretch of
+// equally spaced records go through ggml's batched mul_mat at once; records that stand alone through vec_dot.
+void SparseFfn::compute_h_batched(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos,
+                                  size_t n, ThreadState & ts) {
+    const LayerMath M = layer_math(il);
+    const SparseLayerWeights & L = M.L;
+    const SidecarLayer & S = M.S;
+    const bool need_gate = L.gated && !M.resident_pre;
+    const WeightType * gate_wt = M.gate_wt;
+    auto up_of = [&](size_t k) { return records[k] + S.up.offset; };
+    auto gate_of = [&](size_t k) { return S.gate.wt ? records[k] + S.gate.offset : L.gate.row(pos[k]); };
+    for (size_t i = 0; i < n;) {
+        size_t j = i + 1;
+        const ptrdiff_t su = j < n ? up_of(j) - up_of(i) : 0;
+        const ptrdiff_t sg = j < n && need_gate ? gate_of(j) - gate_of(i) : 0;
+        const bool spaced = su > 0 && gemm_stride_ok(*S.up.wt, L.n_embd, (size_t) su) &&
+                            (!need_gate || (sg > 0 && gemm_stride_ok(*gate_wt, L.n_embd, (size_t) sg)));
+        while (spaced && j < n && j - i < kStretchRecords && up_of(j) - up_of(j - 1) == su &&
+               (!need_gate || gate_of(j) - gate_of(j - 1) == sg)) {
+            ++j;
+        }
+        const size_t m = j - i;
+        if (m < kMinStretchRecords) {
+            for (size_t k = i; k < j; ++k) finish_neuron(M, n_tokens, pos[k], records[k], ts, nullptr, 0, nullptr, 0);
+            i = j;
+            continue;
+        }
+        const size_t need = (size_t) n_tokens * m;
+        if (ts.gemm_u.size() < need) ts.gemm_u.resize(need);
+        rows_times_tokens(*S.up.wt, up_of(i), (size_t) su, (int64_t) m, L.n_embd, xq_up_.data(), n_tokens,
+                          ts.gemm_u.data(), (int64_t) m, ts.gemm_work);
+        if (need_gate) {
+            if (ts.gemm_g.size() < need) ts.gemm_g.resize(need);
+            rows_times_tokens(*gate_wt, gate_of(i), (size_t) sg, (int64_t) m, L.n_embd, xq_gate_.data(), n_tokens,
+                              ts.gemm_g.data(), (int64_t) m, ts.gemm_work);
+        }
+        for (size_t k = i; k < j; ++k) {
+            finish_neuron(M, n_tokens, pos[k], records[k], ts, ts.gemm_u.data() + (k - i), (int64_t) m,
+                          need_gate ? ts.gemm_g.data() + (k - i) : nullptr, (int64_t) m);
+        }
+        i = j;
+    }
+}
+
+void SparseFfn::down(int il, float * y, int64_t n_tokens, int ith, int nth) {
+    const SparseLayerWeights & L = *layers_[il];
+    const SidecarLayer & S = store_->layer(il);
+    const WeightType & dt = *S.down.wt;
+    const int64_t bs = dt.block_size;
+    const auto [b0, b1] = split_range(L.n_embd / bs, ith, nth);
+    const int64_t e0 = b0 * bs, e1 = b1 * bs, n = e1 - e0;
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        float * yt = y + t * L.n_out;
+        for (int64_t e = e0; e < e1; ++e) yt[e] = L.down_bias.empty() ? 0.0f : L.down_bias[e];
+    }
+    if (n == 0) {
+        return;
+    }
+    ThreadState & me = thread_state(ith);
+    if ((int64_t) me.tmp.size() < n) me.tmp.resize((size_t) n);
+    const size_t slice_offset = S.down.offset + (size_t) b0 * ggml_type_size(dt.type);
+    const std::vector<const uint8_t *> & down_records = store_->split() ? down_of_ : record_of_;
+    // up to kMaxTileTokens tokens at a time: the encoded columns of their nonzero h scaled straight into their
+    // slices of y, held in registers while the columns stream past, each column block converted once for all
+    // of them; a token gets the same sums in a batch as alone
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += kMaxTileTokens) {
+        const int tile = (int) std::min<int64_t>(kMaxTileTokens, n_tokens - t0);
+        me.down_columns.clear();
+        me.down_h.clear();
+        for (int j = 0; j < nth; ++j) {
+            for (uint32_t p : threads_[j]->finals) {
+                bool any = false;
+                for (int t = 0; t < tile; ++t) any |= h_[(t0 + t) * L.n_ff + p] != 0.0f;
+                if (!any) continue;
+                me.down_columns.push_back(down_records[p] + slice_offset);
+                for (int t = 0; t < tile; ++t) me.down_h.push_back(h_[(t0 + t) * L.n_ff + p]);
+            }
+        }
+        float * yt = y + t0 * L.n_out + e0;
+        if (tile == 1) {
+            columns_axpy(dt, me.down_columns.data(), me.down_h.data(), (int) me.down_columns.size(), yt, n, me.tmp.data());
+        } else {
+            columns_axpy_tokens(dt, me.down_columns.data(), me.down_h.data(), (int) me.down_columns.size(), tile, yt,
+                                L.n_out, n, me.tmp.data());
+        }
+    }
+    // a NaN or infinity here would spread through every later layer into the logits: refuse it
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        const float * yt = y + t * L.n_out;
+        if (!std::all_of(yt + e0, yt + e1, [](float v) { return std::isfinite(v); })) {
+            throw NumericError("layer " + std::to_string(il) + ": the FFN output of token " + std::to_string(t) +
+                               " is not finite (NaN or infinity): the sidecar's weights are corrupt or the "
+                               "activations overflowed");
+        }
+    }
+}
+
+} // namespace neuralink
