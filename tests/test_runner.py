@@ -282,3 +282,16 @@ def test_help_explains_every_option(runner: Path) -> None:
                  "--follow-tokens", "--verbose",
                  "exit status"):
         assert flag in result.stdout, flag
+
+
+@pytest.mark.parametrize(("cache_bytes", "policy", "preloaded"), [("64K", "pinned", False), ("64M", "linking", True)])
+def test_the_auto_cache_policy_pins_or_keeps_the_whole_store(runner: Path, converted_model, cache_bytes: str,
+                                                             policy: str, preloaded: bool) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    result = run(runner, "-m", model, "-p", PROMPT, "-n", 4, "--cache-bytes", cache_bytes, "--io-backend", "pread")
+    assert result.returncode == 0, result.stderr
+    assert f"cache {policy}" in result.stderr
+    assert ("bundle store read into the cache" in result.stderr) == preloaded
+    # the same tokens as without any cache: a cache changes what is read, never what is computed
+    plain = run(runner, "-m", model, "-p", PROMPT, "-n", 4, "--cache-policy", "none", "--io-backend", "pread")
+    assert generated_tokens(result) == generated_tokens(plain)

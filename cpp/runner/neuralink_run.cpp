@@ -129,6 +129,23 @@ std::string resolve_sidecar(const RunnerOptions & o, const neuralink::GgufModel 
 // As neuralink.Llama: the predictor the conversion validated for quality, else every neuron.
 std::string default_predictor(const neuralink::SidecarStore & store) { return store.default_predictor(); }
 
+// The policy --cache-policy auto stands for at this cache size: the whole store when it fits (the store arena),
+// else the most frequently needed records pinned (they lie in stretches the reads skip).
+neuralink::CachePolicy resolved_policy(const RunnerOptions & o, const neuralink::SparseFfn & sparse, size_t bytes) {
+    if (o.cache_policy != "auto") {
+        return neuralink::cache_policy_from_name(o.cache_policy);
+    }
+    return sparse.arena_fits(bytes) ? neuralink::CachePolicy::Linking : neuralink::CachePolicy::Pinned;
+}
+
+// Reads the whole store into the cache when the cache holds it, rather than neuron by neuron while decoding.
+void preload_store(neuralink::SparseFfn & sparse) {
+    if (sparse.holds_store()) {
+        const uint64_t bytes = sparse.fill_arena();
+        note("bundle store read into the cache: %.1f MiB", (double) bytes / (1 << 20));
+    }
+}
+
 neuralink::EngineOptions engine_options(const RunnerOptions & o, const std::string & sidecar,
                                         const std::string & predictor) {
     neuralink::EngineOptions opts;
@@ -136,8 +153,11 @@ neuralink::EngineOptions engine_options(const RunnerOptions & o, const std::stri
     if (!sidecar.empty()) {
         opts.sidecar_path = sidecar;
         opts.sparse.predictor = neuralink::predictor_from_name(predictor);
-        opts.sparse.cache_policy = neuralink::cache_policy_from_name(o.cache_policy);
-        opts.sparse.cache_bytes = o.cache_bytes;
+        // auto: chosen once the store's size is known (resolved_policy)
+        const bool automatic = o.cache_policy == "auto";
+        opts.sparse.cache_policy = automatic ? neuralink::CachePolicy::Linking
+                                             : neuralink::cache_policy_from_name(o.cache_policy);
+        opts.sparse.cache_bytes = automatic ? 0 : o.cache_bytes;
         opts.sparse.queue_depth = o.queue_depth;
         opts.sparse.direct_io = o.direct_io;
         opts.sparse.io_backend = neuralink::io_backend_from_name(o.io_backend);
@@ -287,8 +307,13 @@ std::unique_ptr<neuralink::Engine> open_engine(const RunnerOptions & o, std::str
     if (o.direct_io && !engine->direct_io()) {
         note("%s", engine->io_note().c_str());
     }
-    if (const auto * sparse = engine->sparse()) {
-        note("sparse: sidecar %s, predictor %s, cache %s", sidecar.c_str(), predictor.c_str(), o.cache_policy.c_str());
+    if (auto * sparse = engine->sparse()) {
+        if (o.cache_policy == "auto" && o.cache_bytes > 0 && !o.memory_budget) {
+            sparse->configure_cache(resolved_policy(o, *sparse, o.cache_bytes), o.cache_bytes);
+            preload_store(*sparse);
+        }
+        note("sparse: sidecar %s, predictor %s, cache %s", sidecar.c_str(), predictor.c_str(),
+             neuralink::cache_policy_name(sparse->options().cache_policy));
         const std::string asked = o.io_backend_given ? "--io-backend " + o.io_backend
                 : o.io_backend + " by default, " + default_io_backend_reason();
         note("reads: %s%s%s (asked: %s)", neuralink::io_backend_name(sparse->io_backend()),
@@ -365,13 +390,9 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
         throw BudgetError(o.model + ": " + head + " this model and context need (raise the budget, or lower "
                           "--ctx-size / --batch-size):\n" + plan.describe());
     }
-    engine.sparse()->configure_cache(neuralink::cache_policy_from_name(o.cache_policy), plan.cache());
+    engine.sparse()->configure_cache(resolved_policy(o, *engine.sparse(), plan.cache()), plan.cache());
     note("memory budget:\n%s", plan.describe().c_str());
-    if (engine.sparse()->holds_store()) {
-        // the cache holds every record: read them now in long reads rather than neuron by neuron while decoding
-        const uint64_t bytes = engine.sparse()->fill_arena();
-        note("bundle store read into the cache: %.1f MiB", (double) bytes / (1 << 20));
-    }
+    preload_store(*engine.sparse());
 }
 
 struct Generation {

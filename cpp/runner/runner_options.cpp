@@ -53,8 +53,9 @@ model and weights:
                            dense (every neuron: the reference) or oracle (the true
                            active set, for measurement); default: gate where the
                            sidecar allows it, else dense
-  --cache-policy NAME      DRAM cache of bundles: none, lru, s3fifo, linking, pinned
-                           (default linking)
+  --cache-policy NAME      DRAM cache of bundles: auto (the whole store when it fits,
+                           else pinned), none, lru, s3fifo, linking, pinned
+                           (default auto)
   --cache-bytes SIZE       the cache's size (default 0: no cache)
   --memory-budget SIZE     the whole process's memory: everything resident is
                            accounted (process, non-FFN weights, engine, KV cache,
@@ -187,7 +188,7 @@ RunnerOptions parse_options(int argc, char ** argv) {
             throw UsageError("--predictor " + o.predictor + " needs a sidecar, and --dense uses none");
         }
     }
-    check_name("--cache-policy", o.cache_policy, { "none", "lru", "s3fifo", "linking", "pinned" });
+    check_name("--cache-policy", o.cache_policy, { "auto", "none", "lru", "s3fifo", "linking", "pinned" });
     if (o.io_backend.empty()) {
         o.io_backend = default_io_backend();
     }

@@ -33,7 +33,7 @@ struct RunnerOptions {
     bool dense = false;          // ignore any sidecar: all FFN weights in RAM
     bool stock_ffn = false;      // no engine: llama.cpp's own FFNs (the baseline, and a reference)
     std::string predictor;       // empty: "gate" where the sidecar allows it, else "dense"
-    std::string cache_policy = "linking";
+    std::string cache_policy = "auto";
     uint64_t cache_bytes = 0;
     std::optional<uint64_t> memory_budget;
     std::string io_backend;      // "auto", "uring" or "pread"; empty: the platform default
