@@ -455,9 +455,31 @@ void BundleCache::pin_hottest(const std::vector<std::vector<float>> & frequency,
     for (const SizeClass & c : classes_) {
         min_slot = std::min(min_slot, c.slot_bytes);
     }
+    // which records fit, hottest first (as inserting them one by one decides), then read in (layer, position)
+    // order: placement puts hot neurons side by side, so the reader can serve neighbours from one long read
+    std::vector<uint64_t> chosen;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        size_t free_entries = 0;
+        for (uint32_t e = free_entry_; e != kNil; e = entries_[e].next) ++free_entries;
+        size_t live = live_bytes_;
+        for (uint64_t k : order) {
+            if (free_entries == 0 || live + min_slot > record_budget_) {
+                break;
+            }
+            const size_t slot = slot_bytes(key_layer(k));
+            if (live + slot > record_budget_) {
+                continue;
+            }
+            live += slot;
+            --free_entries;
+            chosen.push_back(k);
+        }
+    }
+    std::sort(chosen.begin(), chosen.end());
     std::vector<uint8_t> record(*std::max_element(record_bytes_.begin(), record_bytes_.end()));
     try {
-        for (uint64_t k : order) {
+        for (uint64_t k : chosen) {
             const uint32_t layer = key_layer(k), pos = key_pos(k);
             {
                 // only pin_hottest inserts into a pinned cache, so room checked here is still there below

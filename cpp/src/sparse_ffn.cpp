@@ -116,6 +116,9 @@ bool SparseFfn::arena_fits(size_t bytes) const {
     return bytes >= StoreArena::bytes_for(record_bytes, (size_t) store_->n_ff());
 }
 
+// the longest read pinning makes: a stretch of records from the one asked for (a layer's region at most)
+static constexpr size_t kPinReadBytes = 256 << 10;
+
 // The cache's keys: layer il's bundle records are key il, its down columns (split layout) key n_layer + il.
 void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
     const int n_layer = store_->n_layer();
@@ -143,12 +146,23 @@ void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
         cache = std::make_unique<BundleCache>(policy, bytes, record_bytes, cache_options);
     }
     if (policy == CachePolicy::Pinned) {
-        cache->pin_hottest(frequency, [this, n_layer](uint32_t key, uint32_t pos, uint8_t * dst) {
+        // records come in (key, position) order and hot ones lie side by side: each read takes up to
+        // kPinReadBytes from the record asked for, and the records after it are served from that read
+        struct Window { uint32_t key = UINT32_MAX, first = 0, count = 0; AlignedBuffer buf; const uint8_t * start = nullptr; };
+        Window win;
+        cache->pin_hottest(frequency, [this, n_layer, &win](uint32_t key, uint32_t pos, uint8_t * dst) {
             const bool down = (int) key >= n_layer;
             const int il = down ? (int) key - n_layer : (int) key;
             const BundleRegion & region = down ? store_->layer(il).down_region : store_->layer(il).region;
-            const uint8_t * start = nullptr;
-            AlignedBuffer buf = store_->file().read_range(region.record_offset(pos), region.record_bytes, &start);
+            if (win.key != key || pos < win.first || pos >= win.first + win.count) {
+                const uint32_t per = (uint32_t) std::max<size_t>(1, kPinReadBytes / std::max<size_t>(region.record_bytes, 1));
+                win.count = std::min(per, region.n_records - pos);
+                win.buf = store_->file().read_range(region.record_offset(pos), (size_t) win.count * region.record_bytes,
+                                                    &win.start);
+                win.key = key;
+                win.first = pos;
+            }
+            const uint8_t * start = win.start + (size_t) (pos - win.first) * region.record_bytes;
             if (options_.verify_checksums) {
                 store_->check_record(il, down, pos, start);
             }
