@@ -324,7 +324,8 @@ def test_the_auto_cache_policy_keeps_the_whole_store_or_pins_the_hottest_records
     model, sidecar = converted_model("llama", "f32")
     store = _engine.Engine(str(model), sidecar=str(sidecar)).store_bytes
     whole = neuralink.Llama(str(model), sidecar=str(sidecar), cache_bytes=2 * store, **CONTEXT)
-    assert whole.engine.cache_holds_store  # the store arena
+    assert whole.engine.cache_holds_store  # the store arena, read at load
+    assert whole.engine.cache_stats()["entries"] == 2 * 512
     whole.close()
     part = neuralink.Llama(str(model), sidecar=str(sidecar), cache_bytes=store // 4, **CONTEXT)
     assert part.engine.cache_policy == "pinned" and not part.engine.cache_holds_store

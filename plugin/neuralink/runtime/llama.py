@@ -268,15 +268,15 @@ class Llama(llama_cpp.Llama):
                     raise
             engine.configure_cache(_resolved_policy(cache_policy, engine, self.memory_plan.cache),
                                    self.memory_plan.cache)
-            if preload and engine.cache_holds_store:
-                start = time.perf_counter()
-                try:
-                    filled = engine.fill_cache()
-                except Exception:
-                    self.close()
-                    raise
-                logger.info("%s: bundle store read into the cache: %.0f MiB in %.2f s", model_path, filled / 2**20,
-                            time.perf_counter() - start)
+        if preload and engine.cache_holds_store:  # from a budget, the memory there is, or cache_bytes
+            start = time.perf_counter()
+            try:
+                filled = engine.fill_cache()
+            except Exception:
+                self.close()
+                raise
+            logger.info("%s: bundle store read into the cache: %.0f MiB in %.2f s", model_path, filled / 2**20,
+                        time.perf_counter() - start)
         self._neuralink_args = dict(sidecar=sidecar, predictor=predictor, cache_policy=cache_policy,
                                     cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
                                     collapse_gap=collapse_gap, memory_budget=memory_budget, direct_io=direct_io,
