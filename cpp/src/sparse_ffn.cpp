@@ -98,40 +98,33 @@ uint64_t SparseFfn::store_bytes() const {
     return bytes;
 }
 
-size_t SparseFfn::cache_bytes_to_hold_store() const {
+// The cache's keys: layer il's bundle records are key il, its down columns (split layout) key n_layer + il.
+std::vector<size_t> SparseFfn::record_bytes_by_key() const {
     std::vector<size_t> record_bytes;
-    for (int il = 0; il < store_->n_layer(); ++il) {
-        record_bytes.push_back(store_->layer(il).region.record_bytes);
-        if (store_->split()) record_bytes.push_back(store_->layer(il).down_region.record_bytes);
+    for (int il = 0; il < store_->n_layer(); ++il) record_bytes.push_back(store_->layer(il).region.record_bytes);
+    for (int il = 0; store_->split() && il < store_->n_layer(); ++il) {
+        record_bytes.push_back(store_->layer(il).down_region.record_bytes);
     }
-    return BundleCache::bytes_to_hold(options_.cache_policy, record_bytes, (size_t) store_->n_ff());
+    return record_bytes;
+}
+
+size_t SparseFfn::cache_bytes_to_hold_store() const {
+    return BundleCache::bytes_to_hold(options_.cache_policy, record_bytes_by_key(), (size_t) store_->n_ff());
 }
 
 bool SparseFfn::arena_fits(size_t bytes) const {
-    std::vector<size_t> record_bytes;
-    for (int il = 0; il < store_->n_layer(); ++il) {
-        record_bytes.push_back(store_->layer(il).region.record_bytes);
-        if (store_->split()) record_bytes.push_back(store_->layer(il).down_region.record_bytes);
-    }
-    return bytes >= StoreArena::bytes_for(record_bytes, (size_t) store_->n_ff());
+    return bytes >= StoreArena::bytes_for(record_bytes_by_key(), (size_t) store_->n_ff());
 }
 
 // the longest read pinning makes: a stretch of records from the one asked for (a layer's region at most)
 static constexpr size_t kPinReadBytes = 256 << 10;
 
-// The cache's keys: layer il's bundle records are key il, its down columns (split layout) key n_layer + il.
 void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
     const int n_layer = store_->n_layer();
-    std::vector<size_t> record_bytes;
-    std::vector<std::vector<float>> frequency;
-    for (int il = 0; il < n_layer; ++il) {
-        record_bytes.push_back(store_->layer(il).region.record_bytes);
-        frequency.push_back(store_->layer(il).candidate_frequency);
-    }
-    for (int il = 0; store_->split() && il < n_layer; ++il) {
-        record_bytes.push_back(store_->layer(il).down_region.record_bytes);
-        frequency.push_back(store_->layer(il).frequency);
-    }
+    const std::vector<size_t> record_bytes = record_bytes_by_key();
+    std::vector<std::vector<float>> frequency; // by key, as record_bytes
+    for (int il = 0; il < n_layer; ++il) frequency.push_back(store_->layer(il).candidate_frequency);
+    for (int il = 0; store_->split() && il < n_layer; ++il) frequency.push_back(store_->layer(il).frequency);
     const size_t n_ff = (size_t) store_->n_ff();
     std::unique_ptr<StoreArena> arena;
     if (policy != CachePolicy::None && policy != CachePolicy::Pinned && arena_fits(bytes)) {

@@ -190,6 +190,8 @@ private:
     void fail(const std::string & what, bool numeric = false);
     ThreadState & thread_state(int ith);
     uint32_t max_gap_records(const BundleRegion & region) const;
+    // bytes of one record of each cache key: the layers' bundle records, then (split layout) their down columns
+    std::vector<size_t> record_bytes_by_key() const;
 
     std::shared_ptr<SidecarStore> store_;
     SparseOptions options_;
