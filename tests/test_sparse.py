@@ -335,3 +335,59 @@ def test_the_auto_cache_policy_keeps_the_whole_store_or_pins_the_hottest_records
     chosen = neuralink.Llama(str(model), sidecar=str(sidecar), cache_bytes=store // 4, cache_policy="lru", **CONTEXT)
     assert chosen.engine.cache_policy == "lru"
     chosen.close()
+
+
+def test_streamed_gate_rows_leave_dram_and_change_no_output(converted_model) -> None:
+    model, sidecar = converted_model("llama", "q8_0", n_layer=4)
+    options = dict(sidecar=str(sidecar), predictor="gate", cache_policy="none")
+    resident, streamed = _engine.Engine(str(model), **options), _engine.Engine(str(model), **options)
+    gate_layer = 512 * (256 // 32 * 34)  # n_ff rows of n_embd in q8_0 (34-byte blocks of 32)
+    streamed.stream_gate_rows(3)
+    assert streamed.gate_layers_streamed == 3
+    assert resident.resident_bytes - streamed.resident_bytes == 3 * gate_layer
+    with pytest.raises(ValueError, match="streamed already"):
+        streamed.stream_gate_rows(1)
+    x = np.random.default_rng(3).standard_normal((12, 256)).astype(np.float32)
+    streamed.take_stats(), resident.take_stats()
+    # layers in order twice (the next layer's rows read ahead, wrapping to the first), then out of order
+    for il in [0, 1, 2, 3, 0, 1, 2, 3, 2, 0, 0, 3]:
+        for rows in (x, x[:1]):
+            assert np.array_equal(streamed.forward(il, rows, "silu"), resident.forward(il, rows, "silu"))
+    # each evaluation of a streamed layer counts its gate rows as one more read
+    for s, r in zip(streamed.take_stats(), resident.take_stats(), strict=True):
+        extra = gate_layer if s["il"] < 3 else 0
+        assert (s["bytes_read"] - r["bytes_read"], s["reads"] - r["reads"]) == (extra, extra // gate_layer)
+    # a failed read of the gate rows is an error of that evaluation only
+    streamed.inject_fault("eio", 0)
+    with pytest.raises(EngineIOError, match="Input/output error"):
+        for il in range(4):
+            streamed.forward(il, x, "silu")
+    streamed.inject_fault("none")
+    for il in [1, 0, 2]:
+        assert np.array_equal(streamed.forward(il, x, "silu"), resident.forward(il, x, "silu"))
+
+
+def test_a_budget_below_the_resident_gate_rows_streams_the_fewest_layers(converted_model) -> None:
+    model, sidecar = converted_model("llama", "f32", n_layer=8, n_ff=2048)
+    engine = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate")
+    gate_layer = 2048 * 256 * 4
+    plan = _engine.plan_memory(engine, 0, 0, [], 2, 1, 256, 0)
+    assert _engine.gate_layers_to_stream(plan, engine) == -1  # nothing fits a budget of 0
+    at = lambda budget: _engine.plan_memory(engine, budget, 0, [], 2, 1, 256, 0)  # noqa: E731
+    assert _engine.gate_layers_to_stream(at(plan.minimum), engine) == 0
+    # two read buffers of a layer each, paid back by the third streamed layer
+    assert _engine.gate_layers_to_stream(at(plan.minimum - 1), engine) == 3
+    assert _engine.gate_layers_to_stream(at(plan.minimum - 3 * gate_layer), engine) == 6
+    assert _engine.gate_layers_to_stream(at(plan.minimum - 7 * gate_layer), engine) == -1
+    # through neuralink.Llama: a budget the resident rows miss by two layers' worth is accepted, same outputs
+    # (how many layers stream depends on the process's memory, measured at each load; no cache, so that both
+    # runs read, and batch, the same records)
+    options = dict(sidecar=str(sidecar), predictor="gate", cache_policy="none")
+    free = neuralink.Llama(str(model), memory_budget="2GiB", **options, **CONTEXT)
+    want, minimum = batch_logits(free, tokens_of(free, 24)), free.memory_plan.minimum
+    free.close()
+    llm = neuralink.Llama(str(model), memory_budget=minimum - 2 * gate_layer, **options, **CONTEXT)
+    assert llm.engine.gate_layers_streamed >= 3
+    assert llm.memory_plan.minimum <= llm.memory_plan.budget
+    assert np.array_equal(batch_logits(llm, tokens_of(llm, 24)), want)
+    llm.close()

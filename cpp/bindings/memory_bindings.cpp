@@ -42,6 +42,10 @@ void register_memory(py::module_ & m) {
           "llama_log: llama.cpp's log lines, which report its KV, output and compute buffers; load_anon_growth: "
           "the anonymous memory (RssAnon) opening the engine and loading the model added, of which what "
           "exceeds the KV cache and the engine's resident rows is heap nobody reports (vocabulary, tables).");
+    m.def("gate_layers_to_stream", &gate_layers_to_stream, py::arg("plan"), py::arg("engine"),
+          "The fewest layers whose gate rows, read every time the layer runs instead of kept resident "
+          "(Engine.stream_gate_rows), bring the plan's minimum within its budget: 0 when it fits as it is, -1 when "
+          "streaming every layer's would not be enough.");
     m.def("resident_bytes", &resident_bytes, "This process's resident set size (VmRSS).");
     m.def("anonymous_resident_bytes", &anonymous_resident_bytes, "Its anonymous part (RssAnon).");
     m.def("parse_size", &parse_size, py::arg("text"), py::arg("what") = "size",

@@ -186,6 +186,13 @@ static void register_engine(py::module_ & m) {
         .def("cache_would_hold_store", [](const Engine & e, size_t bytes) {
             return e.sparse() && e.sparse()->arena_fits(bytes);
         }, py::arg("bytes"), "whether a bundle cache of `bytes` would hold every record of the store")
+        .def("stream_gate_rows", &Engine::stream_gate_rows, py::arg("n_layers"),
+             "Read the gate rows of the first n_layers layers that keep them resident from the model file each "
+             "time the layer runs, freeing their resident copies (for a budget that cannot hold them all). "
+             "Between evaluations, once.")
+        .def_property_readonly("gate_layers_streamed", [](const Engine & e) {
+            return e.sparse() ? e.sparse()->gate_layers_streamed() : 0;
+        }, "layers whose gate rows are read each time the layer runs (0: all resident)")
         .def("fill_cache", [](Engine & e, int threads) {
             if (!e.sparse()) throw std::invalid_argument("the dense engine has no bundle cache");
             py::gil_scoped_release release;

@@ -31,6 +31,7 @@
 using namespace neuralink_run;
 using neuralink::LayerStepStats;
 using neuralink::MemoryPlan;
+using neuralink::gate_layers_to_stream;
 using neuralink::plan_memory;
 using neuralink::resident_bytes;
 
@@ -155,7 +156,8 @@ neuralink::EngineOptions engine_options(const RunnerOptions & o, const std::stri
         opts.sparse.predictor = neuralink::predictor_from_name(predictor);
         // auto: chosen once the store's size is known (resolved_policy)
         const bool automatic = o.cache_policy == "auto";
-        opts.sparse.cache_policy = automatic ? neuralink::CachePolicy::Linking
+        // (until then pinned, whose hits need no copies, like both policies auto stands for)
+        opts.sparse.cache_policy = automatic ? neuralink::CachePolicy::Pinned
                                              : neuralink::cache_policy_from_name(o.cache_policy);
         opts.sparse.cache_bytes = automatic ? 0 : o.cache_bytes;
         opts.sparse.queue_depth = o.queue_depth;
@@ -380,9 +382,19 @@ void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & 
 void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, const LlamaSession & s,
                          uint64_t process_before, uint64_t load_anon_growth,
                          const std::vector<std::string> & llama_log) {
-    const MemoryPlan plan = plan_memory(engine, *o.memory_budget, process_before, llama_log, o.n_threads,
-                                        (int) llama_n_ubatch(s.ctx.get()), (int) llama_n_ctx(s.ctx.get()),
-                                        load_anon_growth);
+    auto plan_now = [&] {
+        return plan_memory(engine, *o.memory_budget, process_before, llama_log, o.n_threads,
+                           (int) llama_n_ubatch(s.ctx.get()), (int) llama_n_ctx(s.ctx.get()), load_anon_growth);
+    };
+    MemoryPlan plan = plan_now();
+    if (const int layers = gate_layers_to_stream(plan, engine); layers > 0) {
+        // every gate row resident does not fit: the fewest layers' rows are read each time the layer runs
+        const double before = plan.minimum() / 1048576.0;
+        engine.stream_gate_rows(layers);
+        plan = plan_now();
+        note("gate rows of %d of %d layers read each time their layer runs (minimum %.1f MiB, %.1f MiB with all "
+             "resident)", layers, engine.n_layer(), plan.minimum() / 1048576.0, before);
+    }
     if (plan.budget < plan.minimum()) {
         char head[160];
         std::snprintf(head, sizeof(head), "memory budget %.1f MiB is below the minimum %.1f MiB",

@@ -527,6 +527,22 @@ bool BundleCache::lookup(uint32_t layer, uint32_t pos, uint8_t * dst) {
     return true;
 }
 
+const uint8_t * BundleCache::lookup_in_place(uint32_t layer, uint32_t pos) {
+    if (!records_stay_put()) {
+        throw std::logic_error(std::string("the ") + cache_policy_name(policy_) +
+                               " cache may evict a record while it is read: look it up with a copy");
+    }
+    check_layer(layer);
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++counters_.lookups;
+    const size_t at = find(make_key(layer, pos));
+    if (at == SIZE_MAX || (index_[at] & kGhostRef)) {
+        return nullptr;
+    }
+    ++counters_.hits;
+    return entries_[index_[at]].slot;
+}
+
 void BundleCache::admit(uint32_t layer, uint32_t pos, const uint8_t * record, bool isolated) {
     check_layer(layer);
     std::lock_guard<std::mutex> lock(mutex_);

@@ -66,6 +66,7 @@ Engine::Engine(const std::string & model_path, const EngineOptions & options) : 
                 "' has mixture-of-experts FFNs, which neuralink does not support");
     }
     DirectFile file(model_path, options.direct_io);
+    model_path_ = model_path;
     direct_io_ = file.direct();
     io_note_ = file.note();
     status_.resize((size_t) n_layer);
@@ -136,6 +137,9 @@ void Engine::load_sparse_layer(int il, DirectFile & file) {
         const bool gate_first = predictor == Predictor::Gate || predictor == Predictor::Oracle;
         if (L.gated && (gate_first || !store.bundle_gate())) {
             L.gate = load_matrix(*gate, file);
+            gate_storage_.resize((size_t) model_.get_int(model_.architecture() + ".block_count", 0));
+            gate_storage_.at((size_t) il) = std::move(storage_.back());
+            storage_.pop_back();
             if (store.bundle_gate() && L.gate.wt != store.layer(il).gate.wt) {
                 throw std::invalid_argument("the sidecar's gate rows are not in the model's gate type");
             }
@@ -159,6 +163,37 @@ void Engine::load_sparse_layer(int il, DirectFile & file) {
     }
     sparse_->add_layer(std::move(L));
     st.loaded = true;
+}
+
+std::vector<int> Engine::resident_gate_layers() const {
+    std::vector<int> out;
+    for (int il = 0; sparse_ && il < n_layer(); ++il) {
+        if (sparse_->has_layer(il) && sparse_->layer(il).gate.data) out.push_back(il);
+    }
+    return out;
+}
+
+void Engine::stream_gate_rows(int n_layers) {
+    if (!sparse_) {
+        throw std::invalid_argument("streaming gate rows needs the sparse engine (a sidecar)");
+    }
+    const std::vector<int> resident = resident_gate_layers();
+    if (n_layers < 1 || n_layers > (int) resident.size()) {
+        throw std::invalid_argument("cannot stream the gate rows of " + std::to_string(n_layers) + " layers: " +
+                                    std::to_string(resident.size()) + " layers keep them resident");
+    }
+    std::vector<GateRange> ranges((size_t) n_layer());
+    for (int k = 0; k < n_layers; ++k) {
+        const int il = resident[(size_t) k];
+        const TensorInfo * t = model_.find(layer_tensor(il, "ffn_gate", "weight"));
+        ranges[(size_t) il] = GateRange { t->offset, (size_t) t->nbytes };
+    }
+    sparse_->stream_gate_rows(std::make_shared<const DirectFile>(model_path_, direct_io_), ranges);
+    for (int k = 0; k < n_layers; ++k) {
+        const int il = resident[(size_t) k];
+        weight_bytes_ -= ranges[(size_t) il].bytes;
+        gate_storage_.at((size_t) il) = AlignedBuffer();
+    }
 }
 
 std::string Engine::check_sparse_layer(const llama_ffn_hook_layer & d) const {

@@ -142,13 +142,14 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     const LlamaBuffers buffers = parse_buffer_sizes(llama_log);
     p.engine_resident = sparse.resident_bytes();
     p.kv_cache = buffers.kv_cache;
-    const uint64_t reported = buffers.kv_cache + p.engine_resident;
+    // gate rows streamed since the load were resident when the growth was measured
+    const uint64_t reported = buffers.kv_cache + p.engine_resident + sparse.released_bytes();
     p.load_heap = load_anon_growth > reported ? load_anon_growth - reported : 0;
     p.code_pages = kRuntimeCodePages;
     p.llama_buffers = buffers.output + buffers.compute;
     p.store_bytes = sparse.store_bytes();
     p.whole_store_cache = sparse.cache_bytes_to_hold_store();
-    // reads and cache copies of a whole layer at worst; per thread 64 KiB of slack and what the phases keep
+    // reads (and cache copies) of a whole layer at worst; per thread 64 KiB of slack and what the phases keep
     // (below); h and token flags per batch row
     const std::string & arch = engine.model().architecture();
     const uint64_t n_ff = (uint64_t) std::max<int64_t>(0, engine.model().get_int(arch + ".feed_forward_length", 0));
@@ -166,8 +167,38 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
         }
         per_thread += work + 2 * (uint64_t) n_ubatch * kStretchRecords * sizeof(float);
     }
-    p.engine_scratch = 2 * layer_store + (uint64_t) n_threads * per_thread + (uint64_t) n_ubatch * n_ff * 6;
+    // cache hits are copied out of a cache that may evict them; the arena's and pinned records are used in place
+    const CachePolicy policy = sparse.options().cache_policy;
+    const bool copies = policy == CachePolicy::Lru || policy == CachePolicy::S3Fifo || policy == CachePolicy::Linking;
+    p.engine_scratch = (copies ? 2 : 1) * layer_store + (uint64_t) n_threads * per_thread + (uint64_t) n_ubatch * n_ff * 6 +
+                       sparse.gate_stream_bytes();
     return p;
+}
+
+int gate_layers_to_stream(const MemoryPlan & plan, const Engine & engine) {
+    if (plan.budget >= plan.minimum()) {
+        return 0;
+    }
+    const SparseFfn * sparse = engine.sparse();
+    if (!sparse || sparse->gate_layers_streamed() > 0) {
+        return -1;
+    }
+    const std::vector<int> resident = engine.resident_gate_layers();
+    // GateStream's two buffers: the largest layer's rows and the blocks a direct read adds around them
+    uint64_t largest = 0;
+    for (int il : resident) {
+        const WeightMatrix & g = sparse->layer(il).gate;
+        largest = std::max<uint64_t>(largest, g.row_bytes * (uint64_t) g.rows + 2 * kDirectAlign);
+    }
+    uint64_t minimum = plan.minimum() + 2 * largest;
+    for (size_t k = 0; k < resident.size(); ++k) {
+        const WeightMatrix & g = sparse->layer(resident[k]).gate;
+        minimum -= std::min<uint64_t>(minimum, g.row_bytes * (uint64_t) g.rows);
+        if (minimum <= plan.budget) {
+            return (int) k + 1;
+        }
+    }
+    return -1;
 }
 
 } // namespace neuralink

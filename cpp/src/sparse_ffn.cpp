@@ -180,6 +180,32 @@ void SparseFfn::add_layer(SparseLayerWeights L) {
     layers_[(size_t) il] = std::make_unique<SparseLayerWeights>(std::move(L));
 }
 
+void SparseFfn::stream_gate_rows(std::shared_ptr<const DirectFile> file, std::vector<GateRange> ranges) {
+    if (gate_stream_) {
+        throw std::invalid_argument(store_->path() + ": gate rows are streamed already");
+    }
+    if (ranges.size() != layers_.size()) {
+        throw std::invalid_argument(std::to_string(ranges.size()) + " gate ranges given for " +
+                                    std::to_string(layers_.size()) + " layers");
+    }
+    uint64_t released = 0;
+    for (size_t il = 0; il < ranges.size(); ++il) {
+        if (ranges[il].bytes == 0) continue;
+        const SparseLayerWeights * L = layers_[il].get();
+        if (!L || !L->gate.data || L->gate.row_bytes * (size_t) L->gate.rows != ranges[il].bytes) {
+            throw std::invalid_argument("layer " + std::to_string(il) + " has no resident gate rows of " +
+                                        std::to_string(ranges[il].bytes) + " bytes to stream");
+        }
+        released += ranges[il].bytes;
+    }
+    gate_stream_ = std::make_unique<GateStream>(std::move(file), ranges, &faults_);
+    for (size_t il = 0; il < ranges.size(); ++il) {
+        if (ranges[il].bytes > 0) layers_[il]->gate.data = nullptr;
+    }
+    resident_bytes_ -= (size_t) released;
+    released_bytes_ += released;
+}
+
 void SparseFfn::reserve(int il, int64_t n_tokens) {
     const SparseLayerWeights & L = *layers_.at((size_t) il);
     const SidecarLayer & S = store_->layer(il);
@@ -283,6 +309,10 @@ void SparseFfn::convert_inputs(int il, const float * x, int64_t n_tokens, int it
         if (il == 0) {
             store_->check_unchanged();
         }
+        if (gate_stream_ && gate_stream_->streams(il)) {
+            // read ahead while the layer before ran; the barrier after this phase publishes the pointer
+            layers_[il]->gate.data = gate_stream_->acquire(il);
+        }
     }
     // resident rows are the model's own, bundle rows verbatim copies: one conversion serves both
     if (const WeightType * gate_wt = L.gate.wt ? L.gate.wt : S.gate.wt) {
@@ -340,6 +370,12 @@ void SparseFfn::record_stats(int il, int64_t n_tokens, int nth) {
             first = std::min(first, o.first_issue_ns);
             last = std::max(last, o.last_done_ns);
         }
+    }
+    if (gate_stream_ && gate_stream_->streams(il)) {
+        // the layer's gate rows, read whole (ahead of time) for this evaluation
+        const SparseLayerWeights & L = *layers_[il];
+        st.reads += 1;
+        st.bytes_read += L.gate.row_bytes * (uint64_t) L.gate.rows;
     }
     st.truly_active = (int32_t) truly;
     st.active_bytes = (uint64_t) st.predicted * S.region.record_bytes +

@@ -83,8 +83,10 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
     const BundleRegion & region = down ? S.down_region : S.region;
     const uint32_t key = down ? (uint32_t) (store_->n_layer() + il) : (uint32_t) il;
     const size_t rec = region.record_bytes;
-    // cache hits are copied out, so eviction by another thread cannot pull them from under us
-    const size_t need = arena_ ? 0 : positions.size() * rec;
+    // cache hits are copied out, so eviction by another thread cannot pull them from under us (records of
+    // the arena and of the pinned cache never move: used in place)
+    const bool in_place = arena_ || cache_->records_stay_put();
+    const size_t need = in_place ? 0 : positions.size() * rec;
     if (w.cache_copies.size() < need) {
         w.cache_copies = AlignedBuffer(scratch_size(need));
     }
@@ -102,6 +104,15 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
             }
         }
         arena_->count(positions.size(), w.hit_positions.size());
+    } else if (in_place) {
+        for (uint32_t p : positions) {
+            if (const uint8_t * record = cache_->lookup_in_place(key, p)) {
+                w.hit_positions.push_back(p);
+                w.hit_records.push_back(record);
+            } else {
+                w.misses.push_back(p);
+            }
+        }
     } else {
         uint8_t * slot = w.cache_copies.data();
         for (uint32_t p : positions) {

@@ -375,6 +375,19 @@ TEST(cache_pin_hottest_refuses_misuse_and_rolls_back_failed_reads) {
     CHECK(cache.stats().entries == 5 && cached(cache, 0, 2));
 }
 
+TEST(cache_pinned_records_are_looked_up_in_place) {
+    BundleCache cache(CachePolicy::Pinned, 1 << 16, { 64, 96 });
+    pin_all(cache, { { 1, 2, 3 }, { 4, 5 } });
+    const uint8_t * first = cache.lookup_in_place(1, 1);
+    CHECK(first != nullptr && std::memcmp(first, make_record(1, 1, 96).data(), 96) == 0);
+    CHECK(cache.lookup_in_place(1, 1) == first); // the same slot every time: pinned records never move
+    CHECK(cache.lookup_in_place(0, 7) == nullptr);
+    const CacheStats s = cache.stats();
+    CHECK(s.lookups == 3 && s.hits == 2);
+    BundleCache lru(CachePolicy::Lru, 1 << 16, { 64 });
+    CHECK_THROWS(std::logic_error, lru.lookup_in_place(0, 0), "may evict");
+}
+
 TEST(cache_concurrent_use_keeps_records_and_budget) {
     const int n_threads = 6;
     for (CachePolicy policy : { CachePolicy::Lru, CachePolicy::S3Fifo, CachePolicy::Linking }) {

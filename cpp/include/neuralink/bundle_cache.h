@@ -97,6 +97,13 @@ public:
     // records the hit and returns true. Throws std::invalid_argument for a layer out of range.
     bool lookup(uint32_t layer, uint32_t pos, uint8_t * dst);
 
+    // Whether a cached record stays where it is for the cache's lifetime (pinned: filled once, never
+    // evicted), so that lookup_in_place may hand out its slot instead of a copy.
+    bool records_stay_put() const { return policy_ == CachePolicy::Pinned; }
+    // The slot of (layer, pos) when cached, recording the hit, else nullptr. Only where records_stay_put():
+    // throws std::logic_error otherwise (another policy may recycle the slot while the caller reads it).
+    const uint8_t * lookup_in_place(uint32_t layer, uint32_t pos);
+
     // Offers a record just read from flash; isolated = it was read alone (a
     // whole I/O operation for one neuron). A key that is already cached (another
     // thread admitted it first) is left as it is and counted nowhere.

@@ -70,6 +70,14 @@ public:
     // the rows captured for layer il: n rows of n_embd floats
     const std::vector<float> & captured_inputs(int il) const { return captured_.at((size_t) il); }
 
+    // Reads the gate rows of the first `n_layers` layers that keep them resident from the model file each
+    // time the layer runs, and frees their resident copies (SparseFfn::stream_gate_rows): for a memory
+    // budget that cannot hold them all (gate_layers_to_stream says how many). Between evaluations, once.
+    // Throws std::invalid_argument without a sparse engine, resident gate rows, or n_layers in range.
+    void stream_gate_rows(int n_layers);
+    // layers whose gate rows the sparse engine keeps resident, in order
+    std::vector<int> resident_gate_layers() const;
+
     // the sparse evaluator when a sidecar is used, else null
     SparseFfn * sparse() { return sparse_.get(); }
     const SparseFfn * sparse() const { return sparse_.get(); }
@@ -87,6 +95,8 @@ private:
     std::vector<LayerStatus> status_;
     std::vector<std::unique_ptr<FfnLayer>> layers_;
     std::vector<AlignedBuffer> storage_;
+    std::vector<AlignedBuffer> gate_storage_; // by layer: the sparse engine's resident gate rows
+    std::string model_path_;
     FfnScratch scratch_;
     std::unique_ptr<SparseFfn> sparse_;
     int64_t capture_max_tokens_ = 0;

@@ -63,4 +63,9 @@ MemoryPlan plan_memory(const Engine & engine, uint64_t budget, uint64_t process_
                        const std::vector<std::string> & llama_log, int n_threads, int n_ubatch, int n_ctx,
                        uint64_t load_anon_growth);
 
+// The fewest layers whose gate rows, read every time the layer runs instead of kept resident
+// (Engine::stream_gate_rows), bring `plan`'s minimum within its budget: 0 when the plan fits as it is, -1 when
+// streaming every layer's gate rows would not be enough (or they are streamed already).
+int gate_layers_to_stream(const MemoryPlan & plan, const Engine & engine);
+
 } // namespace neuralink

@@ -22,6 +22,7 @@
 #include "neuralink/bundle_cache.h"
 #include "neuralink/defaults.h"
 #include "neuralink/ffn_layer.h"
+#include "neuralink/gate_stream.h"
 #include "neuralink/io_pool.h"
 #include "neuralink/read_planner.h"
 #include "neuralink/read_queue.h"
@@ -75,7 +76,8 @@ struct SparseLayerWeights {
     Activation act = Activation::Silu;
     bool gated = false;
     int64_t n_embd = 0, n_ff = 0, n_out = 0;
-    WeightMatrix gate;        // resident gate rows in placed order (gate/oracle predictors on gated models)
+    WeightMatrix gate;        // gate rows in placed order (gate/oracle predictors on gated models); data null
+                              // while the rows are streamed (SparseFfn::stream_gate_rows), set per evaluation
     WeightMatrix up;          // resident up rows (oracle on non-gated models, and with the contribution criterion)
     std::vector<float> gate_bias, up_bias, down_bias; // placed order; empty when absent
 };
@@ -146,6 +148,17 @@ public:
     size_t cache_bytes_to_hold_store() const;
     // bytes of resident predictor/gate/bias data
     size_t resident_bytes() const { return resident_bytes_; }
+    // From now on, the gate rows of the layers with ranges[il].bytes > 0 are read from `file` each time the
+    // layer runs (GateStream) instead of kept: their resident rows are no longer used and the caller may free
+    // them. Between evaluations, once. Throws std::invalid_argument when a range does not match the layer's
+    // resident rows, or when gate rows are streamed already.
+    void stream_gate_rows(std::shared_ptr<const DirectFile> file, std::vector<GateRange> ranges);
+    // layers whose gate rows are streamed (0: all resident)
+    int gate_layers_streamed() const { return gate_stream_ ? gate_stream_->n_streamed() : 0; }
+    // the two buffers streamed gate rows are read into (0 without streaming)
+    size_t gate_stream_bytes() const { return gate_stream_ ? gate_stream_->buffer_bytes() : 0; }
+    // resident bytes streaming gave up: what the load held that resident_bytes() no longer counts
+    uint64_t released_bytes() const { return released_bytes_; }
     // worst-case bytes of I/O and compute scratch
     size_t scratch_bytes() const;
 
@@ -203,6 +216,8 @@ private:
     std::unique_ptr<StoreArena> arena_; // in place of cache_ (then null) when the budget holds the whole store
     std::vector<std::unique_ptr<SparseLayerWeights>> layers_;
     size_t resident_bytes_ = 0;
+    uint64_t released_bytes_ = 0;
+    std::unique_ptr<GateStream> gate_stream_; // null while every gate row is resident
 
     // shared per evaluation (layers run one after the other)
     int64_t capacity_ = 0;

@@ -35,6 +35,7 @@ from neuralink.runtime.memory_budget import (
     automatic_budget,
     capture_llama_log,
     check_memory_plan,
+    gate_layers_to_stream,
     memory_budget_bytes,
     plan_memory,
     release_free_heap,
@@ -202,8 +203,9 @@ class Llama(llama_cpp.Llama):
             _engine.verify_model_file(os.fspath(model_path), os.fspath(sidecar_path))
             engine_args.update(
                 sidecar=os.fspath(sidecar_path), predictor=predictor or _default_predictor(sidecar_path, validated),
-                # auto: sized once the store's bytes are known (below)
-                cache_policy="linking" if cache_policy == "auto" else cache_policy,
+                # auto: sized once the store's bytes are known (below); until then a cache whose hits need no
+                # copies, as both policies auto stands for (the memory plan counts copies for the others)
+                cache_policy="pinned" if cache_policy == "auto" else cache_policy,
                 cache_bytes=0 if cache_policy == "auto" else cache_bytes, queue_depth=queue_depth,
                 io_backend=io_backend,
             )
@@ -254,6 +256,7 @@ class Llama(llama_cpp.Llama):
             if self.verbose:
                 print("".join(log), end="", file=sys.stderr)
             self.memory_plan = self._plan_memory(budget, baseline, log, load_anon_growth)
+            self._stream_gate_rows_to_fit(budget, baseline, log, load_anon_growth)
             if automatic is not None:
                 # nobody asked for a budget: never refuse, size the cache from what is there
                 plan = self.memory_plan
@@ -303,6 +306,20 @@ class Llama(llama_cpp.Llama):
         process = baseline + (self.scores.nbytes if self._logits_all else 0)
         return plan_memory(self.engine, budget, process, log, threads, self.context_params.n_ubatch,
                            self.n_ctx(), load_anon_growth)
+
+    def _stream_gate_rows_to_fit(self, budget: int, baseline: int, log: list[str], load_anon_growth: int) -> None:
+        """Below the minimum with every gate row resident: read the fewest layers' gate rows each token instead."""
+        plan = self.memory_plan
+        layers = gate_layers_to_stream(plan, self.engine)
+        if layers <= 0:
+            return
+        before = plan.minimum
+        self.engine.stream_gate_rows(layers)
+        self.memory_plan = self._plan_memory(budget, baseline, log, load_anon_growth)
+        logger.info("%s: gate rows of %d of %d layers read each time their layer runs, so that the minimum "
+                    "(%.1f MiB with all of them resident, now %.1f MiB) fits the budget of %.1f MiB",
+                    self.model_path, layers, self.engine.n_layer, before / 2**20, self.memory_plan.minimum / 2**20,
+                    budget / 2**20)
 
     @property
     def engine(self) -> _engine.Engine:

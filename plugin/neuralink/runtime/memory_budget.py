@@ -140,6 +140,12 @@ def plan_memory(engine: _engine.Engine, budget: int, process_before: int, llama_
                                load_anon_growth)
 
 
+def gate_layers_to_stream(plan: MemoryPlan, engine: _engine.Engine) -> int:
+    """The fewest layers whose gate rows, read each time the layer runs instead of kept resident, bring the
+    plan's minimum within its budget: 0 when it fits as it is, -1 when streaming them all would not do."""
+    return _engine.gate_layers_to_stream(plan, engine)
+
+
 def check_memory_plan(plan: MemoryPlan, model: str) -> None:
     """MemoryBudgetError naming the minimum when the budget cannot hold the model."""
     if plan.budget < plan.minimum:
