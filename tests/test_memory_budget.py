@@ -131,3 +131,26 @@ def test_under_a_budget_llama_cpp_keeps_weights_unrepacked(converted_model, capf
     assert "CPU_REPACK" in logs["free"], "this build repacks Q4_0 weights: the test must see it do so"
     assert "CPU_REPACK" not in logs["budget"]
     assert "CPU_REPACK" in logs["budget, asked"]
+
+
+def locked_bytes() -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmLck"))
+
+
+def test_weights_read_every_token_are_locked_under_a_budget(converted_model) -> None:
+    model, sidecar = converted_model("llama", "q8_0")
+    tensors = read_gguf_directory(model).tensors
+    tied = "output.weight" not in tensors
+    every_token = sum(t.nbytes for name, t in tensors.items()
+                      if ".ffn_" not in name and (tied or name != "token_embd.weight"))
+    before = locked_bytes()
+    llm = neuralink.Llama(str(model), sidecar=str(sidecar), memory_budget="2GiB", n_ctx=128, verbose=False)
+    # whole pages around each tensor: at least its bytes, at most a page more on each side
+    n_locked = sum(1 for name in tensors if ".ffn_" not in name and (tied or name != "token_embd.weight"))
+    assert every_token <= locked_bytes() - before <= every_token + 2 * 4096 * n_locked
+    llm.close()
+    assert locked_bytes() == before  # unmapped with the model
+    unlocked = neuralink.Llama(str(model), sidecar=str(sidecar), memory_budget="2GiB", lock_weights=False,
+                               n_ctx=128, verbose=False)
+    assert locked_bytes() == before
+    unlocked.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -367,7 +370,29 @@ def test_streamed_gate_rows_leave_dram_and_change_no_output(converted_model) -> 
         assert np.array_equal(streamed.forward(il, x, "silu"), resident.forward(il, x, "silu"))
 
 
-def test_a_budget_below_the_resident_gate_rows_streams_the_fewest_layers(converted_model) -> None:
+BUDGETED_RUN = r"""
+import json, sys
+import numpy as np
+import neuralink
+model, sidecar, budget, out = sys.argv[1:5]
+llm = neuralink.Llama(model, sidecar=sidecar, predictor="gate", cache_policy="none", n_ctx=256, logits_all=True,
+                      memory_budget=int(budget) if budget.isdigit() else budget, verbose=False)
+tokens = (llm.tokenize(b"the quick brown fox jumps over the lazy dog") * 8)[:24]
+llm.eval(tokens)
+np.save(out, np.array(llm.scores[: len(tokens)]))
+plan = llm.memory_plan
+print(json.dumps({"minimum": plan.minimum, "budget": plan.budget, "streamed": llm.engine.gate_layers_streamed}))
+"""
+
+
+def run_budgeted(model: Path, sidecar: Path, budget: str, out: Path) -> dict[str, int]:
+    """A fresh process loading `model` under `budget` (gate predictor, no cache): its plan; logits into `out`."""
+    result = subprocess.run([sys.executable, "-c", BUDGETED_RUN, str(model), str(sidecar), budget, str(out)],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_budget_below_the_resident_gate_rows_streams_the_fewest_layers(converted_model, tmp_path: Path) -> None:
     model, sidecar = converted_model("llama", "f32", n_layer=8, n_ff=2048)
     engine = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate")
     gate_layer = 2048 * 256 * 4
@@ -379,15 +404,18 @@ def test_a_budget_below_the_resident_gate_rows_streams_the_fewest_layers(convert
     assert _engine.gate_layers_to_stream(at(plan.minimum - 1), engine) == 3
     assert _engine.gate_layers_to_stream(at(plan.minimum - 3 * gate_layer), engine) == 6
     assert _engine.gate_layers_to_stream(at(plan.minimum - 7 * gate_layer), engine) == -1
-    # through neuralink.Llama: a budget the resident rows miss by two layers' worth is accepted, same outputs
-    # (how many layers stream depends on the process's memory, measured at each load; no cache, so that both
-    # runs read, and batch, the same records)
+    # what a refusal names: the minimum with every layer's rows streamed (two buffers of a layer and 8 KiB)
+    lowest = _engine.minimum_with_gate_rows_streamed(plan, engine)
+    assert lowest == plan.minimum - 8 * gate_layer + 2 * (gate_layer + 8192)
+    # through neuralink.Llama: a budget the resident rows miss by two layers' worth is accepted, same outputs.
+    # Each load in a fresh process, so that both measure the same process memory; no cache, so that both read,
+    # and batch, the same records
     options = dict(sidecar=str(sidecar), predictor="gate", cache_policy="none")
-    free = neuralink.Llama(str(model), memory_budget="2GiB", **options, **CONTEXT)
-    want, minimum = batch_logits(free, tokens_of(free, 24)), free.memory_plan.minimum
-    free.close()
-    llm = neuralink.Llama(str(model), memory_budget=minimum - 2 * gate_layer, **options, **CONTEXT)
-    assert llm.engine.gate_layers_streamed >= 3
-    assert llm.memory_plan.minimum <= llm.memory_plan.budget
-    assert np.array_equal(batch_logits(llm, tokens_of(llm, 24)), want)
-    llm.close()
+    free = run_budgeted(model, sidecar, "2GiB", tmp_path / "free.npy")
+    assert free["streamed"] == 0
+    tight = run_budgeted(model, sidecar, str(free["minimum"] - 2 * gate_layer), tmp_path / "tight.npy")
+    assert tight["streamed"] >= 3 and tight["minimum"] <= tight["budget"]
+    assert np.array_equal(np.load(tmp_path / "tight.npy"), np.load(tmp_path / "free.npy"))
+    minimum = free["minimum"]
+    with pytest.raises(MemoryBudgetError, match=r"below the minimum [0-9.]+ MiB .* with every layer's gate rows"):
+        neuralink.Llama(str(model), memory_budget=minimum - 7 * gate_layer, **options, **CONTEXT)

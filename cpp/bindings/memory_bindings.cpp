@@ -2,6 +2,7 @@
 
 #include "neuralink/engine.h"
 #include "neuralink/memory_plan.h"
+#include "neuralink/residency.h"
 #include "neuralink/sizes.h"
 
 #include <pybind11/pybind11.h>
@@ -46,6 +47,15 @@ void register_memory(py::module_ & m) {
           "The fewest layers whose gate rows, read every time the layer runs instead of kept resident "
           "(Engine.stream_gate_rows), bring the plan's minimum within its budget: 0 when it fits as it is, -1 when "
           "streaming every layer's would not be enough.");
+    m.def("minimum_with_gate_rows_streamed", &minimum_with_gate_rows_streamed, py::arg("plan"), py::arg("engine"),
+          "The lowest minimum streaming gate rows can reach (every resident layer's streamed); the plan's own "
+          "minimum where streaming would not lower it.");
+    m.def("lock_every_token_weights", [](const Engine & engine) {
+              const LockedPages locked = lock_every_token_weights(engine.model());
+              return py::make_tuple(locked.bytes, locked.error);
+          }, py::arg("engine"),
+          "Lock (mlock) the pages of the tensors llama.cpp reads every token (attention, norms, output) in this "
+          "process's mapping of the engine's model file; (bytes locked, why not all of them or '').");
     m.def("resident_bytes", &resident_bytes, "This process's resident set size (VmRSS).");
     m.def("anonymous_resident_bytes", &anonymous_resident_bytes, "Its anonymous part (RssAnon).");
     m.def("parse_size", &parse_size, py::arg("text"), py::arg("what") = "size",

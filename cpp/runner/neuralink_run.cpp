@@ -5,6 +5,7 @@
 // hook, and it refuses a model unless every layer is taken.
 
 #include "neuralink/memory_plan.h"
+#include "neuralink/residency.h"
 #include "neuralink/model_integrity.h"
 #include "runner_options.h"
 
@@ -32,6 +33,7 @@ using namespace neuralink_run;
 using neuralink::LayerStepStats;
 using neuralink::MemoryPlan;
 using neuralink::gate_layers_to_stream;
+using neuralink::minimum_with_gate_rows_streamed;
 using neuralink::plan_memory;
 using neuralink::resident_bytes;
 
@@ -397,13 +399,20 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
     }
     if (plan.budget < plan.minimum()) {
         char head[160];
-        std::snprintf(head, sizeof(head), "memory budget %.1f MiB is below the minimum %.1f MiB",
-                      plan.budget / 1048576.0, plan.minimum() / 1048576.0);
+        const uint64_t lowest = minimum_with_gate_rows_streamed(plan, engine);
+        std::snprintf(head, sizeof(head), "memory budget %.1f MiB is below the minimum %.1f MiB%s",
+                      plan.budget / 1048576.0, lowest / 1048576.0,
+                      lowest < plan.minimum() ? " (with every layer's gate rows read each token)" : "");
         throw BudgetError(o.model + ": " + head + " this model and context need (raise the budget, or lower "
                           "--ctx-size / --batch-size):\n" + plan.describe());
     }
     engine.sparse()->configure_cache(resolved_policy(o, *engine.sparse(), plan.cache()), plan.cache());
     note("memory budget:\n%s", plan.describe().c_str());
+    // the plan counts the weights read every token resident: keep them so under the cgroup's reclaim
+    const neuralink::LockedPages locked = neuralink::lock_every_token_weights(engine.model());
+    if (!locked.error.empty()) {
+        note("%s; %.0f MiB locked, the rest may be evicted and read again", locked.error.c_str(), locked.bytes / 1048576.0);
+    }
     preload_store(*engine.sparse());
 }
 

@@ -60,8 +60,11 @@ model and weights:
   --memory-budget SIZE     the whole process's memory: everything resident is
                            accounted (process, non-FFN weights, engine, KV cache,
                            llama.cpp buffers, engine scratch) and the bundle cache
-                           gets the rest; refused when below the minimum. Overrides
-                           --cache-bytes. Needs a sidecar.
+                           gets the rest; below the minimum, some layers' gate rows
+                           are read per token instead of kept, and a budget even
+                           that cannot meet is refused. Locks the weights read
+                           every token in RAM. Overrides --cache-bytes. Needs a
+                           sidecar.
   --io-backend NAME        auto (io_uring where the kernel allows it, else a pool of
                            pread threads), uring or pread (default: )";
     u += default_io_backend();

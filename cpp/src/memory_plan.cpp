@@ -175,6 +175,16 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     return p;
 }
 
+// the largest resident gate layer's rows and the blocks a direct read adds around them: one GateStream buffer
+static uint64_t gate_buffer_bytes(const SparseFfn & sparse, const std::vector<int> & layers) {
+    uint64_t largest = 0;
+    for (int il : layers) {
+        const WeightMatrix & g = sparse.layer(il).gate;
+        largest = std::max<uint64_t>(largest, g.row_bytes * (uint64_t) g.rows + 2 * kDirectAlign);
+    }
+    return largest;
+}
+
 int gate_layers_to_stream(const MemoryPlan & plan, const Engine & engine) {
     if (plan.budget >= plan.minimum()) {
         return 0;
@@ -184,13 +194,7 @@ int gate_layers_to_stream(const MemoryPlan & plan, const Engine & engine) {
         return -1;
     }
     const std::vector<int> resident = engine.resident_gate_layers();
-    // GateStream's two buffers: the largest layer's rows and the blocks a direct read adds around them
-    uint64_t largest = 0;
-    for (int il : resident) {
-        const WeightMatrix & g = sparse->layer(il).gate;
-        largest = std::max<uint64_t>(largest, g.row_bytes * (uint64_t) g.rows + 2 * kDirectAlign);
-    }
-    uint64_t minimum = plan.minimum() + 2 * largest;
+    uint64_t minimum = plan.minimum() + 2 * gate_buffer_bytes(*sparse, resident);
     for (size_t k = 0; k < resident.size(); ++k) {
         const WeightMatrix & g = sparse->layer(resident[k]).gate;
         minimum -= std::min<uint64_t>(minimum, g.row_bytes * (uint64_t) g.rows);
@@ -199,6 +203,18 @@ int gate_layers_to_stream(const MemoryPlan & plan, const Engine & engine) {
         }
     }
     return -1;
+}
+
+uint64_t minimum_with_gate_rows_streamed(const MemoryPlan & plan, const Engine & engine) {
+    const SparseFfn * sparse = engine.sparse();
+    if (!sparse || sparse->gate_layers_streamed() > 0) {
+        return plan.minimum();
+    }
+    const std::vector<int> resident = engine.resident_gate_layers();
+    uint64_t gate = 0;
+    for (int il : resident) gate += sparse->layer(il).gate.row_bytes * (uint64_t) sparse->layer(il).gate.rows;
+    const uint64_t streamed = plan.minimum() + 2 * gate_buffer_bytes(*sparse, resident) - gate;
+    return std::min(plan.minimum(), streamed);
 }
 
 } // namespace neuralink

@@ -67,5 +67,8 @@ MemoryPlan plan_memory(const Engine & engine, uint64_t budget, uint64_t process_
 // (Engine::stream_gate_rows), bring `plan`'s minimum within its budget: 0 when the plan fits as it is, -1 when
 // streaming every layer's gate rows would not be enough (or they are streamed already).
 int gate_layers_to_stream(const MemoryPlan & plan, const Engine & engine);
+// The lowest minimum streaming gate rows can reach (every resident layer's rows streamed): what a refused
+// budget must at least be. The plan's own minimum where streaming would not lower it.
+uint64_t minimum_with_gate_rows_streamed(const MemoryPlan & plan, const Engine & engine);
 
 } // namespace neuralink

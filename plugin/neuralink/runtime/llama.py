@@ -36,6 +36,7 @@ from neuralink.runtime.memory_budget import (
     capture_llama_log,
     check_memory_plan,
     gate_layers_to_stream,
+    lock_every_token_weights,
     memory_budget_bytes,
     plan_memory,
     release_free_heap,
@@ -141,6 +142,14 @@ class Llama(llama_cpp.Llama):
         when the cache holds the whole store (``engine.cache_holds_store``),
         read it at load in long sequential reads, every record checked,
         instead of neuron by neuron during the first tokens. Default on.
+    lock_weights:
+        lock (mlock) the pages of the weights llama.cpp reads every token
+        (attention, norms, output matrix) in its mapping of the model, so that
+        a cgroup at its limit does not evict them only to fault them back in
+        the next token. Default: on under an explicit memory_budget (whose
+        plan counts them resident) when the weights are not repacked. A lock
+        the system refuses (``ulimit -l``) is logged and the model runs
+        unlocked.
 
     The default predictor is the one the conversion validated (its quality
     search measured perplexity on held-out calibration text within the
@@ -176,6 +185,7 @@ class Llama(llama_cpp.Llama):
         candidate_thresholds: Sequence[float] | None = None,
         repack_weights: bool | None = None,
         preload: bool = True,
+        lock_weights: bool | None = None,
         **kwargs: Any,
     ) -> None:
         self._hook_api: FfnHookApi | None = None
@@ -265,12 +275,22 @@ class Llama(llama_cpp.Llama):
                             automatic[1])
             else:
                 try:
-                    check_memory_plan(self.memory_plan, model_path)
+                    check_memory_plan(self.memory_plan, model_path, engine)
                 except MemoryBudgetError:
                     self.close()
                     raise
             engine.configure_cache(_resolved_policy(cache_policy, engine, self.memory_plan.cache),
                                    self.memory_plan.cache)
+        # (repacked weights are read from their anonymous copies, not from the mapping)
+        lock = lock_weights if lock_weights is not None else (memory_budget is not None and sidecar_path is not None
+                                                              and not repack)
+        if lock:
+            locked, why = lock_every_token_weights(engine)
+            if why:
+                logger.warning("%s: %s; %.0f MiB locked, the rest may be evicted and read again", model_path, why,
+                               locked / 2**20)
+            else:
+                logger.info("%s: %.0f MiB of weights read every token locked in RAM", model_path, locked / 2**20)
         if preload and engine.cache_holds_store:  # from a budget, the memory there is, or cache_bytes
             start = time.perf_counter()
             try:
@@ -285,7 +305,7 @@ class Llama(llama_cpp.Llama):
                                     collapse_gap=collapse_gap, memory_budget=memory_budget, direct_io=direct_io,
                                     thresholds=thresholds, predictor_thresholds=predictor_thresholds,
                                     repack_weights=repack_weights, preload=preload,
-                                    candidate_thresholds=candidate_thresholds)
+                                    candidate_thresholds=candidate_thresholds, lock_weights=lock_weights)
         self._stats: list[np.ndarray] = []
         self._summarized = 0
 

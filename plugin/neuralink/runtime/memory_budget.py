@@ -146,11 +146,22 @@ def gate_layers_to_stream(plan: MemoryPlan, engine: _engine.Engine) -> int:
     return _engine.gate_layers_to_stream(plan, engine)
 
 
-def check_memory_plan(plan: MemoryPlan, model: str) -> None:
-    """MemoryBudgetError naming the minimum when the budget cannot hold the model."""
-    if plan.budget < plan.minimum:
-        raise MemoryBudgetError(
-            f"{model}: memory_budget {plan.budget / 2**20:.1f} MiB is below the minimum "
-            f"{plan.minimum / 2**20:.1f} MiB this model and context need "
-            f"(raise the budget, or lower n_ctx / n_batch):\n{plan.describe().rstrip()}"
-        )
+def lock_every_token_weights(engine: _engine.Engine) -> tuple[int, str]:
+    """Lock the pages of the weights llama.cpp reads every token in its mapping of the model: (bytes locked,
+    why not all of them or '')."""
+    return _engine.lock_every_token_weights(engine)
+
+
+def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | None = None) -> None:
+    """MemoryBudgetError naming the minimum when the budget cannot hold the model: the lowest one, with every
+    layer's gate rows streamed, when the engine could stream them."""
+    if plan.budget >= plan.minimum:
+        return
+    lowest = _engine.minimum_with_gate_rows_streamed(plan, engine) if engine is not None else plan.minimum
+    streamed = (f" with every layer's gate rows read each token; {plan.minimum / 2**20:.1f} MiB with them "
+                "resident, as below") if lowest < plan.minimum else ""
+    raise MemoryBudgetError(
+        f"{model}: memory_budget {plan.budget / 2**20:.1f} MiB is below the minimum "
+        f"{lowest / 2**20:.1f} MiB this model and context need{streamed} "
+        f"(raise the budget, or lower n_ctx / n_batch):\n{plan.describe().rstrip()}"
+    )

@@ -1,0 +1,93 @@
+#include "neuralink/residency.h"
+
+#include "neuralink/direct_file.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <vector>
+
+namespace neuralink {
+
+static bool ends_with(const std::string & s, const std::string & suffix) {
+    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+bool read_every_token(const GgufModel & model, const TensorInfo & t) {
+    for (const char * ffn : { ".ffn_gate.weight", ".ffn_up.weight", ".ffn_down.weight" }) {
+        if (ends_with(t.name, ffn)) return false;
+    }
+    if (t.name == "token_embd.weight") {
+        return model.find("output.weight") == nullptr; // tied: it is the output matrix too
+    }
+    return true;
+}
+
+namespace {
+
+struct Mapping {
+    uintptr_t start = 0, end = 0;
+    uint64_t file_offset = 0;
+};
+
+// this process's mappings of `path` (by device and inode, so any name of the file matches)
+std::vector<Mapping> mappings_of(const std::string & path) {
+    std::vector<Mapping> out;
+    char real[PATH_MAX];
+    if (!realpath(path.c_str(), real)) return out;
+    FILE * f = std::fopen("/proc/self/maps", "r");
+    if (!f) return out;
+    char line[PATH_MAX + 256];
+    while (std::fgets(line, sizeof(line), f)) {
+        unsigned long start = 0, end = 0;
+        unsigned long long offset = 0;
+        char perms[8] = {};
+        int name_at = 0;
+        if (std::sscanf(line, "%lx-%lx %7s %llx %*s %*s %n", &start, &end, perms, &offset, &name_at) < 4 || name_at == 0) {
+            continue;
+        }
+        std::string name(line + name_at);
+        while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+        if (name == real && perms[0] == 'r') out.push_back(Mapping { start, end, offset });
+    }
+    std::fclose(f);
+    return out;
+}
+
+} // namespace
+
+LockedPages lock_every_token_weights(const GgufModel & model) {
+    LockedPages result;
+    const std::vector<Mapping> maps = mappings_of(model.path());
+    if (maps.empty()) {
+        result.error = model.path() + " is not mapped by this process (llama.cpp loaded it without mmap?)";
+        return result;
+    }
+    const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
+    for (const TensorInfo & t : model.tensors()) {
+        if (!read_every_token(model, t) || t.nbytes == 0) continue;
+        const auto m = std::find_if(maps.begin(), maps.end(), [&](const Mapping & m) {
+            return t.offset >= m.file_offset && t.offset + t.nbytes <= m.file_offset + (m.end - m.start);
+        });
+        if (m == maps.end()) {
+            result.error = "tensor '" + t.name + "' lies outside this process's mappings of " + model.path();
+            return result;
+        }
+        const uintptr_t first = (uintptr_t) align_down(m->start + (t.offset - m->file_offset), page);
+        const uintptr_t last = (uintptr_t) align_up(m->start + (t.offset - m->file_offset) + t.nbytes, page);
+        if (mlock((const void *) first, last - first) != 0) {
+            result.error = std::string("mlock of tensor '") + t.name + "' failed: " + std::strerror(errno) +
+                           (errno == ENOMEM || errno == EPERM ? " (the locked-memory limit, ulimit -l, is too low)" : "");
+            return result;
+        }
+        result.bytes += last - first;
+    }
+    return result;
+}
+
+} // namespace neuralink
