@@ -505,15 +505,19 @@ void BundleCache::pin_hottest(const std::vector<std::vector<float>> & frequency,
     pin_state_ = PinState::Pinned;
 }
 
+uint32_t BundleCache::live_entry(uint64_t key) const {
+    const size_t at = find(key);
+    return at == SIZE_MAX || (index_[at] & kGhostRef) ? kNil : index_[at];
+}
+
 bool BundleCache::lookup(uint32_t layer, uint32_t pos, uint8_t * dst) {
     check_layer(layer);
     std::lock_guard<std::mutex> lock(mutex_);
     ++counters_.lookups;
-    const size_t at = find(make_key(layer, pos));
-    if (at == SIZE_MAX || (index_[at] & kGhostRef)) {
+    const uint32_t e = live_entry(make_key(layer, pos));
+    if (e == kNil) {
         return false;
     }
-    const uint32_t e = index_[at];
     Entry & x = entries_[e];
     // copied under the lock so that no eviction can recycle the slot mid-copy (a few KiB: ~100 ns)
     std::memcpy(dst, x.slot, record_bytes_[layer]);
@@ -535,12 +539,12 @@ const uint8_t * BundleCache::lookup_in_place(uint32_t layer, uint32_t pos) {
     check_layer(layer);
     std::lock_guard<std::mutex> lock(mutex_);
     ++counters_.lookups;
-    const size_t at = find(make_key(layer, pos));
-    if (at == SIZE_MAX || (index_[at] & kGhostRef)) {
+    const uint32_t e = live_entry(make_key(layer, pos));
+    if (e == kNil) {
         return nullptr;
     }
     ++counters_.hits;
-    return entries_[index_[at]].slot;
+    return entries_[e].slot;
 }
 
 void BundleCache::admit(uint32_t layer, uint32_t pos, const uint8_t * record, bool isolated) {

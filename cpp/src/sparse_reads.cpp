@@ -93,37 +93,29 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
     w.misses.clear();
     w.hit_positions.clear();
     w.hit_records.clear();
-    if (arena_) {
-        // records in the arena never move: used in place
+    // each position a hit (the record `find` gives) or a miss
+    auto split = [&](auto && find) {
         for (uint32_t p : positions) {
-            if (const uint8_t * record = arena_->find(key, p)) {
+            if (const uint8_t * record = find(p)) {
                 w.hit_positions.push_back(p);
                 w.hit_records.push_back(record);
             } else {
                 w.misses.push_back(p);
             }
         }
+    };
+    if (arena_) {
+        split([&](uint32_t p) { return arena_->find(key, p); });
         arena_->count(positions.size(), w.hit_positions.size());
     } else if (in_place) {
-        for (uint32_t p : positions) {
-            if (const uint8_t * record = cache_->lookup_in_place(key, p)) {
-                w.hit_positions.push_back(p);
-                w.hit_records.push_back(record);
-            } else {
-                w.misses.push_back(p);
-            }
-        }
+        split([&](uint32_t p) { return cache_->lookup_in_place(key, p); });
     } else {
         uint8_t * slot = w.cache_copies.data();
-        for (uint32_t p : positions) {
-            if (cache_->lookup(key, p, slot)) {
-                w.hit_positions.push_back(p);
-                w.hit_records.push_back(slot);
-                slot += rec;
-            } else {
-                w.misses.push_back(p);
-            }
-        }
+        split([&](uint32_t p) -> const uint8_t * {
+            if (!cache_->lookup(key, p, slot)) return nullptr;
+            slot += rec;
+            return slot - rec;
+        });
     }
     w.cache_hits = (uint32_t) w.hit_positions.size();
 

@@ -143,6 +143,8 @@ private:
     size_t slot_bytes(uint32_t layer) const { return classes_[class_of_layer_[layer]].slot_bytes; }
     uint64_t key_at(uint32_t ref) const;
     size_t find(uint64_t key) const;
+    // the entry of a cached (not ghost) key, kNil when there is none; the caller holds the lock
+    uint32_t live_entry(uint64_t key) const;
     void index_insert(uint64_t key, uint32_t ref);
     void index_erase(size_t at);
     void push_front(List & list, uint32_t e);
