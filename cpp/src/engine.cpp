@@ -167,8 +167,9 @@ void Engine::load_sparse_layer(int il, DirectFile & file) {
 
 std::vector<int> Engine::resident_gate_layers() const {
     std::vector<int> out;
-    for (int il = 0; sparse_ && il < n_layer(); ++il) {
-        if (sparse_->has_layer(il) && sparse_->layer(il).gate.data) out.push_back(il);
+    // the copies this engine holds (a streamed layer's rows point into a GateStream buffer between evaluations)
+    for (int il = 0; il < (int) gate_storage_.size(); ++il) {
+        if (gate_storage_[(size_t) il].data()) out.push_back(il);
     }
     return out;
 }
