@@ -2,6 +2,7 @@
 
 #include "neuralink/column_axpy.h"
 #include "neuralink/engine.h"
+#include "neuralink/residency.h"
 #include "neuralink/row_gemm.h"
 
 #include <algorithm>
@@ -102,10 +103,6 @@ std::string MemoryPlan::describe() const {
     return out;
 }
 
-static bool ends_with(const std::string & s, const std::string & suffix) {
-    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64_t process_before,
                        const std::vector<std::string> & llama_log, int n_threads, int n_ubatch, int n_ctx,
                        uint64_t load_anon_growth) {
@@ -114,18 +111,12 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     p.budget = budget;
     p.process = process_before;
     p.non_ffn_weights = engine.model().data_offset(); // metadata and vocabulary, read at load
-    const TensorInfo * embedding = nullptr;
-    bool tied = true;
-    for (const TensorInfo & t : engine.model().tensors()) {
-        if (t.name == "token_embd.weight") {
-            embedding = &t;
-        } else if (t.name == "output.weight") {
-            tied = false;
-        }
-    }
-    for (const TensorInfo & t : engine.model().tensors()) {
-        if (!ends_with(t.name, ".ffn_gate.weight") && !ends_with(t.name, ".ffn_up.weight") &&
-            !ends_with(t.name, ".ffn_down.weight") && &t != embedding) {
+    const GgufModel & model = engine.model();
+    const TensorInfo * embedding = model.find("token_embd.weight");
+    const bool tied = model.find("output.weight") == nullptr;
+    // what llama.cpp reads every token (residency.h's rule, the tensors it locks); the embedding counts below
+    for (const TensorInfo & t : model.tensors()) {
+        if (read_every_token(model, t) && &t != embedding) {
             p.non_ffn_weights += t.nbytes;
         }
     }
