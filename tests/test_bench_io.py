@@ -168,6 +168,25 @@ def test_cli_prints_the_table_and_writes_chart_and_json(planted, capsys: pytest.
         assert v["tokens"] == 48 and v["reads_per_token"] > 0 and v["io_ms_per_token"] > 0
 
 
+def test_a_gated_model_replays_under_the_contribution_criterion(synthetic_model, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # the criterion gated models convert with by default: its stores need the profile's selection tables in
+    # every order written (the frequency order's too)
+    model = synthetic_model("llama", "q8_0")
+    (tmp_path / "cal.txt").write_text(carried_text(800, seed=3))
+    (tmp_path / "eval.txt").write_text(carried_text(300, seed=4))
+    out = tmp_path / "io.json"
+    code = cli_main(["bench", "io", "--model", str(model), "--calibration", str(tmp_path / "cal.txt"), "--text",
+                     str(tmp_path / "eval.txt"), "--criterion", "contribution", "--density", "0.4",
+                     "--max-tokens", "24", "--calibration-tokens", "400", "--workers", "1", "--window", "128",
+                     "--variants", "neuralink-s", "neuralink", "neuralink-adaptive", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(out.read_text())
+    assert [v["variant"] for v in data["variants"]] == ["neuralink-s", "neuralink", "neuralink-adaptive"]
+    adaptive = data["variants"][2]
+    assert adaptive["reads_per_token"] > 0 and any("collapse gap fitted to" in n for n in adaptive["notes"])
+
+
 def _fails(args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> None:
     assert cli_main(["bench", "io", *args]) == 1
     err = capsys.readouterr().err

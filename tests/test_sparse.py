@@ -145,6 +145,24 @@ def test_cache_collapse_and_queue_depth_never_change_outputs(converted_model) ->
     assert len(set(reads)) > 1
 
 
+def test_adaptive_collapse_fits_the_read_cost_while_running_and_changes_no_output(converted_model) -> None:
+    model, sidecar = converted_model("llama", "q8_0", threshold=0.05)
+    runs = {}
+    for adaptive in (False, True):
+        llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none",
+                              collapse_gap=8192, adaptive_collapse=adaptive, **CONTEXT)
+        # before any read both plan with the given gap (the adaptive fit starts from it)
+        assert abs(llm.engine.collapse_gap_bytes - 8192) <= 1
+        runs[adaptive] = (run_model(llm), llm.engine.collapse_gap_bytes, llm.engine.read_cost)
+        llm.close()
+    (fixed_out, fixed_gap, _), (adaptive_out, adaptive_gap, (latency, bandwidth)) = runs[False], runs[True]
+    assert np.array_equal(adaptive_out[0], fixed_out[0]) and np.array_equal(adaptive_out[1], fixed_out[1])
+    assert adaptive_out[2] == fixed_out[2]
+    # the fixed gap stays; the adaptive one moved with what the reads took, and is its fit's latency x bandwidth
+    assert fixed_gap == 8192 and adaptive_gap != 8192
+    assert latency >= 0 and bandwidth > 0 and abs(adaptive_gap - latency * bandwidth) <= 1
+
+
 def test_verbose_completions_print_their_ffn_statistics(converted_model, capfd: pytest.CaptureFixture[str]) -> None:
     model, sidecar = converted_model("llama", "q8_0", threshold=0.05)
     llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", **{**CONTEXT, "verbose": True})

@@ -11,6 +11,7 @@ namespace neuralink {
 
 static constexpr Named<ReplayPlan> kReplayPlanNames[] = {
     { ReplayPlan::Runs, "runs" }, { ReplayPlan::Collapse, "collapse" }, { ReplayPlan::Whole, "whole" },
+    { ReplayPlan::Adaptive, "adaptive" },
 };
 
 const char * replay_plan_name(ReplayPlan plan) { return name_in(kReplayPlanNames, plan); }
@@ -159,6 +160,12 @@ Replayer::Replayer(const std::string & path, std::vector<BundleRegion> regions,
         largest = std::max(largest, r.record_bytes);
     }
     record_copy_.resize(largest);
+    if (options_.plan == ReplayPlan::Adaptive) {
+        DeviceCost prior;
+        prior.bandwidth_bytes_s = options_.bandwidth_bytes_s;
+        prior.read_latency_s = (double) options_.collapse_gap_bytes / options_.bandwidth_bytes_s;
+        collapse_ = std::make_unique<AdaptiveCollapse>(prior);
+    }
     if (options_.window_tokens > 0) {
         window_ = std::make_unique<WindowCache>(options_.window_tokens, options_.cache_bytes, record_bytes);
     } else {
@@ -198,9 +205,14 @@ size_t Replayer::cache_used_bytes() const {
     return window_ ? window_->used_bytes() : cache_->stats().used_bytes;
 }
 
+uint64_t Replayer::collapse_gap_bytes() const {
+    if (collapse_) return (uint64_t) collapse_->cost().gap_bytes();
+    return options_.plan == ReplayPlan::Collapse ? options_.collapse_gap_bytes : 0;
+}
+
 uint32_t Replayer::max_gap_records(const BundleRegion & region) const {
-    // the engine's rule: gaps of at most collapse_gap_bytes are read through
-    return (uint32_t) std::min<uint64_t>(options_.collapse_gap_bytes / region.record_bytes, region.n_records);
+    // the engine's rule: gaps of at most the collapse gap are read through
+    return (uint32_t) std::min<uint64_t>(collapse_gap_bytes() / region.record_bytes, region.n_records);
 }
 
 bool Replayer::cache_lookup(uint32_t region, uint32_t pos) {
@@ -336,6 +348,7 @@ void Replayer::replay_step(uint32_t step, const uint32_t * needed, size_t n_need
         throw;
     }
     st.io_ns += last_done - first_issue;
+    if (collapse_) collapse_->observe(plans.size(), at, last_done - first_issue);
 
     // count and admit what each read brought, in read order like the engine
     std::vector<size_t> cursor(misses_at.begin(), misses_at.end() - 1);

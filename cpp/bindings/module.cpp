@@ -69,7 +69,8 @@ static void register_engine(py::module_ & m) {
                          int queue_depth, std::optional<uint64_t> collapse_gap_bytes, uint64_t max_read_bytes,
                          double read_latency_s, double bandwidth_bytes_s, const std::string & io_backend,
                          std::optional<std::vector<float>> thresholds, std::optional<std::vector<float>> predictor_thresholds,
-                         std::optional<std::vector<float>> candidate_thresholds, bool verify_checksums) {
+                         std::optional<std::vector<float>> candidate_thresholds, bool verify_checksums,
+                         bool adaptive_collapse) {
                  EngineOptions opts;
                  opts.direct_io = direct_io;
                  if (sidecar) {
@@ -88,6 +89,7 @@ static void register_engine(py::module_ & m) {
                      opts.sparse.predictor_thresholds = predictor_thresholds.value_or(std::vector<float>());
                      opts.sparse.candidate_thresholds = candidate_thresholds.value_or(std::vector<float>());
                      opts.sparse.verify_checksums = verify_checksums;
+                     opts.sparse.adaptive_collapse = adaptive_collapse;
                  } else if (thresholds || predictor_thresholds || candidate_thresholds) {
                      throw std::invalid_argument("thresholds apply to the sparse engine: pass a sidecar");
                  }
@@ -101,7 +103,8 @@ static void register_engine(py::module_ & m) {
              py::arg("max_read_bytes") = kDefaultMaxReadBytes, py::arg("read_latency_s") = kDefaultReadLatencyS,
              py::arg("bandwidth_bytes_s") = kDefaultBandwidthBytesS, py::arg("io_backend") = "auto",
              py::arg("thresholds") = py::none(), py::arg("predictor_thresholds") = py::none(),
-             py::arg("candidate_thresholds") = py::none(), py::arg("verify_checksums") = true)
+             py::arg("candidate_thresholds") = py::none(), py::arg("verify_checksums") = true,
+             py::arg("adaptive_collapse") = false)
         .def_property_readonly("hook_address", [](const Engine & e) { return (uintptr_t) e.hook(); })
         .def_property_readonly("architecture", [](const Engine & e) { return e.model().architecture(); })
         .def_property_readonly("n_layer", &Engine::n_layer)
@@ -135,6 +138,15 @@ static void register_engine(py::module_ & m) {
         }, py::arg("thresholds") = py::none(), py::arg("candidate_thresholds") = py::none(),
            py::arg("predictor_thresholds") = py::none(),
            "Replace the per-layer thresholds between evaluations (None: the sidecar's).")
+        .def_property_readonly("collapse_gap_bytes", [](const Engine & e) -> std::optional<uint64_t> {
+            if (!e.sparse()) return std::nullopt;
+            return e.sparse()->collapse_gap_bytes();
+        }, "the largest gap the sparse engine reads through now (adaptive: the current fit's); None when dense")
+        .def_property_readonly("read_cost", [](const Engine & e) -> std::optional<std::pair<double, double>> {
+            if (!e.sparse()) return std::nullopt;
+            const DeviceCost c = e.sparse()->read_cost();
+            return std::make_pair(c.read_latency_s, c.bandwidth_bytes_s);
+        }, "(seconds per read, bytes per second) reads are planned with now; None when dense")
         .def_property_readonly("criterion", [](const Engine & e) {
             return e.sparse() ? e.sparse()->store().criterion() : std::string();
         }, "the sidecar's activity criterion; empty for the dense engine")

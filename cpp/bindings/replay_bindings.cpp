@@ -20,7 +20,8 @@ void register_replay(py::module_ & m) {
         .def(py::init([](const std::string & path, const std::vector<std::tuple<uint64_t, size_t, uint32_t>> & regions,
                          std::vector<std::vector<uint32_t>> steps, const std::string & plan, uint64_t collapse_gap_bytes,
                          uint64_t max_read_bytes, int queue_depth, const std::string & io_backend, bool direct,
-                         const std::string & cache_policy, size_t cache_bytes, double p_run, uint32_t window_tokens) {
+                         const std::string & cache_policy, size_t cache_bytes, double p_run, uint32_t window_tokens,
+                         double bandwidth_bytes_s) {
                  std::vector<BundleRegion> rs;
                  for (const auto & [offset, record_bytes, n_records] : regions) rs.push_back({ offset, record_bytes, n_records });
                  ReplayOptions o;
@@ -34,12 +35,14 @@ void register_replay(py::module_ & m) {
                  o.cache_bytes = cache_bytes;
                  o.p_run = p_run;
                  o.window_tokens = window_tokens;
+                 o.bandwidth_bytes_s = bandwidth_bytes_s;
                  return std::make_unique<Replayer>(path, std::move(rs), std::move(steps), o);
              }),
              py::arg("path"), py::arg("regions"), py::arg("steps"), py::arg("plan") = "collapse",
              py::arg("collapse_gap_bytes") = 0, py::arg("max_read_bytes") = kDefaultMaxReadBytes, py::arg("queue_depth") = kDefaultQueueDepth,
              py::arg("io_backend") = "auto", py::arg("direct") = true, py::arg("cache_policy") = "none",
              py::arg("cache_bytes") = 0, py::arg("p_run") = 0.1, py::arg("window_tokens") = 0,
+             py::arg("bandwidth_bytes_s") = kDefaultBandwidthBytesS,
              "Replay reads of `regions` ((offset, record_bytes, n_records) each) of a file; steps[s] lists the "
              "regions one layer evaluation reads.")
         .def("pin", [](Replayer & r, const std::vector<std::vector<float>> & frequency) {
@@ -72,7 +75,9 @@ void register_replay(py::module_ & m) {
         .def_property_readonly("io_note", &Replayer::io_note)
         .def_property_readonly("io_backend", [](const Replayer & r) { return std::string(io_backend_name(r.io_backend())); })
         .def_property_readonly("io_backend_note", &Replayer::io_backend_note)
-        .def_property_readonly("cache_used_bytes", &Replayer::cache_used_bytes);
+        .def_property_readonly("cache_used_bytes", &Replayer::cache_used_bytes)
+        .def_property_readonly("collapse_gap_bytes", &Replayer::collapse_gap_bytes,
+                               "the gap read through now (adaptive: the current fit's)");
 
     m.def("plan_runs",
           [](py::array_t<uint32_t, py::array::c_style | py::array::forcecast> needed, uint64_t region_offset,

@@ -1,10 +1,82 @@
 #include "neuralink/read_planner.h"
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 
 namespace neuralink {
+
+// ---------------------------------------------------------------- adaptive collapse
+
+// the latency unit of the fit: the prior's, or 1 us when the prior has none (a bandwidth-bound device)
+static double latency_unit(const DeviceCost & prior) { return std::max(prior.read_latency_s, 1e-6); }
+
+AdaptiveCollapse::AdaptiveCollapse(DeviceCost prior, double forget, double prior_weight)
+    : prior_(prior), forget_(forget), prior_weight_(prior_weight), fitted_(prior) {
+    if (!(prior.read_latency_s >= 0) || !(prior.bandwidth_bytes_s > 0) || !std::isfinite(prior.bandwidth_bytes_s)) {
+        throw std::invalid_argument("adaptive collapse needs a prior with latency >= 0 and a finite bandwidth > 0");
+    }
+    if (!(forget > 0 && forget <= 1) || !(prior_weight > 0)) {
+        throw std::invalid_argument("adaptive collapse needs 0 < forget <= 1 and a prior weight > 0");
+    }
+}
+
+void AdaptiveCollapse::observe(uint64_t n_reads, uint64_t bytes, uint64_t wall_ns) {
+    if (n_reads == 0 || wall_ns == 0) {
+        return;
+    }
+    const double u = (double) n_reads * latency_unit(prior_);
+    const double v = (double) bytes / prior_.bandwidth_bytes_s;
+    const double t = (double) wall_ns * 1e-9;
+    std::lock_guard<std::mutex> lock(mutex_);
+    const double f = forget_;
+    suu_ = f * suu_ + u * u;
+    suv_ = f * suv_ + u * v;
+    svv_ = f * svv_ + v * v;
+    sut_ = f * sut_ + u * t;
+    svt_ = f * svt_ + v * t;
+    weight_ = f * weight_ + 1;
+    ++observations_;
+    refit();
+}
+
+void AdaptiveCollapse::refit() {
+    // ridge towards the prior (a0, 1), in each coordinate with the weight of prior_weight typical waves
+    const double a0 = prior_.read_latency_s / latency_unit(prior_);
+    const double mu_a = prior_weight_ * suu_ / weight_, mu_b = prior_weight_ * svv_ / weight_;
+    const double m11 = suu_ + mu_a, m12 = suv_, m22 = svv_ + mu_b;
+    const double r1 = sut_ + mu_a * a0, r2 = svt_ + mu_b;
+    const double det = m11 * m22 - m12 * m12;
+    double a = (r1 * m22 - m12 * r2) / det;
+    double b = (m11 * r2 - m12 * r1) / det;
+    // the bandwidth stays within a factor of 10 of the prior's; the latency is never negative
+    const auto clamp_b = [](double x) { return std::min(std::max(x, 0.1), 10.0); };
+    if (a < 0) {
+        a = 0;
+        b = clamp_b(r2 / m22);
+    } else if (b != clamp_b(b)) {
+        b = clamp_b(b);
+        a = std::max(0.0, (r1 - m12 * b) / m11);
+    }
+    if (!std::isfinite(a) || !std::isfinite(b)) {
+        return; // degenerate sums: keep the previous fit
+    }
+    fitted_.read_latency_s = a * latency_unit(prior_);
+    fitted_.bandwidth_bytes_s = prior_.bandwidth_bytes_s / b;
+}
+
+DeviceCost AdaptiveCollapse::cost() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return fitted_;
+}
+
+uint64_t AdaptiveCollapse::observations() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return observations_;
+}
+
+// ---------------------------------------------------------------- planning
 
 // appends the aligned read of records [first, last], merging it into the previous read when their
 // aligned ranges touch (one operation instead of two) and the merged read stays within max_read_bytes

@@ -39,6 +39,13 @@ SparseFfn::SparseFfn(std::shared_ptr<SidecarStore> store, const SparseOptions & 
     layers_.resize((size_t) store_->n_layer());
     threads_.resize(kMaxThreads);
     configure_cache(options_.cache_policy, options_.cache_bytes);
+    if (options_.adaptive_collapse) {
+        DeviceCost prior = options_.device;
+        if (options_.collapse_gap_bytes != UINT64_MAX) {
+            prior.read_latency_s = (double) options_.collapse_gap_bytes / prior.bandwidth_bytes_s;
+        }
+        collapse_ = std::make_unique<AdaptiveCollapse>(prior);
+    }
 }
 
 float SparseFfn::threshold(int il) const {
@@ -376,6 +383,21 @@ void SparseFfn::record_stats(int il, int64_t n_tokens, int nth) {
         const SparseLayerWeights & L = *layers_[il];
         st.reads += 1;
         st.bytes_read += L.gate.row_bytes * (uint64_t) L.gate.rows;
+    }
+    if (collapse_) {
+        // each wave of all threads, submitted together, as one observation of the device
+        for (int k = 0; k < 2; ++k) {
+            uint64_t reads = 0, bytes = 0, w_first = UINT64_MAX, w_last = 0;
+            for (int j = 0; j < nth; ++j) {
+                const Wave & w = threads_[j]->wave[k];
+                if (w.reads == 0) continue;
+                reads += w.reads;
+                bytes += w.bytes_read;
+                w_first = std::min(w_first, w.first_issue_ns);
+                w_last = std::max(w_last, w.last_done_ns);
+            }
+            if (reads > 0 && w_last > w_first) collapse_->observe(reads, bytes, w_last - w_first);
+        }
     }
     st.truly_active = (int32_t) truly;
     st.active_bytes = (uint64_t) st.predicted * S.region.record_bytes +

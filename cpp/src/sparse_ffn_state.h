@@ -27,6 +27,8 @@ struct SparseFfn::Wave {
     uint32_t cache_hits = 0;
     uint32_t reads = 0;
     uint64_t bytes_read = 0;
+    uint64_t first_issue_ns = 0; // this wave's reads submitted (0: none)
+    uint64_t last_done_ns = 0;   // and the last of them completed
 };
 
 // What one compute thread keeps between phases; other threads read it in phases 2 and 3.

@@ -14,11 +14,15 @@
 
 namespace neuralink {
 
-uint32_t SparseFfn::max_gap_records(const BundleRegion & region) const {
+uint64_t SparseFfn::collapse_gap_bytes() const {
     // a gap is worth reading through when its bytes cost less time than one more read
-    const double gap_bytes = options_.collapse_gap_bytes == UINT64_MAX
-            ? options_.device.read_latency_s * options_.device.bandwidth_bytes_s
-            : (double) options_.collapse_gap_bytes;
+    if (collapse_) return (uint64_t) collapse_->cost().gap_bytes();
+    return options_.collapse_gap_bytes == UINT64_MAX ? (uint64_t) options_.device.gap_bytes() : options_.collapse_gap_bytes;
+}
+
+uint32_t SparseFfn::max_gap_records(const BundleRegion & region, const DeviceCost & device) const {
+    const double gap_bytes = collapse_ || options_.collapse_gap_bytes == UINT64_MAX
+            ? device.gap_bytes() : (double) options_.collapse_gap_bytes;
     return (uint32_t) std::min<double>(gap_bytes / (double) std::max<size_t>(region.record_bytes, 1), region.n_records);
 }
 
@@ -120,8 +124,9 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
     w.cache_hits = (uint32_t) w.hit_positions.size();
 
     // reads for the misses: collapsed runs, or the whole range when the cost model says that is cheaper
+    const DeviceCost device = read_cost();
     CollapsePolicy policy;
-    policy.max_gap = max_gap_records(region);
+    policy.max_gap = max_gap_records(region, device);
     policy.max_read_bytes = options_.max_read_bytes;
     std::vector<PlannedRead> reads = plan_reads(region, w.misses.data(), w.misses.size(), policy);
     if (!w.misses.empty() && (n_tokens > 1 || options_.predictor == Predictor::Dense)) {
@@ -134,7 +139,7 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
         uint64_t bytes = 0, whole_bytes = 0;
         for (const auto & r : reads) bytes += r.length;
         for (const auto & r : whole) whole_bytes += r.length;
-        if (options_.device.cost(whole.size(), whole_bytes) < options_.device.cost(reads.size(), bytes)) {
+        if (device.cost(whole.size(), whole_bytes) < device.cost(reads.size(), bytes)) {
             for (auto & r : whole) r.n_needed = 0; // the needed count is only used for admission below
             reads = std::move(whole);
         }
@@ -161,8 +166,10 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
     w.n_pending = reads.size();
     w.reads = (uint32_t) reads.size();
     w.bytes_read = at;
+    w.first_issue_ns = w.last_done_ns = 0;
     if (!batch.empty()) {
-        if (ts.first_issue_ns == 0) ts.first_issue_ns = steady_now_ns();
+        w.first_issue_ns = steady_now_ns();
+        if (ts.first_issue_ns == 0) ts.first_issue_ns = w.first_issue_ns;
         if (!ts.queue) {
             std::string why;
             ts.queue = backend_ == IoBackend::Uring
@@ -192,6 +199,7 @@ void SparseFfn::complete(int il, bool down, ThreadState & ts, Wave & w, OnRecord
         ts.queue->wait(pd.read);
         ts.stall_ns += steady_now_ns() - wait_start;
         ts.last_done_ns = std::max(ts.last_done_ns, pd.read.done_ns);
+        w.last_done_ns = std::max(w.last_done_ns, pd.read.done_ns);
         recs.clear();
         pos.clear();
         const uint32_t end = pd.plan.first + pd.plan.count;

@@ -114,6 +114,60 @@ TEST(plan_whole_region_reads_everything_in_capped_pieces) {
     CHECK(reads.size() >= region.n_records * region.record_bytes / (256 * 1024));
 }
 
+namespace {
+
+// waves of varied shape from a device that costs exactly latency per read plus bytes / bandwidth
+void feed(AdaptiveCollapse & fit, double latency_s, double bandwidth, int waves, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::uniform_int_distribution<int> reads(1, 60);
+    std::uniform_int_distribution<int> kib_per_read(4, 1024);
+    for (int i = 0; i < waves; ++i) {
+        const uint64_t n = (uint64_t) reads(rng), bytes = n * (uint64_t) kib_per_read(rng) * 1024;
+        fit.observe(n, bytes, (uint64_t) ((double) n * latency_s * 1e9 + (double) bytes / bandwidth * 1e9));
+    }
+}
+
+} // namespace
+
+TEST(adaptive_collapse_starts_from_the_prior_and_learns_the_device) {
+    DeviceCost prior;
+    prior.read_latency_s = 20e-6;
+    prior.bandwidth_bytes_s = 1e9;
+    AdaptiveCollapse fit(prior);
+    CHECK(fit.observations() == 0);
+    CHECK_NEAR(fit.cost().read_latency_s, 20e-6, 1e-12);
+    CHECK_NEAR(fit.cost().gap_bytes(), 20e3, 1e-6);
+    fit.observe(0, 0, 1000); // no reads: nothing learnt
+    CHECK(fit.observations() == 0);
+    // a slower device than profiled: 200 us per read, 500 MB/s
+    feed(fit, 200e-6, 500e6, 300, 1);
+    CHECK(fit.observations() == 300);
+    CHECK_NEAR(fit.cost().read_latency_s, 200e-6, 20e-6);
+    CHECK_NEAR(fit.cost().bandwidth_bytes_s, 500e6, 50e6);
+    CHECK_NEAR(fit.cost().gap_bytes(), 100e3, 15e3);
+}
+
+TEST(adaptive_collapse_stops_merging_on_a_bandwidth_bound_device) {
+    DeviceCost prior;
+    prior.read_latency_s = 50e-6;
+    prior.bandwidth_bytes_s = 1e9;
+    AdaptiveCollapse fit(prior);
+    feed(fit, 0.0, 800e6, 300, 2); // reads cost their bytes only
+    CHECK(fit.cost().gap_bytes() < 4096);
+    CHECK_NEAR(fit.cost().bandwidth_bytes_s, 800e6, 40e6);
+    // and follows the device when reads become expensive again (older waves forgotten)
+    feed(fit, 100e-6, 800e6, 300, 3);
+    CHECK_NEAR(fit.cost().gap_bytes(), 80e3, 12e3);
+}
+
+TEST(adaptive_collapse_refuses_a_meaningless_prior) {
+    DeviceCost prior;
+    prior.bandwidth_bytes_s = 0;
+    CHECK_THROWS(std::invalid_argument, AdaptiveCollapse(prior), "bandwidth");
+    prior.bandwidth_bytes_s = 1e9;
+    CHECK_THROWS(std::invalid_argument, AdaptiveCollapse(prior, 0.0), "forget");
+}
+
 TEST(io_pool_reads_many_ranges_in_flight) {
     const size_t size = 64 * kDirectAlign;
     const std::string path = write_pattern_file("pool.bin", size);

@@ -43,9 +43,16 @@ class Engine:
         io_backend: str = "auto",
         thresholds: Sequence[float] | None = None,
         predictor_thresholds: Sequence[float] | None = None,
+        candidate_thresholds: Sequence[float] | None = None,
+        verify_checksums: bool = True,
+        adaptive_collapse: bool = False,
     ) -> None: ...
     @property
     def hook_address(self) -> int: ...
+    @property
+    def collapse_gap_bytes(self) -> int | None: ...
+    @property
+    def read_cost(self) -> tuple[float, float] | None: ...
     @property
     def architecture(self) -> str: ...
     @property
@@ -181,6 +188,7 @@ class Replayer:
         cache_bytes: int = 0,
         p_run: float = 0.1,
         window_tokens: int = 0,
+        bandwidth_bytes_s: float = ...,
     ) -> None: ...
     def pin(self, frequency: Sequence[npt.ArrayLike]) -> None: ...
     def replay(
@@ -198,6 +206,8 @@ class Replayer:
     def io_backend_note(self) -> str: ...
     @property
     def cache_used_bytes(self) -> int: ...
+    @property
+    def collapse_gap_bytes(self) -> int: ...
 
 def plan_runs(
     needed: npt.ArrayLike, region_offset: int, record_bytes: int, n_records: int, max_read_bytes: int = 0

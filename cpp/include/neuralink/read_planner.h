@@ -5,10 +5,12 @@
 // positions is one byte range; two runs separated by a short gap are worth
 // reading as one when the gap costs less than another I/O operation.
 
+#include "neuralink/defaults.h"
 #include "neuralink/direct_file.h"
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 namespace neuralink {
@@ -20,6 +22,50 @@ struct BundleRegion {
     uint32_t n_records = 0;    // n_ff
 
     uint64_t record_offset(uint32_t pos) const { return offset + (uint64_t) pos * record_bytes; }
+};
+
+// Device cost model: one read costs latency + bytes / bandwidth.
+struct DeviceCost {
+    double read_latency_s = kDefaultReadLatencyS;
+    double bandwidth_bytes_s = kDefaultBandwidthBytesS;
+    double cost(uint64_t n_reads, uint64_t bytes) const { return (double) n_reads * read_latency_s + (double) bytes / bandwidth_bytes_s; }
+    // a gap is worth reading through when its bytes take less time than one more read
+    double gap_bytes() const { return read_latency_s * bandwidth_bytes_s; }
+};
+
+// The paper's adaptive access collapse: the read cost learnt from the reads
+// themselves while running, so that the collapse gap follows what the device
+// delivers now (another process reading, a slower queue, a profile measured
+// on a quieter day) instead of a number fixed at load. A wave of n reads of B
+// bytes submitted together takes about n * latency + B / bandwidth of wall
+// time; the pair is fitted by least squares over the recent waves (older ones
+// forgotten geometrically), pulled towards the prior (the device profile)
+// with the weight of `prior_weight` typical waves, so that a few waves of one
+// shape cannot swing it. When the per-read latency fits to zero the device is
+// bandwidth-bound: the gap is zero and runs are no longer merged.
+class AdaptiveCollapse {
+public:
+    static constexpr double kForget = 0.99;     // weight of a wave after each newer one (~100 waves: two tokens of 28 layers)
+    static constexpr double kPriorWeight = 0.5; // the prior counts as half a typical wave
+
+    explicit AdaptiveCollapse(DeviceCost prior, double forget = kForget, double prior_weight = kPriorWeight);
+
+    // a completed wave: n_reads reads, `bytes` in all, first submitted -> last completed in wall_ns
+    void observe(uint64_t n_reads, uint64_t bytes, uint64_t wall_ns);
+    DeviceCost cost() const;   // the current fit (the prior until a wave is observed)
+    DeviceCost prior() const { return prior_; }
+    uint64_t observations() const;
+
+private:
+    void refit(); // under mutex_
+
+    const DeviceCost prior_;
+    const double forget_, prior_weight_;
+    mutable std::mutex mutex_;
+    // weighted sums over the waves, in the prior's units (seconds): u = n * latency0, v = B / bandwidth0, t = wall
+    double suu_ = 0, suv_ = 0, svv_ = 0, sut_ = 0, svt_ = 0, weight_ = 0;
+    uint64_t observations_ = 0;
+    DeviceCost fitted_;
 };
 
 struct CollapsePolicy {

@@ -42,13 +42,6 @@ enum class Predictor { Dense, Gate, Oracle, LowRank };
 const char * predictor_name(Predictor p);
 Predictor predictor_from_name(const std::string & name); // throws std::invalid_argument
 
-// Device cost model: one read costs latency + bytes / bandwidth.
-struct DeviceCost {
-    double read_latency_s = kDefaultReadLatencyS;
-    double bandwidth_bytes_s = kDefaultBandwidthBytesS;
-    double cost(uint64_t n_reads, uint64_t bytes) const { return (double) n_reads * read_latency_s + (double) bytes / bandwidth_bytes_s; }
-};
-
 struct SparseOptions {
     Predictor predictor = Predictor::Gate;
     CachePolicy cache_policy = CachePolicy::Linking;
@@ -58,6 +51,9 @@ struct SparseOptions {
     uint64_t collapse_gap_bytes = UINT64_MAX; // merge runs whose gap is at most this; UINT64_MAX: from the cost model
     uint64_t max_read_bytes = kDefaultMaxReadBytes;
     DeviceCost device;
+    // adapt the read cost (and so the collapse gap) to the reads' own timing while running, starting from
+    // `device` with the latency that gives collapse_gap_bytes when that is set (AdaptiveCollapse)
+    bool adaptive_collapse = false;
     bool direct_io = true;
     // per-layer activity thresholds replacing the sidecar's, to run at another density without converting
     // again (empty: the sidecar's); a neuron is active when its criterion value exceeds the threshold
@@ -161,6 +157,10 @@ public:
     uint64_t released_bytes() const { return released_bytes_; }
     // worst-case bytes of I/O and compute scratch
     size_t scratch_bytes() const;
+    // the read cost reads are planned with now: the adaptive fit, or the options' fixed one
+    DeviceCost read_cost() const { return collapse_ ? collapse_->cost() : options_.device; }
+    // the largest gap, in bytes, read through now
+    uint64_t collapse_gap_bytes() const;
 
     // Reading or computing failed: the message, empty when all is well. Once
     // set, layers produce zeros until cleared, so a wrong answer is never silent.
@@ -202,7 +202,7 @@ private:
     void down(int il, float * y, int64_t n_tokens, int ith, int nth);
     void fail(const std::string & what, bool numeric = false);
     ThreadState & thread_state(int ith);
-    uint32_t max_gap_records(const BundleRegion & region) const;
+    uint32_t max_gap_records(const BundleRegion & region, const DeviceCost & device) const;
     // bytes of one record of each cache key: the layers' bundle records, then (split layout) their down columns
     std::vector<size_t> record_bytes_by_key() const;
 
@@ -218,6 +218,7 @@ private:
     size_t resident_bytes_ = 0;
     uint64_t released_bytes_ = 0;
     std::unique_ptr<GateStream> gate_stream_; // null while every gate row is resident
+    std::unique_ptr<AdaptiveCollapse> collapse_; // null: the options' fixed read cost and gap
 
     // shared per evaluation (layers run one after the other)
     int64_t capacity_ = 0;

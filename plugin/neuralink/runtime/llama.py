@@ -118,6 +118,12 @@ class Llama(llama_cpp.Llama):
         merge two runs of neurons into one read when the bytes between them
         are at most this many (default: from the device's cached profile, see
         ``neuralink device-profile``, else a phone-flash cost model).
+    adaptive_collapse:
+        fit the read cost to the reads' own timing while running (the
+        paper's adaptive collapse), starting from collapse_gap and the
+        profile: the gap grows when reads are dearer than profiled and
+        falls to zero when the device is bandwidth-bound. Off by default
+        (measured in docs/benchmarks.md, "Adaptive collapse").
     memory_budget:
         the whole process's memory ("150MB", "1.5GiB" or bytes): with a
         sidecar, everything resident is accounted (see neuralink.runtime.memory_budget) and
@@ -178,6 +184,7 @@ class Llama(llama_cpp.Llama):
         queue_depth: int = _engine.DEFAULT_QUEUE_DEPTH,
         io_backend: str = "auto",
         collapse_gap: int | None = None,
+        adaptive_collapse: bool = False,
         memory_budget: str | int | None = None,
         direct_io: bool = True,
         thresholds: Sequence[float] | None = None,
@@ -222,6 +229,7 @@ class Llama(llama_cpp.Llama):
             engine_args.update(_read_cost_options(sidecar_path, queue_depth))
             if collapse_gap is not None:
                 engine_args["collapse_gap_bytes"] = collapse_gap
+            engine_args["adaptive_collapse"] = adaptive_collapse
             if thresholds is not None:
                 engine_args["thresholds"] = [float(t) for t in thresholds]
             if predictor_thresholds is not None:
@@ -302,7 +310,8 @@ class Llama(llama_cpp.Llama):
                         time.perf_counter() - start)
         self._neuralink_args = dict(sidecar=sidecar, predictor=predictor, cache_policy=cache_policy,
                                     cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
-                                    collapse_gap=collapse_gap, memory_budget=memory_budget, direct_io=direct_io,
+                                    collapse_gap=collapse_gap, adaptive_collapse=adaptive_collapse,
+                                    memory_budget=memory_budget, direct_io=direct_io,
                                     thresholds=thresholds, predictor_thresholds=predictor_thresholds,
                                     repack_weights=repack_weights, preload=preload,
                                     candidate_thresholds=candidate_thresholds, lock_weights=lock_weights)

@@ -29,6 +29,8 @@ enum class ReplayPlan {
     Runs,      // one read per maximal run of consecutive needed records (no merging across gaps or blocks)
     Collapse,  // plan_reads: runs closer than the collapse gap merge, touching aligned blocks merge
     Whole,     // every record of the region, sequentially (plan_whole_region); the trace only counts as "needed"
+    Adaptive,  // Collapse with the gap of an AdaptiveCollapse fitted to the replay's own reads, from the prior
+               // collapse_gap_bytes and bandwidth_bytes_s
 };
 const char * replay_plan_name(ReplayPlan plan);
 ReplayPlan replay_plan_from_name(const std::string & name); // throws std::invalid_argument
@@ -78,7 +80,8 @@ private:
 
 struct ReplayOptions {
     ReplayPlan plan = ReplayPlan::Collapse;
-    uint64_t collapse_gap_bytes = 0;    // Collapse: merge runs whose gap is at most this many bytes
+    uint64_t collapse_gap_bytes = 0;    // Collapse: merge runs whose gap is at most this many bytes (Adaptive: at first)
+    double bandwidth_bytes_s = kDefaultBandwidthBytesS; // Adaptive: the prior's bandwidth
     uint64_t max_read_bytes = kDefaultMaxReadBytes;  // split longer reads (0: no cap)
     int queue_depth = kDefaultQueueDepth;
     IoBackend io_backend = IoBackend::Auto;
@@ -132,6 +135,8 @@ public:
     const std::string & io_backend_note() const { return backend_note_; }
     // bytes the cache holds now (records and bookkeeping)
     size_t cache_used_bytes() const;
+    // the gap read through now, bytes (Collapse: the fixed one; Adaptive: the current fit's; else 0)
+    uint64_t collapse_gap_bytes() const;
 
 private:
     struct Slot {
@@ -157,6 +162,7 @@ private:
     std::unique_ptr<ReadQueue> queue_;
     std::unique_ptr<BundleCache> cache_;
     std::unique_ptr<WindowCache> window_;
+    std::unique_ptr<AdaptiveCollapse> collapse_; // the Adaptive plan's fit
     uint64_t token_ = 0; // tokens replayed so far: the window's clock
 
     // scratch reused across steps

@@ -67,7 +67,10 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stock-model", type=Path, default=None,
                         help="GGUF stock llama.cpp runs (default: the converted model, same weights)")
     parser.add_argument("--caps", nargs="+", default=list(DEFAULT_CAPS), help="memory caps (e.g. 120MB: MB is 10^6 bytes, MiB and M 2^20), 'none' for uncapped")
-    parser.add_argument("--variants", nargs="+", choices=["stock", "neuralink"], default=["stock", "neuralink"])
+    parser.add_argument("--variants", nargs="+", choices=["stock", "neuralink", "neuralink-adaptive"],
+                        default=["stock", "neuralink"],
+                        help="what runs in each cap (default: stock neuralink); neuralink-adaptive: neuralink with "
+                             "adaptive_collapse=True, to compare the two side by side")
     parser.add_argument("--prompts-from", type=Path, default=SHARED_TEXT,
                         help=f"text to take prompts from (default: {SHARED_TEXT}; built-in prompts if absent)")
     parser.add_argument("--prompts", type=positive_int, default=3, help="number of prompts (default: 3)")

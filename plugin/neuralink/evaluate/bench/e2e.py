@@ -98,7 +98,7 @@ def run_worker(variant: str, cap: str, settings: E2eSettings, prompts_file: Path
         command += ["--ttft-prompt", str(prompts_file.parent / "ttft.txt"), "--ttft-tokens", str(settings.ttft_tokens)]
     if group is not None:
         command += ["--cgroup", str(group.path)]
-    if variant == "neuralink":
+    if variant != "stock":
         command += ["--sidecar", str(settings.sidecar), "--cache-policy", settings.cache_policy]
         if limit is not None:
             command += ["--budget", str(int(limit * settings.budget_fraction))]
@@ -181,8 +181,13 @@ def format_table(results: list[RunResult]) -> str:
     def fmt(v: float | None, spec: str) -> str:
         return "—" if v is None else format(v, spec)
 
-    for cap, rows in by_cap.items():
-        stock, nl = rows.get("stock"), rows.get("neuralink")
+    # one line per cap and neuralink variant, each against the same stock runs
+    lines_of = [(cap, rows, name) for cap, rows in by_cap.items()
+                for name in ([v for v in rows if v != "stock"] or ["neuralink"])]
+    for cap, rows, name in lines_of:
+        stock, nl = rows.get("stock"), rows.get(name)
+        if name != "neuralink":
+            cap = f"{cap} ({name})"
         s_tok = stock.median("tok_s") if stock else None
         n_tok = nl.median("tok_s") if nl else None
         ratio = n_tok / s_tok if s_tok and n_tok else None

@@ -13,6 +13,7 @@ and cache (docs/bench-io.md):
                the neurons active in the last 5 tokens (LLM in a Flash)
   neuralink-s  bundles in frequency order, access collapse; S3-FIFO cache
   neuralink    bundles in the placement's order, access collapse, linking cache
+  neuralink-adaptive  the same, with the collapse gap fitted to the reads' own timing while replaying
   dense        every layer read whole, sequentially
 
 Prints a markdown table: reads/token, IOPS, mean read length (bundles),
@@ -87,19 +88,21 @@ class BenchIoResult:
     reused: list[Path] = field(default_factory=list)
 
 
-def _collapse_gap(replay_dir: Path, queue_depth: int, override: int | None) -> tuple[int, str]:
-    if override is not None:
-        return override, f"collapse gap {override} B (--collapse-gap)"
+def _collapse_gap(replay_dir: Path, queue_depth: int, override: int | None) -> tuple[int, float, str]:
+    """(gap bytes, bandwidth bytes/s, where they came from): the fixed gap, and the adaptive plan's prior."""
     profile = cached_profile(replay_dir)
+    bandwidth = profile.read_cost(queue_depth)[1] if profile is not None else DEFAULT_COST_MODEL.bandwidth_bytes_per_s
+    if override is not None:
+        return override, bandwidth, f"collapse gap {override} B (--collapse-gap)"
     if profile is not None:
         gap = profile.collapse_gap_bytes(queue_depth)
-        return gap, (f"collapse gap {gap} B from the device profile at queue depth "
-                     f"{profile.nearest_depth(queue_depth)} (measured {profile.measured_at})")
+        return gap, bandwidth, (f"collapse gap {gap} B from the device profile at queue depth "
+                                f"{profile.nearest_depth(queue_depth)} (measured {profile.measured_at})")
     cost = DEFAULT_COST_MODEL
     gap = max(int(cost.read_latency_s * cost.bandwidth_bytes_per_s) - 1, 0)
-    return gap, (f"collapse gap {gap} B from the default cost model ({cost.read_latency_s * 1e6:g} us/read, "
-                 f"{cost.bandwidth_bytes_per_s / 1e9:g} GB/s): no device profile is cached for this storage; "
-                 f"run `neuralink device-profile {replay_dir.parent}`")
+    return gap, bandwidth, (f"collapse gap {gap} B from the default cost model ({cost.read_latency_s * 1e6:g} us/read, "
+                            f"{cost.bandwidth_bytes_per_s / 1e9:g} GB/s): no device profile is cached for this "
+                            f"storage; run `neuralink device-profile {replay_dir.parent}`")
 
 
 @contextmanager
@@ -195,9 +198,10 @@ def bench_io(
         for layout in layouts_by_source.values():
             _engine.evict_from_page_cache(str(layout.path))  # cold also for a buffered fallback
         budget = cache_bytes if cache_bytes is not None else int(round(cache_fraction * identity.store_bytes))
-        gap, collapse_note = _collapse_gap(directory, queue_depth, collapse_gap_bytes)
+        gap, bandwidth, collapse_note = _collapse_gap(directory, queue_depth, collapse_gap_bytes)
         settings = ReplaySettings(cache_bytes=budget, queue_depth=queue_depth, collapse_gap_bytes=gap,
-                                  max_read_bytes=max_read_bytes, io_backend=io_backend, chunk_tokens=chunk_tokens)
+                                  bandwidth_bytes_s=bandwidth, max_read_bytes=max_read_bytes, io_backend=io_backend,
+                                  chunk_tokens=chunk_tokens)
         traces_by_source: dict[str, Trace] = {}
         for source in sources:
             key = "identity" if source == "tensors" else source

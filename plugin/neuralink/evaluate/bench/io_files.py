@@ -61,12 +61,13 @@ class ReplayLayout:
 
 
 def placement_with_order(template: Placement, method: str, orders: list[np.ndarray]) -> Placement:
-    """`template`'s profile (frequencies, thresholds, criterion, model) with other neuron orders."""
+    """`template`'s profile (frequencies, thresholds, criterion, the contribution criterion's selection tables,
+    model) with other neuron orders."""
     return Placement(
         method=method, orders=[np.asarray(o, dtype=np.int32) for o in orders],
         chain_starts=[np.array([0], dtype=np.int32) for _ in orders], frequencies=template.frequencies,
         thresholds=template.thresholds, criterion=template.criterion, n_tokens=template.n_tokens,
-        model_sha256=template.model_sha256,
+        model_sha256=template.model_sha256, selection=template.selection,
     )
 
 
@@ -79,9 +80,12 @@ def write_bundle_store(
     model: str | os.PathLike[str], placement: Placement, path: Path, *, bundle_parts: BundleParts = "auto",
     bundle_down_type: DownEncoding = "auto", progress: LayerProgress | None = None,
 ) -> tuple[Path, bool]:
-    """The sidecar of `placement` at `path` (written, or reused when it has the same model id); (path, reused)."""
+    """The sidecar of `placement` at `path` (written, or reused when it has the same model id); (path, reused).
+
+    Records are always joint (a neuron's parts side by side, one region per layer), the paper's bundles, also
+    for the contribution criterion, whose converted stores split the down columns off."""
     plan = plan_conversion(model, placement, path.with_name(path.name + ".unused.gguf"), path,
-                           bundle_parts=bundle_parts, bundle_down_type=bundle_down_type)
+                           bundle_parts=bundle_parts, bundle_down_type=bundle_down_type, bundle_layout="joint")
     if path.is_file():
         try:
             with Sidecar.open(path) as existing:

@@ -6,6 +6,7 @@
 | llmflash | bundle store | original | one per run of adjacent bundles | sliding window, last 5 tokens |
 | neuralink-s | bundle store | frequency | access collapse | S3-FIFO |
 | neuralink | bundle store | placement | access collapse | linking (S3-FIFO + run-aware admission) |
+| neuralink-adaptive | bundle store | placement | access collapse, gap fitted to the reads' timing | linking |
 | dense | bundle store | original | the whole layer, sequentially | none |
 
 Every replay runs in C++ (`_engine.Replayer`): the engine's planner
@@ -26,7 +27,7 @@ from neuralink import _engine
 from neuralink.evaluate.bench.io_files import ReplayLayout
 from neuralink.formats.coactivation import CoactivationStats, unpack_masks
 
-Variant = Literal["llamacpp", "llmflash", "neuralink-s", "neuralink", "dense"]
+Variant = Literal["llamacpp", "llmflash", "neuralink-s", "neuralink", "neuralink-adaptive", "dense"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
 # what a variant reads from: the tensor file, or the bundle store of an order
 Source = Literal["tensors", "identity", "frequency", "placement"]
@@ -42,7 +43,7 @@ class VariantSpec:
 
     name: Variant
     source: Source
-    plan: Literal["runs", "collapse", "whole"]
+    plan: Literal["runs", "collapse", "adaptive", "whole"]
     cache: CacheRule
 
 
@@ -51,6 +52,7 @@ DEFAULT_SPECS: dict[Variant, VariantSpec] = {
     "llmflash": VariantSpec("llmflash", "identity", "runs", "window"),
     "neuralink-s": VariantSpec("neuralink-s", "frequency", "collapse", "s3fifo"),
     "neuralink": VariantSpec("neuralink", "placement", "collapse", "linking"),
+    "neuralink-adaptive": VariantSpec("neuralink-adaptive", "placement", "adaptive", "linking"),
     "dense": VariantSpec("dense", "identity", "whole", "none"),
 }
 
@@ -62,6 +64,7 @@ class ReplaySettings:
     cache_bytes: int
     queue_depth: int = _engine.DEFAULT_QUEUE_DEPTH
     collapse_gap_bytes: int = 0
+    bandwidth_bytes_s: float = _engine.DEFAULT_BANDWIDTH_BYTES_S  # the adaptive plan's prior, with the gap
     max_read_bytes: int = _engine.DEFAULT_MAX_READ_BYTES
     io_backend: str = "auto"
     window_tokens: int = LLMFLASH_WINDOW_TOKENS
@@ -154,7 +157,8 @@ def make_replayer(spec: VariantSpec, layout: ReplayLayout, settings: ReplaySetti
     policy = "none" if window else spec.cache
     return _engine.Replayer(
         str(layout.path), list(layout.regions), [list(s) for s in layout.steps], plan=spec.plan,
-        collapse_gap_bytes=settings.collapse_gap_bytes if spec.plan == "collapse" else 0,
+        collapse_gap_bytes=settings.collapse_gap_bytes if spec.plan in ("collapse", "adaptive") else 0,
+        bandwidth_bytes_s=settings.bandwidth_bytes_s,
         max_read_bytes=settings.max_read_bytes, queue_depth=settings.queue_depth, io_backend=settings.io_backend,
         cache_policy=policy, cache_bytes=0 if spec.cache == "none" else settings.cache_bytes,
         window_tokens=settings.window_tokens if window else 0,
@@ -191,7 +195,8 @@ def replay_variants(
     results: dict[Variant, VariantResult] = {}
     for s in specs:
         r = replayers[s.name]
-        notes = tuple(n for n in (r.io_note, r.io_backend_note) if n)
+        fitted = f"collapse gap fitted to {r.collapse_gap_bytes:,} B at the end" if s.plan == "adaptive" else ""
+        notes = tuple(n for n in (r.io_note, r.io_backend_note, fitted) if n)
         layout = layouts[s.name]
         results[s.name] = VariantResult(s.name, s, np.concatenate(parts[s.name]),
                                         float(np.mean(layout.bundle_bytes)), r.direct, r.io_backend, notes)
@@ -241,7 +246,7 @@ def ratio_lines(results: dict[Variant, VariantResult]) -> list[str]:
         return []
     ours = results["neuralink"].metrics()
     lines = []
-    for base in ("llamacpp", "llmflash", "neuralink-s", "dense"):
+    for base in ("llamacpp", "llmflash", "neuralink-s", "neuralink-adaptive", "dense"):
         if base not in results:
             continue
         other = results[base].metrics()

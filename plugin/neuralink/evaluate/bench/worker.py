@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> dict:
 
         overrides = json.loads(Path(args.thresholds).read_text()) if args.thresholds else {}
         llm = neuralink.Llama(args.model, sidecar=args.sidecar, memory_budget=args.budget, predictor=args.predictor,
-                              cache_policy=args.cache_policy, **overrides, **context)
+                              cache_policy=args.cache_policy, adaptive_collapse=args.variant == "neuralink-adaptive",
+                              **overrides, **context)
     load_s = time.perf_counter() - start
     prompts = json.loads(Path(args.prompts).read_text())
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
     prompt_s = 0.0
     prompt_tokens = 0
     texts = []
-    if args.variant == "neuralink":
+    if args.variant != "stock":
         llm.ffn_stats(reset=True)
     for prompt in prompts:
         s, n, p, text = _decode_steps(llm, prompt, args.tokens)
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     if ttft is not None:
         result["ttft_s"], result["ttft_tokens"] = ttft
-    if args.variant == "neuralink":
+    if args.variant != "stock":
         stats = llm.ffn_stats()
         decode = stats[stats["n_tokens"] == 1]
         n = max(len(steps), 1)
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> dict:
             cache_hit_rate=cache_hit_rate(decode),
             density=float(decode["predicted"].sum()) / max(float(len(decode)) * llm.engine.n_layer, 1.0),
             memory_plan=llm.memory_plan.to_dict() if llm.memory_plan else None,
+            collapse_gap_bytes=llm.engine.collapse_gap_bytes,  # at the end (adaptive: the fit's)
         )
     llm.close()
     return result
@@ -139,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m neuralink.evaluate.bench.worker")
     parser.add_argument("--cgroup", default=None)
-    parser.add_argument("--variant", choices=["stock", "neuralink"], required=True)
+    parser.add_argument("--variant", choices=["stock", "neuralink", "neuralink-adaptive"], required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--sidecar", default=None)
     parser.add_argument("--budget", default=None)
