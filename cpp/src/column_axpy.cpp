@@ -242,6 +242,78 @@ NL_AVX2 void q8_0_axpy_tokens_avx2(const uint8_t * const * c, const float * h, i
     }
 }
 
+// q6_K columns (ggml's block_q6_K: 256 values as low 4 bits ql[128], high 2 bits qh[64], int8 scales[16] of 16
+// values each, fp16 d), decoded in registers and added without a float copy. Each value is decoded as ggml's
+// to_float decodes it, (d * scale) * q as floats, and added as fma(h, value, y) like the float loop: the same
+// sums as decoding the column into scratch first.
+constexpr int64_t kQ6Block = 256;
+constexpr size_t kQ6BlockBytes = 128 + 64 + 16 + 2;
+
+// one column's 128 values of half `half` of a block, decoded, scaled and added to y's 8 registers
+NL_AVX512 NL_INLINE void q6_k_half(const uint8_t * block, int half, float h, __m512 * acc) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), bias = _mm256_set1_epi8(32);
+    const int8_t * sc = (const int8_t *) (block + 192) + 8 * half;
+    uint16_t dh;
+    std::memcpy(&dh, block + 208, sizeof dh);
+    const float d = _cvtsh_ss(dh);
+    const uint8_t * ql = block + 64 * half;
+    const __m256i l0 = _mm256_loadu_si256((const __m256i *) ql);
+    const __m256i l1 = _mm256_loadu_si256((const __m256i *) (ql + 32));
+    const __m256i hb = _mm256_loadu_si256((const __m256i *) (block + 128 + 32 * half));
+    // values l, l + 32, l + 64, l + 96 of this half, l < 32
+    const __m256i q[4] = {
+        _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4)),
+        _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
+                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4)),
+    };
+    const __m512 hv = _mm512_set1_ps(h);
+    for (int j = 0; j < 4; ++j) {
+        const __m256i v = _mm256_sub_epi8(q[j], bias);
+        const __m512 w0 = _mm512_mul_ps(_mm512_set1_ps(d * (float) sc[2 * j]),
+                                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))));
+        const __m512 w1 = _mm512_mul_ps(_mm512_set1_ps(d * (float) sc[2 * j + 1]),
+                                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))));
+        acc[2 * j] = _mm512_fmadd_ps(hv, w0, acc[2 * j]);
+        acc[2 * j + 1] = _mm512_fmadd_ps(hv, w1, acc[2 * j + 1]);
+    }
+}
+
+// a q6_K column decoded into floats, the values ggml's to_float gives ((d * scale) * q), without its scalar loop
+NL_AVX512 void q6_k_decode_avx512(const uint8_t * column, float * out, int64_t n) {
+    for (int64_t b = 0; b < n / kQ6Block; ++b) {
+        for (int half = 0; half < 2; ++half) {
+            // fma(1, w, -0) is w exactly, signed zeros included: the decoded values themselves
+            __m512 acc[8];
+            for (int i = 0; i < 8; ++i) acc[i] = _mm512_set1_ps(-0.0f);
+            q6_k_half(column + (size_t) b * kQ6BlockBytes, half, 1.0f, acc);
+            for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + b * kQ6Block + 128 * half + 16 * i, acc[i]);
+        }
+    }
+}
+
+NL_AVX512 void q6_k_axpy_avx512(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
+    const size_t bytes = (size_t) (n / kQ6Block) * kQ6BlockBytes;
+    for (int k0 = 0; k0 < count; k0 += kGroup) {
+        const int m = count - k0 < kGroup ? count - k0 : kGroup;
+        for (int k = k0 + kGroup; k < k0 + 2 * kGroup && k < count; ++k) {
+            for (size_t at = 0; at < bytes; at += 64) _mm_prefetch((const char *) columns[k] + at, _MM_HINT_T0);
+        }
+        // 128 values of y (a half block) stay in registers while the group's columns are added, in order
+        for (int64_t b = 0; b < n / kQ6Block; ++b) {
+            for (int half = 0; half < 2; ++half) {
+                float * yh = y + b * kQ6Block + 128 * half;
+                __m512 acc[8];
+                for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(yh + 16 * i);
+                for (int k = k0; k < k0 + m; ++k) q6_k_half(columns[k] + (size_t) b * kQ6BlockBytes, half, h[k], acc);
+                for (int i = 0; i < 8; ++i) _mm512_storeu_ps(yh + 16 * i, acc[i]);
+            }
+        }
+    }
+}
+
 NL_AVX512 void axpy_avx512(const float * x, float h, float * y, int64_t n) { axpy_body(x, h, y, n); }
 NL_AVX2 void axpy_avx2(const float * x, float h, float * y, int64_t n) { axpy_body(x, h, y, n); }
 #endif
@@ -251,6 +323,8 @@ struct Kernels {
     Q8Axpy q8_0;
     FloatAxpy f32;
     Q8AxpyTokens q8_0_tokens;
+    Q8Axpy q6_k = nullptr; // null: q6_K columns are decoded into scratch by ggml, then added
+    void (*q6_k_decode)(const uint8_t *, float *, int64_t) = nullptr; // null: ggml's to_float
 };
 
 const Kernels & kernels() {
@@ -259,7 +333,8 @@ const Kernels & kernels() {
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
-            return Kernels { "avx512", q8_0_axpy_avx512, axpy_avx512, q8_0_axpy_tokens_avx512 };
+            return Kernels { "avx512", q8_0_axpy_avx512, axpy_avx512, q8_0_axpy_tokens_avx512, q6_k_axpy_avx512,
+                             q6_k_decode_avx512 };
         }
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
             return Kernels { "avx2", q8_0_axpy_avx2, axpy_avx2, q8_0_axpy_tokens_avx2 };
@@ -286,6 +361,10 @@ void columns_axpy(const WeightType & wt, const uint8_t * const * columns, const 
         kernels().q8_0(columns, h, count, y, n);
         return;
     }
+    if (wt.type == GGML_TYPE_Q6_K && kernels().q6_k) {
+        kernels().q6_k(columns, h, count, y, n);
+        return;
+    }
     for (int k = 0; k < count; ++k) {
         wt.to_float(columns[k], tmp, n);
         kernels().f32(tmp, h[k], y, n);
@@ -302,8 +381,13 @@ void columns_axpy_tokens(const WeightType & wt, const uint8_t * const * columns,
         kernels().q8_0_tokens(columns, h, count, n_tok, y, y_stride, n);
         return;
     }
+    const bool fast_q6_k = wt.type == GGML_TYPE_Q6_K && kernels().q6_k_decode;
     for (int k = 0; k < count; ++k) {
-        wt.to_float(columns[k], tmp, n);
+        if (fast_q6_k) {
+            kernels().q6_k_decode(columns[k], tmp, n);
+        } else {
+            wt.to_float(columns[k], tmp, n);
+        }
         for (int t = 0; t < n_tok; ++t) kernels().f32(tmp, h[(size_t) k * n_tok + t], y + t * y_stride, n);
     }
 }

@@ -216,10 +216,34 @@ TEST(column_axpy_of_every_weight_type_adds_the_scaled_dequantized_column) {
     }
 }
 
+TEST(q6_k_columns_add_exactly_what_their_decoded_values_add) {
+    // the fused q6_K loop (AVX-512) against decoding each column with ggml and adding the floats
+    const int64_t n = 1536; // Qwen2.5-Coder-1.5B's n_embd: six blocks
+    const int count = 5;
+    const WeightType & wt = weight_type(GGML_TYPE_Q6_K);
+    std::vector<std::vector<uint8_t>> storage;
+    std::vector<const uint8_t *> columns;
+    std::vector<float> h;
+    for (int k = 0; k < count; ++k) {
+        auto values = random_floats(n, 70 + k);
+        values[5] = 40.0f * (float) (k + 1); // an outlier: the 6-bit values span their whole range
+        storage.push_back(quantize(GGML_TYPE_Q6_K, values, 1, n));
+        h.push_back(0.3f * (float) (k - 2) + 0.01f);
+    }
+    for (const auto & c : storage) columns.push_back(c.data());
+    std::vector<float> tmp(n), fused = random_floats(n, 80), reference = fused;
+    columns_axpy(wt, columns.data(), h.data(), count, fused.data(), n, tmp.data());
+    for (int k = 0; k < count; ++k) {
+        const auto w = dequantize(GGML_TYPE_Q6_K, columns[k], 1, n);
+        float_axpy(w.data(), h[k], reference.data(), n);
+    }
+    CHECK(std::memcmp(fused.data(), reference.data(), n * sizeof(float)) == 0);
+}
+
 TEST(columns_axpy_adds_columns_in_order_as_one_at_a_time_would) {
     const int64_t n = 256;
     const int count = 7; // a group of four and a remainder
-    for (ggml_type type : { GGML_TYPE_Q8_0, GGML_TYPE_Q4_K }) {
+    for (ggml_type type : { GGML_TYPE_Q8_0, GGML_TYPE_Q6_K, GGML_TYPE_Q4_K }) {
         const WeightType & wt = weight_type(type);
         std::vector<std::vector<uint8_t>> storage;
         std::vector<const uint8_t *> columns;
@@ -239,7 +263,7 @@ TEST(columns_axpy_adds_columns_in_order_as_one_at_a_time_would) {
 TEST(columns_axpy_tokens_gives_each_token_the_sums_it_gets_alone) {
     const int64_t n = 256;
     const int count = 9;
-    for (ggml_type type : { GGML_TYPE_Q8_0, GGML_TYPE_Q4_K }) {
+    for (ggml_type type : { GGML_TYPE_Q8_0, GGML_TYPE_Q6_K, GGML_TYPE_Q4_K }) {
         const WeightType & wt = weight_type(type);
         std::vector<std::vector<uint8_t>> storage;
         std::vector<const uint8_t *> columns;

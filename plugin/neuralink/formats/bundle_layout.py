@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as QType
 from neuralink import _engine
 from neuralink.errors import ModelFileError
 from neuralink.formats.constants import BUNDLE_PART_ALIGNMENT, SIDECAR_ALIGNMENT
-from neuralink.formats.ffn_tensors import DownEncoding, FfnModel, choose_down_type
+from neuralink.formats.ffn_tensors import DownEncoding, FfnModel, choose_bundle_down_type
 from neuralink.formats.ggml_types import ggml_type_name
 
 
@@ -158,7 +158,7 @@ def bundle_layouts(model: FfnModel, bundle_down_type: DownEncoding = "auto",
     try:
         return tuple(
             BundleLayout.build(
-                model.n_embd, layer.up.type, choose_down_type(layer.down.type, model.n_embd, bundle_down_type),
+                model.n_embd, layer.up.type, choose_bundle_down_type(layer.down.type, model.n_embd, bundle_down_type),
                 layer.gate.type if layer.gate is not None and gate else None, split,
             )
             for layer in model.layers
