@@ -119,11 +119,7 @@ class Llama(llama_cpp.Llama):
         are at most this many (default: from the device's cached profile, see
         ``neuralink device-profile``, else a phone-flash cost model).
     adaptive_collapse:
-        fit the read cost to the reads' own timing while running (the
-        paper's adaptive collapse), starting from collapse_gap and the
-        profile: the gap grows when reads are dearer than profiled and
-        falls to zero when the device is bandwidth-bound. Off by default
-        (measured in docs/benchmarks.md, "Adaptive collapse").
+        fit the collapse gap to the reads' timing while running (docs/engine.md); off by default.
     memory_budget:
         the whole process's memory ("150MB", "1.5GiB" or bytes): with a
         sidecar, everything resident is accounted (see neuralink.runtime.memory_budget) and
