@@ -163,8 +163,7 @@ Replayer::Replayer(const std::string & path, std::vector<BundleRegion> regions,
     if (options_.plan == ReplayPlan::Adaptive) {
         DeviceCost prior;
         prior.bandwidth_bytes_s = options_.bandwidth_bytes_s;
-        prior.read_latency_s = (double) options_.collapse_gap_bytes / options_.bandwidth_bytes_s;
-        collapse_ = std::make_unique<AdaptiveCollapse>(prior);
+        collapse_ = std::make_unique<AdaptiveCollapse>(prior.with_gap(options_.collapse_gap_bytes));
     }
     if (options_.window_tokens > 0) {
         window_ = std::make_unique<WindowCache>(options_.window_tokens, options_.cache_bytes, record_bytes);

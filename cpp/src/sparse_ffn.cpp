@@ -40,11 +40,8 @@ SparseFfn::SparseFfn(std::shared_ptr<SidecarStore> store, const SparseOptions & 
     threads_.resize(kMaxThreads);
     configure_cache(options_.cache_policy, options_.cache_bytes);
     if (options_.adaptive_collapse) {
-        DeviceCost prior = options_.device;
-        if (options_.collapse_gap_bytes != UINT64_MAX) {
-            prior.read_latency_s = (double) options_.collapse_gap_bytes / prior.bandwidth_bytes_s;
-        }
-        collapse_ = std::make_unique<AdaptiveCollapse>(prior);
+        collapse_ = std::make_unique<AdaptiveCollapse>(options_.collapse_gap_bytes == UINT64_MAX
+                ? options_.device : options_.device.with_gap(options_.collapse_gap_bytes));
     }
 }
 

@@ -14,17 +14,14 @@
 
 namespace neuralink {
 
-uint64_t SparseFfn::collapse_gap_bytes() const {
-    // a gap is worth reading through when its bytes cost less time than one more read
-    if (collapse_) return (uint64_t) collapse_->cost().gap_bytes();
-    return options_.collapse_gap_bytes == UINT64_MAX ? (uint64_t) options_.device.gap_bytes() : options_.collapse_gap_bytes;
+// a gap is worth reading through when its bytes cost less time than one more read: the gap of the read cost
+// `device` (the adaptive fit's or the options'), unless a fixed gap was given
+uint64_t SparseFfn::gap_bytes(const DeviceCost & device) const {
+    return collapse_ || options_.collapse_gap_bytes == UINT64_MAX ? (uint64_t) device.gap_bytes()
+                                                                   : options_.collapse_gap_bytes;
 }
 
-uint32_t SparseFfn::max_gap_records(const BundleRegion & region, const DeviceCost & device) const {
-    const double gap_bytes = collapse_ || options_.collapse_gap_bytes == UINT64_MAX
-            ? device.gap_bytes() : (double) options_.collapse_gap_bytes;
-    return (uint32_t) std::min<double>(gap_bytes / (double) std::max<size_t>(region.record_bytes, 1), region.n_records);
-}
+uint64_t SparseFfn::collapse_gap_bytes() const { return gap_bytes(read_cost()); }
 
 // this thread's equal share of the candidates all threads predicted, in position order
 void SparseFfn::take_share(int nth, int ith, ThreadState & ts) const {
@@ -126,7 +123,7 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
     // reads for the misses: collapsed runs, or the whole range when the cost model says that is cheaper
     const DeviceCost device = read_cost();
     CollapsePolicy policy;
-    policy.max_gap = max_gap_records(region, device);
+    policy.max_gap = (uint32_t) std::min<uint64_t>(gap_bytes(device) / std::max<size_t>(rec, 1), region.n_records);
     policy.max_read_bytes = options_.max_read_bytes;
     std::vector<PlannedRead> reads = plan_reads(region, w.misses.data(), w.misses.size(), policy);
     if (!w.misses.empty() && (n_tokens > 1 || options_.predictor == Predictor::Dense)) {

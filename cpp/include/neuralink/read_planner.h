@@ -31,6 +31,8 @@ struct DeviceCost {
     double cost(uint64_t n_reads, uint64_t bytes) const { return (double) n_reads * read_latency_s + (double) bytes / bandwidth_bytes_s; }
     // a gap is worth reading through when its bytes take less time than one more read
     double gap_bytes() const { return read_latency_s * bandwidth_bytes_s; }
+    // the same bandwidth, with the latency whose gap is `gap` bytes (a gap given instead of profiled)
+    DeviceCost with_gap(uint64_t gap) const { return { (double) gap / bandwidth_bytes_s, bandwidth_bytes_s }; }
 };
 
 // The paper's adaptive access collapse: the read cost learnt from the reads

@@ -202,7 +202,7 @@ private:
     void down(int il, float * y, int64_t n_tokens, int ith, int nth);
     void fail(const std::string & what, bool numeric = false);
     ThreadState & thread_state(int ith);
-    uint32_t max_gap_records(const BundleRegion & region, const DeviceCost & device) const;
+    uint64_t gap_bytes(const DeviceCost & device) const;
     // bytes of one record of each cache key: the layers' bundle records, then (split layout) their down columns
     std::vector<size_t> record_bytes_by_key() const;
 
