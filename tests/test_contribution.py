@@ -162,3 +162,28 @@ def test_the_search_scores_what_the_engine_computes(contribution_pair) -> None:
     finally:
         fast.close()
         engine.close()
+
+
+def test_zero_dropped_pairs_applies_the_criterion_in_place() -> None:
+    # what the quality search and the sweep apply to llama.cpp's h: the engine's rule, counted, on two threads
+    rng = np.random.default_rng(5)
+    gate = rng.normal(0, 2, (37, 300)).astype(np.float32)
+    h = rng.normal(0, 1, (37, 300)).astype(np.float32)
+    scale = rng.uniform(0.5, 2, 300).astype(np.float32)
+    norm = rng.uniform(0.5, 2, 300).astype(np.float32)
+    a = silu(gate.astype(np.float64))
+    cand_score, final_score = np.abs(a) * scale, np.abs(h.astype(np.float64)) * norm
+    candidates = cand_score > 0.4
+    finals = candidates & (final_score > 0.5)
+    # pairs this close to a threshold may round either way in float32: left out of the comparison
+    clear = (np.abs(cand_score - 0.4) > 1e-4) & (np.abs(final_score - 0.5) > 1e-4)
+    out = h.copy()
+    n_candidates, n_finals = _engine.zero_dropped_pairs("silu", gate, out, scale, norm, 0.4, 0.5, threads=2)
+    assert np.array_equal((out != 0)[clear], finals[clear])
+    assert np.array_equal(out[finals & clear], h[finals & clear])  # kept pairs untouched
+    assert abs(n_candidates - candidates.sum()) <= (~clear).sum() and abs(n_finals - finals.sum()) <= (~clear).sum()
+    assert 0 < n_finals < n_candidates < gate.size
+    with pytest.raises(ValueError, match="one shape"):
+        _engine.zero_dropped_pairs("silu", gate[:5], out, scale, norm, 0.4, 0.5)
+    with pytest.raises(ValueError, match="n_ff"):
+        _engine.zero_dropped_pairs("silu", gate, out, scale[:9], norm, 0.4, 0.5)

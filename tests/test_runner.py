@@ -277,7 +277,8 @@ def test_help_explains_every_option(runner: Path) -> None:
     result = run(runner, "--help")
     assert result.returncode == 0
     for flag in ("--model", "--sidecar", "--dense", "--stock-ffn", "--predictor", "--cache-policy", "--cache-bytes",
-                 "--memory-budget", "--io-backend", "--queue-depth", "--no-direct-io", "--prompt", "--n-predict",
+                 "--memory-budget", "--io-backend", "--queue-depth", "--no-direct-io", "--adaptive-collapse",
+                 "--prompt", "--n-predict",
                  "--threads", "--ctx-size", "--batch-size", "--flash-attn", "--ignore-eos", "--dump-logits",
                  "--follow-tokens", "--verbose",
                  "exit status"):
@@ -295,3 +296,15 @@ def test_the_auto_cache_policy_pins_or_keeps_the_whole_store(runner: Path, conve
     # the same tokens as without any cache: a cache changes what is read, never what is computed
     plain = run(runner, "-m", model, "-p", PROMPT, "-n", 4, "--cache-policy", "none", "--io-backend", "pread")
     assert generated_tokens(result) == generated_tokens(plain)
+
+
+def test_adaptive_collapse_changes_what_is_read_not_what_is_computed(runner: Path, converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    common = ("-m", model, "-p", PROMPT, "-n", 4, "--cache-policy", "none", "--io-backend", "pread")
+    adaptive, fixed = run(runner, *common, "--adaptive-collapse"), run(runner, *common)
+    assert adaptive.returncode == 0 and fixed.returncode == 0, adaptive.stderr + fixed.stderr
+    assert "(adaptive: fitted to the reads' timing)" in adaptive.stderr
+    assert "(device model)" in fixed.stderr
+    assert generated_tokens(adaptive) == generated_tokens(fixed)
+    dense = run(runner, "-m", model, "-p", PROMPT, "--dense", "--adaptive-collapse")
+    assert dense.returncode == EXIT_BAD_ARGS and "--adaptive-collapse plans sidecar reads" in dense.stderr

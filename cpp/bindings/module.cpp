@@ -1,6 +1,7 @@
 // pybind11 bindings of the engine: wiring only, no logic.
 
 #include "neuralink/column_axpy.h"
+#include "neuralink/contribution_mask.h"
 #include "neuralink/defaults.h"
 #include "neuralink/direct_file.h"
 #include "neuralink/checksum.h"
@@ -275,6 +276,32 @@ static void register_quant(py::module_ & m) {
           }, py::arg("gguf"), py::arg("sidecar"), py::call_guard<py::gil_scoped_release>(),
           "Check the converted GGUF against the checksums its sidecar recorded; ModelFileError naming the first "
           "range that differs. Returns the bytes checked (0 when the sidecar records none).");
+    using FloatRows = py::array_t<float, py::array::c_style>;
+    m.def("zero_dropped_pairs",
+          [](const std::string & activation, FloatRows gate, FloatRows h, FloatRows candidate_scale,
+             FloatRows down_norm, float candidate_threshold, float threshold, int threads) {
+              if (gate.ndim() != 2 || h.ndim() != 2 || gate.shape(0) != h.shape(0) || gate.shape(1) != h.shape(1)) {
+                  throw std::invalid_argument("zero_dropped_pairs: gate and h must be (tokens, n_ff) arrays of one shape");
+              }
+              const int64_t n_rows = h.shape(0), n_ff = h.shape(1);
+              if (candidate_scale.size() != n_ff || down_norm.size() != n_ff) {
+                  throw std::invalid_argument("zero_dropped_pairs: candidate_scale and down_norm need n_ff = " +
+                                              std::to_string(n_ff) + " values");
+              }
+              const Activation act = activation_from_name(activation);
+              float * hp = h.mutable_data();
+              MaskCounts c;
+              {
+                  py::gil_scoped_release unlocked;
+                  c = zero_dropped_pairs(act, gate.data(), hp, n_rows, n_ff, candidate_scale.data(), down_norm.data(),
+                                         candidate_threshold, threshold, threads);
+              }
+              return std::make_pair(c.candidates, c.finals);
+          },
+          py::arg("activation"), py::arg("gate").noconvert(), py::arg("h").noconvert(), py::arg("candidate_scale"),
+          py::arg("down_norm"), py::arg("candidate_threshold"), py::arg("threshold"), py::arg("threads") = 1,
+          "The contribution criterion on dense rows, as the engine applies it: h zeroed in place (float32, C order) "
+          "where a (token, neuron) pair is not final; returns (candidate pairs, final pairs).");
     m.def("checksum64", [](py::bytes data) {
         const std::string s = data;
         return checksum64(s.data(), s.size());

@@ -164,6 +164,7 @@ neuralink::EngineOptions engine_options(const RunnerOptions & o, const std::stri
         opts.sparse.cache_bytes = automatic ? 0 : o.cache_bytes;
         opts.sparse.queue_depth = o.queue_depth;
         opts.sparse.direct_io = o.direct_io;
+        opts.sparse.adaptive_collapse = o.adaptive_collapse;
         opts.sparse.io_backend = neuralink::io_backend_from_name(o.io_backend);
     }
     return opts;
@@ -514,6 +515,8 @@ void report(const Generation & g, const neuralink::Engine * engine, bool followe
         std::fprintf(stderr, "engine     resident %.1f MiB, bundle store %.1f MiB, cache %.1f of %.1f MiB\n",
                      sparse->resident_bytes() / 1048576.0, sparse->store_bytes() / 1048576.0,
                      c.used_bytes / 1048576.0, c.capacity_bytes / 1048576.0);
+        std::fprintf(stderr, "reads      merged across gaps up to %.1f KiB (%s)\n", sparse->collapse_gap_bytes() / 1024.0,
+                     sparse->options().adaptive_collapse ? "adaptive: fitted to the reads' timing" : "device model");
     } else if (engine) {
         std::fprintf(stderr, "engine     dense, %.1f MiB of FFN weights resident\n", engine->weight_bytes() / 1048576.0);
     }

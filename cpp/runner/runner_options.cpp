@@ -74,6 +74,10 @@ model and weights:
     u += std::to_string(neuralink::kDefaultQueueDepth);
     u += R"()
   --no-direct-io           read through the page cache instead of O_DIRECT
+  --adaptive-collapse      fit the cost of a read (latency, bandwidth) to the reads'
+                           own timing while running and merge runs by that, instead
+                           of by the built-in device model (off by default; the
+                           fitted gap is printed at the end)
 
 generation:
   -p, --prompt TEXT        the prompt (tokenized with the model's BOS where it uses one)
@@ -160,6 +164,7 @@ RunnerOptions parse_options(int argc, char ** argv) {
         else if (a == "--io-backend") { o.io_backend = value(); o.io_backend_given = true; }
         else if (a == "--queue-depth") { o.queue_depth = parse_int(a, value(), 1, 1024); }
         else if (a == "--no-direct-io") { o.direct_io = false; }
+        else if (a == "--adaptive-collapse") { o.adaptive_collapse = true; }
         else if (a == "-p" || a == "--prompt") { o.prompt = value(); }
         else if (a == "-n" || a == "--n-predict") { o.n_predict = parse_int(a, value(), 0, 1 << 20); }
         else if (a == "-t" || a == "--threads") { o.n_threads = parse_int(a, value(), 1, 256); }
@@ -196,6 +201,10 @@ RunnerOptions parse_options(int argc, char ** argv) {
         o.io_backend = default_io_backend();
     }
     check_name("--io-backend", o.io_backend, { "auto", "uring", "pread" });
+    if ((o.dense || o.stock_ffn) && o.adaptive_collapse) {
+        throw UsageError("--adaptive-collapse plans sidecar reads: it needs a sidecar, and --dense or --stock-ffn "
+                         "reads none");
+    }
     if (o.dense && (o.memory_budget || cache_bytes_given)) {
         throw UsageError("--memory-budget and --cache-bytes need a sidecar: with --dense every FFN weight is in RAM");
     }

@@ -39,6 +39,7 @@ struct RunnerOptions {
     std::string io_backend;      // "auto", "uring" or "pread"; empty: the platform default
     bool io_backend_given = false; // false: io_backend is this build's default (logged as such)
     int queue_depth = neuralink::kDefaultQueueDepth;
+    bool adaptive_collapse = false; // fit the read cost (and the collapse gap) to the reads' own timing
     bool direct_io = true;
     std::string prompt;
     int n_predict = 64;

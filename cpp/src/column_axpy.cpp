@@ -1,5 +1,6 @@
 #include "neuralink/column_axpy.h"
 
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -48,30 +49,32 @@ inline float half_to_float(uint16_t h) {
 constexpr int64_t kQ8Block = 32;
 constexpr size_t kQ8BlockBytes = 2 + kQ8Block; // fp16 scale, 32 int8 values (ggml's block_q8_0)
 
-// y += sum_k h[k] * column[k], columns in order (each y element sees the columns' terms one after the other,
-// as one column at a time would add them)
+// Every loop below adds a column as fma(h, value, y) (or h * value + y where the ISA has no fused multiply-add),
+// value being what ggml's to_float decodes (q8_0: d * q): one column at a time, several in order, or decoded
+// once for a batch of tokens, y gets the same sums.
+
 NL_INLINE void q8_0_axpy_body(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
     for (int k = 0; k < count; ++k) {
         for (int64_t b = 0; b < n / kQ8Block; ++b) {
             const uint8_t * block = columns[k] + (size_t) b * kQ8BlockBytes;
-            uint16_t d;
-            std::memcpy(&d, block, sizeof d);
-            const float s = h[k] * half_to_float(d);
+            uint16_t dh;
+            std::memcpy(&dh, block, sizeof dh);
+            const float d = half_to_float(dh);
             const int8_t * q = (const int8_t *) (block + 2);
             float * yb = y + b * kQ8Block;
-            for (int64_t i = 0; i < kQ8Block; ++i) yb[i] += s * (float) q[i];
+            for (int64_t i = 0; i < kQ8Block; ++i) yb[i] += h[k] * (d * (float) q[i]);
         }
     }
 }
 
-// the same for each of n_tok tokens: y + t * y_stride += sum_k h[k * n_tok + t] * column[k]
-NL_INLINE void q8_0_axpy_tokens_body(const uint8_t * const * columns, const float * h, int count, int n_tok, float * y,
-                                     int64_t y_stride, int64_t n) {
-    for (int t = 0; t < n_tok; ++t) {
-        for (int k = 0; k < count; ++k) {
-            const float hk = h[(size_t) k * n_tok + t];
-            q8_0_axpy_body(&columns[k], &hk, 1, y + t * y_stride, n);
-        }
+NL_INLINE void q8_0_decode_body(const uint8_t * column, float * out, int64_t n) {
+    for (int64_t b = 0; b < n / kQ8Block; ++b) {
+        const uint8_t * block = column + (size_t) b * kQ8BlockBytes;
+        uint16_t dh;
+        std::memcpy(&dh, block, sizeof dh);
+        const float d = half_to_float(dh);
+        const int8_t * q = (const int8_t *) (block + 2);
+        for (int64_t i = 0; i < kQ8Block; ++i) out[b * kQ8Block + i] = d * (float) q[i];
     }
 }
 
@@ -81,16 +84,16 @@ NL_INLINE void axpy_body(const float * x, float h, float * y, int64_t n) {
 
 using Q8Axpy = void (*)(const uint8_t * const *, const float *, int, float *, int64_t);
 using FloatAxpy = void (*)(const float *, float, float *, int64_t);
-using Q8AxpyTokens = void (*)(const uint8_t * const *, const float *, int, int, float *, int64_t, int64_t);
+using Decode = void (*)(const uint8_t *, float *, int64_t);
+// y + t * y_stride += sum over k < kc of h[t * h_stride + h_index[k]] * c[k * n, (k + 1) * n), t < n_tok
+using TokensGemm = void (*)(const float *, int, int64_t, const float *, int64_t, const uint32_t *, int, float *,
+                            int64_t);
 
 void q8_0_axpy_generic(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) {
     q8_0_axpy_body(c, h, count, y, n);
 }
+void q8_0_decode_generic(const uint8_t * column, float * out, int64_t n) { q8_0_decode_body(column, out, n); }
 void axpy_generic(const float * x, float h, float * y, int64_t n) { axpy_body(x, h, y, n); }
-void q8_0_axpy_tokens_generic(const uint8_t * const * c, const float * h, int count, int n_tok, float * y,
-                              int64_t y_stride, int64_t n) {
-    q8_0_axpy_tokens_body(c, h, count, n_tok, y, y_stride, n);
-}
 #ifdef NL_X86_VERSIONS
 // a block of y (32 floats) stays in two registers while up to kGroup columns are added to it
 constexpr int kGroup = 4;
@@ -112,17 +115,30 @@ NL_AVX512 void q8_0_axpy_avx512(const uint8_t * const * columns, const float * h
             __m512 lo = _mm512_loadu_ps(yb), hi = _mm512_loadu_ps(yb + 16);
             for (int k = k0; k < k0 + m; ++k) {
                 const uint8_t * block = columns[k] + (size_t) b * kQ8BlockBytes;
-                uint16_t d;
-                std::memcpy(&d, block, sizeof d);
-                const __m512 s = _mm512_set1_ps(h[k] * _cvtsh_ss(d));
+                uint16_t dh;
+                std::memcpy(&dh, block, sizeof dh);
+                const __m512 d = _mm512_set1_ps(_cvtsh_ss(dh)), hv = _mm512_set1_ps(h[k]);
                 const __m128i q0 = _mm_loadu_si128((const __m128i *) (block + 2));
                 const __m128i q1 = _mm_loadu_si128((const __m128i *) (block + 18));
-                lo = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), lo);
-                hi = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), hi);
+                lo = _mm512_fmadd_ps(hv, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0))), lo);
+                hi = _mm512_fmadd_ps(hv, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1))), hi);
             }
             _mm512_storeu_ps(yb, lo);
             _mm512_storeu_ps(yb + 16, hi);
         }
+    }
+}
+
+NL_AVX512 void q8_0_decode_avx512(const uint8_t * column, float * out, int64_t n) {
+    for (int64_t b = 0; b < n / kQ8Block; ++b) {
+        const uint8_t * block = column + (size_t) b * kQ8BlockBytes;
+        uint16_t dh;
+        std::memcpy(&dh, block, sizeof dh);
+        const __m512 d = _mm512_set1_ps(_cvtsh_ss(dh));
+        const __m128i q0 = _mm_loadu_si128((const __m128i *) (block + 2));
+        const __m128i q1 = _mm_loadu_si128((const __m128i *) (block + 18));
+        _mm512_storeu_ps(out + b * kQ8Block, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0))));
+        _mm512_storeu_ps(out + b * kQ8Block + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1))));
     }
 }
 
@@ -136,12 +152,12 @@ NL_AVX2 void q8_0_axpy_avx2(const uint8_t * const * columns, const float * h, in
                               _mm256_loadu_ps(yb + 24) };
             for (int k = k0; k < k0 + m; ++k) {
                 const uint8_t * block = columns[k] + (size_t) b * kQ8BlockBytes;
-                uint16_t d;
-                std::memcpy(&d, block, sizeof d);
-                const __m256 s = _mm256_set1_ps(h[k] * _cvtsh_ss(d));
+                uint16_t dh;
+                std::memcpy(&dh, block, sizeof dh);
+                const __m256 d = _mm256_set1_ps(_cvtsh_ss(dh)), hv = _mm256_set1_ps(h[k]);
                 for (int j = 0; j < 4; ++j) {
                     const __m128i q = _mm_loadl_epi64((const __m128i *) (block + 2 + 8 * j));
-                    acc[j] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(hv, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))), acc[j]);
                 }
             }
             for (int j = 0; j < 4; ++j) _mm256_storeu_ps(yb + 8 * j, acc[j]);
@@ -149,95 +165,15 @@ NL_AVX2 void q8_0_axpy_avx2(const uint8_t * const * columns, const float * h, in
     }
 }
 
-// Several tokens at once (a prompt batch): each block of a column is converted once and added to every token's
-// block of y, all held in registers; per token the same terms in the same order as q8_0_axpy_*.
-template <int T>
-NL_AVX512 void q8_0_axpy_tokens_avx512_t(const uint8_t * const * columns, const float * h, int count, float * y,
-                                         int64_t y_stride, int64_t n) {
-    for (int k0 = 0; k0 < count; k0 += kGroup) {
-        const int m = count - k0 < kGroup ? count - k0 : kGroup;
-        prefetch_group(columns, k0 + kGroup, count, n);
-        for (int64_t b = 0; b < n / kQ8Block; ++b) {
-            __m512 lo[T], hi[T];
-            for (int t = 0; t < T; ++t) {
-                lo[t] = _mm512_loadu_ps(y + t * y_stride + b * kQ8Block);
-                hi[t] = _mm512_loadu_ps(y + t * y_stride + b * kQ8Block + 16);
-            }
-            for (int k = k0; k < k0 + m; ++k) {
-                const uint8_t * block = columns[k] + (size_t) b * kQ8BlockBytes;
-                uint16_t d;
-                std::memcpy(&d, block, sizeof d);
-                const float dk = _cvtsh_ss(d);
-                const __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (block + 2))));
-                const __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *) (block + 18))));
-                for (int t = 0; t < T; ++t) {
-                    const __m512 st = _mm512_set1_ps(h[(size_t) k * T + t] * dk);
-                    lo[t] = _mm512_fmadd_ps(st, f0, lo[t]);
-                    hi[t] = _mm512_fmadd_ps(st, f1, hi[t]);
-                }
-            }
-            for (int t = 0; t < T; ++t) {
-                _mm512_storeu_ps(y + t * y_stride + b * kQ8Block, lo[t]);
-                _mm512_storeu_ps(y + t * y_stride + b * kQ8Block + 16, hi[t]);
-            }
-        }
-    }
-}
-
-NL_AVX512 void q8_0_axpy_tokens_avx512(const uint8_t * const * c, const float * h, int count, int n_tok, float * y,
-                                       int64_t y_stride, int64_t n) {
-    switch (n_tok) {
-        case 1: q8_0_axpy_tokens_avx512_t<1>(c, h, count, y, y_stride, n); break;
-        case 2: q8_0_axpy_tokens_avx512_t<2>(c, h, count, y, y_stride, n); break;
-        case 3: q8_0_axpy_tokens_avx512_t<3>(c, h, count, y, y_stride, n); break;
-        case 4: q8_0_axpy_tokens_avx512_t<4>(c, h, count, y, y_stride, n); break;
-        case 5: q8_0_axpy_tokens_avx512_t<5>(c, h, count, y, y_stride, n); break;
-        case 6: q8_0_axpy_tokens_avx512_t<6>(c, h, count, y, y_stride, n); break;
-        case 7: q8_0_axpy_tokens_avx512_t<7>(c, h, count, y, y_stride, n); break;
-        default: q8_0_axpy_tokens_avx512_t<8>(c, h, count, y, y_stride, n); break;
-    }
-}
-
-template <int T>
-NL_AVX2 void q8_0_axpy_tokens_avx2_t(const uint8_t * const * columns, const float * h, int stride_h, int count,
-                                     float * y, int64_t y_stride, int64_t n) {
-    for (int k0 = 0; k0 < count; k0 += kGroup) {
-        const int m = count - k0 < kGroup ? count - k0 : kGroup;
-        prefetch_group(columns, k0 + kGroup, count, n);
-        for (int64_t b = 0; b < n / kQ8Block; ++b) {
-            __m256 acc[T][4];
-            for (int t = 0; t < T; ++t) {
-                for (int j = 0; j < 4; ++j) acc[t][j] = _mm256_loadu_ps(y + t * y_stride + b * kQ8Block + 8 * j);
-            }
-            for (int k = k0; k < k0 + m; ++k) {
-                const uint8_t * block = columns[k] + (size_t) b * kQ8BlockBytes;
-                uint16_t d;
-                std::memcpy(&d, block, sizeof d);
-                const float dk = _cvtsh_ss(d);
-                __m256 f[4];
-                for (int j = 0; j < 4; ++j) {
-                    f[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (block + 2 + 8 * j))));
-                }
-                for (int t = 0; t < T; ++t) {
-                    const __m256 st = _mm256_set1_ps(h[(size_t) k * stride_h + t] * dk);
-                    for (int j = 0; j < 4; ++j) acc[t][j] = _mm256_fmadd_ps(st, f[j], acc[t][j]);
-                }
-            }
-            for (int t = 0; t < T; ++t) {
-                for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + t * y_stride + b * kQ8Block + 8 * j, acc[t][j]);
-            }
-        }
-    }
-}
-
-// sixteen registers hold two tokens' blocks and one converted block: tokens go two at a time
-NL_AVX2 void q8_0_axpy_tokens_avx2(const uint8_t * const * c, const float * h, int count, int n_tok, float * y,
-                                   int64_t y_stride, int64_t n) {
-    for (int t = 0; t < n_tok; t += 2) {
-        if (n_tok - t >= 2) {
-            q8_0_axpy_tokens_avx2_t<2>(c, h + t, n_tok, count, y + t * y_stride, y_stride, n);
-        } else {
-            q8_0_axpy_tokens_avx2_t<1>(c, h + t, n_tok, count, y + t * y_stride, y_stride, n);
+NL_AVX2 void q8_0_decode_avx2(const uint8_t * column, float * out, int64_t n) {
+    for (int64_t b = 0; b < n / kQ8Block; ++b) {
+        const uint8_t * block = column + (size_t) b * kQ8BlockBytes;
+        uint16_t dh;
+        std::memcpy(&dh, block, sizeof dh);
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(dh));
+        for (int j = 0; j < 4; ++j) {
+            const __m128i q = _mm_loadl_epi64((const __m128i *) (block + 2 + 8 * j));
+            _mm256_storeu_ps(out + b * kQ8Block + 8 * j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))));
         }
     }
 }
@@ -314,17 +250,103 @@ NL_AVX512 void q6_k_axpy_avx512(const uint8_t * const * columns, const float * h
     }
 }
 
-NL_AVX512 void axpy_avx512(const float * x, float h, float * y, int64_t n) { axpy_body(x, h, y, n); }
-NL_AVX2 void axpy_avx2(const float * x, float h, float * y, int64_t n) { axpy_body(x, h, y, n); }
+NL_AVX512 void axpy_avx512(const float * x, float h, float * y, int64_t n) {
+    const __m512 hv = _mm512_set1_ps(h);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(hv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    }
+    if (i < n) {
+        const __mmask16 m = (__mmask16) ((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(hv, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+NL_AVX2 void axpy_avx2(const float * x, float h, float * y, int64_t n) {
+    const __m256 hv = _mm256_set1_ps(h);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(hv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    }
+    for (; i < n; ++i) y[i] = std::fma(h, x[i], y[i]);
+}
+
+// A prompt batch's down projection on decoded columns: T tokens' W registers of y (16 W floats from e, masked to
+// the first `tail` of the last register when tail > 0) held while kc columns are added in order, each as
+// fma(h, value, y) like the single-token loops.
+template <int T, int W>
+NL_AVX512 NL_INLINE void tokens_tile_avx512(const float * c, int kc, int64_t n, int64_t e, const float * const * hrow,
+                                           const uint32_t * h_index, float * const * yrow, int tail) {
+    const __mmask16 last = tail > 0 ? (__mmask16) ((1u << tail) - 1) : (__mmask16) 0xFFFF;
+    __m512 acc[T][W];
+    for (int t = 0; t < T; ++t) {
+        for (int j = 0; j < W; ++j) {
+            acc[t][j] = j == W - 1 ? _mm512_maskz_loadu_ps(last, yrow[t] + e + 16 * j) : _mm512_loadu_ps(yrow[t] + e + 16 * j);
+        }
+    }
+    for (int k = 0; k < kc; ++k) {
+        const float * ck = c + (size_t) k * n + e;
+        __m512 v[W];
+        for (int j = 0; j < W; ++j) v[j] = j == W - 1 ? _mm512_maskz_loadu_ps(last, ck + 16 * j) : _mm512_loadu_ps(ck + 16 * j);
+        const uint32_t p = h_index[k];
+        for (int t = 0; t < T; ++t) {
+            const __m512 hv = _mm512_set1_ps(hrow[t][p]);
+            for (int j = 0; j < W; ++j) acc[t][j] = _mm512_fmadd_ps(hv, v[j], acc[t][j]);
+        }
+    }
+    for (int t = 0; t < T; ++t) {
+        for (int j = 0; j < W; ++j) {
+            if (j == W - 1) {
+                _mm512_mask_storeu_ps(yrow[t] + e + 16 * j, last, acc[t][j]);
+            } else {
+                _mm512_storeu_ps(yrow[t] + e + 16 * j, acc[t][j]);
+            }
+        }
+    }
+}
+
+// six tokens' four registers of y (24) and one column's four (the 32 AVX-512 registers hold them and the h)
+constexpr int kTileTokens = 6;
+
+template <int T>
+NL_AVX512 void tokens_span_avx512(const float * c, int kc, int64_t n, const float * const * hrow,
+                                  const uint32_t * h_index, float * const * yrow) {
+    int64_t e = 0;
+    for (; e + 64 <= n; e += 64) tokens_tile_avx512<T, 4>(c, kc, n, e, hrow, h_index, yrow, 0);
+    for (; e + 16 <= n; e += 16) tokens_tile_avx512<T, 1>(c, kc, n, e, hrow, h_index, yrow, 0);
+    if (e < n) tokens_tile_avx512<T, 1>(c, kc, n, e, hrow, h_index, yrow, (int) (n - e));
+}
+
+NL_AVX512 void tokens_gemm_avx512(const float * c, int kc, int64_t n, const float * h, int64_t h_stride,
+                                  const uint32_t * h_index, int n_tok, float * y, int64_t y_stride) {
+    for (int t0 = 0; t0 < n_tok; t0 += kTileTokens) {
+        const int m = n_tok - t0 < kTileTokens ? n_tok - t0 : kTileTokens;
+        const float * hrow[kTileTokens];
+        float * yrow[kTileTokens];
+        for (int t = 0; t < m; ++t) {
+            hrow[t] = h + (size_t) (t0 + t) * h_stride;
+            yrow[t] = y + (size_t) (t0 + t) * y_stride;
+        }
+        switch (m) {
+            case 1: tokens_span_avx512<1>(c, kc, n, hrow, h_index, yrow); break;
+            case 2: tokens_span_avx512<2>(c, kc, n, hrow, h_index, yrow); break;
+            case 3: tokens_span_avx512<3>(c, kc, n, hrow, h_index, yrow); break;
+            case 4: tokens_span_avx512<4>(c, kc, n, hrow, h_index, yrow); break;
+            case 5: tokens_span_avx512<5>(c, kc, n, hrow, h_index, yrow); break;
+            default: tokens_span_avx512<6>(c, kc, n, hrow, h_index, yrow); break;
+        }
+    }
+}
 #endif
 
 struct Kernels {
     const char * isa;
     Q8Axpy q8_0;
     FloatAxpy f32;
-    Q8AxpyTokens q8_0_tokens;
-    Q8Axpy q6_k = nullptr; // null: q6_K columns are decoded into scratch by ggml, then added
-    void (*q6_k_decode)(const uint8_t *, float *, int64_t) = nullptr; // null: ggml's to_float
+    Decode q8_0_decode;
+    Q8Axpy q6_k = nullptr;       // null: q6_K columns are decoded into scratch by ggml, then added
+    Decode q6_k_decode = nullptr; // null: ggml's to_float
+    TokensGemm tokens = nullptr;  // null: each token's columns added one at a time with f32
 };
 
 const Kernels & kernels() {
@@ -333,14 +355,14 @@ const Kernels & kernels() {
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
-            return Kernels { "avx512", q8_0_axpy_avx512, axpy_avx512, q8_0_axpy_tokens_avx512, q6_k_axpy_avx512,
-                             q6_k_decode_avx512 };
+            return Kernels { "avx512", q8_0_axpy_avx512, axpy_avx512, q8_0_decode_avx512, q6_k_axpy_avx512,
+                             q6_k_decode_avx512, tokens_gemm_avx512 };
         }
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-            return Kernels { "avx2", q8_0_axpy_avx2, axpy_avx2, q8_0_axpy_tokens_avx2 };
+            return Kernels { "avx2", q8_0_axpy_avx2, axpy_avx2, q8_0_decode_avx2 };
         }
 #endif
-        return Kernels { "generic", q8_0_axpy_generic, axpy_generic, q8_0_axpy_tokens_generic };
+        return Kernels { "generic", q8_0_axpy_generic, axpy_generic, q8_0_decode_generic };
     }();
     return chosen;
 }
@@ -371,24 +393,32 @@ void columns_axpy(const WeightType & wt, const uint8_t * const * columns, const 
     }
 }
 
-void columns_axpy_tokens(const WeightType & wt, const uint8_t * const * columns, const float * h, int count,
-                         int n_tok, float * y, int64_t y_stride, int64_t n, float * tmp) {
-    if (n_tok < 1 || n_tok > kMaxTileTokens) {
-        throw std::invalid_argument("columns_axpy_tokens: " + std::to_string(n_tok) + " tokens, expected 1 to " +
-                                    std::to_string(kMaxTileTokens));
-    }
+void decode_column(const WeightType & wt, const uint8_t * column, float * out, int64_t n) {
     if (wt.type == GGML_TYPE_Q8_0) {
-        kernels().q8_0_tokens(columns, h, count, n_tok, y, y_stride, n);
-        return;
+        kernels().q8_0_decode(column, out, n);
+    } else if (wt.type == GGML_TYPE_Q6_K && kernels().q6_k_decode) {
+        kernels().q6_k_decode(column, out, n);
+    } else {
+        wt.to_float(column, out, n);
     }
-    const bool fast_q6_k = wt.type == GGML_TYPE_Q6_K && kernels().q6_k_decode;
-    for (int k = 0; k < count; ++k) {
-        if (fast_q6_k) {
-            kernels().q6_k_decode(columns[k], tmp, n);
-        } else {
-            wt.to_float(columns[k], tmp, n);
+}
+
+void columns_axpy_batch(const WeightType & wt, const uint8_t * const * columns, const uint32_t * h_index, int count,
+                        const float * h, int64_t h_stride, int n_tok, float * y, int64_t y_stride, int64_t n,
+                        float * tmp) {
+    const Kernels & K = kernels();
+    for (int k0 = 0; k0 < count; k0 += kBatchColumns) {
+        const int kc = count - k0 < kBatchColumns ? count - k0 : kBatchColumns;
+        for (int k = 0; k < kc; ++k) decode_column(wt, columns[k0 + k], tmp + (size_t) k * n, n);
+        if (K.tokens) {
+            K.tokens(tmp, kc, n, h, h_stride, h_index + k0, n_tok, y, y_stride);
+            continue;
         }
-        for (int t = 0; t < n_tok; ++t) kernels().f32(tmp, h[(size_t) k * n_tok + t], y + t * y_stride, n);
+        for (int t = 0; t < n_tok; ++t) {
+            for (int k = 0; k < kc; ++k) {
+                K.f32(tmp + (size_t) k * n, h[(size_t) t * h_stride + h_index[k0 + k]], y + (size_t) t * y_stride, n);
+            }
+        }
     }
 }
 

@@ -145,8 +145,10 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     const std::string & arch = engine.model().architecture();
     const uint64_t n_ff = (uint64_t) std::max<int64_t>(0, engine.model().get_int(arch + ".feed_forward_length", 0));
     const uint64_t layer_store = p.store_bytes / (uint64_t) std::max(engine.n_layer(), 1);
-    // a tile of tokens' list of down columns and their h (a pointer and kMaxTileTokens floats per neuron)
-    uint64_t per_thread = 64 * 1024 + n_ff * (sizeof(void *) + kMaxTileTokens * sizeof(float));
+    // the down projection's list of columns and their h or neuron (a pointer and 4 bytes per neuron), and a
+    // prompt batch's decoded columns (kBatchColumns slices of at most n_embd floats)
+    uint64_t per_thread = 64 * 1024 + n_ff * (sizeof(void *) + sizeof(float)) +
+                          (n_ubatch > 1 ? (uint64_t) kBatchColumns * (uint64_t) sparse.store().n_embd() * sizeof(float) : 0);
     if (n_ubatch >= kGemmMinTokens && sparse.store().n_layer() > 0) {
         // prompt batches: ggml's work buffer for the largest product (a thread's range of gate rows, or a
         // stretch of records' up or gate rows) and the up and gate results of one stretch

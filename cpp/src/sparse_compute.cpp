@@ -76,18 +76,22 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
         rows_times_tokens(*W.wt, W.row(r0), W.row_bytes, r1 - r0, L.n_embd, xq, n_tokens, h_.data() + r0, n_ff,
                           ts.gemm_work);
     }
-    for (int64_t p = r0; p < r1; ++p) {
-        bool any = false;
-        for (int64_t t = 0; t < n_tokens; ++t) {
+    // token by token along the range's rows (h_ and the flags are rows of n_ff per token); on gated models h_
+    // keeps the activation act(g), which compute_h then uses as it is
+    ts.any.assign((size_t) (r1 - r0), 0);
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        float * h_row = h_.data() + t * n_ff;
+        uint8_t * on_row = token_active_.data() + t * n_ff;
+        for (int64_t p = r0; p < r1; ++p) {
             float v;
             if (batched) {
-                v = h_[t * n_ff + p];
+                v = h_row[p];
             } else {
                 W.wt->vec_dot((int) L.n_embd, &v, 0, W.row(p), 0, xq + t * xq_row, 0, 1);
             }
             if (!bias.empty()) v += bias[p];
-            h_[t * n_ff + p] = v; // the pre-activation, consumed by compute_h
             const float a = activate(L.act, v);
+            h_row[p] = L.gated ? a : v;
             bool on;
             if (oracle_up) {
                 float u;
@@ -100,10 +104,12 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
                 // ReLU-family activations are >= 0: a threshold of 0 keeps exactly the native non-zeros
                 on = (criterion == Criterion::NativeZero ? a : std::fabs(a)) > threshold;
             }
-            token_active_[t * n_ff + p] = on;
-            any |= on;
+            on_row[p] = on;
+            ts.any[(size_t) (p - r0)] |= on;
         }
-        if (any) {
+    }
+    for (int64_t p = r0; p < r1; ++p) {
+        if (ts.any[(size_t) (p - r0)]) {
             ts.active.push_back((uint32_t) p);
         }
     }
@@ -115,7 +121,7 @@ struct SparseFfn::LayerMath {
     const SidecarLayer & S;
     Criterion criterion;
     float threshold;
-    bool resident_pre; // gate and oracle computed the exact pre-activation into h_ while predicting
+    bool resident_pre; // gate and oracle computed the exact gate (act(g) on gated models) into h_ while predicting
     bool filter;       // neurons read for nothing keep h = 0 (the thresholded model); dense computes all
     ggml_type down_vdt;
     size_t xq_up_row;
@@ -136,12 +142,30 @@ SparseFfn::LayerMath SparseFfn::layer_math(int il) const {
                        gate_wt ? gate_wt->act_row_bytes(L.n_embd) : 0 };
 }
 
-// One neuron's h for every token of the batch, and whether it enters the down projection. u and g, when
-// given, hold the neuron's up and gate products for token t at u[t * u_stride] (a batched product); else
-// they are computed here from the record with vec_dot.
+// One (token, neuron) pair, the neuron predicted for the token: hv (its h_ entry) becomes h, or zero when the
+// criterion drops the pair under a filter. u is the up product with its bias; g the gate's pre-activation with
+// its bias, unused when the prediction left act(g) in hv. Returns whether the criterion holds.
+inline bool SparseFfn::finish_pair(const LayerMath & M, uint32_t p, float u, float g, float & hv) {
+    float a;
+    if (M.L.gated) {
+        a = M.resident_pre ? hv : activate(M.L.act, g);
+        hv = round_for(M.down_vdt, a * u);
+    } else {
+        a = activate(M.L.act, u);
+        hv = round_for(M.down_vdt, a);
+    }
+    const bool holds = M.criterion == Criterion::NativeZero ? a > M.threshold
+                     : M.criterion == Criterion::GateMagnitude ? std::fabs(a) > M.threshold
+                     : M.criterion == Criterion::Contribution ? std::fabs(hv) * M.S.down_norm[p] > M.threshold
+                     : std::fabs(hv) > M.threshold;
+    if (!holds && M.filter) hv = 0.0f;
+    return holds;
+}
+
+// One neuron's h for every token of the batch, its up (and gate) products computed here from the record with
+// vec_dot, and whether it enters the down projection.
 inline void SparseFfn::finish_neuron(const LayerMath & M, int64_t n_tokens, uint32_t p, const uint8_t * rec,
-                                     ThreadState & ts, const float * u_given, int64_t u_stride, const float * g_given,
-                                     int64_t g_stride) {
+                                     ThreadState & ts) {
     const SparseLayerWeights & L = M.L;
     const SidecarLayer & S = M.S;
     const int64_t n_ff = L.n_ff;
@@ -154,46 +178,61 @@ inline void SparseFfn::finish_neuron(const LayerMath & M, int64_t n_tokens, uint
             continue;
         }
         ++ts.predicted_pairs;
-        float u;
-        if (u_given) {
-            u = u_given[t * u_stride];
-        } else {
-            S.up.wt->vec_dot((int) L.n_embd, &u, 0, rec + S.up.offset, 0, xq_up_.data() + t * M.xq_up_row, 0, 1);
-        }
+        float u, g = 0.0f;
+        S.up.wt->vec_dot((int) L.n_embd, &u, 0, rec + S.up.offset, 0, xq_up_.data() + t * M.xq_up_row, 0, 1);
         if (!L.up_bias.empty()) u += L.up_bias[p];
-        float a;
-        if (L.gated) {
-            float g = hv;
-            if (!M.resident_pre) {
-                if (g_given) {
-                    g = g_given[t * g_stride];
-                } else {
-                    const uint8_t * row = S.gate.wt ? rec + S.gate.offset : L.gate.row(p);
-                    M.gate_wt->vec_dot((int) L.n_embd, &g, 0, row, 0, xq_gate_.data() + t * M.xq_gate_row, 0, 1);
-                }
-                if (!L.gate_bias.empty()) g += L.gate_bias[p];
-            }
-            a = activate(L.act, g);
-            hv = round_for(M.down_vdt, a * u);
-        } else {
-            a = activate(L.act, u);
-            hv = round_for(M.down_vdt, a);
+        if (L.gated && !M.resident_pre) {
+            const uint8_t * row = S.gate.wt ? rec + S.gate.offset : L.gate.row(p);
+            M.gate_wt->vec_dot((int) L.n_embd, &g, 0, row, 0, xq_gate_.data() + t * M.xq_gate_row, 0, 1);
+            if (!L.gate_bias.empty()) g += L.gate_bias[p];
         }
-        const bool holds = M.criterion == Criterion::NativeZero ? a > M.threshold
-                         : M.criterion == Criterion::GateMagnitude ? std::fabs(a) > M.threshold
-                         : M.criterion == Criterion::Contribution ? std::fabs(hv) * S.down_norm[p] > M.threshold
-                         : std::fabs(hv) > M.threshold;
-        if (!holds && M.filter) {
-            hv = 0.0f;
-        } else {
+        const bool holds = finish_pair(M, p, u, g, hv);
+        criterion_holds |= holds;
+        if (holds || !M.filter) {
             ++ts.computed_pairs;
             computed = true;
         }
-        criterion_holds |= holds;
     }
     ts.truly_active += criterion_holds;
     if (computed) {
         ts.finals.push_back(p);
+    }
+}
+
+// finish_neuron for a stretch of m records whose up (and gate) products for token t are u[t * m + k] (and
+// g[t * m + k]), token by token along the stretch; finals in the records' order, as finish_neuron's
+void SparseFfn::finish_stretch(const LayerMath & M, int64_t n_tokens, const uint32_t * pos,
+                               const uint8_t * const * records, size_t m, ThreadState & ts, const float * u,
+                               const float * g) {
+    const SparseLayerWeights & L = M.L;
+    const int64_t n_ff = L.n_ff;
+    ts.stretch_flags.assign(m, 0); // bit 0: the criterion holds for some token; bit 1: h computed for some token
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        float * h_row = h_.data() + t * n_ff;
+        const uint8_t * on_row = token_active_.data() + t * n_ff;
+        for (size_t k = 0; k < m; ++k) {
+            const uint32_t p = pos[k];
+            float & hv = h_row[p];
+            if (!on_row[p]) {
+                hv = 0.0f;
+                continue;
+            }
+            ++ts.predicted_pairs;
+            const float uk = u[t * (int64_t) m + (int64_t) k] + (L.up_bias.empty() ? 0.0f : L.up_bias[p]);
+            float gk = 0.0f;
+            if (g) gk = g[t * (int64_t) m + (int64_t) k] + (L.gate_bias.empty() ? 0.0f : L.gate_bias[p]);
+            const bool holds = finish_pair(M, p, uk, gk, hv);
+            const bool computed = holds || !M.filter;
+            ts.computed_pairs += computed;
+            ts.stretch_flags[k] |= (uint8_t) (holds | (computed << 1));
+        }
+    }
+    for (size_t k = 0; k < m; ++k) {
+        record_of_[pos[k]] = records[k];
+        ts.truly_active += ts.stretch_flags[k] & 1;
+        if (ts.stretch_flags[k] & 2) {
+            ts.finals.push_back(pos[k]);
+        }
     }
 }
 
@@ -210,7 +249,7 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
             // records sit wherever the cache or the read put them: ask for a later one's lines while this computes
             for (size_t at = 0; at < record_bytes; at += 64) prefetch(records[i + kPrefetchAhead] + at);
         }
-        finish_neuron(M, n_tokens, pos[i], records[i], ts, nullptr, 0, nullptr, 0);
+        finish_neuron(M, n_tokens, pos[i], records[i], ts);
     }
 }
 
@@ -240,7 +279,7 @@ void SparseFfn::compute_h_batched(int il, int64_t n_tokens, const uint8_t * cons
         }
         const size_t m = j - i;
         if (m < kMinStretchRecords) {
-            for (size_t k = i; k < j; ++k) finish_neuron(M, n_tokens, pos[k], records[k], ts, nullptr, 0, nullptr, 0);
+            for (size_t k = i; k < j; ++k) finish_neuron(M, n_tokens, pos[k], records[k], ts);
             i = j;
             continue;
         }
@@ -253,10 +292,7 @@ void SparseFfn::compute_h_batched(int il, int64_t n_tokens, const uint8_t * cons
             rows_times_tokens(*gate_wt, gate_of(i), (size_t) sg, (int64_t) m, L.n_embd, xq_gate_.data(), n_tokens,
                               ts.gemm_g.data(), (int64_t) m, ts.gemm_work);
         }
-        for (size_t k = i; k < j; ++k) {
-            finish_neuron(M, n_tokens, pos[k], records[k], ts, ts.gemm_u.data() + (k - i), (int64_t) m,
-                          need_gate ? ts.gemm_g.data() + (k - i) : nullptr, (int64_t) m);
-        }
+        finish_stretch(M, n_tokens, pos + i, records + i, m, ts, ts.gemm_u.data(), need_gate ? ts.gemm_g.data() : nullptr);
         i = j;
     }
 }
@@ -279,29 +315,29 @@ void SparseFfn::down(int il, float * y, int64_t n_tokens, int ith, int nth) {
     if ((int64_t) me.tmp.size() < n) me.tmp.resize((size_t) n);
     const size_t slice_offset = S.down.offset + (size_t) b0 * ggml_type_size(dt.type);
     const std::vector<const uint8_t *> & down_records = store_->split() ? down_of_ : record_of_;
-    // up to kMaxTileTokens tokens at a time: the encoded columns of their nonzero h scaled straight into their
-    // slices of y, held in registers while the columns stream past, each column block converted once for all
-    // of them; a token gets the same sums in a batch as alone
-    for (int64_t t0 = 0; t0 < n_tokens; t0 += kMaxTileTokens) {
-        const int tile = (int) std::min<int64_t>(kMaxTileTokens, n_tokens - t0);
-        me.down_columns.clear();
-        me.down_h.clear();
-        for (int j = 0; j < nth; ++j) {
-            for (uint32_t p : threads_[j]->finals) {
-                bool any = false;
-                for (int t = 0; t < tile; ++t) any |= h_[(t0 + t) * L.n_ff + p] != 0.0f;
-                if (!any) continue;
-                me.down_columns.push_back(down_records[p] + slice_offset);
-                for (int t = 0; t < tile; ++t) me.down_h.push_back(h_[(t0 + t) * L.n_ff + p]);
+    me.down_columns.clear();
+    me.down_h.clear();
+    me.down_index.clear();
+    for (int j = 0; j < nth; ++j) {
+        for (uint32_t p : threads_[j]->finals) {
+            if (n_tokens == 1) {
+                if (h_[p] == 0.0f) continue;
+                me.down_h.push_back(h_[p]);
+            } else {
+                me.down_index.push_back(p);
             }
+            me.down_columns.push_back(down_records[p] + slice_offset);
         }
-        float * yt = y + t0 * L.n_out + e0;
-        if (tile == 1) {
-            columns_axpy(dt, me.down_columns.data(), me.down_h.data(), (int) me.down_columns.size(), yt, n, me.tmp.data());
-        } else {
-            columns_axpy_tokens(dt, me.down_columns.data(), me.down_h.data(), (int) me.down_columns.size(), tile, yt,
-                                L.n_out, n, me.tmp.data());
-        }
+    }
+    float * y0 = y + e0;
+    if (n_tokens == 1) {
+        columns_axpy(dt, me.down_columns.data(), me.down_h.data(), (int) me.down_columns.size(), y0, n, me.tmp.data());
+    } else {
+        // a prompt batch: this thread's slice of each column decoded once and added to every token, several
+        // tokens' slices of y held in registers at a time; a token gets the same sums in a batch as alone
+        if ((int64_t) me.tmp.size() < kBatchColumns * n) me.tmp.resize((size_t) (kBatchColumns * n));
+        columns_axpy_batch(dt, me.down_columns.data(), me.down_index.data(), (int) me.down_columns.size(), h_.data(),
+                           L.n_ff, (int) n_tokens, y0, L.n_out, n, me.tmp.data());
     }
     // a NaN or infinity here would spread through every later layer into the logits: refuse it
     for (int64_t t = 0; t < n_tokens; ++t) {

@@ -34,12 +34,14 @@ struct SparseFfn::Wave {
 // What one compute thread keeps between phases; other threads read it in phases 2 and 3.
 struct SparseFfn::ThreadState {
     std::vector<uint32_t> active;   // candidate positions predicted in this thread's range (phase 1), sorted
+    std::vector<uint8_t> any;       // phase 1: whether any token of the batch needs each neuron of the range
     std::vector<uint32_t> work;     // this thread's share of all threads' candidates (phase 2), sorted
     std::vector<uint32_t> finals;   // of those, the positions whose down column enters y, sorted
     Wave wave[2];                   // 0: the bundle region; 1: the down region (split layout)
-    std::vector<float> tmp;         // a dequantized slice of a down column
-    std::vector<const uint8_t *> down_columns; // phase 3, a tile of tokens: this thread's slice of each column
-    std::vector<float> down_h;                 // and the h of each token of the tile it is scaled by
+    std::vector<float> tmp;         // dequantized slices of down columns (a prompt batch: kBatchColumns of them)
+    std::vector<const uint8_t *> down_columns; // phase 3: this thread's slice of each final neuron's down column
+    std::vector<float> down_h;                 // one token: the h each is scaled by
+    std::vector<uint32_t> down_index;          // a batch: each one's neuron, its column of h
     std::unique_ptr<ReadQueue> queue;          // this thread's way to the device
     std::vector<const uint8_t *> read_records; // the needed records of one completed read
     std::vector<uint32_t> read_positions;
@@ -47,6 +49,7 @@ struct SparseFfn::ThreadState {
     // prompt batches: ggml's work buffer, and the up (and gate) products of a stretch of records
     std::vector<uint8_t> gemm_work;
     std::vector<float> gemm_u, gemm_g;
+    std::vector<uint8_t> stretch_flags; // per record of a stretch: the criterion held, h computed
     // counters of the current layer
     uint32_t truly_active = 0;
     uint64_t predicted_pairs = 0;

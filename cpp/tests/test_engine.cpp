@@ -260,34 +260,58 @@ TEST(columns_axpy_adds_columns_in_order_as_one_at_a_time_would) {
     }
 }
 
-TEST(columns_axpy_tokens_gives_each_token_the_sums_it_gets_alone) {
-    const int64_t n = 256;
-    const int count = 9;
-    for (ggml_type type : { GGML_TYPE_Q8_0, GGML_TYPE_Q6_K, GGML_TYPE_Q4_K }) {
-        const WeightType & wt = weight_type(type);
+TEST(columns_axpy_batch_gives_each_token_the_sums_it_gets_alone) {
+    // more columns than one decoded chunk, token counts across the six-token tiles, slices of y that end in
+    // a partial register (q8_0 at 288, f16 at 100), h with zeros and a stride of its own
+    struct Case { ggml_type type; int64_t n; };
+    for (const Case c : { Case { GGML_TYPE_Q8_0, 288 }, Case { GGML_TYPE_Q6_K, 256 }, Case { GGML_TYPE_Q4_K, 256 },
+                          Case { GGML_TYPE_F16, 100 } }) {
+        const WeightType & wt = weight_type(c.type);
+        const int64_t n = c.n;
+        const int count = kBatchColumns + 5;
         std::vector<std::vector<uint8_t>> storage;
         std::vector<const uint8_t *> columns;
-        for (int k = 0; k < count; ++k) storage.push_back(quantize(type, random_floats(n, 40 + k), 1, n));
-        for (const auto & c : storage) columns.push_back(c.data());
-        for (int n_tok = 1; n_tok <= kMaxTileTokens; ++n_tok) {
-            // h[k * n_tok + t], some zero (a token whose h is zero for a column the tile's others need)
-            std::vector<float> h((size_t) count * n_tok);
+        std::vector<uint32_t> index;
+        for (int k = 0; k < count; ++k) {
+            storage.push_back(quantize(c.type, random_floats(n, 40 + k), 1, n));
+            index.push_back((uint32_t) (3 * k + 1)); // the neurons' columns of h, increasing, not contiguous
+        }
+        for (const auto & col : storage) columns.push_back(col.data());
+        const int64_t h_stride = 3 * count + 7;
+        for (int n_tok : { 2, 6, 7, 13 }) {
+            std::vector<float> h((size_t) n_tok * h_stride);
             for (size_t i = 0; i < h.size(); ++i) h[i] = i % 5 == 2 ? 0.0f : 0.125f * (float) ((int) (i % 11) - 5);
             const int64_t stride = n + 32;
-            std::vector<float> tmp(n), tile = random_floats(stride * n_tok, 50 + n_tok), alone = tile;
-            columns_axpy_tokens(wt, columns.data(), h.data(), count, n_tok, tile.data(), stride, n, tmp.data());
+            std::vector<float> tmp((size_t) kBatchColumns * n), batch = random_floats(stride * n_tok, 50 + n_tok),
+                alone = batch;
+            columns_axpy_batch(wt, columns.data(), index.data(), count, h.data(), h_stride, n_tok, batch.data(), stride,
+                               n, tmp.data());
             for (int t = 0; t < n_tok; ++t) {
                 std::vector<const uint8_t *> nonzero;
                 std::vector<float> ht;
                 for (int k = 0; k < count; ++k) {
-                    if (h[(size_t) k * n_tok + t] == 0.0f) continue;
+                    const float hk = h[(size_t) t * h_stride + index[k]];
+                    if (hk == 0.0f) continue;
                     nonzero.push_back(columns[k]);
-                    ht.push_back(h[(size_t) k * n_tok + t]);
+                    ht.push_back(hk);
                 }
                 columns_axpy(wt, nonzero.data(), ht.data(), (int) ht.size(), alone.data() + t * stride, n, tmp.data());
             }
-            CHECK(std::memcmp(tile.data(), alone.data(), tile.size() * sizeof(float)) == 0);
+            CHECK(std::memcmp(batch.data(), alone.data(), batch.size() * sizeof(float)) == 0);
         }
+    }
+}
+
+TEST(decoded_columns_are_ggml_s_values) {
+    const int64_t n = 512;
+    for (ggml_type type : { GGML_TYPE_Q8_0, GGML_TYPE_Q6_K, GGML_TYPE_Q4_K }) {
+        auto values = random_floats(n, 90);
+        values[7] = 30.0f;
+        const auto q = quantize(type, values, 1, n);
+        const auto want = dequantize(type, q.data(), 1, n);
+        std::vector<float> got(n);
+        decode_column(weight_type(type), q.data(), got.data(), n);
+        CHECK(std::memcmp(got.data(), want.data(), n * sizeof(float)) == 0);
     }
 }
 

@@ -1,11 +1,12 @@
 #pragma once
 
 // The sparse down projection's inner step: y += h * column, one neuron's down
-// column in the sidecar's encoding. q8_0 columns are scaled and accumulated
-// block by block without a float copy; other types are dequantized once into
-// scratch. The loops are compiled for AVX-512, AVX2+FMA and plain x86-64 and
-// the first call picks by what the CPU reports (never -march=native: the
-// build runs everywhere).
+// column in the sidecar's encoding. q8_0 and q6_K columns are decoded in
+// registers and accumulated block by block without a float copy; other types
+// are dequantized once into scratch. Prompt batches decode each column once
+// and add it to several tokens at a time. The loops are compiled for
+// AVX-512, AVX2+FMA and plain x86-64 and the first call picks by what the CPU
+// reports (never -march=native: the build runs everywhere).
 
 #include "neuralink/weight_types.h"
 
@@ -14,7 +15,7 @@
 namespace neuralink {
 
 // y[0, n) += h * column[0, n), the column's values in `wt`'s encoding; n a multiple of its block size
-// and tmp room for n floats (used by types other than q8_0)
+// and tmp room for n floats (used by types without a loop of their own)
 void column_axpy(const WeightType & wt, const uint8_t * column, float h, float * y, int64_t n, float * tmp);
 
 // y[0, n) += sum over k of h[k] * columns[k][0, n), the columns added in order (as `count` calls of column_axpy
@@ -22,14 +23,19 @@ void column_axpy(const WeightType & wt, const uint8_t * column, float h, float *
 void columns_axpy(const WeightType & wt, const uint8_t * const * columns, const float * h, int count, float * y,
                   int64_t n, float * tmp);
 
-// the most tokens columns_axpy_tokens takes at once (AVX-512: 16 registers of y, 2 of a converted block)
-constexpr int kMaxTileTokens = 8;
+// a column decoded into floats, the values ggml's to_float gives (q8_0 and q6_K by loops of this file)
+void decode_column(const WeightType & wt, const uint8_t * column, float * out, int64_t n);
 
-// For each token t < n_tok (1 to kMaxTileTokens): y + t * y_stride gets what columns_axpy would add with the
-// weights h[k * n_tok + t]; each q8_0 block is converted once for all the tokens (a prompt batch), and a
-// token's sums are the ones it would get alone. tmp: room for n floats (types other than q8_0).
-void columns_axpy_tokens(const WeightType & wt, const uint8_t * const * columns, const float * h, int count,
-                         int n_tok, float * y, int64_t y_stride, int64_t n, float * tmp);
+// how many columns columns_axpy_batch decodes at a time: its scratch holds kBatchColumns * n floats
+constexpr int kBatchColumns = 64;
+
+// A prompt batch's down projection: for each token t < n_tok, y + t * y_stride gets what columns_axpy would add
+// with the weights h[t * h_stride + h_index[k]] (zeros included). Each column is decoded once for all the tokens
+// and added to several tokens' y held in registers (AVX-512); a token's sums are the ones it gets alone.
+// tmp: room for kBatchColumns * n floats.
+void columns_axpy_batch(const WeightType & wt, const uint8_t * const * columns, const uint32_t * h_index, int count,
+                        const float * h, int64_t h_stride, int n_tok, float * y, int64_t y_stride, int64_t n,
+                        float * tmp);
 
 // y[0, n) += h * x[0, n)
 void float_axpy(const float * x, float h, float * y, int64_t n);

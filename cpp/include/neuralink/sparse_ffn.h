@@ -196,8 +196,10 @@ private:
                            ThreadState & ts);
     struct LayerMath;
     LayerMath layer_math(int il) const;
-    void finish_neuron(const LayerMath & M, int64_t n_tokens, uint32_t p, const uint8_t * rec, ThreadState & ts,
-                       const float * u, int64_t u_stride, const float * g, int64_t g_stride);
+    static bool finish_pair(const LayerMath & M, uint32_t p, float u, float g, float & hv);
+    void finish_neuron(const LayerMath & M, int64_t n_tokens, uint32_t p, const uint8_t * rec, ThreadState & ts);
+    void finish_stretch(const LayerMath & M, int64_t n_tokens, const uint32_t * pos, const uint8_t * const * records,
+                        size_t m, ThreadState & ts, const float * u, const float * g);
     void check_thresholds(const std::vector<float> & given, const char * what) const;
     void down(int il, float * y, int64_t n_tokens, int ith, int nth);
     void fail(const std::string & what, bool numeric = false);

@@ -7,7 +7,8 @@ llama.cpp's own batched kernels on the converted GGUF (whose rows are in the
 sidecar's order, its ffn_down re-encoded as the sidecar's down columns are):
 through the eval callback, the FFN activation h (the input of ffn_down) is
 zeroed in place wherever the engine would not read the neuron, with the
-sidecar's candidate scales and down norms. That is the engine's arithmetic
+sidecar's candidate scales and down norms and the engine's own activation
+(``_engine.zero_dropped_pairs``). That is the engine's arithmetic
 on the engine's decisions, at llama.cpp's prompt speed (the engine reads and
 computes neuron by neuron, which is several times slower on long batches).
 The search:
@@ -36,6 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from neuralink import _engine
 from neuralink.errors import OptionError
 from neuralink.formats.coactivation import SelectionStats
 from neuralink.profile.contribution import candidate_density
@@ -109,11 +111,13 @@ class ContributionScorer:
                  threads: int | None = None) -> None:
         from neuralink.formats.sidecar import Sidecar
         from neuralink.profile.activations import ActivationReader
-        from neuralink.profile.activity import GATE_FUNCTIONS, GATE_TENSOR, FfnActivation, probe_ffn_activation
+        from neuralink.profile.activity import GATE_FUNCTIONS, probe_ffn_activation
 
         with Sidecar.open(sidecar, model) as opened:
             n_layer = opened.header.n_layer
-            self.tables = [(opened.candidate_scale(il), opened.down_norms(il)) for il in range(n_layer)]
+            self.tables = [(np.ascontiguousarray(opened.candidate_scale(il), dtype=np.float32),
+                            np.ascontiguousarray(opened.down_norms(il), dtype=np.float32)) for il in range(n_layer)]
+        self.threads = threads if threads is not None else max(1, os.cpu_count() or 1)
         self.reader = ActivationReader(model, window=n_ctx, threads=threads)
         try:
             reader = self.reader
@@ -123,7 +127,7 @@ class ContributionScorer:
             self.windows = scoring_windows(int(self.tokens.size), n_ctx, self.stride)
             form, _ = probe_ffn_activation(reader, self.tokens[1:], "magnitude")  # the tensor ffn_down consumes
             self.h_tensor = form.tensor
-            self.activate = FfnActivation(GATE_TENSOR, "contribution", GATE_FUNCTIONS[form.tensor]).activate
+            self.gate_function = GATE_FUNCTIONS[form.tensor]  # the engine's activation of the same name
         except BaseException:
             self.reader.close()
             raise
@@ -137,14 +141,14 @@ class ContributionScorer:
 
         def consume(name: str, layer: int, rows: np.ndarray) -> None:
             if name == "ffn_gate":
-                gates[layer] = self.activate(rows)
+                gates[layer] = np.array(rows)  # a copy: llama.cpp may reuse the buffer once h is computed
                 return
-            a = gates.pop(layer)
             scale, down_norm = self.tables[layer]
-            candidates = np.abs(a) * scale > setting.candidates[layer]
-            finals = candidates & (np.abs(rows) * down_norm > setting.thresholds[layer])
-            rows[~finals] = 0.0  # llama.cpp's own buffer: ffn_down reads it next
-            counts[:] += (candidates.sum(), finals.sum(), finals.size)
+            # the engine's own criterion and activation, in C++; rows is llama.cpp's buffer: ffn_down reads it next
+            candidates, finals = _engine.zero_dropped_pairs(
+                self.gate_function, gates.pop(layer), rows, scale, down_norm, float(setting.candidates[layer]),
+                float(setting.thresholds[layer]), self.threads)
+            counts[:] += (candidates, finals, rows.size)
 
         nlls = []
         wanted = {"ffn_gate", self.h_tensor}.__contains__

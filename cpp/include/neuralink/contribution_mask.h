@@ -1,0 +1,26 @@
+#pragma once
+
+// The contribution criterion applied to a dense FFN's tensors, as the sparse engine applies it neuron by
+// neuron: what the conversion's quality search and the perplexity sweep use to score a setting with
+// llama.cpp's own forward pass (h zeroed where the engine would skip).
+
+#include "neuralink/ffn_layer.h"
+
+#include <cstdint>
+
+namespace neuralink {
+
+struct MaskCounts {
+    uint64_t candidates = 0; // (token, neuron) pairs whose up row the engine reads
+    uint64_t finals = 0;     // of those, the pairs whose down column enters y
+};
+
+// For each of n_rows tokens and n_ff neurons: a = act(gate[t, i]) (the engine's activate); the pair is a
+// candidate when |a| * candidate_scale[i] > candidate_threshold, and final when it is a candidate and
+// |h[t, i]| * down_norm[i] > threshold; h[t, i] becomes 0 where the pair is not final. Rows are shared among
+// `threads` threads.
+MaskCounts zero_dropped_pairs(Activation act, const float * gate, float * h, int64_t n_rows, int64_t n_ff,
+                              const float * candidate_scale, const float * down_norm, float candidate_threshold,
+                              float threshold, int threads);
+
+} // namespace neuralink

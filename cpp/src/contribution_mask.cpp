@@ -1,0 +1,50 @@
+#include "neuralink/contribution_mask.h"
+
+#include <algorithm>
+#include <cmath>
+#include <thread>
+#include <vector>
+
+namespace neuralink {
+
+static MaskCounts mask_rows(Activation act, const float * gate, float * h, int64_t r0, int64_t r1, int64_t n_ff,
+                            const float * candidate_scale, const float * down_norm, float candidate_threshold,
+                            float threshold) {
+    MaskCounts c;
+    for (int64_t r = r0; r < r1; ++r) {
+        const float * g = gate + r * n_ff;
+        float * hr = h + r * n_ff;
+        for (int64_t i = 0; i < n_ff; ++i) {
+            const bool candidate = std::fabs(activate(act, g[i])) * candidate_scale[i] > candidate_threshold;
+            const bool final = candidate && std::fabs(hr[i]) * down_norm[i] > threshold;
+            c.candidates += candidate;
+            c.finals += final;
+            if (!final) hr[i] = 0.0f;
+        }
+    }
+    return c;
+}
+
+MaskCounts zero_dropped_pairs(Activation act, const float * gate, float * h, int64_t n_rows, int64_t n_ff,
+                              const float * candidate_scale, const float * down_norm, float candidate_threshold,
+                              float threshold, int threads) {
+    const int n = (int) std::max<int64_t>(1, std::min<int64_t>(threads, n_rows));
+    std::vector<MaskCounts> counts((size_t) n);
+    auto work = [&](int k) {
+        const int64_t r0 = n_rows * k / n, r1 = n_rows * (k + 1) / n;
+        counts[(size_t) k] = mask_rows(act, gate, h, r0, r1, n_ff, candidate_scale, down_norm, candidate_threshold,
+                                       threshold);
+    };
+    std::vector<std::thread> pool;
+    for (int k = 1; k < n; ++k) pool.emplace_back(work, k);
+    work(0);
+    for (std::thread & t : pool) t.join();
+    MaskCounts total;
+    for (const MaskCounts & c : counts) {
+        total.candidates += c.candidates;
+        total.finals += c.finals;
+    }
+    return total;
+}
+
+} // namespace neuralink
