@@ -15,8 +15,8 @@ static MaskCounts mask_rows(Activation act, const float * gate, float * h, int64
         const float * g = gate + r * n_ff;
         float * hr = h + r * n_ff;
         for (int64_t i = 0; i < n_ff; ++i) {
-            const bool candidate = std::fabs(activate(act, g[i])) * candidate_scale[i] > candidate_threshold;
-            const bool final = candidate && std::fabs(hr[i]) * down_norm[i] > threshold;
+            const bool candidate = contribution_candidate(activate(act, g[i]), candidate_scale[i], candidate_threshold);
+            const bool final = candidate && contribution_final(hr[i], down_norm[i], threshold);
             c.candidates += candidate;
             c.finals += final;
             if (!final) hr[i] = 0.0f;

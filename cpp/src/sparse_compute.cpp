@@ -4,6 +4,7 @@
 #include "sparse_ffn_state.h"
 
 #include "neuralink/column_axpy.h"
+#include "neuralink/contribution_mask.h"
 #include "neuralink/errors.h"
 #include "neuralink/row_gemm.h"
 
@@ -97,9 +98,9 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
                 float u;
                 L.up.wt->vec_dot((int) L.n_embd, &u, 0, L.up.row(p), 0, xq_up_.data() + t * xq_up_row, 0, 1);
                 if (!L.up_bias.empty()) u += L.up_bias[p];
-                on = std::fabs(a * u) * S.down_norm[p] > threshold;
+                on = contribution_final(a * u, S.down_norm[p], threshold);
             } else if (contribution) {
-                on = std::fabs(a) * S.candidate_scale[p] > candidate_threshold;
+                on = contribution_candidate(a, S.candidate_scale[p], candidate_threshold);
             } else {
                 // ReLU-family activations are >= 0: a threshold of 0 keeps exactly the native non-zeros
                 on = (criterion == Criterion::NativeZero ? a : std::fabs(a)) > threshold;
@@ -156,7 +157,7 @@ inline bool SparseFfn::finish_pair(const LayerMath & M, uint32_t p, float u, flo
     }
     const bool holds = M.criterion == Criterion::NativeZero ? a > M.threshold
                      : M.criterion == Criterion::GateMagnitude ? std::fabs(a) > M.threshold
-                     : M.criterion == Criterion::Contribution ? std::fabs(hv) * M.S.down_norm[p] > M.threshold
+                     : M.criterion == Criterion::Contribution ? contribution_final(hv, M.S.down_norm[p], M.threshold)
                      : std::fabs(hv) > M.threshold;
     if (!holds && M.filter) hv = 0.0f;
     return holds;

@@ -6,9 +6,20 @@
 
 #include "neuralink/ffn_layer.h"
 
+#include <cmath>
 #include <cstdint>
 
 namespace neuralink {
+
+// The contribution criterion's two tests, one rule for the sparse engine and for zero_dropped_pairs: a
+// (token, neuron) pair is a candidate (its up row is read) when |act(g)| * E|up| * |d| passes the candidate
+// threshold, and final (its down column enters y) when |h| * |d| passes the threshold.
+inline bool contribution_candidate(float a, float candidate_scale, float candidate_threshold) {
+    return std::fabs(a) * candidate_scale > candidate_threshold;
+}
+inline bool contribution_final(float h, float down_norm, float threshold) {
+    return std::fabs(h) * down_norm > threshold;
+}
 
 struct MaskCounts {
     uint64_t candidates = 0; // (token, neuron) pairs whose up row the engine reads
