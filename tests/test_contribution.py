@@ -86,6 +86,51 @@ def test_engine_equals_the_thresholded_ffn(contribution_pair) -> None:
     assert checked > 64
 
 
+def test_streamed_regions_compute_what_collapsed_reads_compute(contribution_pair) -> None:
+    # cache_policy "stream": each layer's bundle and down regions read whole, ahead of the layer, into two buffers
+    model, sidecar = contribution_pair
+    with Sidecar.open(sidecar, model) as opened:
+        n_layer, n_ff, layouts = opened.header.n_layer, opened.header.n_ff, opened.layouts
+    reads = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none")
+    stream = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="stream")
+    assert stream.streams_regions and not reads.streams_regions and stream.cache_policy == "stream"
+    largest = max(max(lay.record_bytes, lay.down_record_bytes) for lay in layouts) * n_ff
+    assert largest * 2 <= stream.stream_buffer_bytes <= (largest + 8192) * 2
+    rng = np.random.default_rng(7)
+    # in order as a model runs them, twice (the second round from what was read ahead), then out of order
+    for il in list(range(n_layer)) * 2 + [n_layer - 1, 0, 0]:
+        x = rng.standard_normal((int(rng.integers(1, 4)), 256)).astype(np.float32) * 0.5
+        assert np.array_equal(stream.forward(il, x, "silu"), reads.forward(il, x, "silu"))
+        s, r = stream.take_stats()[-1], reads.take_stats()[-1]
+        assert (s["predicted"], s["final_neurons"]) == (r["predicted"], r["final_neurons"])
+        assert 0 < r["final_neurons"] < r["predicted"] < n_ff  # sparse, yet read whole
+        assert (s["reads"], s["down_reads"], s["cache_hits"]) == (2, 1, 0)
+        assert s["bytes_read"] >= n_ff * (layouts[il].record_bytes + layouts[il].down_record_bytes)
+    # a failed read is the evaluation's error; the next one reads the region again
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    want = reads.forward(1, x, "silu")
+    stream.inject_fault("eio", 0)
+    with pytest.raises(neuralink.EngineIOError, match="Input/output error"):
+        stream.forward(1, x, "silu")
+    assert np.array_equal(stream.forward(1, x, "silu"), want)
+
+
+def test_auto_streams_when_collapsed_reads_would_cover_the_layers(contribution_pair) -> None:
+    model, sidecar = contribution_pair
+    engine = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none")
+    dense = _engine.Engine(str(model), sidecar=str(sidecar), predictor="dense", cache_policy="none")
+    store = engine.store_bytes
+    # pinning the hottest records leaves fewer and shorter reads
+    ratios = [engine.collapsed_read_cost_ratio(int(f * store)) for f in (0.0, 0.5, 0.9)]
+    assert ratios[0] > ratios[1] > ratios[2] >= 0.0
+    for bytes_ in (0, store // 2):
+        ratio = engine.collapsed_read_cost_ratio(bytes_)
+        assert engine.auto_cache_policy(bytes_) == ("stream" if ratio >= _engine.STREAM_COST_RATIO else "pinned")
+    # every neuron: the regions are read whole anyway; a cache holding the store takes it all
+    assert dense.auto_cache_policy(0) == "stream"
+    assert engine.auto_cache_policy(2 * store) == dense.auto_cache_policy(2 * store) == "linking"
+
+
 def test_llama_runs_the_validated_setting_by_default(contribution_pair) -> None:
     model, sidecar = contribution_pair
     with Sidecar.open(sidecar, model) as opened:

@@ -40,7 +40,7 @@ def converted_smollm2(smollm2_path: Path, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.mark.parametrize(("budget", "n_batch", "policy"), [
     ("160MB", 8, "linking"), ("160MB", 16, "linking"), ("200MB", 8, "s3fifo"), ("200MB", 128, "lru"),
-    ("220MB", 32, "none"),
+    ("220MB", 32, "none"), ("200MB", 16, "stream"),
 ])
 def test_peak_rss_stays_within_the_budget(converted_smollm2: Path, budget: str, n_batch: int, policy: str) -> None:
     result = subprocess.run([sys.executable, "-c", RUN, str(converted_smollm2), budget, str(n_batch), policy],

@@ -298,6 +298,15 @@ def test_the_auto_cache_policy_pins_or_keeps_the_whole_store(runner: Path, conve
     assert generated_tokens(result) == generated_tokens(plain)
 
 
+def test_the_stream_policy_reads_whole_regions_and_computes_the_same(runner: Path, converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    common = ("-m", model, "-p", PROMPT, "-n", 4, "--io-backend", "pread")
+    stream, plain = run(runner, *common, "--cache-policy", "stream"), run(runner, *common, "--cache-policy", "none")
+    assert stream.returncode == 0 and plain.returncode == 0, stream.stderr + plain.stderr
+    assert "cache stream" in stream.stderr
+    assert generated_tokens(stream) == generated_tokens(plain)
+
+
 def test_adaptive_collapse_changes_what_is_read_not_what_is_computed(runner: Path, converted_model) -> None:
     model, _ = converted_model("llama", "q8_0")
     common = ("-m", model, "-p", PROMPT, "-n", 4, "--cache-policy", "none", "--io-backend", "pread")

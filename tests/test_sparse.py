@@ -178,10 +178,12 @@ def test_verbose_completions_print_their_ffn_statistics(converted_model, capfd: 
         llm.close()
 
 
-@pytest.mark.parametrize("io_backend", ["uring", "pread"])
-def test_injected_read_faults_raise_and_the_model_keeps_working(converted_model, io_backend: str) -> None:
+@pytest.mark.parametrize(("io_backend", "cache_policy"), [("uring", "none"), ("pread", "none"), ("pread", "stream")])
+def test_injected_read_faults_raise_and_the_model_keeps_working(converted_model, io_backend: str,
+                                                                cache_policy: str) -> None:
+    # (stream: the regions read ahead on a thread of their own fail, and are read again)
     model, sidecar = converted_model("llama", "q4_1", threshold=0.05)
-    llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none",
+    llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_policy=cache_policy,
                           io_backend=io_backend, **CONTEXT)
     assert llm.engine.io_backend == io_backend
     prompt = tokens_of(llm, 12)

@@ -199,6 +199,25 @@ static void register_engine(py::module_ & m) {
         .def("cache_would_hold_store", [](const Engine & e, size_t bytes) {
             return e.sparse() && e.sparse()->arena_fits(bytes);
         }, py::arg("bytes"), "whether a bundle cache of `bytes` would hold every record of the store")
+        .def("auto_cache_policy", [](const Engine & e, size_t bytes) {
+            if (!e.sparse()) throw std::invalid_argument("the dense engine has no bundle cache");
+            return std::string(cache_policy_name(e.sparse()->auto_policy(bytes)));
+        }, py::arg("bytes"),
+           "The policy `auto` stands for with a cache of `bytes`: 'linking' (the store arena) when it holds the "
+           "whole store, 'stream' when collapsed reads would cover the layers anyway (collapsed_read_cost_ratio "
+           "at least STREAM_COST_RATIO) and the stream's buffers fit, else 'pinned'.")
+        .def("collapsed_read_cost_ratio", [](const Engine & e, size_t bytes) {
+            if (!e.sparse()) throw std::invalid_argument("the dense engine has no bundle cache");
+            return e.sparse()->collapsed_read_cost_ratio(bytes);
+        }, py::arg("bytes"),
+           "Expected time of a decoded token's collapsed reads over reading every region whole, with the most "
+           "frequent records pinned in `bytes` (each record drawn at its profiled frequency).")
+        .def_property_readonly("streams_regions", [](const Engine & e) {
+            return e.sparse() && e.sparse()->streams_regions();
+        }, "whether the record regions are read whole, ahead of their layer (the stream policy)")
+        .def_property_readonly("stream_buffer_bytes", [](const Engine & e) {
+            return e.sparse() ? e.sparse()->stream_buffer_bytes() : (size_t) 0;
+        }, "the two buffers the stream policy reads regions into (whether or not it is in use)")
         .def("stream_gate_rows", &Engine::stream_gate_rows, py::arg("n_layers"),
              "Read the gate rows of the first n_layers layers that keep them resident from the model file each "
              "time the layer runs, freeing their resident copies (for a budget that cannot hold them all). "
@@ -388,6 +407,7 @@ PYBIND11_MODULE(_engine, m) {
     m.attr("DEFAULT_READ_LATENCY_S") = kDefaultReadLatencyS;
     m.attr("DEFAULT_BANDWIDTH_BYTES_S") = kDefaultBandwidthBytesS;
     m.attr("DEFAULT_QUEUE_DEPTH") = kDefaultQueueDepth;
+    m.attr("STREAM_COST_RATIO") = SparseFfn::kStreamCostRatio;
     m.attr("DEFAULT_MAX_READ_BYTES") = kDefaultMaxReadBytes;
     m.attr("DIRECT_ALIGN") = kDirectAlign;
     register_errors();

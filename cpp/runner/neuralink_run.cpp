@@ -132,13 +132,14 @@ std::string resolve_sidecar(const RunnerOptions & o, const neuralink::GgufModel 
 // As neuralink.Llama: the predictor the conversion validated for quality, else every neuron.
 std::string default_predictor(const neuralink::SidecarStore & store) { return store.default_predictor(); }
 
-// The policy --cache-policy auto stands for at this cache size: the whole store when it fits (the store arena),
-// else the most frequently needed records pinned (they lie in stretches the reads skip).
+// The policy --cache-policy auto stands for at this cache size (SparseFfn::auto_policy, as neuralink.Llama):
+// the whole store when it fits (the store arena), else every region read whole ahead of its layer when collapsed
+// reads would cover the layers anyway (stream), else the most frequently needed records pinned.
 neuralink::CachePolicy resolved_policy(const RunnerOptions & o, const neuralink::SparseFfn & sparse, size_t bytes) {
     if (o.cache_policy != "auto") {
         return neuralink::cache_policy_from_name(o.cache_policy);
     }
-    return sparse.arena_fits(bytes) ? neuralink::CachePolicy::Linking : neuralink::CachePolicy::Pinned;
+    return sparse.auto_policy(bytes);
 }
 
 // Reads the whole store into the cache when the cache holds it, rather than neuron by neuron while decoding.
@@ -408,6 +409,11 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
                           "--ctx-size / --batch-size):\n" + plan.describe());
     }
     engine.sparse()->configure_cache(resolved_policy(o, *engine.sparse(), plan.cache()), plan.cache());
+    if (engine.sparse()->streams_regions()) {
+        // its two buffers replace the read buffers the plan counted
+        plan = plan_now();
+        note("every layer's records read whole, ahead of the layer (cache policy stream)");
+    }
     note("memory budget:\n%s", plan.describe().c_str());
     // the plan counts the weights read every token resident: keep them so under the cgroup's reclaim
     const neuralink::LockedPages locked = neuralink::lock_every_token_weights(engine.model());

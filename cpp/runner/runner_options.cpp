@@ -54,8 +54,10 @@ model and weights:
                            active set, for measurement); default: gate where the
                            sidecar allows it, else dense
   --cache-policy NAME      DRAM cache of bundles: auto (the whole store when it fits,
-                           else pinned), none, lru, s3fifo, linking, pinned
-                           (default auto)
+                           else stream when reads would cover the layers anyway,
+                           else pinned), none, lru, s3fifo, linking, pinned, stream
+                           (each layer's records read whole, ahead of the layer;
+                           no cache) (default auto)
   --cache-bytes SIZE       the cache's size (default 0: no cache)
   --memory-budget SIZE     the whole process's memory: everything resident is
                            accounted (process, non-FFN weights, engine, KV cache,
@@ -196,7 +198,7 @@ RunnerOptions parse_options(int argc, char ** argv) {
             throw UsageError("--predictor " + o.predictor + " needs a sidecar, and --dense uses none");
         }
     }
-    check_name("--cache-policy", o.cache_policy, { "auto", "none", "lru", "s3fifo", "linking", "pinned" });
+    check_name("--cache-policy", o.cache_policy, { "auto", "none", "lru", "s3fifo", "linking", "pinned", "stream" });
     if (o.io_backend.empty()) {
         o.io_backend = default_io_backend();
     }

@@ -45,7 +45,7 @@ size_t table_bytes_for(const CachePolicyTraits & p, size_t n_entries) {
 
 constexpr Named<CachePolicy> kPolicyNames[] = {
     { CachePolicy::None, "none" }, { CachePolicy::Lru, "lru" }, { CachePolicy::S3Fifo, "s3fifo" },
-    { CachePolicy::Linking, "linking" }, { CachePolicy::Pinned, "pinned" },
+    { CachePolicy::Linking, "linking" }, { CachePolicy::Pinned, "pinned" }, { CachePolicy::Stream, "stream" },
 };
 
 // What each policy does, one row per CachePolicy in enum order: lookup(), admit() and evict_one()
@@ -57,6 +57,7 @@ constexpr CachePolicyTraits kPolicyTraits[] = {
     /* s3fifo  */ {   true,  true,   false, true,  false },
     /* linking */ {   true,  true,   false, true,  true  },
     /* pinned  */ {   true,  false,  false, false, false },
+    /* stream  */ {   false, false,  false, false, false },
 };
 
 } // namespace

@@ -144,7 +144,7 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     // (below); h and token flags per batch row
     const std::string & arch = engine.model().architecture();
     const uint64_t n_ff = (uint64_t) std::max<int64_t>(0, engine.model().get_int(arch + ".feed_forward_length", 0));
-    const uint64_t layer_store = p.store_bytes / (uint64_t) std::max(engine.n_layer(), 1);
+    const uint64_t layer_store = sparse.layer_read_bytes();
     // the down projection's list of columns and their h or neuron (a pointer and 4 bytes per neuron), and a
     // prompt batch's decoded columns (kBatchColumns slices of at most n_embd floats)
     uint64_t per_thread = 64 * 1024 + n_ff * (sizeof(void *) + sizeof(float)) +
@@ -160,10 +160,12 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
         }
         per_thread += work + 2 * (uint64_t) n_ubatch * kStretchRecords * sizeof(float);
     }
-    // cache hits are copied out of a cache that may evict them; the arena's and pinned records are used in place
+    // cache hits are copied out of a cache that may evict them; the arena's and pinned records are used in place;
+    // the stream policy reads into its two buffers instead
     const CachePolicy policy = sparse.options().cache_policy;
     const bool copies = policy == CachePolicy::Lru || policy == CachePolicy::S3Fifo || policy == CachePolicy::Linking;
-    p.engine_scratch = (copies ? 2 : 1) * layer_store + (uint64_t) n_threads * per_thread + (uint64_t) n_ubatch * n_ff * 6 +
+    const uint64_t reads = policy == CachePolicy::Stream ? sparse.stream_buffer_bytes() : (copies ? 2 : 1) * layer_store;
+    p.engine_scratch = reads + (uint64_t) n_threads * per_thread + (uint64_t) n_ubatch * n_ff * 6 +
                        sparse.gate_stream_bytes();
     return p;
 }

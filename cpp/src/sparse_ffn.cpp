@@ -131,7 +131,8 @@ void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
     for (int il = 0; store_->split() && il < n_layer; ++il) frequency.push_back(store_->layer(il).frequency);
     const size_t n_ff = (size_t) store_->n_ff();
     std::unique_ptr<StoreArena> arena;
-    if (policy != CachePolicy::None && policy != CachePolicy::Pinned && arena_fits(bytes)) {
+    if (policy != CachePolicy::None && policy != CachePolicy::Pinned && policy != CachePolicy::Stream &&
+        arena_fits(bytes)) {
         // everything fits: nothing would ever be evicted, so no policy has anything to decide
         arena = std::make_unique<StoreArena>(record_bytes, n_ff, bytes);
     }
@@ -166,6 +167,7 @@ void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
             std::memcpy(dst, start, region.record_bytes);
         });
     }
+    start_stream(policy == CachePolicy::Stream);
     cache_ = std::move(cache);
     arena_ = std::move(arena);
     options_.cache_policy = policy;
@@ -232,6 +234,7 @@ void SparseFfn::reserve(int il, int64_t n_tokens) {
 size_t SparseFfn::scratch_bytes() const {
     size_t bytes = xq_gate_.size() + xq_up_.size() + h_.size() * sizeof(float) + token_active_.size() +
             (record_of_.size() + down_of_.size()) * sizeof(void *);
+    if (stream_) bytes += stream_->buffer_bytes();
     for (const auto & ts : threads_) {
         if (ts) {
             for (const Wave & w : ts->wave) bytes += w.cache_copies.size() + w.read_arena.size();
@@ -317,6 +320,13 @@ void SparseFfn::convert_inputs(int il, const float * x, int64_t n_tokens, int it
             // read ahead while the layer before ran; the barrier after this phase publishes the pointer
             layers_[il]->gate.data = gate_stream_->acquire(il);
         }
+        if (stream_) {
+            // the layer before is done with its regions: their buffers take the next ones; this layer's are
+            // held (read ahead), or read now when layers ran out of order (no thread uses a record here)
+            if (streamed_layer_ >= 0 && streamed_layer_ != il) release_streamed(streamed_layer_);
+            streamed_layer_ = il;
+            stream_->prepare(stream_item(il, false), store_->split() ? 2 : 1);
+        }
     }
     // resident rows are the model's own, bundle rows verbatim copies: one conversion serves both
     if (const WeightType * gate_wt = L.gate.wt ? L.gate.wt : S.gate.wt) {
@@ -381,6 +391,21 @@ void SparseFfn::record_stats(int il, int64_t n_tokens, int nth) {
         st.reads += 1;
         st.bytes_read += L.gate.row_bytes * (uint64_t) L.gate.rows;
     }
+    if (stream_) {
+        // the layer's regions, read whole ahead of time for this evaluation
+        for (const bool down : { false, true }) {
+            if (down && !store_->split()) continue;
+            const size_t item = stream_item(il, down);
+            const uint64_t bytes = RegionStream::span_bytes(stream_->item(item));
+            st.reads += 1;
+            st.bytes_read += bytes;
+            st.io_ns += stream_->read_ns(item);
+            if (down) {
+                st.down_reads += 1;
+                st.down_bytes_read += bytes;
+            }
+        }
+    }
     if (collapse_) {
         // each wave of all threads, submitted together, as one observation of the device
         for (int k = 0; k < 2; ++k) {
@@ -399,7 +424,7 @@ void SparseFfn::record_stats(int il, int64_t n_tokens, int nth) {
     st.truly_active = (int32_t) truly;
     st.active_bytes = (uint64_t) st.predicted * S.region.record_bytes +
                       (uint64_t) st.final_neurons * S.down_region.record_bytes;
-    st.io_ns = last > first ? last - first : 0;
+    if (!stream_) st.io_ns = last > first ? last - first : 0;
     st.layer_ns = steady_now_ns() - layer_start_ns_;
     std::lock_guard<std::mutex> lock(stats_mutex_);
     stats_.push_back(st);
@@ -421,6 +446,11 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
             case 1: predict_range(il, n_tokens, ith, nth, ts); break;
             case 2: read_and_compute(il, n_tokens, ith, nth, ts); break;
             case 3:
+                if (ith == 0 && stream_ && store_->split()) {
+                    // every thread is done with the bundle records (phase 2); the down projection reads only
+                    // down columns, so the next region can be read into their buffer now
+                    stream_->release(stream_item(il, false));
+                }
                 down(il, y, n_tokens, ith, nth);
                 if (ith == 0) record_stats(il, n_tokens, nth);
                 break;

@@ -1,9 +1,9 @@
 #pragma once
 
-// SparseFfn's per-thread state, shared by its three source files: sparse_ffn.cpp
+// SparseFfn's per-thread state, shared by its four source files: sparse_ffn.cpp
 // (options, cache set-up, the phases), sparse_compute.cpp (prediction, h, the
-// down projection) and sparse_reads.cpp (cache lookups, planned reads,
-// completions, the store's preload).
+// down projection), sparse_reads.cpp (cache lookups, planned reads,
+// completions, the store's preload) and sparse_stream.cpp (the stream policy).
 
 #include "neuralink/sparse_ffn.h"
 

@@ -84,6 +84,26 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
     const BundleRegion & region = down ? S.down_region : S.region;
     const uint32_t key = down ? (uint32_t) (store_->n_layer() + il) : (uint32_t) il;
     const size_t rec = region.record_bytes;
+    if (stream_) {
+        // the region read whole, ahead of time: every record is in place, checked as it is used
+        const uint64_t wait_start = steady_now_ns();
+        const uint8_t * base = stream_->wait(stream_item(il, down));
+        ts.stall_ns += steady_now_ns() - wait_start;
+        w.misses.clear();
+        w.hit_positions.assign(positions.begin(), positions.end());
+        w.hit_records.resize(positions.size());
+        for (size_t k = 0; k < positions.size(); ++k) {
+            const uint8_t * record = base + (size_t) positions[k] * rec;
+            if (options_.verify_checksums) store_->check_record(il, down, positions[k], record);
+            w.hit_records[k] = record;
+        }
+        w.cache_hits = 0;
+        w.n_pending = 0;
+        w.reads = 0;
+        w.bytes_read = 0;
+        w.first_issue_ns = w.last_done_ns = 0;
+        return;
+    }
     // cache hits are copied out, so eviction by another thread cannot pull them from under us (records of
     // the arena and of the pinned cache never move: used in place)
     const bool in_place = arena_ || cache_->records_stay_put();

@@ -1,4 +1,4 @@
-// The read planner and the pread pool.
+// The read planner, the pread pool and the region stream.
 
 #include "test_util.h"
 
@@ -6,6 +6,7 @@
 #include "neuralink/io_pool.h"
 #include "neuralink/read_planner.h"
 #include "neuralink/read_queue.h"
+#include "neuralink/region_stream.h"
 
 #include <algorithm>
 #include <cstring>
@@ -14,6 +15,7 @@
 #include <memory>
 #include <random>
 #include <set>
+#include <thread>
 
 using namespace neuralink;
 
@@ -290,4 +292,77 @@ TEST(uring_and_pool_queues_read_the_same_bytes_and_report_faults) {
         uring.wait(a);
         CHECK_THROWS(IoError, uring.wait(b), "Input/output error (injected)");
     }
+}
+
+// the bytes of an item as they are in the file
+static bool holds_item(const uint8_t * data, const FileRange & r) {
+    for (size_t i = 0; i < r.bytes; ++i) {
+        if (data[i] != pattern(r.offset + i)) return false;
+    }
+    return true;
+}
+
+TEST(region_stream_serves_items_in_cyclic_order_and_after_jumps) {
+    const std::string path = write_pattern_file("stream.bin", 40 * kDirectAlign + 100);
+    for (bool direct : { true, false }) {
+        DirectFile file(path, direct);
+        // unaligned ranges of different sizes, as a layer's bundle and down regions are
+        const std::vector<FileRange> items = { { 100, 3 * kDirectAlign }, { 100 + 3 * kDirectAlign, 5000 },
+                                               { 20 * kDirectAlign + 7, 9 * kDirectAlign }, { 39 * kDirectAlign, kDirectAlign + 100 } };
+        RegionStream stream(file, items);
+        size_t largest = 0;
+        for (const FileRange & r : items) largest = std::max(largest, RegionStream::span_bytes(r));
+        CHECK(stream.buffer_bytes() == 2 * largest);
+        // three rounds, as three decoded tokens: each item waited for by two threads, then released
+        for (int round = 0; round < 3; ++round) {
+            for (size_t k = 0; k < items.size(); ++k) {
+                stream.prepare(k, 1); // held already: nothing to do
+                const uint8_t * a = nullptr;
+                std::thread other([&] { a = stream.wait(k); });
+                const uint8_t * b = stream.wait(k);
+                other.join();
+                CHECK(a == b);
+                CHECK(holds_item(b, items[k]));
+                stream.release(k);
+                stream.release(k); // releasing what is not held does nothing
+            }
+        }
+        // out of order (an evaluation that stopped part way): the stream starts over where it is asked to
+        CHECK_THROWS(std::logic_error, stream.wait(2), "not held");
+        stream.prepare(2, 2);
+        CHECK(holds_item(stream.wait(2), items[2]));
+        CHECK(holds_item(stream.wait(3), items[3]));
+        stream.prepare(0, 1);
+        CHECK(holds_item(stream.wait(0), items[0]));
+        stream.release(0);
+        CHECK(holds_item(stream.wait(1), items[1]));
+        CHECK(stream.read_ns(1) > 0);
+    }
+}
+
+TEST(region_stream_reports_a_failed_read_and_reads_it_again_next_time) {
+    const std::string path = write_pattern_file("stream_fault.bin", 16 * kDirectAlign);
+    DirectFile file(path, true);
+    const std::vector<FileRange> items = { { 0, 4 * kDirectAlign }, { 4 * kDirectAlign, 4 * kDirectAlign },
+                                           { 8 * kDirectAlign, 8 * kDirectAlign } };
+    FaultPlan faults;
+    RegionStream stream(file, items, &faults);
+    CHECK(holds_item(stream.wait(0), items[0]));
+    CHECK(holds_item(stream.wait(1), items[1]));
+    faults.inject(InjectedFault::Eio, 0); // the next read: item 2's, which releasing item 0 starts
+    stream.release(0);
+    for (int waiter = 0; waiter < 2; ++waiter) {
+        // every thread waiting for it hears of it
+        CHECK_THROWS(IoError, stream.wait(2), "stream_fault.bin");
+    }
+    stream.prepare(2, 1); // read again
+    CHECK(holds_item(stream.wait(2), items[2]));
+}
+
+TEST(region_stream_refuses_empty_and_out_of_file_items) {
+    const std::string path = write_pattern_file("stream_bad.bin", 4 * kDirectAlign);
+    DirectFile file(path, true);
+    CHECK_THROWS(std::invalid_argument, RegionStream(file, {}), "no regions");
+    CHECK_THROWS(std::invalid_argument, RegionStream(file, { { 0, 0 } }), "empty");
+    CHECK_THROWS(std::invalid_argument, RegionStream(file, { { 3 * kDirectAlign, 2 * kDirectAlign } }), "past the end");
 }

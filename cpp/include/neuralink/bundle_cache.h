@@ -21,7 +21,9 @@
 
 namespace neuralink {
 
-enum class CachePolicy { None, Lru, S3Fifo, Linking, Pinned };
+// Stream is no cache at all: each layer's record regions are read whole, ahead of the layer (RegionStream,
+// SparseFfn); to a BundleCache it is None.
+enum class CachePolicy { None, Lru, S3Fifo, Linking, Pinned, Stream };
 
 // How a policy behaves, as the cache's operations read it (one row per policy in bundle_cache.cpp).
 struct CachePolicyTraits {
@@ -33,7 +35,7 @@ struct CachePolicyTraits {
 };
 const CachePolicyTraits & cache_policy_traits(CachePolicy policy);
 
-// "none", "lru", "s3fifo", "linking", "pinned"
+// "none", "lru", "s3fifo", "linking", "pinned", "stream"
 const char * cache_policy_name(CachePolicy policy);
 // throws std::invalid_argument naming the valid names
 CachePolicy cache_policy_from_name(const std::string & name);

@@ -26,6 +26,7 @@
 #include "neuralink/io_pool.h"
 #include "neuralink/read_planner.h"
 #include "neuralink/read_queue.h"
+#include "neuralink/region_stream.h"
 #include "neuralink/sidecar_store.h"
 #include "neuralink/store_arena.h"
 
@@ -132,6 +133,22 @@ public:
     void configure_cache(CachePolicy policy, size_t bytes);
     // Whether the cache is the store arena (its budget holds every record of the store).
     bool holds_store() const { return arena_ != nullptr; }
+    // Whether the record regions are read whole, ahead of their layer (the stream policy: RegionStream).
+    bool streams_regions() const { return stream_ != nullptr; }
+    // the two buffers the stream policy reads regions into: two of the largest region's aligned span
+    size_t stream_buffer_bytes() const;
+    // the I/O buffers a layer's reads need at worst without the stream policy: a layer's records
+    uint64_t layer_read_bytes() const;
+    // The expected time of one decoded token's collapsed reads over the time of reading every region whole,
+    // under the read cost in use: each record needed independently at its profiled frequency (candidates'
+    // bundle records, final neurons' down columns), the most frequent ones pinned in `cache_bytes` as the
+    // pinned policy would. Near 1: the reads cover the layers anyway.
+    double collapsed_read_cost_ratio(size_t cache_bytes) const;
+    // What the `auto` policy is for a cache of `bytes`: the store arena (linking) when it holds the whole
+    // store; else stream when collapsed reads would cost at least kStreamCostRatio of reading the regions
+    // whole and the stream's buffers fit in `bytes` plus the read buffers they replace; else pinned.
+    CachePolicy auto_policy(size_t bytes) const;
+    static constexpr double kStreamCostRatio = 0.8;
     // Whether a cache of `bytes` would be the store arena (with a policy that allows one).
     bool arena_fits(size_t bytes) const;
     // Reads every record of the store into the arena in long sequential reads, `threads` of them at once,
@@ -221,6 +238,11 @@ private:
     uint64_t released_bytes_ = 0;
     std::unique_ptr<GateStream> gate_stream_; // null while every gate row is resident
     std::unique_ptr<AdaptiveCollapse> collapse_; // null: the options' fixed read cost and gap
+    std::unique_ptr<RegionStream> stream_;       // the stream policy's reads (null under any other)
+    int streamed_layer_ = -1;                     // the layer whose regions the stream last served
+    size_t stream_item(int il, bool down) const { return store_->split() ? 2 * (size_t) il + (down ? 1 : 0) : (size_t) il; }
+    void release_streamed(int il);
+    void start_stream(bool on); // the stream policy's reader, or none
 
     // shared per evaluation (layers run one after the other)
     int64_t capacity_ = 0;

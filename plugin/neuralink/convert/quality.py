@@ -133,9 +133,10 @@ class ContributionScorer:
             raise
         self.passes = 0
 
-    def token_nll(self, setting: Setting) -> tuple[np.ndarray, dict[str, float]]:
+    def token_nll(self, setting: Setting | None) -> tuple[np.ndarray, dict[str, float]]:
         """The NLL of every scored token under `setting` (float64, text order), and the densities it ran at: up
-        rows read (candidates) and down columns used (finals) per (token, neuron) pair."""
+        rows read (candidates) and down columns used (finals) per (token, neuron) pair. None: stock llama.cpp,
+        nothing zeroed (densities 1)."""
         gates: dict[int, np.ndarray] = {}
         counts = np.zeros(3)  # candidates, finals, pairs
 
@@ -151,13 +152,15 @@ class ContributionScorer:
             counts[:] += (candidates, finals, rows.size)
 
         nlls = []
-        wanted = {"ffn_gate", self.h_tensor}.__contains__
+        wanted = {"ffn_gate", self.h_tensor}.__contains__ if setting is not None else (lambda name: False)
         for w in self.windows:
             self.reader.evaluate(self.tokens[w.begin:w.end], wanted, consume, bos=False)
             # row r of the window's logits predicts token begin + r + 1
             logits = self.reader.logits()[w.first_scored - 1 - w.begin:w.end - 1 - w.begin]
             nlls.append(window_nll(logits, self.tokens[w.first_scored:w.end]))
         self.passes += 1
+        if setting is None:
+            return np.concatenate(nlls), {"up_density": 1.0, "down_density": 1.0}
         return np.concatenate(nlls), {"up_density": counts[0] / counts[2], "down_density": counts[1] / counts[2]}
 
     def nll(self, setting: Setting) -> tuple[float, dict[str, float]]:

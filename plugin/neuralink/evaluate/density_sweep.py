@@ -341,17 +341,19 @@ def _score_settings(settings: list[tuple[str, str | None, DensityThresholds | No
                 total = windows * len(settings)
                 progress(min(done + windows_done, total), total, name)
 
-        if fast is not None and setting is not None:
+        if fast is not None and (setting is not None or predictor is None):
+            # stock llama.cpp too: the same load, windows and tokens, nothing zeroed
             start = time.perf_counter()
-            finals = tuple([setting.density] * len(setting.thresholds))
-            nlls, densities = fast.token_nll(Setting(finals, tuple(setting.thresholds.tolist()),
-                                                     tuple(setting.candidate_thresholds.tolist())))
+            chosen = None if setting is None else Setting(tuple([setting.density] * len(setting.thresholds)),
+                                                          tuple(setting.thresholds.tolist()),
+                                                          tuple(setting.candidate_thresholds.tolist()))
+            nlls, densities = fast.token_nll(chosen)
             result = PerplexityResult(str(model_path), fast.n_ctx, fast.stride, len(fast.windows), nlls,
                                       time.perf_counter() - start)
             report(len(fast.windows), len(fast.windows))
             done += result.n_windows
-            rows.append(SweepRow(label, predictor, setting.density, result, densities["down_density"],
-                                 densities["up_density"]))
+            rows.append(SweepRow(label, predictor, None if setting is None else setting.density, result,
+                                 densities["down_density"], densities["up_density"]))
             log.info("%s: perplexity %.4f, down columns %.4f, up rows %.4f", name, result.perplexity,
                      densities["down_density"], densities["up_density"])
             continue

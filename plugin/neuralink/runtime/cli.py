@@ -104,8 +104,9 @@ def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
     nl.add_argument("--memory-budget", type=size_argument, default=None, metavar="SIZE",
                     help="the whole process's memory, e.g. 800MB or 1GiB (kB/MB/GB decimal, K/M/G binary)")
     nl.add_argument("--cache-policy", default="auto",
-                    help="bundle cache policy: auto (the whole store when it fits, else pinned), none, lru, s3fifo, "
-                         "linking, pinned (default: auto)")
+                    help="bundle cache policy: auto (the whole store when it fits, else stream when collapsed reads "
+                         "would cover the layers anyway, else pinned), none, lru, s3fifo, linking, pinned, stream "
+                         "(every layer's records read whole, ahead of the layer; no cache) (default: auto)")
     nl.add_argument("--queue-depth", type=positive_int, default=None, help="reads in flight at once")
     nl.add_argument("--io-backend", choices=("auto", "uring", "pread"), default="auto",
                     help="how bundles are read (default: auto)")

@@ -26,6 +26,7 @@ from neuralink.evaluate.bench import dense, e2e, io
 from neuralink.evaluate.bench.dense import PROMPTS, run_dense_benchmark
 from neuralink.evaluate.bench.dense import format_table as dense_table
 from neuralink.evaluate.bench.e2e import DEFAULT_CAPS, SHARED_TEXT, E2eSettings, plot, run_e2e
+from neuralink.evaluate.bench.worker import NEURALINK_VARIANTS
 from neuralink.evaluate.bench.e2e import format_table as e2e_table
 from neuralink.evaluate.bench.io import DEFAULT_CACHE_FRACTION, _made_dir, bench_io, report_text, result_json
 from neuralink.evaluate.bench.io_inputs import (
@@ -67,10 +68,11 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stock-model", type=Path, default=None,
                         help="GGUF stock llama.cpp runs (default: the converted model, same weights)")
     parser.add_argument("--caps", nargs="+", default=list(DEFAULT_CAPS), help="memory caps (e.g. 120MB: MB is 10^6 bytes, MiB and M 2^20), 'none' for uncapped")
-    parser.add_argument("--variants", nargs="+", choices=["stock", "neuralink", "neuralink-adaptive"],
+    parser.add_argument("--variants", nargs="+", choices=["stock", *NEURALINK_VARIANTS],
                         default=["stock", "neuralink"],
                         help="what runs in each cap (default: stock neuralink); neuralink-adaptive: neuralink with "
-                             "adaptive_collapse=True, to compare the two side by side")
+                             "adaptive_collapse=True; neuralink-pinned, neuralink-stream: neuralink with that "
+                             "cache_policy instead of auto's choice; to compare them side by side")
     parser.add_argument("--prompts-from", type=Path, default=SHARED_TEXT,
                         help=f"text to take prompts from (default: {SHARED_TEXT}; built-in prompts if absent)")
     parser.add_argument("--prompts", type=positive_int, default=3, help="number of prompts (default: 3)")

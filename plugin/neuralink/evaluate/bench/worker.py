@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# what `bench e2e --variants` runs besides stock: neuralink.Llama with its defaults, or with one setting forced
+NEURALINK_VARIANTS = ("neuralink", "neuralink-adaptive", "neuralink-pinned", "neuralink-stream")
+VARIANT_CACHE_POLICY = {"neuralink-pinned": "pinned", "neuralink-stream": "stream"}
+
 
 def cache_hit_rate(stats: Any) -> float:
     """Cache hits over cache lookups of ffn_stats() rows: every predicted neuron's record, and in the split layout
@@ -87,8 +91,8 @@ def run(args: argparse.Namespace) -> dict:
 
         overrides = json.loads(Path(args.thresholds).read_text()) if args.thresholds else {}
         llm = neuralink.Llama(args.model, sidecar=args.sidecar, memory_budget=args.budget, predictor=args.predictor,
-                              cache_policy=args.cache_policy, adaptive_collapse=args.variant == "neuralink-adaptive",
-                              **overrides, **context)
+                              cache_policy=VARIANT_CACHE_POLICY.get(args.variant, args.cache_policy),
+                              adaptive_collapse=args.variant == "neuralink-adaptive", **overrides, **context)
     load_s = time.perf_counter() - start
     prompts = json.loads(Path(args.prompts).read_text())
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
@@ -133,6 +137,7 @@ def run(args: argparse.Namespace) -> dict:
             density=float(decode["predicted"].sum()) / max(float(len(decode)) * llm.engine.n_layer, 1.0),
             memory_plan=llm.memory_plan.to_dict() if llm.memory_plan else None,
             collapse_gap_bytes=llm.engine.collapse_gap_bytes,  # at the end (adaptive: the fit's)
+            cache_policy=llm.engine.cache_policy,  # what auto chose
         )
     llm.close()
     return result
@@ -141,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m neuralink.evaluate.bench.worker")
     parser.add_argument("--cgroup", default=None)
-    parser.add_argument("--variant", choices=["stock", "neuralink", "neuralink-adaptive"], required=True)
+    parser.add_argument("--variant", choices=["stock", *NEURALINK_VARIANTS], required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--sidecar", default=None)
     parser.add_argument("--budget", default=None)

@@ -1,0 +1,123 @@
+// SparseFfn's stream policy (see region_stream.h): every layer's record regions
+// read whole, ahead of the layer, and the rule by which `auto` chooses it.
+
+#include "sparse_ffn_state.h"
+
+#include <algorithm>
+#include <random>
+
+namespace neuralink {
+
+// a region's records as one byte range of the sidecar
+static FileRange whole(const BundleRegion & region) {
+    return { region.offset, (size_t) region.record_bytes * region.n_records };
+}
+
+// the regions of all layers in the order the phases use them: layer 0's bundle region, its down region (split
+// layout), layer 1's bundle region, ...
+void SparseFfn::start_stream(bool on) {
+    stream_.reset();
+    streamed_layer_ = -1;
+    if (!on || store_->n_layer() == 0) {
+        return;
+    }
+    std::vector<FileRange> items;
+    for (int il = 0; il < store_->n_layer(); ++il) {
+        const SidecarLayer & S = store_->layer(il);
+        for (const BundleRegion * region : { &S.region, store_->split() ? &S.down_region : nullptr }) {
+            if (region) items.push_back(whole(*region));
+        }
+    }
+    stream_ = std::make_unique<RegionStream>(store_->file(), std::move(items), &faults_);
+}
+
+size_t SparseFfn::stream_buffer_bytes() const {
+    size_t largest = 0;
+    for (int il = 0; il < store_->n_layer(); ++il) {
+        const SidecarLayer & S = store_->layer(il);
+        for (const BundleRegion * region : { &S.region, &S.down_region }) {
+            if (region->n_records == 0) continue;
+            largest = std::max(largest, RegionStream::span_bytes(whole(*region)));
+        }
+    }
+    return 2 * largest;
+}
+
+uint64_t SparseFfn::layer_read_bytes() const { return store_bytes() / (uint64_t) std::max(store_->n_layer(), 1); }
+
+// the previous layer's regions, done with: their buffers take the next regions
+void SparseFfn::release_streamed(int il) {
+    stream_->release(stream_item(il, false));
+    if (store_->split()) stream_->release(stream_item(il, true));
+}
+
+double SparseFfn::collapsed_read_cost_ratio(size_t cache_bytes) const {
+    const int n_layer = store_->n_layer();
+    const bool split = store_->split();
+    // the pinned policy's choice, approximately: the most frequent records of all regions until the bytes run out
+    struct Rec { float freq; uint32_t key, pos; };
+    std::vector<Rec> all;
+    auto region_of = [&](uint32_t key) -> const BundleRegion & {
+        return (int) key < n_layer ? store_->layer((int) key).region : store_->layer((int) key - n_layer).down_region;
+    };
+    auto frequency_of = [&](uint32_t key) -> const std::vector<float> & {
+        return (int) key < n_layer ? store_->layer((int) key).candidate_frequency
+                                   : store_->layer((int) key - n_layer).frequency;
+    };
+    const uint32_t n_keys = (uint32_t) (split ? 2 * n_layer : n_layer);
+    for (uint32_t key = 0; key < n_keys; ++key) {
+        const std::vector<float> & f = frequency_of(key);
+        for (uint32_t p = 0; p < region_of(key).n_records && p < f.size(); ++p) all.push_back({ f[p], key, p });
+    }
+    std::sort(all.begin(), all.end(), [](const Rec & a, const Rec & b) { return a.freq > b.freq; });
+    std::vector<std::vector<uint8_t>> pinned(n_keys);
+    for (uint32_t key = 0; key < n_keys; ++key) pinned[key].assign(region_of(key).n_records, 0);
+    size_t used = 0;
+    for (const Rec & r : all) {
+        const size_t rec = region_of(r.key).record_bytes;
+        if (used + rec > cache_bytes) break;
+        used += rec;
+        pinned[r.key][r.pos] = 1;
+    }
+    // a few decoded tokens drawn at the profiled frequencies, planned as gather() plans them
+    constexpr int kDraws = 8;
+    const DeviceCost device = read_cost();
+    std::mt19937 rng(12345);
+    std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+    double collapsed = 0.0, whole_cost = 0.0;
+    std::vector<uint32_t> needed;
+    for (uint32_t key = 0; key < n_keys; ++key) {
+        const BundleRegion & region = region_of(key);
+        const std::vector<float> & f = frequency_of(key);
+        if (region.n_records == 0 || f.size() < region.n_records) continue;
+        CollapsePolicy policy;
+        policy.max_gap = (uint32_t) std::min<uint64_t>(gap_bytes(device) / std::max<size_t>(region.record_bytes, 1),
+                                                       region.n_records);
+        policy.max_read_bytes = options_.max_read_bytes;
+        for (int d = 0; d < kDraws; ++d) {
+            needed.clear();
+            for (uint32_t p = 0; p < region.n_records; ++p) {
+                if (!pinned[key][p] && uniform(rng) < f[p]) needed.push_back(p);
+            }
+            uint64_t bytes = 0;
+            const std::vector<PlannedRead> reads = plan_reads(region, needed.data(), needed.size(), policy);
+            for (const PlannedRead & r : reads) bytes += r.length;
+            collapsed += device.cost(reads.size(), bytes) / kDraws;
+        }
+        whole_cost += device.cost(1, RegionStream::span_bytes(whole(region)));
+    }
+    return whole_cost > 0.0 ? collapsed / whole_cost : 0.0;
+}
+
+CachePolicy SparseFfn::auto_policy(size_t bytes) const {
+    if (arena_fits(bytes)) {
+        return CachePolicy::Linking;
+    }
+    const bool fits = (uint64_t) bytes + layer_read_bytes() >= (uint64_t) stream_buffer_bytes();
+    if (fits && options_.predictor != Predictor::Dense && collapsed_read_cost_ratio(bytes) >= kStreamCostRatio) {
+        return CachePolicy::Stream;
+    }
+    return fits && options_.predictor == Predictor::Dense ? CachePolicy::Stream : CachePolicy::Pinned;
+}
+
+} // namespace neuralink
