@@ -27,9 +27,10 @@ static std::vector<FileRange> streamed_ranges(const DirectFile & file, const std
     return items;
 }
 
-GateStream::GateStream(std::shared_ptr<const DirectFile> file, std::vector<GateRange> layers, FaultPlan * faults)
+GateStream::GateStream(std::shared_ptr<const DirectFile> file, std::vector<GateRange> layers, FaultPlan * faults,
+                       IoBackend backend)
     : file_(std::move(file)) {
-    stream_ = std::make_unique<RegionStream>(*file_, streamed_ranges(*file_, layers, item_of_), faults);
+    stream_ = std::make_unique<RegionStream>(*file_, streamed_ranges(*file_, layers, item_of_), faults, backend);
 }
 
 uint64_t GateStream::streamed_bytes() const {

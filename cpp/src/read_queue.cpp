@@ -3,6 +3,7 @@
 #include "neuralink/errors.h"
 #include "neuralink/names.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -213,6 +214,13 @@ private:
         }
     }
 
+    // a read may run past the end of the file by less than a block (a direct read's aligned length), as
+    // DirectFile::read_exact allows: what lies before the end must come back
+    uint64_t expected_bytes(const PendingRead & read) const {
+        const uint64_t end = file_.size();
+        return read.offset >= end ? 0 : std::min<uint64_t>(read.length, end - read.offset);
+    }
+
     void reap() {
         unsigned head = *cq_head_;
         const unsigned tail = __atomic_load_n(cq_tail_, __ATOMIC_ACQUIRE);
@@ -222,7 +230,7 @@ private:
             --in_flight_;
             if (cqe.res < 0) {
                 fail_read(*read, read_error_message(file_, read->offset, read->length, std::strerror(-cqe.res)));
-            } else if ((uint64_t) cqe.res < read->length) {
+            } else if ((uint64_t) cqe.res < expected_bytes(*read)) {
                 fail_read(*read, short_read_message(file_, read->offset, read->length, (uint64_t) cqe.res));
             } else {
                 finish(*read, PendingRead::kDone);

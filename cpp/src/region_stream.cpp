@@ -11,8 +11,11 @@ size_t RegionStream::span_bytes(const FileRange & r) {
     return (size_t) (align_up(r.offset + r.bytes, kDirectAlign) - align_down(r.offset, kDirectAlign));
 }
 
-RegionStream::RegionStream(const DirectFile & file, std::vector<FileRange> items, FaultPlan * faults)
-    : file_(file), items_(std::move(items)), faults_(faults), read_ns_(items_.size(), 0) {
+RegionStream::RegionStream(const DirectFile & file, std::vector<FileRange> items, FaultPlan * faults,
+                           IoBackend backend, uint64_t chunk_bytes)
+    : file_(file), items_(std::move(items)), chunk_bytes_(std::max<uint64_t>(align_up(chunk_bytes, kDirectAlign),
+                                                                            kDirectAlign)),
+      read_ns_(items_.size(), 0) {
     if (items_.empty()) {
         throw std::invalid_argument(file_.path() + ": no regions to stream");
     }
@@ -26,23 +29,37 @@ RegionStream::RegionStream(const DirectFile & file, std::vector<FileRange> items
         }
         largest = std::max(largest, span_bytes(r));
     }
-    for (Slot & s : slots_) s.buf = AlignedBuffer(largest);
-    {
-        std::lock_guard<std::mutex> lock(mutex_);
-        queue(slots_[0], 0);
-        queue(slots_[1], 1 % items_.size());
-        next_item_ = 2 % items_.size();
+    FaultPlan & plan = faults ? *faults : own_faults_;
+    // both buffers' chunks in flight at once
+    const size_t chunks = (largest + chunk_bytes_ - 1) / chunk_bytes_;
+    std::string why;
+    if (backend != IoBackend::Pread && uring_available(&why)) {
+        queue_ = make_uring_queue(file_, (unsigned) std::min<size_t>(2 * chunks, 256), plan, &why);
     }
-    reader_ = std::thread([this] { run(); });
+    if (queue_) {
+        backend_ = IoBackend::Uring;
+    } else if (backend == IoBackend::Uring) {
+        throw IoError(file_.path() + ": io_uring was asked for but is not available: " + why);
+    } else {
+        backend_ = IoBackend::Pread;
+        pool_ = std::make_unique<IoPool>(file_, (int) std::min<size_t>(std::max<size_t>(chunks, 1), kDefaultQueueDepth),
+                                         &plan);
+        queue_ = make_pool_queue(*pool_);
+    }
+    for (Slot & s : slots_) {
+        s.buf = AlignedBuffer(largest);
+        while (s.chunks.size() < chunks) s.chunks.push_back(std::make_unique<PendingRead>());
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    start(slots_[0], 0);
+    start(slots_[1], 1 % items_.size());
+    next_item_ = 2 % items_.size();
 }
 
 RegionStream::~RegionStream() {
-    {
-        std::lock_guard<std::mutex> lock(mutex_);
-        stop_ = true;
-    }
-    changed_.notify_all();
-    reader_.join();
+    // reads in flight write into the buffers: let them land first
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (Slot & s : slots_) land(s);
 }
 
 uint64_t RegionStream::wait_ns() const {
@@ -59,63 +76,55 @@ int RegionStream::held_slot(size_t k) const {
     const bool in0 = slots_[0].item == k && slots_[0].state != State::Empty;
     const bool in1 = slots_[1].item == k && slots_[1].state != State::Empty;
     if (in0 && in1) {
-        // (one item of all: both buffers hold it) the one that is further along
-        return slots_[1].state > slots_[0].state ? 1 : 0;
+        // (one item of all: both buffers hold it) the one read first
+        return slots_[0].submitted_ns <= slots_[1].submitted_ns ? 0 : 1;
     }
     return in0 ? 0 : in1 ? 1 : -1;
 }
 
-void RegionStream::queue(Slot & slot, size_t k) {
-    slot.item = k;
-    slot.state = State::Queued;
-    slot.data = nullptr;
-    slot.error.clear();
-}
-
-void RegionStream::read_into(Slot & slot) {
-    const FileRange & r = items_[slot.item];
+void RegionStream::start(Slot & slot, size_t k) {
+    const FileRange & r = items_[k];
     const bool direct = file_.direct();
     const uint64_t begin = direct ? align_down(r.offset, kDirectAlign) : r.offset;
-    const size_t len = direct ? span_bytes(r) : r.bytes;
-    const uint64_t start = steady_now_ns();
-    try {
-        const InjectedFault fault = faults_ ? faults_->next() : InjectedFault::None;
-        if (fault != InjectedFault::None) {
-            throw IoError(read_error_message(file_, begin, len, fault == InjectedFault::Eio
-                                                                         ? "Input/output error (injected)"
-                                                                         : "short read (injected)"));
-        }
-        file_.read_exact(begin, slot.buf.data(), len);
-        slot.data = slot.buf.data() + (r.offset - begin);
-    } catch (const std::exception & e) {
-        slot.error = e.what();
-        slot.data = nullptr;
+    const uint64_t len = direct ? span_bytes(r) : r.bytes;
+    slot.item = k;
+    slot.state = State::Reading;
+    slot.data = slot.buf.data() + (r.offset - begin);
+    slot.error.clear();
+    slot.n_chunks = 0;
+    std::vector<PendingRead *> batch;
+    for (uint64_t at = 0; at < len; at += chunk_bytes_) {
+        PendingRead & read = *slot.chunks[slot.n_chunks++];
+        read.offset = begin + at;
+        read.length = std::min<uint64_t>(chunk_bytes_, len - at);
+        read.dst = slot.buf.data() + at;
+        read.state.store(PendingRead::kQueued, std::memory_order_relaxed);
+        batch.push_back(&read);
     }
-    std::lock_guard<std::mutex> lock(mutex_);
-    read_ns_[slot.item] = steady_now_ns() - start;
+    slot.submitted_ns = steady_now_ns();
+    queue_->submit(batch.data(), batch.size());
 }
 
-void RegionStream::run() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-        changed_.wait(lock, [this] {
-            return stop_ || slots_[0].state == State::Queued || slots_[1].state == State::Queued;
-        });
-        if (stop_) return;
-        // both queued (the start, a reposition): the one whose item comes first in use
-        int s = slots_[0].state == State::Queued ? 0 : 1;
-        if (slots_[0].state == State::Queued && slots_[1].state == State::Queued) {
-            const size_t n = items_.size();
-            const size_t d = (slots_[1].item + n - slots_[0].item) % n;
-            s = d == 1 || d == 0 ? 0 : 1;
+void RegionStream::land(Slot & slot) {
+    if (slot.state != State::Reading) {
+        return;
+    }
+    uint64_t last = slot.submitted_ns;
+    for (size_t i = 0; i < slot.n_chunks; ++i) {
+        PendingRead & read = *slot.chunks[i];
+        try {
+            queue_->wait(read);
+            last = std::max(last, read.done_ns);
+        } catch (const std::exception & e) {
+            // keep the first failure; the other chunks still land before the buffer is reused
+            if (slot.error.empty()) slot.error = e.what();
         }
-        Slot & slot = slots_[s];
-        slot.state = State::Reading;
-        lock.unlock();
-        read_into(slot);
-        lock.lock();
-        slot.state = slot.data ? State::Ready : State::Failed;
-        changed_.notify_all();
+    }
+    read_ns_[slot.item] = last - slot.submitted_ns;
+    slot.state = slot.error.empty() ? State::Ready : State::Failed;
+    if (pool_ && !slot.error.empty()) {
+        // the pool reports its first failure until cleared: the next one must name itself
+        pool_->clear_error();
     }
 }
 
@@ -125,35 +134,32 @@ void RegionStream::prepare(size_t k, size_t count) {
         throw std::invalid_argument("regions " + std::to_string(k) + " + " + std::to_string(count) +
                                     " of a stream of " + std::to_string(n));
     }
-    std::unique_lock<std::mutex> lock(mutex_);
-    auto all_held = [&] {
-        for (size_t i = 0; i < count; ++i) {
-            const int s = held_slot((k + i) % n);
-            if (s < 0 || slots_[s].state == State::Failed) return false;
-        }
-        return true;
-    };
-    if (all_held()) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    bool held = true;
+    for (size_t i = 0; i < count; ++i) {
+        const int s = held_slot((k + i) % n);
+        held = held && s >= 0 && slots_[s].state != State::Failed;
+    }
+    if (held) {
         return;
     }
-    // let the read in flight land (it writes into a buffer), then start over at k
-    changed_.wait(lock, [this] { return slots_[0].state != State::Reading && slots_[1].state != State::Reading; });
-    queue(slots_[0], k);
-    queue(slots_[1], (k + 1) % n);
+    // the reads in flight write into the buffers: let them land, then start over at k
+    for (Slot & s : slots_) land(s);
+    start(slots_[0], k);
+    start(slots_[1], (k + 1) % n);
     next_item_ = (k + 2) % n;
-    changed_.notify_all();
 }
 
 const uint8_t * RegionStream::wait(size_t k) {
-    const uint64_t start = steady_now_ns();
-    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t start_ns = steady_now_ns();
+    std::lock_guard<std::mutex> lock(mutex_);
     const int s = held_slot(k);
     if (s < 0) {
         throw std::logic_error("region " + std::to_string(k) + " of the stream is not held: prepare it first");
     }
     Slot & slot = slots_[s];
-    changed_.wait(lock, [&] { return slot.state == State::Ready || slot.state == State::Failed; });
-    wait_ns_ += steady_now_ns() - start;
+    land(slot); // (other threads waiting for it wait for the lock meanwhile)
+    wait_ns_ += steady_now_ns() - start_ns;
     if (slot.state == State::Failed) {
         // every waiting thread reports it; prepare() reads it again
         throw IoError(slot.error);
@@ -162,16 +168,15 @@ const uint8_t * RegionStream::wait(size_t k) {
 }
 
 void RegionStream::release(size_t k) {
-    std::unique_lock<std::mutex> lock(mutex_);
+    std::lock_guard<std::mutex> lock(mutex_);
     const int s = held_slot(k);
     if (s < 0) {
         return;
     }
     Slot & slot = slots_[s];
-    changed_.wait(lock, [&] { return slot.state != State::Reading; });
-    queue(slot, next_item_);
+    land(slot);
+    start(slot, next_item_);
     next_item_ = (next_item_ + 1) % items_.size();
-    changed_.notify_all();
 }
 
 } // namespace neuralink

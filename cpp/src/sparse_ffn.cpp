@@ -204,7 +204,7 @@ void SparseFfn::stream_gate_rows(std::shared_ptr<const DirectFile> file, std::ve
         }
         released += ranges[il].bytes;
     }
-    gate_stream_ = std::make_unique<GateStream>(std::move(file), ranges, &faults_);
+    gate_stream_ = std::make_unique<GateStream>(std::move(file), ranges, &faults_, backend_);
     for (size_t il = 0; il < ranges.size(); ++il) {
         if (ranges[il].bytes > 0) layers_[il]->gate.data = nullptr;
     }

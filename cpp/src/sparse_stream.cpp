@@ -28,7 +28,8 @@ void SparseFfn::start_stream(bool on) {
             if (region) items.push_back(whole(*region));
         }
     }
-    stream_ = std::make_unique<RegionStream>(store_->file(), std::move(items), &faults_);
+    stream_ = std::make_unique<RegionStream>(store_->file(), std::move(items), &faults_, backend_,
+                                             options_.max_read_bytes);
 }
 
 size_t SparseFfn::stream_buffer_bytes() const {

@@ -304,12 +304,15 @@ static bool holds_item(const uint8_t * data, const FileRange & r) {
 
 TEST(region_stream_serves_items_in_cyclic_order_and_after_jumps) {
     const std::string path = write_pattern_file("stream.bin", 40 * kDirectAlign + 100);
-    for (bool direct : { true, false }) {
+    for (const auto & [direct, backend] : { std::pair{ true, IoBackend::Auto }, std::pair{ true, IoBackend::Pread },
+                                           std::pair{ false, IoBackend::Auto } }) {
         DirectFile file(path, direct);
-        // unaligned ranges of different sizes, as a layer's bundle and down regions are
+        // unaligned ranges of different sizes, as a layer's bundle and down regions are; the last one's aligned
+        // span runs past the end of the file; chunks of 2 blocks, so an item is several reads in flight
         const std::vector<FileRange> items = { { 100, 3 * kDirectAlign }, { 100 + 3 * kDirectAlign, 5000 },
                                                { 20 * kDirectAlign + 7, 9 * kDirectAlign }, { 39 * kDirectAlign, kDirectAlign + 100 } };
-        RegionStream stream(file, items);
+        RegionStream stream(file, items, nullptr, backend, 2 * kDirectAlign);
+        if (backend == IoBackend::Pread) CHECK(stream.io_backend() == IoBackend::Pread);
         size_t largest = 0;
         for (const FileRange & r : items) largest = std::max(largest, RegionStream::span_bytes(r));
         CHECK(stream.buffer_bytes() == 2 * largest);
@@ -346,7 +349,7 @@ TEST(region_stream_reports_a_failed_read_and_reads_it_again_next_time) {
     const std::vector<FileRange> items = { { 0, 4 * kDirectAlign }, { 4 * kDirectAlign, 4 * kDirectAlign },
                                            { 8 * kDirectAlign, 8 * kDirectAlign } };
     FaultPlan faults;
-    RegionStream stream(file, items, &faults);
+    RegionStream stream(file, items, &faults, IoBackend::Auto, 2 * kDirectAlign);
     CHECK(holds_item(stream.wait(0), items[0]));
     CHECK(holds_item(stream.wait(1), items[1]));
     faults.inject(InjectedFault::Eio, 0); // the next read: item 2's, which releasing item 0 starts

@@ -5,9 +5,9 @@
 // Qwen2.5-Coder-1.5B), the rows of some layers are read from the converted
 // GGUF, where each layer's gate tensor is one contiguous range, into one of two
 // buffers (a RegionStream over the streamed layers' ranges). As soon as a layer
-// has its rows, the read of the next streamed layer starts on a thread of its
-// own, so it overlaps this layer's FFN and the next layer's attention: a long
-// sequential read that no prediction has to wait for.
+// has its rows, the reads of the next streamed layer are submitted, so they
+// overlap this layer's FFN and the next layer's attention: long sequential
+// reads that no prediction has to wait for.
 
 #include "neuralink/direct_file.h"
 #include "neuralink/io_pool.h"
@@ -30,7 +30,8 @@ public:
     // layers[il]: layer il's range (bytes 0 where it is not streamed). `faults` decides which reads fail on
     // purpose (tests); may be null. Throws std::invalid_argument when no layer is streamed or a range runs past
     // the end of the file.
-    GateStream(std::shared_ptr<const DirectFile> file, std::vector<GateRange> layers, FaultPlan * faults = nullptr);
+    GateStream(std::shared_ptr<const DirectFile> file, std::vector<GateRange> layers, FaultPlan * faults = nullptr,
+               IoBackend backend = IoBackend::Auto);
 
     bool streams(int il) const { return il >= 0 && il < (int) item_of_.size() && item_of_[(size_t) il] >= 0; }
     int n_streamed() const { return (int) stream_->n_items(); }

@@ -7,20 +7,21 @@
 // and those reads need no prediction: they can start while the layer before
 // still computes. The regions of all layers form one cyclic sequence of items
 // (layer 0's bundle region, its down region, layer 1's bundle region, ...);
-// two buffers hold two consecutive items, and releasing one starts the read of
-// the next item into it, on a thread of its own. With budgets that leave no
-// room for a cache this keeps the device busy while the CPU computes, instead
-// of alternating between them.
+// two buffers hold two consecutive items, and releasing one submits the reads
+// of the next item into it. Reads go through io_uring (no thread of ours: on a
+// 2-core machine a reader thread competes with llama.cpp's spinning compute
+// threads and falls behind), or the pread pool where the kernel refuses it;
+// an item is read as chunks of at most `chunk_bytes`, all in flight at once.
 
+#include "neuralink/defaults.h"
 #include "neuralink/direct_file.h"
 #include "neuralink/io_pool.h"
+#include "neuralink/read_queue.h"
 
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace neuralink {
@@ -33,10 +34,12 @@ struct FileRange {
 
 class RegionStream {
 public:
-    // `file` must outlive the stream. `items` in the order they are used, cyclically; every item's bytes > 0. The reads of items 0 and 1 start
-    // at once. `faults` decides which reads fail on purpose (tests); may be null. Throws std::invalid_argument
-    // for no items, an empty item or one past the end of the file.
-    RegionStream(const DirectFile & file, std::vector<FileRange> items, FaultPlan * faults = nullptr);
+    // `file` must outlive the stream. `items` in the order they are used, cyclically; every item's bytes > 0. The
+    // reads of items 0 and 1 start at once. `faults` decides which reads fail on purpose (tests); may be null.
+    // Throws std::invalid_argument for no items, an empty item or one past the end of the file, IoError when
+    // io_uring was asked for and the kernel refuses it.
+    RegionStream(const DirectFile & file, std::vector<FileRange> items, FaultPlan * faults = nullptr,
+                 IoBackend backend = IoBackend::Auto, uint64_t chunk_bytes = kDefaultMaxReadBytes);
     ~RegionStream();
 
     RegionStream(const RegionStream &) = delete;
@@ -65,32 +68,38 @@ public:
     // the buffer one item needs: its aligned span, what a direct read covers
     static size_t span_bytes(const FileRange & r);
 
+    // the read path in use (io_uring, or the pread pool)
+    IoBackend io_backend() const { return backend_; }
+
 private:
-    enum class State { Empty, Queued, Reading, Ready, Failed };
+    enum class State { Empty, Reading, Ready, Failed };
     struct Slot {
         AlignedBuffer buf;
         size_t item = SIZE_MAX;
         State state = State::Empty;
         const uint8_t * data = nullptr;
         std::string error;
+        std::vector<std::unique_ptr<PendingRead>> chunks; // the reads of the item, n_chunks of them in use
+        size_t n_chunks = 0;
+        uint64_t submitted_ns = 0;
     };
 
-    int held_slot(size_t k) const; // -1 when k is not in a slot (lock held)
-    void queue(Slot & slot, size_t k);
-    void read_into(Slot & slot); // no lock held
-    void run();
+    int held_slot(size_t k) const;     // -1 when k is not in a slot (lock held)
+    void start(Slot & slot, size_t k); // submits item k's reads into `slot` (lock held)
+    void land(Slot & slot);            // waits for the slot's reads: Ready or Failed (lock held)
 
     const DirectFile & file_;
     std::vector<FileRange> items_;
-    FaultPlan * faults_;
+    uint64_t chunk_bytes_;
+    FaultPlan own_faults_;
+    IoBackend backend_ = IoBackend::Pread;
+    std::unique_ptr<IoPool> pool_; // the pread path only
+    std::unique_ptr<ReadQueue> queue_;
     Slot slots_[2];
     size_t next_item_ = 0; // the item the next freed buffer takes
     mutable std::mutex mutex_;
-    std::condition_variable changed_;
-    bool stop_ = false;
     uint64_t wait_ns_ = 0;
     std::vector<uint64_t> read_ns_;
-    std::thread reader_;
 };
 
 } // namespace neuralink
