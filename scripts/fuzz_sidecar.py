@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per mutation before calling it a hang")
     args = parser.parse_args()
     from neuralink.formats.sidecar import Sidecar
-    from neuralink.runtime.llama import find_sidecar
+    from neuralink.runtime.sidecar_lookup import find_sidecar
 
     sidecar = args.sidecar or find_sidecar(args.model)
     if sidecar is None:

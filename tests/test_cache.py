@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from neuralink._engine import BundleCache, cache_policy_names
 
-POLICIES = ["none", "lru", "s3fifo", "linking", "pinned"]
+POLICIES = ["none", "lru", "s3fifo", "linking", "pinned", "stream"]
 SLOT_ALIGN = 16
 MALLOC_CHUNK_OVERHEAD = 16  # charged per slot on top of its aligned size
 MAX_FREQ = 3

@@ -23,7 +23,7 @@ from neuralink.formats.constants import KEY_MODEL_ID
 from neuralink.formats.files import commit_pair, conversion_journal, recover_pair
 from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.sidecar import Sidecar
-from neuralink.runtime.llama import find_sidecar
+from neuralink.runtime.sidecar_lookup import find_sidecar
 
 from conftest import ModelFactory
 

@@ -33,12 +33,6 @@ GateStream::GateStream(std::shared_ptr<const DirectFile> file, std::vector<GateR
     stream_ = std::make_unique<RegionStream>(*file_, streamed_ranges(*file_, layers, item_of_), faults, backend);
 }
 
-uint64_t GateStream::streamed_bytes() const {
-    uint64_t bytes = 0;
-    for (size_t k = 0; k < stream_->n_items(); ++k) bytes += stream_->item(k).bytes;
-    return bytes;
-}
-
 const uint8_t * GateStream::acquire(int il) {
     if (!streams(il)) {
         throw std::invalid_argument("layer " + std::to_string(il) + "'s gate rows are not streamed");

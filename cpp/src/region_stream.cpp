@@ -62,11 +62,6 @@ RegionStream::~RegionStream() {
     for (Slot & s : slots_) land(s);
 }
 
-uint64_t RegionStream::wait_ns() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return wait_ns_;
-}
-
 uint64_t RegionStream::read_ns(size_t k) const {
     std::lock_guard<std::mutex> lock(mutex_);
     return read_ns_.at(k);
@@ -151,7 +146,6 @@ void RegionStream::prepare(size_t k, size_t count) {
 }
 
 const uint8_t * RegionStream::wait(size_t k) {
-    const uint64_t start_ns = steady_now_ns();
     std::lock_guard<std::mutex> lock(mutex_);
     const int s = held_slot(k);
     if (s < 0) {
@@ -159,7 +153,6 @@ const uint8_t * RegionStream::wait(size_t k) {
     }
     Slot & slot = slots_[s];
     land(slot); // (other threads waiting for it wait for the lock meanwhile)
-    wait_ns_ += steady_now_ns() - start_ns;
     if (slot.state == State::Failed) {
         // every waiting thread reports it; prepare() reads it again
         throw IoError(slot.error);

@@ -51,7 +51,8 @@ from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.models.fetch import MODELS, fetch_model
 from neuralink.paths import cache_dir
 from neuralink.runtime.default_model import default_model_path
-from neuralink.runtime.llama import Llama, find_sidecar
+from neuralink.runtime.llama import Llama
+from neuralink.runtime.sidecar_lookup import find_sidecar
 
 DEFAULT_PROMPT = "The three most useful things to know about flash storage are"
 DEFAULT_BUDGET = "220MB"

@@ -40,10 +40,6 @@ public:
     const uint8_t * acquire(int il);
     // the two buffers
     size_t buffer_bytes() const { return stream_->buffer_bytes(); }
-    // bytes of the streamed layers' rows: what streaming keeps out of DRAM
-    uint64_t streamed_bytes() const;
-    // time acquire spent waiting for reads, in all (the part of the reads compute did not hide)
-    uint64_t wait_ns() const { return stream_->wait_ns(); }
 
 private:
     std::shared_ptr<const DirectFile> file_; // the stream reads it

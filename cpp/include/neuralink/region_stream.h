@@ -61,8 +61,6 @@ public:
 
     // the two buffers
     size_t buffer_bytes() const { return slots_[0].buf.size() + slots_[1].buf.size(); }
-    // time wait() spent blocked, in all (the part of the reads compute did not hide)
-    uint64_t wait_ns() const;
     // device time of item k's last completed read (0 before one completed)
     uint64_t read_ns(size_t k) const;
     // the buffer one item needs: its aligned span, what a direct read covers
@@ -98,7 +96,6 @@ private:
     Slot slots_[2];
     size_t next_item_ = 0; // the item the next freed buffer takes
     mutable std::mutex mutex_;
-    uint64_t wait_ns_ = 0;
     std::vector<uint64_t> read_ns_;
 };
 

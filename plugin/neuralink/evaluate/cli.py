@@ -28,7 +28,7 @@ from neuralink.evaluate.perplexity import (
     perplexity,
 )
 from neuralink.evaluate.predictor_quality import evaluate_predictor
-from neuralink.runtime.llama import find_sidecar
+from neuralink.runtime.sidecar_lookup import find_sidecar
 
 
 def print_table(results: Sequence[PerplexityResult]) -> None:

@@ -46,7 +46,8 @@ from neuralink.formats.ffn_tensors import decode_matrix, inspect_ffn_model, perm
 from neuralink.formats.sidecar import Sidecar
 from neuralink.profile.contribution import candidate_density
 from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold, recall_threshold
-from neuralink.runtime.llama import Llama, find_sidecar
+from neuralink.runtime.llama import Llama
+from neuralink.runtime.sidecar_lookup import find_sidecar
 
 log = logging.getLogger(__name__)
 

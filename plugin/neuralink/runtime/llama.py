@@ -23,9 +23,7 @@ from neuralink.errors import (
     OptionError,
     UnsupportedModelError,
 )
-from neuralink.formats.constants import KEY_SIDECAR_NAME, LAZY_FFN_WEIGHTS_KEY
-from neuralink.formats.files import conversion_journal, recover_pair
-from neuralink.formats.gguf_directory import read_gguf_directory
+from neuralink.formats.constants import LAZY_FFN_WEIGHTS_KEY
 from neuralink.formats.sidecar import Sidecar
 from neuralink.runtime.device_probe import cached_profile
 from neuralink.runtime.hook import FfnHookApi, ffn_hook_api
@@ -42,6 +40,7 @@ from neuralink.runtime.memory_budget import (
     release_free_heap,
     resident_bytes,
 )
+from neuralink.runtime.sidecar_lookup import find_sidecar, named_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -49,26 +48,6 @@ _NOT_OFFERED = (
     "llama.cpp did not offer its FFN to the hook (a form neuralink does not serve: "
     "fused gate/up, per-tensor scales, clamped SwiGLU, a LoRA adapter on the FFN, or no build_ffn call)"
 )
-
-
-def find_sidecar(model_path: str | os.PathLike[str]) -> Path | None:
-    """The sidecar a converted model names in its metadata, if it sits beside the model.
-
-    A conversion interrupted between renaming its two files is completed first
-    (``neuralink.formats.files.recover_pair``), so the pair found is whole.
-    """
-    recover_pair(conversion_journal(model_path))
-    name = read_gguf_directory(model_path).get(KEY_SIDECAR_NAME)
-    if not name:
-        return None
-    path = Path(model_path).parent / str(name)
-    return path if path.is_file() else None
-
-
-def named_sidecar(model_path: str | os.PathLike[str]) -> str | None:
-    """The sidecar file name a converted model's metadata gives, None for an unconverted model."""
-    name = read_gguf_directory(model_path).get(KEY_SIDECAR_NAME)
-    return str(name) if name else None
 
 
 def _resolved_policy(policy: str, engine: _engine.Engine, cache_bytes: int) -> str:
@@ -295,9 +274,7 @@ class Llama(llama_cpp.Llama):
                 # its two buffers replace the read buffers the plan counted: the plan as it now stands
                 self.memory_plan = self._plan_memory(budget, baseline, log, load_anon_growth)
                 logger.info("%s: every layer's records read whole, ahead of the layer, into two buffers of "
-                            "%.1f MiB (cache_policy 'stream'; collapsed reads would take %.0f %% of the time)",
-                            model_path, engine.stream_buffer_bytes / 2 / 2**20,
-                            100 * engine.collapsed_read_cost_ratio(cache))
+                            "%.1f MiB (cache_policy 'stream')", model_path, engine.stream_buffer_bytes / 2 / 2**20)
         # (repacked weights are read from their anonymous copies, not from the mapping)
         lock = lock_weights if lock_weights is not None else (memory_budget is not None and sidecar_path is not None
                                                               and not repack)

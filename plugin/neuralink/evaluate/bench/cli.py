@@ -44,7 +44,7 @@ from neuralink.formats.files import atomic_output, check_output_path, write_text
 from neuralink.formats.sizes import format_size
 from neuralink.profile.activity import GATED_CRITERIA
 from neuralink.runtime.default_model import default_model_path
-from neuralink.runtime.llama import find_sidecar
+from neuralink.runtime.sidecar_lookup import find_sidecar
 
 
 def configure_dense_parser(parser: argparse.ArgumentParser) -> None:
