@@ -6,23 +6,12 @@
 
 namespace neuralink {
 
-static std::vector<FileRange> streamed_ranges(const DirectFile & file, const std::vector<GateRange> & layers,
-                                              std::vector<int> & item_of) {
+// the streamed layers' ranges in layer order (RegionStream refuses an empty list and ranges past the file's end)
+static std::vector<FileRange> streamed_ranges(const std::vector<GateRange> & layers, std::vector<int> & item_of) {
     std::vector<FileRange> items;
     for (const GateRange & r : layers) {
-        if (r.bytes == 0) {
-            item_of.push_back(-1);
-            continue;
-        }
-        if (r.offset + r.bytes > file.size()) {
-            throw std::invalid_argument(file.path() + ": gate rows at offset " + std::to_string(r.offset) +
-                                        " run past the end of the file");
-        }
-        item_of.push_back((int) items.size());
-        items.push_back({ r.offset, r.bytes });
-    }
-    if (items.empty()) {
-        throw std::invalid_argument("no layer's gate rows to stream");
+        item_of.push_back(r.bytes == 0 ? -1 : (int) items.size());
+        if (r.bytes > 0) items.push_back({ r.offset, r.bytes });
     }
     return items;
 }
@@ -30,7 +19,7 @@ static std::vector<FileRange> streamed_ranges(const DirectFile & file, const std
 GateStream::GateStream(std::shared_ptr<const DirectFile> file, std::vector<GateRange> layers, FaultPlan * faults,
                        IoBackend backend)
     : file_(std::move(file)) {
-    stream_ = std::make_unique<RegionStream>(*file_, streamed_ranges(*file_, layers, item_of_), faults, backend);
+    stream_ = std::make_unique<RegionStream>(*file_, streamed_ranges(layers, item_of_), faults, backend);
 }
 
 const uint8_t * GateStream::acquire(int il) {

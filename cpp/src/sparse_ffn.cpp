@@ -102,13 +102,19 @@ uint64_t SparseFfn::store_bytes() const {
     return bytes;
 }
 
-// The cache's keys: layer il's bundle records are key il, its down columns (split layout) key n_layer + il.
+const BundleRegion & SparseFfn::region_of_key(uint32_t key) const {
+    const int n_layer = store_->n_layer();
+    return (int) key < n_layer ? store_->layer((int) key).region : store_->layer((int) key - n_layer).down_region;
+}
+
+const std::vector<float> & SparseFfn::frequency_of_key(uint32_t key) const {
+    const int n_layer = store_->n_layer();
+    return (int) key < n_layer ? store_->layer((int) key).candidate_frequency : store_->layer((int) key - n_layer).frequency;
+}
+
 std::vector<size_t> SparseFfn::record_bytes_by_key() const {
     std::vector<size_t> record_bytes;
-    for (int il = 0; il < store_->n_layer(); ++il) record_bytes.push_back(store_->layer(il).region.record_bytes);
-    for (int il = 0; store_->split() && il < store_->n_layer(); ++il) {
-        record_bytes.push_back(store_->layer(il).down_region.record_bytes);
-    }
+    for (uint32_t key = 0; key < n_keys(); ++key) record_bytes.push_back(region_of_key(key).record_bytes);
     return record_bytes;
 }
 
@@ -127,8 +133,7 @@ void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
     const int n_layer = store_->n_layer();
     const std::vector<size_t> record_bytes = record_bytes_by_key();
     std::vector<std::vector<float>> frequency; // by key, as record_bytes
-    for (int il = 0; il < n_layer; ++il) frequency.push_back(store_->layer(il).candidate_frequency);
-    for (int il = 0; store_->split() && il < n_layer; ++il) frequency.push_back(store_->layer(il).frequency);
+    for (uint32_t key = 0; key < n_keys(); ++key) frequency.push_back(frequency_of_key(key));
     const size_t n_ff = (size_t) store_->n_ff();
     std::unique_ptr<StoreArena> arena;
     if (policy != CachePolicy::None && policy != CachePolicy::Pinned && policy != CachePolicy::Stream &&
@@ -151,7 +156,7 @@ void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
         cache->pin_hottest(frequency, [this, n_layer, &win](uint32_t key, uint32_t pos, uint8_t * dst) {
             const bool down = (int) key >= n_layer;
             const int il = down ? (int) key - n_layer : (int) key;
-            const BundleRegion & region = down ? store_->layer(il).down_region : store_->layer(il).region;
+            const BundleRegion & region = region_of_key(key);
             if (win.key != key || pos < win.first || pos >= win.first + win.count) {
                 const uint32_t per = (uint32_t) std::max<size_t>(1, kPinReadBytes / std::max<size_t>(region.record_bytes, 1));
                 win.count = std::min(per, region.n_records - pos);

@@ -53,29 +53,19 @@ void SparseFfn::release_streamed(int il) {
 }
 
 double SparseFfn::collapsed_read_cost_ratio(size_t cache_bytes) const {
-    const int n_layer = store_->n_layer();
-    const bool split = store_->split();
     // the pinned policy's choice, approximately: the most frequent records of all regions until the bytes run out
     struct Rec { float freq; uint32_t key, pos; };
     std::vector<Rec> all;
-    auto region_of = [&](uint32_t key) -> const BundleRegion & {
-        return (int) key < n_layer ? store_->layer((int) key).region : store_->layer((int) key - n_layer).down_region;
-    };
-    auto frequency_of = [&](uint32_t key) -> const std::vector<float> & {
-        return (int) key < n_layer ? store_->layer((int) key).candidate_frequency
-                                   : store_->layer((int) key - n_layer).frequency;
-    };
-    const uint32_t n_keys = (uint32_t) (split ? 2 * n_layer : n_layer);
-    for (uint32_t key = 0; key < n_keys; ++key) {
-        const std::vector<float> & f = frequency_of(key);
-        for (uint32_t p = 0; p < region_of(key).n_records && p < f.size(); ++p) all.push_back({ f[p], key, p });
+    for (uint32_t key = 0; key < n_keys(); ++key) {
+        const std::vector<float> & f = frequency_of_key(key);
+        for (uint32_t p = 0; p < region_of_key(key).n_records && p < f.size(); ++p) all.push_back({ f[p], key, p });
     }
     std::sort(all.begin(), all.end(), [](const Rec & a, const Rec & b) { return a.freq > b.freq; });
-    std::vector<std::vector<uint8_t>> pinned(n_keys);
-    for (uint32_t key = 0; key < n_keys; ++key) pinned[key].assign(region_of(key).n_records, 0);
+    std::vector<std::vector<uint8_t>> pinned(n_keys());
+    for (uint32_t key = 0; key < n_keys(); ++key) pinned[key].assign(region_of_key(key).n_records, 0);
     size_t used = 0;
     for (const Rec & r : all) {
-        const size_t rec = region_of(r.key).record_bytes;
+        const size_t rec = region_of_key(r.key).record_bytes;
         if (used + rec > cache_bytes) break;
         used += rec;
         pinned[r.key][r.pos] = 1;
@@ -87,9 +77,9 @@ double SparseFfn::collapsed_read_cost_ratio(size_t cache_bytes) const {
     std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
     double collapsed = 0.0, whole_cost = 0.0;
     std::vector<uint32_t> needed;
-    for (uint32_t key = 0; key < n_keys; ++key) {
-        const BundleRegion & region = region_of(key);
-        const std::vector<float> & f = frequency_of(key);
+    for (uint32_t key = 0; key < n_keys(); ++key) {
+        const BundleRegion & region = region_of_key(key);
+        const std::vector<float> & f = frequency_of_key(key);
         if (region.n_records == 0 || f.size() < region.n_records) continue;
         CollapsePolicy policy;
         policy.max_gap = (uint32_t) std::min<uint64_t>(gap_bytes(device) / std::max<size_t>(region.record_bytes, 1),
@@ -115,10 +105,11 @@ CachePolicy SparseFfn::auto_policy(size_t bytes) const {
         return CachePolicy::Linking;
     }
     const bool fits = (uint64_t) bytes + layer_read_bytes() >= (uint64_t) stream_buffer_bytes();
-    if (fits && options_.predictor != Predictor::Dense && collapsed_read_cost_ratio(bytes) >= kStreamCostRatio) {
+    // every neuron (the dense predictor) needs the regions whole anyway
+    if (fits && (options_.predictor == Predictor::Dense || collapsed_read_cost_ratio(bytes) >= kStreamCostRatio)) {
         return CachePolicy::Stream;
     }
-    return fits && options_.predictor == Predictor::Dense ? CachePolicy::Stream : CachePolicy::Pinned;
+    return CachePolicy::Pinned;
 }
 
 } // namespace neuralink

@@ -224,7 +224,12 @@ private:
     void fail(const std::string & what, bool numeric = false);
     ThreadState & thread_state(int ith);
     uint64_t gap_bytes(const DeviceCost & device) const;
-    // bytes of one record of each cache key: the layers' bundle records, then (split layout) their down columns
+    // The cache's keys: layer il's bundle records are key il, its down columns (split layout) key n_layer + il.
+    uint32_t n_keys() const { return (uint32_t) (store_->split() ? 2 : 1) * (uint32_t) store_->n_layer(); }
+    const BundleRegion & region_of_key(uint32_t key) const;
+    // how often each record of a key is needed: candidates' bundle records, final neurons' down columns
+    const std::vector<float> & frequency_of_key(uint32_t key) const;
+    // bytes of one record of each cache key
     std::vector<size_t> record_bytes_by_key() const;
 
     std::shared_ptr<SidecarStore> store_;
