@@ -91,7 +91,8 @@ def direct(converted: tuple[Path, Path]) -> Iterator[neuralink.Llama]:
 
 @pytest.fixture(scope="module")
 def client(server: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    # (the client's defaults wait 10 minutes and retry twice: a stuck server would hold the suite for half an hour)
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=120, max_retries=0)
 
 
 def test_completions_equal_the_direct_call(client: openai.OpenAI, direct: neuralink.Llama) -> None:
