@@ -156,7 +156,9 @@ def test_a_corrupt_record_is_an_io_error_naming_layer_and_neuron(contribution_pa
         engine.forward(1, x, "silu")
 
 
-def test_sweep_varies_both_thresholds_of_a_contribution_sidecar(contribution_pair, tmp_path: Path) -> None:
+def test_sweep_varies_both_thresholds_of_a_contribution_sidecar(contribution_pair, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuralink.convert.quality import ContributionScorer
     from neuralink.evaluate.density_sweep import density_thresholds, perplexity_sweep
 
     model, sidecar = contribution_pair
@@ -169,12 +171,18 @@ def test_sweep_varies_both_thresholds_of_a_contribution_sidecar(contribution_pai
     assert finals[0] == candidates[0] == 0.0 and finals[1] < finals[2] and candidates[1] < candidates[2]
     assert thresholds[2].calibration_density.mean() < thresholds[1].calibration_density.mean() <= 0.5 + 0.02
     text = carried_text(600, seed=13)
+    passes = []
+    token_nll = ContributionScorer.token_nll
+    monkeypatch.setattr(ContributionScorer, "token_nll",
+                        lambda self, *a, **k: passes.append(1) or token_nll(self, *a, **k))
     sweep = perplexity_sweep(model, text, [calibration], densities=[1.0, 0.5, 0.2], thresholds=thresholds,
                              max_tokens=256, n_ctx=128)
     rows = {r.density: r for r in sweep.rows if r.predictor == "gate"}
-    # every neuron, scored with the thresholds applied in place: stock llama.cpp's numbers on the same windows
-    assert rows[1.0].result.token_nll.shape == sweep.reference.result.token_nll.shape
-    assert rows[1.0].result.perplexity == pytest.approx(sweep.reference.result.perplexity, rel=1e-4)
+    # every neuron: thresholds 0 zero no activation that is not 0 already, so stock llama.cpp's pass counts it
+    # and stands for it: stock's numbers on the same windows, one pass fewer (stock, 0.5, 0.2)
+    assert len(passes) == 3
+    assert np.array_equal(rows[1.0].result.token_nll, sweep.reference.result.token_nll)
+    assert rows[1.0].active_fraction > 0.99 and sweep.reference.active_fraction == 1.0
     # up rows are read for the candidates, down columns for fewer: the finals
     assert rows[0.2].active_fraction < rows[0.5].active_fraction < rows[1.0].active_fraction
     assert rows[0.2].active_fraction < rows[0.2].predicted_fraction < 1.0
@@ -201,6 +209,13 @@ def test_the_search_scores_what_the_engine_computes(contribution_pair) -> None:
         assert dens_fast["down_density"] == pytest.approx(dens_engine["down_density"], abs=1e-3)
         assert dens_fast["up_density"] == pytest.approx(dens_engine["up_density"], abs=1e-3)
         assert 0 < dens_fast["down_density"] < dens_fast["up_density"] < 1
+        # counting only: stock llama.cpp's NLLs, and what the setting would have read and changed (each layer
+        # seeing stock's inputs, not the thresholded layers' before it: close to the applied densities, not equal)
+        stock, _ = fast.token_nll(None)
+        counted_nlls, counted = fast.token_nll(setting, count_only=True)
+        assert np.array_equal(counted_nlls, stock) and counted["changed_pairs"] > 0
+        assert counted["up_density"] == pytest.approx(dens_fast["up_density"], abs=0.01)
+        assert counted["down_density"] == pytest.approx(dens_fast["down_density"], abs=0.01)
         change_fast, change_engine = nll_fast - fast.nll(dense)[0], nll_engine - engine.nll(dense)[0]
         assert change_engine > 0.002 and abs(change_fast - change_engine) < 0.25 * change_engine
         assert abs(nll_fast - nll_engine) < 1e-4 * nll_engine
@@ -214,6 +229,7 @@ def test_zero_dropped_pairs_applies_the_criterion_in_place() -> None:
     rng = np.random.default_rng(5)
     gate = rng.normal(0, 2, (37, 300)).astype(np.float32)
     h = rng.normal(0, 1, (37, 300)).astype(np.float32)
+    h[0, :7] = 0.0  # activations already zero: dropping them changes nothing
     scale = rng.uniform(0.5, 2, 300).astype(np.float32)
     norm = rng.uniform(0.5, 2, 300).astype(np.float32)
     a = silu(gate.astype(np.float64))
@@ -223,11 +239,18 @@ def test_zero_dropped_pairs_applies_the_criterion_in_place() -> None:
     # pairs this close to a threshold may round either way in float32: left out of the comparison
     clear = (np.abs(cand_score - 0.4) > 1e-4) & (np.abs(final_score - 0.5) > 1e-4)
     out = h.copy()
-    n_candidates, n_finals = _engine.zero_dropped_pairs("silu", gate, out, scale, norm, 0.4, 0.5, threads=2)
+    n_candidates, n_finals, n_changed = _engine.zero_dropped_pairs("silu", gate, out, scale, norm, 0.4, 0.5,
+                                                                   threads=2)
     assert np.array_equal((out != 0)[clear], finals[clear])
     assert np.array_equal(out[finals & clear], h[finals & clear])  # kept pairs untouched
     assert abs(n_candidates - candidates.sum()) <= (~clear).sum() and abs(n_finals - finals.sum()) <= (~clear).sum()
     assert 0 < n_finals < n_candidates < gate.size
+    assert n_changed == np.count_nonzero(h[out == 0])  # the pairs whose non-zero h was zeroed
+    # counting only: h as it was, the same counts
+    untouched = h.copy()
+    assert _engine.zero_dropped_pairs("silu", gate, untouched, scale, norm, 0.4, 0.5, threads=2,
+                                      apply=False) == (n_candidates, n_finals, n_changed)
+    assert np.array_equal(untouched, h)
     with pytest.raises(ValueError, match="one shape"):
         _engine.zero_dropped_pairs("silu", gate[:5], out, scale, norm, 0.4, 0.5)
     with pytest.raises(ValueError, match="n_ff"):

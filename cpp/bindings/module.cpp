@@ -298,7 +298,7 @@ static void register_quant(py::module_ & m) {
     using FloatRows = py::array_t<float, py::array::c_style>;
     m.def("zero_dropped_pairs",
           [](const std::string & activation, FloatRows gate, FloatRows h, FloatRows candidate_scale,
-             FloatRows down_norm, float candidate_threshold, float threshold, int threads) {
+             FloatRows down_norm, float candidate_threshold, float threshold, int threads, bool apply) {
               if (gate.ndim() != 2 || h.ndim() != 2 || gate.shape(0) != h.shape(0) || gate.shape(1) != h.shape(1)) {
                   throw std::invalid_argument("zero_dropped_pairs: gate and h must be (tokens, n_ff) arrays of one shape");
               }
@@ -313,14 +313,16 @@ static void register_quant(py::module_ & m) {
               {
                   py::gil_scoped_release unlocked;
                   c = zero_dropped_pairs(act, gate.data(), hp, n_rows, n_ff, candidate_scale.data(), down_norm.data(),
-                                         candidate_threshold, threshold, threads);
+                                         candidate_threshold, threshold, threads, apply);
               }
-              return std::make_pair(c.candidates, c.finals);
+              return py::make_tuple(c.candidates, c.finals, c.changed);
           },
           py::arg("activation"), py::arg("gate").noconvert(), py::arg("h").noconvert(), py::arg("candidate_scale"),
           py::arg("down_norm"), py::arg("candidate_threshold"), py::arg("threshold"), py::arg("threads") = 1,
+          py::arg("apply") = true,
           "The contribution criterion on dense rows, as the engine applies it: h zeroed in place (float32, C order) "
-          "where a (token, neuron) pair is not final; returns (candidate pairs, final pairs).");
+          "where a (token, neuron) pair is not final (apply=False: only counted); returns (candidate pairs, final "
+          "pairs, pairs not final whose h was not 0).");
     m.def("checksum64", [](py::bytes data) {
         const std::string s = data;
         return checksum64(s.data(), s.size());

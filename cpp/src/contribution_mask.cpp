@@ -9,7 +9,7 @@ namespace neuralink {
 
 static MaskCounts mask_rows(Activation act, const float * gate, float * h, int64_t r0, int64_t r1, int64_t n_ff,
                             const float * candidate_scale, const float * down_norm, float candidate_threshold,
-                            float threshold) {
+                            float threshold, bool apply) {
     MaskCounts c;
     for (int64_t r = r0; r < r1; ++r) {
         const float * g = gate + r * n_ff;
@@ -19,7 +19,10 @@ static MaskCounts mask_rows(Activation act, const float * gate, float * h, int64
             const bool final = candidate && contribution_final(hr[i], down_norm[i], threshold);
             c.candidates += candidate;
             c.finals += final;
-            if (!final) hr[i] = 0.0f;
+            if (!final) {
+                c.changed += hr[i] != 0.0f;
+                if (apply) hr[i] = 0.0f;
+            }
         }
     }
     return c;
@@ -27,13 +30,13 @@ static MaskCounts mask_rows(Activation act, const float * gate, float * h, int64
 
 MaskCounts zero_dropped_pairs(Activation act, const float * gate, float * h, int64_t n_rows, int64_t n_ff,
                               const float * candidate_scale, const float * down_norm, float candidate_threshold,
-                              float threshold, int threads) {
+                              float threshold, int threads, bool apply) {
     const int n = (int) std::max<int64_t>(1, std::min<int64_t>(threads, n_rows));
     std::vector<MaskCounts> counts((size_t) n);
     auto work = [&](int k) {
         const int64_t r0 = n_rows * k / n, r1 = n_rows * (k + 1) / n;
         counts[(size_t) k] = mask_rows(act, gate, h, r0, r1, n_ff, candidate_scale, down_norm, candidate_threshold,
-                                       threshold);
+                                       threshold, apply);
     };
     std::vector<std::thread> pool;
     for (int k = 1; k < n; ++k) pool.emplace_back(work, k);
@@ -43,6 +46,7 @@ MaskCounts zero_dropped_pairs(Activation act, const float * gate, float * h, int
     for (const MaskCounts & c : counts) {
         total.candidates += c.candidates;
         total.finals += c.finals;
+        total.changed += c.changed;
     }
     return total;
 }

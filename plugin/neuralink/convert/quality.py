@@ -133,12 +133,16 @@ class ContributionScorer:
             raise
         self.passes = 0
 
-    def token_nll(self, setting: Setting | None) -> tuple[np.ndarray, dict[str, float]]:
+    def token_nll(self, setting: Setting | None, *, count_only: bool = False) -> tuple[np.ndarray, dict[str, float]]:
         """The NLL of every scored token under `setting` (float64, text order), and the densities it ran at: up
-        rows read (candidates) and down columns used (finals) per (token, neuron) pair. None: stock llama.cpp,
-        nothing zeroed (densities 1)."""
+        rows read (candidates) and down columns used (finals) per (token, neuron) pair, and `changed_pairs`, the
+        pairs whose non-zero h it zeroed. None: stock llama.cpp, nothing zeroed (densities 1).
+
+        `count_only`: stock llama.cpp's NLLs (nothing zeroed), with what `setting` would have read and changed,
+        each layer judged on stock's inputs; where it would have changed no pair, they are its NLLs and densities
+        exactly (zeroing zeros changes no sum)."""
         gates: dict[int, np.ndarray] = {}
-        counts = np.zeros(3)  # candidates, finals, pairs
+        counts = np.zeros(4)  # candidates, finals, changed, pairs
 
         def consume(name: str, layer: int, rows: np.ndarray) -> None:
             if name == "ffn_gate":
@@ -146,10 +150,10 @@ class ContributionScorer:
                 return
             scale, down_norm = self.tables[layer]
             # the engine's own criterion and activation, in C++; rows is llama.cpp's buffer: ffn_down reads it next
-            candidates, finals = _engine.zero_dropped_pairs(
+            candidates, finals, changed = _engine.zero_dropped_pairs(
                 self.gate_function, gates.pop(layer), rows, scale, down_norm, float(setting.candidates[layer]),
-                float(setting.thresholds[layer]), self.threads)
-            counts[:] += (candidates, finals, rows.size)
+                float(setting.thresholds[layer]), self.threads, apply=not count_only)
+            counts[:] += (candidates, finals, changed, rows.size)
 
         nlls = []
         wanted = {"ffn_gate", self.h_tensor}.__contains__ if setting is not None else (lambda name: False)
@@ -160,8 +164,9 @@ class ContributionScorer:
             nlls.append(window_nll(logits, self.tokens[w.first_scored:w.end]))
         self.passes += 1
         if setting is None:
-            return np.concatenate(nlls), {"up_density": 1.0, "down_density": 1.0}
-        return np.concatenate(nlls), {"up_density": counts[0] / counts[2], "down_density": counts[1] / counts[2]}
+            return np.concatenate(nlls), {"up_density": 1.0, "down_density": 1.0, "changed_pairs": 0}
+        return np.concatenate(nlls), {"up_density": counts[0] / counts[3], "down_density": counts[1] / counts[3],
+                                      "changed_pairs": int(counts[2])}
 
     def nll(self, setting: Setting) -> tuple[float, dict[str, float]]:
         """Mean NLL under `setting`, and the densities it ran at (`token_nll`)."""
@@ -233,7 +238,8 @@ def search(scorer: ContributionScorer, selection: SelectionStats, n_layer: int, 
     def measure(setting: Setting, label: str) -> float:
         nll, densities = scorer.nll(setting)
         ratio = math.exp(nll - reference) - 1.0
-        record["measured"].append({"label": label, "perplexity_change": ratio, **densities})
+        record["measured"].append({"label": label, "perplexity_change": ratio, "up_density": densities["up_density"],
+                                   "down_density": densities["down_density"]})
         log.info("quality search: %s: perplexity %+.2f %% (up rows %.3f, down columns %.3f)", label, 100 * ratio,
                  densities["up_density"], densities["down_density"])
         return ratio

@@ -332,6 +332,13 @@ def _score_settings(settings: list[tuple[str, str | None, DensityThresholds | No
                     fast: ContributionScorer | None, progress: SweepProgress | None) -> list[SweepRow]:
     done = 0
     rows: list[SweepRow] = []
+    # a contribution setting whose thresholds are all 0 (density 1) zeroes only the pairs whose activation is
+    # already 0 wherever act(gate) is not: the stock pass counts what it would change and, when that is nothing,
+    # stands for it (one llama.cpp pass fewer)
+    zero = next((s for _, p, s in settings if fast is not None and p == "gate" and s is not None
+                 and s.candidate_thresholds is not None and not s.thresholds.any()
+                 and not s.candidate_thresholds.any()), None)
+    shared: tuple[PerplexityResult, dict[str, float]] | None = None
     for label, predictor, setting in settings:
         name = label if setting is None else f"{label} @ {setting.density:g}"
         stats: list[np.ndarray] = []
@@ -345,12 +352,21 @@ def _score_settings(settings: list[tuple[str, str | None, DensityThresholds | No
         if fast is not None and (setting is not None or predictor is None):
             # stock llama.cpp too: the same load, windows and tokens, nothing zeroed
             start = time.perf_counter()
-            chosen = None if setting is None else Setting(tuple([setting.density] * len(setting.thresholds)),
-                                                          tuple(setting.thresholds.tolist()),
-                                                          tuple(setting.candidate_thresholds.tolist()))
-            nlls, densities = fast.token_nll(chosen)
-            result = PerplexityResult(str(model_path), fast.n_ctx, fast.stride, len(fast.windows), nlls,
-                                      time.perf_counter() - start)
+            if setting is not None and setting is zero and shared is not None:
+                result, densities = shared
+                log.info("%s: zeroes no non-zero activation of this text: stock's pass, counted", name)
+            else:
+                counted = zero if setting is None else setting
+                chosen = None if counted is None else Setting(tuple([counted.density] * len(counted.thresholds)),
+                                                              tuple(counted.thresholds.tolist()),
+                                                              tuple(counted.candidate_thresholds.tolist()))
+                nlls, densities = fast.token_nll(chosen, count_only=setting is None)
+                result = PerplexityResult(str(model_path), fast.n_ctx, fast.stride, len(fast.windows), nlls,
+                                          time.perf_counter() - start)
+                if setting is None:
+                    if chosen is not None and densities["changed_pairs"] == 0:
+                        shared = (result, densities)
+                    densities = {"up_density": 1.0, "down_density": 1.0}
             report(len(fast.windows), len(fast.windows))
             done += result.n_windows
             rows.append(SweepRow(label, predictor, None if setting is None else setting.density, result,
