@@ -72,6 +72,26 @@ def test_one_window_equals_a_direct_computation(synthetic_model: ModelFactory) -
     assert result.perplexity == pytest.approx(np.exp(expected.mean()), rel=1e-5)
 
 
+def test_window_nll_is_the_log_softmax_at_each_target() -> None:
+    from neuralink.runtime.scoring import window_nll
+
+    rng = np.random.default_rng(3)
+    # a vocabulary as large as real ones, logits far from 0 (a naive exp overflows)
+    logits = (rng.normal(0, 4, (9, 151936)) + 300).astype(np.float32)
+    targets = rng.integers(0, logits.shape[1], 9)
+    x = logits.astype(np.float64)
+    peak = x.max(1)
+    want = np.log(np.exp(x - peak[:, None]).sum(1)) + peak - x[np.arange(9), targets]
+    for threads in (1, 2, 16):
+        np.testing.assert_allclose(window_nll(logits, targets, threads), want, rtol=1e-6)
+    # a strided view (every other row) is scored as its rows
+    np.testing.assert_allclose(window_nll(logits[::2], targets[::2]), want[::2], rtol=1e-6)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        window_nll(logits, np.full(9, logits.shape[1]))
+    with pytest.raises(ValueError, match="one per row"):
+        window_nll(logits, targets[:4])
+
+
 def test_windows_cut_the_context(synthetic_model: ModelFactory) -> None:
     path = synthetic_model("llama", "f32")
     whole = perplexity(path, TEXT, n_ctx=512)

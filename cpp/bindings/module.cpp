@@ -2,6 +2,7 @@
 
 #include "neuralink/column_axpy.h"
 #include "neuralink/contribution_mask.h"
+#include "neuralink/token_nll.h"
 #include "neuralink/defaults.h"
 #include "neuralink/direct_file.h"
 #include "neuralink/checksum.h"
@@ -323,6 +324,31 @@ static void register_quant(py::module_ & m) {
           "The contribution criterion on dense rows, as the engine applies it: h zeroed in place (float32, C order) "
           "where a (token, neuron) pair is not final (apply=False: only counted); returns (candidate pairs, final "
           "pairs, pairs not final whose h was not 0).");
+    m.def("token_nll",
+          [](FloatRows logits, py::array_t<int64_t, py::array::c_style | py::array::forcecast> targets, int threads) {
+              if (logits.ndim() != 2 || targets.ndim() != 1 || targets.shape(0) != logits.shape(0)) {
+                  throw std::invalid_argument("token_nll: logits must be (rows, n_vocab) and targets one per row");
+              }
+              const int64_t n_rows = logits.shape(0), n_vocab = logits.shape(1);
+              const int64_t * t = targets.data();
+              for (int64_t r = 0; r < n_rows; ++r) {
+                  if (t[r] < 0 || t[r] >= n_vocab) {
+                      throw std::invalid_argument("token_nll: target " + std::to_string(t[r]) + " of row " +
+                                                  std::to_string(r) + " is outside the vocabulary of " +
+                                                  std::to_string(n_vocab));
+                  }
+              }
+              py::array_t<double> out(n_rows);
+              double * o = out.mutable_data();
+              {
+                  py::gil_scoped_release unlocked;
+                  token_nll(logits.data(), n_rows, n_vocab, t, o, threads);
+              }
+              return out;
+          },
+          py::arg("logits").noconvert(), py::arg("targets"), py::arg("threads") = 1,
+          "NLL of each row's target under its logits (float32, C order): log-sum-exp minus the target's logit, "
+          "summed in double; float64 (rows,).");
     m.def("checksum64", [](py::bytes data) {
         const std::string s = data;
         return checksum64(s.data(), s.size());

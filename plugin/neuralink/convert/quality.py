@@ -160,8 +160,8 @@ class ContributionScorer:
         for w in self.windows:
             self.reader.evaluate(self.tokens[w.begin:w.end], wanted, consume, bos=False)
             # row r of the window's logits predicts token begin + r + 1
-            logits = self.reader.logits()[w.first_scored - 1 - w.begin:w.end - 1 - w.begin]
-            nlls.append(window_nll(logits, self.tokens[w.first_scored:w.end]))
+            logits = self.reader.logits(copy=False)[w.first_scored - 1 - w.begin:w.end - 1 - w.begin]
+            nlls.append(window_nll(logits, self.tokens[w.first_scored:w.end], self.threads))
         self.passes += 1
         if setting is None:
             return np.concatenate(nlls), {"up_density": 1.0, "down_density": 1.0, "changed_pairs": 0}

@@ -1,27 +1,11 @@
 """Perplexity of a converted model at several densities, for each predictor (`neuralink perplexity --sweep`).
 
-The sidecar fixes one per-layer activity threshold t_l, set at one density
-when the model was converted. To run at another density without converting
-again, `density_thresholds` places new thresholds on calibration text: it
-runs the dense engine over the text to capture every layer's FFN inputs x,
-computes the criterion's score of every (token, neuron) pair from the
-converted model's own weights (|act(gate)| for gate_magnitude, act(up or
-gate) for relu) and takes, per layer, the value that a fraction `density` of
-the scores exceeds (the quantile rule of `neuralink profile`). Density 1.0 is
-threshold 0: every neuron whose activation is not exactly zero. A ReLU
-model cannot be made denser than its native zeros: asking for more gives
-threshold 0, and the measured active fraction says so.
-
-The low-rank predictor's threshold is re-tuned for each density on the same
-calibration tokens, for the recall the sidecar's was tuned for (0.99 by
-default): with the sidecar's A and B, the largest threshold that still
-predicts that fraction of the truly active pairs.
-
-`perplexity_sweep` then scores held-out text with stock llama.cpp (the
-reference), the engine reading every bundle (predictor dense), and each
-applicable predictor at each density, and reports per predictor the
-sparsest (lowest) density whose perplexity stays within a budget of the
-reference's.
+`perplexity_sweep` places each density's thresholds on calibration text
+(`neuralink.evaluate.sweep_thresholds`), then scores held-out text with
+stock llama.cpp (the reference), the engine reading every bundle (predictor
+dense), and each applicable predictor at each density, and reports per
+predictor the sparsest (lowest) density whose perplexity stays within a
+budget of the reference's.
 """
 
 from __future__ import annotations
@@ -39,156 +23,29 @@ import llama_cpp
 import numpy as np
 
 from neuralink.convert.quality import ContributionScorer, Setting
-from neuralink.convert.predictor import activation_values, activity_score, capture_ffn_inputs
 from neuralink.errors import ModelFileError, SweepError
 from neuralink.evaluate.perplexity import PerplexityResult, perplexity
-from neuralink.formats.ffn_tensors import decode_matrix, inspect_ffn_model, permute_vector
+from neuralink.evaluate.sweep_thresholds import (
+    DEFAULT_CALIBRATION_TOKENS,
+    DEFAULT_DENSITIES,
+    DensityThresholds,
+    check_densities,
+    density_thresholds,
+)
 from neuralink.formats.sidecar import Sidecar
-from neuralink.profile.contribution import candidate_density
-from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold, recall_threshold
 from neuralink.runtime.llama import Llama
 from neuralink.runtime.sidecar_lookup import find_sidecar
 
+__all__ = ["DEFAULT_CALIBRATION_TOKENS", "DEFAULT_DENSITIES", "DensityThresholds", "SweepResult", "SweepRow",
+           "density_thresholds", "format_sweep", "parse_budget", "parse_densities", "perplexity_sweep", "plot_sweep"]
+
 log = logging.getLogger(__name__)
 
-DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.2, 0.1)
-
-
-DEFAULT_CALIBRATION_TOKENS = 2048
 DEFAULT_BUDGET = 0.05
 SWEEP_PREDICTORS = ("gate", "lowrank", "oracle")
 
 # called with (windows done, windows to do, what is being scored)
 SweepProgress = Callable[[int, int, str], None]
-
-
-@dataclass(frozen=True)
-class DensityThresholds:
-    """Per-layer thresholds that put the activity criterion at one target density on calibration text."""
-
-    density: float                    # the target
-    thresholds: np.ndarray            # float32 (n_layer,): activity thresholds
-    calibration_density: np.ndarray   # float64 (n_layer,): fraction of calibration pairs active under them
-    predictor_thresholds: np.ndarray | None = None  # float32 (n_layer,): re-tuned low-rank thresholds
-    predictor_recall: np.ndarray | None = None      # float64 (n_layer,): their recall on the calibration pairs
-    candidate_thresholds: np.ndarray | None = None  # float32 (n_layer,): contribution criterion's candidate step
-
-
-def threshold_for_density(scores: np.ndarray, density: float, rng: np.random.Generator) -> float:
-    """The per-layer threshold that a fraction `density` of `scores` exceeds (the density rule of
-    neuralink.profile.thresholds, on at most MAX_THRESHOLD_SAMPLES sampled scores).
-
-    Density 1.0 gives 0: every non-zero activation.
-    """
-    if density >= 1.0:
-        return 0.0
-    values = scores.ravel()
-    if values.size > MAX_THRESHOLD_SAMPLES:
-        values = values[rng.integers(0, values.size, MAX_THRESHOLD_SAMPLES)]
-    return density_threshold(values, density)
-
-
-def density_thresholds(
-    model_path: str | os.PathLike[str],
-    sidecar_path: str | os.PathLike[str],
-    texts: Sequence[str | os.PathLike[str]],
-    densities: Sequence[float] = DEFAULT_DENSITIES,
-    *,
-    max_tokens: int = DEFAULT_CALIBRATION_TOKENS,
-    recall: float | None = None,
-    threads: int | None = None,
-    seed: int = 0,
-) -> list[DensityThresholds]:
-    """Activity thresholds (and re-tuned low-rank thresholds) of a converted model for each target density.
-
-    Calibrates on the first `max_tokens` tokens of `texts` (use the
-    conversion's calibration text, not the text to be scored). `recall`
-    defaults to the one the sidecar's predictor was tuned for. Raises
-    SweepError for densities outside (0, 1] and for sidecars whose criterion
-    has no single pre-activation (`magnitude`).
-    """
-    check_densities(densities)
-    with Sidecar.open(sidecar_path, model_path) as sidecar:
-        header = sidecar.header
-        if header.criterion not in ("gate_magnitude", "relu", "contribution"):
-            raise SweepError(
-                f"{sidecar_path}: criterion '{header.criterion}' thresholds |act(gate)*up| with no candidate step, "
-                "which no predictor decides before reading the bundle; convert with --criterion contribution or "
-                "gate_magnitude to vary the density"
-            )
-        contribution = header.criterion == "contribution"
-        tables = [(sidecar.candidate_scale(il), sidecar.down_norms(il)) for il in range(header.n_layer)] \
-            if contribution else None
-        predictors = [sidecar.predictor(il) for il in range(header.n_layer)] if header.predictor_rank else None
-        recall = recall if recall is not None else (header.predictor_recall or 0.99)
-        model = inspect_ffn_model(model_path)
-        inputs = capture_ffn_inputs(model_path, texts, max_tokens=max_tokens, threads=threads)
-        if min(len(x) for x in inputs) == 0:
-            raise SweepError(f"{', '.join(map(str, texts))}: no calibration tokens")
-        data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
-        rng = np.random.default_rng(seed)
-        n_layer, n_density = header.n_layer, len(densities)
-        thresholds = np.zeros((n_density, n_layer), dtype=np.float32)
-        calibration = np.zeros((n_density, n_layer))
-        predictor_thresholds = np.zeros((n_density, n_layer), dtype=np.float32)
-        predictor_recall = np.zeros((n_density, n_layer))
-        candidate_thresholds = np.zeros((n_density, n_layer), dtype=np.float32)
-        for il, x in enumerate(inputs):
-            layer = model.layers[il]
-            # the converted GGUF holds rows in placed order, as the engine and the sidecar's B do
-            tensor, bias = (layer.gate, layer.gate_bias) if layer.gate is not None else (layer.up, layer.up_bias)
-            x64 = x.astype(np.float64)
-            v = x64 @ decode_matrix(data, tensor).T.astype(np.float64)
-            if bias is not None:
-                v += permute_vector(data, bias, np.arange(model.n_ff)).astype(np.float64)
-            if tables is not None:
-                # final |act(gate) * up| * |down|, among candidates |act(gate)| * E|up| * |down| (placed order)
-                a = activation_values(header.activation, v)
-                up = x64 @ decode_matrix(data, layer.up).T.astype(np.float64)
-                if layer.up_bias is not None:
-                    up += permute_vector(data, layer.up_bias, np.arange(model.n_ff)).astype(np.float64)
-                scale, down_norm = tables[il]
-                candidate_scores, final_scores = np.abs(a) * scale, np.abs(a * up) * down_norm
-                for j, density in enumerate(densities):
-                    t = threshold_for_density(final_scores, density, rng)
-                    c = threshold_for_density(candidate_scores, candidate_density(density), rng)
-                    thresholds[j, il], candidate_thresholds[j, il] = t, c
-                    calibration[j, il] = ((candidate_scores > c) & (final_scores > t)).mean()
-                continue
-            scores = activity_score(header.activation, header.criterion, v)
-            predicted = None
-            if predictors is not None:
-                a, b = predictors[il]
-                predicted = activity_score(header.activation, header.criterion,
-                                             (x64 @ a.T.astype(np.float64)) @ b.T.astype(np.float64))
-            for j, density in enumerate(densities):
-                t = threshold_for_density(scores, density, rng)
-                truly = scores > t
-                thresholds[j, il] = t
-                calibration[j, il] = truly.mean()
-                if predicted is not None:
-                    predictor_thresholds[j, il], predictor_recall[j, il] = recall_threshold(predicted, truly, recall)
-    result = []
-    for j, density in enumerate(densities):
-        result.append(DensityThresholds(
-            float(density), thresholds[j], calibration[j],
-            predictor_thresholds[j] if predictors is not None else None,
-            predictor_recall[j] if predictors is not None else None,
-            candidate_thresholds[j] if header.criterion == "contribution" else None,
-        ))
-        log.info("density %.2f: calibration active fraction %.4f (layers %.4f..%.4f)", density,
-                 calibration[j].mean(), calibration[j].min(), calibration[j].max())
-    return result
-
-
-def check_densities(densities: Sequence[float]) -> None:
-    if not densities:
-        raise SweepError("no densities to sweep")
-    bad = [d for d in densities if not (0.0 < d <= 1.0)]
-    if bad:
-        raise SweepError(f"densities must lie in (0, 1], got {bad}")
-    if len(set(densities)) != len(densities):
-        raise SweepError(f"densities repeat: {list(densities)}")
 
 
 @dataclass(frozen=True)

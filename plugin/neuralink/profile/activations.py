@@ -203,11 +203,12 @@ class ActivationReader(contextlib.AbstractContextManager["ActivationReader"]):
         if status != 0:
             raise NeuralinkError(f"{self.path}: llama_decode failed with status {status} on {n} tokens")
 
-    def logits(self) -> np.ndarray:
-        """The last window's logits, (text tokens, n_vocab) float32, a copy: row k follows text token k."""
+    def logits(self, copy: bool = True) -> np.ndarray:
+        """The last window's logits, (text tokens, n_vocab) float32: row k follows text token k. A copy, or with
+        copy=False llama.cpp's own buffer, valid until the next evaluate."""
         n_vocab = int(bindings.llama_vocab_n_tokens(self._vocab))
         rows = np.ctypeslib.as_array(bindings.llama_get_logits(self._ctx), shape=(self._n_rows, n_vocab))
-        return rows[self._skip_rows:].copy()
+        return rows[self._skip_rows:].copy() if copy else rows[self._skip_rows:]
 
     def _on_eval(self, tensor: int, ask: bool, _user_data: int | None) -> bool:
         # an exception cannot cross the C boundary: keep the first, stop the graph, rethrow after decode

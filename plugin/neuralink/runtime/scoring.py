@@ -6,11 +6,13 @@ which scores one loaded model under several threshold settings.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from neuralink import _engine
 from neuralink.errors import OptionError
 
 if TYPE_CHECKING:
@@ -49,11 +51,11 @@ def scoring_windows(n_tokens: int, n_ctx: int, stride: int) -> list[ScoringWindo
     return windows
 
 
-def window_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    # log-softmax of each row at its target: logsumexp(row) - row[target], accumulated in float64
-    peak = logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(logits - peak).sum(axis=1, dtype=np.float64)) + peak[:, 0]
-    return log_norm - logits[np.arange(len(targets)), targets]
+def window_nll(logits: np.ndarray, targets: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """float64 NLL of each row's target: logsumexp(row) - row[target], summed in double (in C++: numpy's
+    temporaries over a window's 512 x 151936 logits cost as much as llama.cpp's forward pass of it)."""
+    rows = np.ascontiguousarray(logits, dtype=np.float32)
+    return _engine.token_nll(rows, np.asarray(targets, dtype=np.int64), threads or os.cpu_count() or 1)
 
 
 class TextScorer:
