@@ -189,9 +189,9 @@ def _score_settings(settings: list[tuple[str, str | None, DensityThresholds | No
                     fast: ContributionScorer | None, progress: SweepProgress | None) -> list[SweepRow]:
     done = 0
     rows: list[SweepRow] = []
-    # a contribution setting whose thresholds are all 0 (density 1) zeroes only the pairs whose activation is
-    # already 0 wherever act(gate) is not: the stock pass counts what it would change and, when that is nothing,
-    # stands for it (one llama.cpp pass fewer)
+    # a contribution setting whose thresholds are all 0 (density 1) drops a pair only where |act(gate)| or |h| is
+    # 0, so it changes h at most where act(gate) is 0 and h is not: the stock pass counts those pairs and, when
+    # there are none, stands for that setting too (one llama.cpp pass fewer)
     zero = next((s for _, p, s in settings if fast is not None and p == "gate" and s is not None
                  and s.candidate_thresholds is not None and not s.thresholds.any()
                  and not s.candidate_thresholds.any()), None)
