@@ -142,16 +142,17 @@ def density_thresholds(
                 calibration[j, il] = truly.mean()
                 if predicted is not None:
                     predictor_thresholds[j, il], predictor_recall[j, il] = recall_threshold(predicted, truly, recall)
-    result = []
+    _log_calibration(densities, calibration)
+    return [DensityThresholds(float(density), thresholds[j], calibration[j],
+                              predictor_thresholds[j] if predictors is not None else None,
+                              predictor_recall[j] if predictors is not None else None)
+            for j, density in enumerate(densities)]
+
+
+def _log_calibration(densities: Sequence[float], calibration: np.ndarray) -> None:
     for j, density in enumerate(densities):
-        result.append(DensityThresholds(
-            float(density), thresholds[j], calibration[j],
-            predictor_thresholds[j] if predictors is not None else None,
-            predictor_recall[j] if predictors is not None else None,
-        ))
         log.info("density %.2f: calibration active fraction %.4f (layers %.4f..%.4f)", density,
                  calibration[j].mean(), calibration[j].min(), calibration[j].max())
-    return result
 
 
 def contribution_thresholds(
@@ -216,9 +217,7 @@ def contribution_thresholds(
             calibration[j, il] = ((candidate_scores > c) & (final_scores > t)).mean()
     log.info("contribution thresholds from %d calibration tokens, %d sampled pairs per layer", n_tokens,
              len(final_scores))
-    for j, density in enumerate(densities):
-        log.info("density %.2f: calibration active fraction %.4f (layers %.4f..%.4f)", density,
-                 calibration[j].mean(), calibration[j].min(), calibration[j].max())
+    _log_calibration(densities, calibration)
     return [DensityThresholds(float(d), thresholds[j], calibration[j], candidate_thresholds=candidate_thresholds[j])
             for j, d in enumerate(densities)]
 
