@@ -1,8 +1,9 @@
 #include "neuralink/contribution_mask.h"
 
+#include "neuralink/threads.h"
+
 #include <algorithm>
 #include <cmath>
-#include <thread>
 #include <vector>
 
 namespace neuralink {
@@ -38,10 +39,7 @@ MaskCounts zero_dropped_pairs(Activation act, const float * gate, float * h, int
         counts[(size_t) k] = mask_rows(act, gate, h, r0, r1, n_ff, candidate_scale, down_norm, candidate_threshold,
                                        threshold, apply);
     };
-    std::vector<std::thread> pool;
-    for (int k = 1; k < n; ++k) pool.emplace_back(work, k);
-    work(0);
-    for (std::thread & t : pool) t.join();
+    run_on_threads(n, work);
     MaskCounts total;
     for (const MaskCounts & c : counts) {
         total.candidates += c.candidates;

@@ -5,12 +5,12 @@
 #include "sparse_ffn_state.h"
 
 #include "neuralink/errors.h"
+#include "neuralink/threads.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <exception>
-#include <thread>
 
 namespace neuralink {
 
@@ -293,10 +293,7 @@ uint64_t SparseFfn::fill_arena(int threads) {
             stop.store(true);
         }
     };
-    std::vector<std::thread> pool;
-    for (int t = 1; t < std::max(threads, 1); ++t) pool.emplace_back(work);
-    work();
-    for (std::thread & t : pool) t.join();
+    run_on_threads(threads, [&](int) { work(); });
     if (error) {
         std::rethrow_exception(error);
     }

@@ -1,9 +1,9 @@
 #include "neuralink/token_nll.h"
 
+#include "neuralink/threads.h"
+
 #include <algorithm>
 #include <cmath>
-#include <thread>
-#include <vector>
 
 namespace neuralink {
 
@@ -31,10 +31,7 @@ void token_nll(const float * logits, int64_t n_rows, int64_t n_vocab, const int6
             out[r] = row_nll(logits + r * n_vocab, n_vocab, targets[r]);
         }
     };
-    std::vector<std::thread> pool;
-    for (int k = 1; k < n; ++k) pool.emplace_back(work, k);
-    work(0);
-    for (std::thread & t : pool) t.join();
+    run_on_threads(n, work);
 }
 
 } // namespace neuralink
