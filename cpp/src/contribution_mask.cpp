@@ -35,7 +35,7 @@ MaskCounts zero_dropped_pairs(Activation act, const float * gate, float * h, int
     const int n = (int) std::max<int64_t>(1, std::min<int64_t>(threads, n_rows));
     std::vector<MaskCounts> counts((size_t) n);
     auto work = [&](int k) {
-        const int64_t r0 = n_rows * k / n, r1 = n_rows * (k + 1) / n;
+        const auto [r0, r1] = split_range(n_rows, k, n);
         counts[(size_t) k] = mask_rows(act, gate, h, r0, r1, n_ff, candidate_scale, down_norm, candidate_threshold,
                                        threshold, apply);
     };

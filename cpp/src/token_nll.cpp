@@ -1,5 +1,6 @@
 #include "neuralink/token_nll.h"
 
+#include "neuralink/ffn_layer.h"
 #include "neuralink/threads.h"
 
 #include <algorithm>
@@ -10,8 +11,8 @@ namespace neuralink {
 static double row_nll(const float * row, int64_t n_vocab, int64_t target) {
     float peak = row[0];
     for (int64_t v = 1; v < n_vocab; ++v) peak = std::max(peak, row[v]);
-    // float exponentials in blocks, each block's sum added in double: vectorisable, and no precision lost to
-    // a running float sum over 10^5 terms
+    // float exponentials summed in blocks of 256, each block's sum added in double: no precision lost to a
+    // running float sum over 10^5 terms
     double sum = 0.0;
     constexpr int64_t kBlock = 256;
     for (int64_t v0 = 0; v0 < n_vocab; v0 += kBlock) {
@@ -27,7 +28,8 @@ void token_nll(const float * logits, int64_t n_rows, int64_t n_vocab, const int6
                int threads) {
     const int n = (int) std::max<int64_t>(1, std::min<int64_t>(threads, n_rows));
     auto work = [&](int k) {
-        for (int64_t r = n_rows * k / n; r < n_rows * (k + 1) / n; ++r) {
+        const auto [r0, r1] = split_range(n_rows, k, n);
+        for (int64_t r = r0; r < r1; ++r) {
             out[r] = row_nll(logits + r * n_vocab, n_vocab, targets[r]);
         }
     };
