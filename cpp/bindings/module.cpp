@@ -211,14 +211,18 @@ static void register_engine(py::module_ & m) {
             if (!e.sparse()) throw std::invalid_argument("the dense engine has no bundle cache");
             return e.sparse()->collapsed_read_cost_ratio(bytes);
         }, py::arg("bytes"),
-           "Expected time of a decoded token's collapsed reads over reading every region whole, with the most "
-           "frequent records pinned in `bytes` (each record drawn at its profiled frequency).")
+           "Expected time of a decoded token's collapsed reads, with the most frequent records pinned in `bytes` "
+           "(each record drawn at its profiled frequency), over the stream's reads: every region whole less the "
+           "heads the same bytes hold.")
         .def_property_readonly("streams_regions", [](const Engine & e) {
             return e.sparse() && e.sparse()->streams_regions();
         }, "whether the record regions are read whole, ahead of their layer (the stream policy)")
         .def_property_readonly("stream_buffer_bytes", [](const Engine & e) {
             return e.sparse() ? e.sparse()->stream_buffer_bytes() : (size_t) 0;
         }, "the two buffers the stream policy reads regions into (whether or not it is in use)")
+        .def_property_readonly("stream_head_bytes", [](const Engine & e) {
+            return e.sparse() ? e.sparse()->stream_head_bytes() : (uint64_t) 0;
+        }, "bytes of the records the stream policy keeps in DRAM (the head of every region), 0 without it")
         .def("stream_gate_rows", &Engine::stream_gate_rows, py::arg("n_layers"),
              "Read the gate rows of the first n_layers layers that keep them resident from the model file each "
              "time the layer runs, freeing their resident copies (for a budget that cannot hold them all). "

@@ -172,7 +172,7 @@ void SparseFfn::configure_cache(CachePolicy policy, size_t bytes) {
             std::memcpy(dst, start, region.record_bytes);
         });
     }
-    start_stream(policy == CachePolicy::Stream);
+    start_stream(policy == CachePolicy::Stream, bytes);
     cache_ = std::move(cache);
     arena_ = std::move(arena);
     options_.cache_policy = policy;

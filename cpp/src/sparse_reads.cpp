@@ -85,19 +85,24 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
     const uint32_t key = down ? (uint32_t) (store_->n_layer() + il) : (uint32_t) il;
     const size_t rec = region.record_bytes;
     if (stream_) {
-        // the region read whole, ahead of time: every record is in place, checked as it is used
+        // the region read whole, ahead of time, less its head held in DRAM: every record is in place, checked
+        // as it is used; the head's records count as cache hits
+        const RegionHead & head = stream_heads_[key];
         const uint64_t wait_start = steady_now_ns();
         const uint8_t * base = stream_->wait(stream_item(il, down));
         ts.stall_ns += steady_now_ns() - wait_start;
         w.misses.clear();
         w.hit_positions.assign(positions.begin(), positions.end());
         w.hit_records.resize(positions.size());
+        uint32_t held = 0;
         for (size_t k = 0; k < positions.size(); ++k) {
-            const uint8_t * record = base + (size_t) positions[k] * rec;
-            if (options_.verify_checksums) store_->check_record(il, down, positions[k], record);
+            const uint32_t p = positions[k];
+            const uint8_t * record = p < head.count ? head.data + (size_t) p * rec : base + (size_t) (p - head.count) * rec;
+            held += p < head.count;
+            if (options_.verify_checksums) store_->check_record(il, down, p, record);
             w.hit_records[k] = record;
         }
-        w.cache_hits = 0;
+        w.cache_hits = held;
         w.n_pending = 0;
         w.reads = 0;
         w.bytes_read = 0;

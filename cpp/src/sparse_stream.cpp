@@ -1,5 +1,6 @@
 // SparseFfn's stream policy (see region_stream.h): every layer's record regions
-// read whole, ahead of the layer, and the rule by which `auto` chooses it.
+// read whole, ahead of the layer, less the head of each that the cache's bytes
+// hold in DRAM, and the rule by which `auto` chooses it.
 
 #include "sparse_ffn_state.h"
 
@@ -13,26 +14,90 @@ static FileRange whole(const BundleRegion & region) {
     return { region.offset, (size_t) region.record_bytes * region.n_records };
 }
 
+// a region's records from position `first` on, as one byte range of the sidecar
+static FileRange tail(const BundleRegion & region, uint32_t first) {
+    return { region.record_offset(first), (size_t) region.record_bytes * (region.n_records - first) };
+}
+
+std::vector<uint32_t> SparseFfn::stream_head_counts(size_t bytes) const {
+    std::vector<uint32_t> none(n_keys(), 0);
+    if (n_keys() == 0) return none;
+    // the read buffers the memory plan counted that the stream's buffers replace (the smaller of the two
+    // counts it may have made: a layer's records, or the stream's own buffers)
+    size_t whole_buffers = 0;
+    for (uint32_t key = 0; key < n_keys(); ++key) {
+        const BundleRegion & region = region_of_key(key);
+        if (region.n_records > 0) whole_buffers = std::max(whole_buffers, RegionStream::span_bytes(whole(region)));
+    }
+    whole_buffers *= 2;
+    const uint64_t room = (uint64_t) bytes + std::min<uint64_t>(layer_read_bytes(), whole_buffers);
+    auto counts = [&](double fraction) {
+        std::vector<uint32_t> c(n_keys(), 0);
+        for (uint32_t key = 0; key < n_keys(); ++key) {
+            const uint32_t n = region_of_key(key).n_records;
+            c[key] = n > 1 ? std::min(n - 1, (uint32_t) (fraction * n)) : 0;
+        }
+        return c;
+    };
+    auto cost = [&](const std::vector<uint32_t> & c) {
+        uint64_t heads = 0;
+        size_t largest = 0;
+        for (uint32_t key = 0; key < n_keys(); ++key) {
+            const BundleRegion & region = region_of_key(key);
+            if (region.n_records == 0) continue;
+            if (c[key] > 0) heads += RegionStream::span_bytes({ region.offset, (size_t) c[key] * region.record_bytes });
+            largest = std::max(largest, RegionStream::span_bytes(tail(region, c[key])));
+        }
+        return heads + 2 * (uint64_t) largest;
+    };
+    if (cost(none) > room) return none;
+    double lo = 0.0, hi = 1.0; // counts(lo) always fits (with many regions the cost grows with the fraction)
+    for (int k = 0; k < 40; ++k) {
+        const double mid = 0.5 * (lo + hi);
+        (cost(counts(mid)) <= room ? lo : hi) = mid;
+    }
+    return counts(lo);
+}
+
 // the regions of all layers in the order the phases use them: layer 0's bundle region, its down region (split
-// layout), layer 1's bundle region, ...
-void SparseFfn::start_stream(bool on) {
+// layout), layer 1's bundle region, ...; each less the head the stream keeps in DRAM
+void SparseFfn::start_stream(bool on, size_t bytes) {
     stream_.reset();
+    stream_heads_.clear();
+    stream_head_bytes_ = 0;
     streamed_layer_ = -1;
     if (!on || store_->n_layer() == 0) {
         return;
     }
+    const std::vector<uint32_t> heads = stream_head_counts(bytes);
+    std::vector<RegionHead> held(n_keys());
+    uint64_t held_bytes = 0;
     std::vector<FileRange> items;
     for (int il = 0; il < store_->n_layer(); ++il) {
-        const SidecarLayer & S = store_->layer(il);
-        for (const BundleRegion * region : { &S.region, store_->split() ? &S.down_region : nullptr }) {
-            if (region) items.push_back(whole(*region));
+        for (const bool down : { false, true }) {
+            if (down && !store_->split()) continue;
+            const uint32_t key = down ? (uint32_t) (store_->n_layer() + il) : (uint32_t) il;
+            const BundleRegion & region = region_of_key(key);
+            RegionHead & head = held[key];
+            head.count = heads[key];
+            if (head.count > 0) {
+                // one long read; each record is checked against its checksum when it is used, as streamed ones are
+                head.buf = store_->file().read_range(region.offset, (size_t) head.count * region.record_bytes, &head.data);
+                held_bytes += head.buf.size();
+            }
+            items.push_back(tail(region, head.count));
         }
     }
     stream_ = std::make_unique<RegionStream>(store_->file(), std::move(items), &faults_, backend_,
                                              options_.max_read_bytes);
+    stream_heads_ = std::move(held);
+    stream_head_bytes_ = held_bytes;
 }
 
 size_t SparseFfn::stream_buffer_bytes() const {
+    if (stream_) {
+        return stream_->buffer_bytes();
+    }
     size_t largest = 0;
     for (int il = 0; il < store_->n_layer(); ++il) {
         const SidecarLayer & S = store_->layer(il);
@@ -75,7 +140,8 @@ double SparseFfn::collapsed_read_cost_ratio(size_t cache_bytes) const {
     const DeviceCost device = read_cost();
     std::mt19937 rng(12345);
     std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
-    double collapsed = 0.0, whole_cost = 0.0;
+    const std::vector<uint32_t> heads = stream_head_counts(cache_bytes);
+    double collapsed = 0.0, stream_cost = 0.0;
     std::vector<uint32_t> needed;
     for (uint32_t key = 0; key < n_keys(); ++key) {
         const BundleRegion & region = region_of_key(key);
@@ -95,9 +161,9 @@ double SparseFfn::collapsed_read_cost_ratio(size_t cache_bytes) const {
             for (const PlannedRead & r : reads) bytes += r.length;
             collapsed += device.cost(reads.size(), bytes) / kDraws;
         }
-        whole_cost += device.cost(1, RegionStream::span_bytes(whole(region)));
+        stream_cost += device.cost(1, RegionStream::span_bytes(tail(region, heads[key])));
     }
-    return whole_cost > 0.0 ? collapsed / whole_cost : 0.0;
+    return stream_cost > 0.0 ? collapsed / stream_cost : 0.0;
 }
 
 CachePolicy SparseFfn::auto_policy(size_t bytes) const {

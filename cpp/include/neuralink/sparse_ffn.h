@@ -135,14 +135,19 @@ public:
     bool holds_store() const { return arena_ != nullptr; }
     // Whether the record regions are read whole, ahead of their layer (the stream policy: RegionStream).
     bool streams_regions() const { return stream_ != nullptr; }
-    // the two buffers the stream policy reads regions into: two of the largest region's aligned span
+    // the two buffers the stream policy reads regions into: two of the largest streamed part's aligned span (of
+    // the largest region's before the stream starts)
     size_t stream_buffer_bytes() const;
+    // Bytes of the records the stream policy keeps in DRAM: the head of every region (the same fraction of each,
+    // read once when the cache is configured), which the stream then skips; 0 under any other policy.
+    uint64_t stream_head_bytes() const { return stream_head_bytes_; }
     // the I/O buffers a layer's reads need at worst without the stream policy: a layer's records
     uint64_t layer_read_bytes() const;
-    // The expected time of one decoded token's collapsed reads over the time of reading every region whole,
-    // under the read cost in use: each record needed independently at its profiled frequency (candidates'
-    // bundle records, final neurons' down columns), the most frequent ones pinned in `cache_bytes` as the
-    // pinned policy would. Near 1: the reads cover the layers anyway.
+    // The expected time of one decoded token's collapsed reads over the time of the stream's reads, under the
+    // read cost in use: each record needed independently at its profiled frequency (candidates' bundle records,
+    // final neurons' down columns), the most frequent ones pinned in `cache_bytes` as the pinned policy would;
+    // the stream reads every region whole less the heads the same bytes hold (stream_head_counts). Near 1 or
+    // above: the collapsed reads cover what the stream reads anyway.
     double collapsed_read_cost_ratio(size_t cache_bytes) const;
     // What the `auto` policy is for a cache of `bytes`: the store arena (linking) when it holds the whole
     // store; else stream when collapsed reads would cost at least kStreamCostRatio of reading the regions
@@ -249,7 +254,21 @@ private:
     int streamed_layer_ = -1;                     // the layer whose regions the stream last served
     size_t stream_item(int il, bool down) const { return store_->split() ? 2 * (size_t) il + (down ? 1 : 0) : (size_t) il; }
     void release_streamed(int il);
-    void start_stream(bool on); // the stream policy's reader, or none
+    // The stream policy's reader and heads for a cache of `bytes`, or none.
+    void start_stream(bool on, size_t bytes);
+    // Per cache key, how many records at the head of its region the stream keeps in DRAM for a cache of `bytes`:
+    // the same fraction of every region (so every layer's reads shrink alike and keep pace with its compute),
+    // the largest for which the heads and the stream's two buffers fit in `bytes` plus the read buffers the
+    // stream replaces; at least one record of each region is left to the stream.
+    std::vector<uint32_t> stream_head_counts(size_t bytes) const;
+    // the stream's held heads, by cache key: the first `count` records of the region, at `data`
+    struct RegionHead {
+        uint32_t count = 0;
+        AlignedBuffer buf;
+        const uint8_t * data = nullptr;
+    };
+    std::vector<RegionHead> stream_heads_;
+    uint64_t stream_head_bytes_ = 0;
 
     // shared per evaluation (layers run one after the other)
     int64_t capacity_ = 0;

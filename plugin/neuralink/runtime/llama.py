@@ -274,7 +274,9 @@ class Llama(llama_cpp.Llama):
                 # its two buffers replace the read buffers the plan counted: the plan as it now stands
                 self.memory_plan = self._plan_memory(budget, baseline, log, load_anon_growth)
                 logger.info("%s: every layer's records read whole, ahead of the layer, into two buffers of "
-                            "%.1f MiB (cache_policy 'stream')", model_path, engine.stream_buffer_bytes / 2 / 2**20)
+                            "%.1f MiB, less the head of each region kept in RAM (%.0f of %.0f MiB; cache_policy "
+                            "'stream')", model_path, engine.stream_buffer_bytes / 2 / 2**20,
+                            engine.stream_head_bytes / 2**20, self.memory_plan.store_bytes / 2**20)
         # (repacked weights are read from their anonymous copies, not from the mapping)
         lock = lock_weights if lock_weights is not None else (memory_budget is not None and sidecar_path is not None
                                                               and not repack)
