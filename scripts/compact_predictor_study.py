@@ -15,13 +15,20 @@ fraction of pairs it must select to find 99 % of the finals:
   lowrankR     an activation-aware rank-R factor of the gate (as `--lowrank-rank` fits)
   sign1        1-bit gate rows: sign times the row's mean |w|
   q2           2-bit gate rows: sign times {0.5, 1.5} of the row's mean |w|
+  gate_up1     the exact gate and 1-bit up rows (sign times the row's mean |w|):
+               each pair scored by the chance that it passes the criterion given
+               the estimate, the up value taken as beta * estimate plus Gaussian
+               noise (beta and the noise's spread fitted per neuron on the
+               calibration tokens); 1/16 of q4_K up rows' bytes in DRAM
 
-A predictor is worth its DRAM only when its fraction is well under 1.
+A predictor is worth its DRAM only when its fraction is well under 1; the
+exact gate's fraction is what today's candidates cost (their up rows read).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import gguf
@@ -40,6 +47,26 @@ def dequantized(tensors: dict, name: str) -> np.ndarray:
 
 def silu(v: np.ndarray) -> np.ndarray:
     return v / (1.0 + np.exp(-v))
+
+
+def normal_tail(z: np.ndarray) -> np.ndarray:
+    """P(N(0, 1) > z)."""
+    return 0.5 * _erfc(z / np.sqrt(2.0)).astype(np.float64)
+
+
+_erfc = np.frompyfunc(math.erfc, 1, 1)
+
+
+def gate_up1_score(a_held: np.ndarray, x_cal: np.ndarray, x_held: np.ndarray, u: np.ndarray,
+                   down_norm: np.ndarray, threshold: float) -> np.ndarray:
+    """The chance that |a * up| * |d| passes `threshold`, from the exact act(gate) `a_held` and 1-bit up rows."""
+    w = np.sign(u) * np.abs(u).mean(1, keepdims=True)
+    est_cal, est_held, up_cal = x_cal @ w.T, x_held @ w.T, x_cal @ u.T
+    beta = (est_cal * up_cal).sum(0) / np.maximum((est_cal * est_cal).sum(0), 1e-30)
+    spread = np.maximum(np.sqrt(((up_cal - beta * est_cal) ** 2).mean(0)), 1e-30)
+    need = threshold / np.maximum(np.abs(a_held) * down_norm, 1e-30)  # |up| must pass this
+    mean = beta * est_held
+    return normal_tail((need - mean) / spread) + normal_tail((need + mean) / spread)
 
 
 def fraction_for_recall(score: np.ndarray, truth: np.ndarray, recall: float = 0.99) -> float:
@@ -71,6 +98,9 @@ def layer_rows(il: int, x_cal: np.ndarray, x_held: np.ndarray, tensors: dict, de
         truth = criterion_held > np.quantile(criterion_cal, 1.0 - density)
         for name, w in approximations.items():
             rows.append((name, density, fraction_for_recall(np.abs(silu(xh @ w.T)) * scale, truth)))
+        threshold = float(np.quantile(criterion_cal, 1.0 - density))
+        score = gate_up1_score(silu(xh @ g.T), xc, xh, u, down_norm, threshold)
+        rows.append(("gate_up1", density, fraction_for_recall(score, truth)))
         rows.append(("(finals)", density, float(truth.mean())))
     return rows
 

@@ -139,7 +139,9 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     p.code_pages = kRuntimeCodePages;
     p.llama_buffers = buffers.output + buffers.compute;
     p.store_bytes = sparse.store_bytes();
-    p.whole_store_cache = sparse.cache_bytes_to_hold_store();
+    // the stream policy holds region heads, at most the store, in what its cache is given
+    p.whole_store_cache = sparse.options().cache_policy == CachePolicy::Stream ? sparse.store_bytes()
+                                                                                : sparse.cache_bytes_to_hold_store();
     // reads (and cache copies) of a whole layer at worst; per thread 64 KiB of slack and what the phases keep
     // (below); h and token flags per batch row
     const std::string & arch = engine.model().architecture();
