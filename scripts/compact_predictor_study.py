@@ -19,7 +19,7 @@ fraction of pairs it must select to find 99 % of the finals:
                each pair scored by the chance that it passes the criterion given
                the estimate, the up value taken as beta * estimate plus Gaussian
                noise (beta and the noise's spread fitted per neuron on the
-               calibration tokens); 1/16 of q4_K up rows' bytes in DRAM
+               calibration tokens); about a fifth of q4_K up rows' bytes in DRAM
 
 A predictor is worth its DRAM only when its fraction is well under 1; the
 exact gate's fraction is what today's candidates cost (their up rows read).
