@@ -23,14 +23,8 @@ std::vector<uint32_t> SparseFfn::stream_head_counts(size_t bytes) const {
     std::vector<uint32_t> none(n_keys(), 0);
     if (n_keys() == 0) return none;
     // the read buffers the memory plan counted that the stream's buffers replace (the smaller of the two
-    // counts it may have made: a layer's records, or the stream's own buffers)
-    size_t whole_buffers = 0;
-    for (uint32_t key = 0; key < n_keys(); ++key) {
-        const BundleRegion & region = region_of_key(key);
-        if (region.n_records > 0) whole_buffers = std::max(whole_buffers, RegionStream::span_bytes(whole(region)));
-    }
-    whole_buffers *= 2;
-    const uint64_t room = (uint64_t) bytes + std::min<uint64_t>(layer_read_bytes(), whole_buffers);
+    // counts it may have made: a layer's records, or the stream's own buffers without heads)
+    const uint64_t room = (uint64_t) bytes + std::min<uint64_t>(layer_read_bytes(), whole_region_buffer_bytes());
     auto counts = [&](double fraction) {
         std::vector<uint32_t> c(n_keys(), 0);
         for (uint32_t key = 0; key < n_keys(); ++key) {
@@ -94,20 +88,16 @@ void SparseFfn::start_stream(bool on, size_t bytes) {
     stream_head_bytes_ = held_bytes;
 }
 
-size_t SparseFfn::stream_buffer_bytes() const {
-    if (stream_) {
-        return stream_->buffer_bytes();
-    }
+size_t SparseFfn::whole_region_buffer_bytes() const {
     size_t largest = 0;
-    for (int il = 0; il < store_->n_layer(); ++il) {
-        const SidecarLayer & S = store_->layer(il);
-        for (const BundleRegion * region : { &S.region, &S.down_region }) {
-            if (region->n_records == 0) continue;
-            largest = std::max(largest, RegionStream::span_bytes(whole(*region)));
-        }
+    for (uint32_t key = 0; key < n_keys(); ++key) {
+        const BundleRegion & region = region_of_key(key);
+        if (region.n_records > 0) largest = std::max(largest, RegionStream::span_bytes(whole(region)));
     }
     return 2 * largest;
 }
+
+size_t SparseFfn::stream_buffer_bytes() const { return stream_ ? stream_->buffer_bytes() : whole_region_buffer_bytes(); }
 
 uint64_t SparseFfn::layer_read_bytes() const { return store_bytes() / (uint64_t) std::max(store_->n_layer(), 1); }
 

@@ -254,6 +254,8 @@ private:
     int streamed_layer_ = -1;                     // the layer whose regions the stream last served
     size_t stream_item(int il, bool down) const { return store_->split() ? 2 * (size_t) il + (down ? 1 : 0) : (size_t) il; }
     void release_streamed(int il);
+    // two of the largest region's aligned span: the stream's buffers without heads
+    size_t whole_region_buffer_bytes() const;
     // The stream policy's reader and heads for a cache of `bytes`, or none.
     void start_stream(bool on, size_t bytes);
     // Per cache key, how many records at the head of its region the stream keeps in DRAM for a cache of `bytes`:
