@@ -9,12 +9,7 @@
 
 namespace neuralink {
 
-// a region's records as one byte range of the sidecar
-static FileRange whole(const BundleRegion & region) {
-    return { region.offset, (size_t) region.record_bytes * region.n_records };
-}
-
-// a region's records from position `first` on, as one byte range of the sidecar
+// a region's records from position `first` on (0: the whole region), as one byte range of the sidecar
 static FileRange tail(const BundleRegion & region, uint32_t first) {
     return { region.record_offset(first), (size_t) region.record_bytes * (region.n_records - first) };
 }
@@ -58,14 +53,12 @@ std::vector<uint32_t> SparseFfn::stream_head_counts(size_t bytes) const {
 void SparseFfn::start_stream(bool on, size_t bytes) {
     stream_.reset();
     stream_heads_.clear();
-    stream_head_bytes_ = 0;
     streamed_layer_ = -1;
     if (!on || store_->n_layer() == 0) {
         return;
     }
     const std::vector<uint32_t> heads = stream_head_counts(bytes);
     std::vector<RegionHead> held(n_keys());
-    uint64_t held_bytes = 0;
     std::vector<FileRange> items;
     for (int il = 0; il < store_->n_layer(); ++il) {
         for (const bool down : { false, true }) {
@@ -77,7 +70,6 @@ void SparseFfn::start_stream(bool on, size_t bytes) {
             if (head.count > 0) {
                 // one long read; each record is checked against its checksum when it is used, as streamed ones are
                 head.buf = store_->file().read_range(region.offset, (size_t) head.count * region.record_bytes, &head.data);
-                held_bytes += head.buf.size();
             }
             items.push_back(tail(region, head.count));
         }
@@ -85,14 +77,19 @@ void SparseFfn::start_stream(bool on, size_t bytes) {
     stream_ = std::make_unique<RegionStream>(store_->file(), std::move(items), &faults_, backend_,
                                              options_.max_read_bytes);
     stream_heads_ = std::move(held);
-    stream_head_bytes_ = held_bytes;
+}
+
+uint64_t SparseFfn::stream_head_bytes() const {
+    uint64_t bytes = 0;
+    for (const RegionHead & head : stream_heads_) bytes += head.buf.size();
+    return bytes;
 }
 
 size_t SparseFfn::whole_region_buffer_bytes() const {
     size_t largest = 0;
     for (uint32_t key = 0; key < n_keys(); ++key) {
         const BundleRegion & region = region_of_key(key);
-        if (region.n_records > 0) largest = std::max(largest, RegionStream::span_bytes(whole(region)));
+        if (region.n_records > 0) largest = std::max(largest, RegionStream::span_bytes(tail(region, 0)));
     }
     return 2 * largest;
 }

@@ -140,7 +140,7 @@ public:
     size_t stream_buffer_bytes() const;
     // Bytes of the records the stream policy keeps in DRAM: the head of every region (the same fraction of each,
     // read once when the cache is configured), which the stream then skips; 0 under any other policy.
-    uint64_t stream_head_bytes() const { return stream_head_bytes_; }
+    uint64_t stream_head_bytes() const;
     // the I/O buffers a layer's reads need at worst without the stream policy: a layer's records
     uint64_t layer_read_bytes() const;
     // The expected time of one decoded token's collapsed reads over the time of the stream's reads, under the
@@ -270,7 +270,6 @@ private:
         const uint8_t * data = nullptr;
     };
     std::vector<RegionHead> stream_heads_;
-    uint64_t stream_head_bytes_ = 0;
 
     // shared per evaluation (layers run one after the other)
     int64_t capacity_ = 0;
