@@ -185,35 +185,34 @@ NL_AVX2 void q8_0_decode_avx2(const uint8_t * column, float * out, int64_t n) {
 constexpr int64_t kQ6Block = 256;
 constexpr size_t kQ6BlockBytes = 128 + 64 + 16 + 2;
 
-// one column's 128 values of half `half` of a block, decoded, scaled and added to y's 8 registers
+// one column's 128 values of half `half` of a block, decoded, scaled and added to y's 8 registers. The 6-bit
+// values are put together in two 512-bit registers (values 0-63 and 64-127 of the half) and spilled to the
+// stack, so that each group of 16 is sign-extended straight from memory; the 8 scales (d * scale, the same
+// float products as ggml's) are computed at once and broadcast from memory.
 NL_AVX512 NL_INLINE void q6_k_half(const uint8_t * block, int half, float h, __m512 * acc) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), bias = _mm256_set1_epi8(32);
-    const int8_t * sc = (const int8_t *) (block + 192) + 8 * half;
+    const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03), bias = _mm512_set1_epi8(32);
     uint16_t dh;
     std::memcpy(&dh, block + 208, sizeof dh);
-    const float d = _cvtsh_ss(dh);
-    const uint8_t * ql = block + 64 * half;
-    const __m256i l0 = _mm256_loadu_si256((const __m256i *) ql);
-    const __m256i l1 = _mm256_loadu_si256((const __m256i *) (ql + 32));
+    alignas(32) float coef[8];
+    const __m128i sc = _mm_loadl_epi64((const __m128i *) (block + 192 + 8 * half));
+    _mm256_store_ps(coef, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(dh)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+    // ql bytes 0-31 hold values 0-31 (low nibble) and 64-95 (high), bytes 32-63 values 32-63 and 96-127; the
+    // 32 qh bytes hold their two high bits at bits 0-1, 2-3, 4-5 and 6-7 respectively
+    const __m512i l = _mm512_loadu_si512((const void *) (block + 64 * half));
     const __m256i hb = _mm256_loadu_si256((const __m256i *) (block + 128 + 32 * half));
-    // values l, l + 32, l + 64, l + 96 of this half, l < 32
-    const __m256i q[4] = {
-        _mm256_or_si256(_mm256_and_si256(l0, low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4)),
-        _mm256_or_si256(_mm256_and_si256(l1, low4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), low2), 4)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4),
-                        _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), low2), 4)),
-    };
+    const __m512i hh = _mm512_inserti64x4(_mm512_castsi256_si512(hb), _mm256_srli_epi16(hb, 2), 1);
+    alignas(64) int8_t q[128];
+    _mm512_store_si512((void *) q, _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(l, low4),
+                                                   _mm512_slli_epi16(_mm512_and_si512(hh, low2), 4)), bias));
+    _mm512_store_si512((void *) (q + 64),
+                       _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4),
+                                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hh, 4), low2), 4)),
+                                       bias));
     const __m512 hv = _mm512_set1_ps(h);
-    for (int j = 0; j < 4; ++j) {
-        const __m256i v = _mm256_sub_epi8(q[j], bias);
-        const __m512 w0 = _mm512_mul_ps(_mm512_set1_ps(d * (float) sc[2 * j]),
-                                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))));
-        const __m512 w1 = _mm512_mul_ps(_mm512_set1_ps(d * (float) sc[2 * j + 1]),
-                                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))));
-        acc[2 * j] = _mm512_fmadd_ps(hv, w0, acc[2 * j]);
-        acc[2 * j + 1] = _mm512_fmadd_ps(hv, w1, acc[2 * j + 1]);
+    for (int i = 0; i < 8; ++i) {
+        const __m512 w = _mm512_mul_ps(_mm512_set1_ps(coef[i]),
+                                       _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *) (q + 16 * i)))));
+        acc[i] = _mm512_fmadd_ps(hv, w, acc[i]);
     }
 }
 

@@ -1,6 +1,7 @@
 #include "neuralink/ffn_layer.h"
 
 #include "neuralink/names.h"
+#include "neuralink/silu.h"
 
 #include <algorithm>
 #include <array>
@@ -62,12 +63,20 @@ static inline float gelu_f32(float v) {
 
 float activate(Activation act, float v) {
     switch (act) {
-        case Activation::Silu:    return v / (1.0f + expf(-v));
+        case Activation::Silu:    return silu(v);
         case Activation::Gelu:    return gelu_f32(v);
         case Activation::Relu:    return v > 0.0f ? v : 0.0f;
         case Activation::ReluSqr: { const float r = v > 0.0f ? v : 0.0f; return r * r; }
     }
     return v;
+}
+
+void activate_span(Activation act, const float * in, float * out, int64_t n) {
+    if (act == Activation::Silu) {
+        silu_span(in, out, n);
+        return;
+    }
+    for (int64_t i = 0; i < n; ++i) out[i] = activate(act, in[i]);
 }
 
 void activate_rows(Activation act, bool gated, int n, float * out, const float * g, const float * u) {

@@ -1,10 +1,32 @@
 #include "neuralink/store_arena.h"
 
+#include <sys/mman.h>
+
 #include <cstring>
+#include <new>
 #include <stdexcept>
 #include <string>
 
 namespace neuralink {
+
+void StoreArena::Mapping::operator()(uint8_t * p) const {
+    if (p) munmap(p, bytes);
+}
+
+// The records of one key, in an anonymous mapping that the kernel backs with 2 MiB pages where it can
+// (transparent huge pages in "madvise" mode, the usual default, need the advice). A page, huge or not, is only
+// backed once written, and never beyond the mapping: the arena's bytes stay what bytes_for says, rounded up to a
+// page.
+static uint8_t * map_records(size_t bytes) {
+    void * p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+        throw std::bad_alloc();
+    }
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE); // advice only: without THP the pages stay 4 KiB
+#endif
+    return (uint8_t *) p;
+}
 
 size_t StoreArena::bytes_for(const std::vector<size_t> & record_bytes, size_t records_per_key) {
     size_t bytes = 0;
@@ -26,8 +48,8 @@ StoreArena::StoreArena(std::vector<size_t> record_bytes, size_t records_per_key,
         Region r;
         r.record_bytes = record_bytes[k];
         r.n_records = (uint32_t) records_per_key;
-        // new[] without an initialiser touches nothing: large blocks come from mmap and stay unbacked until written
-        r.records.reset(new uint8_t[record_bytes[k] * records_per_key]);
+        const size_t bytes = record_bytes[k] * records_per_key;
+        r.records = std::unique_ptr<uint8_t[], Mapping>(map_records(bytes), Mapping { bytes });
         r.state.reset(new std::atomic<uint8_t>[records_per_key]);
         for (size_t p = 0; p < records_per_key; ++p) r.state[p].store(kEmpty, std::memory_order_relaxed);
         state_bytes_ += records_per_key;

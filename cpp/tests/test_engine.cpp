@@ -8,6 +8,7 @@
 #include "neuralink/ffn_layer.h"
 #include "neuralink/gguf_model.h"
 #include "neuralink/row_gemm.h"
+#include "neuralink/silu.h"
 #include "neuralink/weight_types.h"
 
 #include "gguf.h"
@@ -342,6 +343,41 @@ TEST(rows_times_tokens_matches_vec_dot_on_strided_rows) {
             CHECK(out[t * out_stride + n_rows] == -1.0f); // nothing written between the rows of out
         }
     }
+}
+
+// the prediction activates a row at once and the per-pair code one value at a time: every value, at every
+// position of a row (SIMD lanes and the scalar tail), gets the same float, within 3 ulp of SiLU in double
+// (expf's SiLU is off by as much: the error is 1 + e's rounding and the division's)
+TEST(silu_of_a_row_is_silu_of_each_value_and_close_to_expf) {
+    std::mt19937 rng(7);
+    std::uniform_real_distribution<float> wide(-120.0f, 120.0f), narrow(-12.0f, 12.0f);
+    std::vector<float> in;
+    for (int i = 0; i < 4000; ++i) in.push_back(i % 2 ? wide(rng) : narrow(rng));
+    for (float v : { 0.0f, -0.0f, 1e-40f, -1e-40f, 87.0f, -87.0f, 88.0f, -88.0f, 89.0f, -89.0f, 1e30f, -1e30f,
+                     INFINITY, -INFINITY }) {
+        in.push_back(v);
+    }
+    for (size_t shift = 0; shift < 17; ++shift) { // every alignment of the SIMD lanes against the tail
+        std::vector<float> out(in.size() - shift);
+        silu_span(in.data() + shift, out.data(), (int64_t) out.size());
+        for (size_t i = 0; i < out.size(); ++i) {
+            const float x = in[i + shift];
+            const float one = silu(x);
+            CHECK(std::memcmp(&out[i], &one, sizeof one) == 0);
+            CHECK(activate(Activation::Silu, x) == one || (std::isnan(one) && std::isnan(activate(Activation::Silu, x))));
+            if (std::fabs(x) <= 80.0f) {
+                const double ref = x / (1.0 + std::exp(-(double) x));
+                const float near = (float) ref;
+                CHECK(std::fabs(one - ref) <= 3.0 * std::fabs(std::nextafter(near, INFINITY) - near));
+            }
+        }
+    }
+    CHECK(silu(-200.0f) <= 0.0f && silu(-200.0f) > -1e-30f);
+    CHECK(silu(200.0f) == 200.0f);
+    float nan_out;
+    const float nan_in = NAN;
+    silu_span(&nan_in, &nan_out, 1);
+    CHECK(std::isnan(nan_out));
 }
 
 TEST(activations_follow_ggml_definitions) {

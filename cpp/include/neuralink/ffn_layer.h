@@ -23,8 +23,12 @@ const char * activation_name(Activation act);
 // throws std::invalid_argument for unknown names
 Activation activation_from_name(const std::string & name);
 
-// one activation value, as ggml's scalar code computes it (GELU through ggml's fp16 table)
+// one activation value: SiLU with neuralink's own exp (silu.h; as close as ggml's scalar expf), GELU
+// through ggml's fp16 table; the value activate_span gives it
 float activate(Activation act, float v);
+
+// out[i] = activate(act, in[i]) for i < n (in == out allowed), SiLU vectorized
+void activate_span(Activation act, const float * in, float * out, int64_t n);
 
 // out[i] = act(g[i]) * u[i] (gated) or act(u[i]), with ggml's own kernels where
 // they are vectorized (SiLU); g is unused when !gated

@@ -52,10 +52,16 @@ public:
 
 private:
     static constexpr uint8_t kEmpty = 0, kWriting = 1, kReady = 2;
+    // an anonymous mapping, asked for transparent huge pages: records are reached in any order, and with 4 KiB
+    // pages every neuron's record costs TLB misses on top of its cache misses
+    struct Mapping {
+        size_t bytes; // no default member initialiser: unique_ptr needs the enclosing class complete otherwise
+        void operator()(uint8_t * p) const;
+    };
     struct Region {
         size_t record_bytes = 0;
         uint32_t n_records = 0;
-        std::unique_ptr<uint8_t[]> records;           // uninitialised: untouched pages stay unallocated
+        std::unique_ptr<uint8_t[], Mapping> records;  // untouched pages stay unallocated
         std::unique_ptr<std::atomic<uint8_t>[]> state; // kEmpty, kWriting or kReady
     };
     std::vector<Region> regions_;
