@@ -98,18 +98,25 @@ void axpy_generic(const float * x, float h, float * y, int64_t n) { axpy_body(x,
 // a block of y (32 floats) stays in two registers while up to kGroup columns are added to it
 constexpr int kGroup = 4;
 
-// the next group's columns are scattered over the store: ask for their lines while this group computes
-NL_INLINE void prefetch_group(const uint8_t * const * columns, int from, int count, int64_t n) {
-    const size_t bytes = (size_t) (n / kQ8Block) * kQ8BlockBytes;
-    for (int k = from; k < from + kGroup && k < count; ++k) {
+// Columns are scattered over the store, so the hardware prefetchers do not see them coming: while the group
+// starting at k0 computes, the next group's lines are asked into L1 and those of the group kFarGroups ahead into
+// L2. Measured on a store four times the L3 (q6_K columns of Qwen2.5-Coder-1.5B, 3,500 of 8,960 per layer): the
+// L2 requests took a layer from 660-780 to 470-520 us; 3 to 5 groups ahead did alike, 2 ahead into L1 did not.
+constexpr int kFarGroups = 4;
+
+NL_INLINE void prefetch_group(const uint8_t * const * columns, int k0, int count, size_t bytes) {
+    for (int k = k0 + kGroup; k < k0 + 2 * kGroup && k < count; ++k) {
         for (size_t at = 0; at < bytes; at += 64) _mm_prefetch((const char *) columns[k] + at, _MM_HINT_T0);
+    }
+    for (int k = k0 + kFarGroups * kGroup; k < k0 + (kFarGroups + 1) * kGroup && k < count; ++k) {
+        for (size_t at = 0; at < bytes; at += 64) _mm_prefetch((const char *) columns[k] + at, _MM_HINT_T1);
     }
 }
 
 NL_AVX512 void q8_0_axpy_avx512(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
     for (int k0 = 0; k0 < count; k0 += kGroup) {
         const int m = count - k0 < kGroup ? count - k0 : kGroup;
-        prefetch_group(columns, k0 + kGroup, count, n);
+        prefetch_group(columns, k0, count, (size_t) (n / kQ8Block) * kQ8BlockBytes);
         for (int64_t b = 0; b < n / kQ8Block; ++b) {
             float * yb = y + b * kQ8Block;
             __m512 lo = _mm512_loadu_ps(yb), hi = _mm512_loadu_ps(yb + 16);
@@ -145,7 +152,7 @@ NL_AVX512 void q8_0_decode_avx512(const uint8_t * column, float * out, int64_t n
 NL_AVX2 void q8_0_axpy_avx2(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
     for (int k0 = 0; k0 < count; k0 += kGroup) {
         const int m = count - k0 < kGroup ? count - k0 : kGroup;
-        prefetch_group(columns, k0 + kGroup, count, n);
+        prefetch_group(columns, k0, count, (size_t) (n / kQ8Block) * kQ8BlockBytes);
         for (int64_t b = 0; b < n / kQ8Block; ++b) {
             float * yb = y + b * kQ8Block;
             __m256 acc[4] = { _mm256_loadu_ps(yb), _mm256_loadu_ps(yb + 8), _mm256_loadu_ps(yb + 16),
@@ -233,9 +240,7 @@ NL_AVX512 void q6_k_axpy_avx512(const uint8_t * const * columns, const float * h
     const size_t bytes = (size_t) (n / kQ6Block) * kQ6BlockBytes;
     for (int k0 = 0; k0 < count; k0 += kGroup) {
         const int m = count - k0 < kGroup ? count - k0 : kGroup;
-        for (int k = k0 + kGroup; k < k0 + 2 * kGroup && k < count; ++k) {
-            for (size_t at = 0; at < bytes; at += 64) _mm_prefetch((const char *) columns[k] + at, _MM_HINT_T0);
-        }
+        prefetch_group(columns, k0, count, bytes);
         // 128 values of y (a half block) stay in registers while the group's columns are added, in order
         for (int64_t b = 0; b < n / kQ6Block; ++b) {
             for (int half = 0; half < 2; ++half) {
