@@ -171,6 +171,37 @@ def test_a_corrupt_record_is_an_io_error_naming_layer_and_neuron(contribution_pa
         engine.forward(1, x, "silu")
 
 
+@pytest.mark.parametrize("where", ["head", "tail"])
+def test_a_corrupt_record_under_the_stream_is_an_io_error(contribution_pair, tmp_path: Path, where: str) -> None:
+    # the stream's heads are checked once, when read at load; the streamed rest as each record is used
+    model, sidecar = contribution_pair
+    copy_model, copy_sidecar = tmp_path / model.name, tmp_path / sidecar.name
+    copy_model.write_bytes(model.read_bytes())
+    data = bytearray(sidecar.read_bytes())
+    with Sidecar.open(sidecar, model) as opened:
+        n_ff, layout = opened.header.n_ff, opened.layouts[1]
+        neuron = 0 if where == "head" else n_ff - 1
+        offset = opened.down_store_offset(1) + neuron * layout.down_record_bytes + 3
+    data[offset] ^= 0x40
+    copy_sidecar.write_bytes(bytes(data))
+    reads = _engine.Engine(str(model), sidecar=str(sidecar), predictor="dense", cache_policy="none")
+
+    def stream() -> _engine.Engine:
+        return _engine.Engine(str(copy_model), sidecar=str(copy_sidecar), predictor="dense", cache_policy="stream",
+                              cache_bytes=reads.store_bytes // 2)
+
+    if where == "head":
+        with pytest.raises(neuralink.EngineIOError, match=r"layer 1.*neuron 0\b.*checksum"):
+            stream()
+        return
+    engine = stream()
+    assert engine.stream_head_bytes > 0
+    x = np.ones((1, 256), dtype=np.float32)
+    assert np.array_equal(engine.forward(0, x, "silu"), reads.forward(0, x, "silu"))  # layer 0 is intact
+    with pytest.raises(neuralink.EngineIOError, match=rf"layer 1.*neuron {n_ff - 1}\b.*checksum"):
+        engine.forward(1, x, "silu")
+
+
 def test_sweep_varies_both_thresholds_of_a_contribution_sidecar(contribution_pair, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from neuralink.convert.quality import ContributionScorer

@@ -78,6 +78,9 @@ void SparseFfn::read_and_compute(int il, int64_t n_tokens, int ith, int nth, Thr
 // memory plan's scratch (twice a layer's records)
 static size_t scratch_size(uint64_t need) { return (size_t) align_up(need, (uint64_t) 64 << 10); }
 
+// streamed records checked ahead of the one being hashed whose lines are requested (2 and 4 did alike)
+static constexpr size_t kCheckAhead = 4;
+
 void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & positions, int64_t n_tokens, ThreadState & ts,
                        Wave & w) {
     const SidecarLayer & S = store_->layer(il);
@@ -85,8 +88,9 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
     const uint32_t key = down ? (uint32_t) (store_->n_layer() + il) : (uint32_t) il;
     const size_t rec = region.record_bytes;
     if (stream_) {
-        // the region read whole, ahead of time, less its head held in DRAM: every record is in place, checked
-        // as it is used; the head's records count as cache hits
+        // the region read whole, ahead of time, less its head held in DRAM: every record is in place, a streamed
+        // one checked as it is used (the head's were checked once, when read); the head's records count as cache
+        // hits
         const RegionHead & head = stream_heads_[key];
         const uint64_t wait_start = steady_now_ns();
         const uint8_t * base = stream_->wait(stream_item(il, down));
@@ -95,11 +99,23 @@ void SparseFfn::gather(int il, bool down, const std::vector<uint32_t> & position
         w.hit_positions.assign(positions.begin(), positions.end());
         w.hit_records.resize(positions.size());
         uint32_t held = 0;
+        auto record_of = [&](uint32_t p) {
+            return p < head.count ? head.data + (size_t) p * rec : base + (size_t) (p - head.count) * rec;
+        };
         for (size_t k = 0; k < positions.size(); ++k) {
             const uint32_t p = positions[k];
-            const uint8_t * record = p < head.count ? head.data + (size_t) p * rec : base + (size_t) (p - head.count) * rec;
-            held += p < head.count;
-            if (options_.verify_checksums) store_->check_record(il, down, p, record);
+            const bool in_head = p < head.count;
+            const uint8_t * record = record_of(p);
+            held += in_head;
+            if (!in_head && options_.verify_checksums) {
+                // the records just arrived in DRAM and lie apart: ask for a later one's lines while this one is
+                // hashed (Qwen2.5-Coder-1.5B under a 760 MB budget: 4.9 -> 5.3 tok/s; the checks then cost ~6 %)
+                if (k + kCheckAhead < positions.size()) {
+                    const uint8_t * later = record_of(positions[k + kCheckAhead]);
+                    for (size_t at = 0; at < rec; at += 64) __builtin_prefetch(later + at, 0, 0);
+                }
+                store_->check_record(il, down, p, record);
+            }
             w.hit_records[k] = record;
         }
         w.cache_hits = held;

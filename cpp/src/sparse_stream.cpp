@@ -68,8 +68,15 @@ void SparseFfn::start_stream(bool on, size_t bytes) {
             RegionHead & head = held[key];
             head.count = heads[key];
             if (head.count > 0) {
-                // one long read; each record is checked against its checksum when it is used, as streamed ones are
+                // one long read, each record checked against its checksum once, here: the head then stays in DRAM
+                // like a cache's records, which are checked when read and not on every use (checking the heads on
+                // every use was a quarter of a capped token's samples)
                 head.buf = store_->file().read_range(region.offset, (size_t) head.count * region.record_bytes, &head.data);
+                if (options_.verify_checksums) {
+                    for (uint32_t p = 0; p < head.count; ++p) {
+                        store_->check_record(il, down, p, head.data + (size_t) p * region.record_bytes);
+                    }
+                }
             }
             items.push_back(tail(region, head.count));
         }
