@@ -110,6 +110,9 @@ run_cpp_tests() {
     -DNEURALINK_LLAMA_SRC="$LLAMA_SRC/vendor/llama.cpp" -DNEURALINK_LLAMA_LIB_DIR="$lib_dir" > /dev/null
   PATH="$VENV/bin:$PATH" cmake --build "$ROOT/build/cpp" > /dev/null
   (cd "$ROOT/build/cpp" && ./neuralink_tests)
+  # the column loops again with the narrower instruction sets this CPU also has (AVX2 machines run those)
+  say "the column loops with NEURALINK_KERNELS=avx2 and generic"
+  (cd "$ROOT/build/cpp" && NEURALINK_KERNELS=avx2 ./neuralink_tests column && NEURALINK_KERNELS=generic ./neuralink_tests column)
 }
 
 install_cross_tools() {

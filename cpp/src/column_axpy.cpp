@@ -1,6 +1,7 @@
 #include "neuralink/column_axpy.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -254,6 +255,71 @@ NL_AVX512 void q6_k_axpy_avx512(const uint8_t * const * columns, const float * h
     }
 }
 
+// The AVX2 loops for q6_K: a quarter of a block (64 values, its four scales) at a time, y's 64 values held in 8
+// registers while the group's columns are added; values and sums as in the AVX-512 loop (d * scale first, then
+// the 6-bit value, then fma(h, value, y)).
+NL_AVX2 NL_INLINE void q6_k_quarter_avx2(const uint8_t * block, int quarter, float h, __m256 * acc) {
+    const int half = quarter / 2, high = quarter % 2; // high: values 64-127 of the half (the high nibbles)
+    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), bias = _mm256_set1_epi8(32);
+    uint16_t dh;
+    std::memcpy(&dh, block + 208, sizeof dh);
+    alignas(32) float coef[4];
+    int32_t sc4;
+    std::memcpy(&sc4, block + 192 + 8 * half + 4 * high, sizeof sc4);
+    const __m128i sc = _mm_cvtsi32_si128(sc4);
+    _mm_store_ps(coef, _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(dh)), _mm_cvtepi32_ps(_mm_cvtepi8_epi32(sc))));
+    const uint8_t * ql = block + 64 * half;
+    __m256i l0 = _mm256_loadu_si256((const __m256i *) ql), l1 = _mm256_loadu_si256((const __m256i *) (ql + 32));
+    __m256i hb = _mm256_loadu_si256((const __m256i *) (block + 128 + 32 * half));
+    if (high) {
+        l0 = _mm256_srli_epi16(l0, 4);
+        l1 = _mm256_srli_epi16(l1, 4);
+        hb = _mm256_srli_epi16(hb, 4);
+    }
+    alignas(32) int8_t q[64];
+    _mm256_store_si256((__m256i *) q, _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l0, low4),
+                                                                     _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4)),
+                                                     bias));
+    _mm256_store_si256((__m256i *) (q + 32),
+                       _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l1, low4),
+                                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4)),
+                                       bias));
+    const __m256 hv = _mm256_set1_ps(h);
+    for (int i = 0; i < 8; ++i) {
+        const __m256 w = _mm256_mul_ps(_mm256_set1_ps(coef[i / 2]),
+                                       _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (q + 8 * i)))));
+        acc[i] = _mm256_fmadd_ps(hv, w, acc[i]);
+    }
+}
+
+NL_AVX2 void q6_k_decode_avx2(const uint8_t * column, float * out, int64_t n) {
+    for (int64_t b = 0; b < n / kQ6Block; ++b) {
+        for (int quarter = 0; quarter < 4; ++quarter) {
+            __m256 acc[8];
+            for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_ps(-0.0f);
+            q6_k_quarter_avx2(column + (size_t) b * kQ6BlockBytes, quarter, 1.0f, acc);
+            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + b * kQ6Block + 64 * quarter + 8 * i, acc[i]);
+        }
+    }
+}
+
+NL_AVX2 void q6_k_axpy_avx2(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
+    const size_t bytes = (size_t) (n / kQ6Block) * kQ6BlockBytes;
+    for (int k0 = 0; k0 < count; k0 += kGroup) {
+        const int m = count - k0 < kGroup ? count - k0 : kGroup;
+        prefetch_group(columns, k0, count, bytes);
+        for (int64_t b = 0; b < n / kQ6Block; ++b) {
+            for (int quarter = 0; quarter < 4; ++quarter) {
+                float * yq = y + b * kQ6Block + 64 * quarter;
+                __m256 acc[8];
+                for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(yq + 8 * i);
+                for (int k = k0; k < k0 + m; ++k) q6_k_quarter_avx2(columns[k] + (size_t) b * kQ6BlockBytes, quarter, h[k], acc);
+                for (int i = 0; i < 8; ++i) _mm256_storeu_ps(yq + 8 * i, acc[i]);
+            }
+        }
+    }
+}
+
 NL_AVX512 void axpy_avx512(const float * x, float h, float * y, int64_t n) {
     const __m512 hv = _mm512_set1_ps(h);
     int64_t i = 0;
@@ -355,15 +421,19 @@ struct Kernels {
 
 const Kernels & kernels() {
     static const Kernels chosen = [] {
+        // NEURALINK_KERNELS=avx2 or generic: a narrower set than the CPU has, so that the tests check every loop
+        // on an AVX-512 machine too
+        const char * asked = std::getenv("NEURALINK_KERNELS");
+        const std::string narrower = asked ? asked : "";
 #ifdef NL_X86_VERSIONS
         __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        if (narrower.empty() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
             return Kernels { "avx512", q8_0_axpy_avx512, axpy_avx512, q8_0_decode_avx512, q6_k_axpy_avx512,
                              q6_k_decode_avx512, tokens_gemm_avx512 };
         }
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-            return Kernels { "avx2", q8_0_axpy_avx2, axpy_avx2, q8_0_decode_avx2 };
+        if (narrower != "generic" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+            return Kernels { "avx2", q8_0_axpy_avx2, axpy_avx2, q8_0_decode_avx2, q6_k_axpy_avx2, q6_k_decode_avx2 };
         }
 #endif
         return Kernels { "generic", q8_0_axpy_generic, axpy_generic, q8_0_decode_generic };
