@@ -110,9 +110,14 @@ run_cpp_tests() {
     -DNEURALINK_LLAMA_SRC="$LLAMA_SRC/vendor/llama.cpp" -DNEURALINK_LLAMA_LIB_DIR="$lib_dir" > /dev/null
   PATH="$VENV/bin:$PATH" cmake --build "$ROOT/build/cpp" > /dev/null
   (cd "$ROOT/build/cpp" && ./neuralink_tests)
-  # the column loops again with the narrower instruction sets this CPU also has (AVX2 machines run those)
-  say "the column loops with NEURALINK_KERNELS=avx2 and generic"
-  (cd "$ROOT/build/cpp" && NEURALINK_KERNELS=avx2 ./neuralink_tests column && NEURALINK_KERNELS=generic ./neuralink_tests column)
+  # the hand-written loops again with the narrower instruction sets this CPU also has (AVX2 machines run those)
+  say "the column and SiLU loops with NEURALINK_KERNELS=avx2 and generic"
+  local level name
+  for level in avx2 generic; do
+    for name in column silu; do
+      (cd "$ROOT/build/cpp" && NEURALINK_KERNELS=$level ./neuralink_tests $name)
+    done
+  done
 }
 
 install_cross_tools() {

@@ -1,25 +1,16 @@
 #include "neuralink/column_axpy.h"
 
+#include "simd.h"
+
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
 // GCC 12 flags the _mm512_undefined_* placeholders inside its own AVX-512 headers
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-
-// one copy of each loop per instruction set, picked once from the features the CPU reports (target_clones'
-// "arch=" clones ran the plain loop on a Sapphire Rapids: their resolver matches CPU models, not features)
-#if defined(__x86_64__) && defined(__GNUC__)
-#define NL_X86_VERSIONS 1
-#define NL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
-#define NL_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
-#define NL_INLINE inline __attribute__((always_inline))
 
 namespace neuralink {
 
@@ -421,22 +412,17 @@ struct Kernels {
 
 const Kernels & kernels() {
     static const Kernels chosen = [] {
-        // NEURALINK_KERNELS=avx2 or generic: a narrower set than the CPU has, so that the tests check every loop
-        // on an AVX-512 machine too
-        const char * asked = std::getenv("NEURALINK_KERNELS");
-        const std::string narrower = asked ? asked : "";
+        switch (simd_level()) {
 #ifdef NL_X86_VERSIONS
-        __builtin_cpu_init();
-        if (narrower.empty() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
-            return Kernels { "avx512", q8_0_axpy_avx512, axpy_avx512, q8_0_decode_avx512, q6_k_axpy_avx512,
-                             q6_k_decode_avx512, tokens_gemm_avx512 };
-        }
-        if (narrower != "generic" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-            return Kernels { "avx2", q8_0_axpy_avx2, axpy_avx2, q8_0_decode_avx2, q6_k_axpy_avx2, q6_k_decode_avx2 };
-        }
+            case SimdLevel::Avx512:
+                return Kernels { "avx512", q8_0_axpy_avx512, axpy_avx512, q8_0_decode_avx512, q6_k_axpy_avx512,
+                                 q6_k_decode_avx512, tokens_gemm_avx512 };
+            case SimdLevel::Avx2:
+                return Kernels { "avx2", q8_0_axpy_avx2, axpy_avx2, q8_0_decode_avx2, q6_k_axpy_avx2, q6_k_decode_avx2 };
 #endif
-        return Kernels { "generic", q8_0_axpy_generic, axpy_generic, q8_0_decode_generic };
+            default:
+                return Kernels { "generic", q8_0_axpy_generic, axpy_generic, q8_0_decode_generic };
+        }
     }();
     return chosen;
 }

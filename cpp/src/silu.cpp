@@ -1,14 +1,9 @@
 #include "neuralink/silu.h"
 
+#include "simd.h"
+
 #include <cmath>
 #include <cstring>
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define NL_X86_VERSIONS 1
-#define NL_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
-#define NL_AVX2 __attribute__((target("avx2,fma")))
-#endif
 
 namespace neuralink {
 
@@ -88,14 +83,13 @@ using SpanFn = void (*)(const float *, float *, int64_t);
 
 SpanFn span_kernel() {
     static const SpanFn chosen = [] {
+        switch (simd_level()) {
 #ifdef NL_X86_VERSIONS
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma")) {
-            return (SpanFn) silu_span_avx512;
-        }
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return (SpanFn) silu_span_avx2;
+            case SimdLevel::Avx512: return (SpanFn) silu_span_avx512;
+            case SimdLevel::Avx2: return (SpanFn) silu_span_avx2;
 #endif
-        return (SpanFn) silu_span_generic;
+            default: return (SpanFn) silu_span_generic;
+        }
     }();
     return chosen;
 }
