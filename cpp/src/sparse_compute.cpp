@@ -210,19 +210,18 @@ void SparseFfn::finish_stretch(const LayerMath & M, int64_t n_tokens, const uint
     const SparseLayerWeights & L = M.L;
     const int64_t n_ff = L.n_ff;
     ts.stretch_flags.assign(m, 0); // bit 0: the criterion holds for some token; bit 1: h computed for some token
-    // Without a branch on the data: whether the pair was predicted, and whether its criterion holds, vary from
-    // pair to pair without a pattern. Every pair is finished (its u and g are there, from the batched products)
-    // and the prediction then decides what is kept: h, the counters, the flags; a pair not predicted gets h = 0
-    // as before. (This function's share of a 256-token prompt's samples: 12.8 % -> 9.5 %; what is left is
-    // walking h, a row of n_ff floats per token, across every token for each stretch.)
     uint64_t predicted = 0, computed_pairs = 0;
     const bool up_bias = !L.up_bias.empty(), gate_bias = !L.gate_bias.empty();
     // restrict: a byte store may alias anything, and would make every pointer of the layer be loaded again per pair
     uint8_t * __restrict flags = ts.stretch_flags.data();
     if (L.gated && M.resident_pre && M.criterion == Criterion::Contribution && M.down_vdt != GGML_TYPE_F16 &&
         M.down_vdt != GGML_TYPE_BF16) {
-        // the gate predictor on a gated model, the usual case: finish_pair's arithmetic written out, h = act(g) * u
-        // with act(g) from the prediction, the criterion |h| * |d| > t, nothing rounded for down
+        // The gate predictor on a gated model, the usual case: finish_pair's arithmetic written out, h = act(g) * u
+        // with act(g) from the prediction, the criterion |h| * |d| > t, nothing rounded for down; and without a
+        // branch on the data (whether a pair was predicted, and whether it holds, vary without a pattern): every
+        // pair is finished, and the prediction decides what is kept. This function's share of a 256-token
+        // prompt's samples: 11.6 % -> 9.5 %, prompt throughput within noise; what is left is walking h, a row of
+        // n_ff floats per token, across every token for each stretch.
         const float * __restrict ub = up_bias ? L.up_bias.data() : nullptr;
         const float * __restrict dn = M.S.down_norm.data();
         const float threshold = M.threshold;
@@ -251,16 +250,18 @@ void SparseFfn::finish_stretch(const LayerMath & M, int64_t n_tokens, const uint
             const float * gt = g ? g + t * (int64_t) m : nullptr;
             for (size_t k = 0; k < m; ++k) {
                 const uint32_t p = pos[k];
-                const bool on = on_row[p] != 0;
-                float v = h_row[p];
+                float & hv = h_row[p];
+                if (!on_row[p]) {
+                    hv = 0.0f;
+                    continue;
+                }
+                ++predicted;
                 const float uk = ut[k] + (up_bias ? L.up_bias[p] : 0.0f);
                 const float gk = gt ? gt[k] + (gate_bias ? L.gate_bias[p] : 0.0f) : 0.0f;
-                const bool holds = finish_pair(M, p, uk, gk, v);
-                const bool computed = on & (holds | !M.filter);
-                h_row[p] = on ? v : 0.0f;
-                predicted += on;
+                const bool holds = finish_pair(M, p, uk, gk, hv);
+                const bool computed = holds || !M.filter;
                 computed_pairs += computed;
-                flags[k] |= (uint8_t) ((on & holds) | (computed << 1));
+                flags[k] |= (uint8_t) (holds | (computed << 1));
             }
         }
     }
