@@ -94,29 +94,69 @@ def test_without_a_budget_the_cache_uses_the_memory_there_is(converted_smollm2: 
     none.close()
 
 
-def test_the_budget_counts_the_embedding_rows_a_context_touches_or_all_of_a_tied_embedding(
+def test_the_budget_counts_the_embedding_rows_a_micro_batch_maps_or_all_of_a_tied_embedding(
     converted_model, converted_smollm2: Path
 ) -> None:
     page = os.sysconf("SC_PAGE_SIZE")
-    # rows of several pages, so that one context's rows are less than the table (llama.cpp pads n_ctx to 256)
+    # rows of several pages, so that one micro-batch's rows are less than the table
     untied, _ = converted_model("llama", "f32", n_embd=2048, n_head=16, n_head_kv=4, n_ff=256, n_layer=1)
     for model in (untied, converted_smollm2):
         directory = read_gguf_directory(model)
         embedding = directory.tensors["token_embd.weight"]
         tied = "output.weight" not in directory.tensors
-        llm = neuralink.Llama(str(model), memory_budget="2GiB", n_ctx=256, n_batch=32, verbose=False)
+        llm = neuralink.Llama(str(model), memory_budget="2GiB", n_ctx=256, n_batch=8, verbose=False)
         row = embedding.nbytes // embedding.shape[1]
-        touched = llm.n_ctx() * (-(-row // page) + 1) * page
+        # each row's pages, one more where it straddles, and a 64 KiB fault-around window on either side
+        mapped_per_row = -(-row // page) * page + page + 2 * 65536
         plan = llm.memory_plan
         llm.close()
         assert plan is not None
         if tied:  # the output matrix: every token reads all of it
             assert plan.token_embedding == embedding.nbytes
-        else:  # looked up row by row in the mapped file
-            assert plan.token_embedding == touched < embedding.nbytes
+        else:  # looked up row by row in the mapped file, released every micro-batch
+            assert plan.token_embedding == 8 * mapped_per_row < embedding.nbytes
         ffn = (".ffn_gate.weight", ".ffn_up.weight", ".ffn_down.weight")
         others = [t.nbytes for t in directory.tensors.values() if t.name != embedding.name and not t.name.endswith(ffn)]
         assert plan.non_ffn_weights == directory.data_offset + sum(others)
+
+
+def mapped_bytes_of_file_range(path: Path, start: int, end: int) -> int:
+    """Bytes of the pages of file bytes [start, end) that this process's mappings of `path` have present
+    (/proc/self/pagemap's bit 63, page by page)."""
+    page, real, total = os.sysconf("SC_PAGE_SIZE"), os.path.realpath(path), 0
+    with open("/proc/self/maps") as maps, open("/proc/self/pagemap", "rb") as pagemap:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 6 or fields[5] != real:
+                continue
+            low, high = (int(v, 16) for v in fields[0].split("-"))
+            offset = int(fields[2], 16)
+            first, last = max(start, offset), min(end, offset + high - low)
+            for address in range((low + first - offset) // page * page, low + last - offset, page):
+                pagemap.seek(address // page * 8)
+                if int.from_bytes(pagemap.read(8), "little") >> 63:
+                    total += page
+    return total
+
+
+def test_a_long_prompt_keeps_one_micro_batch_of_embedding_rows_mapped(converted_model) -> None:
+    # llama.cpp looks each token's row up in its mapping of the file; the kernel maps far more than the row
+    # around each lookup (read-ahead, large folios), and a long context would map the whole table: under a
+    # budget the pages are released every micro-batch, so what stays mapped is within the plan's count
+    model, _ = converted_model("llama", "f32", n_embd=2048, n_head=16, n_head_kv=4, n_ff=256, n_layer=1)
+    embedding = read_gguf_directory(model).tensors["token_embd.weight"]
+    start = embedding.offset  # absolute in the file
+    llm = neuralink.Llama(str(model), memory_budget="2GiB", n_ctx=512, n_batch=8, verbose=False)
+    try:
+        vocab = llm.n_vocab()
+        tokens = list(range(vocab - 400, vocab))  # 400 distinct rows of 8 KiB
+        assert 400 * (embedding.nbytes // vocab) > llm.memory_plan.token_embedding
+        llm.eval(tokens)
+        mapped = mapped_bytes_of_file_range(model, start, start + embedding.nbytes)
+        print("MAPPED", mapped, start, embedding.nbytes, llm.memory_plan.token_embedding)
+        assert mapped <= llm.memory_plan.token_embedding, (mapped, llm.memory_plan.token_embedding)
+    finally:
+        llm.close()
 
 
 def test_under_a_budget_llama_cpp_keeps_weights_unrepacked(converted_model, capfd: pytest.CaptureFixture[str]) -> None:

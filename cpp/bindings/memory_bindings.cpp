@@ -56,6 +56,13 @@ void register_memory(py::module_ & m) {
           }, py::arg("engine"),
           "Lock (mlock) the pages of the tensors llama.cpp reads every token (attention, norms, output) in this "
           "process's mapping of the engine's model file; (bytes locked, why not all of them or '').");
+    m.def("bound_lookup_pages", [](Engine & engine) {
+              const LookupPages & pages = engine.bound_lookup_pages();
+              return py::make_tuple(pages.bytes, pages.error);
+          }, py::arg("engine"),
+          "Bound what llama.cpp's lookups of an untied token embedding keep mapped: its pages read without read "
+          "ahead and unmapped as each micro-batch reaches layer 0; (bytes of the table bounded, why not or ''). "
+          "Once llama.cpp has mapped the model.");
     m.def("resident_bytes", &resident_bytes, "This process's resident set size (VmRSS).");
     m.def("anonymous_resident_bytes", &anonymous_resident_bytes, "Its anonymous part (RssAnon).");
     m.def("parse_size", &parse_size, py::arg("text"), py::arg("what") = "size",

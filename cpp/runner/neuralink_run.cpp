@@ -364,6 +364,7 @@ void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & 
     cparams.n_ctx = (uint32_t) (o.n_ctx ? o.n_ctx : (int) s.prompt.size() + o.n_predict);
     cparams.n_batch = (uint32_t) o.n_batch;
     cparams.n_ubatch = (uint32_t) std::min(o.n_batch, (int) cparams.n_ubatch);
+    cparams.n_outputs_max = 1; // the last position's logits only: no compute buffer for n_batch rows of logits
     cparams.n_threads = cparams.n_threads_batch = o.n_threads;
     cparams.flash_attn_type = o.flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
     if ((int) s.prompt.size() + o.n_predict > (int) cparams.n_ctx) {
@@ -419,6 +420,10 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
     const neuralink::LockedPages locked = neuralink::lock_every_token_weights(engine.model());
     if (!locked.error.empty()) {
         note("%s; %.0f MiB locked, the rest may be evicted and read again", locked.error.c_str(), locked.bytes / 1048576.0);
+    }
+    // and what the token embedding's lookups map, at most one micro-batch's rows (the plan counts that)
+    if (const neuralink::LookupPages & pages = engine.bound_lookup_pages(); !pages.error.empty()) {
+        note("%s; the token embedding's lookups stay mapped", pages.error.c_str());
     }
     preload_store(*engine.sparse());
 }

@@ -373,7 +373,15 @@ int32_t Engine::take(const llama_ffn_hook_layer & d, int32_t * n_phases) {
     return d.il;
 }
 
+const LookupPages & Engine::bound_lookup_pages() {
+    lookup_pages_ = neuralink::bound_lookup_pages(model_);
+    return lookup_pages_;
+}
+
 void Engine::compute(int32_t handle, int32_t phase, const float * x, float * y, int64_t n_tokens, int ith, int nth) {
+    if (handle == 0 && phase == 0 && ith == 0) {
+        release_lookup_pages(lookup_pages_); // this micro-batch's rows are in its input by now
+    }
     if (sparse_) {
         sparse_->phase(handle, phase, x, y, n_tokens, ith, nth);
         if (phase == SparseFfn::kPhases - 1 && ith == 0) {

@@ -121,13 +121,14 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
         }
     }
     if (embedding) {
-        // with an output matrix of its own, token_embd is only looked up: each token of a context maps the
-        // pages of its row (at most two when a row is under a page); tied, every token reads all of it
+        // with an output matrix of its own, token_embd is only looked up: under a budget what its lookups map is
+        // released every micro-batch (residency.h's bound_lookup_pages), so one micro-batch's rows at most, each
+        // with what a fault maps around it; tied, every token reads all of it
         const uint64_t row = embedding->ne[1] > 0 ? embedding->nbytes / (uint64_t) embedding->ne[1] : embedding->nbytes;
         const long page_size = sysconf(_SC_PAGESIZE);
         const uint64_t page = page_size > 0 ? (uint64_t) page_size : 4096;
-        const uint64_t pages_per_row = (row + page - 1) / page + 1;
-        const uint64_t touched = (uint64_t) std::max(n_ctx, 1) * pages_per_row * page;
+        const uint64_t rows = (uint64_t) std::max(1, std::min(n_ubatch, std::max(n_ctx, 1)));
+        const uint64_t touched = rows * lookup_mapped_bytes(row, page);
         p.token_embedding = tied ? embedding->nbytes : std::min(embedding->nbytes, touched);
     }
     const LlamaBuffers buffers = parse_buffer_sizes(llama_log);

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fcntl.h>
 #include <limits.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -59,6 +60,11 @@ std::vector<Mapping> mappings_of(const std::string & path) {
     return out;
 }
 
+const TensorInfo * untied_embedding(const GgufModel & model) {
+    const TensorInfo * t = model.find("token_embd.weight");
+    return t && !read_every_token(model, *t) ? t : nullptr;
+}
+
 } // namespace
 
 LockedPages lock_every_token_weights(const GgufModel & model) {
@@ -88,6 +94,51 @@ LockedPages lock_every_token_weights(const GgufModel & model) {
         result.bytes += last - first;
     }
     return result;
+}
+
+constexpr uint64_t kFaultAround = 64 << 10; // the kernel's fault_around_bytes default
+
+uint64_t lookup_mapped_bytes(uint64_t row_bytes, uint64_t page) {
+    return align_up(row_bytes, page) + page + 2 * kFaultAround;
+}
+
+LookupPages bound_lookup_pages(const GgufModel & model) {
+    LookupPages result;
+    const TensorInfo * t = untied_embedding(model);
+    if (!t || t->nbytes == 0) return result;
+    const std::vector<Mapping> maps = mappings_of(model.path());
+    const auto m = std::find_if(maps.begin(), maps.end(), [&](const Mapping & m) {
+        return t->offset >= m.file_offset && t->offset + t->nbytes <= m.file_offset + (m.end - m.start);
+    });
+    if (m == maps.end()) {
+        result.error = "tensor '" + t->name + "' lies outside this process's mappings of " + model.path();
+        return result;
+    }
+    // whole pages only: the pages it shares with its neighbours may be locked (MADV_DONTNEED refuses those)
+    const uint64_t page = (uint64_t) sysconf(_SC_PAGESIZE);
+    const uintptr_t begin = m->start + (uintptr_t) (t->offset - m->file_offset);
+    const uintptr_t first = (uintptr_t) align_up(begin, page);
+    const uintptr_t last = (uintptr_t) align_down(begin + t->nbytes, page);
+    if (last <= first) return result;
+    if (madvise((void *) first, last - first, MADV_RANDOM) != 0) {
+        result.error = std::string("madvise(MADV_RANDOM) of tensor '") + t->name + "' failed: " + std::strerror(errno);
+        return result;
+    }
+    result.start = first;
+    result.bytes = last - first;
+    release_lookup_pages(result);
+    // the page cache's copy may be in large folios that a fault maps whole: drop it where nothing maps it
+    const int fd = open(model.path().c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        const uint64_t offset = m->file_offset + (first - m->start);
+        (void) posix_fadvise(fd, (off_t) offset, (off_t) result.bytes, POSIX_FADV_DONTNEED);
+        close(fd);
+    }
+    return result;
+}
+
+void release_lookup_pages(const LookupPages & pages) {
+    if (pages.bytes) (void) madvise((void *) pages.start, pages.bytes, MADV_DONTNEED);
 }
 
 } // namespace neuralink

@@ -7,6 +7,7 @@
 #include "neuralink/direct_file.h"
 #include "neuralink/ffn_layer.h"
 #include "neuralink/gguf_model.h"
+#include "neuralink/residency.h"
 #include "neuralink/sparse_ffn.h"
 
 #include "llama-ffn-hook.h"
@@ -78,6 +79,11 @@ public:
     // layers whose gate rows the sparse engine keeps resident, in order
     std::vector<int> resident_gate_layers() const;
 
+    // Bounds what llama.cpp's lookups of an untied token embedding keep mapped (residency.h): from now on its
+    // pages are unmapped as layer 0 starts each micro-batch. Once llama.cpp has mapped the model; (bytes of
+    // the table bounded, why not or '').
+    const LookupPages & bound_lookup_pages();
+
     // the sparse evaluator when a sidecar is used, else null
     SparseFfn * sparse() { return sparse_.get(); }
     const SparseFfn * sparse() const { return sparse_.get(); }
@@ -105,6 +111,7 @@ private:
     bool direct_io_ = false;
     std::string io_note_;
     uint64_t tokens_computed_ = 0;
+    LookupPages lookup_pages_;
 };
 
 } // namespace neuralink

@@ -29,4 +29,27 @@ struct LockedPages {
 // RLIMIT_MEMLOCK) is reported in `error` with what was locked before it.
 LockedPages lock_every_token_weights(const GgufModel & model);
 
+// An untied token embedding is only looked up, a row per token, but a lookup
+// maps far more than its row: the kernel reads ahead (8 MiB on some disks)
+// and maps what the page cache holds around the fault, in large folios when
+// something read the file sequentially; measured on Qwen2.5-Coder-1.5B, 256
+// lookups mapped 31-90 MiB of its 125 MiB table, and a long context maps it
+// all. These are clean file pages (a cgroup reclaims them), yet they are RSS.
+// Bounded here: the table's whole pages are advised MADV_RANDOM (no read
+// ahead), dropped from the page cache where nothing else maps them, and
+// unmapped again after each micro-batch's lookups (release_lookup_pages), so
+// at most one micro-batch's rows are mapped at a time.
+struct LookupPages {
+    uintptr_t start = 0; // whole pages inside the table, in this process's mapping of the model
+    size_t bytes = 0;    // 0: nothing to bound (tied embedding, or an error)
+    std::string error;   // why not, empty when bounded or when there is nothing to bound
+};
+
+// Finds and advises the untied token embedding's pages (see above). Never throws.
+LookupPages bound_lookup_pages(const GgufModel & model);
+// Unmaps them (MADV_DONTNEED; the next lookup faults its pages back from the page cache).
+void release_lookup_pages(const LookupPages & pages);
+// What one looked-up row may map at most: its pages and a fault-around window (64 KiB) on each side.
+uint64_t lookup_mapped_bytes(uint64_t row_bytes, uint64_t page);
+
 } // namespace neuralink

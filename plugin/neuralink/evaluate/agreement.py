@@ -19,7 +19,8 @@ from typing import Any
 
 import llama_cpp
 
-from neuralink.runtime.llama import Llama, without_weight_repacking
+from neuralink.runtime.llama import Llama
+from neuralink.runtime.llama_params import without_weight_repacking
 
 # ten code prompts and ten English ones
 PROMPTS = (

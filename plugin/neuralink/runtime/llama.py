@@ -27,10 +27,12 @@ from neuralink.formats.constants import LAZY_FFN_WEIGHTS_KEY
 from neuralink.formats.sidecar import Sidecar
 from neuralink.runtime.device_probe import cached_profile
 from neuralink.runtime.hook import FfnHookApi, ffn_hook_api
+from neuralink.runtime.llama_params import one_output_per_micro_batch, without_weight_repacking
 from neuralink.runtime.memory_budget import (
     MemoryPlan,
     anonymous_resident_bytes,
     automatic_budget,
+    bound_lookup_pages,
     capture_llama_log,
     check_memory_plan,
     gate_layers_to_stream,
@@ -43,6 +45,9 @@ from neuralink.runtime.memory_budget import (
 from neuralink.runtime.sidecar_lookup import find_sidecar, named_sidecar
 
 logger = logging.getLogger(__name__)
+
+# n_batch under an explicit memory budget unless given (see the memory_budget argument)
+BUDGET_N_BATCH = 64
 
 _NOT_OFFERED = (
     "llama.cpp did not offer its FFN to the hook (a form neuralink does not serve: "
@@ -109,7 +114,10 @@ class Llama(llama_cpp.Llama):
         the whole process's memory ("150MB", "1.5GiB" or bytes): with a
         sidecar, everything resident is accounted (see neuralink.runtime.memory_budget) and
         the bundle cache gets the rest; a budget below the minimum is refused
-        with the minimum named. Overrides cache_bytes.
+        with the minimum named. Overrides cache_bytes. Under a budget n_batch
+        defaults to 64 instead of llama-cpp-python's 512, whose micro-batches
+        of 512 rows need ~65 MiB more (Qwen2.5-Coder-1.5B: minimum 722
+        against 657 MiB), memory the bundle cache would otherwise get.
     direct_io:
         read weights and bundles with O_DIRECT, around the page cache (falls
         back to buffered reads where the filesystem refuses).
@@ -240,12 +248,18 @@ class Llama(llama_cpp.Llama):
         if engine.io_backend_note:
             logger.info("%s: %s", model_path, engine.io_backend_note)
 
+        if memory_budget is not None and "n_batch" not in kwargs:
+            kwargs["n_batch"] = BUDGET_N_BATCH
         kv_overrides = dict(kwargs.pop("kv_overrides", None) or {})
         kv_overrides[LAZY_FFN_WEIGHTS_KEY] = True
         # llama.cpp reports its KV, output and compute buffers in its log; attaching re-reserves the latter
         repack = repack_weights if repack_weights is not None else memory_budget is None
+        # logits of every position (logits_all) or embeddings need llama.cpp's output rows for a whole micro-batch;
+        # otherwise one per micro-batch, and its compute buffer is reserved for one (38 -> 4 MiB on Qwen2.5-Coder)
+        one_output = not kwargs.get("logits_all") and not kwargs.get("embedding")
         with capture_llama_log() if budget is not None else contextlib.nullcontext([]) as log, \
-                contextlib.nullcontext() if repack else without_weight_repacking():
+                contextlib.nullcontext() if repack else without_weight_repacking(), \
+                one_output_per_micro_batch() if one_output else contextlib.nullcontext():
             super().__init__(model_path, *args, kv_overrides=kv_overrides, **kwargs)
             api.attach(self._ctx.ctx, engine.hook_address)
             load_anon_growth = max(0, anonymous_resident_bytes() - anon_before)
@@ -277,6 +291,11 @@ class Llama(llama_cpp.Llama):
                             "%.1f MiB, less the head of each region kept in RAM (%.0f of %.0f MiB; cache_policy "
                             "'stream')", model_path, engine.stream_buffer_bytes / 2 / 2**20,
                             engine.stream_head_bytes / 2**20, self.memory_plan.store_bytes / 2**20)
+        if budget is not None and sidecar_path is not None:
+            # the plan counts one micro-batch's token embedding lookups mapped, not the table
+            bounded, why = bound_lookup_pages(engine)
+            if why:
+                logger.warning("%s: %s; the token embedding's lookups stay mapped", model_path, why)
         # (repacked weights are read from their anonymous copies, not from the mapping)
         lock = lock_weights if lock_weights is not None else (memory_budget is not None and sidecar_path is not None
                                                               and not repack)
@@ -443,30 +462,6 @@ class Llama(llama_cpp.Llama):
         state = super().__getstate__()
         state.update(self._neuralink_args)
         return state
-
-
-@contextlib.contextmanager
-def without_weight_repacking() -> Iterator[None]:
-    """llama_cpp.Llama models loaded within the block keep their weights in the mapped file, unrepacked.
-
-    llama.cpp copies Q4_0, Q4_K and IQ4_NL weights into interleaved rows for
-    its repacked GEMV/GEMM at load (use_extra_bufts, which llama-cpp-python
-    does not expose: its default parameters are wrapped for the block; not
-    thread-safe against another load at the same time).
-    """
-    module = llama_cpp.llama.llama_cpp  # where llama_cpp.Llama looks the default parameters up
-    defaults = module.llama_model_default_params
-
-    def unrepacked() -> Any:
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    module.llama_model_default_params = unrepacked
-    try:
-        yield
-    finally:
-        module.llama_model_default_params = defaults
 
 
 def _read_cost_options(sidecar: str | os.PathLike[str], queue_depth: int) -> dict[str, Any]:

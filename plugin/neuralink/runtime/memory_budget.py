@@ -152,6 +152,12 @@ def lock_every_token_weights(engine: _engine.Engine) -> tuple[int, str]:
     return _engine.lock_every_token_weights(engine)
 
 
+def bound_lookup_pages(engine: _engine.Engine) -> tuple[int, str]:
+    """Keep at most one micro-batch's lookups of an untied token embedding mapped (the plan counts that much):
+    (bytes of the table bounded, why not or '')."""
+    return _engine.bound_lookup_pages(engine)
+
+
 def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | None = None) -> None:
     """MemoryBudgetError naming the minimum when the budget cannot hold the model: the lowest one, with every
     layer's gate rows streamed, when the engine could stream them."""
