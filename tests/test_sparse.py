@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -424,6 +425,18 @@ def test_a_budget_below_the_resident_gate_rows_streams_the_fewest_layers(convert
     assert _engine.gate_layers_to_stream(at(plan.minimum - 1), engine) == 3
     assert _engine.gate_layers_to_stream(at(plan.minimum - 3 * gate_layer), engine) == 6
     assert _engine.gate_layers_to_stream(at(plan.minimum - 7 * gate_layer), engine) == -1
+    # under cache policy auto, where every region read whole pays, as many more as leave room for the region
+    # stream's two buffers (which replace the one layer of read scratch the minimum counts)
+    room = engine.stream_buffer_bytes - engine.layer_read_bytes
+    assert room > 0 and engine.auto_cache_policy(engine.stream_buffer_bytes) == "stream"
+    streams = lambda budget: _engine.gate_layers_to_stream(at(budget), engine, room_for_region_stream=True)  # noqa: E731
+    assert streams(plan.minimum + room) == 0
+    # fits as it is, but without the room: the layers that pay for the gate rows' two buffers and the room
+    assert streams(plan.minimum) == math.ceil((2 * (gate_layer + 8192) + room) / gate_layer)
+    assert streams(plan.minimum - 3 * gate_layer) == math.ceil((2 * (gate_layer + 8192) + room) / gate_layer) + 3
+    # where the room cannot be made, the fewest that fit
+    all_streamed = plan.minimum - 8 * gate_layer + 2 * (gate_layer + 8192)
+    assert streams(all_streamed + room - 1) == 8 - (room - 1) // gate_layer
     # what a refusal names: the minimum with every layer's rows streamed (two buffers of a layer and 8 KiB)
     lowest = _engine.minimum_with_gate_rows_streamed(plan, engine)
     assert lowest == plan.minimum - 8 * gate_layer + 2 * (gate_layer + 8192)

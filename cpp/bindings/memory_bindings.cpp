@@ -44,9 +44,11 @@ void register_memory(py::module_ & m) {
           "the anonymous memory (RssAnon) opening the engine and loading the model added, of which what "
           "exceeds the KV cache and the engine's resident rows is heap nobody reports (vocabulary, tables).");
     m.def("gate_layers_to_stream", &gate_layers_to_stream, py::arg("plan"), py::arg("engine"),
+          py::arg("room_for_region_stream") = false,
           "The fewest layers whose gate rows, read every time the layer runs instead of kept resident "
           "(Engine.stream_gate_rows), bring the plan's minimum within its budget: 0 when it fits as it is, -1 when "
-          "streaming every layer's would not be enough.");
+          "streaming every layer's would not be enough. room_for_region_stream (cache policy auto or stream): "
+          "as many more as leave room for the region stream's two buffers, where reading regions whole pays.");
     m.def("minimum_with_gate_rows_streamed", &minimum_with_gate_rows_streamed, py::arg("plan"), py::arg("engine"),
           "The lowest minimum streaming gate rows can reach (every resident layer's streamed); the plan's own "
           "minimum where streaming would not lower it.");

@@ -217,6 +217,9 @@ static void register_engine(py::module_ & m) {
         .def_property_readonly("streams_regions", [](const Engine & e) {
             return e.sparse() && e.sparse()->streams_regions();
         }, "whether the record regions are read whole, ahead of their layer (the stream policy)")
+        .def_property_readonly("layer_read_bytes", [](const Engine & e) {
+            return e.sparse() ? e.sparse()->layer_read_bytes() : (uint64_t) 0;
+        }, "the read scratch of one layer a memory plan counts for collapsed reads: the store's bytes per layer")
         .def_property_readonly("stream_buffer_bytes", [](const Engine & e) {
             return e.sparse() ? e.sparse()->stream_buffer_bytes() : (size_t) 0;
         }, "the two buffers the stream policy reads regions into (whether or not it is in use)")

@@ -392,7 +392,8 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
                            (int) llama_n_ubatch(s.ctx.get()), (int) llama_n_ctx(s.ctx.get()), load_anon_growth);
     };
     MemoryPlan plan = plan_now();
-    if (const int layers = gate_layers_to_stream(plan, engine); layers > 0) {
+    const bool may_stream = o.cache_policy == "auto" || o.cache_policy == "stream";
+    if (const int layers = gate_layers_to_stream(plan, engine, may_stream); layers > 0) {
         // every gate row resident does not fit: the fewest layers' rows are read each time the layer runs
         const double before = plan.minimum() / 1048576.0;
         engine.stream_gate_rows(layers);

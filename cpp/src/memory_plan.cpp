@@ -183,24 +183,36 @@ static uint64_t gate_buffer_bytes(const SparseFfn & sparse, const std::vector<in
     return largest;
 }
 
-int gate_layers_to_stream(const MemoryPlan & plan, const Engine & engine) {
-    if (plan.budget >= plan.minimum()) {
+int gate_layers_to_stream(const MemoryPlan & plan, const Engine & engine, bool room_for_region_stream) {
+    const SparseFfn * sparse = engine.sparse();
+    // what the region stream needs beyond the minimum, when auto would choose it with the room (bytes of cache
+    // do not change that choice at these sizes: the collapsed reads' cost is estimated with none pinned)
+    uint64_t stream_room = 0;
+    if (room_for_region_stream && sparse && sparse->stream_buffer_bytes() > sparse->layer_read_bytes() &&
+        (sparse->options().predictor == Predictor::Dense ||
+         sparse->collapsed_read_cost_ratio(0) >= SparseFfn::kStreamCostRatio)) {
+        stream_room = sparse->stream_buffer_bytes() - sparse->layer_read_bytes();
+    }
+    if (plan.budget >= plan.minimum() + stream_room) {
         return 0;
     }
-    const SparseFfn * sparse = engine.sparse();
     if (!sparse || sparse->gate_layers_streamed() > 0) {
-        return -1;
+        return plan.budget >= plan.minimum() ? 0 : -1;
     }
     const std::vector<int> resident = engine.resident_gate_layers();
     uint64_t minimum = plan.minimum() + 2 * gate_buffer_bytes(*sparse, resident);
+    int fits = plan.budget >= plan.minimum() ? 0 : -1;
     for (size_t k = 0; k < resident.size(); ++k) {
         const WeightMatrix & g = sparse->layer(resident[k]).gate;
         minimum -= std::min<uint64_t>(minimum, g.row_bytes * (uint64_t) g.rows);
-        if (minimum <= plan.budget) {
+        if (fits < 0 && minimum <= plan.budget) {
+            fits = (int) k + 1;
+        }
+        if (minimum + stream_room <= plan.budget) {
             return (int) k + 1;
         }
     }
-    return -1;
+    return fits;
 }
 
 uint64_t minimum_with_gate_rows_streamed(const MemoryPlan & plan, const Engine & engine) {

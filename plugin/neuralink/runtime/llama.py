@@ -269,7 +269,7 @@ class Llama(llama_cpp.Llama):
             if self.verbose:
                 print("".join(log), end="", file=sys.stderr)
             self.memory_plan = self._plan_memory(budget, baseline, log, load_anon_growth)
-            self._stream_gate_rows_to_fit(budget, baseline, log, load_anon_growth)
+            self._stream_gate_rows_to_fit(budget, baseline, log, load_anon_growth, cache_policy)
             if automatic is not None:
                 # nobody asked for a budget: never refuse, size the cache from what is there
                 plan = self.memory_plan
@@ -343,17 +343,20 @@ class Llama(llama_cpp.Llama):
         return plan_memory(self.engine, budget, process, log, threads, self.context_params.n_ubatch,
                            self.n_ctx(), load_anon_growth)
 
-    def _stream_gate_rows_to_fit(self, budget: int, baseline: int, log: list[str], load_anon_growth: int) -> None:
-        """Below the minimum with every gate row resident: read the fewest layers' gate rows each token instead."""
+    def _stream_gate_rows_to_fit(self, budget: int, baseline: int, log: list[str], load_anon_growth: int,
+                                 cache_policy: str) -> None:
+        """Below the minimum with every gate row resident: read the fewest layers' gate rows each token instead
+        (under cache policy auto or stream, as many as also leave room for the region stream's buffers)."""
         plan = self.memory_plan
-        layers = gate_layers_to_stream(plan, self.engine)
+        layers = gate_layers_to_stream(plan, self.engine, room_for_region_stream=cache_policy in ("auto", "stream"))
         if layers <= 0:
             return
         before = plan.minimum
         self.engine.stream_gate_rows(layers)
         self.memory_plan = self._plan_memory(budget, baseline, log, load_anon_growth)
         logger.info("%s: gate rows of %d of %d layers read each time their layer runs, so that the minimum "
-                    "(%.1f MiB with all of them resident, now %.1f MiB) fits the budget of %.1f MiB",
+                    "(%.1f MiB with all of them resident, now %.1f MiB) fits the budget of %.1f MiB (with room for the "
+                    "region stream's buffers under cache policy auto or stream)",
                     self.model_path, layers, self.engine.n_layer, before / 2**20, self.memory_plan.minimum / 2**20,
                     budget / 2**20)
 

@@ -140,10 +140,12 @@ def plan_memory(engine: _engine.Engine, budget: int, process_before: int, llama_
                                load_anon_growth)
 
 
-def gate_layers_to_stream(plan: MemoryPlan, engine: _engine.Engine) -> int:
+def gate_layers_to_stream(plan: MemoryPlan, engine: _engine.Engine, room_for_region_stream: bool = False) -> int:
     """The fewest layers whose gate rows, read each time the layer runs instead of kept resident, bring the
-    plan's minimum within its budget: 0 when it fits as it is, -1 when streaming them all would not do."""
-    return _engine.gate_layers_to_stream(plan, engine)
+    plan's minimum within its budget: 0 when it fits as it is, -1 when streaming them all would not do. With
+    room_for_region_stream (cache policy auto or stream), as many more as leave room for the region stream's
+    two buffers, where reading every region whole pays."""
+    return _engine.gate_layers_to_stream(plan, engine, room_for_region_stream)
 
 
 def lock_every_token_weights(engine: _engine.Engine) -> tuple[int, str]:
