@@ -1,7 +1,9 @@
 #pragma once
 
 // Directory of a GGUF file: metadata and where each tensor's bytes lie.
-// Parsed with ggml's own gguf reader; no tensor data is read.
+// Parsed with ggml's own gguf reader; no tensor data is read. Only the
+// scalar metadata is kept: ggml's context, which holds the tokenizer's
+// arrays too (~20 MiB for a 152k vocabulary), is freed once read.
 
 #include "ggml.h"
 
@@ -10,8 +12,6 @@
 #include <string>
 #include <unordered_map>
 #include <vector>
-
-struct gguf_context;
 
 namespace neuralink {
 
@@ -29,8 +29,6 @@ public:
     // Throws std::runtime_error naming the file when it is missing, not a GGUF
     // file, or truncated (a tensor's data extends past the end of the file).
     explicit GgufModel(const std::string & path);
-    ~GgufModel();
-
     GgufModel(const GgufModel &) = delete;
     GgufModel & operator=(const GgufModel &) = delete;
 
@@ -53,7 +51,12 @@ private:
     std::string arch_;
     uint64_t    file_size_ = 0;
     uint64_t    data_offset_ = 0;
-    gguf_context * gguf_ = nullptr;
+    struct Value {
+        enum Kind { String, Integer, Other } kind = Other;
+        std::string text;
+        int64_t integer = 0;
+    };
+    std::unordered_map<std::string, Value> metadata_; // every key; arrays, floats and booleans as Other
     std::vector<TensorInfo> tensors_;
     std::unordered_map<std::string, size_t> by_name_;
 };
