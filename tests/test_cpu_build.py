@@ -155,7 +155,8 @@ def test_stock_llama_decodes_without_an_amx_buffer(tmp_path, weight_type):
     """Q4_0/Q8_0 weights are what ggml would repack into an AMX buffer; stock llama.cpp must not."""
     path = write_synthetic_model(tmp_path / f"m-{weight_type}.gguf", "llama", weight_type=weight_type)
     with capture_llama_log() as log:
-        llm = llama_cpp.Llama(os.fspath(path), n_ctx=64, verbose=True)
+        # logits_all: llama-cpp-python fills `scores` only then (otherwise the rows are uninitialized memory)
+        llm = llama_cpp.Llama(os.fspath(path), n_ctx=64, logits_all=True, verbose=True)
     try:
         buffers = [line for line in "".join(log).splitlines() if "model buffer size" in line]
         assert buffers, "llama.cpp logged no model buffers"
