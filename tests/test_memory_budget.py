@@ -70,6 +70,28 @@ def test_the_cgroup_limit_is_read_from_v1_and_v2(tmp_path: Path) -> None:
     assert _cgroup_limit(proc, tmp_path) == 536870912
 
 
+def test_a_budget_too_close_to_the_cgroup_limit_is_warned_about(
+    converted_smollm2: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the cgroup charges page cache beside the process: a budget at its limit gets the process killed
+    from neuralink.runtime import memory_budget
+
+    budget = parse_size("300MB")
+    for limit, warned in [(budget + 8 * 2**20, True), (budget + memory_budget.CGROUP_HEADROOM, False)]:
+        monkeypatch.setattr(memory_budget, "_cgroup_limit", lambda limit=limit: limit)
+        caplog.clear()
+        neuralink.Llama(str(converted_smollm2), memory_budget=budget, verbose=False).close()
+        assert ("below this process's cgroup limit" in caplog.text) == warned, caplog.text
+
+
+def test_bench_gives_neuralink_a_budget_below_the_cap_with_the_cgroup_headroom() -> None:
+    from neuralink.evaluate.bench.e2e import budget_for_cap
+    from neuralink.runtime.memory_budget import CGROUP_HEADROOM
+
+    assert budget_for_cap(parse_size("800MB"), 0.95) == int(parse_size("800MB") * 0.95)  # 5 % is more
+    assert budget_for_cap(parse_size("220MB"), 0.95) == parse_size("220MB") - CGROUP_HEADROOM
+
+
 def test_without_a_budget_the_cache_uses_the_memory_there_is(converted_smollm2: Path) -> None:
     budget, source = automatic_budget()
     assert budget > 0 and "MiB" in source

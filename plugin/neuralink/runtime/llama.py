@@ -29,10 +29,12 @@ from neuralink.runtime.device_probe import cached_profile
 from neuralink.runtime.hook import FfnHookApi, ffn_hook_api
 from neuralink.runtime.llama_params import one_output_per_micro_batch, without_weight_repacking
 from neuralink.runtime.memory_budget import (
+    CGROUP_HEADROOM,
     MemoryPlan,
     anonymous_resident_bytes,
     automatic_budget,
     bound_lookup_pages,
+    budget_near_cgroup_limit,
     capture_llama_log,
     check_memory_plan,
     gate_layers_to_stream,
@@ -248,6 +250,12 @@ class Llama(llama_cpp.Llama):
         if engine.io_backend_note:
             logger.info("%s: %s", model_path, engine.io_backend_note)
 
+        limit = budget_near_cgroup_limit(budget) if memory_budget is not None and budget is not None else None
+        if limit is not None:
+            logger.warning("%s: memory_budget %.1f MiB leaves less than %d MiB below this process's cgroup limit of "
+                           "%.1f MiB: the cgroup also charges the page cache the kernel keeps beside the process, and "
+                           "may kill it; give a budget at least that much below the limit", model_path,
+                           budget / 2**20, CGROUP_HEADROOM >> 20, limit / 2**20)
         if memory_budget is not None and "n_batch" not in kwargs:
             kwargs["n_batch"] = BUDGET_N_BATCH
         kv_overrides = dict(kwargs.pop("kv_overrides", None) or {})

@@ -33,6 +33,19 @@ AUTO_MARGIN_FRACTION = 0.10
 AUTO_MARGIN_MIN = 256 << 20
 
 
+# what a cgroup charges beyond the process's RSS at the least: page cache the kernel keeps active (the model's
+# pages read at load and then mapped, libraries), which it did not reclaim before killing: SmolLM2 under a 220MB
+# cap was OOM-killed at 190.6 MiB RSS (19 MiB below the cap) and ran at 181.6 (28 MiB below); a 240MB cap held
+# 190.6 with 38 MiB of page cache charged beside it
+CGROUP_HEADROOM = 24 << 20
+
+
+def budget_near_cgroup_limit(budget: int) -> int | None:
+    """This process's cgroup memory limit when `budget` leaves less than CGROUP_HEADROOM below it, else None."""
+    limit = _cgroup_limit()
+    return limit if limit is not None and budget > limit - CGROUP_HEADROOM else None
+
+
 def _cgroup_limit(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """The memory limit of this process's cgroup (v1 memory.limit_in_bytes or v2 memory.max), None if none."""
     try:

@@ -89,7 +89,8 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", type=Path, nargs="+", default=None, metavar="TEXT",
                         help="calibration text for --density (the conversion's)")
     parser.add_argument("--budget-fraction", type=fraction_argument, default=0.95,
-                        help="neuralink's memory_budget as a fraction of the cap (headroom for measurement)")
+                        help="neuralink's memory_budget as a fraction of the cap, and at least 24 MiB below it "
+                             "(headroom for the page cache the cgroup charges beside the process)")
     parser.add_argument("--ttft-tokens", type=int, default=256,
                         help="after decoding, time one prompt of this many tokens (from --prompts-from) to its first "
                              "token in the same process, caches as the decodes left them; 0 skips (default: 256)")

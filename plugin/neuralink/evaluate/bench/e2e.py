@@ -26,6 +26,7 @@ from neuralink.errors import CgroupUnavailable
 from neuralink.evaluate.cgroup import MemoryCgroup
 from neuralink.formats.files import atomic_output
 from neuralink.formats.sizes import parse_size
+from neuralink.runtime.memory_budget import CGROUP_HEADROOM
 
 DEFAULT_CAPS = ("none", "300MB", "200MB", "150MB", "120MB", "100MB", "90MB", "80MB", "70MB")
 # the project's shared corpora sit beside the repository; commands run from its root
@@ -56,7 +57,7 @@ class E2eSettings:
     n_batch: int = 64
     predictor: str | None = None
     cache_policy: str = "auto"
-    budget_fraction: float = 0.95  # neuralink's memory_budget as a fraction of the cap
+    budget_fraction: float = 0.95  # neuralink's memory_budget as a fraction of the cap (see budget_for_cap)
     timeout: float = 900.0
     thresholds_file: Path | None = None  # thresholds= and predictor_thresholds= for neuralink.Llama (JSON)
     ttft_tokens: int = 0  # after decoding, time a prompt of this many tokens to its first token (0: skip)
@@ -85,6 +86,12 @@ def prompts_from(text_path: Path | None, n: int, words: int = 40) -> list[str]:
     return [" ".join(tokens[(i + 1) * step : (i + 1) * step + words]) for i in range(n)]
 
 
+def budget_for_cap(limit: int, fraction: float) -> int:
+    """neuralink's memory_budget under a cgroup cap of `limit` bytes: `fraction` of it, and at least
+    CGROUP_HEADROOM below it."""
+    return max(0, min(int(limit * fraction), limit - CGROUP_HEADROOM))
+
+
 def run_worker(variant: str, cap: str, settings: E2eSettings, prompts_file: Path,
                use_cgroups: bool) -> tuple[dict, int | None]:
     """One run of `variant` under `cap` in a fresh worker process (and cgroup): its JSON result, peak bytes."""
@@ -101,7 +108,7 @@ def run_worker(variant: str, cap: str, settings: E2eSettings, prompts_file: Path
     if variant != "stock":
         command += ["--sidecar", str(settings.sidecar), "--cache-policy", settings.cache_policy]
         if limit is not None:
-            command += ["--budget", str(int(limit * settings.budget_fraction))]
+            command += ["--budget", str(budget_for_cap(limit, settings.budget_fraction))]
         if settings.predictor:
             command += ["--predictor", settings.predictor]
         if settings.thresholds_file is not None:
