@@ -157,7 +157,7 @@ def generate(model: Path, prompt: str, max_tokens: int, threads: int | None, dir
              memory_budget: str | None, dense: bool, predictor: str | None = None):
     """Yield completion text pieces, then a final DemoStats."""
     options = {"sidecar": False} if dense else {"memory_budget": memory_budget, "predictor": predictor}
-    # a small batch keeps llama.cpp's compute buffer (n_batch x n_vocab logits) from eating the budget
+    # micro-batches of 64 (the default under a budget, kept for the dense engine too): prompt buffers stay small
     llm = Llama(str(model), n_ctx=512, n_batch=64, n_threads=threads, direct_io=direct_io, verbose=False,
                 **options)
     try:
