@@ -185,13 +185,16 @@ static uint64_t gate_buffer_bytes(const SparseFfn & sparse, const std::vector<in
 
 int gate_layers_to_stream(const MemoryPlan & plan, const Engine & engine, bool room_for_region_stream) {
     const SparseFfn * sparse = engine.sparse();
-    // what the region stream needs beyond the minimum, when auto would choose it with the room (bytes of cache
-    // do not change that choice at these sizes: the collapsed reads' cost is estimated with none pinned)
+    // what the region stream needs beyond the minimum, when auto would choose it with the room
     uint64_t stream_room = 0;
-    if (room_for_region_stream && sparse && sparse->stream_buffer_bytes() > sparse->layer_read_bytes() &&
-        (sparse->options().predictor == Predictor::Dense ||
-         sparse->collapsed_read_cost_ratio(0) >= SparseFfn::kStreamCostRatio)) {
+    if (room_for_region_stream && sparse && sparse->stream_buffer_bytes() > sparse->layer_read_bytes()) {
         stream_room = sparse->stream_buffer_bytes() - sparse->layer_read_bytes();
+        // only where the room is short does it matter whether the stream pays: an estimate that samples every
+        // region (with none pinned: a few MiB of cache do not change it), not run at every load
+        if (plan.budget < plan.minimum() + stream_room && sparse->options().predictor != Predictor::Dense &&
+            sparse->collapsed_read_cost_ratio(0) < SparseFfn::kStreamCostRatio) {
+            stream_room = 0;
+        }
     }
     if (plan.budget >= plan.minimum() + stream_room) {
         return 0;

@@ -60,6 +60,14 @@ std::vector<Mapping> mappings_of(const std::string & path) {
     return out;
 }
 
+// the mapping holding all of tensor t's bytes, or null
+const Mapping * mapping_holding(const std::vector<Mapping> & maps, const TensorInfo & t) {
+    const auto m = std::find_if(maps.begin(), maps.end(), [&](const Mapping & m) {
+        return t.offset >= m.file_offset && t.offset + t.nbytes <= m.file_offset + (m.end - m.start);
+    });
+    return m == maps.end() ? nullptr : &*m;
+}
+
 const TensorInfo * untied_embedding(const GgufModel & model) {
     const TensorInfo * t = model.find("token_embd.weight");
     return t && !read_every_token(model, *t) ? t : nullptr;
@@ -77,10 +85,8 @@ LockedPages lock_every_token_weights(const GgufModel & model) {
     const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
     for (const TensorInfo & t : model.tensors()) {
         if (!read_every_token(model, t) || t.nbytes == 0) continue;
-        const auto m = std::find_if(maps.begin(), maps.end(), [&](const Mapping & m) {
-            return t.offset >= m.file_offset && t.offset + t.nbytes <= m.file_offset + (m.end - m.start);
-        });
-        if (m == maps.end()) {
+        const Mapping * m = mapping_holding(maps, t);
+        if (!m) {
             result.error = "tensor '" + t.name + "' lies outside this process's mappings of " + model.path();
             return result;
         }
@@ -107,10 +113,8 @@ LookupPages bound_lookup_pages(const GgufModel & model) {
     const TensorInfo * t = untied_embedding(model);
     if (!t || t->nbytes == 0) return result;
     const std::vector<Mapping> maps = mappings_of(model.path());
-    const auto m = std::find_if(maps.begin(), maps.end(), [&](const Mapping & m) {
-        return t->offset >= m.file_offset && t->offset + t->nbytes <= m.file_offset + (m.end - m.start);
-    });
-    if (m == maps.end()) {
+    const Mapping * m = mapping_holding(maps, *t);
+    if (!m) {
         result.error = "tensor '" + t->name + "' lies outside this process's mappings of " + model.path();
         return result;
     }
