@@ -301,7 +301,7 @@ class Llama(llama_cpp.Llama):
                             engine.stream_head_bytes / 2**20, self.memory_plan.store_bytes / 2**20)
         if budget is not None and sidecar_path is not None:
             # the plan counts one micro-batch's token embedding lookups mapped, not the table
-            bounded, why = bound_lookup_pages(engine)
+            _, why = bound_lookup_pages(engine)
             if why:
                 logger.warning("%s: %s; the token embedding's lookups stay mapped", model_path, why)
         # (repacked weights are read from their anonymous copies, not from the mapping)
