@@ -1,6 +1,6 @@
 #include "neuralink/column_axpy.h"
 
-#include "simd.h"
+#include "column_loops.h"
 
 #include <cmath>
 #include <cstring>
@@ -74,9 +74,7 @@ NL_INLINE void axpy_body(const float * x, float h, float * y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] += h * x[i];
 }
 
-using Q8Axpy = void (*)(const uint8_t * const *, const float *, int, float *, int64_t);
 using FloatAxpy = void (*)(const float *, float, float *, int64_t);
-using Decode = void (*)(const uint8_t *, float *, int64_t);
 // y + t * y_stride += sum over k < kc of h[t * h_stride + h_index[k]] * c[k * n, (k + 1) * n), t < n_tok
 using TokensGemm = void (*)(const float *, int, int64_t, const float *, int64_t, const uint32_t *, int, float *,
                             int64_t);
@@ -87,24 +85,6 @@ void q8_0_axpy_generic(const uint8_t * const * c, const float * h, int count, fl
 void q8_0_decode_generic(const uint8_t * column, float * out, int64_t n) { q8_0_decode_body(column, out, n); }
 void axpy_generic(const float * x, float h, float * y, int64_t n) { axpy_body(x, h, y, n); }
 #ifdef NL_X86_VERSIONS
-// a block of y (32 floats) stays in two registers while up to kGroup columns are added to it
-constexpr int kGroup = 4;
-
-// Columns are scattered over the store, so the hardware prefetchers do not see them coming: while the group
-// starting at k0 computes, the next group's lines are asked into L1 and those of the group kFarGroups ahead into
-// L2. Measured on a store four times the L3 (q6_K columns of Qwen2.5-Coder-1.5B, 3,500 of 8,960 per layer): the
-// L2 requests took a layer from 660-780 to 470-520 us; 3 to 5 groups ahead did alike, 2 ahead into L1 did not.
-constexpr int kFarGroups = 4;
-
-NL_INLINE void prefetch_group(const uint8_t * const * columns, int k0, int count, size_t bytes) {
-    for (int k = k0 + kGroup; k < k0 + 2 * kGroup && k < count; ++k) {
-        for (size_t at = 0; at < bytes; at += 64) _mm_prefetch((const char *) columns[k] + at, _MM_HINT_T0);
-    }
-    for (int k = k0 + kFarGroups * kGroup; k < k0 + (kFarGroups + 1) * kGroup && k < count; ++k) {
-        for (size_t at = 0; at < bytes; at += 64) _mm_prefetch((const char *) columns[k] + at, _MM_HINT_T1);
-    }
-}
-
 NL_AVX512 void q8_0_axpy_avx512(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
     for (int k0 = 0; k0 < count; k0 += kGroup) {
         const int m = count - k0 < kGroup ? count - k0 : kGroup;
@@ -173,140 +153,6 @@ NL_AVX2 void q8_0_decode_avx2(const uint8_t * column, float * out, int64_t n) {
         for (int j = 0; j < 4; ++j) {
             const __m128i q = _mm_loadl_epi64((const __m128i *) (block + 2 + 8 * j));
             _mm256_storeu_ps(out + b * kQ8Block + 8 * j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))));
-        }
-    }
-}
-
-// q6_K columns (ggml's block_q6_K: 256 values as low 4 bits ql[128], high 2 bits qh[64], int8 scales[16] of 16
-// values each, fp16 d), decoded in registers and added without a float copy. Each value is decoded as ggml's
-// to_float decodes it, (d * scale) * q as floats, and added as fma(h, value, y) like the float loop: the same
-// sums as decoding the column into scratch first.
-constexpr int64_t kQ6Block = 256;
-constexpr size_t kQ6BlockBytes = 128 + 64 + 16 + 2;
-
-// one column's 128 values of half `half` of a block, decoded, scaled and added to y's 8 registers. The 6-bit
-// values are put together in two 512-bit registers (values 0-63 and 64-127 of the half) and spilled to the
-// stack, so that each group of 16 is sign-extended straight from memory; the 8 scales (d * scale, the same
-// float products as ggml's) are computed at once and broadcast from memory.
-NL_AVX512 NL_INLINE void q6_k_half(const uint8_t * block, int half, float h, __m512 * acc) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03), bias = _mm512_set1_epi8(32);
-    uint16_t dh;
-    std::memcpy(&dh, block + 208, sizeof dh);
-    alignas(32) float coef[8];
-    const __m128i sc = _mm_loadl_epi64((const __m128i *) (block + 192 + 8 * half));
-    _mm256_store_ps(coef, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(dh)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
-    // ql bytes 0-31 hold values 0-31 (low nibble) and 64-95 (high), bytes 32-63 values 32-63 and 96-127; the
-    // 32 qh bytes hold their two high bits at bits 0-1, 2-3, 4-5 and 6-7 respectively
-    const __m512i l = _mm512_loadu_si512((const void *) (block + 64 * half));
-    const __m256i hb = _mm256_loadu_si256((const __m256i *) (block + 128 + 32 * half));
-    const __m512i hh = _mm512_inserti64x4(_mm512_castsi256_si512(hb), _mm256_srli_epi16(hb, 2), 1);
-    alignas(64) int8_t q[128];
-    _mm512_store_si512((void *) q, _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(l, low4),
-                                                   _mm512_slli_epi16(_mm512_and_si512(hh, low2), 4)), bias));
-    _mm512_store_si512((void *) (q + 64),
-                       _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4),
-                                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hh, 4), low2), 4)),
-                                       bias));
-    const __m512 hv = _mm512_set1_ps(h);
-    for (int i = 0; i < 8; ++i) {
-        const __m512 w = _mm512_mul_ps(_mm512_set1_ps(coef[i]),
-                                       _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *) (q + 16 * i)))));
-        acc[i] = _mm512_fmadd_ps(hv, w, acc[i]);
-    }
-}
-
-// a q6_K column decoded into floats, the values ggml's to_float gives ((d * scale) * q), without its scalar loop
-NL_AVX512 void q6_k_decode_avx512(const uint8_t * column, float * out, int64_t n) {
-    for (int64_t b = 0; b < n / kQ6Block; ++b) {
-        for (int half = 0; half < 2; ++half) {
-            // fma(1, w, -0) is w exactly, signed zeros included: the decoded values themselves
-            __m512 acc[8];
-            for (int i = 0; i < 8; ++i) acc[i] = _mm512_set1_ps(-0.0f);
-            q6_k_half(column + (size_t) b * kQ6BlockBytes, half, 1.0f, acc);
-            for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + b * kQ6Block + 128 * half + 16 * i, acc[i]);
-        }
-    }
-}
-
-NL_AVX512 void q6_k_axpy_avx512(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
-    const size_t bytes = (size_t) (n / kQ6Block) * kQ6BlockBytes;
-    for (int k0 = 0; k0 < count; k0 += kGroup) {
-        const int m = count - k0 < kGroup ? count - k0 : kGroup;
-        prefetch_group(columns, k0, count, bytes);
-        // 128 values of y (a half block) stay in registers while the group's columns are added, in order
-        for (int64_t b = 0; b < n / kQ6Block; ++b) {
-            for (int half = 0; half < 2; ++half) {
-                float * yh = y + b * kQ6Block + 128 * half;
-                __m512 acc[8];
-                for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(yh + 16 * i);
-                for (int k = k0; k < k0 + m; ++k) q6_k_half(columns[k] + (size_t) b * kQ6BlockBytes, half, h[k], acc);
-                for (int i = 0; i < 8; ++i) _mm512_storeu_ps(yh + 16 * i, acc[i]);
-            }
-        }
-    }
-}
-
-// The AVX2 loops for q6_K: a quarter of a block (64 values, its four scales) at a time, y's 64 values held in 8
-// registers while the group's columns are added; values and sums as in the AVX-512 loop (d * scale first, then
-// the 6-bit value, then fma(h, value, y)).
-NL_AVX2 NL_INLINE void q6_k_quarter_avx2(const uint8_t * block, int quarter, float h, __m256 * acc) {
-    const int half = quarter / 2, high = quarter % 2; // high: values 64-127 of the half (the high nibbles)
-    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), bias = _mm256_set1_epi8(32);
-    uint16_t dh;
-    std::memcpy(&dh, block + 208, sizeof dh);
-    alignas(32) float coef[4];
-    int32_t sc4;
-    std::memcpy(&sc4, block + 192 + 8 * half + 4 * high, sizeof sc4);
-    const __m128i sc = _mm_cvtsi32_si128(sc4);
-    _mm_store_ps(coef, _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(dh)), _mm_cvtepi32_ps(_mm_cvtepi8_epi32(sc))));
-    const uint8_t * ql = block + 64 * half;
-    __m256i l0 = _mm256_loadu_si256((const __m256i *) ql), l1 = _mm256_loadu_si256((const __m256i *) (ql + 32));
-    __m256i hb = _mm256_loadu_si256((const __m256i *) (block + 128 + 32 * half));
-    if (high) {
-        l0 = _mm256_srli_epi16(l0, 4);
-        l1 = _mm256_srli_epi16(l1, 4);
-        hb = _mm256_srli_epi16(hb, 4);
-    }
-    alignas(32) int8_t q[64];
-    _mm256_store_si256((__m256i *) q, _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l0, low4),
-                                                                     _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4)),
-                                                     bias));
-    _mm256_store_si256((__m256i *) (q + 32),
-                       _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l1, low4),
-                                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4)),
-                                       bias));
-    const __m256 hv = _mm256_set1_ps(h);
-    for (int i = 0; i < 8; ++i) {
-        const __m256 w = _mm256_mul_ps(_mm256_set1_ps(coef[i / 2]),
-                                       _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (q + 8 * i)))));
-        acc[i] = _mm256_fmadd_ps(hv, w, acc[i]);
-    }
-}
-
-NL_AVX2 void q6_k_decode_avx2(const uint8_t * column, float * out, int64_t n) {
-    for (int64_t b = 0; b < n / kQ6Block; ++b) {
-        for (int quarter = 0; quarter < 4; ++quarter) {
-            __m256 acc[8];
-            for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_ps(-0.0f);
-            q6_k_quarter_avx2(column + (size_t) b * kQ6BlockBytes, quarter, 1.0f, acc);
-            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + b * kQ6Block + 64 * quarter + 8 * i, acc[i]);
-        }
-    }
-}
-
-NL_AVX2 void q6_k_axpy_avx2(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
-    const size_t bytes = (size_t) (n / kQ6Block) * kQ6BlockBytes;
-    for (int k0 = 0; k0 < count; k0 += kGroup) {
-        const int m = count - k0 < kGroup ? count - k0 : kGroup;
-        prefetch_group(columns, k0, count, bytes);
-        for (int64_t b = 0; b < n / kQ6Block; ++b) {
-            for (int quarter = 0; quarter < 4; ++quarter) {
-                float * yq = y + b * kQ6Block + 64 * quarter;
-                __m256 acc[8];
-                for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(yq + 8 * i);
-                for (int k = k0; k < k0 + m; ++k) q6_k_quarter_avx2(columns[k] + (size_t) b * kQ6BlockBytes, quarter, h[k], acc);
-                for (int i = 0; i < 8; ++i) _mm256_storeu_ps(yq + 8 * i, acc[i]);
-            }
         }
     }
 }
@@ -400,14 +246,17 @@ NL_AVX512 void tokens_gemm_avx512(const float * c, int kc, int64_t n, const floa
 }
 #endif
 
+// a column type's loops; null: its columns are decoded into scratch by ggml's to_float, then added
+struct TypeLoops {
+    ColumnsAxpy axpy = nullptr;
+    Decode decode = nullptr;
+};
+
 struct Kernels {
     const char * isa;
-    Q8Axpy q8_0;
     FloatAxpy f32;
-    Decode q8_0_decode;
-    Q8Axpy q6_k = nullptr;       // null: q6_K columns are decoded into scratch by ggml, then added
-    Decode q6_k_decode = nullptr; // null: ggml's to_float
-    TokensGemm tokens = nullptr;  // null: each token's columns added one at a time with f32
+    TypeLoops q8_0, q6_k, q5_k, q4_k;
+    TokensGemm tokens = nullptr; // null: each token's columns added one at a time with f32
 };
 
 const Kernels & kernels() {
@@ -415,16 +264,32 @@ const Kernels & kernels() {
         switch (simd_level()) {
 #ifdef NL_X86_VERSIONS
             case SimdLevel::Avx512:
-                return Kernels { "avx512", q8_0_axpy_avx512, axpy_avx512, q8_0_decode_avx512, q6_k_axpy_avx512,
-                                 q6_k_decode_avx512, tokens_gemm_avx512 };
+                return Kernels { "avx512", axpy_avx512,
+                                 { q8_0_axpy_avx512, q8_0_decode_avx512 }, { q6_k_axpy_avx512, q6_k_decode_avx512 },
+                                 { q5_k_axpy_avx512, q5_k_decode_avx512 }, { q4_k_axpy_avx512, q4_k_decode_avx512 },
+                                 tokens_gemm_avx512 };
             case SimdLevel::Avx2:
-                return Kernels { "avx2", q8_0_axpy_avx2, axpy_avx2, q8_0_decode_avx2, q6_k_axpy_avx2, q6_k_decode_avx2 };
+                return Kernels { "avx2", axpy_avx2,
+                                 { q8_0_axpy_avx2, q8_0_decode_avx2 }, { q6_k_axpy_avx2, q6_k_decode_avx2 },
+                                 { q5_k_axpy_avx2, q5_k_decode_avx2 }, { q4_k_axpy_avx2, q4_k_decode_avx2 } };
 #endif
             default:
-                return Kernels { "generic", q8_0_axpy_generic, axpy_generic, q8_0_decode_generic };
+                return Kernels { "generic", axpy_generic, { q8_0_axpy_generic, q8_0_decode_generic }, {}, {}, {} };
         }
     }();
     return chosen;
+}
+
+const TypeLoops & loops_of(ggml_type type) {
+    static const TypeLoops none;
+    const Kernels & K = kernels();
+    switch (type) {
+        case GGML_TYPE_Q8_0: return K.q8_0;
+        case GGML_TYPE_Q6_K: return K.q6_k;
+        case GGML_TYPE_Q5_K: return K.q5_k;
+        case GGML_TYPE_Q4_K: return K.q4_k;
+        default: return none;
+    }
 }
 
 } // namespace
@@ -439,12 +304,8 @@ void column_axpy(const WeightType & wt, const uint8_t * column, float h, float *
 
 void columns_axpy(const WeightType & wt, const uint8_t * const * columns, const float * h, int count, float * y,
                   int64_t n, float * tmp) {
-    if (wt.type == GGML_TYPE_Q8_0) {
-        kernels().q8_0(columns, h, count, y, n);
-        return;
-    }
-    if (wt.type == GGML_TYPE_Q6_K && kernels().q6_k) {
-        kernels().q6_k(columns, h, count, y, n);
+    if (const ColumnsAxpy loop = loops_of(wt.type).axpy) {
+        loop(columns, h, count, y, n);
         return;
     }
     for (int k = 0; k < count; ++k) {
@@ -454,10 +315,8 @@ void columns_axpy(const WeightType & wt, const uint8_t * const * columns, const 
 }
 
 void decode_column(const WeightType & wt, const uint8_t * column, float * out, int64_t n) {
-    if (wt.type == GGML_TYPE_Q8_0) {
-        kernels().q8_0_decode(column, out, n);
-    } else if (wt.type == GGML_TYPE_Q6_K && kernels().q6_k_decode) {
-        kernels().q6_k_decode(column, out, n);
+    if (const Decode loop = loops_of(wt.type).decode) {
+        loop(column, out, n);
     } else {
         wt.to_float(column, out, n);
     }

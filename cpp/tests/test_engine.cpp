@@ -217,34 +217,37 @@ TEST(column_axpy_of_every_weight_type_adds_the_scaled_dequantized_column) {
     }
 }
 
-TEST(q6_k_columns_add_exactly_what_their_decoded_values_add) {
-    // the fused q6_K loop (AVX-512) against decoding each column with ggml and adding the floats
+TEST(k_quant_columns_add_exactly_what_their_decoded_values_add) {
+    // the fused q6_K, q5_K and q4_K loops against decoding each column with ggml and adding the floats
     const int64_t n = 1536; // Qwen2.5-Coder-1.5B's n_embd: six blocks
     const int count = 5;
-    const WeightType & wt = weight_type(GGML_TYPE_Q6_K);
-    std::vector<std::vector<uint8_t>> storage;
-    std::vector<const uint8_t *> columns;
-    std::vector<float> h;
-    for (int k = 0; k < count; ++k) {
-        auto values = random_floats(n, 70 + k);
-        values[5] = 40.0f * (float) (k + 1); // an outlier: the 6-bit values span their whole range
-        storage.push_back(quantize(GGML_TYPE_Q6_K, values, 1, n));
-        h.push_back(0.3f * (float) (k - 2) + 0.01f);
+    for (ggml_type type : { GGML_TYPE_Q6_K, GGML_TYPE_Q5_K, GGML_TYPE_Q4_K }) {
+        const WeightType & wt = weight_type(type);
+        std::vector<std::vector<uint8_t>> storage;
+        std::vector<const uint8_t *> columns;
+        std::vector<float> h;
+        for (int k = 0; k < count; ++k) {
+            auto values = random_floats(n, 70 + k);
+            values[5] = 40.0f * (float) (k + 1); // an outlier: the quantized values span their whole range
+            values[700] = -25.0f * (float) (k + 1);
+            storage.push_back(quantize(type, values, 1, n));
+            h.push_back(0.3f * (float) (k - 2) + 0.01f);
+        }
+        for (const auto & c : storage) columns.push_back(c.data());
+        std::vector<float> tmp(n), fused = random_floats(n, 80), reference = fused;
+        columns_axpy(wt, columns.data(), h.data(), count, fused.data(), n, tmp.data());
+        for (int k = 0; k < count; ++k) {
+            const auto w = dequantize(type, columns[k], 1, n);
+            float_axpy(w.data(), h[k], reference.data(), n);
+        }
+        CHECK(std::memcmp(fused.data(), reference.data(), n * sizeof(float)) == 0);
     }
-    for (const auto & c : storage) columns.push_back(c.data());
-    std::vector<float> tmp(n), fused = random_floats(n, 80), reference = fused;
-    columns_axpy(wt, columns.data(), h.data(), count, fused.data(), n, tmp.data());
-    for (int k = 0; k < count; ++k) {
-        const auto w = dequantize(GGML_TYPE_Q6_K, columns[k], 1, n);
-        float_axpy(w.data(), h[k], reference.data(), n);
-    }
-    CHECK(std::memcmp(fused.data(), reference.data(), n * sizeof(float)) == 0);
 }
 
 TEST(columns_axpy_adds_columns_in_order_as_one_at_a_time_would) {
     const int64_t n = 256;
     const int count = 7; // a group of four and a remainder
-    for (ggml_type type : { GGML_TYPE_Q8_0, GGML_TYPE_Q6_K, GGML_TYPE_Q4_K }) {
+    for (ggml_type type : { GGML_TYPE_Q8_0, GGML_TYPE_Q6_K, GGML_TYPE_Q5_K, GGML_TYPE_Q4_K }) {
         const WeightType & wt = weight_type(type);
         std::vector<std::vector<uint8_t>> storage;
         std::vector<const uint8_t *> columns;
@@ -265,7 +268,7 @@ TEST(columns_axpy_batch_gives_each_token_the_sums_it_gets_alone) {
     // more columns than one decoded chunk, token counts across the six-token tiles, slices of y that end in
     // a partial register (q8_0 at 288, f16 at 100), h with zeros and a stride of its own
     struct Case { ggml_type type; int64_t n; };
-    for (const Case c : { Case { GGML_TYPE_Q8_0, 288 }, Case { GGML_TYPE_Q6_K, 256 }, Case { GGML_TYPE_Q4_K, 256 },
+    for (const Case c : { Case { GGML_TYPE_Q8_0, 288 }, Case { GGML_TYPE_Q6_K, 256 }, Case { GGML_TYPE_Q5_K, 256 }, Case { GGML_TYPE_Q4_K, 256 },
                           Case { GGML_TYPE_F16, 100 } }) {
         const WeightType & wt = weight_type(c.type);
         const int64_t n = c.n;
@@ -305,7 +308,7 @@ TEST(columns_axpy_batch_gives_each_token_the_sums_it_gets_alone) {
 
 TEST(decoded_columns_are_ggml_s_values) {
     const int64_t n = 512;
-    for (ggml_type type : { GGML_TYPE_Q8_0, GGML_TYPE_Q6_K, GGML_TYPE_Q4_K }) {
+    for (ggml_type type : { GGML_TYPE_Q8_0, GGML_TYPE_Q6_K, GGML_TYPE_Q5_K, GGML_TYPE_Q4_K }) {
         auto values = random_floats(n, 90);
         values[7] = 30.0f;
         const auto q = quantize(type, values, 1, n);

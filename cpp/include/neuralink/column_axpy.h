@@ -1,8 +1,8 @@
 #pragma once
 
 // The sparse down projection's inner step: y += h * column, one neuron's down
-// column in the sidecar's encoding. q8_0 and q6_K columns are decoded in
-// registers and accumulated block by block without a float copy; other types
+// column in the sidecar's encoding. q8_0, q6_K, q5_K and q4_K columns are decoded
+// in registers and accumulated block by block without a float copy; other types
 // are dequantized once into scratch. Prompt batches decode each column once
 // and add it to several tokens at a time. The loops are compiled for
 // AVX-512, AVX2+FMA and plain x86-64 and the first call picks by what the CPU
@@ -23,7 +23,7 @@ void column_axpy(const WeightType & wt, const uint8_t * column, float h, float *
 void columns_axpy(const WeightType & wt, const uint8_t * const * columns, const float * h, int count, float * y,
                   int64_t n, float * tmp);
 
-// a column decoded into floats, the values ggml's to_float gives (q8_0 and q6_K by loops of this file)
+// a column decoded into floats, the values ggml's to_float gives (q8_0 and the K-quants by loops of their own)
 void decode_column(const WeightType & wt, const uint8_t * column, float * out, int64_t n);
 
 // how many columns columns_axpy_batch decodes at a time: its scratch holds kBatchColumns * n floats

@@ -1,0 +1,330 @@
+#include "column_loops.h"
+
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12 flags the _mm512_undefined_* placeholders inside its own AVX-512 headers
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// The K-quant column loops: a column's blocks decoded in registers, each value as ggml's to_float decodes it,
+// and added as fma(h, value, y), the sums of decoding the column into scratch first and adding the floats.
+
+namespace neuralink {
+
+#ifdef NL_X86_VERSIONS
+// q6_K columns (ggml's block_q6_K: 256 values as low 4 bits ql[128], high 2 bits qh[64], int8 scales[16] of 16
+// values each, fp16 d), decoded in registers and added without a float copy. Each value is decoded as ggml's
+// to_float decodes it, (d * scale) * q as floats, and added as fma(h, value, y) like the float loop: the same
+// sums as decoding the column into scratch first.
+constexpr int64_t kQ6Block = 256;
+constexpr size_t kQ6BlockBytes = 128 + 64 + 16 + 2;
+
+// one column's 128 values of half `half` of a block, decoded, scaled and added to y's 8 registers. The 6-bit
+// values are put together in two 512-bit registers (values 0-63 and 64-127 of the half) and spilled to the
+// stack, so that each group of 16 is sign-extended straight from memory; the 8 scales (d * scale, the same
+// float products as ggml's) are computed at once and broadcast from memory.
+NL_AVX512 NL_INLINE void q6_k_half(const uint8_t * block, int half, float h, __m512 * acc) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03), bias = _mm512_set1_epi8(32);
+    uint16_t dh;
+    std::memcpy(&dh, block + 208, sizeof dh);
+    alignas(32) float coef[8];
+    const __m128i sc = _mm_loadl_epi64((const __m128i *) (block + 192 + 8 * half));
+    _mm256_store_ps(coef, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(dh)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+    // ql bytes 0-31 hold values 0-31 (low nibble) and 64-95 (high), bytes 32-63 values 32-63 and 96-127; the
+    // 32 qh bytes hold their two high bits at bits 0-1, 2-3, 4-5 and 6-7 respectively
+    const __m512i l = _mm512_loadu_si512((const void *) (block + 64 * half));
+    const __m256i hb = _mm256_loadu_si256((const __m256i *) (block + 128 + 32 * half));
+    const __m512i hh = _mm512_inserti64x4(_mm512_castsi256_si512(hb), _mm256_srli_epi16(hb, 2), 1);
+    alignas(64) int8_t q[128];
+    _mm512_store_si512((void *) q, _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(l, low4),
+                                                   _mm512_slli_epi16(_mm512_and_si512(hh, low2), 4)), bias));
+    _mm512_store_si512((void *) (q + 64),
+                       _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4),
+                                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hh, 4), low2), 4)),
+                                       bias));
+    const __m512 hv = _mm512_set1_ps(h);
+    for (int i = 0; i < 8; ++i) {
+        const __m512 w = _mm512_mul_ps(_mm512_set1_ps(coef[i]),
+                                       _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *) (q + 16 * i)))));
+        acc[i] = _mm512_fmadd_ps(hv, w, acc[i]);
+    }
+}
+
+// a q6_K column decoded into floats, the values ggml's to_float gives ((d * scale) * q), without its scalar loop
+NL_AVX512 void q6_k_decode_avx512(const uint8_t * column, float * out, int64_t n) {
+    for (int64_t b = 0; b < n / kQ6Block; ++b) {
+        for (int half = 0; half < 2; ++half) {
+            // fma(1, w, -0) is w exactly, signed zeros included: the decoded values themselves
+            __m512 acc[8];
+            for (int i = 0; i < 8; ++i) acc[i] = _mm512_set1_ps(-0.0f);
+            q6_k_half(column + (size_t) b * kQ6BlockBytes, half, 1.0f, acc);
+            for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + b * kQ6Block + 128 * half + 16 * i, acc[i]);
+        }
+    }
+}
+
+NL_AVX512 void q6_k_axpy_avx512(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
+    const size_t bytes = (size_t) (n / kQ6Block) * kQ6BlockBytes;
+    for (int k0 = 0; k0 < count; k0 += kGroup) {
+        const int m = count - k0 < kGroup ? count - k0 : kGroup;
+        prefetch_group(columns, k0, count, bytes);
+        // 128 values of y (a half block) stay in registers while the group's columns are added, in order
+        for (int64_t b = 0; b < n / kQ6Block; ++b) {
+            for (int half = 0; half < 2; ++half) {
+                float * yh = y + b * kQ6Block + 128 * half;
+                __m512 acc[8];
+                for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(yh + 16 * i);
+                for (int k = k0; k < k0 + m; ++k) q6_k_half(columns[k] + (size_t) b * kQ6BlockBytes, half, h[k], acc);
+                for (int i = 0; i < 8; ++i) _mm512_storeu_ps(yh + 16 * i, acc[i]);
+            }
+        }
+    }
+}
+
+// The AVX2 loops for q6_K: a quarter of a block (64 values, its four scales) at a time, y's 64 values held in 8
+// registers while the group's columns are added; values and sums as in the AVX-512 loop (d * scale first, then
+// the 6-bit value, then fma(h, value, y)).
+NL_AVX2 NL_INLINE void q6_k_quarter_avx2(const uint8_t * block, int quarter, float h, __m256 * acc) {
+    const int half = quarter / 2, high = quarter % 2; // high: values 64-127 of the half (the high nibbles)
+    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), bias = _mm256_set1_epi8(32);
+    uint16_t dh;
+    std::memcpy(&dh, block + 208, sizeof dh);
+    alignas(32) float coef[4];
+    int32_t sc4;
+    std::memcpy(&sc4, block + 192 + 8 * half + 4 * high, sizeof sc4);
+    const __m128i sc = _mm_cvtsi32_si128(sc4);
+    _mm_store_ps(coef, _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(dh)), _mm_cvtepi32_ps(_mm_cvtepi8_epi32(sc))));
+    const uint8_t * ql = block + 64 * half;
+    __m256i l0 = _mm256_loadu_si256((const __m256i *) ql), l1 = _mm256_loadu_si256((const __m256i *) (ql + 32));
+    __m256i hb = _mm256_loadu_si256((const __m256i *) (block + 128 + 32 * half));
+    if (high) {
+        l0 = _mm256_srli_epi16(l0, 4);
+        l1 = _mm256_srli_epi16(l1, 4);
+        hb = _mm256_srli_epi16(hb, 4);
+    }
+    alignas(32) int8_t q[64];
+    _mm256_store_si256((__m256i *) q, _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l0, low4),
+                                                                     _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4)),
+                                                     bias));
+    _mm256_store_si256((__m256i *) (q + 32),
+                       _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(l1, low4),
+                                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4)),
+                                       bias));
+    const __m256 hv = _mm256_set1_ps(h);
+    for (int i = 0; i < 8; ++i) {
+        const __m256 w = _mm256_mul_ps(_mm256_set1_ps(coef[i / 2]),
+                                       _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (q + 8 * i)))));
+        acc[i] = _mm256_fmadd_ps(hv, w, acc[i]);
+    }
+}
+
+NL_AVX2 void q6_k_decode_avx2(const uint8_t * column, float * out, int64_t n) {
+    for (int64_t b = 0; b < n / kQ6Block; ++b) {
+        for (int quarter = 0; quarter < 4; ++quarter) {
+            __m256 acc[8];
+            for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_ps(-0.0f);
+            q6_k_quarter_avx2(column + (size_t) b * kQ6BlockBytes, quarter, 1.0f, acc);
+            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + b * kQ6Block + 64 * quarter + 8 * i, acc[i]);
+        }
+    }
+}
+
+NL_AVX2 void q6_k_axpy_avx2(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
+    const size_t bytes = (size_t) (n / kQ6Block) * kQ6BlockBytes;
+    for (int k0 = 0; k0 < count; k0 += kGroup) {
+        const int m = count - k0 < kGroup ? count - k0 : kGroup;
+        prefetch_group(columns, k0, count, bytes);
+        for (int64_t b = 0; b < n / kQ6Block; ++b) {
+            for (int quarter = 0; quarter < 4; ++quarter) {
+                float * yq = y + b * kQ6Block + 64 * quarter;
+                __m256 acc[8];
+                for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(yq + 8 * i);
+                for (int k = k0; k < k0 + m; ++k) q6_k_quarter_avx2(columns[k] + (size_t) b * kQ6BlockBytes, quarter, h[k], acc);
+                for (int i = 0; i < 8; ++i) _mm256_storeu_ps(yq + 8 * i, acc[i]);
+            }
+        }
+    }
+}
+
+
+// q5_K and q4_K columns (ggml's block_q5_K: fp16 d and dmin, 12 bytes of 6-bit scales and mins for eight
+// sub-blocks of 32 values, the high bits qh[32], the low 4 bits qs[128]; block_q4_K: the same without qh).
+// Value = (d * scale) * q - (dmin * min) as floats, a product then a difference, as ggml's to_float computes
+// it (ggml-base is built without FMA, so its compiler cannot fuse the two).
+constexpr int64_t kKBlock = 256;
+constexpr size_t kKScalesAt = 4;
+
+template <bool kHighBit> constexpr size_t k_block_bytes() { return kHighBit ? 176 : 144; }
+template <bool kHighBit> constexpr size_t k_low_bits_at() { return kHighBit ? 48 : 16; }
+
+// The eight 6-bit scales (bytes 0-7 of the result) and mins (bytes 8-15) of a block, unpacked from their 12
+// bytes four at a time: the same values as ggml's get_scale_min_k4 for sub-blocks 0-7.
+NL_INLINE void k_scales_mins(const uint8_t * block, uint8_t * out) {
+    constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+    uint32_t u[3];
+    std::memcpy(u, block + kKScalesAt, sizeof u);
+    const uint32_t packed[4] = {
+        u[0] & low6,                                  // scales 0-3: the low 6 bits of bytes 0-3
+        (u[2] & low4) | (((u[0] >> 6) & low2) << 4),  // scales 4-7: bytes 8-11's low nibbles, bytes 0-3's top bits
+        u[1] & low6,                                  // mins 0-3: the low 6 bits of bytes 4-7
+        ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4), // mins 4-7: bytes 8-11's high nibbles, 4-7's top bits
+    };
+    std::memcpy(out, packed, sizeof packed);
+}
+
+// the block's fp16 d and dmin (converted by the caller, whose target has F16C)
+NL_INLINE void k_super_scales(const uint8_t * block, uint16_t * d, uint16_t * dmin) {
+    std::memcpy(d, block, sizeof *d);
+    std::memcpy(dmin, block + 2, sizeof *dmin);
+}
+
+// one column's 128 values of half `half` of a block (its sub-blocks 4 half .. 4 half + 3) added to y's 8
+// registers. qs bytes 0-31 of the half hold sub-block 4 half (low nibbles) and 4 half + 1 (high), bytes 32-63
+// sub-blocks 4 half + 2 and + 3; the high bit of sub-block j's value l is bit j of qh[l].
+template <bool kHighBit>
+NL_AVX512 NL_INLINE void k_half_avx512(const uint8_t * block, int half, float h, __m512 * acc) {
+    uint16_t dh, mh;
+    k_super_scales(block, &dh, &mh);
+    const float d = _cvtsh_ss(dh), dmin = _cvtsh_ss(mh);
+    alignas(16) uint8_t sm[16];
+    k_scales_mins(block, sm);
+    // (d * scale) and (dmin * min) of the half's four sub-blocks, one float product each as in ggml
+    int32_t sc4, m4;
+    std::memcpy(&sc4, sm + 4 * half, sizeof sc4);
+    std::memcpy(&m4, sm + 8 + 4 * half, sizeof m4);
+    alignas(16) float coef[4], mins[4];
+    _mm_store_ps(coef, _mm_mul_ps(_mm_set1_ps(d), _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(sc4)))));
+    _mm_store_ps(mins, _mm_mul_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(m4)))));
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m512i l = _mm512_loadu_si512((const void *) (block + k_low_bits_at<kHighBit>() + 64 * half));
+    __m512i lo = _mm512_and_si512(l, low4);                       // sub-blocks 4 half, 4 half + 2
+    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(l, 4), low4); // 4 half + 1, 4 half + 3
+    if constexpr (kHighBit) {
+        const __m512i one = _mm512_set1_epi8(1);
+        const __m256i hb = _mm256_loadu_si256((const __m256i *) (block + 16));
+        // bit 4 half of qh[l] beside bit 4 half + 2 (a 16-bit shift by at most 7 brings each byte's bit down)
+        const __m512i hl = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(4 * half))),
+                                              _mm256_srl_epi16(hb, _mm_cvtsi32_si128(4 * half + 2)), 1);
+        lo = _mm512_or_si512(lo, _mm512_slli_epi16(_mm512_and_si512(hl, one), 4));
+        hi = _mm512_or_si512(hi, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hl, 1), one), 4));
+    }
+    alignas(64) uint8_t q[128];
+    _mm512_store_si512((void *) q, lo);
+    _mm512_store_si512((void *) (q + 64), hi);
+    // 16 values at q + 16 i: their sub-block (of the half's four) and their register of y
+    constexpr int kSub[8] = { 0, 0, 2, 2, 1, 1, 3, 3 };
+    constexpr int kAcc[8] = { 0, 1, 4, 5, 2, 3, 6, 7 };
+    const __m512 hv = _mm512_set1_ps(h);
+    for (int i = 0; i < 8; ++i) {
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *) (q + 16 * i))));
+        const __m512 w = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(coef[kSub[i]]), v), _mm512_set1_ps(mins[kSub[i]]));
+        acc[kAcc[i]] = _mm512_fmadd_ps(hv, w, acc[kAcc[i]]);
+    }
+}
+
+template <bool kHighBit>
+NL_AVX512 void k_decode_avx512(const uint8_t * column, float * out, int64_t n) {
+    for (int64_t b = 0; b < n / kKBlock; ++b) {
+        for (int half = 0; half < 2; ++half) {
+            __m512 acc[8];
+            for (int i = 0; i < 8; ++i) acc[i] = _mm512_set1_ps(-0.0f); // fma(1, w, -0) is w exactly
+            k_half_avx512<kHighBit>(column + (size_t) b * k_block_bytes<kHighBit>(), half, 1.0f, acc);
+            for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + b * kKBlock + 128 * half + 16 * i, acc[i]);
+        }
+    }
+}
+
+template <bool kHighBit>
+NL_AVX512 void k_axpy_avx512(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
+    constexpr size_t block_bytes = k_block_bytes<kHighBit>();
+    const size_t bytes = (size_t) (n / kKBlock) * block_bytes;
+    for (int k0 = 0; k0 < count; k0 += kGroup) {
+        const int m = count - k0 < kGroup ? count - k0 : kGroup;
+        prefetch_group(columns, k0, count, bytes);
+        for (int64_t b = 0; b < n / kKBlock; ++b) {
+            for (int half = 0; half < 2; ++half) {
+                float * yh = y + b * kKBlock + 128 * half;
+                __m512 acc[8];
+                for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(yh + 16 * i);
+                for (int k = k0; k < k0 + m; ++k) k_half_avx512<kHighBit>(columns[k] + (size_t) b * block_bytes, half, h[k], acc);
+                for (int i = 0; i < 8; ++i) _mm512_storeu_ps(yh + 16 * i, acc[i]);
+            }
+        }
+    }
+}
+
+// AVX2: a quarter of a block (64 values: sub-blocks 2 quarter, low nibbles of qs bytes 32 quarter .. + 31, and
+// 2 quarter + 1, their high nibbles) held in 8 registers of y
+template <bool kHighBit>
+NL_AVX2 NL_INLINE void k_quarter_avx2(const uint8_t * block, int quarter, float h, __m256 * acc) {
+    uint16_t dh, mh;
+    k_super_scales(block, &dh, &mh);
+    const float d = _cvtsh_ss(dh), dmin = _cvtsh_ss(mh);
+    alignas(16) uint8_t sm[16];
+    k_scales_mins(block, sm);
+    const float coef[2] = { d * (float) sm[2 * quarter], d * (float) sm[2 * quarter + 1] };
+    const float mins[2] = { dmin * (float) sm[8 + 2 * quarter], dmin * (float) sm[8 + 2 * quarter + 1] };
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i l = _mm256_loadu_si256((const __m256i *) (block + k_low_bits_at<kHighBit>() + 32 * quarter));
+    __m256i lo = _mm256_and_si256(l, low4), hi = _mm256_and_si256(_mm256_srli_epi16(l, 4), low4);
+    if constexpr (kHighBit) {
+        const __m256i one = _mm256_set1_epi8(1);
+        const __m256i hb = _mm256_srl_epi16(_mm256_loadu_si256((const __m256i *) (block + 16)),
+                                            _mm_cvtsi32_si128(2 * quarter));
+        lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hb, one), 4));
+        hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), one), 4));
+    }
+    alignas(32) uint8_t q[64];
+    _mm256_store_si256((__m256i *) q, lo);
+    _mm256_store_si256((__m256i *) (q + 32), hi);
+    const __m256 hv = _mm256_set1_ps(h);
+    for (int i = 0; i < 8; ++i) {
+        const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (q + 8 * i))));
+        const __m256 w = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(coef[i / 4]), v), _mm256_set1_ps(mins[i / 4]));
+        acc[i] = _mm256_fmadd_ps(hv, w, acc[i]);
+    }
+}
+
+template <bool kHighBit>
+NL_AVX2 void k_decode_avx2(const uint8_t * column, float * out, int64_t n) {
+    for (int64_t b = 0; b < n / kKBlock; ++b) {
+        for (int quarter = 0; quarter < 4; ++quarter) {
+            __m256 acc[8];
+            for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_ps(-0.0f);
+            k_quarter_avx2<kHighBit>(column + (size_t) b * k_block_bytes<kHighBit>(), quarter, 1.0f, acc);
+            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + b * kKBlock + 64 * quarter + 8 * i, acc[i]);
+        }
+    }
+}
+
+template <bool kHighBit>
+NL_AVX2 void k_axpy_avx2(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
+    constexpr size_t block_bytes = k_block_bytes<kHighBit>();
+    const size_t bytes = (size_t) (n / kKBlock) * block_bytes;
+    for (int k0 = 0; k0 < count; k0 += kGroup) {
+        const int m = count - k0 < kGroup ? count - k0 : kGroup;
+        prefetch_group(columns, k0, count, bytes);
+        for (int64_t b = 0; b < n / kKBlock; ++b) {
+            for (int quarter = 0; quarter < 4; ++quarter) {
+                float * yq = y + b * kKBlock + 64 * quarter;
+                __m256 acc[8];
+                for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(yq + 8 * i);
+                for (int k = k0; k < k0 + m; ++k) k_quarter_avx2<kHighBit>(columns[k] + (size_t) b * block_bytes, quarter, h[k], acc);
+                for (int i = 0; i < 8; ++i) _mm256_storeu_ps(yq + 8 * i, acc[i]);
+            }
+        }
+    }
+}
+
+void q5_k_axpy_avx512(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { k_axpy_avx512<true>(c, h, count, y, n); }
+void q5_k_decode_avx512(const uint8_t * column, float * out, int64_t n) { k_decode_avx512<true>(column, out, n); }
+void q5_k_axpy_avx2(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { k_axpy_avx2<true>(c, h, count, y, n); }
+void q5_k_decode_avx2(const uint8_t * column, float * out, int64_t n) { k_decode_avx2<true>(column, out, n); }
+void q4_k_axpy_avx512(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { k_axpy_avx512<false>(c, h, count, y, n); }
+void q4_k_decode_avx512(const uint8_t * column, float * out, int64_t n) { k_decode_avx512<false>(column, out, n); }
+void q4_k_axpy_avx2(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { k_axpy_avx2<false>(c, h, count, y, n); }
+void q4_k_decode_avx2(const uint8_t * column, float * out, int64_t n) { k_decode_avx2<false>(column, out, n); }
+#endif
+
+} // namespace neuralink
