@@ -283,7 +283,7 @@ def write_unsealed(
 def sidecar_checksums(path: str | os.PathLike[str]) -> tuple[int, int]:
     """The (header, tables) checksums of the sidecar file at `path`, computed from its bytes (by the engine's
     C++ block_checksum64, the definition neuralink.formats.checksum.block_checksum computes with numpy: on
-    Qwen2.5-Coder-1.5B's sidecar 1.2 s of every load in numpy)."""
+    Qwen2.5-Coder-1.5B's sidecar 0.64 s of every load in numpy, 0.006 s in C++)."""
     directory = read_gguf_directory(path)
     name = os.fspath(path)
     head = _engine.file_block_checksum(name, 0, directory.data_offset)
