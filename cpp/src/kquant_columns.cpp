@@ -17,7 +17,6 @@ namespace neuralink {
 // values each, fp16 d), decoded in registers and added without a float copy. Each value is decoded as ggml's
 // to_float decodes it, (d * scale) * q as floats, and added as fma(h, value, y) like the float loop: the same
 // sums as decoding the column into scratch first.
-constexpr int64_t kQ6Block = 256;
 constexpr size_t kQ6BlockBytes = 128 + 64 + 16 + 2;
 
 // one column's 128 values of half `half` of a block, decoded, scaled and added to y's 8 registers. The 6-bit
@@ -48,37 +47,6 @@ NL_AVX512 NL_INLINE void q6_k_half(const uint8_t * block, int half, float h, __m
         const __m512 w = _mm512_mul_ps(_mm512_set1_ps(coef[i]),
                                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128((const __m128i *) (q + 16 * i)))));
         acc[i] = _mm512_fmadd_ps(hv, w, acc[i]);
-    }
-}
-
-// a q6_K column decoded into floats, the values ggml's to_float gives ((d * scale) * q), without its scalar loop
-NL_AVX512 void q6_k_decode_avx512(const uint8_t * column, float * out, int64_t n) {
-    for (int64_t b = 0; b < n / kQ6Block; ++b) {
-        for (int half = 0; half < 2; ++half) {
-            // fma(1, w, -0) is w exactly, signed zeros included: the decoded values themselves
-            __m512 acc[8];
-            for (int i = 0; i < 8; ++i) acc[i] = _mm512_set1_ps(-0.0f);
-            q6_k_half(column + (size_t) b * kQ6BlockBytes, half, 1.0f, acc);
-            for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + b * kQ6Block + 128 * half + 16 * i, acc[i]);
-        }
-    }
-}
-
-NL_AVX512 void q6_k_axpy_avx512(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
-    const size_t bytes = (size_t) (n / kQ6Block) * kQ6BlockBytes;
-    for (int k0 = 0; k0 < count; k0 += kGroup) {
-        const int m = count - k0 < kGroup ? count - k0 : kGroup;
-        prefetch_group(columns, k0, count, bytes);
-        // 128 values of y (a half block) stay in registers while the group's columns are added, in order
-        for (int64_t b = 0; b < n / kQ6Block; ++b) {
-            for (int half = 0; half < 2; ++half) {
-                float * yh = y + b * kQ6Block + 128 * half;
-                __m512 acc[8];
-                for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(yh + 16 * i);
-                for (int k = k0; k < k0 + m; ++k) q6_k_half(columns[k] + (size_t) b * kQ6BlockBytes, half, h[k], acc);
-                for (int i = 0; i < 8; ++i) _mm512_storeu_ps(yh + 16 * i, acc[i]);
-            }
-        }
     }
 }
 
@@ -116,34 +84,6 @@ NL_AVX2 NL_INLINE void q6_k_quarter_avx2(const uint8_t * block, int quarter, flo
         const __m256 w = _mm256_mul_ps(_mm256_set1_ps(coef[i / 2]),
                                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *) (q + 8 * i)))));
         acc[i] = _mm256_fmadd_ps(hv, w, acc[i]);
-    }
-}
-
-NL_AVX2 void q6_k_decode_avx2(const uint8_t * column, float * out, int64_t n) {
-    for (int64_t b = 0; b < n / kQ6Block; ++b) {
-        for (int quarter = 0; quarter < 4; ++quarter) {
-            __m256 acc[8];
-            for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_ps(-0.0f);
-            q6_k_quarter_avx2(column + (size_t) b * kQ6BlockBytes, quarter, 1.0f, acc);
-            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + b * kQ6Block + 64 * quarter + 8 * i, acc[i]);
-        }
-    }
-}
-
-NL_AVX2 void q6_k_axpy_avx2(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
-    const size_t bytes = (size_t) (n / kQ6Block) * kQ6BlockBytes;
-    for (int k0 = 0; k0 < count; k0 += kGroup) {
-        const int m = count - k0 < kGroup ? count - k0 : kGroup;
-        prefetch_group(columns, k0, count, bytes);
-        for (int64_t b = 0; b < n / kQ6Block; ++b) {
-            for (int quarter = 0; quarter < 4; ++quarter) {
-                float * yq = y + b * kQ6Block + 64 * quarter;
-                __m256 acc[8];
-                for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(yq + 8 * i);
-                for (int k = k0; k < k0 + m; ++k) q6_k_quarter_avx2(columns[k] + (size_t) b * kQ6BlockBytes, quarter, h[k], acc);
-                for (int i = 0; i < 8; ++i) _mm256_storeu_ps(yq + 8 * i, acc[i]);
-            }
-        }
     }
 }
 
@@ -223,37 +163,6 @@ NL_AVX512 NL_INLINE void k_half_avx512(const uint8_t * block, int half, float h,
     }
 }
 
-template <bool kHighBit>
-NL_AVX512 void k_decode_avx512(const uint8_t * column, float * out, int64_t n) {
-    for (int64_t b = 0; b < n / kKBlock; ++b) {
-        for (int half = 0; half < 2; ++half) {
-            __m512 acc[8];
-            for (int i = 0; i < 8; ++i) acc[i] = _mm512_set1_ps(-0.0f); // fma(1, w, -0) is w exactly
-            k_half_avx512<kHighBit>(column + (size_t) b * k_block_bytes<kHighBit>(), half, 1.0f, acc);
-            for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + b * kKBlock + 128 * half + 16 * i, acc[i]);
-        }
-    }
-}
-
-template <bool kHighBit>
-NL_AVX512 void k_axpy_avx512(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
-    constexpr size_t block_bytes = k_block_bytes<kHighBit>();
-    const size_t bytes = (size_t) (n / kKBlock) * block_bytes;
-    for (int k0 = 0; k0 < count; k0 += kGroup) {
-        const int m = count - k0 < kGroup ? count - k0 : kGroup;
-        prefetch_group(columns, k0, count, bytes);
-        for (int64_t b = 0; b < n / kKBlock; ++b) {
-            for (int half = 0; half < 2; ++half) {
-                float * yh = y + b * kKBlock + 128 * half;
-                __m512 acc[8];
-                for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(yh + 16 * i);
-                for (int k = k0; k < k0 + m; ++k) k_half_avx512<kHighBit>(columns[k] + (size_t) b * block_bytes, half, h[k], acc);
-                for (int i = 0; i < 8; ++i) _mm512_storeu_ps(yh + 16 * i, acc[i]);
-            }
-        }
-    }
-}
-
 // AVX2: a quarter of a block (64 values: sub-blocks 2 quarter, low nibbles of qs bytes 32 quarter .. + 31, and
 // 2 quarter + 1, their high nibbles) held in 8 registers of y
 template <bool kHighBit>
@@ -286,45 +195,92 @@ NL_AVX2 NL_INLINE void k_quarter_avx2(const uint8_t * block, int quarter, float 
     }
 }
 
-template <bool kHighBit>
-NL_AVX2 void k_decode_avx2(const uint8_t * column, float * out, int64_t n) {
-    for (int64_t b = 0; b < n / kKBlock; ++b) {
-        for (int quarter = 0; quarter < 4; ++quarter) {
-            __m256 acc[8];
-            for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_ps(-0.0f);
-            k_quarter_avx2<kHighBit>(column + (size_t) b * k_block_bytes<kHighBit>(), quarter, 1.0f, acc);
-            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + b * kKBlock + 64 * quarter + 8 * i, acc[i]);
+// The loops around the pieces above: a block of a column is decoded a piece (a half under AVX-512, a quarter
+// under AVX2) at a time. `Piece` names the type: its block bytes and values, and piece(block, i, h, acc), which
+// adds h times the i-th piece's values to the registers acc.
+struct Q6Pieces {
+    static constexpr size_t kBytes = kQ6BlockBytes;
+    NL_AVX512 static NL_INLINE void half(const uint8_t * b, int i, float h, __m512 * acc) { q6_k_half(b, i, h, acc); }
+    NL_AVX2 static NL_INLINE void quarter(const uint8_t * b, int i, float h, __m256 * acc) { q6_k_quarter_avx2(b, i, h, acc); }
+};
+template <bool kHighBit> struct KPieces {
+    static constexpr size_t kBytes = k_block_bytes<kHighBit>();
+    NL_AVX512 static NL_INLINE void half(const uint8_t * b, int i, float h, __m512 * acc) { k_half_avx512<kHighBit>(b, i, h, acc); }
+    NL_AVX2 static NL_INLINE void quarter(const uint8_t * b, int i, float h, __m256 * acc) { k_quarter_avx2<kHighBit>(b, i, h, acc); }
+};
+constexpr int64_t kBlockValues = 256; // every K-quant
+
+// a column decoded into floats: fma(1, w, -0) is w exactly, signed zeros included
+template <class P> NL_AVX512 void decode_avx512(const uint8_t * column, float * out, int64_t n) {
+    for (int64_t b = 0; b < n / kBlockValues; ++b) {
+        for (int half = 0; half < 2; ++half) {
+            __m512 acc[8];
+            for (int i = 0; i < 8; ++i) acc[i] = _mm512_set1_ps(-0.0f);
+            P::half(column + (size_t) b * P::kBytes, half, 1.0f, acc);
+            for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + b * kBlockValues + 128 * half + 16 * i, acc[i]);
         }
     }
 }
 
-template <bool kHighBit>
-NL_AVX2 void k_axpy_avx2(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
-    constexpr size_t block_bytes = k_block_bytes<kHighBit>();
-    const size_t bytes = (size_t) (n / kKBlock) * block_bytes;
+// 128 values of y (a half block) stay in registers while a group's columns are added, in order
+template <class P> NL_AVX512 void axpy_avx512(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
+    const size_t bytes = (size_t) (n / kBlockValues) * P::kBytes;
     for (int k0 = 0; k0 < count; k0 += kGroup) {
         const int m = count - k0 < kGroup ? count - k0 : kGroup;
         prefetch_group(columns, k0, count, bytes);
-        for (int64_t b = 0; b < n / kKBlock; ++b) {
+        for (int64_t b = 0; b < n / kBlockValues; ++b) {
+            for (int half = 0; half < 2; ++half) {
+                float * yh = y + b * kBlockValues + 128 * half;
+                __m512 acc[8];
+                for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(yh + 16 * i);
+                for (int k = k0; k < k0 + m; ++k) P::half(columns[k] + (size_t) b * P::kBytes, half, h[k], acc);
+                for (int i = 0; i < 8; ++i) _mm512_storeu_ps(yh + 16 * i, acc[i]);
+            }
+        }
+    }
+}
+
+template <class P> NL_AVX2 void decode_avx2(const uint8_t * column, float * out, int64_t n) {
+    for (int64_t b = 0; b < n / kBlockValues; ++b) {
+        for (int quarter = 0; quarter < 4; ++quarter) {
+            __m256 acc[8];
+            for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_ps(-0.0f);
+            P::quarter(column + (size_t) b * P::kBytes, quarter, 1.0f, acc);
+            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + b * kBlockValues + 64 * quarter + 8 * i, acc[i]);
+        }
+    }
+}
+
+// y's 64 values of a quarter block held in 8 registers while a group's columns are added, in order
+template <class P> NL_AVX2 void axpy_avx2(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
+    const size_t bytes = (size_t) (n / kBlockValues) * P::kBytes;
+    for (int k0 = 0; k0 < count; k0 += kGroup) {
+        const int m = count - k0 < kGroup ? count - k0 : kGroup;
+        prefetch_group(columns, k0, count, bytes);
+        for (int64_t b = 0; b < n / kBlockValues; ++b) {
             for (int quarter = 0; quarter < 4; ++quarter) {
-                float * yq = y + b * kKBlock + 64 * quarter;
+                float * yq = y + b * kBlockValues + 64 * quarter;
                 __m256 acc[8];
                 for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(yq + 8 * i);
-                for (int k = k0; k < k0 + m; ++k) k_quarter_avx2<kHighBit>(columns[k] + (size_t) b * block_bytes, quarter, h[k], acc);
+                for (int k = k0; k < k0 + m; ++k) P::quarter(columns[k] + (size_t) b * P::kBytes, quarter, h[k], acc);
                 for (int i = 0; i < 8; ++i) _mm256_storeu_ps(yq + 8 * i, acc[i]);
             }
         }
     }
 }
 
-void q5_k_axpy_avx512(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { k_axpy_avx512<true>(c, h, count, y, n); }
-void q5_k_decode_avx512(const uint8_t * column, float * out, int64_t n) { k_decode_avx512<true>(column, out, n); }
-void q5_k_axpy_avx2(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { k_axpy_avx2<true>(c, h, count, y, n); }
-void q5_k_decode_avx2(const uint8_t * column, float * out, int64_t n) { k_decode_avx2<true>(column, out, n); }
-void q4_k_axpy_avx512(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { k_axpy_avx512<false>(c, h, count, y, n); }
-void q4_k_decode_avx512(const uint8_t * column, float * out, int64_t n) { k_decode_avx512<false>(column, out, n); }
-void q4_k_axpy_avx2(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { k_axpy_avx2<false>(c, h, count, y, n); }
-void q4_k_decode_avx2(const uint8_t * column, float * out, int64_t n) { k_decode_avx2<false>(column, out, n); }
+void q6_k_axpy_avx512(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { axpy_avx512<Q6Pieces>(c, h, count, y, n); }
+void q6_k_decode_avx512(const uint8_t * column, float * out, int64_t n) { decode_avx512<Q6Pieces>(column, out, n); }
+void q6_k_axpy_avx2(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { axpy_avx2<Q6Pieces>(c, h, count, y, n); }
+void q6_k_decode_avx2(const uint8_t * column, float * out, int64_t n) { decode_avx2<Q6Pieces>(column, out, n); }
+void q5_k_axpy_avx512(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { axpy_avx512<KPieces<true>>(c, h, count, y, n); }
+void q5_k_decode_avx512(const uint8_t * column, float * out, int64_t n) { decode_avx512<KPieces<true>>(column, out, n); }
+void q5_k_axpy_avx2(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { axpy_avx2<KPieces<true>>(c, h, count, y, n); }
+void q5_k_decode_avx2(const uint8_t * column, float * out, int64_t n) { decode_avx2<KPieces<true>>(column, out, n); }
+void q4_k_axpy_avx512(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { axpy_avx512<KPieces<false>>(c, h, count, y, n); }
+void q4_k_decode_avx512(const uint8_t * column, float * out, int64_t n) { decode_avx512<KPieces<false>>(column, out, n); }
+void q4_k_axpy_avx2(const uint8_t * const * c, const float * h, int count, float * y, int64_t n) { axpy_avx2<KPieces<false>>(c, h, count, y, n); }
+void q4_k_decode_avx2(const uint8_t * column, float * out, int64_t n) { decode_avx2<KPieces<false>>(column, out, n); }
 #endif
 
 } // namespace neuralink
