@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from neuralink.formats import gguf_directory
+from neuralink.errors import ModelFileError
 from neuralink.formats.gguf_directory import read_gguf_directory
 
 
@@ -47,3 +48,28 @@ def test_a_file_rewritten_in_place_moments_ago_is_read_again(tmp_path: Path) -> 
         f.seek(data.index(b"first"))
         f.write(b"other")
     assert read_gguf_directory(path).get("general.name") == "other"
+
+
+def test_string_arrays_are_walked_over_and_a_truncated_one_is_named(tmp_path: Path) -> None:
+    # a vocabulary's strings are walked in C++; what follows them must be read at the right offset, and a
+    # file cut inside them must say which string is truncated
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    tokens = [f"tok{i}" * (i % 7) for i in range(5000)]
+    writer.add_token_list(tokens)
+    writer.add_uint32("after.vocab", 1234)
+    writer.add_tensor("t0", np.zeros(32, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    directory = read_gguf_directory(path)
+    assert directory.get("tokenizer.ggml.tokens", "absent") is None  # skipped, not decoded
+    assert directory.get("after.vocab") == 1234 and list(directory.tensors) == ["t0"]
+
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:data.index(b"tok2999")])
+    with pytest.raises(ModelFileError, match=r"cut.gguf: truncated or corrupt GGUF: value of "
+                                             r"'tokenizer.ggml.tokens'\[2999\] at offset \d+ needs"):
+        read_gguf_directory(cut)

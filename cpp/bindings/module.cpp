@@ -8,6 +8,7 @@
 #include "neuralink/checksum.h"
 #include "neuralink/engine.h"
 #include "neuralink/errors.h"
+#include "neuralink/gguf_model.h"
 #include "neuralink/model_integrity.h"
 #include "planned_reads.h"
 
@@ -297,6 +298,15 @@ static void register_quant(py::module_ & m) {
     m.def("file_block_checksum", &file_block_checksum, py::arg("path"), py::arg("offset"), py::arg("nbytes"),
           py::call_guard<py::gil_scoped_release>(),
           "block_checksum64 of nbytes bytes of the file at path from offset (ModelFileError if shorter).");
+    m.def("gguf_strings_end", [](py::buffer data, uint64_t offset, uint64_t count) {
+              const py::buffer_info info = data.request();
+              if (info.itemsize != 1 || info.ndim != 1) throw std::invalid_argument("gguf_strings_end: a buffer of bytes");
+              const auto * bytes = static_cast<const uint8_t *>(info.ptr);
+              const uint64_t size = (uint64_t) info.size;
+              py::gil_scoped_release release;
+              return gguf_strings_end(bytes, size, offset, count);
+          }, py::arg("data"), py::arg("offset"), py::arg("count"),
+          "Where an array of count GGUF strings starting at offset of data ends (len(data) + 1 if truncated).");
     m.def("verify_model_file", [](const std::string & gguf, const std::string & sidecar) {
               const SidecarStore store(sidecar, "", false);
               return verify_model_file(gguf, store);

@@ -115,4 +115,17 @@ int64_t GgufModel::get_int(const std::string & key, int64_t fallback) const {
     return it->second.integer;
 }
 
+uint64_t gguf_strings_end(const uint8_t * data, uint64_t size, uint64_t offset, uint64_t count) {
+    uint64_t at = offset;
+    for (uint64_t i = 0; i < count; ++i) {
+        uint64_t n;
+        if (at > size || size - at < sizeof n) return size + 1;
+        std::memcpy(&n, data + at, sizeof n); // GGUF is little-endian, as every target here
+        at += sizeof n;
+        if (n > size - at) return size + 1;
+        at += n;
+    }
+    return at;
+}
+
 } // namespace neuralink

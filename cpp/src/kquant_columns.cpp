@@ -1,4 +1,5 @@
 #include "column_loops.h"
+#include "kquant_blocks.h"
 
 #include <cstring>
 
@@ -92,32 +93,7 @@ NL_AVX2 NL_INLINE void q6_k_quarter_avx2(const uint8_t * block, int quarter, flo
 // sub-blocks of 32 values, the high bits qh[32], the low 4 bits qs[128]; block_q4_K: the same without qh).
 // Value = (d * scale) * q - (dmin * min) as floats, a product then a difference, as ggml's to_float computes
 // it (ggml-base is built without FMA, so its compiler cannot fuse the two).
-constexpr int64_t kKBlock = 256;
-constexpr size_t kKScalesAt = 4;
-
-template <bool kHighBit> constexpr size_t k_block_bytes() { return kHighBit ? 176 : 144; }
-template <bool kHighBit> constexpr size_t k_low_bits_at() { return kHighBit ? 48 : 16; }
-
-// The eight 6-bit scales (bytes 0-7 of the result) and mins (bytes 8-15) of a block, unpacked from their 12
-// bytes four at a time: the same values as ggml's get_scale_min_k4 for sub-blocks 0-7.
-NL_INLINE void k_scales_mins(const uint8_t * block, uint8_t * out) {
-    constexpr uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
-    uint32_t u[3];
-    std::memcpy(u, block + kKScalesAt, sizeof u);
-    const uint32_t packed[4] = {
-        u[0] & low6,                                  // scales 0-3: the low 6 bits of bytes 0-3
-        (u[2] & low4) | (((u[0] >> 6) & low2) << 4),  // scales 4-7: bytes 8-11's low nibbles, bytes 0-3's top bits
-        u[1] & low6,                                  // mins 0-3: the low 6 bits of bytes 4-7
-        ((u[2] >> 4) & low4) | (((u[1] >> 6) & low2) << 4), // mins 4-7: bytes 8-11's high nibbles, 4-7's top bits
-    };
-    std::memcpy(out, packed, sizeof packed);
-}
-
-// the block's fp16 d and dmin (converted by the caller, whose target has F16C)
-NL_INLINE void k_super_scales(const uint8_t * block, uint16_t * d, uint16_t * dmin) {
-    std::memcpy(d, block, sizeof *d);
-    std::memcpy(dmin, block + 2, sizeof *dmin);
-}
+// (block layout and scale unpacking: kquant_blocks.h)
 
 // one column's 128 values of half `half` of a block (its sub-blocks 4 half .. 4 half + 3) added to y's 8
 // registers. qs bytes 0-31 of the half hold sub-block 4 half (low nibbles) and 4 half + 1 (high), bytes 32-63

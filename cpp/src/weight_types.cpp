@@ -1,5 +1,7 @@
 #include "neuralink/weight_types.h"
 
+#include "neuralink/kquant_dots.h"
+
 #include <array>
 #include <cstring>
 #include <mutex>
@@ -66,7 +68,8 @@ const WeightType & weight_type(ggml_type type) {
         w.to_float       = to_float_of(type);
         w.from_float     = cpu->from_float;
         w.act_from_float = ggml_get_type_traits_cpu(cpu->vec_dot_type)->from_float;
-        w.vec_dot        = cpu->vec_dot;
+        const ggml_vec_dot_t faster = faster_vec_dot(type);
+        w.vec_dot        = faster ? faster : cpu->vec_dot;
         ready[type] = true;
     }
     return table[type];

@@ -6,6 +6,7 @@
 #include "neuralink/direct_file.h"
 #include "neuralink/engine.h"
 #include "neuralink/ffn_layer.h"
+#include "neuralink/kquant_dots.h"
 #include "neuralink/gguf_model.h"
 #include "neuralink/row_gemm.h"
 #include "neuralink/silu.h"
@@ -197,6 +198,55 @@ TEST(vec_dot_of_every_weight_type_matches_dequantized_dot) {
         const double tol = wt.vec_dot_type == GGML_TYPE_F32 ? 1e-5 : wt.vec_dot_type == GGML_TYPE_F16 ? 2e-3 : 1.5e-2;
         CHECK_NEAR(got, want, tol * scale);
     }
+}
+
+TEST(faster_q4_k_dot_gives_ggml_s_results_bit_for_bit) {
+    // raw blocks of random bytes (every scale, min and nibble pattern, fp16 d and dmin of either sign) against
+    // raw q8_K activations holding -128 .. 127 with their 16-value sums, for rows of 1 to 6 blocks
+    const ggml_vec_dot_t ggml_dot = ggml_get_type_traits_cpu(GGML_TYPE_Q4_K)->vec_dot;
+    const WeightType & wt = weight_type(GGML_TYPE_Q4_K);
+    std::printf("    q4_K rows: %s\n", faster_vec_dot_isa(GGML_TYPE_Q4_K));
+    if (std::string(column_axpy_isa()) == "avx512" && ggml_cpu_has_avx2()) {
+        CHECK(wt.vec_dot != ggml_dot); // the faster one is in use where it exists
+    }
+    std::mt19937 rng(5);
+    std::uniform_int_distribution<int> byte(0, 255);
+    std::normal_distribution<float> nd;
+    constexpr size_t kBlock = 144, kQ8Block = 4 + 256 + 32;
+    int compared = 0;
+    for (int blocks = 1; blocks <= 6; ++blocks) {
+        for (int trial = 0; trial < 50; ++trial) {
+            std::vector<uint8_t> row(kBlock * blocks), act(kQ8Block * blocks);
+            for (auto & b : row) b = (uint8_t) byte(rng);
+            for (int b = 0; b < blocks; ++b) {
+                uint8_t * blk = row.data() + kBlock * b;
+                const ggml_fp16_t d = ggml_fp32_to_fp16(nd(rng) * 0.01f), dmin = ggml_fp32_to_fp16(nd(rng) * 0.01f);
+                std::memcpy(blk, &d, 2);
+                std::memcpy(blk + 2, &dmin, 2);
+                uint8_t * a = act.data() + kQ8Block * b;
+                const float ad = std::fabs(nd(rng)) * 0.05f;
+                std::memcpy(a, &ad, 4);
+                int8_t * qs = (int8_t *) (a + 4);
+                for (int i = 0; i < 256; ++i) qs[i] = (int8_t) (trial == 0 ? (i % 2 ? 127 : -128) : byte(rng) - 128);
+                for (int g = 0; g < 16; ++g) {
+                    int16_t sum = 0;
+                    for (int i = 0; i < 16; ++i) sum = (int16_t) (sum + qs[16 * g + i]);
+                    std::memcpy(a + 4 + 256 + 2 * g, &sum, 2);
+                }
+            }
+            float want = 0;
+            ggml_dot(256 * blocks, &want, 0, row.data(), 0, act.data(), 0, 1);
+            std::vector<ggml_vec_dot_t> dots = { wt.vec_dot };
+            for (const FasterDot & f : faster_vec_dots(GGML_TYPE_Q4_K)) dots.push_back(f.dot);
+            for (ggml_vec_dot_t dot : dots) {
+                float got = 0;
+                dot(256 * blocks, &got, 0, row.data(), 0, act.data(), 0, 1);
+                CHECK(std::memcmp(&want, &got, sizeof want) == 0);
+            }
+            ++compared;
+        }
+    }
+    CHECK(compared == 300);
 }
 
 TEST(column_axpy_of_every_weight_type_adds_the_scaled_dequantized_column) {

@@ -61,4 +61,9 @@ private:
     std::unordered_map<std::string, size_t> by_name_;
 };
 
+// Where an array of `count` GGUF strings (each a little-endian u64 length, then its bytes) that starts at
+// `offset` of data[0, size) ends, walked without decoding; size + 1 when a length runs past the end (the
+// Python directory reader walks such an array again itself to name what is truncated where).
+uint64_t gguf_strings_end(const uint8_t * data, uint64_t size, uint64_t offset, uint64_t count);
+
 } // namespace neuralink

@@ -2,7 +2,9 @@
 
 // ggml's type traits for one weight type, gathered once: how to dequantize a
 // row, which type activations are converted to, and the dot-product kernel.
-// All quantized math goes through these; no quant format is coded here.
+// All quantized math goes through these; the one exception is a faster dot
+// product for q4_K rows on AVX-512 CPUs that gives ggml's results bit for bit
+// (kquant_dots.cpp), put in place of ggml's vec_dot here.
 
 #include "ggml.h"
 #include "ggml-cpu.h"
@@ -20,7 +22,7 @@ struct WeightType {
     ggml_to_float_t   to_float;     // dequantize a row of this type
     ggml_from_float_t from_float;   // quantize a row of this type (ggml-cpu's, may be null)
     ggml_from_float_t act_from_float; // quantize a row of activations into vec_dot_type
-    ggml_vec_dot_t    vec_dot;      // dot(row of this type, row of vec_dot_type)
+    ggml_vec_dot_t    vec_dot;      // dot(row of this type, row of vec_dot_type): ggml's, or ggml's results faster
 
     size_t row_bytes(int64_t n) const { return ggml_row_size(type, n); }
     size_t act_row_bytes(int64_t n) const { return ggml_row_size(vec_dot_type, n); }
