@@ -16,7 +16,7 @@ from neuralink.formats.coactivation import CoactivationStats
 from neuralink.models.synthetic import write_synthetic_model
 from neuralink.profile.activations import ActivationReader
 from neuralink.profile.activity import profile_model
-from neuralink.profile.text import read_documents, split_windows
+from neuralink.profile.text import MIX_CHUNK_CHARS, calibration_documents, read_documents, split_heldout, split_windows
 
 from conftest import carried_text
 
@@ -198,6 +198,24 @@ def test_documents_and_windows(tmp_path: Path) -> None:
     windows = split_windows(documents, per_window=8, max_tokens=30)
     assert [len(w) for w in windows] == [8, 2, 8, 8, 4]  # a window never spans two documents
     assert sum(map(len, windows)) == 30
+
+
+def test_several_calibration_texts_are_interleaved_start_to_end(tmp_path: Path) -> None:
+    # profiling takes the first tokens and the quality check the end: both must see every text, in proportion
+    code = "".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(3000))  # ~96k characters
+    (tmp_path / "code.jsonl").write_text(json.dumps({"text": code}) + "\n")
+    prose = "".join(f"Line {i} of a story about the sea.\n" for i in range(1500))  # ~50k characters
+    (tmp_path / "prose.txt").write_text(prose)
+    docs = calibration_documents([tmp_path / "code.jsonl", tmp_path / "prose.txt"])
+    is_prose = ["Line" in d for d in docs]
+    assert "".join(d for d, p in zip(docs, is_prose) if not p) == code  # nothing lost, each text in its order
+    assert "".join(d for d, p in zip(docs, is_prose) if p) == prose
+    assert all(len(d) < MIX_CHUNK_CHARS + 40 for d in docs)  # cut at the first line break past the size
+    assert sum(is_prose[:6]) in (2, 3)  # the start: both texts, about 2 : 1 as their sizes
+    profiled, heldout = split_heldout(docs, 8000)
+    assert "def f2999" in heldout and "Line 1499" in heldout  # the end of each text is held out
+    # one text is read as it is
+    assert calibration_documents([tmp_path / "code.jsonl"]) == [code]
 
 
 def run_profile_cli(*args: str) -> int:

@@ -81,7 +81,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--placement", type=Path, default=None,
                         help="neuron placement from `neuralink place`, made for this model")
     source.add_argument("--calibration", type=Path, nargs="+", default=None, metavar="TEXT",
-                        help="profile and place on these texts (.txt, or .jsonl with a \"text\" field) first")
+                        help="profile and place on these texts (.txt, or .jsonl with a \"text\" field) first; "
+                             "several texts are interleaved in pieces, so that the tokens profiled and the "
+                             "held-out end both hold each of them: give text like what the model will run "
+                             "(code and prose for a code model that is also asked in prose)")
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="converted GGUF (default: <model>.neuralink.gguf beside the model)")
     parser.add_argument("--sidecar", type=Path, default=None,

@@ -43,7 +43,7 @@ from neuralink.formats.ffn_tensors import (
 from neuralink.formats.placement import Placement
 from neuralink.place.orders import DEFAULT_METHOD, METHODS, build_placement, place_layers
 from neuralink.profile.activity import DEFAULT_CRITERION, profile_model
-from neuralink.profile.text import read_documents, split_heldout
+from neuralink.profile.text import calibration_documents, split_heldout
 
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total) of profiling and placement
 
@@ -152,7 +152,7 @@ def convert_from_text(
                                                               force=force)
     criterion = criterion or DEFAULT_CRITERION
     effective = criterion if model.gated else "relu"
-    documents = read_documents(texts)
+    documents = calibration_documents(texts)
     profile_docs, heldout = split_heldout(documents, heldout_tokens * HELDOUT_CHARS_PER_TOKEN)
     if not heldout.strip():
         raise OptionError(f"{', '.join(map(str, texts))}: too little calibration text to keep any aside for "

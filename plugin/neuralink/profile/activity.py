@@ -42,7 +42,7 @@ from neuralink.errors import ProfileError, UnsupportedModelError
 from neuralink.formats.coactivation import CoactivationStats, Criterion, SelectionStats, pack_masks
 from neuralink.formats.files import file_sha256
 from neuralink.profile.contribution import PilotScores, candidate_scale, down_column_norms
-from neuralink.profile.text import read_documents, split_windows
+from neuralink.profile.text import calibration_documents, split_windows
 from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold
 
 if TYPE_CHECKING:
@@ -273,7 +273,7 @@ def profile_model(
     source = None if thresholds_from is None else CoactivationStats.load(thresholds_from, with_masks=False)
     if source is not None and source.criterion in GATED_CRITERIA:
         criterion = source.criterion  # held-out text is judged by the calibration's criterion
-    documents = read_documents(texts)
+    documents = calibration_documents(texts)
     with ActivationReader(model_path, window=window, threads=threads) as reader:
         token_docs = [reader.tokenize(doc) for doc in documents]
         windows = split_windows(token_docs, reader.text_tokens_per_window, max_tokens)

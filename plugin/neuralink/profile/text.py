@@ -32,6 +32,43 @@ def read_documents(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     return documents
 
 
+# pieces of about this many characters (~500 tokens) when several calibration texts are interleaved
+MIX_CHUNK_CHARS = 2000
+
+
+def calibration_documents(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The documents of calibration texts; several texts are interleaved.
+
+    Profiling takes the first tokens and the quality check the end, so
+    reading the texts one after the other would profile on the first text
+    and validate on the last. With more than one text, each text's
+    documents are cut at line breaks into pieces of about MIX_CHUNK_CHARS
+    characters and the pieces of all texts merged by their relative position
+    in their own text: every stretch of the result, its start and its end
+    included, holds each text in proportion to its size. One text is read
+    as it is.
+    """
+    per_text = [read_documents([path]) for path in paths]
+    if len(per_text) < 2:
+        return per_text[0] if per_text else []
+    pieces = [[piece for doc in docs for piece in _pieces(doc, MIX_CHUNK_CHARS)] for docs in per_text]
+    order = sorted(((i + 0.5) / len(text), t, i) for t, text in enumerate(pieces) for i in range(len(text)))
+    return [pieces[t][i] for _, t, i in order]
+
+
+def _pieces(document: str, size: int) -> list[str]:
+    """`document` cut after the first line break at or past every `size` characters (all of it, in order)."""
+    out: list[str] = []
+    start = 0
+    while start < len(document):
+        cut = document.find("\n", start + size)
+        end = len(document) if cut < 0 else cut + 1
+        if document[start:end].strip():
+            out.append(document[start:end])
+        start = end
+    return out
+
+
 def _jsonl_documents(path: Path, text: str) -> list[str]:
     documents = []
     for number, line in enumerate(text.splitlines(), start=1):
