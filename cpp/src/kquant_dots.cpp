@@ -17,7 +17,7 @@
 // acc = fma(d_y * d_x, float(sum), acc) in eight float lanes, and the mins' part, scale-free, in four lanes
 // acc_m = fma(-d_y * dmin_x, float(mins . bsums pairs), acc_m). Here one 512-bit register covers two
 // sub-blocks (one per 256-bit half), so the same 4-value groups land in lanes k and k + 8, and adding the two
-// halves gives each of the eight lanes the same integers (int32 sums are exact: at most 63 * 15 * 127 * 256
+// halves gives each of the eight lanes the same integers (int32 sums are exact: at most 63 * 15 * 128 * 256
 // in magnitude). The mins' part and the final sums are ggml's operations as they are.
 
 namespace neuralink {
