@@ -4,6 +4,7 @@
 #include "neuralink/errors.h"
 #include "neuralink/gguf_model.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
@@ -25,16 +26,51 @@ struct Fd {
 
 constexpr size_t kPiece = 256 * kChecksumBlock; // 1 MiB per read
 
+// The byte ranges a check reads, asked of the kernel (POSIX_FADV_WILLNEED) a little ahead of the piece being
+// hashed, across the ranges' boundaries but never the gaps between them (a converted GGUF's FFN tensors): the
+// kernel's own read-ahead keeps one stream of 128-256 KiB reads in flight, which read Qwen2.5-Coder-1.5B's
+// 605 MiB of checked ranges cold in 0.84-1.63 s; 8 MiB ahead in 0.27-0.30 s, side by side (32 MiB ahead did
+// no better). The pages asked for are the ones read next: a memory cap sees at most 8 MiB more page cache.
+constexpr uint64_t kReadAhead = 8 * kPiece;
+
+class RangeReadAhead {
+public:
+    RangeReadAhead(int fd, const std::vector<ModelRange> & ranges) : fd_(fd), ranges_(ranges) {}
+    // `consumed` bytes of the ranges (in order) have been read: ask for the next kReadAhead
+    void consumed(uint64_t consumed) {
+        while (issued_ < consumed + kReadAhead && next_ < ranges_.size()) {
+            const ModelRange & r = ranges_[next_];
+            const uint64_t len = std::min<uint64_t>(r.nbytes - within_, kPiece);
+            ::posix_fadvise(fd_, (off_t) (r.offset + within_), (off_t) len, POSIX_FADV_WILLNEED);
+            issued_ += len;
+            within_ += len;
+            if (within_ >= r.nbytes) {
+                ++next_;
+                within_ = 0;
+            }
+        }
+    }
+
+private:
+    int fd_;
+    const std::vector<ModelRange> & ranges_;
+    size_t next_ = 0;     // the range asked for next, and how far into it
+    uint64_t within_ = 0;
+    uint64_t issued_ = 0; // bytes asked for so far
+};
+
 } // namespace
 
-// block_checksum64 of [offset, offset + nbytes) of the open file, read a piece at a time into `piece`
+// block_checksum64 of [offset, offset + nbytes) of the open file, read a piece at a time into `piece`; with
+// `ahead`, told of each piece (`before` bytes of its ranges came before this one)
 static uint64_t range_checksum(int fd, const std::string & path, uint64_t offset, uint64_t nbytes,
-                               std::vector<uint8_t> & piece) {
+                               std::vector<uint8_t> & piece, RangeReadAhead * ahead = nullptr, uint64_t before = 0) {
     piece.resize(kPiece);
     std::vector<uint64_t> blocks;
     blocks.reserve((size_t) (nbytes / kChecksumBlock + 1));
     for (uint64_t done = 0; done < nbytes;) {
         const size_t want = (size_t) std::min<uint64_t>(kPiece, nbytes - done);
+        if (ahead) ahead->consumed(before + done);
         size_t got = 0;
         while (got < want) {
             const ssize_t n = ::pread(fd, piece.data() + got, want - got, (off_t) (offset + done + got));
@@ -78,11 +114,12 @@ uint64_t verify_model_file(const std::string & gguf_path, const SidecarStore & s
     const Fd f = open_model(gguf_path);
     // the ranges are read in order, once: ask for them ahead (the kernel reads while the pieces are hashed)
     ::posix_fadvise(f.fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    RangeReadAhead ahead(f.fd, ranges);
     std::vector<uint8_t> piece;
     uint64_t checked = 0;
     for (size_t i = 0; i < ranges.size(); ++i) {
         const ModelRange & range = ranges[i];
-        if (range_checksum(f.fd, gguf_path, range.offset, range.nbytes, piece) == range.checksum) {
+        if (range_checksum(f.fd, gguf_path, range.offset, range.nbytes, piece, &ahead, checked) == range.checksum) {
             checked += range.nbytes;
             continue;
         }
