@@ -40,6 +40,10 @@ public:
     void consumed(uint64_t consumed) {
         while (issued_ < consumed + kReadAhead && next_ < ranges_.size()) {
             const ModelRange & r = ranges_[next_];
+            if (r.nbytes == 0) { // (a length of 0 would ask for the rest of the file)
+                ++next_;
+                continue;
+            }
             const uint64_t len = std::min<uint64_t>(r.nbytes - within_, kPiece);
             ::posix_fadvise(fd_, (off_t) (r.offset + within_), (off_t) len, POSIX_FADV_WILLNEED);
             issued_ += len;
