@@ -203,7 +203,7 @@ def format_table(results: list[RunResult]) -> str:
         stall = nl.median("stall_s_per_token") if nl else None
         read_mib = nl.median("bytes_per_token") if nl else None
         lines.append(
-            f"| {cap} | {fmt(s_tok, '.2f')} | {fmt(n_tok, '.2f')} | {fmt(ratio, '.1f')} | {fmt(peak(stock), '.0f')} "
+            f"| {cap} | {fmt(s_tok, '.2f')} | {fmt(n_tok, '.2f')} | {fmt(ratio, '.2f')} | {fmt(peak(stock), '.0f')} "
             f"| {fmt(peak(nl), '.0f')} | {fmt(nl.median('reads_per_token') if nl else None, '.0f')} "
             f"| {fmt(read_mib / 2**20 if read_mib else None, '.2f')} | {fmt(stall * 1e3 if stall else None, '.2f')} "
             f"| {fmt(nl.median('cache_hit_rate') if nl else None, '.2f')} "
