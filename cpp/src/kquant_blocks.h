@@ -12,7 +12,7 @@
 
 namespace neuralink {
 
-constexpr int64_t kKBlock = 256;
+constexpr int64_t kKBlock = 256; // values per block, in every K-quant (q6_K too)
 constexpr size_t kKScalesAt = 4;
 
 template <bool kHighBit> constexpr size_t k_block_bytes() { return kHighBit ? 176 : 144; }

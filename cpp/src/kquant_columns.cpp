@@ -184,29 +184,28 @@ template <bool kHighBit> struct KPieces {
     NL_AVX512 static NL_INLINE void half(const uint8_t * b, int i, float h, __m512 * acc) { k_half_avx512<kHighBit>(b, i, h, acc); }
     NL_AVX2 static NL_INLINE void quarter(const uint8_t * b, int i, float h, __m256 * acc) { k_quarter_avx2<kHighBit>(b, i, h, acc); }
 };
-constexpr int64_t kBlockValues = 256; // every K-quant
 
 // a column decoded into floats: fma(1, w, -0) is w exactly, signed zeros included
 template <class P> NL_AVX512 void decode_avx512(const uint8_t * column, float * out, int64_t n) {
-    for (int64_t b = 0; b < n / kBlockValues; ++b) {
+    for (int64_t b = 0; b < n / kKBlock; ++b) {
         for (int half = 0; half < 2; ++half) {
             __m512 acc[8];
             for (int i = 0; i < 8; ++i) acc[i] = _mm512_set1_ps(-0.0f);
             P::half(column + (size_t) b * P::kBytes, half, 1.0f, acc);
-            for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + b * kBlockValues + 128 * half + 16 * i, acc[i]);
+            for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + b * kKBlock + 128 * half + 16 * i, acc[i]);
         }
     }
 }
 
 // 128 values of y (a half block) stay in registers while a group's columns are added, in order
 template <class P> NL_AVX512 void axpy_avx512(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
-    const size_t bytes = (size_t) (n / kBlockValues) * P::kBytes;
+    const size_t bytes = (size_t) (n / kKBlock) * P::kBytes;
     for (int k0 = 0; k0 < count; k0 += kGroup) {
         const int m = count - k0 < kGroup ? count - k0 : kGroup;
         prefetch_group(columns, k0, count, bytes);
-        for (int64_t b = 0; b < n / kBlockValues; ++b) {
+        for (int64_t b = 0; b < n / kKBlock; ++b) {
             for (int half = 0; half < 2; ++half) {
-                float * yh = y + b * kBlockValues + 128 * half;
+                float * yh = y + b * kKBlock + 128 * half;
                 __m512 acc[8];
                 for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(yh + 16 * i);
                 for (int k = k0; k < k0 + m; ++k) P::half(columns[k] + (size_t) b * P::kBytes, half, h[k], acc);
@@ -217,25 +216,25 @@ template <class P> NL_AVX512 void axpy_avx512(const uint8_t * const * columns, c
 }
 
 template <class P> NL_AVX2 void decode_avx2(const uint8_t * column, float * out, int64_t n) {
-    for (int64_t b = 0; b < n / kBlockValues; ++b) {
+    for (int64_t b = 0; b < n / kKBlock; ++b) {
         for (int quarter = 0; quarter < 4; ++quarter) {
             __m256 acc[8];
             for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_ps(-0.0f);
             P::quarter(column + (size_t) b * P::kBytes, quarter, 1.0f, acc);
-            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + b * kBlockValues + 64 * quarter + 8 * i, acc[i]);
+            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + b * kKBlock + 64 * quarter + 8 * i, acc[i]);
         }
     }
 }
 
 // y's 64 values of a quarter block held in 8 registers while a group's columns are added, in order
 template <class P> NL_AVX2 void axpy_avx2(const uint8_t * const * columns, const float * h, int count, float * y, int64_t n) {
-    const size_t bytes = (size_t) (n / kBlockValues) * P::kBytes;
+    const size_t bytes = (size_t) (n / kKBlock) * P::kBytes;
     for (int k0 = 0; k0 < count; k0 += kGroup) {
         const int m = count - k0 < kGroup ? count - k0 : kGroup;
         prefetch_group(columns, k0, count, bytes);
-        for (int64_t b = 0; b < n / kBlockValues; ++b) {
+        for (int64_t b = 0; b < n / kKBlock; ++b) {
             for (int quarter = 0; quarter < 4; ++quarter) {
-                float * yq = y + b * kBlockValues + 64 * quarter;
+                float * yq = y + b * kKBlock + 64 * quarter;
                 __m256 acc[8];
                 for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(yq + 8 * i);
                 for (int k = k0; k < k0 + m; ++k) P::quarter(columns[k] + (size_t) b * P::kBytes, quarter, h[k], acc);
