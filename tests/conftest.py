@@ -64,8 +64,10 @@ def converted_model(tmp_path_factory: pytest.TempPathFactory, synthetic_model: M
     built: dict[tuple, tuple[Path, Path]] = {}
 
     def build(arch: Arch, weight_type: str = "f32", threshold: float = 0.1, criterion: str | None = None,
-              seed: int = 0, bundle_parts: str = "auto", **options: object) -> tuple[Path, Path]:
-        key = (arch, weight_type, threshold, criterion, seed, bundle_parts, tuple(sorted(options.items())))
+              seed: int = 0, bundle_parts: str = "auto", bundle_layout: str = "auto", down_type: str = "auto",
+              bundle_down_type: str = "auto", **options: object) -> tuple[Path, Path]:
+        key = (arch, weight_type, threshold, criterion, seed, bundle_parts, bundle_layout, down_type,
+               bundle_down_type, tuple(sorted(options.items())))
         if key not in built:
             source = synthetic_model(arch, weight_type, **options)
             n_layer, n_ff = int(options.get("n_layer", 2)), int(options.get("n_ff", 512))
@@ -82,7 +84,8 @@ def converted_model(tmp_path_factory: pytest.TempPathFactory, synthetic_model: M
             )
             name = f"{arch}-{weight_type}-{len(built)}"
             result = convert_model(source, placement, root / f"{name}.gguf", root / f"{name}.sidecar",
-                                   bundle_parts=bundle_parts)
+                                   bundle_parts=bundle_parts, bundle_layout=bundle_layout, down_type=down_type,
+                                   bundle_down_type=bundle_down_type)
             built[key] = (result.output, result.sidecar)
         return built[key]
 

@@ -124,6 +124,100 @@ def test_gate_predictor_equals_a_numpy_reference_of_the_thresholded_ffn(converte
         assert stats[-1]["predicted"] == mask.any(axis=0).sum()
 
 
+def thresholded_ffn(model: Path, il: int, x: np.ndarray, threshold: float) -> np.ndarray:
+    """The dense FFN of a SiLU model with |act(gate)| <= threshold zeroed, in float64 from its weights."""
+    w = read_ffn(model, il)
+    g = x.astype(np.float64) @ w["gate"].T
+    a = g / (1 + np.exp(-g))
+    return (a * (x.astype(np.float64) @ w["up"].T) * (np.abs(a) > threshold)) @ w["down"].T
+
+
+@pytest.mark.parametrize("n_tokens", [1, 6, 20])  # one by one with vec_dot; a batch through ggml's mul_mat
+def test_down_rows_of_a_store_held_whole_compute_the_thresholded_ffn_and_its_columns_are_never_read(
+        converted_model, n_tokens: int) -> None:
+    # high enough that even 20 tokens leave neurons out of every token: h must be zero there, though the
+    # prediction left act(g) in its place
+    threshold = 1.2
+    model, sidecar = converted_model("llama", "f32", threshold=threshold, bundle_layout="split")
+    engine = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none")
+    engine.configure_cache("linking", 4 * engine.store_bytes)
+    assert engine.cache_holds_store
+    # f32 columns cost little more than f32 rows per byte: at these densities they are cheaper, so the rows
+    # are chosen by hand here
+    assert engine.down_row_layers() == ([], 0, 0)
+    engine.use_down_rows([0, 1])
+    assert engine.down_rows_layers_in_use == [0, 1]
+    x = np.random.default_rng(3).standard_normal((n_tokens, 256)).astype(np.float32)
+    for il in range(2):
+        # f32 rows: h is not converted, so the rows give the thresholded FFN as exactly as the columns do
+        assert rel_max_abs(engine.forward(il, x, "silu"), thresholded_ffn(model, il, x, threshold)) <= 1e-5
+    stats = engine.take_stats()
+    assert (stats["down_bytes_read"] == 0).all() and (stats["down_cache_hits"] == 0).all()
+    assert (stats["final_neurons"] > 0).all() and (stats["final_neurons"] < 512).all()
+
+
+@pytest.mark.parametrize("down_type", ["q4_K", "q8_0"])
+def test_neuralink_llama_holding_the_store_uses_down_rows_where_they_pay(converted_model, down_type: str) -> None:
+    model, sidecar = converted_model("llama", "q8_0", threshold=0.05, bundle_layout="split", down_type=down_type,
+                                     bundle_down_type="q5_K")
+    engine = _engine.Engine(str(model), sidecar=str(sidecar))
+    store = engine.store_bytes
+    layers, row_bytes, column_bytes = engine.down_row_layers()
+    if down_type == "q8_0":
+        # 272 bytes of rows per neuron against q5_K columns of 176 at the profile's ~0.5: the columns stay
+        assert layers == []
+        llm = neuralink.Llama(str(model), sidecar=str(sidecar), cache_bytes=4 * store, **CONTEXT)
+        assert llm.engine.cache_holds_store and llm.engine.down_rows_layers_in_use == []
+        llm.close()
+        return
+    # 144 bytes of rows per neuron (256 rows of 512 in q4_K) against 176 of q5_K columns at ~0.5 x 2.5
+    assert layers == [0, 1] and row_bytes == 2 * 256 * 288 and column_bytes == 2 * 512 * 176
+    runs = {}
+    for down_rows in (True, False):
+        llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_bytes=4 * store,
+                              down_rows=down_rows, **CONTEXT)
+        assert llm.engine.cache_holds_store
+        runs[down_rows] = (llm.engine.down_rows_layers_in_use, run_model(llm), llm.ffn_stats())
+        llm.close()
+    assert runs[True][0] == [0, 1] and runs[False][0] == []
+    assert (runs[True][2]["down_cache_hits"] == 0).all() and (runs[False][2]["down_cache_hits"] > 0).any()
+    # the same thresholded model: q4_K rows of the converted GGUF (h in q8_K) against the sidecar's q5_K
+    # columns, apart by quantization only (q4_K errs by several percent on these Gaussian weights: 7 % here,
+    # where a wrong h or row would be of the order of the logits themselves)
+    assert rel_max_abs(runs[True][1][0], runs[False][1][0]) <= 0.15
+    assert rel_max_abs(runs[True][1][1], runs[False][1][1]) <= 0.15
+
+
+def test_down_rows_that_fail_their_checksum_are_refused_naming_the_tensor(converted_model, tmp_path: Path) -> None:
+    model, sidecar = converted_model("llama", "q8_0", threshold=0.05, bundle_layout="split", down_type="q4_K",
+                                     bundle_down_type="q5_K")
+    copy = tmp_path / model.name
+    data = bytearray(model.read_bytes())
+    down = read_gguf_directory(model).tensors["blk.1.ffn_down.weight"]
+    data[down.offset + down.nbytes // 2] ^= 0x40
+    copy.write_bytes(bytes(data))
+    engine = _engine.Engine(str(model), sidecar=str(sidecar))
+    store = engine.store_bytes
+    engine.use_down_rows([0, 1])  # the file as converted
+    engine = _engine.Engine(str(copy), sidecar=str(sidecar))
+    with pytest.raises(ModelFileError, match=r"blk\.1\.ffn_down\.weight.*checksum"):
+        engine.use_down_rows([0, 1])
+    with pytest.raises(ModelFileError, match=r"blk\.1\.ffn_down\.weight.*checksum"):
+        neuralink.Llama(str(copy), sidecar=str(sidecar), cache_bytes=4 * store, **CONTEXT)
+    # the columns never read the changed bytes
+    llm = neuralink.Llama(str(copy), sidecar=str(sidecar), cache_bytes=4 * store, down_rows=False, **CONTEXT)
+    llm.close()
+
+
+def test_down_rows_need_the_split_layout(converted_model) -> None:
+    model, sidecar = converted_model("llama", "q8_0", threshold=0.05, bundle_layout="joint", down_type="q4_K",
+                                     bundle_down_type="q5_K")
+    engine = _engine.Engine(str(model), sidecar=str(sidecar))
+    assert engine.down_row_layers() == ([], 0, 0)  # the joint records hold the down columns: nothing to replace
+    with pytest.raises(ValueError, match="layer 0 has no down rows"):
+        engine.use_down_rows([0])
+
+
 def test_cache_collapse_and_queue_depth_never_change_outputs(converted_model) -> None:
     model, sidecar = converted_model("llama", "q8_0", threshold=0.05)
     outputs, reads = [], []

@@ -234,6 +234,28 @@ static void register_engine(py::module_ & m) {
         .def_property_readonly("gate_layers_streamed", [](const Engine & e) {
             return e.sparse() ? e.sparse()->gate_layers_streamed() : 0;
         }, "layers whose gate rows are read each time the layer runs (0: all resident)")
+        .def("down_row_layers", [](const Engine & e) {
+            const DownRowPlan plan = e.down_row_layers();
+            return py::make_tuple(plan.layers, plan.row_bytes, plan.column_bytes);
+        }, "(layers, row bytes, column bytes): the layers whose down projection costs less by the converted GGUF's "
+           "ffn_down rows than by the sidecar's down columns, the bytes of those rows and of the columns they "
+           "replace; none with the joint layout or without the rows' checksums in the sidecar")
+        .def("use_down_rows", [](Engine & e, const std::vector<int> & layers) {
+            py::gil_scoped_release release;
+            e.use_down_rows(layers);
+        }, py::arg("layers"),
+           "Read the converted GGUF's down rows of `layers` (down_row_layers() says where they pay), each checked "
+           "against its checksum, and compute those layers' down projections with them from now on (for a store "
+           "held whole in DRAM; before fill_cache, which then skips their down columns). Between evaluations.")
+        .def_property_readonly("down_rows_layers_in_use", [](const Engine & e) {
+            std::vector<int> out;
+            if (e.sparse()) {
+                for (int il = 0; il < e.n_layer(); ++il) {
+                    if (e.sparse()->down_by_rows(il)) out.push_back(il);
+                }
+            }
+            return out;
+        }, "the layers whose down projection reads rows (use_down_rows)")
         .def("fill_cache", [](Engine & e, int threads) {
             if (!e.sparse()) throw std::invalid_argument("the dense engine has no bundle cache");
             py::gil_scoped_release release;

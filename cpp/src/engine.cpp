@@ -1,5 +1,6 @@
 #include "neuralink/engine.h"
 
+#include "neuralink/checksum.h"
 #include "neuralink/errors.h"
 
 #include <cstdio>
@@ -194,6 +195,59 @@ void Engine::stream_gate_rows(int n_layers) {
         const int il = resident[(size_t) k];
         weight_bytes_ -= ranges[(size_t) il].bytes;
         gate_storage_.at((size_t) il) = AlignedBuffer();
+    }
+}
+
+// layer il's ffn_down when the sidecar records its checksum and the engine can multiply it, else null
+static const TensorInfo * checked_down_rows(const GgufModel & model, const SparseFfn & sparse, int il) {
+    const std::vector<ModelRange> & ranges = sparse.store().down_row_ranges();
+    if (!sparse.store().split() || il < 0 || il >= (int) ranges.size() || !sparse.has_layer(il)) return nullptr;
+    const TensorInfo * t = model.find(layer_tensor(il, "ffn_down", "weight"));
+    if (!t || t->n_dims != 2 || t->ne[1] <= 0 || ranges[(size_t) il].offset != t->offset ||
+        ranges[(size_t) il].nbytes != t->nbytes || !weight_type_supported(t->type)) {
+        return nullptr;
+    }
+    return t;
+}
+
+DownRowPlan Engine::down_row_layers() const {
+    DownRowPlan out;
+    if (!sparse_) return out;
+    for (int il = 0; il < n_layer(); ++il) {
+        const TensorInfo * t = checked_down_rows(model_, *sparse_, il);
+        if (t && sparse_->down_rows_pay(il, t->type, (size_t) (t->nbytes / (uint64_t) t->ne[1]))) {
+            const BundleRegion & columns = sparse_->store().layer(il).down_region;
+            out.layers.push_back(il);
+            out.row_bytes += t->nbytes;
+            out.column_bytes += (uint64_t) columns.record_bytes * columns.n_records;
+        }
+    }
+    return out;
+}
+
+void Engine::use_down_rows(const std::vector<int> & layers) {
+    if (!sparse_) {
+        throw std::invalid_argument("down rows replace the sparse engine's down columns: this engine has no sidecar");
+    }
+    for (int il : layers) {
+        if (!checked_down_rows(model_, *sparse_, il)) {
+            throw std::invalid_argument(sparse_->store().path() + ": layer " + std::to_string(il) + " has no down "
+                                        "rows to use (the split layout and the rows' checksums are needed)");
+        }
+    }
+    DirectFile file(model_path_, direct_io_);
+    const std::vector<ModelRange> & ranges = sparse_->store().down_row_ranges();
+    for (int il : layers) {
+        const TensorInfo & t = *checked_down_rows(model_, *sparse_, il);
+        WeightMatrix rows = load_matrix(t, file);
+        if (block_checksum64(rows.data, t.nbytes) != ranges[(size_t) il].checksum) {
+            storage_.pop_back();
+            weight_bytes_ -= t.nbytes;
+            throw ModelFileError(model_.path() + ": tensor '" + t.name + "' does not match the checksum " +
+                                 sparse_->store().path() + " recorded at conversion: the model file is corrupt or "
+                                 "changed since (convert it again)");
+        }
+        sparse_->use_down_rows(il, rows);
     }
 }
 

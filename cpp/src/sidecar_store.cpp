@@ -222,6 +222,16 @@ SidecarStore::SidecarStore(const std::string & path, const std::string & expecte
         AlignedBuffer buf = file_->read_range(ti->offset, ti->nbytes, &start);
         std::memcpy(model_ranges_.data(), start, ti->nbytes);
     }
+    if (const TensorInfo * ti = dir.find("neuralink.down_row_checksums")) {
+        // (offset, nbytes, checksum) of each layer's ffn_down; optional (conversions before it lack it)
+        if (ti->type != GGML_TYPE_I64 || ti->nbytes != n_layer * sizeof(ModelRange)) {
+            r.fail("tensor 'neuralink.down_row_checksums' must be I64 [3, n_layer]");
+        }
+        down_row_ranges_.resize(n_layer);
+        const uint8_t * start = nullptr;
+        AlignedBuffer buf = file_->read_range(ti->offset, ti->nbytes, &start);
+        std::memcpy(down_row_ranges_.data(), start, ti->nbytes);
+    }
     layers_.resize(n_layer);
     for (uint64_t il = 0; il < n_layer; ++il) {
         SidecarLayer & L = layers_[il];

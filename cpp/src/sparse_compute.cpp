@@ -1,5 +1,6 @@
 // SparseFfn's computing side: the prediction (phase 1's work), h of each read or cached neuron (phase 2),
-// for prompt batches through ggml's batched products, and the down projection (phase 3); see sparse_ffn.h.
+// for prompt batches through ggml's batched products, and the down projection by columns (phase 4); see
+// sparse_ffn.h.
 
 #include "sparse_ffn_state.h"
 
@@ -284,7 +285,7 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
     }
     const LayerMath M = layer_math(il);
     // what finish_neuron reads of a record: its up row, and its gate row when the prediction did not compute it
-    // (the down column waits for phase 3, by when these lines would have left the L1 again)
+    // (the down column waits for phase 4, by when these lines would have left the L1 again)
     const RecordPart & up = M.S.up;
     const bool gate_in_record = M.L.gated && !M.resident_pre && M.S.gate.wt;
     const size_t from = gate_in_record ? std::min(M.S.gate.offset, up.offset) : up.offset;
@@ -386,9 +387,13 @@ void SparseFfn::down(int il, float * y, int64_t n_tokens, int ith, int nth) {
         columns_axpy_batch(dt, me.down_columns.data(), me.down_index.data(), (int) me.down_columns.size(), h_.data(),
                            L.n_ff, (int) n_tokens, y0, L.n_out, n, me.tmp.data());
     }
+    refuse_non_finite(il, y, n_tokens, L.n_out, e0, e1);
+}
+
+void refuse_non_finite(int il, const float * y, int64_t n_tokens, int64_t n_out, int64_t e0, int64_t e1) {
     // a NaN or infinity here would spread through every later layer into the logits: refuse it
     for (int64_t t = 0; t < n_tokens; ++t) {
-        const float * yt = y + t * L.n_out;
+        const float * yt = y + t * n_out;
         if (!std::all_of(yt + e0, yt + e1, [](float v) { return std::isfinite(v); })) {
             throw NumericError("layer " + std::to_string(il) + ": the FFN output of token " + std::to_string(t) +
                                " is not finite (NaN or infinity): the sidecar's weights are corrupt or the "

@@ -229,6 +229,7 @@ void SparseFfn::reserve(int il, int64_t n_tokens) {
     grow(xq_gate_, tokens * std::max(xq_gate, xq_gate_resident));
     grow(xq_up_, tokens * std::max(xq_up, xq_up_resident));
     grow(h_, tokens * (size_t) L.n_ff);
+    if (L.down.data) grow(hq_, tokens * L.down.wt->act_row_bytes(L.n_ff));
     grow(token_active_, tokens * (size_t) L.n_ff);
     grow(record_of_, (size_t) L.n_ff);
     grow(down_of_, (size_t) L.n_ff);
@@ -237,7 +238,7 @@ void SparseFfn::reserve(int il, int64_t n_tokens) {
 }
 
 size_t SparseFfn::scratch_bytes() const {
-    size_t bytes = xq_gate_.size() + xq_up_.size() + h_.size() * sizeof(float) + token_active_.size() +
+    size_t bytes = xq_gate_.size() + xq_up_.size() + h_.size() * sizeof(float) + hq_.size() + token_active_.size() +
             (record_of_.size() + down_of_.size()) * sizeof(void *);
     if (stream_) bytes += stream_->buffer_bytes();
     for (const auto & ts : threads_) {
@@ -361,7 +362,7 @@ void SparseFfn::predict_range(int il, int64_t n_tokens, int ith, int nth, Thread
     predict(il, n_tokens, r0, r1, ts);
 }
 
-// after phase 3, on thread 0: the layer's counters, summed over the threads
+// after the down projection, on thread 0: the layer's counters, summed over the threads
 void SparseFfn::record_stats(int il, int64_t n_tokens, int nth) {
     const SidecarLayer & S = store_->layer(il);
     LayerStepStats st;
@@ -456,7 +457,14 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
                     // down columns, so the next region can be read into their buffer now
                     stream_->release(stream_item(il, false));
                 }
-                down(il, y, n_tokens, ith, nth);
+                if (L.down.data) prepare_down_rows(il, n_tokens, ith, nth);
+                break;
+            case 4:
+                if (L.down.data) {
+                    down_rows(il, y, n_tokens, ith, nth);
+                } else {
+                    down(il, y, n_tokens, ith, nth);
+                }
                 if (ith == 0) record_stats(il, n_tokens, nth);
                 break;
             default: break;

@@ -59,4 +59,7 @@ struct SparseFfn::ThreadState {
     uint64_t stall_ns = 0;
 };
 
+// Throws NumericError when an output y[t * n_out + e], t < n_tokens, e0 <= e < e1, of layer il is not finite.
+void refuse_non_finite(int il, const float * y, int64_t n_tokens, int64_t n_out, int64_t e0, int64_t e1);
+
 } // namespace neuralink

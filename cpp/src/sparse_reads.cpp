@@ -59,8 +59,8 @@ void SparseFfn::read_and_compute(int il, int64_t n_tokens, int ith, int nth, Thr
         compute_h(il, n_tokens, recs, pos, n, ts);
     });
     std::sort(ts.finals.begin(), ts.finals.end());
-    if (!store_->split()) {
-        return;
+    if (!store_->split() || layers_[(size_t) il]->down.data) {
+        return; // joint records held the down columns; rows need none
     }
     Wave & downs = ts.wave[1];
     gather(il, true, ts.finals, n_tokens, ts, downs);
@@ -278,6 +278,7 @@ uint64_t SparseFfn::fill_arena(int threads) {
     for (int k = 0; k < (store_->split() ? 2 : 1); ++k) {
         for (int il = 0; il < n_layer; ++il) {
             const bool down = k == 1;
+            if (down && down_by_rows(il)) continue; // its down columns are never read
             const BundleRegion & region = down ? store_->layer(il).down_region : store_->layer(il).region;
             const uint32_t per = (uint32_t) std::max<uint64_t>(1, kFillChunkBytes / std::max<size_t>(region.record_bytes, 1));
             for (uint32_t first = 0; first < region.n_records; first += per) {

@@ -10,6 +10,7 @@ else:
     import neuralink
     kw = {}
     if os.environ.get("PRED"): kw["predictor"] = os.environ["PRED"]
+    if os.environ.get("DOWN_ROWS") == "0": kw["down_rows"] = False
     llm = neuralink.Llama(model, n_ctx=512, n_threads=threads, verbose=False, **kw)
 prompt = "def binary_search(items, target):\n    \"\"\"Return the index of target in the sorted list items.\"\"\"\n"
 toks = llm.tokenize(prompt.encode())
@@ -22,4 +23,5 @@ for rep in range(int(os.environ.get("REPS", "2"))):
     dt = time.perf_counter() - t0
     print(which, "rep", rep, f"{n/dt:.2f} tok/s", flush=True)
 if which != "stock":
+    print("down rows in layers", llm.engine.down_rows_layers_in_use)
     print(llm.ffn_summary())

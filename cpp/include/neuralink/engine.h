@@ -25,6 +25,14 @@ struct EngineOptions {
     SparseOptions sparse;     // used with a sidecar
 };
 
+// Which layers' down projections would read rows (Engine::down_row_layers): the rows' bytes and the bytes of
+// the down columns they replace.
+struct DownRowPlan {
+    std::vector<int> layers;
+    uint64_t row_bytes = 0;
+    uint64_t column_bytes = 0;
+};
+
 struct LayerStatus {
     int         il = -1;
     bool        loaded = false;  // weights read and usable
@@ -78,6 +86,18 @@ public:
     void stream_gate_rows(int n_layers);
     // layers whose gate rows the sparse engine keeps resident, in order
     std::vector<int> resident_gate_layers() const;
+
+    // The layers whose down projection would cost less by the converted GGUF's ffn_down rows than by the
+    // sidecar's down columns (SparseFfn::down_rows_pay), with their bytes and the columns': none without a sparse
+    // engine, with the joint layout, or when the sidecar records no checksums of the rows (conversions before
+    // them). For a store held whole in DRAM, where the columns are never read once rows replace them.
+    DownRowPlan down_row_layers() const;
+    // Reads the down rows of `layers` from the model file, checks each layer's against the checksum the
+    // conversion recorded and hands them to the sparse engine (SparseFfn::use_down_rows). Between evaluations,
+    // before the store is read into the cache. Throws std::invalid_argument for a layer whose rows the sidecar
+    // has no checksum of (or with the joint layout), ModelFileError naming the file and tensor for rows that fail
+    // their checksum.
+    void use_down_rows(const std::vector<int> & layers);
 
     // Bounds what llama.cpp's lookups of an untied token embedding keep mapped (residency.h): from now on its
     // pages are unmapped as layer 0 starts each micro-batch. Once llama.cpp has mapped the model; (bytes of

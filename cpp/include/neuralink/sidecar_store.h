@@ -92,6 +92,9 @@ public:
     bool split() const { return split_; }
     // the converted GGUF's checksummed ranges (verify_model_file); empty in sidecars written before them
     const std::vector<ModelRange> & model_ranges() const { return model_ranges_; }
+    // each layer's ffn_down in the converted GGUF and its checksum (SparseFfn::use_down_rows verifies the rows it
+    // holds against it); empty in sidecars written before them
+    const std::vector<ModelRange> & down_row_ranges() const { return down_row_ranges_; }
     const DirectFile & file() const { return *file_; }
 
     // Throws IoError when the file's size or modification time changed since it was opened.
@@ -114,6 +117,7 @@ private:
     Activation activation_ = Activation::Silu;
     std::vector<SidecarLayer> layers_;
     std::vector<ModelRange> model_ranges_;
+    std::vector<ModelRange> down_row_ranges_;
     int64_t mtime_ns_ = 0;
     uint64_t size_ = 0;
 };

@@ -12,8 +12,12 @@
 //      reads). With the split layout a second wave follows: the down columns
 //      of the neurons whose h passed the criterion, from the cache or read the
 //      same way.
-//   3  y = down h over the final neurons, each thread owning a slice of the
-//      output rows (no reduction)
+//   3  a layer whose down projection reads rows (use_down_rows): h made zero
+//      outside the final neurons and converted to the rows' vec_dot type, the
+//      blocks split across threads; nothing for the others
+//   4  y = down h over the final neurons, each thread owning a slice of the
+//      output rows (no reduction): the down columns of the final neurons, or
+//      every down row against h
 // The result equals the dense FFN of the thresholded model: h is zero for a
 // neuron the predictor leaves out (and, for exact predictors, where the
 // criterion says so for a token). Every record read from the sidecar is
@@ -76,6 +80,8 @@ struct SparseLayerWeights {
     WeightMatrix gate;        // gate rows in placed order (gate/oracle predictors on gated models); data null
                               // while the rows are streamed (SparseFfn::stream_gate_rows), set per evaluation
     WeightMatrix up;          // resident up rows (oracle on non-gated models, and with the contribution criterion)
+    WeightMatrix down;        // resident down rows (n_out rows of n_ff, the converted GGUF's ffn_down, placed order)
+                              // when the down projection reads rows instead of columns (SparseFfn::use_down_rows)
     std::vector<float> gate_bias, up_bias, down_bias; // placed order; empty when absent
 };
 
@@ -102,7 +108,7 @@ struct LayerStepStats {
 
 class SparseFfn {
 public:
-    static constexpr int kPhases = 4;
+    static constexpr int kPhases = 5;
 
     SparseFfn(std::shared_ptr<SidecarStore> store, const SparseOptions & options);
     ~SparseFfn();
@@ -166,8 +172,26 @@ public:
     uint64_t store_bytes() const;
     // the cache capacity (records and the cache's tables) that holds every record of the store
     size_t cache_bytes_to_hold_store() const;
-    // bytes of resident predictor/gate/bias data
+    // bytes of resident predictor/gate/bias data, and down rows
     size_t resident_bytes() const { return resident_bytes_; }
+    // From now on layer il's down projection multiplies `rows` (n_out rows of n_ff: the converted GGUF's ffn_down,
+    // in placed order, as llama.cpp does) by h, zero outside the final neurons and converted to the rows'
+    // vec_dot type, instead of adding the final neurons' down columns: for a store held whole in DRAM, where
+    // rows stream at the memory's rate and the scattered columns do not (docs/engine.md). The layer's down
+    // columns are then never read. Split layout only; between evaluations. Throws std::invalid_argument for
+    // rows of the wrong shape, a joint layout or a layer not served.
+    void use_down_rows(int il, WeightMatrix rows);
+    bool down_by_rows(int il) const { return has_layer(il) && layers_[(size_t) il]->down.data != nullptr; }
+    // Whether layer il's down projection would cost less by rows of type `row_type`, `row_bytes` bytes each (n_out
+    // of them), than by the down columns of the neurons it is expected to need (the sidecar's frequencies), with
+    // what one byte of each costs (row_byte_cost, docs/engine.md).
+    bool down_rows_pay(int il, ggml_type row_type, size_t row_bytes) const;
+    // What a byte of K-quant down columns, scattered over DRAM, costs per byte of down rows of `row_type`,
+    // measured end to end on Qwen2.5-Coder-1.5B (AVX-512, fourteenth pass): 3.4 against q4_K rows (this
+    // engine's AVX-512 q4_K dot), 2.1 against q5_K and 2.6 against q6_K rows (ggml's AVX2 dots). Taken a little
+    // below what was measured, so that a layer keeps its columns unless rows clearly pay; columns in other types
+    // (q8_0, floats) take simpler loops and count half (not measured in the engine).
+    static double row_byte_cost(ggml_type row_type) { return row_type == GGML_TYPE_Q4_K ? 3.0 : 2.0; }
     // From now on, the gate rows of the layers with ranges[il].bytes > 0 are read from `file` each time the
     // layer runs (GateStream) instead of kept: their resident rows are no longer used and the caller may free
     // them. Between evaluations, once. Throws std::invalid_argument when a range does not match the layer's
@@ -226,6 +250,9 @@ private:
                         size_t m, ThreadState & ts, const float * u, const float * g);
     void check_thresholds(const std::vector<float> & given, const char * what) const;
     void down(int il, float * y, int64_t n_tokens, int ith, int nth);
+    // the down projection by rows (sparse_down_rows.cpp): phase 3's h, phase 4's product
+    void prepare_down_rows(int il, int64_t n_tokens, int ith, int nth);
+    void down_rows(int il, float * y, int64_t n_tokens, int ith, int nth);
     void fail(const std::string & what, bool numeric = false);
     ThreadState & thread_state(int ith);
     uint64_t gap_bytes(const DeviceCost & device) const;
@@ -275,6 +302,7 @@ private:
     int64_t capacity_ = 0;
     std::vector<uint8_t> xq_gate_, xq_up_;   // n_tokens rows in the vec_dot types
     std::vector<float> h_;                   // n_tokens x n_ff, placed order
+    std::vector<uint8_t> hq_;                // n_tokens rows of h in the down rows' vec_dot type (use_down_rows)
     std::vector<uint8_t> token_active_;      // n_tokens x n_ff flags (1: the criterion holds for the token)
     std::vector<float> lowrank_z_;           // n_tokens x rank: A x, the low-rank predictor's inner values
     std::vector<const uint8_t *> record_of_; // n_ff: bundle record of each evaluated position

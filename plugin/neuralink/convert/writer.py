@@ -116,15 +116,25 @@ def sidecar_layers(plan: ConversionPlan, data: np.ndarray, progress: Progress) -
         progress(sum(t.nbytes for t in layer.permuted))
 
 
+def _range_checksums(gguf_path: Path, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    return np.array([(offset, nbytes, _engine.file_block_checksum(os.fspath(gguf_path), offset, nbytes))
+                     for offset, nbytes in ranges], dtype=np.uint64)
+
+
 def model_checksums(gguf_path: Path, replaced: set[str]) -> np.ndarray:
     """(offset, nbytes, checksum) of the header of the GGUF at `gguf_path` and of each of its tensors not in
     `replaced`: the bytes llama.cpp reads from a converted model, for loaders to verify (llama.cpp has no
     checksums of its own)."""
     directory = read_gguf_directory(gguf_path)
-    ranges = [(0, directory.data_offset)] + [(t.offset, t.nbytes) for t in directory.tensors.values()
-                                             if t.name not in replaced]
-    return np.array([(offset, nbytes, _engine.file_block_checksum(os.fspath(gguf_path), offset, nbytes))
-                     for offset, nbytes in ranges], dtype=np.uint64)
+    return _range_checksums(gguf_path, [(0, directory.data_offset)] + [
+        (t.offset, t.nbytes) for t in directory.tensors.values() if t.name not in replaced])
+
+
+def down_row_checksums(gguf_path: Path, names: Sequence[str]) -> np.ndarray:
+    """(offset, nbytes, checksum) of the tensors `names` (each layer's ffn_down, in layer order) of the GGUF at
+    `gguf_path`: rows the engine may hold instead of the sidecar's down columns, verified as it reads them."""
+    tensors = read_gguf_directory(gguf_path).tensors
+    return _range_checksums(gguf_path, [(tensors[name].offset, tensors[name].nbytes) for name in names])
 
 
 def initial_runtime_thresholds(placement: Placement) -> tuple[tuple[float, float], ...]:
@@ -203,7 +213,9 @@ def run_conversion(plan: ConversionPlan, progress: Progress | None = None,
                        [len(starts) for starts in plan.placement.chain_starts],
                        recorded(sidecar_layers(plan, data, progress)),
                        # the engine reads up and down from the sidecar only; gate rows and biases from the GGUF
-                       model_checksums(tmp, {t.name for layer in model.layers for t in (layer.up, layer.down)}))
+                       model_checksums(tmp, {t.name for layer in model.layers for t in (layer.up, layer.down)}),
+                       # and, holding the whole store in DRAM, the down rows (SparseFfn::use_down_rows)
+                       down_row_checksums(tmp, [layer.down.name for layer in model.layers]))
         seal_sidecar(tmp_sidecar)
         if validate is not None:
             chosen = validate(tmp, tmp_sidecar)

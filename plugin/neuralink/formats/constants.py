@@ -94,6 +94,9 @@ DEFAULT_PREDICTORS = ("dense", "gate", "lowrank")
 SIDECAR_CHECKSUMS = "neuralink.checksums"
 # (offset, nbytes, block checksum) of the converted GGUF's header and of each tensor the sidecar does not replace
 SIDECAR_MODEL_CHECKSUMS = "neuralink.model_checksums"
+# (offset, nbytes, block checksum) of each layer's ffn_down in the converted GGUF, in layer order: the rows an
+# engine holding the whole store multiplies instead of the sidecar's down columns (optional)
+SIDECAR_DOWN_ROW_CHECKSUMS = "neuralink.down_row_checksums"
 
 # per-layer FFN biases, permuted with their neurons
 FFN_GATE_BIAS = TENSOR_NAMES[MODEL_TENSOR.FFN_GATE] + ".bias"

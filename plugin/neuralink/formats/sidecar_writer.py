@@ -64,6 +64,7 @@ from neuralink.formats.constants import (
     SIDECAR_DOWN_ERROR,
     SIDECAR_DOWN_HASH,
     SIDECAR_DOWN_NORM,
+    SIDECAR_DOWN_ROW_CHECKSUMS,
     SIDECAR_MODEL_CHECKSUMS,
     SIDECAR_NEURON_FREQUENCY,
     SIDECAR_NEURON_ORDER,
@@ -132,6 +133,7 @@ def write_sidecar(
     chain_counts: Sequence[int],
     layers: Iterable[SidecarLayer],
     model_checksums: np.ndarray | None = None,
+    down_row_checksums: np.ndarray | None = None,
 ) -> Path:
     """Write and seal a sidecar at `path` through a temporary file and a rename, one layer at a time.
 
@@ -141,7 +143,8 @@ def write_sidecar(
     """
     path = Path(path)
     with atomic_output(path) as tmp:
-        write_unsealed(tmp, header, layouts, down_source_types, chain_counts, layers, model_checksums)
+        write_unsealed(tmp, header, layouts, down_source_types, chain_counts, layers, model_checksums,
+                       down_row_checksums)
         seal_sidecar(tmp)
     log.info("wrote sidecar %s (%d layers, %d neurons each)", path, header.n_layer, header.n_ff)
     return path
@@ -155,12 +158,15 @@ def write_unsealed(
     chain_counts: Sequence[int],
     layers: Iterable[SidecarLayer],
     model_checksums: np.ndarray | None = None,
+    down_row_checksums: np.ndarray | None = None,
 ) -> None:
     """The sidecar's bytes at `path`, checksums still zero (`seal_sidecar` fills them).
 
     `model_checksums`: (offset, nbytes, checksum) rows of the converted GGUF's
     header and of every tensor the sidecar does not replace, verified by
-    loaders before llama.cpp reads that file.
+    loaders before llama.cpp reads that file. `down_row_checksums`: one such
+    row per layer for its `ffn_down`, verified by an engine that reads those
+    rows (docs/sidecar.md).
     """
     import gguf  # the writer class; kept here so that readers need no writer
 
@@ -235,6 +241,12 @@ def write_unsealed(
             if model_checksums.ndim != 2 or model_checksums.shape[1] != 3 or len(model_checksums) == 0:
                 raise ValueError("model checksums are (offset, nbytes, checksum) rows")
             writer.add_tensor_info(SIDECAR_MODEL_CHECKSUMS, model_checksums.shape, i64, model_checksums.nbytes)
+        if down_row_checksums is not None:
+            down_row_checksums = np.ascontiguousarray(down_row_checksums, dtype=np.uint64).view(np.int64)
+            if down_row_checksums.shape != (n_layer, 3):
+                raise ValueError(f"down row checksums are one (offset, nbytes, checksum) row per layer, {n_layer}")
+            writer.add_tensor_info(SIDECAR_DOWN_ROW_CHECKSUMS, down_row_checksums.shape, i64,
+                                   down_row_checksums.nbytes)
         writer.add_tensor_info(SIDECAR_CHECKSUMS, (2,), i64, 16)
 
         writer.write_header_to_file()
@@ -275,6 +287,8 @@ def write_unsealed(
         writer.write_tensor_data(encode_predictor_name(validated_predictor(header.quality)).view(np.int8))
         if model_checksums is not None:
             writer.write_tensor_data(model_checksums)
+        if down_row_checksums is not None:
+            writer.write_tensor_data(down_row_checksums)
         writer.write_tensor_data(np.zeros(2, dtype=np.int64))
     finally:
         writer.close()

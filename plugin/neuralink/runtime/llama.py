@@ -38,6 +38,7 @@ from neuralink.runtime.memory_budget import (
     capture_llama_log,
     check_memory_plan,
     gate_layers_to_stream,
+    hold_down_rows,
     lock_every_token_weights,
     memory_budget_bytes,
     plan_memory,
@@ -135,6 +136,14 @@ class Llama(llama_cpp.Llama):
         anonymous memory beside the mapped file's pages: 80 MiB on
         Qwen2.5-Coder-1.5B. Default: off under an explicit memory_budget,
         where memory is what is short, on otherwise.
+    down_rows:
+        when the cache holds the whole store, compute the down projection
+        of the layers where it costs less with the converted GGUF's own
+        ``ffn_down`` rows, as llama.cpp does, than with the sidecar's down
+        columns, which are then never read: with q4_K rows (``neuralink
+        convert --down-type q4_K``; the default q8_0 rows keep the columns;
+        docs/engine.md). Needs room for the rows beside the store and a
+        sidecar that records their checksums. Default on.
     preload:
         when the cache holds the whole store (``engine.cache_holds_store``),
         read it at load in long sequential reads, every record checked,
@@ -182,6 +191,7 @@ class Llama(llama_cpp.Llama):
         predictor_thresholds: Sequence[float] | None = None,
         candidate_thresholds: Sequence[float] | None = None,
         repack_weights: bool | None = None,
+        down_rows: bool = True,
         preload: bool = True,
         lock_weights: bool | None = None,
         **kwargs: Any,
@@ -314,6 +324,12 @@ class Llama(llama_cpp.Llama):
                                locked / 2**20)
             else:
                 logger.info("%s: %.0f MiB of weights read every token locked in RAM", model_path, locked / 2**20)
+        if down_rows and engine.cache_holds_store:
+            try:
+                hold_down_rows(engine, model_path, self.memory_plan, cache_bytes)
+            except Exception:
+                self.close()
+                raise
         if preload and engine.cache_holds_store:  # from a budget, the memory there is, or cache_bytes
             start = time.perf_counter()
             try:
@@ -326,7 +342,7 @@ class Llama(llama_cpp.Llama):
         self._neuralink_args = dict(sidecar=sidecar, predictor=predictor, cache_policy=cache_policy,
                                     cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
                                     collapse_gap=collapse_gap, adaptive_collapse=adaptive_collapse,
-                                    memory_budget=memory_budget, direct_io=direct_io,
+                                    memory_budget=memory_budget, direct_io=direct_io, down_rows=down_rows,
                                     thresholds=thresholds, predictor_thresholds=predictor_thresholds,
                                     repack_weights=repack_weights, preload=preload,
                                     candidate_thresholds=candidate_thresholds, lock_weights=lock_weights)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from llama_cpp import _logger
 from neuralink import _engine
 from neuralink.errors import MemoryBudgetError, SizeError
 from neuralink.formats.sizes import parse_size
+
+log = logging.getLogger(__name__)
 
 # where a budget goes, every field in bytes, with .minimum, .cache and .describe()
 MemoryPlan = _engine.MemoryPlan
@@ -186,3 +189,19 @@ def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | Non
         f"{lowest / 2**20:.1f} MiB this model and context need{streamed} "
         f"(raise the budget, or lower n_ctx / n_batch):\n{plan.describe().rstrip()}"
     )
+
+
+def hold_down_rows(engine: _engine.Engine, model: str, plan: MemoryPlan | None, cache_bytes: int) -> list[int]:
+    """Hand the engine, whose cache holds the whole store, the converted GGUF's down rows of the layers where
+    they cost less than the down columns (Engine.down_row_layers), when the room the plan's budget leaves (or,
+    without a plan, `cache_bytes`) still holds the store with the rows in place of those columns. Returns the
+    layers: none when the rows would not fit, would not pay or the sidecar cannot have them."""
+    layers, row_bytes, column_bytes = engine.down_row_layers()
+    # the room the budget leaves beside everything else (the cache itself was sized to the store only)
+    room = max(0, plan.budget - plan.minimum) if plan is not None else cache_bytes
+    if not layers or not engine.cache_would_hold_store(room - max(0, row_bytes - column_bytes)):
+        return []
+    engine.use_down_rows(layers)
+    log.info("%s: the down projection of %d layers by the model's own rows (%.0f MiB, in place of %.0f MiB of "
+             "down columns)", model, len(layers), row_bytes / 2**20, column_bytes / 2**20)
+    return layers

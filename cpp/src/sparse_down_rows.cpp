@@ -1,0 +1,112 @@
+// SparseFfn's down projection by rows (see sparse_ffn.h): for a store held whole in DRAM, the model's own down
+// rows multiplied by h as llama.cpp multiplies them, h zero outside the final neurons. Rows are read in
+// sequence at the memory's rate and the scattered down columns are not, but every row is read where only the
+// final neurons' columns are: measured on Qwen2.5-Coder-1.5B (docs/engine.md), q4_K rows beat the q5_K
+// columns of 40 % of the neurons by 8.5 % of a decoded token, q5_K and q6_K rows lose by 3-4 %.
+
+#include "sparse_ffn_state.h"
+
+#include "neuralink/row_gemm.h"
+
+#include <algorithm>
+#include <numeric>
+#include <stdexcept>
+
+namespace neuralink {
+
+void SparseFfn::use_down_rows(int il, WeightMatrix rows) {
+    if (!has_layer(il)) {
+        throw std::invalid_argument("layer " + std::to_string(il) + " is not served from the sidecar");
+    }
+    if (!store_->split()) {
+        throw std::invalid_argument(store_->path() + ": down rows replace the down columns of the split layout; "
+                                    "this sidecar's records hold them (joint)");
+    }
+    SparseLayerWeights & L = *layers_[(size_t) il];
+    if (!rows.data || !rows.wt || rows.rows != L.n_out || rows.cols != L.n_ff) {
+        throw std::invalid_argument("layer " + std::to_string(il) + ": down rows must be " +
+                                    std::to_string(L.n_out) + " rows of " + std::to_string(L.n_ff));
+    }
+    if (L.n_ff % ggml_blck_size(rows.wt->vec_dot_type) != 0) {
+        throw std::invalid_argument("layer " + std::to_string(il) + ": n_ff " + std::to_string(L.n_ff) +
+                                    " is not whole blocks of the down rows' vec_dot type");
+    }
+    if (L.down.data) resident_bytes_ -= L.down.row_bytes * (size_t) L.down.rows;
+    L.down = rows;
+    resident_bytes_ += L.down.row_bytes * (size_t) L.down.rows;
+    const size_t need = (size_t) std::max<int64_t>(capacity_, 1) * L.down.wt->act_row_bytes(L.n_ff);
+    if (hq_.size() < need) hq_.resize(need);
+}
+
+bool SparseFfn::down_rows_pay(int il, ggml_type row_type, size_t row_bytes) const {
+    if (!has_layer(il) || !store_->split()) return false;
+    const SparseLayerWeights & L = *layers_[(size_t) il];
+    const SidecarLayer & S = store_->layer(il);
+    // the neurons a token needs on average, at the profiled thresholds
+    const double density = S.frequency.empty() ? 1.0
+            : std::accumulate(S.frequency.begin(), S.frequency.end(), 0.0) / (double) S.frequency.size();
+    const ggml_type t = S.down.wt->type;
+    const bool k_quant = t == GGML_TYPE_Q6_K || t == GGML_TYPE_Q5_K || t == GGML_TYPE_Q4_K;
+    const double columns = density * (double) L.n_ff * (double) S.down_region.record_bytes *
+                           row_byte_cost(row_type) * (k_quant ? 1.0 : 0.5);
+    return (double) row_bytes * (double) L.n_out < columns;
+}
+
+// phase 3: h_ holds every candidate's h (zero where the criterion dropped a pair) but also, elsewhere, the
+// predictor's act(g) and earlier layers' values; the rows see h, so this thread's blocks of it are made zero
+// outside the final neurons and converted to the rows' vec_dot type
+void SparseFfn::prepare_down_rows(int il, int64_t n_tokens, int ith, int nth) {
+    const SparseLayerWeights & L = *layers_[(size_t) il];
+    const WeightType & wt = *L.down.wt;
+    const int64_t bs = ggml_blck_size(wt.vec_dot_type);
+    const size_t row = wt.act_row_bytes(L.n_ff), block = ggml_type_size(wt.vec_dot_type);
+    const auto [b0, b1] = split_range(L.n_ff / bs, ith, nth);
+    const int64_t p0 = b0 * bs, p1 = b1 * bs;
+    if (p0 == p1) {
+        return;
+    }
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        float * ht = h_.data() + t * L.n_ff;
+        int64_t next = p0; // the first position not yet settled
+        // each thread's finals are sorted, and the threads' shares follow each other in position order
+        for (int j = 0; j < nth; ++j) {
+            const std::vector<uint32_t> & f = threads_[(size_t) j]->finals;
+            for (auto it = std::lower_bound(f.begin(), f.end(), (uint32_t) p0); it != f.end() && *it < p1; ++it) {
+                std::fill(ht + next, ht + *it, 0.0f);
+                next = (int64_t) *it + 1;
+            }
+        }
+        std::fill(ht + next, ht + p1, 0.0f);
+        wt.act_from_float(ht + p0, hq_.data() + (size_t) t * row + (size_t) b0 * block, p1 - p0);
+    }
+}
+
+// phase 4: this thread's slice of the output rows, every row against h as llama.cpp computes it (vec_dot; a
+// prompt batch through ggml's batched mul_mat)
+void SparseFfn::down_rows(int il, float * y, int64_t n_tokens, int ith, int nth) {
+    const SparseLayerWeights & L = *layers_[(size_t) il];
+    const WeightType & wt = *L.down.wt;
+    const size_t row = wt.act_row_bytes(L.n_ff);
+    const auto [e0, e1] = split_range(L.n_out, ith, nth, kRowBlock);
+    if (e0 == e1) {
+        return;
+    }
+    if (n_tokens >= kGemmMinTokens) {
+        rows_times_tokens(wt, L.down.row(e0), L.down.row_bytes, e1 - e0, L.n_ff, hq_.data(), n_tokens, y + e0,
+                          L.n_out, thread_state(ith).gemm_work);
+    } else {
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            const uint8_t * hqt = hq_.data() + (size_t) t * row;
+            float * yt = y + t * L.n_out;
+            for (int64_t e = e0; e < e1; ++e) wt.vec_dot((int) L.n_ff, yt + e, 0, L.down.row(e), 0, hqt, 0, 1);
+        }
+    }
+    if (!L.down_bias.empty()) {
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            for (int64_t e = e0; e < e1; ++e) y[t * L.n_out + e] += L.down_bias[(size_t) e];
+        }
+    }
+    refuse_non_finite(il, y, n_tokens, L.n_out, e0, e1);
+}
+
+} // namespace neuralink
