@@ -383,3 +383,16 @@ __all__ = [
     "DeviceIdentity", "DeviceProfile", "DeviceProfileError", "ProbePoint", "cost_table", "default_cache_dir",
     "device_identity", "grid_table", "load_or_measure", "measure_device", "plot_profile", "write_outputs",
 ]
+
+
+def read_cost_options(sidecar: str | os.PathLike[str], queue_depth: int) -> dict[str, Any]:
+    """The engine's read-cost options from the device profile cached for `sidecar`'s storage (the collapse gap
+    follows from it), or none: a model's load never measures the device."""
+    profile = cached_profile(sidecar)
+    if profile is None:
+        logger.info("%s: no device profile cached; the engine uses a phone-flash cost model "
+                    "(run `neuralink device-profile %s` to measure this storage)", sidecar, Path(sidecar).parent)
+        return {}
+    options = profile.engine_options(queue_depth)
+    del options["queue_depth"]
+    return options

@@ -8,7 +8,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import llama_cpp
@@ -25,7 +24,7 @@ from neuralink.errors import (
 )
 from neuralink.formats.constants import LAZY_FFN_WEIGHTS_KEY
 from neuralink.formats.sidecar import Sidecar
-from neuralink.runtime.device_probe import cached_profile
+from neuralink.runtime.device_probe import read_cost_options
 from neuralink.runtime.hook import FfnHookApi, ffn_hook_api
 from neuralink.runtime.llama_params import one_output_per_micro_batch, without_weight_repacking
 from neuralink.runtime.memory_budget import (
@@ -45,7 +44,7 @@ from neuralink.runtime.memory_budget import (
     release_free_heap,
     resident_bytes,
 )
-from neuralink.runtime.sidecar_lookup import find_sidecar, named_sidecar
+from neuralink.runtime.sidecar_lookup import default_predictor, find_sidecar, named_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -220,14 +219,14 @@ class Llama(llama_cpp.Llama):
             # then the bytes llama.cpp will read from the converted GGUF, against what the conversion recorded
             _engine.verify_model_file(os.fspath(model_path), os.fspath(sidecar_path))
             engine_args.update(
-                sidecar=os.fspath(sidecar_path), predictor=predictor or _default_predictor(sidecar_path, validated),
+                sidecar=os.fspath(sidecar_path), predictor=predictor or default_predictor(sidecar_path, validated),
                 # auto: sized once the store's bytes are known (below); until then a cache whose hits need no
                 # copies, as both policies auto stands for (the memory plan counts copies for the others)
                 cache_policy="pinned" if cache_policy == "auto" else cache_policy,
                 cache_bytes=0 if cache_policy == "auto" else cache_bytes, queue_depth=queue_depth,
                 io_backend=io_backend,
             )
-            engine_args.update(_read_cost_options(sidecar_path, queue_depth))
+            engine_args.update(read_cost_options(sidecar_path, queue_depth))
             if collapse_gap is not None:
                 engine_args["collapse_gap_bytes"] = collapse_gap
             engine_args["adaptive_collapse"] = adaptive_collapse
@@ -490,25 +489,3 @@ class Llama(llama_cpp.Llama):
         state.update(self._neuralink_args)
         return state
 
-
-def _read_cost_options(sidecar: str | os.PathLike[str], queue_depth: int) -> dict[str, Any]:
-    # the device's measured read cost sets the collapse gap; never measure while loading a model
-
-    profile = cached_profile(sidecar)
-    if profile is None:
-        logger.info("%s: no device profile cached; the engine uses a phone-flash cost model "
-                    "(run `neuralink device-profile %s` to measure this storage)", sidecar, Path(sidecar).parent)
-        return {}
-    options = profile.engine_options(queue_depth)
-    del options["queue_depth"]
-    return options
-
-
-def _default_predictor(sidecar: str | os.PathLike[str], validated: str) -> str:
-    # what the conversion validated for quality, else every neuron: a default never runs an unmeasured density
-    if validated != "dense":
-        return validated
-    logger.warning("%s: no sparse setting of this sidecar was validated for quality (`neuralink convert "
-                   "--calibration` runs the quality search, which keeps one only within its perplexity budget); "
-                   "reading every neuron (predictor 'dense')", sidecar)
-    return "dense"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from neuralink.formats.constants import KEY_SIDECAR_NAME
 from neuralink.formats.files import conversion_journal, recover_pair
 from neuralink.formats.gguf_directory import read_gguf_directory
+
+logger = logging.getLogger(__name__)
 
 
 def find_sidecar(model_path: str | os.PathLike[str]) -> Path | None:
@@ -28,3 +31,14 @@ def named_sidecar(model_path: str | os.PathLike[str]) -> str | None:
     """The sidecar file name a converted model's metadata gives, None for an unconverted model."""
     name = read_gguf_directory(model_path).get(KEY_SIDECAR_NAME)
     return str(name) if name else None
+
+
+def default_predictor(sidecar: str | os.PathLike[str], validated: str) -> str:
+    """The predictor to run by default: what the conversion validated for quality, else every neuron ("dense",
+    said in the log), so that a default never runs an unmeasured density."""
+    if validated != "dense":
+        return validated
+    logger.warning("%s: no sparse setting of this sidecar was validated for quality (`neuralink convert "
+                   "--calibration` runs the quality search, which keeps one only within its perplexity budget); "
+                   "reading every neuron (predictor 'dense')", sidecar)
+    return "dense"

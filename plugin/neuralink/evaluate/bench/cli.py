@@ -72,7 +72,9 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
                         default=["stock", "neuralink"],
                         help="what runs in each cap (default: stock neuralink); neuralink-adaptive: neuralink with "
                              "adaptive_collapse=True; neuralink-pinned, neuralink-stream: neuralink with that "
-                             "cache_policy instead of auto's choice; to compare them side by side")
+                             "cache_policy instead of auto's choice; neuralink-columns: neuralink with "
+                             "down_rows=False (the sidecar's down columns where the store is held whole); to "
+                             "compare them side by side")
     parser.add_argument("--prompts-from", type=Path, default=SHARED_TEXT,
                         help=f"text to take prompts from (default: {SHARED_TEXT}; built-in prompts if absent)")
     parser.add_argument("--prompts", type=positive_int, default=3, help="number of prompts (default: 3)")

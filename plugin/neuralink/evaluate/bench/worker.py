@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 # what `bench e2e --variants` runs besides stock: neuralink.Llama with its defaults, or with one setting forced
-NEURALINK_VARIANTS = ("neuralink", "neuralink-adaptive", "neuralink-pinned", "neuralink-stream")
+NEURALINK_VARIANTS = ("neuralink", "neuralink-adaptive", "neuralink-pinned", "neuralink-stream", "neuralink-columns")
 VARIANT_CACHE_POLICY = {"neuralink-pinned": "pinned", "neuralink-stream": "stream"}
 
 
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> dict:
         overrides = json.loads(Path(args.thresholds).read_text()) if args.thresholds else {}
         llm = neuralink.Llama(args.model, sidecar=args.sidecar, memory_budget=args.budget, predictor=args.predictor,
                               cache_policy=VARIANT_CACHE_POLICY.get(args.variant, args.cache_policy),
-                              adaptive_collapse=args.variant == "neuralink-adaptive", **overrides, **context)
+                              adaptive_collapse=args.variant == "neuralink-adaptive",
+                              down_rows=args.variant != "neuralink-columns", **overrides, **context)
     load_s = time.perf_counter() - start
     prompts = json.loads(Path(args.prompts).read_text())
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
