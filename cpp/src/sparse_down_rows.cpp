@@ -2,7 +2,7 @@
 // rows multiplied by h as llama.cpp multiplies them, h zero outside the final neurons. Rows are read in
 // sequence at the memory's rate and the scattered down columns are not, but every row is read where only the
 // final neurons' columns are: measured on Qwen2.5-Coder-1.5B (docs/engine.md), q4_K rows beat the q5_K
-// columns of 40 % of the neurons by 8.5 % of a decoded token, q5_K and q6_K rows lose by 3-4 %.
+// columns of 40 % of the neurons by 3-5 % of a decoded token, q5_K and q6_K rows lose by 3-4 %.
 
 #include "sparse_ffn_state.h"
 

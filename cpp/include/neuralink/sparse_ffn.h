@@ -186,12 +186,13 @@ public:
     // of them), than by the down columns of the neurons it is expected to need (the sidecar's frequencies), with
     // what one byte of each costs (row_byte_cost, docs/engine.md).
     bool down_rows_pay(int il, ggml_type row_type, size_t row_bytes) const;
-    // What a byte of K-quant down columns, scattered over DRAM, costs per byte of down rows of `row_type`,
-    // measured end to end on Qwen2.5-Coder-1.5B (AVX-512, fourteenth pass): 3.4 against q4_K rows (this
-    // engine's AVX-512 q4_K dot), 2.1 against q5_K and 2.6 against q6_K rows (ggml's AVX2 dots). Taken a little
-    // below what was measured, so that a layer keeps its columns unless rows clearly pay; columns in other types
-    // (q8_0, floats) take simpler loops and count half (not measured in the engine).
-    static double row_byte_cost(ggml_type row_type) { return row_type == GGML_TYPE_Q4_K ? 3.0 : 2.0; }
+    // What a byte of K-quant down columns, scattered over DRAM, costs per byte of down rows of `row_type`. Measured
+    // end to end on Qwen2.5-Coder-1.5B (AVX-512, fourteenth pass), rows of every neuron against q5_K columns of
+    // 40 %: q4_K rows (this engine's AVX-512 q4_K dot) 3-5 % of a decoded token faster, q5_K and q6_K rows
+    // (ggml's dots) 3-4 % slower, which puts a column byte at about 2.6, 2.1 and 2.6 row bytes; noisy, so set to
+    // take q4_K rows at such densities and keep the columns otherwise. Columns in other types (q8_0, floats)
+    // take simpler loops and count half (not measured in the engine).
+    static double row_byte_cost(ggml_type row_type) { return row_type == GGML_TYPE_Q4_K ? 2.5 : 2.0; }
     // From now on, the gate rows of the layers with ranges[il].bytes > 0 are read from `file` each time the
     // layer runs (GateStream) instead of kept: their resident rows are no longer used and the caller may free
     // them. Between evaluations, once. Throws std::invalid_argument when a range does not match the layer's
