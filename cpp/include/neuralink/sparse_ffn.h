@@ -97,7 +97,7 @@ struct LayerStepStats {
     uint64_t active_bytes = 0;  // record bytes of the evaluated neurons
     uint64_t io_ns = 0;         // first read issued -> last read completed
     uint64_t stall_ns = 0;      // longest time a compute thread waited for reads (the I/O not hidden by compute)
-    uint64_t layer_ns = 0;      // phase 0 start -> phase 2 end (thread 0's view)
+    uint64_t layer_ns = 0;      // phase 0 start -> the down projection's end (thread 0's view)
     uint64_t predicted_pairs = 0; // (token, neuron) pairs the predictor selected
     uint64_t computed_pairs = 0;  // (token, neuron) pairs whose h entered the down projection
     uint32_t final_neurons = 0;   // neurons whose down column entered the projection (union over the tokens)
