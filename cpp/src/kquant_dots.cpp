@@ -93,6 +93,69 @@ NL_AVX512_VNNI void q4_k_dot_avx512(int n, float * s, size_t, const void * vx, s
     r = _mm_add_ss(r, _mm_movehdup_ps(r));
     *s = _mm_cvtss_f32(r) + _mm_cvtss_f32(acc_m);
 }
+
+// q6_K rows against q8_K activations, with ggml's AVX2 result bit for bit. ggml's kernel, per block: values
+// 0-127 then 128-255, each half as four groups of 32 (6-bit values from ql's nibbles and qh's bit pairs);
+// lane k of an int32 sum holds scale * (q6 . q8) of the 4-value groups 4k .. 4k + 3 of every group of 32
+// (maddubs, then madd by the 16-value scales), less 32 * (scales . bsums pairs), the values' offset; then
+// acc = fma(d_y * d_x, float(sum), acc). Here one 512-bit register holds two groups of 32 (one per 256-bit
+// half), against 64 contiguous activations, so the same 4-value groups land in lanes k and k + 8, and adding
+// the halves gives the eight lanes the same integers.
+constexpr size_t kQ6Bytes = 210, kQ6HighAt = 128, kQ6ScalesAt = 192, kQ6DAt = 208;
+
+template <bool kVnni>
+NL_AVX512_VNNI void q6_k_dot_avx512(int n, float * s, size_t, const void * vx, size_t, const void * vy, size_t, int) {
+    const uint8_t * x = (const uint8_t *) vx;
+    const uint8_t * y = (const uint8_t *) vy;
+    const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
+    // word indices of the 16-value scales of groups 4j .. 4j + 1 (A) and 4j + 2 .. 4j + 3 (B) of 32 values
+    alignas(64) int16_t words[4][32];
+    for (int k = 0; k < 4; ++k) {
+        for (int w = 0; w < 32; ++w) words[k][w] = (int16_t) (4 * k + w / 8);
+    }
+    const __m512i index[2][2] = { { _mm512_load_si512((const void *) words[0]), _mm512_load_si512((const void *) words[1]) },
+                                  { _mm512_load_si512((const void *) words[2]), _mm512_load_si512((const void *) words[3]) } };
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / kKBlock; ++b, x += kQ6Bytes, y += kQ8KBytes) {
+        float yd;
+        std::memcpy(&yd, y, sizeof yd);
+        uint16_t dh;
+        std::memcpy(&dh, x + kQ6DAt, sizeof dh);
+        const float d = yd * _cvtsh_ss(dh);
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *) (x + kQ6ScalesAt));
+        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        // the values' offset of 32, as ggml: 32 * (scales . bsums) in pairs
+        const __m256i sums16 = _mm256_loadu_si256((const __m256i *) (y + kQ8KSumsAt));
+        const __m256i offset = _mm256_slli_epi32(_mm256_madd_epi16(sums16, sc16), 5);
+        const __m512i scales = _mm512_castsi256_si512(sc16);
+        const uint8_t * q8 = y + kQ8KQsAt;
+        __m512i sum[2] = { _mm512_setzero_si512(), _mm512_setzero_si512() };
+        for (int j = 0; j < 2; ++j) {
+            // ql bytes 64j .. 64j + 63: groups 4j and 4j + 1 in their low nibbles, 4j + 2 and 4j + 3 in their high
+            // ones; qh bytes 32j .. 32j + 31 hold the high bit pairs of the four groups at bits 0-1, 2-3, 4-5, 6-7
+            const __m512i l = _mm512_loadu_si512((const void *) (x + 64 * j));
+            const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (x + kQ6HighAt + 32 * j)));
+            const __m512i high_a = _mm512_and_si512(_mm512_mask_blend_epi64(0xF0, _mm512_slli_epi16(h, 4),
+                                                                            _mm512_slli_epi16(h, 2)), bits45);
+            const __m512i high_b = _mm512_and_si512(_mm512_mask_blend_epi64(0xF0, h, _mm512_srli_epi16(h, 2)), bits45);
+            const __m512i qa = _mm512_or_si512(_mm512_and_si512(l, low4), high_a);
+            const __m512i qb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4), high_b);
+            const __m512i pa = _mm512_maddubs_epi16(qa, _mm512_loadu_si512((const void *) (q8 + 128 * j)));
+            const __m512i pb = _mm512_maddubs_epi16(qb, _mm512_loadu_si512((const void *) (q8 + 128 * j + 64)));
+            sum[0] = pair_products_added<kVnni>(sum[0], _mm512_permutexvar_epi16(index[j][0], scales), pa);
+            sum[1] = pair_products_added<kVnni>(sum[1], _mm512_permutexvar_epi16(index[j][1], scales), pb);
+        }
+        const __m512i both_sums = _mm512_add_epi32(sum[0], sum[1]);
+        const __m256i lanes = _mm256_sub_epi32(
+                _mm256_add_epi32(_mm512_castsi512_si256(both_sums), _mm512_extracti64x4_epi64(both_sums, 1)), offset);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lanes), acc);
+    }
+    // ggml's final sum of the eight lanes
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    *s = _mm_cvtss_f32(r);
+}
 #endif
 
 ggml_vec_dot_t faster_vec_dot(ggml_type type) {
@@ -113,10 +176,15 @@ const char * faster_vec_dot_isa(ggml_type type) {
 std::vector<FasterDot> faster_vec_dots(ggml_type type) {
     std::vector<FasterDot> all;
 #ifdef NL_X86_VERSIONS
-    if (type != GGML_TYPE_Q4_K || simd_level() != SimdLevel::Avx512 || !ggml_cpu_has_avx2()) return all;
+    if ((type != GGML_TYPE_Q4_K && type != GGML_TYPE_Q6_K) || simd_level() != SimdLevel::Avx512 || !ggml_cpu_has_avx2()) {
+        return all;
+    }
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512vnni")) all.push_back({ "avx512-vnni", q4_k_dot_avx512<true> });
-    all.push_back({ "avx512", q4_k_dot_avx512<false> });
+    const bool q4 = type == GGML_TYPE_Q4_K;
+    if (__builtin_cpu_supports("avx512vnni")) {
+        all.push_back({ "avx512-vnni", q4 ? q4_k_dot_avx512<true> : q6_k_dot_avx512<true> });
+    }
+    all.push_back({ "avx512", q4 ? q4_k_dot_avx512<false> : q6_k_dot_avx512<false> });
 #else
     (void) type;
 #endif

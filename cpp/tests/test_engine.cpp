@@ -200,29 +200,31 @@ TEST(vec_dot_of_every_weight_type_matches_dequantized_dot) {
     }
 }
 
-TEST(faster_q4_k_dot_gives_ggml_s_results_bit_for_bit) {
-    // raw blocks of random bytes (every scale, min and nibble pattern, fp16 d and dmin of either sign) against
-    // raw q8_K activations holding -128 .. 127 with their 16-value sums, for rows of 1 to 6 blocks
-    const ggml_vec_dot_t ggml_dot = ggml_get_type_traits_cpu(GGML_TYPE_Q4_K)->vec_dot;
-    const WeightType & wt = weight_type(GGML_TYPE_Q4_K);
-    std::printf("    q4_K rows: %s\n", faster_vec_dot_isa(GGML_TYPE_Q4_K));
+// Raw blocks of random bytes (every scale, min, nibble and bit pattern; fp16 scales of either sign written at
+// `halves`) against raw q8_K activations holding -128 .. 127 with their 16-value sums, rows of 1 to 6 blocks:
+// every faster dot product for `type` this CPU runs gives ggml's vec_dot result bit for bit.
+static void check_faster_dot_bit_for_bit(ggml_type type, size_t block_bytes, std::vector<size_t> halves) {
+    const ggml_vec_dot_t ggml_dot = ggml_get_type_traits_cpu(type)->vec_dot;
+    const WeightType & wt = weight_type(type);
+    std::printf("    %s rows: %s\n", ggml_type_name(type), faster_vec_dot_isa(type));
     if (std::string(column_axpy_isa()) == "avx512" && ggml_cpu_has_avx2()) {
         CHECK(wt.vec_dot != ggml_dot); // the faster one is in use where it exists
     }
     std::mt19937 rng(5);
     std::uniform_int_distribution<int> byte(0, 255);
     std::normal_distribution<float> nd;
-    constexpr size_t kBlock = 144, kQ8Block = 4 + 256 + 32;
+    constexpr size_t kQ8Block = 4 + 256 + 32;
     int compared = 0;
     for (int blocks = 1; blocks <= 6; ++blocks) {
         for (int trial = 0; trial < 50; ++trial) {
-            std::vector<uint8_t> row(kBlock * blocks), act(kQ8Block * blocks);
+            std::vector<uint8_t> row(block_bytes * blocks), act(kQ8Block * blocks);
             for (auto & b : row) b = (uint8_t) byte(rng);
             for (int b = 0; b < blocks; ++b) {
-                uint8_t * blk = row.data() + kBlock * b;
-                const ggml_fp16_t d = ggml_fp32_to_fp16(nd(rng) * 0.01f), dmin = ggml_fp32_to_fp16(nd(rng) * 0.01f);
-                std::memcpy(blk, &d, 2);
-                std::memcpy(blk + 2, &dmin, 2);
+                uint8_t * blk = row.data() + block_bytes * b;
+                for (size_t at : halves) {
+                    const ggml_fp16_t h = ggml_fp32_to_fp16(nd(rng) * 0.01f);
+                    std::memcpy(blk + at, &h, 2);
+                }
                 uint8_t * a = act.data() + kQ8Block * b;
                 const float ad = std::fabs(nd(rng)) * 0.05f;
                 std::memcpy(a, &ad, 4);
@@ -237,7 +239,7 @@ TEST(faster_q4_k_dot_gives_ggml_s_results_bit_for_bit) {
             float want = 0;
             ggml_dot(256 * blocks, &want, 0, row.data(), 0, act.data(), 0, 1);
             std::vector<ggml_vec_dot_t> dots = { wt.vec_dot };
-            for (const FasterDot & f : faster_vec_dots(GGML_TYPE_Q4_K)) dots.push_back(f.dot);
+            for (const FasterDot & f : faster_vec_dots(type)) dots.push_back(f.dot);
             for (ggml_vec_dot_t dot : dots) {
                 float got = 0;
                 dot(256 * blocks, &got, 0, row.data(), 0, act.data(), 0, 1);
@@ -247,6 +249,14 @@ TEST(faster_q4_k_dot_gives_ggml_s_results_bit_for_bit) {
         }
     }
     CHECK(compared == 300);
+}
+
+TEST(faster_q4_k_dot_gives_ggml_s_results_bit_for_bit) {
+    check_faster_dot_bit_for_bit(GGML_TYPE_Q4_K, 144, { 0, 2 }); // d and dmin first
+}
+
+TEST(faster_q6_k_dot_gives_ggml_s_results_bit_for_bit) {
+    check_faster_dot_bit_for_bit(GGML_TYPE_Q6_K, 210, { 208 }); // d last
 }
 
 TEST(column_axpy_of_every_weight_type_adds_the_scaled_dequantized_column) {

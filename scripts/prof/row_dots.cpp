@@ -1,6 +1,6 @@
-// q4_K row dot products as the gate predictor runs them (8,960 rows of 1536 per layer, 28 layers: a store
-// larger than L3), ggml's vec_dot against the faster ones (kquant_dots.cpp), one thread; and the
-// same rows of one layer again and again (in L3/L2: the arithmetic alone)
+// q4_K (or, with an argument q6_K, q6_K) row dot products as the gate predictor runs them (8,960 rows of 1536
+// per layer, 28 layers: a store larger than L3), ggml's vec_dot against the faster ones (kquant_dots.cpp), one
+// thread; and the same rows of one layer again and again (in L3/L2: the arithmetic alone)
 // build (from build/cpp): g++ -O2 -std=c++17 ../../scripts/prof/row_dots.cpp -I ../../cpp/include \
 //   -I $LLAMA/include -I $LLAMA/ggml/include libneuralink_core.a -L$LIB -lggml-base -lggml-cpu -lggml -Wl,-rpath,$LIB -lpthread
 #include "neuralink/kquant_dots.h"
@@ -11,9 +11,10 @@
 #include <random>
 #include <vector>
 using namespace neuralink;
-int main() {
+#include <cstring>
+int main(int argc, char ** argv) {
     const int64_t n = 1536; const int nf = 8960, layers = 28;
-    const ggml_type t = GGML_TYPE_Q4_K;
+    const ggml_type t = argc > 1 && std::strcmp(argv[1], "q6_K") == 0 ? GGML_TYPE_Q6_K : GGML_TYPE_Q4_K;
     const size_t rb = ggml_row_size(t, n);
     std::mt19937 rng(1); std::normal_distribution<float> nd;
     std::vector<float> vals((size_t) n * 64);

@@ -10,8 +10,8 @@
 
 namespace neuralink {
 
-// the faster dot product for rows of `type` against its vec_dot type, or null (then ggml's is used): q4_K on
-// AVX-512 CPUs (with VNNI where the CPU has it)
+// the faster dot product for rows of `type` against its vec_dot type, or null (then ggml's is used): q4_K and
+// q6_K on AVX-512 CPUs (with VNNI where the CPU has it)
 ggml_vec_dot_t faster_vec_dot(ggml_type type);
 
 // "avx512-vnni", "avx512" or "ggml": which dot product rows of `type` use here
