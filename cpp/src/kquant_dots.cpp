@@ -102,6 +102,18 @@ NL_AVX512_VNNI void q4_k_dot_avx512(int n, float * s, size_t, const void * vx, s
 // half), against 64 contiguous activations, so the same 4-value groups land in lanes k and k + 8, and adding
 // the halves gives the eight lanes the same integers.
 constexpr size_t kQ6Bytes = 210, kQ6HighAt = 128, kQ6ScalesAt = 192, kQ6DAt = 208;
+// for the groups of 32 values 2r and 2r + 1 (a 512-bit register's halves): each word's 16-value scale, scales
+// 4r .. 4r + 3 eight words each
+alignas(64) static const int16_t kQ6ScaleWords[4][32] = {
+    { 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+      2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3 },
+    { 4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5,
+      6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7 },
+    { 8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9,
+      10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11 },
+    { 12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13,
+      14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15 },
+};
 
 template <bool kVnni>
 NL_AVX512_VNNI void q6_k_dot_avx512(int n, float * s, size_t, const void * vx, size_t, const void * vy, size_t, int) {
@@ -109,12 +121,8 @@ NL_AVX512_VNNI void q6_k_dot_avx512(int n, float * s, size_t, const void * vx, s
     const uint8_t * y = (const uint8_t *) vy;
     const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
     // word indices of the 16-value scales of groups 4j .. 4j + 1 (A) and 4j + 2 .. 4j + 3 (B) of 32 values
-    alignas(64) int16_t words[4][32];
-    for (int k = 0; k < 4; ++k) {
-        for (int w = 0; w < 32; ++w) words[k][w] = (int16_t) (4 * k + w / 8);
-    }
-    const __m512i index[2][2] = { { _mm512_load_si512((const void *) words[0]), _mm512_load_si512((const void *) words[1]) },
-                                  { _mm512_load_si512((const void *) words[2]), _mm512_load_si512((const void *) words[3]) } };
+    __m512i index[2][2];
+    for (int k = 0; k < 4; ++k) index[k / 2][k % 2] = _mm512_load_si512((const void *) kQ6ScaleWords[k]);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / kKBlock; ++b, x += kQ6Bytes, y += kQ8KBytes) {
         float yd;
