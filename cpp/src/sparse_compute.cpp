@@ -112,11 +112,17 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
             ts.any[(size_t) (p - r0)] |= on;
         }
     }
+    // appended without a branch: which neurons a token needs has no pattern to predict
+    const size_t had = ts.active.size();
+    ts.active.resize(had + (size_t) (r1 - r0));
+    uint32_t * __restrict out = ts.active.data() + had;
+    const uint8_t * __restrict any = ts.any.data();
+    size_t kept = 0;
     for (int64_t p = r0; p < r1; ++p) {
-        if (ts.any[(size_t) (p - r0)]) {
-            ts.active.push_back((uint32_t) p);
-        }
+        out[kept] = (uint32_t) p;
+        kept += any[p - r0] != 0;
     }
+    ts.active.resize(had + kept);
 }
 
 // What finishing a neuron needs of its layer, worked out once per call of compute_h rather than per neuron.
@@ -268,13 +274,20 @@ void SparseFfn::finish_stretch(const LayerMath & M, int64_t n_tokens, const uint
     }
     ts.predicted_pairs += predicted;
     ts.computed_pairs += computed_pairs;
+    // the finals appended without a branch: whether a neuron is final has no pattern to predict
+    const size_t had = ts.finals.size();
+    ts.finals.resize(had + m);
+    uint32_t * __restrict out = ts.finals.data() + had;
+    size_t kept = 0;
+    uint32_t truly_active = 0;
     for (size_t k = 0; k < m; ++k) {
         record_of_[pos[k]] = records[k];
-        ts.truly_active += ts.stretch_flags[k] & 1;
-        if (ts.stretch_flags[k] & 2) {
-            ts.finals.push_back(pos[k]);
-        }
+        truly_active += flags[k] & 1;
+        out[kept] = pos[k];
+        kept += (flags[k] >> 1) & 1;
     }
+    ts.truly_active += truly_active;
+    ts.finals.resize(had + kept);
 }
 
 void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * records, const uint32_t * pos, size_t n,
@@ -291,13 +304,43 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
     const size_t from = gate_in_record ? std::min(M.S.gate.offset, up.offset) : up.offset;
     const size_t to = gate_in_record ? std::max(M.S.gate.offset + M.S.gate.nbytes, up.offset + up.nbytes)
                                      : up.offset + up.nbytes;
-    for (size_t i = 0; i < n; ++i) {
-        if (i + kPrefetchAhead < n) {
-            // records sit wherever the cache or the read put them: ask for a later one's lines while this computes
-            const uint8_t * later = records[i + kPrefetchAhead];
-            for (size_t at = from & ~(size_t) 63; at < to; at += 64) prefetch(later + at);
+    if (n_tokens > 1) {
+        for (size_t i = 0; i < n; ++i) {
+            if (i + kPrefetchAhead < n) {
+                // records sit wherever the cache or the read put them: ask for a later one's lines meanwhile
+                const uint8_t * later = records[i + kPrefetchAhead];
+                for (size_t at = from & ~(size_t) 63; at < to; at += 64) prefetch(later + at);
+            }
+            finish_neuron(M, n_tokens, pos[i], records[i], ts);
         }
-        finish_neuron(M, n_tokens, pos[i], records[i], ts);
+        return;
+    }
+    // one token, the decoding case: every neuron given is predicted for it, so the products of a stretch of
+    // records come first, in a loop of nothing else, and finish_stretch then finishes them without branches
+    const bool need_gate = M.L.gated && !M.resident_pre;
+    if (ts.gemm_u.size() < kStretchRecords) ts.gemm_u.resize(kStretchRecords);
+    if (need_gate && ts.gemm_g.size() < kStretchRecords) ts.gemm_g.resize(kStretchRecords);
+    const ggml_vec_dot_t up_dot = up.wt->vec_dot;
+    const int n_embd = (int) M.L.n_embd;
+    const uint8_t * xq_up = xq_up_.data();
+    for (size_t i = 0; i < n; i += kStretchRecords) {
+        const size_t m = std::min(kStretchRecords, n - i);
+        float * u = ts.gemm_u.data();
+        for (size_t k = 0; k < m; ++k) {
+            if (i + k + kPrefetchAhead < n) {
+                // records sit wherever the cache or the read put them: ask for a later one's lines meanwhile
+                const uint8_t * later = records[i + k + kPrefetchAhead];
+                for (size_t at = from & ~(size_t) 63; at < to; at += 64) prefetch(later + at);
+            }
+            up_dot(n_embd, &u[k], 0, records[i + k] + up.offset, 0, xq_up, 0, 1);
+        }
+        if (need_gate) {
+            for (size_t k = 0; k < m; ++k) {
+                const uint8_t * row = M.S.gate.wt ? records[i + k] + M.S.gate.offset : M.L.gate.row(pos[i + k]);
+                M.gate_wt->vec_dot(n_embd, &ts.gemm_g[k], 0, row, 0, xq_gate_.data(), 0, 1);
+            }
+        }
+        finish_stretch(M, 1, pos + i, records + i, m, ts, u, need_gate ? ts.gemm_g.data() : nullptr);
     }
 }
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from neuralink.formats.ffn_tensors import (
     choose_down_type,
     inspect_ffn_model,
 )
-from neuralink.formats.files import file_sha256
+from neuralink.formats.files import file_sha256, temporary_path
 from neuralink.formats.placement import Placement
 from neuralink.formats.sidecar_records import sidecar_model_id
 
@@ -87,12 +86,14 @@ def _sidecar_for(output: Path) -> Path:
 
 
 def check_writable(path: Path) -> None:
-    directory = path.parent
     if path.is_dir():
         raise ModelFileError(f"{path}: is a directory; give a file name for the output")
+    # an empty file created and removed, named as the writer's temporaries so that one a kill leaves between
+    # the two is removed by the next conversion (remove_stale_temporaries)
+    probe = temporary_path(path)
     try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.", suffix=".probe"):
-            pass
+        probe.open("xb").close()
+        probe.unlink()
     except OSError as e:
         raise ModelFileError(f"{path}: cannot write the output there: {e.strerror or e}") from None
 
