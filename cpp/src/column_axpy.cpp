@@ -182,8 +182,9 @@ NL_AVX2 void axpy_avx2(const float * x, float h, float * y, int64_t n) {
 // the first `tail` of the last register when tail > 0) held while kc columns are added in order, each as
 // fma(h, value, y) like the single-token loops.
 template <int T, int W>
-NL_AVX512 NL_INLINE void tokens_tile_avx512(const float * c, int kc, int64_t n, int64_t e, const float * const * hrow,
-                                           const uint32_t * h_index, float * const * yrow, int tail) {
+NL_AVX512 NL_INLINE void tokens_tile_avx512(const float * c, const int * ks, int nk, int64_t n, int64_t e,
+                                           const float * const * hrow, const uint32_t * h_index, float * const * yrow,
+                                           int tail) {
     const __mmask16 last = tail > 0 ? (__mmask16) ((1u << tail) - 1) : (__mmask16) 0xFFFF;
     __m512 acc[T][W];
     for (int t = 0; t < T; ++t) {
@@ -191,7 +192,8 @@ NL_AVX512 NL_INLINE void tokens_tile_avx512(const float * c, int kc, int64_t n, 
             acc[t][j] = j == W - 1 ? _mm512_maskz_loadu_ps(last, yrow[t] + e + 16 * j) : _mm512_loadu_ps(yrow[t] + e + 16 * j);
         }
     }
-    for (int k = 0; k < kc; ++k) {
+    for (int i = 0; i < nk; ++i) {
+        const int k = ks[i];
         const float * ck = c + (size_t) k * n + e;
         __m512 v[W];
         for (int j = 0; j < W; ++j) v[j] = j == W - 1 ? _mm512_maskz_loadu_ps(last, ck + 16 * j) : _mm512_loadu_ps(ck + 16 * j);
@@ -216,12 +218,12 @@ NL_AVX512 NL_INLINE void tokens_tile_avx512(const float * c, int kc, int64_t n, 
 constexpr int kTileTokens = 6;
 
 template <int T>
-NL_AVX512 void tokens_span_avx512(const float * c, int kc, int64_t n, const float * const * hrow,
+NL_AVX512 void tokens_span_avx512(const float * c, const int * ks, int nk, int64_t n, const float * const * hrow,
                                   const uint32_t * h_index, float * const * yrow) {
     int64_t e = 0;
-    for (; e + 64 <= n; e += 64) tokens_tile_avx512<T, 4>(c, kc, n, e, hrow, h_index, yrow, 0);
-    for (; e + 16 <= n; e += 16) tokens_tile_avx512<T, 1>(c, kc, n, e, hrow, h_index, yrow, 0);
-    if (e < n) tokens_tile_avx512<T, 1>(c, kc, n, e, hrow, h_index, yrow, (int) (n - e));
+    for (; e + 64 <= n; e += 64) tokens_tile_avx512<T, 4>(c, ks, nk, n, e, hrow, h_index, yrow, 0);
+    for (; e + 16 <= n; e += 16) tokens_tile_avx512<T, 1>(c, ks, nk, n, e, hrow, h_index, yrow, 0);
+    if (e < n) tokens_tile_avx512<T, 1>(c, ks, nk, n, e, hrow, h_index, yrow, (int) (n - e));
 }
 
 NL_AVX512 void tokens_gemm_avx512(const float * c, int kc, int64_t n, const float * h, int64_t h_stride,
@@ -234,13 +236,24 @@ NL_AVX512 void tokens_gemm_avx512(const float * c, int kc, int64_t n, const floa
             hrow[t] = h + (size_t) (t0 + t) * h_stride;
             yrow[t] = y + (size_t) (t0 + t) * y_stride;
         }
+        // the columns some token of the tile needs: fma(0, w, y) is y, so a column whose h is zero for every
+        // token of the tile is left out (a prompt's cold neurons are final for few of its tokens)
+        int ks[kBatchColumns];
+        int nk = 0;
+        for (int k = 0; k < kc; ++k) {
+            bool needed = false;
+            for (int t = 0; t < m; ++t) needed |= hrow[t][h_index[k]] != 0.0f;
+            ks[nk] = k;
+            nk += needed;
+        }
+        if (nk == 0) continue;
         switch (m) {
-            case 1: tokens_span_avx512<1>(c, kc, n, hrow, h_index, yrow); break;
-            case 2: tokens_span_avx512<2>(c, kc, n, hrow, h_index, yrow); break;
-            case 3: tokens_span_avx512<3>(c, kc, n, hrow, h_index, yrow); break;
-            case 4: tokens_span_avx512<4>(c, kc, n, hrow, h_index, yrow); break;
-            case 5: tokens_span_avx512<5>(c, kc, n, hrow, h_index, yrow); break;
-            default: tokens_span_avx512<6>(c, kc, n, hrow, h_index, yrow); break;
+            case 1: tokens_span_avx512<1>(c, ks, nk, n, hrow, h_index, yrow); break;
+            case 2: tokens_span_avx512<2>(c, ks, nk, n, hrow, h_index, yrow); break;
+            case 3: tokens_span_avx512<3>(c, ks, nk, n, hrow, h_index, yrow); break;
+            case 4: tokens_span_avx512<4>(c, ks, nk, n, hrow, h_index, yrow); break;
+            case 5: tokens_span_avx512<5>(c, ks, nk, n, hrow, h_index, yrow); break;
+            default: tokens_span_avx512<6>(c, ks, nk, n, hrow, h_index, yrow); break;
         }
     }
 }

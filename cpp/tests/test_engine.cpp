@@ -326,7 +326,8 @@ TEST(columns_axpy_adds_columns_in_order_as_one_at_a_time_would) {
 
 TEST(columns_axpy_batch_gives_each_token_the_sums_it_gets_alone) {
     // more columns than one decoded chunk, token counts across the six-token tiles, slices of y that end in
-    // a partial register (q8_0 at 288, f16 at 100), h with zeros and a stride of its own
+    // a partial register (q8_0 at 288, f16 at 100), h with zeros (whole columns of a tile too) and a stride of
+    // its own
     struct Case { ggml_type type; int64_t n; };
     for (const Case c : { Case { GGML_TYPE_Q8_0, 288 }, Case { GGML_TYPE_Q6_K, 256 }, Case { GGML_TYPE_Q5_K, 256 }, Case { GGML_TYPE_Q4_K, 256 },
                           Case { GGML_TYPE_F16, 100 } }) {
@@ -345,6 +346,12 @@ TEST(columns_axpy_batch_gives_each_token_the_sums_it_gets_alone) {
         for (int n_tok : { 2, 6, 7, 13 }) {
             std::vector<float> h((size_t) n_tok * h_stride);
             for (size_t i = 0; i < h.size(); ++i) h[i] = i % 5 == 2 ? 0.0f : 0.125f * (float) ((int) (i % 11) - 5);
+            // columns no token of a six-token tile needs (left out of the tile), in every tile or in the first
+            for (int k = 0; k < count; ++k) {
+                for (int t = 0; t < n_tok; ++t) {
+                    if (k % 7 == 3 || (k % 7 == 5 && t < 6)) h[(size_t) t * h_stride + index[k]] = 0.0f;
+                }
+            }
             const int64_t stride = n + 32;
             std::vector<float> tmp((size_t) kBatchColumns * n), batch = random_floats(stride * n_tok, 50 + n_tok),
                 alone = batch;
