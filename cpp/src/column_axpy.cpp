@@ -226,6 +226,7 @@ NL_AVX512 void tokens_span_avx512(const float * c, const int * ks, int nk, int64
     if (e < n) tokens_tile_avx512<T, 1>(c, ks, nk, n, e, hrow, h_index, yrow, (int) (n - e));
 }
 
+// kc <= kBatchColumns: the decoded chunk columns_axpy_batch hands over
 NL_AVX512 void tokens_gemm_avx512(const float * c, int kc, int64_t n, const float * h, int64_t h_stride,
                                   const uint32_t * h_index, int n_tok, float * y, int64_t y_stride) {
     for (int t0 = 0; t0 < n_tok; t0 += kTileTokens) {

@@ -343,13 +343,16 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
     const size_t from = gate_in_record ? std::min(M.S.gate.offset, up.offset) : up.offset;
     const size_t to = gate_in_record ? std::max(M.S.gate.offset + M.S.gate.nbytes, up.offset + up.nbytes)
                                      : up.offset + up.nbytes;
+    // records sit wherever the cache or the read put them: a later one's lines are asked for while record i computes
+    auto ask_ahead = [&](size_t i) {
+        if (i + kPrefetchAhead < n) {
+            const uint8_t * later = records[i + kPrefetchAhead];
+            for (size_t at = from & ~(size_t) 63; at < to; at += 64) prefetch(later + at);
+        }
+    };
     if (n_tokens > 1) {
         for (size_t i = 0; i < n; ++i) {
-            if (i + kPrefetchAhead < n) {
-                // records sit wherever the cache or the read put them: ask for a later one's lines meanwhile
-                const uint8_t * later = records[i + kPrefetchAhead];
-                for (size_t at = from & ~(size_t) 63; at < to; at += 64) prefetch(later + at);
-            }
+            ask_ahead(i);
             finish_neuron(M, n_tokens, pos[i], records[i], ts);
         }
         return;
@@ -366,11 +369,7 @@ void SparseFfn::compute_h(int il, int64_t n_tokens, const uint8_t * const * reco
         const size_t m = std::min(kStretchRecords, n - i);
         float * u = ts.gemm_u.data();
         for (size_t k = 0; k < m; ++k) {
-            if (i + k + kPrefetchAhead < n) {
-                // records sit wherever the cache or the read put them: ask for a later one's lines meanwhile
-                const uint8_t * later = records[i + k + kPrefetchAhead];
-                for (size_t at = from & ~(size_t) 63; at < to; at += 64) prefetch(later + at);
-            }
+            ask_ahead(i + k);
             up_dot(n_embd, &u[k], 0, records[i + k] + up.offset, 0, xq_up, 0, 1);
         }
         if (need_gate) {
