@@ -58,7 +58,8 @@ void SparseFfn::read_and_compute(int il, int64_t n_tokens, int ith, int nth, Thr
     complete(il, false, ts, bundles, [&](const uint8_t * const * recs, const uint32_t * pos, size_t n) {
         compute_h(il, n_tokens, recs, pos, n, ts);
     });
-    std::sort(ts.finals.begin(), ts.finals.end());
+    // cache hits come in order, and with the whole store cached nothing else does: sorted already, then
+    if (!std::is_sorted(ts.finals.begin(), ts.finals.end())) std::sort(ts.finals.begin(), ts.finals.end());
     if (!store_->split() || layers_[(size_t) il]->down.data) {
         return; // joint records held the down columns; rows need none
     }
