@@ -179,8 +179,8 @@ NL_AVX2 void axpy_avx2(const float * x, float h, float * y, int64_t n) {
 }
 
 // A prompt batch's down projection on decoded columns: T tokens' W registers of y (16 W floats from e, masked to
-// the first `tail` of the last register when tail > 0) held while kc columns are added in order, each as
-// fma(h, value, y) like the single-token loops.
+// the first `tail` of the last register when tail > 0) held while the decoded columns ks[0 .. nk) are added in
+// order, each as fma(h, value, y) like the single-token loops.
 template <int T, int W>
 NL_AVX512 NL_INLINE void tokens_tile_avx512(const float * c, const int * ks, int nk, int64_t n, int64_t e,
                                            const float * const * hrow, const uint32_t * h_index, float * const * yrow,
