@@ -209,23 +209,27 @@ inline void SparseFfn::finish_neuron(const LayerMath & M, int64_t n_tokens, uint
     }
 }
 
-// One token's pairs of a stretch of consecutive neurons, finish_stretch's branch-free arithmetic on arrays
-// starting at the stretch's first neuron (h, flags of the token; u its up products; ub, dn the layer's)
-template <bool kUpBias>
-static inline void finish_consecutive(float * __restrict h, const uint8_t * __restrict on, const float * __restrict u,
-                                      const float * __restrict ub, const float * __restrict dn, float threshold,
-                                      bool filter, size_t m, uint8_t * __restrict flags, uint64_t & predicted,
-                                      uint64_t & computed_pairs) {
+// One token's pairs of a stretch, finish_stretch's branch-free arithmetic: h = act(g) * u with act(g) from the
+// prediction (in h_row), kept where the pair was predicted and the criterion holds (or without a filter). The
+// stretch's neuron k is at index pos[k] of h_row, on_row, ub and dn; or, when kConsecutive, these point at the
+// stretch's first neuron and it is at index k: plain arrays then, which the compiler turns into vector
+// instructions (a prompt batch's usual case; the index must be k itself for that, not p0 + k).
+template <bool kConsecutive, bool kUpBias>
+static inline void finish_row(float * __restrict h_row, const uint8_t * __restrict on_row, const float * __restrict ut,
+                              const float * __restrict ub, const float * __restrict dn, const uint32_t * pos,
+                              float threshold, bool filter, size_t m, uint8_t * __restrict flags, uint64_t & predicted,
+                              uint64_t & computed_pairs) {
     uint32_t n_on = 0, n_kept = 0;
     for (size_t k = 0; k < m; ++k) {
-        const uint32_t o = on[k] != 0;
-        const float hv = h[k] * (kUpBias ? u[k] + ub[k] : u[k]);
-        const uint32_t holds = contribution_final(hv, dn[k], threshold);
-        const uint32_t kept = o & (holds | (uint32_t) !filter);
-        h[k] = kept ? hv : 0.0f;
-        n_on += o;
+        const size_t p = kConsecutive ? k : pos[k];
+        const uint32_t on = on_row[p] != 0;
+        const float hv = h_row[p] * (kUpBias ? ut[k] + ub[p] : ut[k]);
+        const uint32_t holds = contribution_final(hv, dn[p], threshold);
+        const uint32_t kept = on & (holds | (uint32_t) !filter);
+        h_row[p] = kept ? hv : 0.0f;
+        n_on += on;
         n_kept += kept;
-        flags[k] |= (uint8_t) ((o & holds) | (kept << 1));
+        flags[k] |= (uint8_t) ((on & holds) | (kept << 1));
     }
     predicted += n_on;
     computed_pairs += n_kept;
@@ -255,38 +259,15 @@ void SparseFfn::finish_stretch(const LayerMath & M, int64_t n_tokens, const uint
         const float * __restrict dn = M.S.down_norm.data();
         const float threshold = M.threshold;
         const bool filter = M.filter;
-        // a stretch of consecutive neurons (a prompt batch's usual case): the same arithmetic on plain arrays,
-        // in vector instructions
         const uint32_t p0 = pos[0];
         bool consecutive = true;
         for (size_t k = 0; k < m; ++k) consecutive &= pos[k] == p0 + (uint32_t) k;
-        if (consecutive) {
-            for (int64_t t = 0; t < n_tokens; ++t) {
-                const int64_t at = t * n_ff + p0;
-                if (ub) {
-                    finish_consecutive<true>(h_.data() + at, token_active_.data() + at, u + t * (int64_t) m, ub + p0,
-                                             dn + p0, threshold, filter, m, flags, predicted, computed_pairs);
-                } else {
-                    finish_consecutive<false>(h_.data() + at, token_active_.data() + at, u + t * (int64_t) m, nullptr,
-                                              dn + p0, threshold, filter, m, flags, predicted, computed_pairs);
-                }
-            }
-        }
-        for (int64_t t = 0; t < n_tokens && !consecutive; ++t) {
-            float * __restrict h_row = h_.data() + t * n_ff;
-            const uint8_t * __restrict on_row = token_active_.data() + t * n_ff;
-            const float * __restrict ut = u + t * (int64_t) m;
-            for (size_t k = 0; k < m; ++k) {
-                const uint32_t p = pos[k];
-                const bool on = on_row[p] != 0;
-                const float hv = h_row[p] * (ut[k] + (ub ? ub[p] : 0.0f));
-                const bool holds = contribution_final(hv, dn[p], threshold);
-                const bool kept = on & (holds | !filter);
-                h_row[p] = kept ? hv : 0.0f;
-                predicted += on;
-                computed_pairs += kept;
-                flags[k] |= (uint8_t) ((on & holds) | (kept << 1));
-            }
+        const int64_t at = consecutive ? p0 : 0; // where index 0 of finish_row's arrays lies
+        auto finish = consecutive ? (ub ? finish_row<true, true> : finish_row<true, false>)
+                                  : (ub ? finish_row<false, true> : finish_row<false, false>);
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            finish(h_.data() + t * n_ff + at, token_active_.data() + t * n_ff + at, u + t * (int64_t) m,
+                   ub ? ub + at : nullptr, dn + at, pos, threshold, filter, m, flags, predicted, computed_pairs);
         }
     } else {
         for (int64_t t = 0; t < n_tokens; ++t) {
