@@ -6,6 +6,7 @@ and bad requests get exactly what llama-cpp-python's own server answers.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import socket
 import subprocess
@@ -146,3 +147,18 @@ def test_serve_refuses_a_missing_model_in_one_line() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.strip() == "neuralink serve: error: /nonexistent/model.gguf: no such model file"
+
+
+def test_the_server_keeps_every_positions_logits_only_when_asked() -> None:
+    # llama-cpp-python's server defaults to logits_all (n_ctx x n_vocab floats: on Qwen2.5-Coder at n_ctx 2048 a
+    # 1.2 GB array the memory budget then counts, and refused 800MB); logprobs need them, so they can be asked for
+    from llama_cpp.server.cli import parse_model_from_args
+    from llama_cpp.server.settings import ModelSettings
+
+    from neuralink.runtime.cli import configure_serve_parser
+
+    parser = argparse.ArgumentParser()
+    configure_serve_parser(parser)
+    assert parse_model_from_args(ModelSettings, parser.parse_args(["--model", "m.gguf"])).logits_all is False
+    asked = parser.parse_args(["--model", "m.gguf", "--logits_all", "true"])
+    assert parse_model_from_args(ModelSettings, asked).logits_all is True

@@ -112,6 +112,13 @@ def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
                     help="how bundles are read (default: auto)")
     nl.add_argument("--buffered-io", action="store_true", help="read through the page cache instead of O_DIRECT")
     add_args_from_model(parser.add_argument_group("llama-cpp-python server options"), Settings)
+    # llama-cpp-python's server keeps every position's logits by default (n_ctx x n_vocab floats: 1.2 GB for a 152k
+    # vocabulary at n_ctx 2048), which only logprobs use; a server run to save memory asks for them explicitly
+    parser.set_defaults(logits_all=False)
+    for action in parser._actions:
+        if action.dest == "logits_all":
+            action.help = ("keep every position's logits, which requests' logprobs need (n_ctx x n_vocab floats, "
+                           "counted in --memory-budget) (default: False, where llama-cpp-python's server says True)")
 
 
 def serve_main(args: argparse.Namespace) -> int:
