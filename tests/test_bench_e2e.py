@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 from neuralink.evaluate.bench.e2e import RunResult, format_table
 
 
@@ -28,3 +32,21 @@ def test_each_neuralink_variant_gets_its_line_against_the_same_stock_runs() -> N
 def test_a_cap_where_only_stock_ran_still_gets_its_line() -> None:
     rows = format_table([_run("430MB", "stock", 0.5)]).splitlines()[2:]
     assert len(rows) == 1 and rows[0].split("|")[1].strip() == "430MB"
+
+
+def test_the_worker_decodes_through_generate_with_and_without_drafts(converted_model, tmp_path) -> None:
+    model, sidecar = converted_model("llama", "q8_0")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["the quick brown fox jumps over the lazy dog . " * 3]))
+    results = {}
+    for variant in ("neuralink-nodraft", "neuralink-draft"):
+        done = subprocess.run([sys.executable, "-m", "neuralink.evaluate.bench.worker", "--variant", variant,
+                               "--model", str(model), "--sidecar", str(sidecar), "--prompts", str(prompts),
+                               "--tokens", "12", "--n-ctx", "256", "--draft-tokens", "3"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    for result in results.values():
+        assert "error" not in result and result["decode_tokens"] == 12 and result["tok_s"] > 0
+    # the same greedy text either way on this model
+    assert results["neuralink-draft"]["texts"] == results["neuralink-nodraft"]["texts"]

@@ -43,12 +43,13 @@ def without_weight_repacking() -> contextlib.AbstractContextManager[None]:
     return _defaults_with("llama_model_default_params", use_extra_bufts=False)
 
 
-def one_output_per_micro_batch() -> contextlib.AbstractContextManager[None]:
-    """Contexts created within the block reserve llama.cpp's compute buffer for one output row per micro-batch
-    (n_outputs_max = 1) instead of n_batch rows of logits.
+def outputs_per_micro_batch(rows: int) -> contextlib.AbstractContextManager[None]:
+    """Contexts created within the block reserve llama.cpp's compute and output buffers for `rows` output rows per
+    micro-batch (n_outputs_max) instead of n_batch rows of logits.
 
-    Without logits_all, llama-cpp-python asks for the last position's logits only, so the reserve for n_batch
-    rows (n_vocab floats each: 37 MiB at n_batch 64 on a 152k vocabulary) is never used; a batch that does
-    ask for more rows gets a larger buffer from llama.cpp when it runs.
+    Without logits_all, llama-cpp-python asks for the last position's logits only, so one row does (the reserve
+    for n_batch rows, n_vocab floats each, is 37 MiB at n_batch 64 on a 152k vocabulary); a draft's verification
+    asks for 1 + its proposals (neuralink.runtime.draft). llama.cpp refuses a batch asking for more rows than
+    this with an assertion that ends the process, so the callers ask for no more.
     """
-    return _defaults_with("llama_context_default_params", n_outputs_max=1)
+    return _defaults_with("llama_context_default_params", n_outputs_max=rows)

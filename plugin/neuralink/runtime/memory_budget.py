@@ -176,18 +176,30 @@ def bound_lookup_pages(engine: _engine.Engine) -> tuple[int, str]:
     return _engine.bound_lookup_pages(engine)
 
 
-def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | None = None) -> None:
+def resolved_cache_policy(policy: str, engine: _engine.Engine, cache_bytes: int) -> str:
+    """The cache policy `auto` stands for at this size (the engine's rule, Engine.auto_cache_policy): the whole
+    store when it fits (the store arena), else every region read whole ahead of its layer when collapsed reads
+    would cover the layers anyway ("stream"), else the hottest records pinned."""
+    return policy if policy != "auto" else engine.auto_cache_policy(cache_bytes)
+
+
+def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | None = None,
+                      all_logits: int = 0) -> None:
     """MemoryBudgetError naming the minimum when the budget cannot hold the model: the lowest one, with every
-    layer's gate rows streamed, when the engine could stream them."""
+    layer's gate rows streamed, when the engine could stream them. `all_logits`: the bytes of llama-cpp-python's
+    copy of every position's logits (logits_all), which the process counts, named when they are what is short."""
     if plan.budget >= plan.minimum:
         return
     lowest = _engine.minimum_with_gate_rows_streamed(plan, engine) if engine is not None else plan.minimum
     streamed = (f" with every layer's gate rows read each token; {plan.minimum / 2**20:.1f} MiB with them "
                 "resident, as below") if lowest < plan.minimum else ""
+    fix = "raise the budget, or lower n_ctx / n_batch"
+    if all_logits:
+        fix += (f"; the process counts {all_logits / 2**20:.1f} MiB of every position's logits (logits_all), which "
+                "only logprobs need: without logits_all they are not kept")
     raise MemoryBudgetError(
         f"{model}: memory_budget {plan.budget / 2**20:.1f} MiB is below the minimum "
-        f"{lowest / 2**20:.1f} MiB this model and context need{streamed} "
-        f"(raise the budget, or lower n_ctx / n_batch):\n{plan.describe().rstrip()}"
+        f"{lowest / 2**20:.1f} MiB this model and context need{streamed} ({fix}):\n{plan.describe().rstrip()}"
     )
 
 

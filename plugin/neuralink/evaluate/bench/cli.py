@@ -73,8 +73,12 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
                         help="what runs in each cap (default: stock neuralink); neuralink-adaptive: neuralink with "
                              "adaptive_collapse=True; neuralink-pinned, neuralink-stream: neuralink with that "
                              "cache_policy instead of auto's choice; neuralink-columns: neuralink with "
-                             "down_rows=False (the sidecar's down columns where the store is held whole); to "
-                             "compare them side by side")
+                             "down_rows=False (the sidecar's down columns where the store is held whole); "
+                             "neuralink-generate: neuralink decoding through llama-cpp-python's generate() and "
+                             "sampler, as completions do (the others call eval and take the argmax), with the "
+                             "prompt lookup drafts neuralink.Llama decides on; neuralink-nodraft: the same without "
+                             "drafts; neuralink-draft: with drafts of --draft-tokens always; to compare them side "
+                             "by side")
     parser.add_argument("--prompts-from", type=Path, default=SHARED_TEXT,
                         help=f"text to take prompts from (default: {SHARED_TEXT}; built-in prompts if absent)")
     parser.add_argument("--prompts", type=positive_int, default=3, help="number of prompts (default: 3)")
@@ -96,6 +100,8 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ttft-tokens", type=int, default=256,
                         help="after decoding, time one prompt of this many tokens (from --prompts-from) to its first "
                              "token in the same process, caches as the decodes left them; 0 skips (default: 256)")
+    parser.add_argument("--draft-tokens", type=positive_int, default=4,
+                        help="neuralink-draft: tokens prompt lookup proposes per verification (default: 4)")
     parser.add_argument("--timeout", type=positive_float, default=900.0, help="seconds per run before giving up")
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     parser.add_argument("--png", type=Path, default=None, help="write the tok/s vs cap curve here")
@@ -129,7 +135,8 @@ def e2e_main(args: argparse.Namespace) -> int:
             variants=tuple(args.variants), prompts_from=args.prompts_from, prompts=args.prompts, tokens=args.tokens,
             runs=args.runs, threads=args.threads, n_ctx=args.n_ctx, n_batch=args.n_batch, predictor=args.predictor,
             cache_policy=args.cache_policy, budget_fraction=args.budget_fraction, timeout=args.timeout,
-            thresholds_file=thresholds_file, ttft_tokens=args.ttft_tokens)
+            thresholds_file=thresholds_file, ttft_tokens=args.ttft_tokens,
+            draft_tokens=args.draft_tokens)
         results = run_e2e(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(e2e_table(results))
     if args.json:

@@ -61,6 +61,7 @@ class E2eSettings:
     timeout: float = 900.0
     thresholds_file: Path | None = None  # thresholds= and predictor_thresholds= for neuralink.Llama (JSON)
     ttft_tokens: int = 0  # after decoding, time a prompt of this many tokens to its first token (0: skip)
+    draft_tokens: int = 4  # neuralink-draft: prompt lookup's proposals per verification
 
 
 @dataclass
@@ -100,7 +101,8 @@ def run_worker(variant: str, cap: str, settings: E2eSettings, prompts_file: Path
     command = [sys.executable, "-m", "neuralink.evaluate.bench.worker", "--variant", variant,
                "--model", str(settings.stock_model if variant == "stock" else settings.model),
                "--prompts", str(prompts_file), "--tokens", str(settings.tokens), "--threads", str(settings.threads),
-               "--n-ctx", str(settings.n_ctx), "--n-batch", str(settings.n_batch)]
+               "--n-ctx", str(settings.n_ctx), "--n-batch", str(settings.n_batch),
+               "--draft-tokens", str(settings.draft_tokens)]
     if settings.ttft_tokens:
         command += ["--ttft-prompt", str(prompts_file.parent / "ttft.txt"), "--ttft-tokens", str(settings.ttft_tokens)]
     if group is not None:

@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 # what `bench e2e --variants` runs besides stock: neuralink.Llama with its defaults, or with one setting forced
-NEURALINK_VARIANTS = ("neuralink", "neuralink-adaptive", "neuralink-pinned", "neuralink-stream", "neuralink-columns")
+NEURALINK_VARIANTS = ("neuralink", "neuralink-adaptive", "neuralink-pinned", "neuralink-stream", "neuralink-columns",
+                      "neuralink-generate", "neuralink-nodraft", "neuralink-draft")
 VARIANT_CACHE_POLICY = {"neuralink-pinned": "pinned", "neuralink-stream": "stream"}
+# decoding through generate(): as users' completions do (drafts where neuralink.Llama decides), none, or always
+GENERATE_VARIANTS = ("neuralink-generate", "neuralink-nodraft", "neuralink-draft")
 
 
 def cache_hit_rate(stats: Any) -> float:
@@ -57,6 +60,28 @@ def _decode_steps(llm, prompt: str, n_tokens: int) -> tuple[list[float], int, fl
     return steps, len(tokens), prompt_s, text
 
 
+def _drafted_steps(llm, prompt: str, n_tokens: int) -> tuple[list[float], int, float, str, Any]:
+    """Greedy decoding through llama-cpp-python's generate() (its sampler, and the Llama's draft_model's proposals
+    verified in one batch when it has one): the time between consecutive tokens (a verified proposal arrives at
+    once), and the FFN counters of the decoding alone."""
+    tokens = llm.tokenize(prompt.encode())
+    llm.reset()
+    start = time.perf_counter()
+    generator = llm.generate(tokens, temp=0.0, reset=True)
+    generated = [next(generator)]
+    prompt_s = time.perf_counter() - start
+    llm.ffn_stats(reset=True)
+    steps = []
+    for _ in range(n_tokens):
+        start = time.perf_counter()
+        generated.append(next(generator))
+        steps.append(time.perf_counter() - start)
+    generator.close()
+    end = generated.index(llm.token_eos()) if llm.token_eos() in generated else len(generated)
+    text = llm.detokenize(generated[:end], prev_tokens=tokens).decode("utf-8", errors="replace")
+    return steps, len(tokens), prompt_s, text, llm.ffn_stats(reset=True)
+
+
 def _time_to_first_token(llm, text: str, n_tokens: int) -> tuple[float, int]:
     """Seconds from a fresh context to the first greedy token of a prompt of n_tokens tokens of `text`
     (repeated when short), and the prompt's length."""
@@ -71,6 +96,14 @@ def _time_to_first_token(llm, text: str, n_tokens: int) -> tuple[float, int]:
     llm.eval(tokens)
     int(np.argmax(last_logits(llm)))
     return time.perf_counter() - start, len(tokens)
+
+
+def _draft(args: argparse.Namespace) -> dict[str, Any]:
+    """prompt_lookup= of the variant: none (the default: drafts where neuralink.Llama decides, which only
+    generate() uses), 0, or --draft-tokens at any cache policy and stall share."""
+    if args.variant == "neuralink-draft":
+        return {"prompt_lookup": args.draft_tokens}
+    return {"prompt_lookup": 0} if args.variant == "neuralink-nodraft" else {}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -93,7 +126,8 @@ def run(args: argparse.Namespace) -> dict:
         llm = neuralink.Llama(args.model, sidecar=args.sidecar, memory_budget=args.budget, predictor=args.predictor,
                               cache_policy=VARIANT_CACHE_POLICY.get(args.variant, args.cache_policy),
                               adaptive_collapse=args.variant == "neuralink-adaptive",
-                              down_rows=args.variant != "neuralink-columns", **overrides, **context)
+                              down_rows=args.variant != "neuralink-columns", **overrides, **context,
+                              **_draft(args))
     load_s = time.perf_counter() - start
     prompts = json.loads(Path(args.prompts).read_text())
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
@@ -103,8 +137,13 @@ def run(args: argparse.Namespace) -> dict:
     texts = []
     if args.variant != "stock":
         llm.ffn_stats(reset=True)
+    drafted = []  # the decoding's FFN counters, prompt by prompt, when generate() decodes
     for prompt in prompts:
-        s, n, p, text = _decode_steps(llm, prompt, args.tokens)
+        if args.variant in GENERATE_VARIANTS:
+            s, n, p, text, rows = _drafted_steps(llm, prompt, args.tokens)
+            drafted.append(rows)
+        else:
+            s, n, p, text = _decode_steps(llm, prompt, args.tokens)
         steps += s
         prompt_s += p
         prompt_tokens += n
@@ -125,8 +164,10 @@ def run(args: argparse.Namespace) -> dict:
     if ttft is not None:
         result["ttft_s"], result["ttft_tokens"] = ttft
     if args.variant != "stock":
+        import numpy as np
+
         stats = llm.ffn_stats()
-        decode = stats[stats["n_tokens"] == 1]
+        decode = np.concatenate(drafted) if drafted else stats[stats["n_tokens"] == 1]
         n = max(len(steps), 1)
         result.update(
             reads_per_token=float(decode["reads"].sum()) / n,
@@ -161,6 +202,7 @@ def main() -> int:
     parser.add_argument("--n-batch", type=int, default=64)
     parser.add_argument("--ttft-prompt", default=None, help="text of the time-to-first-token prompt")
     parser.add_argument("--ttft-tokens", type=int, default=0)
+    parser.add_argument("--draft-tokens", type=int, default=4, help="neuralink-draft: proposals per verification")
     args = parser.parse_args()
     if args.cgroup:
         (Path(args.cgroup) / "cgroup.procs").write_text("0\n")  # join before anything large is loaded

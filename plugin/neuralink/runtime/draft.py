@@ -1,0 +1,89 @@
+"""Speculative decoding (llama-cpp-python's ``draft_model=``) with the logits rows it samples, no more.
+
+llama-cpp-python verifies a draft's tokens in one batch. To sample each of them it asks llama.cpp for the logits
+of every position of every batch (it turns ``logits_all`` on) and copies them into an n_ctx x n_vocab array: 311 MB
+at n_ctx 512 on Qwen2.5-Coder's 152k vocabulary, and an output buffer of n_batch rows. ``neuralink.Llama`` asks for
+the rows a verification samples instead, the last 1 + draft positions of a batch, held in llama.cpp's output buffer
+(``n_outputs_max``) and never copied; the draft is cut to what those rows verify.
+
+Under a memory cap this is where drafting pays most: the engine reads a layer's records once per batch, so a
+verification of several tokens costs the bytes of one (docs/engine.md, "Drafts").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from llama_cpp.llama_speculative import LlamaDraftModel
+
+# tokens a draft model proposes when it does not say (llama-cpp-python's LlamaPromptLookupDecoding default)
+DEFAULT_DRAFT_TOKENS = 10
+# prompt lookup's proposals where neuralink.Llama drafts by itself (prompt_lookup=None under cache policy stream)
+AUTO_PROPOSALS = 4
+# ... and the share of a decoded token's time spent waiting for reads above which it proposes them. Measured on
+# Qwen2.5-Coder-1.5B and SmolLM2 (docs/benchmarks.md, sixteenth pass): drafts gained 16-61 % where the share
+# was 0.62-0.70, and -20 to +6 % where it was 0.26-0.46 (a verification of 5 tokens costs ~3.5x one token's
+# arithmetic, which only waiting for the reads hides)
+AUTO_STALL_SHARE = 0.55
+
+
+class BoundedDraft(LlamaDraftModel):
+    """A draft model's proposals cut to `max_tokens`: the logits rows the context holds verify no more."""
+
+    def __init__(self, draft: LlamaDraftModel, max_tokens: int) -> None:
+        self.draft = draft
+        self.max_tokens = max_tokens
+
+    @property
+    def num_pred_tokens(self) -> int:  # as prompt lookup names it: a Llama rebuilt from its state asks the same rows
+        return self.max_tokens
+
+    def __call__(self, input_ids: npt.NDArray[np.intc], /, **kwargs: Any) -> npt.NDArray[np.intc]:
+        return np.asarray(self.draft(input_ids, **kwargs), dtype=np.intc)[: self.max_tokens]
+
+
+class StallGatedDraft(BoundedDraft):
+    """A BoundedDraft that proposes nothing while `stall_share()` (the share of recent decoded tokens' time spent
+    waiting for reads; None before any was measured) is below `threshold`: where the reads do not dominate a
+    token, a verification's arithmetic costs more than the tokens it confirms save."""
+
+    def __init__(self, draft: LlamaDraftModel, max_tokens: int, stall_share: Callable[[], float | None],
+                 threshold: float = AUTO_STALL_SHARE) -> None:
+        super().__init__(draft, max_tokens)
+        self.stall_share = stall_share
+        self.threshold = threshold
+
+    def __call__(self, input_ids: npt.NDArray[np.intc], /, **kwargs: Any) -> npt.NDArray[np.intc]:
+        share = self.stall_share()
+        if share is None or share < self.threshold:
+            return np.zeros(0, dtype=np.intc)
+        return super().__call__(input_ids, **kwargs)
+
+
+def verification_rows(draft: LlamaDraftModel, n_batch: int) -> int:
+    """Logits rows one verification needs: the sampled token and the draft's proposals (its ``num_pred_tokens``,
+    as llama-cpp-python's prompt lookup names it, else DEFAULT_DRAFT_TOKENS), at most one micro-batch."""
+    proposed = getattr(draft, "num_pred_tokens", DEFAULT_DRAFT_TOKENS)
+    if not isinstance(proposed, int) or isinstance(proposed, bool) or proposed < 0:
+        proposed = DEFAULT_DRAFT_TOKENS
+    return max(1, min(1 + proposed, n_batch))
+
+
+def eval_with_sampled_rows(llm: Any, tokens: list[int] | Any, rows: int) -> None:
+    """``llama_cpp.Llama.eval`` asking llama.cpp for the logits of the last `rows` positions only (sampling reads
+    them from the context) and copying none of them into ``llm.scores``."""
+    llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+    for start in range(0, len(tokens), llm.n_batch):
+        batch = tokens[start:start + llm.n_batch]
+        n_past, n_tokens = llm.n_tokens, len(batch)
+        llm._batch.set_batch(batch=batch, n_past=n_past, logits_all=False)  # the last position's logits
+        if start + n_tokens == len(tokens):
+            for i in range(max(0, n_tokens - rows), n_tokens):
+                llm._batch.batch.logits[i] = True
+        llm._ctx.decode(llm._batch)
+        llm.input_ids[n_past:n_past + n_tokens] = batch
+        llm.n_tokens += n_tokens
+        llm._requires_eval = False

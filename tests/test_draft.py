@@ -1,0 +1,91 @@
+"""Speculative decoding through llama-cpp-python's draft_model= on neuralink.Llama (neuralink.runtime.draft)."""
+
+from __future__ import annotations
+
+import numpy as np
+from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+import neuralink
+from neuralink.runtime.draft import AUTO_STALL_SHARE, BoundedDraft, StallGatedDraft, verification_rows
+
+# repeats itself, so that prompt lookup finds drafts in it and in what the model writes after it
+PROMPT = "the quick brown fox jumps over the lazy dog . " * 4
+TOKENS = 24
+
+
+def _completion(llm: neuralink.Llama) -> str:
+    return llm(PROMPT, max_tokens=TOKENS, temperature=0.0)["choices"][0]["text"]
+
+
+def test_drafts_are_verified_in_one_batch_with_the_rows_they_need_and_keep_the_greedy_text(converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    plain = neuralink.Llama(str(model), n_ctx=256, verbose=False)
+    try:
+        want = _completion(plain)
+    finally:
+        plain.close()
+    # before neuralink.runtime.draft, the context held one logits row and llama.cpp aborted the process here
+    llm = neuralink.Llama(str(model), n_ctx=256, verbose=False,
+                          draft_model=LlamaPromptLookupDecoding(num_pred_tokens=3))
+    try:
+        llm.ffn_stats(reset=True)
+        assert _completion(llm) == want
+        stats = llm.ffn_stats()
+        batches = stats["n_tokens"][stats["n_tokens"] < 40]  # after the prompt's batch
+        # drafts were found and verified several tokens at a time, never more than the sampled token and three
+        assert batches.max() == 4 and (batches > 1).sum() > 0
+        assert llm.scores.shape == (llm.n_batch, llm.n_vocab())  # not n_ctx rows of copied logits
+        assert llm.draft_model.max_tokens == 3
+    finally:
+        llm.close()
+
+
+def test_logits_all_with_a_draft_is_llama_cpp_python_s_own_path(converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    llm = neuralink.Llama(str(model), n_ctx=256, verbose=False, logits_all=True,
+                          draft_model=LlamaPromptLookupDecoding(num_pred_tokens=3))
+    try:
+        out = llm(PROMPT, max_tokens=8, temperature=0.0, logprobs=2)
+        assert len(out["choices"][0]["logprobs"]["tokens"]) == 8
+        assert llm.scores.shape == (256, llm.n_vocab())
+    finally:
+        llm.close()
+
+
+def test_a_draft_is_cut_to_the_rows_the_context_holds() -> None:
+    class Long(LlamaPromptLookupDecoding):
+        def __call__(self, input_ids, /, **kwargs):
+            return np.arange(40, dtype=np.intc)
+
+    assert verification_rows(Long(num_pred_tokens=10), n_batch=512) == 11
+    assert verification_rows(Long(num_pred_tokens=10), n_batch=8) == 8
+    assert verification_rows(object(), n_batch=512) == 11  # a draft model that does not say: 10 proposals
+    assert list(BoundedDraft(Long(), 7)(np.zeros(3, dtype=np.intc))) == list(range(7))
+
+
+def test_prompt_lookup_drafts_where_every_token_reads_the_records_whole(converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    streamed = neuralink.Llama(str(model), n_ctx=256, verbose=False, cache_policy="stream")
+    try:
+        assert streamed.engine.streams_regions and isinstance(streamed.draft_model, StallGatedDraft)
+        assert streamed.draft_model.max_tokens == 4
+        text = _completion(streamed)
+        # this tiny model's reads (from the page cache) take little of a token: measured, and no proposals made
+        assert 0.0 <= streamed.stall_share < AUTO_STALL_SHARE
+        streamed.draft_model.threshold = 0.0  # as where the reads take the token's time
+        streamed.ffn_stats(reset=True)
+        assert _completion(streamed) == text
+        assert streamed.ffn_stats()["n_tokens"][2:].max() == 5  # the sampled token and four proposals
+    finally:
+        streamed.close()
+    for options in (dict(cache_policy="stream", prompt_lookup=0), {}):  # turned off; the whole store cached
+        llm = neuralink.Llama(str(model), n_ctx=256, verbose=False, **options)
+        try:
+            assert llm.draft_model is None and _completion(llm) == text
+        finally:
+            llm.close()
+    asked = neuralink.Llama(str(model), n_ctx=256, verbose=False, prompt_lookup=2)  # any cache policy
+    try:
+        assert asked.draft_model.max_tokens == 2 and _completion(asked) == text
+    finally:
+        asked.close()
