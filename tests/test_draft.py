@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
 import neuralink
+from neuralink.errors import OptionError
 from neuralink.runtime.draft import AUTO_STALL_SHARE, BoundedDraft, StallGatedDraft, verification_rows
 
 # repeats itself, so that prompt lookup finds drafts in it and in what the model writes after it
@@ -89,3 +91,10 @@ def test_prompt_lookup_drafts_where_every_token_reads_the_records_whole(converte
         assert asked.draft_model.max_tokens == 2 and _completion(asked) == text
     finally:
         asked.close()
+
+
+def test_a_bad_prompt_lookup_is_refused(converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    for bad in (-1, 2.5, True):
+        with pytest.raises(OptionError, match="prompt_lookup="):
+            neuralink.Llama(str(model), n_ctx=256, verbose=False, prompt_lookup=bad)

@@ -19,6 +19,8 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp.llama_speculative import LlamaDraftModel
 
+from neuralink.errors import OptionError
+
 # tokens a draft model proposes when it does not say (llama-cpp-python's LlamaPromptLookupDecoding default)
 DEFAULT_DRAFT_TOKENS = 10
 # prompt lookup's proposals where neuralink.Llama drafts by itself (prompt_lookup=None under cache policy stream)
@@ -70,6 +72,14 @@ def verification_rows(draft: LlamaDraftModel, n_batch: int) -> int:
     if not isinstance(proposed, int) or isinstance(proposed, bool) or proposed < 0:
         proposed = DEFAULT_DRAFT_TOKENS
     return max(1, min(1 + proposed, n_batch))
+
+
+def prompt_lookup_rows(prompt_lookup: int | None, n_batch: int) -> int:
+    """Logits rows for neuralink.Llama's prompt_lookup= (None: AUTO_PROPOSALS), at most one micro-batch."""
+    if prompt_lookup is not None and (not isinstance(prompt_lookup, int) or isinstance(prompt_lookup, bool)
+                                      or prompt_lookup < 0):
+        raise OptionError(f"prompt_lookup={prompt_lookup!r}: expected a number of tokens, 0 or more, or None")
+    return min(1 + (AUTO_PROPOSALS if prompt_lookup is None else prompt_lookup), n_batch)
 
 
 def eval_with_sampled_rows(llm: Any, tokens: list[int] | Any, rows: int) -> None:

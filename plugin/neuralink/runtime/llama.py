@@ -28,11 +28,11 @@ from neuralink.formats.constants import LAZY_FFN_WEIGHTS_KEY
 from neuralink.formats.sidecar import Sidecar
 from neuralink.runtime.device_probe import read_cost_options
 from neuralink.runtime.draft import (
-    AUTO_PROPOSALS,
     AUTO_STALL_SHARE,
     BoundedDraft,
     StallGatedDraft,
     eval_with_sampled_rows,
+    prompt_lookup_rows,
     verification_rows,
 )
 from neuralink.runtime.ffn_report import FfnReporting
@@ -164,7 +164,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
         occurrence of the last tokens), each verified in one batch, whose records are read once for all its
         tokens. Default (None): 4 where every token reads the layers' records whole (cache policy ``stream``)
         and waiting for them takes most of a decoded token (``stall_share``, from 55 %: Qwen2.5-Coder-1.5B
-        under 800MB +16 % on English, +39 % on code; under 530MB +51-61 %), none where the cache holds the
+        under 800MB +40 % on English, +69 % on code; under 530MB +54-77 %), none where the cache holds the
         records or the arithmetic would cost more than the reads saved; 0: none. Greedy text can differ
         where two tokens nearly tie (a batch sums in another order than one token, in stock llama.cpp too).
         llama-cpp-python's ``draft_model=`` replaces it, verified with the rows it samples (engine.md, "Drafts").
@@ -295,8 +295,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
             rows = verification_rows(kwargs["draft_model"], n_batch)
             kwargs["draft_model"] = BoundedDraft(kwargs["draft_model"], rows - 1)
         elif rows and sidecar_path is not None and prompt_lookup != 0:
-            rows = min(1 + (AUTO_PROPOSALS if prompt_lookup is None else prompt_lookup), n_batch)
-            lookup = rows - 1
+            lookup = (rows := prompt_lookup_rows(prompt_lookup, n_batch)) - 1
         with capture_llama_log() if budget is not None else contextlib.nullcontext([]) as log, \
                 contextlib.nullcontext() if repack else without_weight_repacking(), \
                 outputs_per_micro_batch(rows) if rows else contextlib.nullcontext():
