@@ -60,7 +60,7 @@ def _decode_steps(llm, prompt: str, n_tokens: int) -> tuple[list[float], int, fl
     return steps, len(tokens), prompt_s, text
 
 
-def _drafted_steps(llm, prompt: str, n_tokens: int) -> tuple[list[float], int, float, str, Any]:
+def _generate_steps(llm, prompt: str, n_tokens: int) -> tuple[list[float], int, float, str, Any]:
     """Greedy decoding through llama-cpp-python's generate() (its sampler, and the Llama's draft_model's proposals
     verified in one batch when it has one): the time between consecutive tokens (a verified proposal arrives at
     once), and the FFN counters of the decoding alone."""
@@ -137,11 +137,11 @@ def run(args: argparse.Namespace) -> dict:
     texts = []
     if args.variant != "stock":
         llm.ffn_stats(reset=True)
-    drafted = []  # the decoding's FFN counters, prompt by prompt, when generate() decodes
+    generated_rows = []  # the decoding's FFN counters, prompt by prompt, when generate() decodes
     for prompt in prompts:
         if args.variant in GENERATE_VARIANTS:
-            s, n, p, text, rows = _drafted_steps(llm, prompt, args.tokens)
-            drafted.append(rows)
+            s, n, p, text, rows = _generate_steps(llm, prompt, args.tokens)
+            generated_rows.append(rows)
         else:
             s, n, p, text = _decode_steps(llm, prompt, args.tokens)
         steps += s
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
         import numpy as np
 
         stats = llm.ffn_stats()
-        decode = np.concatenate(drafted) if drafted else stats[stats["n_tokens"] == 1]
+        decode = np.concatenate(generated_rows) if generated_rows else stats[stats["n_tokens"] == 1]
         n = max(len(steps), 1)
         result.update(
             reads_per_token=float(decode["reads"].sum()) / n,
