@@ -7,7 +7,7 @@ import pytest
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
 import neuralink
-from neuralink.errors import OptionError
+from neuralink.errors import MemoryBudgetError, OptionError
 from neuralink.runtime.draft import AUTO_STALL_SHARE, BoundedDraft, StallGatedDraft, verification_rows
 
 # repeats itself, so that prompt lookup finds drafts in it and in what the model writes after it
@@ -98,3 +98,9 @@ def test_a_bad_prompt_lookup_is_refused(converted_model) -> None:
     for bad in (-1, 2.5, True):
         with pytest.raises(OptionError, match="prompt_lookup="):
             neuralink.Llama(str(model), n_ctx=256, verbose=False, prompt_lookup=bad)
+
+
+def test_a_budget_refused_with_logits_all_names_them(converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    with pytest.raises(MemoryBudgetError, match=r"MiB of every position's logits \(logits_all\)"):
+        neuralink.Llama(str(model), n_ctx=256, verbose=False, logits_all=True, memory_budget="20MB")

@@ -187,7 +187,7 @@ def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | Non
                       all_logits: int = 0) -> None:
     """MemoryBudgetError naming the minimum when the budget cannot hold the model: the lowest one, with every
     layer's gate rows streamed, when the engine could stream them. `all_logits`: the bytes of llama-cpp-python's
-    copy of every position's logits (logits_all), which the process counts, named when they are what is short."""
+    copy of every position's logits (logits_all), which the process counts: named in the error when nonzero."""
     if plan.budget >= plan.minimum:
         return
     lowest = _engine.minimum_with_gate_rows_streamed(plan, engine) if engine is not None else plan.minimum
