@@ -30,8 +30,9 @@ void decode_column(const WeightType & wt, const uint8_t * column, float * out, i
 constexpr int kBatchColumns = 64;
 
 // A prompt batch's down projection: for each token t < n_tok, y + t * y_stride gets what columns_axpy would add
-// with the weights h[t * h_stride + h_index[k]] (a zero weight adds nothing: fma(0, w, y) is y). Each column is decoded once for all the tokens
-// and added to several tokens' y held in registers (AVX-512); a token's sums are the ones it gets alone.
+// with the weights h[t * h_stride + h_index[k]] (a zero weight adds nothing: fma(0, w, y) is y). Each column is
+// decoded once for all the tokens and added to several tokens' y held in registers (AVX-512); a token's sums are
+// the ones it gets alone.
 // tmp: room for kBatchColumns * n floats.
 void columns_axpy_batch(const WeightType & wt, const uint8_t * const * columns, const uint32_t * h_index, int count,
                         const float * h, int64_t h_stride, int n_tok, float * y, int64_t y_stride, int64_t n,

@@ -69,17 +69,23 @@ def verification_rows(draft: LlamaDraftModel, n_batch: int) -> int:
     """Logits rows one verification needs: the sampled token and the draft's proposals (its ``num_pred_tokens``,
     as llama-cpp-python's prompt lookup names it, else DEFAULT_DRAFT_TOKENS), at most one micro-batch."""
     proposed = getattr(draft, "num_pred_tokens", DEFAULT_DRAFT_TOKENS)
-    if not isinstance(proposed, int) or isinstance(proposed, bool) or proposed < 0:
-        proposed = DEFAULT_DRAFT_TOKENS
-    return max(1, min(1 + proposed, n_batch))
+    return _rows(proposed if _is_token_count(proposed) else DEFAULT_DRAFT_TOKENS, n_batch)
 
 
 def prompt_lookup_rows(prompt_lookup: int | None, n_batch: int) -> int:
     """Logits rows for neuralink.Llama's prompt_lookup= (None: AUTO_PROPOSALS), at most one micro-batch."""
-    if prompt_lookup is not None and (not isinstance(prompt_lookup, int) or isinstance(prompt_lookup, bool)
-                                      or prompt_lookup < 0):
+    if prompt_lookup is not None and not _is_token_count(prompt_lookup):
         raise OptionError(f"prompt_lookup={prompt_lookup!r}: expected a number of tokens, 0 or more, or None")
-    return min(1 + (AUTO_PROPOSALS if prompt_lookup is None else prompt_lookup), n_batch)
+    return _rows(AUTO_PROPOSALS if prompt_lookup is None else prompt_lookup, n_batch)
+
+
+def _is_token_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _rows(proposals: int, n_batch: int) -> int:
+    """The sampled token and `proposals`, at most one micro-batch (and at least the sampled token)."""
+    return max(1, min(1 + proposals, n_batch))
 
 
 def eval_with_sampled_rows(llm: Any, tokens: list[int] | Any, rows: int) -> None:
