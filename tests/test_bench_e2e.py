@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-from neuralink.evaluate.bench.e2e import RunResult, format_table
+from neuralink.evaluate.bench.e2e import E2eSettings, RunResult, format_table
+from neuralink.evaluate.bench.native import run_native, runner_command
 
 
 def _run(cap: str, variant: str, tok_s: float, **extra: float) -> RunResult:
@@ -50,3 +51,28 @@ def test_the_worker_decodes_through_generate_with_and_without_drafts(converted_m
         assert "error" not in result and result["decode_tokens"] == 12 and result["tok_s"] > 0
     # the same greedy text either way on this model
     assert results["neuralink-draft"]["texts"] == results["neuralink-nodraft"]["texts"]
+
+
+def test_the_native_runner_variants_report_what_the_worker_reports(runner, converted_model) -> None:
+    model, sidecar = converted_model("llama", "q8_0")
+    settings = E2eSettings(model=model, sidecar=sidecar, stock_model=model, tokens=6, n_ctx=256, runner=runner,
+                           cache_policy="stream")
+    prompts = ["the quick brown fox jumps over the lazy dog . " * 3, "once upon a time"]
+    results = {variant: run_native(variant, settings, prompts, budget=None, cgroup=None)
+               for variant in ("runner", "runner-nodraft")}
+    for result in results.values():
+        assert "error" not in result, result
+        # every prompt decodes `tokens` after its first token, one process each
+        assert result["decode_tokens"] == 12 and result["tok_s"] > 0 and len(result["texts"]) == 2
+        assert result["bytes_per_token"] > 0 and result["reads_per_token"] > 0 and 0 <= result["cache_hit_rate"] <= 1
+    assert "--prompt-lookup" in runner_command("runner-nodraft", settings, "p", None)
+    assert "--prompt-lookup" not in runner_command("runner", settings, "p", None)
+    assert "verifications" in results["runner"] and "verifications" not in results["runner-nodraft"]
+    assert results["runner"]["texts"] == results["runner-nodraft"]["texts"]
+
+
+def test_a_failing_runner_is_reported_not_raised(runner, converted_model) -> None:
+    model, sidecar = converted_model("llama", "q8_0")
+    settings = E2eSettings(model=model, sidecar=sidecar, stock_model=model, tokens=4, runner=runner)
+    result = run_native("runner", settings, ["a prompt"], budget=2_000_000, cgroup=None)
+    assert result["error"].startswith("neuralink-run exit 5: ") and "below the minimum" in result["error"]

@@ -7,6 +7,7 @@
 #include "neuralink/memory_plan.h"
 #include "neuralink/residency.h"
 #include "neuralink/model_integrity.h"
+#include "generation.h"
 #include "runner_options.h"
 
 #include "neuralink/engine.h"
@@ -30,7 +31,6 @@
 #include <vector>
 
 using namespace neuralink_run;
-using neuralink::LayerStepStats;
 using neuralink::MemoryPlan;
 using neuralink::gate_layers_to_stream;
 using neuralink::minimum_with_gate_rows_streamed;
@@ -199,43 +199,6 @@ void require_all_layers_taken(const neuralink::Engine & engine, const std::strin
             " layers cannot be served by neuralink: " + details);
 }
 
-// Layer counters summed over a phase of the run (prompt or generation).
-struct StepTotals {
-    uint64_t tokens = 0;
-    uint64_t reads = 0, bytes_read = 0, active_bytes = 0, cache_hits = 0, predicted = 0;
-    uint64_t io_ns = 0, stall_ns = 0, ffn_ns = 0;
-    double seconds = 0;
-
-    void add(const std::vector<LayerStepStats> & stats) {
-        for (const LayerStepStats & s : stats) {
-            reads += s.reads; bytes_read += s.bytes_read; active_bytes += s.active_bytes;
-            cache_hits += s.cache_hits; predicted += s.predicted;
-            io_ns += s.io_ns; stall_ns += s.stall_ns; ffn_ns += s.layer_ns;
-        }
-    }
-};
-
-void print_totals(const char * what, const StepTotals & t, bool sparse) {
-    if (t.tokens == 0) {
-        return;
-    }
-    const double n = (double) t.tokens;
-    std::fprintf(stderr, "%-10s %6llu tokens  %8.3f s  %9.2f tok/s", what, (unsigned long long) t.tokens, t.seconds,
-                 n / t.seconds);
-    if (!sparse) {
-        std::fputc('\n', stderr); // the dense engine keeps no per-layer counters
-        return;
-    }
-    std::fprintf(stderr, "  FFN %.3f ms/token\n", t.ffn_ns / n / 1e6);
-    const double lookups = (double) t.predicted;
-    std::fprintf(stderr,
-                 "           reads/token %.1f  bytes/token %.1f KiB  mean read %.1f KiB  cache hits %.1f%%\n"
-                 "           I/O %.3f ms/token  I/O stall %.3f ms/token  effective bandwidth %.1f MB/s\n",
-                 t.reads / n, t.bytes_read / n / 1024.0, t.reads ? t.bytes_read / (double) t.reads / 1024.0 : 0.0,
-                 lookups > 0 ? 100.0 * t.cache_hits / lookups : 0.0, t.io_ns / n / 1e6, t.stall_ns / n / 1e6,
-                 t.io_ns ? t.active_bytes / (t.io_ns / 1e9) / 1e6 : 0.0);
-}
-
 struct ModelFree { void operator()(llama_model * m) const { llama_model_free(m); } };
 struct ContextFree { void operator()(llama_context * c) const { llama_free(c); } };
 
@@ -274,12 +237,6 @@ std::vector<llama_token> read_token_ids(const std::string & path) {
                          " is not an integer (expected whitespace-separated token ids)");
     }
     return ids;
-}
-
-std::string piece(const llama_vocab * vocab, llama_token token) {
-    char buf[256];
-    const int n = llama_token_to_piece(vocab, token, buf, sizeof(buf), 0, false);
-    return n > 0 ? std::string(buf, (size_t) n) : std::string();
 }
 
 // The engine for the model, or null with --stock-ffn; *sidecar_out is the sidecar it reads, if any.
@@ -364,7 +321,8 @@ void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & 
     cparams.n_ctx = (uint32_t) (o.n_ctx ? o.n_ctx : (int) s.prompt.size() + o.n_predict);
     cparams.n_batch = (uint32_t) o.n_batch;
     cparams.n_ubatch = (uint32_t) std::min(o.n_batch, (int) cparams.n_ubatch);
-    cparams.n_outputs_max = 1; // the last position's logits only: no compute buffer for n_batch rows of logits
+    // the last position's logits, or a verification's rows: no compute buffer for n_batch rows of logits
+    cparams.n_outputs_max = (uint32_t) verification_rows(o);
     cparams.n_threads = cparams.n_threads_batch = o.n_threads;
     cparams.flash_attn_type = o.flash_attn ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
     if ((int) s.prompt.size() + o.n_predict > (int) cparams.n_ctx) {
@@ -429,83 +387,6 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
     preload_store(*engine.sparse());
 }
 
-struct Generation {
-    std::vector<llama_token> tokens; // fed back (and printed): the greedy ones, or those of --follow-tokens
-    std::vector<llama_token> greedy; // the argmax at each step
-    StepTotals prompt, decode;
-};
-
-Generation generate(const RunnerOptions & o, LlamaSession & s, neuralink::SparseFfn * sparse, const LlamaLog & log,
-                    const std::vector<llama_token> & follow) {
-    const int n_vocab = llama_vocab_n_tokens(s.vocab);
-    for (size_t i = 0; i < follow.size(); ++i) {
-        if (follow[i] < 0 || follow[i] >= n_vocab) {
-            throw UsageError("--follow-tokens " + o.follow_tokens + ": token " + std::to_string(i) + " is " +
-                             std::to_string(follow[i]) + ", outside this model's vocabulary of " +
-                             std::to_string(n_vocab));
-        }
-    }
-    FILE * logits_out = nullptr;
-    if (!o.dump_logits.empty() && !(logits_out = std::fopen(o.dump_logits.c_str(), "wb"))) {
-        throw UsageError("--dump-logits " + o.dump_logits + ": " + std::strerror(errno));
-    }
-    std::unique_ptr<FILE, int (*)(FILE *)> logits_guard(logits_out, &std::fclose);
-    // a failed read leaves zeros in the layer's output: never let such a token through
-    auto decode = [&](llama_token * tokens, int n, const std::string & what) {
-        const int rc = llama_decode(s.ctx.get(), llama_batch_get_one(tokens, n));
-        if (sparse && !sparse->error().empty()) {
-            if (sparse->error_is_numeric()) throw neuralink::NumericError("during " + what + ": " + sparse->error());
-            throw neuralink::IoError("during " + what + ": " + sparse->error());
-        }
-        if (rc != 0) {
-            throw std::runtime_error("llama_decode failed on " + what + " (status " + std::to_string(rc) + "): " +
-                                     log.last_error);
-        }
-    };
-    Generation g;
-    std::fputs(o.prompt.c_str(), stdout);
-    std::fflush(stdout);
-    auto t0 = std::chrono::steady_clock::now();
-    for (size_t i = 0; i < s.prompt.size(); i += (size_t) o.n_batch) {
-        const int n = (int) std::min(s.prompt.size() - i, (size_t) o.n_batch);
-        decode(s.prompt.data() + i, n, "the prompt");
-    }
-    g.prompt.seconds = seconds_since(t0);
-    g.prompt.tokens = s.prompt.size();
-    if (sparse) {
-        g.prompt.add(sparse->take_stats());
-    }
-
-    t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < o.n_predict; ++i) {
-        const float * logits = llama_get_logits_ith(s.ctx.get(), -1);
-        // greedy: the first of the largest logits
-        const llama_token greedy = (llama_token) (std::max_element(logits, logits + n_vocab) - logits);
-        llama_token next = follow.empty() ? greedy : follow[(size_t) i];
-        g.greedy.push_back(greedy);
-        if (logits_out && std::fwrite(logits, sizeof(float), (size_t) n_vocab, logits_out) != (size_t) n_vocab) {
-            throw std::runtime_error("--dump-logits " + o.dump_logits + ": write failed: " + std::strerror(errno));
-        }
-        if (!o.ignore_eos && llama_vocab_is_eog(s.vocab, next)) {
-            break;
-        }
-        g.tokens.push_back(next);
-        std::fputs(piece(s.vocab, next).c_str(), stdout);
-        std::fflush(stdout);
-        if (i + 1 < o.n_predict) { // the last token is printed, not fed back
-            decode(&next, 1, "generated token " + std::to_string(i));
-            ++g.decode.tokens;
-        }
-    }
-    g.decode.seconds = seconds_since(t0);
-    if (sparse) {
-        g.decode.add(sparse->take_stats());
-    }
-    std::fputs("\n", stdout);
-    std::fflush(stdout);
-    return g;
-}
-
 std::string join_ids(const std::vector<llama_token> & tokens) {
     std::string ids;
     for (llama_token t : tokens) {
@@ -522,6 +403,7 @@ void report(const Generation & g, const neuralink::Engine * engine, bool followe
     const neuralink::SparseFfn * sparse = engine ? engine->sparse() : nullptr;
     print_totals("prompt", g.prompt, sparse != nullptr);
     print_totals("generation", g.decode, sparse != nullptr);
+    print_drafts(g.drafts);
     if (sparse) {
         const auto c = sparse->cache_stats();
         std::fprintf(stderr, "engine     resident %.1f MiB, bundle store %.1f MiB, cache %.1f of %.1f MiB\n",
@@ -575,7 +457,8 @@ int run(const RunnerOptions & o) {
     } else {
         note("model loaded in %.2f s, %d threads", seconds_since(t0), o.n_threads);
     }
-    const Generation g = generate(o, session, engine ? engine->sparse() : nullptr, log, follow);
+    const Generation g = generate(o, session.ctx.get(), session.prompt, engine ? engine->sparse() : nullptr,
+                                  log.last_error, follow);
     report(g, engine.get(), !follow.empty());
     return kExitOk;
 }

@@ -1,5 +1,7 @@
 #include "runner_options.h"
 
+#include "prompt_lookup.h"
+
 #include "neuralink/sizes.h"
 
 #include <cctype>
@@ -90,6 +92,19 @@ generation:
   --flash-attn             llama.cpp's flash attention (default off, as neuralink.Llama,
                            so both give the same tokens)
   --ignore-eos             keep generating past end-of-generation tokens
+  --prompt-lookup N|auto   drafts: propose up to N tokens that followed an earlier
+                           occurrence of the last tokens and verify them with the
+                           next one in one batch, which reads the layers' records
+                           once; keeps what the greedy choice confirms. auto (the
+                           default): )";
+    u += std::to_string(kAutoProposals);
+    u += R"(, under cache policy stream only, and while
+                           waiting for reads takes )";
+    u += std::to_string((int) (kAutoStallShare * 100 + 0.5));
+    u += R"( % of a token or more (below
+                           that a verification's arithmetic costs more than it
+                           saves); 0: none. Greedy text may differ slightly from
+                           one token at a time (llama.cpp's batched kernels)
   --dump-logits FILE       write the logits behind each generated token: raw float32,
                            little-endian, one row of n_vocab values per token
   --follow-tokens FILE     feed the token ids in FILE (whitespace-separated, e.g. the
@@ -174,6 +189,15 @@ RunnerOptions parse_options(int argc, char ** argv) {
         else if (a == "-b" || a == "--batch-size") { o.n_batch = parse_int(a, value(), 1, 1 << 16); }
         else if (a == "--flash-attn") { o.flash_attn = true; }
         else if (a == "--ignore-eos") { o.ignore_eos = true; }
+        else if (a == "--prompt-lookup") {
+            const std::string v = value();
+            try {
+                o.prompt_lookup = v == "auto" ? -1 : parse_int(a, v, 0, kMaxProposals);
+            } catch (const UsageError &) {
+                throw UsageError(a + " expects 'auto' or a number of tokens in [0, " + std::to_string(kMaxProposals) +
+                                 "], got '" + v + "'");
+            }
+        }
         else if (a == "--dump-logits") { o.dump_logits = value(); }
         else if (a == "--follow-tokens") { o.follow_tokens = value(); }
         else if (a == "-v" || a == "--verbose") { o.verbose = true; }
@@ -209,6 +233,10 @@ RunnerOptions parse_options(int argc, char ** argv) {
     }
     if (o.dense && (o.memory_budget || cache_bytes_given)) {
         throw UsageError("--memory-budget and --cache-bytes need a sidecar: with --dense every FFN weight is in RAM");
+    }
+    if (o.prompt_lookup > 0 && (!o.follow_tokens.empty() || !o.dump_logits.empty())) {
+        throw UsageError("--prompt-lookup " + std::to_string(o.prompt_lookup) + " verifies several tokens per "
+                         "batch; --follow-tokens and --dump-logits compare one token at a time: pass one or the other");
     }
     if (o.n_threads == 0) {
         const unsigned hw = std::thread::hardware_concurrency();

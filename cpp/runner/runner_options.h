@@ -48,6 +48,7 @@ struct RunnerOptions {
     int n_batch = 512;
     bool flash_attn = false;     // off, as neuralink.Llama (llama-cpp-python's default): same tokens as Python
     bool ignore_eos = false;
+    int prompt_lookup = -1;      // drafts of N tokens per verification; 0 none; -1 auto (stream, reads dominate)
     std::string dump_logits;     // raw float32, one row of n_vocab per generated token
     std::string follow_tokens;   // feed these token ids instead of the greedy ones (compare builds step by step)
     bool verbose = false;        // llama.cpp's own log

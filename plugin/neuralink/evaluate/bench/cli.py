@@ -26,6 +26,7 @@ from neuralink.evaluate.bench import dense, e2e, io
 from neuralink.evaluate.bench.dense import PROMPTS, run_dense_benchmark
 from neuralink.evaluate.bench.dense import format_table as dense_table
 from neuralink.evaluate.bench.e2e import DEFAULT_CAPS, SHARED_TEXT, E2eSettings, plot, run_e2e
+from neuralink.evaluate.bench.native import RUNNER_VARIANTS
 from neuralink.evaluate.bench.worker import NEURALINK_VARIANTS
 from neuralink.evaluate.bench.e2e import format_table as e2e_table
 from neuralink.evaluate.bench.io import DEFAULT_CACHE_FRACTION, _made_dir, bench_io, report_text, result_json
@@ -68,7 +69,7 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stock-model", type=Path, default=None,
                         help="GGUF stock llama.cpp runs (default: the converted model, same weights)")
     parser.add_argument("--caps", nargs="+", default=list(DEFAULT_CAPS), help="memory caps (e.g. 120MB: MB is 10^6 bytes, MiB and M 2^20), 'none' for uncapped")
-    parser.add_argument("--variants", nargs="+", choices=["stock", *NEURALINK_VARIANTS],
+    parser.add_argument("--variants", nargs="+", choices=["stock", *NEURALINK_VARIANTS, *RUNNER_VARIANTS],
                         default=["stock", "neuralink"],
                         help="what runs in each cap (default: stock neuralink); neuralink-adaptive: neuralink with "
                              "adaptive_collapse=True; neuralink-pinned, neuralink-stream: neuralink with that "
@@ -77,8 +78,9 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
                              "neuralink-generate: neuralink decoding through llama-cpp-python's generate() and "
                              "sampler, as completions do (the others call eval and take the argmax), with the "
                              "prompt lookup drafts neuralink.Llama decides on; neuralink-nodraft: the same without "
-                             "drafts; neuralink-draft: with drafts of --draft-tokens always; to compare them side "
-                             "by side")
+                             "drafts; neuralink-draft: with drafts of --draft-tokens always; runner: the native "
+                             "runner neuralink-run (--runner) with its defaults, one process per prompt; "
+                             "runner-nodraft: the same with --prompt-lookup 0; to compare them side by side")
     parser.add_argument("--prompts-from", type=Path, default=SHARED_TEXT,
                         help=f"text to take prompts from (default: {SHARED_TEXT}; built-in prompts if absent)")
     parser.add_argument("--prompts", type=positive_int, default=3, help="number of prompts (default: 3)")
@@ -102,6 +104,9 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
                              "token in the same process, caches as the decodes left them; 0 skips (default: 256)")
     parser.add_argument("--draft-tokens", type=positive_int, default=4,
                         help="neuralink-draft: tokens prompt lookup proposes per verification (default: 4)")
+    parser.add_argument("--runner", type=Path, default=None,
+                        help="neuralink-run for the runner variants (scripts/build_aarch64.sh native builds it and "
+                             "names it in its manifest)")
     parser.add_argument("--timeout", type=positive_float, default=900.0, help="seconds per run before giving up")
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
     parser.add_argument("--png", type=Path, default=None, help="write the tok/s vs cap curve here")
@@ -123,6 +128,13 @@ def _write_density_thresholds(args: argparse.Namespace, sidecar: Path, path: Pat
 def e2e_main(args: argparse.Namespace) -> int:
     if not 0 <= args.ttft_tokens < args.n_ctx:
         raise OptionError(f"--ttft-tokens {args.ttft_tokens}: expected 0 (skip) up to --n-ctx - 1 ({args.n_ctx - 1})")
+    if set(args.variants) & set(RUNNER_VARIANTS):
+        if args.runner is None or not args.runner.is_file():
+            raise OptionError(f"--variants {' '.join(sorted(set(args.variants) & set(RUNNER_VARIANTS)))} need "
+                              f"--runner NEURALINK_RUN (given: {args.runner}); scripts/build_aarch64.sh native builds it")
+        if args.density is not None:
+            raise OptionError("--density places thresholds neuralink.Llama takes; the runner variants run the "
+                              "sidecar's own")
     sidecar = args.sidecar or find_sidecar(args.model)
     if sidecar is None:
         raise ModelFileError(f"{args.model}: names no sidecar beside it; pass --sidecar")
@@ -136,7 +148,7 @@ def e2e_main(args: argparse.Namespace) -> int:
             runs=args.runs, threads=args.threads, n_ctx=args.n_ctx, n_batch=args.n_batch, predictor=args.predictor,
             cache_policy=args.cache_policy, budget_fraction=args.budget_fraction, timeout=args.timeout,
             thresholds_file=thresholds_file, ttft_tokens=args.ttft_tokens,
-            draft_tokens=args.draft_tokens)
+            draft_tokens=args.draft_tokens, runner=args.runner)
         results = run_e2e(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(e2e_table(results))
     if args.json:

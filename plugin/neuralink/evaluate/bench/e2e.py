@@ -23,6 +23,7 @@ from typing import Any
 
 from neuralink.child import report_child_death
 from neuralink.errors import CgroupUnavailable
+from neuralink.evaluate.bench.native import RUNNER_VARIANTS, run_native
 from neuralink.evaluate.cgroup import MemoryCgroup
 from neuralink.formats.files import atomic_output
 from neuralink.formats.sizes import parse_size
@@ -62,6 +63,7 @@ class E2eSettings:
     thresholds_file: Path | None = None  # thresholds= and predictor_thresholds= for neuralink.Llama (JSON)
     ttft_tokens: int = 0  # after decoding, time a prompt of this many tokens to its first token (0: skip)
     draft_tokens: int = 4  # neuralink-draft: prompt lookup's proposals per verification
+    runner: Path | None = None  # neuralink-run, for the runner variants
 
 
 @dataclass
@@ -98,6 +100,8 @@ def run_worker(variant: str, cap: str, settings: E2eSettings, prompts_file: Path
     """One run of `variant` under `cap` in a fresh worker process (and cgroup): its JSON result, peak bytes."""
     limit = None if cap == "none" else parse_size(cap)
     group = MemoryCgroup.create(limit) if use_cgroups else None
+    if variant in RUNNER_VARIANTS:
+        return _run_native_cell(variant, limit, settings, prompts_file, group)
     command = [sys.executable, "-m", "neuralink.evaluate.bench.worker", "--variant", variant,
                "--model", str(settings.stock_model if variant == "stock" else settings.model),
                "--prompts", str(prompts_file), "--tokens", str(settings.tokens), "--threads", str(settings.threads),
@@ -132,6 +136,26 @@ def run_worker(variant: str, cap: str, settings: E2eSettings, prompts_file: Path
             result = json.loads(lines[-1])
     except subprocess.TimeoutExpired:
         result = {"error": f"no result within {settings.timeout} s"}
+    peak = group.peak_bytes() if group is not None else None
+    if group is not None:
+        group.remove()
+    return result, peak
+
+
+def _run_native_cell(variant: str, limit: int | None, settings: E2eSettings, prompts_file: Path,
+                     group: MemoryCgroup | None) -> tuple[dict, int | None]:
+    """One run of a neuralink-run variant: the prompts one process each, in `group`, from cold storage."""
+    from neuralink import _engine
+
+    for path in (settings.model, settings.sidecar):
+        _engine.evict_from_page_cache(str(path))
+    budget = None if limit is None else budget_for_cap(limit, settings.budget_fraction)
+    result = run_native(variant, settings, json.loads(prompts_file.read_text()), budget,
+                        group.path if group is not None else None)
+    if "error" in result and group is not None and group.oom_killed():
+        result = {"error": "killed by the OOM killer"}
+    elif result.pop("signal", False):
+        result["crashed"] = True
     peak = group.peak_bytes() if group is not None else None
     if group is not None:
         group.remove()
