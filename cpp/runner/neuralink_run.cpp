@@ -307,6 +307,11 @@ void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & 
         overrides[0].val_bool = true;
         mparams.kv_overrides = overrides;
     }
+    if (o.memory_budget) {
+        // where memory is short, no anonymous copy of the weights llama.cpp has repacked kernels for (80 MiB on
+        // Qwen2.5-Coder-1.5B): they are read from the mapping, which the budget's plan counts and locks
+        mparams.use_extra_bufts = false;
+    }
     s.model.reset(llama_model_load_from_file(o.model.c_str(), mparams));
     if (!s.model) {
         throw neuralink::ModelFileError(o.model + ": llama.cpp cannot load it: " +
