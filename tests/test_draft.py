@@ -8,7 +8,13 @@ from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
 import neuralink
 from neuralink.errors import MemoryBudgetError, OptionError
-from neuralink.runtime.draft import AUTO_STALL_SHARE, BoundedDraft, StallGatedDraft, verification_rows
+from neuralink.runtime.draft import (
+    AUTO_STALL_SHARE,
+    BoundedDraft,
+    RecentPromptLookup,
+    StallGatedDraft,
+    verification_rows,
+)
 
 # repeats itself, so that prompt lookup finds drafts in it and in what the model writes after it
 PROMPT = "the quick brown fox jumps over the lazy dog . " * 4
@@ -104,3 +110,18 @@ def test_a_budget_refused_with_logits_all_names_them(converted_model) -> None:
     model, _ = converted_model("llama", "q8_0")
     with pytest.raises(MemoryBudgetError, match=r"MiB of every position's logits \(logits_all\)"):
         neuralink.Llama(str(model), n_ctx=256, verbose=False, logits_all=True, memory_budget="20MB")
+
+
+@pytest.mark.parametrize("text, proposals, want", [
+    ([7, 8, 1, 2, 3, 7, 8, 5, 6, 4, 7, 8], 2, [5, 6]),  # the most recent earlier "7 8", not the first
+    ([7, 8, 1, 2, 3, 7, 8, 5, 6, 4, 7, 8], 10, [5, 6, 4, 7, 8]),  # up to the end of the text, not past it
+    ([3, 9, 4, 5, 1, 9], 3, [4, 5, 1]),  # "1 9" never occurred: the last token alone
+    ([1, 2, 3, 4], 4, []),
+    ([5, 5], 4, [5]),
+    ([5], 4, []),
+])
+def test_prompt_lookup_continues_the_most_recent_earlier_occurrence(text: list[int], proposals: int,
+                                                                    want: list[int]) -> None:
+    # the same cases as neuralink-run's lookup (cpp/tests/test_prompt_lookup.cpp): both propose alike
+    got = RecentPromptLookup(num_pred_tokens=proposals)(np.array(text, dtype=np.intc))
+    assert got.dtype == np.intc and got.tolist() == want

@@ -344,3 +344,20 @@ def test_automatic_drafts_need_the_stream_policy(runner: Path, converted_model) 
     result = run(runner, "-m", model, "-p", PROMPT, "-n", 8, "--io-backend", "pread", "--cache-policy", "none")
     assert result.returncode == 0, result.stderr
     assert "drafts     off (the records are not read whole each token: cache policy is not stream)" in result.stderr
+
+
+def test_without_a_budget_the_cache_is_sized_from_the_memory_there_is(runner: Path, converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    common = ("-m", model, "-p", PROMPT, "-n", 6, "--io-backend", "pread")
+    result = run(runner, *common)
+    assert result.returncode == 0, result.stderr
+    # as neuralink.Llama without memory_budget=: the store fits in what this machine has, and is read at load
+    assert re.search(r"bundle cache \d+ MiB of a [0-9.]+ MiB store, sized from (available memory|the cgroup memory "
+                     r"limit) \d+ MiB", result.stderr), result.stderr
+    assert "bundle store read into the cache" in result.stderr
+    generation = result.stderr[result.stderr.index("\ngeneration"):]
+    assert re.search(r"bytes/token 0\.0 KiB .* cache hits 100\.0%", generation)
+    # a cache changes what is read, never what is computed; --cache-policy none reads every token from flash
+    plain = run(runner, *common, "--cache-policy", "none")
+    assert "sized from" not in plain.stderr and "bundle store read into the cache" not in plain.stderr
+    assert generated_tokens(result) == generated_tokens(plain)

@@ -69,7 +69,8 @@ DraftTotals draft_setup(const RunnerOptions & o, const neuralink::SparseFfn * sp
 void StepTotals::add(const std::vector<neuralink::LayerStepStats> & stats) {
     for (const neuralink::LayerStepStats & s : stats) {
         reads += s.reads; bytes_read += s.bytes_read; active_bytes += s.active_bytes;
-        cache_hits += s.cache_hits; predicted += s.predicted;
+        cache_hits += s.cache_hits;
+        lookups += s.predicted + (s.down_reads + s.down_cache_hits > 0 ? s.final_neurons : 0);
         io_ns += s.io_ns; stall_ns += s.stall_ns; ffn_ns += s.layer_ns;
     }
 }
@@ -239,7 +240,7 @@ void print_totals(const char * what, const StepTotals & t, bool sparse) {
         return;
     }
     std::fprintf(stderr, "  FFN %.3f ms/token\n", t.ffn_ns / n / 1e6);
-    const double lookups = (double) t.predicted;
+    const double lookups = (double) t.lookups;
     std::fprintf(stderr,
                  "           reads/token %.1f  bytes/token %.1f KiB  mean read %.1f KiB  cache hits %.1f%%\n"
                  "           I/O %.3f ms/token  I/O stall %.3f ms/token  effective bandwidth %.1f MB/s\n",

@@ -18,7 +18,9 @@ namespace neuralink_run {
 // Layer counters summed over a phase of the run (prompt or generation).
 struct StepTotals {
     uint64_t tokens = 0;
-    uint64_t reads = 0, bytes_read = 0, active_bytes = 0, cache_hits = 0, predicted = 0;
+    uint64_t reads = 0, bytes_read = 0, active_bytes = 0, cache_hits = 0;
+    uint64_t lookups = 0; // cache lookups: every predicted neuron's record, and in the split layout every final
+                          // neuron's down record too (a layer whose down wave read or hit anything)
     uint64_t io_ns = 0, stall_ns = 0, ffn_ns = 0;
     double seconds = 0;
 

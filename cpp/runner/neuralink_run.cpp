@@ -7,6 +7,7 @@
 #include "neuralink/memory_plan.h"
 #include "neuralink/residency.h"
 #include "neuralink/model_integrity.h"
+#include "automatic_budget.h"
 #include "generation.h"
 #include "runner_options.h"
 
@@ -25,6 +26,7 @@
 #include <cstring>
 #include <fcntl.h>
 #include <memory>
+#include <optional>
 #include <string>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -346,12 +348,13 @@ void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & 
     }
 }
 
-// Sizes the bundle cache from --memory-budget, or refuses a budget below the minimum.
+// Sizes the bundle cache from --memory-budget, or refuses a budget below the minimum; or, with `automatic` (no
+// budget or cache size given), from the memory there is, `budget` (automatic_budget), never refusing.
 void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, const LlamaSession & s,
-                         uint64_t process_before, uint64_t load_anon_growth,
-                         const std::vector<std::string> & llama_log) {
+                         uint64_t budget, const std::optional<AutomaticBudget> & automatic, uint64_t process_before,
+                         uint64_t load_anon_growth, const std::vector<std::string> & llama_log) {
     auto plan_now = [&] {
-        return plan_memory(engine, *o.memory_budget, process_before, llama_log, o.n_threads,
+        return plan_memory(engine, budget, process_before, llama_log, o.n_threads,
                            (int) llama_n_ubatch(s.ctx.get()), (int) llama_n_ctx(s.ctx.get()), load_anon_growth);
     };
     MemoryPlan plan = plan_now();
@@ -364,7 +367,7 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
         note("gate rows of %d of %d layers read each time their layer runs (minimum %.1f MiB, %.1f MiB with all "
              "resident)", layers, engine.n_layer(), plan.minimum() / 1048576.0, before);
     }
-    if (plan.budget < plan.minimum()) {
+    if (!automatic && plan.budget < plan.minimum()) {
         char head[160];
         const uint64_t lowest = minimum_with_gate_rows_streamed(plan, engine);
         std::snprintf(head, sizeof(head), "memory budget %.1f MiB is below the minimum %.1f MiB%s",
@@ -379,11 +382,18 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
         plan = plan_now();
         note("every layer's records read whole, ahead of the layer (cache policy stream)");
     }
-    note("memory budget:\n%s", plan.describe().c_str());
-    // the plan counts the weights read every token resident: keep them so under the cgroup's reclaim
-    const neuralink::LockedPages locked = neuralink::lock_every_token_weights(engine.model());
-    if (!locked.error.empty()) {
-        note("%s; %.0f MiB locked, the rest may be evicted and read again", locked.error.c_str(), locked.bytes / 1048576.0);
+    if (automatic) {
+        note("bundle cache %.0f MiB of a %.0f MiB store, sized from %s (--memory-budget or --cache-bytes choose it)",
+             plan.cache() / 1048576.0, engine.sparse()->store_bytes() / 1048576.0, automatic->source.c_str());
+    } else {
+        note("memory budget:\n%s", plan.describe().c_str());
+        // the plan counts the weights read every token resident: keep them so under the cgroup's reclaim (with no
+        // budget asked for, llama.cpp reads the repacked copies it made of them instead)
+        const neuralink::LockedPages locked = neuralink::lock_every_token_weights(engine.model());
+        if (!locked.error.empty()) {
+            note("%s; %.0f MiB locked, the rest may be evicted and read again", locked.error.c_str(),
+                 locked.bytes / 1048576.0);
+        }
     }
     // and what the token embedding's lookups map, at most one micro-batch's rows (the plan counts that)
     if (const neuralink::LookupPages & pages = engine.bound_lookup_pages(); !pages.error.empty()) {
@@ -447,13 +457,19 @@ int run(const RunnerOptions & o) {
     std::unique_ptr<neuralink::Engine> engine = open_engine(o, &sidecar);
     const auto t0 = std::chrono::steady_clock::now();
     LlamaSession session;
+    // without a budget or a cache size, the cache is sized from the memory there is, as neuralink.Llama does
+    std::optional<AutomaticBudget> automatic;
+    if (!o.memory_budget && !o.cache_bytes_given && o.cache_policy != "none" && engine && engine->sparse()) {
+        automatic = automatic_budget(process_before);
+    }
     // llama.cpp logs its KV, output and compute buffer sizes while loading; attaching re-reserves the latter
-    log.capture = o.memory_budget.has_value();
+    log.capture = o.memory_budget || automatic;
     load_llama(o, engine.get(), log, session);
     const uint64_t anon_after = neuralink::anonymous_resident_bytes();
     log.capture = false;
-    if (o.memory_budget) {
-        apply_memory_budget(o, *engine, session, process_before,
+    if (o.memory_budget || automatic) {
+        apply_memory_budget(o, *engine, session, o.memory_budget ? *o.memory_budget : automatic->bytes,
+                            o.memory_budget ? std::nullopt : automatic, process_before,
                             anon_after > anon_before ? anon_after - anon_before : 0, log.lines);
     }
     if (engine) {

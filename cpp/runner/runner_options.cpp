@@ -60,7 +60,11 @@ model and weights:
                            else pinned), none, lru, s3fifo, linking, pinned, stream
                            (each layer's records read whole, ahead of the layer;
                            no cache) (default auto)
-  --cache-bytes SIZE       the cache's size (default 0: no cache)
+  --cache-bytes SIZE       the cache's size (0: no cache). Default: without
+                           --memory-budget, sized from the memory there is (the
+                           tighter of the cgroup limit and available memory, less
+                           10 % and at least 256 MiB), which may hold the whole
+                           store (then read at load in long sequential reads)
   --memory-budget SIZE     the whole process's memory: everything resident is
                            accounted (process, non-FFN weights, engine, KV cache,
                            llama.cpp buffers, engine scratch) and the bundle cache
@@ -159,7 +163,7 @@ static void check_name(const std::string & flag, const std::string & value, std:
 
 RunnerOptions parse_options(int argc, char ** argv) {
     RunnerOptions o;
-    bool cache_bytes_given = false, predictor_given = false;
+    bool predictor_given = false;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         // every option but the switches takes the next argument
@@ -176,7 +180,7 @@ RunnerOptions parse_options(int argc, char ** argv) {
         else if (a == "--stock-ffn") { o.stock_ffn = true; }
         else if (a == "--predictor") { o.predictor = value(); predictor_given = true; }
         else if (a == "--cache-policy") { o.cache_policy = value(); }
-        else if (a == "--cache-bytes") { o.cache_bytes = parse_size(value(), "--cache-bytes"); cache_bytes_given = true; }
+        else if (a == "--cache-bytes") { o.cache_bytes = parse_size(value(), "--cache-bytes"); o.cache_bytes_given = true; }
         else if (a == "--memory-budget") { o.memory_budget = parse_size(value(), "--memory-budget"); }
         else if (a == "--io-backend") { o.io_backend = value(); o.io_backend_given = true; }
         else if (a == "--queue-depth") { o.queue_depth = parse_int(a, value(), 1, 1024); }
@@ -209,7 +213,7 @@ RunnerOptions parse_options(int argc, char ** argv) {
     if (o.prompt.empty()) {
         throw UsageError("no prompt: pass -p TEXT");
     }
-    if (o.stock_ffn && (o.dense || !o.sidecar.empty() || predictor_given || cache_bytes_given || o.memory_budget)) {
+    if (o.stock_ffn && (o.dense || !o.sidecar.empty() || predictor_given || o.cache_bytes_given || o.memory_budget)) {
         throw UsageError("--stock-ffn runs llama.cpp alone: it takes none of --dense, --sidecar, --predictor, "
                          "--cache-bytes, --memory-budget");
     }
@@ -231,7 +235,7 @@ RunnerOptions parse_options(int argc, char ** argv) {
         throw UsageError("--adaptive-collapse plans sidecar reads: it needs a sidecar, and --dense or --stock-ffn "
                          "reads none");
     }
-    if (o.dense && (o.memory_budget || cache_bytes_given)) {
+    if (o.dense && (o.memory_budget || o.cache_bytes_given)) {
         throw UsageError("--memory-budget and --cache-bytes need a sidecar: with --dense every FFN weight is in RAM");
     }
     if (o.prompt_lookup > 0 && (!o.follow_tokens.empty() || !o.dump_logits.empty())) {

@@ -35,6 +35,7 @@ struct RunnerOptions {
     std::string predictor;       // empty: "gate" where the sidecar allows it, else "dense"
     std::string cache_policy = "auto";
     uint64_t cache_bytes = 0;
+    bool cache_bytes_given = false; // else, without --memory-budget, the cache is sized from the memory there is
     std::optional<uint64_t> memory_budget;
     std::string io_backend;      // "auto", "uring" or "pread"; empty: the platform default
     bool io_backend_given = false; // false: io_backend is this build's default (logged as such)

@@ -32,6 +32,33 @@ AUTO_PROPOSALS = 4
 AUTO_STALL_SHARE = 0.55
 
 
+class RecentPromptLookup(LlamaDraftModel):
+    """Prompt lookup: up to `num_pred_tokens` tokens that followed the most recent earlier occurrence of the last
+    `max_ngram` tokens of the text, else of fewer (down to the last token); none if none occurs earlier.
+
+    llama-cpp-python's LlamaPromptLookupDecoding continues the first occurrence instead. On Python source the most
+    recent one confirms more of its proposals (measured in docs/benchmarks.md, seventeenth pass), and it is what
+    neuralink-run proposes (cpp/runner/prompt_lookup.cpp)."""
+
+    def __init__(self, num_pred_tokens: int, max_ngram: int = 2) -> None:
+        self.num_pred_tokens = num_pred_tokens
+        self.max_ngram = max_ngram
+
+    def __call__(self, input_ids: npt.NDArray[np.intc], /, **kwargs: Any) -> npt.NDArray[np.intc]:
+        ids = np.asarray(input_ids)
+        n = len(ids)
+        for ngram in range(min(self.max_ngram, n - 1), 0, -1):
+            # starts s of an earlier occurrence followed by at least one token: s + ngram <= n - 1
+            match = np.ones(n - ngram, dtype=bool)
+            for j in range(ngram):
+                match &= ids[j:n - ngram + j] == ids[n - ngram + j]
+            starts = np.flatnonzero(match)
+            if starts.size:
+                begin = int(starts[-1]) + ngram
+                return ids[begin:begin + self.num_pred_tokens].astype(np.intc)
+        return np.zeros(0, dtype=np.intc)
+
+
 class BoundedDraft(LlamaDraftModel):
     """A draft model's proposals cut to `max_tokens`: the logits rows the context holds verify no more."""
 

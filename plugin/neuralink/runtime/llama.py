@@ -13,7 +13,6 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
 from neuralink import _engine
 from neuralink.errors import (
@@ -30,6 +29,7 @@ from neuralink.runtime.device_probe import read_cost_options
 from neuralink.runtime.draft import (
     AUTO_STALL_SHARE,
     BoundedDraft,
+    RecentPromptLookup,
     StallGatedDraft,
     eval_with_sampled_rows,
     prompt_lookup_rows,
@@ -160,7 +160,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
         unlocked.
 
     prompt_lookup:
-        decode with llama-cpp-python's prompt lookup drafts of this many tokens (a continuation of an earlier
+        decode with prompt lookup drafts of this many tokens (the continuation of the most recent earlier
         occurrence of the last tokens), each verified in one batch, whose records are read once for all its
         tokens. Default (None): 4 where every token reads the layers' records whole (cache policy ``stream``)
         and waiting for them takes most of a decoded token (``stall_share``, from 55 %: Qwen2.5-Coder-1.5B
@@ -424,7 +424,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
         if automatic and not self.engine.streams_regions:
             self._verification_rows = 0  # the records are cached or read sparsely: drafts would cost compute
             return
-        lookup = LlamaPromptLookupDecoding(num_pred_tokens=proposals)
+        lookup = RecentPromptLookup(num_pred_tokens=proposals)
         if automatic:
             this = weakref.ref(self)
             self.draft_model = StallGatedDraft(lookup, proposals, lambda: getattr(this(), "stall_share", None))
