@@ -361,3 +361,16 @@ def test_without_a_budget_the_cache_is_sized_from_the_memory_there_is(runner: Pa
     plain = run(runner, *common, "--cache-policy", "none")
     assert "sized from" not in plain.stderr and "bundle store read into the cache" not in plain.stderr
     assert generated_tokens(result) == generated_tokens(plain)
+
+
+def test_under_a_budget_weights_stay_unrepacked_and_embedding_lookups_bounded(runner: Path, converted_model) -> None:
+    # as neuralink.Llama (test_memory_budget.py): repacking copies Q4_0/Q4_K weights into anonymous memory beside
+    # the mapped file, not where memory is short; and the token embedding's pages are released every micro-batch,
+    # which needs its tensor found in the mapping even where locking the weights before it split the mapping's area
+    model, _ = converted_model("llama", "q4_0")
+    common = ("-m", model, "-p", PROMPT, "-n", 4, "--io-backend", "pread", "--verbose")
+    budget, free = run(runner, *common, "--memory-budget", "2GiB"), run(runner, *common)
+    assert budget.returncode == 0 and free.returncode == 0, budget.stderr + free.stderr
+    assert "CPU_REPACK" in free.stderr, "this build repacks Q4_0 weights: the test must see it do so"
+    assert "CPU_REPACK" not in budget.stderr
+    assert "lies outside" not in budget.stderr and "stay mapped" not in budget.stderr

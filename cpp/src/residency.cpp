@@ -54,7 +54,14 @@ std::vector<Mapping> mappings_of(const std::string & path) {
         }
         std::string name(line + name_at);
         while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
-        if (name == real && perms[0] == 'r') out.push_back(Mapping { start, end, offset });
+        if (name != real || perms[0] != 'r') continue;
+        // one mapping may show as several areas (locking or advising part of it splits its area): where they
+        // continue each other in memory and in the file, they are one mapping, and a tensor may span them
+        if (!out.empty() && out.back().end == start && out.back().file_offset + (out.back().end - out.back().start) == offset) {
+            out.back().end = end;
+        } else {
+            out.push_back(Mapping { start, end, offset });
+        }
     }
     std::fclose(f);
     return out;

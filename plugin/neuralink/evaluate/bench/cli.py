@@ -101,7 +101,8 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
                              "(headroom for the page cache the cgroup charges beside the process)")
     parser.add_argument("--ttft-tokens", type=int, default=256,
                         help="after decoding, time one prompt of this many tokens (from --prompts-from) to its first "
-                             "token in the same process, caches as the decodes left them; 0 skips (default: 256)")
+                             "token in the same process, caches as the decodes left them; 0 skips; not timed for the runner "
+                             "variants (default: 256)")
     parser.add_argument("--draft-tokens", type=positive_int, default=4,
                         help="neuralink-draft: tokens prompt lookup proposes per verification (default: 4)")
     parser.add_argument("--runner", type=Path, default=None,
