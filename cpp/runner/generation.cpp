@@ -43,6 +43,20 @@ struct OwnedBatch {
     OwnedBatch & operator=(const OwnedBatch &) = delete;
 };
 
+// llama_decode of `tokens` at positions pos0... of sequence 0, with a logits row for every one of them
+int decode_every_row(llama_context * ctx, const std::vector<llama_token> & tokens, llama_pos pos0) {
+    OwnedBatch b((int) tokens.size());
+    for (size_t j = 0; j < tokens.size(); ++j) {
+        b.batch.token[j] = tokens[j];
+        b.batch.pos[j] = pos0 + (llama_pos) j;
+        b.batch.n_seq_id[j] = 1;
+        b.batch.seq_id[j][0] = 0;
+        b.batch.logits[j] = 1;
+    }
+    b.batch.n_tokens = (int32_t) tokens.size();
+    return llama_decode(ctx, b.batch);
+}
+
 // Whether, and how many, drafts this run may verify; the reason when none.
 DraftTotals draft_setup(const RunnerOptions & o, const neuralink::SparseFfn * sparse) {
     DraftTotals d;
@@ -181,28 +195,17 @@ Generation generate(const RunnerOptions & o, llama_context * ctx, const std::vec
             dump_row();
             continue;
         }
-        // the fed token and the proposals in one batch, a logits row each; the KV entries of the positions
-        // the verification does not confirm are dropped
+        // the fed token and the proposals in one batch; the KV entries of what it does not confirm are dropped
         fed.assign(1, g.tokens.back());
         fed.insert(fed.end(), draft.begin(), draft.end());
-        llama_memory_t memory = llama_get_memory(ctx);
-        const llama_pos pos0 = llama_memory_seq_pos_max(memory, 0) + 1;
-        OwnedBatch verify((int) fed.size());
-        for (size_t j = 0; j < fed.size(); ++j) {
-            verify.batch.token[j] = fed[j];
-            verify.batch.pos[j] = pos0 + (llama_pos) j;
-            verify.batch.n_seq_id[j] = 1;
-            verify.batch.seq_id[j][0] = 0;
-            verify.batch.logits[j] = 1;
-        }
-        verify.batch.n_tokens = (int32_t) fed.size();
-        check(llama_decode(ctx, verify.batch), what + " and a draft of " + std::to_string(draft.size()));
+        const llama_pos pos0 = llama_memory_seq_pos_max(llama_get_memory(ctx), 0) + 1;
+        check(decode_every_row(ctx, fed, pos0), what + " and a draft of " + std::to_string(draft.size()));
         greedy_rows.resize(fed.size());
         for (size_t j = 0; j < fed.size(); ++j) {
             greedy_rows[j] = argmax(ctx, (int32_t) j, n_vocab);
         }
         const size_t kept = confirmed_prefix(draft, greedy_rows);
-        llama_memory_seq_rm(memory, 0, pos0 + 1 + (llama_pos) kept, -1);
+        llama_memory_seq_rm(llama_get_memory(ctx), 0, pos0 + 1 + (llama_pos) kept, -1);
         ++g.drafts.verifications;
         g.drafts.proposed += draft.size();
         g.drafts.confirmed += kept;
