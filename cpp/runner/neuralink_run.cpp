@@ -349,10 +349,11 @@ void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & 
 }
 
 // Sizes the bundle cache from --memory-budget, or refuses a budget below the minimum; or, with `automatic` (no
-// budget or cache size given), from the memory there is, `budget` (automatic_budget), never refusing.
+// budget or cache size given), from the memory there is (automatic_budget), never refusing.
 void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, const LlamaSession & s,
-                         uint64_t budget, const std::optional<AutomaticBudget> & automatic, uint64_t process_before,
+                         const std::optional<AutomaticBudget> & automatic, uint64_t process_before,
                          uint64_t load_anon_growth, const std::vector<std::string> & llama_log) {
+    const uint64_t budget = automatic ? automatic->bytes : *o.memory_budget;
     auto plan_now = [&] {
         return plan_memory(engine, budget, process_before, llama_log, o.n_threads,
                            (int) llama_n_ubatch(s.ctx.get()), (int) llama_n_ctx(s.ctx.get()), load_anon_growth);
@@ -468,8 +469,7 @@ int run(const RunnerOptions & o) {
     const uint64_t anon_after = neuralink::anonymous_resident_bytes();
     log.capture = false;
     if (o.memory_budget || automatic) {
-        apply_memory_budget(o, *engine, session, o.memory_budget ? *o.memory_budget : automatic->bytes,
-                            o.memory_budget ? std::nullopt : automatic, process_before,
+        apply_memory_budget(o, *engine, session, automatic, process_before,
                             anon_after > anon_before ? anon_after - anon_before : 0, log.lines);
     }
     if (engine) {

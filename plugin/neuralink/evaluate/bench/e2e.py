@@ -100,8 +100,33 @@ def run_worker(variant: str, cap: str, settings: E2eSettings, prompts_file: Path
     """One run of `variant` under `cap` in a fresh worker process (and cgroup): its JSON result, peak bytes."""
     limit = None if cap == "none" else parse_size(cap)
     group = MemoryCgroup.create(limit) if use_cgroups else None
+    budget = None if limit is None else budget_for_cap(limit, settings.budget_fraction)
     if variant in RUNNER_VARIANTS:
-        return _run_native_cell(variant, limit, settings, prompts_file, group)
+        result = _runner_result(variant, cap, budget, settings, prompts_file, group)
+    else:
+        result = _worker_result(variant, cap, budget, settings, prompts_file, group)
+    peak = group.peak_bytes() if group is not None else None
+    if group is not None:
+        group.remove()
+    return result, peak
+
+
+def _failure(variant: str, cap: str, returncode: int, stderr: str, reported: str,
+             group: MemoryCgroup | None) -> dict:
+    """A run that ended without a result: killed by the OOM killer, by another signal (its stderr kept in a log),
+    or refused (`reported`: what the process said)."""
+    if group is not None and group.oom_killed():
+        return {"error": "killed by the OOM killer"}
+    if returncode < 0:  # e.g. a segfault: say which signal, and keep the process's stderr in a log
+        died = report_child_death(f"bench e2e {variant} at cap {cap}", returncode, stderr,
+                                  log_name=f"bench-e2e-{variant}-{cap}")
+        return {"error": str(died), "crashed": True}
+    return {"error": reported}
+
+
+def _worker_result(variant: str, cap: str, budget: int | None, settings: E2eSettings, prompts_file: Path,
+                   group: MemoryCgroup | None) -> dict:
+    """stock or a neuralink.Llama variant: the worker's JSON line."""
     command = [sys.executable, "-m", "neuralink.evaluate.bench.worker", "--variant", variant,
                "--model", str(settings.stock_model if variant == "stock" else settings.model),
                "--prompts", str(prompts_file), "--tokens", str(settings.tokens), "--threads", str(settings.threads),
@@ -113,53 +138,36 @@ def run_worker(variant: str, cap: str, settings: E2eSettings, prompts_file: Path
         command += ["--cgroup", str(group.path)]
     if variant != "stock":
         command += ["--sidecar", str(settings.sidecar), "--cache-policy", settings.cache_policy]
-        if limit is not None:
-            command += ["--budget", str(budget_for_cap(limit, settings.budget_fraction))]
+        if budget is not None:
+            command += ["--budget", str(budget)]
         if settings.predictor:
             command += ["--predictor", settings.predictor]
         if settings.thresholds_file is not None:
             command += ["--thresholds", str(settings.thresholds_file)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=settings.timeout)
-        lines = done.stdout.strip().splitlines()
-        if done.returncode != 0 or not lines:
-            killed = group is not None and group.oom_killed()
-            if killed:
-                result = {"error": "killed by the OOM killer"}
-            elif done.returncode < 0:  # e.g. a segfault: say which signal, and keep the worker's stderr in a log
-                died = report_child_death(f"bench e2e {variant} at cap {cap}", done.returncode, done.stderr,
-                                          log_name=f"bench-e2e-{variant}-{cap}")
-                result = {"error": str(died), "crashed": True}
-            else:  # a refusal (e.g. a budget below the minimum) or another error the worker reported
-                result = {"error": f"exit {done.returncode}: {done.stderr[-300:]}"}
-        else:
-            result = json.loads(lines[-1])
     except subprocess.TimeoutExpired:
-        result = {"error": f"no result within {settings.timeout} s"}
-    peak = group.peak_bytes() if group is not None else None
-    if group is not None:
-        group.remove()
-    return result, peak
+        return {"error": f"no result within {settings.timeout} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        # a refusal (e.g. a budget below the minimum) or another error the worker reported
+        return _failure(variant, cap, done.returncode, done.stderr, f"exit {done.returncode}: {done.stderr[-300:]}",
+                        group)
+    return json.loads(lines[-1])
 
 
-def _run_native_cell(variant: str, limit: int | None, settings: E2eSettings, prompts_file: Path,
-                     group: MemoryCgroup | None) -> tuple[dict, int | None]:
-    """One run of a neuralink-run variant: the prompts one process each, in `group`, from cold storage."""
+def _runner_result(variant: str, cap: str, budget: int | None, settings: E2eSettings, prompts_file: Path,
+                   group: MemoryCgroup | None) -> dict:
+    """A neuralink-run variant: the prompts one process each, in `group`, from cold storage."""
     from neuralink import _engine
 
     for path in (settings.model, settings.sidecar):
         _engine.evict_from_page_cache(str(path))
-    budget = None if limit is None else budget_for_cap(limit, settings.budget_fraction)
     result = run_native(variant, settings, json.loads(prompts_file.read_text()), budget,
                         group.path if group is not None else None)
-    if "error" in result and group is not None and group.oom_killed():
-        result = {"error": "killed by the OOM killer"}
-    elif result.pop("signal", False):
-        result["crashed"] = True
-    peak = group.peak_bytes() if group is not None else None
-    if group is not None:
-        group.remove()
-    return result, peak
+    if "returncode" in result:
+        return _failure(variant, cap, result["returncode"], result["stderr"], result["error"], group)
+    return result
 
 
 def run_e2e(settings: E2eSettings, progress: Callable[[str], None] = print) -> list[RunResult]:

@@ -75,7 +75,8 @@ def runner_command(variant: str, settings: E2eSettings, prompt: str, budget: int
 def run_native(variant: str, settings: E2eSettings, prompts: list[str], budget: int | None,
                cgroup: Path | None) -> dict[str, Any]:
     """Every prompt through neuralink-run in `cgroup` (joined before exec): the worker's JSON fields, summed over
-    the prompts; {"error": ...} for the first run that fails."""
+    the prompts; {"error": ...} for the first run that fails (with its "returncode" and "stderr" where it ended
+    with one)."""
     def join() -> None:
         if cgroup is not None:
             (cgroup / "cgroup.procs").write_text("0\n")
@@ -92,7 +93,8 @@ def run_native(variant: str, settings: E2eSettings, prompts: list[str], budget: 
             return {"error": f"no result within {settings.timeout} s"}
         if done.returncode != 0:
             status = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
-            return {"error": f"neuralink-run {status}: {_last_message(done.stderr)}", "signal": done.returncode < 0}
+            return {"error": f"neuralink-run {status}: {_last_message(done.stderr)}", "returncode": done.returncode,
+                    "stderr": done.stderr}
         try:
             reports.append(parse_report(done.stderr))
         except ValueError as e:
