@@ -71,8 +71,9 @@ model and weights:
                            gets the rest; below the minimum, some layers' gate rows
                            are read per token instead of kept, and a budget even
                            that cannot meet is refused. Locks the weights read
-                           every token in RAM. Overrides --cache-bytes. Needs a
-                           sidecar.
+                           every token in RAM (read from the mapping: llama.cpp
+                           makes no repacked copies of them). Overrides
+                           --cache-bytes. Needs a sidecar.
   --io-backend NAME        auto (io_uring where the kernel allows it, else a pool of
                            pread threads), uring or pread (default: )";
     u += default_io_backend();
