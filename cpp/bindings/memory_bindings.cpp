@@ -66,6 +66,15 @@ void register_memory(py::module_ & m) {
           "ahead and unmapped as each micro-batch reaches layer 0; (bytes of the table bounded, why not or ''). "
           "Once llama.cpp has mapped the model.");
     m.def("resident_bytes", &resident_bytes, "This process's resident set size (VmRSS).");
+    m.def("cgroup_memory_limit", &cgroup_memory_limit, py::arg("proc_cgroup") = "/proc/self/cgroup",
+          py::arg("root") = "/sys/fs/cgroup",
+          "This process's cgroup memory limit in bytes (v1 or v2, found through proc_cgroup under root), or None.");
+    m.def("automatic_budget", [](uint64_t rss) -> py::object {
+              const auto found = automatic_budget(rss);
+              return found ? py::object(py::make_tuple(found->bytes, found->source)) : py::object(py::none());
+          }, py::arg("rss"),
+          "What a process of resident size rss may hold without a budget: the tighter of its cgroup limit and rss "
+          "plus the available memory, less 10 % (at least 256 MiB); (bytes, where it came from) or None.");
     m.def("anonymous_resident_bytes", &anonymous_resident_bytes, "Its anonymous part (RssAnon).");
     m.def("parse_size", &parse_size, py::arg("text"), py::arg("what") = "size",
           "Bytes in '120MB', '1.5GiB', '512M' or '4096': K/M/G and KiB/MiB/GiB binary, kB/MB/GB decimal; "

@@ -7,7 +7,6 @@
 #include "neuralink/memory_plan.h"
 #include "neuralink/residency.h"
 #include "neuralink/model_integrity.h"
-#include "automatic_budget.h"
 #include "generation.h"
 #include "runner_options.h"
 
@@ -351,7 +350,7 @@ void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & 
 // Sizes the bundle cache from --memory-budget, or refuses a budget below the minimum; or, with `automatic` (no
 // budget or cache size given), from the memory there is (automatic_budget), never refusing.
 void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, const LlamaSession & s,
-                         const std::optional<AutomaticBudget> & automatic, uint64_t process_before,
+                         const std::optional<neuralink::AutomaticBudget> & automatic, uint64_t process_before,
                          uint64_t load_anon_growth, const std::vector<std::string> & llama_log) {
     const uint64_t budget = automatic ? automatic->bytes : *o.memory_budget;
     auto plan_now = [&] {
@@ -459,9 +458,9 @@ int run(const RunnerOptions & o) {
     const auto t0 = std::chrono::steady_clock::now();
     LlamaSession session;
     // without a budget or a cache size, the cache is sized from the memory there is, as neuralink.Llama does
-    std::optional<AutomaticBudget> automatic;
+    std::optional<neuralink::AutomaticBudget> automatic;
     if (!o.memory_budget && !o.cache_bytes_given && o.cache_policy != "none" && engine && engine->sparse()) {
-        automatic = automatic_budget(process_before);
+        automatic = neuralink::automatic_budget(process_before);
     }
     // llama.cpp logs its KV, output and compute buffer sizes while loading; attaching re-reserves the latter
     log.capture = o.memory_budget || automatic;

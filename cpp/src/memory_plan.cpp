@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <map>
 #include <unistd.h>
 
@@ -78,6 +79,73 @@ uint64_t anonymous_resident_bytes() {
     }
     std::fclose(f);
     return (uint64_t) kib * 1024;
+}
+
+namespace {
+
+// a limit file's number; nullopt for v2's "max", v1's huge "no limit", or anything else
+std::optional<uint64_t> read_limit(const std::string & path) {
+    std::ifstream in(path);
+    std::string text;
+    if (!(in >> text) || text.find_first_not_of("0123456789") != std::string::npos || text.size() > 19) {
+        return std::nullopt;
+    }
+    const uint64_t limit = std::stoull(text);
+    return limit < (1ull << 60) ? std::optional<uint64_t>(limit) : std::nullopt;
+}
+
+std::optional<uint64_t> available_memory() {
+    std::ifstream in("/proc/meminfo");
+    std::string key, rest;
+    uint64_t kib = 0;
+    while (in >> key >> kib && std::getline(in, rest)) {
+        if (key == "MemAvailable:") return kib * 1024;
+    }
+    return std::nullopt;
+}
+
+std::string with_mib(const char * what, uint64_t bytes) {
+    return std::string(what) + " " + std::to_string(bytes >> 20) + " MiB";
+}
+
+} // namespace
+
+std::optional<uint64_t> cgroup_memory_limit(const std::string & proc_cgroup, const std::string & root) {
+    std::ifstream in(proc_cgroup);
+    std::string line;
+    while (std::getline(in, line)) { // "N:memory:/path" (v1), "0::/path" (v2)
+        const size_t a = line.find(':');
+        const size_t b = a == std::string::npos ? a : line.find(':', a + 1);
+        if (b == std::string::npos) continue;
+        const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+        std::string file;
+        if (("," + controllers + ",").find(",memory,") != std::string::npos) {
+            file = root + "/memory" + path + "/memory.limit_in_bytes";
+        } else if (controllers.empty()) {
+            file = root + path + "/memory.max";
+        } else {
+            continue;
+        }
+        if (const auto limit = read_limit(file)) return limit;
+    }
+    return std::nullopt;
+}
+
+std::optional<AutomaticBudget> automatic_budget(uint64_t rss) {
+    constexpr double kMarginFraction = 0.10;
+    constexpr uint64_t kMarginMin = 256ull << 20;
+    std::optional<AutomaticBudget> best;
+    if (const auto limit = cgroup_memory_limit()) {
+        best = AutomaticBudget { *limit, with_mib("the cgroup memory limit", *limit) };
+    }
+    if (const auto available = available_memory(); available && (!best || rss + *available < best->bytes)) {
+        best = AutomaticBudget { rss + *available, with_mib("available memory", rss + *available) };
+    }
+    if (best) {
+        const uint64_t margin = std::max(kMarginMin, (uint64_t) (best->bytes * kMarginFraction));
+        best->bytes = best->bytes > margin ? best->bytes - margin : 0;
+    }
+    return best;
 }
 
 uint64_t MemoryPlan::cache() const {

@@ -8,6 +8,7 @@
 // directly, neuralink.Llama through the bindings (neuralink._engine.plan_memory).
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,23 @@ LlamaBuffers parse_buffer_sizes(const std::vector<std::string> & log);
 uint64_t resident_bytes();
 // Its anonymous part (RssAnon: heap and private mappings, no file pages), 0 where /proc is unreadable.
 uint64_t anonymous_resident_bytes();
+
+// The memory limit of this process's cgroup, found through `proc_cgroup` under `root`: v1's
+// memory/<path>/memory.limit_in_bytes or v2's <path>/memory.max; nullopt where there is none (v1's huge
+// number, v2's "max") or it cannot be read.
+std::optional<uint64_t> cgroup_memory_limit(const std::string & proc_cgroup = "/proc/self/cgroup",
+                                            const std::string & root = "/sys/fs/cgroup");
+
+// What a process may hold when no budget is given (its bundle cache is then sized from it): the tighter of its
+// cgroup's limit and `rss` plus the system's available memory (MemAvailable), less a margin (10 %, at least
+// 256 MiB) for the rest of the system and for allocations no plan sees; and where that came from, for the log.
+// nullopt where neither can be read. neuralink.Llama without memory_budget= and neuralink-run without
+// --memory-budget or --cache-bytes use it.
+struct AutomaticBudget {
+    uint64_t bytes = 0;
+    std::string source;
+};
+std::optional<AutomaticBudget> automatic_budget(uint64_t rss);
 
 struct MemoryPlan {
     uint64_t budget = 0;

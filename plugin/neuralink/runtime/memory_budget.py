@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,12 +29,6 @@ log = logging.getLogger(__name__)
 
 # where a budget goes, every field in bytes, with .minimum, .cache and .describe()
 MemoryPlan = _engine.MemoryPlan
-
-
-# without a memory budget, the bundle cache may use what the process may hold, less this share of it (at least
-# AUTO_MARGIN_MIN): room for the rest of the system and for the allocations no plan sees
-AUTO_MARGIN_FRACTION = 0.10
-AUTO_MARGIN_MIN = 256 << 20
 
 
 # what a cgroup charges beyond the process's RSS at the least: page cache the kernel keeps active (the model's
@@ -51,54 +46,14 @@ def budget_near_cgroup_limit(budget: int) -> int | None:
 
 def _cgroup_limit(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """The memory limit of this process's cgroup (v1 memory.limit_in_bytes or v2 memory.max), None if none."""
-    try:
-        lines = proc.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            candidate = root / "memory" / path.lstrip("/") / "memory.limit_in_bytes"
-        elif controllers == "":
-            candidate = root / path.lstrip("/") / "memory.max"
-        else:
-            continue
-        try:
-            text = candidate.read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 1 << 60:  # v1 writes a huge number for "no limit", v2 "max"
-            return int(text)
-    return None
-
-
-def _mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _engine.cgroup_memory_limit(os.fspath(proc), os.fspath(root))
 
 
 def automatic_budget() -> tuple[int, str] | None:
     """What this process may hold when no budget is given: the tighter of its cgroup's memory limit and its RSS
     plus the system's available memory, less a margin (10 %, at least 256 MiB); and where that came from. None
-    where neither can be read."""
-    rss = resident_bytes()
-    candidates = []
-    limit = _cgroup_limit()
-    if limit is not None:
-        candidates.append((limit, f"the cgroup memory limit {limit / 2**20:.0f} MiB"))
-    available = _mem_available()
-    if available is not None:
-        candidates.append((rss + available, f"available memory {(rss + available) / 2**20:.0f} MiB"))
-    if not candidates:
-        return None
-    total, source = min(candidates)
-    margin = max(AUTO_MARGIN_MIN, int(total * AUTO_MARGIN_FRACTION))
-    return max(0, total - margin), source
+    where neither can be read. (The engine's, which neuralink-run uses too.)"""
+    return _engine.automatic_budget(resident_bytes())
 
 
 def memory_budget_bytes(value: str | int) -> int:
