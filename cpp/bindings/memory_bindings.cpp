@@ -2,9 +2,11 @@
 
 #include "neuralink/engine.h"
 #include "neuralink/memory_plan.h"
+#include "neuralink/prompt_lookup.h"
 #include "neuralink/residency.h"
 #include "neuralink/sizes.h"
 
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -66,6 +68,16 @@ void register_memory(py::module_ & m) {
           "ahead and unmapped as each micro-batch reaches layer 0; (bytes of the table bounded, why not or ''). "
           "Once llama.cpp has mapped the model.");
     m.def("resident_bytes", &resident_bytes, "This process's resident set size (VmRSS).");
+    m.def("prompt_lookup", [](py::array_t<int32_t, py::array::c_style | py::array::forcecast> text, int max_tokens,
+                              size_t max_ngram) {
+              const std::vector<int32_t> found = prompt_lookup(text.data(), (size_t) text.size(), max_tokens, max_ngram);
+              return py::array_t<int32_t>((py::ssize_t) found.size(), found.data());
+          }, py::arg("text"), py::arg("max_tokens"), py::arg("max_ngram") = kLookupNgram,
+          "Up to max_tokens tokens that followed the most recent earlier occurrence of the last max_ngram tokens of "
+          "text (else of fewer, down to the last one), as int32; empty if none occurs earlier. neuralink-run's "
+          "drafts propose the same.");
+    m.attr("AUTO_PROPOSALS") = kAutoProposals;
+    m.attr("AUTO_STALL_SHARE") = kAutoStallShare;
     m.def("cgroup_memory_limit", &cgroup_memory_limit, py::arg("proc_cgroup") = "/proc/self/cgroup",
           py::arg("root") = "/sys/fs/cgroup",
           "This process's cgroup memory limit in bytes (v1 or v2, found through proc_cgroup under root), or None.");

@@ -1,6 +1,6 @@
 #include "generation.h"
 
-#include "prompt_lookup.h"
+#include "neuralink/prompt_lookup.h"
 
 #include "neuralink/errors.h"
 
@@ -13,6 +13,12 @@
 #include <stdexcept>
 
 namespace neuralink_run {
+
+using neuralink::confirmed_prefix;
+using neuralink::kAutoProposals;
+using neuralink::kAutoStallShare;
+using neuralink::prompt_lookup;
+using neuralink::StallShare;
 
 namespace {
 

@@ -1,6 +1,6 @@
 #include "runner_options.h"
 
-#include "prompt_lookup.h"
+#include "neuralink/prompt_lookup.h"
 
 #include "neuralink/sizes.h"
 
@@ -12,6 +12,10 @@
 #include <thread>
 
 namespace neuralink_run {
+
+using neuralink::kAutoProposals;
+using neuralink::kAutoStallShare;
+using neuralink::kMaxProposals;
 
 const char * default_io_backend() {
 #if defined(NEURALINK_RUNNER_DEFAULT_IO)

@@ -1,11 +1,11 @@
 // neuralink-run's drafts: what prompt lookup proposes, what a verification keeps, when the gate opens.
 
-#include "../runner/prompt_lookup.h"
+#include "neuralink/prompt_lookup.h"
 #include "test_util.h"
 
-using neuralink_run::confirmed_prefix;
-using neuralink_run::prompt_lookup;
-using neuralink_run::StallShare;
+using neuralink::confirmed_prefix;
+using neuralink::prompt_lookup;
+using neuralink::StallShare;
 using Tokens = std::vector<int32_t>;
 
 TEST(prompt_lookup_continues_the_most_recent_earlier_bigram) {

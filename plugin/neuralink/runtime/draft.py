@@ -19,17 +19,19 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp.llama_speculative import LlamaDraftModel
 
+from neuralink import _engine
 from neuralink.errors import OptionError
 
 # tokens a draft model proposes when it does not say (llama-cpp-python's LlamaPromptLookupDecoding default)
 DEFAULT_DRAFT_TOKENS = 10
-# prompt lookup's proposals where neuralink.Llama drafts by itself (prompt_lookup=None under cache policy stream)
-AUTO_PROPOSALS = 4
-# ... and the share of a decoded token's time spent waiting for reads above which it proposes them. Measured on
-# Qwen2.5-Coder-1.5B and SmolLM2 (docs/benchmarks.md, sixteenth pass): drafts gained 16-61 % where the share
-# was 0.62-0.70, and -20 to +6 % where it was 0.26-0.46 (a verification of 5 tokens costs ~3.5x one token's
-# arithmetic, which only waiting for the reads hides)
-AUTO_STALL_SHARE = 0.55
+# prompt lookup's proposals where neuralink.Llama drafts by itself (prompt_lookup=None under cache policy stream),
+# and the share of a decoded token's time spent waiting for reads from which it proposes them: the engine's values,
+# which neuralink-run uses too (cpp/include/neuralink/prompt_lookup.h). Measured on Qwen2.5-Coder-1.5B and SmolLM2
+# (docs/benchmarks.md, sixteenth pass): drafts gained 16-61 % where the share was 0.62-0.70, and -20 to +6 % where
+# it was 0.26-0.46 (a verification of 5 tokens costs ~3.5x one token's arithmetic, which only waiting for the
+# reads hides)
+AUTO_PROPOSALS: int = _engine.AUTO_PROPOSALS
+AUTO_STALL_SHARE: float = _engine.AUTO_STALL_SHARE
 
 
 class RecentPromptLookup(LlamaDraftModel):
@@ -38,25 +40,14 @@ class RecentPromptLookup(LlamaDraftModel):
 
     llama-cpp-python's LlamaPromptLookupDecoding continues the first occurrence instead. On Python source the most
     recent one confirms more of its proposals (measured in docs/benchmarks.md, seventeenth pass), and it is what
-    neuralink-run proposes (cpp/runner/prompt_lookup.cpp)."""
+    neuralink-run proposes: both call the engine's (cpp/src/prompt_lookup.cpp)."""
 
     def __init__(self, num_pred_tokens: int, max_ngram: int = 2) -> None:
         self.num_pred_tokens = num_pred_tokens
         self.max_ngram = max_ngram
 
     def __call__(self, input_ids: npt.NDArray[np.intc], /, **kwargs: Any) -> npt.NDArray[np.intc]:
-        ids = np.asarray(input_ids)
-        n = len(ids)
-        for ngram in range(min(self.max_ngram, n - 1), 0, -1):
-            # starts s of an earlier occurrence followed by at least one token: s + ngram <= n - 1
-            match = np.ones(n - ngram, dtype=bool)
-            for j in range(ngram):
-                match &= ids[j:n - ngram + j] == ids[n - ngram + j]
-            starts = np.flatnonzero(match)
-            if starts.size:
-                begin = int(starts[-1]) + ngram
-                return ids[begin:begin + self.num_pred_tokens].astype(np.intc)
-        return np.zeros(0, dtype=np.intc)
+        return _engine.prompt_lookup(input_ids, self.num_pred_tokens, self.max_ngram).astype(np.intc)
 
 
 class BoundedDraft(LlamaDraftModel):

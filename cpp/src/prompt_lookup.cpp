@@ -1,22 +1,21 @@
-#include "prompt_lookup.h"
+#include "neuralink/prompt_lookup.h"
 
 #include <algorithm>
 
-namespace neuralink_run {
+namespace neuralink {
 
-std::vector<int32_t> prompt_lookup(const std::vector<int32_t> & text, int max_tokens) {
-    const size_t n = text.size();
+std::vector<int32_t> prompt_lookup(const int32_t * text, size_t n, int max_tokens, size_t max_ngram) {
     if (max_tokens <= 0) {
         return {};
     }
-    for (size_t ngram = std::min(kLookupNgram, n > 0 ? n - 1 : 0); ngram > 0; --ngram) {
-        const auto tail = text.end() - (std::ptrdiff_t) ngram;
+    const int32_t * end = text + n;
+    for (size_t ngram = std::min(max_ngram, n > 0 ? n - 1 : 0); ngram > 0; --ngram) {
+        const int32_t * tail = end - ngram;
         // the most recent occurrence that is followed by at least one token: it starts before n - ngram
         for (size_t start = n - ngram; start-- > 0;) {
-            if (std::equal(tail, text.end(), text.begin() + (std::ptrdiff_t) start)) {
+            if (std::equal(tail, end, text + start)) {
                 const size_t from = start + ngram;
-                const size_t to = std::min(n, from + (size_t) max_tokens);
-                return { text.begin() + (std::ptrdiff_t) from, text.begin() + (std::ptrdiff_t) to };
+                return { text + from, text + std::min(n, from + (size_t) max_tokens) };
             }
         }
     }
@@ -37,4 +36,4 @@ void StallShare::observe(double stall_seconds, double wall_seconds) {
     measured_ = true;
 }
 
-} // namespace neuralink_run
+} // namespace neuralink
