@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,27 +157,80 @@ def test_down_rows_of_a_store_held_whole_compute_the_thresholded_ffn_and_its_col
     assert (stats["final_neurons"] > 0).all() and (stats["final_neurons"] < 512).all()
 
 
-@pytest.mark.parametrize("down_type", ["q4_K", "q8_0"])
-def test_neuralink_llama_holding_the_store_uses_down_rows_where_they_pay(converted_model, down_type: str) -> None:
-    model, sidecar = converted_model("llama", "q8_0", threshold=0.05, bundle_layout="split", down_type=down_type,
+def smallest_cache_holding_store(engine: _engine.Engine) -> int:
+    low, high = engine.store_bytes, 8 * engine.store_bytes
+    assert engine.cache_would_hold_store(high)
+    while high - low > 1024:
+        mid = (low + high) // 2
+        low, high = (low, mid) if engine.cache_would_hold_store(mid) else (mid, high)
+    return high
+
+
+@pytest.mark.parametrize("n_tokens", [1, 6])
+def test_down_rows_on_trial_keep_the_faster_way_and_every_token_is_the_thresholded_ffn(converted_model,
+                                                                                     n_tokens: int) -> None:
+    threshold = 1.2
+    model, sidecar = converted_model("llama", "f32", threshold=threshold, bundle_layout="split")
+    engine = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none")
+    engine.configure_cache("linking", 4 * engine.store_bytes)
+    layers, row_bytes, _ = engine.down_row_trial_layers()
+    assert layers == [0, 1] and row_bytes == 2 * 256 * 512 * 4
+    engine.try_down_rows(layers)
+    with pytest.raises(ValueError, match="in use or on trial"):
+        engine.try_down_rows([0])
+    assert engine.down_trial == dict(layers=2, tokens=0, rows_ms=0.0, columns_ms=0.0, settled=False,
+                                     rows_kept=False)
+    rng = np.random.default_rng(5)
+    # a prompt batch now and then: the columns, untimed; decoded tokens alternate, 16 each way, then one settles
+    for step in range(2 * 16 + 6):
+        x = rng.standard_normal((n_tokens if step % 9 == 4 else 1, 256)).astype(np.float32)
+        for il in range(2):  # f32 rows and columns alike give the thresholded FFN
+            assert rel_max_abs(engine.forward(il, x, "silu"), thresholded_ffn(model, il, x, threshold)) <= 1e-5
+    trial = engine.down_trial
+    assert trial["settled"] and trial["tokens"] == 32 and trial["rows_ms"] > 0 and trial["columns_ms"] > 0
+    assert trial["rows_kept"] == (trial["rows_ms"] < 0.98 * trial["columns_ms"])
+    assert engine.down_rows_layers_in_use == ([0, 1] if trial["rows_kept"] else [])
+    stats = engine.take_stats()
+    assert (stats[-2:]["down_cache_hits"] == 0).all() == trial["rows_kept"]
+    with pytest.raises(ValueError, match="in use" if trial["rows_kept"] else "trial has ended"):
+        engine.try_down_rows([0])
+
+
+def test_neuralink_llama_puts_down_rows_on_trial_where_the_room_holds_both(converted_model) -> None:
+    model, sidecar = converted_model("llama", "q8_0", threshold=0.05, bundle_layout="split", down_type="q8_0",
                                      bundle_down_type="q5_K")
     engine = _engine.Engine(str(model), sidecar=str(sidecar))
-    store = engine.store_bytes
+    _, row_bytes, _ = engine.down_row_trial_layers()
+    llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_bytes=4 * engine.store_bytes,
+                          **CONTEXT)
+    assert llm.engine.down_trial["layers"] == 2 and llm.engine.down_rows_layers_in_use == []
+    greedy(llm, tokens_of(llm, 12), 40)
+    assert llm.engine.down_trial["settled"]
+    assert re.search(r"down projection by (rows|columns) \(a decoded token", llm.ffn_summary())
+    llm.close()
+    # no room for the rows beside the columns: no trial, and q8_0 rows (272 bytes a neuron against q5_K
+    # columns of 176 at the profile's ~0.5) do not pay by the cost model
+    room = smallest_cache_holding_store(engine)
+    llm = neuralink.Llama(str(model), sidecar=str(sidecar), cache_bytes=room, **CONTEXT)
+    assert llm.engine.cache_holds_store and llm.engine.down_trial["layers"] == 0
+    assert llm.engine.down_rows_layers_in_use == []
+    llm.close()
+
+
+def test_neuralink_llama_holding_the_store_uses_down_rows_where_they_pay(converted_model) -> None:
+    model, sidecar = converted_model("llama", "q8_0", threshold=0.05, bundle_layout="split", down_type="q4_K",
+                                     bundle_down_type="q5_K")
+    engine = _engine.Engine(str(model), sidecar=str(sidecar))
     layers, row_bytes, column_bytes = engine.down_row_layers()
-    if down_type == "q8_0":
-        # 272 bytes of rows per neuron against q5_K columns of 176 at the profile's ~0.5: the columns stay
-        assert layers == []
-        llm = neuralink.Llama(str(model), sidecar=str(sidecar), cache_bytes=4 * store, **CONTEXT)
-        assert llm.engine.cache_holds_store and llm.engine.down_rows_layers_in_use == []
-        llm.close()
-        return
     # 144 bytes of rows per neuron (256 rows of 512 in q4_K) against 176 of q5_K columns at ~0.5 x 2.5
     assert layers == [0, 1] and row_bytes == 2 * 256 * 288 and column_bytes == 2 * 512 * 176
+    # room for the store, not for the rows beside its columns: the rows replace the columns without a trial
+    room = smallest_cache_holding_store(engine)
     runs = {}
     for down_rows in (True, False):
-        llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_bytes=4 * store,
+        llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_bytes=room,
                               down_rows=down_rows, **CONTEXT)
-        assert llm.engine.cache_holds_store
+        assert llm.engine.cache_holds_store and llm.engine.down_trial["layers"] == 0
         runs[down_rows] = (llm.engine.down_rows_layers_in_use, run_model(llm), llm.ffn_stats())
         llm.close()
     assert runs[True][0] == [0, 1] and runs[False][0] == []

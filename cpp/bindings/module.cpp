@@ -247,6 +247,31 @@ static void register_engine(py::module_ & m) {
            "Read the converted GGUF's down rows of `layers` (down_row_layers() says where they pay), each checked "
            "against its checksum, and compute those layers' down projections with them from now on (for a store "
            "held whole in DRAM; before fill_cache, which then skips their down columns). Between evaluations.")
+        .def("down_row_trial_layers", [](const Engine & e) {
+            const DownRowPlan plan = e.down_row_trial_layers();
+            return py::make_tuple(plan.layers, plan.row_bytes, plan.column_bytes);
+        }, "(layers, row bytes, column bytes): every layer whose down rows could replace its down columns, "
+           "whatever they would cost (try_down_rows puts them on trial)")
+        .def("try_down_rows", [](Engine & e, const std::vector<int> & layers) {
+            py::gil_scoped_release release;
+            e.try_down_rows(layers);
+        }, py::arg("layers"),
+           "Read and check the down rows of `layers` as use_down_rows does, but keep the down columns too: the "
+           "first decoded tokens alternate between them, timed, and the faster is kept (down_trial). Before "
+           "fill_cache, whose cache must hold the columns beside the rows. Between evaluations.")
+        .def_property_readonly("down_trial", [](const Engine & e) {
+            py::dict out;
+            if (!e.sparse()) return out;
+            const SparseFfn::DownTrial t = e.sparse()->down_trial();
+            out["layers"] = t.layers;
+            out["tokens"] = t.tokens;
+            out["rows_ms"] = (double) t.rows_ns / 1e6;
+            out["columns_ms"] = (double) t.columns_ns / 1e6;
+            out["settled"] = t.settled;
+            out["rows_kept"] = t.rows_kept;
+            return out;
+        }, "the down trial (try_down_rows): layers on it, decoded tokens timed, the median token's time with rows "
+           "and with columns (ms), whether it has settled and on rows")
         .def_property_readonly("down_rows_layers_in_use", [](const Engine & e) {
             std::vector<int> out;
             if (e.sparse()) {

@@ -210,13 +210,13 @@ static const TensorInfo * checked_down_rows(const GgufModel & model, const Spars
     return t;
 }
 
-DownRowPlan Engine::down_row_layers() const {
+static DownRowPlan down_row_plan(const GgufModel & model, const SparseFfn * sparse, int n_layer, bool only_paying) {
     DownRowPlan out;
-    if (!sparse_) return out;
-    for (int il = 0; il < n_layer(); ++il) {
-        const TensorInfo * t = checked_down_rows(model_, *sparse_, il);
-        if (t && sparse_->down_rows_pay(il, t->type, (size_t) (t->nbytes / (uint64_t) t->ne[1]))) {
-            const BundleRegion & columns = sparse_->store().layer(il).down_region;
+    if (!sparse) return out;
+    for (int il = 0; il < n_layer; ++il) {
+        const TensorInfo * t = checked_down_rows(model, *sparse, il);
+        if (t && (!only_paying || sparse->down_rows_pay(il, t->type, (size_t) (t->nbytes / (uint64_t) t->ne[1])))) {
+            const BundleRegion & columns = sparse->store().layer(il).down_region;
             out.layers.push_back(il);
             out.row_bytes += t->nbytes;
             out.column_bytes += (uint64_t) columns.record_bytes * columns.n_records;
@@ -225,7 +225,19 @@ DownRowPlan Engine::down_row_layers() const {
     return out;
 }
 
+DownRowPlan Engine::down_row_layers() const { return down_row_plan(model_, sparse_.get(), n_layer(), true); }
+
+DownRowPlan Engine::down_row_trial_layers() const { return down_row_plan(model_, sparse_.get(), n_layer(), false); }
+
+void Engine::try_down_rows(const std::vector<int> & layers) {
+    use_down_rows(layers, true);
+}
+
 void Engine::use_down_rows(const std::vector<int> & layers) {
+    use_down_rows(layers, false);
+}
+
+void Engine::use_down_rows(const std::vector<int> & layers, bool trial) {
     if (!sparse_) {
         throw std::invalid_argument("down rows replace the sparse engine's down columns: this engine has no sidecar");
     }
@@ -247,7 +259,15 @@ void Engine::use_down_rows(const std::vector<int> & layers) {
                                  sparse_->store().path() + " recorded at conversion: the model file is corrupt or "
                                  "changed since (convert it again)");
         }
-        sparse_->use_down_rows(il, rows);
+        if (trial) {
+            // the sparse engine owns rows on trial: it frees them if the columns win
+            AlignedBuffer storage = std::move(storage_.back());
+            storage_.pop_back();
+            weight_bytes_ -= t.nbytes;
+            sparse_->try_down_rows(il, rows, std::move(storage));
+        } else {
+            sparse_->use_down_rows(il, rows);
+        }
     }
 }
 

@@ -1,8 +1,10 @@
 // SparseFfn's down projection by rows (see sparse_ffn.h): for a store held whole in DRAM, the model's own down
 // rows multiplied by h as llama.cpp multiplies them, h zero outside the final neurons. Rows are read in
 // sequence at the memory's rate and the scattered down columns are not, but every row is read where only the
-// final neurons' columns are: measured on Qwen2.5-Coder-1.5B (docs/engine.md), q4_K rows beat the q5_K
-// columns of 40 % of the neurons by 3-5 % of a decoded token, q5_K and q6_K rows lose by 3-4 %.
+// final neurons' columns are. Which costs less depends on the machine as much as on the types: on
+// Qwen2.5-Coder-1.5B (docs/engine.md) q5_K rows lost to the q5_K columns of 40 % of the neurons by 3-4 % of a
+// decoded token on one EPYC machine and won by 4 % on another of the same kind, so where both fit the engine
+// times them on the first decoded tokens and keeps the faster (try_down_rows).
 
 #include "sparse_ffn_state.h"
 
@@ -38,6 +40,78 @@ void SparseFfn::use_down_rows(int il, WeightMatrix rows) {
     if (hq_.size() < need) hq_.resize(need);
 }
 
+void SparseFfn::try_down_rows(int il, WeightMatrix rows, AlignedBuffer storage) {
+    if (has_layer(il) && (layers_[(size_t) il]->down.data || layers_[(size_t) il]->trial_down.data)) {
+        throw std::invalid_argument("layer " + std::to_string(il) + ": its down rows are in use or on trial already");
+    }
+    if (trial_.settled) {
+        throw std::invalid_argument("the down trial has ended: rows can no longer join it");
+    }
+    use_down_rows(il, rows); // the same checks, and hq_ sized for them
+    SparseLayerWeights & L = *layers_[(size_t) il];
+    L.trial_down = L.down;
+    L.down = WeightMatrix();
+    trial_storage_.push_back(std::move(storage));
+    trial_.layers += 1;
+    if (trial_first_layer_ < 0 || il < trial_first_layer_) trial_first_layer_ = il;
+}
+
+static uint64_t median_ns(std::vector<uint64_t> v) {
+    if (v.empty()) return 0;
+    std::nth_element(v.begin(), v.begin() + (std::ptrdiff_t) (v.size() / 2), v.end());
+    return v[v.size() / 2];
+}
+
+SparseFfn::DownTrial SparseFfn::down_trial() const {
+    DownTrial out = trial_;
+    out.columns_ns = median_ns(trial_token_ns_[0]);
+    out.rows_ns = median_ns(trial_token_ns_[1]);
+    return out;
+}
+
+// thread 0, phase 0 of the first layer on trial: no thread is past phase 0 of this evaluation, the others are in
+// phase 0 of the same layer (which reads neither the down rows nor the trial's state), and a barrier follows.
+// A token's time runs to the next evaluation's start: the model's other layers, its output and the caller's
+// sampling are in both ways alike, and the median leaves out a wait for the next request.
+void SparseFfn::advance_down_trial(int64_t n_tokens) {
+    if (trial_.settled || trial_.layers == 0) {
+        return;
+    }
+    const uint64_t now = steady_now_ns();
+    if (trial_last_way_ >= 0) trial_token_ns_[trial_last_way_].push_back(now - trial_last_start_ns_);
+    trial_last_way_ = -1;
+    trial_rows_now_ = false;
+    if (n_tokens != 1) {
+        return; // a prompt batch: the columns, untimed
+    }
+    if (std::min(trial_token_ns_[0].size(), trial_token_ns_[1].size()) >= (size_t) kDownTrialTokens) {
+        settle_down_trial();
+        return;
+    }
+    trial_rows_now_ = trial_.tokens % 2 == 1; // columns first, then alternate
+    trial_.tokens += 1;
+    trial_last_way_ = trial_rows_now_ ? 1 : 0;
+    trial_last_start_ns_ = now;
+}
+
+void SparseFfn::settle_down_trial() {
+    const DownTrial t = down_trial();
+    trial_.settled = true;
+    trial_.rows_kept = (double) t.rows_ns < (1.0 - kDownTrialMargin) * (double) t.columns_ns;
+    trial_rows_now_ = false;
+    for (auto & Lp : layers_) {
+        if (!Lp || !Lp->trial_down.data) continue;
+        SparseLayerWeights & L = *Lp;
+        if (trial_.rows_kept) {
+            L.down = L.trial_down;
+        } else {
+            resident_bytes_ -= L.trial_down.row_bytes * (size_t) L.trial_down.rows;
+        }
+        L.trial_down = WeightMatrix();
+    }
+    if (!trial_.rows_kept) trial_storage_.clear(); // the columns won: the rows' memory goes back
+}
+
 bool SparseFfn::down_rows_pay(int il, ggml_type row_type, size_t row_bytes) const {
     if (!has_layer(il) || !store_->split()) return false;
     const SparseLayerWeights & L = *layers_[(size_t) il];
@@ -57,7 +131,7 @@ bool SparseFfn::down_rows_pay(int il, ggml_type row_type, size_t row_bytes) cons
 // outside the final neurons and converted to the rows' vec_dot type
 void SparseFfn::prepare_down_rows(int il, int64_t n_tokens, int ith, int nth) {
     const SparseLayerWeights & L = *layers_[(size_t) il];
-    const WeightType & wt = *L.down.wt;
+    const WeightType & wt = *down_rows_of(L).wt;
     const int64_t bs = ggml_blck_size(wt.vec_dot_type);
     const size_t row = wt.act_row_bytes(L.n_ff), block = ggml_type_size(wt.vec_dot_type);
     const auto [b0, b1] = split_range(L.n_ff / bs, ith, nth);
@@ -85,20 +159,21 @@ void SparseFfn::prepare_down_rows(int il, int64_t n_tokens, int ith, int nth) {
 // prompt batch through ggml's batched mul_mat)
 void SparseFfn::down_rows(int il, float * y, int64_t n_tokens, int ith, int nth) {
     const SparseLayerWeights & L = *layers_[(size_t) il];
-    const WeightType & wt = *L.down.wt;
+    const WeightMatrix & D = down_rows_of(L);
+    const WeightType & wt = *D.wt;
     const size_t row = wt.act_row_bytes(L.n_ff);
     const auto [e0, e1] = split_range(L.n_out, ith, nth, kRowBlock);
     if (e0 == e1) {
         return;
     }
     if (n_tokens >= kGemmMinTokens) {
-        rows_times_tokens(wt, L.down.row(e0), L.down.row_bytes, e1 - e0, L.n_ff, hq_.data(), n_tokens, y + e0,
+        rows_times_tokens(wt, D.row(e0), D.row_bytes, e1 - e0, L.n_ff, hq_.data(), n_tokens, y + e0,
                           L.n_out, thread_state(ith).gemm_work);
     } else {
         for (int64_t t = 0; t < n_tokens; ++t) {
             const uint8_t * hqt = hq_.data() + (size_t) t * row;
             float * yt = y + t * L.n_out;
-            for (int64_t e = e0; e < e1; ++e) wt.vec_dot((int) L.n_ff, yt + e, 0, L.down.row(e), 0, hqt, 0, 1);
+            for (int64_t e = e0; e < e1; ++e) wt.vec_dot((int) L.n_ff, yt + e, 0, D.row(e), 0, hqt, 0, 1);
         }
     }
     if (!L.down_bias.empty()) {

@@ -229,7 +229,7 @@ void SparseFfn::reserve(int il, int64_t n_tokens) {
     grow(xq_gate_, tokens * std::max(xq_gate, xq_gate_resident));
     grow(xq_up_, tokens * std::max(xq_up, xq_up_resident));
     grow(h_, tokens * (size_t) L.n_ff);
-    if (L.down.data) grow(hq_, tokens * L.down.wt->act_row_bytes(L.n_ff));
+    if (const WeightMatrix & D = down_rows_of(L); D.data) grow(hq_, tokens * D.wt->act_row_bytes(L.n_ff));
     grow(token_active_, tokens * (size_t) L.n_ff);
     grow(record_of_, (size_t) L.n_ff);
     grow(down_of_, (size_t) L.n_ff);
@@ -322,6 +322,7 @@ void SparseFfn::convert_inputs(int il, const float * x, int64_t n_tokens, int it
         if (il == 0) {
             store_->check_unchanged();
         }
+        if (il == trial_first_layer_) advance_down_trial(n_tokens);
         if (gate_stream_ && gate_stream_->streams(il)) {
             // read ahead while the layer before ran; the barrier after this phase publishes the pointer
             layers_[il]->gate.data = gate_stream_->acquire(il);
@@ -457,10 +458,10 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
                     // down columns, so the next region can be read into their buffer now
                     stream_->release(stream_item(il, false));
                 }
-                if (L.down.data) prepare_down_rows(il, n_tokens, ith, nth);
+                if (rows_now(L)) prepare_down_rows(il, n_tokens, ith, nth);
                 break;
             case 4:
-                if (L.down.data) {
+                if (rows_now(L)) {
                     down_rows(il, y, n_tokens, ith, nth);
                 } else {
                     down(il, y, n_tokens, ith, nth);

@@ -60,7 +60,7 @@ void SparseFfn::read_and_compute(int il, int64_t n_tokens, int ith, int nth, Thr
     });
     // cache hits come in order, and with the whole store cached nothing else does: sorted already, then
     if (!std::is_sorted(ts.finals.begin(), ts.finals.end())) std::sort(ts.finals.begin(), ts.finals.end());
-    if (!store_->split() || layers_[(size_t) il]->down.data) {
+    if (!store_->split() || rows_now(*layers_[(size_t) il])) {
         return; // joint records held the down columns; rows need none
     }
     Wave & downs = ts.wave[1];

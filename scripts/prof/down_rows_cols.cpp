@@ -1,6 +1,6 @@
 // The down projection of one decoded token, 28 layers, 2 threads: q5_K columns of 39 % of 8,960 neurons chosen at
-// random (each thread its half of every column, as the engine) against every row of 8,960 in q4_K or q6_K with h
-// converted to q8_K (as llama.cpp, and the engine's down rows). Random choices scatter the columns more than a
+// random (each thread its half of every column, as the engine) against every row of 8,960 in q4_K, q5_K, q6_K or q8_0 with h
+// converted to their vec_dot type (q8_K, q8_0) (as llama.cpp, and the engine's down rows). Random choices scatter the columns more than a
 // placement does: the engine measured the columns cheaper than this (docs/benchmarks.md, fourteenth pass).
 // build (from build/cpp, after scripts/setup.sh test): g++ -O2 -std=c++17 ../../scripts/prof/down_rows_cols.cpp -I ../../cpp/include \
 //   -I $LLAMA/include -I $LLAMA/ggml/include libneuralink_core.a -L$LIB -lggml-base -lggml-cpu -lggml -Wl,-rpath,$LIB -lpthread
@@ -24,9 +24,9 @@ int main() {
     const size_t cb = ggml_row_size(GGML_TYPE_Q5_K, n);
     std::vector<uint8_t> cols(cb * nf * L);
     for (int c = 0; c < nf * L; ++c) { for (int i = 0; i < n; ++i) vals[i] = nd(rng); ggml_quantize_chunk(GGML_TYPE_Q5_K, vals.data(), cols.data() + cb * c, 0, 1, n, nullptr); }
-    std::vector<ggml_type> rt = { GGML_TYPE_Q4_K, GGML_TYPE_Q6_K };
-    std::vector<std::vector<uint8_t>> rows(2);
-    for (int r = 0; r < 2; ++r) {
+    std::vector<ggml_type> rt = { GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K, GGML_TYPE_Q8_0 };
+    std::vector<std::vector<uint8_t>> rows(rt.size());
+    for (size_t r = 0; r < rt.size(); ++r) {
         const size_t rb = ggml_row_size(rt[r], nf);
         rows[r].resize(rb * n * L);
         for (int64_t j = 0; j < n * L; ++j) { for (auto & v : vals) v = nd(rng); ggml_quantize_chunk(rt[r], vals.data(), rows[r].data() + rb * j, 0, 1, nf, nullptr); }
@@ -35,7 +35,7 @@ int main() {
     const int tokens = 30;
     std::vector<std::vector<float>> h(L, std::vector<float>(nf));
     for (auto & l : h) for (auto & v : l) v = ud(rng) < dens ? nd(rng) : 0.0f;
-    for (int mode = 0; mode < 3; ++mode) for (int rep = 0; rep < 3; ++rep) {
+    for (int mode = 0; mode <= (int) rt.size(); ++mode) for (int rep = 0; rep < 3; ++rep) {
         std::vector<float> y(n);
         Barrier bar; bar.n = 2;
         double ns[2] = {0, 0};
@@ -44,7 +44,7 @@ int main() {
             std::vector<const uint8_t *> cp; std::vector<float> hh;
             const ggml_type t = mode ? rt[mode - 1] : GGML_TYPE_Q5_K;
             const WeightType & wt = weight_type(t);
-            std::vector<uint8_t> hq(ggml_row_size(GGML_TYPE_Q8_K, nf));
+            std::vector<uint8_t> hq(wt.act_row_bytes(nf));
             volatile uint64_t sink = 0;
             for (int tk = 0; tk < tokens; ++tk) for (int l = 0; l < L; ++l) {
                 uint64_t s = 0; size_t off = ((size_t) (tk * L + l) * (4 << 20) + ith * (2 << 20)) % (junk.size() - (2 << 20));
@@ -68,7 +68,7 @@ int main() {
             }
         };
         std::thread t1(work, 1); work(0); t1.join();
-        const char * names[] = { "q5_K columns, 39 %", "q4_K rows, all", "q6_K rows, all" };
+        const char * names[] = { "q5_K columns, 39 %", "q4_K rows, all", "q5_K rows, all", "q6_K rows, all", "q8_0 rows, all" };
         std::printf("%s: %.2f ms per token\n", names[mode], ns[0] / tokens * 1e3);
     }
 }

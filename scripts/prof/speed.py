@@ -12,6 +12,8 @@ else:
     if os.environ.get("PRED"): kw["predictor"] = os.environ["PRED"]
     if os.environ.get("DOWN_ROWS") == "0": kw["down_rows"] = False
     llm = neuralink.Llama(model, n_ctx=512, n_threads=threads, verbose=False, **kw)
+    if os.environ.get("DOWN_ROWS") == "all":  # every layer by the GGUF's rows, whatever the cost model says
+        llm.engine.use_down_rows(list(range(llm.engine.n_layer)))
 prompt = "def binary_search(items, target):\n    \"\"\"Return the index of target in the sorted list items.\"\"\"\n"
 toks = llm.tokenize(prompt.encode())
 for rep in range(int(os.environ.get("REPS", "2"))):

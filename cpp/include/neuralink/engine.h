@@ -92,12 +92,19 @@ public:
     // engine, with the joint layout, or when the sidecar records no checksums of the rows (conversions before
     // them). For a store held whole in DRAM, where the columns are never read once rows replace them.
     DownRowPlan down_row_layers() const;
+    // Every layer whose down rows the engine could multiply (the same conditions, whatever they would cost): the
+    // layers try_down_rows puts on trial.
+    DownRowPlan down_row_trial_layers() const;
     // Reads the down rows of `layers` from the model file, checks each layer's against the checksum the
     // conversion recorded and hands them to the sparse engine (SparseFfn::use_down_rows). Between evaluations,
     // before the store is read into the cache. Throws std::invalid_argument for a layer whose rows the sidecar
     // has no checksum of (or with the joint layout), ModelFileError naming the file and tensor for rows that fail
     // their checksum.
     void use_down_rows(const std::vector<int> & layers);
+    // The same rows, checked the same way, put on trial beside the down columns (SparseFfn::try_down_rows): the
+    // first decoded tokens time both and the faster is kept, the rows freed if the columns win. The cache must
+    // hold the columns as well as the rows until then.
+    void try_down_rows(const std::vector<int> & layers);
 
     // Bounds what llama.cpp's lookups of an untied token embedding keep mapped (residency.h): from now on its
     // pages are unmapped as layer 0 starts each micro-batch. Once llama.cpp has mapped the model; (bytes of
@@ -115,6 +122,7 @@ private:
     WeightMatrix load_matrix(const TensorInfo & t, DirectFile & file);
     std::vector<float> load_vector(const TensorInfo & t, int64_t n, DirectFile & file);
     std::string check_layer(const FfnLayer & L, const llama_ffn_hook_layer & d) const;
+    void use_down_rows(const std::vector<int> & layers, bool trial);
 
     GgufModel model_;
     llama_ffn_hook hook_ {};

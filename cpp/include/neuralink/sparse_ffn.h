@@ -82,6 +82,8 @@ struct SparseLayerWeights {
     WeightMatrix up;          // resident up rows (oracle on non-gated models, and with the contribution criterion)
     WeightMatrix down;        // resident down rows (n_out rows of n_ff, the converted GGUF's ffn_down, placed order)
                               // when the down projection reads rows instead of columns (SparseFfn::use_down_rows)
+    WeightMatrix trial_down;  // down rows on trial (SparseFfn::try_down_rows): decoded tokens alternate between
+                              // them and the down columns until the trial keeps the faster
     std::vector<float> gate_bias, up_bias, down_bias; // placed order; empty when absent
 };
 
@@ -182,6 +184,26 @@ public:
     // rows of the wrong shape, a joint layout or a layer not served.
     void use_down_rows(int il, WeightMatrix rows);
     bool down_by_rows(int il) const { return has_layer(il) && layers_[(size_t) il]->down.data != nullptr; }
+    // Down rows on trial, for a store held whole in DRAM, where which of rows and columns costs less depends on
+    // the machine (docs/engine.md): from now on decoded tokens (evaluations of one token) alternate between layer
+    // il's down columns and `rows`, owned by `storage`, each token timed from the start of its evaluation to the
+    // next's (all of it: what either does to the rest of the token counts); once kDownTrialTokens tokens each
+    // way are timed, the rows are kept for every layer on trial (as use_down_rows keeps them) if their median
+    // token is shorter by kDownTrialMargin at least (the columns stay cached beside them), else the columns,
+    // the rows then freed. Prompt batches use the columns until then. Between
+    // evaluations; the same refusals as use_down_rows, and a layer whose rows are in use or on trial already.
+    void try_down_rows(int il, WeightMatrix rows, AlignedBuffer storage);
+    static constexpr int kDownTrialTokens = 16;
+    static constexpr double kDownTrialMargin = 0.02;
+    struct DownTrial {
+        int layers = 0;          // layers on trial (or, once settled, that were)
+        int tokens = 0;          // decoded tokens timed, both ways together
+        uint64_t rows_ns = 0;    // the median decoded token's time with rows (0 before any)
+        uint64_t columns_ns = 0; // the same with columns
+        bool settled = false;
+        bool rows_kept = false;
+    };
+    DownTrial down_trial() const;
     // Whether layer il's down projection would cost less by rows of type `row_type`, `row_bytes` bytes each (n_out
     // of them), than by the down columns of the neurons it is expected to need (the sidecar's frequencies), with
     // what one byte of each costs (row_byte_cost, docs/engine.md).
@@ -254,6 +276,14 @@ private:
     // the down projection by rows (sparse_down_rows.cpp): phase 3's h, phase 4's product
     void prepare_down_rows(int il, int64_t n_tokens, int ith, int nth);
     void down_rows(int il, float * y, int64_t n_tokens, int ith, int nth);
+    // the down trial (try_down_rows): whether layer il's down projection reads rows in this evaluation; thread
+    // 0's step at the start of each evaluation (phase 0 of the first layer on trial); the choice, made there
+    bool rows_now(const SparseLayerWeights & L) const {
+        return L.down.data != nullptr || (L.trial_down.data != nullptr && trial_rows_now_);
+    }
+    const WeightMatrix & down_rows_of(const SparseLayerWeights & L) const { return L.down.data ? L.down : L.trial_down; }
+    void advance_down_trial(int64_t n_tokens);
+    void settle_down_trial();
     void fail(const std::string & what, bool numeric = false);
     ThreadState & thread_state(int ith);
     uint64_t gap_bytes(const DeviceCost & device) const;
@@ -316,6 +346,15 @@ private:
     mutable std::mutex error_mutex_;
     std::string error_;
     bool error_numeric_ = false;
+
+    // the down trial (try_down_rows)
+    std::vector<AlignedBuffer> trial_storage_;
+    int trial_first_layer_ = -1;  // the first layer on trial: its phase 0 starts each evaluation's step
+    bool trial_rows_now_ = false; // this evaluation's layers on trial read rows
+    int trial_last_way_ = -1;     // the last evaluation's way (0 columns, 1 rows) if it was a timed token, else -1
+    uint64_t trial_last_start_ns_ = 0;
+    std::vector<uint64_t> trial_token_ns_[2]; // each timed token's time, by way
+    DownTrial trial_;
 
     uint64_t layer_start_ns_ = 0;
     std::mutex stats_mutex_;

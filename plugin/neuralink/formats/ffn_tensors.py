@@ -52,15 +52,19 @@ FLOAT_TYPES = frozenset({QType.F32, QType.F16, QType.BF16})
 # re-encoded in q8_0 -0.009 %.
 AUTO_KEEPS_TYPES = FLOAT_TYPES | {QType.Q8_0}
 AUTO_FINER_TYPE = QType.Q8_0
-# The sidecar's down columns under "auto": K-quant sources of at most 6 bits go to q5_K where the columns
-# fit its 256-value blocks (n_embd % 256 == 0). Measured on Qwen2.5-Coder-1.5B Q4_K_M (docs/convert.md):
+# Under "auto", K-quant sources of at most 6 bits go to q5_K where the values fit its 256-value blocks: the
+# sidecar's down columns (n_embd % 256 == 0) and the converted GGUF's ffn_down rows (n_ff % 256 == 0).
+# The columns, measured on Qwen2.5-Coder-1.5B Q4_K_M (docs/convert.md):
 # relative RMS error q8_0 0.57 %, q6_K 1.85 %, q5_K 3.7 %, q4_K 7.3 %; the engine reading every neuron,
 # against stock, on held-out code +0.12 % (q8_0), +0.06 % (q6_K), +1.12 % (q4_K) perplexity, and q6_K
 # -0.04 % / q5_K -0.16 % on 2048 code tokens, -0.17 % / +0.49 % on 2048 tokens of English; at the validated
 # sparsity q5_K +0.85 % / +3.16 % against q6_K's +0.92 % / +3.57 %, greedy agreement 0.470 against 0.453.
 # q5_K columns are 16 % smaller than q6_K's (1056 against 1260 bytes at n_embd 1536): under 800MB and 530MB
 # caps, where every byte not held is read per token, decoding ran 15-18 % faster. Every K-quant type has a
-# fused loop (column_axpy).
+# fused loop (column_axpy). The GGUF's rows (2026-12-06): stock llama.cpp on the converted file, against the
+# source, +0.14 % on 2048 held-out code tokens and -0.07 % on English (q8_0 rows -0.21 % / +0.10 %, both within
+# the standard error), 196 MB smaller (1064 against 1260 MiB) and decoding at 0.95-1.0x the source's speed
+# (q8_0 rows 0.85-0.9x); the engine times them against its columns where it holds the store (try_down_rows).
 AUTO_BUNDLE_K_SOURCES = frozenset({QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K})
 AUTO_BUNDLE_K_TYPE = QType.Q5_K
 
@@ -225,13 +229,18 @@ def quantizable(qtype: QType) -> bool:
 def choose_down_type(source: QType, row_length: int, policy: DownEncoding) -> QType:
     """The type to store re-encoded down values in, for rows of `row_length` values.
 
-    "auto" keeps float and q8_0 types and re-encodes other quantized types in
-    q8_0; "same" keeps the source type. When rows do not fit the chosen type's
-    block size (K-quants need multiples of 256) or ggml cannot quantize it
-    without an importance matrix, falls back to q8_0, then to f16.
+    "auto" stores a K-quant `ffn_down` of at most 6 bits in q5_K when the rows
+    fit its blocks (AUTO_BUNDLE_K_SOURCES), keeps float and q8_0 types and
+    re-encodes other quantized types in q8_0; "same" keeps the source type.
+    When rows do not fit the chosen type's block size (K-quants need multiples
+    of 256) or ggml cannot quantize it without an importance matrix, falls
+    back to q8_0, then to f16.
     """
     if policy not in DOWN_ENCODINGS:
         raise ValueError(f"unknown down encoding {policy!r}; expected one of {DOWN_ENCODINGS}")
+    if policy == "auto" and source in AUTO_BUNDLE_K_SOURCES and quantizable(AUTO_BUNDLE_K_TYPE) \
+            and row_length % GGML_QUANT_SIZES[AUTO_BUNDLE_K_TYPE][0] == 0:
+        return AUTO_BUNDLE_K_TYPE
     if policy == "auto":
         target = source if source in AUTO_KEEPS_TYPES else AUTO_FINER_TYPE
     elif policy == "same":
@@ -248,12 +257,8 @@ def choose_down_type(source: QType, row_length: int, policy: DownEncoding) -> QT
 
 
 def choose_bundle_down_type(source: QType, column_length: int, policy: DownEncoding) -> QType:
-    """The type of the sidecar's down columns of `column_length` (n_embd) values: as choose_down_type, except
-    that "auto" stores the columns of a K-quant `ffn_down` of at most 6 bits in q5_K when they fit its blocks
-    (AUTO_BUNDLE_K_SOURCES: 35 % fewer bytes than q8_0 at a measured +0-0.7 % perplexity)."""
-    if policy == "auto" and source in AUTO_BUNDLE_K_SOURCES and quantizable(AUTO_BUNDLE_K_TYPE) \
-            and column_length % GGML_QUANT_SIZES[AUTO_BUNDLE_K_TYPE][0] == 0:
-        return AUTO_BUNDLE_K_TYPE
+    """The type of the sidecar's down columns of `column_length` (n_embd) values: choose_down_type's (q5_K
+    columns of a K-quant `ffn_down`: 35 % fewer bytes than q8_0 at a measured +0-0.7 % perplexity)."""
     return choose_down_type(source, column_length, policy)
 
 

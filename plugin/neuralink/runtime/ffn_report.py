@@ -24,6 +24,16 @@ def summary_line(rows: np.ndarray, n_layer: int) -> str:
             f"({rows['stall_ns'].sum() / per / 1e6:.2f} ms waited)")
 
 
+def down_trial_note(trial: dict[str, Any]) -> str:
+    """The down trial (Engine.try_down_rows) in a few words: what it is timing or what it kept."""
+    if not trial.get("layers"):
+        return ""
+    timed = f"a decoded token {trial['rows_ms']:.1f} ms with rows, {trial['columns_ms']:.1f} ms with columns"
+    if not trial["settled"]:
+        return f"; down projection on trial after {trial['tokens']} decoded tokens ({timed})"
+    return f"; down projection by {'rows' if trial['rows_kept'] else 'columns'} ({timed})"
+
+
 class FfnReporting:
     """neuralink.Llama's methods that report the engine's work (a mixin before llama_cpp.Llama: it needs the
     Llama's ``engine``, ``verbose``, ``_stats`` and ``_summarized``)."""
@@ -50,7 +60,7 @@ class FfnReporting:
         start = self._summarized if self._summarized <= len(stats) else 0  # ffn_stats(reset=True) restarts
         rows = stats[start:] if stats.size else stats
         self._summarized = len(stats)
-        return summary_line(rows, max(self.engine.n_layer, 1))
+        return summary_line(rows, max(self.engine.n_layer, 1)) + down_trial_note(self.engine.down_trial)
 
     def ffn_stats(self, reset: bool = False) -> np.ndarray:
         """Counters of every layer evaluation since the start (or the last reset), one row each.
