@@ -30,6 +30,14 @@ def test_each_neuralink_variant_gets_its_line_against_the_same_stock_runs() -> N
     assert cells["none"][:3] == ["10.00", "9.40", "0.94"]  # two decimals: 0.94 and 0.95 differ
 
 
+def test_the_down_trial_outcome_is_noted() -> None:
+    trial = dict(layers=28, tokens=32, rows_ms=25.0, columns_ms=27.0, settled=True)
+    nl = RunResult("none", "neuralink", runs=[{"tok_s": 9.0, "down_trial": {**trial, "rows_kept": kept}}
+                                             for kept in (True, False, True)])
+    rows = format_table([_run("none", "stock", 10.0), nl]).splitlines()[2:]
+    assert rows[0].split("|")[-2].strip() == "down rows kept in 2 of 3 runs"
+
+
 def test_a_cap_where_only_stock_ran_still_gets_its_line() -> None:
     rows = format_table([_run("430MB", "stock", 0.5)]).splitlines()[2:]
     assert len(rows) == 1 and rows[0].split("|")[1].strip() == "430MB"

@@ -181,14 +181,16 @@ def test_down_rows_on_trial_keep_the_faster_way_and_every_token_is_the_threshold
     assert engine.down_trial == dict(layers=2, tokens=0, rows_ms=0.0, columns_ms=0.0, settled=False,
                                      rows_kept=False)
     rng = np.random.default_rng(5)
-    # a prompt batch now and then: the columns, untimed; decoded tokens alternate, 16 each way, then one settles
-    for step in range(2 * 16 + 6):
+    # a prompt batch now and then: the columns, untimed; decoded tokens alternate, as many each way, then one
+    # settles
+    each = _engine.DOWN_TRIAL_TOKENS
+    for step in range(2 * each + 2 + 2 * each // 9 + 2):
         x = rng.standard_normal((n_tokens if step % 9 == 4 else 1, 256)).astype(np.float32)
         for il in range(2):  # f32 rows and columns alike give the thresholded FFN
             assert rel_max_abs(engine.forward(il, x, "silu"), thresholded_ffn(model, il, x, threshold)) <= 1e-5
     trial = engine.down_trial
-    assert trial["settled"] and trial["tokens"] == 32 and trial["rows_ms"] > 0 and trial["columns_ms"] > 0
-    assert trial["rows_kept"] == (trial["rows_ms"] < 0.98 * trial["columns_ms"])
+    assert trial["settled"] and trial["tokens"] == 2 * each and trial["rows_ms"] > 0 and trial["columns_ms"] > 0
+    assert trial["rows_kept"] == (trial["rows_ms"] < (1 - _engine.DOWN_TRIAL_MARGIN) * trial["columns_ms"])
     assert engine.down_rows_layers_in_use == ([0, 1] if trial["rows_kept"] else [])
     stats = engine.take_stats()
     assert (stats[-2:]["down_cache_hits"] == 0).all() == trial["rows_kept"]
@@ -204,7 +206,7 @@ def test_neuralink_llama_puts_down_rows_on_trial_where_the_room_holds_both(conve
     llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_bytes=4 * engine.store_bytes,
                           **CONTEXT)
     assert llm.engine.down_trial["layers"] == 2 and llm.engine.down_rows_layers_in_use == []
-    greedy(llm, tokens_of(llm, 12), 40)
+    greedy(llm, tokens_of(llm, 12), 2 * _engine.DOWN_TRIAL_TOKENS + 4)
     assert llm.engine.down_trial["settled"]
     assert re.search(r"down projection by (rows|columns) \(a decoded token", llm.ffn_summary())
     llm.close()

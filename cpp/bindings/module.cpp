@@ -498,6 +498,8 @@ PYBIND11_MODULE(_engine, m) {
     // the engine's defaults (neuralink/defaults.h): Python reads them from here, never restates them
     m.attr("DEFAULT_READ_LATENCY_S") = kDefaultReadLatencyS;
     m.attr("DEFAULT_BANDWIDTH_BYTES_S") = kDefaultBandwidthBytesS;
+    m.attr("DOWN_TRIAL_TOKENS") = SparseFfn::kDownTrialTokens;
+    m.attr("DOWN_TRIAL_MARGIN") = SparseFfn::kDownTrialMargin;
     m.attr("DEFAULT_QUEUE_DEPTH") = kDefaultQueueDepth;
     m.attr("STREAM_COST_RATIO") = SparseFfn::kStreamCostRatio;
     m.attr("DEFAULT_MAX_READ_BYTES") = kDefaultMaxReadBytes;

@@ -193,7 +193,7 @@ public:
     // the rows then freed. Prompt batches use the columns until then. Between
     // evaluations; the same refusals as use_down_rows, and a layer whose rows are in use or on trial already.
     void try_down_rows(int il, WeightMatrix rows, AlignedBuffer storage);
-    static constexpr int kDownTrialTokens = 16;
+    static constexpr int kDownTrialTokens = 32;
     static constexpr double kDownTrialMargin = 0.02;
     struct DownTrial {
         int layers = 0;          // layers on trial (or, once settled, that were)

@@ -234,6 +234,10 @@ def format_table(results: list[RunResult]) -> str:
         ratio = n_tok / s_tok if s_tok and n_tok else None
         peak = lambda r: statistics.median(r.peaks) / 2**20 if r and r.peaks else None  # noqa: E731
         notes = "; ".join(f"{r.variant}: {r.note}" for r in (stock, nl) if r and r.note)
+        trials = [r["down_trial"] for r in (nl.runs if nl else []) if r.get("down_trial", {}).get("settled")]
+        if trials:
+            kept = sum(bool(t["rows_kept"]) for t in trials)
+            notes = "; ".join(filter(None, [notes, f"down rows kept in {kept} of {len(trials)} runs"]))
         stall = nl.median("stall_s_per_token") if nl else None
         read_mib = nl.median("bytes_per_token") if nl else None
         lines.append(

@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> dict:
             memory_plan=llm.memory_plan.to_dict() if llm.memory_plan else None,
             collapse_gap_bytes=llm.engine.collapse_gap_bytes,  # at the end (adaptive: the fit's)
             cache_policy=llm.engine.cache_policy,  # what auto chose
+            down_trial=dict(llm.engine.down_trial),  # rows against columns, where the store is held whole
         )
     llm.close()
     return result
