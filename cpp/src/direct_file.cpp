@@ -105,15 +105,26 @@ void DirectFile::read_exact(uint64_t offset, void * dst, size_t len) const {
     }
 }
 
-AlignedBuffer DirectFile::read_range(uint64_t offset, size_t len, const uint8_t ** start) const {
+void advise_huge_pages(AlignedBuffer & buf) {
+#ifdef MADV_HUGEPAGE
+    const size_t whole = buf.size() / kHugePage * kHugePage;
+    if (whole > 0 && (uintptr_t) buf.data() % kHugePage == 0) madvise(buf.data(), whole, MADV_HUGEPAGE);
+#else
+    (void) buf;
+#endif
+}
+
+AlignedBuffer DirectFile::read_range(uint64_t offset, size_t len, const uint8_t ** start, bool huge_pages) const {
     const uint64_t begin = direct_ ? align_down(offset, kDirectAlign) : offset;
     const uint64_t end   = direct_ ? align_up(offset + len, kDirectAlign) : offset + len;
     if (offset + len > size_) {
         throw IoError(path_ + ": range [" + std::to_string(offset) + ", " + std::to_string(offset + len) +
                 ") lies beyond the end of the file (" + std::to_string(size_) + " bytes)");
     }
-    AlignedBuffer buf((size_t) (end - begin));
-    read_exact(begin, buf.data(), (size_t) (end - begin));
+    const size_t bytes = (size_t) (end - begin);
+    AlignedBuffer buf(bytes, huge_pages && bytes >= kHugePage ? kHugePage : kDirectAlign);
+    if (huge_pages) advise_huge_pages(buf);
+    read_exact(begin, buf.data(), bytes);
     *start = buf.data() + (offset - begin);
     return buf;
 }

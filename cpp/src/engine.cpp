@@ -251,7 +251,8 @@ void Engine::use_down_rows(const std::vector<int> & layers, bool trial) {
     const std::vector<ModelRange> & ranges = sparse_->store().down_row_ranges();
     for (int il : layers) {
         const TensorInfo & t = *checked_down_rows(model_, *sparse_, il);
-        WeightMatrix rows = load_matrix(t, file);
+        // streamed whole every token: in 2 MiB pages, as the store's columns are (StoreArena)
+        WeightMatrix rows = load_matrix(t, file, true);
         if (block_checksum64(rows.data, t.nbytes) != ranges[(size_t) il].checksum) {
             storage_.pop_back();
             weight_bytes_ -= t.nbytes;
@@ -291,7 +292,7 @@ std::string Engine::check_sparse_layer(const llama_ffn_hook_layer & d) const {
     return "";
 }
 
-WeightMatrix Engine::load_matrix(const TensorInfo & t, DirectFile & file) {
+WeightMatrix Engine::load_matrix(const TensorInfo & t, DirectFile & file, bool huge_pages) {
     std::string why;
     if (!weight_type_supported(t.type, &why)) {
         throw std::invalid_argument("tensor '" + t.name + "': " + why);
@@ -310,7 +311,7 @@ WeightMatrix Engine::load_matrix(const TensorInfo & t, DirectFile & file) {
                 " bytes, expected " + std::to_string(m.row_bytes * (size_t) m.rows));
     }
     const uint8_t * start = nullptr;
-    storage_.push_back(file.read_range(t.offset, t.nbytes, &start));
+    storage_.push_back(file.read_range(t.offset, t.nbytes, &start, huge_pages));
     m.data = start;
     weight_bytes_ += t.nbytes;
     return m;

@@ -9,20 +9,10 @@
 
 namespace neuralink {
 
-static constexpr size_t kHugePage = (size_t) 2 << 20;
-
-// The two buffers take a region's direct reads every token. Their whole 2 MiB pages (never past a buffer's end,
-// so the memory it holds stays its size) are asked to be huge: a read then pins a few pages instead of hundreds,
-// and lands in physically contiguous memory. Measured side by side on Qwen2.5-Coder-1.5B (bench e2e, 2 rounds):
-// 800MB 5.50 / 5.13 -> 5.42 / 5.82 tok/s, 1GB 8.47 / 8.75 -> 9.28 / 9.49, the I/O stall down by 5-10 %.
-static void advise_huge_pages(AlignedBuffer & buf) {
-#ifdef MADV_HUGEPAGE
-    const size_t whole = buf.size() / kHugePage * kHugePage;
-    if (whole > 0 && (uintptr_t) buf.data() % kHugePage == 0) madvise(buf.data(), whole, MADV_HUGEPAGE);
-#else
-    (void) buf;
-#endif
-}
+// The two buffers take a region's direct reads every token. Their whole 2 MiB pages are asked to be huge
+// (advise_huge_pages): a read then pins a few pages instead of hundreds, and lands in physically contiguous
+// memory. Measured side by side on Qwen2.5-Coder-1.5B (bench e2e, 2 rounds): 800MB 5.50 / 5.13 -> 5.42 / 5.82
+// tok/s, 1GB 8.47 / 8.75 -> 9.28 / 9.49, the I/O stall down by 5-10 %.
 
 size_t RegionStream::span_bytes(const FileRange & r) {
     return (size_t) (align_up(r.offset + r.bytes, kDirectAlign) - align_down(r.offset, kDirectAlign));

@@ -33,6 +33,13 @@ private:
     size_t size_ = 0;
 };
 
+constexpr size_t kHugePage = (size_t) 2 << 20;
+
+// Asks the kernel to back the buffer's whole 2 MiB pages with huge pages (transparent huge pages in "madvise"
+// mode, the usual default, need the advice), never past the buffer's end, so the memory it holds stays its
+// size; a buffer not aligned to 2 MiB is left alone. Before the buffer is written: a page is backed then.
+void advise_huge_pages(AlignedBuffer & buf);
+
 class DirectFile {
 public:
     // Opens `path` read-only, with O_DIRECT when `direct` is set and allowed.
@@ -56,8 +63,10 @@ public:
     void read_exact(uint64_t offset, void * dst, size_t len) const;
 
     // Reads an arbitrary byte range into a fresh aligned buffer; *start points
-    // at the first requested byte inside it.
-    AlignedBuffer read_range(uint64_t offset, size_t len, const uint8_t ** start) const;
+    // at the first requested byte inside it. With `huge_pages`, a buffer of 2 MiB
+    // or more is aligned to 2 MiB and its whole 2 MiB pages are asked to be huge
+    // (advise_huge_pages) before the read: for weights streamed every token.
+    AlignedBuffer read_range(uint64_t offset, size_t len, const uint8_t ** start, bool huge_pages = false) const;
 
 private:
     std::string path_;

@@ -119,7 +119,7 @@ private:
     void load_layer(int il, DirectFile & file);
     void load_sparse_layer(int il, DirectFile & file);
     std::string check_sparse_layer(const llama_ffn_hook_layer & d) const;
-    WeightMatrix load_matrix(const TensorInfo & t, DirectFile & file);
+    WeightMatrix load_matrix(const TensorInfo & t, DirectFile & file, bool huge_pages = false);
     std::vector<float> load_vector(const TensorInfo & t, int64_t n, DirectFile & file);
     std::string check_layer(const FfnLayer & L, const llama_ffn_hook_layer & d) const;
     void use_down_rows(const std::vector<int> & layers, bool trial);
