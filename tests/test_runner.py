@@ -363,6 +363,23 @@ def test_without_a_budget_the_cache_is_sized_from_the_memory_there_is(runner: Pa
     assert generated_tokens(result) == generated_tokens(plain)
 
 
+def test_down_rows_go_on_trial_where_the_memory_holds_them_beside_the_store(runner: Path, converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0", threshold=0.05, bundle_layout="split", down_type="q8_0",
+                               bundle_down_type="q5_K")
+    tokens = 2 * neuralink._engine.DOWN_TRIAL_TOKENS + 4
+    result = run(runner, "-m", model, "-p", PROMPT, "-n", tokens, "--ignore-eos", "--io-backend", "pread")
+    assert result.returncode == 0, result.stderr
+    # the rule neuralink.Llama follows (Engine::hold_down_rows): uncapped, rows and columns both fit
+    assert "down projection of 2 layers timed on the first decoded tokens" in result.stderr
+    trial = re.search(r"^down +by (rows|columns): a decoded token ([0-9.]+) ms with the model's own rows, ([0-9.]+) ms "
+                      r"with the down columns \(medians of (\d+) tokens\)$", result.stderr, re.MULTILINE)
+    assert trial, result.stderr
+    assert int(trial.group(4)) == 2 * neuralink._engine.DOWN_TRIAL_TOKENS
+    rows_ms, columns_ms = float(trial.group(2)), float(trial.group(3))
+    assert (trial.group(1) == "rows") == (rows_ms < (1 - neuralink._engine.DOWN_TRIAL_MARGIN) * columns_ms)
+    assert len(generated_tokens(result)) == tokens
+
+
 def test_under_a_budget_weights_stay_unrepacked_and_embedding_lookups_bounded(runner: Path, converted_model) -> None:
     # as neuralink.Llama (test_memory_budget.py): repacking copies Q4_0/Q4_K weights into anonymous memory beside
     # the mapped file, not where memory is short; and the token embedding's pages are released every micro-batch,

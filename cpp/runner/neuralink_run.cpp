@@ -143,6 +143,19 @@ neuralink::CachePolicy resolved_policy(const RunnerOptions & o, const neuralink:
     return sparse.auto_policy(bytes);
 }
 
+// For a cache holding the whole store, the converted GGUF's down rows by the engine's rule (Engine::hold_down_rows,
+// as neuralink.Llama), given `room`, the memory the cache may use.
+void hold_down_rows(neuralink::Engine & engine, uint64_t room) {
+    const neuralink::DownRowChoice c = engine.hold_down_rows(room);
+    if (c.trial) {
+        note("down projection of %zu layers timed on the first decoded tokens by the model's own rows (%.0f MiB) and "
+             "by the down columns; the faster is kept", c.layers.size(), c.row_bytes / 1048576.0);
+    } else if (!c.layers.empty()) {
+        note("down projection of %zu layers by the model's own rows (%.0f MiB, in place of %.0f MiB of down columns)",
+             c.layers.size(), c.row_bytes / 1048576.0, c.column_bytes / 1048576.0);
+    }
+}
+
 // Reads the whole store into the cache when the cache holds it, rather than neuron by neuron while decoding.
 void preload_store(neuralink::SparseFfn & sparse) {
     if (sparse.holds_store()) {
@@ -274,6 +287,7 @@ std::unique_ptr<neuralink::Engine> open_engine(const RunnerOptions & o, std::str
     if (auto * sparse = engine->sparse()) {
         if (o.cache_policy == "auto" && o.cache_bytes > 0 && !o.memory_budget) {
             sparse->configure_cache(resolved_policy(o, *sparse, o.cache_bytes), o.cache_bytes);
+            hold_down_rows(*engine, o.cache_bytes);
             preload_store(*sparse);
         }
         note("sparse: sidecar %s, predictor %s, cache %s", sidecar.c_str(), predictor.c_str(),
@@ -399,6 +413,7 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
     if (const neuralink::LookupPages & pages = engine.bound_lookup_pages(); !pages.error.empty()) {
         note("%s; the token embedding's lookups stay mapped", pages.error.c_str());
     }
+    hold_down_rows(engine, plan.budget > plan.minimum() ? plan.budget - plan.minimum() : 0);
     preload_store(*engine.sparse());
 }
 
@@ -426,6 +441,12 @@ void report(const Generation & g, const neuralink::Engine * engine, bool followe
                      c.used_bytes / 1048576.0, c.capacity_bytes / 1048576.0);
         std::fprintf(stderr, "reads      merged across gaps up to %.1f KiB (%s)\n", sparse->collapse_gap_bytes() / 1024.0,
                      sparse->options().adaptive_collapse ? "adaptive: fitted to the reads' timing" : "device model");
+        if (const auto t = sparse->down_trial(); t.layers > 0) {
+            std::fprintf(stderr, "down       %s: a decoded token %.2f ms with the model's own rows, %.2f ms with the "
+                         "down columns (medians of %d tokens)\n",
+                         !t.settled ? "rows on trial" : t.rows_kept ? "by rows" : "by columns",
+                         t.rows_ns / 1e6, t.columns_ns / 1e6, t.tokens);
+        }
     } else if (engine) {
         std::fprintf(stderr, "engine     dense, %.1f MiB of FFN weights resident\n", engine->weight_bytes() / 1048576.0);
     }

@@ -229,6 +229,25 @@ DownRowPlan Engine::down_row_layers() const { return down_row_plan(model_, spars
 
 DownRowPlan Engine::down_row_trial_layers() const { return down_row_plan(model_, sparse_.get(), n_layer(), false); }
 
+DownRowChoice Engine::hold_down_rows(uint64_t room) {
+    DownRowChoice out;
+    if (!sparse_ || !sparse_->holds_store()) return out;
+    auto fits = [&](int64_t bytes) { return bytes > 0 && sparse_->arena_fits((size_t) bytes); };
+    const DownRowPlan all = down_row_trial_layers();
+    if (!all.layers.empty() && fits((int64_t) room - (int64_t) all.row_bytes)) {
+        try_down_rows(all.layers);
+        out = { all.layers, true, all.row_bytes, all.column_bytes };
+        return out;
+    }
+    const DownRowPlan paying = down_row_layers();
+    if (!paying.layers.empty() &&
+        fits((int64_t) room - std::max<int64_t>(0, (int64_t) paying.row_bytes - (int64_t) paying.column_bytes))) {
+        use_down_rows(paying.layers);
+        out = { paying.layers, false, paying.row_bytes, paying.column_bytes };
+    }
+    return out;
+}
+
 void Engine::try_down_rows(const std::vector<int> & layers) {
     use_down_rows(layers, true);
 }

@@ -104,6 +104,8 @@ void SparseFfn::settle_down_trial() {
         SparseLayerWeights & L = *Lp;
         if (trial_.rows_kept) {
             L.down = L.trial_down;
+            // nothing reads the layer's down columns any more: their memory goes back
+            if (arena_) arena_->release((uint32_t) (store_->n_layer() + L.il));
         } else {
             resident_bytes_ -= L.trial_down.row_bytes * (size_t) L.trial_down.rows;
         }

@@ -57,6 +57,17 @@ StoreArena::StoreArena(std::vector<size_t> record_bytes, size_t records_per_key,
     }
 }
 
+void StoreArena::release(uint32_t key) {
+    Region & r = regions_.at(key);
+    uint64_t records = 0;
+    for (uint32_t p = 0; p < r.n_records; ++p) {
+        if (r.state[p].exchange(kEmpty, std::memory_order_acq_rel) == kReady) ++records;
+    }
+    madvise(r.records.get(), r.record_bytes * r.n_records, MADV_DONTNEED); // the mapping stays, its pages go
+    entries_.fetch_sub(records, std::memory_order_relaxed);
+    held_bytes_.fetch_sub(records * r.record_bytes, std::memory_order_relaxed);
+}
+
 void StoreArena::admit(uint32_t key, uint32_t pos, const uint8_t * record) {
     if (key >= regions_.size() || pos >= regions_[key].n_records) {
         throw std::invalid_argument("store arena: record (" + std::to_string(key) + ", " + std::to_string(pos) +

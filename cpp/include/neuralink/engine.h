@@ -33,6 +33,15 @@ struct DownRowPlan {
     uint64_t column_bytes = 0;
 };
 
+// What Engine::hold_down_rows did: the layers given rows, on trial or in use, and the bytes of the rows and of
+// the columns they replace (or sit beside, on trial).
+struct DownRowChoice {
+    std::vector<int> layers;
+    bool trial = false;
+    uint64_t row_bytes = 0;
+    uint64_t column_bytes = 0;
+};
+
 struct LayerStatus {
     int         il = -1;
     bool        loaded = false;  // weights read and usable
@@ -105,6 +114,12 @@ public:
     // first decoded tokens time both and the faster is kept, the rows freed if the columns win. The cache must
     // hold the columns as well as the rows until then.
     void try_down_rows(const std::vector<int> & layers);
+    // The rule neuralink.Llama and neuralink-run share, for a sparse engine whose cache holds the whole store,
+    // given `room`, the memory the cache may use (what a budget leaves beside everything else): every layer's
+    // rows on trial when the room holds them beside the whole store (try_down_rows), else the rows of the layers
+    // where they pay (down_row_layers) in place of their columns when the store still fits with them
+    // (use_down_rows), else none. Before the store is read into the cache. Throws as use_down_rows does.
+    DownRowChoice hold_down_rows(uint64_t room);
 
     // Bounds what llama.cpp's lookups of an untied token embedding keep mapped (residency.h): from now on its
     // pages are unmapped as layer 0 starts each micro-batch. Once llama.cpp has mapped the model; (bytes of

@@ -189,8 +189,8 @@ public:
     // il's down columns and `rows`, owned by `storage`, each token timed from the start of its evaluation to the
     // next's (all of it: what either does to the rest of the token counts); once kDownTrialTokens tokens each
     // way are timed, the rows are kept for every layer on trial (as use_down_rows keeps them) if their median
-    // token is shorter by kDownTrialMargin at least (the columns stay cached beside them), else the columns,
-    // the rows then freed. Prompt batches use the columns until then. Between
+    // token is shorter by kDownTrialMargin at least, the columns' memory then freed from the store arena, else
+    // the columns, the rows then freed. Prompt batches use the columns until then. Between
     // evaluations; the same refusals as use_down_rows, and a layer whose rows are in use or on trial already.
     void try_down_rows(int il, WeightMatrix rows, AlignedBuffer storage);
     static constexpr int kDownTrialTokens = 32;

@@ -40,6 +40,9 @@ public:
     // thread) is left as it is. Throws std::invalid_argument for a key or position out of range.
     void admit(uint32_t key, uint32_t pos, const uint8_t * record);
 
+    // Gives the memory of key's records back (their pages dropped, every record empty again): for records nothing
+    // will look up any more. Not while another thread uses the key. Throws std::out_of_range for a bad key.
+    void release(uint32_t key);
     // lookups and hits of a batch of find() calls (counted once per batch, not per call)
     void count(uint64_t lookups, uint64_t hits) {
         lookups_.fetch_add(lookups, std::memory_order_relaxed);

@@ -159,20 +159,20 @@ def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | Non
 
 
 def hold_down_rows(engine: _engine.Engine, model: str, plan: MemoryPlan | None, cache_bytes: int) -> list[int]:
-    """Hand the engine, whose cache holds the whole store, the converted GGUF's down rows. Where the room the
-    plan's budget leaves (or, without a plan, `cache_bytes`) holds every layer's rows beside the whole store,
-    they go on trial (Engine.try_down_rows): the first decoded tokens time rows against columns and the engine
-    keeps the faster, which depends on the machine (docs/engine.md). Else the rows of the layers where the cost
-    model says they pay (Engine.down_row_layers) replace those columns, when the store still fits with them.
-    Returns the layers given rows: none when the rows would not fit or the sidecar cannot have them."""
-    # the room the budget leaves beside everything else (the cache itself was sized to the store only)
+    """Hand the engine, whose cache holds the whole store, the converted GGUF's down rows by the engine's rule
+    (Engine.hold_down_rows, which neuralink-run shares), given the room the plan's budget leaves beside
+    everything else or, without a plan, `cache_bytes`: on trial beside the columns when the room holds both
+    (the first decoded tokens time them and the faster is kept: which one depends on the machine,
+    docs/engine.md), else in place of the columns where they pay. Returns the layers given rows."""
     room = max(0, plan.budget - plan.minimum) if plan is not None else cache_bytes
-    layers, row_bytes, column_bytes = engine.down_row_trial_layers()
-    if layers and engine.cache_would_hold_store(room - row_bytes):
-        engine.try_down_rows(layers)
+    layers, trial, row_bytes, column_bytes = engine.hold_down_rows(room)
+    if trial:
         log.info("%s: the down projection of %d layers timed on the first decoded tokens by the model's own rows "
                  "(%.0f MiB) and by the down columns; the faster is kept", model, len(layers), row_bytes / 2**20)
-        return layers
+    elif layers:
+        log.info("%s: the down projection of %d layers by the model's own rows (%.0f MiB, in place of %.0f MiB "
+                 "of down columns)", model, len(layers), row_bytes / 2**20, column_bytes / 2**20)
+    return layers
     layers, row_bytes, column_bytes = engine.down_row_layers()
     if not layers or not engine.cache_would_hold_store(room - max(0, row_bytes - column_bytes)):
         return []
