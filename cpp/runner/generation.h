@@ -5,6 +5,7 @@
 
 #include "runner_options.h"
 
+#include "neuralink/engine.h"
 #include "neuralink/sparse_ffn.h"
 
 #include "llama.h"
@@ -58,5 +59,9 @@ void print_totals(const char * what, const StepTotals & t, bool sparse);
 
 // Prints what the drafts did to stderr.
 void print_drafts(const DraftTotals & d);
+
+// Prints the run's report to stderr: the generated (and, following a list, the greedy) token ids, each phase's
+// totals, the drafts, and the engine's memory, reads and down projection (null: stock llama.cpp).
+void report(const Generation & g, const neuralink::Engine * engine, bool followed);
 
 } // namespace neuralink_run

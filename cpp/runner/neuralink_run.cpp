@@ -417,41 +417,6 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
     preload_store(*engine.sparse());
 }
 
-std::string join_ids(const std::vector<llama_token> & tokens) {
-    std::string ids;
-    for (llama_token t : tokens) {
-        ids += (ids.empty() ? "" : " ") + std::to_string(t);
-    }
-    return ids;
-}
-
-void report(const Generation & g, const neuralink::Engine * engine, bool followed) {
-    std::fprintf(stderr, "\ngenerated token ids: %s\n", join_ids(g.tokens).c_str());
-    if (followed) {
-        std::fprintf(stderr, "greedy token ids: %s\n", join_ids(g.greedy).c_str());
-    }
-    const neuralink::SparseFfn * sparse = engine ? engine->sparse() : nullptr;
-    print_totals("prompt", g.prompt, sparse != nullptr);
-    print_totals("generation", g.decode, sparse != nullptr);
-    print_drafts(g.drafts);
-    if (sparse) {
-        const auto c = sparse->cache_stats();
-        std::fprintf(stderr, "engine     resident %.1f MiB, bundle store %.1f MiB, cache %.1f of %.1f MiB\n",
-                     sparse->resident_bytes() / 1048576.0, sparse->store_bytes() / 1048576.0,
-                     c.used_bytes / 1048576.0, c.capacity_bytes / 1048576.0);
-        std::fprintf(stderr, "reads      merged across gaps up to %.1f KiB (%s)\n", sparse->collapse_gap_bytes() / 1024.0,
-                     sparse->options().adaptive_collapse ? "adaptive: fitted to the reads' timing" : "device model");
-        if (const auto t = sparse->down_trial(); t.layers > 0) {
-            std::fprintf(stderr, "down       %s: a decoded token %.2f ms with the model's own rows, %.2f ms with the "
-                         "down columns (medians of %d tokens)\n",
-                         !t.settled ? "rows on trial" : t.rows_kept ? "by rows" : "by columns",
-                         t.rows_ns / 1e6, t.columns_ns / 1e6, t.tokens);
-        }
-    } else if (engine) {
-        std::fprintf(stderr, "engine     dense, %.1f MiB of FFN weights resident\n", engine->weight_bytes() / 1048576.0);
-    }
-}
-
 int run(const RunnerOptions & o) {
     LlamaLog log;
     log.verbose = o.verbose;

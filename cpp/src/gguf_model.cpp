@@ -5,11 +5,18 @@
 #include "gguf.h"
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <stdexcept>
 #include <sys/stat.h>
 
 namespace neuralink {
+
+std::string layer_tensor(int il, const char * base, const char * suffix) {
+    char buf[96];
+    std::snprintf(buf, sizeof(buf), "blk.%d.%s.%s", il, base, suffix);
+    return buf;
+}
 
 GgufModel::GgufModel(const std::string & path) : path_(path) {
     struct stat st {};

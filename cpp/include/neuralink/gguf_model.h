@@ -24,6 +24,9 @@ struct TensorInfo {
     uint64_t    nbytes;
 };
 
+// The GGUF name of layer il's tensor: layer_tensor(3, "ffn_down", "weight") is "blk.3.ffn_down.weight".
+std::string layer_tensor(int il, const char * base, const char * suffix);
+
 class GgufModel {
 public:
     // Throws std::runtime_error naming the file when it is missing, not a GGUF
