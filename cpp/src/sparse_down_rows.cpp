@@ -52,7 +52,10 @@ void SparseFfn::try_down_rows(int il, WeightMatrix rows, AlignedBuffer storage) 
     L.trial_down = L.down;
     L.down = WeightMatrix();
     trial_storage_.push_back(std::move(storage));
-    trial_.layers += 1;
+    {
+        std::lock_guard<std::mutex> lock(trial_mutex_);
+        trial_.layers += 1;
+    }
     if (trial_first_layer_ < 0 || il < trial_first_layer_) trial_first_layer_ = il;
 }
 
@@ -63,6 +66,7 @@ static uint64_t median_ns(std::vector<uint64_t> v) {
 }
 
 SparseFfn::DownTrial SparseFfn::down_trial() const {
+    std::lock_guard<std::mutex> lock(trial_mutex_);
     DownTrial out = trial_;
     out.columns_ns = median_ns(trial_token_ns_[0]);
     out.rows_ns = median_ns(trial_token_ns_[1]);
@@ -78,26 +82,37 @@ void SparseFfn::advance_down_trial(int64_t n_tokens) {
         return;
     }
     const uint64_t now = steady_now_ns();
-    if (trial_last_way_ >= 0) trial_token_ns_[trial_last_way_].push_back(now - trial_last_start_ns_);
+    size_t timed = 0;
+    {
+        std::lock_guard<std::mutex> lock(trial_mutex_);
+        if (trial_last_way_ >= 0) trial_token_ns_[trial_last_way_].push_back(now - trial_last_start_ns_);
+        timed = std::min(trial_token_ns_[0].size(), trial_token_ns_[1].size());
+    }
     trial_last_way_ = -1;
     trial_rows_now_ = false;
     if (n_tokens != 1) {
         return; // a prompt batch: the columns, untimed
     }
-    if (std::min(trial_token_ns_[0].size(), trial_token_ns_[1].size()) >= (size_t) kDownTrialTokens) {
+    if (timed >= (size_t) kDownTrialTokens) {
         settle_down_trial();
         return;
     }
     trial_rows_now_ = trial_.tokens % 2 == 1; // columns first, then alternate
-    trial_.tokens += 1;
+    {
+        std::lock_guard<std::mutex> lock(trial_mutex_);
+        trial_.tokens += 1;
+    }
     trial_last_way_ = trial_rows_now_ ? 1 : 0;
     trial_last_start_ns_ = now;
 }
 
 void SparseFfn::settle_down_trial() {
     const DownTrial t = down_trial();
-    trial_.settled = true;
-    trial_.rows_kept = (double) t.rows_ns < (1.0 - kDownTrialMargin) * (double) t.columns_ns;
+    {
+        std::lock_guard<std::mutex> lock(trial_mutex_);
+        trial_.settled = true;
+        trial_.rows_kept = (double) t.rows_ns < (1.0 - kDownTrialMargin) * (double) t.columns_ns;
+    }
     trial_rows_now_ = false;
     for (auto & Lp : layers_) {
         if (!Lp || !Lp->trial_down.data) continue;

@@ -355,6 +355,7 @@ private:
     uint64_t trial_last_start_ns_ = 0;
     std::vector<uint64_t> trial_token_ns_[2]; // each timed token's time, by way
     DownTrial trial_;
+    mutable std::mutex trial_mutex_; // trial_ and the times: down_trial() may be asked while decoding
 
     uint64_t layer_start_ns_ = 0;
     std::mutex stats_mutex_;
