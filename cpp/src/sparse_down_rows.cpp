@@ -3,8 +3,9 @@
 // sequence at the memory's rate and the scattered down columns are not, but every row is read where only the
 // final neurons' columns are. Which costs less depends on the machine as much as on the types: on
 // Qwen2.5-Coder-1.5B (docs/engine.md) q5_K rows lost to the q5_K columns of 40 % of the neurons by 3-4 % of a
-// decoded token on one EPYC machine and won by 4 % on another of the same kind, so where both fit the engine
-// times them on the first decoded tokens and keeps the faster (try_down_rows).
+// decoded token on one EPYC machine, and on another of the same kind were faster by ~8 % in some processes and
+// slower by ~4 % in others, so where both fit the engine times them on the first decoded tokens of the process
+// and keeps the faster (try_down_rows).
 
 #include "sparse_ffn_state.h"
 

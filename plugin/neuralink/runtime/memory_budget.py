@@ -173,10 +173,3 @@ def hold_down_rows(engine: _engine.Engine, model: str, plan: MemoryPlan | None, 
         log.info("%s: the down projection of %d layers by the model's own rows (%.0f MiB, in place of %.0f MiB "
                  "of down columns)", model, len(layers), row_bytes / 2**20, column_bytes / 2**20)
     return layers
-    layers, row_bytes, column_bytes = engine.down_row_layers()
-    if not layers or not engine.cache_would_hold_store(room - max(0, row_bytes - column_bytes)):
-        return []
-    engine.use_down_rows(layers)
-    log.info("%s: the down projection of %d layers by the model's own rows (%.0f MiB, in place of %.0f MiB of "
-             "down columns)", model, len(layers), row_bytes / 2**20, column_bytes / 2**20)
-    return layers
