@@ -49,6 +49,11 @@ static void register_errors() {
     });
 }
 
+// (layers, row bytes, column bytes) of an Engine::down_row_layers / down_row_trial_layers plan
+static py::tuple down_row_tuple(const DownRowPlan & plan) {
+    return py::make_tuple(plan.layers, plan.row_bytes, plan.column_bytes);
+}
+
 static void register_engine(py::module_ & m) {
     PYBIND11_NUMPY_DTYPE(LayerStepStats, il, n_tokens, predicted, truly_active, reads, cache_hits, bytes_read,
                          active_bytes, io_ns, stall_ns, layer_ns, predicted_pairs, computed_pairs, final_neurons,
@@ -234,10 +239,8 @@ static void register_engine(py::module_ & m) {
         .def_property_readonly("gate_layers_streamed", [](const Engine & e) {
             return e.sparse() ? e.sparse()->gate_layers_streamed() : 0;
         }, "layers whose gate rows are read each time the layer runs (0: all resident)")
-        .def("down_row_layers", [](const Engine & e) {
-            const DownRowPlan plan = e.down_row_layers();
-            return py::make_tuple(plan.layers, plan.row_bytes, plan.column_bytes);
-        }, "(layers, row bytes, column bytes): the layers whose down projection costs less by the converted GGUF's "
+        .def("down_row_layers", [](const Engine & e) { return down_row_tuple(e.down_row_layers()); },
+           "(layers, row bytes, column bytes): the layers whose down projection costs less by the converted GGUF's "
            "ffn_down rows than by the sidecar's down columns, the bytes of those rows and of the columns they "
            "replace; none with the joint layout or without the rows' checksums in the sidecar")
         .def("use_down_rows", [](Engine & e, const std::vector<int> & layers) {
@@ -247,10 +250,8 @@ static void register_engine(py::module_ & m) {
            "Read the converted GGUF's down rows of `layers` (down_row_layers() says where they pay), each checked "
            "against its checksum, and compute those layers' down projections with them from now on (for a store "
            "held whole in DRAM; before fill_cache, which then skips their down columns). Between evaluations.")
-        .def("down_row_trial_layers", [](const Engine & e) {
-            const DownRowPlan plan = e.down_row_trial_layers();
-            return py::make_tuple(plan.layers, plan.row_bytes, plan.column_bytes);
-        }, "(layers, row bytes, column bytes): every layer whose down rows could replace its down columns, "
+        .def("down_row_trial_layers", [](const Engine & e) { return down_row_tuple(e.down_row_trial_layers()); },
+           "(layers, row bytes, column bytes): every layer whose down rows could replace its down columns, "
            "whatever they would cost (try_down_rows puts them on trial)")
         .def("try_down_rows", [](Engine & e, const std::vector<int> & layers) {
             py::gil_scoped_release release;
