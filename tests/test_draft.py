@@ -77,6 +77,7 @@ def test_prompt_lookup_drafts_where_every_token_reads_the_records_whole(converte
     try:
         assert streamed.engine.streams_regions and isinstance(streamed.draft_model, StallGatedDraft)
         assert streamed.draft_model.max_tokens == 4
+        assert streamed.stall_share is None  # nothing decoded yet: no share, and no proposals on a guess
         text = _completion(streamed)
         # this tiny model's reads (from the page cache) take little of a token: measured, and no proposals made
         assert 0.0 <= streamed.stall_share < AUTO_STALL_SHARE

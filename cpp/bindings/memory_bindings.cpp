@@ -76,6 +76,15 @@ void register_memory(py::module_ & m) {
           "Up to max_tokens tokens that followed the most recent earlier occurrence of the last max_ngram tokens of "
           "text (else of fewer, down to the last one), as int32; empty if none occurs earlier. neuralink-run's "
           "drafts propose the same.");
+    py::class_<StallShare>(m, "StallShare",
+                           "The share of recent decoded tokens' time spent waiting for reads: a moving average over "
+                           "single-token decodes, each new one weighing a quarter (neuralink-run's gate on drafts, "
+                           "and neuralink.Llama's stall_share).")
+        .def(py::init<>())
+        .def("observe", &StallShare::observe, py::arg("stall_seconds"), py::arg("wall_seconds"),
+             "One decoded token: seconds spent waiting for reads, of its wall-clock seconds.")
+        .def_property_readonly("measured", &StallShare::measured, "whether any token was observed")
+        .def_property_readonly("value", &StallShare::value, "the moving average (0 before any token)");
     m.attr("AUTO_PROPOSALS") = kAutoProposals;
     m.attr("AUTO_STALL_SHARE") = kAutoStallShare;
     m.def("cgroup_memory_limit", &cgroup_memory_limit, py::arg("proc_cgroup") = "/proc/self/cgroup",

@@ -36,7 +36,7 @@ def down_trial_note(trial: dict[str, Any]) -> str:
 
 class FfnReporting:
     """neuralink.Llama's methods that report the engine's work (a mixin before llama_cpp.Llama: it needs the
-    Llama's ``engine``, ``verbose``, ``_stats`` and ``_summarized``)."""
+    Llama's ``engine``, ``verbose``, ``_stats``, ``_summarized`` and ``_stall``)."""
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
         """``llama_cpp.Llama.create_completion``; with ``verbose=True`` and a sidecar, it also prints the
@@ -53,6 +53,13 @@ class FfnReporting:
     def _report_when_done(self, chunks: Iterator[Any]) -> Iterator[Any]:
         yield from chunks
         print(self.ffn_summary(), file=sys.stderr)
+
+    @property
+    def stall_share(self) -> float | None:
+        """Of recent decoded tokens' time, the share spent waiting for reads: the engine's moving average
+        (``_engine.StallShare``, each new token a quarter, as neuralink-run's), None before the first."""
+        stall = getattr(self, "_stall", None)
+        return stall.value if stall is not None and stall.measured else None
 
     def ffn_summary(self) -> str:
         """One line on the FFN work since the last summary: tokens, neurons, reads, bytes, cache, I/O time."""

@@ -210,7 +210,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
         **kwargs: Any,
     ) -> None:
         self._hook_api: FfnHookApi | None = None
-        self.stall_share: float | None = None  # of recent decoded tokens' time, waiting for reads (eval)
+        self._stall = _engine.StallShare()  # of recent decoded tokens' time, waiting for reads (eval)
         self._engine: _engine.Engine | None = None
         self.memory_plan: MemoryPlan | None = None
         # llama_cpp.Llama.__del__ closes this stack even when __init__ failed early
@@ -451,8 +451,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
         engine = self.engine
         self._stats.append(engine.take_stats())
         if len(tokens) == 1 and self._stats[-1].size:  # a decoded token: the share of it spent waiting for reads
-            share = float(self._stats[-1]["stall_ns"].sum()) * 1e-9 / max(time.perf_counter() - start, 1e-9)
-            self.stall_share = share if self.stall_share is None else 0.75 * self.stall_share + 0.25 * share
+            self._stall.observe(float(self._stats[-1]["stall_ns"].sum()) * 1e-9, time.perf_counter() - start)
         error = engine.error()
         if error:
             # the failed call's KV entries are dropped by the next eval, which starts at n_tokens; the context's
