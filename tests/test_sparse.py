@@ -178,6 +178,8 @@ def test_down_rows_on_trial_keep_the_faster_way_and_every_token_is_the_threshold
     engine.try_down_rows(layers)
     with pytest.raises(ValueError, match="in use or on trial"):
         engine.try_down_rows([0])
+    with pytest.raises(ValueError, match="on trial"):  # rows on trial are not also put in use
+        engine.use_down_rows([1])
     assert engine.down_trial == dict(layers=2, tokens=0, rows_ms=0.0, columns_ms=0.0, settled=False,
                                      rows_kept=False)
     rng = np.random.default_rng(5)

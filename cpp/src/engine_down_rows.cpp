@@ -78,6 +78,14 @@ void Engine::use_down_rows(const std::vector<int> & layers, bool trial) {
             throw std::invalid_argument(sparse_->store().path() + ": layer " + std::to_string(il) + " has no down "
                                         "rows to use (the split layout and the rows' checksums are needed)");
         }
+        // refused before the rows are read again, as the sparse engine would refuse them
+        const SparseLayerWeights & L = sparse_->layer(il);
+        if (trial && (L.down.data || L.trial_down.data)) {
+            throw std::invalid_argument("layer " + std::to_string(il) + ": its down rows are in use or on trial already");
+        }
+        if (L.trial_down.data) {
+            throw std::invalid_argument("layer " + std::to_string(il) + ": its down rows are on trial (try_down_rows)");
+        }
     }
     DirectFile file(model_path_, direct_io_);
     const std::vector<ModelRange> & ranges = sparse_->store().down_row_ranges();

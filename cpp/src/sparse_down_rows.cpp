@@ -26,6 +26,9 @@ void SparseFfn::use_down_rows(int il, WeightMatrix rows) {
                                     "this sidecar's records hold them (joint)");
     }
     SparseLayerWeights & L = *layers_[(size_t) il];
+    if (L.trial_down.data) {
+        throw std::invalid_argument("layer " + std::to_string(il) + ": its down rows are on trial (try_down_rows)");
+    }
     if (!rows.data || !rows.wt || rows.rows != L.n_out || rows.cols != L.n_ff) {
         throw std::invalid_argument("layer " + std::to_string(il) + ": down rows must be " +
                                     std::to_string(L.n_out) + " rows of " + std::to_string(L.n_ff));

@@ -10,7 +10,7 @@ else:
     import neuralink
     kw = {}
     if os.environ.get("PRED"): kw["predictor"] = os.environ["PRED"]
-    if os.environ.get("DOWN_ROWS") == "0": kw["down_rows"] = False
+    if os.environ.get("DOWN_ROWS") in ("0", "all"): kw["down_rows"] = False  # no trial: the columns, or (all) forced rows
     llm = neuralink.Llama(model, n_ctx=512, n_threads=threads, verbose=False, **kw)
     if os.environ.get("DOWN_ROWS") == "all":  # every layer by the GGUF's rows, whatever the cost model says
         llm.engine.use_down_rows(list(range(llm.engine.n_layer)))
