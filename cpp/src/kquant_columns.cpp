@@ -20,17 +20,23 @@ namespace neuralink {
 // sums as decoding the column into scratch first.
 constexpr size_t kQ6BlockBytes = 128 + 64 + 16 + 2;
 
-// one column's 128 values of half `half` of a block, decoded, scaled and added to y's 8 registers. The 6-bit
-// values are put together in two 512-bit registers (values 0-63 and 64-127 of the half) and spilled to the
-// stack, so that each group of 16 is sign-extended straight from memory; the 8 scales (d * scale, the same
-// float products as ggml's) are computed at once and broadcast from memory.
-NL_AVX512 NL_INLINE void q6_k_half(const uint8_t * block, int half, float h, __m512 * acc) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03), bias = _mm512_set1_epi8(32);
+// d * scale of a block's 16 scales, the same float products as ggml's, worked out once per block for all its
+// pieces (AVX2 instructions: the AVX-512 loops inline them too)
+NL_AVX2 NL_INLINE void q6_k_coefs(const uint8_t * block, float * coef) {
     uint16_t dh;
     std::memcpy(&dh, block + 208, sizeof dh);
-    alignas(32) float coef[8];
-    const __m128i sc = _mm_loadl_epi64((const __m128i *) (block + 192 + 8 * half));
-    _mm256_store_ps(coef, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(dh)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(dh));
+    const __m128i sc = _mm_loadu_si128((const __m128i *) (block + 192));
+    _mm256_store_ps(coef, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+    _mm256_store_ps(coef + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+}
+
+// one column's 128 values of half `half` of a block, decoded, scaled by the block's coefficients (q6_k_coefs)
+// and added to y's 8 registers. The 6-bit values are put together in two 512-bit registers (values 0-63 and
+// 64-127 of the half) and spilled to the stack, so that each group of 16 is sign-extended straight from memory.
+NL_AVX512 NL_INLINE void q6_k_half(const uint8_t * block, int half, const float * coefs, float h, __m512 * acc) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03), bias = _mm512_set1_epi8(32);
+    const float * coef = coefs + 8 * half;
     // ql bytes 0-31 hold values 0-31 (low nibble) and 64-95 (high), bytes 32-63 values 32-63 and 96-127; the
     // 32 qh bytes hold their two high bits at bits 0-1, 2-3, 4-5 and 6-7 respectively
     const __m512i l = _mm512_loadu_si512((const void *) (block + 64 * half));
@@ -54,16 +60,10 @@ NL_AVX512 NL_INLINE void q6_k_half(const uint8_t * block, int half, float h, __m
 // The AVX2 loops for q6_K: a quarter of a block (64 values, its four scales) at a time, y's 64 values held in 8
 // registers while the group's columns are added; values and sums as in the AVX-512 loop (d * scale first, then
 // the 6-bit value, then fma(h, value, y)).
-NL_AVX2 NL_INLINE void q6_k_quarter_avx2(const uint8_t * block, int quarter, float h, __m256 * acc) {
+NL_AVX2 NL_INLINE void q6_k_quarter_avx2(const uint8_t * block, int quarter, const float * coefs, float h, __m256 * acc) {
     const int half = quarter / 2, high = quarter % 2; // high: values 64-127 of the half (the high nibbles)
     const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), bias = _mm256_set1_epi8(32);
-    uint16_t dh;
-    std::memcpy(&dh, block + 208, sizeof dh);
-    alignas(32) float coef[4];
-    int32_t sc4;
-    std::memcpy(&sc4, block + 192 + 8 * half + 4 * high, sizeof sc4);
-    const __m128i sc = _mm_cvtsi32_si128(sc4);
-    _mm_store_ps(coef, _mm_mul_ps(_mm_set1_ps(_cvtsh_ss(dh)), _mm_cvtepi32_ps(_mm_cvtepi8_epi32(sc))));
+    const float * coef = coefs + 8 * half + 4 * high; // the quarter's four scales (q6_k_coefs)
     const uint8_t * ql = block + 64 * half;
     __m256i l0 = _mm256_loadu_si256((const __m256i *) ql), l1 = _mm256_loadu_si256((const __m256i *) (ql + 32));
     __m256i hb = _mm256_loadu_si256((const __m256i *) (block + 128 + 32 * half));
@@ -95,23 +95,27 @@ NL_AVX2 NL_INLINE void q6_k_quarter_avx2(const uint8_t * block, int quarter, flo
 // it (ggml-base is built without FMA, so its compiler cannot fuse the two).
 // (block layout and scale unpacking: kquant_blocks.h)
 
-// one column's 128 values of half `half` of a block (its sub-blocks 4 half .. 4 half + 3) added to y's 8
-// registers. qs bytes 0-31 of the half hold sub-block 4 half (low nibbles) and 4 half + 1 (high), bytes 32-63
-// sub-blocks 4 half + 2 and + 3; the high bit of sub-block j's value l is bit j of qh[l].
-template <bool kHighBit>
-NL_AVX512 NL_INLINE void k_half_avx512(const uint8_t * block, int half, float h, __m512 * acc) {
+// (d * scale) of a block's eight sub-blocks (coefs 0-7) and (dmin * min) (coefs 8-15), one float product each
+// as in ggml, worked out once per block for all its pieces (AVX2 instructions: the AVX-512 loops inline them too)
+NL_AVX2 NL_INLINE void k_coefs(const uint8_t * block, float * coefs) {
     uint16_t dh, mh;
     k_super_scales(block, &dh, &mh);
-    const float d = _cvtsh_ss(dh), dmin = _cvtsh_ss(mh);
     alignas(16) uint8_t sm[16];
     k_scales_mins(block, sm);
-    // (d * scale) and (dmin * min) of the half's four sub-blocks, one float product each as in ggml
-    int32_t sc4, m4;
-    std::memcpy(&sc4, sm + 4 * half, sizeof sc4);
-    std::memcpy(&m4, sm + 8 + 4 * half, sizeof m4);
-    alignas(16) float coef[4], mins[4];
-    _mm_store_ps(coef, _mm_mul_ps(_mm_set1_ps(d), _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(sc4)))));
-    _mm_store_ps(mins, _mm_mul_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(m4)))));
+    const __m128i both = _mm_load_si128((const __m128i *) sm);
+    _mm256_store_ps(coefs, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(dh)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(both))));
+    _mm256_store_ps(coefs + 8, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(mh)),
+                                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(both, 8)))));
+}
+
+// one column's 128 values of half `half` of a block (its sub-blocks 4 half .. 4 half + 3) added to y's 8
+// registers, with the block's coefficients (k_coefs). qs bytes 0-31 of the half hold sub-block 4 half
+// (low nibbles) and 4 half + 1 (high), bytes 32-63 sub-blocks 4 half + 2 and + 3; the high bit of sub-block j's
+// value l is bit j of qh[l].
+template <bool kHighBit>
+NL_AVX512 NL_INLINE void k_half_avx512(const uint8_t * block, int half, const float * coefs, float h, __m512 * acc) {
+    const float * coef = coefs + 4 * half;
+    const float * mins = coefs + 8 + 4 * half;
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     const __m512i l = _mm512_loadu_si512((const void *) (block + k_low_bits_at<kHighBit>() + 64 * half));
     __m512i lo = _mm512_and_si512(l, low4);                       // sub-blocks 4 half, 4 half + 2
@@ -142,14 +146,9 @@ NL_AVX512 NL_INLINE void k_half_avx512(const uint8_t * block, int half, float h,
 // AVX2: a quarter of a block (64 values: sub-blocks 2 quarter, low nibbles of qs bytes 32 quarter .. + 31, and
 // 2 quarter + 1, their high nibbles) held in 8 registers of y
 template <bool kHighBit>
-NL_AVX2 NL_INLINE void k_quarter_avx2(const uint8_t * block, int quarter, float h, __m256 * acc) {
-    uint16_t dh, mh;
-    k_super_scales(block, &dh, &mh);
-    const float d = _cvtsh_ss(dh), dmin = _cvtsh_ss(mh);
-    alignas(16) uint8_t sm[16];
-    k_scales_mins(block, sm);
-    const float coef[2] = { d * (float) sm[2 * quarter], d * (float) sm[2 * quarter + 1] };
-    const float mins[2] = { dmin * (float) sm[8 + 2 * quarter], dmin * (float) sm[8 + 2 * quarter + 1] };
+NL_AVX2 NL_INLINE void k_quarter_avx2(const uint8_t * block, int quarter, const float * coefs, float h, __m256 * acc) {
+    const float * coef = coefs + 2 * quarter;     // the quarter's two sub-blocks (k_coefs)
+    const float * mins = coefs + 8 + 2 * quarter;
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     const __m256i l = _mm256_loadu_si256((const __m256i *) (block + k_low_bits_at<kHighBit>() + 32 * quarter));
     __m256i lo = _mm256_and_si256(l, low4), hi = _mm256_and_si256(_mm256_srli_epi16(l, 4), low4);
@@ -172,26 +171,37 @@ NL_AVX2 NL_INLINE void k_quarter_avx2(const uint8_t * block, int quarter, float 
 }
 
 // The loops around the pieces above: a block of a column is decoded a piece (a half under AVX-512, a quarter
-// under AVX2) at a time. `Piece` names the type: its block bytes and values, and piece(block, i, h, acc), which
-// adds h times the i-th piece's values to the registers acc.
+// under AVX2) at a time. `Piece` names the type: its block bytes; coefs(block, c), the block's 16 float
+// coefficients, worked out once per block (worked out in every piece they had cost 10-15 % of the AVX-512
+// loop); and piece(block, i, c, h, acc), which adds h times the i-th piece's values to the registers acc.
 struct Q6Pieces {
     static constexpr size_t kBytes = kQ6BlockBytes;
-    NL_AVX512 static NL_INLINE void half(const uint8_t * b, int i, float h, __m512 * acc) { q6_k_half(b, i, h, acc); }
-    NL_AVX2 static NL_INLINE void quarter(const uint8_t * b, int i, float h, __m256 * acc) { q6_k_quarter_avx2(b, i, h, acc); }
+    NL_AVX2 static NL_INLINE void coefs(const uint8_t * b, float * c) { q6_k_coefs(b, c); }
+    NL_AVX512 static NL_INLINE void half(const uint8_t * b, int i, const float * c, float h, __m512 * acc) { q6_k_half(b, i, c, h, acc); }
+    NL_AVX2 static NL_INLINE void quarter(const uint8_t * b, int i, const float * c, float h, __m256 * acc) {
+        q6_k_quarter_avx2(b, i, c, h, acc);
+    }
 };
 template <bool kHighBit> struct KPieces {
     static constexpr size_t kBytes = k_block_bytes<kHighBit>();
-    NL_AVX512 static NL_INLINE void half(const uint8_t * b, int i, float h, __m512 * acc) { k_half_avx512<kHighBit>(b, i, h, acc); }
-    NL_AVX2 static NL_INLINE void quarter(const uint8_t * b, int i, float h, __m256 * acc) { k_quarter_avx2<kHighBit>(b, i, h, acc); }
+    NL_AVX2 static NL_INLINE void coefs(const uint8_t * b, float * c) { k_coefs(b, c); }
+    NL_AVX512 static NL_INLINE void half(const uint8_t * b, int i, const float * c, float h, __m512 * acc) {
+        k_half_avx512<kHighBit>(b, i, c, h, acc);
+    }
+    NL_AVX2 static NL_INLINE void quarter(const uint8_t * b, int i, const float * c, float h, __m256 * acc) {
+        k_quarter_avx2<kHighBit>(b, i, c, h, acc);
+    }
 };
 
 // a column decoded into floats: fma(1, w, -0) is w exactly, signed zeros included
 template <class P> NL_AVX512 void decode_avx512(const uint8_t * column, float * out, int64_t n) {
     for (int64_t b = 0; b < n / kKBlock; ++b) {
+        alignas(64) float c[16];
+        P::coefs(column + (size_t) b * P::kBytes, c);
         for (int half = 0; half < 2; ++half) {
             __m512 acc[8];
             for (int i = 0; i < 8; ++i) acc[i] = _mm512_set1_ps(-0.0f);
-            P::half(column + (size_t) b * P::kBytes, half, 1.0f, acc);
+            P::half(column + (size_t) b * P::kBytes, half, c, 1.0f, acc);
             for (int i = 0; i < 8; ++i) _mm512_storeu_ps(out + b * kKBlock + 128 * half + 16 * i, acc[i]);
         }
     }
@@ -204,11 +214,13 @@ template <class P> NL_AVX512 void axpy_avx512(const uint8_t * const * columns, c
         const int m = count - k0 < kGroup ? count - k0 : kGroup;
         prefetch_group(columns, k0, count, bytes);
         for (int64_t b = 0; b < n / kKBlock; ++b) {
+            alignas(64) float c[kGroup][16];
+            for (int k = 0; k < m; ++k) P::coefs(columns[k0 + k] + (size_t) b * P::kBytes, c[k]);
             for (int half = 0; half < 2; ++half) {
                 float * yh = y + b * kKBlock + 128 * half;
                 __m512 acc[8];
                 for (int i = 0; i < 8; ++i) acc[i] = _mm512_loadu_ps(yh + 16 * i);
-                for (int k = k0; k < k0 + m; ++k) P::half(columns[k] + (size_t) b * P::kBytes, half, h[k], acc);
+                for (int k = 0; k < m; ++k) P::half(columns[k0 + k] + (size_t) b * P::kBytes, half, c[k], h[k0 + k], acc);
                 for (int i = 0; i < 8; ++i) _mm512_storeu_ps(yh + 16 * i, acc[i]);
             }
         }
@@ -217,10 +229,12 @@ template <class P> NL_AVX512 void axpy_avx512(const uint8_t * const * columns, c
 
 template <class P> NL_AVX2 void decode_avx2(const uint8_t * column, float * out, int64_t n) {
     for (int64_t b = 0; b < n / kKBlock; ++b) {
+        alignas(32) float c[16];
+        P::coefs(column + (size_t) b * P::kBytes, c);
         for (int quarter = 0; quarter < 4; ++quarter) {
             __m256 acc[8];
             for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_ps(-0.0f);
-            P::quarter(column + (size_t) b * P::kBytes, quarter, 1.0f, acc);
+            P::quarter(column + (size_t) b * P::kBytes, quarter, c, 1.0f, acc);
             for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + b * kKBlock + 64 * quarter + 8 * i, acc[i]);
         }
     }
@@ -233,11 +247,15 @@ template <class P> NL_AVX2 void axpy_avx2(const uint8_t * const * columns, const
         const int m = count - k0 < kGroup ? count - k0 : kGroup;
         prefetch_group(columns, k0, count, bytes);
         for (int64_t b = 0; b < n / kKBlock; ++b) {
+            alignas(32) float c[kGroup][16];
+            for (int k = 0; k < m; ++k) P::coefs(columns[k0 + k] + (size_t) b * P::kBytes, c[k]);
             for (int quarter = 0; quarter < 4; ++quarter) {
                 float * yq = y + b * kKBlock + 64 * quarter;
                 __m256 acc[8];
                 for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(yq + 8 * i);
-                for (int k = k0; k < k0 + m; ++k) P::quarter(columns[k] + (size_t) b * P::kBytes, quarter, h[k], acc);
+                for (int k = 0; k < m; ++k) {
+                    P::quarter(columns[k0 + k] + (size_t) b * P::kBytes, quarter, c[k], h[k0 + k], acc);
+                }
                 for (int i = 0; i < 8; ++i) _mm256_storeu_ps(yq + 8 * i, acc[i]);
             }
         }

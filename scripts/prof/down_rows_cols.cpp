@@ -2,6 +2,8 @@
 // random (each thread its half of every column, as the engine) against every row of 8,960 in q4_K, q5_K, q6_K or q8_0 with h
 // converted to their vec_dot type (q8_K, q8_0) (as llama.cpp, and the engine's down rows). Random choices scatter the columns more than a
 // placement does: the engine measured the columns cheaper than this (docs/benchmarks.md, fourteenth pass).
+// HOT=1: the columns of one layer for every layer (3.7 MiB, held in L3), to tell the loop's arithmetic from its
+// memory traffic.
 // build (from build/cpp, after scripts/setup.sh test): g++ -O2 -std=c++17 ../../scripts/prof/down_rows_cols.cpp -I ../../cpp/include \
 //   -I $LLAMA/include -I $LLAMA/ggml/include libneuralink_core.a -L$LIB -lggml-base -lggml-cpu -lggml -Wl,-rpath,$LIB -lpthread
 // ($LLAMA: NEURALINK_LLAMA_SRC in CMakeCache.txt; $LIB: the venv's llama_cpp/lib)
@@ -12,12 +14,14 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <thread>
 #include <vector>
 using namespace neuralink;
 struct Barrier { std::atomic<int> count{0}, gen{0}; int n; void wait() { int g = gen.load(); if (count.fetch_add(1) + 1 == n) { count = 0; gen.fetch_add(1); } else while (gen.load() == g) {} } };
 int main() {
+    const bool hot = std::getenv("HOT") != nullptr;
     const int64_t n = 1536; const int nf = 8960, L = 28; const double dens = 0.39;
     std::mt19937 rng(1); std::normal_distribution<float> nd; std::uniform_real_distribution<float> ud;
     std::vector<float> vals(nf);
@@ -54,7 +58,7 @@ int main() {
                 auto t0 = std::chrono::steady_clock::now();
                 if (mode == 0) {
                     cp.clear(); hh.clear();
-                    const uint8_t * base = cols.data() + cb * (size_t) l * nf;
+                    const uint8_t * base = cols.data() + cb * (size_t) (hot ? 0 : l) * nf;
                     for (int p = 0; p < nf; ++p) if (h[l][p] != 0.0f) { cp.push_back(base + cb * p + ith * (cb / 2)); hh.push_back(h[l][p]); }
                     columns_axpy(wt, cp.data(), hh.data(), (int) cp.size(), y.data() + ith * n / 2, n / 2, tmp.data());
                 } else {
@@ -68,7 +72,7 @@ int main() {
             }
         };
         std::thread t1(work, 1); work(0); t1.join();
-        const char * names[] = { "q5_K columns, 39 %", "q4_K rows, all", "q5_K rows, all", "q6_K rows, all", "q8_0 rows, all" };
+        const char * names[] = { hot ? "q5_K columns, 39 %, one layer's (hot)" : "q5_K columns, 39 %", "q4_K rows, all", "q5_K rows, all", "q6_K rows, all", "q8_0 rows, all" };
         std::printf("%s: %.2f ms per token\n", names[mode], ns[0] / tokens * 1e3);
     }
 }
