@@ -255,6 +255,10 @@ TEST(faster_q4_k_dot_gives_ggml_s_results_bit_for_bit) {
     check_faster_dot_bit_for_bit(GGML_TYPE_Q4_K, 144, { 0, 2 }); // d and dmin first
 }
 
+TEST(faster_q5_k_dot_gives_ggml_s_results_bit_for_bit) {
+    check_faster_dot_bit_for_bit(GGML_TYPE_Q5_K, 176, { 0, 2 }); // d and dmin first
+}
+
 TEST(faster_q6_k_dot_gives_ggml_s_results_bit_for_bit) {
     check_faster_dot_bit_for_bit(GGML_TYPE_Q6_K, 210, { 208 }); // d last
 }

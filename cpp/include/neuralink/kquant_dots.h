@@ -10,7 +10,7 @@
 
 namespace neuralink {
 
-// the faster dot product for rows of `type` against its vec_dot type, or null (then ggml's is used): q4_K and
+// the faster dot product for rows of `type` against its vec_dot type, or null (then ggml's is used): q4_K, q5_K and
 // q6_K on AVX-512 CPUs (with VNNI where the CPU has it)
 ggml_vec_dot_t faster_vec_dot(ggml_type type);
 

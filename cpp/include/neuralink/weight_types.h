@@ -2,9 +2,9 @@
 
 // ggml's type traits for one weight type, gathered once: how to dequantize a
 // row, which type activations are converted to, and the dot-product kernel.
-// All quantized math goes through these; the one exception is a faster dot
-// product for q4_K rows on AVX-512 CPUs that gives ggml's results bit for bit
-// (kquant_dots.cpp), put in place of ggml's vec_dot here.
+// All quantized math goes through these; the one exception is faster dot
+// products for q4_K, q5_K and q6_K rows on AVX-512 CPUs that give ggml's
+// results bit for bit (kquant_dots.cpp), put in place of ggml's vec_dot here.
 
 #include "ggml.h"
 #include "ggml-cpu.h"
