@@ -20,9 +20,16 @@ fraction of pairs it must select to find 99 % of the finals:
                the estimate, the up value taken as beta * estimate plus Gaussian
                noise (beta and the noise's spread fitted per neuron on the
                calibration tokens); about a fifth of q4_K up rows' bytes in DRAM
+  gate_up1x64  the same with the 64 input dimensions that carry most of the up
+               values' variance on the calibration tokens kept exact (their
+               columns of the up rows, 64 values per neuron, beside the signs)
+  gate_up2     the same with 2-bit up rows (sign times {0.5, 1.5} of the row's
+               mean |w|, as q2 above): about 58 % of q4_K up rows' bytes
 
 A predictor is worth its DRAM only when its fraction is well under 1; the
 exact gate's fraction is what today's candidates cost (their up rows read).
+The last column gives, for candidates cut to half of the pairs, the share of
+the finals' criterion mass |act(g) * up| * |down column| they still hold.
 """
 
 from __future__ import annotations
@@ -57,10 +64,21 @@ def normal_tail(z: np.ndarray) -> np.ndarray:
 _erfc = np.frompyfunc(math.erfc, 1, 1)
 
 
-def gate_up1_score(a_held: np.ndarray, x_cal: np.ndarray, x_held: np.ndarray, u: np.ndarray,
-                   down_norm: np.ndarray, threshold: float) -> np.ndarray:
-    """The chance that |a * up| * |d| passes `threshold`, from the exact act(gate) `a_held` and 1-bit up rows."""
-    w = np.sign(u) * np.abs(u).mean(1, keepdims=True)
+def up_estimates(u: np.ndarray, x_cal: np.ndarray) -> dict[str, np.ndarray]:
+    """Compact copies of the up rows `u` (neurons x n_embd) that the gate_up predictors estimate up values with."""
+    mean_abs = np.abs(u).mean(1, keepdims=True)
+    sign1 = np.sign(u) * mean_abs
+    # the input dimensions carrying most of the up values' variance: E[x_j^2] * mean over neurons of w_ij^2
+    carried = np.argsort((x_cal * x_cal).mean(0) * (u * u).mean(0))[::-1][:64]
+    sign1_exact64 = sign1.copy()
+    sign1_exact64[:, carried] = u[:, carried]
+    return {"gate_up1": sign1, "gate_up1x64": sign1_exact64,
+            "gate_up2": np.sign(u) * np.where(np.abs(u) > mean_abs, 1.5, 0.5) * mean_abs * 0.75}
+
+
+def gate_up_score(a_held: np.ndarray, x_cal: np.ndarray, x_held: np.ndarray, u: np.ndarray, w: np.ndarray,
+                  down_norm: np.ndarray, threshold: float) -> np.ndarray:
+    """The chance that |a * up| * |d| passes `threshold`, from the exact act(gate) `a_held` and the estimate w of u."""
     est_cal, est_held, up_cal = x_cal @ w.T, x_held @ w.T, x_cal @ u.T
     beta = (est_cal * up_cal).sum(0) / np.maximum((est_cal * est_cal).sum(0), 1e-30)
     spread = np.maximum(np.sqrt(((up_cal - beta * est_cal) ** 2).mean(0)), 1e-30)
@@ -74,8 +92,14 @@ def fraction_for_recall(score: np.ndarray, truth: np.ndarray, recall: float = 0.
     return float((score >= np.quantile(score[truth], 1.0 - recall)).mean())
 
 
+def mass_at_half(score: np.ndarray, truth: np.ndarray, criterion: np.ndarray) -> float:
+    """Share of the true pairs' criterion mass among the half of all pairs that `score` ranks highest."""
+    chosen = truth & (score >= np.quantile(score, 0.5))
+    return float(criterion[chosen].sum() / criterion[truth].sum())
+
+
 def layer_rows(il: int, x_cal: np.ndarray, x_held: np.ndarray, tensors: dict, densities: list[float],
-               ranks: list[int]) -> list[tuple[str, float, float]]:
+               ranks: list[int]) -> list[tuple[str, float, float, float]]:
     g = dequantized(tensors, f"blk.{il}.ffn_gate.weight").astype(np.float64)
     u = dequantized(tensors, f"blk.{il}.ffn_up.weight").astype(np.float64)
     down_norm = np.linalg.norm(dequantized(tensors, f"blk.{il}.ffn_down.weight"), axis=0)
@@ -97,11 +121,13 @@ def layer_rows(il: int, x_cal: np.ndarray, x_held: np.ndarray, tensors: dict, de
     for density in densities:
         truth = criterion_held > np.quantile(criterion_cal, 1.0 - density)
         for name, w in approximations.items():
-            rows.append((name, density, fraction_for_recall(np.abs(silu(xh @ w.T)) * scale, truth)))
+            score = np.abs(silu(xh @ w.T)) * scale
+            rows.append((name, density, fraction_for_recall(score, truth), mass_at_half(score, truth, criterion_held)))
         threshold = float(np.quantile(criterion_cal, 1.0 - density))
-        score = gate_up1_score(silu(xh @ g.T), xc, xh, u, down_norm, threshold)
-        rows.append(("gate_up1", density, fraction_for_recall(score, truth)))
-        rows.append(("(finals)", density, float(truth.mean())))
+        for name, w in up_estimates(u, xc).items():
+            score = gate_up_score(silu(xh @ g.T), xc, xh, u, w, down_norm, threshold)
+            rows.append((name, density, fraction_for_recall(score, truth), mass_at_half(score, truth, criterion_held)))
+        rows.append(("(finals)", density, float(truth.mean()), 1.0))
     return rows
 
 
@@ -120,10 +146,11 @@ def main() -> int:
     x_cal = capture_ffn_inputs(args.model, [args.calibration], max_tokens=args.calibration_tokens, threads=args.threads)
     x_held = capture_ffn_inputs(args.model, [args.heldout], max_tokens=args.heldout_tokens, threads=args.threads)
     tensors = {t.name: t for t in gguf.GGUFReader(args.model).tensors}
-    print("| layer | density | predictor | fraction selected for 99 % recall |\n| ---: | ---: | --- | ---: |")
+    print("| layer | density | predictor | fraction selected for 99 % recall | finals' mass in the top half |\n"
+          "| ---: | ---: | --- | ---: | ---: |")
     for il in args.layers:
-        for name, density, fraction in layer_rows(il, x_cal[il], x_held[il], tensors, args.densities, args.ranks):
-            print(f"| {il} | {density:g} | {name} | {fraction:.3f} |", flush=True)
+        for name, density, fraction, mass in layer_rows(il, x_cal[il], x_held[il], tensors, args.densities, args.ranks):
+            print(f"| {il} | {density:g} | {name} | {fraction:.3f} | {mass:.3f} |", flush=True)
     return 0
 
 
