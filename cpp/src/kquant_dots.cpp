@@ -8,9 +8,9 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
-// q4_K rows against q8_K activations, 64 values per instruction on AVX-512 CPUs, with the result ggml's
-// vec_dot gives on x86 (its AVX2 kernel) bit for bit: the same integer sums gathered in the same eight int32
-// lanes, then the same float operations in the same order.
+// q4_K (and q5_K, see k_dot_avx512) rows against q8_K activations, 64 values per instruction on AVX-512 CPUs,
+// with the result ggml's vec_dot gives on x86 (its AVX2 kernel) bit for bit: the same integer sums gathered in
+// the same eight int32 lanes, then the same float operations in the same order.
 //
 // ggml's kernel, per block: lane k of an int32 sum holds, over the eight sub-blocks, scale * (q4 . q8) of the
 // sub-block's values 4k .. 4k + 3 (maddubs pairs bytes, madd multiplies by the scale and pairs again); then
@@ -37,11 +37,16 @@ template <bool kVnni> NL_AVX512_VNNI NL_INLINE __m512i pair_products_added(__m51
     }
 }
 
-template <bool kVnni>
-NL_AVX512_VNNI void q4_k_dot_avx512(int n, float * s, size_t, const void * vx, size_t, const void * vy, size_t, int) {
+// q4_K rows (kHighBit false) and q5_K rows (true): ggml's q5_K kernel is its q4_K one with a fifth bit (bit
+// j of qh[l] for sub-block j's value l, added as 16), put in here by a masked shift, and with the mins summed
+// otherwise: their four int32 pairs added into one integer per block, then its C's summs += dmin * float(that),
+// which the compiler contracts into one fused multiply-add (ggml-cpu is built with FMA; the test against
+// ggml's own kernel tells the two apart), where q4_K keeps four float lanes of mins.
+template <bool kVnni, bool kHighBit>
+NL_AVX512_VNNI void k_dot_avx512(int n, float * s, size_t, const void * vx, size_t, const void * vy, size_t, int) {
     const uint8_t * x = (const uint8_t *) vx;
     const uint8_t * y = (const uint8_t *) vy;
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
     // word indices giving sub-block 2j's scale to the low half and 2j + 1's to the high half
     const __m512i pair_index[4] = {
         _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(1), 1),
@@ -50,8 +55,8 @@ NL_AVX512_VNNI void q4_k_dot_avx512(int n, float * s, size_t, const void * vx, s
         _mm512_inserti64x4(_mm512_set1_epi16(6), _mm256_set1_epi16(7), 1),
     };
     __m256 acc = _mm256_setzero_ps();
-    __m128 acc_m = _mm_setzero_ps();
-    for (int64_t b = 0; b < n / kKBlock; ++b, x += k_block_bytes<false>(), y += kQ8KBytes) {
+    __m128 acc_m = _mm_setzero_ps(); // q4_K: four lanes; q5_K: lane 0, ggml's scalar sum
+    for (int64_t b = 0; b < n / kKBlock; ++b, x += k_block_bytes<kHighBit>(), y += kQ8KBytes) {
         float yd;
         std::memcpy(&yd, y, sizeof yd);
         uint16_t dh, mh;
@@ -65,18 +70,32 @@ NL_AVX512_VNNI void q4_k_dot_avx512(int n, float * s, size_t, const void * vx, s
         const __m256i sums16 = _mm256_loadu_si256((const __m256i *) (y + kQ8KSumsAt));
         const __m128i sums32 = _mm_hadd_epi16(_mm256_castsi256_si128(sums16), _mm256_extracti128_si256(sums16, 1));
         const __m128i mins_dot = _mm_madd_epi16(_mm256_extracti128_si256(scales_mins, 1), sums32);
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(mins_dot), acc_m);
+        if constexpr (kHighBit) {
+            const __m128i zero = _mm_setzero_si128();
+            const __m128i total = _mm_hadd_epi32(_mm_hadd_epi32(mins_dot, zero), zero);
+            acc_m = _mm_fmadd_ss(_mm_set_ss(dmin), _mm_cvtepi32_ps(total), acc_m);
+        } else {
+            acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(mins_dot), acc_m);
+        }
 
         const __m512i scales = _mm512_castsi256_si512(scales_mins); // words 0-7: the sub-blocks' scales
-        const uint8_t * q4 = x + k_low_bits_at<false>();
+        const uint8_t * qs = x + k_low_bits_at<kHighBit>();
         const uint8_t * q8 = y + kQ8KQsAt;
+        const __m512i high = kHighBit ? _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (x + 16)))
+                                      : _mm512_setzero_si512();
         // two sums, sub-blocks 0-3 and 4-7, so that their additions do not wait on each other
         __m512i sum[2] = { _mm512_setzero_si512(), _mm512_setzero_si512() };
         for (int j = 0; j < 4; ++j) {
             // qs bytes 32j .. 32j + 31: sub-block 2j in their low nibbles, 2j + 1 in their high ones, against
-            // the activation's values 64j .. 64j + 63 (2j's then 2j + 1's)
-            const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (q4 + 32 * j)));
-            const __m512i q = _mm512_and_si512(_mm512_mask_srli_epi16(both, 0xFFFF0000u, both, 4), low4);
+            // the activation's values 64j .. 64j + 63 (2j's then 2j + 1's); q5_K's fifth bits are bits 2j and
+            // 2j + 1 of the qh bytes
+            const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (qs + 32 * j)));
+            __m512i q = _mm512_and_si512(_mm512_mask_srli_epi16(both, 0xFFFF0000u, both, 4), low4);
+            if constexpr (kHighBit) {
+                const __m512i bits = _mm512_and_si512(
+                        _mm512_mask_srli_epi16(_mm512_srli_epi16(high, 2 * j), 0xFFFF0000u, high, 2 * j + 1), one);
+                q = _mm512_or_si512(q, _mm512_slli_epi16(bits, 4));
+            }
             const __m512i a = _mm512_loadu_si512((const void *) (q8 + 64 * j));
             const __m512i scale = _mm512_permutexvar_epi16(pair_index[j], scales);
             sum[j / 2] = pair_products_added<kVnni>(sum[j / 2], scale, _mm512_maddubs_epi16(q, a));
@@ -85,77 +104,15 @@ NL_AVX512_VNNI void q4_k_dot_avx512(int n, float * s, size_t, const void * vx, s
         const __m256i lanes = _mm256_add_epi32(_mm512_castsi512_si256(both_sums), _mm512_extracti64x4_epi64(both_sums, 1));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lanes), acc);
     }
-    // ggml's final sums: the eight lanes halved thrice, the mins' four lanes twice, then added
-    acc_m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
-    acc_m = _mm_add_ss(acc_m, _mm_movehdup_ps(acc_m));
+    // ggml's final sums: the eight lanes halved thrice, q4_K's mins' four lanes twice, then added
+    if constexpr (!kHighBit) {
+        acc_m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
+        acc_m = _mm_add_ss(acc_m, _mm_movehdup_ps(acc_m));
+    }
     __m128 r = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     r = _mm_add_ss(r, _mm_movehdup_ps(r));
     *s = _mm_cvtss_f32(r) + _mm_cvtss_f32(acc_m);
-}
-
-// q5_K rows against q8_K activations, with ggml's AVX2 result bit for bit. ggml's kernel is its q4_K one with
-// a fifth bit (bit j of qh[l] for sub-block j's value l, added as 16) and the mins summed otherwise: their four
-// int32 pairs added into one integer per block, then its C's summs += dmin * float(that), which the compiler
-// contracts into one fused multiply-add (ggml-cpu is built with FMA; the test against ggml's own kernel says
-// so: a product then a sum differ), the eight lanes' total added last. The integer lanes are gathered as in q4_k_dot_avx512 (one 512-bit
-// register for two sub-blocks, the halves added at the end).
-template <bool kVnni>
-NL_AVX512_VNNI void q5_k_dot_avx512(int n, float * s, size_t, const void * vx, size_t, const void * vy, size_t, int) {
-    const uint8_t * x = (const uint8_t *) vx;
-    const uint8_t * y = (const uint8_t *) vy;
-    const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
-    const __m512i pair_index[4] = {
-        _mm512_inserti64x4(_mm512_set1_epi16(0), _mm256_set1_epi16(1), 1),
-        _mm512_inserti64x4(_mm512_set1_epi16(2), _mm256_set1_epi16(3), 1),
-        _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(5), 1),
-        _mm512_inserti64x4(_mm512_set1_epi16(6), _mm256_set1_epi16(7), 1),
-    };
-    __m256 acc = _mm256_setzero_ps();
-    __m128 summs = _mm_setzero_ps(); // lane 0 only: ggml's scalar sum of the mins' parts
-    for (int64_t b = 0; b < n / kKBlock; ++b, x += k_block_bytes<true>(), y += kQ8KBytes) {
-        float yd;
-        std::memcpy(&yd, y, sizeof yd);
-        uint16_t dh, mh;
-        k_super_scales(x, &dh, &mh);
-        const float d = yd * _cvtsh_ss(dh);
-        const float dmin = -yd * _cvtsh_ss(mh);
-        alignas(16) uint8_t sm[16];
-        k_scales_mins(x, sm);
-        const __m256i scales_mins = _mm256_cvtepu8_epi16(_mm_load_si128((const __m128i *) sm));
-        const __m256i sums16 = _mm256_loadu_si256((const __m256i *) (y + kQ8KSumsAt));
-        const __m128i sums32 = _mm_hadd_epi16(_mm256_castsi256_si128(sums16), _mm256_extracti128_si256(sums16, 1));
-        const __m128i prod = _mm_madd_epi16(_mm256_extracti128_si256(scales_mins, 1), sums32);
-        const __m128i zero = _mm_setzero_si128();
-        const __m128i total = _mm_hadd_epi32(_mm_hadd_epi32(prod, zero), zero);
-        summs = _mm_fmadd_ss(_mm_set_ss(dmin), _mm_cvtepi32_ps(total), summs);
-
-        const __m512i scales = _mm512_castsi256_si512(scales_mins);
-        const uint8_t * q5 = x + k_low_bits_at<true>();
-        const uint8_t * q8 = y + kQ8KQsAt;
-        const __m512i high = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (x + 16)));
-        __m512i sum[2] = { _mm512_setzero_si512(), _mm512_setzero_si512() };
-        for (int j = 0; j < 4; ++j) {
-            // qs bytes 32j .. 32j + 31: sub-block 2j in their low nibbles, 2j + 1 in their high ones; their fifth
-            // bits are bits 2j and 2j + 1 of the qh bytes
-            const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) (q5 + 32 * j)));
-            const __m512i low = _mm512_and_si512(_mm512_mask_srli_epi16(both, 0xFFFF0000u, both, 4), low4);
-            const __m512i bits = _mm512_and_si512(
-                    _mm512_mask_srli_epi16(_mm512_srli_epi16(high, 2 * j), 0xFFFF0000u, high, 2 * j + 1), one);
-            const __m512i q = _mm512_or_si512(low, _mm512_slli_epi16(bits, 4));
-            const __m512i a = _mm512_loadu_si512((const void *) (q8 + 64 * j));
-            const __m512i scale = _mm512_permutexvar_epi16(pair_index[j], scales);
-            sum[j / 2] = pair_products_added<kVnni>(sum[j / 2], scale, _mm512_maddubs_epi16(q, a));
-        }
-        const __m512i both_sums = _mm512_add_epi32(sum[0], sum[1]);
-        const __m256i lanes = _mm256_add_epi32(_mm512_castsi512_si256(both_sums), _mm512_extracti64x4_epi64(both_sums, 1));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lanes), acc);
-    }
-    // ggml's hsum_float_8, then the mins' sum
-    __m128 r = _mm_add_ps(_mm256_extractf128_ps(acc, 1), _mm256_castps256_ps128(acc));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    *s = _mm_cvtss_f32(_mm_add_ss(r, summs));
 }
 
 // q6_K rows against q8_K activations, with ggml's AVX2 result bit for bit. ggml's kernel, per block: values
@@ -257,9 +214,9 @@ std::vector<FasterDot> faster_vec_dots(ggml_type type) {
         return type == GGML_TYPE_Q4_K ? q4 : type == GGML_TYPE_Q5_K ? q5 : q6;
     };
     if (__builtin_cpu_supports("avx512vnni")) {
-        all.push_back({ "avx512-vnni", pick(q4_k_dot_avx512<true>, q5_k_dot_avx512<true>, q6_k_dot_avx512<true>) });
+        all.push_back({ "avx512-vnni", pick(k_dot_avx512<true, false>, k_dot_avx512<true, true>, q6_k_dot_avx512<true>) });
     }
-    all.push_back({ "avx512", pick(q4_k_dot_avx512<false>, q5_k_dot_avx512<false>, q6_k_dot_avx512<false>) });
+    all.push_back({ "avx512", pick(k_dot_avx512<false, false>, k_dot_avx512<false, true>, q6_k_dot_avx512<false>) });
 #else
     (void) type;
 #endif
