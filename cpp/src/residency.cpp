@@ -82,6 +82,13 @@ const TensorInfo * untied_embedding(const GgufModel & model) {
 
 } // namespace
 
+// mlock faults its range in a page at a time, each fault reading what the kernel's read-ahead window holds:
+// Qwen2.5-Coder-1.5B's 268 MiB, evicted by a memory cap between the model check and the lock, took 2.3 s. So
+// the pages are asked for in pieces of kLockPiece (POSIX_FADV_WILLNEED: the kernel reads them in long reads,
+// asynchronously) kLockAhead ahead of the piece being locked; a cap sees at most that much more page cache.
+constexpr uint64_t kLockPiece = 4 << 20;
+constexpr uint64_t kLockAhead = 8 * kLockPiece;
+
 LockedPages lock_every_token_weights(const GgufModel & model) {
     LockedPages result;
     const std::vector<Mapping> maps = mappings_of(model.path());
@@ -90,6 +97,9 @@ LockedPages lock_every_token_weights(const GgufModel & model) {
         return result;
     }
     const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
+    // each tensor's pages in pieces, in order (the read-ahead is issued ahead of the piece being locked)
+    struct Piece { uintptr_t first, last; uint64_t file_first; const TensorInfo * tensor; };
+    std::vector<Piece> pieces;
     for (const TensorInfo & t : model.tensors()) {
         if (!read_every_token(model, t) || t.nbytes == 0) continue;
         const Mapping * m = mapping_holding(maps, t);
@@ -99,13 +109,31 @@ LockedPages lock_every_token_weights(const GgufModel & model) {
         }
         const uintptr_t first = (uintptr_t) align_down(m->start + (t.offset - m->file_offset), page);
         const uintptr_t last = (uintptr_t) align_up(m->start + (t.offset - m->file_offset) + t.nbytes, page);
-        if (mlock((const void *) first, last - first) != 0) {
-            result.error = std::string("mlock of tensor '") + t.name + "' failed: " + std::strerror(errno) +
-                           (errno == ENOMEM || errno == EPERM ? " (the locked-memory limit, ulimit -l, is too low)" : "");
+        for (uintptr_t at = first; at < last; at += kLockPiece) {
+            pieces.push_back({ at, std::min<uintptr_t>(last, at + kLockPiece), m->file_offset + (at - m->start), &t });
+        }
+    }
+    // (a file that cannot be opened again only loses the read-ahead: the faults read the pages as before)
+    const int fd = ::open(model.path().c_str(), O_RDONLY | O_CLOEXEC);
+    size_t asked = 0;
+    uint64_t asked_bytes = 0;
+    for (size_t i = 0; i < pieces.size(); ++i) {
+        while (fd >= 0 && asked < pieces.size() && (asked <= i || asked_bytes < result.bytes + kLockAhead)) {
+            const Piece & a = pieces[asked++];
+            ::posix_fadvise(fd, (off_t) a.file_first, (off_t) (a.last - a.first), POSIX_FADV_WILLNEED);
+            asked_bytes += a.last - a.first;
+        }
+        const Piece & p = pieces[i];
+        if (mlock((const void *) p.first, p.last - p.first) != 0) {
+            const int err = errno;
+            if (fd >= 0) ::close(fd);
+            result.error = std::string("mlock of tensor '") + p.tensor->name + "' failed: " + std::strerror(err) +
+                           (err == ENOMEM || err == EPERM ? " (the locked-memory limit, ulimit -l, is too low)" : "");
             return result;
         }
-        result.bytes += last - first;
+        result.bytes += p.last - p.first;
     }
+    if (fd >= 0) ::close(fd);
     return result;
 }
 
