@@ -210,6 +210,26 @@ def test_down_type_choice(source: QType, row_length: int, policy: str, expected:
     assert choose_down_type(source, row_length, policy) == expected  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("down_type", "bundle_down_type", "expected"),
+    [
+        ("auto", "q4_K", QType.Q4_K),  # the rows the quality search scores are encoded as the columns are
+        ("auto", "q6_K", QType.Q6_K),
+        ("q8_0", "q4_K", QType.Q8_0),  # the rows' own type, where one is given
+        ("auto", "auto", QType.Q8_0),  # a q8_0 source keeps q8_0
+    ],
+)
+def test_converted_rows_follow_an_explicit_column_type(synthetic_model: ModelFactory, tmp_path: Path,
+                                                       down_type: str, bundle_down_type: str,
+                                                       expected: QType) -> None:
+    model = synthetic_model("llama", "q8_0")
+    plan = plan_conversion(model, random_placement(model), tmp_path / "out.gguf", down_type=down_type,
+                           bundle_down_type=bundle_down_type)  # type: ignore[arg-type]
+    assert set(plan.gguf_down_types) == {expected}
+    assert {lay.down.type for lay in plan.layouts} == {QType[bundle_down_type.upper()] if bundle_down_type != "auto"
+                                                       else QType.Q8_0}
+
+
 def test_default_output_names(tmp_path: Path) -> None:
     expected = (tmp_path / "m.neuralink.gguf", tmp_path / "m.neuralink.sidecar")
     assert default_output_paths(tmp_path / "m.gguf") == expected

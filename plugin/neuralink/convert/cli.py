@@ -90,7 +90,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sidecar", type=Path, default=None,
                         help="sidecar file (default: <output>.neuralink.sidecar beside the output)")
     parser.add_argument("--down-type", choices=DOWN_ENCODINGS, default="auto",
-                        help="type of the converted GGUF's re-encoded ffn_down (default: auto, see docs/convert.md)")
+                        help="type of the converted GGUF's re-encoded ffn_down (default: auto: --bundle-down-type's "
+                             "when that is given, so the quality search measures its cost; see docs/convert.md)")
     parser.add_argument("--bundle-down-type", choices=DOWN_ENCODINGS, default="auto",
                         help="type of the sidecar's down columns (default: auto)")
     parser.add_argument("--bundle-layout", choices=BUNDLE_LAYOUTS, default="auto",

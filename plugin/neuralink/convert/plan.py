@@ -187,7 +187,10 @@ def plan_conversion(
     sha256 = file_sha256(model_path)
     _check_placement(placement, where, model, sha256)
 
-    gguf_types = tuple(choose_down_type(layer.down.type, model.n_ff, down_type) for layer in model.layers)
+    # the quality search scores the converted GGUF's rows in place of the sidecar's columns: an explicit column
+    # type goes to the rows too (unless they have one of their own), so that its cost is in what the search measures
+    row_policy = bundle_down_type if down_type == "auto" else down_type
+    gguf_types = tuple(choose_down_type(layer.down.type, model.n_ff, row_policy) for layer in model.layers)
     if placement.criterion == "contribution" and placement.selection is None:
         raise ModelFileError(f"{where}: a contribution-criterion placement without its selection tables "
                              "(profile and place the model again)")
