@@ -2,6 +2,7 @@
 
 #include "neuralink/checksum.h"
 #include "neuralink/errors.h"
+#include "neuralink/file_read_ahead.h"
 #include "neuralink/gguf_model.h"
 
 #include <algorithm>
@@ -26,49 +27,17 @@ struct Fd {
 
 constexpr size_t kPiece = 256 * kChecksumBlock; // 1 MiB per read
 
-// The byte ranges a check reads, asked of the kernel (POSIX_FADV_WILLNEED) a little ahead of the piece being
-// hashed, across the ranges' boundaries but never the gaps between them (a converted GGUF's FFN tensors): the
-// kernel's own read-ahead keeps one stream of 128-256 KiB reads in flight, which read Qwen2.5-Coder-1.5B's
-// 605 MiB of checked ranges cold in 0.84-1.63 s; 8 MiB ahead in 0.27-0.30 s, side by side (32 MiB ahead did
-// no better). The pages asked for are the ones read next: a memory cap sees at most 8 MiB more page cache.
+// The checked ranges are asked for ahead of the piece being hashed (FileReadAhead): with only the kernel's own
+// read-ahead Qwen2.5-Coder-1.5B's 605 MiB of checked ranges read cold in 0.84-1.63 s; 8 MiB ahead in
+// 0.27-0.30 s, side by side (32 MiB ahead did no better).
 constexpr uint64_t kReadAhead = 8 * kPiece;
-
-class RangeReadAhead {
-public:
-    RangeReadAhead(int fd, const std::vector<ModelRange> & ranges) : fd_(fd), ranges_(ranges) {}
-    // `consumed` bytes of the ranges (in order) have been read: ask for the next kReadAhead
-    void consumed(uint64_t consumed) {
-        while (issued_ < consumed + kReadAhead && next_ < ranges_.size()) {
-            const ModelRange & r = ranges_[next_];
-            if (r.nbytes == 0) { // (a length of 0 would ask for the rest of the file)
-                ++next_;
-                continue;
-            }
-            const uint64_t len = std::min<uint64_t>(r.nbytes - within_, kPiece);
-            ::posix_fadvise(fd_, (off_t) (r.offset + within_), (off_t) len, POSIX_FADV_WILLNEED);
-            issued_ += len;
-            within_ += len;
-            if (within_ >= r.nbytes) {
-                ++next_;
-                within_ = 0;
-            }
-        }
-    }
-
-private:
-    int fd_;
-    const std::vector<ModelRange> & ranges_;
-    size_t next_ = 0;     // the range asked for next, and how far into it
-    uint64_t within_ = 0;
-    uint64_t issued_ = 0; // bytes asked for so far
-};
 
 } // namespace
 
 // block_checksum64 of [offset, offset + nbytes) of the open file, read a piece at a time into `piece`; with
 // `ahead`, told of each piece (`before` bytes of its ranges came before this one)
 static uint64_t range_checksum(int fd, const std::string & path, uint64_t offset, uint64_t nbytes,
-                               std::vector<uint8_t> & piece, RangeReadAhead * ahead = nullptr, uint64_t before = 0) {
+                               std::vector<uint8_t> & piece, FileReadAhead * ahead = nullptr, uint64_t before = 0) {
     piece.resize(kPiece);
     std::vector<uint64_t> blocks;
     blocks.reserve((size_t) (nbytes / kChecksumBlock + 1));
@@ -118,7 +87,9 @@ uint64_t verify_model_file(const std::string & gguf_path, const SidecarStore & s
     const Fd f = open_model(gguf_path);
     // the ranges are read in order, once: ask for them ahead (the kernel reads while the pieces are hashed)
     ::posix_fadvise(f.fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-    RangeReadAhead ahead(f.fd, ranges);
+    std::vector<FileRange> spans;
+    for (const ModelRange & r : ranges) spans.push_back({ r.offset, r.nbytes });
+    FileReadAhead ahead(f.fd, std::move(spans), kReadAhead, kPiece);
     std::vector<uint8_t> piece;
     uint64_t checked = 0;
     for (size_t i = 0; i < ranges.size(); ++i) {

@@ -1,6 +1,7 @@
 #include "neuralink/residency.h"
 
 #include "neuralink/direct_file.h"
+#include "neuralink/file_read_ahead.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -84,8 +85,7 @@ const TensorInfo * untied_embedding(const GgufModel & model) {
 
 // mlock faults its range in a page at a time, each fault reading what the kernel's read-ahead window holds:
 // Qwen2.5-Coder-1.5B's 268 MiB, evicted by a memory cap between the model check and the lock, took 2.3 s. So
-// the pages are asked for in pieces of kLockPiece (POSIX_FADV_WILLNEED: the kernel reads them in long reads,
-// asynchronously) kLockAhead ahead of the piece being locked; a cap sees at most that much more page cache.
+// the pages are locked kLockPiece at a time, asked for (FileReadAhead) kLockAhead ahead of the piece.
 constexpr uint64_t kLockPiece = 4 << 20;
 constexpr uint64_t kLockAhead = 8 * kLockPiece;
 
@@ -97,9 +97,10 @@ LockedPages lock_every_token_weights(const GgufModel & model) {
         return result;
     }
     const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
-    // each tensor's pages in pieces, in order (the read-ahead is issued ahead of the piece being locked)
-    struct Piece { uintptr_t first, last; uint64_t file_first; const TensorInfo * tensor; };
-    std::vector<Piece> pieces;
+    // each tensor's whole pages in its mapping, and where they lie in the file
+    struct Pages { const TensorInfo * tensor; uintptr_t first, last; };
+    std::vector<Pages> tensors;
+    std::vector<FileRange> in_file;
     for (const TensorInfo & t : model.tensors()) {
         if (!read_every_token(model, t) || t.nbytes == 0) continue;
         const Mapping * m = mapping_holding(maps, t);
@@ -109,29 +110,27 @@ LockedPages lock_every_token_weights(const GgufModel & model) {
         }
         const uintptr_t first = (uintptr_t) align_down(m->start + (t.offset - m->file_offset), page);
         const uintptr_t last = (uintptr_t) align_up(m->start + (t.offset - m->file_offset) + t.nbytes, page);
-        for (uintptr_t at = first; at < last; at += kLockPiece) {
-            pieces.push_back({ at, std::min<uintptr_t>(last, at + kLockPiece), m->file_offset + (at - m->start), &t });
-        }
+        tensors.push_back({ &t, first, last });
+        in_file.push_back({ m->file_offset + (first - m->start), last - first });
     }
     // (a file that cannot be opened again only loses the read-ahead: the faults read the pages as before)
     const int fd = ::open(model.path().c_str(), O_RDONLY | O_CLOEXEC);
-    size_t asked = 0;
-    uint64_t asked_bytes = 0;
-    for (size_t i = 0; i < pieces.size(); ++i) {
-        while (fd >= 0 && asked < pieces.size() && (asked <= i || asked_bytes < result.bytes + kLockAhead)) {
-            const Piece & a = pieces[asked++];
-            ::posix_fadvise(fd, (off_t) a.file_first, (off_t) (a.last - a.first), POSIX_FADV_WILLNEED);
-            asked_bytes += a.last - a.first;
+    FileReadAhead ahead(fd, std::move(in_file), kLockAhead, kLockPiece);
+    for (const Pages & p : tensors) {
+        for (uintptr_t at = p.first; at < p.last; at += kLockPiece) {
+            const uintptr_t end = std::min<uintptr_t>(p.last, at + kLockPiece);
+            ahead.consumed(result.bytes);
+            if (mlock((const void *) at, end - at) != 0) {
+                const int err = errno;
+                if (fd >= 0) ::close(fd);
+                result.error = std::string("mlock of tensor '") + p.tensor->name + "' failed: " +
+                               std::strerror(err) +
+                               (err == ENOMEM || err == EPERM ? " (the locked-memory limit, ulimit -l, is too low)"
+                                                              : "");
+                return result;
+            }
+            result.bytes += end - at;
         }
-        const Piece & p = pieces[i];
-        if (mlock((const void *) p.first, p.last - p.first) != 0) {
-            const int err = errno;
-            if (fd >= 0) ::close(fd);
-            result.error = std::string("mlock of tensor '") + p.tensor->name + "' failed: " + std::strerror(err) +
-                           (err == ENOMEM || err == EPERM ? " (the locked-memory limit, ulimit -l, is too low)" : "");
-            return result;
-        }
-        result.bytes += p.last - p.first;
     }
     if (fd >= 0) ::close(fd);
     return result;
