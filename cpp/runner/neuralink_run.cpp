@@ -451,6 +451,7 @@ int run(const RunnerOptions & o) {
     // llama.cpp logs its KV, output and compute buffer sizes while loading; attaching re-reserves the latter
     log.capture = o.memory_budget || automatic;
     load_llama(o, engine.get(), log, session);
+    neuralink::release_free_heap();
     const uint64_t anon_after = neuralink::anonymous_resident_bytes();
     log.capture = false;
     if (o.memory_budget || automatic) {

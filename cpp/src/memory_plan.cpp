@@ -11,6 +11,9 @@
 #include <fstream>
 #include <map>
 #include <unistd.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 namespace neuralink {
 
@@ -63,6 +66,12 @@ uint64_t resident_bytes() {
     const int n = std::fscanf(f, "%llu %llu", &size, &resident);
     std::fclose(f);
     return n == 2 ? (uint64_t) resident * (uint64_t) sysconf(_SC_PAGESIZE) : 0;
+}
+
+void release_free_heap() {
+#if defined(__GLIBC__)
+    malloc_trim(0);
+#endif
 }
 
 uint64_t anonymous_resident_bytes() {

@@ -301,6 +301,8 @@ class Llama(FfnReporting, llama_cpp.Llama):
                 outputs_per_micro_batch(rows) if rows else contextlib.nullcontext():
             super().__init__(model_path, *args, kv_overrides=kv_overrides, **kwargs)
             api.attach(self._ctx.ctx, engine.hook_address)
+            # what the load parsed and freed (llama.cpp's vocabulary maps, the GGUF's metadata) leaves the heap
+            release_free_heap()
             load_anon_growth = max(0, anonymous_resident_bytes() - anon_before)
         self._verification_rows = rows if self.draft_model is not None or lookup else 0
         if self._verification_rows:
