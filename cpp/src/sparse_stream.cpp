@@ -81,8 +81,7 @@ void SparseFfn::start_stream(bool on, size_t bytes) {
             items.push_back(tail(region, head.count));
         }
     }
-    stream_ = std::make_unique<RegionStream>(store_->file(), std::move(items), &faults_, backend_,
-                                             options_.max_read_bytes);
+    stream_ = std::make_unique<RegionStream>(store_->file(), std::move(items), &faults_, backend_, kStreamChunkBytes);
     stream_heads_ = std::move(held);
 }
 

@@ -39,7 +39,7 @@ public:
     // Throws std::invalid_argument for no items, an empty item or one past the end of the file, IoError when
     // io_uring was asked for and the kernel refuses it.
     RegionStream(const DirectFile & file, std::vector<FileRange> items, FaultPlan * faults = nullptr,
-                 IoBackend backend = IoBackend::Auto, uint64_t chunk_bytes = kDefaultMaxReadBytes);
+                 IoBackend backend = IoBackend::Auto, uint64_t chunk_bytes = kStreamChunkBytes);
     ~RegionStream();
 
     RegionStream(const RegionStream &) = delete;
