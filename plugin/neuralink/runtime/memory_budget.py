@@ -75,14 +75,9 @@ def anonymous_resident_bytes() -> int:
 
 
 def release_free_heap() -> None:
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim), so that memory a closed model
-    freed leaves the process's RSS: without it ~90 MB of a closed SmolLM2 stayed resident."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):  # not glibc (musl, bionic): nothing to do
-        return
-    trim.argtypes = [ctypes.c_size_t]
-    trim(0)
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere), so that memory a
+    closed model freed leaves the process's RSS: without it ~90 MB of a closed SmolLM2 stayed resident."""
+    _engine.release_free_heap()
 
 
 @contextlib.contextmanager
