@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import neuralink
+from neuralink import _engine
 from neuralink.formats.gguf_directory import read_gguf_directory
 from conftest import REPO_ROOT, ModelFactory
 
@@ -99,6 +100,21 @@ def test_memory_budget_sizes_the_bundle_cache(runner: Path, converted_model) -> 
     assert cache and store and whole
     # the whole store fits: its records and the cache's tables
     assert float(cache.group(1)) == float(whole.group(1)) >= float(store.group(1)) > 0
+
+
+def test_a_budget_plans_for_its_own_batch_size_unless_one_is_given(runner: Path, converted_model) -> None:
+    # llama.cpp's 512 tokens per call would take much of a tight budget (Qwen2.5-Coder-1.5B under 530MB: refused
+    # at 512, 5.4 tok/s at 64), as neuralink.Llama's n_batch does
+    model, _ = converted_model("llama", "q8_0", threshold=0.1)
+
+    def scratch(*extra: object) -> str:
+        result = run(runner, "-m", model, "-p", PROMPT, "-n", 2, "-c", 1024, "--memory-budget", "1GiB", *extra)
+        assert result.returncode == 0, result.stderr
+        found = re.search(r"engine scratch +([0-9.]+) MiB", result.stderr)
+        assert found, result.stderr
+        return found.group(1)
+
+    assert scratch() == scratch("-b", _engine.BUDGET_N_BATCH) != scratch("-b", 512)
 
 
 def test_memory_budget_below_the_minimum_is_refused(runner: Path, converted_model) -> None:

@@ -516,6 +516,7 @@ PYBIND11_MODULE(_engine, m) {
     m.attr("DEFAULT_QUEUE_DEPTH") = kDefaultQueueDepth;
     m.attr("STREAM_COST_RATIO") = SparseFfn::kStreamCostRatio;
     m.attr("DEFAULT_MAX_READ_BYTES") = kDefaultMaxReadBytes;
+    m.attr("BUDGET_N_BATCH") = kBudgetBatch;
     m.attr("DIRECT_ALIGN") = kDirectAlign;
     register_errors();
     register_engine(m);

@@ -97,7 +97,10 @@ generation:
   -n, --n-predict N        tokens to generate (default 64)
   -t, --threads N          compute threads (default: the hardware's, at most 4)
   -c, --ctx-size N         context length (default: prompt + n-predict tokens)
-  -b, --batch-size N       prompt tokens per decode call (default 512)
+  -b, --batch-size N       prompt tokens per decode call (default 512, or )";
+    u += std::to_string(neuralink::kBudgetBatch);
+    u += R"( under
+                           --memory-budget: more of the budget left to the cache)
   --flash-attn             llama.cpp's flash attention (default off, as neuralink.Llama,
                            so both give the same tokens)
   --ignore-eos             keep generating past end-of-generation tokens
@@ -195,7 +198,7 @@ RunnerOptions parse_options(int argc, char ** argv) {
         else if (a == "-n" || a == "--n-predict") { o.n_predict = parse_int(a, value(), 0, 1 << 20); }
         else if (a == "-t" || a == "--threads") { o.n_threads = parse_int(a, value(), 1, 256); }
         else if (a == "-c" || a == "--ctx-size") { o.n_ctx = parse_int(a, value(), 1, 1 << 24); }
-        else if (a == "-b" || a == "--batch-size") { o.n_batch = parse_int(a, value(), 1, 1 << 16); }
+        else if (a == "-b" || a == "--batch-size") { o.n_batch = parse_int(a, value(), 1, 1 << 16); o.n_batch_given = true; }
         else if (a == "--flash-attn") { o.flash_attn = true; }
         else if (a == "--ignore-eos") { o.ignore_eos = true; }
         else if (a == "--prompt-lookup") {
@@ -246,6 +249,9 @@ RunnerOptions parse_options(int argc, char ** argv) {
     if (o.prompt_lookup > 0 && (!o.follow_tokens.empty() || !o.dump_logits.empty())) {
         throw UsageError("--prompt-lookup " + std::to_string(o.prompt_lookup) + " verifies several tokens per "
                          "batch; --follow-tokens and --dump-logits compare one token at a time: pass one or the other");
+    }
+    if (o.memory_budget && !o.n_batch_given) {
+        o.n_batch = neuralink::kBudgetBatch;
     }
     if (o.n_threads == 0) {
         const unsigned hw = std::thread::hardware_concurrency();

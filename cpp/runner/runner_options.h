@@ -46,7 +46,8 @@ struct RunnerOptions {
     int n_predict = 64;
     int n_threads = 0;           // 0: the hardware's threads, at most 4
     int n_ctx = 0;               // 0: prompt + n_predict tokens
-    int n_batch = 512;
+    int n_batch = 512;           // kBudgetBatch under --memory-budget, unless -b is given
+    bool n_batch_given = false;
     bool flash_attn = false;     // off, as neuralink.Llama (llama-cpp-python's default): same tokens as Python
     bool ignore_eos = false;
     int prompt_lookup = -1;      // drafts of N tokens per verification; 0 none; -1 auto (stream, reads dominate)

@@ -20,5 +20,8 @@ constexpr uint64_t kDefaultMaxReadBytes = 1 << 20;
 // EPYC host, alternating builds): under 530MB 5.06-5.26 tok/s with 1 MiB pieces, 5.30-5.40 with 512 KiB,
 // 5.33-5.59 with 256 KiB, 5.24-5.70 with 128 KiB; under 800MB 9.28-9.46, 9.26-9.91, 10.01-10.21, 8.87-9.41
 constexpr uint64_t kStreamChunkBytes = 256 << 10;
+// prompt tokens per decode call under a memory budget when none is asked for (llama.cpp's 512 costs ~65 MiB more
+// of the budget on Qwen2.5-Coder-1.5B: token lookups, the engine's scratch, llama.cpp's buffers; memory_plan.h)
+constexpr int kBudgetBatch = 64;
 
 } // namespace neuralink

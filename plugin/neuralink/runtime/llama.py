@@ -61,7 +61,7 @@ from neuralink.runtime.sidecar_lookup import default_predictor, find_sidecar, na
 logger = logging.getLogger(__name__)
 
 # n_batch under an explicit memory budget unless given (see the memory_budget argument)
-BUDGET_N_BATCH = 64
+BUDGET_N_BATCH = _engine.BUDGET_N_BATCH
 
 _NOT_OFFERED = (
     "llama.cpp did not offer its FFN to the hook (a form neuralink does not serve: "
