@@ -6,16 +6,13 @@
 // page cache. Used where a page-cache reader would otherwise wait for the kernel's own read-ahead (one stream
 // of 128-256 KiB reads): the model check, and locking the weights read every token.
 
+#include "neuralink/file_range.h"
+
 #include <cstddef>
 #include <cstdint>
 #include <vector>
 
 namespace neuralink {
-
-struct FileRange {
-    uint64_t offset = 0;
-    uint64_t nbytes = 0;
-};
 
 class FileReadAhead {
 public:

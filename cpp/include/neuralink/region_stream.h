@@ -15,6 +15,7 @@
 
 #include "neuralink/defaults.h"
 #include "neuralink/direct_file.h"
+#include "neuralink/file_range.h"
 #include "neuralink/io_pool.h"
 #include "neuralink/read_queue.h"
 
@@ -25,12 +26,6 @@
 #include <vector>
 
 namespace neuralink {
-
-// One contiguous byte range of a file.
-struct FileRange {
-    uint64_t offset = 0;
-    size_t bytes = 0;
-};
 
 class RegionStream {
 public:
