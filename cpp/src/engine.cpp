@@ -89,9 +89,10 @@ Engine::Engine(const std::string & model_path, const EngineOptions & options) : 
             throw UnsupportedModelError(options.sidecar_path + ": has no low-rank predictor; convert with "
                                         "--lowrank-rank to fit one, or use another predictor");
         }
-        if (predictor == Predictor::LowRank && (criterion == Criterion::OutputMagnitude || criterion == Criterion::Contribution)) {
-            throw UnsupportedModelError(options.sidecar_path + ": the low-rank predictor needs a criterion on one "
-                                        "pre-activation (gate_magnitude or relu), not '" + store->criterion() + "'");
+        if (predictor == Predictor::LowRank && criterion == Criterion::OutputMagnitude) {
+            throw UnsupportedModelError(options.sidecar_path + ": the low-rank predictor needs a criterion it can "
+                                        "decide from the gate (contribution, gate_magnitude or relu), not '" +
+                                        store->criterion() + "'");
         }
         sparse_ = std::make_unique<SparseFfn>(std::move(store), options.sparse);
         for (int il = 0; il < (int) n_layer; ++il) {

@@ -4,6 +4,7 @@
 #include "neuralink/errors.h"
 #include "neuralink/file_read_ahead.h"
 #include "neuralink/gguf_model.h"
+#include "neuralink/owned_fd.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -15,15 +16,6 @@
 namespace neuralink {
 
 namespace {
-
-struct Fd {
-    int fd = -1;
-    Fd() = default;
-    Fd(Fd && o) noexcept : fd(o.fd) { o.fd = -1; }
-    Fd(const Fd &) = delete;
-    Fd & operator=(const Fd &) = delete;
-    ~Fd() { if (fd >= 0) ::close(fd); }
-};
 
 constexpr size_t kPiece = 256 * kChecksumBlock; // 1 MiB per read
 
@@ -64,8 +56,8 @@ static uint64_t range_checksum(int fd, const std::string & path, uint64_t offset
     return checksum64(blocks.data(), blocks.size() * sizeof(uint64_t));
 }
 
-static Fd open_model(const std::string & path) {
-    Fd f;
+static OwnedFd open_model(const std::string & path) {
+    OwnedFd f;
     f.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (f.fd < 0) {
         throw ModelFileError(path + ": cannot open: " + std::strerror(errno));
@@ -74,7 +66,7 @@ static Fd open_model(const std::string & path) {
 }
 
 uint64_t file_block_checksum(const std::string & path, uint64_t offset, uint64_t nbytes) {
-    const Fd f = open_model(path);
+    const OwnedFd f = open_model(path);
     std::vector<uint8_t> piece;
     return range_checksum(f.fd, path, offset, nbytes, piece);
 }
@@ -84,7 +76,7 @@ uint64_t verify_model_file(const std::string & gguf_path, const SidecarStore & s
     if (ranges.empty()) {
         return 0;
     }
-    const Fd f = open_model(gguf_path);
+    const OwnedFd f = open_model(gguf_path);
     // the ranges are read in order, once: ask for them ahead (the kernel reads while the pieces are hashed)
     ::posix_fadvise(f.fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     std::vector<FileRange> spans;

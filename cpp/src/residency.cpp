@@ -2,6 +2,7 @@
 
 #include "neuralink/direct_file.h"
 #include "neuralink/file_read_ahead.h"
+#include "neuralink/owned_fd.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -114,15 +115,14 @@ LockedPages lock_every_token_weights(const GgufModel & model) {
         in_file.push_back({ m->file_offset + (first - m->start), last - first });
     }
     // (a file that cannot be opened again only loses the read-ahead: the faults read the pages as before)
-    const int fd = ::open(model.path().c_str(), O_RDONLY | O_CLOEXEC);
-    FileReadAhead ahead(fd, std::move(in_file), kLockAhead, kLockPiece);
+    const OwnedFd file(::open(model.path().c_str(), O_RDONLY | O_CLOEXEC));
+    FileReadAhead ahead(file.fd, std::move(in_file), kLockAhead, kLockPiece);
     for (const Pages & p : tensors) {
         for (uintptr_t at = p.first; at < p.last; at += kLockPiece) {
             const uintptr_t end = std::min<uintptr_t>(p.last, at + kLockPiece);
             ahead.consumed(result.bytes);
             if (mlock((const void *) at, end - at) != 0) {
                 const int err = errno;
-                if (fd >= 0) ::close(fd);
                 result.error = std::string("mlock of tensor '") + p.tensor->name + "' failed: " +
                                std::strerror(err) +
                                (err == ENOMEM || err == EPERM ? " (the locked-memory limit, ulimit -l, is too low)"
@@ -132,7 +132,6 @@ LockedPages lock_every_token_weights(const GgufModel & model) {
             result.bytes += end - at;
         }
     }
-    if (fd >= 0) ::close(fd);
     return result;
 }
 

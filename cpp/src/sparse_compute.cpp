@@ -42,9 +42,12 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
         return;
     }
     if (options_.predictor == Predictor::LowRank) {
-        // scores B (A x) from phase 0's A x; the real criterion is applied once the neuron is computed
+        // scores B (A x) from phase 0's A x; the real criterion is applied once the neuron is computed. Under the
+        // contribution criterion the score is the candidate test's, |act(g~)| * E|up| * |d| with the estimated g~,
+        // against a threshold the conversion set low enough to find the validated pairs
         const int rank = store_->predictor_rank();
         const float predictor_threshold = this->predictor_threshold(il);
+        const bool contribution = criterion == Criterion::Contribution;
         for (int64_t p = r0; p < r1; ++p) {
             const float * b = S.predictor_b.data() + (size_t) p * rank;
             bool any = false;
@@ -53,7 +56,8 @@ void SparseFfn::predict(int il, int64_t n_tokens, int64_t r0, int64_t r1, Thread
                 float v = 0.0f;
                 for (int k = 0; k < rank; ++k) v += b[k] * z[k];
                 const float a = activate(L.act, v);
-                const bool on = (criterion == Criterion::NativeZero ? a : std::fabs(a)) > predictor_threshold;
+                const bool on = contribution ? contribution_candidate(a, S.candidate_scale[p], predictor_threshold)
+                                             : (criterion == Criterion::NativeZero ? a : std::fabs(a)) > predictor_threshold;
                 token_active_[t * n_ff + p] = on;
                 any |= on;
             }
@@ -137,6 +141,10 @@ struct SparseFfn::LayerMath {
     size_t xq_up_row;
     const WeightType * gate_wt; // the gate row's type: the record's, or the resident rows' when records hold none
     size_t xq_gate_row;
+    // the low-rank predictor under the contribution criterion: a pair is kept only if the exact gate passes the
+    // candidate test too, so what it computes is the gate predictor's thresholded model, less what it missed
+    bool exact_candidate;
+    float candidate_threshold;
 };
 
 SparseFfn::LayerMath SparseFfn::layer_math(int il) const {
@@ -144,12 +152,14 @@ SparseFfn::LayerMath SparseFfn::layer_math(int il) const {
     const SidecarLayer & S = store_->layer(il);
     const Criterion criterion = store_->criterion_kind();
     const WeightType * gate_wt = S.gate.wt ? S.gate.wt : L.gate.wt;
+    const bool exact_candidate = options_.predictor == Predictor::LowRank && criterion == Criterion::Contribution;
     return LayerMath { L, S, criterion, threshold(il),
                        options_.predictor == Predictor::Gate || options_.predictor == Predictor::Oracle,
                        options_.predictor == Predictor::LowRank ||
                                (criterion == Criterion::Contribution && options_.predictor != Predictor::Dense),
                        S.down.wt->vec_dot_type, S.up.wt->act_row_bytes(L.n_embd), gate_wt,
-                       gate_wt ? gate_wt->act_row_bytes(L.n_embd) : 0 };
+                       gate_wt ? gate_wt->act_row_bytes(L.n_embd) : 0,
+                       exact_candidate, exact_candidate ? candidate_threshold(il) : 0.0f };
 }
 
 // One (token, neuron) pair, the neuron predicted for the token: hv (its h_ entry) becomes h, or zero when the
@@ -166,7 +176,10 @@ inline bool SparseFfn::finish_pair(const LayerMath & M, uint32_t p, float u, flo
     }
     const bool holds = M.criterion == Criterion::NativeZero ? a > M.threshold
                      : M.criterion == Criterion::GateMagnitude ? std::fabs(a) > M.threshold
-                     : M.criterion == Criterion::Contribution ? contribution_final(hv, M.S.down_norm[p], M.threshold)
+                     : M.criterion == Criterion::Contribution
+                             ? contribution_final(hv, M.S.down_norm[p], M.threshold) &&
+                                       (!M.exact_candidate ||
+                                        contribution_candidate(a, M.S.candidate_scale[p], M.candidate_threshold))
                      : std::fabs(hv) > M.threshold;
     if (!holds && M.filter) hv = 0.0f;
     return holds;

@@ -132,9 +132,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     calibration.add_argument("--threads", type=positive_int, default=None, help="llama.cpp threads while profiling")
     calibration.add_argument("--lowrank-rank", type=non_negative_int, default=0, metavar="R",
                              help="also fit a rank-R low-rank activity predictor on the calibration text and store "
-                                  "it in the sidecar (for predictor='lowrank'; 0: none)")
+                                  "it in the sidecar (for predictor='lowrank'; 0: none). On gated models the records "
+                                  "then hold the gate rows, so no gate row stays in RAM (R (n_embd + n_ff) floats a "
+                                  "layer instead), at the cost of reading nearly every record; it becomes the "
+                                  "default predictor when its measured perplexity is within --ppl-budget")
     calibration.add_argument("--lowrank-recall", type=fraction_argument, default=0.99,
-                             help="fraction of truly active neurons the predictor must find on the calibration "
+                             help="fraction of truly active neurons (under the contribution criterion: of the "
+                                  "pairs the validated setting keeps) the predictor must find on the calibration "
                                   "text (default: 0.99)")
     calibration.add_argument("--save-placement", type=Path, default=None, metavar="FILE",
                              help="also keep the placement (.npz) for later conversions or evaluation")

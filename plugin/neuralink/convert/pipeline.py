@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from neuralink.convert.plan import check_model_and_outputs, plan_conversion
-from neuralink.convert.predictor import LowRankPredictor, capture_ffn_inputs, fit_lowrank
+from neuralink.convert.contribution_predictor import PlacedLayer, fit_thresholds, measure_recall
+from neuralink.convert.contribution_predictor import summary as recall_summary
+from neuralink.convert.predictor import LowRankPredictor, capture_ffn_inputs, fit_gate_factors, fit_lowrank
 from neuralink.convert.quality import (
     DEFAULT_BUDGET,
     DEFAULT_HELDOUT_TOKENS,
@@ -37,10 +39,13 @@ from neuralink.formats.bundle_layout import (
 from neuralink.formats.ffn_tensors import (
     Activation,
     DownEncoding,
+    TensorEntry,
     decode_matrix,
     inspect_ffn_model,
 )
 from neuralink.formats.placement import Placement
+from neuralink.formats.sidecar import Sidecar
+from neuralink.formats.sidecar_writer import patch_predictor_thresholds, patch_runtime
 from neuralink.place.orders import DEFAULT_METHOD, METHODS, build_placement, place_layers
 from neuralink.profile.activity import DEFAULT_CRITERION, profile_model
 from neuralink.profile.text import calibration_documents, split_heldout
@@ -97,18 +102,75 @@ def fit_model_predictor(
     recall: float = 0.99,
     max_tokens: int = 4096,
     threads: int | None = None,
+    inputs: Sequence[np.ndarray] | None = None,
 ) -> LowRankPredictor:
-    """Fit the low-rank predictor of `model_path` on calibration texts, for the placement's criterion and thresholds."""
+    """Fit the low-rank predictor of `model_path` on calibration texts (or on their FFN `inputs`, captured
+    already), for the placement's criterion and thresholds. Under the contribution criterion only the gate's
+    factors: the thresholds follow the quality search (set_contribution_thresholds)."""
     model = inspect_ffn_model(model_path)
-    inputs = capture_ffn_inputs(model_path, texts, max_tokens=max_tokens, threads=threads)
+    if inputs is None:
+        inputs = capture_ffn_inputs(model_path, texts, max_tokens=max_tokens, threads=threads)
     data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
 
     def weights(il: int) -> np.ndarray:
         layer = model.layers[il]
         return decode_matrix(data, layer.gate if layer.gate is not None else layer.up)
 
+    if placement.criterion == "contribution":
+        return fit_gate_factors(inputs, weights, activation=model.activation, rank=rank, recall=recall)
     return fit_lowrank(inputs, weights, activation=model.activation, criterion=placement.criterion,
                        activity_thresholds=placement.thresholds, rank=rank, recall=recall)
+
+
+def set_contribution_thresholds(
+    model_path: str | os.PathLike[str],
+    sidecar_path: str | os.PathLike[str],
+    placement: Placement,
+    predictor: LowRankPredictor,
+    calibration_inputs: Sequence[np.ndarray],
+    heldout: str,
+    runtime: Sequence[tuple[float, float]],
+    *,
+    heldout_tokens: int = DEFAULT_HELDOUT_TOKENS,
+    threads: int | None = None,
+    progress: StageProgress | None = None,
+) -> dict:
+    """Fit the contribution criterion's low-rank thresholds to the chosen `runtime` thresholds on the
+    calibration inputs, write them into the (temporary) sidecar, and measure the recall they get on the
+    held-out text: the quality record's "lowrank" entry."""
+    model = inspect_ffn_model(model_path)
+    data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
+    placed_b = predictor.placed(placement.orders)
+    with Sidecar.open(sidecar_path) as side:
+        tables = [(np.array(side.candidate_scale(il)), np.array(side.down_norms(il))) for il in range(model.n_layer)]
+
+    def layer(il: int) -> PlacedLayer:
+        tensors = model.layers[il]
+        order = np.asarray(placement.orders[il], dtype=np.int64)
+
+        def bias(entry: TensorEntry | None) -> np.ndarray | None:
+            return None if entry is None else decode_matrix(data, entry).reshape(-1)[order]
+
+        assert tensors.gate is not None
+        return PlacedLayer(gate=decode_matrix(data, tensors.gate)[order], up=decode_matrix(data, tensors.up)[order],
+                           gate_bias=bias(tensors.gate_bias), up_bias=bias(tensors.up_bias),
+                           a=predictor.layers[il].a, b=placed_b[il], candidate_scale=tables[il][0],
+                           down_norm=tables[il][1])
+
+    report = progress or (lambda stage, done, total: None)
+    thresholds, calibration = fit_thresholds(calibration_inputs, layer, model.activation, runtime,
+                                             predictor.recall_target,
+                                             progress=lambda done, total: report("predictor", done, total))
+    patch_predictor_thresholds(sidecar_path, thresholds)
+    with tempfile.TemporaryDirectory(prefix="neuralink-heldout-") as tmp:
+        text = Path(tmp) / "heldout.txt"
+        text.write_text(heldout, encoding="utf-8")
+        heldout_inputs = capture_ffn_inputs(model_path, [text], max_tokens=heldout_tokens, threads=threads)
+    measured = measure_recall(heldout_inputs, layer, model.activation, runtime, thresholds)
+    resident = sum(fit.a.nbytes + fit.b.nbytes for fit in predictor.layers)
+    return {"rank": predictor.rank, "recall_target": predictor.recall_target, "resident_bytes": int(resident),
+            "calibration": recall_summary(calibration), "heldout": recall_summary(measured),
+            "heldout_tokens": int(len(heldout_inputs[0]))}
 
 
 HELDOUT_CHARS_PER_TOKEN = 4  # English and code both tokenize to ~3.5-4.5 characters a token
@@ -144,8 +206,12 @@ def convert_from_text(
 
     `density` fixes one final density for every layer instead of searching
     (still measured and recorded); `budget` is the perplexity increase the
-    search may spend (0.01: +1 %). ReLU FFNs fit the low-rank predictor when
-    `lowrank_rank` is set, and it is validated the same way.
+    search may spend (0.01: +1 %). With `lowrank_rank` a low-rank predictor
+    is fitted too and validated the same way; on gated FFNs its records
+    then hold the gate rows (unless `bundle_parts` says otherwise), which it
+    needs not keep resident, and under the contribution criterion its
+    thresholds follow the search's (set_contribution_thresholds). It is the
+    default predictor when its own perplexity is within the budget.
     """
     report = progress or (lambda stage, done, total: None)
     model, output_path, sidecar_path = check_model_and_outputs(model_path, output, sidecar, activation=activation,
@@ -157,6 +223,8 @@ def convert_from_text(
     if not heldout.strip():
         raise OptionError(f"{', '.join(map(str, texts))}: too little calibration text to keep any aside for "
                           "the quality check")
+    if lowrank_rank and model.gated and bundle_parts == "auto":
+        bundle_parts = "gate-up-down"  # the compact predictor's point: no gate row resident
     with tempfile.TemporaryDirectory(prefix="neuralink-convert-") as tmp:
         profile_text = Path(tmp) / "profile.jsonl"
         profile_text.write_text("".join(json.dumps({"text": d}) + "\n" for d in profile_docs), encoding="utf-8")
@@ -174,9 +242,14 @@ def convert_from_text(
         if save_placement is not None:
             placement.save(save_placement)
         predictor = None
+        calibration_inputs = None
         if lowrank_rank:
+            calibration_inputs = capture_ffn_inputs(model_path, [profile_text], max_tokens=max_tokens or 4096,
+                                                    threads=threads)
             predictor = fit_model_predictor(model_path, [profile_text], placement, rank=lowrank_rank,
-                                            recall=lowrank_recall, max_tokens=max_tokens or 4096, threads=threads)
+                                            recall=lowrank_recall, inputs=calibration_inputs)
+            if placement.criterion != "contribution":
+                calibration_inputs = None
 
     def validate(gguf: Path, side: Path) -> tuple[list[tuple[float, float]], dict]:
         if placement.criterion == "contribution":
@@ -187,6 +260,17 @@ def convert_from_text(
                                          allocation=allocation, fixed_density=density, progress=report)
             finally:
                 scorer.close()
+            if predictor is not None and record.get("validated"):
+                assert calibration_inputs is not None
+                patch_runtime(side, setting.runtime, record)  # the predictor is measured at the chosen setting
+                record["lowrank"] = set_contribution_thresholds(
+                    model_path, side, placement, predictor, calibration_inputs, heldout, setting.runtime,
+                    heldout_tokens=heldout_tokens, threads=threads, progress=report)
+                measured = measure_predictor(gguf, side, heldout, "lowrank", budget=budget, threads=threads)
+                record["lowrank"].update({key: measured[key] for key in (
+                    "perplexity_change", "within_budget", "up_density", "down_density")})
+                if measured["within_budget"]:
+                    record["predictor"] = "lowrank"
             return setting.runtime, record
         # the sidecar's own thresholds, with the predictor a user would get
         candidate = "lowrank" if predictor is not None else ("gate" if model.gated else "dense")

@@ -102,7 +102,8 @@ def applicable_predictors(model_path: str | os.PathLike[str], sidecar_path: str 
     predictors = []
     if header.gated:
         predictors.append("gate")  # on gated models oracle computes the same exact gate: the same active set
-    if header.predictor_rank:
+    if header.predictor_rank and header.criterion != "contribution":
+        # under contribution its thresholds follow the conversion's chosen setting, not a swept density
         predictors.append("lowrank")
     if not header.gated:
         predictors.append("oracle")
@@ -155,7 +156,10 @@ def perplexity_sweep(
     notes = []
     for p in chosen:
         if p not in applicable and p != "oracle":  # oracle runs anywhere; on gated models it repeats gate
-            raise SweepError(f"{sidecar_path}: predictor '{p}' does not apply to this sidecar "
+            why = (" (its thresholds follow the conversion's chosen setting under the contribution criterion: "
+                   "`neuralink predictor` measures its recall there, the conversion's quality record its perplexity)"
+                   if p == "lowrank" and contribution else "")
+            raise SweepError(f"{sidecar_path}: predictor '{p}' does not apply to this sidecar{why} "
                              f"(applicable: {', '.join(applicable) or 'none'})")
     if "oracle" not in chosen and "gate" in chosen:
         notes.append("oracle is not run on gated models: it finds the same active set as gate")

@@ -341,3 +341,25 @@ def patch_runtime(path: str | os.PathLike[str], runtime_thresholds: Sequence[tup
     _write_tensor(path, SIDECAR_QUALITY, encode_quality(quality))
     _write_tensor(path, SIDECAR_DEFAULT_PREDICTOR, encode_predictor_name(validated_predictor(quality)))
     seal_sidecar(path)
+
+
+def patch_predictor_thresholds(path: str | os.PathLike[str], thresholds: Sequence[float]) -> None:
+    """Replace the low-rank predictor's per-layer thresholds of the sidecar at `path` in place (a float32 array
+    of the same length in the header), then seal it again. For the conversion's temporary file, as
+    patch_runtime: the contribution criterion's predictor thresholds follow the runtime thresholds the quality
+    search chooses after the sidecar is written."""
+    path = Path(path)
+    values = np.asarray(thresholds, dtype="<f4")
+    if values.ndim != 1 or not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError("predictor thresholds must be finite values >= 0, one per layer")
+    entry = read_gguf_directory(path).metadata.get(KEY_PREDICTOR_THRESHOLDS)
+    if entry is None or not isinstance(entry.value, np.ndarray) or entry.value.dtype != np.dtype("<f4") \
+            or entry.value.size != values.size:
+        raise ModelFileError(f"{path}: has no {values.size} float32 predictor thresholds to patch")
+    # an array entry ends with its values
+    with open(path, "r+b") as f:
+        f.seek(entry.end - values.nbytes)
+        f.write(values.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    seal_sidecar(path)
