@@ -259,7 +259,7 @@ def test_unsupported_ffn_form_names_the_architecture(runner: Path, synthetic_mod
     (["-m", "x.gguf", "-p", "y", "--bogus"], "unknown argument '--bogus'"),
     (["-m", "x.gguf", "-p", "y", "-n"], "-n expects a value"),
     (["-m", "x.gguf", "-p", "y", "-n", "many"], "-n expects an integer"),
-    (["-m", "x.gguf", "-p", "y", "--predictor", "psychic"], "--predictor must be one of gate, dense, oracle"),
+    (["-m", "x.gguf", "-p", "y", "--predictor", "psychic"], "--predictor must be one of gate, dense, lowrank, oracle"),
     (["-m", "x.gguf", "-p", "y", "--io-backend", "mmap"], "--io-backend must be one of auto, uring, pread"),
     (["-m", "x.gguf", "-p", "y", "--memory-budget", "lots"], "cannot read size 'lots'"),
     (["-m", "x.gguf", "-p", "y", "--cache-bytes", "5 parsecs"], "unknown unit"),

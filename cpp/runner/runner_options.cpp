@@ -56,9 +56,11 @@ model and weights:
                            mapped weights (the baseline to compare with)
   --predictor NAME         how active neurons are found with a sidecar: gate (exact
                            gate from resident gate rows and the sidecar's threshold),
-                           dense (every neuron: the reference) or oracle (the true
-                           active set, for measurement); default: gate where the
-                           sidecar allows it, else dense
+                           dense (every neuron: the reference), lowrank (the
+                           sidecar's low-rank estimate; no gate row resident when
+                           the records hold them) or oracle (the true active set,
+                           for measurement); default: the predictor the
+                           conversion validated, else dense
   --cache-policy NAME      DRAM cache of bundles: auto (the whole store when it fits,
                            else stream when reads would cover the layers anyway,
                            else pinned), none, lru, s3fifo, linking, pinned, stream
@@ -229,7 +231,7 @@ RunnerOptions parse_options(int argc, char ** argv) {
         throw UsageError("--dense and --sidecar exclude each other");
     }
     if (predictor_given) {
-        check_name("--predictor", o.predictor, { "gate", "dense", "oracle" });
+        check_name("--predictor", o.predictor, { "gate", "dense", "lowrank", "oracle" });
         if (o.dense && o.predictor != "dense") {
             throw UsageError("--predictor " + o.predictor + " needs a sidecar, and --dense uses none");
         }
