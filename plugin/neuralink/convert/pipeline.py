@@ -125,7 +125,7 @@ def fit_model_predictor(
 def set_contribution_thresholds(
     model_path: str | os.PathLike[str],
     sidecar_path: str | os.PathLike[str],
-    placement: Placement,
+    orders: Sequence[np.ndarray],
     predictor: LowRankPredictor,
     calibration_inputs: Sequence[np.ndarray],
     heldout: str,
@@ -140,13 +140,13 @@ def set_contribution_thresholds(
     held-out text: the quality record's "lowrank" entry."""
     model = inspect_ffn_model(model_path)
     data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
-    placed_b = predictor.placed(placement.orders)
+    placed_b = predictor.placed(orders)
     with Sidecar.open(sidecar_path) as side:
         tables = [(np.array(side.candidate_scale(il)), np.array(side.down_norms(il))) for il in range(model.n_layer)]
 
     def layer(il: int) -> PlacedLayer:
         tensors = model.layers[il]
-        order = np.asarray(placement.orders[il], dtype=np.int64)
+        order = np.asarray(orders[il], dtype=np.int64)
 
         def bias(entry: TensorEntry | None) -> np.ndarray | None:
             return None if entry is None else decode_matrix(data, entry).reshape(-1)[order]
@@ -264,7 +264,7 @@ def convert_from_text(
                 assert calibration_inputs is not None
                 patch_runtime(side, setting.runtime, record)  # the predictor is measured at the chosen setting
                 record["lowrank"] = set_contribution_thresholds(
-                    model_path, side, placement, predictor, calibration_inputs, heldout, setting.runtime,
+                    model_path, side, placement.orders, predictor, calibration_inputs, heldout, setting.runtime,
                     heldout_tokens=heldout_tokens, threads=threads, progress=report)
                 measured = measure_predictor(gguf, side, heldout, "lowrank", budget=budget, threads=threads)
                 record["lowrank"].update({key: measured[key] for key in (
