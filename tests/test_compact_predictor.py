@@ -123,3 +123,14 @@ def test_the_predictor_command_measures_recall_of_the_validated_pairs(compact_pa
     with pytest.raises(SweepError, match="chosen setting"):
         perplexity_sweep(model, text.read_text(), [text], sidecar=sidecar, densities=[0.5], predictors=["lowrank"],
                          max_tokens=64, calibration_tokens=64)
+
+
+def test_the_runner_runs_the_compact_predictor_as_python_does(runner: Path, compact_pair) -> None:
+    from test_runner import PROMPT, generated_tokens, python_greedy, run
+
+    model, _ = compact_pair
+    # the conversion validated it (the test's budget), so it is both programs' default
+    result = run(runner, "-m", model, "-p", PROMPT, "-n", 12, "-t", 2, "--ignore-eos", "--io-backend", "pread")
+    assert result.returncode == 0, result.stderr
+    assert "predictor lowrank" in result.stderr
+    assert generated_tokens(result) == python_greedy(model, io_backend="pread")[:12]
