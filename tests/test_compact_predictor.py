@@ -134,3 +134,18 @@ def test_the_runner_runs_the_compact_predictor_as_python_does(runner: Path, comp
     assert result.returncode == 0, result.stderr
     assert "predictor lowrank" in result.stderr
     assert generated_tokens(result) == python_greedy(model, io_backend="pread")[:12]
+
+
+def test_the_convert_command_reports_the_compact_predictor(synthetic_model: ModelFactory, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(carried_text(2500, seed=11))
+    done = subprocess.run([sys.executable, "-m", "neuralink", "convert", str(synthetic_model("llama", "f32")),
+                           "--calibration", str(text), "-o", str(tmp_path / "m.gguf"), "--density", "0.3",
+                           "--max-tokens", "1024", "--heldout-tokens", "256", "--workers", "1", "--lowrank-rank", "16",
+                           "--ppl-budget", "1000"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "low-rank predictor (rank 16, 0.1 MiB resident, no gate row): held-out recall" in done.stdout
+    assert "default predictor: lowrank" in done.stdout

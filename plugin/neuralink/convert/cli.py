@@ -68,6 +68,12 @@ def print_summary(result: ConversionResult) -> None:
         print(f"\nquality check on {q.get('heldout_tokens', '?')} held-out tokens: {q.get('chosen')} -> perplexity "
               f"{100 * q['perplexity_change']:+.2f} % (budget {100 * q.get('budget', 0):.1f} %), up rows read "
               f"{q.get('up_density', 1.0):.3f}, down columns {q.get('down_density', 1.0):.3f} of (token, neuron) pairs")
+        if "lowrank" in q:
+            lr = q["lowrank"]
+            print(f"low-rank predictor (rank {lr['rank']}, {lr['resident_bytes'] / 2**20:.1f} MiB resident, no gate row): "
+                  f"held-out recall {lr['heldout']['recall']:.4f} of those pairs reading "
+                  f"{lr['heldout']['predicted_density']:.3f} of the records, perplexity "
+                  f"{100 * lr['perplexity_change']:+.2f} %" + ("" if lr["within_budget"] else " (outside the budget)"))
         print(f"default predictor: {q.get('predictor')}"
               + ("" if q.get("validated") else " (the measured setting is outside the budget, so neuralink.Llama "
                  "reads every neuron unless predictor='gate' is passed)"))
