@@ -18,7 +18,7 @@ import numpy as np
 from neuralink.convert.plan import check_model_and_outputs, plan_conversion
 from neuralink.convert.contribution_predictor import PlacedLayer, fit_thresholds, measure_recall
 from neuralink.convert.contribution_predictor import summary as recall_summary
-from neuralink.convert.predictor import LowRankPredictor, capture_ffn_inputs, fit_gate_factors, fit_lowrank
+from neuralink.convert.predictor import LowRankPredictor, capture_ffn_inputs, fit_lowrank
 from neuralink.convert.quality import (
     DEFAULT_BUDGET,
     DEFAULT_HELDOUT_TOKENS,
@@ -116,8 +116,6 @@ def fit_model_predictor(
         layer = model.layers[il]
         return decode_matrix(data, layer.gate if layer.gate is not None else layer.up)
 
-    if placement.criterion == "contribution":
-        return fit_gate_factors(inputs, weights, activation=model.activation, rank=rank, recall=recall)
     return fit_lowrank(inputs, weights, activation=model.activation, criterion=placement.criterion,
                        activity_thresholds=placement.thresholds, rank=rank, recall=recall)
 

@@ -139,43 +139,31 @@ def fit_lowrank(
     recall: float = 0.99,
     progress: Callable[[int, int], None] | None = None,
 ) -> LowRankPredictor:
-    """Fit every layer: `inputs[l]` the FFN inputs of layer l (T, n_embd), `weights(l)` its pre-activation rows."""
+    """Fit every layer: `inputs[l]` the FFN inputs of layer l (T, n_embd), `weights(l)` its pre-activation rows.
+
+    Under the contribution criterion only the factors of the gate rows, with thresholds of 0 (every pair
+    predicted) until the quality search has chosen the runtime thresholds they follow
+    (neuralink.convert.contribution_predictor); `activity_thresholds` are not used then.
+    """
     if not 0.0 < recall <= 1.0:
         raise OptionError(f"recall must lie in (0, 1], got {recall}")
     layers = []
     for il, x in enumerate(inputs):
         if len(x) < rank:
             raise OptionError(f"layer {il}: {len(x)} calibration tokens cannot fit a rank-{rank} predictor")
-        layers.append(fit_layer(x, weights(il), rank, activation, criterion, float(activity_thresholds[il]), recall))
-        log.info("layer %d: recall %.4f precision %.3f predicted density %.3f (true %.3f)", il,
-                 layers[-1].recall, layers[-1].precision, layers[-1].predicted_density, layers[-1].true_density)
+        if criterion == "contribution":
+            a, b = fit_factors(x, weights(il), rank)
+            layers.append(LayerFit(a=a.astype(np.float32), b=b.astype(np.float32), threshold=0.0, recall=1.0,
+                                   precision=float("nan"), predicted_density=1.0, true_density=float("nan")))
+            log.info("layer %d: rank-%d factors of the gate rows fitted", il, rank)
+        else:
+            layers.append(fit_layer(x, weights(il), rank, activation, criterion, float(activity_thresholds[il]),
+                                    recall))
+            log.info("layer %d: recall %.4f precision %.3f predicted density %.3f (true %.3f)", il,
+                     layers[-1].recall, layers[-1].precision, layers[-1].predicted_density, layers[-1].true_density)
         if progress:
             progress(il + 1, len(inputs))
     return LowRankPredictor(rank, activation, criterion, recall, layers)
-
-
-def fit_gate_factors(
-    inputs: Sequence[np.ndarray],
-    weights: Callable[[int], np.ndarray],
-    *,
-    activation: str,
-    rank: int = 64,
-    recall: float = 0.99,
-) -> LowRankPredictor:
-    """The factors of every layer's gate rows for the contribution criterion, with thresholds of 0 (every pair
-    predicted) until the quality search has chosen the runtime thresholds they follow
-    (neuralink.convert.contribution_predictor)."""
-    if not 0.0 < recall <= 1.0:
-        raise OptionError(f"recall must lie in (0, 1], got {recall}")
-    layers = []
-    for il, x in enumerate(inputs):
-        if len(x) < rank:
-            raise OptionError(f"layer {il}: {len(x)} calibration tokens cannot fit a rank-{rank} predictor")
-        a, b = fit_factors(x, weights(il), rank)
-        log.info("layer %d: rank-%d factors of the gate rows fitted", il, rank)
-        layers.append(LayerFit(a=a.astype(np.float32), b=b.astype(np.float32), threshold=0.0, recall=1.0,
-                               precision=float("nan"), predicted_density=1.0, true_density=float("nan")))
-    return LowRankPredictor(rank, activation, "contribution", recall, layers)
 
 
 def capture_ffn_inputs(
