@@ -22,10 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from neuralink.convert.pipeline import HELDOUT_CHARS_PER_TOKEN, set_contribution_thresholds
-from neuralink.convert.predictor import LayerFit, LowRankPredictor, capture_ffn_inputs
+from neuralink.convert.predictor import capture_ffn_inputs
 from neuralink.convert.quality import DEFAULT_HELDOUT_TOKENS, measure_predictor
 from neuralink.formats.sidecar import Sidecar
 from neuralink.runtime.sidecar_lookup import find_sidecar
@@ -52,16 +50,7 @@ def main() -> int:
         header = side.header
         if header.criterion != "contribution" or not header.predictor_rank:
             parser.error(f"{sidecar_path}: not a contribution sidecar with a low-rank predictor")
-        orders = [np.asarray(side.order(il), dtype=np.int64) for il in range(header.n_layer)]
-        layers = []
-        for il in range(header.n_layer):
-            a, placed_b = (np.array(t) for t in side.predictor(il))
-            b = np.empty_like(placed_b)
-            b[orders[il]] = placed_b  # original neuron order, as the conversion fitted it
-            layers.append(LayerFit(a=a, b=b, threshold=0.0, recall=1.0, precision=float("nan"),
-                                   predicted_density=1.0, true_density=float("nan")))
         runtime = [tuple(t) for t in header.runtime_thresholds]
-    predictor = LowRankPredictor(header.predictor_rank, header.activation, "contribution", args.recall, layers)
 
     documents = calibration_documents(args.calibration)
     profile_docs, heldout = split_heldout(documents, args.heldout_tokens * HELDOUT_CHARS_PER_TOKEN)
@@ -75,7 +64,7 @@ def main() -> int:
     os.link(args.model, model_out)
     side_out = args.out / sidecar_path.name
     shutil.copyfile(sidecar_path, side_out)
-    record = set_contribution_thresholds(args.source, side_out, orders, predictor, inputs, heldout, runtime,
+    record = set_contribution_thresholds(args.source, model_out, side_out, inputs, heldout, runtime, args.recall,
                                          heldout_tokens=args.heldout_tokens, threads=args.threads)
     measured = measure_predictor(model_out, side_out, heldout, "lowrank", threads=args.threads)
     record.update({key: measured[key] for key in ("perplexity_change", "up_density", "down_density")})

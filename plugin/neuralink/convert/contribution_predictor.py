@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from neuralink.convert.predictor import activation_values
+from neuralink.formats.ffn_tensors import FfnModel, TensorEntry, decode_matrix
+from neuralink.formats.sidecar import Sidecar
 from neuralink.profile.thresholds import recall_threshold
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,25 @@ class PlacedLayer:
     b: np.ndarray                    # float32 (n_ff, rank)
     candidate_scale: np.ndarray      # E|up| * |d|, float32 (n_ff,)
     down_norm: np.ndarray            # |d|, float32 (n_ff,)
+
+
+def placed_layers(converted: FfnModel, data: np.ndarray, sidecar: Sidecar) -> Callable[[int], PlacedLayer]:
+    """Each layer's PlacedLayer from a converted GGUF (`data` its bytes: gate and up rows already in placed
+    order, byte for byte the source's) and its open sidecar (the factors, E|up| * |d| and |d|)."""
+
+    def bias(entry: TensorEntry | None) -> np.ndarray | None:
+        return None if entry is None else decode_matrix(data, entry).reshape(-1)
+
+    def layer(il: int) -> PlacedLayer:
+        tensors = converted.layers[il]
+        assert tensors.gate is not None
+        a, b = sidecar.predictor(il)
+        return PlacedLayer(gate=decode_matrix(data, tensors.gate), up=decode_matrix(data, tensors.up),
+                           gate_bias=bias(tensors.gate_bias), up_bias=bias(tensors.up_bias), a=np.array(a),
+                           b=np.array(b), candidate_scale=np.array(sidecar.candidate_scale(il)),
+                           down_norm=np.array(sidecar.down_norms(il)))
+
+    return layer
 
 
 @dataclass(frozen=True)

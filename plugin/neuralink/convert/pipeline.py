@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from neuralink.convert.plan import check_model_and_outputs, plan_conversion
-from neuralink.convert.contribution_predictor import PlacedLayer, fit_thresholds, measure_recall
+from neuralink.convert.contribution_predictor import fit_thresholds, measure_recall, placed_layers
 from neuralink.convert.contribution_predictor import summary as recall_summary
 from neuralink.convert.predictor import LowRankPredictor, capture_ffn_inputs, fit_lowrank
 from neuralink.convert.quality import (
@@ -39,7 +39,6 @@ from neuralink.formats.bundle_layout import (
 from neuralink.formats.ffn_tensors import (
     Activation,
     DownEncoding,
-    TensorEntry,
     decode_matrix,
     inspect_ffn_model,
 )
@@ -122,51 +121,36 @@ def fit_model_predictor(
 
 def set_contribution_thresholds(
     model_path: str | os.PathLike[str],
+    converted_path: str | os.PathLike[str],
     sidecar_path: str | os.PathLike[str],
-    orders: Sequence[np.ndarray],
-    predictor: LowRankPredictor,
     calibration_inputs: Sequence[np.ndarray],
     heldout: str,
     runtime: Sequence[tuple[float, float]],
+    recall: float,
     *,
     heldout_tokens: int = DEFAULT_HELDOUT_TOKENS,
     threads: int | None = None,
     progress: StageProgress | None = None,
 ) -> dict:
-    """Fit the contribution criterion's low-rank thresholds to the chosen `runtime` thresholds on the
-    calibration inputs, write them into the (temporary) sidecar, and measure the recall they get on the
-    held-out text: the quality record's "lowrank" entry."""
-    model = inspect_ffn_model(model_path)
-    data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
-    placed_b = predictor.placed(orders)
-    with Sidecar.open(sidecar_path) as side:
-        tables = [(np.array(side.candidate_scale(il)), np.array(side.down_norms(il))) for il in range(model.n_layer)]
-
-    def layer(il: int) -> PlacedLayer:
-        tensors = model.layers[il]
-        order = np.asarray(orders[il], dtype=np.int64)
-
-        def bias(entry: TensorEntry | None) -> np.ndarray | None:
-            return None if entry is None else decode_matrix(data, entry).reshape(-1)[order]
-
-        assert tensors.gate is not None
-        return PlacedLayer(gate=decode_matrix(data, tensors.gate)[order], up=decode_matrix(data, tensors.up)[order],
-                           gate_bias=bias(tensors.gate_bias), up_bias=bias(tensors.up_bias),
-                           a=predictor.layers[il].a, b=placed_b[il], candidate_scale=tables[il][0],
-                           down_norm=tables[il][1])
-
+    """Fit the low-rank thresholds of the (temporary) pair `converted_path` + `sidecar_path` to the chosen
+    `runtime` thresholds on the calibration inputs of `model_path` (its source) for `recall`, write them into
+    the sidecar, and measure the recall they get on the held-out text: the quality record's "lowrank" entry."""
+    converted = inspect_ffn_model(converted_path)
+    data = np.memmap(converted.directory.path, dtype=np.uint8, mode="r")
     report = progress or (lambda stage, done, total: None)
-    thresholds, calibration = fit_thresholds(calibration_inputs, layer, model.activation, runtime,
-                                             predictor.recall_target,
-                                             progress=lambda done, total: report("predictor", done, total))
+    with Sidecar.open(sidecar_path) as side:
+        header = side.header
+        layer = placed_layers(converted, data, side)
+        thresholds, calibration = fit_thresholds(calibration_inputs, layer, header.activation, runtime, recall,
+                                                 progress=lambda done, total: report("predictor", done, total))
+        with tempfile.TemporaryDirectory(prefix="neuralink-heldout-") as tmp:
+            text = Path(tmp) / "heldout.txt"
+            text.write_text(heldout, encoding="utf-8")
+            heldout_inputs = capture_ffn_inputs(model_path, [text], max_tokens=heldout_tokens, threads=threads)
+        measured = measure_recall(heldout_inputs, layer, header.activation, runtime, thresholds)
     patch_predictor_thresholds(sidecar_path, thresholds)
-    with tempfile.TemporaryDirectory(prefix="neuralink-heldout-") as tmp:
-        text = Path(tmp) / "heldout.txt"
-        text.write_text(heldout, encoding="utf-8")
-        heldout_inputs = capture_ffn_inputs(model_path, [text], max_tokens=heldout_tokens, threads=threads)
-    measured = measure_recall(heldout_inputs, layer, model.activation, runtime, thresholds)
-    resident = sum(fit.a.nbytes + fit.b.nbytes for fit in predictor.layers)
-    return {"rank": predictor.rank, "recall_target": predictor.recall_target, "resident_bytes": int(resident),
+    resident = header.n_layer * header.predictor_rank * (header.n_embd + header.n_ff) * np.dtype(np.float32).itemsize
+    return {"rank": header.predictor_rank, "recall_target": recall, "resident_bytes": int(resident),
             "calibration": recall_summary(calibration), "heldout": recall_summary(measured),
             "heldout_tokens": int(len(heldout_inputs[0]))}
 
@@ -269,7 +253,7 @@ def convert_from_text(
                 assert calibration_inputs is not None
                 patch_runtime(side, setting.runtime, record)  # the predictor is measured at the chosen setting
                 record["lowrank"] = set_contribution_thresholds(
-                    model_path, side, placement.orders, predictor, calibration_inputs, heldout, setting.runtime,
+                    model_path, gguf, side, calibration_inputs, heldout, setting.runtime, predictor.recall_target,
                     heldout_tokens=heldout_tokens, threads=threads, progress=report)
                 measured = measure_predictor(gguf, side, heldout, "lowrank", budget=budget, threads=threads)
                 record["lowrank"].update({key: measured[key] for key in (

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neuralink.convert.contribution_predictor import PlacedLayer, measure_recall
+from neuralink.convert.contribution_predictor import measure_recall, placed_layers
 from neuralink.convert.predictor import activity_score, capture_ffn_inputs
 from neuralink.errors import OptionError
-from neuralink.formats.ffn_tensors import FfnModel, TensorEntry, decode_matrix, inspect_ffn_model
+from neuralink.formats.ffn_tensors import FfnModel, decode_matrix, inspect_ffn_model
 from neuralink.formats.sidecar import Sidecar
 
 
@@ -76,20 +76,7 @@ def _contribution_reports(model: FfnModel, data: np.ndarray, sidecar: Sidecar,
     """Under the contribution criterion "truly active" is what the sidecar's runtime setting keeps (the exact
     candidate and final tests), as the conversion measured it (neuralink.convert.contribution_predictor)."""
     header = sidecar.header
-
-    def layer(il: int) -> PlacedLayer:
-        tensors = model.layers[il]  # the converted GGUF: rows already in placed order, as the sidecar's B
-        assert tensors.gate is not None
-        a, b = sidecar.predictor(il)
-
-        def bias(entry: TensorEntry | None) -> np.ndarray | None:
-            return None if entry is None else decode_matrix(data, entry).reshape(-1)
-
-        return PlacedLayer(gate=decode_matrix(data, tensors.gate), up=decode_matrix(data, tensors.up),
-                           gate_bias=bias(tensors.gate_bias), up_bias=bias(tensors.up_bias), a=np.array(a),
-                           b=np.array(b), candidate_scale=np.array(sidecar.candidate_scale(il)),
-                           down_norm=np.array(sidecar.down_norms(il)))
-
-    got = measure_recall(inputs, layer, header.activation, header.runtime_thresholds, header.predictor_thresholds)
+    got = measure_recall(inputs, placed_layers(model, data, sidecar), header.activation, header.runtime_thresholds,
+                         header.predictor_thresholds)
     return [LayerReport(il, r.recall, r.recall * r.validated_density / max(r.predicted_density, 1e-30),
                         r.predicted_density, r.validated_density) for il, r in enumerate(got)]
