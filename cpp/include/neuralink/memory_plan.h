@@ -56,7 +56,7 @@ struct MemoryPlan {
     uint64_t process = 0;         // resident before the model was loaded
     uint64_t load_heap = 0;       // heap the load added beyond KV cache and engine rows: vocabulary, tables
     uint64_t code_pages = 0;      // library code first run after the load (ggml kernels, sampling)
-    uint64_t non_ffn_weights = 0; // the GGUF header, attention, norms, output: read every token (or at load)
+    uint64_t non_ffn_weights = 0; // attention, norms, output: read every token
     uint64_t token_embedding = 0; // the pages of token_embd one context's tokens touch (all of it when tied)
     uint64_t engine_resident = 0; // gate rows, biases
     uint64_t kv_cache = 0;
