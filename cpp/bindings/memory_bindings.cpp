@@ -98,6 +98,8 @@ void register_memory(py::module_ & m) {
           "plus the available memory, less 10 % (at least 256 MiB); (bytes, where it came from) or None.");
     m.def("anonymous_resident_bytes", &anonymous_resident_bytes, "Its anonymous part (RssAnon).");
     m.def("release_free_heap", &release_free_heap, "Hand the C heap's free pages back to the system (malloc_trim).");
+    m.def("fix_malloc_thresholds", &fix_malloc_thresholds,
+          "Keep glibc's mmap threshold at its default for the rest of the process (memory budgets).");
     m.def("parse_size", &parse_size, py::arg("text"), py::arg("what") = "size",
           "Bytes in '120MB', '1.5GiB', '512M' or '4096': K/M/G and KiB/MiB/GiB binary, kB/MB/GB decimal; "
           "ValueError 'cannot read <what> ...' otherwise.");

@@ -434,6 +434,9 @@ int run(const RunnerOptions & o) {
                              " token ids, fewer than -n " + std::to_string(o.n_predict));
         }
     }
+    if (o.memory_budget) {
+        neuralink::fix_malloc_thresholds(); // what is freed leaves the process, as the plan counts it
+    }
     const uint64_t process_before = resident_bytes();
     const uint64_t anon_before = neuralink::anonymous_resident_bytes();
     note("system: %s", llama_print_system_info()); // which SIMD kernels this build of ggml runs

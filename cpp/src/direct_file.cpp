@@ -20,16 +20,38 @@ static std::string errno_text(int err) {
 }
 
 void AlignedBuffer::Free::operator()(uint8_t * p) const {
-    std::free(p);
+    if (mapped) {
+        munmap(p, mapped);
+    } else {
+        std::free(p);
+    }
 }
 
 AlignedBuffer::AlignedBuffer(size_t size, size_t alignment) : size_(size) {
+    const size_t padded = std::max(align_up(size, alignment), alignment);
+    const long page_size = sysconf(_SC_PAGESIZE);
+    const size_t page = page_size > 0 ? (size_t) page_size : 4096;
+    if (padded >= kMappedBufferBytes) {
+        // a mapping of its own: map `alignment` more, then unmap what lies before and after the aligned range
+        const size_t length = align_up(padded, page);
+        const size_t extra = alignment > page ? alignment : 0;
+        void * m = mmap(nullptr, length + extra, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            throw std::bad_alloc();
+        }
+        uint8_t * base = (uint8_t *) m;
+        uint8_t * aligned = (uint8_t *) align_up((uintptr_t) base, alignment);
+        if (aligned > base) munmap(base, (size_t) (aligned - base));
+        const size_t tail = (size_t) (base + length + extra - (aligned + length));
+        if (tail > 0) munmap(aligned + length, tail);
+        ptr_ = std::unique_ptr<uint8_t, Free>(aligned, Free(length));
+        return;
+    }
     void * p = nullptr;
-    const size_t padded = align_up(size, alignment);
-    if (posix_memalign(&p, alignment, std::max(padded, alignment)) != 0) {
+    if (posix_memalign(&p, alignment, padded) != 0) {
         throw std::bad_alloc();
     }
-    ptr_.reset((uint8_t *) p);
+    ptr_ = std::unique_ptr<uint8_t, Free>((uint8_t *) p, Free());
 }
 
 DirectFile::DirectFile(const std::string & path, bool direct) : path_(path) {

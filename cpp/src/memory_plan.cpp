@@ -74,6 +74,14 @@ void release_free_heap() {
 #endif
 }
 
+void fix_malloc_thresholds() {
+#if defined(__GLIBC__)
+    if (std::getenv("MALLOC_MMAP_THRESHOLD_") == nullptr) {
+        mallopt(M_MMAP_THRESHOLD, 128 * 1024); // glibc's default; setting it turns the dynamic adjustment off
+    }
+#endif
+}
+
 uint64_t anonymous_resident_bytes() {
     FILE * f = std::fopen("/proc/self/status", "r");
     if (!f) {

@@ -4,11 +4,13 @@
 
 #include "neuralink/errors.h"
 #include "neuralink/io_pool.h"
+#include "neuralink/memory_plan.h"
 #include "neuralink/read_planner.h"
 #include "neuralink/read_queue.h"
 #include "neuralink/region_stream.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -369,3 +371,55 @@ TEST(region_stream_refuses_empty_and_out_of_file_items) {
     CHECK_THROWS(std::invalid_argument, RegionStream(file, { { 0, 0 } }), "empty");
     CHECK_THROWS(std::invalid_argument, RegionStream(file, { { 3 * kDirectAlign, 2 * kDirectAlign } }), "past the end");
 }
+
+#if defined(__GLIBC__)
+// glibc raises its mmap threshold to the size of a large block freed; blocks below it then come from the heap,
+// which kept them after free (the process grew past its memory budget under neuralink-run)
+// writes every page of [p, p + n), in a way the compiler cannot drop with the malloc and free around it
+static void touch(uint8_t * p, size_t n) {
+    std::memset(p, 1, n);
+    asm volatile("" : : "r"(p) : "memory");
+}
+
+static void raise_glibc_mmap_threshold() {
+    release_free_heap(); // what earlier tests left free in the heap would hide the growth
+    const size_t big = (size_t) 24 << 20;
+    uint8_t * p = (uint8_t *) std::malloc(big);
+    CHECK(p != nullptr);
+    touch(p, big);
+    std::free(p);
+    release_free_heap(); // where the threshold was already that high, the block came from the heap
+}
+
+static uint64_t resident_growth_of_buffers(const std::function<void(size_t)> & use_and_free) {
+    const uint64_t before = anonymous_resident_bytes();
+    for (size_t mib : { 4, 8, 12 }) use_and_free(mib << 20);
+    const uint64_t after = anonymous_resident_bytes();
+    return after > before ? after - before : 0;
+}
+
+TEST(a_freed_large_aligned_buffer_leaves_the_process_whatever_mallocs_threshold) {
+    raise_glibc_mmap_threshold();
+    const uint64_t growth = resident_growth_of_buffers([](size_t bytes) {
+        for (size_t alignment : { kDirectAlign, kHugePage }) {
+            AlignedBuffer b(bytes, alignment);
+            CHECK((uintptr_t) b.data() % alignment == 0);
+            CHECK(b.size() == bytes);
+            touch(b.data(), b.size());
+        }
+    });
+    CHECK(growth < ((uint64_t) 2 << 20));
+}
+
+TEST(with_malloc_thresholds_fixed_freed_large_blocks_leave_the_process) {
+    fix_malloc_thresholds();
+    raise_glibc_mmap_threshold();
+    const uint64_t growth = resident_growth_of_buffers([](size_t bytes) {
+        uint8_t * p = (uint8_t *) std::malloc(bytes);
+        CHECK(p != nullptr);
+        touch(p, bytes);
+        std::free(p);
+    });
+    CHECK(growth < ((uint64_t) 2 << 20));
+}
+#endif

@@ -18,6 +18,12 @@ constexpr size_t kDirectAlign = 4096;
 constexpr uint64_t align_down(uint64_t v, uint64_t a) { return v / a * a; }
 constexpr uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
+// Memory for reads and records, aligned for direct I/O. From kMappedBufferBytes up a buffer is a mapping of its
+// own, returned to the system when it is freed, whatever malloc's thresholds: through malloc, freeing a large
+// buffer (the gate rows a budget streams instead, 7.7 MiB a layer on Qwen2.5-Coder-1.5B) raised glibc's mmap
+// threshold to its size, and the engine's growing read buffers then came from the threads' malloc arenas, which
+// kept what they freed: under a 389.5 MiB budget neuralink-run reached 443 MiB resident, 381 with mappings
+// (memory_plan.h's fix_malloc_thresholds covers the rest of the process).
 class AlignedBuffer {
 public:
     AlignedBuffer() = default;
@@ -28,10 +34,17 @@ public:
     size_t          size() const { return size_; }
 
 private:
-    struct Free { void operator()(uint8_t * p) const; };
+    struct Free {
+        Free() noexcept : mapped(0) {}
+        explicit Free(size_t bytes) noexcept : mapped(bytes) {}
+        size_t mapped; // bytes of the mapping, 0 when the buffer came from malloc
+        void operator()(uint8_t * p) const;
+    };
     std::unique_ptr<uint8_t, Free> ptr_;
     size_t size_ = 0;
 };
+
+constexpr size_t kMappedBufferBytes = (size_t) 256 << 10;
 
 constexpr size_t kHugePage = (size_t) 2 << 20;
 

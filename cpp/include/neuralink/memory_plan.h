@@ -33,6 +33,14 @@ uint64_t anonymous_resident_bytes();
 // parsed (llama.cpp's vocabulary maps, the GGUF's metadata) between what it keeps: without this those pages stay
 // resident, counted in the load's heap (loading Qwen2.5-Coder-1.5B's vocabulary: 58.8 MiB, 21.5 after it).
 void release_free_heap();
+// Keeps glibc's mmap threshold at its default (128 KiB) for the rest of the process, unless
+// MALLOC_MMAP_THRESHOLD_ is set (nothing elsewhere than glibc). glibc raises the threshold to the size of each
+// large block freed (up to 32 MiB); blocks below it then come from the heap and the threads' malloc arenas,
+// which keep what is freed between larger blocks. Under a budget that is memory the plan cannot see: on
+// Qwen2.5-Coder-1.5B under a 389.5 MiB budget neuralink-run's load heap measured 3.5 MiB more (so the region
+// stream did not fit and decoding ran at half the speed) and its RSS reached 443 MiB. Called before anything
+// is loaded, where a memory budget is given.
+void fix_malloc_thresholds();
 
 // The memory limit of this process's cgroup, found through `proc_cgroup` under `root`: v1's
 // memory/<path>/memory.limit_in_bytes or v2's <path>/memory.max; nullopt where there is none (v1's huge

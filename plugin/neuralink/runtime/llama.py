@@ -39,12 +39,10 @@ from neuralink.runtime.ffn_report import FfnReporting
 from neuralink.runtime.hook import FfnHookApi, ffn_hook_api
 from neuralink.runtime.llama_params import outputs_per_micro_batch, without_weight_repacking
 from neuralink.runtime.memory_budget import (
-    CGROUP_HEADROOM,
     MemoryPlan,
     anonymous_resident_bytes,
     automatic_budget,
     bound_lookup_pages,
-    budget_near_cgroup_limit,
     capture_llama_log,
     check_memory_plan,
     gate_layers_to_stream,
@@ -55,6 +53,7 @@ from neuralink.runtime.memory_budget import (
     release_free_heap,
     resident_bytes,
     resolved_cache_policy,
+    warn_if_near_cgroup_limit,
 )
 from neuralink.runtime.sidecar_lookup import default_predictor, find_sidecar, named_sidecar
 
@@ -215,8 +214,10 @@ class Llama(FfnReporting, llama_cpp.Llama):
         self.memory_plan: MemoryPlan | None = None
         # llama_cpp.Llama.__del__ closes this stack even when __init__ failed early
         self._stack = contextlib.ExitStack()
-        baseline, anon_before = resident_bytes(), anonymous_resident_bytes()
         budget = memory_budget_bytes(memory_budget) if memory_budget is not None else None
+        if budget is not None:
+            _engine.fix_malloc_thresholds()  # what is freed leaves the process, as the plan counts it
+        baseline, anon_before = resident_bytes(), anonymous_resident_bytes()
         api = ffn_hook_api(_engine.FFN_HOOK_API_VERSION)
         if not os.path.exists(model_path):
             raise ModelFileError(f"{model_path}: no such model file")
@@ -274,12 +275,8 @@ class Llama(FfnReporting, llama_cpp.Llama):
         if engine.io_backend_note:
             logger.info("%s: %s", model_path, engine.io_backend_note)
 
-        limit = budget_near_cgroup_limit(budget) if memory_budget is not None and budget is not None else None
-        if limit is not None:
-            logger.warning("%s: memory_budget %.1f MiB leaves less than %d MiB below this process's cgroup limit of "
-                           "%.1f MiB: the cgroup also charges the page cache the kernel keeps beside the process, and "
-                           "may kill it; give a budget at least that much below the limit", model_path,
-                           budget / 2**20, CGROUP_HEADROOM >> 20, limit / 2**20)
+        if memory_budget is not None and budget is not None:
+            warn_if_near_cgroup_limit(model_path, budget)
         if memory_budget is not None and "n_batch" not in kwargs:
             kwargs["n_batch"] = BUDGET_N_BATCH
         kv_overrides = dict(kwargs.pop("kv_overrides", None) or {})

@@ -44,6 +44,16 @@ def budget_near_cgroup_limit(budget: int) -> int | None:
     return limit if limit is not None and budget > limit - CGROUP_HEADROOM else None
 
 
+def warn_if_near_cgroup_limit(model_path: str | os.PathLike[str], budget: int) -> None:
+    """A warning naming the model where `budget` leaves less than CGROUP_HEADROOM below this process's cgroup limit."""
+    limit = budget_near_cgroup_limit(budget)
+    if limit is not None:
+        log.warning("%s: memory_budget %.1f MiB leaves less than %d MiB below this process's cgroup limit of %.1f MiB: "
+                    "the cgroup also charges the page cache the kernel keeps beside the process, and may kill it; give "
+                    "a budget at least that much below the limit", model_path, budget / 2**20, CGROUP_HEADROOM >> 20,
+                    limit / 2**20)
+
+
 def _cgroup_limit(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """The memory limit of this process's cgroup (v1 memory.limit_in_bytes or v2 memory.max), None if none."""
     return _engine.cgroup_memory_limit(os.fspath(proc), os.fspath(root))
