@@ -13,6 +13,7 @@ from test_convert import random_placement
 
 import neuralink
 from neuralink.convert.writer import convert_model
+from neuralink.errors import MemoryBudgetError
 from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.sizes import parse_size
 from neuralink.runtime.memory_budget import _cgroup_limit, automatic_budget
@@ -68,6 +69,20 @@ def test_the_cgroup_limit_is_read_from_v1_and_v2(tmp_path: Path) -> None:
     assert _cgroup_limit(proc, tmp_path) is None
     (v2 / "memory.max").write_text("536870912\n")
     assert _cgroup_limit(proc, tmp_path) == 536870912
+
+
+def test_a_budget_only_the_interpreter_breaks_names_the_native_runner(converted_smollm2: Path) -> None:
+    # where the model and context fit beside the runner's ~8 MiB of process but not beside this interpreter, the
+    # refusal says so; far below, it does not
+    llm = neuralink.Llama(str(converted_smollm2), memory_budget="2GiB", verbose=False)
+    plan = llm.memory_plan
+    llm.close()
+    assert plan is not None and plan.process > 20 * 2**20  # pytest's interpreter, numpy, llama-cpp-python
+    for budget, named in [(plan.minimum - 10 * 2**20, True), (2**20, False)]:
+        with pytest.raises(MemoryBudgetError) as refused:
+            neuralink.Llama(str(converted_smollm2), memory_budget=budget, verbose=False)
+        assert ("neuralink-run" in str(refused.value)) == named, str(refused.value)
+        assert "is below the minimum" in str(refused.value)
 
 
 def test_a_budget_too_close_to_the_cgroup_limit_is_warned_about(

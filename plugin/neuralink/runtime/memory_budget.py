@@ -38,6 +38,11 @@ MemoryPlan = _engine.MemoryPlan
 CGROUP_HEADROOM = 24 << 20
 
 
+# what neuralink-run holds before the model (its plan's process line on x86-64: 7.0 MiB) against the interpreter's
+# ~46 MiB with numpy and llama-cpp-python: where only that differs, a refused budget names the runner
+RUNNER_PROCESS = 8 << 20
+
+
 def budget_near_cgroup_limit(budget: int) -> int | None:
     """This process's cgroup memory limit when `budget` leaves less than CGROUP_HEADROOM below it, else None."""
     limit = _cgroup_limit()
@@ -157,6 +162,10 @@ def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | Non
     if all_logits:
         fix += (f"; the process counts {all_logits / 2**20:.1f} MiB of every position's logits (logits_all), which "
                 "only logprobs need: without logits_all they are not kept")
+    if lowest - plan.process + RUNNER_PROCESS <= plan.budget:
+        fix += (f"; or run it with neuralink-run (`bash scripts/build_aarch64.sh native` builds it), which holds "
+                f"~{RUNNER_PROCESS >> 20} MiB before the model where this Python process held "
+                f"{plan.process / 2**20:.1f} MiB")
     raise MemoryBudgetError(
         f"{model}: memory_budget {plan.budget / 2**20:.1f} MiB is below the minimum "
         f"{lowest / 2**20:.1f} MiB this model and context need{streamed} ({fix}):\n{plan.describe().rstrip()}"
