@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,3 +120,15 @@ def carried_text(n_words: int, seed: int) -> str:
     rng = np.random.default_rng(seed)
     sentences = [" ".join(rng.choice(WORDS, int(rng.integers(6, 14)))).capitalize() + "." for _ in range(n_words // 10)]
     return " ".join(sentences)
+
+
+def converted_on_carried_text(source: Path, root: Path, density: float, **options: Any) -> tuple[Path, Path]:
+    """`source` converted by the pipeline (its quality search included) on 1024 tokens of carried text, 256 held
+    out: the converted GGUF and its sidecar in `root`. `options`: more of convert_from_text's."""
+    from neuralink.convert.pipeline import convert_from_text
+
+    text = root / "calibration.txt"
+    text.write_text(carried_text(2500, seed=11))
+    result = convert_from_text(source, [text], root / "m.gguf", root / "m.sidecar", density=density, max_tokens=1024,
+                               heldout_tokens=256, workers=1, **options)
+    return result.output, result.sidecar

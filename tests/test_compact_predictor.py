@@ -11,14 +11,13 @@ from test_sparse import read_ffn, rel_max_abs
 
 import neuralink
 from neuralink import _engine
-from neuralink.convert.pipeline import convert_from_text
 from neuralink.errors import ModelFileError, SweepError
 from neuralink.evaluate.density_sweep import perplexity_sweep
 from neuralink.evaluate.predictor_quality import evaluate_predictor
 from neuralink.formats.sidecar import Sidecar
 from neuralink.formats.sidecar_writer import patch_predictor_thresholds
 
-from conftest import ModelFactory, carried_text
+from conftest import ModelFactory, carried_text, converted_on_carried_text
 
 DENSITY = 0.3
 RANK = 16
@@ -30,13 +29,9 @@ def silu(v: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def compact_pair(synthetic_model: ModelFactory, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("compact")
-    text = root / "calibration.txt"
-    text.write_text(carried_text(2500, seed=11))
-    result = convert_from_text(synthetic_model("llama", "f32"), [text], root / "m.gguf", root / "m.sidecar",
-                               density=DENSITY, max_tokens=1024, heldout_tokens=256, workers=1, lowrank_rank=RANK,
-                               budget=10.0)  # any measured perplexity validates: the test is of the mechanism
-    return result.output, result.sidecar
+    # any measured perplexity validates (budget): the test is of the mechanism
+    return converted_on_carried_text(synthetic_model("llama", "f32"), tmp_path_factory.mktemp("compact"), DENSITY,
+                                     lowrank_rank=RANK, budget=10.0)
 
 
 def test_conversion_stores_gate_rows_in_records_and_records_the_recall(compact_pair) -> None:

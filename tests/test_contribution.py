@@ -16,22 +16,16 @@ from test_sparse import read_ffn, rel_max_abs
 
 import neuralink
 from neuralink import _engine
-from neuralink.convert.pipeline import convert_from_text
 from neuralink.formats.sidecar import Sidecar
 
-from conftest import ModelFactory, carried_text
+from conftest import ModelFactory, carried_text, converted_on_carried_text
 
 DENSITY = 0.3
 
 
 @pytest.fixture(scope="module")
 def contribution_pair(synthetic_model: ModelFactory, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("contribution")
-    text = root / "calibration.txt"
-    text.write_text(carried_text(2500, seed=11))
-    result = convert_from_text(synthetic_model("llama", "f32"), [text], root / "m.gguf", root / "m.sidecar",
-                               density=DENSITY, max_tokens=1024, heldout_tokens=256, workers=1)
-    return result.output, result.sidecar
+    return converted_on_carried_text(synthetic_model("llama", "f32"), tmp_path_factory.mktemp("contribution"), DENSITY)
 
 
 def silu(v: np.ndarray) -> np.ndarray:

@@ -373,14 +373,14 @@ TEST(region_stream_refuses_empty_and_out_of_file_items) {
 }
 
 #if defined(__GLIBC__)
-// glibc raises its mmap threshold to the size of a large block freed; blocks below it then come from the heap,
-// which kept them after free (the process grew past its memory budget under neuralink-run)
 // writes every page of [p, p + n), in a way the compiler cannot drop with the malloc and free around it
 static void touch(uint8_t * p, size_t n) {
     std::memset(p, 1, n);
     asm volatile("" : : "r"(p) : "memory");
 }
 
+// glibc raises its mmap threshold to the size of a large block freed; blocks below it then come from the heap,
+// which kept them after free (the process grew past its memory budget under neuralink-run)
 static void raise_glibc_mmap_threshold() {
     release_free_heap(); // what earlier tests left free in the heap would hide the growth
     const size_t big = (size_t) 24 << 20;
