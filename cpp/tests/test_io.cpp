@@ -391,6 +391,10 @@ static void raise_glibc_mmap_threshold() {
     release_free_heap(); // where the threshold was already that high, the block came from the heap
 }
 
+// growth allowed for what else the process touches meanwhile (a huge page, where THP is "always"); the blocks kept
+// without the fixes add 12 MiB and more
+constexpr uint64_t kAllowedGrowth = (uint64_t) 4 << 20;
+
 static uint64_t resident_growth_of_buffers(const std::function<void(size_t)> & use_and_free) {
     const uint64_t before = anonymous_resident_bytes();
     for (size_t mib : { 4, 8, 12 }) use_and_free(mib << 20);
@@ -408,7 +412,7 @@ TEST(a_freed_large_aligned_buffer_leaves_the_process_whatever_mallocs_threshold)
             touch(b.data(), b.size());
         }
     });
-    CHECK(growth < ((uint64_t) 2 << 20));
+    CHECK(growth < kAllowedGrowth);
 }
 
 TEST(with_malloc_thresholds_fixed_freed_large_blocks_leave_the_process) {
@@ -420,6 +424,6 @@ TEST(with_malloc_thresholds_fixed_freed_large_blocks_leave_the_process) {
         touch(p, bytes);
         std::free(p);
     });
-    CHECK(growth < ((uint64_t) 2 << 20));
+    CHECK(growth < kAllowedGrowth);
 }
 #endif
