@@ -26,8 +26,8 @@ from neuralink.convert.pipeline import HELDOUT_CHARS_PER_TOKEN, set_contribution
 from neuralink.convert.predictor import capture_ffn_inputs
 from neuralink.convert.quality import DEFAULT_HELDOUT_TOKENS, measure_predictor
 from neuralink.formats.sidecar import Sidecar
+from neuralink.profile.text import calibration_documents, split_heldout, write_documents
 from neuralink.runtime.sidecar_lookup import find_sidecar
-from neuralink.profile.text import calibration_documents, split_heldout
 
 
 def main() -> int:
@@ -56,7 +56,7 @@ def main() -> int:
     profile_docs, heldout = split_heldout(documents, args.heldout_tokens * HELDOUT_CHARS_PER_TOKEN)
     args.out.mkdir(parents=True, exist_ok=False)
     profile_text = args.out / "profile.jsonl"
-    profile_text.write_text("".join(json.dumps({"text": d}) + "\n" for d in profile_docs), encoding="utf-8")
+    write_documents(profile_text, profile_docs)
     inputs = capture_ffn_inputs(args.source, [profile_text], max_tokens=args.max_tokens, threads=args.threads)
     profile_text.unlink()
 

@@ -7,7 +7,6 @@ held-out part before the pair is committed (neuralink.convert.quality).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralink.convert.plan import check_model_and_outputs, plan_conversion
 from neuralink.convert.contribution_predictor import fit_thresholds, measure_recall, placed_layers
 from neuralink.convert.contribution_predictor import summary as recall_summary
+from neuralink.convert.plan import check_model_and_outputs, plan_conversion
 from neuralink.convert.predictor import LowRankPredictor, capture_ffn_inputs, fit_lowrank
 from neuralink.convert.quality import (
     DEFAULT_BUDGET,
@@ -47,7 +46,7 @@ from neuralink.formats.sidecar import Sidecar
 from neuralink.formats.sidecar_writer import patch_predictor_thresholds, patch_runtime
 from neuralink.place.orders import DEFAULT_METHOD, METHODS, build_placement, place_layers
 from neuralink.profile.activity import DEFAULT_CRITERION, profile_model
-from neuralink.profile.text import calibration_documents, split_heldout
+from neuralink.profile.text import calibration_documents, split_heldout, write_documents
 
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total) of profiling and placement
 
@@ -214,7 +213,7 @@ def convert_from_text(
         bundle_parts = "gate-up-down"  # the compact predictor's point: no gate row resident
     with tempfile.TemporaryDirectory(prefix="neuralink-convert-") as tmp:
         profile_text = Path(tmp) / "profile.jsonl"
-        profile_text.write_text("".join(json.dumps({"text": d}) + "\n" for d in profile_docs), encoding="utf-8")
+        write_documents(profile_text, profile_docs)
         gate = bundle_has_gate(model, bundle_parts, effective)
         split = bundle_split(bundle_layout, effective)
         record_bytes = [lay.neuron_bytes for lay in bundle_layouts(model, bundle_down_type, gate, split)]

@@ -45,14 +45,13 @@ def evaluate_predictor(
     """
 
     model = inspect_ffn_model(model_path)
-    with Sidecar.open(sidecar_path, model_path) as sidecar:
-        if not sidecar.header.predictor_rank:
-            raise OptionError(f"{sidecar_path}: has no low-rank predictor (convert with --lowrank-rank)")
-    inputs = capture_ffn_inputs(model_path, texts, max_tokens=max_tokens, threads=threads)
-    data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
     reports = []
     with Sidecar.open(sidecar_path, model_path) as sidecar:
         header = sidecar.header
+        if not header.predictor_rank:  # before the model runs on the texts
+            raise OptionError(f"{sidecar_path}: has no low-rank predictor (convert with --lowrank-rank)")
+        inputs = capture_ffn_inputs(model_path, texts, max_tokens=max_tokens, threads=threads)
+        data = np.memmap(model.directory.path, dtype=np.uint8, mode="r")
         if header.criterion == "contribution":
             return _contribution_reports(model, data, sidecar, inputs)
         for il, x in enumerate(inputs):

@@ -123,3 +123,8 @@ def split_heldout(documents: Sequence[str], heldout_chars: int, max_fraction: fl
         held.insert(0, doc[cut:])
         taken += len(doc) - cut
     return [d for d in keep if d.strip()], "\n".join(held)
+
+
+def write_documents(path: str | os.PathLike[str], documents: Sequence[str]) -> None:
+    """Documents as a calibration JSONL file (one {"text": ...} per line), which calibration_documents reads back."""
+    Path(path).write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
