@@ -73,12 +73,13 @@ def test_the_cgroup_limit_is_read_from_v1_and_v2(tmp_path: Path) -> None:
 
 def test_a_budget_only_the_interpreter_breaks_names_the_native_runner(converted_smollm2: Path) -> None:
     # where the model and context fit beside the runner's ~8 MiB of process but not beside this interpreter, the
-    # refusal says so; far below, it does not
+    # refusal says so; far below, it does not. The budget lies mid-way in that window: the next load's process
+    # differs from this one's by what closing this model and earlier tests leave or give back
     llm = neuralink.Llama(str(converted_smollm2), memory_budget="2GiB", verbose=False)
     plan = llm.memory_plan
     llm.close()
-    assert plan is not None and plan.process > 20 * 2**20  # pytest's interpreter, numpy, llama-cpp-python
-    for budget, named in [(plan.minimum - 10 * 2**20, True), (2**20, False)]:
+    assert plan is not None and plan.process > 40 * 2**20  # pytest's interpreter, numpy, llama-cpp-python
+    for budget, named in [(plan.minimum - plan.process // 2, True), (2**20, False)]:
         with pytest.raises(MemoryBudgetError) as refused:
             neuralink.Llama(str(converted_smollm2), memory_budget=budget, verbose=False)
         assert ("neuralink-run" in str(refused.value)) == named, str(refused.value)
