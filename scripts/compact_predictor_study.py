@@ -25,6 +25,12 @@ fraction of pairs it must select to find 99 % of the finals:
                columns of the up rows, 64 values per neuron, beside the signs)
   gate_up2     the same with 2-bit up rows (sign times {0.5, 1.5} of the row's
                mean |w|, as q2 above): about 58 % of q4_K up rows' bytes
+  gate_ucdf    the exact gate and no copy of the up rows: each pair scored by
+               the chance that the neuron's up value passes what the criterion
+               needs given its gate, from the neuron's own distribution of
+               |up| on the calibration tokens (its empirical CDF) in place of
+               the engine's one number E|up|: the ranking a gate-only rule
+               could reach when up values do not depend on the gate
 
 A predictor is worth its DRAM only when its fraction is well under 1; the
 exact gate's fraction is what today's candidates cost (their up rows read).
@@ -87,6 +93,18 @@ def gate_up_score(a_held: np.ndarray, x_cal: np.ndarray, x_held: np.ndarray, u: 
     return normal_tail((need - mean) / spread) + normal_tail((need + mean) / spread)
 
 
+def gate_ucdf_score(a_held: np.ndarray, up_cal: np.ndarray, down_norm: np.ndarray, threshold: float) -> np.ndarray:
+    """P(|up| > what the criterion needs given act(gate) `a_held`), from each neuron's calibration |up| values."""
+    need = threshold / np.maximum(np.abs(a_held) * down_norm, 1e-30)
+    score = np.empty_like(need)
+    for i in range(need.shape[1]):
+        ranked = np.sort(np.abs(up_cal[:, i]))
+        score[:, i] = 1.0 - np.searchsorted(ranked, need[:, i]) / len(ranked)
+    # ties (every calibration value above or below what is needed) broken by the engine's score, E|up| / need
+    tiebreak = np.abs(up_cal).mean(0) / need
+    return score + 1e-6 * tiebreak / tiebreak.max()
+
+
 def fraction_for_recall(score: np.ndarray, truth: np.ndarray, recall: float = 0.99) -> float:
     """Fraction of all pairs selected by the lowest threshold that still finds `recall` of the true pairs."""
     return float((score >= np.quantile(score[truth], 1.0 - recall)).mean())
@@ -127,6 +145,8 @@ def layer_rows(il: int, x_cal: np.ndarray, x_held: np.ndarray, tensors: dict, de
         for name, w in up_estimates(u, xc).items():
             score = gate_up_score(silu(xh @ g.T), xc, xh, u, w, down_norm, threshold)
             rows.append((name, density, fraction_for_recall(score, truth), mass_at_half(score, truth, criterion_held)))
+        score = gate_ucdf_score(silu(xh @ g.T), xc @ u.T, down_norm, threshold)
+        rows.append(("gate_ucdf", density, fraction_for_recall(score, truth), mass_at_half(score, truth, criterion_held)))
         rows.append(("(finals)", density, float(truth.mean()), 1.0))
     return rows
 

@@ -1,17 +1,22 @@
-"""functional correctness on small code tasks: stock llama.cpp against neuralink.Llama, greedy, same prompts
+"""functional correctness on small tasks: stock llama.cpp against neuralink.Llama, greedy, same prompts
 
     python code_tasks.py ORIGINAL.gguf CONVERTED.neuralink.gguf [NAME=KWARGS_JSON ...]
+    SET=facts python code_tasks.py ORIGINAL.gguf CONVERTED.neuralink.gguf [NAME=KWARGS_JSON ...]
 
-Each task is a function signature and docstring; the model completes the body (greedy, at most 160 tokens,
-cut at the next top-level statement), and the completed function runs against the task's asserts. Prints one
-line per model setting: tasks passed, and the tasks where it differs from stock. Settings: "stock", "default"
+Code (the default set): each task is a function signature and docstring; the model completes the body
+(greedy, at most 160 tokens, cut at the next top-level statement), and the completed function runs against
+the task's asserts. Facts (SET=facts): 30 English sentences to complete with one well-known answer (a
+capital, a chemical symbol, a sum), passed when the first 16 greedy tokens hold it. Prints one line per
+model setting: tasks passed, and the tasks where it differs from stock. Settings: "stock", "default"
 (neuralink.Llama with its defaults), "dense" (every neuron), and any NAME={"memory_budget": "530MB"} given;
 each in a process of its own.
-Not a benchmark of the field: 20 tasks written for this check, to see whether sparsity breaks code that
-stock writes correctly.
+Not a benchmark of the field: tasks written for this check, to see whether sparsity breaks what stock gets
+right.
 """
 import json
 import multiprocessing
+import os
+import re
 import signal
 import sys
 
@@ -62,6 +67,40 @@ TASKS = [
 ]
 STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```", "\nassert"]
 
+# (sentence to complete, answers any one of which passes, lower case)
+FACTS = [
+    ("The capital of France is", ("paris",)),
+    ("The capital of Japan is", ("tokyo",)),
+    ("The capital of Italy is", ("rome",)),
+    ("The capital of Germany is", ("berlin",)),
+    ("The capital of Spain is", ("madrid",)),
+    ("The largest planet in the Solar System is", ("jupiter",)),
+    ("At sea level, water boils at a temperature in degrees Celsius of", ("100",)),
+    ("The chemical symbol for gold is", ("au",)),
+    ("The chemical symbol for sodium is", ("na",)),
+    ("The play Romeo and Juliet was written by William", ("shakespeare",)),
+    ("In Python, a function is defined with the keyword", ("def",)),
+    ("The number of days in a leap year is", ("366",)),
+    ("The square root of 144 is", ("12",)),
+    ("In degrees Fahrenheit, water freezes at", ("32",)),
+    ("The first person to walk on the Moon was Neil", ("armstrong",)),
+    ("The longest river in Africa is the", ("nile",)),
+    ("The smallest prime number is", ("2",)),
+    ("The HTTP status code 404 means", ("not found",)),
+    ("In Python, the built-in function that returns the length of a list is", ("len",)),
+    ("The currency of the United Kingdom is the", ("pound",)),
+    ("The planet known as the Red Planet is", ("mars",)),
+    ("The hardest natural substance on Earth is", ("diamond",)),
+    ("For photosynthesis, plants take from the air the gas called", ("carbon dioxide", "co2", "co₂")),
+    ("The telephone was invented by Alexander Graham", ("bell",)),
+    ("The ocean between Europe and North America is the", ("atlantic",)),
+    ("Seven times eight equals", ("56",)),
+    ("The programming language whose package index is called PyPI is", ("python",)),
+    ("The opposite of hot is", ("cold",)),
+    ("Mount Everest is in the mountain range called the", ("himalaya",)),
+    ("The freezing point of water in degrees Celsius is", ("0", "zero")),
+]
+
 
 def passes(source: str, test: str) -> bool:
     def timeout(*_):
@@ -78,36 +117,52 @@ def passes(source: str, test: str) -> bool:
         signal.alarm(0)
 
 
-def run(llm) -> list[bool]:
+def answer_pattern(answer: str) -> str:
+    """An answer as the start of a word ("himalaya" passes "Himalayas"); a number as a whole one ("0" does not
+    pass "100")."""
+    end = r"(?![0-9])" if answer[-1].isdigit() else ""
+    return r"(?<![0-9a-z])" + re.escape(answer) + end
+
+
+def run(llm, task_set: str) -> list[bool]:
     results = []
-    for prompt, test in TASKS:
+    for prompt, check in FACTS if task_set == "facts" else TASKS:
         llm.reset()  # no prefix of the previous task reused: each task decodes the same way whatever ran before
-        out = llm(prompt, max_tokens=160, temperature=0.0, stop=STOP)["choices"][0]["text"]
-        results.append(passes(prompt + out, test))
+        if task_set == "facts":
+            out = llm(prompt, max_tokens=16, temperature=0.0)["choices"][0]["text"].lower()
+            results.append(any(re.search(answer_pattern(a), out) for a in check))
+        else:
+            out = llm(prompt, max_tokens=160, temperature=0.0, stop=STOP)["choices"][0]["text"]
+            results.append(passes(prompt + out, check))
     return results
 
 
-def passed_by(model: str, kwargs: dict | None) -> list[bool]:
+def passed_by(model: str, kwargs: dict | None, task_set: str) -> list[bool]:
     """The tasks each passes, in a process of its own (a memory budget counts the whole process)."""
     common = dict(n_ctx=512, n_threads=2, verbose=False)
     llm = llama_cpp.Llama(model, **common) if kwargs is None else neuralink.Llama(model, **common, **kwargs)
     try:
-        return run(llm)
+        return run(llm, task_set)
     finally:
         llm.close()
 
 
 def main() -> None:
     original, converted = sys.argv[1], sys.argv[2]
+    task_set = os.environ.get("SET", "code")
+    if task_set not in ("code", "facts"):
+        sys.exit(f"SET={task_set}: expected code or facts")
+    tasks = FACTS if task_set == "facts" else TASKS
+    names = [t[0] if task_set == "facts" else t[0].split("(")[0][4:] for t in tasks]
     settings = {"default": {}, "dense": {"predictor": "dense"}}
     settings.update((a.split("=", 1)[0], json.loads(a.split("=", 1)[1])) for a in sys.argv[3:])
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        reference = pool.apply(passed_by, (original, None))
-        print(f"stock     {sum(reference):2d}/{len(TASKS)}", flush=True)
+        reference = pool.apply(passed_by, (original, None, task_set))
+        print(f"stock     {sum(reference):2d}/{len(tasks)}", flush=True)
         for name, kwargs in settings.items():
-            got = pool.apply(passed_by, (converted, kwargs))
-            differ = [TASKS[i][0].split("(")[0][4:] for i, (a, b) in enumerate(zip(reference, got)) if a != b]
-            print(f"{name:9s} {sum(got):2d}/{len(TASKS)}  differs from stock on: {', '.join(differ) or 'none'}",
+            got = pool.apply(passed_by, (converted, kwargs, task_set))
+            differ = [names[i] for i, (a, b) in enumerate(zip(reference, got)) if a != b]
+            print(f"{name:9s} {sum(got):2d}/{len(tasks)}  differs from stock on: {'; '.join(differ) or 'none'}",
                   flush=True)
 
 
