@@ -16,7 +16,7 @@ from test_llama_hook import DECODE_PREFIX, batch_logits, decode_logits, greedy, 
 
 import neuralink
 from neuralink import EngineIOError, EngineNumericError, ModelFileError, _engine
-from neuralink.errors import MemoryBudgetError
+from neuralink.errors import MemoryBudgetError, OptionError
 from neuralink.formats.checksum import records_checksums
 from neuralink.formats.constants import SIDECAR_BUNDLE_HASH, SIDECAR_BUNDLES, SIDECAR_DOWN_COLUMNS, SIDECAR_DOWN_HASH
 from neuralink.formats.ggml_types import ggml_type_name
@@ -202,13 +202,26 @@ def test_down_rows_on_trial_keep_the_faster_way_and_every_token_is_the_threshold
         engine.try_down_rows([0])
 
 
-def test_neuralink_llama_puts_down_rows_on_trial_where_the_room_holds_both(converted_model) -> None:
+def test_neuralink_llama_times_down_rows_only_when_asked_so_that_its_text_does_not_depend_on_timing(
+        converted_model) -> None:
     model, sidecar = converted_model("llama", "q8_0", threshold=0.05, bundle_layout="split", down_type="q8_0",
                                      bundle_down_type="q5_K")
     engine = _engine.Engine(str(model), sidecar=str(sidecar))
     _, row_bytes, _ = engine.down_row_trial_layers()
+    with pytest.raises(OptionError, match="down_rows='rows'"):
+        neuralink.Llama(str(model), sidecar=str(sidecar), down_rows="rows", **CONTEXT)
+    # by default, room for the rows beside the store puts nothing on trial: q8_0 rows do not pay by the cost
+    # model, so every process computes with the columns and greedy text is the same run after run
+    runs = []
+    for _ in range(2):
+        llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_bytes=4 * engine.store_bytes,
+                              **CONTEXT)
+        assert llm.engine.down_trial["layers"] == 0 and llm.engine.down_rows_layers_in_use == []
+        runs.append(greedy(llm, tokens_of(llm, 12), 2 * _engine.DOWN_TRIAL_TOKENS + 4))
+        llm.close()
+    assert runs[0] == runs[1]
     llm = neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", cache_bytes=4 * engine.store_bytes,
-                          **CONTEXT)
+                          down_rows="trial", **CONTEXT)
     assert llm.engine.down_trial["layers"] == 2 and llm.engine.down_rows_layers_in_use == []
     greedy(llm, tokens_of(llm, 12), 2 * _engine.DOWN_TRIAL_TOKENS + 4)
     assert llm.engine.down_trial["settled"]

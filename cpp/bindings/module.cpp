@@ -260,18 +260,19 @@ static void register_engine(py::module_ & m) {
            "Read and check the down rows of `layers` as use_down_rows does, but keep the down columns too: the "
            "first decoded tokens alternate between them, timed, and the faster is kept (down_trial). Before "
            "fill_cache, whose cache must hold the columns beside the rows. Between evaluations.")
-        .def("hold_down_rows", [](Engine & e, uint64_t room) {
+        .def("hold_down_rows", [](Engine & e, uint64_t room, bool trial) {
             DownRowChoice c;
             {
                 py::gil_scoped_release release;
-                c = e.hold_down_rows(room);
+                c = e.hold_down_rows(room, trial);
             }
             return py::make_tuple(c.layers, c.trial, c.row_bytes, c.column_bytes);
-        }, py::arg("room"),
+        }, py::arg("room"), py::arg("trial") = false,
            "The converted GGUF's down rows for a cache holding the whole store, given `room`, the memory the cache may "
-           "use: every layer's on trial when the room holds them beside the store, else those that pay in place of "
-           "their columns when the store still fits, else none. Before fill_cache. Returns (layers, on trial, row "
-           "bytes, column bytes).")
+           "use: those that pay by the cost model in place of their columns when the store still fits, else none; "
+           "with `trial`, every layer's on trial instead when the room holds them beside the store (the process "
+           "keeps the faster encoding, so its outputs depend on the timing). Before fill_cache. Returns (layers, on "
+           "trial, row bytes, column bytes).")
         .def_property_readonly("down_trial", [](const Engine & e) {
             py::dict out;
             if (!e.sparse()) return out;

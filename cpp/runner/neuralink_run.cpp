@@ -144,9 +144,10 @@ neuralink::CachePolicy resolved_policy(const RunnerOptions & o, const neuralink:
 }
 
 // For a cache holding the whole store, the converted GGUF's down rows by the engine's rule (Engine::hold_down_rows,
-// as neuralink.Llama), given `room`, the memory the cache may use.
-void hold_down_rows(neuralink::Engine & engine, uint64_t room) {
-    const neuralink::DownRowChoice c = engine.hold_down_rows(room);
+// as neuralink.Llama), given `room`, the memory the cache may use, as --down-rows asks.
+void hold_down_rows(neuralink::Engine & engine, uint64_t room, const std::string & mode) {
+    if (mode == "off") return;
+    const neuralink::DownRowChoice c = engine.hold_down_rows(room, mode == "trial");
     if (c.trial) {
         note("down projection of %zu layers timed on the first decoded tokens by the model's own rows (%.0f MiB) and "
              "by the down columns; the faster is kept", c.layers.size(), c.row_bytes / 1048576.0);
@@ -287,7 +288,7 @@ std::unique_ptr<neuralink::Engine> open_engine(const RunnerOptions & o, std::str
     if (auto * sparse = engine->sparse()) {
         if (o.cache_policy == "auto" && o.cache_bytes > 0 && !o.memory_budget) {
             sparse->configure_cache(resolved_policy(o, *sparse, o.cache_bytes), o.cache_bytes);
-            hold_down_rows(*engine, o.cache_bytes);
+            hold_down_rows(*engine, o.cache_bytes, o.down_rows);
             preload_store(*sparse);
         }
         note("sparse: sidecar %s, predictor %s, cache %s", sidecar.c_str(), predictor.c_str(),
@@ -413,7 +414,7 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
     if (const neuralink::LookupPages & pages = engine.bound_lookup_pages(); !pages.error.empty()) {
         note("%s; the token embedding's lookups stay mapped", pages.error.c_str());
     }
-    hold_down_rows(engine, plan.budget > plan.minimum() ? plan.budget - plan.minimum() : 0);
+    hold_down_rows(engine, plan.budget > plan.minimum() ? plan.budget - plan.minimum() : 0, o.down_rows);
     preload_store(*engine.sparse());
 }
 

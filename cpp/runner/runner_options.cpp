@@ -93,6 +93,13 @@ model and weights:
                            own timing while running and merge runs by that, instead
                            of by the built-in device model (off by default; the
                            fitted gap is printed at the end)
+  --down-rows on|trial|off when the cache holds the whole store: on (the default)
+                           computes the down projection by the converted GGUF's
+                           own rows in the layers where the cost model says they
+                           cost less than the sidecar's columns; trial times rows
+                           and columns on the first decoded tokens and keeps the
+                           faster (two encodings of the weights: the text then
+                           depends on the timing); off keeps the columns
 
 generation:
   -p, --prompt TEXT        the prompt (tokenized with the model's BOS where it uses one)
@@ -196,6 +203,7 @@ RunnerOptions parse_options(int argc, char ** argv) {
         else if (a == "--queue-depth") { o.queue_depth = parse_int(a, value(), 1, 1024); }
         else if (a == "--no-direct-io") { o.direct_io = false; }
         else if (a == "--adaptive-collapse") { o.adaptive_collapse = true; }
+        else if (a == "--down-rows") { o.down_rows = value(); }
         else if (a == "-p" || a == "--prompt") { o.prompt = value(); }
         else if (a == "-n" || a == "--n-predict") { o.n_predict = parse_int(a, value(), 0, 1 << 20); }
         else if (a == "-t" || a == "--threads") { o.n_threads = parse_int(a, value(), 1, 256); }
@@ -241,6 +249,7 @@ RunnerOptions parse_options(int argc, char ** argv) {
         o.io_backend = default_io_backend();
     }
     check_name("--io-backend", o.io_backend, { "auto", "uring", "pread" });
+    check_name("--down-rows", o.down_rows, { "on", "trial", "off" });
     if ((o.dense || o.stock_ffn) && o.adaptive_collapse) {
         throw UsageError("--adaptive-collapse plans sidecar reads: it needs a sidecar, and --dense or --stock-ffn "
                          "reads none");

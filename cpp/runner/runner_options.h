@@ -41,6 +41,8 @@ struct RunnerOptions {
     bool io_backend_given = false; // false: io_backend is this build's default (logged as such)
     int queue_depth = neuralink::kDefaultQueueDepth;
     bool adaptive_collapse = false; // fit the read cost (and the collapse gap) to the reads' own timing
+    std::string down_rows = "on"; // the converted GGUF's down rows where they pay (on), timed against the columns
+                                   // (trial), or never (off), when the cache holds the whole store
     bool direct_io = true;
     std::string prompt;
     int n_predict = 64;

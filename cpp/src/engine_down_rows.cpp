@@ -1,6 +1,7 @@
 // Engine's down rows (engine.h): which layers' converted-GGUF ffn_down rows it could multiply, the rule that gives
-// them to the sparse engine (on trial beside the columns, or in their place where they pay: Engine::hold_down_rows,
-// shared by neuralink.Llama and neuralink-run), and reading them checked against the conversion's checksums.
+// them to the sparse engine (in place of the columns where they pay, or on trial beside them when asked:
+// Engine::hold_down_rows, shared by neuralink.Llama and neuralink-run), and reading them checked against the
+// conversion's checksums.
 
 #include "neuralink/checksum.h"
 #include "neuralink/engine.h"
@@ -42,11 +43,11 @@ DownRowPlan Engine::down_row_layers() const { return down_row_plan(model_, spars
 
 DownRowPlan Engine::down_row_trial_layers() const { return down_row_plan(model_, sparse_.get(), n_layer(), false); }
 
-DownRowChoice Engine::hold_down_rows(uint64_t room) {
+DownRowChoice Engine::hold_down_rows(uint64_t room, bool trial) {
     DownRowChoice out;
     if (!sparse_ || !sparse_->holds_store()) return out;
     auto fits = [&](int64_t bytes) { return bytes > 0 && sparse_->arena_fits((size_t) bytes); };
-    const DownRowPlan all = down_row_trial_layers();
+    const DownRowPlan all = trial ? down_row_trial_layers() : DownRowPlan{};
     if (!all.layers.empty() && fits((int64_t) room - (int64_t) all.row_bytes)) {
         try_down_rows(all.layers);
         out = { all.layers, true, all.row_bytes, all.column_bytes };

@@ -115,11 +115,13 @@ public:
     // hold the columns as well as the rows until then.
     void try_down_rows(const std::vector<int> & layers);
     // The rule neuralink.Llama and neuralink-run share, for a sparse engine whose cache holds the whole store,
-    // given `room`, the memory the cache may use (what a budget leaves beside everything else): every layer's
-    // rows on trial when the room holds them beside the whole store (try_down_rows), else the rows of the layers
-    // where they pay (down_row_layers) in place of their columns when the store still fits with them
-    // (use_down_rows), else none. Before the store is read into the cache. Throws as use_down_rows does.
-    DownRowChoice hold_down_rows(uint64_t room);
+    // given `room`, the memory the cache may use (what a budget leaves beside everything else): the rows of the
+    // layers where they pay by the cost model (down_row_layers) in place of their columns when the store still
+    // fits with them (use_down_rows), else none. With `trial`, every layer's rows on trial instead when the room
+    // holds them beside the whole store (try_down_rows): faster where the machine multiplies rows faster, but
+    // rows and columns are two encodings of the weights, so which one a process keeps (by timing) changes its
+    // outputs. Before the store is read into the cache. Throws as use_down_rows does.
+    DownRowChoice hold_down_rows(uint64_t room, bool trial);
 
     // Bounds what llama.cpp's lookups of an untied token embedding keep mapped (residency.h): from now on its
     // pages are unmapped as layer 0 starts each micro-batch. Once llama.cpp has mapped the model; (bytes of

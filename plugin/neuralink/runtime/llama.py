@@ -138,13 +138,12 @@ class Llama(FfnReporting, llama_cpp.Llama):
         Qwen2.5-Coder-1.5B. Default: off under an explicit memory_budget,
         where memory is what is short, on otherwise.
     down_rows:
-        when the cache holds the whole store, compute the down projection
-        of the layers where it costs less with the converted GGUF's own
-        ``ffn_down`` rows, as llama.cpp does, than with the sidecar's down
-        columns, which are then never read: with q4_K rows (``neuralink
-        convert --down-type q4_K``; the default q8_0 rows keep the columns;
-        docs/engine.md). Needs room for the rows beside the store and a
-        sidecar that records their checksums. Default on.
+        when the cache holds the whole store, the down projection of the layers where the engine's cost model
+        says it costs less by the converted GGUF's own ``ffn_down`` rows than by the sidecar's down columns
+        (q4_K rows, ``neuralink convert --down-type q4_K``; docs/engine.md) is computed by the rows. Default
+        on. ``"trial"``: where the room holds every layer's rows beside the store, rows and columns are timed
+        on the first decoded tokens and the faster is kept; they are two encodings of the weights, so the
+        greedy text then depends on the timing. False: the columns.
     preload:
         when the cache holds the whole store (``engine.cache_holds_store``),
         read it at load in long sequential reads, every record checked,
@@ -202,7 +201,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
         predictor_thresholds: Sequence[float] | None = None,
         candidate_thresholds: Sequence[float] | None = None,
         repack_weights: bool | None = None,
-        down_rows: bool = True,
+        down_rows: bool | str = True,
         preload: bool = True,
         lock_weights: bool | None = None,
         prompt_lookup: int | None = None,
@@ -221,6 +220,8 @@ class Llama(FfnReporting, llama_cpp.Llama):
         api = ffn_hook_api(_engine.FFN_HOOK_API_VERSION)
         if not os.path.exists(model_path):
             raise ModelFileError(f"{model_path}: no such model file")
+        if down_rows not in (True, False, "trial"):
+            raise OptionError(f"down_rows={down_rows!r}: expected True, False or 'trial'")
         sidecar_path = find_sidecar(model_path) if sidecar is None or sidecar is True else sidecar or None
         if sidecar_path is None and sidecar is not False and named_sidecar(model_path):
             raise ModelFileError(
@@ -355,7 +356,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
                 logger.info("%s: %.0f MiB of weights read every token locked in RAM", model_path, locked / 2**20)
         if down_rows and engine.cache_holds_store:
             try:
-                hold_down_rows(engine, model_path, self.memory_plan, cache_bytes)
+                hold_down_rows(engine, model_path, self.memory_plan, cache_bytes, trial=down_rows == "trial")
             except Exception:
                 self.close()
                 raise

@@ -172,15 +172,17 @@ def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | Non
     )
 
 
-def hold_down_rows(engine: _engine.Engine, model: str, plan: MemoryPlan | None, cache_bytes: int) -> list[int]:
+def hold_down_rows(engine: _engine.Engine, model: str, plan: MemoryPlan | None, cache_bytes: int,
+                   trial: bool = False) -> list[int]:
     """Hand the engine, whose cache holds the whole store, the converted GGUF's down rows by the engine's rule
     (Engine.hold_down_rows, which neuralink-run shares), given the room the plan's budget leaves beside
-    everything else or, without a plan, `cache_bytes`: on trial beside the columns when the room holds both
-    (the first decoded tokens time them and the faster is kept: which one depends on the machine,
-    docs/engine.md), else in place of the columns where they pay. Returns the layers given rows."""
+    everything else or, without a plan, `cache_bytes`: in place of the columns where they pay by the cost
+    model; with `trial`, on trial beside the columns when the room holds both (the first decoded tokens time
+    them and the faster is kept: which one depends on the machine and the process, docs/engine.md). Returns
+    the layers given rows."""
     room = max(0, plan.budget - plan.minimum) if plan is not None else cache_bytes
-    layers, trial, row_bytes, column_bytes = engine.hold_down_rows(room)
-    if trial:
+    layers, on_trial, row_bytes, column_bytes = engine.hold_down_rows(room, trial)
+    if on_trial:
         log.info("%s: the down projection of %d layers timed on the first decoded tokens by the model's own rows "
                  "(%.0f MiB) and by the down columns; the faster is kept", model, len(layers), row_bytes / 2**20)
     elif layers:
