@@ -236,6 +236,16 @@ def test_neuralink_llama_times_down_rows_only_when_asked_so_that_its_text_does_n
     llm.close()
 
 
+def test_the_dense_predictor_counts_every_neurons_column_when_rows_are_weighed(converted_model) -> None:
+    # q6_K rows (n_embd 256 rows of 512: 420 bytes a neuron) against q5_K columns of 176 bytes at 2x: more
+    # than the profile's ~0.5 of the columns cost (no rows), less than every neuron's, which the dense
+    # predictor reads
+    model, sidecar = converted_model("llama", "q8_0", threshold=0.05, bundle_layout="split", down_type="q6_K",
+                                     bundle_down_type="q5_K")
+    assert _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate").down_row_layers()[0] == []
+    assert _engine.Engine(str(model), sidecar=str(sidecar), predictor="dense").down_row_layers()[0] == [0, 1]
+
+
 def test_neuralink_llama_holding_the_store_uses_down_rows_where_they_pay(converted_model) -> None:
     model, sidecar = converted_model("llama", "q8_0", threshold=0.05, bundle_layout="split", down_type="q4_K",
                                      bundle_down_type="q5_K")

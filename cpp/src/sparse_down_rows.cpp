@@ -137,8 +137,8 @@ bool SparseFfn::down_rows_pay(int il, ggml_type row_type, size_t row_bytes) cons
     if (!has_layer(il) || !store_->split()) return false;
     const SparseLayerWeights & L = *layers_[(size_t) il];
     const SidecarLayer & S = store_->layer(il);
-    // the neurons a token needs on average, at the profiled thresholds
-    const double density = S.frequency.empty() ? 1.0
+    // the neurons a token needs on average: every one for the dense predictor, else at the profiled thresholds
+    const double density = options_.predictor == Predictor::Dense || S.frequency.empty() ? 1.0
             : std::accumulate(S.frequency.begin(), S.frequency.end(), 0.0) / (double) S.frequency.size();
     const ggml_type t = S.down.wt->type;
     const bool k_quant = t == GGML_TYPE_Q6_K || t == GGML_TYPE_Q5_K || t == GGML_TYPE_Q4_K;
