@@ -38,7 +38,7 @@ def test_demo_converts_once_then_runs_sparse(synthetic_model: ModelFactory, cali
     converted = list((tmp_path / "converted").glob("*/*.neuralink.gguf"))
     assert len(converted) == 1 and converted[0].with_suffix(".sidecar").is_file()
     # the cache is keyed by the sidecar format too, so an older neuralink's conversion is made again, not refused
-    assert converted[0].parent.name.endswith(f"-v{SIDECAR_VERSION}-ppl{100 * QUALITY_BUDGET:g}")
+    assert converted[0].parent.name.endswith(f"-v{SIDECAR_VERSION}-ppl{100 * QUALITY_BUDGET:g}b90")
     assert f"converting {model.name} once" in first.stderr
     # the predictor the conversion's quality search validated on held-out calibration text runs by default
     assert "quality check: " in first.stderr

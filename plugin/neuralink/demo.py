@@ -110,9 +110,9 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
     """The converted GGUF of `model` (its sidecar beside it), converting it on first use."""
     from tqdm import tqdm  # deferred: progress bars are the CLI's, loaded when one is shown
 
-    # keyed by the sidecar format and the quality budget too: a conversion an older neuralink cached (another
-    # format, or validated under another budget) is made again, not refused or silently kept
-    folder = cache_dir("converted") / f"{file_sha256(model)[:16]}-v{SIDECAR_VERSION}-ppl{100 * QUALITY_BUDGET:g}"
+    # keyed by the sidecar format and the quality budget too (and its 90 % bound): a conversion an older
+    # neuralink cached (another format, or validated under another rule) is made again, not refused or kept
+    folder = cache_dir("converted") / f"{file_sha256(model)[:16]}-v{SIDECAR_VERSION}-ppl{100 * QUALITY_BUDGET:g}b90"
     output = folder / f"{model.stem}.neuralink.gguf"
     sidecar = folder / f"{model.stem}.neuralink.sidecar"
     if output.is_file() and sidecar.is_file():
@@ -143,8 +143,9 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
             bar.close()
     q = result.quality
     if "perplexity_change" in q:
-        print(f"quality check: {q.get('chosen')}, perplexity {100 * q['perplexity_change']:+.2f} % on held-out text "
-              f"(budget {100 * q['budget']:.0f} %); default predictor {q.get('predictor')}", file=sys.stderr)
+        bound = f", at most {100 * q['upper_bound']:+.2f} % at 90 %" if "upper_bound" in q else ""
+        print(f"quality check: {q.get('chosen')}, perplexity {100 * q['perplexity_change']:+.2f} %{bound} on held-out "
+              f"text (budget {100 * q['budget']:.0f} %); default predictor {q.get('predictor')}", file=sys.stderr)
     return output
 
 

@@ -44,6 +44,12 @@ def _types_summary(types: tuple[str, ...]) -> str:
     return ", ".join(sorted(set(types)))
 
 
+
+def _bound(q: dict) -> str:
+    """The upper end of the quality record's confidence bound, where it has one (older sidecars: none)."""
+    return f", at most {100 * q['upper_bound']:+.2f} % at 90 %" if "upper_bound" in q else ""
+
+
 def print_summary(result: ConversionResult) -> None:
     """The CLI's report of a finished conversion."""
     plan = result.plan
@@ -66,14 +72,16 @@ def print_summary(result: ConversionResult) -> None:
     q = result.quality
     if "perplexity_change" in q:
         print(f"\nquality check on {q.get('heldout_tokens', '?')} held-out tokens: {q.get('chosen')} -> perplexity "
-              f"{100 * q['perplexity_change']:+.2f} % (budget {100 * q.get('budget', 0):.1f} %), up rows read "
-              f"{q.get('up_density', 1.0):.3f}, down columns {q.get('down_density', 1.0):.3f} of (token, neuron) pairs")
+              f"{100 * q['perplexity_change']:+.2f} %{_bound(q)} (budget {100 * q.get('budget', 0):.1f} %), "
+              f"up rows read {q.get('up_density', 1.0):.3f}, down columns {q.get('down_density', 1.0):.3f} of "
+              "(token, neuron) pairs")
         if "lowrank" in q:
             lr = q["lowrank"]
             print(f"low-rank predictor (rank {lr['rank']}, {lr['resident_bytes'] / 2**20:.1f} MiB resident, no gate row): "
                   f"held-out recall {lr['heldout']['recall']:.4f} of those pairs reading "
                   f"{lr['heldout']['predicted_density']:.3f} of the records, perplexity "
-                  f"{100 * lr['perplexity_change']:+.2f} %" + ("" if lr["within_budget"] else " (outside the budget)"))
+                  f"{100 * lr['perplexity_change']:+.2f} %{_bound(lr)}"
+                  + ("" if lr["within_budget"] else " (outside the budget)"))
         print(f"default predictor: {q.get('predictor')}"
               + ("" if q.get("validated") else " (the measured setting is outside the budget, so neuralink.Llama "
                  "reads every neuron unless predictor='gate' is passed)"))

@@ -256,7 +256,7 @@ def convert_from_text(
                     heldout_tokens=heldout_tokens, threads=threads, progress=report)
                 measured = measure_predictor(gguf, side, heldout, "lowrank", budget=budget, threads=threads)
                 record["lowrank"].update({key: measured[key] for key in (
-                    "perplexity_change", "within_budget", "up_density", "down_density")})
+                    "perplexity_change", "upper_bound", "within_budget", "up_density", "down_density")})
                 if measured["within_budget"]:
                     record["predictor"] = "lowrank"
             return setting.runtime, record
