@@ -127,8 +127,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              help="override: one final density (fraction of (token, neuron) pairs whose down column "
                                   "is read) for every layer instead of the quality search; still measured")
     calibration.add_argument("--ppl-budget", type=positive_float, default=100 * DEFAULT_BUDGET, metavar="PERCENT",
-                             help=f"perplexity increase the quality search may spend on held-out calibration text "
-                                  f"(default: {100 * DEFAULT_BUDGET:g}, i.e. +{100 * DEFAULT_BUDGET:g} %%)")
+                             help=f"perplexity increase the quality search may spend on held-out calibration text, "
+                                  f"held by the upper end of a one-sided 90 %% confidence bound on the measured "
+                                  f"change (default: {100 * DEFAULT_BUDGET:g}, i.e. +{100 * DEFAULT_BUDGET:g} %%)")
     calibration.add_argument("--allocation", choices=ALLOCATIONS, default="sensitivity",
                              help="per-layer densities from each layer's measured sensitivity (default), or one "
                                   "density for all")
