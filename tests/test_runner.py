@@ -384,12 +384,18 @@ def test_down_rows_go_on_trial_only_with_down_rows_trial(runner: Path, converted
                                bundle_down_type="q5_K")
     tokens = 2 * neuralink._engine.DOWN_TRIAL_TOKENS + 4
     common = ("-m", model, "-p", PROMPT, "-n", tokens, "--ignore-eos", "--io-backend", "pread")
-    # the rule neuralink.Llama follows (Engine::hold_down_rows): by default the rows only where they pay (q8_0
-    # rows do not), so the text does not depend on a timing
+    # the rule neuralink.Llama follows (Engine::hold_down_rows): by default the rows only where the cost model
+    # says they pay, never timed, so the text does not depend on a timing: q8_0 rows pay for the dense predictor
+    # (this sidecar's default: every neuron's column read), not for the gate predictor at the profile's ~0.5
     plain = run(runner, *common)
     assert plain.returncode == 0, plain.stderr
-    assert "timed on the first decoded tokens" not in plain.stderr and "by the model's own rows" not in plain.stderr
-    assert generated_tokens(run(runner, *common, "--down-rows", "off")) == generated_tokens(plain)
+    assert "timed on the first decoded tokens" not in plain.stderr
+    assert "down projection of 2 layers by the model's own rows" in plain.stderr
+    assert generated_tokens(run(runner, *common)) == generated_tokens(plain)
+    gate = run(runner, *common, "--predictor", "gate")
+    assert gate.returncode == 0 and "by the model's own rows" not in gate.stderr, gate.stderr
+    off = run(runner, *common, "--down-rows", "off")
+    assert off.returncode == 0 and "by the model's own rows" not in off.stderr, off.stderr
     bad = run(runner, *common, "--down-rows", "rows")
     assert bad.returncode == 2 and "--down-rows" in bad.stderr
     result = run(runner, *common, "--down-rows", "trial")
