@@ -44,7 +44,6 @@ def _types_summary(types: tuple[str, ...]) -> str:
     return ", ".join(sorted(set(types)))
 
 
-
 def _bound(q: dict) -> str:
     """The upper end of the quality record's confidence bound, where it has one (older sidecars: none)."""
     return f", at most {100 * q['upper_bound']:+.2f} % at 90 %" if "upper_bound" in q else ""

@@ -42,6 +42,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
@@ -60,9 +61,10 @@ ALLOCATIONS: tuple[Allocation, ...] = ("sensitivity", "uniform")
 # and the held-out text is the calibration's own domain (docs/benchmarks.md)
 DEFAULT_BUDGET = 0.01
 DEFAULT_HELDOUT_TOKENS = 1024
-# the bound a level's perplexity change must keep within the budget: one-sided 90 %, standard error over blocks of
-# tokens (neighbouring tokens' NLL differences are not independent)
-CONFIDENCE_Z = 1.2816
+# the bound a level's perplexity change must keep within the budget: one-sided 90 % (the normal quantile), the
+# standard error over blocks of tokens (neighbouring tokens' NLL differences are not independent)
+CONFIDENCE = 0.9
+CONFIDENCE_Z = NormalDist().inv_cdf(CONFIDENCE)
 BLOCK_TOKENS = 32
 # final densities the search walks (1.0: every neuron)
 LADDER = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -263,7 +265,7 @@ def search(scorer: ContributionScorer, selection: SelectionStats, n_layer: int, 
     reference_nlls, _ = scorer.token_nll(dense)
     reference = float(reference_nlls.mean())
     record: dict[str, Any] = {"budget": budget, "reference_nll": reference, "allocation": allocation,
-                              "heldout_tokens": int(scorer.tokens.size), "confidence": 0.9, "measured": []}
+                              "heldout_tokens": int(scorer.tokens.size), "confidence": CONFIDENCE, "measured": []}
 
     def measure(setting: Setting, label: str) -> float:
         """The upper end of the level's perplexity change bound, recorded with the change itself."""
@@ -316,7 +318,7 @@ def measure_predictor(model: os.PathLike[str] | str, sidecar: os.PathLike[str] |
                       *, budget: float = DEFAULT_BUDGET, threads: int | None = None) -> dict[str, Any]:
     """The quality record of running `predictor` at the sidecar's own thresholds (criteria without a density
     search: relu with the low-rank predictor, gate_magnitude): its perplexity against every neuron."""
-    record: dict[str, Any] = {"budget": budget, "confidence": 0.9, "measured": []}
+    record: dict[str, Any] = {"budget": budget, "confidence": CONFIDENCE, "measured": []}
     nlls = {}
     for name in ("dense", predictor):
         scorer = ThresholdScorer(model, sidecar, text, threads=threads, predictor=name)
