@@ -42,6 +42,7 @@ from neuralink.child import run_in_child
 from neuralink.command import Command, positive_int
 from neuralink.convert.pipeline import convert_from_text
 from neuralink.convert.quality import DEFAULT_BUDGET as QUALITY_BUDGET
+from neuralink.convert.quality import bound_text
 from neuralink.errors import ModelFileError, OptionError
 from neuralink.evaluate.bench.e2e import E2eSettings, RunResult, plot_pair, run_e2e
 from neuralink.formats.constants import KEY_MODEL_ID, SIDECAR_VERSION
@@ -143,9 +144,9 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
             bar.close()
     q = result.quality
     if "perplexity_change" in q:
-        bound = f", at most {100 * q['upper_bound']:+.2f} % at 90 %" if "upper_bound" in q else ""
-        print(f"quality check: {q.get('chosen')}, perplexity {100 * q['perplexity_change']:+.2f} %{bound} on held-out "
-              f"text (budget {100 * q['budget']:.0f} %); default predictor {q.get('predictor')}", file=sys.stderr)
+        print(f"quality check: {q.get('chosen')}, perplexity {100 * q['perplexity_change']:+.2f} %{bound_text(q)} "
+              f"on held-out text (budget {100 * q['budget']:.0f} %); default predictor {q.get('predictor')}",
+              file=sys.stderr)
     return output
 
 

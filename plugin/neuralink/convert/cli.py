@@ -26,7 +26,7 @@ import numpy as np
 from neuralink.command import Command, fraction_argument, non_negative_int, positive_float, positive_int
 from neuralink.convert.pipeline import convert_from_text
 from neuralink.convert.plan import check_writable, plan_conversion
-from neuralink.convert.quality import ALLOCATIONS, DEFAULT_BUDGET, DEFAULT_HELDOUT_TOKENS
+from neuralink.convert.quality import ALLOCATIONS, DEFAULT_BUDGET, DEFAULT_HELDOUT_TOKENS, bound_text
 from neuralink.convert.writer import ConversionResult, run_conversion
 from neuralink.errors import OptionError
 from neuralink.formats.bundle_layout import BUNDLE_LAYOUTS, BUNDLE_PARTS
@@ -42,11 +42,6 @@ def _error_summary(errors: tuple[float, ...]) -> str:
 
 def _types_summary(types: tuple[str, ...]) -> str:
     return ", ".join(sorted(set(types)))
-
-
-def _bound(q: dict) -> str:
-    """The upper end of the quality record's confidence bound, where it has one (older sidecars: none)."""
-    return f", at most {100 * q['upper_bound']:+.2f} % at 90 %" if "upper_bound" in q else ""
 
 
 def print_summary(result: ConversionResult) -> None:
@@ -71,7 +66,7 @@ def print_summary(result: ConversionResult) -> None:
     q = result.quality
     if "perplexity_change" in q:
         print(f"\nquality check on {q.get('heldout_tokens', '?')} held-out tokens: {q.get('chosen')} -> perplexity "
-              f"{100 * q['perplexity_change']:+.2f} %{_bound(q)} (budget {100 * q.get('budget', 0):.1f} %), "
+              f"{100 * q['perplexity_change']:+.2f} %{bound_text(q)} (budget {100 * q.get('budget', 0):.1f} %), "
               f"up rows read {q.get('up_density', 1.0):.3f}, down columns {q.get('down_density', 1.0):.3f} of "
               "(token, neuron) pairs")
         if "lowrank" in q:
@@ -79,7 +74,7 @@ def print_summary(result: ConversionResult) -> None:
             print(f"low-rank predictor (rank {lr['rank']}, {lr['resident_bytes'] / 2**20:.1f} MiB resident, no gate row): "
                   f"held-out recall {lr['heldout']['recall']:.4f} of those pairs reading "
                   f"{lr['heldout']['predicted_density']:.3f} of the records, perplexity "
-                  f"{100 * lr['perplexity_change']:+.2f} %{_bound(lr)}"
+                  f"{100 * lr['perplexity_change']:+.2f} %{bound_text(lr)}"
                   + ("" if lr["within_budget"] else " (outside the budget)"))
         print(f"default predictor: {q.get('predictor')}"
               + ("" if q.get("validated") else " (the measured setting is outside the budget, so neuralink.Llama "

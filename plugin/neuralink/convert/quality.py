@@ -246,6 +246,11 @@ def perplexity_change(nll: np.ndarray, reference: np.ndarray) -> tuple[float, fl
     return math.expm1(mean), math.expm1(mean + CONFIDENCE_Z * error)
 
 
+def bound_text(record: dict[str, Any]) -> str:
+    """", at most +x.xx % at 90 %" for a quality record with a confidence bound (older sidecars have none: "")."""
+    return f", at most {100 * record['upper_bound']:+.2f} % at 90 %" if "upper_bound" in record else ""
+
+
 def engine_n_ff(llm: Any) -> int:
     arch = llm.metadata["general.architecture"]
     return int(llm.metadata[f"{arch}.feed_forward_length"])
