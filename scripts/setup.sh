@@ -127,8 +127,16 @@ install_cross_tools() {
 
 case "$job" in
   run)
+    demo_args=()
     corpus="$ROOT/../shared/data/tinyshakespeare.txt"  # the project's calibration text, when it is there
-    if [ -f "$corpus" ]; then exec "$VENV/bin/neuralink" demo --calibration "$corpus" "$@"; fi
-    exec "$VENV/bin/neuralink" demo "$@" ;;
+    [ -f "$corpus" ] && demo_args+=(--calibration "$corpus")
+    # the native runner (cached; seconds once built) for the demo's native side by side, where memory is short
+    say "building neuralink-run, the native runner"
+    if bash "$ROOT/scripts/build_aarch64.sh" native --out "$CACHE/runner" 2> "$CACHE/runner.log"; then
+      demo_args+=(--runner "$(sed -n 's/^NATIVE_RUNNER=//p' "$CACHE/runner/manifest.env")")
+    else
+      say "neuralink-run did not build (log: $CACHE/runner.log): the demo runs without its native side by side"
+    fi
+    exec "$VENV/bin/neuralink" demo "${demo_args[@]}" "$@" ;;
   test) install_cross_tools && run_cpp_tests && cd "$ROOT" && exec "$PY" -m pytest tests "$@" ;;
 esac

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from neuralink.evaluate.bench.e2e import E2eSettings, RunResult, format_table
-from neuralink.evaluate.bench.native import run_native, runner_command
+from neuralink.evaluate.bench.native import run_native, runner_command, runner_minimum
 
 
 def _run(cap: str, variant: str, tok_s: float, **extra: float) -> RunResult:
@@ -84,3 +84,37 @@ def test_a_failing_runner_is_reported_not_raised(runner, converted_model) -> Non
     settings = E2eSettings(model=model, sidecar=sidecar, stock_model=model, tokens=4, runner=runner)
     result = run_native("runner", settings, ["a prompt"], budget=2_000_000, cgroup=None)
     assert result["error"].startswith("neuralink-run exit 5: ") and "below the minimum" in result["error"]
+
+
+def test_the_runner_lines_compare_with_stock_llama_cpp_in_the_same_binary_where_it_ran() -> None:
+    results = [_run("120MB", "stock", 1.0), _run("120MB", "runner-stock", 2.0), _run("120MB", "runner", 8.0),
+               _run("120MB", "neuralink", 4.0)]
+    rows = [line.split("|")[1:-1] for line in format_table(results).splitlines()[2:]]
+    cells = {r[0].strip(): [c.strip() for c in r[1:]] for r in rows}
+    assert list(cells) == ["120MB (runner against runner-stock)", "120MB"]
+    assert cells["120MB (runner against runner-stock)"][:3] == ["2.00", "8.00", "4.00"]
+    assert cells["120MB"][:3] == ["1.00", "4.00", "4.00"]
+
+
+def test_runner_stock_runs_llama_cpps_own_ffns_on_the_stock_model(runner, converted_model, synthetic_model) -> None:
+    model, sidecar = converted_model("llama", "q8_0")
+    original = synthetic_model("llama", "q8_0")
+    settings = E2eSettings(model=model, sidecar=sidecar, stock_model=original, tokens=6, n_ctx=256, runner=runner)
+    command = runner_command("runner-stock", settings, "p", 50_000_000)
+    assert "--stock-ffn" in command and str(original) in command
+    # no engine, so no sidecar and no budget: the cap alone limits it
+    assert str(sidecar) not in command and "--memory-budget" not in command
+    result = run_native("runner-stock", settings, ["the quick brown fox"], budget=None, cgroup=None)
+    assert "error" not in result, result
+    assert result["decode_tokens"] == 6 and result["tok_s"] > 0 and result["bytes_per_token"] == 0
+
+
+def test_the_runners_minimum_is_the_budget_it_accepts(runner, converted_model) -> None:
+    model, sidecar = converted_model("llama", "q8_0")
+    settings = E2eSettings(model=model, sidecar=sidecar, stock_model=model, tokens=4, n_ctx=256, runner=runner)
+    minimum = runner_minimum(settings)
+    assert minimum > 0
+    refused = run_native("runner", settings, ["a prompt"], budget=minimum - (2 << 20), cgroup=None)
+    assert "below the minimum" in refused["error"]
+    accepted = run_native("runner", settings, ["a prompt"], budget=int(minimum * 1.02), cgroup=None)
+    assert "error" not in accepted, accepted

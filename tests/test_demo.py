@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from neuralink.convert.quality import DEFAULT_BUDGET as QUALITY_BUDGET
+from neuralink.evaluate.bench.e2e import budget_for_cap
 from neuralink.formats.constants import SIDECAR_VERSION
 from neuralink.formats.sidecar import Sidecar
 
@@ -96,3 +98,25 @@ def test_demo_refuses_a_budget_below_the_minimum(synthetic_model: ModelFactory, 
                       "--memory-budget", "1MB", "--max-tokens", 4)
     assert result.returncode != 0
     assert "is below the minimum" in result.stderr
+
+
+def test_demo_runs_stock_llama_cpp_and_neuralink_natively_where_memory_is_short(
+        synthetic_model: ModelFactory, calibration: Path, runner: Path, tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "--model", synthetic_model("llama", "q8_0"), "--calibration", calibration,
+                      "--max-tokens", 6, "--memory-budget", "2GB", "--runner", runner)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the cap is the smallest the runner accepts for the model, a little above its minimum
+    found = re.search(r"neuralink-run needs a budget of ([0-9.]+) MiB for this model at least: the native side by "
+                      r"side runs under a (\d+)MB cap", result.stderr)
+    assert found, result.stderr[-3000:]
+    minimum, cap = float(found.group(1)) * 2**20, int(found.group(2)) * 10**6
+    assert minimum * 1.02 <= budget_for_cap(cap, 0.95) < minimum * 1.02 + 2 * 10**6
+    native = result.stderr[result.stderr.index("natively (neuralink-run), stock llama.cpp and neuralink"):]
+    speeds = re.search(r"decode tok/s +([0-9.]+) +([0-9.]+)", native)
+    assert speeds and float(speeds.group(1)) > 0 and float(speeds.group(2)) > 0, native
+
+
+def test_demo_refuses_a_runner_that_is_not_there(synthetic_model: ModelFactory, tmp_path: Path) -> None:
+    result = run_demo(tmp_path, "--model", synthetic_model("llama", "q8_0"), "--runner", tmp_path / "nothing")
+    assert result.returncode == 1 and "--runner" in result.stderr and "no such file" in result.stderr
+    assert not (tmp_path / "converted").exists()

@@ -18,7 +18,13 @@ The main job of `bash scripts/setup.sh run`. On the embedded default model
      memory cap (a cgroup v1 memory group, where the machine allows one;
      otherwise it says so and both run uncapped), and prints them side by
      side: decode speed, peak memory, what neuralink read, and both texts
-     (--no-compare skips it).
+     (--no-compare skips it);
+  5. with --runner (neuralink-run; `bash scripts/setup.sh run` builds and
+     passes it), the same natively, no interpreter in either process: stock
+     llama.cpp (`neuralink-run --stock-ffn` on the original GGUF) against
+     neuralink-run, under the smallest cap neuralink-run accepts for the
+     model (--native-cap auto): where the model no longer fits beside
+     llama.cpp's process, which is what neuralink is for.
 
 Calibration text: --calibration files, else the project's shared corpus
 (../shared/data/tinyshakespeare.txt from the current folder) when it is
@@ -29,10 +35,11 @@ dense engine (every FFN weight in RAM) instead.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import llama_cpp
@@ -44,11 +51,13 @@ from neuralink.convert.pipeline import convert_from_text
 from neuralink.convert.quality import DEFAULT_BUDGET as QUALITY_BUDGET
 from neuralink.convert.quality import bound_text
 from neuralink.errors import ModelFileError, OptionError
-from neuralink.evaluate.bench.e2e import E2eSettings, RunResult, plot_pair, run_e2e
+from neuralink.evaluate.bench.e2e import E2eSettings, RunResult, budget_for_cap, plot_pair, run_e2e
+from neuralink.evaluate.bench.native import runner_minimum
 from neuralink.formats.constants import KEY_MODEL_ID, SIDECAR_VERSION
 from neuralink.formats.ffn_tensors import inspect_ffn_model
 from neuralink.formats.files import check_output_path, file_sha256, write_text
 from neuralink.formats.gguf_directory import read_gguf_directory
+from neuralink.formats.sizes import parse_size
 from neuralink.models.fetch import MODELS, fetch_model
 from neuralink.paths import cache_dir
 from neuralink.runtime.default_model import default_model_path
@@ -57,6 +66,8 @@ from neuralink.runtime.sidecar_lookup import find_sidecar
 
 DEFAULT_PROMPT = "The three most useful things to know about flash storage are"
 DEFAULT_BUDGET = "220MB"
+# the native side by side's cap above neuralink-run's minimum: room for a few MiB of cache
+NATIVE_CAP_MARGIN = 1.02
 # the project's corpus, from the project root (scripts/setup.sh run passes it explicitly)
 SHARED_CORPUS = Path("..") / "shared" / "data" / "tinyshakespeare.txt"
 # prompts the model continues to make its own calibration text when no corpus is at hand
@@ -219,11 +230,42 @@ def compare_with_stock(original: Path, converted: Path, prompt: str, max_tokens:
     return run_e2e(settings, progress=notes.append), [n for n in notes if n.startswith("no memory caps")]
 
 
-def side_by_side(results: list[RunResult], cap: str, notes: list[str]) -> str:
-    """The comparison the demo prints: one column per variant, then both texts."""
+def native_cap(minimum: int) -> str:
+    """The smallest cap, in whole MB, whose budget (as `bench e2e` derives it from a cap) is NATIVE_CAP_MARGIN
+    times neuralink-run's `minimum` budget (bytes)."""
+    wanted = minimum * NATIVE_CAP_MARGIN
+    mb = math.ceil(wanted / 1e6)
+    while budget_for_cap(mb * 10**6, E2eSettings.budget_fraction) < wanted:
+        mb += 1
+    return f"{mb}MB"
+
+
+def compare_native(original: Path, converted: Path, prompt: str, max_tokens: int, cap: str, threads: int | None,
+                   runner: Path, predictor: str | None) -> tuple[list[RunResult], list[str], str]:
+    """Stock llama.cpp (`neuralink-run --stock-ffn` on `original`) and neuralink-run on `converted`, each in a fresh
+    process under `cap` ("auto": the smallest neuralink-run accepts, see native_cap): the runs, notes, the cap."""
+    sidecar = find_sidecar(converted)
+    assert sidecar is not None
+    settings = E2eSettings(model=converted, sidecar=sidecar, stock_model=original, caps=(cap,),
+                           variants=("runner-stock", "runner"), prompt_texts=(prompt,), tokens=max_tokens, runs=1,
+                           threads=threads or max(1, (os.cpu_count() or 2) // 2), predictor=predictor, runner=runner)
+    if cap == "auto":
+        minimum = runner_minimum(settings)
+        cap = native_cap(minimum)
+        print(f"\nneuralink-run needs a budget of {minimum / 2**20:.1f} MiB for this model at least: the native "
+              f"side by side runs under a {cap} cap", file=sys.stderr)
+        settings = replace(settings, caps=(cap,))
+    notes: list[str] = []
+    return run_e2e(settings, progress=notes.append), [n for n in notes if n.startswith("no memory caps")], cap
+
+
+def side_by_side(results: list[RunResult], cap: str, notes: list[str], baseline: str = "stock",
+                 variant: str = "neuralink", what: str = "stock llama-cpp-python and neuralink",
+                 texts: bool = True) -> str:
+    """The comparison the demo prints: one column per variant (`baseline`, then `variant`), then both texts."""
     runs = {r.variant: r for r in results}
     capped = not notes
-    lines = ["\nstock llama-cpp-python and neuralink, each in a fresh process "
+    lines = [f"\n{what}, each in a fresh process "
              + (f"under a {cap} memory cap (cgroup)" if capped else f"without a memory cap ({notes[0]})"),
              f"{'':22}{'stock llama.cpp':>18}{'neuralink':>18}"]
 
@@ -232,7 +274,7 @@ def side_by_side(results: list[RunResult], cap: str, notes: list[str]) -> str:
             return (r.note[:17] if r else "-").rjust(18)
         return f"{value(r):>18}"
 
-    stock, nl = runs.get("stock"), runs.get("neuralink")
+    stock, nl = runs.get(baseline), runs.get(variant)
     rows = [
         ("decode tok/s", lambda r: f"{r.median('tok_s'):.2f}"),
         ("prompt tok/s", lambda r: f"{r.median('prompt_tok_s'):.1f}"),
@@ -245,11 +287,13 @@ def side_by_side(results: list[RunResult], cap: str, notes: list[str]) -> str:
         run = nl.runs[0]
         lines.append(f"{'read per token':22}{'(whole model)':>18}{run['bytes_per_token'] / 2**20:>14.2f} MiB")
         lines.append(f"{'cache hits':22}{'':>18}{run['cache_hit_rate']:>18.0%}")
-    if stock is not None and nl is not None and stock.runs and nl.runs:
+    if stock is not None and nl is not None and stock.runs and nl.runs and stock.median("tok_s"):
         lines.append(f"{'speed, neuralink/stock':22}{'':>18}{nl.median('tok_s') / stock.median('tok_s'):>17.2f}x")
-    for r in (stock, nl):
+    for r in (stock, nl) if texts else ():
         if r is not None and r.runs:
             lines.append(f"\n{r.variant} text: {r.runs[0]['texts'][0]!r}")
+    notes_of = [f"{r.variant}: {r.note}" for r in (stock, nl) if r is not None and r.note]
+    lines += [f"\n{note}" for note in notes_of if len(note) > 17 + len("stock: ")]  # cut short in the cells
     return "\n".join(lines)
 
 
@@ -275,6 +319,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="read FFN weights through the page cache instead of O_DIRECT")
     parser.add_argument("--no-compare", dest="compare", action="store_false",
                         help="skip running stock llama-cpp-python and neuralink side by side under the memory cap")
+    parser.add_argument("--runner", type=Path, default=None, metavar="NEURALINK_RUN",
+                        help="neuralink-run for this machine (scripts/build_aarch64.sh native builds it; `bash "
+                             "scripts/setup.sh run` builds and passes it): also run stock llama.cpp and neuralink "
+                             "natively, side by side, under --native-cap")
+    parser.add_argument("--native-cap", default="auto",
+                        help="memory cap of the native side by side (default auto: the smallest cap whose budget "
+                             f"is {NATIVE_CAP_MARGIN:g}x the minimum neuralink-run accepts for the model)")
     parser.add_argument("--png", type=Path, default=None, metavar="OUT",
                         help="also draw the side-by-side run here: decode speed and peak memory, stock and "
                              "neuralink (PNG)")
@@ -284,6 +335,10 @@ def main(args: argparse.Namespace) -> int:
     png = check_output_path(args.png) if args.png is not None else None
     if png is not None and (args.dense or not args.compare):
         raise OptionError("--png draws the side-by-side run: it needs neither --dense nor --no-compare")
+    if args.runner is not None and not args.runner.is_file():
+        raise OptionError(f"--runner {args.runner}: no such file (scripts/build_aarch64.sh native builds neuralink-run)")
+    if args.native_cap != "auto":
+        parse_size(args.native_cap)  # a malformed size is refused before anything runs
     if args.model in MODELS:
         print(f"fetching {args.model} (once; `neuralink fetch --list` says where it is kept)", file=sys.stderr)
         args.model = fetch_model(args.model)
@@ -320,6 +375,16 @@ def main(args: argparse.Namespace) -> int:
                 cap = f"under a {args.memory_budget} cap" if not notes else "uncapped"
                 plot_pair(results, f"{Path(original).name}, {cap}", png)
                 print(f"wrote {png}", file=sys.stderr)
+            if args.runner is not None:
+                try:
+                    results, notes, cap = compare_native(original, model, args.prompt, args.max_tokens,
+                                                         args.native_cap, args.threads, args.runner, predictor)
+                except ValueError as e:  # the runner named no minimum: say why, the demo itself is done
+                    print(f"\n(no native side by side: {e})", file=sys.stderr)
+                else:
+                    print(side_by_side(results, cap, notes, "runner-stock", "runner",
+                                       "natively (neuralink-run), stock llama.cpp and neuralink", texts=False),
+                          file=sys.stderr)
     return 0
 
 

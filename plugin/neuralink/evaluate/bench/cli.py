@@ -80,7 +80,9 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
                              "prompt lookup drafts neuralink.Llama decides on; neuralink-nodraft: the same without "
                              "drafts; neuralink-draft: with drafts of --draft-tokens always; runner: the native "
                              "runner neuralink-run (--runner) with its defaults, one process per prompt; "
-                             "runner-nodraft: the same with --prompt-lookup 0; to compare them side by side")
+                             "runner-nodraft: the same with --prompt-lookup 0; runner-stock: stock llama.cpp in the same "
+                             "binary (--stock-ffn on --stock-model), the runner variants' baseline; to compare them "
+                             "side by side")
     parser.add_argument("--prompts-from", type=Path, default=SHARED_TEXT,
                         help=f"text to take prompts from (default: {SHARED_TEXT}; built-in prompts if absent)")
     parser.add_argument("--prompts", type=positive_int, default=3, help="number of prompts (default: 3)")

@@ -161,7 +161,7 @@ def _runner_result(variant: str, cap: str, budget: int | None, settings: E2eSett
     """A neuralink-run variant: the prompts one process each, in `group`, from cold storage."""
     from neuralink import _engine
 
-    for path in (settings.model, settings.sidecar):
+    for path in (settings.stock_model,) if variant == "runner-stock" else (settings.model, settings.sidecar):
         _engine.evict_from_page_cache(str(path))
     result = run_native(variant, settings, json.loads(prompts_file.read_text()), budget,
                         group.path if group is not None else None)
@@ -222,11 +222,16 @@ def format_table(results: list[RunResult]) -> str:
     def fmt(v: float | None, spec: str) -> str:
         return "—" if v is None else format(v, spec)
 
-    # one line per cap and neuralink variant, each against the same stock runs
+    # one line per cap and neuralink variant, each against the same stock runs: the runner's against stock
+    # llama.cpp in the same binary where that ran (runner-stock), the others against stock llama-cpp-python
+    baselines = ("stock", "runner-stock")
     lines_of = [(cap, rows, name) for cap, rows in by_cap.items()
-                for name in ([v for v in rows if v != "stock"] or ["neuralink"])]
+                for name in ([v for v in rows if v not in baselines] or ["neuralink"])]
     for cap, rows, name in lines_of:
-        stock, nl = rows.get("stock"), rows.get(name)
+        native = name in RUNNER_VARIANTS and "runner-stock" in rows
+        stock, nl = rows.get("runner-stock" if native else "stock"), rows.get(name)
+        if native:
+            name = f"{name} against runner-stock"
         if name != "neuralink":
             cap = f"{cap} ({name})"
         s_tok = stock.median("tok_s") if stock else None

@@ -3,7 +3,9 @@
 Each prompt is one run of the runner binary (``scripts/build_aarch64.sh native`` builds it for this machine),
 started inside the cell's memory cgroup with ``--memory-budget`` as neuralink.Llama gets it; the figures come from
 the report it prints to stderr. ``runner`` runs its defaults (prompt lookup drafts where they pay),
-``runner-nodraft`` passes ``--prompt-lookup 0``.
+``runner-nodraft`` passes ``--prompt-lookup 0``, and ``runner-stock`` is stock llama.cpp in the same binary
+(``--stock-ffn`` on the stock model: the FFNs from llama.cpp's mapped weights, no engine, no budget), the native
+baseline the runner variants are compared with: the same process around llama.cpp, no interpreter in either.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from neuralink.evaluate.bench.e2e import E2eSettings
 
-RUNNER_VARIANTS = ("runner", "runner-nodraft")
+RUNNER_VARIANTS = ("runner", "runner-nodraft", "runner-stock")
 
-_PHASE = re.compile(r"^(prompt|generation) +(\d+) tokens +([0-9.]+) s")
+_PHASE = re.compile(r"^(prompt|generation) +(\d+) tokens +([0-9.]+) s +([0-9.]+) tok/s")
 _COUNTERS = re.compile(r"^ +reads/token ([0-9.]+) +bytes/token ([0-9.]+) KiB .*cache hits ([0-9.]+)%")
 _STALL = re.compile(r"^ +I/O [0-9.]+ ms/token +I/O stall ([0-9.]+) ms/token")
 _DRAFTS = re.compile(r"^drafts .*: (\d+) verifications, (\d+) of (\d+) proposed tokens confirmed")
@@ -34,7 +36,10 @@ def parse_report(stderr: str) -> dict[str, Any]:
     for line in stderr.splitlines():
         if m := _PHASE.match(line):
             phase = m.group(1)
-            out[f"{phase}_tokens"], out[f"{phase}_s"] = int(m.group(2)), float(m.group(3))
+            tokens, seconds, rate = int(m.group(2)), float(m.group(3)), float(m.group(4))
+            # the seconds are printed to the millisecond, the rate from the exact time: a tiny model's few tokens
+            # take less than a printed millisecond
+            out[f"{phase}_tokens"], out[f"{phase}_s"] = tokens, tokens / rate if rate > 0 else seconds
         elif phase == "generation" and (m := _COUNTERS.match(line)):
             out["reads_per_token"] = float(m.group(1))
             out["bytes_per_token"] = float(m.group(2)) * 1024
@@ -60,9 +65,12 @@ def runner_command(variant: str, settings: E2eSettings, prompt: str, budget: int
     """neuralink-run's command line for one prompt of `variant`: `settings.tokens` decoded after the first token."""
     if settings.runner is None:
         raise ValueError(f"variant {variant} needs --runner (scripts/build_aarch64.sh native builds it)")
-    command = [str(settings.runner), "-m", str(settings.model), "--sidecar", str(settings.sidecar), "-p", prompt,
-               "-n", str(settings.tokens + 1), "-t", str(settings.threads), "-c", str(settings.n_ctx),
-               "-b", str(settings.n_batch), "--ignore-eos", "--cache-policy", settings.cache_policy]
+    common = ["-p", prompt, "-n", str(settings.tokens + 1), "-t", str(settings.threads), "-c", str(settings.n_ctx),
+              "-b", str(settings.n_batch), "--ignore-eos"]
+    if variant == "runner-stock":
+        return [str(settings.runner), "-m", str(settings.stock_model), *common, "--stock-ffn"]
+    command = [str(settings.runner), "-m", str(settings.model), "--sidecar", str(settings.sidecar), *common,
+               "--cache-policy", settings.cache_policy]
     if budget is not None:
         command += ["--memory-budget", str(budget)]
     if settings.predictor:
@@ -123,3 +131,17 @@ def run_native(variant: str, settings: E2eSettings, prompts: list[str], budget: 
             result[key] = sum(r.get(key, 0) for r in reports)
     return result
 
+
+
+_MINIMUM = re.compile(r"is below the minimum ([0-9.]+) MiB")
+
+
+def runner_minimum(settings: E2eSettings) -> int:
+    """The smallest memory budget (bytes) neuralink-run accepts for `settings`' model, context and batch: what it
+    names when refusing a budget of 1 MiB (it loads the model to measure its floor). ValueError when it does not."""
+    command = runner_command("runner", settings, "Hello", 1 << 20)
+    done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=settings.timeout)
+    found = _MINIMUM.search(done.stderr)
+    if done.returncode == 0 or found is None:
+        raise ValueError(f"neuralink-run named no minimum budget for {settings.model}: {_last_message(done.stderr)}")
+    return int(float(found.group(1)) * 2**20)
