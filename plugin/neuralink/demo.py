@@ -231,8 +231,8 @@ def compare_with_stock(original: Path, converted: Path, prompt: str, max_tokens:
 
 
 def native_cap(minimum: int) -> str:
-    """The smallest cap, in whole MB, whose budget (as `bench e2e` derives it from a cap) is NATIVE_CAP_MARGIN
-    times neuralink-run's `minimum` budget (bytes)."""
+    """The smallest cap, in whole MB, whose budget (as `bench e2e` derives it from a cap) is at least
+    NATIVE_CAP_MARGIN times neuralink-run's `minimum` budget (bytes)."""
     wanted = minimum * NATIVE_CAP_MARGIN
     mb = math.ceil(wanted / 1e6)
     while budget_for_cap(mb * 10**6, E2eSettings.budget_fraction) < wanted:

@@ -132,7 +132,6 @@ def run_native(variant: str, settings: E2eSettings, prompts: list[str], budget: 
     return result
 
 
-
 _MINIMUM = re.compile(r"is below the minimum ([0-9.]+) MiB")
 
 
