@@ -60,6 +60,19 @@ def test_logits_all_with_a_draft_is_llama_cpp_python_s_own_path(converted_model)
         llm.close()
 
 
+def test_logprobs_with_a_draft_and_no_logits_all_name_what_to_pass(converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    llm = neuralink.Llama(str(model), n_ctx=256, verbose=False,
+                          draft_model=LlamaPromptLookupDecoding(num_pred_tokens=3))
+    try:
+        # stock turns logits_all on for a draft; neuralink keeps the sampled rows only, and says what to do
+        with pytest.raises(ValueError, match=r"logprobs needs logits_all=True when completions verify drafts"):
+            llm(PROMPT, max_tokens=4, temperature=0.0, logprobs=2)
+        assert llm(PROMPT, max_tokens=4, temperature=0.0)["choices"][0]["text"]
+    finally:
+        llm.close()
+
+
 def test_a_draft_is_cut_to_the_rows_the_context_holds() -> None:
     class Long(LlamaPromptLookupDecoding):
         def __call__(self, input_ids, /, **kwargs):

@@ -36,7 +36,7 @@ from neuralink.runtime.draft import (
     verification_rows,
 )
 from neuralink.runtime.ffn_report import FfnReporting
-from neuralink.runtime.hook import FfnHookApi, ffn_hook_api
+from neuralink.runtime.hook import FfnHookApi, detach_before_free, ffn_hook_api
 from neuralink.runtime.llama_params import outputs_per_micro_batch, without_weight_repacking
 from neuralink.runtime.memory_budget import (
     MemoryPlan,
@@ -121,7 +121,8 @@ class Llama(FfnReporting, llama_cpp.Llama):
         with the minimum named. Overrides cache_bytes. Under a budget n_batch
         defaults to 64 instead of llama-cpp-python's 512, whose micro-batches
         of 512 rows need ~65 MiB more (Qwen2.5-Coder-1.5B: minimum 722
-        against 657 MiB), memory the bundle cache would otherwise get.
+        against 657 MiB), memory the bundle cache would otherwise get; not
+        with embedding=True, where n_batch bounds the text an embedding takes.
     direct_io:
         read weights and bundles with O_DIRECT, around the page cache (falls
         back to buffered reads where the filesystem refuses).
@@ -195,7 +196,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
         io_backend: str = "auto",
         collapse_gap: int | None = None,
         adaptive_collapse: bool = False,
-        memory_budget: str | int | None = None,
+        memory_budget: str | int | float | None = None,
         direct_io: bool = True,
         thresholds: Sequence[float] | None = None,
         predictor_thresholds: Sequence[float] | None = None,
@@ -278,8 +279,8 @@ class Llama(FfnReporting, llama_cpp.Llama):
 
         if memory_budget is not None and budget is not None:
             warn_if_near_cgroup_limit(model_path, budget)
-        if memory_budget is not None and "n_batch" not in kwargs:
-            kwargs["n_batch"] = BUDGET_N_BATCH
+        if memory_budget is not None and "n_batch" not in kwargs and not kwargs.get("embedding"):
+            kwargs["n_batch"] = BUDGET_N_BATCH  # (an embedding's whole input must fit one batch: not then)
         kv_overrides = dict(kwargs.pop("kv_overrides", None) or {})
         kv_overrides[LAZY_FFN_WEIGHTS_KEY] = True
         # llama.cpp reports its KV, output and compute buffers in its log; attaching re-reserves the latter
@@ -309,7 +310,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
             self._logits_all = False
             self.scores = np.ndarray((self.n_batch, self._n_vocab), dtype=np.single)
         self._hook_api, self._engine = api, engine
-        self._stack.callback(self._detach_engine)
+        self._stack.callback(detach_before_free, api, self._ctx, weakref.ref(self))
         if budget is not None:
             if self.verbose:
                 print("".join(log), end="", file=sys.stderr)
@@ -443,12 +444,12 @@ class Llama(FfnReporting, llama_cpp.Llama):
         return self._engine
 
     def eval(self, tokens: Sequence[int]) -> None:
+        engine = self.engine  # (closed: a clear error, where llama.cpp would be handed a freed context)
         n_before, start = self.n_tokens, time.perf_counter()
         if self._verification_rows:
             eval_with_sampled_rows(self, tokens, self._verification_rows)
         else:
             super().eval(tokens)
-        engine = self.engine
         self._stats.append(engine.take_stats())
         if len(tokens) == 1 and self._stats[-1].size:  # a decoded token: the share of it spent waiting for reads
             self._stall.observe(float(self._stats[-1]["stall_ns"].sum()) * 1e-9, time.perf_counter() - start)
@@ -463,6 +464,13 @@ class Llama(FfnReporting, llama_cpp.Llama):
             if numeric:  # the engine names the layer; say which model
                 raise EngineNumericError(f"{self.model_path}: {error}")
             raise EngineIOError(error)
+
+    def create_completion(self, prompt: Any, *args: Any, **kwargs: Any) -> Any:
+        self.engine  # noqa: B018 (closed: a clear error, where llama-cpp-python would use the freed context)
+        if kwargs.get("logprobs") is not None and self._verification_rows:  # (stock would blame logits_all=False)
+            raise ValueError("logprobs needs logits_all=True when completions verify drafts (draft_model= or "
+                             "prompt_lookup=): without it only the logits of the rows sampled are kept")
+        return super().create_completion(prompt, *args, **kwargs)
 
     @contextlib.contextmanager
     def stock_ffn(self) -> Iterator[None]:
@@ -482,12 +490,6 @@ class Llama(FfnReporting, llama_cpp.Llama):
         """Free the model, the context and the engine, and give the memory back to the system."""
         super().close()
         release_free_heap()
-
-    def _detach_engine(self) -> None:
-        # runs before the context is freed (the exit stack unwinds in reverse order)
-        if self._hook_api is not None and self._engine is not None:
-            self._hook_api.detach(self._ctx.ctx)
-        self._engine = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -71,8 +71,11 @@ def automatic_budget() -> tuple[int, str] | None:
     return _engine.automatic_budget(resident_bytes())
 
 
-def memory_budget_bytes(value: str | int) -> int:
-    """Bytes of a memory budget ("160MB", "1.5GiB" or an int); MemoryBudgetError when it cannot be read."""
+def memory_budget_bytes(value: str | int | float) -> int:
+    """Bytes of a memory budget ("160MB", "1.5GiB", an int, or a float that is a whole number, such as 180e6);
+    MemoryBudgetError when it cannot be read."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     try:
         return parse_size(value, "memory size")
     except SizeError as e:

@@ -1,0 +1,94 @@
+"""A neuralink.Llama lives and dies as a llama_cpp.Llama does: freed when its last reference goes, collected in
+any order with what it holds, refusing use after close() with an error rather than a crash."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import neuralink
+from neuralink.errors import MemoryBudgetError
+from neuralink.runtime.memory_budget import memory_budget_bytes
+
+
+def _run(script: str, model: Path) -> subprocess.CompletedProcess[str]:
+    """`script` in a fresh interpreter (a crash must not take the test run with it), MODEL bound to `model`."""
+    code = f"import gc, weakref, neuralink\nMODEL = {str(model)!r}\n" + textwrap.dedent(script)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("budget", [None, "2GB"])
+def test_the_last_reference_frees_the_model_at_once(converted_model, budget: str | None) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    done = _run(f"""
+        gc.disable()  # reference counting alone, as for a stock llama_cpp.Llama
+        llm = neuralink.Llama(MODEL, n_ctx=128, verbose=False, memory_budget={budget!r})
+        llm("the quick brown fox", max_tokens=4)
+        alive = weakref.ref(llm)
+        del llm
+        assert alive() is None, "still alive after its last reference went: a reference cycle"
+        print("freed")
+    """, model)
+    assert done.returncode == 0 and "freed" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_model_in_a_reference_cycle_is_collected_in_any_order(converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    # the collector finalizes a cycle's objects in its own order: llama-cpp-python's context may be freed before
+    # the Llama detaches the hook from it (a detach from the freed context ended the process with SIGSEGV);
+    # first that order, forced, then cycles left to the collector
+    done = _run("""
+        llm = neuralink.Llama(MODEL, n_ctx=128, verbose=False)
+        llm("the quick brown fox", max_tokens=2)
+        llm._ctx.close()
+        llm.close()
+        for _ in range(3):
+            llm = neuralink.Llama(MODEL, n_ctx=128, verbose=False)
+            llm("the quick brown fox", max_tokens=2)
+            llm.me = llm
+            del llm
+            assert gc.collect() > 0
+        print("collected")
+    """, model)
+    assert done.returncode == 0 and "collected" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+def test_using_a_closed_model_is_an_error_not_a_crash(converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    done = _run("""
+        llm = neuralink.Llama(MODEL, n_ctx=128, verbose=False)
+        tokens = llm.tokenize(b"the quick brown fox")
+        llm.close()
+        llm.close()  # twice: nothing more to do
+        try:
+            llm.create_completion(tokens, max_tokens=4)
+        except RuntimeError as e:
+            print("refused:", e)
+    """, model)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "refused: this Llama is closed" in done.stdout
+
+
+def test_embeddings_under_a_budget_take_their_whole_text(converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    # under a budget n_batch defaults to 64 to leave room for the cache, but an embedding's whole input must fit
+    # one batch: llama-cpp-python would cut it to 64 tokens without a word
+    llm = neuralink.Llama(str(model), n_ctx=256, verbose=False, embedding=True, memory_budget="2GB")
+    try:
+        text = "the quick brown fox jumps over the lazy dog . " * 10
+        n_tokens = len(llm.tokenize(text.encode()))
+        assert n_tokens > 64
+        assert llm.n_batch == 256  # llama-cpp-python's 512, bounded by n_ctx
+        assert len(llm.embed(text)) == n_tokens
+    finally:
+        llm.close()
+
+
+def test_a_whole_number_float_budget_is_read_as_bytes() -> None:
+    assert memory_budget_bytes(180e6) == 180_000_000
+    with pytest.raises(MemoryBudgetError, match="cannot read memory size"):
+        memory_budget_bytes(1.5)
