@@ -3,6 +3,7 @@ any order with what it holds, refusing use after close() with an error rather th
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -92,3 +93,20 @@ def test_a_whole_number_float_budget_is_read_as_bytes() -> None:
     assert memory_budget_bytes(180e6) == 180_000_000
     with pytest.raises(MemoryBudgetError, match="cannot read memory size"):
         memory_budget_bytes(1.5)
+
+
+def test_a_refused_budget_says_what_the_process_already_held(converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    # e.g. `llm = neuralink.Llama(...)` again in a notebook: the first model is still alive while the second loads
+    done = _run("""
+        from neuralink.errors import MemoryBudgetError
+        first = neuralink.Llama(MODEL, n_ctx=128, verbose=False)
+        held = bytearray(160 << 20)  # and whatever else the process holds
+        try:
+            neuralink.Llama(MODEL, n_ctx=128, verbose=False, memory_budget="150MB")
+        except MemoryBudgetError as e:
+            print(e)
+    """, model)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"this process held [0-9.]+ MiB before the model, and all of it counts: another model it "
+                     r"still holds \(close\(\) it", done.stdout), done.stdout[-2000:]

@@ -41,6 +41,8 @@ CGROUP_HEADROOM = 24 << 20
 # what neuralink-run holds before the model (its plan's process line on x86-64: 7.0 MiB) against the interpreter's
 # ~46 MiB with numpy and llama-cpp-python: where only that differs, a refused budget names the runner
 RUNNER_PROCESS = 8 << 20
+# twice what the interpreter holds with numpy and llama-cpp-python: beyond it a refused budget says what else counts
+PROCESS_HINT = 96 << 20
 
 
 def budget_near_cgroup_limit(budget: int) -> int | None:
@@ -165,6 +167,9 @@ def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | Non
     if all_logits:
         fix += (f"; the process counts {all_logits / 2**20:.1f} MiB of every position's logits (logits_all), which "
                 "only logprobs need: without logits_all they are not kept")
+    if plan.process > PROCESS_HINT:
+        fix += (f"; this process held {plan.process / 2**20:.1f} MiB before the model, and all of it counts: another "
+                "model it still holds (close() it, or drop its last reference, first) or other data")
     if lowest - plan.process + RUNNER_PROCESS <= plan.budget:
         fix += (f"; or run it with neuralink-run (`bash scripts/build_aarch64.sh native` builds it), which holds "
                 f"~{RUNNER_PROCESS >> 20} MiB before the model where this Python process held "
