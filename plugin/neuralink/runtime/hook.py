@@ -7,7 +7,6 @@ llama-cpp-python loads libllama with ctypes; the patched build exports
 from __future__ import annotations
 
 import ctypes
-import weakref
 from typing import Any
 
 import llama_cpp
@@ -74,16 +73,13 @@ class FfnHookApi:
         self._set(ctx, None)
 
 
-def detach_before_free(api: FfnHookApi, context: Any, owner: weakref.ref) -> None:
+def detach_before_free(api: FfnHookApi, context: Any) -> None:
     """A Llama's first step when it closes: clear the hook of `context` (llama-cpp-python's LlamaContext) while the
-    context still exists, then drop the owner's engine. Holds the Llama only weakly: a bound method on its own exit
-    stack would make a reference cycle, which only the garbage collector frees, finalizing the context and the
-    Llama in any order (a detach after the context had been freed ended the process)."""
+    context still exists. A callback that holds no Llama: a bound method on the Llama's own exit stack would make a
+    reference cycle, which only the garbage collector frees, finalizing the context and the Llama in any order (a
+    detach after the context had been freed ended the process)."""
     if context.ctx is not None:
         api.detach(context.ctx)
-    llm = owner()
-    if llm is not None:
-        llm._engine = None
 
 
 def ffn_hook_api(expected_version: int) -> FfnHookApi:

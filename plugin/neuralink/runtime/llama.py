@@ -119,10 +119,9 @@ class Llama(FfnReporting, llama_cpp.Llama):
         sidecar, everything resident is accounted (see neuralink.runtime.memory_budget) and
         the bundle cache gets the rest; a budget below the minimum is refused
         with the minimum named. Overrides cache_bytes. Under a budget n_batch
-        defaults to 64 instead of llama-cpp-python's 512, whose micro-batches
-        of 512 rows need ~65 MiB more (Qwen2.5-Coder-1.5B: minimum 722
-        against 657 MiB), memory the bundle cache would otherwise get; not
-        with embedding=True, where n_batch bounds the text an embedding takes.
+        defaults to 64 (not with embedding=True, whose text must fit one
+        batch) instead of llama-cpp-python's 512, whose micro-batches need
+        ~65 MiB more on Qwen2.5-Coder-1.5B, memory the cache would get.
     direct_io:
         read weights and bundles with O_DIRECT, around the page cache (falls
         back to buffered reads where the filesystem refuses).
@@ -310,7 +309,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
             self._logits_all = False
             self.scores = np.ndarray((self.n_batch, self._n_vocab), dtype=np.single)
         self._hook_api, self._engine = api, engine
-        self._stack.callback(detach_before_free, api, self._ctx, weakref.ref(self))
+        self._stack.callback(detach_before_free, api, self._ctx)
         if budget is not None:
             if self.verbose:
                 print("".join(log), end="", file=sys.stderr)
@@ -488,7 +487,8 @@ class Llama(FfnReporting, llama_cpp.Llama):
 
     def close(self) -> None:
         """Free the model, the context and the engine, and give the memory back to the system."""
-        super().close()
+        super().close()  # (the hook detached first)
+        self._engine = None
         release_free_heap()
 
     def __getstate__(self) -> dict[str, Any]:
