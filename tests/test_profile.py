@@ -283,3 +283,65 @@ def test_quantile_tables_follow_the_density_rule_at_every_point() -> None:
     one_sort = density_thresholds(values, densities)
     assert [float(v) for v in one_sort] == [density_threshold(values, d) for d in densities]
     assert np.all(np.diff(one_sort) <= 0)  # denser: lower thresholds
+
+
+def test_ctrl_c_during_a_decode_stops_the_work(smollm2_path: Path) -> None:
+    # SIGINT lands while llama.cpp computes; Python runs its handler at the eval callback's first bytecode, where a
+    # KeyboardInterrupt would be lost at the C boundary ("Exception ignored on calling ctypes callback function")
+    # and profiling would go on to write its output
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal, threading, time
+        import numpy as np
+        from neuralink.profile.activations import ActivationReader
+        with ActivationReader({str(smollm2_path)!r}, window=512, threads=2) as reader:
+            tokens = np.resize(reader.tokenize("It was a bright cold day in April. " * 40), 500)
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            start = time.monotonic()
+            try:
+                while time.monotonic() - start < 5:
+                    reader.evaluate(tokens, lambda name: name == "ffn_up", lambda *rows: None)
+                print("finished")
+            except KeyboardInterrupt:
+                print("interrupted")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "interrupted" and "Exception ignored" not in done.stderr, (done.stdout, done.stderr[-2000:])
+
+
+def test_no_command_writes_its_output_over_one_of_its_inputs(models: dict[str, Path], texts: dict[str, Path],
+                                                             tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "model.gguf"
+    model.write_bytes(models["llama"].read_bytes())
+    text = tmp_path / "calibration.txt"
+    text.write_text(texts["calibration"].read_text())
+    stats = tmp_path / "stats.npz"
+    assert cli_main(["profile", "--model", str(model), "-o", str(stats), "--window", "128", str(text)]) == 0
+    placement = tmp_path / "placement.npz"
+    assert cli_main(["place", "--model", str(model), "-o", str(placement), str(stats)]) == 0
+    capsys.readouterr()
+    before = {path: path.read_bytes() for path in (model, text, stats, placement)}
+    cases = [
+        (["profile", "--model", str(model), "-o", str(model), "--window", "128", str(text)], "is the model"),
+        (["profile", "--model", str(model), "-o", str(text), "--window", "128", str(text)],
+         "is the calibration text 1"),
+        (["place", "--model", str(model), "-o", str(model), str(stats)], "is the model"),
+        (["place", "--model", str(model), "-o", str(stats), str(stats)], "is the stats file"),
+        (["plot", "-o", str(stats), str(stats)], "is the stats file"),
+        (["plot", "-o", str(placement), "--placement", str(placement), str(stats)], "is the placement file"),
+        (["convert", str(model), "--calibration", str(text), "-o", str(text)], "is the calibration text 1"),
+        (["convert", str(model), "--calibration", str(text), "-o", str(tmp_path / "c.gguf"),
+          "--save-placement", str(model)], "is the input model"),
+        (["convert", str(model), "--placement", str(placement), "-o", str(tmp_path / "c.gguf"),
+          "--sidecar", str(placement)], "is the placement"),
+    ]
+    for argv, said in cases:
+        assert cli_main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert said in err and "an input is never overwritten" in err, (argv, err)
+    assert {path: path.read_bytes() for path in before} == before
+    assert not (tmp_path / "c.gguf").exists()

@@ -45,7 +45,7 @@ from neuralink.formats.ffn_tensors import (
     choose_down_type,
     inspect_ffn_model,
 )
-from neuralink.formats.files import file_sha256, temporary_path
+from neuralink.formats.files import file_sha256, same_file, temporary_path
 from neuralink.formats.placement import Placement
 from neuralink.formats.sidecar_records import sidecar_model_id
 
@@ -98,10 +98,6 @@ def check_writable(path: Path) -> None:
         raise ModelFileError(f"{path}: cannot write the output there: {e.strerror or e}") from None
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    return a.exists() and b.exists() and os.path.samefile(a, b)
-
-
 def _check_placement(placement: Placement, where: str, model: FfnModel, sha256: str) -> None:
     placement.validate(where)
     sizes = {len(order) for order in placement.orders}
@@ -142,7 +138,7 @@ def check_model_and_outputs(
     output = Path(output) if output is not None else default_output_paths(model_path)[0]
     sidecar = Path(sidecar) if sidecar is not None else _sidecar_for(output)
     for path in (output, sidecar):
-        if path.resolve() == model_path.resolve() or _same_file(path, model_path):
+        if same_file(path, model_path):
             raise ModelFileError(f"{path}: is the input model; the input is never overwritten")
     if output.resolve() == sidecar.resolve():
         raise ModelFileError(f"{output}: the converted model and the sidecar need different file names")

@@ -69,9 +69,10 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.stats is None or (args.output is None and args.evaluate is None):
         raise PlacementError("give STATS and --output and/or --evaluate (or --timing-layer N_FF)")
-    output = check_output_path(args.output) if args.output is not None else None
-    stats = CoactivationStats.load(args.stats, with_masks=False)
     model = args.model or default_model_path()
+    output = check_output_path(args.output, {"model": model, "stats file": args.stats,
+                                             "held-out stats file": args.evaluate}) if args.output is not None else None
+    stats = CoactivationStats.load(args.stats, with_masks=False)
     check_model_matches(stats, model, str(args.stats))
     if args.bundle_bytes:
         bundle_bytes = [args.bundle_bytes] * stats.n_layer
@@ -119,7 +120,7 @@ def configure_plot_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def plot_main(args: argparse.Namespace) -> int:
-    output = check_output_path(args.output)
+    output = check_output_path(args.output, {"stats file": args.stats, "placement file": args.placement})
     path = plot_coactivation(args.stats, output, layer=args.layer, placement=args.placement, method=args.method,
                              neurons=args.neurons or None, first=args.first)
     print(path)

@@ -16,8 +16,11 @@ import contextlib
 import ctypes
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from llama_cpp import llama_cpp as bindings
@@ -86,6 +89,35 @@ def _llama_log_level() -> Iterator[None]:
         llama_logger.setLevel(saved)
 
 
+class _DeferredInterrupt:
+    """Around a llama_decode whose eval callback runs Python: Ctrl-C sets `pending` instead of raising. Raised at
+    any bytecode of the callback (even before its try), KeyboardInterrupt would be lost at the C boundary ("Exception
+    ignored on calling ctypes callback function") and the work would go on; the callback stops the graph at its
+    next tensor instead, and leaving the block raises KeyboardInterrupt. Only in the main thread, and only where
+    SIGINT has Python's default handler."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._previous: Any = None
+
+    def _note(self, _signum: int, _frame: object) -> None:
+        self.pending = True
+
+    def __enter__(self) -> None:
+        self.pending = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._note)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
 class ActivationReader(contextlib.AbstractContextManager["ActivationReader"]):
     """One model loaded in llama.cpp with an eval callback, decoding windows of up to `window` tokens.
 
@@ -107,6 +139,7 @@ class ActivationReader(contextlib.AbstractContextManager["ActivationReader"]):
         self._n_rows = 0
         self._error: BaseException | None = None
         # the callback object must outlive the context that calls it
+        self._interrupt = _DeferredInterrupt()
         self._callback = bindings.ggml_backend_sched_eval_callback(self._on_eval)
         try:
             self._open(threads or os.cpu_count() or 1)
@@ -195,7 +228,8 @@ class ActivationReader(contextlib.AbstractContextManager["ActivationReader"]):
         self._wanted, self._consume = wanted, consume
         self._skip_rows, self._n_rows, self._error = len(prefix), n, None
         try:
-            status = bindings.llama_decode(self._ctx, self._batch)
+            with self._interrupt:
+                status = bindings.llama_decode(self._ctx, self._batch)
         finally:
             self._wanted, self._consume = (lambda _name: False), None
         if self._error is not None:
@@ -213,6 +247,8 @@ class ActivationReader(contextlib.AbstractContextManager["ActivationReader"]):
     def _on_eval(self, tensor: int, ask: bool, _user_data: int | None) -> bool:
         # an exception cannot cross the C boundary: keep the first, stop the graph, rethrow after decode
         try:
+            if self._interrupt.pending and not ask:
+                return False  # Ctrl-C: the graph stops here, and the decode's caller gets KeyboardInterrupt
             name = (_ggml_get_name(tensor) or b"").decode()
             base, _, layer = name.rpartition("-")
             if ask:

@@ -53,7 +53,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm  # deferred: progress bars are the CLI's, loaded when one is shown
     model = args.model or default_model_path()
-    output = check_output_path(args.output)  # before minutes of profiling, not after
+    output = check_output_path(args.output, {  # before minutes of profiling, not after
+        "model": model, "thresholds file": args.thresholds_from,
+        **{f"calibration text {i + 1}": text for i, text in enumerate(args.texts)}})
     with tqdm(total=0, unit="tok", desc="profile", file=sys.stderr, disable=None) as bar:
         def show(done: int, total: int) -> None:
             bar.total = total
