@@ -226,3 +226,13 @@ def test_parse_size() -> None:
     for bad in ("0", "x", "4T", "-4K"):
         with pytest.raises(Exception, match="not a positive size"):
             size_argument(bad)
+
+
+def test_a_probe_file_a_killed_run_left_is_removed_by_the_next(tmp_path: Path) -> None:
+    # a process that no longer exists (pid_max is at most 2**22) left its 256 MiB probe file behind
+    left = tmp_path / ".neuralink-device-probe.4194999.0a1b2c3d.tmp"
+    left.write_bytes(b"x" * 4096)
+    running = tmp_path / f".neuralink-device-probe.{os.getppid()}.0a1b2c3d.tmp"  # a live process's: kept
+    running.write_bytes(b"x")
+    device.measure_device(tmp_path, **TINY)
+    assert probe_files(tmp_path) == [running]

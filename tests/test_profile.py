@@ -345,3 +345,21 @@ def test_no_command_writes_its_output_over_one_of_its_inputs(models: dict[str, P
         assert said in err and "an input is never overwritten" in err, (argv, err)
     assert {path: path.read_bytes() for path in before} == before
     assert not (tmp_path / "c.gguf").exists()
+
+
+def test_a_model_whose_ffn_computes_nan_is_refused_by_layer(models: dict[str, Path], texts: dict[str, Path],
+                                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "nan.gguf"
+    broken.write_bytes(models["llama"].read_bytes())
+    (gate,) = [t for t in gguf.GGUFReader(models["llama"]).tensors if t.name == "blk.1.ffn_gate.weight"]
+    assert gate.tensor_type == gguf.GGMLQuantizationType.F32
+    with open(broken, "r+b") as f:  # one row of layer 1's gate rows: NaN
+        f.seek(gate.data_offset)
+        f.write(np.full(N_EMBD, np.nan, dtype=np.float32).tobytes())
+    output = tmp_path / "stats.npz"
+    for criterion in ("contribution", "gate_magnitude"):
+        code = run_profile_cli(str(texts["calibration"]), "-o", str(output), "--model", str(broken), "--window",
+                               str(WINDOW), "--criterion", criterion)
+        err = capsys.readouterr().err
+        assert code == 1 and f"{broken}: layer 1: the FFN's activations on the calibration text hold NaN" in err, err
+        assert not output.exists()

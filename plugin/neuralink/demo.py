@@ -338,6 +338,8 @@ def main(args: argparse.Namespace) -> int:
     png = check_output_path(args.png) if args.png is not None else None
     if png is not None and (args.dense or not args.compare):
         raise OptionError("--png draws the side-by-side run: it needs neither --dense nor --no-compare")
+    if not args.prompt:
+        raise OptionError("--prompt is empty: give text to continue")
     if args.runner is not None and not args.runner.is_file():
         raise OptionError(f"--runner {args.runner}: no such file (scripts/build_aarch64.sh native builds neuralink-run)")
     if args.native_cap != "auto":

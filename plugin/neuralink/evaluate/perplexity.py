@@ -30,7 +30,8 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from neuralink.errors import ModelFileError, OptionError
+from neuralink.errors import OptionError
+from neuralink.profile.activations import check_gguf_file
 from neuralink.runtime.scoring import scoring_windows, window_nll
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,7 @@ def perplexity(
     ModelFileError for a missing model and ValueError when the text has fewer
     than 2 tokens.
     """
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise ModelFileError(f"{model_path}: no such model file")
+    model_path = check_gguf_file(model_path)  # a directory, a missing file or another format named as such
     stride = stride if stride is not None else max(1, n_ctx // 2)
     llm = llama_factory(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                         n_threads=n_threads, verbose=False, **llama_kwargs)

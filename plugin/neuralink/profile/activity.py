@@ -43,7 +43,7 @@ from neuralink.formats.coactivation import CoactivationStats, Criterion, Selecti
 from neuralink.formats.files import file_sha256
 from neuralink.profile.contribution import PilotScores, candidate_scale, down_column_norms
 from neuralink.profile.text import calibration_documents, split_windows
-from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_threshold
+from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, check_finite, density_threshold
 
 if TYPE_CHECKING:
     from neuralink.profile.activations import ActivationReader
@@ -216,7 +216,7 @@ def magnitude_thresholds(
         progress(len(tokens))
     thresholds = np.empty(reader.n_layer, dtype=np.float32)
     for layer, parts in samples.items():
-        thresholds[layer] = density_threshold(np.concatenate(parts), density)
+        thresholds[layer] = density_threshold(check_finite(np.concatenate(parts), layer), density)
     return thresholds
 
 
@@ -311,15 +311,18 @@ def profile_model(
             if progress is not None:
                 progress(done, total)
 
-        if pilot and contribution:
-            scores = PilotScores(reader.n_layer, n_ff, down_norms, sum(map(len, pilot)))
-            for tokens in pilot:
-                reader.evaluate(tokens, _GATE_AND_UP.__contains__,
-                                _paired(lambda layer, g, u: scores.add(layer, activation.activate(g), u)))
-                advance(len(tokens))
-            selection, thresholds = scores.selection(density)
-        elif pilot:
-            thresholds = magnitude_thresholds(reader, pilot, activation, density, progress=advance)
+        try:
+            if pilot and contribution:
+                scores = PilotScores(reader.n_layer, n_ff, down_norms, sum(map(len, pilot)))
+                for tokens in pilot:
+                    reader.evaluate(tokens, _GATE_AND_UP.__contains__,
+                                    _paired(lambda layer, g, u: scores.add(layer, activation.activate(g), u)))
+                    advance(len(tokens))
+                selection, thresholds = scores.selection(density)
+            elif pilot:
+                thresholds = magnitude_thresholds(reader, pilot, activation, density, progress=advance)
+        except ProfileError as e:  # (non-finite activations: say which model)
+            raise ProfileError(f"{model_path}: {e}") from None
 
         masks = [np.zeros((n_tokens, math.ceil(n_ff / 8)), dtype=np.uint8) for _ in range(reader.n_layer)]
         counts = np.zeros((reader.n_layer, n_ff), dtype=np.int64)

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from neuralink.formats.coactivation import QUANTILE_POINTS, SelectionStats
-from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, density_thresholds
+from neuralink.profile.thresholds import MAX_THRESHOLD_SAMPLES, check_finite, density_thresholds
 
 # up rows are read for this much more of the neurons than the final density keeps (candidates =
 # final + margin): measured on Qwen2.5-Coder-1.5B and SmolLM2 (docs/benchmarks.md), where a smaller
@@ -81,8 +81,8 @@ class PilotScores:
         for il in range(n_layer):
             scale = up_mean[il] * self.down_norms[il]
             candidate = np.concatenate(self.gate_samples[il]) * scale[np.concatenate(self.index_samples[il])]
-            quantiles[il, 0] = quantile_table(np.concatenate(self.final_samples[il]))
-            quantiles[il, 1] = quantile_table(candidate)
+            quantiles[il, 0] = quantile_table(check_finite(np.concatenate(self.final_samples[il]), il))
+            quantiles[il, 1] = quantile_table(check_finite(candidate, il))
         stats = SelectionStats(score_quantiles=quantiles, up_mean_abs=up_mean,
                                candidate_counts=np.zeros((n_layer, self.n_ff), dtype=np.int64),
                                candidate_thresholds=np.zeros(n_layer, dtype=np.float32))

@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from neuralink.errors import ProfileError
+
 # scores kept per layer to place a density threshold (the rest are sampled): the density it gives is within ~0.001
 MAX_THRESHOLD_SAMPLES = 1 << 21
 
@@ -21,6 +23,16 @@ MAX_THRESHOLD_SAMPLES = 1 << 21
 def _density_rank(n: int, density: float) -> int:
     # the ceil((1 - density) n)-th smallest of n values, as a 0-based rank
     return min(max(math.ceil((1.0 - density) * n) - 1, 0), n - 1)
+
+
+def check_finite(values: np.ndarray, layer: int) -> np.ndarray:
+    """`values` (a layer's sampled activity scores) when all are finite; ProfileError otherwise: llama.cpp computed
+    NaN or Inf in that layer's FFN, so the model's weights are damaged (and any threshold would be meaningless)."""
+    if not np.isfinite(values).all():
+        raise ProfileError(f"layer {layer}: the FFN's activations on the calibration text hold NaN or Inf "
+                           f"({np.count_nonzero(~np.isfinite(values))} of {values.size} sampled values): the model's "
+                           "weights give non-finite values there")
+    return values
 
 
 def density_threshold(values: np.ndarray, density: float) -> float:

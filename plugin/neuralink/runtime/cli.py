@@ -134,6 +134,8 @@ def serve_main(args: argparse.Namespace) -> int:
     if not Path(args.model).is_file():
         raise OptionError(f"{args.model}: no such model file")
     server = parse_model_from_args(ServerSettings, args)
+    if not 0 <= server.port <= 65535:
+        raise OptionError(f"--port {server.port}: expected 0 to 65535")
     options = NeuralinkOptions(sidecar=args.sidecar, predictor=args.predictor, memory_budget=args.memory_budget,
                                cache_policy=args.cache_policy, queue_depth=args.queue_depth,
                                io_backend=args.io_backend, direct_io=not args.buffered_io)

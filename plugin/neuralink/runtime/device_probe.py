@@ -16,7 +16,6 @@ import contextlib
 import datetime
 import logging
 import os
-import secrets
 import stat
 import statistics
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +26,7 @@ import numpy as np
 
 from neuralink import _engine
 from neuralink.errors import DeviceProfileError
-from neuralink.formats.files import temporary_path
+from neuralink.formats.files import remove_stale_temporaries, temporary_path
 from neuralink.formats.sizes import MiB, format_size
 from neuralink.paths import cache_dir
 from neuralink.runtime.device_profile import (
@@ -100,6 +99,9 @@ def device_identity(path: str | os.PathLike[str]) -> DeviceIdentity:
     return DeviceIdentity(**fields)
 
 
+PROBE_NAME = "neuralink-device-probe"
+
+
 @contextlib.contextmanager
 def _probe_target(path: Path, probe_bytes: int) -> Iterator[tuple[Path, bool]]:
     """The file to read: `path` itself if it is a file of at least probe_bytes, else a temporary one beside it."""
@@ -110,7 +112,10 @@ def _probe_target(path: Path, probe_bytes: int) -> Iterator[tuple[Path, bool]]:
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         raise DeviceProfileError(f"{path}: not a regular file or a directory")
     directory = path if stat.S_ISDIR(st.st_mode) else path.parent
-    probe = directory / f".neuralink-device-probe.{os.getpid()}.{secrets.token_hex(4)}"
+    # a temporary's name (``.neuralink-device-probe.<pid>.<random>.tmp``): one a killed probe left is removed here
+    for stale in remove_stale_temporaries(directory / PROBE_NAME):
+        logger.info("removed %s, a probe file a killed run left", stale)
+    probe = temporary_path(directory / PROBE_NAME)
     try:
         logger.info("writing a %g MiB probe file %s", probe_bytes / MiB, probe)
         try:

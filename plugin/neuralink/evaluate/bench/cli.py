@@ -43,6 +43,7 @@ from neuralink.formats.bundle_layout import BUNDLE_PARTS
 from neuralink.formats.ffn_tensors import DOWN_ENCODINGS
 from neuralink.formats.files import atomic_output, check_output_path, write_text
 from neuralink.formats.sizes import format_size
+from neuralink.profile.activations import check_gguf_file
 from neuralink.profile.activity import GATED_CRITERIA
 from neuralink.runtime.default_model import default_model_path
 from neuralink.runtime.sidecar_lookup import find_sidecar
@@ -56,8 +57,11 @@ def configure_dense_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def dense_main(args: argparse.Namespace) -> int:
-    model = args.model or default_model_path()
-    rows = run_dense_benchmark(model, args.tokens, args.runs, args.threads)
+    model = check_gguf_file(args.model or default_model_path())
+    try:
+        rows = run_dense_benchmark(model, args.tokens, args.runs, args.threads)
+    except ValueError as e:  # llama-cpp-python's "Failed to load model from file" (a truncated GGUF)
+        raise ModelFileError(f"{model}: {e}") from None
     print(f"model: {model}\n{len(PROMPTS)} prompts x {args.runs} runs, {args.tokens} decoded tokens each, median\n")
     print(dense_table(rows))
     return 0
@@ -129,6 +133,9 @@ def _write_density_thresholds(args: argparse.Namespace, sidecar: Path, path: Pat
 
 
 def e2e_main(args: argparse.Namespace) -> int:
+    # refuse bad outputs before the runs, not after
+    json_path = check_output_path(args.json) if args.json is not None else None
+    png_path = check_output_path(args.png) if args.png is not None else None
     if not 0 <= args.ttft_tokens < args.n_ctx:
         raise OptionError(f"--ttft-tokens {args.ttft_tokens}: expected 0 (skip) up to --n-ctx - 1 ({args.n_ctx - 1})")
     if set(args.variants) & set(RUNNER_VARIANTS):
@@ -154,10 +161,10 @@ def e2e_main(args: argparse.Namespace) -> int:
             draft_tokens=args.draft_tokens, runner=args.runner)
         results = run_e2e(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(e2e_table(results))
-    if args.json:
-        write_text(args.json, json.dumps([vars(r) for r in results], indent=1, default=str))
-    if args.png:
-        plot(results, args.png)
+    if json_path is not None:
+        write_text(json_path, json.dumps([vars(r) for r in results], indent=1, default=str))
+    if png_path is not None:
+        plot(results, png_path)
     crashed = [r for r in results if r.crashed]
     for r in crashed:
         print(f"neuralink bench e2e: error: {r.note}", file=sys.stderr)
