@@ -31,7 +31,7 @@ from neuralink.convert.writer import ConversionResult, run_conversion
 from neuralink.errors import OptionError
 from neuralink.formats.bundle_layout import BUNDLE_LAYOUTS, BUNDLE_PARTS
 from neuralink.formats.ffn_tensors import ACTIVATIONS, DOWN_ENCODINGS
-from neuralink.formats.files import check_output_path
+from neuralink.formats.files import check_not_input
 from neuralink.formats.ggml_types import ggml_type_name
 from neuralink.place.orders import DEFAULT_METHOD, METHODS
 from neuralink.profile.activity import DEFAULT_CRITERION, GATED_CRITERIA
@@ -175,9 +175,9 @@ def main(args: argparse.Namespace) -> int:
               **{f"calibration text {i + 1}": text for i, text in enumerate(args.calibration or ())}}
     for output in (args.output, args.sidecar):
         if output is not None:
-            check_output_path(output, inputs)
+            check_not_input(output, inputs)
     if args.save_placement is not None:
-        check_output_path(args.save_placement, {**inputs, "converted model": args.output, "sidecar": args.sidecar})
+        check_not_input(args.save_placement, {**inputs, "converted model": args.output, "sidecar": args.sidecar})
     try:
         if args.calibration is None:
             conversion = plan_conversion(args.model, args.placement, args.output, args.sidecar,

@@ -153,14 +153,19 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
-def check_output_path(path: str | os.PathLike[str],
-                      inputs: Mapping[str, str | os.PathLike[str] | None] | None = None) -> Path:
-    """`path` if a file can be created there and it is none of `inputs` (what each is: its path, None for one not
-    given); OutputPathError naming what is wrong otherwise."""
-    path = Path(path)
-    for what, given in (inputs or {}).items():
+def check_not_input(path: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str] | None]) -> None:
+    """OutputPathError when the output `path` is one of `inputs` (what each is: its path, None for one not given)."""
+    for what, given in inputs.items():
         if given is not None and same_file(path, given):
             raise OutputPathError(f"{path}: is the {what}; an input is never overwritten (choose another output)")
+
+
+def check_output_path(path: str | os.PathLike[str],
+                      inputs: Mapping[str, str | os.PathLike[str] | None] | None = None) -> Path:
+    """`path` if a file can be created there and it is none of `inputs` (check_not_input); OutputPathError naming
+    what is wrong otherwise."""
+    path = Path(path)
+    check_not_input(path, inputs or {})
     if path.is_dir():
         raise OutputPathError(f"{path}: is a directory, expected a file name for the output")
     if not path.parent.is_dir():
@@ -171,7 +176,7 @@ def check_output_path(path: str | os.PathLike[str],
 
 
 __all__ = [
-    "OutputPathError", "atomic_gguf", "atomic_output", "check_output_path", "commit_pair", "conversion_journal",
-    "file_sha256", "recover_pair", "remove_stale_temporaries", "same_file", "save_npz", "temporary_path",
-    "write_text",
+    "OutputPathError", "atomic_gguf", "atomic_output", "check_not_input", "check_output_path", "commit_pair",
+    "conversion_journal", "file_sha256", "recover_pair", "remove_stale_temporaries", "same_file", "save_npz",
+    "temporary_path", "write_text",
 ]
