@@ -133,7 +133,7 @@ def check_model_and_outputs(
     if model.converted and not force:
         raise ModelFileError(
             f"{model_path}: already converted by neuralink (model id {model.directory.get(KEY_MODEL_ID)!r}); "
-            "convert the original model, or force it"
+            "convert the original model, or force it (--force, force=True)"
         )
     output = Path(output) if output is not None else default_output_paths(model_path)[0]
     sidecar = Path(sidecar) if sidecar is not None else _sidecar_for(output)
