@@ -13,6 +13,7 @@ import pytest
 from neuralink.cli import main as cli_main
 from neuralink.errors import ModelFileError, ProfileError
 from neuralink.formats.coactivation import CoactivationStats
+from neuralink.formats.placement import Placement
 from neuralink.models.synthetic import write_synthetic_model
 from neuralink.profile.activations import ActivationReader
 from neuralink.profile.activity import profile_model
@@ -176,9 +177,14 @@ def test_stats_file_round_trip(models: dict[str, Path], texts: dict[str, Path], 
     assert light.masks is None and light.n_tokens == 300
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     (tmp_path / "truncated.npz").write_bytes((tmp_path / "stats.npz").read_bytes()[:5000])
-    for bad in ("other.npz", "truncated.npz"):
+    (tmp_path / "text.npz").write_text("a text file, not an archive")
+    for bad in ("other.npz", "truncated.npz", "text.npz"):
         with pytest.raises(ModelFileError, match=f"{bad}: not a neuralink co-activation stats file"):
             CoactivationStats.load(tmp_path / bad)
+    with pytest.raises(ModelFileError, match=r"text.npz: not a neuralink placement file \(not an .npz archive"):
+        Placement.load(tmp_path / "text.npz")
+    with pytest.raises(ModelFileError, match=r"missing.npz: no such neuralink co-activation stats file"):
+        CoactivationStats.load(tmp_path / "missing.npz")
 
 
 def test_documents_and_windows(tmp_path: Path) -> None:

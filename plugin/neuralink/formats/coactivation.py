@@ -19,7 +19,7 @@ from typing import Literal, get_args
 import numpy as np
 
 from neuralink.errors import ModelFileError
-from neuralink.formats.files import save_npz
+from neuralink.formats.files import check_npz_file, save_npz
 
 COACTIVATION_FORMAT_VERSION = 1
 COACTIVATION_KIND = "neuralink.formats.coactivation"
@@ -192,6 +192,7 @@ class CoactivationStats:
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, with_masks: bool = True) -> CoactivationStats:
         """Read a stats file; without masks (`with_masks=False`) only counts and thresholds load."""
+        check_npz_file(path, "neuralink co-activation stats file")
         try:
             with np.load(path, allow_pickle=False) as z:
                 _check_header(z, path)

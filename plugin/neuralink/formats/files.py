@@ -20,7 +20,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from neuralink.errors import OutputPathError
+from neuralink.errors import ModelFileError, OutputPathError
 
 
 def temporary_path(path: str | os.PathLike[str]) -> Path:
@@ -147,6 +147,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def check_npz_file(path: str | os.PathLike[str], what: str) -> None:
+    """ModelFileError naming `path` when it is not a file, or not a zip archive (what numpy's .npz files are): said
+    plainly, before numpy guesses at another format (a text file read as a pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such {what}")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    if magic != b"PK\x03\x04":
+        raise ModelFileError(f"{path}: not a {what} (not an .npz archive: it starts with {magic!r})")
+
+
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     """Whether two paths name one file (the same resolved path, or one file under two names)."""
     a, b = Path(a), Path(b)
@@ -176,7 +191,7 @@ def check_output_path(path: str | os.PathLike[str],
 
 
 __all__ = [
-    "OutputPathError", "atomic_gguf", "atomic_output", "check_not_input", "check_output_path", "commit_pair",
-    "conversion_journal", "file_sha256", "recover_pair", "remove_stale_temporaries", "same_file", "save_npz",
-    "temporary_path", "write_text",
+    "OutputPathError", "atomic_gguf", "atomic_output", "check_not_input", "check_npz_file", "check_output_path",
+    "commit_pair", "conversion_journal", "file_sha256", "recover_pair", "remove_stale_temporaries", "same_file",
+    "save_npz", "temporary_path", "write_text",
 ]

@@ -14,7 +14,7 @@ import numpy as np
 
 from neuralink.errors import ModelFileError
 from neuralink.formats.coactivation import SelectionStats
-from neuralink.formats.files import save_npz
+from neuralink.formats.files import check_npz_file, save_npz
 
 # 2: the contribution criterion's selection tables, when the profile has them
 PLACEMENT_FORMAT_VERSION = 2
@@ -84,6 +84,7 @@ class Placement:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Placement:
         """Read a placement file; ModelFileError naming the file when it is not one."""
+        check_npz_file(path, "neuralink placement file")
         try:
             with np.load(path, allow_pickle=False) as z:
                 version = int(z["format_version"])
