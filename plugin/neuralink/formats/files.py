@@ -147,19 +147,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def check_npz_file(path: str | os.PathLike[str], what: str) -> None:
-    """ModelFileError naming `path` when it is not a file, or not a zip archive (what numpy's .npz files are): said
-    plainly, before numpy guesses at another format (a text file read as a pickle)."""
+def check_file_magic(path: str | os.PathLike[str], magic: bytes, what: str, kind: str) -> Path:
+    """`path` as a Path if it is a readable file starting with `magic`; ModelFileError naming it otherwise (`what`
+    the file is for, `kind` the format the magic stands for), before a reader guesses at another format."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such {what}")
     try:
         with open(path, "rb") as f:
-            magic = f.read(4)
+            head = f.read(len(magic))
     except OSError as e:
         raise ModelFileError(f"{path}: cannot read the {what} ({e.strerror})") from None
-    if magic != b"PK\x03\x04":
-        raise ModelFileError(f"{path}: not a {what} (not an .npz archive: it starts with {magic!r})")
+    if head != magic:
+        raise ModelFileError(f"{path}: not a {kind} (starts with {head!r}, expected {magic!r})")
+    return path
+
+
+def check_npz_file(path: str | os.PathLike[str], what: str) -> None:
+    """check_file_magic for numpy's .npz files (zip archives): a text file had been read as a pickle."""
+    check_file_magic(path, b"PK\x03\x04", what, f"{what} (.npz archive)")
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
@@ -191,7 +197,7 @@ def check_output_path(path: str | os.PathLike[str],
 
 
 __all__ = [
-    "OutputPathError", "atomic_gguf", "atomic_output", "check_not_input", "check_npz_file", "check_output_path",
-    "commit_pair", "conversion_journal", "file_sha256", "recover_pair", "remove_stale_temporaries", "same_file",
-    "save_npz", "temporary_path", "write_text",
+    "OutputPathError", "atomic_gguf", "atomic_output", "check_file_magic", "check_not_input", "check_npz_file",
+    "check_output_path", "commit_pair", "conversion_journal", "file_sha256", "recover_pair",
+    "remove_stale_temporaries", "same_file", "save_npz", "temporary_path", "write_text",
 ]

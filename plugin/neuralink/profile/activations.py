@@ -26,6 +26,7 @@ import numpy as np
 from llama_cpp import llama_cpp as bindings
 
 from neuralink.errors import ModelFileError, NeuralinkError, OptionError, UnsupportedModelError
+from neuralink.formats.files import check_file_magic
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +65,7 @@ _ggml_is_contiguous = _ggml_function("ggml_is_contiguous", ctypes.c_bool, ctypes
 
 def check_gguf_file(path: str | os.PathLike[str]) -> Path:
     """`path` as a Path if it is a readable file starting with the GGUF magic; ModelFileError otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot read the model file ({e.strerror})") from None
-    if magic != GGUF_MAGIC:
-        raise ModelFileError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
-    return path
+    return check_file_magic(path, GGUF_MAGIC, "model file", "GGUF file")
 
 
 @contextlib.contextmanager
