@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from neuralink import _engine
 from neuralink.command import Command, positive_float, positive_int, size_argument
 from neuralink.errors import OptionError
 from neuralink.formats.files import check_output_path
@@ -103,7 +104,7 @@ def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
                     help="gate, lowrank, dense or oracle (default: the one the conversion validated)")
     nl.add_argument("--memory-budget", type=size_argument, default=None, metavar="SIZE",
                     help="the whole process's memory, e.g. 800MB or 1GiB (kB/MB/GB decimal, K/M/G binary)")
-    nl.add_argument("--cache-policy", default="auto",
+    nl.add_argument("--cache-policy", default="auto", choices=("auto", *_engine.cache_policy_names()),
                     help="bundle cache policy: auto (the whole store when it fits, else stream when collapsed reads "
                          "would cover the layers anyway, else pinned), none, lru, s3fifo, linking, pinned, stream "
                          "(every layer's records read whole, ahead of the layer; no cache) (default: auto)")
