@@ -93,10 +93,10 @@ def main(args: argparse.Namespace) -> int:
         try:
             results.append(perplexity(model, text, n_ctx=args.n_ctx, stride=args.stride,
                                       max_tokens=args.max_tokens, n_threads=args.n_threads))
-        except NeuralinkError:
-            raise  # names the file already
+        except ModelFileError:
+            raise  # names the model already
         except ValueError as e:  # bad window settings or too short a text
-            raise NeuralinkError(f"{model}: {e}") from None
+            raise NeuralinkError(f"{model} on {args.text}: {e}") from None
     print_table(results)
     return 0
 
