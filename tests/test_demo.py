@@ -113,7 +113,8 @@ def test_demo_runs_stock_llama_cpp_and_neuralink_natively_where_memory_is_short(
     wanted = max(minimum * 1.02, minimum + (2 << 20))
     # (the minimum is printed to 0.1 MiB; the cap rounds up to a whole MB)
     assert wanted - 0.1 * 2**20 <= budget_for_cap(cap, 0.95) < wanted + 10**6 + 0.1 * 2**20
-    native = result.stderr[result.stderr.index("natively (neuralink-run), stock llama.cpp and neuralink"):]
+    native = result.stderr[result.stderr.index("natively (neuralink-run, one token at a time in both), stock "
+                                               "llama.cpp and neuralink"):]
     speeds = re.search(r"decode tok/s +([0-9.]+) +([0-9.]+)", native)
     assert speeds and float(speeds.group(1)) > 0 and float(speeds.group(2)) > 0, native
 

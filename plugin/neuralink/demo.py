@@ -20,9 +20,10 @@ The main job of `bash scripts/setup.sh run`. On the embedded default model
      side: decode speed, peak memory, what neuralink read, and both texts
      (--no-compare skips it);
   5. with --runner (neuralink-run; `bash scripts/setup.sh run` builds and
-     passes it), the same natively, no interpreter in either process: stock
-     llama.cpp (`neuralink-run --stock-ffn` on the original GGUF) against
-     neuralink-run, under the smallest cap neuralink-run accepts for the
+     passes it), the same natively, no interpreter in either process and
+     one token at a time in both: stock llama.cpp (`neuralink-run
+     --stock-ffn` on the original GGUF) against neuralink-run
+     (`--prompt-lookup 0`), under the smallest cap neuralink-run accepts for the
      model (--native-cap auto): where the model no longer fits beside
      llama.cpp's process, which is what neuralink is for.
 
@@ -245,11 +246,12 @@ def native_cap(minimum: int) -> str:
 def compare_native(original: Path, converted: Path, prompt: str, max_tokens: int, cap: str, threads: int | None,
                    runner: Path, predictor: str | None) -> tuple[list[RunResult], list[str], str]:
     """Stock llama.cpp (`neuralink-run --stock-ffn` on `original`) and neuralink-run on `converted`, each in a fresh
-    process under `cap` ("auto": the smallest neuralink-run accepts, see native_cap): the runs, notes, the cap."""
+    process under `cap` ("auto": the smallest neuralink-run accepts, see native_cap), one token at a time in both
+    (no prompt lookup drafts: stock could draft too): the runs, notes, the cap."""
     sidecar = find_sidecar(converted)
     assert sidecar is not None
     settings = E2eSettings(model=converted, sidecar=sidecar, stock_model=original, caps=(cap,),
-                           variants=("runner-stock", "runner"), prompt_texts=(prompt,), tokens=max_tokens, runs=1,
+                           variants=("runner-stock", "runner-nodraft"), prompt_texts=(prompt,), tokens=max_tokens, runs=1,
                            threads=threads or max(1, (os.cpu_count() or 2) // 2), predictor=predictor, runner=runner)
     if cap == "auto":
         minimum = runner_minimum(settings)
@@ -387,8 +389,9 @@ def main(args: argparse.Namespace) -> int:
                 except ValueError as e:  # the runner named no minimum: say why, the demo itself is done
                     print(f"\n(no native side by side: {e})", file=sys.stderr)
                 else:
-                    print(side_by_side(results, cap, notes, "runner-stock", "runner",
-                                       "natively (neuralink-run), stock llama.cpp and neuralink", texts=False),
+                    print(side_by_side(results, cap, notes, "runner-stock", "runner-nodraft",
+                                       "natively (neuralink-run, one token at a time in both), stock llama.cpp and "
+                                       "neuralink", texts=False),
                           file=sys.stderr)
     return 0
 
