@@ -70,3 +70,13 @@ def test_densities_run_against_the_same_stock_pass_with_a_summary(synthetic_mode
     missing = subprocess.run([sys.executable, "-m", "neuralink", "bench", "agreement", str(converted), str(converted),
                               "--densities", "0.5"], capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "--densities needs --calibration" in missing.stderr
+
+
+def test_a_converted_model_is_compared_with_its_own_original_only(synthetic_model: ModelFactory,
+                                                                  converted_model) -> None:
+    converted, _ = converted_model("llama", "q8_0")
+    other = synthetic_model("qwen2", "f16")  # stock text of another model would read as a broken conversion
+    done = subprocess.run([sys.executable, "-m", "neuralink", "bench", "agreement", str(other), str(converted)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and f"{other}: is not the model {converted} was converted from" in done.stderr, \
+        done.stderr[-2000:]

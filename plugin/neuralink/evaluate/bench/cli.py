@@ -40,8 +40,10 @@ from neuralink.evaluate.bench.io_inputs import (
 from neuralink.evaluate.bench.io_variants import CACHE_RULES, VARIANTS, plot_results
 from neuralink.evaluate.density_sweep import density_thresholds, parse_densities
 from neuralink.formats.bundle_layout import BUNDLE_PARTS
+from neuralink.formats.constants import KEY_SOURCE_SHA256
 from neuralink.formats.ffn_tensors import DOWN_ENCODINGS
-from neuralink.formats.files import atomic_output, check_output_path, write_text
+from neuralink.formats.files import atomic_output, check_output_path, file_sha256, write_text
+from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.sizes import format_size
 from neuralink.profile.activations import check_gguf_file
 from neuralink.profile.activity import GATED_CRITERIA
@@ -320,13 +322,19 @@ def agreement_main(args: argparse.Namespace) -> int:
 
     for path in (args.original, args.converted):
         need_file(path, "model")
+    if args.densities and not args.calibration:
+        raise NeuralinkError("--densities needs --calibration TEXT (the text the model was converted from)")
+    # agreement with another model's stock text would look like a broken conversion: a converted model's pair is
+    # checked (an unconverted one runs the dense engine on the weights given)
+    recorded = read_gguf_directory(args.converted).get(KEY_SOURCE_SHA256)
+    if recorded is not None and file_sha256(args.original) != recorded:
+        raise ModelFileError(f"{args.original}: is not the model {args.converted} was converted from "
+                             f"(sha256 {recorded[:12]}… recorded there)")
     base: dict = {"cache_bytes": args.cache_bytes}
     if args.predictor:
         base["predictor"] = args.predictor
     variants = {"default": base}
     if args.densities:
-        if not args.calibration:
-            raise NeuralinkError("--densities needs --calibration TEXT (the text the model was converted from)")
         sidecar = find_sidecar(args.converted)
         if sidecar is None:
             raise ModelFileError(f"{args.converted}: names no sidecar beside it")
