@@ -42,6 +42,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -220,17 +221,28 @@ def describe(stats: DemoStats) -> str:
     return "\n".join(lines)
 
 
+def _pair_settings(original: Path, converted: Path, prompt: str, max_tokens: int, cap: str, threads: int | None,
+                   predictor: str | None, **variant: Any) -> E2eSettings:
+    """`bench e2e`'s settings for one run of the demo's prompt under `cap`, stock on `original`, neuralink on
+    `converted` (`variant`: the variants and the runner, where not the Python pair)."""
+    sidecar = find_sidecar(converted)
+    assert sidecar is not None
+    return E2eSettings(model=converted, sidecar=sidecar, stock_model=original, caps=(cap,), prompt_texts=(prompt,),
+                       tokens=max_tokens, runs=1, threads=threads or max(1, (os.cpu_count() or 2) // 2),
+                       predictor=predictor, **variant)
+
+
+def _run_pair(settings: E2eSettings) -> tuple[list[RunResult], list[str]]:
+    """The runs, and notes (e.g. that no memory cap could be set)."""
+    notes: list[str] = []
+    return run_e2e(settings, progress=notes.append), [n for n in notes if n.startswith("no memory caps")]
+
+
 def compare_with_stock(original: Path, converted: Path, prompt: str, max_tokens: int, cap: str,
                        threads: int | None, predictor: str | None) -> tuple[list[RunResult], list[str]]:
     """Stock llama-cpp-python on `original` and neuralink on `converted`, each in a fresh process under `cap`;
     the runs, and notes (e.g. that no memory cap could be set)."""
-    sidecar = find_sidecar(converted)
-    assert sidecar is not None
-    settings = E2eSettings(model=converted, sidecar=sidecar, stock_model=original, caps=(cap,), prompt_texts=(prompt,),
-                           tokens=max_tokens, runs=1, threads=threads or max(1, (os.cpu_count() or 2) // 2),
-                           predictor=predictor)
-    notes: list[str] = []
-    return run_e2e(settings, progress=notes.append), [n for n in notes if n.startswith("no memory caps")]
+    return _run_pair(_pair_settings(original, converted, prompt, max_tokens, cap, threads, predictor))
 
 
 def native_cap(minimum: int) -> str:
@@ -248,19 +260,15 @@ def compare_native(original: Path, converted: Path, prompt: str, max_tokens: int
     """Stock llama.cpp (`neuralink-run --stock-ffn` on `original`) and neuralink-run on `converted`, each in a fresh
     process under `cap` ("auto": the smallest neuralink-run accepts, see native_cap), one token at a time in both
     (no prompt lookup drafts: stock could draft too): the runs, notes, the cap."""
-    sidecar = find_sidecar(converted)
-    assert sidecar is not None
-    settings = E2eSettings(model=converted, sidecar=sidecar, stock_model=original, caps=(cap,),
-                           variants=("runner-stock", "runner-nodraft"), prompt_texts=(prompt,), tokens=max_tokens, runs=1,
-                           threads=threads or max(1, (os.cpu_count() or 2) // 2), predictor=predictor, runner=runner)
+    settings = _pair_settings(original, converted, prompt, max_tokens, cap, threads, predictor,
+                              variants=("runner-stock", "runner-nodraft"), runner=runner)
     if cap == "auto":
         minimum = runner_minimum(settings)
         cap = native_cap(minimum)
         print(f"\nneuralink-run needs a budget of {minimum / 2**20:.1f} MiB for this model at least: the native "
               f"side by side runs under a {cap} cap", file=sys.stderr)
         settings = replace(settings, caps=(cap,))
-    notes: list[str] = []
-    return run_e2e(settings, progress=notes.append), [n for n in notes if n.startswith("no memory caps")], cap
+    return (*_run_pair(settings), cap)
 
 
 def side_by_side(results: list[RunResult], cap: str, notes: list[str], baseline: str = "stock",
