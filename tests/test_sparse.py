@@ -538,9 +538,12 @@ def test_the_auto_cache_policy_keeps_the_whole_store_or_pins_the_hottest_records
     chosen.close()
 
 
-def test_streamed_gate_rows_leave_dram_and_change_no_output(converted_model) -> None:
+@pytest.mark.parametrize("predictor", ["gate", "dense"])
+def test_streamed_gate_rows_leave_dram_and_change_no_output(converted_model, predictor: str) -> None:
+    # the gate predictor is done with the rows after its prediction, the dense one computes the gate products
+    # with the up products later: one buffer serves both, released after the last use
     model, sidecar = converted_model("llama", "q8_0", n_layer=4)
-    options = dict(sidecar=str(sidecar), predictor="gate", cache_policy="none")
+    options = dict(sidecar=str(sidecar), predictor=predictor, cache_policy="none")
     resident, streamed = _engine.Engine(str(model), **options), _engine.Engine(str(model), **options)
     gate_layer = 512 * (256 // 32 * 34)  # n_ff rows of n_embd in q8_0 (34-byte blocks of 32)
     streamed.stream_gate_rows(3)
@@ -598,9 +601,11 @@ def test_a_budget_below_the_resident_gate_rows_streams_the_fewest_layers(convert
     assert _engine.gate_layers_to_stream(plan, engine) == -1  # nothing fits a budget of 0
     at = lambda budget: _engine.plan_memory(engine, budget, 0, [], 2, 1, 256, 0)  # noqa: E731
     assert _engine.gate_layers_to_stream(at(plan.minimum), engine) == 0
-    # two read buffers of a layer each, paid back by the third streamed layer
-    assert _engine.gate_layers_to_stream(at(plan.minimum - 1), engine) == 3
-    assert _engine.gate_layers_to_stream(at(plan.minimum - 3 * gate_layer), engine) == 6
+    # one read buffer of a layer's rows and 8 KiB (released after each prediction), paid back by the second
+    # streamed layer
+    buffer = gate_layer + 8192
+    assert _engine.gate_layers_to_stream(at(plan.minimum - 1), engine) == 2
+    assert _engine.gate_layers_to_stream(at(plan.minimum - 3 * gate_layer), engine) == 5
     assert _engine.gate_layers_to_stream(at(plan.minimum - 7 * gate_layer), engine) == -1
     # under cache policy auto, where every region read whole pays, as many more as leave room for the region
     # stream's two buffers (which replace the one layer of read scratch the minimum counts)
@@ -608,15 +613,15 @@ def test_a_budget_below_the_resident_gate_rows_streams_the_fewest_layers(convert
     assert room > 0 and engine.auto_cache_policy(engine.stream_buffer_bytes) == "stream"
     streams = lambda budget: _engine.gate_layers_to_stream(at(budget), engine, room_for_region_stream=True)  # noqa: E731
     assert streams(plan.minimum + room) == 0
-    # fits as it is, but without the room: the layers that pay for the gate rows' two buffers and the room
-    assert streams(plan.minimum) == math.ceil((2 * (gate_layer + 8192) + room) / gate_layer)
-    assert streams(plan.minimum - 3 * gate_layer) == math.ceil((2 * (gate_layer + 8192) + room) / gate_layer) + 3
+    # fits as it is, but without the room: the layers that pay for the gate rows' buffer and the room
+    assert streams(plan.minimum) == math.ceil((buffer + room) / gate_layer)
+    assert streams(plan.minimum - 3 * gate_layer) == math.ceil((buffer + room) / gate_layer) + 3
     # where the room cannot be made, the fewest that fit
-    all_streamed = plan.minimum - 8 * gate_layer + 2 * (gate_layer + 8192)
+    all_streamed = plan.minimum - 8 * gate_layer + buffer
     assert streams(all_streamed + room - 1) == 8 - (room - 1) // gate_layer
-    # what a refusal names: the minimum with every layer's rows streamed (two buffers of a layer and 8 KiB)
+    # what a refusal names: the minimum with every layer's rows streamed (one buffer of a layer and 8 KiB)
     lowest = _engine.minimum_with_gate_rows_streamed(plan, engine)
-    assert lowest == plan.minimum - 8 * gate_layer + 2 * (gate_layer + 8192)
+    assert lowest == plan.minimum - 8 * gate_layer + buffer
     # through neuralink.Llama: a budget the resident rows miss by two layers' worth is accepted, same outputs.
     # Each load in a fresh process, so that both measure the same process memory; no cache, so that both read,
     # and batch, the same records

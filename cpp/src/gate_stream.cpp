@@ -19,7 +19,8 @@ static std::vector<FileRange> streamed_ranges(const std::vector<GateRange> & lay
 GateStream::GateStream(std::shared_ptr<const DirectFile> file, std::vector<GateRange> layers, FaultPlan * faults,
                        IoBackend backend)
     : file_(std::move(file)) {
-    stream_ = std::make_unique<RegionStream>(*file_, streamed_ranges(layers, item_of_), faults, backend);
+    stream_ = std::make_unique<RegionStream>(*file_, streamed_ranges(layers, item_of_), faults, backend,
+                                             kStreamChunkBytes, kGateStreamBuffers);
 }
 
 const uint8_t * GateStream::acquire(int il) {
@@ -27,11 +28,19 @@ const uint8_t * GateStream::acquire(int il) {
         throw std::invalid_argument("layer " + std::to_string(il) + "'s gate rows are not streamed");
     }
     const int k = item_of_[(size_t) il];
-    // done with the layer before: its buffer takes the next streamed layer
+    // the layer before not released (its evaluation failed part way): its buffer takes the next streamed layer
     if (held_ >= 0 && held_ != k) stream_->release((size_t) held_);
     held_ = k;
     stream_->prepare((size_t) k, 1);
     return stream_->wait((size_t) k);
+}
+
+void GateStream::release(int il) {
+    if (!streams(il) || held_ != item_of_[(size_t) il]) {
+        return;
+    }
+    stream_->release((size_t) held_);
+    held_ = -1;
 }
 
 } // namespace neuralink

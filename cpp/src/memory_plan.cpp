@@ -1,6 +1,7 @@
 #include "neuralink/memory_plan.h"
 
 #include "neuralink/column_axpy.h"
+#include "neuralink/defaults.h"
 #include "neuralink/engine.h"
 #include "neuralink/residency.h"
 #include "neuralink/row_gemm.h"
@@ -261,7 +262,7 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     return p;
 }
 
-// the largest resident gate layer's rows and the blocks a direct read adds around them: one GateStream buffer
+// the largest resident gate layer's rows and the blocks a direct read adds around them: a GateStream buffer
 static uint64_t gate_buffer_bytes(const SparseFfn & sparse, const std::vector<int> & layers) {
     uint64_t largest = 0;
     for (int il : layers) {
@@ -291,7 +292,7 @@ int gate_layers_to_stream(const MemoryPlan & plan, const Engine & engine, bool r
         return plan.budget >= plan.minimum() ? 0 : -1;
     }
     const std::vector<int> resident = engine.resident_gate_layers();
-    uint64_t minimum = plan.minimum() + 2 * gate_buffer_bytes(*sparse, resident);
+    uint64_t minimum = plan.minimum() + kGateStreamBuffers * gate_buffer_bytes(*sparse, resident);
     int fits = plan.budget >= plan.minimum() ? 0 : -1;
     for (size_t k = 0; k < resident.size(); ++k) {
         const WeightMatrix & g = sparse->layer(resident[k]).gate;
@@ -314,7 +315,7 @@ uint64_t minimum_with_gate_rows_streamed(const MemoryPlan & plan, const Engine &
     const std::vector<int> resident = engine.resident_gate_layers();
     uint64_t gate = 0;
     for (int il : resident) gate += sparse->layer(il).gate.row_bytes * (uint64_t) sparse->layer(il).gate.rows;
-    const uint64_t streamed = plan.minimum() + 2 * gate_buffer_bytes(*sparse, resident) - gate;
+    const uint64_t streamed = plan.minimum() + kGateStreamBuffers * gate_buffer_bytes(*sparse, resident) - gate;
     return std::min(plan.minimum(), streamed);
 }
 

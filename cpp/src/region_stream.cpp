@@ -19,10 +19,13 @@ size_t RegionStream::span_bytes(const FileRange & r) {
 }
 
 RegionStream::RegionStream(const DirectFile & file, std::vector<FileRange> items, FaultPlan * faults,
-                           IoBackend backend, uint64_t chunk_bytes)
+                           IoBackend backend, uint64_t chunk_bytes, size_t n_buffers)
     : file_(file), items_(std::move(items)), chunk_bytes_(std::max<uint64_t>(align_up(chunk_bytes, kDirectAlign),
                                                                             kDirectAlign)),
-      read_ns_(items_.size(), 0) {
+      n_slots_(n_buffers), read_ns_(items_.size(), 0) {
+    if (n_buffers < 1 || n_buffers > 2) {
+        throw std::invalid_argument(file_.path() + ": a stream has 1 or 2 buffers, not " + std::to_string(n_buffers));
+    }
     if (items_.empty()) {
         throw std::invalid_argument(file_.path() + ": no regions to stream");
     }
@@ -37,11 +40,11 @@ RegionStream::RegionStream(const DirectFile & file, std::vector<FileRange> items
         largest = std::max(largest, span_bytes(r));
     }
     FaultPlan & plan = faults ? *faults : own_faults_;
-    // both buffers' chunks in flight at once
+    // every buffer's chunks in flight at once
     const size_t chunks = (largest + chunk_bytes_ - 1) / chunk_bytes_;
     std::string why;
     if (backend != IoBackend::Pread && uring_available(&why)) {
-        queue_ = make_uring_queue(file_, (unsigned) std::min<size_t>(2 * chunks, 256), plan, &why);
+        queue_ = make_uring_queue(file_, (unsigned) std::min<size_t>(n_slots_ * chunks, 256), plan, &why);
     }
     if (queue_) {
         backend_ = IoBackend::Uring;
@@ -53,15 +56,19 @@ RegionStream::RegionStream(const DirectFile & file, std::vector<FileRange> items
                                          &plan);
         queue_ = make_pool_queue(*pool_);
     }
-    for (Slot & s : slots_) {
+    for (size_t i = 0; i < n_slots_; ++i) {
+        Slot & s = slots_[i];
         s.buf = AlignedBuffer(largest, largest >= kHugePage ? kHugePage : kDirectAlign);
         advise_huge_pages(s.buf);
         while (s.chunks.size() < chunks) s.chunks.push_back(std::make_unique<PendingRead>());
     }
     std::lock_guard<std::mutex> lock(mutex_);
-    start(slots_[0], 0);
-    start(slots_[1], 1 % items_.size());
-    next_item_ = 2 % items_.size();
+    start_from(0);
+}
+
+void RegionStream::start_from(size_t k) {
+    for (size_t i = 0; i < n_slots_; ++i) start(slots_[i], (k + i) % items_.size());
+    next_item_ = (k + n_slots_) % items_.size();
 }
 
 RegionStream::~RegionStream() {
@@ -133,7 +140,7 @@ void RegionStream::land(Slot & slot) {
 
 void RegionStream::prepare(size_t k, size_t count) {
     const size_t n = items_.size();
-    if (k >= n || count < 1 || count > 2) {
+    if (k >= n || count < 1 || count > n_slots_) {
         throw std::invalid_argument("regions " + std::to_string(k) + " + " + std::to_string(count) +
                                     " of a stream of " + std::to_string(n));
     }
@@ -148,9 +155,7 @@ void RegionStream::prepare(size_t k, size_t count) {
     }
     // the reads in flight write into the buffers: let them land, then start over at k
     for (Slot & s : slots_) land(s);
-    start(slots_[0], k);
-    start(slots_[1], (k + 1) % n);
-    next_item_ = (k + 2) % n;
+    start_from(k);
 }
 
 const uint8_t * RegionStream::wait(size_t k) {

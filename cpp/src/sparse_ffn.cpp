@@ -217,6 +217,18 @@ void SparseFfn::stream_gate_rows(std::shared_ptr<const DirectFile> file, std::ve
     released_bytes_ += released;
 }
 
+bool SparseFfn::gate_rows_used_after_prediction() const {
+    // the gate and oracle predictors leave act(gate) of every pair they keep in h_; the others compute the gate
+    // products of the predicted pairs with the records' up products (phase 2)
+    return options_.predictor != Predictor::Gate && options_.predictor != Predictor::Oracle;
+}
+
+void SparseFfn::release_gate_rows(int il) {
+    if (!gate_stream_ || !gate_stream_->streams(il)) return;
+    gate_stream_->release(il);
+    layers_[(size_t) il]->gate.data = nullptr; // the buffer now takes the next layer's rows
+}
+
 void SparseFfn::reserve(int il, int64_t n_tokens) {
     const SparseLayerWeights & L = *layers_.at((size_t) il);
     const SidecarLayer & S = store_->layer(il);
@@ -324,7 +336,7 @@ void SparseFfn::convert_inputs(int il, const float * x, int64_t n_tokens, int it
         }
         if (il == trial_first_layer_) advance_down_trial(n_tokens);
         if (gate_stream_ && gate_stream_->streams(il)) {
-            // read ahead while the layer before ran; the barrier after this phase publishes the pointer
+            // read ahead since the layer before released its rows; the barrier after this phase publishes the pointer
             layers_[il]->gate.data = gate_stream_->acquire(il);
         }
         if (stream_) {
@@ -451,8 +463,13 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
         switch (phase) {
             case 0: convert_inputs(il, x, n_tokens, ith, nth); break;
             case 1: predict_range(il, n_tokens, ith, nth, ts); break;
-            case 2: read_and_compute(il, n_tokens, ith, nth, ts); break;
+            case 2:
+                // every thread is done with the prediction (phase 1): streamed gate rows it alone read go
+                if (ith == 0 && !gate_rows_used_after_prediction()) release_gate_rows(il);
+                read_and_compute(il, n_tokens, ith, nth, ts);
+                break;
             case 3:
+                if (ith == 0 && gate_rows_used_after_prediction()) release_gate_rows(il);
                 if (ith == 0 && stream_ && store_->split()) {
                     // every thread is done with the bundle records (phase 2); the down projection reads only
                     // down columns, so the next region can be read into their buffer now

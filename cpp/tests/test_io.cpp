@@ -345,6 +345,41 @@ TEST(region_stream_serves_items_in_cyclic_order_and_after_jumps) {
     }
 }
 
+TEST(a_one_buffer_stream_reads_the_next_item_once_the_last_is_released) {
+    // the gate rows' stream: one buffer, the next layer's rows read as soon as a prediction is done with the last
+    const std::string path = write_pattern_file("stream_one.bin", 24 * kDirectAlign);
+    for (const IoBackend backend : { IoBackend::Auto, IoBackend::Pread }) {
+        DirectFile file(path, true);
+        const std::vector<FileRange> items = { { 10, 5 * kDirectAlign }, { 8 * kDirectAlign + 3, 2 * kDirectAlign },
+                                               { 12 * kDirectAlign, 11 * kDirectAlign } };
+        RegionStream stream(file, items, nullptr, backend, 2 * kDirectAlign, 1);
+        CHECK(stream.n_buffers() == 1);
+        size_t largest = 0;
+        for (const FileRange & r : items) largest = std::max(largest, RegionStream::span_bytes(r));
+        CHECK(stream.buffer_bytes() == largest);
+        CHECK_THROWS(std::invalid_argument, stream.prepare(0, 2), "regions 0 + 2");
+        for (int round = 0; round < 2; ++round) {
+            for (size_t k = 0; k < items.size(); ++k) {
+                stream.prepare(k, 1);
+                CHECK(holds_item(stream.wait(k), items[k]));
+                // not held while its successor is read into the one buffer
+                const size_t next = (k + 1) % items.size();
+                CHECK_THROWS(std::logic_error, stream.wait(next), "not held");
+                stream.release(k);
+                CHECK_THROWS(std::logic_error, stream.wait(k), "not held");
+            }
+        }
+        // taken out of order: started over there
+        stream.prepare(2, 1);
+        CHECK(holds_item(stream.wait(2), items[2]));
+        stream.prepare(0, 1);
+        CHECK(holds_item(stream.wait(0), items[0]));
+    }
+    DirectFile file(path, true);
+    CHECK_THROWS(std::invalid_argument, RegionStream(file, { { 0, kDirectAlign } }, nullptr, IoBackend::Auto,
+                                                     kDirectAlign, 3), "1 or 2 buffers");
+}
+
 TEST(region_stream_reports_a_failed_read_and_reads_it_again_next_time) {
     const std::string path = write_pattern_file("stream_fault.bin", 16 * kDirectAlign);
     DirectFile file(path, true);

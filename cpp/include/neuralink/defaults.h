@@ -3,6 +3,7 @@
 // The engine's defaults, defined here once: the bindings export them to Python
 // (neuralink._engine.DEFAULT_*), the runner and the replayer take them from here.
 
+#include <cstddef>
 #include <cstdint>
 
 namespace neuralink {
@@ -20,6 +21,9 @@ constexpr uint64_t kDefaultMaxReadBytes = 1 << 20;
 // EPYC host, alternating builds): under 530MB 5.06-5.26 tok/s with 1 MiB pieces, 5.30-5.40 with 512 KiB,
 // 5.33-5.59 with 256 KiB, 5.24-5.70 with 128 KiB; under 800MB 9.28-9.46, 9.26-9.91, 10.01-10.21, 8.87-9.41
 constexpr uint64_t kStreamChunkBytes = 256 << 10;
+// buffers of the stream of gate rows (GateStream): one, released after the layer's prediction, so the floor holds one
+// layer's rows (the memory plan counts this many)
+constexpr size_t kGateStreamBuffers = 1;
 // prompt tokens per decode call under a memory budget when none is asked for (llama.cpp's 512 costs ~65 MiB more
 // of the budget on Qwen2.5-Coder-1.5B: token lookups, the engine's scratch, llama.cpp's buffers; memory_plan.h)
 constexpr int kBudgetBatch = 64;

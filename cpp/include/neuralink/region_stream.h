@@ -30,11 +30,14 @@ namespace neuralink {
 class RegionStream {
 public:
     // `file` must outlive the stream. `items` in the order they are used, cyclically; every item's bytes > 0. The
-    // reads of items 0 and 1 start at once. `faults` decides which reads fail on purpose (tests); may be null.
-    // Throws std::invalid_argument for no items, an empty item or one past the end of the file, IoError when
-    // io_uring was asked for and the kernel refuses it.
+    // reads of items 0 and 1 (of item 0 with one buffer) start at once. `faults` decides which reads fail on
+    // purpose (tests); may be null. `n_buffers`: 2, one item in use while the next is read; or 1, where an item's
+    // use ends well before the next item is needed (the gate rows: done with after the prediction), so that
+    // releasing it starts the next read in time. Throws std::invalid_argument for no items, an empty item or one
+    // past the end of the file, or n_buffers not 1 or 2; IoError when io_uring was asked for and the kernel
+    // refuses it.
     RegionStream(const DirectFile & file, std::vector<FileRange> items, FaultPlan * faults = nullptr,
-                 IoBackend backend = IoBackend::Auto, uint64_t chunk_bytes = kStreamChunkBytes);
+                 IoBackend backend = IoBackend::Auto, uint64_t chunk_bytes = kStreamChunkBytes, size_t n_buffers = 2);
     ~RegionStream();
 
     RegionStream(const RegionStream &) = delete;
@@ -43,9 +46,9 @@ public:
     size_t n_items() const { return items_.size(); }
     const FileRange & item(size_t k) const { return items_.at(k); }
 
-    // Makes items k .. k + count - 1 (count 1 or 2) held, read ahead or reading. When one is not (taken out of
-    // order, or after a failed evaluation skipped some), the read in flight lands, both buffers are dropped and
-    // the stream starts over at k. Only while no thread uses an item's bytes.
+    // Makes items k .. k + count - 1 (count 1 or 2, at most the buffers) held, read ahead or reading. When one is
+    // not (taken out of order, or after a failed evaluation skipped some), the reads in flight land, the buffers
+    // are dropped and the stream starts over at k. Only while no thread uses an item's bytes.
     void prepare(size_t k, size_t count);
     // Item k's bytes (from its first byte), read ahead or waited for; valid until k is released. Any number of
     // threads may wait for a held item at once. Throws IoError when the item's read failed (prepare reads it
@@ -54,8 +57,9 @@ public:
     // Done with item k: its buffer takes the next item not yet held. Nothing when k is not held.
     void release(size_t k);
 
-    // the two buffers
+    // the buffers (one or two)
     size_t buffer_bytes() const { return slots_[0].buf.size() + slots_[1].buf.size(); }
+    size_t n_buffers() const { return n_slots_; }
     // device time of item k's last completed read (0 before one completed)
     uint64_t read_ns(size_t k) const;
     // the buffer one item needs: its aligned span, what a direct read covers
@@ -80,6 +84,7 @@ private:
     int held_slot(size_t k) const;     // -1 when k is not in a slot (lock held)
     void start(Slot & slot, size_t k); // submits item k's reads into `slot` (lock held)
     void land(Slot & slot);            // waits for the slot's reads: Ready or Failed (lock held)
+    void start_from(size_t k);         // every buffer takes an item from k on, in order (lock held, reads landed)
 
     const DirectFile & file_;
     std::vector<FileRange> items_;
@@ -89,6 +94,7 @@ private:
     std::unique_ptr<IoPool> pool_; // the pread path only
     std::unique_ptr<ReadQueue> queue_;
     Slot slots_[2];
+    size_t n_slots_ = 2;   // the slots in use: 1 or 2
     size_t next_item_ = 0; // the item the next freed buffer takes
     mutable std::mutex mutex_;
     std::vector<uint64_t> read_ns_;

@@ -222,7 +222,7 @@ public:
     void stream_gate_rows(std::shared_ptr<const DirectFile> file, std::vector<GateRange> ranges);
     // layers whose gate rows are streamed (0: all resident)
     int gate_layers_streamed() const { return gate_stream_ ? gate_stream_->n_streamed() : 0; }
-    // the two buffers streamed gate rows are read into (0 without streaming)
+    // the buffer streamed gate rows are read into (kGateStreamBuffers of them; 0 without streaming)
     size_t gate_stream_bytes() const { return gate_stream_ ? gate_stream_->buffer_bytes() : 0; }
     // resident bytes streaming gave up: what the load held that resident_bytes() no longer counts
     uint64_t released_bytes() const { return released_bytes_; }
@@ -285,6 +285,9 @@ private:
     void advance_down_trial(int64_t n_tokens);
     void settle_down_trial();
     void fail(const std::string & what, bool numeric = false);
+    // streamed gate rows: whether phase 2 reads them too (else the prediction alone does); layer il's, released
+    bool gate_rows_used_after_prediction() const;
+    void release_gate_rows(int il);
     ThreadState & thread_state(int ith);
     uint64_t gap_bytes(const DeviceCost & device) const;
     // The cache's keys: layer il's bundle records are key il, its down columns (split layout) key n_layer + il.
