@@ -32,6 +32,15 @@ fraction of pairs it must select to find 99 % of the finals:
                the engine's one number E|up|: the ranking a gate-only rule
                could reach when up values do not depend on the gate
 
+  gate_prev_up the exact gate and the same neuron's up value at the token before
+               (u_t taken as beta * u_{t-1} plus Gaussian noise, fitted per neuron
+               on the calibration tokens), as if every up value of the last token
+               were known: an upper bound of what temporal correlation can give
+  gate_prev_read the same, with u_{t-1} known only where the exact gate's rule
+               picked the pair at t-1 as it does today (the engine reads those up
+               rows anyway); elsewhere u_t is taken as N(0, its variance): one
+               float per neuron resident, nothing more read
+
 A predictor is worth its DRAM only when its fraction is well under 1; the
 exact gate's fraction is what today's candidates cost (their up rows read).
 The last column gives, for candidates cut to half of the pairs, the share of
@@ -93,6 +102,27 @@ def gate_up_score(a_held: np.ndarray, x_cal: np.ndarray, x_held: np.ndarray, u: 
     return normal_tail((need - mean) / spread) + normal_tail((need + mean) / spread)
 
 
+def normal_pass_score(need: np.ndarray, mean: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """P(|N(mean, spread^2)| > need), elementwise."""
+    return normal_tail((need - mean) / spread) + normal_tail((need + mean) / spread)
+
+
+def previous_up_scores(a_held: np.ndarray, up_cal: np.ndarray, up_held: np.ndarray, down_norm: np.ndarray,
+                       threshold: float, known_held: np.ndarray | None) -> np.ndarray:
+    """P(|a * up| * |d| passes `threshold`) from the neuron's up value at the token before (held-out token 0 has
+    none: scored with the unconditional spread); `known_held`: where u_{t-1} is known (None: everywhere)."""
+    prev, cur = up_cal[:-1], up_cal[1:]
+    beta = (prev * cur).sum(0) / np.maximum((prev * prev).sum(0), 1e-30)
+    spread = np.maximum(np.sqrt(((cur - beta * prev) ** 2).mean(0)), 1e-30)
+    overall = np.maximum(np.sqrt((up_cal ** 2).mean(0)), 1e-30)
+    need = threshold / np.maximum(np.abs(a_held) * down_norm, 1e-30)
+    before = np.vstack([np.zeros_like(up_held[:1]), up_held[:-1]])
+    known = np.ones_like(up_held, dtype=bool) if known_held is None else known_held.copy()
+    known[0] = False
+    mean = np.where(known, beta * before, 0.0)
+    return normal_pass_score(need, mean, np.where(known, spread, overall))
+
+
 def gate_ucdf_score(a_held: np.ndarray, up_cal: np.ndarray, down_norm: np.ndarray, threshold: float) -> np.ndarray:
     """P(|up| > what the criterion needs given act(gate) `a_held`), from each neuron's calibration |up| values."""
     need = threshold / np.maximum(np.abs(a_held) * down_norm, 1e-30)
@@ -147,6 +177,13 @@ def layer_rows(il: int, x_cal: np.ndarray, x_held: np.ndarray, tensors: dict, de
             rows.append((name, density, fraction_for_recall(score, truth), mass_at_half(score, truth, criterion_held)))
         score = gate_ucdf_score(silu(xh @ g.T), xc @ u.T, down_norm, threshold)
         rows.append(("gate_ucdf", density, fraction_for_recall(score, truth), mass_at_half(score, truth, criterion_held)))
+        # today's candidates (the exact gate's score at 99 % recall) tell which up values the engine read at t-1
+        today = np.abs(silu(xh @ g.T)) * scale
+        read = today >= np.quantile(today[truth], 0.01)
+        read_before = np.vstack([np.zeros_like(read[:1]), read[:-1]])
+        for name, known in (("gate_prev_up", None), ("gate_prev_read", read_before)):
+            score = previous_up_scores(silu(xh @ g.T), xc @ u.T, xh @ u.T, down_norm, threshold, known)
+            rows.append((name, density, fraction_for_recall(score, truth), mass_at_half(score, truth, criterion_held)))
         rows.append(("(finals)", density, float(truth.mean()), 1.0))
     return rows
 
