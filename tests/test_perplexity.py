@@ -150,6 +150,12 @@ def test_cli_prints_a_comparison_table(
 
     code = cli_main(["perplexity", "--model", str(model), "--text", str(tmp_path / "absent.txt")])
     assert code == 1 and "absent.txt: cannot read the text" in capsys.readouterr().err
+    # window settings that cannot work are named by their option, before a model loads (this one does not exist)
+    for flags, said in ((["--n-ctx", "1"], "--n-ctx 1: a window needs at least 2 tokens"),
+                        (["--n-ctx", "64", "--stride", "65"], "--stride 65: at most --n-ctx (64)")):
+        code = cli_main(["perplexity", "--model", str(tmp_path / "absent.gguf"), "--text", str(text), *flags])
+        err = capsys.readouterr().err
+        assert code != 0 and said in err and "absent.gguf" not in err
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from neuralink.command import Command, positive_int
-from neuralink.errors import ModelFileError, NeuralinkError, SweepError
+from neuralink.errors import ModelFileError, NeuralinkError, OptionError, SweepError
 from neuralink.evaluate import perplexity as perplexity_module
 from neuralink.evaluate import predictor_quality
 from neuralink.evaluate.density_sweep import (
@@ -76,7 +76,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--png", type=Path, default=None, help="also draw perplexity against active fraction here")
 
 
+def check_windows(args: argparse.Namespace) -> None:
+    """OptionError naming --n-ctx or --stride when they cannot make scoring windows: before any model loads."""
+    if args.n_ctx < 2:
+        raise OptionError(f"--n-ctx {args.n_ctx}: a window needs at least 2 tokens (one to predict from)")
+    if args.stride is not None and args.stride > args.n_ctx:
+        raise OptionError(f"--stride {args.stride}: at most --n-ctx ({args.n_ctx}), or tokens between windows "
+                          "would never be scored")
+
+
 def main(args: argparse.Namespace) -> int:
+    check_windows(args)
     try:
         text = args.text.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
