@@ -8,9 +8,12 @@
 // used by its prediction only; as soon as that is done the buffer takes the
 // next streamed layer's rows, whose reads then overlap this layer's FFN and
 // the next layer's attention: long sequential reads that no prediction has to
-// wait for. (A second buffer would let them start one prediction earlier, a
-// fraction of a millisecond, for a layer's rows more in the floor: 7.4 MiB on
-// Qwen2.5-Coder-1.5B.)
+// wait for. A second buffer would let them start a prediction earlier, for a
+// layer's rows more in the floor (7.4 MiB on Qwen2.5-Coder-1.5B), and would
+// put them ahead of the down region this layer still waits for (the region
+// stream submits it at the layer's start): with it Python decoded Qwen under
+// 530MB at 4.7-5.1 tok/s, with one buffer 5.5-5.7 (docs/benchmarks.md,
+// twenty-sixth pass).
 
 #include "neuralink/direct_file.h"
 #include "neuralink/io_pool.h"
