@@ -98,8 +98,7 @@ def gate_up_score(a_held: np.ndarray, x_cal: np.ndarray, x_held: np.ndarray, u: 
     beta = (est_cal * up_cal).sum(0) / np.maximum((est_cal * est_cal).sum(0), 1e-30)
     spread = np.maximum(np.sqrt(((up_cal - beta * est_cal) ** 2).mean(0)), 1e-30)
     need = threshold / np.maximum(np.abs(a_held) * down_norm, 1e-30)  # |up| must pass this
-    mean = beta * est_held
-    return normal_tail((need - mean) / spread) + normal_tail((need + mean) / spread)
+    return normal_pass_score(need, beta * est_held, spread)
 
 
 def normal_pass_score(need: np.ndarray, mean: np.ndarray, spread: np.ndarray) -> np.ndarray:
@@ -175,14 +174,15 @@ def layer_rows(il: int, x_cal: np.ndarray, x_held: np.ndarray, tensors: dict, de
         for name, w in up_estimates(u, xc).items():
             score = gate_up_score(silu(xh @ g.T), xc, xh, u, w, down_norm, threshold)
             rows.append((name, density, fraction_for_recall(score, truth), mass_at_half(score, truth, criterion_held)))
-        score = gate_ucdf_score(silu(xh @ g.T), xc @ u.T, down_norm, threshold)
+        act_held = silu(xh @ g.T)
+        score = gate_ucdf_score(act_held, xc @ u.T, down_norm, threshold)
         rows.append(("gate_ucdf", density, fraction_for_recall(score, truth), mass_at_half(score, truth, criterion_held)))
         # today's candidates (the exact gate's score at 99 % recall) tell which up values the engine read at t-1
-        today = np.abs(silu(xh @ g.T)) * scale
+        today = np.abs(act_held) * scale
         read = today >= np.quantile(today[truth], 0.01)
         read_before = np.vstack([np.zeros_like(read[:1]), read[:-1]])
         for name, known in (("gate_prev_up", None), ("gate_prev_read", read_before)):
-            score = previous_up_scores(silu(xh @ g.T), xc @ u.T, xh @ u.T, down_norm, threshold, known)
+            score = previous_up_scores(act_held, xc @ u.T, xh @ u.T, down_norm, threshold, known)
             rows.append((name, density, fraction_for_recall(score, truth), mass_at_half(score, truth, criterion_held)))
         rows.append(("(finals)", density, float(truth.mean()), 1.0))
     return rows
