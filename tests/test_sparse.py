@@ -571,6 +571,25 @@ def test_streamed_gate_rows_leave_dram_and_change_no_output(converted_model, pre
         assert np.array_equal(streamed.forward(il, x, "silu"), resident.forward(il, x, "silu"))
 
 
+def test_reads_are_submitted_in_the_order_the_layers_need_them(converted_model) -> None:
+    # With gate rows and split regions both streamed, a layer submits its down region's reads at its start and
+    # the next layer's gate rows after its prediction: the down region it is about to wait for goes first. (When
+    # the next gate rows went first, Qwen2.5-Coder-1.5B under 530MB decoded 4.7-5.1 tok/s instead of 5.5-5.7.)
+    # The read submitted first after a layer is done fails on purpose: it must be the next layer's down region,
+    # which that layer's evaluation then reports, not gate rows of the layer after it.
+    model, sidecar = converted_model("llama", "q8_0", n_layer=4, bundle_layout="split")
+    engine = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="stream")
+    assert engine.cache_policy == "stream"
+    engine.stream_gate_rows(4)
+    x = np.random.default_rng(5).standard_normal((1, 256)).astype(np.float32)
+    engine.forward(0, x, "silu")
+    engine.forward(1, x, "silu")
+    engine.inject_fault("eio", 0)
+    with pytest.raises(EngineIOError, match=re.escape(sidecar.name)):
+        engine.forward(2, x, "silu")
+    engine.inject_fault("none")
+
+
 BUDGETED_RUN = r"""
 import json, sys
 import numpy as np
