@@ -217,12 +217,6 @@ void SparseFfn::stream_gate_rows(std::shared_ptr<const DirectFile> file, std::ve
     released_bytes_ += released;
 }
 
-bool SparseFfn::gate_rows_used_after_prediction() const {
-    // the gate and oracle predictors leave act(gate) of every pair they keep in h_; the others compute the gate
-    // products of the predicted pairs with the records' up products (phase 2)
-    return options_.predictor != Predictor::Gate && options_.predictor != Predictor::Oracle;
-}
-
 void SparseFfn::release_gate_rows(int il) {
     if (!gate_stream_ || !gate_stream_->streams(il)) return;
     gate_stream_->release(il);
@@ -463,13 +457,13 @@ void SparseFfn::phase(int il, int phase, const float * x, float * y, int64_t n_t
         switch (phase) {
             case 0: convert_inputs(il, x, n_tokens, ith, nth); break;
             case 1: predict_range(il, n_tokens, ith, nth, ts); break;
-            case 2:
-                // every thread is done with the prediction (phase 1): streamed gate rows it alone read go
-                if (ith == 0 && !gate_rows_used_after_prediction()) release_gate_rows(il);
-                read_and_compute(il, n_tokens, ith, nth, ts);
-                break;
+            case 2: read_and_compute(il, n_tokens, ith, nth, ts); break;
             case 3:
-                if (ith == 0 && gate_rows_used_after_prediction()) release_gate_rows(il);
+                // every thread is done with the gate rows (the prediction, and phase 2's gate products for the
+                // predictors that compute them there) and this layer's own reads are in: the next streamed
+                // layer's rows are read now, behind them and, under the stream policy, behind the down region
+                // this layer waits for next, while the down projection and the next attention compute
+                if (ith == 0) release_gate_rows(il);
                 if (ith == 0 && stream_ && store_->split()) {
                     // every thread is done with the bundle records (phase 2); the down projection reads only
                     // down columns, so the next region can be read into their buffer now

@@ -4,11 +4,12 @@
 // memory budget cannot hold every layer's gate rows (207 MiB of
 // Qwen2.5-Coder-1.5B), the rows of some layers are read from the converted
 // GGUF, where each layer's gate tensor is one contiguous range, into one
-// buffer (a RegionStream over the streamed layers' ranges). A layer's rows are
-// used by its prediction only; as soon as that is done the buffer takes the
-// next streamed layer's rows, whose reads then overlap this layer's FFN and
-// the next layer's attention: long sequential reads that no prediction has to
-// wait for. A second buffer would let them start a prediction earlier, for a
+// buffer (a RegionStream over the streamed layers' ranges). Once a layer is
+// done with its rows (its prediction; phase 2's gate products for the
+// predictors that compute them there) and its own records are in, the buffer
+// takes the next streamed layer's rows, whose reads then overlap the down
+// projection and the next layer's attention: long sequential reads that no
+// prediction has to wait for, queued behind what this layer still needs. A second buffer would let them start a prediction earlier, for a
 // layer's rows more in the floor (7.4 MiB on Qwen2.5-Coder-1.5B), and would
 // put them ahead of the down region this layer still waits for (the region
 // stream submits it at the layer's start): with it Python decoded Qwen under

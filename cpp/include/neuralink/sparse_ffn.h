@@ -285,8 +285,7 @@ private:
     void advance_down_trial(int64_t n_tokens);
     void settle_down_trial();
     void fail(const std::string & what, bool numeric = false);
-    // streamed gate rows: whether phase 2 reads them too (else the prediction alone does); layer il's, released
-    bool gate_rows_used_after_prediction() const;
+    // layer il's streamed gate rows, done with: the stream's buffer takes the next streamed layer's
     void release_gate_rows(int il);
     ThreadState & thread_state(int ith);
     uint64_t gap_bytes(const DeviceCost & device) const;
