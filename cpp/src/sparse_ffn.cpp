@@ -329,9 +329,14 @@ void SparseFfn::convert_inputs(int il, const float * x, int64_t n_tokens, int it
             store_->check_unchanged();
         }
         if (il == trial_first_layer_) advance_down_trial(n_tokens);
+        gate_wait_ns_ = 0;
         if (gate_stream_ && gate_stream_->streams(il)) {
-            // read ahead since the layer before released its rows; the barrier after this phase publishes the pointer
+            // read ahead since the layer before released its rows; the barrier after this phase publishes the
+            // pointer. Every thread waits at that barrier while this one waits for the rows: a stall like a wait
+            // for records (the share of a token spent waiting decides on prompt lookup drafts)
+            const uint64_t t0 = steady_now_ns();
             layers_[il]->gate.data = gate_stream_->acquire(il);
+            gate_wait_ns_ = steady_now_ns() - t0;
         }
         if (stream_) {
             // the layer before is done with its regions: their buffers take the next ones; this layer's are
@@ -435,6 +440,7 @@ void SparseFfn::record_stats(int il, int64_t n_tokens, int nth) {
         }
     }
     st.truly_active = (int32_t) truly;
+    st.stall_ns += gate_wait_ns_;
     st.active_bytes = (uint64_t) st.predicted * S.region.record_bytes +
                       (uint64_t) st.final_neurons * S.down_region.record_bytes;
     if (!stream_) st.io_ns = last > first ? last - first : 0;

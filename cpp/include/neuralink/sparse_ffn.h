@@ -98,7 +98,8 @@ struct LayerStepStats {
     uint64_t bytes_read = 0;
     uint64_t active_bytes = 0;  // record bytes of the evaluated neurons
     uint64_t io_ns = 0;         // first read issued -> last read completed
-    uint64_t stall_ns = 0;      // longest time a compute thread waited for reads (the I/O not hidden by compute)
+    uint64_t stall_ns = 0;      // longest time a compute thread waited for reads (the I/O not hidden by compute),
+                                // streamed gate rows included
     uint64_t layer_ns = 0;      // phase 0 start -> the down projection's end (thread 0's view)
     uint64_t predicted_pairs = 0; // (token, neuron) pairs the predictor selected
     uint64_t computed_pairs = 0;  // (token, neuron) pairs whose h entered the down projection
@@ -360,6 +361,7 @@ private:
     mutable std::mutex trial_mutex_; // trial_ and the times: down_trial() may be asked while decoding
 
     uint64_t layer_start_ns_ = 0;
+    uint64_t gate_wait_ns_ = 0; // this evaluation's wait for the layer's streamed gate rows (thread 0, phase 0)
     std::mutex stats_mutex_;
     std::vector<LayerStepStats> stats_;
 };
