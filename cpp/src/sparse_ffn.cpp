@@ -404,10 +404,11 @@ void SparseFfn::record_stats(int il, int64_t n_tokens, int nth) {
         }
     }
     if (gate_stream_ && gate_stream_->streams(il)) {
-        // the layer's gate rows, read whole (ahead of time) for this evaluation
+        // the layer's gate rows, read whole (ahead of time) for this evaluation, and what phase 0 waited for them
         const SparseLayerWeights & L = *layers_[il];
         st.reads += 1;
         st.bytes_read += L.gate.row_bytes * (uint64_t) L.gate.rows;
+        st.stall_ns += gate_wait_ns_;
     }
     if (stream_) {
         // the layer's regions, read whole ahead of time for this evaluation
@@ -440,7 +441,6 @@ void SparseFfn::record_stats(int il, int64_t n_tokens, int nth) {
         }
     }
     st.truly_active = (int32_t) truly;
-    st.stall_ns += gate_wait_ns_;
     st.active_bytes = (uint64_t) st.predicted * S.region.record_bytes +
                       (uint64_t) st.final_neurons * S.down_region.record_bytes;
     if (!stream_) st.io_ns = last > first ? last - first : 0;
