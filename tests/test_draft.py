@@ -7,12 +7,13 @@ import pytest
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
 import neuralink
+from neuralink import _engine
 from neuralink.errors import MemoryBudgetError, OptionError
 from neuralink.runtime.draft import (
-    AUTO_STALL_SHARE,
+    DRAFT_TRIAL_SHARE,
     BoundedDraft,
+    GatedDraft,
     RecentPromptLookup,
-    StallGatedDraft,
     verification_rows,
 )
 
@@ -88,16 +89,20 @@ def test_prompt_lookup_drafts_where_every_token_reads_the_records_whole(converte
     model, _ = converted_model("llama", "q8_0")
     streamed = neuralink.Llama(str(model), n_ctx=256, verbose=False, cache_policy="stream")
     try:
-        assert streamed.engine.streams_regions and isinstance(streamed.draft_model, StallGatedDraft)
+        assert streamed.engine.streams_regions and isinstance(streamed.draft_model, GatedDraft)
         assert streamed.draft_model.max_tokens == 4
         assert streamed.stall_share is None  # nothing decoded yet: no share, and no proposals on a guess
         text = _completion(streamed)
         # this tiny model's reads (from the page cache) take little of a token: measured, and no proposals made
-        assert 0.0 <= streamed.stall_share < AUTO_STALL_SHARE
-        streamed.draft_model.threshold = 0.0  # as where the reads take the token's time
+        assert 0.0 <= streamed.stall_share < DRAFT_TRIAL_SHARE
+        assert streamed._draft_gate.drafted_seconds is None
+        # as where the reads take the token's time: tried at once, then timed against single tokens
+        streamed._draft_gate = streamed.draft_model.gate = _engine.DraftGate(trial_share=0.0)
         streamed.ffn_stats(reset=True)
         assert _completion(streamed) == text
         assert streamed.ffn_stats()["n_tokens"][2:].max() == 5  # the sampled token and four proposals
+        # the verifications reached the gate (their seconds per token produced), timed by eval
+        assert streamed._draft_gate.drafted_seconds is not None
     finally:
         streamed.close()
     for options in (dict(cache_policy="stream", prompt_lookup=0), {}):  # turned off; the whole store cached

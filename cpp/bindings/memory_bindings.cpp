@@ -76,17 +76,33 @@ void register_memory(py::module_ & m) {
           "Up to max_tokens tokens that followed the most recent earlier occurrence of the last max_ngram tokens of "
           "text (else of fewer, down to the last one), as int32; empty if none occurs earlier. neuralink-run's "
           "drafts propose the same.");
-    py::class_<StallShare>(m, "StallShare",
-                           "The share of recent decoded tokens' time spent waiting for reads: a moving average over "
-                           "single-token decodes, each new one weighing a quarter (neuralink-run's gate on drafts, "
-                           "and neuralink.Llama's stall_share).")
-        .def(py::init<>())
-        .def("observe", &StallShare::observe, py::arg("stall_seconds"), py::arg("wall_seconds"),
-             "One decoded token: seconds spent waiting for reads, of its wall-clock seconds.")
-        .def_property_readonly("measured", &StallShare::measured, "whether any token was observed")
-        .def_property_readonly("value", &StallShare::value, "the moving average (0 before any token)");
+    py::class_<DraftGate>(m, "DraftGate",
+                          "Whether automatic drafts are verified, by what they deliver (neuralink-run's rule): tried "
+                          "once waiting for reads takes DRAFT_TRIAL_SHARE of a single decoded token, then made while "
+                          "a verification's seconds over the tokens verifications produce on average stay below a "
+                          "single decode's seconds; one opportunity in DRAFT_RETRIAL goes the other way.")
+        .def(py::init<double>(), py::arg("trial_share") = kDraftTrialShare)
+        .def("observe_single", &DraftGate::observe_single, py::arg("stall_seconds"), py::arg("wall_seconds"),
+             "A decode of one token: seconds spent waiting for reads, of its wall-clock seconds.")
+        .def("observe_verification", &DraftGate::observe_verification, py::arg("wall_seconds"),
+             py::arg("produced"), "A verification: its seconds and the tokens it produced (1 + proposals confirmed).")
+        .def("draft", &DraftGate::draft, "Whether to verify the proposals a lookup found (one opportunity).")
+        .def_property_readonly("stall_share", [](const DraftGate & g) -> py::object {
+            return g.stall().measured() ? py::object(py::float_(g.stall().value())) : py::object(py::none());
+        }, "of single decodes' time, the share spent waiting for reads (moving average); None before any")
+        .def_property_readonly("single_seconds", [](const DraftGate & g) -> py::object {
+            return g.single_seconds().measured() ? py::object(py::float_(g.single_seconds().value()))
+                                                 : py::object(py::none());
+        }, "seconds per single decoded token (moving average); None before any")
+        .def_property_readonly("drafted_seconds", [](const DraftGate & g) -> py::object {
+            return g.drafted_seconds() >= 0 ? py::object(py::float_(g.drafted_seconds())) : py::object(py::none());
+        }, "a verification's seconds (moving average) per token verifications produce (mean since the start, "
+           "from a prior); None before any verification")
+        .def_property_readonly("produced_per_pass", &DraftGate::produced_per_pass,
+                               "tokens a verification produces on average (the prior before any)");
     m.attr("AUTO_PROPOSALS") = kAutoProposals;
-    m.attr("AUTO_STALL_SHARE") = kAutoStallShare;
+    m.attr("DRAFT_TRIAL_SHARE") = kDraftTrialShare;
+    m.attr("DRAFT_RETRIAL") = kDraftRetrial;
     m.def("cgroup_memory_limit", &cgroup_memory_limit, py::arg("proc_cgroup") = "/proc/self/cgroup",
           py::arg("root") = "/sys/fs/cgroup",
           "This process's cgroup memory limit in bytes (v1 or v2, found through proc_cgroup under root), or None.");

@@ -16,9 +16,9 @@ namespace neuralink_run {
 
 using neuralink::confirmed_prefix;
 using neuralink::kAutoProposals;
-using neuralink::kAutoStallShare;
+using neuralink::DraftGate;
+using neuralink::kDraftTrialShare;
 using neuralink::prompt_lookup;
-using neuralink::StallShare;
 
 namespace {
 
@@ -169,7 +169,7 @@ Generation generate(const RunnerOptions & o, llama_context * ctx, const std::vec
             throw std::runtime_error("--dump-logits " + o.dump_logits + ": write failed: " + std::strerror(errno));
         }
     };
-    StallShare stall;
+    DraftGate gate; // automatic drafts: made while they deliver tokens faster than single decodes
     std::vector<llama_token> fed, greedy_rows;
     t0 = Clock::now();
     llama_token greedy = argmax(ctx, -1, n_vocab);
@@ -179,10 +179,13 @@ Generation generate(const RunnerOptions & o, llama_context * ctx, const std::vec
     while (o.n_predict > 0 && emit(greedy)) {
         const std::string what = "generated token " + std::to_string(g.tokens.size() - 1);
         std::vector<llama_token> draft;
-        if (g.drafts.proposals > 0 && (!g.drafts.automatic || stall.at_least(kAutoStallShare))) {
+        if (g.drafts.proposals > 0) {
             // every proposal confirmed, the token after them is still one of n_predict
             const int room = o.n_predict - (int) g.tokens.size() - 1;
             draft = prompt_lookup(text, std::min(g.drafts.proposals, room));
+            if (!draft.empty() && g.drafts.automatic && !gate.draft()) {
+                draft.clear();
+            }
         }
         if (draft.empty()) {
             const auto t_token = Clock::now();
@@ -194,7 +197,7 @@ Generation generate(const RunnerOptions & o, llama_context * ctx, const std::vec
                 for (const neuralink::LayerStepStats & s : stats) {
                     stall_ns += s.stall_ns;
                 }
-                stall.observe(stall_ns * 1e-9, seconds_since(t_token));
+                gate.observe_single(stall_ns * 1e-9, seconds_since(t_token));
                 g.decode.add(stats);
             }
             greedy = argmax(ctx, -1, n_vocab);
@@ -202,6 +205,7 @@ Generation generate(const RunnerOptions & o, llama_context * ctx, const std::vec
             continue;
         }
         // the fed token and the proposals in one batch; the KV entries of what it does not confirm are dropped
+        const auto t_pass = Clock::now();
         fed.assign(1, g.tokens.back());
         fed.insert(fed.end(), draft.begin(), draft.end());
         const llama_pos pos0 = llama_memory_seq_pos_max(llama_get_memory(ctx), 0) + 1;
@@ -212,6 +216,7 @@ Generation generate(const RunnerOptions & o, llama_context * ctx, const std::vec
         }
         const size_t kept = confirmed_prefix(draft, greedy_rows);
         llama_memory_seq_rm(llama_get_memory(ctx), 0, pos0 + 1 + (llama_pos) kept, -1);
+        gate.observe_verification(seconds_since(t_pass), 1 + kept);
         ++g.drafts.verifications;
         g.drafts.proposed += draft.size();
         g.drafts.confirmed += kept;
@@ -229,9 +234,13 @@ Generation generate(const RunnerOptions & o, llama_context * ctx, const std::vec
         greedy = greedy_rows[kept];
     }
     g.decode.seconds = seconds_since(t0);
-    if (stall.measured()) {
-        g.drafts.stall_share = stall.value();
+    if (gate.stall().measured()) {
+        g.drafts.stall_share = gate.stall().value();
     }
+    if (gate.single_seconds().measured()) {
+        g.drafts.single_seconds = gate.single_seconds().value();
+    }
+    g.drafts.drafted_seconds = gate.drafted_seconds();
     std::fputs("\n", stdout);
     std::fflush(stdout);
     return g;
@@ -263,9 +272,10 @@ void print_drafts(const DraftTotals & d) {
         std::fprintf(stderr, "drafts     %s\n", d.off_reason.c_str());
         return;
     }
-    char gate[80] = "";
+    char gate[120] = "";
     if (d.automatic) {
-        std::snprintf(gate, sizeof(gate), " while reads take %.0f %% of a token or more", 100.0 * kAutoStallShare);
+        std::snprintf(gate, sizeof(gate), " while faster than single tokens (tried where reads take %.0f %% of a "
+                      "token or more)", 100.0 * kDraftTrialShare);
     }
     std::fprintf(stderr, "drafts     prompt lookup, up to %d tokens%s: %llu verifications, %llu of %llu proposed "
                  "tokens confirmed", d.proposals, gate,
@@ -273,6 +283,10 @@ void print_drafts(const DraftTotals & d) {
                  (unsigned long long) d.proposed);
     if (d.stall_share >= 0) {
         std::fprintf(stderr, "; reads took %.0f %% of a single token", 100.0 * d.stall_share);
+    }
+    if (d.single_seconds >= 0 && d.drafted_seconds >= 0) {
+        std::fprintf(stderr, "; %.1f ms a token single, %.1f drafted", 1e3 * d.single_seconds,
+                     1e3 * d.drafted_seconds);
     }
     std::fputc('\n', stderr);
 }

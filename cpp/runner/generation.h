@@ -31,9 +31,10 @@ struct StepTotals {
 // What the drafts did: verifications made, tokens proposed and confirmed, and why none were made.
 struct DraftTotals {
     int proposals = 0;          // per verification, at most; 0: drafts off
-    bool automatic = false;     // made only while the stall share is at least kAutoStallShare
+    bool automatic = false;     // made while faster than single decodes (neuralink::DraftGate)
     uint64_t verifications = 0, proposed = 0, confirmed = 0;
     double stall_share = -1;    // of single-token decodes at the end (moving average); -1: none measured
+    double single_seconds = -1, drafted_seconds = -1; // per token single and per token drafted (moving averages)
     std::string off_reason;     // set when drafts were off for the whole run
 };
 

@@ -14,7 +14,7 @@
 namespace neuralink_run {
 
 using neuralink::kAutoProposals;
-using neuralink::kAutoStallShare;
+using neuralink::kDraftTrialShare;
 using neuralink::kMaxProposals;
 
 const char * default_io_backend() {
@@ -119,12 +119,13 @@ generation:
                            once; keeps what the greedy choice confirms. auto (the
                            default): )";
     u += std::to_string(kAutoProposals);
-    u += R"(, under cache policy stream only, and while
-                           waiting for reads takes )";
-    u += std::to_string((int) (kAutoStallShare * 100 + 0.5));
-    u += R"( % of a token or more (below
-                           that a verification's arithmetic costs more than it
-                           saves); 0: none. Greedy text may differ slightly from
+    u += R"(, under cache policy stream only, tried
+                           where waiting for reads takes )";
+    u += std::to_string((int) (kDraftTrialShare * 100 + 0.5));
+    u += R"( % of a token or more
+                           (below that a verification's arithmetic costs more than
+                           it saves) and made while they give tokens faster than
+                           single decodes, both timed as it runs; 0: none. Greedy text may differ slightly from
                            one token at a time (llama.cpp's batched kernels)
   --dump-logits FILE       write the logits behind each generated token: raw float32,
                            little-endian, one row of n_vocab values per token

@@ -30,10 +30,41 @@ size_t confirmed_prefix(const std::vector<int32_t> & draft, const std::vector<in
     return j;
 }
 
-void StallShare::observe(double stall_seconds, double wall_seconds) {
-    const double share = stall_seconds / std::max(wall_seconds, 1e-9);
-    share_ = measured_ ? 0.75 * share_ + 0.25 * share : share;
+void MovingAverage::add(double value) {
+    value_ = measured_ ? 0.75 * value_ + 0.25 * value : value;
     measured_ = true;
+}
+
+void StallShare::observe(double stall_seconds, double wall_seconds) {
+    share_.add(stall_seconds / std::max(wall_seconds, 1e-9));
+}
+
+void DraftGate::observe_single(double stall_seconds, double wall_seconds) {
+    stall_.observe(stall_seconds, wall_seconds);
+    single_.add(wall_seconds);
+    since_single_ = 0;
+}
+
+void DraftGate::observe_verification(double wall_seconds, size_t produced) {
+    if (produced > 0) {
+        pass_.add(wall_seconds);
+        produced_ = 0.875 * produced_ + 0.125 * (double) produced;
+        since_pass_ = 0;
+    }
+}
+
+bool DraftGate::draft() {
+    // below the share the reads hide too little of a verification's arithmetic to try one
+    const bool worth_trying = stall_.at_least(trial_share_);
+    if (!pass_.measured()) {
+        return worth_trying;
+    }
+    ++since_single_;
+    ++since_pass_;
+    if (drafted_seconds() < single_.value()) {
+        return since_single_ < kDraftRetrial; // ahead: a single token once in a while, if none came otherwise
+    }
+    return worth_trying && since_pass_ >= kDraftRetrial;
 }
 
 } // namespace neuralink

@@ -12,7 +12,6 @@ verification of several tokens costs the bytes of one (docs/engine.md, "Drafts")
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,13 +24,11 @@ from neuralink.errors import OptionError
 # tokens a draft model proposes when it does not say (llama-cpp-python's LlamaPromptLookupDecoding default)
 DEFAULT_DRAFT_TOKENS = 10
 # prompt lookup's proposals where neuralink.Llama drafts by itself (prompt_lookup=None under cache policy stream),
-# and the share of a decoded token's time spent waiting for reads from which it proposes them: the engine's values,
-# which neuralink-run uses too (cpp/include/neuralink/prompt_lookup.h). Measured on Qwen2.5-Coder-1.5B and SmolLM2
-# (docs/benchmarks.md, sixteenth pass): drafts gained 16-61 % where the share was 0.62-0.70, and -20 to +6 % where
-# it was 0.26-0.46 (a verification of 5 tokens costs ~3.5x one token's arithmetic, which only waiting for the
-# reads hides)
+# and the share of a decoded token's time spent waiting for reads from which it tries them (then they are made
+# while they give tokens faster than single decodes: _engine.DraftGate): the engine's values, which neuralink-run
+# uses too (cpp/include/neuralink/prompt_lookup.h)
 AUTO_PROPOSALS: int = _engine.AUTO_PROPOSALS
-AUTO_STALL_SHARE: float = _engine.AUTO_STALL_SHARE
+DRAFT_TRIAL_SHARE: float = _engine.DRAFT_TRIAL_SHARE
 
 
 class RecentPromptLookup(LlamaDraftModel):
@@ -65,22 +62,41 @@ class BoundedDraft(LlamaDraftModel):
         return np.asarray(self.draft(input_ids, **kwargs), dtype=np.intc)[: self.max_tokens]
 
 
-class StallGatedDraft(BoundedDraft):
-    """A BoundedDraft that proposes nothing while `stall_share()` (the share of recent decoded tokens' time spent
-    waiting for reads; None before any was measured) is below `threshold`: where the reads do not dominate a
-    token, a verification's arithmetic costs more than the tokens it confirms save."""
+class GatedDraft(BoundedDraft):
+    """A BoundedDraft whose proposals are verified only where `gate` (an ``_engine.DraftGate``, neuralink-run's
+    rule) says they pay: tried once waiting for reads takes DRAFT_TRIAL_SHARE of a single decoded token, then made
+    while a verification's seconds per token produced stay below a single decode's. The Llama reports its single
+    decodes to the gate and every eval of several tokens to ``evaluated``; the tokens a verification produced (the
+    proposals confirmed and the token after them) are known at the next call, from where generation stands."""
 
-    def __init__(self, draft: LlamaDraftModel, max_tokens: int, stall_share: Callable[[], float | None],
-                 threshold: float = AUTO_STALL_SHARE) -> None:
+    def __init__(self, draft: LlamaDraftModel, max_tokens: int, gate: _engine.DraftGate) -> None:
         super().__init__(draft, max_tokens)
-        self.stall_share = stall_share
-        self.threshold = threshold
+        self.gate = gate
+        self._expected: tuple[int, int] | None = None  # (position, tokens) of the eval that verifies the proposals
+        self._verified: tuple[int, int, float] | None = None  # that eval: (position, tokens, seconds)
 
     def __call__(self, input_ids: npt.NDArray[np.intc], /, **kwargs: Any) -> npt.NDArray[np.intc]:
-        share = self.stall_share()
-        if share is None or share < self.threshold:
+        position = len(input_ids) - 1  # the sampled token's: the next eval starts there
+        self._settle(position)
+        proposals = super().__call__(input_ids, **kwargs)
+        if proposals.size == 0 or not self.gate.draft():
             return np.zeros(0, dtype=np.intc)
-        return super().__call__(input_ids, **kwargs)
+        self._expected = (position, 1 + proposals.size)
+        return proposals
+
+    def evaluated(self, position: int, n_tokens: int, seconds: float) -> None:
+        """The Llama evaluated n_tokens from `position` in `seconds`: the verification of the last proposals when
+        it is the eval they expected (llama-cpp-python may cut a draft to the context's room: then not timed)."""
+        if self._expected == (position, n_tokens):
+            self._verified = (position, n_tokens, seconds)
+        self._expected = None
+
+    def _settle(self, position: int) -> None:
+        if self._verified is not None:
+            start, fed, seconds = self._verified
+            self._verified = None
+            if 1 <= position - start <= fed:  # else generation started over elsewhere: not this pass's doing
+                self.gate.observe_verification(seconds, position - start)
 
 
 def verification_rows(draft: LlamaDraftModel, n_batch: int) -> int:

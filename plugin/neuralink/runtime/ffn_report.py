@@ -36,7 +36,7 @@ def down_trial_note(trial: dict[str, Any]) -> str:
 
 class FfnReporting:
     """neuralink.Llama's methods that report the engine's work (a mixin before llama_cpp.Llama: it needs the
-    Llama's ``engine``, ``verbose``, ``_stats``, ``_summarized`` and ``_stall``)."""
+    Llama's ``engine``, ``verbose``, ``_stats``, ``_summarized`` and ``_draft_gate``)."""
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
         """``llama_cpp.Llama.create_completion``; with ``verbose=True`` and a sidecar, it also prints the
@@ -57,9 +57,9 @@ class FfnReporting:
     @property
     def stall_share(self) -> float | None:
         """Of recent decoded tokens' time, the share spent waiting for reads: the engine's moving average
-        (``_engine.StallShare``, each new token a quarter, as neuralink-run's), None before the first."""
-        stall = getattr(self, "_stall", None)
-        return stall.value if stall is not None and stall.measured else None
+        (``_engine.DraftGate``, each new token a quarter, as neuralink-run's), None before the first."""
+        gate = getattr(self, "_draft_gate", None)
+        return gate.stall_share if gate is not None else None
 
     def ffn_summary(self) -> str:
         """One line on the FFN work since the last summary: tokens, neurons, reads, bytes, cache, I/O time."""

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,10 +26,10 @@ from neuralink.formats.constants import LAZY_FFN_WEIGHTS_KEY
 from neuralink.formats.sidecar import Sidecar
 from neuralink.runtime.device_probe import read_cost_options
 from neuralink.runtime.draft import (
-    AUTO_STALL_SHARE,
+    DRAFT_TRIAL_SHARE,
     BoundedDraft,
+    GatedDraft,
     RecentPromptLookup,
-    StallGatedDraft,
     eval_with_sampled_rows,
     prompt_lookup_rows,
     verification_rows,
@@ -160,10 +159,11 @@ class Llama(FfnReporting, llama_cpp.Llama):
     prompt_lookup:
         decode with prompt lookup drafts of this many tokens (the continuation of the most recent earlier
         occurrence of the last tokens), each verified in one batch, whose records are read once for all its
-        tokens. Default (None): 4 where every token reads the layers' records whole (cache policy ``stream``)
-        and waiting for them takes most of a decoded token (``stall_share``, from 55 %: Qwen2.5-Coder-1.5B
-        under 800MB +40 % on English, +69 % on code; under 530MB +54-77 %), none where the cache holds the
-        records or the arithmetic would cost more than the reads saved; 0: none. Greedy text can differ
+        tokens. Default (None): 4 where every token reads the layers' records whole (cache policy ``stream``),
+        tried once waiting for them takes 35 % of a decoded token (``stall_share``) and then made while
+        verifications give tokens faster than single decodes, both timed as it runs (Qwen2.5-Coder-1.5B under
+        800MB +40-69 %, under 530MB +54-77 %); none where the cache holds the records or the arithmetic would
+        cost more than the reads saved; 0: none. Greedy text can differ
         where two tokens nearly tie (a batch sums in another order than one token, in stock llama.cpp too).
         llama-cpp-python's ``draft_model=`` replaces it, verified with the rows it samples (engine.md, "Drafts").
 
@@ -208,7 +208,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
         **kwargs: Any,
     ) -> None:
         self._hook_api: FfnHookApi | None = None
-        self._stall = _engine.StallShare()  # of recent decoded tokens' time, waiting for reads (eval)
+        self._draft_gate = _engine.DraftGate()  # single decodes timed by eval, verifications by GatedDraft
         self._engine: _engine.Engine | None = None
         self.memory_plan: MemoryPlan | None = None
         # llama_cpp.Llama.__del__ closes this stack even when __init__ failed early
@@ -420,20 +420,20 @@ class Llama(FfnReporting, llama_cpp.Llama):
     def _use_prompt_lookup(self, proposals: int, automatic: bool) -> None:
         """Decode with prompt lookup drafts of `proposals` tokens: asked for, or (automatic) where every token
         reads the layers' records whole ("stream"), which a verification of several tokens reads once, and
-        while waiting for those reads takes most of a decoded token's time (StallGatedDraft)."""
+        while verifications give tokens faster than single decodes (GatedDraft)."""
         if automatic and not self.engine.streams_regions:
             self._verification_rows = 0  # the records are cached or read sparsely: drafts would cost compute
             return
         lookup = RecentPromptLookup(num_pred_tokens=proposals)
         if automatic:
-            this = weakref.ref(self)
-            self.draft_model = StallGatedDraft(lookup, proposals, lambda: getattr(this(), "stall_share", None))
+            self.draft_model = GatedDraft(lookup, proposals, self._draft_gate)
         else:
             self.draft_model = BoundedDraft(lookup, proposals)
         self.draft_model.from_prompt_lookup = True  # made again from prompt_lookup= when unpickled
         logger.info("%s: prompt lookup drafts of up to %d tokens, each verified in one batch that reads the records "
                     "once%s (prompt_lookup=0 turns them off)", self.model_path, proposals,
-                    f", while reads take {AUTO_STALL_SHARE:.0%} of a token or more" if automatic else "")
+                    f", tried where reads take {DRAFT_TRIAL_SHARE:.0%} of a token or more and made while they give "
+                    "tokens faster than single decodes" if automatic else "")
 
     @property
     def engine(self) -> _engine.Engine:
@@ -450,8 +450,11 @@ class Llama(FfnReporting, llama_cpp.Llama):
         else:
             super().eval(tokens)
         self._stats.append(engine.take_stats())
+        seconds = time.perf_counter() - start
         if len(tokens) == 1 and self._stats[-1].size:  # a decoded token: the share of it spent waiting for reads
-            self._stall.observe(float(self._stats[-1]["stall_ns"].sum()) * 1e-9, time.perf_counter() - start)
+            self._draft_gate.observe_single(float(self._stats[-1]["stall_ns"].sum()) * 1e-9, seconds)
+        elif isinstance(self.draft_model, GatedDraft):  # perhaps the verification of its proposals
+            self.draft_model.evaluated(n_before, len(tokens), seconds)
         error = engine.error()
         if error:
             # the failed call's KV entries are dropped by the next eval, which starts at n_tokens; the context's
