@@ -21,7 +21,7 @@ inline constexpr int kAutoProposals = 4;
 // then made while they deliver tokens faster than single decodes (DraftGate). Measured (docs/benchmarks.md):
 // drafts lost 20-57 % at shares 0-0.26 (uncapped Qwen2.5-Coder-1.5B, SmolLM2 under 220MB), were even at
 // 0.45-0.46 on an EPYC machine and more than doubled the speed at 0.45-0.56 on a Xeon whose arithmetic and
-// disk are both slower; a fixed share of 0.55 had shut them there.
+// disk are both slower, where a fixed share of 0.55 had shut them.
 inline constexpr double kDraftTrialShare = 0.35;
 // While one way is ahead, the other is taken once in this many opportunities, so that both stay measured.
 inline constexpr unsigned kDraftRetrial = 16;

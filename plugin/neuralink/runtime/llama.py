@@ -160,11 +160,9 @@ class Llama(FfnReporting, llama_cpp.Llama):
         decode with prompt lookup drafts of this many tokens (the continuation of the most recent earlier
         occurrence of the last tokens), each verified in one batch, whose records are read once for all its
         tokens. Default (None): 4 where every token reads the layers' records whole (cache policy ``stream``),
-        tried once waiting for them takes 35 % of a decoded token (``stall_share``) and then made while
-        verifications give tokens faster than single decodes, both timed as it runs (Qwen2.5-Coder-1.5B under
-        800MB +40-69 %, under 530MB +54-77 %); none where the cache holds the records or the arithmetic would
-        cost more than the reads saved; 0: none. Greedy text can differ
-        where two tokens nearly tie (a batch sums in another order than one token, in stock llama.cpp too).
+        while they give tokens faster than single decodes, both timed as it runs (tried once waiting for reads
+        takes 35 % of a token: ``stall_share``); 0: none. Greedy text can differ where two tokens nearly tie
+        (a batch sums in another order than one token, in stock llama.cpp too).
         llama-cpp-python's ``draft_model=`` replaces it, verified with the rows it samples (engine.md, "Drafts").
 
     The default predictor is the one the conversion validated (its quality
@@ -419,8 +417,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
 
     def _use_prompt_lookup(self, proposals: int, automatic: bool) -> None:
         """Decode with prompt lookup drafts of `proposals` tokens: asked for, or (automatic) where every token
-        reads the layers' records whole ("stream"), which a verification of several tokens reads once, and
-        while verifications give tokens faster than single decodes (GatedDraft)."""
+        reads the layers' records whole ("stream") and while they give tokens faster than single (GatedDraft)."""
         if automatic and not self.engine.streams_regions:
             self._verification_rows = 0  # the records are cached or read sparsely: drafts would cost compute
             return
@@ -451,10 +448,6 @@ class Llama(FfnReporting, llama_cpp.Llama):
             super().eval(tokens)
         self._stats.append(engine.take_stats())
         seconds = time.perf_counter() - start
-        if len(tokens) == 1 and self._stats[-1].size:  # a decoded token: the share of it spent waiting for reads
-            self._draft_gate.observe_single(float(self._stats[-1]["stall_ns"].sum()) * 1e-9, seconds)
-        elif isinstance(self.draft_model, GatedDraft):  # perhaps the verification of its proposals
-            self.draft_model.evaluated(n_before, len(tokens), seconds)
         error = engine.error()
         if error:
             # the failed call's KV entries are dropped by the next eval, which starts at n_tokens; the context's
@@ -466,6 +459,10 @@ class Llama(FfnReporting, llama_cpp.Llama):
             if numeric:  # the engine names the layer; say which model
                 raise EngineNumericError(f"{self.model_path}: {error}")
             raise EngineIOError(error)
+        if len(tokens) == 1 and self._stats[-1].size:  # a decoded token: the share of it spent waiting for reads
+            self._draft_gate.observe_single(float(self._stats[-1]["stall_ns"].sum()) * 1e-9, seconds)
+        elif isinstance(self.draft_model, GatedDraft):  # perhaps the verification of its proposals
+            self.draft_model.evaluated(n_before, len(tokens), seconds)
 
     def create_completion(self, prompt: Any, *args: Any, **kwargs: Any) -> Any:
         self.engine  # noqa: B018 (closed: a clear error, where llama-cpp-python would use the freed context)
