@@ -79,8 +79,9 @@ void register_memory(py::module_ & m) {
     py::class_<DraftGate>(m, "DraftGate",
                           "Whether automatic drafts are verified, by what they deliver (neuralink-run's rule): tried "
                           "once waiting for reads takes DRAFT_TRIAL_SHARE of a single decoded token, then made while "
-                          "a verification's seconds over the tokens verifications produce on average stay below a "
-                          "single decode's seconds; one opportunity in DRAFT_RETRIAL goes the other way.")
+                          "a verification's seconds over the tokens a verification produces stay below a single "
+                          "decode's seconds; while one way is ahead, the other is taken once in DRAFT_RETRIAL "
+                          "opportunities.")
         .def(py::init<double>(), py::arg("trial_share") = kDraftTrialShare)
         .def("observe_single", &DraftGate::observe_single, py::arg("stall_seconds"), py::arg("wall_seconds"),
              "A decode of one token: seconds spent waiting for reads, of its wall-clock seconds.")
@@ -96,10 +97,11 @@ void register_memory(py::module_ & m) {
         }, "seconds per single decoded token (moving average); None before any")
         .def_property_readonly("drafted_seconds", [](const DraftGate & g) -> py::object {
             return g.drafted_seconds() >= 0 ? py::object(py::float_(g.drafted_seconds())) : py::object(py::none());
-        }, "a verification's seconds (moving average) per token verifications produce (mean since the start, "
-           "from a prior); None before any verification")
+        }, "a verification's seconds (moving average) per token a verification produces (produced_per_pass); "
+           "None before any verification")
         .def_property_readonly("produced_per_pass", &DraftGate::produced_per_pass,
-                               "tokens a verification produces on average (the prior before any)");
+                               "tokens a verification produces (a moving average, each pass an eighth, from a "
+                               "prior of 2)");
     m.attr("AUTO_PROPOSALS") = kAutoProposals;
     m.attr("DRAFT_TRIAL_SHARE") = kDraftTrialShare;
     m.attr("DRAFT_RETRIAL") = kDraftRetrial;

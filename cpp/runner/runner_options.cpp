@@ -125,8 +125,9 @@ generation:
     u += R"( % of a token or more
                            (below that a verification's arithmetic costs more than
                            it saves) and made while they give tokens faster than
-                           single decodes, both timed as it runs; 0: none. Greedy text may differ slightly from
-                           one token at a time (llama.cpp's batched kernels)
+                           single decodes, both timed as it runs; 0: none. Greedy
+                           text may differ slightly from one token at a time
+                           (llama.cpp's batched kernels)
   --dump-logits FILE       write the logits behind each generated token: raw float32,
                            little-endian, one row of n_vocab values per token
   --follow-tokens FILE     feed the token ids in FILE (whitespace-separated, e.g. the
