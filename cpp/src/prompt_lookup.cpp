@@ -31,7 +31,7 @@ size_t confirmed_prefix(const std::vector<int32_t> & draft, const std::vector<in
 }
 
 void MovingAverage::add(double value) {
-    value_ = measured_ ? 0.75 * value_ + 0.25 * value : value;
+    value_ = measured_ ? (1 - weight_) * value_ + weight_ * value : value;
     measured_ = true;
 }
 
@@ -48,7 +48,7 @@ void DraftGate::observe_single(double stall_seconds, double wall_seconds) {
 void DraftGate::observe_verification(double wall_seconds, size_t produced) {
     if (produced > 0) {
         pass_.add(wall_seconds);
-        produced_ = 0.875 * produced_ + 0.125 * (double) produced;
+        produced_.add((double) produced);
         since_pass_ = 0;
     }
 }

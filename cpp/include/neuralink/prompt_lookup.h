@@ -44,14 +44,19 @@ inline std::vector<int32_t> prompt_lookup(const std::vector<int32_t> & text, int
 // draft[0..j), so draft[j] stands while it equals greedy[j].
 size_t confirmed_prefix(const std::vector<int32_t> & draft, const std::vector<int32_t> & greedy);
 
-// A moving average in which each new value weighs a quarter.
+// A moving average in which each new value weighs `weight` (a quarter unless given); unmeasured until the first
+// value, which it takes whole, unless it starts from a prior.
 class MovingAverage {
   public:
+    explicit MovingAverage(double weight = 0.25) : weight_(weight) {}
+    MovingAverage(double weight, double prior) : weight_(weight), measured_(true), value_(prior) {}
+
     void add(double value);
     bool measured() const { return measured_; }
     double value() const { return value_; }
 
   private:
+    double weight_;
     bool measured_ = false;
     double value_ = 0;
 };
@@ -69,6 +74,9 @@ class StallShare {
     MovingAverage share_;
 };
 
+// The tokens a verification produces, as DraftGate assumes before any is made.
+inline constexpr double kDraftPriorProduced = 2.0;
+
 // Whether automatic drafts are verified, decided by what they deliver (neuralink-run --prompt-lookup auto and
 // neuralink.Llama's prompt_lookup=None): once waiting for reads takes at least kDraftTrialShare of a single
 // decoded token, a verification is tried, and then they are made while a verification's seconds over the
@@ -79,8 +87,6 @@ class StallShare {
 // ahead, a single token is decoded where none was for kDraftRetrial opportunities (lookups that find nothing
 // decode single tokens anyway); while they are behind, one opportunity in kDraftRetrial is verified (only where
 // the share is still at least the trial share).
-inline constexpr double kDraftPriorProduced = 2.0;
-
 class DraftGate {
   public:
     explicit DraftGate(double trial_share = kDraftTrialShare) : trial_share_(trial_share) {}
@@ -95,7 +101,7 @@ class DraftGate {
     const StallShare & stall() const { return stall_; }
     const MovingAverage & single_seconds() const { return single_; } // per token
     const MovingAverage & pass_seconds() const { return pass_; }     // per verification
-    double produced_per_pass() const { return produced_; } // the prior until verifications are made
+    double produced_per_pass() const { return produced_.value(); } // the prior until verifications are made
     // A verification's seconds per token produced, or -1 before any verification.
     double drafted_seconds() const { return pass_.measured() ? pass_.value() / produced_per_pass() : -1; }
 
@@ -103,7 +109,7 @@ class DraftGate {
     double trial_share_;
     StallShare stall_;
     MovingAverage single_, pass_;
-    double produced_ = kDraftPriorProduced;
+    MovingAverage produced_{ 0.125, kDraftPriorProduced }; // tokens a verification produces: a long memory
     unsigned since_single_ = 0, since_pass_ = 0; // opportunities since each was last observed
 };
 
