@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import requests
 import neuralink
 
 from conftest import ModelFactory
+from test_memory_budget import every_token_weight_bytes
 
 PROMPT = "the quick brown fox jumps over the lazy dog and the"
 CHAT = [{"role": "user", "content": "the model of the flash memory"}]
@@ -36,6 +38,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# the server processes running, by base URL
+PROCESSES: dict[str, subprocess.Popen] = {}
+
+
 @contextlib.contextmanager
 def running(command: list[str], log: Path) -> Iterator[str]:
     """Start a server process; yield its base URL once /v1/models answers; stop it."""
@@ -44,6 +50,7 @@ def running(command: list[str], log: Path) -> Iterator[str]:
         process = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], stdout=out,
                                    stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    PROCESSES[url] = process
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -57,6 +64,7 @@ def running(command: list[str], log: Path) -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
+        del PROCESSES[url]
         process.terminate()
         try:
             process.wait(timeout=30)
@@ -118,7 +126,20 @@ def test_the_server_runs_the_sparse_engine(client: openai.OpenAI, server: str, s
     assert [m["id"] for m in models["data"]] == [str(converted[0])]
     client.completions.create(model="m", prompt=PROMPT, max_tokens=4, **SAME)
     # the server is verbose by default: neuralink.Llama reports what its engine read after each completion
-    assert "neuralink FFN:" in server_log.read_text()
+    log = server_log.read_text()
+    assert "neuralink FFN:" in log
+    # under --memory-budget, without --n_batch, the micro-batch is neuralink.Llama's (64), not the server's 512
+    assert re.search(r"n_batch\s+=\s+64\b", log), log[-3000:]
+
+
+def test_the_server_locks_no_ffn_weights(server: str, converted: tuple[Path, Path]) -> None:
+    # llama-cpp-python's server defaults to use_mlock, which llama.cpp would apply to its whole mapping, FFN
+    # weights included (Qwen2.5-Coder-1.5B served under an 800MB cap was OOM-killed at load): the weights
+    # llama.cpp reads every token are locked instead, as under a budget
+    status = Path(f"/proc/{PROCESSES[server].pid}/status").read_text()
+    locked = int(re.search(r"VmLck:\s+(\d+) kB", status).group(1)) * 1024
+    every_token, slack = every_token_weight_bytes(converted[0])
+    assert every_token <= locked <= every_token + slack
 
 
 BAD_REQUESTS = [

@@ -86,22 +86,17 @@ class Llama(FfnReporting, llama_cpp.Llama):
         for measurement). Default: ``"gate"`` where it applies, else
         ``"lowrank"`` when the sidecar has one, else ``"dense"``.
     cache_policy, cache_bytes:
-        the DRAM cache of neuron bundles (``auto``, ``none``, ``lru``,
-        ``s3fifo``, ``linking``, ``pinned``, ``stream``) and its size.
-        ``auto`` (the default): the whole store when the cache holds it;
-        else ``stream`` when collapsed reads would cover the layers anyway
-        and the budget leaves room for its two buffers: no cache, every
-        layer's records read whole into two buffers, ahead of the layer
-        (Qwen2.5-Coder-1.5B under 800 MB: 1.63 against 1.27 tok/s, the
-        first token in 6.4 instead of 9.2 s); else ``pinned``, the most
-        frequently needed records kept
-        for good (they lie in stretches the reads then skip: on
-        Qwen2.5-Coder-1.5B under a 1 GB cap 391 instead of 494 MiB read per
-        token, SmolLM2 under 220 MB 15 instead of 30). Without cache_bytes and
-        memory_budget, the cache gets what the process may use: the tighter
-        of its cgroup's memory limit and the system's available memory, less
-        10 % (at least 256 MiB), less everything else the memory plan counts
-        (``memory_plan``); with free memory the whole store ends up cached.
+        the DRAM cache of neuron bundles (``auto``, ``none``, ``lru``, ``s3fifo``, ``linking``, ``pinned``,
+        ``stream``) and its size. ``auto`` (the default): the whole store when the cache holds it; else ``stream``
+        when collapsed reads would cover the layers anyway and the budget leaves room for its two buffers: no
+        cache, every layer's records read whole into two buffers, ahead of the layer (Qwen2.5-Coder-1.5B under
+        800 MB: 1.63 against 1.27 tok/s, the first token in 6.4 instead of 9.2 s); else ``pinned``, the most
+        frequently needed records kept for good (they lie in stretches the reads then skip: on
+        Qwen2.5-Coder-1.5B under a 1 GB cap 391 instead of 494 MiB read per token, SmolLM2 under 220 MB 15
+        instead of 30). Without cache_bytes and memory_budget, the cache gets what the process may use: the
+        tighter of its cgroup's memory limit and the system's available memory, less 10 % (at least 256 MiB),
+        less everything else the memory plan counts (``memory_plan``); with free memory the whole store ends
+        up cached.
     queue_depth:
         reads in flight at once (per compute thread with io_uring).
     io_backend:
@@ -148,12 +143,12 @@ class Llama(FfnReporting, llama_cpp.Llama):
         read it at load in long sequential reads, every record checked,
         instead of neuron by neuron during the first tokens. Default on.
     lock_weights:
-        lock (mlock) the pages of the weights llama.cpp reads every token
-        (attention, norms, output matrix) in its mapping of the model, so that
-        a cgroup at its limit does not evict them only to fault them back in
-        the next token. Default: on under an explicit memory_budget (whose
-        plan counts them resident) when the weights are not repacked. A lock
-        the system refuses (``ulimit -l``) is logged and the model runs
+        lock (mlock) the pages of the weights llama.cpp reads every token (attention, norms, output matrix) in
+        its mapping of the model, so that a cgroup at its limit does not evict them only to fault them back in
+        the next token. Default: on under an explicit memory_budget (whose plan counts them resident) when the
+        weights are not repacked, and with llama-cpp-python's ``use_mlock=True`` (the default of its server),
+        which is taken to mean this: passed to llama.cpp it would lock the whole mapping, the FFN weights the
+        engine reads itself included. A lock the system refuses (``ulimit -l``) is logged and the model runs
         unlocked.
 
     prompt_lookup:
@@ -278,6 +273,9 @@ class Llama(FfnReporting, llama_cpp.Llama):
             warn_if_near_cgroup_limit(model_path, budget)
         if memory_budget is not None and "n_batch" not in kwargs and not kwargs.get("embedding"):
             kwargs["n_batch"] = BUDGET_N_BATCH  # (an embedding's whole input must fit one batch: not then)
+        # llama.cpp's mlock would lock the whole mapping, the FFN tensors the engine reads itself included (1 GB on
+        # Qwen2.5-Coder-1.5B; llama-cpp-python's server asks for it by default): the every-token weights instead
+        use_mlock = bool(kwargs.pop("use_mlock", False))
         kv_overrides = dict(kwargs.pop("kv_overrides", None) or {})
         kv_overrides[LAZY_FFN_WEIGHTS_KEY] = True
         # llama.cpp reports its KV, output and compute buffers in its log; attaching re-reserves the latter
@@ -343,8 +341,8 @@ class Llama(FfnReporting, llama_cpp.Llama):
             if why:
                 logger.warning("%s: %s; the token embedding's lookups stay mapped", model_path, why)
         # (repacked weights are read from their anonymous copies, not from the mapping)
-        lock = lock_weights if lock_weights is not None else (memory_budget is not None and sidecar_path is not None
-                                                              and not repack)
+        lock = lock_weights if lock_weights is not None else \
+            (use_mlock or memory_budget is not None and sidecar_path is not None) and not repack
         if lock:
             locked, why = lock_every_token_weights(engine)
             if why:
@@ -374,7 +372,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
                                     thresholds=thresholds, predictor_thresholds=predictor_thresholds,
                                     repack_weights=repack_weights, preload=preload,
                                     candidate_thresholds=candidate_thresholds, lock_weights=lock_weights,
-                                    prompt_lookup=prompt_lookup)
+                                    prompt_lookup=prompt_lookup, use_mlock=use_mlock)
         self._stats: list[np.ndarray] = []
         self._summarized = 0
 

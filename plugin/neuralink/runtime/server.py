@@ -35,9 +35,12 @@ class NeuralinkOptions:
     queue_depth: int | None = None
     io_backend: str = "auto"
     direct_io: bool = True
+    # the server's n_batch is its settings' default (512), not the user's: neuralink.Llama's under a budget (64)
+    default_n_batch: bool = False
 
     def llama_kwargs(self) -> dict[str, Any]:
         kwargs = {k: v for k, v in asdict(self).items() if v is not None}
+        del kwargs["default_n_batch"]
         if self.sidecar is None:
             kwargs.pop("sidecar", None)  # the converted model's own sidecar, found beside it
         return kwargs
@@ -57,6 +60,8 @@ class _ServerLlamaNames(types.ModuleType):
     def Llama(self) -> Any:  # noqa: N802 - the name llama-cpp-python's server looks up
         def build(*, model_path: str, **kwargs: Any) -> Llama:
             options = self._options.get(model_path, NeuralinkOptions())
+            if options.default_n_batch:
+                kwargs.pop("n_batch", None)
             return Llama(model_path, **kwargs, **options.llama_kwargs())
 
         return functools.update_wrapper(build, Llama)
