@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,12 @@ import pytest
 from test_convert import random_placement
 
 import neuralink
+from neuralink.runtime.llama import BUDGET_N_BATCH
 from neuralink.convert.writer import convert_model
 from neuralink.errors import MemoryBudgetError
 from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.sizes import parse_size
-from neuralink.runtime.memory_budget import _cgroup_limit, automatic_budget
+from neuralink.runtime.memory_budget import CGROUP_HEADROOM, _cgroup_limit, automatic_budget
 
 # a fresh process per run: VmHWM is the peak of everything it did, from import to the last token
 RUN = r"""
@@ -102,14 +104,13 @@ def test_a_budget_too_close_to_the_cgroup_limit_is_warned_about(
 
 def test_bench_gives_neuralink_a_budget_below_the_cap_with_the_cgroup_headroom() -> None:
     from neuralink.evaluate.bench.e2e import budget_for_cap
-    from neuralink.runtime.memory_budget import CGROUP_HEADROOM
 
     assert budget_for_cap(parse_size("800MB"), 0.95) == int(parse_size("800MB") * 0.95)  # 5 % is more
     assert budget_for_cap(parse_size("220MB"), 0.95) == parse_size("220MB") - CGROUP_HEADROOM
 
 
 def test_without_a_budget_the_cache_uses_the_memory_there_is(converted_smollm2: Path) -> None:
-    budget, source = automatic_budget()
+    budget, source, _ = automatic_budget()
     assert budget > 0 and "MiB" in source
     llm = neuralink.Llama(str(converted_smollm2), n_batch=64, verbose=False)
     plan = llm.memory_plan
@@ -256,3 +257,66 @@ def test_use_mlock_locks_what_llama_cpp_reads_not_the_ffn_weights(converted_mode
     assert llm("the model", max_tokens=4, temperature=0.0)["choices"][0]["text"]
     llm.close()
     assert locked_bytes() == before
+
+
+# in a memory cgroup of its own: the plan, the micro-batch, the lock, the peak and the text of a completion
+IN_CGROUP = r"""
+import json, sys
+import neuralink
+from neuralink.evaluate.cgroup import MemoryCgroup
+model, limit = sys.argv[1], int(sys.argv[2])
+group = MemoryCgroup.create(limit, prefix="neuralink-test")
+try:
+    group.join()
+    llm = neuralink.Llama(model, verbose=False)
+    text = llm("The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    locked = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmLck"))
+    print(json.dumps({"budget": llm.memory_plan.budget, "cache": llm.memory_plan.cache, "n_batch": llm.n_batch,
+                      "locked": locked, "text": text, "peak": group.peak_bytes(),
+                      "limit": int((group.path / "memory.limit_in_bytes").read_text())}))  # in whole pages
+    llm.close()
+finally:
+    (group.path.parent / "cgroup.procs").write_text(str(__import__("os").getpid()))
+    group.remove()
+"""
+
+
+def test_a_tight_cgroup_limit_runs_as_a_budget(converted_smollm2: Path) -> None:
+    # a container's limit, no memory_budget: the process runs as under a budget of the limit less the page cache
+    # the cgroup charges (it had kept a 256 MiB margin, so a 800MB limit ran Qwen2.5-Coder-1.5B with no cache,
+    # no stream and llama-cpp-python's 512-token micro-batches: 2.4 against 5.2 tok/s with --memory-budget)
+    from neuralink.evaluate.cgroup import MEMORY_ROOT
+
+    if not os.access(MEMORY_ROOT, os.W_OK):
+        pytest.skip(f"{MEMORY_ROOT}: no writable cgroup v1 memory controller")
+    limit = parse_size("200MB")
+    done = subprocess.run([sys.executable, "-c", IN_CGROUP, str(converted_smollm2), str(limit)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    assert limit - 4096 < run["limit"] <= limit
+    assert run["budget"] == min(int(run["limit"] * 0.95), run["limit"] - CGROUP_HEADROOM)
+    assert 0 < run["cache"] and run["n_batch"] == BUDGET_N_BATCH and run["locked"] > 0
+    assert run["peak"] <= limit and run["text"].strip()
+
+
+def test_the_runner_runs_a_tight_cgroup_limit_as_a_budget(runner: Path, converted_smollm2: Path) -> None:
+    # neuralink-run shares the rule (tight_cgroup_limit): micro-batches of 64, the weights read every token locked
+    from neuralink.evaluate.cgroup import MEMORY_ROOT, MemoryCgroup
+
+    if not os.access(MEMORY_ROOT, os.W_OK):
+        pytest.skip(f"{MEMORY_ROOT}: no writable cgroup v1 memory controller")
+    group = MemoryCgroup.create(parse_size("150MB"), prefix="neuralink-test")
+    try:
+        done = subprocess.run([str(runner), "-m", str(converted_smollm2), "-p", "The capital of France is", "-n", "8",
+                               "-c", "512", "-t", "2", "--verbose"], capture_output=True, text=True, timeout=300,
+                              preexec_fn=group.join)
+        oom = group.oom_killed()
+    finally:
+        group.remove()
+    assert done.returncode == 0 and not oom, done.stderr[-3000:]
+    limit = parse_size("150MB") // 4096 * 4096  # the kernel keeps whole pages
+    budget = min(int(limit * 0.95), limit - CGROUP_HEADROOM)
+    assert f"cannot hold the whole store: run as under a memory budget of {budget / 2**20:.1f} MiB" in done.stderr
+    assert re.search(r"n_batch\s+=\s+64\b", done.stderr), done.stderr[-3000:]
+    assert "may be evicted" not in done.stderr  # every weight read every token locked

@@ -110,10 +110,24 @@ void register_memory(py::module_ & m) {
           "This process's cgroup memory limit in bytes (v1 or v2, found through proc_cgroup under root), or None.");
     m.def("automatic_budget", [](uint64_t rss) -> py::object {
               const auto found = automatic_budget(rss);
-              return found ? py::object(py::make_tuple(found->bytes, found->source)) : py::object(py::none());
+              return found ? py::object(py::make_tuple(found->bytes, found->source, found->cgroup_limit))
+                           : py::object(py::none());
           }, py::arg("rss"),
-          "What a process of resident size rss may hold without a budget: the tighter of its cgroup limit and rss "
-          "plus the available memory, less 10 % (at least 256 MiB); (bytes, where it came from) or None.");
+          "What a process of resident size rss may hold without a budget: the tighter of its cgroup limit less "
+          "the headroom a cgroup charges (budget_under_cgroup_limit) and rss plus the available memory less 10 % "
+          "(at least 256 MiB); (bytes, where it came from, whether the cgroup limit was the tighter) or None.");
+    m.def("tight_cgroup_limit", [](const Engine & engine, uint64_t budget, const std::string & source,
+                                   bool cgroup_limit, uint64_t rss, int n_threads, int n_ctx) {
+              return tight_cgroup_limit(engine, AutomaticBudget { budget, source, cgroup_limit }, rss, n_threads,
+                                        n_ctx);
+          }, py::arg("engine"), py::arg("budget"), py::arg("source"), py::arg("cgroup_limit"), py::arg("rss"),
+          py::arg("n_threads"), py::arg("n_ctx"),
+          "Whether an automatic budget (automatic_budget's triple) is a cgroup's limit too tight to cache the whole "
+          "store, by a plan made before llama.cpp loads: the process then runs as under an explicit budget.");
+    m.def("budget_under_cgroup_limit", &budget_under_cgroup_limit, py::arg("limit"),
+          "The memory budget a process under a cgroup limit of `limit` bytes may take: 5 % and at least "
+          "CGROUP_HEADROOM below it.");
+    m.attr("CGROUP_HEADROOM") = kCgroupHeadroom;
     m.def("anonymous_resident_bytes", &anonymous_resident_bytes, "Its anonymous part (RssAnon).");
     m.def("release_free_heap", &release_free_heap, "Hand the C heap's free pages back to the system (malloc_trim).");
     m.def("fix_malloc_thresholds", &fix_malloc_thresholds,

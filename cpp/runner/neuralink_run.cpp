@@ -323,7 +323,7 @@ void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & 
         overrides[0].val_bool = true;
         mparams.kv_overrides = overrides;
     }
-    if (o.memory_budget) {
+    if (o.memory_budget || o.tight_cgroup) {
         // where memory is short, no anonymous copy of the weights llama.cpp has repacked kernels for (80 MiB on
         // Qwen2.5-Coder-1.5B): they are read from the mapping, which the budget's plan counts and locks
         mparams.use_extra_bufts = false;
@@ -402,6 +402,8 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
              plan.cache() / 1048576.0, engine.sparse()->store_bytes() / 1048576.0, automatic->source.c_str());
     } else {
         note("memory budget:\n%s", plan.describe().c_str());
+    }
+    if (!automatic || o.tight_cgroup) {
         // the plan counts the weights read every token resident: keep them so under the cgroup's reclaim (with no
         // budget asked for, llama.cpp reads the repacked copies it made of them instead)
         const neuralink::LockedPages locked = neuralink::lock_every_token_weights(engine.model());
@@ -418,7 +420,7 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
     preload_store(*engine.sparse());
 }
 
-int run(const RunnerOptions & o) {
+int run(RunnerOptions o) {
     LlamaLog log;
     log.verbose = o.verbose;
     llama_log_set(on_llama_log, &log);
@@ -451,6 +453,18 @@ int run(const RunnerOptions & o) {
     std::optional<neuralink::AutomaticBudget> automatic;
     if (!o.memory_budget && !o.cache_bytes_given && o.cache_policy != "none" && engine && engine->sparse()) {
         automatic = neuralink::automatic_budget(process_before);
+        o.tight_cgroup = neuralink::tight_cgroup_limit(*engine, automatic, process_before, o.n_threads,
+                                                       o.n_ctx > 0 ? o.n_ctx : o.n_predict);
+        if (automatic && automatic->cgroup_limit) {
+            neuralink::fix_malloc_thresholds(); // what is freed leaves the process, as the plan counts it
+        }
+        if (o.tight_cgroup) {
+            note("%s cannot hold the whole store: run as under a memory budget of %.1f MiB", automatic->source.c_str(),
+                 automatic->bytes / 1048576.0);
+            if (!o.n_batch_given) {
+                o.n_batch = neuralink::kBudgetBatch;
+            }
+        }
     }
     // llama.cpp logs its KV, output and compute buffer sizes while loading; attaching re-reserves the latter
     log.capture = o.memory_budget || automatic;

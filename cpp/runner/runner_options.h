@@ -48,8 +48,11 @@ struct RunnerOptions {
     int n_predict = 64;
     int n_threads = 0;           // 0: the hardware's threads, at most 4
     int n_ctx = 0;               // 0: prompt + n_predict tokens
-    int n_batch = 512;           // kBudgetBatch under --memory-budget, unless -b is given
+    int n_batch = 512;           // kBudgetBatch under --memory-budget or a tight cgroup limit, unless -b is given
     bool n_batch_given = false;
+    // set by run(): no budget given, and a cgroup limit too tight for the whole store (tight_cgroup_limit), which
+    // the run then treats as a budget (micro-batches, repacking, locked weights), never refusing
+    bool tight_cgroup = false;
     bool flash_attn = false;     // off, as neuralink.Llama (llama-cpp-python's default): same tokens as Python
     bool ignore_eos = false;
     int prompt_lookup = -1;      // drafts of N tokens per verification; 0 none; -1 auto (stream, reads dominate)

@@ -149,21 +149,36 @@ std::optional<uint64_t> cgroup_memory_limit(const std::string & proc_cgroup, con
     return std::nullopt;
 }
 
+uint64_t budget_under_cgroup_limit(uint64_t limit) {
+    const auto fraction = (uint64_t) ((double) limit * kCgroupBudgetFraction);
+    return std::min(fraction, limit > kCgroupHeadroom ? limit - kCgroupHeadroom : 0);
+}
+
 std::optional<AutomaticBudget> automatic_budget(uint64_t rss) {
     constexpr double kMarginFraction = 0.10;
     constexpr uint64_t kMarginMin = 256ull << 20;
     std::optional<AutomaticBudget> best;
     if (const auto limit = cgroup_memory_limit()) {
-        best = AutomaticBudget { *limit, with_mib("the cgroup memory limit", *limit) };
+        best = AutomaticBudget { budget_under_cgroup_limit(*limit), with_mib("the cgroup memory limit", *limit), true };
     }
-    if (const auto available = available_memory(); available && (!best || rss + *available < best->bytes)) {
-        best = AutomaticBudget { rss + *available, with_mib("available memory", rss + *available) };
-    }
-    if (best) {
-        const uint64_t margin = std::max(kMarginMin, (uint64_t) (best->bytes * kMarginFraction));
-        best->bytes = best->bytes > margin ? best->bytes - margin : 0;
+    if (const auto available = available_memory()) {
+        const uint64_t there = rss + *available;
+        const uint64_t margin = std::max(kMarginMin, (uint64_t) ((double) there * kMarginFraction));
+        const uint64_t bytes = there > margin ? there - margin : 0;
+        if (!best || bytes < best->bytes) {
+            best = AutomaticBudget { bytes, with_mib("available memory", there), false };
+        }
     }
     return best;
+}
+
+bool tight_cgroup_limit(const Engine & engine, const std::optional<AutomaticBudget> & automatic, uint64_t rss,
+                        int n_threads, int n_ctx) {
+    if (!automatic || !automatic->cgroup_limit || !engine.sparse()) {
+        return false;
+    }
+    const MemoryPlan plan = plan_memory(engine, automatic->bytes, rss, {}, n_threads, kBudgetBatch, n_ctx, 0);
+    return plan.minimum() + plan.whole_store_cache > plan.budget;
 }
 
 uint64_t MemoryPlan::cache() const {

@@ -48,14 +48,25 @@ void fix_malloc_thresholds();
 std::optional<uint64_t> cgroup_memory_limit(const std::string & proc_cgroup = "/proc/self/cgroup",
                                             const std::string & root = "/sys/fs/cgroup");
 
+// What a cgroup charges beyond its processes' RSS at the least: page cache the kernel keeps active (the model's
+// pages read at load and then mapped, libraries), which it did not reclaim before killing (SmolLM2 under a 220MB
+// cap was OOM-killed 19 MiB below the cap and ran 28 MiB below). A budget under a cgroup limit stays this far
+// below it, and 5 % below it at the least: `neuralink bench e2e`'s rule for every capped run since the seventh
+// pass, peak within the cap in all of them.
+constexpr uint64_t kCgroupHeadroom = 24ull << 20;
+constexpr double kCgroupBudgetFraction = 0.95;
+uint64_t budget_under_cgroup_limit(uint64_t limit);
+
 // What a process may hold when no budget is given (its bundle cache is then sized from it): the tighter of its
-// cgroup's limit and `rss` plus the system's available memory (MemAvailable), less a margin (10 %, at least
-// 256 MiB) for the rest of the system and for allocations no plan sees; and where that came from, for the log.
-// nullopt where neither can be read. neuralink.Llama without memory_budget= and neuralink-run without
-// --memory-budget or --cache-bytes use it.
+// cgroup's limit less the headroom above (budget_under_cgroup_limit) and `rss` plus the system's available
+// memory (MemAvailable) less a margin for the rest of the system and for allocations no plan sees (10 %, at
+// least 256 MiB); where that came from, for the log; and whether the cgroup's limit was the tighter, a limit the
+// kernel enforces by reclaim and by killing, as an explicit budget's. nullopt where neither can be read.
+// neuralink.Llama without memory_budget= and neuralink-run without --memory-budget or --cache-bytes use it.
 struct AutomaticBudget {
     uint64_t bytes = 0;
     std::string source;
+    bool cgroup_limit = false;
 };
 std::optional<AutomaticBudget> automatic_budget(uint64_t rss);
 
@@ -92,6 +103,13 @@ struct MemoryPlan {
 MemoryPlan plan_memory(const Engine & engine, uint64_t budget, uint64_t process_before,
                        const std::vector<std::string> & llama_log, int n_threads, int n_ubatch, int n_ctx,
                        uint64_t load_anon_growth);
+
+// Whether `automatic` is a cgroup's limit too tight to cache the whole store, by a plan made before llama.cpp
+// loads (its buffers not yet known, so a little short) for micro-batches of kBudgetBatch: the process then runs
+// as under an explicit budget of that size (micro-batches of kBudgetBatch, the weights unrepacked and those read
+// every token locked), never refused. neuralink.Llama and neuralink-run both decide so.
+bool tight_cgroup_limit(const Engine & engine, const std::optional<AutomaticBudget> & automatic, uint64_t rss,
+                        int n_threads, int n_ctx);
 
 // The fewest layers whose gate rows, read every time the layer runs instead of kept resident
 // (Engine::stream_gate_rows), bring `plan`'s minimum within its budget: 0 when the plan fits as it is, -1 when

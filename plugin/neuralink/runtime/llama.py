@@ -52,6 +52,7 @@ from neuralink.runtime.memory_budget import (
     release_free_heap,
     resident_bytes,
     resolved_cache_policy,
+    tight_cgroup_limit,
     warn_if_near_cgroup_limit,
 )
 from neuralink.runtime.sidecar_lookup import default_predictor, find_sidecar, named_sidecar
@@ -93,29 +94,27 @@ class Llama(FfnReporting, llama_cpp.Llama):
         800 MB: 1.63 against 1.27 tok/s, the first token in 6.4 instead of 9.2 s); else ``pinned``, the most
         frequently needed records kept for good (they lie in stretches the reads then skip: on
         Qwen2.5-Coder-1.5B under a 1 GB cap 391 instead of 494 MiB read per token, SmolLM2 under 220 MB 15
-        instead of 30). Without cache_bytes and memory_budget, the cache gets what the process may use: the
-        tighter of its cgroup's memory limit and the system's available memory, less 10 % (at least 256 MiB),
-        less everything else the memory plan counts (``memory_plan``); with free memory the whole store ends
-        up cached.
+        instead of 30). Without cache_bytes and memory_budget, the cache gets what the process may use, less
+        everything else the memory plan counts (``memory_plan``): the tighter of its cgroup's memory limit
+        (less 5 %, at least 24 MiB) and the system's available memory (less 10 %, at least 256 MiB); with free
+        memory the whole store ends up cached.
     queue_depth:
         reads in flight at once (per compute thread with io_uring).
     io_backend:
-        ``"auto"`` (io_uring where the kernel allows it, else a pool of
-        pread threads), ``"uring"`` or ``"pread"``.
+        ``"auto"`` (io_uring where the kernel allows it, else a pool of pread threads), ``"uring"`` or ``"pread"``.
     collapse_gap:
-        merge two runs of neurons into one read when the bytes between them
-        are at most this many (default: from the device's cached profile, see
-        ``neuralink device-profile``, else a phone-flash cost model).
+        merge two runs of neurons into one read when the bytes between them are at most this many (default: from
+        the device's cached profile, see ``neuralink device-profile``, else a phone-flash cost model).
     adaptive_collapse:
         fit the collapse gap to the reads' timing while running (docs/engine.md); off by default.
     memory_budget:
-        the whole process's memory ("150MB", "1.5GiB" or bytes): with a
-        sidecar, everything resident is accounted (see neuralink.runtime.memory_budget) and
-        the bundle cache gets the rest; a budget below the minimum is refused
-        with the minimum named. Overrides cache_bytes. Under a budget n_batch
-        defaults to 64 (not with embedding=True, whose text must fit one
-        batch) instead of llama-cpp-python's 512, whose micro-batches need
-        ~65 MiB more on Qwen2.5-Coder-1.5B, memory the cache would get.
+        the whole process's memory ("150MB", "1.5GiB" or bytes): with a sidecar, everything resident is
+        accounted (see neuralink.runtime.memory_budget) and the bundle cache gets the rest; a budget below the
+        minimum is refused with the minimum named. Overrides cache_bytes. Under a budget n_batch defaults to 64
+        (not with embedding=True, whose text must fit one batch) instead of llama-cpp-python's 512, whose
+        micro-batches need ~65 MiB more on Qwen2.5-Coder-1.5B, memory the cache would get. Without one, in a
+        cgroup whose limit cannot hold the whole store, the process runs as under a budget of the limit less
+        5 % (at least 24 MiB: page cache the cgroup charges), never refused.
     direct_io:
         read weights and bundles with O_DIRECT, around the page cache (falls
         back to buffered reads where the filesystem refuses).
@@ -126,11 +125,9 @@ class Llama(FfnReporting, llama_cpp.Llama):
         see ``neuralink.evaluate.density_sweep``. ``engine.set_thresholds``
         changes them on a loaded model.
     repack_weights:
-        let llama.cpp copy the non-FFN weights it has faster kernels for
-        (Q4_0, Q4_K, IQ4_NL) into repacked rows at load. The copy is
-        anonymous memory beside the mapped file's pages: 80 MiB on
-        Qwen2.5-Coder-1.5B. Default: off under an explicit memory_budget,
-        where memory is what is short, on otherwise.
+        let llama.cpp copy the non-FFN weights it has faster kernels for (Q4_0, Q4_K, IQ4_NL) into repacked
+        rows at load: anonymous memory beside the mapped file's pages, 80 MiB on Qwen2.5-Coder-1.5B. Default:
+        off under a budget (explicit, or a tight cgroup limit), where memory is what is short, on otherwise.
     down_rows:
         when the cache holds the whole store, the down projection of the layers where the engine's cost model
         says it costs less by the converted GGUF's own ``ffn_down`` rows than by the sidecar's down columns
@@ -145,8 +142,8 @@ class Llama(FfnReporting, llama_cpp.Llama):
     lock_weights:
         lock (mlock) the pages of the weights llama.cpp reads every token (attention, norms, output matrix) in
         its mapping of the model, so that a cgroup at its limit does not evict them only to fault them back in
-        the next token. Default: on under an explicit memory_budget (whose plan counts them resident) when the
-        weights are not repacked, and with llama-cpp-python's ``use_mlock=True`` (the default of its server),
+        the next token. Default: on under a budget (whose plan counts them resident) when the weights are not
+        repacked, and with llama-cpp-python's ``use_mlock=True`` (the default of its server),
         which is taken to mean this: passed to llama.cpp it would lock the whole mapping, the FFN weights the
         engine reads itself included. A lock the system refuses (``ulimit -l``) is logged and the model runs
         unlocked.
@@ -255,11 +252,13 @@ class Llama(FfnReporting, llama_cpp.Llama):
                 f"{model_path}: a memory budget needs a model converted by neuralink and its sidecar "
                 "(without one, the engine keeps every FFN weight in RAM)"
             )
-        automatic = None  # (budget, where it came from) when the cache is sized from the memory there is
+        automatic = None  # (budget, its source, from a cgroup limit) when the cache is sized from the memory there is
         if budget is None and sidecar_path is not None and cache_bytes == 0 and cache_policy != "none":
             automatic = automatic_budget()
             if automatic is not None:
                 budget = automatic[0]
+                if automatic[2]:  # a cgroup's limit: what is freed leaves the process, as the plan counts it
+                    _engine.fix_malloc_thresholds()
         # the engine reads what it keeps of the FFN weights itself, before llama.cpp maps the rest
         engine = _engine.Engine(os.fspath(model_path), **engine_args)
         if cache_policy == "auto" and cache_bytes and budget is None and sidecar_path is not None:
@@ -271,7 +270,10 @@ class Llama(FfnReporting, llama_cpp.Llama):
 
         if memory_budget is not None and budget is not None:
             warn_if_near_cgroup_limit(model_path, budget)
-        if memory_budget is not None and "n_batch" not in kwargs and not kwargs.get("embedding"):
+        # an explicit budget, or a cgroup's limit too tight for the whole store: memory is what is short
+        bounded = memory_budget is not None or tight_cgroup_limit(engine, automatic, kwargs.get("n_ctx", 512),
+                                                                  kwargs.get("n_threads") or os.cpu_count() or 1)
+        if bounded and "n_batch" not in kwargs and not kwargs.get("embedding"):
             kwargs["n_batch"] = BUDGET_N_BATCH  # (an embedding's whole input must fit one batch: not then)
         # llama.cpp's mlock would lock the whole mapping, the FFN tensors the engine reads itself included (1 GB on
         # Qwen2.5-Coder-1.5B; llama-cpp-python's server asks for it by default): the every-token weights instead
@@ -279,7 +281,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
         kv_overrides = dict(kwargs.pop("kv_overrides", None) or {})
         kv_overrides[LAZY_FFN_WEIGHTS_KEY] = True
         # llama.cpp reports its KV, output and compute buffers in its log; attaching re-reserves the latter
-        repack = repack_weights if repack_weights is not None else memory_budget is None
+        repack = repack_weights if repack_weights is not None else not bounded
         # logits_all or embeddings need a whole micro-batch of output rows; else one (38 -> 4 MiB of compute buffer
         # on Qwen2.5-Coder), or a draft's verification rows (neuralink.runtime.draft)
         rows = 0 if kwargs.get("logits_all") or kwargs.get("embedding") else 1
@@ -342,7 +344,7 @@ class Llama(FfnReporting, llama_cpp.Llama):
                 logger.warning("%s: %s; the token embedding's lookups stay mapped", model_path, why)
         # (repacked weights are read from their anonymous copies, not from the mapping)
         lock = lock_weights if lock_weights is not None else \
-            (use_mlock or memory_budget is not None and sidecar_path is not None) and not repack
+            (use_mlock or bounded and sidecar_path is not None) and not repack
         if lock:
             locked, why = lock_every_token_weights(engine)
             if why:

@@ -31,11 +31,9 @@ log = logging.getLogger(__name__)
 MemoryPlan = _engine.MemoryPlan
 
 
-# what a cgroup charges beyond the process's RSS at the least: page cache the kernel keeps active (the model's
-# pages read at load and then mapped, libraries), which it did not reclaim before killing: SmolLM2 under a 220MB
-# cap was OOM-killed at 190.6 MiB RSS (19 MiB below the cap) and ran at 181.6 (28 MiB below); a 240MB cap held
-# 190.6 with 38 MiB of page cache charged beside it
-CGROUP_HEADROOM = 24 << 20
+# what a cgroup charges beyond the process's RSS at the least (page cache the kernel keeps active: the engine's
+# kCgroupHeadroom, memory_plan.h): a budget under a cgroup limit stays this far below it
+CGROUP_HEADROOM = _engine.CGROUP_HEADROOM
 
 
 # what neuralink-run holds before the model (its plan's process line on x86-64: 7.0 MiB) against the interpreter's
@@ -66,11 +64,20 @@ def _cgroup_limit(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sy
     return _engine.cgroup_memory_limit(os.fspath(proc), os.fspath(root))
 
 
-def automatic_budget() -> tuple[int, str] | None:
-    """What this process may hold when no budget is given: the tighter of its cgroup's memory limit and its RSS
-    plus the system's available memory, less a margin (10 %, at least 256 MiB); and where that came from. None
-    where neither can be read. (The engine's, which neuralink-run uses too.)"""
+def automatic_budget() -> tuple[int, str, bool] | None:
+    """What this process may hold when no budget is given: the tighter of its cgroup's memory limit less
+    CGROUP_HEADROOM (and 5 %) and its RSS plus the system's available memory less a margin (10 %, at least
+    256 MiB); where that came from; and whether the cgroup's limit was the tighter. None where neither can be
+    read. (The engine's, which neuralink-run uses too.)"""
     return _engine.automatic_budget(resident_bytes())
+
+
+def tight_cgroup_limit(engine: _engine.Engine, automatic: tuple[int, str, bool] | None, n_ctx: int,
+                       n_threads: int) -> bool:
+    """Whether an automatic budget is a cgroup's limit too tight to cache the whole store, by a plan made before
+    llama.cpp loads: the process then runs as under an explicit budget of that size (micro-batches of 64, the
+    weights unrepacked and those read every token locked). The engine's rule, which neuralink-run uses too."""
+    return automatic is not None and _engine.tight_cgroup_limit(engine, *automatic, resident_bytes(), n_threads, n_ctx)
 
 
 def memory_budget_bytes(value: str | int | float) -> int:
