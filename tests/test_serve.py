@@ -170,6 +170,15 @@ def test_serve_refuses_a_missing_model_in_one_line() -> None:
     assert done.stderr.strip() == "neuralink serve: error: /nonexistent/model.gguf: no such model file"
 
 
+def test_serve_refuses_a_ram_prompt_cache_under_a_budget(converted: tuple[Path, Path]) -> None:
+    # llama-cpp-python's --cache keeps the context's state and logits per prompt (~37 MiB of logits a prompt on
+    # Qwen2.5-Coder-1.5B, up to 2 GiB), which no budget counts: refused before anything loads
+    command = [sys.executable, "-m", "neuralink", "serve", str(converted[0]), "--memory-budget", "2GB"]
+    done = subprocess.run([*command, "--cache", "true"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("neuralink serve: error: --cache true keeps a copy of the context")
+
+
 def test_the_server_keeps_every_positions_logits_only_when_asked() -> None:
     # llama-cpp-python's server defaults to logits_all (n_ctx x n_vocab floats: on Qwen2.5-Coder at n_ctx 2048 a
     # 1.2 GB array the memory budget then counts, and refused 800MB); logprobs need them, so they can be asked for

@@ -134,6 +134,11 @@ def serve_main(args: argparse.Namespace) -> int:
         raise OptionError("name the model to serve: neuralink serve MODEL")
     if not Path(args.model).is_file():
         raise OptionError(f"{args.model}: no such model file")
+    if args.memory_budget is not None and args.cache and (args.cache_type or "ram") == "ram":
+        # llama-cpp-python's RAM cache keeps a copy of the context's state and logits per prompt (up to
+        # --cache_size, 2 GiB by default), memory no budget can plan for
+        raise OptionError("--cache true keeps a copy of the context per prompt in RAM (up to --cache_size), which "
+                          "--memory-budget cannot count: add --cache_type disk, or leave --cache off")
     server = parse_model_from_args(ServerSettings, args)
     if not 0 <= server.port <= 65535:
         raise OptionError(f"--port {server.port}: expected 0 to 65535")
