@@ -74,6 +74,28 @@ def test_using_a_closed_model_is_an_error_not_a_crash(converted_model) -> None:
     assert "refused: this Llama is closed" in done.stdout
 
 
+def test_a_tokenizer_only_model_tokenizes_as_stock_and_refuses_to_generate(converted_model) -> None:
+    model, _ = converted_model("llama", "q8_0")
+    # vocab_only=True (a tokenizer, a chat template): the engine's hook attached to a context without compute
+    # backends had ended the process in llama.cpp (GGML_ASSERT)
+    done = _run("""
+        import llama_cpp, pickle
+        llm = neuralink.Llama(MODEL, vocab_only=True, verbose=False)
+        stock = llama_cpp.Llama(MODEL, vocab_only=True, verbose=False)
+        text = b"the quick brown fox"
+        assert llm.tokenize(text) == stock.tokenize(text) and llm.detokenize(llm.tokenize(text)) == text
+        again = pickle.loads(pickle.dumps(llm))
+        assert again.tokenize(text) == stock.tokenize(text)
+        try:
+            llm("the quick brown fox", max_tokens=4)
+        except RuntimeError as e:
+            print("refused:", e)
+        llm.close()
+    """, model)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "refused: this Llama was loaded with vocab_only=True: the tokenizer only" in done.stdout
+
+
 def test_embeddings_under_a_budget_take_their_whole_text(converted_model) -> None:
     model, _ = converted_model("llama", "q8_0")
     # under a budget n_batch defaults to 64 to leave room for the cache, but an embedding's whole input must fit

@@ -36,6 +36,7 @@ from neuralink.runtime.draft import (
 )
 from neuralink.runtime.ffn_report import FfnReporting
 from neuralink.runtime.hook import FfnHookApi, detach_before_free, ffn_hook_api
+from neuralink.runtime.llama_memory import MemoryPlanning
 from neuralink.runtime.llama_params import outputs_per_micro_batch, without_weight_repacking
 from neuralink.runtime.memory_budget import (
     MemoryPlan,
@@ -44,11 +45,9 @@ from neuralink.runtime.memory_budget import (
     bound_lookup_pages,
     capture_llama_log,
     check_memory_plan,
-    gate_layers_to_stream,
     hold_down_rows,
     lock_every_token_weights,
     memory_budget_bytes,
-    plan_memory,
     release_free_heap,
     resident_bytes,
     resolved_cache_policy,
@@ -68,7 +67,7 @@ _NOT_OFFERED = (
 )
 
 
-class Llama(FfnReporting, llama_cpp.Llama):
+class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
     """``llama_cpp.Llama`` with every layer's dense FFN computed by neuralink's C++ engine.
 
     Takes the same arguments as ``llama_cpp.Llama``, plus:
@@ -203,6 +202,13 @@ class Llama(FfnReporting, llama_cpp.Llama):
         self.memory_plan: MemoryPlan | None = None
         # llama_cpp.Llama.__del__ closes this stack even when __init__ failed early
         self._stack = contextlib.ExitStack()
+        self._vocab_only = bool(kwargs.get("vocab_only"))
+        if self._vocab_only:
+            # the tokenizer only, as llama_cpp.Llama loads it: no FFN runs, so no engine (a hook attached to a
+            # context without compute backends aborted the process in llama.cpp)
+            self._stats, self._summarized, self._neuralink_args = [], 0, {}
+            super().__init__(model_path, *args, **kwargs)
+            return
         budget = memory_budget_bytes(memory_budget) if memory_budget is not None else None
         if budget is not None:
             _engine.fix_malloc_thresholds()  # what is freed leaves the process, as the plan counts it
@@ -388,33 +394,6 @@ class Llama(FfnReporting, llama_cpp.Llama):
                 f"{engine.n_layer} layers cannot be served by neuralink: {details}{more}"
             )
 
-    def _plan_memory(self, budget: int, baseline: int, log: list[str], load_anon_growth: int) -> MemoryPlan:
-        # as many compute threads as llama.cpp may run at once; one micro-batch of rows
-        threads = max(self.n_threads, self.n_threads_batch or self.n_threads)
-        # llama-cpp-python's logits for every position (logits_all) fill as the context does: the process's own;
-        # llama.cpp's output buffer, logged at one row, grows to a draft's verification rows at its first one
-        process = baseline + (self.scores.nbytes if self._logits_all else 0) + max(0, self._verification_rows - 1) * \
-            self._n_vocab * 4
-        return plan_memory(self.engine, budget, process, log, threads, self.context_params.n_ubatch,
-                           self.n_ctx(), load_anon_growth)
-
-    def _stream_gate_rows_to_fit(self, budget: int, baseline: int, log: list[str], load_anon_growth: int,
-                                 cache_policy: str) -> None:
-        """Below the minimum with every gate row resident: read the fewest layers' gate rows each token instead
-        (under cache policy auto or stream, as many as also leave room for the region stream's buffers)."""
-        plan = self.memory_plan
-        layers = gate_layers_to_stream(plan, self.engine, room_for_region_stream=cache_policy in ("auto", "stream"))
-        if layers <= 0:
-            return
-        before = plan.minimum
-        self.engine.stream_gate_rows(layers)
-        self.memory_plan = self._plan_memory(budget, baseline, log, load_anon_growth)
-        logger.info("%s: gate rows of %d of %d layers read each time their layer runs, so that the minimum "
-                    "(%.1f MiB with all of them resident, now %.1f MiB) fits the budget of %.1f MiB (with room for the "
-                    "region stream's buffers under cache policy auto or stream)",
-                    self.model_path, layers, self.engine.n_layer, before / 2**20, self.memory_plan.minimum / 2**20,
-                    budget / 2**20)
-
     def _use_prompt_lookup(self, proposals: int, automatic: bool) -> None:
         """Decode with prompt lookup drafts of `proposals` tokens: asked for, or (automatic) where every token
         reads the layers' records whole ("stream") and while they give tokens faster than single (GatedDraft)."""
@@ -436,7 +415,8 @@ class Llama(FfnReporting, llama_cpp.Llama):
     def engine(self) -> _engine.Engine:
         """The engine serving this model's FFNs (layer status, bytes, counters)."""
         if self._engine is None:
-            raise RuntimeError("this Llama is closed")
+            raise RuntimeError("this Llama was loaded with vocab_only=True: the tokenizer only" if self._vocab_only
+                               else "this Llama is closed")
         return self._engine
 
     def eval(self, tokens: Sequence[int]) -> None:

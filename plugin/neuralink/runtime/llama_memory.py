@@ -1,0 +1,43 @@
+"""neuralink.Llama's memory plan under a budget: what it counts of the process, and the gate rows it streams to
+fit (a mixin before llama_cpp.Llama: it needs the Llama's ``engine``, ``memory_plan``, ``model_path``, its
+context's parameters and its logits arrays)."""
+
+from __future__ import annotations
+
+import logging
+
+from neuralink.runtime.memory_budget import MemoryPlan, gate_layers_to_stream, plan_memory
+
+# its messages are neuralink.Llama's
+logger = logging.getLogger("neuralink.runtime.llama")
+
+
+class MemoryPlanning:
+    """The plan a budget (explicit, or the memory there is) gives neuralink.Llama, and its streamed gate rows."""
+
+    def _plan_memory(self, budget: int, baseline: int, log: list[str], load_anon_growth: int) -> MemoryPlan:
+        # as many compute threads as llama.cpp may run at once; one micro-batch of rows
+        threads = max(self.n_threads, self.n_threads_batch or self.n_threads)
+        # llama-cpp-python's logits for every position (logits_all) fill as the context does: the process's own;
+        # llama.cpp's output buffer, logged at one row, grows to a draft's verification rows at its first one
+        process = baseline + (self.scores.nbytes if self._logits_all else 0) + max(0, self._verification_rows - 1) * \
+            self._n_vocab * 4
+        return plan_memory(self.engine, budget, process, log, threads, self.context_params.n_ubatch,
+                           self.n_ctx(), load_anon_growth)
+
+    def _stream_gate_rows_to_fit(self, budget: int, baseline: int, log: list[str], load_anon_growth: int,
+                                 cache_policy: str) -> None:
+        """Below the minimum with every gate row resident: read the fewest layers' gate rows each token instead
+        (under cache policy auto or stream, as many as also leave room for the region stream's buffers)."""
+        plan = self.memory_plan
+        layers = gate_layers_to_stream(plan, self.engine, room_for_region_stream=cache_policy in ("auto", "stream"))
+        if layers <= 0:
+            return
+        before = plan.minimum
+        self.engine.stream_gate_rows(layers)
+        self.memory_plan = self._plan_memory(budget, baseline, log, load_anon_growth)
+        logger.info("%s: gate rows of %d of %d layers read each time their layer runs, so that the minimum "
+                    "(%.1f MiB with all of them resident, now %.1f MiB) fits the budget of %.1f MiB (with room for the "
+                    "region stream's buffers under cache policy auto or stream)",
+                    self.model_path, layers, self.engine.n_layer, before / 2**20, self.memory_plan.minimum / 2**20,
+                    budget / 2**20)
