@@ -320,3 +320,47 @@ def test_the_runner_runs_a_tight_cgroup_limit_as_a_budget(runner: Path, converte
     assert f"cannot hold the whole store: run as under a memory budget of {budget / 2**20:.1f} MiB" in done.stderr
     assert re.search(r"n_batch\s+=\s+64\b", done.stderr), done.stderr[-3000:]
     assert "may be evicted" not in done.stderr  # every weight read every token locked
+
+
+REFUSED_IN_CGROUP = r"""
+import sys
+import neuralink
+from neuralink.errors import MemoryBudgetError
+from neuralink.evaluate.cgroup import MemoryCgroup
+group = MemoryCgroup.create(int(sys.argv[2]), prefix="neuralink-test")
+try:
+    group.join()
+    try:
+        neuralink.Llama(sys.argv[1], verbose=False)
+        print("loaded")
+    except MemoryBudgetError as e:
+        print("refused:", e)
+finally:
+    (group.path.parent / "cgroup.procs").write_text(str(__import__("os").getpid()))
+    group.remove()
+"""
+
+
+def test_a_cgroup_limit_below_the_minimum_is_refused_not_oom_killed(runner: Path, converted_smollm2: Path) -> None:
+    # without memory_budget the cache is sized from what there is, never refused; but a cgroup's limit is one the
+    # kernel enforces by killing: Qwen2.5-Coder-1.5B served at n_ctx 2048 in a 530MB cgroup was OOM-killed at load
+    from neuralink.evaluate.cgroup import MEMORY_ROOT, MemoryCgroup
+
+    if not os.access(MEMORY_ROOT, os.W_OK):
+        pytest.skip(f"{MEMORY_ROOT}: no writable cgroup v1 memory controller")
+    limit = parse_size("90MB")
+    done = subprocess.run([sys.executable, "-c", REFUSED_IN_CGROUP, str(converted_smollm2), str(limit)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"refused: .*: the cgroup memory limit \d+ MiB leaves a budget of [0-9.]+ MiB \(5 % and at "
+                     r"least 24 MiB below it\), which is below the minimum [0-9.]+ MiB .*raise the limit",
+                     done.stdout), done.stdout
+    group = MemoryCgroup.create(limit, prefix="neuralink-test")
+    try:
+        native = subprocess.run([str(runner), "-m", str(converted_smollm2), "-p", "The capital of France is", "-n",
+                                 "8", "-t", "2"], capture_output=True, text=True, timeout=300, preexec_fn=group.join)
+        oom = group.oom_killed()
+    finally:
+        group.remove()
+    assert native.returncode != 0 and not oom, native.stderr[-3000:]
+    assert "the cgroup memory limit" in native.stderr and "raise the limit" in native.stderr, native.stderr[-3000:]

@@ -363,7 +363,7 @@ void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & 
 }
 
 // Sizes the bundle cache from --memory-budget, or refuses a budget below the minimum; or, with `automatic` (no
-// budget or cache size given), from the memory there is (automatic_budget), never refusing.
+// budget or cache size given), from the memory there is (automatic_budget), refusing only below a cgroup's limit.
 void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, const LlamaSession & s,
                          const std::optional<neuralink::AutomaticBudget> & automatic, uint64_t process_before,
                          uint64_t load_anon_growth, const std::vector<std::string> & llama_log) {
@@ -382,14 +382,24 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
         note("gate rows of %d of %d layers read each time their layer runs (minimum %.1f MiB, %.1f MiB with all "
              "resident)", layers, engine.n_layer(), plan.minimum() / 1048576.0, before);
     }
-    if (!automatic && plan.budget < plan.minimum()) {
-        char head[160];
+    // refused below the minimum where asked for, or where a cgroup's limit gave the budget (the kernel kills above
+    // it); never where it came from the available memory
+    if ((!automatic || automatic->cgroup_limit) && plan.budget < plan.minimum()) {
+        char head[320];
         const uint64_t lowest = minimum_with_gate_rows_streamed(plan, engine);
-        std::snprintf(head, sizeof(head), "memory budget %.1f MiB is below the minimum %.1f MiB%s",
-                      plan.budget / 1048576.0, lowest / 1048576.0,
+        char budget[160];
+        if (automatic) {
+            std::snprintf(budget, sizeof(budget), "%s leaves a budget of %.1f MiB (5 %% and at least %llu MiB below "
+                          "it), which is", automatic->source.c_str(), plan.budget / 1048576.0,
+                          (unsigned long long) (neuralink::kCgroupHeadroom >> 20));
+        } else {
+            std::snprintf(budget, sizeof(budget), "memory budget %.1f MiB is", plan.budget / 1048576.0);
+        }
+        std::snprintf(head, sizeof(head), "%s below the minimum %.1f MiB%s", budget, lowest / 1048576.0,
                       lowest < plan.minimum() ? " (with every layer's gate rows read each token)" : "");
-        throw BudgetError(o.model + ": " + head + " this model and context need (raise the budget, or lower "
-                          "--ctx-size / --batch-size):\n" + plan.describe());
+        throw BudgetError(o.model + ": " + head + " this model and context need (raise the " +
+                          (automatic ? "limit" : "budget") + ", or lower --ctx-size / --batch-size):\n" +
+                          plan.describe());
     }
     engine.sparse()->configure_cache(resolved_policy(o, *engine.sparse(), plan.cache()), plan.cache());
     if (engine.sparse()->streams_regions()) {

@@ -319,19 +319,20 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
                 print("".join(log), end="", file=sys.stderr)
             self.memory_plan = self._plan_memory(budget, baseline, log, load_anon_growth)
             self._stream_gate_rows_to_fit(budget, baseline, log, load_anon_growth, cache_policy)
-            if automatic is not None:
-                # nobody asked for a budget: never refuse, size the cache from what is there
+            if automatic is None or automatic[2]:
+                # asked for, or a cgroup's limit, above which the kernel kills: refused below the minimum
+                try:
+                    check_memory_plan(self.memory_plan, model_path, engine,
+                                      self.scores.nbytes if self._logits_all else 0,
+                                      limit=automatic[1] if automatic else None)
+                except MemoryBudgetError:
+                    self.close()
+                    raise
+            if automatic is not None:  # nobody asked for a budget: the cache sized from what is there
                 plan = self.memory_plan
                 logger.info("%s: bundle cache %.0f MiB of a %.0f MiB store, sized from %s (memory_budget= or "
                             "cache_bytes= choose it)", model_path, plan.cache / 2**20, plan.store_bytes / 2**20,
                             automatic[1])
-            else:
-                try:
-                    check_memory_plan(self.memory_plan, model_path, engine,
-                                      self.scores.nbytes if self._logits_all else 0)
-                except MemoryBudgetError:
-                    self.close()
-                    raise
             cache = self.memory_plan.cache
             engine.configure_cache(resolved_cache_policy(cache_policy, engine, cache), cache)
             if engine.streams_regions:

@@ -161,16 +161,17 @@ def resolved_cache_policy(policy: str, engine: _engine.Engine, cache_bytes: int)
 
 
 def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | None = None,
-                      all_logits: int = 0) -> None:
+                      all_logits: int = 0, limit: str | None = None) -> None:
     """MemoryBudgetError naming the minimum when the budget cannot hold the model: the lowest one, with every
     layer's gate rows streamed, when the engine could stream them. `all_logits`: the bytes of llama-cpp-python's
-    copy of every position's logits (logits_all), which the process counts: named in the error when nonzero."""
+    copy of every position's logits (logits_all), which the process counts: named in the error when nonzero.
+    `limit`: the cgroup limit the budget was taken from when none was given (automatic_budget's source)."""
     if plan.budget >= plan.minimum:
         return
     lowest = _engine.minimum_with_gate_rows_streamed(plan, engine) if engine is not None else plan.minimum
     streamed = (f" with every layer's gate rows read each token; {plan.minimum / 2**20:.1f} MiB with them "
                 "resident, as below") if lowest < plan.minimum else ""
-    fix = "raise the budget, or lower n_ctx / n_batch"
+    fix = f"raise the {'limit' if limit else 'budget'}, or lower n_ctx / n_batch"
     if all_logits:
         fix += (f"; the process counts {all_logits / 2**20:.1f} MiB of every position's logits (logits_all), which "
                 "only logprobs need: without logits_all they are not kept")
@@ -181,8 +182,12 @@ def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | Non
         fix += (f"; or run it with neuralink-run (`bash scripts/build_aarch64.sh native` builds it), which holds "
                 f"~{RUNNER_PROCESS >> 20} MiB before the model where this Python process held "
                 f"{plan.process / 2**20:.1f} MiB")
+    budget = f"memory_budget {plan.budget / 2**20:.1f} MiB is"
+    if limit:
+        budget = (f"{limit} leaves a budget of {plan.budget / 2**20:.1f} MiB (5 % and at least "
+                  f"{CGROUP_HEADROOM >> 20} MiB below it), which is")
     raise MemoryBudgetError(
-        f"{model}: memory_budget {plan.budget / 2**20:.1f} MiB is below the minimum "
+        f"{model}: {budget} below the minimum "
         f"{lowest / 2**20:.1f} MiB this model and context need{streamed} ({fix}):\n{plan.describe().rstrip()}"
     )
 
