@@ -125,8 +125,9 @@ void register_memory(py::module_ & m) {
           "Whether an automatic budget (automatic_budget's triple) is a cgroup's limit too tight to cache the whole "
           "store, by a plan made before llama.cpp loads: the process then runs as under an explicit budget.");
     m.def("budget_under_cgroup_limit", &budget_under_cgroup_limit, py::arg("limit"),
-          "The memory budget a process under a cgroup limit of `limit` bytes may take: 5 % and at least "
-          "CGROUP_HEADROOM below it.");
+          py::arg("fraction") = kCgroupBudgetFraction,
+          "The memory budget a process under a cgroup limit of `limit` bytes may take: `fraction` of it (0.95) and "
+          "at least CGROUP_HEADROOM below it.");
     m.attr("CGROUP_HEADROOM") = kCgroupHeadroom;
     m.def("anonymous_resident_bytes", &anonymous_resident_bytes, "Its anonymous part (RssAnon).");
     m.def("release_free_heap", &release_free_heap, "Hand the C heap's free pages back to the system (malloc_trim).");

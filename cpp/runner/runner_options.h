@@ -51,7 +51,7 @@ struct RunnerOptions {
     int n_batch = 512;           // kBudgetBatch under --memory-budget or a tight cgroup limit, unless -b is given
     bool n_batch_given = false;
     // set by run(): no budget given, and a cgroup limit too tight for the whole store (tight_cgroup_limit), which
-    // the run then treats as a budget (micro-batches, repacking, locked weights), never refusing
+    // the run then treats as a budget (micro-batches, repacking, locked weights)
     bool tight_cgroup = false;
     bool flash_attn = false;     // off, as neuralink.Llama (llama-cpp-python's default): same tokens as Python
     bool ignore_eos = false;

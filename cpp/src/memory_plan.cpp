@@ -149,9 +149,9 @@ std::optional<uint64_t> cgroup_memory_limit(const std::string & proc_cgroup, con
     return std::nullopt;
 }
 
-uint64_t budget_under_cgroup_limit(uint64_t limit) {
-    const auto fraction = (uint64_t) ((double) limit * kCgroupBudgetFraction);
-    return std::min(fraction, limit > kCgroupHeadroom ? limit - kCgroupHeadroom : 0);
+uint64_t budget_under_cgroup_limit(uint64_t limit, double fraction) {
+    const auto share = (uint64_t) ((double) limit * fraction);
+    return std::min(share, limit > kCgroupHeadroom ? limit - kCgroupHeadroom : 0);
 }
 
 std::optional<AutomaticBudget> automatic_budget(uint64_t rss) {

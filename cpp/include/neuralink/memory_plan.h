@@ -55,7 +55,7 @@ std::optional<uint64_t> cgroup_memory_limit(const std::string & proc_cgroup = "/
 // pass, peak within the cap in all of them.
 constexpr uint64_t kCgroupHeadroom = 24ull << 20;
 constexpr double kCgroupBudgetFraction = 0.95;
-uint64_t budget_under_cgroup_limit(uint64_t limit);
+uint64_t budget_under_cgroup_limit(uint64_t limit, double fraction = kCgroupBudgetFraction);
 
 // What a process may hold when no budget is given (its bundle cache is then sized from it): the tighter of its
 // cgroup's limit less the headroom above (budget_under_cgroup_limit) and `rss` plus the system's available
@@ -107,7 +107,7 @@ MemoryPlan plan_memory(const Engine & engine, uint64_t budget, uint64_t process_
 // Whether `automatic` is a cgroup's limit too tight to cache the whole store, by a plan made before llama.cpp
 // loads (its buffers not yet known, so a little short) for micro-batches of kBudgetBatch: the process then runs
 // as under an explicit budget of that size (micro-batches of kBudgetBatch, the weights unrepacked and those read
-// every token locked), never refused. neuralink.Llama and neuralink-run both decide so.
+// every token locked), and refused below its minimum as one is. neuralink.Llama and neuralink-run both decide so.
 bool tight_cgroup_limit(const Engine & engine, const std::optional<AutomaticBudget> & automatic, uint64_t rss,
                         int n_threads, int n_ctx);
 

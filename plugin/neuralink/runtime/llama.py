@@ -113,7 +113,7 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
         (not with embedding=True, whose text must fit one batch) instead of llama-cpp-python's 512, whose
         micro-batches need ~65 MiB more on Qwen2.5-Coder-1.5B, memory the cache would get. Without one, in a
         cgroup whose limit cannot hold the whole store, the process runs as under a budget of the limit less
-        5 % (at least 24 MiB: page cache the cgroup charges), never refused.
+        5 % (at least 24 MiB: page cache the cgroup charges), refused below the minimum as one is.
     direct_io:
         read weights and bundles with O_DIRECT, around the page cache (falls
         back to buffered reads where the filesystem refuses).

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neuralink import _engine
 from neuralink.child import report_child_death
 from neuralink.errors import CgroupUnavailable
 from neuralink.evaluate.bench.native import RUNNER_VARIANTS, run_native
 from neuralink.evaluate.cgroup import MemoryCgroup
 from neuralink.formats.files import atomic_output
 from neuralink.formats.sizes import parse_size
-from neuralink.runtime.memory_budget import CGROUP_HEADROOM
 
 DEFAULT_CAPS = ("none", "300MB", "200MB", "150MB", "120MB", "100MB", "90MB", "80MB", "70MB")
 # the project's shared corpora sit beside the repository; commands run from its root
@@ -91,8 +91,8 @@ def prompts_from(text_path: Path | None, n: int, words: int = 40) -> list[str]:
 
 def budget_for_cap(limit: int, fraction: float) -> int:
     """neuralink's memory_budget under a cgroup cap of `limit` bytes: `fraction` of it, and at least
-    CGROUP_HEADROOM below it."""
-    return max(0, min(int(limit * fraction), limit - CGROUP_HEADROOM))
+    CGROUP_HEADROOM below it (the engine's rule for a cgroup's limit without a budget, at its 0.95)."""
+    return _engine.budget_under_cgroup_limit(limit, fraction)
 
 
 def run_worker(variant: str, cap: str, settings: E2eSettings, prompts_file: Path,
