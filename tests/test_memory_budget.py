@@ -333,3 +333,11 @@ def test_a_cgroup_limit_below_the_minimum_is_refused_not_oom_killed(runner: Path
                                           "-n", "8", "-t", "2"])
     assert native.returncode != 0 and not group["oom"], native.stderr[-3000:]
     assert "the cgroup memory limit" in native.stderr and "raise the limit" in native.stderr, native.stderr[-3000:]
+
+
+def test_a_refusal_under_use_mmap_false_names_its_heap_copy(converted_smollm2: Path) -> None:
+    # use_mmap=False reads the weights llama.cpp uses into the heap, which the plan counts beside the mapped pages
+    # it plans for them: the refusal had named only n_ctx and n_batch (Qwen2.5-Coder-1.5B: 432.7 MiB of load heap)
+    with pytest.raises(MemoryBudgetError, match=r"use_mmap=False read the weights llama.cpp uses into the heap "
+                                                r"\([0-9.]+ MiB of load heap\).*leave use_mmap on"):
+        neuralink.Llama(str(converted_smollm2), memory_budget="180MB", use_mmap=False, verbose=False)

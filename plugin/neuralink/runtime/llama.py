@@ -324,7 +324,8 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
                 try:
                     check_memory_plan(self.memory_plan, model_path, engine,
                                       self.scores.nbytes if self._logits_all else 0,
-                                      limit=automatic[1] if automatic else None)
+                                      limit=automatic[1] if automatic else None,
+                                      unmapped=kwargs.get("use_mmap") is False)
                 except MemoryBudgetError:
                     self.close()
                     raise

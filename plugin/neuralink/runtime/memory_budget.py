@@ -161,11 +161,13 @@ def resolved_cache_policy(policy: str, engine: _engine.Engine, cache_bytes: int)
 
 
 def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | None = None,
-                      all_logits: int = 0, limit: str | None = None) -> None:
+                      all_logits: int = 0, limit: str | None = None, unmapped: bool = False) -> None:
     """MemoryBudgetError naming the minimum when the budget cannot hold the model: the lowest one, with every
     layer's gate rows streamed, when the engine could stream them. `all_logits`: the bytes of llama-cpp-python's
     copy of every position's logits (logits_all), which the process counts: named in the error when nonzero.
-    `limit`: the cgroup limit the budget was taken from when none was given (automatic_budget's source)."""
+    `limit`: the cgroup limit the budget was taken from when none was given (automatic_budget's source).
+    `unmapped`: the model was loaded with use_mmap=False, whose heap copy of the weights the plan counts beside
+    the mapping it plans for them: named in the error."""
     if plan.budget >= plan.minimum:
         return
     lowest = _engine.minimum_with_gate_rows_streamed(plan, engine) if engine is not None else plan.minimum
@@ -175,6 +177,10 @@ def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | Non
     if all_logits:
         fix += (f"; the process counts {all_logits / 2**20:.1f} MiB of every position's logits (logits_all), which "
                 "only logprobs need: without logits_all they are not kept")
+    if unmapped:
+        heap = plan.to_dict()["load_heap"]
+        fix += (f"; use_mmap=False read the weights llama.cpp uses into the heap ({heap / 2**20:.1f} MiB of load "
+                "heap), which the plan counts beside the mapped pages it plans for them: leave use_mmap on")
     if plan.process > PROCESS_HINT:
         fix += (f"; this process held {plan.process / 2**20:.1f} MiB before the model, and all of it counts: another "
                 "model it still holds (close() it, or drop its last reference, first) or other data")
