@@ -259,9 +259,9 @@ def test_use_mlock_locks_what_llama_cpp_reads_not_the_ffn_weights(converted_mode
     assert locked_bytes() == before
 
 
-def run_in_cgroup(limit: int, command: list[str]) -> tuple[subprocess.CompletedProcess[str], dict[str, int | bool]]:
+def run_in_cgroup(limit: int, command: list[str]) -> tuple[subprocess.CompletedProcess[str], dict[str, int]]:
     """Run `command` in a fresh v1 memory cgroup limited to `limit` bytes (skips the test where none can be made):
-    its result, and the group's limit as the kernel keeps it (whole pages), peak and whether the OOM killer struck."""
+    its result, and the group's limit as the kernel keeps it (whole pages) and whether the OOM killer struck."""
     from neuralink.errors import CgroupUnavailable
     from neuralink.evaluate.cgroup import MemoryCgroup
 
@@ -271,8 +271,7 @@ def run_in_cgroup(limit: int, command: list[str]) -> tuple[subprocess.CompletedP
         pytest.skip(str(e))
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=group.join)
-        return done, {"limit": int((group.path / "memory.limit_in_bytes").read_text()), "peak": group.peak_bytes(),
-                      "oom": group.oom_killed()}
+        return done, {"limit": int((group.path / "memory.limit_in_bytes").read_text()), "oom": group.oom_killed()}
     finally:
         group.remove()
 
