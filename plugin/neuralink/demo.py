@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -62,6 +61,7 @@ from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.sizes import parse_size
 from neuralink.models.fetch import MODELS, fetch_model
 from neuralink.paths import cache_dir
+from neuralink.runtime.cpu_threads import default_thread_count
 from neuralink.runtime.default_model import default_model_path
 from neuralink.runtime.llama import Llama
 from neuralink.runtime.sidecar_lookup import find_sidecar
@@ -228,7 +228,7 @@ def _pair_settings(original: Path, converted: Path, prompt: str, max_tokens: int
     sidecar = find_sidecar(converted)
     assert sidecar is not None
     return E2eSettings(model=converted, sidecar=sidecar, stock_model=original, caps=(cap,), prompt_texts=(prompt,),
-                       tokens=max_tokens, runs=1, threads=threads or max(1, (os.cpu_count() or 2) // 2),
+                       tokens=max_tokens, runs=1, threads=threads or default_thread_count(),
                        predictor=predictor, **variant)
 
 
@@ -324,7 +324,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictor", choices=("auto", "gate", "lowrank", "dense", "oracle"), default="auto",
                         help="how active neurons are found (default auto: what the conversion's quality search "
                              "validated on held-out text, else every neuron)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="compute threads (default: half the cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="compute threads (default: one per physical core)")
     parser.add_argument("--dense", action="store_true",
                         help="no conversion: the dense engine computes every FFN from weights in RAM")
     parser.add_argument("--no-direct-io", dest="direct_io", action="store_false",

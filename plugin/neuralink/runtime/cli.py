@@ -145,7 +145,7 @@ def serve_main(args: argparse.Namespace) -> int:
     options = NeuralinkOptions(sidecar=args.sidecar, predictor=args.predictor, memory_budget=args.memory_budget,
                                cache_policy=args.cache_policy, queue_depth=args.queue_depth,
                                io_backend=args.io_backend, direct_io=not args.buffered_io,
-                               default_n_batch=args.n_batch is None)
+                               default_n_batch=args.n_batch is None, default_n_threads=args.n_threads is None)
     app = create_neuralink_app(server, [(parse_model_from_args(ModelSettings, args), options)])
     uvicorn.run(app, host=server.host, port=server.port, ssl_keyfile=server.ssl_keyfile,
                 ssl_certfile=server.ssl_certfile)

@@ -34,6 +34,7 @@ from neuralink.runtime.draft import (
     prompt_lookup_rows,
     verification_rows,
 )
+from neuralink.runtime.cpu_threads import default_thread_count
 from neuralink.runtime.ffn_report import FfnReporting
 from neuralink.runtime.hook import FfnHookApi, detach_before_free, ffn_hook_api
 from neuralink.runtime.llama_memory import MemoryPlanning
@@ -70,7 +71,9 @@ _NOT_OFFERED = (
 class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
     """``llama_cpp.Llama`` with every layer's dense FFN computed by neuralink's C++ engine.
 
-    Takes the same arguments as ``llama_cpp.Llama``, plus:
+    Takes the same arguments as ``llama_cpp.Llama``, plus the ones below. One default differs: ``n_threads``
+    is one per physical core the process may use (its affinity and CPU quota), where llama-cpp-python takes
+    half of the CPUs, which leaves cores idle on machines without SMT.
 
     sidecar:
         the bundle store of a model converted by ``neuralink convert``. By
@@ -209,6 +212,8 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
             self._stats, self._summarized, self._neuralink_args = [], 0, {}
             super().__init__(model_path, *args, **kwargs)
             return
+        if kwargs.get("n_threads") is None:  # llama-cpp-python's half of the CPUs leaves cores idle without SMT
+            kwargs["n_threads"] = default_thread_count()
         budget = memory_budget_bytes(memory_budget) if memory_budget is not None else None
         if budget is not None:
             _engine.fix_malloc_thresholds()  # what is freed leaves the process, as the plan counts it
@@ -278,7 +283,7 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
             warn_if_near_cgroup_limit(model_path, budget)
         # an explicit budget, or a cgroup's limit too tight for the whole store: memory is what is short
         bounded = memory_budget is not None or tight_cgroup_limit(engine, automatic, kwargs.get("n_ctx", 512),
-                                                                  kwargs.get("n_threads") or os.cpu_count() or 1)
+                                                                  max(kwargs["n_threads"], 1))
         if bounded and "n_batch" not in kwargs and not kwargs.get("embedding"):
             kwargs["n_batch"] = BUDGET_N_BATCH  # (an embedding's whole input must fit one batch: not then)
         # llama.cpp's mlock would lock the whole mapping, the FFN tensors the engine reads itself included (1 GB on

@@ -37,10 +37,12 @@ class NeuralinkOptions:
     direct_io: bool = True
     # the server's n_batch is its settings' default (512), not the user's: neuralink.Llama's under a budget (64)
     default_n_batch: bool = False
+    # the server's n_threads is its settings' default (half of the CPUs), not the user's: neuralink.Llama's
+    default_n_threads: bool = False
 
     def llama_kwargs(self) -> dict[str, Any]:
         kwargs = {k: v for k, v in asdict(self).items() if v is not None}
-        del kwargs["default_n_batch"]
+        del kwargs["default_n_batch"], kwargs["default_n_threads"]
         if self.sidecar is None:
             kwargs.pop("sidecar", None)  # the converted model's own sidecar, found beside it
         return kwargs
@@ -62,6 +64,8 @@ class _ServerLlamaNames(types.ModuleType):
             options = self._options.get(model_path, NeuralinkOptions())
             if options.default_n_batch:
                 kwargs.pop("n_batch", None)
+            if options.default_n_threads:
+                kwargs.pop("n_threads", None)
             return Llama(model_path, **kwargs, **options.llama_kwargs())
 
         return functools.update_wrapper(build, Llama)
