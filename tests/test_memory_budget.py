@@ -25,12 +25,14 @@ RUN = r"""
 import json, sys
 import neuralink
 model, budget, n_batch, policy = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-llm = neuralink.Llama(model, memory_budget=budget, n_batch=n_batch, cache_policy=policy, verbose=False)
+extra = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}  # more of neuralink.Llama's arguments
+llm = neuralink.Llama(model, memory_budget=budget, n_batch=n_batch, cache_policy=policy, verbose=False, **extra)
 prompt = " ".join(["The history of the city begins in the early medieval period, when a small settlement grew "
                    "around the river crossing and the market that served the farms of the valley."] * 6)
 llm(prompt, max_tokens=40, temperature=0.0)
 hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({"peak": hwm, "cache": llm.memory_plan.cache, "minimum": llm.memory_plan.minimum}))
+locked = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmLck"))
+print(json.dumps({"peak": hwm, "locked": locked, **llm.memory_plan.to_dict()}))
 """
 
 
@@ -334,9 +336,21 @@ def test_a_cgroup_limit_below_the_minimum_is_refused_not_oom_killed(runner: Path
     assert "the cgroup memory limit" in native.stderr and "raise the limit" in native.stderr, native.stderr[-3000:]
 
 
+def test_use_mmap_false_is_planned_from_its_heap_copy_and_holds(converted_smollm2: Path) -> None:
+    # use_mmap=False reads the weights llama.cpp uses into its heap: the plan had counted them twice (in the load
+    # heap and as the mapped pages it plans for them) and refused this budget (minimum 191 MiB on SmolLM2), and
+    # locking had faulted in copies of them in the mapping nobody reads (268 MiB on Qwen2.5-Coder-1.5B)
+    done = subprocess.run([sys.executable, "-c", RUN, str(converted_smollm2), "180MB", "64", "auto",
+                           json.dumps({"use_mmap": False})], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    assert run["non_ffn_weights"] == run["token_embedding"] == 0 and run["locked"] == 0
+    assert run["minimum"] <= parse_size("180MB") and run["peak"] <= parse_size("180MB"), run
+
+
 def test_a_refusal_under_use_mmap_false_names_its_heap_copy(converted_smollm2: Path) -> None:
-    # use_mmap=False reads the weights llama.cpp uses into the heap, which the plan counts beside the mapped pages
-    # it plans for them: the refusal had named only n_ctx and n_batch (Qwen2.5-Coder-1.5B: 432.7 MiB of load heap)
+    # the refusal had named only n_ctx and n_batch (Qwen2.5-Coder-1.5B: 432.7 MiB of load heap, its whole token
+    # embedding in it where mapped one micro-batch's lookups are resident)
     with pytest.raises(MemoryBudgetError, match=r"use_mmap=False read the weights llama.cpp uses into the heap "
                                                 r"\([0-9.]+ MiB of load heap\).*leave use_mmap on"):
-        neuralink.Llama(str(converted_smollm2), memory_budget="180MB", use_mmap=False, verbose=False)
+        neuralink.Llama(str(converted_smollm2), memory_budget="140MB", use_mmap=False, verbose=False)

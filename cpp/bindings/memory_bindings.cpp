@@ -41,10 +41,13 @@ void register_memory(py::module_ & m) {
         }, "every field, and minimum and cache");
     m.def("plan_memory", &plan_memory, py::arg("engine"), py::arg("budget"), py::arg("process_before"),
           py::arg("llama_log"), py::arg("n_threads"), py::arg("n_ubatch"), py::arg("n_ctx"), py::arg("load_anon_growth"),
+          py::arg("weights_in_heap") = false,
           "The memory plan of a sparse engine attached to a context (n_ctx tokens, n_threads threads, micro-batches of n_ubatch); "
           "llama_log: llama.cpp's log lines, which report its KV, output and compute buffers; load_anon_growth: "
           "the anonymous memory (RssAnon) opening the engine and loading the model added, of which what "
-          "exceeds the KV cache and the engine's resident rows is heap nobody reports (vocabulary, tables).");
+          "exceeds the KV cache and the engine's resident rows is heap nobody reports (vocabulary, tables); "
+          "weights_in_heap: llama.cpp read the weights it uses into its heap (use_mmap=False), which "
+          "load_anon_growth then counts: no mapped pages are planned for them.");
     m.def("gate_layers_to_stream", &gate_layers_to_stream, py::arg("plan"), py::arg("engine"),
           py::arg("room_for_region_stream") = false,
           "The fewest layers whose gate rows, read every time the layer runs instead of kept resident "

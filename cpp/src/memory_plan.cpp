@@ -206,7 +206,7 @@ std::string MemoryPlan::describe() const {
 
 MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64_t process_before,
                        const std::vector<std::string> & llama_log, int n_threads, int n_ubatch, int n_ctx,
-                       uint64_t load_anon_growth) {
+                       uint64_t load_anon_growth, bool weights_in_heap) {
     const SparseFfn & sparse = *engine.sparse();
     MemoryPlan p;
     p.budget = budget;
@@ -218,13 +218,14 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     const GgufModel & model = engine.model();
     const TensorInfo * embedding = model.find("token_embd.weight");
     const bool tied = model.find("output.weight") == nullptr;
-    // what llama.cpp reads every token (residency.h's rule, the tensors it locks); the embedding counts below
+    // what llama.cpp reads every token (residency.h's rule, the tensors it locks); the embedding counts below.
+    // Read into its heap (use_mmap=False) they are in the load heap, the whole embedding table with them
     for (const TensorInfo & t : model.tensors()) {
-        if (read_every_token(model, t) && &t != embedding) {
+        if (!weights_in_heap && read_every_token(model, t) && &t != embedding) {
             p.non_ffn_weights += t.nbytes;
         }
     }
-    if (embedding) {
+    if (embedding && !weights_in_heap) {
         // with an output matrix of its own, token_embd is only looked up: under a budget what its lookups map is
         // released every micro-batch (residency.h's bound_lookup_pages), so one micro-batch's rows at most, each
         // with what a fault maps around it; tied, every token reads all of it

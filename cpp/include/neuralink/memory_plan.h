@@ -99,10 +99,11 @@ struct MemoryPlan {
 // (RssAnon after minus before); what exceeds the KV cache (which llama.cpp
 // clears, so it is resident) and the engine's resident rows is heap nobody
 // reports: llama.cpp's vocabulary and tokenizer tables (~18 MiB for a
-// 49k-token vocabulary) and the engine's sidecar tables.
+// 49k-token vocabulary) and the engine's sidecar tables. `weights_in_heap`: llama.cpp read the weights it uses
+// into its heap (use_mmap=False), where load_anon_growth counts them; nothing of the mapping is then planned for.
 MemoryPlan plan_memory(const Engine & engine, uint64_t budget, uint64_t process_before,
                        const std::vector<std::string> & llama_log, int n_threads, int n_ubatch, int n_ctx,
-                       uint64_t load_anon_growth);
+                       uint64_t load_anon_growth, bool weights_in_heap = false);
 
 // Whether `automatic` is a cgroup's limit too tight to cache the whole store, by a plan made before llama.cpp
 // loads (its buffers not yet known, so a little short) for micro-batches of kBudgetBatch: the process then runs

@@ -330,7 +330,7 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
                     check_memory_plan(self.memory_plan, model_path, engine,
                                       self.scores.nbytes if self._logits_all else 0,
                                       limit=automatic[1] if automatic else None,
-                                      unmapped=kwargs.get("use_mmap") is False)
+                                      unmapped=not self._weights_mapped)
                 except MemoryBudgetError:
                     self.close()
                     raise
@@ -350,7 +350,11 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
                             engine.stream_head_bytes / 2**20, self.memory_plan.store_bytes / 2**20)
         if lookup:
             self._use_prompt_lookup(lookup, automatic=prompt_lookup is None)
-        if budget is not None and sidecar_path is not None:
+        # use_mmap=False: llama.cpp reads the weights it uses into its heap, where nothing can evict them; its
+        # mapping then holds the FFN tensors only for the hook, and locking or bounding pages there would fault in
+        # copies nobody reads (268 MiB on Qwen2.5-Coder-1.5B)
+        mapped = self._weights_mapped
+        if budget is not None and sidecar_path is not None and mapped:
             # the plan counts one micro-batch's token embedding lookups mapped, not the table
             _, why = bound_lookup_pages(engine)
             if why:
@@ -358,7 +362,10 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
         # (repacked weights are read from their anonymous copies, not from the mapping)
         lock = lock_weights if lock_weights is not None else \
             (use_mlock or bounded and sidecar_path is not None) and not repack
-        if lock:
+        if lock and not mapped:
+            logger.info("%s: use_mmap=False: the weights llama.cpp reads every token are in its heap, not locked",
+                        model_path)
+        elif lock:
             locked, why = lock_every_token_weights(engine)
             if why:
                 logger.warning("%s: %s; %.0f MiB locked, the rest may be evicted and read again", model_path, why,

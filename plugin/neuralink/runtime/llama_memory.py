@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 
+import llama_cpp
+
 from neuralink.runtime.memory_budget import MemoryPlan, gate_layers_to_stream, plan_memory
 
 # its messages are neuralink.Llama's
@@ -15,6 +17,13 @@ logger = logging.getLogger("neuralink.runtime.llama")
 class MemoryPlanning:
     """The plan a budget (explicit, or the memory there is) gives neuralink.Llama, and its streamed gate rows."""
 
+    @property
+    def _weights_mapped(self) -> bool:
+        """Whether llama.cpp reads its weights from its mapping of the model, not from copies in its heap
+        (use_mmap=False, or a lora_path, which turns mapping off in llama-cpp-python)."""
+        return self.model_params.load_mode in (llama_cpp.LLAMA_LOAD_MODE_MMAP, llama_cpp.LLAMA_LOAD_MODE_MMAP_MLOCK,
+                                               llama_cpp.LLAMA_LOAD_MODE_AUTO)
+
     def _plan_memory(self, budget: int, baseline: int, log: list[str], load_anon_growth: int) -> MemoryPlan:
         # as many compute threads as llama.cpp may run at once; one micro-batch of rows
         threads = max(self.n_threads, self.n_threads_batch or self.n_threads)
@@ -23,7 +32,7 @@ class MemoryPlanning:
         process = baseline + (self.scores.nbytes if self._logits_all else 0) + max(0, self._verification_rows - 1) * \
             self._n_vocab * 4
         return plan_memory(self.engine, budget, process, log, threads, self.context_params.n_ubatch,
-                           self.n_ctx(), load_anon_growth)
+                           self.n_ctx(), load_anon_growth, weights_in_heap=not self._weights_mapped)
 
     def _stream_gate_rows_to_fit(self, budget: int, baseline: int, log: list[str], load_anon_growth: int,
                                  cache_policy: str) -> None:

@@ -124,13 +124,15 @@ def capture_llama_log() -> Iterator[list[str]]:
 
 
 def plan_memory(engine: _engine.Engine, budget: int, process_before: int, llama_log: list[str], n_threads: int,
-                n_ubatch: int, n_ctx: int, load_anon_growth: int) -> MemoryPlan:
+                n_ubatch: int, n_ctx: int, load_anon_growth: int, weights_in_heap: bool = False) -> MemoryPlan:
     """The engine's plan for a sparse `engine` on a context of n_ctx tokens, n_threads threads and micro-batches
     of n_ubatch;
     `load_anon_growth`: the anonymous memory opening the engine and loading the model added (what exceeds the
-    KV cache and the engine's resident rows is heap nobody reports: vocabulary and tokenizer tables)."""
+    KV cache and the engine's resident rows is heap nobody reports: vocabulary and tokenizer tables);
+    `weights_in_heap`: llama.cpp read the weights it uses into its heap (use_mmap=False), which that growth
+    counts, so no mapped pages are planned for them."""
     return _engine.plan_memory(engine, budget, process_before, llama_log, n_threads, n_ubatch, n_ctx,
-                               load_anon_growth)
+                               load_anon_growth, weights_in_heap)
 
 
 def gate_layers_to_stream(plan: MemoryPlan, engine: _engine.Engine, room_for_region_stream: bool = False) -> int:
@@ -166,8 +168,8 @@ def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | Non
     layer's gate rows streamed, when the engine could stream them. `all_logits`: the bytes of llama-cpp-python's
     copy of every position's logits (logits_all), which the process counts: named in the error when nonzero.
     `limit`: the cgroup limit the budget was taken from when none was given (automatic_budget's source).
-    `unmapped`: the model was loaded with use_mmap=False, whose heap copy of the weights the plan counts beside
-    the mapping it plans for them: named in the error."""
+    `unmapped`: the model was loaded with use_mmap=False, whose heap copy of the weights (the whole token
+    embedding included, where mapped one micro-batch's lookups are resident) is named in the error."""
     if plan.budget >= plan.minimum:
         return
     lowest = _engine.minimum_with_gate_rows_streamed(plan, engine) if engine is not None else plan.minimum
@@ -180,7 +182,8 @@ def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | Non
     if unmapped:
         heap = plan.to_dict()["load_heap"]
         fix += (f"; use_mmap=False read the weights llama.cpp uses into the heap ({heap / 2**20:.1f} MiB of load "
-                "heap), which the plan counts beside the mapped pages it plans for them: leave use_mmap on")
+                "heap), the whole token embedding with them, where mapped only one micro-batch's lookups of it are "
+                "resident: leave use_mmap on")
     if plan.process > PROCESS_HINT:
         fix += (f"; this process held {plan.process / 2**20:.1f} MiB before the model, and all of it counts: another "
                 "model it still holds (close() it, or drop its last reference, first) or other data")
