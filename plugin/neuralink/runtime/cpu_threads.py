@@ -46,7 +46,10 @@ def _own_cgroup_dirs(root: Path, controller: str, proc_cgroup: Path) -> list[Pat
         lines = []
     dirs = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
         if controller == "" and controllers == "":
             dirs.append(root / path.lstrip("/"))
         elif controller and controller in controllers.split(","):
@@ -63,9 +66,9 @@ def _cgroup_cpu_quota(root: Path, proc_cgroup: Path) -> float | None:
     for directory in _own_cgroup_dirs(root, "", proc_cgroup):
         try:
             quota, period = (directory / "cpu.max").read_text().split()[:2]
-        except (OSError, ValueError):
+            return None if quota == "max" else int(quota) / int(period)
+        except (OSError, ValueError, ZeroDivisionError):
             continue
-        return None if quota == "max" else int(quota) / int(period)
     for directory in _own_cgroup_dirs(root, "cpu", proc_cgroup):
         try:
             quota = int((directory / "cpu.cfs_quota_us").read_text())
