@@ -4,18 +4,37 @@ CPUs, which on a machine without SMT leaves half the cores idle."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import neuralink
-from neuralink.runtime.cpu_threads import default_thread_count
+from neuralink import _engine
 from neuralink.runtime.server import NeuralinkOptions, _ServerLlamaNames
 
 
-def fake_topology(root: Path, cores_of_cpus: list[tuple[int, int]]) -> Path:
-    """A sysfs cpu directory whose cpu N has (package, core) = cores_of_cpus[N]."""
-    for cpu, (package, core) in enumerate(cores_of_cpus):
+def default_thread_count(sys_cpu: Path | None = None, cgroup_root: Path | None = None,
+                         proc_cgroup: Path | None = None) -> int:
+    """The engine's rule (neuralink.Llama's and neuralink-run's), on the given sysfs and cgroup trees."""
+    paths = {name: os.fspath(path) for name, path in
+             (("sys_cpu", sys_cpu), ("cgroup_root", cgroup_root), ("proc_cgroup", proc_cgroup)) if path is not None}
+    return _engine.default_thread_count(**paths)
+
+
+def allowed_cpus_in_child(cpus: set[int], sys_cpu: Path, none: Path) -> int:
+    """default_thread_count in a process whose affinity is `cpus` (as `taskset` would set it)."""
+    code = ("import os, sys; from neuralink import _engine; os.sched_setaffinity(0, {cpus}); "
+            f"print(_engine.default_thread_count(sys.argv[1], sys.argv[2], sys.argv[2]))").replace("{cpus}", repr(cpus))
+    done = subprocess.run([sys.executable, "-c", code, os.fspath(sys_cpu), os.fspath(none)], capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout)
+
+
+def fake_topology(root: Path, cores: dict[int, tuple[int, int]]) -> Path:
+    """A sysfs cpu directory whose cpu N has (package, core) = cores[N]."""
+    for cpu, (package, core) in cores.items():
         topology = root / f"cpu{cpu}" / "topology"
         topology.mkdir(parents=True)
         (topology / "physical_package_id").write_text(f"{package}\n")
@@ -34,53 +53,60 @@ def fake_cgroup(root: Path, proc: dict[str, str], files: dict[str, str]) -> tupl
 
 
 @pytest.fixture
-def four_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+def cpus() -> list[int]:
+    """The CPUs this process may run on; the fake topologies below describe them."""
+    return sorted(os.sched_getaffinity(0))
 
 
-def test_a_machine_without_smt_gets_a_thread_per_cpu(tmp_path: Path, four_cpus: None) -> None:
-    sys_cpu = fake_topology(tmp_path / "cpu", [(0, 0), (0, 1), (0, 2), (0, 3)])
-    assert default_thread_count(sys_cpu, tmp_path / "none", tmp_path / "none") == 4
+def test_a_machine_without_smt_gets_a_thread_per_cpu(tmp_path: Path, cpus: list[int]) -> None:
+    sys_cpu = fake_topology(tmp_path / "cpu", {cpu: (0, k) for k, cpu in enumerate(cpus)})
+    assert default_thread_count(sys_cpu, tmp_path / "none", tmp_path / "none") == len(cpus)
 
 
-def test_hyperthreads_of_one_core_count_once(tmp_path: Path, four_cpus: None) -> None:
-    sys_cpu = fake_topology(tmp_path / "cpu", [(0, 0), (0, 1), (0, 0), (0, 1)])
-    assert default_thread_count(sys_cpu, tmp_path / "none", tmp_path / "none") == 2
+def test_hyperthreads_of_one_core_count_once(tmp_path: Path, cpus: list[int]) -> None:
+    # llama-cpp-python's half of the CPUs is right here, and so is this
+    sys_cpu = fake_topology(tmp_path / "cpu", {cpu: (0, k // 2) for k, cpu in enumerate(cpus)})
+    assert default_thread_count(sys_cpu, tmp_path / "none", tmp_path / "none") == (len(cpus) + 1) // 2
     # the same core id on two packages is two cores
-    sys_cpu = fake_topology(tmp_path / "two", [(0, 0), (1, 0), (0, 0), (1, 0)])
-    assert default_thread_count(sys_cpu, tmp_path / "none", tmp_path / "none") == 2
+    sys_cpu = fake_topology(tmp_path / "two", {cpu: (k % 2, 0) for k, cpu in enumerate(cpus)})
+    assert default_thread_count(sys_cpu, tmp_path / "none", tmp_path / "none") == min(len(cpus), 2)
 
 
-def test_only_the_cpus_the_process_may_run_on_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sys_cpu = fake_topology(tmp_path / "cpu", [(0, 0), (0, 1), (0, 2), (0, 3)])
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1, 3})  # taskset -c 1,3
-    assert default_thread_count(sys_cpu, tmp_path / "none", tmp_path / "none") == 2
+def test_only_the_cpus_the_process_may_run_on_count(tmp_path: Path, cpus: list[int]) -> None:
+    sys_cpu = fake_topology(tmp_path / "cpu", {cpu: (0, k) for k, cpu in enumerate(cpus)})
+    assert allowed_cpus_in_child({cpus[-1]}, sys_cpu, tmp_path / "none") == 1  # taskset -c N
 
 
-def test_an_unreadable_topology_falls_back_to_half_the_cpus(tmp_path: Path, four_cpus: None) -> None:
-    assert default_thread_count(tmp_path / "no-sysfs", tmp_path / "none", tmp_path / "none") == 2
+def test_an_unreadable_topology_falls_back_to_half_the_cpus(tmp_path: Path, cpus: list[int]) -> None:
+    assert default_thread_count(tmp_path / "no-sysfs", tmp_path / "none", tmp_path / "none") == max(len(cpus) // 2, 1)
 
 
-@pytest.mark.parametrize("quota, expected", [("150000 100000", 2), ("50000 100000", 1), ("max 100000", 4)])
-def test_a_cgroup_v2_cpu_quota_caps_the_threads(tmp_path: Path, four_cpus: None, quota: str, expected: int) -> None:
-    sys_cpu = fake_topology(tmp_path / "cpu", [(0, 0), (0, 1), (0, 2), (0, 3)])
+@pytest.mark.parametrize("quota, cpus_allowed", [("150000 100000", 2), ("50000 100000", 1), ("max 100000", None)])
+def test_a_cgroup_v2_cpu_quota_caps_the_threads(tmp_path: Path, cpus: list[int], quota: str,
+                                                cpus_allowed: int | None) -> None:
+    sys_cpu = fake_topology(tmp_path / "cpu", {cpu: (0, k) for k, cpu in enumerate(cpus)})
     cgroup, proc = fake_cgroup(tmp_path, {"": "/app.slice/server"}, {"app.slice/server/cpu.max": quota})
-    assert default_thread_count(sys_cpu, cgroup, proc) == expected
+    assert default_thread_count(sys_cpu, cgroup, proc) == min(len(cpus), cpus_allowed or len(cpus))
 
 
-def test_a_cgroup_v1_cpu_quota_caps_the_threads(tmp_path: Path, four_cpus: None) -> None:
-    sys_cpu = fake_topology(tmp_path / "cpu", [(0, 0), (0, 1), (0, 2), (0, 3)])
+def test_a_cgroup_v1_cpu_quota_caps_the_threads(tmp_path: Path, cpus: list[int]) -> None:
+    sys_cpu = fake_topology(tmp_path / "cpu", {cpu: (0, k) for k, cpu in enumerate(cpus)})
     # the process's own group (a quota of 1 CPU), below a root with none
     cgroup, proc = fake_cgroup(tmp_path, {"cpu,cpuacct": "/bench", "memory": "/bench"}, {
         "cpu/bench/cpu.cfs_quota_us": "100000\n", "cpu/bench/cpu.cfs_period_us": "100000\n",
         "cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n",
     })
     assert default_thread_count(sys_cpu, cgroup, proc) == 1
-    # in a container's own namespace its group is the mount's root
+    # in a container's own cgroup namespace its group is the mount's root
     cgroup, proc = fake_cgroup(tmp_path / "ns", {"cpu,cpuacct": "/"}, {
-        "cpu,cpuacct/cpu.cfs_quota_us": "200000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+        "cpu,cpuacct/cpu.cfs_quota_us": "100000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
     })
-    assert default_thread_count(sys_cpu, cgroup, proc) == 2
+    assert default_thread_count(sys_cpu, cgroup, proc) == 1
+    # malformed files are no quota
+    cgroup, proc = fake_cgroup(tmp_path / "bad", {"cpu": "/x"}, {
+        "cpu/x/cpu.cfs_quota_us": "lots\n", "cpu/x/cpu.cfs_period_us": "100000\n",
+    })
+    assert default_thread_count(sys_cpu, cgroup, proc) == len(cpus)
 
 
 def test_neuralink_llama_decodes_on_every_physical_core_unless_told(converted_model) -> None:

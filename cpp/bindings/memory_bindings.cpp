@@ -1,5 +1,6 @@
 // pybind11 bindings of the memory plan and the size rule: wiring only, no logic.
 
+#include "neuralink/cpu_threads.h"
 #include "neuralink/engine.h"
 #include "neuralink/memory_plan.h"
 #include "neuralink/prompt_lookup.h"
@@ -108,6 +109,10 @@ void register_memory(py::module_ & m) {
     m.attr("AUTO_PROPOSALS") = kAutoProposals;
     m.attr("DRAFT_TRIAL_SHARE") = kDraftTrialShare;
     m.attr("DRAFT_RETRIAL") = kDraftRetrial;
+    m.def("default_thread_count", &default_thread_count, py::arg("sys_cpu") = "/sys/devices/system/cpu",
+          py::arg("cgroup_root") = "/sys/fs/cgroup", py::arg("proc_cgroup") = "/proc/self/cgroup",
+          "Compute threads when nobody says: one per physical core among the CPUs this process may run on, no "
+          "more than its cgroup's CPU quota allows (half of the allowed CPUs where sysfs gives no topology).");
     m.def("cgroup_memory_limit", &cgroup_memory_limit, py::arg("proc_cgroup") = "/proc/self/cgroup",
           py::arg("root") = "/sys/fs/cgroup",
           "This process's cgroup memory limit in bytes (v1 or v2, found through proc_cgroup under root), or None.");

@@ -487,10 +487,11 @@ int run(RunnerOptions o) {
                             anon_after > anon_before ? anon_after - anon_before : 0, log.lines);
     }
     if (engine) {
-        note("model loaded in %.2f s: architecture '%s', all %d FFNs served by the engine, %d threads",
-             seconds_since(t0), engine->model().architecture().c_str(), engine->n_layer(), o.n_threads);
+        note("model loaded in %.2f s: architecture '%s', all %d FFNs served by the engine, %d thread%s",
+             seconds_since(t0), engine->model().architecture().c_str(), engine->n_layer(), o.n_threads,
+             o.n_threads == 1 ? "" : "s");
     } else {
-        note("model loaded in %.2f s, %d threads", seconds_since(t0), o.n_threads);
+        note("model loaded in %.2f s, %d thread%s", seconds_since(t0), o.n_threads, o.n_threads == 1 ? "" : "s");
     }
     const Generation g = generate(o, session.ctx.get(), session.prompt, engine ? engine->sparse() : nullptr,
                                   log.last_error, follow);

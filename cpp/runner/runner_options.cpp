@@ -1,15 +1,16 @@
 #include "runner_options.h"
 
+#include "neuralink/cpu_threads.h"
 #include "neuralink/prompt_lookup.h"
 
 #include "neuralink/sizes.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <thread>
 
 namespace neuralink_run {
 
@@ -104,7 +105,7 @@ model and weights:
 generation:
   -p, --prompt TEXT        the prompt (tokenized with the model's BOS where it uses one)
   -n, --n-predict N        tokens to generate (default 64)
-  -t, --threads N          compute threads (default: the hardware's, at most 4)
+  -t, --threads N          compute threads (default: one per physical core this process may use, at most 4)
   -c, --ctx-size N         context length (default: prompt + n-predict tokens)
   -b, --batch-size N       prompt tokens per decode call (default 512, or )";
     u += std::to_string(neuralink::kBudgetBatch);
@@ -267,8 +268,8 @@ RunnerOptions parse_options(int argc, char ** argv) {
         o.n_batch = neuralink::kBudgetBatch;
     }
     if (o.n_threads == 0) {
-        const unsigned hw = std::thread::hardware_concurrency();
-        o.n_threads = hw == 0 ? 1 : (int) (hw < 4 ? hw : 4);
+        // neuralink.Llama's rule, kept to 4: a phone's big cores (its little ones slow a token down)
+        o.n_threads = std::min(neuralink::default_thread_count(), 4);
     }
     return o;
 }

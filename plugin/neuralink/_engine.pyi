@@ -265,6 +265,9 @@ class MemoryPlan:
     def describe(self) -> str: ...
     def to_dict(self) -> dict[str, int]: ...
 
+def default_thread_count(
+    sys_cpu: str = "/sys/devices/system/cpu", cgroup_root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup"
+) -> int: ...
 def plan_memory(
     engine: Engine, budget: int, process_before: int, llama_log: Sequence[str], n_threads: int, n_ubatch: int,
     n_ctx: int, load_anon_growth: int, weights_in_heap: bool = False

@@ -46,6 +46,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from neuralink import _engine
 from neuralink.child import run_in_child
 from neuralink.command import Command, positive_int
 from neuralink.convert.pipeline import convert_from_text
@@ -61,7 +62,6 @@ from neuralink.formats.gguf_directory import read_gguf_directory
 from neuralink.formats.sizes import parse_size
 from neuralink.models.fetch import MODELS, fetch_model
 from neuralink.paths import cache_dir
-from neuralink.runtime.cpu_threads import default_thread_count
 from neuralink.runtime.default_model import default_model_path
 from neuralink.runtime.llama import Llama
 from neuralink.runtime.sidecar_lookup import find_sidecar
@@ -228,7 +228,7 @@ def _pair_settings(original: Path, converted: Path, prompt: str, max_tokens: int
     sidecar = find_sidecar(converted)
     assert sidecar is not None
     return E2eSettings(model=converted, sidecar=sidecar, stock_model=original, caps=(cap,), prompt_texts=(prompt,),
-                       tokens=max_tokens, runs=1, threads=threads or default_thread_count(),
+                       tokens=max_tokens, runs=1, threads=threads or _engine.default_thread_count(),
                        predictor=predictor, **variant)
 
 

@@ -34,7 +34,6 @@ from neuralink.runtime.draft import (
     prompt_lookup_rows,
     verification_rows,
 )
-from neuralink.runtime.cpu_threads import default_thread_count
 from neuralink.runtime.ffn_report import FfnReporting
 from neuralink.runtime.hook import FfnHookApi, detach_before_free, ffn_hook_api
 from neuralink.runtime.llama_memory import MemoryPlanning
@@ -213,7 +212,7 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
             super().__init__(model_path, *args, **kwargs)
             return
         if kwargs.get("n_threads") is None:  # llama-cpp-python's half of the CPUs leaves cores idle without SMT
-            kwargs["n_threads"] = default_thread_count()
+            kwargs["n_threads"] = _engine.default_thread_count()
         budget = memory_budget_bytes(memory_budget) if memory_budget is not None else None
         if budget is not None:
             _engine.fix_malloc_thresholds()  # what is freed leaves the process, as the plan counts it

@@ -1,0 +1,122 @@
+#include "neuralink/cpu_threads.h"
+
+#include <sched.h>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <optional>
+#include <set>
+#include <thread>
+#include <utility>
+#include <vector>
+
+namespace neuralink {
+
+namespace {
+
+std::vector<int> allowed_cpus() {
+    std::vector<int> cpus;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+        for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+            if (CPU_ISSET(cpu, &set)) cpus.push_back(cpu);
+        }
+    }
+    if (cpus.empty()) {
+        const int n = (int) std::max(1u, std::thread::hardware_concurrency());
+        for (int cpu = 0; cpu < n; ++cpu) cpus.push_back(cpu);
+    }
+    return cpus;
+}
+
+std::optional<std::string> first_word(const std::string & path) {
+    std::ifstream in(path);
+    std::string word;
+    if (!(in >> word)) return std::nullopt;
+    return word;
+}
+
+// distinct (package, core) pairs among `cpus`; nullopt where sysfs does not say for one of them
+std::optional<int> physical_cores(const std::vector<int> & cpus, const std::string & sys_cpu) {
+    std::set<std::pair<std::string, std::string>> cores;
+    for (int cpu : cpus) {
+        const std::string topology = sys_cpu + "/cpu" + std::to_string(cpu) + "/topology/";
+        const auto package = first_word(topology + "physical_package_id");
+        const auto core = first_word(topology + "core_id");
+        if (!package || !core) return std::nullopt;
+        cores.emplace(*package, *core);
+    }
+    return cores.empty() ? std::nullopt : std::optional<int>((int) cores.size());
+}
+
+std::optional<long long> whole_number(const std::string & text) {
+    if (text.empty() || text.size() > 18 || text.find_first_not_of("-0123456789") != std::string::npos) {
+        return std::nullopt;
+    }
+    try {
+        return std::stoll(text);
+    } catch (const std::exception &) {
+        return std::nullopt;
+    }
+}
+
+// this process's cgroup directories for a v1 `controller`, or for v2 (""): its own path as /proc/self/cgroup
+// names it, then the mount's root (in a container with its own cgroup namespace, the container's group)
+std::vector<std::string> own_cgroup_dirs(const std::string & root, const std::string & controller,
+                                         const std::string & proc_cgroup) {
+    std::vector<std::string> dirs;
+    std::ifstream in(proc_cgroup);
+    std::string line;
+    while (std::getline(in, line)) { // "N:cpu,cpuacct:/path" (v1), "0::/path" (v2)
+        const size_t a = line.find(':');
+        const size_t b = a == std::string::npos ? a : line.find(':', a + 1);
+        if (b == std::string::npos) continue;
+        const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+        if (controller.empty() && controllers.empty()) {
+            dirs.push_back(root + path);
+        } else if (!controller.empty() && ("," + controllers + ",").find("," + controller + ",") != std::string::npos) {
+            // mounted as "cpu,cpuacct" or as "cpu" (often both, one a link to the other)
+            dirs.push_back(root + "/" + controllers + path);
+            dirs.push_back(root + "/" + controller + path);
+        }
+    }
+    dirs.push_back(controller.empty() ? root : root + "/" + controller);
+    return dirs;
+}
+
+// the CPUs' worth of time the process's cgroup may use (v2 cpu.max, v1 CFS quota); nullopt when unlimited
+std::optional<double> cgroup_cpu_quota(const std::string & root, const std::string & proc_cgroup) {
+    for (const std::string & dir : own_cgroup_dirs(root, "", proc_cgroup)) {
+        std::ifstream in(dir + "/cpu.max");
+        std::string quota, period;
+        if (!(in >> quota >> period)) continue;
+        if (quota == "max") return std::nullopt;
+        const auto q = whole_number(quota), p = whole_number(period);
+        if (q && p && *q > 0 && *p > 0) return (double) *q / (double) *p;
+    }
+    for (const std::string & dir : own_cgroup_dirs(root, "cpu", proc_cgroup)) {
+        const auto quota = first_word(dir + "/cpu.cfs_quota_us"), period = first_word(dir + "/cpu.cfs_period_us");
+        if (!quota || !period) continue;
+        const auto q = whole_number(*quota), p = whole_number(*period);
+        if (!q || !p) continue;
+        if (*q <= 0 || *p <= 0) return std::nullopt; // -1: no quota
+        return (double) *q / (double) *p;
+    }
+    return std::nullopt;
+}
+
+} // namespace
+
+int default_thread_count(const std::string & sys_cpu, const std::string & cgroup_root,
+                         const std::string & proc_cgroup) {
+    const std::vector<int> cpus = allowed_cpus();
+    int threads = physical_cores(cpus, sys_cpu).value_or(std::max((int) cpus.size() / 2, 1));
+    if (const auto quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)) {
+        threads = std::min(threads, std::max((int) std::ceil(*quota), 1));
+    }
+    return std::max(threads, 1);
+}
+
+} // namespace neuralink
