@@ -1,5 +1,7 @@
 #include "neuralink/cpu_threads.h"
 
+#include "cgroup_dirs.h"
+
 #include <sched.h>
 
 #include <algorithm>
@@ -62,33 +64,17 @@ std::optional<long long> whole_number(const std::string & text) {
     }
 }
 
-// this process's cgroup directories for a v1 `controller`, or for v2 (""): its own path as /proc/self/cgroup
-// names it, then the mount's root (in a container with its own cgroup namespace, the container's group)
-std::vector<std::string> own_cgroup_dirs(const std::string & root, const std::string & controller,
-                                         const std::string & proc_cgroup) {
-    std::vector<std::string> dirs;
-    std::ifstream in(proc_cgroup);
-    std::string line;
-    while (std::getline(in, line)) { // "N:cpu,cpuacct:/path" (v1), "0::/path" (v2)
-        const size_t a = line.find(':');
-        const size_t b = a == std::string::npos ? a : line.find(':', a + 1);
-        if (b == std::string::npos) continue;
-        const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
-        if (controller.empty() && controllers.empty()) {
-            dirs.push_back(root + path);
-        } else if (!controller.empty() && ("," + controllers + ",").find("," + controller + ",") != std::string::npos) {
-            // mounted as "cpu,cpuacct" or as "cpu" (often both, one a link to the other)
-            dirs.push_back(root + "/" + controllers + path);
-            dirs.push_back(root + "/" + controller + path);
-        }
-    }
+// own_cgroup_dirs, then the mount's root: in a container with its own cgroup namespace, the container's group
+std::vector<std::string> cgroup_dirs_or_root(const std::string & root, const std::string & controller,
+                                             const std::string & proc_cgroup) {
+    std::vector<std::string> dirs = own_cgroup_dirs(root, controller, proc_cgroup);
     dirs.push_back(controller.empty() ? root : root + "/" + controller);
     return dirs;
 }
 
 // the CPUs' worth of time the process's cgroup may use (v2 cpu.max, v1 CFS quota); nullopt when unlimited
 std::optional<double> cgroup_cpu_quota(const std::string & root, const std::string & proc_cgroup) {
-    for (const std::string & dir : own_cgroup_dirs(root, "", proc_cgroup)) {
+    for (const std::string & dir : cgroup_dirs_or_root(root, "", proc_cgroup)) {
         std::ifstream in(dir + "/cpu.max");
         std::string quota, period;
         if (!(in >> quota >> period)) continue;
@@ -96,7 +82,7 @@ std::optional<double> cgroup_cpu_quota(const std::string & root, const std::stri
         const auto q = whole_number(quota), p = whole_number(period);
         if (q && p && *q > 0 && *p > 0) return (double) *q / (double) *p;
     }
-    for (const std::string & dir : own_cgroup_dirs(root, "cpu", proc_cgroup)) {
+    for (const std::string & dir : cgroup_dirs_or_root(root, "cpu", proc_cgroup)) {
         const auto quota = first_word(dir + "/cpu.cfs_quota_us"), period = first_word(dir + "/cpu.cfs_period_us");
         if (!quota || !period) continue;
         const auto q = whole_number(*quota), p = whole_number(*period);

@@ -1,5 +1,7 @@
 #include "neuralink/memory_plan.h"
 
+#include "cgroup_dirs.h"
+
 #include "neuralink/column_axpy.h"
 #include "neuralink/defaults.h"
 #include "neuralink/engine.h"
@@ -129,22 +131,11 @@ std::string with_mib(const char * what, uint64_t bytes) {
 } // namespace
 
 std::optional<uint64_t> cgroup_memory_limit(const std::string & proc_cgroup, const std::string & root) {
-    std::ifstream in(proc_cgroup);
-    std::string line;
-    while (std::getline(in, line)) { // "N:memory:/path" (v1), "0::/path" (v2)
-        const size_t a = line.find(':');
-        const size_t b = a == std::string::npos ? a : line.find(':', a + 1);
-        if (b == std::string::npos) continue;
-        const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
-        std::string file;
-        if (("," + controllers + ",").find(",memory,") != std::string::npos) {
-            file = root + "/memory" + path + "/memory.limit_in_bytes";
-        } else if (controllers.empty()) {
-            file = root + path + "/memory.max";
-        } else {
-            continue;
-        }
-        if (const auto limit = read_limit(file)) return limit;
+    for (const std::string & dir : own_cgroup_dirs(root, "memory", proc_cgroup)) {
+        if (const auto limit = read_limit(dir + "/memory.limit_in_bytes")) return limit;
+    }
+    for (const std::string & dir : own_cgroup_dirs(root, "", proc_cgroup)) {
+        if (const auto limit = read_limit(dir + "/memory.max")) return limit;
     }
     return std::nullopt;
 }
