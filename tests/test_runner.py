@@ -7,6 +7,7 @@ loads, so both run the same engine on the same llama.cpp.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -422,3 +423,17 @@ def test_under_a_budget_weights_stay_unrepacked_and_embedding_lookups_bounded(ru
     assert "CPU_REPACK" in free.stderr, "this build repacks Q4_0 weights: the test must see it do so"
     assert "CPU_REPACK" not in budget.stderr
     assert "lies outside" not in budget.stderr and "stay mapped" not in budget.stderr
+
+
+def test_the_default_thread_count_follows_the_cpus_the_runner_may_use(runner: Path, converted_model) -> None:
+    # the engine's rule (default_thread_count), kept to 4: it had taken every logical CPU whatever its affinity
+    model, _ = converted_model("llama", "q8_0", threshold=0.1)
+    expected = min(_engine.default_thread_count(), 4)
+    result = run(runner, "-m", model, "-p", PROMPT, "-n", 2, "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"served by the engine, {expected} threads?$", result.stderr, re.MULTILINE), result.stderr
+    pinned = subprocess.run([str(runner), "-m", str(model), "-p", PROMPT, "-n", "2", "--verbose"],
+                            capture_output=True, text=True, errors="replace", timeout=300,
+                            preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))  # taskset
+    assert pinned.returncode == 0, pinned.stderr
+    assert re.search(r"served by the engine, 1 thread$", pinned.stderr, re.MULTILINE), pinned.stderr
