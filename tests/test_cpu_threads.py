@@ -111,9 +111,10 @@ def test_a_cgroup_v1_cpu_quota_caps_the_threads(tmp_path: Path, cpus: list[int])
 
 def test_neuralink_llama_decodes_on_every_physical_core_unless_told(converted_model) -> None:
     model, _ = converted_model("llama", "q8_0")
-    llm = neuralink.Llama(str(model), n_ctx=128, verbose=False)
-    assert llm.n_threads == llm.context_params.n_threads == default_thread_count()
-    llm.close()
+    for unsaid in ({}, {"n_threads": None}, {"n_threads": 0}):  # llama-cpp-python reads 0 as "not said" too
+        llm = neuralink.Llama(str(model), n_ctx=128, verbose=False, **unsaid)
+        assert llm.n_threads == llm.context_params.n_threads == default_thread_count()
+        llm.close()
     llm = neuralink.Llama(str(model), n_ctx=128, n_threads=1, verbose=False)
     assert llm.n_threads == llm.context_params.n_threads == 1
     llm.close()

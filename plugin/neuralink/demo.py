@@ -324,7 +324,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictor", choices=("auto", "gate", "lowrank", "dense", "oracle"), default="auto",
                         help="how active neurons are found (default auto: what the conversion's quality search "
                              "validated on held-out text, else every neuron)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="compute threads (default: one per physical core)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="compute threads (default: one per physical core)")
     parser.add_argument("--dense", action="store_true",
                         help="no conversion: the dense engine computes every FFN from weights in RAM")
     parser.add_argument("--no-direct-io", dest="direct_io", action="store_false",

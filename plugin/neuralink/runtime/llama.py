@@ -211,7 +211,7 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
             self._stats, self._summarized, self._neuralink_args = [], 0, {}
             super().__init__(model_path, *args, **kwargs)
             return
-        if kwargs.get("n_threads") is None:  # llama-cpp-python's half of the CPUs leaves cores idle without SMT
+        if not kwargs.get("n_threads"):  # None or 0: llama-cpp-python takes half of the CPUs, idle cores without SMT
             kwargs["n_threads"] = _engine.default_thread_count()
         budget = memory_budget_bytes(memory_budget) if memory_budget is not None else None
         if budget is not None:
