@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import neuralink
@@ -132,3 +133,45 @@ def test_a_refused_budget_says_what_the_process_already_held(converted_model) ->
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.search(r"this process held [0-9.]+ MiB before the model, and all of it counts: another model it "
                      r"still holds \(close\(\) it", done.stdout), done.stdout[-2000:]
+
+
+def test_a_long_lived_model_keeps_its_counters_bounded_and_its_summaries_whole(converted_model, monkeypatch) -> None:
+    # a server's model lives through many completions: every layer evaluation's counters had been kept (~2.9 KB a
+    # token on Qwen2.5-Coder-1.5B), past any memory budget; the summaries now add up running totals
+    from neuralink.runtime import ffn_report
+
+    model, _ = converted_model("llama", "q8_0")
+    counts = re.compile(r"neuralink FFN: (\d+) tokens, (\d+) neurons active/layer/token \(predicted (\d+)\)")
+    summaries = {}
+    for kept in (None, 3):
+        llm = neuralink.Llama(str(model), n_ctx=256, verbose=False)
+        if kept:
+            monkeypatch.setattr(ffn_report, "FFN_STATS_KEPT_ROWS", kept * llm.engine.n_layer)
+        llm("the quick brown fox", max_tokens=24, temperature=0.0)
+        first = counts.match(llm.ffn_summary())
+        llm("over the lazy dog and", max_tokens=12, temperature=0.0)
+        second = counts.match(llm.ffn_summary())
+        assert first and second
+        summaries[kept] = (first.groups(), second.groups())
+        rows = llm.ffn_stats()
+        if kept:  # the most recent rows: the last decoded tokens' layers, a few arrays at most over the bound
+            assert kept * llm.engine.n_layer <= len(rows) < (kept + 2) * llm.engine.n_layer
+            assert (rows["n_tokens"][-kept * llm.engine.n_layer:] == 1).all()
+        llm.close()
+    assert summaries[3] == summaries[None]
+    assert int(summaries[None][0][0]) > 24 and 12 < int(summaries[None][1][0]) < 24  # each covers its completion
+
+
+def test_the_engine_keeps_a_bounded_number_of_untaken_counters(converted_model) -> None:
+    # llama-cpp-python's embed() decodes without neuralink.Llama's eval, which takes the engine's counters: a
+    # process serving embeddings had kept every layer evaluation's in the engine
+    from neuralink import _engine
+
+    model, sidecar = converted_model("llama", "q8_0")
+    engine = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none")
+    x = np.random.default_rng(1).standard_normal((1, 256)).astype(np.float32)
+    for _ in range(_engine.STATS_KEPT + 10):
+        engine.forward(0, x, "silu")
+    stats = engine.take_stats()
+    assert _engine.STATS_KEPT // 2 <= len(stats) <= _engine.STATS_KEPT
+    assert len(engine.take_stats()) == 0

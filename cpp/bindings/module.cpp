@@ -514,6 +514,7 @@ PYBIND11_MODULE(_engine, m) {
     m.attr("DEFAULT_BANDWIDTH_BYTES_S") = kDefaultBandwidthBytesS;
     m.attr("DOWN_TRIAL_TOKENS") = SparseFfn::kDownTrialTokens;
     m.attr("DOWN_TRIAL_MARGIN") = SparseFfn::kDownTrialMargin;
+    m.attr("STATS_KEPT") = SparseFfn::kStatsKept;
     m.attr("DEFAULT_QUEUE_DEPTH") = kDefaultQueueDepth;
     m.attr("STREAM_COST_RATIO") = SparseFfn::kStreamCostRatio;
     m.attr("DEFAULT_MAX_READ_BYTES") = kDefaultMaxReadBytes;

@@ -446,6 +446,9 @@ void SparseFfn::record_stats(int il, int64_t n_tokens, int nth) {
     if (!stream_) st.io_ns = last > first ? last - first : 0;
     st.layer_ns = steady_now_ns() - layer_start_ns_;
     std::lock_guard<std::mutex> lock(stats_mutex_);
+    if (stats_.size() >= kStatsKept) {
+        stats_.erase(stats_.begin(), stats_.begin() + (std::ptrdiff_t) (stats_.size() / 2));
+    }
     stats_.push_back(st);
 }
 

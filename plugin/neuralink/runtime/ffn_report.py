@@ -9,9 +9,23 @@ from typing import Any
 
 import numpy as np
 
+from neuralink import _engine
+
+# The most recent layer evaluations ffn_stats() keeps, 104 bytes each: 32,768 (~3.3 MiB, ~1,170 decoded tokens
+# of a 28-layer model), as many as the engine keeps untaken. A long-running process (`neuralink serve`) had kept
+# every one, ~2.9 KB a token on Qwen2.5-Coder-1.5B, growing past any memory budget; the summaries count from
+# running totals instead.
+FFN_STATS_KEPT_ROWS = _engine.STATS_KEPT
+
+# the counters a summary adds up (summary_line)
+SUMMED_FIELDS = ("n_tokens", "computed_pairs", "predicted_pairs", "reads", "bytes_read", "cache_hits", "io_ns",
+                 "stall_ns")
+_TOTALS = np.dtype([(name, np.uint64) for name in SUMMED_FIELDS])
+
 
 def summary_line(rows: np.ndarray, n_layer: int) -> str:
-    """Tokens, neurons, reads, bytes, cache hits and I/O time per token of ``ffn_stats`` rows."""
+    """Tokens, neurons, reads, bytes, cache hits and I/O time per token of ``ffn_stats`` rows (or of their
+    totals, one row of SUMMED_FIELDS)."""
     if not rows.size:
         return "neuralink FFN: no layer evaluated"
     tokens = int(rows["n_tokens"].sum()) // n_layer
@@ -36,7 +50,25 @@ def down_trial_note(trial: dict[str, Any]) -> str:
 
 class FfnReporting:
     """neuralink.Llama's methods that report the engine's work (a mixin before llama_cpp.Llama: it needs the
-    Llama's ``engine``, ``verbose``, ``_stats``, ``_summarized`` and ``_draft_gate``)."""
+    Llama's ``engine``, ``verbose`` and ``_draft_gate``; ``_start_reporting`` sets up its own state)."""
+
+    def _start_reporting(self) -> None:
+        self._stats: list[np.ndarray] = []  # the most recent rows, at most FFN_STATS_KEPT_ROWS
+        self._stats_rows = 0
+        self._since_summary = np.zeros(1, dtype=_TOTALS)  # totals of the rows since the last summary
+        self._summary_rows = 0
+
+    def _record_stats(self, rows: np.ndarray) -> np.ndarray:
+        """Keep `rows` (the engine's counters since it was last asked) and add them to the summary's totals."""
+        if rows.size:
+            self._stats.append(rows)
+            self._stats_rows += len(rows)
+            while self._stats_rows - len(self._stats[0]) >= FFN_STATS_KEPT_ROWS:
+                self._stats_rows -= len(self._stats.pop(0))
+            for name in SUMMED_FIELDS:
+                self._since_summary[name] += rows[name].sum(dtype=np.uint64)
+            self._summary_rows += len(rows)
+        return rows
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
         """``llama_cpp.Llama.create_completion``; with ``verbose=True`` and a sidecar, it also prints the
@@ -63,14 +95,14 @@ class FfnReporting:
 
     def ffn_summary(self) -> str:
         """One line on the FFN work since the last summary: tokens, neurons, reads, bytes, cache, I/O time."""
-        stats = self.ffn_stats()
-        start = self._summarized if self._summarized <= len(stats) else 0  # ffn_stats(reset=True) restarts
-        rows = stats[start:] if stats.size else stats
-        self._summarized = len(stats)
-        return summary_line(rows, max(self.engine.n_layer, 1)) + down_trial_note(self.engine.down_trial)
+        self._record_stats(self.engine.take_stats())
+        totals = self._since_summary if self._summary_rows else np.zeros(0, dtype=_TOTALS)
+        self._since_summary, self._summary_rows = np.zeros(1, dtype=_TOTALS), 0
+        return summary_line(totals, max(self.engine.n_layer, 1)) + down_trial_note(self.engine.down_trial)
 
     def ffn_stats(self, reset: bool = False) -> np.ndarray:
-        """Counters of every layer evaluation since the start (or the last reset), one row each.
+        """Counters of the layer evaluations since the start (or the last reset), one row each: the most
+        recent FFN_STATS_KEPT_ROWS (32,768) of them.
 
         Fields: il, n_tokens, predicted (neurons evaluated), truly_active (by
         the criterion; -1 if unknown), reads, cache_hits, bytes_read,
@@ -82,7 +114,8 @@ class FfnReporting:
         projection: the per-token density of a batch).
         Empty for the dense engine.
         """
-        self._stats.append(self.engine.take_stats())
+        self._record_stats(self.engine.take_stats())
         stats = np.concatenate(self._stats) if self._stats else np.array([])
-        self._stats = [] if reset else [stats]
+        self._stats = [] if reset or not stats.size else [stats]
+        self._stats_rows = 0 if reset else len(stats)
         return stats

@@ -208,7 +208,8 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
         if self._vocab_only:
             # the tokenizer only, as llama_cpp.Llama loads it: no FFN runs, so no engine (a hook attached to a
             # context without compute backends aborted the process in llama.cpp)
-            self._stats, self._summarized, self._neuralink_args = [], 0, {}
+            self._start_reporting()
+            self._neuralink_args = {}
             super().__init__(model_path, *args, **kwargs)
             return
         if not kwargs.get("n_threads"):  # None or 0: llama-cpp-python takes half of the CPUs, idle cores without SMT
@@ -394,8 +395,7 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
                                     repack_weights=repack_weights, preload=preload,
                                     candidate_thresholds=candidate_thresholds, lock_weights=lock_weights,
                                     prompt_lookup=prompt_lookup, use_mlock=use_mlock)
-        self._stats: list[np.ndarray] = []
-        self._summarized = 0
+        self._start_reporting()
 
         refused = [s for s in engine.layer_status() if not s.taken]
         if refused:
@@ -439,7 +439,7 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
             eval_with_sampled_rows(self, tokens, self._verification_rows)
         else:
             super().eval(tokens)
-        self._stats.append(engine.take_stats())
+        rows = self._record_stats(engine.take_stats())
         seconds = time.perf_counter() - start
         error = engine.error()
         if error:
@@ -452,8 +452,8 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
             if numeric:  # the engine names the layer; say which model
                 raise EngineNumericError(f"{self.model_path}: {error}")
             raise EngineIOError(error)
-        if len(tokens) == 1 and self._stats[-1].size:  # a decoded token: the share of it spent waiting for reads
-            self._draft_gate.observe_single(float(self._stats[-1]["stall_ns"].sum()) * 1e-9, seconds)
+        if len(tokens) == 1 and rows.size:  # a decoded token: the share of it spent waiting for reads
+            self._draft_gate.observe_single(float(rows["stall_ns"].sum()) * 1e-9, seconds)
         elif isinstance(self.draft_model, GatedDraft):  # perhaps the verification of its proposals
             self.draft_model.evaluated(n_before, len(tokens), seconds)
 
