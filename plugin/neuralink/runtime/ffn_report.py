@@ -56,7 +56,6 @@ class FfnReporting:
         self._stats: list[np.ndarray] = []  # the most recent rows, at most FFN_STATS_KEPT_ROWS
         self._stats_rows = 0
         self._since_summary = np.zeros(1, dtype=_TOTALS)  # totals of the rows since the last summary
-        self._summary_rows = 0
 
     def _record_stats(self, rows: np.ndarray) -> np.ndarray:
         """Keep `rows` (the engine's counters since it was last asked) and add them to the summary's totals."""
@@ -67,7 +66,6 @@ class FfnReporting:
                 self._stats_rows -= len(self._stats.pop(0))
             for name in SUMMED_FIELDS:
                 self._since_summary[name] += rows[name].sum(dtype=np.uint64)
-            self._summary_rows += len(rows)
         return rows
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
@@ -96,8 +94,9 @@ class FfnReporting:
     def ffn_summary(self) -> str:
         """One line on the FFN work since the last summary: tokens, neurons, reads, bytes, cache, I/O time."""
         self._record_stats(self.engine.take_stats())
-        totals = self._since_summary if self._summary_rows else np.zeros(0, dtype=_TOTALS)
-        self._since_summary, self._summary_rows = np.zeros(1, dtype=_TOTALS), 0
+        # (every row evaluates a token or more)
+        totals = self._since_summary if self._since_summary["n_tokens"][0] else np.zeros(0, dtype=_TOTALS)
+        self._since_summary = np.zeros(1, dtype=_TOTALS)
         return summary_line(totals, max(self.engine.n_layer, 1)) + down_trial_note(self.engine.down_trial)
 
     def ffn_stats(self, reset: bool = False) -> np.ndarray:
