@@ -114,7 +114,8 @@ class FfnReporting:
         Empty for the dense engine.
         """
         self._record_stats(self.engine.take_stats())
-        stats = np.concatenate(self._stats) if self._stats else np.array([])
+        # (the kept arrays may hold up to one array more than the bound: the oldest rows beyond it go here)
+        stats = np.concatenate(self._stats)[-FFN_STATS_KEPT_ROWS:] if self._stats else np.array([])
         self._stats = [] if reset or not stats.size else [stats]
         self._stats_rows = 0 if reset else len(stats)
         return stats
