@@ -81,6 +81,44 @@ def test_an_unreadable_topology_falls_back_to_half_the_cpus(tmp_path: Path, cpus
     assert default_thread_count(tmp_path / "no-sysfs", tmp_path / "none", tmp_path / "none") == max(len(cpus) // 2, 1)
 
 
+@pytest.fixture
+def two_or_more(cpus: list[int]) -> list[int]:
+    if len(cpus) < 2:
+        pytest.skip("a hybrid CPU needs two CPUs this process may run on")
+    return cpus
+
+
+def test_a_big_little_phone_decodes_on_its_big_cores(tmp_path: Path, two_or_more: list[int]) -> None:
+    cpus = two_or_more
+    sys_cpu = fake_topology(tmp_path / "cpu", {cpu: (0, k) for k, cpu in enumerate(cpus)})
+    # the first CPU a little core (a quarter of the fastest one's capacity), the others big or middle ones
+    capacities = [256] + [1024 if k % 2 else 700 for k in range(1, len(cpus))]
+    for cpu, capacity in zip(cpus, capacities):
+        (sys_cpu / f"cpu{cpu}" / "cpu_capacity").write_text(f"{capacity}\n")
+    assert default_thread_count(sys_cpu, tmp_path / "none", tmp_path / "none") == len(cpus) - 1
+    # equal capacities (a desktop, this machine): every core
+    for cpu in cpus:
+        (sys_cpu / f"cpu{cpu}" / "cpu_capacity").write_text("1024\n")
+    assert default_thread_count(sys_cpu, tmp_path / "none", tmp_path / "none") == len(cpus)
+    # a process kept to the little core by its affinity still gets a thread there
+    (sys_cpu / f"cpu{cpus[0]}" / "cpu_capacity").write_text("256\n")
+    assert allowed_cpus_in_child({cpus[0]}, sys_cpu, tmp_path / "none") == 1
+
+
+def test_an_intel_hybrid_decodes_on_its_p_cores(tmp_path: Path, two_or_more: list[int]) -> None:
+    cpus = two_or_more
+    devices = tmp_path / "devices"
+    sys_cpu = fake_topology(devices / "system" / "cpu", {cpu: (0, k) for k, cpu in enumerate(cpus)})
+    (devices / "cpu_core").mkdir()
+    # the P-cores as sysfs lists them: every CPU but the last
+    p_cores = ",".join(f"{cpu}-{cpu}" if k % 2 else str(cpu) for k, cpu in enumerate(cpus[:-1]))
+    (devices / "cpu_core" / "cpus").write_text(p_cores + "\n")
+    assert default_thread_count(sys_cpu, tmp_path / "none", tmp_path / "none") == len(cpus) - 1
+    # a malformed list says nothing: every core
+    (devices / "cpu_core" / "cpus").write_text("0-\n")
+    assert default_thread_count(sys_cpu, tmp_path / "none", tmp_path / "none") == len(cpus)
+
+
 @pytest.mark.parametrize("quota, cpus_allowed", [("150000 100000", 2), ("50000 100000", 1), ("max 100000", None)])
 def test_a_cgroup_v2_cpu_quota_caps_the_threads(tmp_path: Path, cpus: list[int], quota: str,
                                                 cpus_allowed: int | None) -> None:

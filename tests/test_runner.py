@@ -426,9 +426,9 @@ def test_under_a_budget_weights_stay_unrepacked_and_embedding_lookups_bounded(ru
 
 
 def test_the_default_thread_count_follows_the_cpus_the_runner_may_use(runner: Path, converted_model) -> None:
-    # the engine's rule (default_thread_count), kept to 4: it had taken every logical CPU whatever its affinity
+    # the engine's rule (default_thread_count): it had taken every logical CPU whatever its affinity
     model, _ = converted_model("llama", "q8_0", threshold=0.1)
-    expected = min(_engine.default_thread_count(), 4)
+    expected = _engine.default_thread_count()
     result = run(runner, "-m", model, "-p", PROMPT, "-n", 2, "--verbose")
     assert result.returncode == 0, result.stderr
     assert re.search(rf"served by the engine, {expected} threads?$", result.stderr, re.MULTILINE), result.stderr

@@ -105,7 +105,8 @@ model and weights:
 generation:
   -p, --prompt TEXT        the prompt (tokenized with the model's BOS where it uses one)
   -n, --n-predict N        tokens to generate (default 64)
-  -t, --threads N          compute threads (default: one per physical core this process may use, at most 4)
+  -t, --threads N          compute threads (default: one per physical core this process may use; on a
+                           hybrid CPU its big or P-cores only)
   -c, --ctx-size N         context length (default: prompt + n-predict tokens)
   -b, --batch-size N       prompt tokens per decode call (default 512, or )";
     u += std::to_string(neuralink::kBudgetBatch);
@@ -268,8 +269,8 @@ RunnerOptions parse_options(int argc, char ** argv) {
         o.n_batch = neuralink::kBudgetBatch;
     }
     if (o.n_threads == 0) {
-        // neuralink.Llama's rule, kept to 4: a phone's big cores (its little ones slow a token down)
-        o.n_threads = std::min(neuralink::default_thread_count(), 4);
+        // neuralink.Llama's rule: a phone's big cores, a desktop's physical (performance) cores
+        o.n_threads = neuralink::default_thread_count();
     }
     return o;
 }

@@ -64,6 +64,54 @@ std::optional<long long> whole_number(const std::string & text) {
     }
 }
 
+// CPUs written as a sysfs list ("0-7,16"), nullopt where the file is missing or malformed
+std::optional<std::set<int>> cpu_list(const std::string & path) {
+    const auto text = first_word(path);
+    if (!text) return std::nullopt;
+    std::set<int> cpus;
+    size_t start = 0;
+    while (start <= text->size()) {
+        const size_t comma = std::min(text->find(',', start), text->size());
+        const std::string range = text->substr(start, comma - start);
+        const size_t dash = range.find('-');
+        const auto first = whole_number(range.substr(0, dash));
+        const auto last = dash == std::string::npos ? first : whole_number(range.substr(dash + 1));
+        if (!first || !last || *first < 0 || *last < *first || *last >= CPU_SETSIZE) return std::nullopt;
+        for (long long cpu = *first; cpu <= *last; ++cpu) cpus.insert((int) cpu);
+        start = comma + 1;
+    }
+    return cpus;
+}
+
+// The CPUs among `cpus` that decode at full speed. On a hybrid CPU the slow cores hold every other thread back at
+// each layer's barrier, so they are left out: on arm64 (big.LITTLE phones) those whose sysfs cpu_capacity is
+// under half the fastest one's, on Intel hybrids those outside /sys/devices/cpu_core/cpus (the E-cores).
+// Every CPU where sysfs says neither.
+std::vector<int> performance_cpus(const std::vector<int> & cpus, const std::string & sys_cpu) {
+    std::vector<long long> capacity;
+    for (int cpu : cpus) {
+        const auto word = first_word(sys_cpu + "/cpu" + std::to_string(cpu) + "/cpu_capacity");
+        const auto value = word ? whole_number(*word) : std::nullopt;
+        if (!value || *value <= 0) break;
+        capacity.push_back(*value);
+    }
+    std::vector<int> fast;
+    if (capacity.size() == cpus.size() && !cpus.empty()) {
+        const long long top = *std::max_element(capacity.begin(), capacity.end());
+        for (size_t k = 0; k < cpus.size(); ++k) {
+            if (2 * capacity[k] >= top) fast.push_back(cpus[k]);
+        }
+        return fast;
+    }
+    if (const auto p_cores = cpu_list(sys_cpu + "/../../cpu_core/cpus")) {
+        for (int cpu : cpus) {
+            if (p_cores->count(cpu)) fast.push_back(cpu);
+        }
+        if (!fast.empty()) return fast; // a process kept to E-cores uses them
+    }
+    return cpus;
+}
+
 // own_cgroup_dirs, then the mount's root: in a container with its own cgroup namespace, the container's group
 std::vector<std::string> cgroup_dirs_or_root(const std::string & root, const std::string & controller,
                                              const std::string & proc_cgroup) {
@@ -97,7 +145,7 @@ std::optional<double> cgroup_cpu_quota(const std::string & root, const std::stri
 
 int default_thread_count(const std::string & sys_cpu, const std::string & cgroup_root,
                          const std::string & proc_cgroup) {
-    const std::vector<int> cpus = allowed_cpus();
+    const std::vector<int> cpus = performance_cpus(allowed_cpus(), sys_cpu);
     int threads = physical_cores(cpus, sys_cpu).value_or(std::max((int) cpus.size() / 2, 1));
     if (const auto quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)) {
         threads = std::min(threads, std::max((int) std::ceil(*quota), 1));
