@@ -54,6 +54,7 @@ from neuralink.runtime.memory_budget import (
     tight_cgroup_limit,
     warn_if_near_cgroup_limit,
 )
+from neuralink.runtime.sampler_release import SamplerRelease
 from neuralink.runtime.sidecar_lookup import default_predictor, find_sidecar, named_sidecar
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ _NOT_OFFERED = (
 )
 
 
-class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
+class Llama(FfnReporting, MemoryPlanning, SamplerRelease, llama_cpp.Llama):
     """``llama_cpp.Llama`` with every layer's dense FFN computed by neuralink's C++ engine.
 
     Takes the same arguments as ``llama_cpp.Llama``, plus the ones below. One default differs: ``n_threads``
@@ -482,6 +483,7 @@ class Llama(FfnReporting, MemoryPlanning, llama_cpp.Llama):
         """Free the model, the context and the engine, and give the memory back to the system."""
         super().close()  # (the hook detached first)
         self._engine = None
+        self._sampler = None
         release_free_heap()
 
     def __getstate__(self) -> dict[str, Any]:
