@@ -24,7 +24,7 @@ def _run(script: str, model: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_each_completion_frees_the_sampler_it_replaced(converted_model) -> None:
-    # llama-cpp-python's samplers are reference cycles holding the chain's C memory (~0.57 MiB each on SmolLM2):
+    # llama-cpp-python's samplers are reference cycles holding the chain's C memory (0.5 MiB each on SmolLM2):
     # stock frees them only at a full collection, rare in a long-lived server, which grew by one per request
     model, _ = converted_model("llama", "q8_0")
     done = _run("""
