@@ -481,9 +481,9 @@ class Llama(FfnReporting, MemoryPlanning, SamplerRelease, llama_cpp.Llama):
 
     def close(self) -> None:
         """Free the model, the context and the engine, and give the memory back to the system."""
+        self._sampler = None  # freed before the model its grammar may point into
         super().close()  # (the hook detached first)
         self._engine = None
-        self._sampler = None
         release_free_heap()
 
     def __getstate__(self) -> dict[str, Any]:
