@@ -113,6 +113,9 @@ def test_an_intel_hybrid_decodes_on_its_p_cores(tmp_path: Path, two_or_more: lis
     # the P-cores as sysfs lists them: every CPU but the last
     p_cores = ",".join(f"{cpu}-{cpu}" if k % 2 else str(cpu) for k, cpu in enumerate(cpus[:-1]))
     (devices / "cpu_core" / "cpus").write_text(p_cores + "\n")
+    # the kernel may rate an E-core above half a P-core's capacity: the list decides
+    for cpu in cpus:
+        (sys_cpu / f"cpu{cpu}" / "cpu_capacity").write_text("600\n" if cpu == cpus[-1] else "1024\n")
     assert default_thread_count(sys_cpu, tmp_path / "none", tmp_path / "none") == len(cpus) - 1
     # a malformed list says nothing: every core
     (devices / "cpu_core" / "cpus").write_text("0-\n")

@@ -84,32 +84,29 @@ std::optional<std::set<int>> cpu_list(const std::string & path) {
 }
 
 // The CPUs among `cpus` that decode at full speed. On a hybrid CPU the slow cores hold every other thread back at
-// each layer's barrier, so they are left out: on arm64 (big.LITTLE phones) those whose sysfs cpu_capacity is
-// under half the fastest one's, on Intel hybrids those outside /sys/devices/cpu_core/cpus (the E-cores).
-// Every CPU where sysfs says neither.
+// each layer's barrier, so they are left out: on Intel hybrids those outside /sys/devices/cpu_core/cpus (the
+// E-cores, whatever capacity the kernel gives them), elsewhere (big.LITTLE phones) those whose sysfs cpu_capacity
+// is under half the fastest one's. Every CPU where sysfs says neither, or where only slow cores are allowed.
 std::vector<int> performance_cpus(const std::vector<int> & cpus, const std::string & sys_cpu) {
-    std::vector<long long> capacity;
-    for (int cpu : cpus) {
-        const auto word = first_word(sys_cpu + "/cpu" + std::to_string(cpu) + "/cpu_capacity");
-        const auto value = word ? whole_number(*word) : std::nullopt;
-        if (!value || *value <= 0) break;
-        capacity.push_back(*value);
-    }
     std::vector<int> fast;
-    if (capacity.size() == cpus.size() && !cpus.empty()) {
-        const long long top = *std::max_element(capacity.begin(), capacity.end());
-        for (size_t k = 0; k < cpus.size(); ++k) {
-            if (2 * capacity[k] >= top) fast.push_back(cpus[k]);
-        }
-        return fast;
-    }
     if (const auto p_cores = cpu_list(sys_cpu + "/../../cpu_core/cpus")) {
         for (int cpu : cpus) {
             if (p_cores->count(cpu)) fast.push_back(cpu);
         }
-        if (!fast.empty()) return fast; // a process kept to E-cores uses them
+        return fast.empty() ? cpus : fast;
     }
-    return cpus;
+    std::vector<long long> capacity;
+    for (int cpu : cpus) {
+        const auto word = first_word(sys_cpu + "/cpu" + std::to_string(cpu) + "/cpu_capacity");
+        const auto value = word ? whole_number(*word) : std::nullopt;
+        if (!value || *value <= 0) return cpus;
+        capacity.push_back(*value);
+    }
+    const long long top = capacity.empty() ? 0 : *std::max_element(capacity.begin(), capacity.end());
+    for (size_t k = 0; k < cpus.size(); ++k) {
+        if (2 * capacity[k] >= top) fast.push_back(cpus[k]);
+    }
+    return fast;
 }
 
 // own_cgroup_dirs, then the mount's root: in a container with its own cgroup namespace, the container's group
