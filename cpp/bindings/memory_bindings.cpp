@@ -111,8 +111,9 @@ void register_memory(py::module_ & m) {
     m.attr("DRAFT_RETRIAL") = kDraftRetrial;
     m.def("default_thread_count", &default_thread_count, py::arg("sys_cpu") = "/sys/devices/system/cpu",
           py::arg("cgroup_root") = "/sys/fs/cgroup", py::arg("proc_cgroup") = "/proc/self/cgroup",
-          "Compute threads when nobody says: one per physical core among the CPUs this process may run on, no "
-          "more than its cgroup's CPU quota allows (half of the allowed CPUs where sysfs gives no topology).");
+          "Compute threads when nobody says: one per physical core among the CPUs this process may run on (on a "
+          "hybrid CPU its fast cores only), no more than its cgroup's CPU quota allows (half of the allowed CPUs "
+          "where sysfs gives no topology).");
     m.def("cgroup_memory_limit", &cgroup_memory_limit, py::arg("proc_cgroup") = "/proc/self/cgroup",
           py::arg("root") = "/sys/fs/cgroup",
           "This process's cgroup memory limit in bytes (v1 or v2, found through proc_cgroup under root), or None.");

@@ -5,7 +5,6 @@
 
 #include "neuralink/sizes.h"
 
-#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cmath>
