@@ -49,6 +49,22 @@ void register_memory(py::module_ & m) {
           "exceeds the KV cache and the engine's resident rows is heap nobody reports (vocabulary, tables); "
           "weights_in_heap: llama.cpp read the weights it uses into its heap (use_mmap=False), which "
           "load_anon_growth then counts: no mapped pages are planned for them.");
+    m.def("plan_before_load", &plan_before_load, py::arg("engine"), py::arg("budget"), py::arg("process_before"),
+          py::arg("n_threads"), py::arg("n_ubatch"), py::arg("n_ctx"), py::arg("type_k") = kKvTypeF16,
+          py::arg("type_v") = kKvTypeF16, py::arg("weights_in_heap") = false,
+          "The plan before llama.cpp loads: plan_memory without its log, the KV cache at the least llama.cpp "
+          "allocates for n_ctx tokens (0: the model's training context) with K and V of ggml types type_k and "
+          "type_v, llama.cpp's other buffers and load heap not yet known; its minimum is at most the loaded "
+          "one's. process_before: what the process held before the engine was opened.");
+    m.def("resolved_context", [](const Engine & engine, int n_ctx) { return resolved_context(engine.model(), n_ctx); },
+          py::arg("engine"), py::arg("n_ctx"),
+          "The context llama.cpp creates for n_ctx tokens: n_ctx, or the model's training context where it is 0 (0 "
+          "where the model records none).");
+    m.attr("KV_TYPE_F16") = kKvTypeF16;
+    m.def("vocab_size", [](const Engine & engine) -> int64_t {
+              const TensorInfo * embedding = engine.model().find("token_embd.weight");
+              return embedding ? embedding->ne[1] : 0;
+          }, py::arg("engine"), "The model's vocabulary: its token embedding's rows (0 where it has none).");
     m.def("gate_layers_to_stream", &gate_layers_to_stream, py::arg("plan"), py::arg("engine"),
           py::arg("room_for_region_stream") = false,
           "The fewest layers whose gate rows, read every time the layer runs instead of kept resident "
@@ -126,13 +142,17 @@ void register_memory(py::module_ & m) {
           "the headroom a cgroup charges (budget_under_cgroup_limit) and rss plus the available memory less 10 % "
           "(at least 256 MiB); (bytes, where it came from, whether the cgroup limit was the tighter) or None.");
     m.def("tight_cgroup_limit", [](const Engine & engine, uint64_t budget, const std::string & source,
-                                   bool cgroup_limit, uint64_t rss, int n_threads, int n_ctx) {
+                                   bool cgroup_limit, uint64_t rss, int n_threads, int n_ubatch, int n_ctx) {
               return tight_cgroup_limit(engine, AutomaticBudget { budget, source, cgroup_limit }, rss, n_threads,
-                                        n_ctx);
+                                        n_ubatch, n_ctx);
           }, py::arg("engine"), py::arg("budget"), py::arg("source"), py::arg("cgroup_limit"), py::arg("rss"),
-          py::arg("n_threads"), py::arg("n_ctx"),
-          "Whether an automatic budget (automatic_budget's triple) is a cgroup's limit too tight to cache the whole "
-          "store, by a plan made before llama.cpp loads: the process then runs as under an explicit budget.");
+          py::arg("n_threads"), py::arg("n_ubatch"), py::arg("n_ctx"),
+          "Whether an automatic budget (automatic_budget's triple) is a cgroup's limit too tight to run unbounded "
+          "with the whole store cached (unbounded_need): the process then runs as under an explicit budget.");
+    m.def("unbounded_need", &unbounded_need, py::arg("engine"), py::arg("rss"), py::arg("n_threads"),
+          py::arg("n_ubatch"), py::arg("n_ctx"),
+          "What a process runs unbounded in with the whole store cached, by a plan before llama.cpp loads, at the "
+          "most (rss: what it held before the engine was opened; n_ctx 0: the model's training context).");
     m.def("budget_under_cgroup_limit", &budget_under_cgroup_limit, py::arg("limit"),
           py::arg("fraction") = kCgroupBudgetFraction,
           "The memory budget a process under a cgroup limit of `limit` bytes may take: `fraction` of it (0.95) and "

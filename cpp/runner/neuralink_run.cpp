@@ -362,6 +362,35 @@ void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & 
     }
 }
 
+// A BudgetError when `plan`'s budget is below its minimum, or below the lowest minimum streaming gate rows
+// reaches: the minimum, the fix and the plan's lines. `before_load`: a plan made before llama.cpp loads
+// (plan_before_load), whose minimum leaves out what the load will add.
+void refuse_below_minimum(const RunnerOptions & o, const neuralink::Engine & engine, const MemoryPlan & plan,
+                          const std::optional<neuralink::AutomaticBudget> & automatic, bool before_load) {
+    if (plan.budget >= plan.minimum()) {
+        return;
+    }
+    const uint64_t lowest = minimum_with_gate_rows_streamed(plan, engine);
+    if (before_load && plan.budget >= lowest) {
+        return; // streaming gate rows may make it fit: the loaded plan decides
+    }
+    char budget[160];
+    if (automatic) {
+        std::snprintf(budget, sizeof(budget), "%s leaves a budget of %.1f MiB (5 %% and at least %llu MiB below "
+                      "it), which is", automatic->source.c_str(), plan.budget / 1048576.0,
+                      (unsigned long long) (neuralink::kCgroupHeadroom >> 20));
+    } else {
+        std::snprintf(budget, sizeof(budget), "memory budget %.1f MiB is", plan.budget / 1048576.0);
+    }
+    char head[320];
+    std::snprintf(head, sizeof(head), "%s below the minimum %.1f MiB%s%s", budget, lowest / 1048576.0,
+                  lowest < plan.minimum() ? " (with every layer's gate rows read each token)" : "",
+                  before_load ? " (counted before loading, without llama.cpp's own buffers)" : "");
+    throw BudgetError(o.model + ": " + head + " this model and context need (raise the " +
+                      (automatic ? "limit" : "budget") + ", or lower --ctx-size / --batch-size):\n" +
+                      plan.describe());
+}
+
 // Sizes the bundle cache from --memory-budget, or refuses a budget below the minimum; or, with `automatic` (no
 // budget or cache size given), from the memory there is (automatic_budget), refusing only below a cgroup's limit.
 void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, const LlamaSession & s,
@@ -384,22 +413,8 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
     }
     // refused below the minimum where asked for, or where a cgroup's limit gave the budget (the kernel kills above
     // it); never where it came from the available memory
-    if ((!automatic || automatic->cgroup_limit) && plan.budget < plan.minimum()) {
-        char head[320];
-        const uint64_t lowest = minimum_with_gate_rows_streamed(plan, engine);
-        char budget[160];
-        if (automatic) {
-            std::snprintf(budget, sizeof(budget), "%s leaves a budget of %.1f MiB (5 %% and at least %llu MiB below "
-                          "it), which is", automatic->source.c_str(), plan.budget / 1048576.0,
-                          (unsigned long long) (neuralink::kCgroupHeadroom >> 20));
-        } else {
-            std::snprintf(budget, sizeof(budget), "memory budget %.1f MiB is", plan.budget / 1048576.0);
-        }
-        std::snprintf(head, sizeof(head), "%s below the minimum %.1f MiB%s", budget, lowest / 1048576.0,
-                      lowest < plan.minimum() ? " (with every layer's gate rows read each token)" : "");
-        throw BudgetError(o.model + ": " + head + " this model and context need (raise the " +
-                          (automatic ? "limit" : "budget") + ", or lower --ctx-size / --batch-size):\n" +
-                          plan.describe());
+    if (!automatic || automatic->cgroup_limit) {
+        refuse_below_minimum(o, engine, plan, automatic, false);
     }
     engine.sparse()->configure_cache(resolved_policy(o, *engine.sparse(), plan.cache()), plan.cache());
     if (engine.sparse()->streams_regions()) {
@@ -463,8 +478,10 @@ int run(RunnerOptions o) {
     std::optional<neuralink::AutomaticBudget> automatic;
     if (!o.memory_budget && !o.cache_bytes_given && o.cache_policy != "none" && engine && engine->sparse()) {
         automatic = neuralink::automatic_budget(process_before);
-        o.tight_cgroup = neuralink::tight_cgroup_limit(*engine, automatic, process_before, o.n_threads,
-                                                       o.n_ctx > 0 ? o.n_ctx : o.n_predict);
+        const int ctx = o.n_ctx > 0 ? o.n_ctx : o.n_predict + 1; // -c 0: the prompt and -n, at least -n + 1
+        o.tight_cgroup = neuralink::tight_cgroup_limit(
+            *engine, automatic, process_before, o.n_threads,
+            std::min({ ctx, o.n_batch, (int) llama_context_default_params().n_ubatch }), ctx);
         if (automatic && automatic->cgroup_limit) {
             neuralink::fix_malloc_thresholds(); // what is freed leaves the process, as the plan counts it
         }
@@ -475,6 +492,16 @@ int run(RunnerOptions o) {
                 o.n_batch = neuralink::kBudgetBatch;
             }
         }
+    }
+    if (engine && engine->sparse() && (o.memory_budget || (automatic && automatic->cgroup_limit))) {
+        // a budget the model cannot run in is refused before llama.cpp allocates its KV cache (a large context
+        // under a cgroup's limit: the kernel would kill the load). -c 0 is the prompt and -n: at least -n + 1
+        const int ctx = o.n_ctx > 0 ? o.n_ctx : o.n_predict + 1;
+        const int ubatch = std::min({ ctx, o.n_batch, (int) llama_context_default_params().n_ubatch });
+        refuse_below_minimum(o, *engine,
+                             neuralink::plan_before_load(*engine, automatic ? automatic->bytes : *o.memory_budget,
+                                                         process_before, o.n_threads, ubatch, ctx),
+                             automatic, true);
     }
     // llama.cpp logs its KV, output and compute buffer sizes while loading; attaching re-reserves the latter
     log.capture = o.memory_budget || automatic;

@@ -2,13 +2,18 @@
 
 #include "cgroup_dirs.h"
 
+#include "ggml.h"
+
 #include "neuralink/column_axpy.h"
 #include "neuralink/defaults.h"
 #include "neuralink/engine.h"
+#include "neuralink/errors.h"
+#include "neuralink/gguf_model.h"
 #include "neuralink/residency.h"
 #include "neuralink/row_gemm.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -163,13 +168,82 @@ std::optional<AutomaticBudget> automatic_budget(uint64_t rss) {
     return best;
 }
 
+int resolved_context(const GgufModel & model, int n_ctx) {
+    if (n_ctx > 0) {
+        return n_ctx;
+    }
+    try {
+        const int64_t train = model.get_int(model.architecture() + ".context_length", 0);
+        return train > 0 && train <= INT32_MAX ? (int) train : 0;
+    } catch (const ModelFileError &) {
+        return 0; // not an integer: llama.cpp would refuse the model anyway
+    }
+}
+
+uint64_t kv_cache_lower_bound(const GgufModel & model, int n_ctx, int type_k, int type_v) {
+    const std::string & arch = model.architecture();
+    const int ctx = resolved_context(model, n_ctx);
+    if (ctx <= 0 || type_k < 0 || type_k >= GGML_TYPE_COUNT || type_v < 0 || type_v >= GGML_TYPE_COUNT ||
+        ggml_blck_size((ggml_type) type_k) <= 0 || ggml_blck_size((ggml_type) type_v) <= 0) {
+        return 0;
+    }
+    int64_t n_layer = 0, n_embd = 0, n_head = 0, n_head_kv = 0, key_length = 0, value_length = 0, window = 0;
+    try {
+        n_layer = model.get_int(arch + ".block_count", 0);
+        n_embd = model.get_int(arch + ".embedding_length", 0);
+        n_head = model.get_int(arch + ".attention.head_count", 0);
+        n_head_kv = model.get_int(arch + ".attention.head_count_kv", n_head);
+        const int64_t head_dim = n_head > 0 ? n_embd / n_head : 0;
+        key_length = model.get_int(arch + ".attention.key_length", head_dim);
+        value_length = model.get_int(arch + ".attention.value_length", head_dim);
+        window = model.get_int(arch + ".attention.sliding_window", 0);
+    } catch (const ModelFileError &) {
+        return 0; // a per-layer array (of KV heads, say): not estimated here
+    }
+    if (n_layer <= 0 || n_head_kv <= 0 || key_length <= 0 || value_length <= 0) {
+        return 0;
+    }
+    uint64_t cells = ((uint64_t) ctx + 255) / 256 * 256; // llama.cpp pads the context to 256 cells
+    if (window > 0) {
+        cells = std::min<uint64_t>(cells, (uint64_t) window);
+    }
+    auto row_bytes = [](int type, int64_t width) {
+        return (uint64_t) width / (uint64_t) ggml_blck_size((ggml_type) type) * ggml_type_size((ggml_type) type);
+    };
+    return (uint64_t) n_layer * cells *
+           (row_bytes(type_k, key_length * n_head_kv) + row_bytes(type_v, value_length * n_head_kv));
+}
+
+MemoryPlan plan_before_load(const Engine & engine, uint64_t budget, uint64_t process_before, int n_threads,
+                            int n_ubatch, int n_ctx, int type_k, int type_v, bool weights_in_heap) {
+    const int ctx = resolved_context(engine.model(), n_ctx);
+    MemoryPlan plan = plan_memory(engine, budget, process_before, {}, n_threads, n_ubatch, ctx, 0, weights_in_heap);
+    plan.kv_cache = kv_cache_lower_bound(engine.model(), ctx, type_k, type_v);
+    return plan;
+}
+
+uint64_t unbounded_need(const Engine & engine, uint64_t rss, int n_threads, int n_ubatch, int n_ctx) {
+    const MemoryPlan plan = plan_before_load(engine, 0, rss, n_threads, n_ubatch, n_ctx);
+    // the copies llama.cpp may repack of the matrices read every token (the output matrix's type is one it
+    // does not repack on any CPU here: q6_K or f16 in the models measured), at most those matrices
+    const GgufModel & model = engine.model();
+    const TensorInfo * embedding = model.find("token_embd.weight");
+    const TensorInfo * output = model.find("output.weight");
+    uint64_t repacked = 0;
+    for (const TensorInfo & t : model.tensors()) {
+        if (&t != embedding && &t != output && t.ne[1] > 1 && read_every_token(model, t)) {
+            repacked += t.nbytes;
+        }
+    }
+    return plan.minimum() + plan.whole_store_cache + repacked + kUnseenLoadBytes;
+}
+
 bool tight_cgroup_limit(const Engine & engine, const std::optional<AutomaticBudget> & automatic, uint64_t rss,
-                        int n_threads, int n_ctx) {
+                        int n_threads, int n_ubatch, int n_ctx) {
     if (!automatic || !automatic->cgroup_limit || !engine.sparse()) {
         return false;
     }
-    const MemoryPlan plan = plan_memory(engine, automatic->bytes, rss, {}, n_threads, kBudgetBatch, n_ctx, 0);
-    return plan.minimum() + plan.whole_store_cache > plan.budget;
+    return unbounded_need(engine, rss, n_threads, n_ubatch, n_ctx) > automatic->bytes;
 }
 
 uint64_t MemoryPlan::cache() const {

@@ -15,6 +15,10 @@
 namespace neuralink {
 
 class Engine;
+class GgufModel;
+
+// ggml's GGML_TYPE_F16, llama.cpp's default type of K and V
+constexpr int kKvTypeF16 = 1;
 
 // llama.cpp's allocations as it logs them ("KV buffer size = 1.00 MiB" ...).
 struct LlamaBuffers {
@@ -105,12 +109,48 @@ MemoryPlan plan_memory(const Engine & engine, uint64_t budget, uint64_t process_
                        const std::vector<std::string> & llama_log, int n_threads, int n_ubatch, int n_ctx,
                        uint64_t load_anon_growth, bool weights_in_heap = false);
 
-// Whether `automatic` is a cgroup's limit too tight to cache the whole store, by a plan made before llama.cpp
-// loads (its buffers not yet known, so a little short) for micro-batches of kBudgetBatch: the process then runs
-// as under an explicit budget of that size (micro-batches of kBudgetBatch, the weights unrepacked and those read
-// every token locked), and refused below its minimum as one is. neuralink.Llama and neuralink-run both decide so.
+// The context llama.cpp creates for n_ctx tokens: n_ctx itself, or the model's training context
+// (<arch>.context_length) where n_ctx is 0, as llama.cpp takes it; 0 where the model records none.
+int resolved_context(const GgufModel & model, int n_ctx);
+
+// What llama.cpp's KV cache holds at the least for a context of n_ctx tokens (0: the model's training context)
+// with K and V of ggml types type_k and type_v: its cells (n_ctx rounded up to 256, as llama.cpp rounds) times
+// every layer's K and V widths from the model's metadata. On a model with a sliding window every layer is counted
+// at the window's width (llama.cpp keeps a full-width cache for its global layers too). 0 where the metadata
+// does not say (a per-layer array of KV heads, a missing head count). A context of 32768 tokens, Qwen2.5's
+// training context, holds 896 MiB of f16 KV on Qwen2.5-Coder-1.5B; 512 tokens 14.
+uint64_t kv_cache_lower_bound(const GgufModel & model, int n_ctx, int type_k = kKvTypeF16, int type_v = kKvTypeF16);
+
+// The plan before llama.cpp loads: plan_memory without llama.cpp's log, its KV cache kv_cache_lower_bound's and
+// its load heap, output and compute buffers not yet known, so its minimum is at most the loaded one's (for the
+// same budget, process, threads and micro-batch): a budget below it is refused before llama.cpp allocates, where
+// under a cgroup the kernel would kill the load instead. `process_before`: what the process held before the
+// engine was opened (the engine's resident rows are a line of their own).
+MemoryPlan plan_before_load(const Engine & engine, uint64_t budget, uint64_t process_before, int n_threads,
+                            int n_ubatch, int n_ctx, int type_k = kKvTypeF16, int type_v = kKvTypeF16,
+                            bool weights_in_heap = false);
+
+// What llama.cpp allocates at load beyond what plan_before_load can count (its vocabulary's tables after the
+// load, its output and compute buffers at 512-token micro-batches), at the most measured: Qwen2.5-Coder-1.5B
+// held 166 MiB more than plan_before_load's minimum at micro-batches of 512, of which ~77 its repacked copies
+// of the attention matrices (counted apart, unbounded_need); SmolLM2-135M 42 MiB, none repacked.
+constexpr uint64_t kUnseenLoadBytes = 96ull << 20;
+
+// What a process runs unbounded in with the whole store cached, by a plan before llama.cpp loads, at the most:
+// plan_before_load's minimum for micro-batches of n_ubatch, the whole store's cache, a copy of every matrix read
+// every token but the output (which llama.cpp repacks for faster kernels where it can) and kUnseenLoadBytes.
+// Qwen2.5-Coder-1.5B at n_ctx 512, micro-batches of 512: 1320 MiB, where it held 1316 once loaded (minimum
+// 834, whole store 482); SmolLM2-135M 289 against 221.
+uint64_t unbounded_need(const Engine & engine, uint64_t rss, int n_threads, int n_ubatch, int n_ctx);
+
+// Whether `automatic` is a cgroup's limit too tight to run unbounded with the whole store cached
+// (unbounded_need, for micro-batches of n_ubatch, the ones the process would then run): the process then runs as
+// under an explicit budget of that size (micro-batches of kBudgetBatch, the weights unrepacked and those read
+// every token locked), and refused below its minimum as one is. Erring towards tight costs prompt speed; the other
+// way, a cache short of the store, which is read from storage every token. neuralink.Llama and neuralink-run both
+// decide so. `rss`: what the process held before the engine was opened.
 bool tight_cgroup_limit(const Engine & engine, const std::optional<AutomaticBudget> & automatic, uint64_t rss,
-                        int n_threads, int n_ctx);
+                        int n_threads, int n_ubatch, int n_ctx);
 
 // The fewest layers whose gate rows, read every time the layer runs instead of kept resident
 // (Engine::stream_gate_rows), bring `plan`'s minimum within its budget: 0 when the plan fits as it is, -1 when

@@ -48,6 +48,7 @@ from neuralink.runtime.memory_budget import (
     hold_down_rows,
     lock_every_token_weights,
     memory_budget_bytes,
+    refuse_before_load,
     release_free_heap,
     resident_bytes,
     resolved_cache_policy,
@@ -283,10 +284,12 @@ class Llama(FfnReporting, MemoryPlanning, SamplerRelease, llama_cpp.Llama):
         if memory_budget is not None and budget is not None:
             warn_if_near_cgroup_limit(model_path, budget)
         # an explicit budget, or a cgroup's limit too tight for the whole store: memory is what is short
-        bounded = memory_budget is not None or tight_cgroup_limit(engine, automatic, kwargs.get("n_ctx", 512),
-                                                                  max(kwargs["n_threads"], 1))
+        bounded = memory_budget is not None or tight_cgroup_limit(engine, automatic, kwargs, baseline)
         if bounded and "n_batch" not in kwargs and not kwargs.get("embedding"):
             kwargs["n_batch"] = BUDGET_N_BATCH  # (an embedding's whole input must fit one batch: not then)
+        if budget is not None and (automatic is None or automatic[2]):
+            # below the minimum before llama.cpp allocates its KV cache (n_ctx=0 under a cgroup's limit was killed)
+            refuse_before_load(engine, budget, baseline, model_path, kwargs, automatic[1] if automatic else None)
         # llama.cpp's mlock would lock the whole mapping, the FFN tensors the engine reads itself included (1 GB on
         # Qwen2.5-Coder-1.5B; llama-cpp-python's server asks for it by default): the every-token weights instead
         use_mlock = bool(kwargs.pop("use_mlock", False))

@@ -72,12 +72,28 @@ def automatic_budget() -> tuple[int, str, bool] | None:
     return _engine.automatic_budget(resident_bytes())
 
 
-def tight_cgroup_limit(engine: _engine.Engine, automatic: tuple[int, str, bool] | None, n_ctx: int,
-                       n_threads: int) -> bool:
-    """Whether an automatic budget is a cgroup's limit too tight to cache the whole store, by a plan made before
-    llama.cpp loads: the process then runs as under an explicit budget of that size (micro-batches of 64, the
-    weights unrepacked and those read every token locked). The engine's rule, which neuralink-run uses too."""
-    return automatic is not None and _engine.tight_cgroup_limit(engine, *automatic, resident_bytes(), n_threads, n_ctx)
+def tight_cgroup_limit(engine: _engine.Engine, automatic: tuple[int, str, bool] | None, llama_kwargs: dict,
+                       process_before: int) -> bool:
+    """Whether an automatic budget is a cgroup's limit too tight to run unbounded with the whole store cached, by
+    a plan made before llama.cpp loads for the context and micro-batches llama_cpp.Llama's keyword arguments
+    `llama_kwargs` ask for (n_ctx 0: the model's training context): the process then runs as under an explicit
+    budget of that size (micro-batches of 64, the weights unrepacked and those read every token locked). The
+    engine's rule (unbounded_need), which neuralink-run uses too. `process_before`: what the process held before
+    the engine was opened (the plan counts the engine's resident rows on a line of their own)."""
+    if automatic is None:
+        return False
+    asked, threads, n_ubatch = _context_asked(engine, llama_kwargs)
+    return _engine.tight_cgroup_limit(engine, *automatic, process_before, threads, n_ubatch, asked)
+
+
+def _context_asked(engine: _engine.Engine, llama_kwargs: dict) -> tuple[int, int, int]:
+    """(n_ctx asked for, compute threads at the least, micro-batch) of llama_cpp.Llama's keyword arguments, as
+    llama-cpp-python derives them (its defaults: n_ctx, n_batch and n_ubatch 512)."""
+    asked = int(llama_kwargs.get("n_ctx", 512))
+    tokens = _engine.resolved_context(engine, asked)
+    n_ubatch = max(1, min(tokens or 1, int(llama_kwargs.get("n_batch", 512)), int(llama_kwargs.get("n_ubatch", 512))))
+    threads = max(1, int(llama_kwargs["n_threads"]), int(llama_kwargs.get("n_threads_batch") or 0))
+    return asked, threads, n_ubatch
 
 
 def memory_budget_bytes(value: str | int | float) -> int:
@@ -149,6 +165,25 @@ def lock_every_token_weights(engine: _engine.Engine) -> tuple[int, str]:
     return _engine.lock_every_token_weights(engine)
 
 
+def refuse_before_load(engine: _engine.Engine, budget: int, process_before: int, model: str,
+                       llama_kwargs: dict, limit: str | None) -> None:
+    """MemoryBudgetError before llama.cpp loads, where `budget` is below the minimum of plan_before_load for the
+    context llama_cpp.Llama's keyword arguments `llama_kwargs` ask for (n_ctx 0: the model's training context):
+    a KV cache that cannot fit is refused here, where under a cgroup's limit the kernel would kill the load.
+    `process_before`: what the process held before the engine was opened; `limit`: as check_memory_plan's."""
+    asked, threads, n_ubatch = _context_asked(engine, llama_kwargs)
+    type_k, type_v = (int(llama_kwargs.get(k)) if llama_kwargs.get(k) is not None else _engine.KV_TYPE_F16
+                      for k in ("type_k", "type_v"))
+    unmapped = not llama_kwargs.get("use_mmap", True) or bool(llama_kwargs.get("lora_path"))
+    tokens = _engine.resolved_context(engine, asked)
+    # llama-cpp-python's copy of every position's logits, which the loaded plan counts in the process too
+    all_logits = tokens * _engine.vocab_size(engine) * 4 if llama_kwargs.get("logits_all") else 0
+    plan = _engine.plan_before_load(engine, budget, process_before + all_logits, threads, n_ubatch, asked, type_k,
+                                    type_v, weights_in_heap=unmapped)
+    check_memory_plan(plan, model, engine, all_logits=all_logits, limit=limit, unmapped=unmapped,
+                      context=(asked, tokens))
+
+
 def bound_lookup_pages(engine: _engine.Engine) -> tuple[int, str]:
     """Keep at most one micro-batch's lookups of an untied token embedding mapped (the plan counts that much):
     (bytes of the table bounded, why not or '')."""
@@ -163,27 +198,37 @@ def resolved_cache_policy(policy: str, engine: _engine.Engine, cache_bytes: int)
 
 
 def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | None = None,
-                      all_logits: int = 0, limit: str | None = None, unmapped: bool = False) -> None:
+                      all_logits: int = 0, limit: str | None = None, unmapped: bool = False,
+                      context: tuple[int, int] | None = None) -> None:
     """MemoryBudgetError naming the minimum when the budget cannot hold the model: the lowest one, with every
     layer's gate rows streamed, when the engine could stream them. `all_logits`: the bytes of llama-cpp-python's
     copy of every position's logits (logits_all), which the process counts: named in the error when nonzero.
     `limit`: the cgroup limit the budget was taken from when none was given (automatic_budget's source).
     `unmapped`: the model was loaded with use_mmap=False, whose heap copy of the weights (the whole token
-    embedding included, where mapped one micro-batch's lookups are resident) is named in the error."""
+    embedding included, where mapped one micro-batch's lookups are resident) is named in the error.
+    `context`: (the n_ctx asked for, the context it gives) of a plan made before llama.cpp loads
+    (plan_before_load), refused only below the lowest minimum, with what its KV cache takes named."""
     if plan.budget >= plan.minimum:
         return
     lowest = _engine.minimum_with_gate_rows_streamed(plan, engine) if engine is not None else plan.minimum
+    if context is not None and plan.budget >= lowest:
+        return  # streaming gate rows may make it fit: the loaded plan decides
     streamed = (f" with every layer's gate rows read each token; {plan.minimum / 2**20:.1f} MiB with them "
                 "resident, as below") if lowest < plan.minimum else ""
     fix = f"raise the {'limit' if limit else 'budget'}, or lower n_ctx / n_batch"
+    if context is not None and plan.kv_cache * 4 >= lowest:
+        asked, tokens = context
+        training = " (n_ctx=0: the model's training context)" if asked == 0 else ""
+        fix += f"; a context of {tokens} tokens{training} holds {plan.kv_cache / 2**20:.1f} MiB of KV cache"
     if all_logits:
         fix += (f"; the process counts {all_logits / 2**20:.1f} MiB of every position's logits (logits_all), which "
                 "only logprobs need: without logits_all they are not kept")
     if unmapped:
         heap = plan.to_dict()["load_heap"]
-        fix += (f"; use_mmap=False read the weights llama.cpp uses into the heap ({heap / 2**20:.1f} MiB of load "
-                "heap), the whole token embedding with them, where mapped only one micro-batch's lookups of it are "
-                "resident: leave use_mmap on")
+        read = (f"read the weights llama.cpp uses into the heap ({heap / 2**20:.1f} MiB of load heap)" if context is None
+                else "reads the weights llama.cpp uses into the heap (not counted above: the load has not run)")
+        fix += (f"; use_mmap=False {read}, the whole token embedding with them, where mapped only one micro-batch's "
+                "lookups of it are resident: leave use_mmap on")
     if plan.process > PROCESS_HINT:
         fix += (f"; this process held {plan.process / 2**20:.1f} MiB before the model, and all of it counts: another "
                 "model it still holds (close() it, or drop its last reference, first) or other data")
@@ -195,9 +240,10 @@ def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | Non
     if limit:
         budget = (f"{limit} leaves a budget of {plan.budget / 2**20:.1f} MiB (5 % and at least "
                   f"{CGROUP_HEADROOM >> 20} MiB below it), which is")
+    before = " (counted before loading, without llama.cpp's own buffers)" if context is not None else ""
     raise MemoryBudgetError(
         f"{model}: {budget} below the minimum "
-        f"{lowest / 2**20:.1f} MiB this model and context need{streamed} ({fix}):\n{plan.describe().rstrip()}"
+        f"{lowest / 2**20:.1f} MiB{before} this model and context need{streamed} ({fix}):\n{plan.describe().rstrip()}"
     )
 
 
