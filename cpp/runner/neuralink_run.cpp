@@ -382,10 +382,12 @@ void refuse_below_minimum(const RunnerOptions & o, const neuralink::Engine & eng
     } else {
         std::snprintf(budget, sizeof(budget), "memory budget %.1f MiB is", plan.budget / 1048576.0);
     }
-    char head[320];
-    std::snprintf(head, sizeof(head), "%s below the minimum %.1f MiB%s%s", budget, lowest / 1048576.0,
-                  lowest < plan.minimum() ? " (with every layer's gate rows read each token)" : "",
-                  before_load ? " (counted before loading, without llama.cpp's own buffers)" : "");
+    std::string notes;
+    if (lowest < plan.minimum()) notes = "with every layer's gate rows read each token";
+    if (before_load) notes += std::string(notes.empty() ? "" : "; ") + "counted before loading, without llama.cpp's own buffers";
+    char head[400];
+    std::snprintf(head, sizeof(head), "%s below the minimum %.1f MiB%s%s%s", budget, lowest / 1048576.0,
+                  notes.empty() ? "" : " (", notes.c_str(), notes.empty() ? "" : ")");
     throw BudgetError(o.model + ": " + head + " this model and context need (raise the " +
                       (automatic ? "limit" : "budget") + ", or lower --ctx-size / --batch-size):\n" +
                       plan.describe());
