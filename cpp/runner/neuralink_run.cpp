@@ -384,7 +384,9 @@ void refuse_below_minimum(const RunnerOptions & o, const neuralink::Engine & eng
     }
     std::string notes;
     if (lowest < plan.minimum()) notes = "with every layer's gate rows read each token";
-    if (before_load) notes += std::string(notes.empty() ? "" : "; ") + "counted before loading, without llama.cpp's own buffers";
+    if (before_load) {
+        notes += std::string(notes.empty() ? "" : "; ") + "counted before loading, without llama.cpp's own buffers";
+    }
     char head[400];
     std::snprintf(head, sizeof(head), "%s below the minimum %.1f MiB%s%s%s", budget, lowest / 1048576.0,
                   notes.empty() ? "" : " (", notes.c_str(), notes.empty() ? "" : ")");
@@ -478,12 +480,16 @@ int run(RunnerOptions o) {
     LlamaSession session;
     // without a budget or a cache size, the cache is sized from the memory there is, as neuralink.Llama does
     std::optional<neuralink::AutomaticBudget> automatic;
+    // the context planned before the load: -c 0 is the prompt and -n (the prompt is tokenized once loaded), so at
+    // least -n + 1; and its micro-batch at o.n_batch, as load_llama sets it
+    const int planned_ctx = o.n_ctx > 0 ? o.n_ctx : o.n_predict + 1;
+    auto planned_ubatch = [&] {
+        return std::min({ planned_ctx, o.n_batch, (int) llama_context_default_params().n_ubatch });
+    };
     if (!o.memory_budget && !o.cache_bytes_given && o.cache_policy != "none" && engine && engine->sparse()) {
         automatic = neuralink::automatic_budget(process_before);
-        const int ctx = o.n_ctx > 0 ? o.n_ctx : o.n_predict + 1; // -c 0: the prompt and -n, at least -n + 1
-        o.tight_cgroup = neuralink::tight_cgroup_limit(
-            *engine, automatic, process_before, o.n_threads,
-            std::min({ ctx, o.n_batch, (int) llama_context_default_params().n_ubatch }), ctx);
+        o.tight_cgroup = neuralink::tight_cgroup_limit(*engine, automatic, process_before, o.n_threads,
+                                                       planned_ubatch(), planned_ctx);
         if (automatic && automatic->cgroup_limit) {
             neuralink::fix_malloc_thresholds(); // what is freed leaves the process, as the plan counts it
         }
@@ -497,12 +503,10 @@ int run(RunnerOptions o) {
     }
     if (engine && engine->sparse() && (o.memory_budget || (automatic && automatic->cgroup_limit))) {
         // a budget the model cannot run in is refused before llama.cpp allocates its KV cache (a large context
-        // under a cgroup's limit: the kernel would kill the load). -c 0 is the prompt and -n: at least -n + 1
-        const int ctx = o.n_ctx > 0 ? o.n_ctx : o.n_predict + 1;
-        const int ubatch = std::min({ ctx, o.n_batch, (int) llama_context_default_params().n_ubatch });
+        // under a cgroup's limit: the kernel would kill the load)
         refuse_below_minimum(o, *engine,
                              neuralink::plan_before_load(*engine, automatic ? automatic->bytes : *o.memory_budget,
-                                                         process_before, o.n_threads, ubatch, ctx),
+                                                         process_before, o.n_threads, planned_ubatch(), planned_ctx),
                              automatic, true);
     }
     // llama.cpp logs its KV, output and compute buffer sizes while loading; attaching re-reserves the latter

@@ -225,8 +225,9 @@ def check_memory_plan(plan: MemoryPlan, model: str, engine: _engine.Engine | Non
                 "only logprobs need: without logits_all they are not kept")
     if unmapped:
         heap = plan.to_dict()["load_heap"]
-        read = (f"read the weights llama.cpp uses into the heap ({heap / 2**20:.1f} MiB of load heap)" if context is None
-                else "reads the weights llama.cpp uses into the heap (not counted above: the load has not run)")
+        read = (f"read the weights llama.cpp uses into the heap ({heap / 2**20:.1f} MiB of load heap)"
+                if context is None else
+                "reads the weights llama.cpp uses into the heap (not counted above: the load has not run)")
         fix += (f"; use_mmap=False {read}, the whole token embedding with them, where mapped only one micro-batch's "
                 "lookups of it are resident: leave use_mmap on")
     if plan.process > PROCESS_HINT:
