@@ -137,22 +137,25 @@ _MINIMUM = re.compile(r"is below the minimum ([0-9.]+) MiB")
 
 def runner_minimum(settings: E2eSettings) -> int:
     """The smallest memory budget (bytes) neuralink-run accepts for `settings`' model, context and batch: what it
-    names when refusing a budget of 1 MiB once the model is loaded. A budget below the plan made before the load
-    is refused before it, naming that plan's minimum, a lower bound without llama.cpp's own buffers: a budget of
-    that much is then refused after the load with the floor measured, or accepted, when it is the floor.
-    ValueError when neither names one."""
+    names when refusing a budget once the model is loaded. A budget below the plan made before the load is refused
+    before it, naming that plan's minimum, a lower bound without llama.cpp's own buffers which varies by a few
+    tenths of a MiB with what the process held at its start: asked again a MiB above it, the runner loads and
+    names the floor, or runs, when that budget holds it (then the budget is returned). ValueError when it names
+    none."""
     def run(budget: int) -> subprocess.CompletedProcess[str]:
         return subprocess.run(runner_command("runner", settings, "Hello", budget), capture_output=True, text=True,
                               errors="replace", timeout=settings.timeout)
 
-    done = run(1 << 20)
-    found = _MINIMUM.search(done.stderr)
-    if done.returncode != 0 and found is not None and "counted before loading" in done.stderr:
-        budget = int((float(found.group(1)) + 0.1) * 2**20)  # (printed to 0.1 MiB)
+    budget = 1 << 20
+    for _ in range(4):
         done = run(budget)
-        if done.returncode == 0:
-            return budget
         found = _MINIMUM.search(done.stderr)
-    if done.returncode != 0 and found is not None:
-        return int(float(found.group(1)) * 2**20)
+        if done.returncode == 0 and budget > 1 << 20:
+            return budget
+        if done.returncode == 0 or found is None:
+            break
+        named = int(float(found.group(1)) * 2**20)
+        if "counted before loading" not in done.stderr:
+            return named
+        budget = max(named, budget) + (1 << 20)
     raise ValueError(f"neuralink-run named no minimum budget for {settings.model}: {_last_message(done.stderr)}")
