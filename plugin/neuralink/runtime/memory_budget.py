@@ -82,18 +82,18 @@ def tight_cgroup_limit(engine: _engine.Engine, automatic: tuple[int, str, bool] 
     the engine was opened (the plan counts the engine's resident rows on a line of their own)."""
     if automatic is None:
         return False
-    asked, threads, n_ubatch = _context_asked(engine, llama_kwargs)
+    asked, _, threads, n_ubatch = _context_asked(engine, llama_kwargs)
     return _engine.tight_cgroup_limit(engine, *automatic, process_before, threads, n_ubatch, asked)
 
 
-def _context_asked(engine: _engine.Engine, llama_kwargs: dict) -> tuple[int, int, int]:
-    """(n_ctx asked for, compute threads at the least, micro-batch) of llama_cpp.Llama's keyword arguments, as
-    llama-cpp-python derives them (its defaults: n_ctx, n_batch and n_ubatch 512)."""
+def _context_asked(engine: _engine.Engine, llama_kwargs: dict) -> tuple[int, int, int, int]:
+    """(n_ctx asked for, the context it gives, compute threads at the least, micro-batch) of llama_cpp.Llama's
+    keyword arguments, as llama-cpp-python derives them (its defaults: n_ctx, n_batch and n_ubatch 512)."""
     asked = int(llama_kwargs.get("n_ctx", 512))
     tokens = _engine.resolved_context(engine, asked)
     n_ubatch = max(1, min(tokens or 1, int(llama_kwargs.get("n_batch", 512)), int(llama_kwargs.get("n_ubatch", 512))))
     threads = max(1, int(llama_kwargs["n_threads"]), int(llama_kwargs.get("n_threads_batch") or 0))
-    return asked, threads, n_ubatch
+    return asked, tokens, threads, n_ubatch
 
 
 def memory_budget_bytes(value: str | int | float) -> int:
@@ -171,11 +171,10 @@ def refuse_before_load(engine: _engine.Engine, budget: int, process_before: int,
     context llama_cpp.Llama's keyword arguments `llama_kwargs` ask for (n_ctx 0: the model's training context):
     a KV cache that cannot fit is refused here, where under a cgroup's limit the kernel would kill the load.
     `process_before`: what the process held before the engine was opened; `limit`: as check_memory_plan's."""
-    asked, threads, n_ubatch = _context_asked(engine, llama_kwargs)
+    asked, tokens, threads, n_ubatch = _context_asked(engine, llama_kwargs)
     type_k, type_v = (int(llama_kwargs.get(k)) if llama_kwargs.get(k) is not None else _engine.KV_TYPE_F16
                       for k in ("type_k", "type_v"))
     unmapped = not llama_kwargs.get("use_mmap", True) or bool(llama_kwargs.get("lora_path"))
-    tokens = _engine.resolved_context(engine, asked)
     # llama-cpp-python's copy of every position's logits, which the loaded plan counts in the process too
     all_logits = tokens * _engine.vocab_size(engine) * 4 if llama_kwargs.get("logits_all") else 0
     plan = _engine.plan_before_load(engine, budget, process_before + all_logits, threads, n_ubatch, asked, type_k,
