@@ -8,7 +8,7 @@ the FFN records. This measures, on held-out text, the final normalized hidden
 states llama.cpp produces (embedding mode, no pooling):
 
 - the coarse logits' error against the exact ones, per token (its spread);
-- where the exact argmax ranks among the coarse logits (worst case);
+- where the exact argmax ranks among the coarse logits (1: first; worst case);
 - how many rows lie within a window (in nats) plus k standard deviations of
   the coarse maximum (the candidates an exact pass would read) and whether
   that set holds the exact argmax and the exact top-8;
@@ -20,7 +20,9 @@ states llama.cpp produces (embedding mode, no pooling):
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -56,7 +58,7 @@ def main() -> int:
     args = ap.parse_args()
     from neuralink import _engine
 
-    x = hidden_states(args.model, open(args.text, encoding="utf-8", errors="ignore").read(), args.tokens)
+    x = hidden_states(args.model, Path(args.text).read_text(encoding="utf-8", errors="ignore"), args.tokens)
     src_type, raw, n_embd = output_matrix(args.model)
     w = _engine.dequantize(src_type, raw, n_embd)
     exact = x @ w.T  # tokens x vocab
@@ -71,9 +73,9 @@ def main() -> int:
         q = _engine.quantize(t, w)
         a = x @ _engine.dequantize(t, q, n_embd).T
         sd = (a - exact).std(axis=1)
-        order = np.argsort(-a, axis=1)
-        rank = np.array([int(np.nonzero(order[i] == top[i])[0][0]) for i in range(len(top))])
-        for wnd, k in [(wnd, k) for wnd in args.windows for k in args.sigmas]:
+        # 1-based place of the exact argmax among the coarse logits: rows above it, plus one
+        rank = (a > a[np.arange(len(top)), top][:, None]).sum(axis=1) + 1
+        for wnd, k in itertools.product(args.windows, args.sigmas):
             cand = a >= (a.max(axis=1, keepdims=True) - wnd - k * sd[:, None])
             n = cand.sum(axis=1)
             hit = cand[np.arange(len(top)), top].mean()
