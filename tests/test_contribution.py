@@ -144,7 +144,7 @@ def test_llama_runs_the_validated_setting_by_default(contribution_pair) -> None:
     model, sidecar = contribution_pair
     with Sidecar.open(sidecar, model) as opened:
         default = opened.header.default_predictor
-    llm = neuralink.Llama(str(model), n_ctx=128, verbose=False)
+    llm = neuralink.Llama(str(model), n_ctx=128, verbose=False, ffn="engine")
     assert llm.engine.predictor == default
     llm.close()
 

@@ -28,13 +28,13 @@ def _completion(llm: neuralink.Llama) -> str:
 
 def test_drafts_are_verified_in_one_batch_with_the_rows_they_need_and_keep_the_greedy_text(converted_model) -> None:
     model, _ = converted_model("llama", "q8_0")
-    plain = neuralink.Llama(str(model), n_ctx=256, verbose=False)
+    plain = neuralink.Llama(str(model), n_ctx=256, verbose=False, ffn="engine")
     try:
         want = _completion(plain)
     finally:
         plain.close()
     # before neuralink.runtime.draft, the context held one logits row and llama.cpp aborted the process here
-    llm = neuralink.Llama(str(model), n_ctx=256, verbose=False,
+    llm = neuralink.Llama(str(model), n_ctx=256, verbose=False, ffn="engine",
                           draft_model=LlamaPromptLookupDecoding(num_pred_tokens=3))
     try:
         llm.ffn_stats(reset=True)
@@ -51,7 +51,7 @@ def test_drafts_are_verified_in_one_batch_with_the_rows_they_need_and_keep_the_g
 
 def test_logits_all_with_a_draft_is_llama_cpp_python_s_own_path(converted_model) -> None:
     model, _ = converted_model("llama", "q8_0")
-    llm = neuralink.Llama(str(model), n_ctx=256, verbose=False, logits_all=True,
+    llm = neuralink.Llama(str(model), n_ctx=256, verbose=False, logits_all=True, ffn="engine",
                           draft_model=LlamaPromptLookupDecoding(num_pred_tokens=3))
     try:
         out = llm(PROMPT, max_tokens=8, temperature=0.0, logprobs=2)
@@ -63,7 +63,7 @@ def test_logits_all_with_a_draft_is_llama_cpp_python_s_own_path(converted_model)
 
 def test_logprobs_with_a_draft_and_no_logits_all_name_what_to_pass(converted_model) -> None:
     model, _ = converted_model("llama", "q8_0")
-    llm = neuralink.Llama(str(model), n_ctx=256, verbose=False,
+    llm = neuralink.Llama(str(model), n_ctx=256, verbose=False, ffn="engine",
                           draft_model=LlamaPromptLookupDecoding(num_pred_tokens=3))
     try:
         # stock turns logits_all on for a draft; neuralink keeps the sampled rows only, and says what to do

@@ -169,7 +169,7 @@ def test_a_long_lived_model_keeps_its_counters_bounded_and_its_summaries_whole(c
     counts = re.compile(r"neuralink FFN: (\d+) tokens, (\d+) neurons active/layer/token \(predicted (\d+)\)")
     summaries = {}
     for kept in (None, 3):
-        llm = neuralink.Llama(str(model), n_ctx=256, verbose=False)
+        llm = neuralink.Llama(str(model), n_ctx=256, verbose=False, ffn="engine")
         if kept:
             monkeypatch.setattr(ffn_report, "FFN_STATS_KEPT_ROWS", kept * llm.engine.n_layer)
         llm("the quick brown fox", max_tokens=24, temperature=0.0)

@@ -114,7 +114,8 @@ def test_bench_gives_neuralink_a_budget_below_the_cap_with_the_cgroup_headroom()
 def test_without_a_budget_the_cache_uses_the_memory_there_is(converted_smollm2: Path) -> None:
     budget, source, _ = automatic_budget()
     assert budget > 0 and "MiB" in source
-    llm = neuralink.Llama(str(converted_smollm2), n_batch=64, verbose=False)
+    # (the engine asked for: SmolLM2 fits in memory, where ffn='auto' would have llama.cpp compute its FFNs)
+    llm = neuralink.Llama(str(converted_smollm2), n_batch=64, verbose=False, ffn="engine")
     plan = llm.memory_plan
     assert plan is not None and plan.budget == pytest.approx(budget, rel=0.05)
     if plan.budget < plan.minimum + plan.whole_store_cache:
@@ -254,7 +255,7 @@ def test_use_mlock_locks_what_llama_cpp_reads_not_the_ffn_weights(converted_mode
     every_token, slack = every_token_weight_bytes(model)
     before = locked_bytes()
     llm = neuralink.Llama(str(model), sidecar=str(sidecar), use_mlock=True, repack_weights=False, n_ctx=128,
-                          verbose=False)
+                          verbose=False, ffn="engine")
     assert every_token <= locked_bytes() - before <= every_token + slack
     assert llm("the model", max_tokens=4, temperature=0.0)["choices"][0]["text"]
     llm.close()

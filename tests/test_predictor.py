@@ -101,7 +101,7 @@ def test_engine_lowrank_equals_the_reference_of_what_it_predicts(
     reports = evaluate_predictor(result.output, result.sidecar, [held_out], max_tokens=64)
     assert len(reports) == 2 and all(0.5 <= r.recall <= 1.0 and 0 < r.precision <= 1.0 for r in reports)
     # converted without a quality search: no sparse setting was validated, so the default reads every neuron
-    llm = neuralink.Llama(str(result.output), n_ctx=128, verbose=False)
+    llm = neuralink.Llama(str(result.output), n_ctx=128, verbose=False, ffn="engine")
     assert llm.engine.predictor == "dense"
     llm.close()
     llm = neuralink.Llama(str(result.output), n_ctx=128, verbose=False,

@@ -77,6 +77,23 @@ def test_sparse_greedy_tokens_match_neuralink_llama(runner: Path, converted_mode
     assert "reads: pread, pread pool chosen" in result.stderr
 
 
+def test_a_converted_model_that_fits_in_memory_runs_llama_cpps_ffn_unless_the_engine_is_asked_for(
+        runner: Path, converted_model, tmp_path: Path) -> None:
+    # as neuralink.Llama's ffn='auto' (tests/test_llama_ffn.py): stock llama.cpp running it whole fits this machine
+    model, _ = converted_model("llama", "q8_0")
+    logits = {}
+    for name, extra in (("auto", []), ("llama", ["--ffn", "llama"]), ("engine", ["--ffn", "engine"]),
+                        ("budget", ["--memory-budget", "2GiB"])):
+        result = run(runner, "-m", model, "-p", PROMPT, "-n", 4, "--ignore-eos", "--dump-logits",
+                     tmp_path / f"{name}.f32", *extra)
+        assert result.returncode == 0, result.stderr
+        by_llama = "llama.cpp computes the FFNs from its mapped weights, no engine" in result.stderr
+        assert by_llama == (name == "auto"), (name, result.stderr)  # (--ffn llama says so in other words)
+        assert ("bundle store" in result.stderr) == (name in ("engine", "budget")), (name, result.stderr)
+        logits[name] = np.fromfile(tmp_path / f"{name}.f32", dtype="<f4")
+    np.testing.assert_array_equal(logits["auto"], logits["llama"])
+
+
 def test_engine_is_bit_exact_with_llama_cpp_own_ffn(runner: Path, synthetic_model: ModelFactory,
                                                     tmp_path: Path) -> None:
     model = synthetic_model("qwen2", "q5_0")
@@ -239,7 +256,7 @@ def test_bad_follow_tokens(runner: Path, synthetic_model: ModelFactory, tmp_path
 
 def test_read_path_choice_is_logged(runner: Path, converted_model) -> None:
     model, _ = converted_model("llama", "q8_0", threshold=0.1)
-    result = run(runner, "-m", model, "-p", PROMPT, "-n", 2)
+    result = run(runner, "-m", model, "-p", PROMPT, "-n", 2, "--ffn", "engine")
     assert result.returncode == 0, result.stderr
     # on Linux the default is auto (Android builds default to pread: see test_aarch64.py)
     assert re.search(r"reads: (uring|pread)[^\n]*\(asked: auto by default, the Linux default", result.stderr)
@@ -266,7 +283,9 @@ def test_unsupported_ffn_form_names_the_architecture(runner: Path, synthetic_mod
     (["-m", "x.gguf", "-p", "y", "--cache-bytes", "5 parsecs"], "unknown unit"),
     (["-m", "x.gguf", "-p", "y", "--dense", "--sidecar", "s"], "--dense and --sidecar exclude each other"),
     (["-m", "x.gguf", "-p", "y", "--dense", "--memory-budget", "1G"], "need a sidecar"),
-    (["-m", "x.gguf", "-p", "y", "--stock-ffn", "--dense"], "--stock-ffn runs llama.cpp alone"),
+    (["-m", "x.gguf", "-p", "y", "--stock-ffn", "--dense"], "--ffn llama (--stock-ffn) runs llama.cpp alone"),
+    (["-m", "x.gguf", "-p", "y", "--ffn", "llama", "--predictor", "gate"], "--ffn llama (--stock-ffn) runs llama"),
+    (["-m", "x.gguf", "-p", "y", "--ffn", "fast"], "--ffn must be one of auto, engine, llama"),
     (["-m", "x.gguf", "-p", "y", "--prompt-lookup", "some"], "--prompt-lookup expects 'auto' or a number of tokens"),
     (["-m", "x.gguf", "-p", "y", "--prompt-lookup", "-1"], "--prompt-lookup expects 'auto' or a number of tokens"),
     (["-m", "x.gguf", "-p", "y", "--prompt-lookup", "3", "--dump-logits", "l.f32"],
@@ -429,10 +448,10 @@ def test_the_default_thread_count_follows_the_cpus_the_runner_may_use(runner: Pa
     # the engine's rule (default_thread_count): it had taken every logical CPU whatever its affinity
     model, _ = converted_model("llama", "q8_0", threshold=0.1)
     expected = _engine.default_thread_count()
-    result = run(runner, "-m", model, "-p", PROMPT, "-n", 2, "--verbose")
+    result = run(runner, "-m", model, "-p", PROMPT, "-n", 2, "--verbose", "--ffn", "engine")
     assert result.returncode == 0, result.stderr
     assert re.search(rf"served by the engine, {expected} threads?$", result.stderr, re.MULTILINE), result.stderr
-    pinned = subprocess.run([str(runner), "-m", str(model), "-p", PROMPT, "-n", "2", "--verbose"],
+    pinned = subprocess.run([str(runner), "-m", str(model), "-p", PROMPT, "-n", "2", "--verbose", "--ffn", "engine"],
                             capture_output=True, text=True, errors="replace", timeout=300,
                             preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))  # taskset
     assert pinned.returncode == 0, pinned.stderr

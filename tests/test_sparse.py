@@ -393,7 +393,7 @@ def test_the_gate_predictor_needs_a_gate_criterion(converted_model) -> None:
     with pytest.raises(neuralink.UnsupportedModelError, match="gate predictor needs"):
         neuralink.Llama(str(model), sidecar=str(sidecar), predictor="gate", **CONTEXT)
     # the default predictor falls back to dense for such a sidecar
-    llm = neuralink.Llama(str(model), sidecar=str(sidecar), **CONTEXT)
+    llm = neuralink.Llama(str(model), sidecar=str(sidecar), ffn="engine", **CONTEXT)
     assert llm.engine.predictor == "dense"
     llm.close()
 

@@ -2,6 +2,7 @@
 
 #include "neuralink/cpu_threads.h"
 #include "neuralink/engine.h"
+#include "neuralink/gguf_model.h"
 #include "neuralink/memory_plan.h"
 #include "neuralink/prompt_lookup.h"
 #include "neuralink/residency.h"
@@ -149,6 +150,15 @@ void register_memory(py::module_ & m) {
           py::arg("n_threads"), py::arg("n_ubatch"), py::arg("n_ctx"),
           "Whether an automatic budget (automatic_budget's triple) is a cgroup's limit too tight to run unbounded "
           "with the whole store cached (unbounded_need): the process then runs as under an explicit budget.");
+    m.def("llama_whole_need", [](const std::string & path, uint64_t rss, int n_ctx, int type_k, int type_v,
+                                 bool all_logits) {
+              const GgufModel model(path);
+              return llama_whole_need(model, rss, n_ctx, type_k, type_v, all_logits);
+          }, py::arg("path"), py::arg("rss"), py::arg("n_ctx"), py::arg("type_k") = kKvTypeF16,
+          py::arg("type_v") = kKvTypeF16, py::arg("all_logits") = false,
+          "What stock llama.cpp holds running the GGUF at `path` whole, by a plan before it loads: rss, every tensor "
+          "once, the KV cache for n_ctx tokens (0: the training context), what its load adds unseen and with "
+          "all_logits llama-cpp-python's logits of every position.");
     m.def("unbounded_need", &unbounded_need, py::arg("engine"), py::arg("rss"), py::arg("n_threads"),
           py::arg("n_ubatch"), py::arg("n_ctx"),
           "What a process runs unbounded in with the whole store cached, by a plan before llama.cpp loads, at the "

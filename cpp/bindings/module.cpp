@@ -58,6 +58,7 @@ static void register_engine(py::module_ & m) {
     PYBIND11_NUMPY_DTYPE(LayerStepStats, il, n_tokens, predicted, truly_active, reads, cache_hits, bytes_read,
                          active_bytes, io_ns, stall_ns, layer_ns, predicted_pairs, computed_pairs, final_neurons,
                          down_reads, down_cache_hits, down_bytes_read);
+    m.attr("STATS_DTYPE") = py::dtype::of<LayerStepStats>(); // take_stats' rows, for an empty array of them
 
     py::class_<LayerStatus>(m, "LayerStatus")
         .def_readonly("il", &LayerStatus::il)

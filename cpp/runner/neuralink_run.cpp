@@ -254,7 +254,27 @@ std::vector<llama_token> read_token_ids(const std::string & path) {
     return ids;
 }
 
-// The engine for the model, or null with --stock-ffn; *sidecar_out is the sidecar it reads, if any.
+// Whether --ffn auto leaves a converted model's FFNs to llama.cpp: no option only the engine takes, and stock
+// llama.cpp running the model whole fits the memory there is (llama_whole_need against automatic_budget, the
+// context planned as run() plans it), as neuralink.Llama decides (neuralink/runtime/llama_ffn.py).
+bool llama_ffn_fits(const RunnerOptions & o, const neuralink::GgufModel & model) {
+    if (o.ffn != "auto" || o.engine_options_given) {
+        return false;
+    }
+    const uint64_t rss = resident_bytes();
+    const auto automatic = neuralink::automatic_budget(rss);
+    const uint64_t need = neuralink::llama_whole_need(model, rss, o.n_ctx > 0 ? o.n_ctx : o.n_predict + 1);
+    if (!automatic || need > automatic->bytes) {
+        return false;
+    }
+    note("llama.cpp computes the FFNs from its mapped weights, no engine: the whole model fits %s (%.0f of %.0f "
+         "MiB; --ffn engine or an engine option runs the engine)", automatic->source.c_str(), need / 1048576.0,
+         automatic->bytes / 1048576.0);
+    return true;
+}
+
+// The engine for the model, or null with --ffn llama (or auto, where the model fits whole); *sidecar_out is the
+// sidecar it reads, if any.
 std::unique_ptr<neuralink::Engine> open_engine(const RunnerOptions & o, std::string * sidecar_out) {
     check_readable(o.model, "model");
     const neuralink::GgufModel directory(o.model); // names the file if it is not a valid GGUF
@@ -272,6 +292,9 @@ std::unique_ptr<neuralink::Engine> open_engine(const RunnerOptions & o, std::str
         }
         const neuralink::SidecarStore store(sidecar, model_id, false); // checks the model id before any weight is read
         neuralink::verify_model_file(o.model, store); // what llama.cpp will read, before it parses the model
+        if (llama_ffn_fits(o, directory)) {
+            return nullptr;
+        }
         predictor = o.predictor.empty() ? default_predictor(store) : o.predictor;
     } else if (!o.predictor.empty() && o.predictor != "dense") {
         throw UsageError("--predictor " + o.predictor + " needs a sidecar; " + o.model + " names none (pass --sidecar)");

@@ -52,8 +52,18 @@ model and weights:
                            sidecar a converted model names (neuralink.sidecar.name),
                            looked up beside the model
   --dense                  ignore any sidecar: read all FFN weights into RAM once
-  --stock-ffn              no engine, no hook: llama.cpp computes the FFNs from its
-                           mapped weights (the baseline to compare with)
+  --ffn NAME               who computes the FFNs: engine (neuralink's), llama (no
+                           engine, no hook: llama.cpp from its mapped weights, the
+                           baseline to compare with) or auto: llama for a converted
+                           model when stock llama.cpp running it whole fits the
+                           memory there is (the tighter of the cgroup limit and
+                           available memory, as --cache-bytes' default) and no
+                           option only the engine takes is given (--dense,
+                           --predictor, --cache-policy, --cache-bytes,
+                           --memory-budget, --io-backend, --queue-depth,
+                           --no-direct-io, --adaptive-collapse, --down-rows,
+                           --prompt-lookup above 0), else engine (default auto)
+  --stock-ffn              the same as --ffn llama
   --predictor NAME         how active neurons are found with a sidecar: gate (exact
                            gate from resident gate rows and the sidecar's threshold),
                            dense (every neuron: the reference), lowrank (the
@@ -197,7 +207,8 @@ RunnerOptions parse_options(int argc, char ** argv) {
         else if (a == "-m" || a == "--model") { o.model = value(); }
         else if (a == "--sidecar") { o.sidecar = value(); }
         else if (a == "--dense") { o.dense = true; }
-        else if (a == "--stock-ffn") { o.stock_ffn = true; }
+        else if (a == "--stock-ffn") { o.ffn = "llama"; }
+        else if (a == "--ffn") { o.ffn = value(); }
         else if (a == "--predictor") { o.predictor = value(); predictor_given = true; }
         else if (a == "--cache-policy") { o.cache_policy = value(); }
         else if (a == "--cache-bytes") { o.cache_bytes = parse_size(value(), "--cache-bytes"); o.cache_bytes_given = true; }
@@ -234,10 +245,15 @@ RunnerOptions parse_options(int argc, char ** argv) {
     if (o.prompt.empty()) {
         throw UsageError("no prompt: pass -p TEXT");
     }
+    check_name("--ffn", o.ffn, { "auto", "engine", "llama" });
+    o.stock_ffn = o.ffn == "llama";
     if (o.stock_ffn && (o.dense || !o.sidecar.empty() || predictor_given || o.cache_bytes_given || o.memory_budget)) {
-        throw UsageError("--stock-ffn runs llama.cpp alone: it takes none of --dense, --sidecar, --predictor, "
-                         "--cache-bytes, --memory-budget");
+        throw UsageError("--ffn llama (--stock-ffn) runs llama.cpp alone: it takes none of --dense, --sidecar, "
+                         "--predictor, --cache-bytes, --memory-budget");
     }
+    o.engine_options_given = o.dense || predictor_given || o.cache_policy != "auto" || o.cache_bytes_given ||
+                             o.memory_budget || o.io_backend_given || o.queue_depth != neuralink::kDefaultQueueDepth ||
+                             !o.direct_io || o.adaptive_collapse || o.down_rows != "on" || o.prompt_lookup > 0;
     if (o.dense && !o.sidecar.empty()) {
         throw UsageError("--dense and --sidecar exclude each other");
     }

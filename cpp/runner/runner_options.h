@@ -31,7 +31,9 @@ struct RunnerOptions {
     std::string model;
     std::string sidecar;         // empty: the one the converted model names, if any
     bool dense = false;          // ignore any sidecar: all FFN weights in RAM
-    bool stock_ffn = false;      // no engine: llama.cpp's own FFNs (the baseline, and a reference)
+    bool stock_ffn = false;      // no engine: llama.cpp's own FFNs (the baseline, and a reference): --ffn llama
+    std::string ffn = "auto";    // who computes the FFNs: engine, llama, or auto (llama where the model fits whole)
+    bool engine_options_given = false; // an option only the engine takes: --ffn auto then runs the engine
     std::string predictor;       // empty: "gate" where the sidecar allows it, else "dense"
     std::string cache_policy = "auto";
     uint64_t cache_bytes = 0;

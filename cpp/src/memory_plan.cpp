@@ -238,6 +238,17 @@ uint64_t unbounded_need(const Engine & engine, uint64_t rss, int n_threads, int 
     return plan.minimum() + plan.whole_store_cache + repacked + kUnseenLoadBytes;
 }
 
+uint64_t llama_whole_need(const GgufModel & model, uint64_t rss, int n_ctx, int type_k, int type_v, bool all_logits) {
+    uint64_t tensors = 0;
+    for (const TensorInfo & t : model.tensors()) {
+        tensors += t.nbytes;
+    }
+    const TensorInfo * embedding = model.find("token_embd.weight");
+    const uint64_t logits = all_logits && embedding ?
+        (uint64_t) std::max(resolved_context(model, n_ctx), 0) * (uint64_t) embedding->ne[1] * sizeof(float) : 0;
+    return rss + tensors + kv_cache_lower_bound(model, n_ctx, type_k, type_v) + kUnseenLoadBytes + logits;
+}
+
 bool tight_cgroup_limit(const Engine & engine, const std::optional<AutomaticBudget> & automatic, uint64_t rss,
                         int n_threads, int n_ubatch, int n_ctx) {
     if (!automatic || !automatic->cgroup_limit || !engine.sparse()) {

@@ -175,8 +175,9 @@ def generate(model: Path, prompt: str, max_tokens: int, threads: int | None, dir
     """Yield completion text pieces, then a final DemoStats."""
     options = {"sidecar": False} if dense else {"memory_budget": memory_budget, "predictor": predictor}
     # micro-batches of 64 (the default under a budget, kept for the dense engine too): prompt buffers stay small
+    # the engine, even where the model would fit in memory (where ffn='auto' would run llama.cpp's FFN)
     llm = Llama(str(model), n_ctx=512, n_batch=64, n_threads=threads, direct_io=direct_io, verbose=False,
-                **options)
+                ffn="engine", **options)
     try:
         n_generated = 0
         start = None

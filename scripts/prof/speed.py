@@ -8,7 +8,7 @@ if which == "stock":
     llm = llama_cpp.Llama(model, n_ctx=512, n_threads=threads, verbose=False)
 else:
     import neuralink
-    kw = {}
+    kw = {"ffn": os.environ.get("FFN", "engine")}  # FFN=auto: what users get (llama.cpp's where the model fits)
     if os.environ.get("PRED"): kw["predictor"] = os.environ["PRED"]
     if os.environ.get("DOWN_ROWS") in ("0", "all"): kw["down_rows"] = False  # no trial: the columns, or (all) forced rows
     llm = neuralink.Llama(model, n_ctx=512, n_threads=threads, verbose=False, **kw)

@@ -145,6 +145,13 @@ constexpr uint64_t kUnseenLoadBytes = 112ull << 20;
 // 834, whole store 482); SmolLM2-135M 305 against 221.
 uint64_t unbounded_need(const Engine & engine, uint64_t rss, int n_threads, int n_ubatch, int n_ctx);
 
+// What stock llama.cpp holds running the model whole, its FFN included, by a plan before it loads: `rss`, every
+// tensor once (mapped, or copied into repacked rows, whose mapped pages are then clean page cache the kernel may
+// reclaim), the KV cache for n_ctx tokens (kv_cache_lower_bound), kUnseenLoadBytes, and with `all_logits`
+// llama-cpp-python's float logits of every position (logits_all).
+uint64_t llama_whole_need(const GgufModel & model, uint64_t rss, int n_ctx, int type_k = kKvTypeF16,
+                          int type_v = kKvTypeF16, bool all_logits = false);
+
 // Whether `automatic` is a cgroup's limit too tight to run unbounded with the whole store cached
 // (unbounded_need, for micro-batches of n_ubatch, the ones the process would then run): the process then runs as
 // under an explicit budget of that size (micro-batches of kBudgetBatch, the weights unrepacked and those read

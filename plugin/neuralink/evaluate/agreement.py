@@ -121,7 +121,8 @@ def greedy_agreements(original: str | os.PathLike[str], converted: str | os.Path
             stock.close()
         results: dict[str, list[Agreement]] = {}
         for k, (name, args) in enumerate(variants.items()):
-            sparse = Llama(os.fspath(converted), **settings, **args)
+            # the engine's text, even where the model fits in memory (where ffn='auto' would run llama.cpp's FFN)
+            sparse = Llama(os.fspath(converted), **settings, **{"ffn": "engine", **args})
             try:
                 results[name] = []
                 for i, (prompt, want) in enumerate(zip(prompts, reference)):

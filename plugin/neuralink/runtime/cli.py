@@ -112,6 +112,10 @@ def configure_serve_parser(parser: argparse.ArgumentParser) -> None:
     nl.add_argument("--io-backend", choices=("auto", "uring", "pread"), default="auto",
                     help="how bundles are read (default: auto)")
     nl.add_argument("--buffered-io", action="store_true", help="read through the page cache instead of O_DIRECT")
+    nl.add_argument("--ffn", choices=("auto", "engine", "llama"), default="auto",
+                    help="who computes the FFNs: neuralink's engine, llama.cpp itself, or auto: llama.cpp where the "
+                         "whole model fits the memory there is and no engine option or budget is given, else the "
+                         "engine (default: auto)")
     add_args_from_model(parser.add_argument_group("llama-cpp-python server options"), Settings)
     # llama-cpp-python's server keeps every position's logits by default (n_ctx x n_vocab floats: 1.2 GB for a 152k
     # vocabulary at n_ctx 2048), which only logprobs use; a server run to save memory asks for them explicitly
@@ -144,7 +148,7 @@ def serve_main(args: argparse.Namespace) -> int:
         raise OptionError(f"--port {server.port}: expected 0 to 65535")
     options = NeuralinkOptions(sidecar=args.sidecar, predictor=args.predictor, memory_budget=args.memory_budget,
                                cache_policy=args.cache_policy, queue_depth=args.queue_depth,
-                               io_backend=args.io_backend, direct_io=not args.buffered_io,
+                               io_backend=args.io_backend, direct_io=not args.buffered_io, ffn=args.ffn,
                                default_n_batch=args.n_batch is None, default_n_threads=args.n_threads is None)
     app = create_neuralink_app(server, [(parse_model_from_args(ModelSettings, args), options)])
     uvicorn.run(app, host=server.host, port=server.port, ssl_keyfile=server.ssl_keyfile,

@@ -12,6 +12,7 @@ verification of several tokens costs the bytes of one (docs/engine.md, "Drafts")
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,9 @@ from llama_cpp.llama_speculative import LlamaDraftModel
 
 from neuralink import _engine
 from neuralink.errors import OptionError
+
+# its messages are neuralink.Llama's
+logger = logging.getLogger("neuralink.runtime.llama")
 
 # tokens a draft model proposes when it does not say (llama-cpp-python's LlamaPromptLookupDecoding default)
 DEFAULT_DRAFT_TOKENS = 10
@@ -137,3 +141,25 @@ def eval_with_sampled_rows(llm: Any, tokens: list[int] | Any, rows: int) -> None
         llm.input_ids[n_past:n_past + n_tokens] = batch
         llm.n_tokens += n_tokens
         llm._requires_eval = False
+
+
+class PromptLookupDrafts:
+    """neuralink.Llama's own prompt lookup drafts (its prompt_lookup argument; a mixin before llama_cpp.Llama: it
+    needs the Llama's ``engine``, ``model_path``, ``draft_model``, ``_draft_gate`` and ``_verification_rows``)."""
+
+    def _use_prompt_lookup(self, proposals: int, automatic: bool) -> None:
+        """Decode with prompt lookup drafts of `proposals` tokens: asked for, or (automatic) where every token
+        reads the layers' records whole ("stream") and while they give tokens faster than single (GatedDraft)."""
+        if automatic and not self.engine.streams_regions:
+            self._verification_rows = 0  # the records are cached or read sparsely: drafts would cost compute
+            return
+        lookup = RecentPromptLookup(num_pred_tokens=proposals)
+        if automatic:
+            self.draft_model = GatedDraft(lookup, proposals, self._draft_gate)
+        else:
+            self.draft_model = BoundedDraft(lookup, proposals)
+        self.draft_model.from_prompt_lookup = True  # made again from prompt_lookup= when unpickled
+        logger.info("%s: prompt lookup drafts of up to %d tokens, each verified in one batch that reads the records "
+                    "once%s (prompt_lookup=0 turns them off)", self.model_path, proposals,
+                    f", tried where reads take {DRAFT_TRIAL_SHARE:.0%} of a token or more and made while they give "
+                    "tokens faster than single decodes" if automatic else "")

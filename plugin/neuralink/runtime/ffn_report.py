@@ -50,7 +50,7 @@ def down_trial_note(trial: dict[str, Any]) -> str:
 
 class FfnReporting:
     """neuralink.Llama's methods that report the engine's work (a mixin before llama_cpp.Llama: it needs the
-    Llama's ``engine``, ``verbose`` and ``_draft_gate``; ``_start_reporting`` sets up its own state)."""
+    Llama's ``engine``, ``ffn``, ``verbose`` and ``_draft_gate``; ``_start_reporting`` sets up its own state)."""
 
     def _start_reporting(self) -> None:
         self._stats: list[np.ndarray] = []  # the most recent rows, at most FFN_STATS_KEPT_ROWS
@@ -93,6 +93,8 @@ class FfnReporting:
 
     def ffn_summary(self) -> str:
         """One line on the FFN work since the last summary: tokens, neurons, reads, bytes, cache, I/O time."""
+        if self.ffn == "llama":
+            return "neuralink FFN: computed by llama.cpp itself (ffn='llama', or 'auto' with the model fitting in memory)"
         self._record_stats(self.engine.take_stats())
         # (every row evaluates a token or more)
         totals = self._since_summary if self._since_summary["n_tokens"][0] else np.zeros(0, dtype=_TOTALS)
@@ -111,8 +113,10 @@ class FfnReporting:
         (the layer's wall time), predicted_pairs and computed_pairs ((token,
         neuron) pairs selected by the predictor and entering the down
         projection: the per-token density of a batch).
-        Empty for the dense engine.
+        Empty for the dense engine and where llama.cpp computes the FFNs (``ffn``).
         """
+        if self.ffn == "llama":
+            return np.zeros(0, dtype=_engine.STATS_DTYPE)
         self._record_stats(self.engine.take_stats())
         # (the kept arrays may hold up to one array more than the bound: the oldest rows beyond it go here)
         stats = np.concatenate(self._stats)[-FFN_STATS_KEPT_ROWS:] if self._stats else np.array([])

@@ -1,4 +1,4 @@
-"""``neuralink.Llama``: a drop-in ``llama_cpp.Llama`` whose FFNs run in neuralink's engine."""
+"""``neuralink.Llama``: a drop-in ``llama_cpp.Llama`` whose FFNs run in neuralink's engine where memory is short."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import llama_cpp
@@ -26,16 +26,16 @@ from neuralink.formats.constants import LAZY_FFN_WEIGHTS_KEY
 from neuralink.formats.sidecar import Sidecar
 from neuralink.runtime.device_probe import read_cost_options
 from neuralink.runtime.draft import (
-    DRAFT_TRIAL_SHARE,
     BoundedDraft,
     GatedDraft,
-    RecentPromptLookup,
+    PromptLookupDrafts,
     eval_with_sampled_rows,
     prompt_lookup_rows,
     verification_rows,
 )
 from neuralink.runtime.ffn_report import FfnReporting
 from neuralink.runtime.hook import FfnHookApi, detach_before_free, ffn_hook_api
+from neuralink.runtime.llama_ffn import FFN_CHOICES, FfnChoice, engine_options_given
 from neuralink.runtime.llama_memory import MemoryPlanning
 from neuralink.runtime.llama_params import outputs_per_micro_batch, without_weight_repacking
 from neuralink.runtime.memory_budget import (
@@ -46,6 +46,7 @@ from neuralink.runtime.memory_budget import (
     capture_llama_log,
     check_memory_plan,
     hold_down_rows,
+    llama_fits_whole,
     lock_every_token_weights,
     memory_budget_bytes,
     refuse_before_load,
@@ -63,14 +64,15 @@ logger = logging.getLogger(__name__)
 # n_batch under an explicit memory budget unless given (see the memory_budget argument)
 BUDGET_N_BATCH = _engine.BUDGET_N_BATCH
 
+
 _NOT_OFFERED = (
     "llama.cpp did not offer its FFN to the hook (a form neuralink does not serve: "
     "fused gate/up, per-tensor scales, clamped SwiGLU, a LoRA adapter on the FFN, or no build_ffn call)"
 )
 
 
-class Llama(FfnReporting, MemoryPlanning, SamplerRelease, llama_cpp.Llama):
-    """``llama_cpp.Llama`` with every layer's dense FFN computed by neuralink's C++ engine.
+class Llama(FfnChoice, PromptLookupDrafts, FfnReporting, MemoryPlanning, SamplerRelease, llama_cpp.Llama):
+    """``llama_cpp.Llama`` with every layer's dense FFN computed by neuralink's C++ engine (``ffn``).
 
     Takes the same arguments as ``llama_cpp.Llama``, plus the ones below. One default differs: ``n_threads``
     is one per physical core the process may use (its affinity and CPU quota), where llama-cpp-python takes
@@ -151,6 +153,14 @@ class Llama(FfnReporting, MemoryPlanning, SamplerRelease, llama_cpp.Llama):
         engine reads itself included. A lock the system refuses (``ulimit -l``) is logged and the model runs
         unlocked.
 
+    ffn:
+        who computes the FFNs: ``"engine"``, ``"llama"`` (llama.cpp itself, from the mapped weights, as
+        ``llama_cpp.Llama`` on the same file: nothing of the sidecar is read) or ``"auto"`` (the default):
+        llama.cpp for a converted model when stock llama.cpp running it whole fits what the process may use
+        (``memory_budget.llama_fits_whole``: the memory there is, as above) and none of the engine's own arguments
+        (sidecar=False, predictor, cache_policy, cache_bytes, queue_depth, io_backend, collapse_gap,
+        adaptive_collapse, memory_budget, direct_io, the thresholds, down_rows, preload, lock_weights,
+        prompt_lookup above 0) is given; else the engine. Why: ``neuralink.runtime.llama_ffn``.
     prompt_lookup:
         decode with prompt lookup drafts of this many tokens (the continuation of the most recent earlier
         occurrence of the last tokens), each verified in one batch, whose records are read once for all its
@@ -198,9 +208,12 @@ class Llama(FfnReporting, MemoryPlanning, SamplerRelease, llama_cpp.Llama):
         preload: bool = True,
         lock_weights: bool | None = None,
         prompt_lookup: int | None = None,
+        ffn: str = "auto",
         **kwargs: Any,
     ) -> None:
         self._hook_api: FfnHookApi | None = None
+        self._ffn_by_llama = False  # llama.cpp computes the FFNs: no engine (ffn=)
+        self._closed = False
         self._draft_gate = _engine.DraftGate()  # single decodes timed by eval, verifications by GatedDraft
         self._engine: _engine.Engine | None = None
         self.memory_plan: MemoryPlan | None = None
@@ -225,8 +238,20 @@ class Llama(FfnReporting, MemoryPlanning, SamplerRelease, llama_cpp.Llama):
             raise ModelFileError(f"{model_path}: no such model file")
         if down_rows not in (True, False, "trial"):
             raise OptionError(f"down_rows={down_rows!r}: expected True, False or 'trial'")
+        if ffn not in FFN_CHOICES:
+            raise OptionError(f"ffn={ffn!r}: expected one of {', '.join(map(repr, FFN_CHOICES))}")
+        engine_options = engine_options_given(
+            sidecar=sidecar, predictor=predictor, cache_policy=cache_policy, cache_bytes=cache_bytes,
+            queue_depth=queue_depth, io_backend=io_backend, collapse_gap=collapse_gap,
+            adaptive_collapse=adaptive_collapse, memory_budget=memory_budget, direct_io=direct_io,
+            thresholds=thresholds, predictor_thresholds=predictor_thresholds,
+            candidate_thresholds=candidate_thresholds, down_rows=down_rows, preload=preload, lock_weights=lock_weights,
+            prompt_lookup=prompt_lookup)
+        if ffn == "llama" and engine_options:
+            raise OptionError(f"{', '.join(engine_options)}: the engine's, but ffn='llama' has llama.cpp compute "
+                              "the FFNs")
         sidecar_path = find_sidecar(model_path) if sidecar is None or sidecar is True else sidecar or None
-        if sidecar_path is None and sidecar is not False and named_sidecar(model_path):
+        if sidecar_path is None and sidecar is not False and ffn != "llama" and named_sidecar(model_path):
             raise ModelFileError(
                 f"{model_path}: converted by neuralink, but its sidecar {named_sidecar(model_path)} is not beside it; "
                 "put it back, pass sidecar=<path>, or pass sidecar=False to run the dense engine (all FFN weights in RAM)"
@@ -238,6 +263,16 @@ class Llama(FfnReporting, MemoryPlanning, SamplerRelease, llama_cpp.Llama):
                 validated = opened.header.default_predictor
             # then the bytes llama.cpp will read from the converted GGUF, against what the conversion recorded
             _engine.verify_model_file(os.fspath(model_path), os.fspath(sidecar_path))
+        if ffn == "llama" or ffn == "auto" and sidecar_path is not None and not engine_options:
+            fits, figures = llama_fits_whole(model_path, kwargs, baseline)
+            if ffn == "llama" or fits:
+                self._load_for_llama_ffn(model_path, args, kwargs, ffn, sidecar, repack_weights,
+                                         f"asked for (ffn='llama'; {figures})" if ffn == "llama" else
+                                         f"the whole model fits what the process may use: {figures}")
+                return
+            logger.info("%s: neuralink's engine computes the FFNs: stock llama.cpp running the whole model would "
+                        "need more than the process may use (%s)", model_path, figures)
+        if sidecar_path is not None:
             engine_args.update(
                 sidecar=os.fspath(sidecar_path), predictor=predictor or default_predictor(sidecar_path, validated),
                 # auto: sized once the store's bytes are known (below); until then a cache whose hits need no
@@ -398,7 +433,7 @@ class Llama(FfnReporting, MemoryPlanning, SamplerRelease, llama_cpp.Llama):
                                     thresholds=thresholds, predictor_thresholds=predictor_thresholds,
                                     repack_weights=repack_weights, preload=preload,
                                     candidate_thresholds=candidate_thresholds, lock_weights=lock_weights,
-                                    prompt_lookup=prompt_lookup, use_mlock=use_mlock)
+                                    prompt_lookup=prompt_lookup, use_mlock=use_mlock, ffn=ffn)
         self._start_reporting()
 
         refused = [s for s in engine.layer_status() if not s.taken]
@@ -411,32 +446,10 @@ class Llama(FfnReporting, MemoryPlanning, SamplerRelease, llama_cpp.Llama):
                 f"{engine.n_layer} layers cannot be served by neuralink: {details}{more}"
             )
 
-    def _use_prompt_lookup(self, proposals: int, automatic: bool) -> None:
-        """Decode with prompt lookup drafts of `proposals` tokens: asked for, or (automatic) where every token
-        reads the layers' records whole ("stream") and while they give tokens faster than single (GatedDraft)."""
-        if automatic and not self.engine.streams_regions:
-            self._verification_rows = 0  # the records are cached or read sparsely: drafts would cost compute
-            return
-        lookup = RecentPromptLookup(num_pred_tokens=proposals)
-        if automatic:
-            self.draft_model = GatedDraft(lookup, proposals, self._draft_gate)
-        else:
-            self.draft_model = BoundedDraft(lookup, proposals)
-        self.draft_model.from_prompt_lookup = True  # made again from prompt_lookup= when unpickled
-        logger.info("%s: prompt lookup drafts of up to %d tokens, each verified in one batch that reads the records "
-                    "once%s (prompt_lookup=0 turns them off)", self.model_path, proposals,
-                    f", tried where reads take {DRAFT_TRIAL_SHARE:.0%} of a token or more and made while they give "
-                    "tokens faster than single decodes" if automatic else "")
-
-    @property
-    def engine(self) -> _engine.Engine:
-        """The engine serving this model's FFNs (layer status, bytes, counters)."""
-        if self._engine is None:
-            raise RuntimeError("this Llama was loaded with vocab_only=True: the tokenizer only" if self._vocab_only
-                               else "this Llama is closed")
-        return self._engine
-
     def eval(self, tokens: Sequence[int]) -> None:
+        if self._ffn_by_llama:
+            self._check_open()
+            return super().eval(tokens)
         engine = self.engine  # (closed: a clear error, where llama.cpp would be handed a freed context)
         n_before, start = self.n_tokens, time.perf_counter()
         if self._verification_rows:
@@ -462,31 +475,20 @@ class Llama(FfnReporting, MemoryPlanning, SamplerRelease, llama_cpp.Llama):
             self.draft_model.evaluated(n_before, len(tokens), seconds)
 
     def create_completion(self, prompt: Any, *args: Any, **kwargs: Any) -> Any:
-        self.engine  # noqa: B018 (closed: a clear error, where llama-cpp-python would use the freed context)
+        self._check_open()
+        if not self._ffn_by_llama:
+            self.engine  # noqa: B018 (closed: a clear error, where llama-cpp-python would use the freed context)
         if kwargs.get("logprobs") is not None and self._verification_rows:  # (stock would blame logits_all=False)
             raise ValueError("logprobs needs logits_all=True when completions verify drafts (draft_model= or "
                              "prompt_lookup=): without it only the logits of the rows sampled are kept")
         return super().create_completion(prompt, *args, **kwargs)
-
-    @contextlib.contextmanager
-    def stock_ffn(self) -> Iterator[None]:
-        """Within the block, llama.cpp computes the FFNs itself (from the mapped weights).
-
-        For A/B checks: the rest of the model, the KV cache and the sampler are
-        shared, so outputs differ only by the FFN computation.
-        """
-        assert self._hook_api is not None and self._engine is not None, "this Llama is closed"
-        self._hook_api.detach(self._ctx.ctx)
-        try:
-            yield
-        finally:
-            self._hook_api.attach(self._ctx.ctx, self._engine.hook_address)
 
     def close(self) -> None:
         """Free the model, the context and the engine, and give the memory back to the system."""
         self._sampler = None  # freed before the model its grammar may point into
         super().close()  # (the hook detached first)
         self._engine = None
+        self._closed = True
         release_free_heap()
 
     def __getstate__(self) -> dict[str, Any]:

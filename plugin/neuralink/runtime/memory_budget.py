@@ -86,6 +86,21 @@ def tight_cgroup_limit(engine: _engine.Engine, automatic: tuple[int, str, bool] 
     return _engine.tight_cgroup_limit(engine, *automatic, process_before, threads, n_ubatch, asked)
 
 
+def llama_fits_whole(model_path: str | os.PathLike[str], llama_kwargs: dict, process_before: int) -> tuple[bool, str]:
+    """Whether stock llama.cpp, running the model whole (its FFN weights mapped and read every token), fits what
+    this process may use without a budget (automatic_budget), by the engine's llama_whole_need for the context
+    llama_cpp.Llama's keyword arguments `llama_kwargs` ask for; and the two figures in words. False where what
+    the process may use cannot be read."""
+    automatic = automatic_budget()
+    if automatic is None:
+        return False, "what this process may use is unknown"
+    type_k, type_v = (int(llama_kwargs.get(k)) if llama_kwargs.get(k) is not None else _engine.KV_TYPE_F16
+                      for k in ("type_k", "type_v"))
+    need = _engine.llama_whole_need(os.fspath(model_path), process_before, int(llama_kwargs.get("n_ctx", 512)),
+                                    type_k, type_v, all_logits=bool(llama_kwargs.get("logits_all")))
+    return need <= automatic[0], f"{need / 2**20:.0f} MiB of {automatic[0] / 2**20:.0f} MiB ({automatic[1]})"
+
+
 def _context_asked(engine: _engine.Engine, llama_kwargs: dict) -> tuple[int, int, int, int]:
     """(n_ctx asked for, the context it gives, compute threads at the least, micro-batch) of llama_cpp.Llama's
     keyword arguments, as llama-cpp-python derives them (its defaults: n_ctx, n_batch and n_ubatch 512)."""

@@ -35,6 +35,7 @@ class NeuralinkOptions:
     queue_depth: int | None = None
     io_backend: str = "auto"
     direct_io: bool = True
+    ffn: str = "auto"
     # the server's n_batch is its settings' default (512), not the user's: neuralink.Llama's under a budget (64)
     default_n_batch: bool = False
     # the server's n_threads is its settings' default (half of the CPUs), not the user's: neuralink.Llama's

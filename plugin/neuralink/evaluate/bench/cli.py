@@ -77,7 +77,10 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--caps", nargs="+", default=list(DEFAULT_CAPS), help="memory caps (e.g. 120MB: MB is 10^6 bytes, MiB and M 2^20), 'none' for uncapped")
     parser.add_argument("--variants", nargs="+", choices=["stock", *NEURALINK_VARIANTS, *RUNNER_VARIANTS],
                         default=["stock", "neuralink"],
-                        help="what runs in each cap (default: stock neuralink); neuralink-adaptive: neuralink with "
+                        help="what runs in each cap (default: stock neuralink); neuralink: neuralink.Llama's "
+                             "defaults (ffn='auto': llama.cpp's own FFN where the whole model fits the memory there "
+                             "is, as uncapped; so do neuralink-generate and neuralink-nodraft); neuralink-engine: the "
+                             "engine always (ffn='engine', as every other variant below); neuralink-adaptive: neuralink with "
                              "adaptive_collapse=True; neuralink-pinned, neuralink-stream: neuralink with that "
                              "cache_policy instead of auto's choice; neuralink-columns: neuralink with "
                              "down_rows=False (the sidecar's down columns where the store is held whole); "
@@ -86,7 +89,8 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
                              "prompt lookup drafts neuralink.Llama decides on; neuralink-nodraft: the same without "
                              "drafts; neuralink-draft: with drafts of --draft-tokens always; runner: the native "
                              "runner neuralink-run (--runner) with its defaults, one process per prompt; "
-                             "runner-nodraft: the same with --prompt-lookup 0; runner-stock: stock llama.cpp in the same "
+                             "runner-nodraft: the same with --prompt-lookup 0; runner-engine: runner-nodraft with "
+                             "--ffn engine (the engine even where the model fits whole); runner-stock: stock llama.cpp in the same "
                              "binary (--stock-ffn on --stock-model), the runner variants' baseline; to compare them "
                              "side by side")
     parser.add_argument("--prompts-from", type=Path, default=SHARED_TEXT,
@@ -311,6 +315,10 @@ def configure_agreement_parser(parser: argparse.ArgumentParser) -> None:
                              "(as `neuralink perplexity --sweep` does), against the same stock pass")
     parser.add_argument("--calibration", type=Path, nargs="+", default=None, metavar="TEXT",
                         help="calibration text for --densities (the conversion's)")
+    parser.add_argument("--ffn", choices=("engine", "llama", "auto"), default="engine",
+                        help="who computes neuralink's FFNs (neuralink.Llama's ffn=): its engine, llama.cpp on the "
+                             "converted file, or auto, llama.cpp where the whole model fits the memory there is "
+                             "(default: engine, the engine's text)")
     parser.add_argument("--vec-dot", action="store_true",
                         help="run llama.cpp's matmuls on vec_dot on both sides, as the engine does (no tiled "
                              "K-quant GEMM, no repacked weights): separates the engine's arithmetic from "
@@ -330,7 +338,7 @@ def agreement_main(args: argparse.Namespace) -> int:
     if recorded is not None and file_sha256(args.original) != recorded:
         raise ModelFileError(f"{args.original}: is not the model {args.converted} was converted from "
                              f"(sha256 {recorded[:12]}… recorded there)")
-    base: dict = {"cache_bytes": args.cache_bytes}
+    base: dict = {"cache_bytes": args.cache_bytes, "ffn": args.ffn}
     if args.predictor:
         base["predictor"] = args.predictor
     variants = {"default": base}

@@ -243,6 +243,10 @@ def format_table(results: list[RunResult]) -> str:
         if trials:
             kept = sum(bool(t["rows_kept"]) for t in trials)
             notes = "; ".join(filter(None, [notes, f"down rows kept in {kept} of {len(trials)} runs"]))
+        by_llama = sum(r.get("cache_policy") == "llama.cpp" for r in (nl.runs if nl else []))
+        if by_llama:
+            notes = "; ".join(filter(None, [notes, f"FFN by llama.cpp (the model fits in memory) in {by_llama} of "
+                                                   f"{len(nl.runs)} runs"]))
         stall = nl.median("stall_s_per_token") if nl else None
         read_mib = nl.median("bytes_per_token") if nl else None
         lines.append(

@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 # what `bench e2e --variants` runs besides stock: neuralink.Llama with its defaults, or with one setting forced
-NEURALINK_VARIANTS = ("neuralink", "neuralink-adaptive", "neuralink-pinned", "neuralink-stream", "neuralink-columns",
-                      "neuralink-generate", "neuralink-nodraft", "neuralink-draft")
+NEURALINK_VARIANTS = ("neuralink", "neuralink-engine", "neuralink-adaptive", "neuralink-pinned", "neuralink-stream",
+                      "neuralink-columns", "neuralink-generate", "neuralink-nodraft", "neuralink-draft")
+# what users get (ffn='auto': llama.cpp's own FFN where the whole model fits the memory there is); every other
+# variant forces the engine
+AUTO_FFN_VARIANTS = ("neuralink", "neuralink-generate", "neuralink-nodraft")
 VARIANT_CACHE_POLICY = {"neuralink-pinned": "pinned", "neuralink-stream": "stream"}
 # decoding through generate(): as users' completions do (drafts where neuralink.Llama decides), none, or always
 GENERATE_VARIANTS = ("neuralink-generate", "neuralink-nodraft", "neuralink-draft")
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
                               cache_policy=VARIANT_CACHE_POLICY.get(args.variant, args.cache_policy),
                               adaptive_collapse=args.variant == "neuralink-adaptive",
                               down_rows=args.variant != "neuralink-columns", **overrides, **context,
-                              **_draft(args))
+                              **_draft(args), ffn="auto" if args.variant in AUTO_FFN_VARIANTS else "engine")
     load_s = time.perf_counter() - start
     prompts = json.loads(Path(args.prompts).read_text())
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
@@ -163,7 +166,11 @@ def run(args: argparse.Namespace) -> dict:
     }
     if ttft is not None:
         result["ttft_s"], result["ttft_tokens"] = ttft
-    if args.variant != "stock":
+    if args.variant != "stock" and llm.ffn == "llama":
+        result.update(reads_per_token=0.0, bytes_per_token=0.0, active_bytes_per_token=0.0, io_s_per_token=0.0,
+                      stall_s_per_token=0.0, cache_hit_rate=0.0, density=1.0, memory_plan=None, collapse_gap_bytes=0,
+                      cache_policy="llama.cpp", down_trial={})  # llama.cpp's own FFN: the model fits in memory
+    elif args.variant != "stock":
         import numpy as np
 
         stats = llm.ffn_stats()
