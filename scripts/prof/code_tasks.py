@@ -154,7 +154,8 @@ def main() -> None:
         sys.exit(f"SET={task_set}: expected code or facts")
     tasks = FACTS if task_set == "facts" else TASKS
     names = [t[0] if task_set == "facts" else t[0].split("(")[0][4:] for t in tasks]
-    settings = {"default": {}, "dense": {"predictor": "dense"}}
+    # the engine's default setting (ffn='auto' would leave an uncapped model's FFNs to llama.cpp: "auto" below)
+    settings = {"default": {"ffn": "engine"}, "dense": {"predictor": "dense"}, "auto": {}}
     settings.update((a.split("=", 1)[0], json.loads(a.split("=", 1)[1])) for a in sys.argv[3:])
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         reference = pool.apply(passed_by, (original, None, task_set))

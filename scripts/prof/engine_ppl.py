@@ -21,7 +21,7 @@ stock.close()
 print(f"stock {np.exp(ref.mean()):.4f} ({time.time() - t0:.0f} s)", flush=True)
 for model in models:
     for predictor in ("dense", None):
-        kw = {} if predictor is None else {"predictor": predictor}
+        kw = {"ffn": "engine"} if predictor is None else {"predictor": predictor}
         if os.environ.get("DOWN_ROWS") == "0":
             kw["down_rows"] = False
         llm = neuralink.Llama(model, n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2, **kw)

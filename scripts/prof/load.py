@@ -6,7 +6,7 @@ import neuralink
 from neuralink import _engine
 _engine.evict_from_page_cache(model); _engine.evict_from_page_cache(model.replace(".gguf", ".sidecar"))
 t0 = time.perf_counter()
-llm = neuralink.Llama(model, n_ctx=512, n_threads=2, verbose=False, preload=preload)
+llm = neuralink.Llama(model, n_ctx=512, n_threads=2, verbose=False, preload=preload, ffn="engine")
 print("load", time.perf_counter() - t0, "holds", llm.engine.cache_holds_store)
 toks = llm.tokenize(b"def binary_search(items, target):\n")
 t0 = time.perf_counter(); llm.eval(toks); print("prompt", time.perf_counter() - t0)

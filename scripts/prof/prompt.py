@@ -2,7 +2,7 @@
 import sys, time, os
 which, model = sys.argv[1], sys.argv[2]
 reps = int(os.environ.get("REPS", "3"))
-kw = dict(n_ctx=512, n_batch=int(os.environ.get("NB","64")), n_ubatch=int(os.environ.get("NB","64")), n_threads=2, verbose=False)
+kw = dict(ffn=os.environ.get("FFN", "engine"), n_ctx=512, n_batch=int(os.environ.get("NB","64")), n_ubatch=int(os.environ.get("NB","64")), n_threads=2, verbose=False)
 if which == "stock":
     import llama_cpp
     llm = llama_cpp.Llama(model, **kw)

@@ -24,7 +24,7 @@ def main() -> None:
         llm = llama_cpp.Llama(model, n_ctx=512, n_threads=2, verbose=False)
     else:
         import neuralink
-        llm = neuralink.Llama(model, n_ctx=512, n_threads=2, verbose=False)
+        llm = neuralink.Llama(model, n_ctx=512, n_threads=2, verbose=False, ffn="engine")
     seen = []
     for seed in range(completions):
         llm("Once upon a time", max_tokens=max_tokens, temperature=0.8, seed=seed)

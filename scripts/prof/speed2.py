@@ -1,7 +1,7 @@
 """warm uncapped decode with the gate predictor at one sidecar's thresholds, for two sidecars of one placement"""
 import sys, time, os, numpy as np, neuralink
 ref, models = sys.argv[1], sys.argv[2:]
-r = neuralink.Llama(ref, n_ctx=512, n_threads=2, verbose=False)
+r = neuralink.Llama(ref, n_ctx=512, n_threads=2, verbose=False, ffn="engine")
 th, cth = list(r.engine.thresholds), list(r.engine.candidate_thresholds)
 r.close()
 prompt = "def binary_search(items, target):\n    \"\"\"Return the index of target in the sorted list items.\"\"\"\n"

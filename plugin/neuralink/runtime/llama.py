@@ -175,9 +175,9 @@ class Llama(FfnChoice, PromptLookupDrafts, FfnReporting, MemoryPlanning, Sampler
     budget, at the densities the sidecar records); a sidecar without a
     validated setting runs ``"dense"``, every neuron, and says so in the log.
 
-    The model is loaded with its FFN weights mapped lazily (never prefetched,
-    repacked or read by llama.cpp), the engine is attached to the context for
-    its whole life and detached on ``close()``.
+    With the engine, the model is loaded with its FFN weights mapped lazily (never
+    prefetched, repacked or read by llama.cpp), the engine attached to the context
+    for its whole life and detached on ``close()``.
 
     Raises HookUnavailableError when llama-cpp-python is not the patched
     build, ModelFileError for unreadable or mismatched files and
