@@ -64,7 +64,6 @@ logger = logging.getLogger(__name__)
 # n_batch under an explicit memory budget unless given (see the memory_budget argument)
 BUDGET_N_BATCH = _engine.BUDGET_N_BATCH
 
-
 _NOT_OFFERED = (
     "llama.cpp did not offer its FFN to the hook (a form neuralink does not serve: "
     "fused gate/up, per-tensor scales, clamped SwiGLU, a LoRA adapter on the FFN, or no build_ffn call)"
