@@ -94,8 +94,7 @@ def llama_fits_whole(model_path: str | os.PathLike[str], llama_kwargs: dict, pro
     automatic = automatic_budget()
     if automatic is None:
         return False, "what this process may use is unknown"
-    type_k, type_v = (int(llama_kwargs.get(k)) if llama_kwargs.get(k) is not None else _engine.KV_TYPE_F16
-                      for k in ("type_k", "type_v"))
+    type_k, type_v = _kv_types(llama_kwargs)
     need = _engine.llama_whole_need(os.fspath(model_path), process_before, int(llama_kwargs.get("n_ctx", 512)),
                                     type_k, type_v, all_logits=bool(llama_kwargs.get("logits_all")))
     return need <= automatic[0], f"{need / 2**20:.0f} MiB of {automatic[0] / 2**20:.0f} MiB ({automatic[1]})"
@@ -109,6 +108,14 @@ def _context_asked(engine: _engine.Engine, llama_kwargs: dict) -> tuple[int, int
     n_ubatch = max(1, min(tokens or 1, int(llama_kwargs.get("n_batch", 512)), int(llama_kwargs.get("n_ubatch", 512))))
     threads = max(1, int(llama_kwargs["n_threads"]), int(llama_kwargs.get("n_threads_batch") or 0))
     return asked, tokens, threads, n_ubatch
+
+
+def _kv_types(llama_kwargs: dict) -> tuple[int, int]:
+    """The ggml types of the KV cache's K and V that llama_cpp.Llama's keyword arguments ask for (f16 unless
+    type_k or type_v says)."""
+    type_k, type_v = (int(llama_kwargs[k]) if llama_kwargs.get(k) is not None else _engine.KV_TYPE_F16
+                      for k in ("type_k", "type_v"))
+    return type_k, type_v
 
 
 def memory_budget_bytes(value: str | int | float) -> int:
@@ -187,8 +194,7 @@ def refuse_before_load(engine: _engine.Engine, budget: int, process_before: int,
     a KV cache that cannot fit is refused here, where under a cgroup's limit the kernel would kill the load.
     `process_before`: what the process held before the engine was opened; `limit`: as check_memory_plan's."""
     asked, tokens, threads, n_ubatch = _context_asked(engine, llama_kwargs)
-    type_k, type_v = (int(llama_kwargs.get(k)) if llama_kwargs.get(k) is not None else _engine.KV_TYPE_F16
-                      for k in ("type_k", "type_v"))
+    type_k, type_v = _kv_types(llama_kwargs)
     unmapped = not llama_kwargs.get("use_mmap", True) or bool(llama_kwargs.get("lora_path"))
     # llama-cpp-python's copy of every position's logits, which the loaded plan counts in the process too
     all_logits = tokens * _engine.vocab_size(engine) * 4 if llama_kwargs.get("logits_all") else 0
