@@ -192,3 +192,18 @@ def test_the_server_keeps_every_positions_logits_only_when_asked() -> None:
     assert parse_model_from_args(ModelSettings, parser.parse_args(["--model", "m.gguf"])).logits_all is False
     asked = parser.parse_args(["--model", "m.gguf", "--logits_all", "true"])
     assert parse_model_from_args(ModelSettings, asked).logits_all is True
+
+
+@pytest.mark.parametrize("ffn", ["auto", "engine"])
+def test_without_a_budget_a_model_that_fits_is_served_by_llama_cpps_ffn_unless_the_engine_is_asked_for(
+        converted: tuple[Path, Path], tmp_path: Path, ffn: str) -> None:
+    # neuralink.Llama's ffn='auto' (tests/test_llama_ffn.py): the whole file fits this machine's memory
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "neuralink", "serve", str(converted[0]), "--n_ctx", str(N_CTX), "--ffn", ffn]
+    with running(command, log) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
+        assert client.completions.create(model="m", prompt=PROMPT, max_tokens=4, **SAME).choices[0].text is not None
+        text = log.read_text()
+    # the server is verbose: each completion ends with who computed its FFNs, and the engine's reads
+    assert ("neuralink FFN: computed by llama.cpp itself" in text) == (ffn == "auto"), text[-3000:]
+    assert ("neuralink FFN: " in text and "computed by llama.cpp" not in text) == (ffn == "engine"), text[-3000:]

@@ -70,10 +70,11 @@ class FfnReporting:
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
         """``llama_cpp.Llama.create_completion``; with ``verbose=True`` and a sidecar, it also prints the
-        FFN statistics of the completion (``ffn_summary``) to stderr when it is done (after the last chunk
-        when streaming). ``__call__`` and ``create_chat_completion`` go through here."""
+        FFN statistics of the completion (``ffn_summary``; where llama.cpp computes the FFNs, that it does) to
+        stderr when it is done (after the last chunk when streaming). ``__call__`` and ``create_chat_completion`` go through here."""
         result = super().create_completion(*args, **kwargs)
-        if not self.verbose or self._engine is None or not self._engine.sparse:
+        # (the sparse engine's work, or that llama.cpp computes the FFNs: a server's log says which)
+        if not self.verbose or not (self.ffn == "llama" or self._engine is not None and self._engine.sparse):
             return result
         if isinstance(result, Iterator):
             return self._report_when_done(result)
