@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 from neuralink import ModelFileError
 from neuralink.cli import main as cli_main
-from neuralink.evaluate.perplexity import paired_nll_difference, perplexity, scoring_windows
+from neuralink.evaluate.perplexity import (
+    TopTokens,
+    divergence,
+    paired_nll_difference,
+    perplexity,
+    row_log_total,
+    scoring_windows,
+    top_tokens,
+)
 
 from conftest import ModelFactory, corpus
 
@@ -128,6 +136,77 @@ def test_paired_difference_of_a_model_with_itself_is_zero(synthetic_model: Model
         paired_nll_difference(a, perplexity(path, TEXT, n_ctx=128, max_tokens=50))
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    peak = x.max(1, keepdims=True)
+    return x - peak - np.log(np.exp(x - peak).sum(1, keepdims=True))
+
+
+def test_divergence_is_the_kl_over_the_top_tokens_with_the_rest_as_one() -> None:
+    rng = np.random.default_rng(5)
+    ref_logits = (rng.normal(0, 3, (40, 60)) + 50).astype(np.float32)
+    other = (ref_logits + rng.normal(0, 0.5, ref_logits.shape)).astype(np.float32)
+    targets = rng.integers(0, 60, 40)
+    lp, lq = _log_softmax(ref_logits), _log_softmax(other)
+    full = (np.exp(lp) * (lp - lq)).sum(1)
+
+    def compare(k: int) -> tuple[TopTokens, np.ndarray, np.ndarray]:
+        ref_total = row_log_total(ref_logits, targets, -lp[np.arange(40), targets])
+        top = top_tokens(ref_logits, ref_total, k)
+        d = divergence(other, row_log_total(other, targets, -lq[np.arange(40), targets]), top)
+        return top, d.kld, d.same_top
+
+    top, kld, same = compare(60)  # the whole vocabulary: the exact divergence
+    np.testing.assert_allclose(kld, full, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(top.tokens[:, 0], ref_logits.argmax(1))
+    assert (np.diff(top.logprobs, axis=1) <= 0).all()  # most likely first
+    np.testing.assert_array_equal(same, ref_logits.argmax(1) == other.argmax(1))
+    assert 0 < same.mean() < 1
+
+    top, kld, _ = compare(5)  # five tokens and the rest: the divergence of the coarsened distributions
+    keep = np.argsort(-lp, axis=1)[:, :5]
+    p, q = np.exp(np.take_along_axis(lp, keep, 1)), np.exp(np.take_along_axis(lq, keep, 1))
+    p_rest, q_rest = 1 - p.sum(1), 1 - q.sum(1)
+    coarse = (p * np.log(p / q)).sum(1) + p_rest * np.log(p_rest / q_rest)
+    np.testing.assert_allclose(kld, coarse, rtol=1e-6, atol=1e-9)
+    assert (kld <= full + 1e-9).all() and (kld >= 0).all()
+
+    ref_total = row_log_total(ref_logits, targets, -lp[np.arange(40), targets])
+    same_model = divergence(ref_logits, ref_total, top_tokens(ref_logits, ref_total, 5))
+    np.testing.assert_allclose(same_model.kld, 0.0, atol=1e-12)
+    assert same_model.same_top.all()
+
+
+def test_models_are_compared_with_the_reference_token_by_token(synthetic_model: ModelFactory) -> None:
+    """A re-encoded model's divergence from the original equals a direct full-vocabulary computation."""
+    exact, coarse = synthetic_model("llama", "f32"), synthetic_model("llama", "q4_0")
+    ref = perplexity(exact, TEXT, n_ctx=512, stride=512, keep_top=100_000)  # more than the vocabulary: all of it
+    assert ref.top is not None and ref.divergence is None
+    result = perplexity(coarse, TEXT, n_ctx=512, stride=512, reference=ref)
+    assert result.divergence is not None and result.top is None
+
+    def log_probs(path: Path) -> np.ndarray:
+        llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=512, logits_all=True, verbose=False)
+        try:
+            tokens = llm.tokenize(TEXT.encode(), add_bos=True)
+            llm.eval(tokens)
+            return _log_softmax(np.asarray(llm.scores[: len(tokens) - 1]))
+        finally:
+            llm.close()
+
+    lp, lq = log_probs(exact), log_probs(coarse)
+    np.testing.assert_allclose(result.divergence.kld, (np.exp(lp) * (lp - lq)).sum(1), rtol=1e-3, atol=1e-6)
+    assert result.divergence.mean_kld > 1e-4  # q4_0 moved the predictions
+    np.testing.assert_array_equal(result.divergence.same_top, lp.argmax(1) == lq.argmax(1))
+
+    itself = perplexity(exact, TEXT, n_ctx=512, stride=512, reference=ref)
+    assert itself.divergence is not None and itself.divergence.mean_kld < 1e-9
+    assert itself.divergence.top_agreement == 1.0
+    # other tokens or other windows: nothing to compare token by token
+    assert perplexity(coarse, TEXT, n_ctx=512, stride=512, max_tokens=50, reference=ref).divergence is None
+    assert perplexity(coarse, TEXT, n_ctx=128, reference=ref).divergence is None
+
+
 def test_errors_name_the_problem(synthetic_model: ModelFactory, tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match="absent.gguf: no such model file"):
         perplexity(tmp_path / "absent.gguf", TEXT)
@@ -147,6 +226,7 @@ def test_cli_prints_a_comparison_table(
     assert code == 0
     rows = [line for line in out.splitlines() if line.startswith(str(model)[:20]) or "..." in line]
     assert len(rows) == 2 and "+0.000%" in rows[1]
+    assert "KLD +- s.e." in out and "0.00000 +- 0.00000     1.0000" in rows[1]  # a model against itself
 
     code = cli_main(["perplexity", "--model", str(model), "--text", str(tmp_path / "absent.txt")])
     assert code == 1 and "absent.txt: cannot read the text" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from neuralink.evaluate.density_sweep import (
     plot_sweep,
 )
 from neuralink.evaluate.perplexity import (
+    REFERENCE_TOP,
     PerplexityResult,
     paired_nll_difference,
     perplexity,
@@ -34,7 +35,8 @@ from neuralink.runtime.sidecar_lookup import find_sidecar
 def print_table(results: Sequence[PerplexityResult]) -> None:
     """Results side by side, each compared with the first on the same tokens (the CLI's output)."""
     base = results[0]
-    print(f"{'model':<44} {'tokens':>6} {'NLL':>8} {'PPL':>9} {'PPL vs first':>12} {'dNLL +- s.e.':>18} {'s':>6}")
+    print(f"{'model':<44} {'tokens':>6} {'NLL':>8} {'PPL':>9} {'PPL vs first':>12} {'dNLL +- s.e.':>18} "
+          f"{'KLD +- s.e.':>18} {'top-1 same':>10} {'s':>6}")
     for r in results:
         name = r.model if len(r.model) <= 44 else "..." + r.model[-41:]
         change = f"{100 * (r.perplexity / base.perplexity - 1):+.3f}%"
@@ -43,9 +45,18 @@ def print_table(results: Sequence[PerplexityResult]) -> None:
             paired = f"{mean:+.5f} +- {error:.5f}"
         except ValueError:
             paired = "(other tokens)"
+        if r is base:
+            kld, top = "", ""
+        elif r.divergence is None:
+            kld, top = "(other tokens)", ""
+        else:
+            kld = f"{r.divergence.mean_kld:.5f} +- {r.divergence.kld_standard_error:.5f}"
+            top = f"{r.divergence.top_agreement:.4f}"
         print(f"{name:<44} {r.n_scored:>6} {r.nll:>8.5f} {r.perplexity:>9.4f} {change:>12} {paired:>18} "
-              f"{r.seconds:>6.1f}")
-    print(f"(n_ctx {base.n_ctx}, stride {base.stride}, {base.n_windows} windows)")
+              f"{kld:>18} {top:>10} {r.seconds:>6.1f}")
+    print(f"(n_ctx {base.n_ctx}, stride {base.stride}, {base.n_windows} windows; KLD: KL divergence from the "
+          f"first model's next-token distribution, its {REFERENCE_TOP} most likely tokens and the rest as one, "
+          "in nats per token; top-1 same: the fraction of tokens where both rank the same next token first)")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +113,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"scoring {model} ...", file=sys.stderr)
         try:
             results.append(perplexity(model, text, n_ctx=args.n_ctx, stride=args.stride,
-                                      max_tokens=args.max_tokens, n_threads=args.n_threads))
+                                      max_tokens=args.max_tokens, n_threads=args.n_threads,
+                                      keep_top=REFERENCE_TOP if not results and len(args.model) > 1 else 0,
+                                      reference=results[0] if results else None))
         except ModelFileError:
             raise  # names the model already
         except ValueError as e:  # bad window settings or too short a text
