@@ -43,6 +43,8 @@ def test_conversion_writes_the_split_layout_and_measures_the_given_density(contr
         assert q["validated"] == (q["perplexity_change"] <= q["budget"])
         assert header.default_predictor == ("gate" if q["validated"] else "dense")
         assert 0 < q["down_density"] < q["up_density"] <= 1.0
+        # how far the measured setting moved the predictions from every neuron's, recorded with it
+        assert q["kld"] > 0 and 0 < q["same_top"] <= 1 and q["measured"][-1]["kld"] == q["kld"]
         for il in range(header.n_layer):
             opened.verify_records(il)
 
@@ -226,6 +228,12 @@ def test_sweep_varies_both_thresholds_of_a_contribution_sidecar(contribution_pai
     # up rows are read for the candidates, down columns for fewer: the finals
     assert rows[0.2].active_fraction < rows[0.5].active_fraction < rows[1.0].active_fraction
     assert rows[0.2].active_fraction < rows[0.2].predicted_fraction < 1.0
+    # the predictions against stock's: the engine reading every bundle and density 1 (stock's own pass) do not
+    # move them, sparser settings do, more the sparser
+    dense_row = next(r for r in sweep.rows if r.label == "engine dense")
+    assert dense_row.result.divergence is not None and dense_row.result.divergence.mean_kld < 1e-3
+    assert rows[1.0].result.divergence.mean_kld == 0.0 and rows[1.0].result.divergence.top_agreement == 1.0
+    assert 0 < rows[0.5].result.divergence.mean_kld < rows[0.2].result.divergence.mean_kld
 
 
 def test_the_search_scores_what_the_engine_computes(contribution_pair) -> None:
@@ -259,6 +267,15 @@ def test_the_search_scores_what_the_engine_computes(contribution_pair) -> None:
         change_fast, change_engine = nll_fast - fast.nll(dense)[0], nll_engine - engine.nll(dense)[0]
         assert change_engine > 0.002 and abs(change_fast - change_engine) < 0.25 * change_engine
         assert abs(nll_fast - nll_engine) < 1e-4 * nll_engine
+        # the predictions' divergence from every neuron's, as the search records it: none for every neuron
+        # itself, some for the thresholded model
+        fast.token_nll(dense, keep_top=8)
+        reference = fast.top
+        assert reference is not None and reference.tokens.shape == (stock.size, 8)
+        _, itself = fast.token_nll(dense, reference=reference)
+        assert itself["kld"] < 1e-9 and itself["same_top"] == 1.0
+        _, moved = fast.token_nll(setting, reference=reference)
+        assert moved["kld"] > 1e-4 and 0.0 < moved["same_top"] <= 1.0
     finally:
         fast.close()
         engine.close()

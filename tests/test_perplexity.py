@@ -12,15 +12,8 @@ from hypothesis import strategies as st
 
 from neuralink import ModelFileError
 from neuralink.cli import main as cli_main
-from neuralink.evaluate.perplexity import (
-    TopTokens,
-    divergence,
-    paired_nll_difference,
-    perplexity,
-    row_log_total,
-    scoring_windows,
-    top_tokens,
-)
+from neuralink.evaluate.perplexity import paired_nll_difference, perplexity
+from neuralink.runtime.scoring import TopTokens, divergence, row_log_total, scoring_windows, top_tokens
 
 from conftest import ModelFactory, corpus
 

@@ -141,10 +141,10 @@ def test_the_sparsest_density_within_the_budget_is_reported() -> None:
     assert fake_sweep(0.05).sparsest_within_budget("lowrank") is None
     assert fake_sweep(0.10).sparsest_within_budget("lowrank").density == 0.5
     text = format_sweep(fake_sweep(0.05))
-    assert "| setting | target density | active fraction | predicted fraction | PPL | Δ% vs stock | within +5 % |" \
-        in text
-    assert "| gate | 0.3 | 0.300 | 0.300 | 10.4500 | +4.50% | yes |" in text
-    assert "| gate | 0.2 | 0.200 | 0.200 | 10.6000 | +6.00% | no |" in text
+    assert "| setting | target density | active fraction | predicted fraction | PPL | Δ% vs stock | within +5 % " \
+        "| KLD vs stock | top-1 same |" in text
+    assert "| gate | 0.3 | 0.300 | 0.300 | 10.4500 | +4.50% | yes |  |  |" in text  # nothing compared: blank
+    assert "| gate | 0.2 | 0.200 | 0.200 | 10.6000 | +6.00% | no |  |  |" in text
     assert "  gate     0.3 (measured active fraction 0.300, PPL 10.4500, +4.50%)" in text
     assert "  lowrank  none of the densities tried" in text
 
@@ -166,6 +166,11 @@ def test_cli_sweep_prints_the_table_and_draws_the_curve(
     assert set(rows) == {("setting", "target density"), ("stock llama.cpp", ""), ("engine dense", ""),
                          ("gate", "1"), ("gate", "0.3"), ("lowrank", "1"), ("lowrank", "0.3")}
     ppl = {key: float(cells[5]) for key, cells in rows.items() if key[0] != "setting"}
+    kld = {key: float(cells[8]) for key, cells in rows.items() if key[0] not in ("setting", "stock llama.cpp")}
+    same = {key: float(cells[9]) for key, cells in rows.items() if key[0] not in ("setting", "stock llama.cpp")}
+    # every row's predictions against stock's: every neuron barely moves them, density 0.3 moves them more
+    assert kld[("engine dense", "")] < 1e-4 and same[("engine dense", "")] == 1.0
+    assert kld[("gate", "0.3")] > 10 * max(kld[("gate", "1")], 1e-5) and same[("gate", "0.3")] <= 1.0
     active = {key: float(cells[3]) for key, cells in rows.items() if key[0] != "setting"}
     # f32 model: the engine reading every bundle is llama.cpp's model, and gate at density 1 is dense
     assert ppl[("engine dense", "")] == pytest.approx(ppl[("stock llama.cpp", "")], rel=1e-4)

@@ -43,10 +43,13 @@ class NoisyBelowHalf:
         self.reference = np.random.default_rng(2).uniform(0.5, 3.0, TOKENS)
         self.scatter = np.random.default_rng(3).normal(0.0, 0.25, TOKENS)
 
-    def token_nll(self, setting: Setting) -> tuple[np.ndarray, dict[str, float]]:
+    top = None
+
+    def token_nll(self, setting: Setting, **_divergence: object) -> tuple[np.ndarray, dict[str, float]]:
         level = min(setting.finals)
         nll = self.reference + (0.003 + self.scatter - self.scatter.mean() if level < 0.5 else 0.0)
-        return nll, {"up_density": min(1.0, level + 0.3), "down_density": level}
+        return nll, {"up_density": min(1.0, level + 0.3), "down_density": level, "kld": 1.0 - level,
+                     "same_top": level}
 
     def nll(self, setting: Setting) -> tuple[float, dict[str, float]]:
         nll, densities = self.token_nll(setting)
@@ -57,6 +60,7 @@ def test_a_level_within_the_budget_by_its_mean_alone_is_not_chosen() -> None:
     setting, record = search(NoisyBelowHalf(), Selection(), 3, budget=0.01, allocation="uniform")
     assert record["chosen"] == "level 0.5" and setting.finals == (0.5, 0.5, 0.5) and record["validated"]
     assert record["predictor"] == "gate" and record["upper_bound"] == 0.0 and record["confidence"] == 0.9
+    assert (record["kld"], record["same_top"]) == (0.5, 0.5)  # the chosen level's, as measured
     sparser = [m for m in record["measured"] if float(m["label"].split()[1]) < 0.5]
     assert sparser, record["measured"]
     for m in sparser:  # what the point estimate alone would have taken

@@ -26,7 +26,13 @@ import numpy as np
 from neuralink.command import Command, fraction_argument, non_negative_int, positive_float, positive_int
 from neuralink.convert.pipeline import convert_from_text
 from neuralink.convert.plan import check_writable, plan_conversion
-from neuralink.convert.quality import ALLOCATIONS, DEFAULT_BUDGET, DEFAULT_HELDOUT_TOKENS, bound_text
+from neuralink.convert.quality import (
+    ALLOCATIONS,
+    DEFAULT_BUDGET,
+    DEFAULT_HELDOUT_TOKENS,
+    bound_text,
+    divergence_text,
+)
 from neuralink.convert.writer import ConversionResult, run_conversion
 from neuralink.errors import OptionError
 from neuralink.formats.bundle_layout import BUNDLE_LAYOUTS, BUNDLE_PARTS
@@ -67,9 +73,9 @@ def print_summary(result: ConversionResult) -> None:
     q = result.quality
     if "perplexity_change" in q:
         print(f"\nquality check on {q.get('heldout_tokens', '?')} held-out tokens: {q.get('chosen')} -> perplexity "
-              f"{100 * q['perplexity_change']:+.2f} %{bound_text(q)} (budget {100 * q.get('budget', 0):.1f} %), "
-              f"up rows read {q.get('up_density', 1.0):.3f}, down columns {q.get('down_density', 1.0):.3f} of "
-              "(token, neuron) pairs")
+              f"{100 * q['perplexity_change']:+.2f} %{bound_text(q)} (budget {100 * q.get('budget', 0):.1f} %)"
+              f"{divergence_text(q)}, up rows read {q.get('up_density', 1.0):.3f}, down columns "
+              f"{q.get('down_density', 1.0):.3f} of (token, neuron) pairs")
         if "lowrank" in q:
             lr = q["lowrank"]
             print(f"low-rank predictor (rank {lr['rank']}, {lr['resident_bytes'] / 2**20:.1f} MiB resident, no gate row): "

@@ -51,7 +51,16 @@ from neuralink import _engine
 from neuralink.errors import OptionError
 from neuralink.formats.coactivation import SelectionStats
 from neuralink.profile.contribution import candidate_density
-from neuralink.runtime.scoring import scoring_windows, window_nll
+from neuralink.runtime.scoring import (
+    REFERENCE_TOP,
+    Divergence,
+    TopTokens,
+    divergence,
+    row_log_total,
+    scoring_windows,
+    top_tokens,
+    window_nll,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +156,21 @@ class ContributionScorer:
             self.reader.close()
             raise
         self.passes = 0
+        self.top: TopTokens | None = None  # the last pass's most likely next tokens, when it kept them
+        self.divergence: Divergence | None = None  # the last pass's, per token, when it was given a reference
 
-    def token_nll(self, setting: Setting | None, *, count_only: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+    def token_nll(self, setting: Setting | None, *, count_only: bool = False, keep_top: int = 0,
+                  reference: TopTokens | None = None) -> tuple[np.ndarray, dict[str, float]]:
         """The NLL of every scored token under `setting` (float64, text order), and the densities it ran at: up
         rows read (candidates) and down columns used (finals) per (token, neuron) pair, and `changed_pairs`, the
         pairs whose non-zero h it zeroed. None: stock llama.cpp, nothing zeroed (densities 1).
 
         `count_only`: stock llama.cpp's NLLs (nothing zeroed), with what `setting` would have read and changed,
         each layer judged on stock's inputs; where it would have changed no pair, they are its NLLs and densities
-        exactly (zeroing zeros changes no sum)."""
+        exactly (zeroing zeros changes no sum). `keep_top`: keep that many most likely next tokens per scored
+        token in `self.top` (a reference for later passes); with a `reference` kept so, the dict also holds
+        `kld`, the mean KL divergence from it (nats per token), and `same_top`, the fraction of tokens whose most
+        likely next token is the reference's (per token in `self.divergence`)."""
         gates: dict[int, np.ndarray] = {}
         counts = np.zeros(4)  # candidates, finals, changed, pairs
 
@@ -170,18 +185,38 @@ class ContributionScorer:
                 float(setting.thresholds[layer]), self.threads, apply=not count_only)
             counts[:] += (candidates, finals, changed, rows.size)
 
-        nlls = []
+        nlls: list[np.ndarray] = []
+        tops: list[TopTokens] = []
+        kld, same_top = [], []
+        scored = 0
         wanted = {"ffn_gate", self.h_tensor}.__contains__ if setting is not None else (lambda name: False)
         for w in self.windows:
             self.reader.evaluate(self.tokens[w.begin:w.end], wanted, consume, bos=False)
             # row r of the window's logits predicts token begin + r + 1
             logits = self.reader.logits(copy=False)[w.first_scored - 1 - w.begin:w.end - 1 - w.begin]
-            nlls.append(window_nll(logits, self.tokens[w.first_scored:w.end], self.threads))
+            targets = self.tokens[w.first_scored:w.end]
+            nll = window_nll(logits, targets, self.threads)
+            nlls.append(nll)
+            if keep_top or reference is not None:
+                log_total = row_log_total(logits, targets, nll)
+                if keep_top:
+                    tops.append(top_tokens(logits, log_total, keep_top))
+                if reference is not None:
+                    d = divergence(logits, log_total, TopTokens(reference.tokens[scored:scored + nll.size],
+                                                                reference.logprobs[scored:scored + nll.size]))
+                    kld.append(d.kld)
+                    same_top.append(d.same_top)
+            scored += nll.size
         self.passes += 1
+        if tops:
+            self.top = TopTokens(np.concatenate([t.tokens for t in tops]), np.concatenate([t.logprobs for t in tops]))
+        self.divergence = Divergence(np.concatenate(kld), np.concatenate(same_top)) if reference is not None else None
+        moved = {"kld": self.divergence.mean_kld, "same_top": self.divergence.top_agreement} \
+            if self.divergence is not None else {}
         if setting is None:
-            return np.concatenate(nlls), {"up_density": 1.0, "down_density": 1.0, "changed_pairs": 0}
+            return np.concatenate(nlls), {"up_density": 1.0, "down_density": 1.0, "changed_pairs": 0, **moved}
         return np.concatenate(nlls), {"up_density": counts[0] / counts[3], "down_density": counts[1] / counts[3],
-                                      "changed_pairs": int(counts[2])}
+                                      "changed_pairs": int(counts[2]), **moved}
 
     def nll(self, setting: Setting) -> tuple[float, dict[str, float]]:
         """Mean NLL under `setting`, and the densities it ran at (`token_nll`)."""
@@ -251,6 +286,15 @@ def bound_text(record: dict[str, Any]) -> str:
     return f", at most {100 * record['upper_bound']:+.2f} % at 90 %" if "upper_bound" in record else ""
 
 
+def divergence_text(record: dict[str, Any]) -> str:
+    """", KL divergence 0.0xxx nats a token from every neuron's predictions, the same top token at 0.9xx of
+    them" for a quality record that measured it (older sidecars did not: "")."""
+    if "kld" not in record:
+        return ""
+    return (f", KL divergence {record['kld']:.4f} nats a token from every neuron's predictions, the same top token "
+            f"at {record['same_top']:.3f} of them")
+
+
 def engine_n_ff(llm: Any) -> int:
     arch = llm.metadata["general.architecture"]
     return int(llm.metadata[f"{arch}.feed_forward_length"])
@@ -267,19 +311,22 @@ def search(scorer: ContributionScorer, selection: SelectionStats, n_layer: int, 
         raise OptionError(f"the perplexity budget must be positive, got {budget}")
     report = progress or (lambda stage, done, total: None)
     dense = setting_for(selection, [1.0] * n_layer)
-    reference_nlls, _ = scorer.token_nll(dense)
+    reference_nlls, _ = scorer.token_nll(dense, keep_top=REFERENCE_TOP)
+    reference_top = scorer.top
     reference = float(reference_nlls.mean())
     record: dict[str, Any] = {"budget": budget, "reference_nll": reference, "allocation": allocation,
                               "heldout_tokens": int(scorer.tokens.size), "confidence": CONFIDENCE, "measured": []}
 
     def measure(setting: Setting, label: str) -> float:
         """The upper end of the level's perplexity change bound, recorded with the change itself."""
-        nlls, densities = scorer.token_nll(setting)
+        nlls, densities = scorer.token_nll(setting, reference=reference_top)
         ratio, upper = perplexity_change(nlls, reference_nlls)
         record["measured"].append({"label": label, "perplexity_change": ratio, "upper_bound": upper,
-                                   "up_density": densities["up_density"], "down_density": densities["down_density"]})
-        log.info("quality search: %s: perplexity %+.2f %% (at most %+.2f %% at 90 %%; up rows %.3f, down columns "
-                 "%.3f)", label, 100 * ratio, 100 * upper, densities["up_density"], densities["down_density"])
+                                   "up_density": densities["up_density"], "down_density": densities["down_density"],
+                                   "kld": densities["kld"], "same_top": densities["same_top"]})
+        log.info("quality search: %s: perplexity %+.2f %% (at most %+.2f %% at 90 %%; KL divergence %.4f, same top "
+                 "token %.3f; up rows %.3f, down columns %.3f)", label, 100 * ratio, 100 * upper, densities["kld"],
+                 densities["same_top"], densities["up_density"], densities["down_density"])
         return upper
 
     if fixed_density is not None:
@@ -361,5 +408,8 @@ def _chosen(record: dict[str, Any], setting: Setting, budget: float, label: str)
         layer_densities=list(setting.finals),
         up_density=measured["up_density"] if measured else 1.0,
         down_density=measured["down_density"] if measured else 1.0,
+        # how far its next-token predictions moved from every neuron's (nats per token; 0 and 1 for every neuron)
+        kld=measured["kld"] if measured else 0.0,
+        same_top=measured["same_top"] if measured else 1.0,
     )
     return record

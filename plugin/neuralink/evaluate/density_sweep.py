@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from neuralink.evaluate.sweep_thresholds import (
 )
 from neuralink.formats.sidecar import Sidecar
 from neuralink.runtime.llama import Llama
+from neuralink.runtime.scoring import REFERENCE_TOP, Divergence
 from neuralink.runtime.sidecar_lookup import find_sidecar
 
 __all__ = ["DEFAULT_CALIBRATION_TOKENS", "DEFAULT_DENSITIES", "DensityThresholds", "SweepResult", "SweepRow",
@@ -200,6 +201,7 @@ def _score_settings(settings: list[tuple[str, str | None, DensityThresholds | No
                  and s.candidate_thresholds is not None and not s.thresholds.any()
                  and not s.candidate_thresholds.any()), None)
     shared: tuple[PerplexityResult, dict[str, float]] | None = None
+    reference_top = None
     for label, predictor, setting in settings:
         name = label if setting is None else f"{label} @ {setting.density:g}"
         stats: list[np.ndarray] = []
@@ -214,16 +216,26 @@ def _score_settings(settings: list[tuple[str, str | None, DensityThresholds | No
             # stock llama.cpp too: the same load, windows and tokens, nothing zeroed
             start = time.perf_counter()
             if setting is not None and setting is zero and shared is not None:
-                result, densities = shared
+                stock, densities = shared
+                # stock's own numbers: its predictions, so no divergence from them
+                result = replace(stock, top=None, divergence=Divergence(np.zeros(stock.n_scored),
+                                                                        np.ones(stock.n_scored, dtype=bool)))
                 log.info("%s: zeroes no non-zero activation of this text: stock's pass, counted", name)
             else:
                 counted = zero if setting is None else setting
                 chosen = None if counted is None else Setting(tuple([counted.density] * len(counted.thresholds)),
                                                               tuple(counted.thresholds.tolist()),
                                                               tuple(counted.candidate_thresholds.tolist()))
-                nlls, densities = fast.token_nll(chosen, count_only=setting is None)
+                # stock's pass keeps its most likely next tokens: every later row's divergence is from them
+                nlls, densities = fast.token_nll(chosen, count_only=setting is None,
+                                                 keep_top=REFERENCE_TOP if setting is None else 0,
+                                                 reference=None if setting is None else reference_top)
+                moved = fast.divergence if setting is not None else None
                 result = PerplexityResult(str(model_path), fast.n_ctx, fast.stride, len(fast.windows), nlls,
-                                          time.perf_counter() - start)
+                                          time.perf_counter() - start, tokens=fast.tokens,
+                                          top=fast.top if setting is None else None, divergence=moved)
+                if setting is None:
+                    reference_top = fast.top
                 if setting is None:
                     if chosen is not None and densities["changed_pairs"] == 0:
                         shared = (result, densities)
@@ -250,6 +262,7 @@ def _score_settings(settings: list[tuple[str, str | None, DensityThresholds | No
                     kwargs["predictor_thresholds"] = setting.predictor_thresholds.tolist()
         result = perplexity(model_path, text, llama_factory=factory, progress=report,
                             inspect=(lambda llm: stats.append(llm.ffn_stats())) if predictor else None,
+                            keep_top=REFERENCE_TOP if not rows else 0, reference=rows[0].result if rows else None,
                             **scoring, **kwargs)
         done += result.n_windows
         if predictor is None:
@@ -298,15 +311,18 @@ def format_sweep(sweep: SweepResult) -> str:
     ref = sweep.reference.result
     pct = 100 * sweep.budget
     lines = [
-        f"| setting | target density | active fraction | predicted fraction | PPL | Δ% vs stock | within +{pct:g} % |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | :---: |",
+        f"| setting | target density | active fraction | predicted fraction | PPL | Δ% vs stock | within +{pct:g} % "
+        "| KLD vs stock | top-1 same |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: | ---: |",
     ]
     for row in sweep.rows:
         density = "" if row.density is None else f"{row.density:g}"
         change = "" if row is sweep.reference else f"{100 * sweep.change(row):+.2f}%"
         within = "" if row is sweep.reference else ("yes" if sweep.within_budget(row) else "no")
+        moved = row.result.divergence
+        kld, top = ("", "") if moved is None else (f"{moved.mean_kld:.4f}", f"{moved.top_agreement:.3f}")
         lines.append(f"| {row.label} | {density} | {row.active_fraction:.3f} | {row.predicted_fraction:.3f} | "
-                     f"{row.result.perplexity:.4f} | {change} | {within} |")
+                     f"{row.result.perplexity:.4f} | {change} | {within} | {kld} | {top} |")
     lines.append("")
     lines.append(f"sparsest density (lowest target) whose perplexity is within +{pct:g} % of stock llama.cpp's "
                  f"({ref.perplexity:.4f} -> at most {ref.perplexity * (1 + sweep.budget):.4f}):")
@@ -318,7 +334,8 @@ def format_sweep(sweep: SweepResult) -> str:
             lines.append(f"  {predictor:<8} {best.density:g} (measured active fraction {best.active_fraction:.3f}, "
                          f"PPL {best.result.perplexity:.4f}, {100 * sweep.change(best):+.2f}%)")
     lines.append(f"(text: {ref.n_scored} tokens scored in {ref.n_windows} windows of {ref.n_ctx}, stride {ref.stride};"
-                 " active fraction: (token, neuron) pairs computed over all pairs, every layer)")
+                 " active fraction: (token, neuron) pairs computed over all pairs, every layer; KLD vs stock: KL "
+                 "divergence from stock's next-token distribution, nats per token, perplexity.md)")
     lines += [f"note: {n}" for n in sweep.notes]
     return "\n".join(lines)
 

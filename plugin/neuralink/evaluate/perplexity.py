@@ -40,43 +40,20 @@ import numpy as np
 
 from neuralink.errors import OptionError
 from neuralink.profile.activations import check_gguf_file
-from neuralink.runtime.scoring import scoring_windows, window_nll
+from neuralink.runtime.scoring import (
+    REFERENCE_TOP,
+    Divergence,
+    TopTokens,
+    divergence,
+    row_log_total,
+    scoring_windows,
+    top_tokens,
+    window_nll,
+)
 
 log = logging.getLogger(__name__)
 
 LlamaFactory = Callable[..., llama_cpp.Llama]
-
-REFERENCE_TOP = 256  # next tokens kept per scored position for comparing other models with this one
-REST_FLOOR = 1e-6  # probability masses below this are float32 rounding where they come from 1 - a sum
-
-
-@dataclass(frozen=True)
-class TopTokens:
-    """A model's most likely next tokens at each scored position, most likely first, with their log-probabilities."""
-
-    tokens: np.ndarray = field(repr=False)  # int64 (scored tokens, k)
-    logprobs: np.ndarray = field(repr=False)  # float64 (scored tokens, k)
-
-
-@dataclass(frozen=True)
-class Divergence:
-    """How another model's next-token predictions differ from the reference's, per scored token."""
-
-    kld: np.ndarray = field(repr=False)  # float64 KL(reference || model), nats
-    same_top: np.ndarray = field(repr=False)  # bool: both rank the same token first
-
-    @property
-    def mean_kld(self) -> float:
-        return float(self.kld.mean())
-
-    @property
-    def kld_standard_error(self) -> float:
-        return float(self.kld.std(ddof=1) / math.sqrt(self.kld.size)) if self.kld.size > 1 else math.nan
-
-    @property
-    def top_agreement(self) -> float:
-        return float(self.same_top.mean())
-
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -201,41 +178,6 @@ def perplexity(
 def _same_tokens(reference: PerplexityResult, tokens: np.ndarray, n_ctx: int, stride: int) -> bool:
     return (reference.tokens is not None and reference.n_ctx == n_ctx and reference.stride == stride
             and np.array_equal(reference.tokens, tokens))
-
-
-def row_log_total(logits: np.ndarray, targets: np.ndarray, nll: np.ndarray) -> np.ndarray:
-    """log(sum(exp(row))) of each row, float64, from the rows' target NLLs (no second pass over the logits)."""
-    return nll + logits[np.arange(len(targets)), targets].astype(np.float64)
-
-
-def top_tokens(logits: np.ndarray, log_total: np.ndarray, k: int) -> TopTokens:
-    """Each row's k most likely tokens, most likely first, with their log-probabilities."""
-    k = min(k, logits.shape[1])
-    index = np.argpartition(logits, logits.shape[1] - k, axis=1)[:, -k:]
-    chosen = np.take_along_axis(logits, index, axis=1)
-    order = np.argsort(-chosen, axis=1, kind="stable")
-    index = np.take_along_axis(index, order, axis=1)
-    logprobs = np.take_along_axis(chosen, order, axis=1).astype(np.float64) - log_total[:, None]
-    return TopTokens(index.astype(np.int64), logprobs)
-
-
-def divergence(logits: np.ndarray, log_total: np.ndarray, reference: TopTokens) -> Divergence:
-    """KL(reference || model) per row, over the reference's top tokens and the rest of the vocabulary as one.
-
-    Coarsening the vocabulary never raises a KL divergence, so this is at
-    most the full one. The rest's masses come from one minus the top tokens'
-    sum, exact only to float32 logits' rounding: below REST_FLOOR they are
-    not told apart from it (the rest's term is then left out where the
-    reference's is below it, and the model's counts as REST_FLOOR).
-    """
-    logq = np.take_along_axis(logits, reference.tokens, axis=1).astype(np.float64) - log_total[:, None]
-    p = np.exp(reference.logprobs)
-    kld = (p * (reference.logprobs - logq)).sum(axis=1)
-    p_rest = 1.0 - p.sum(axis=1)
-    q_rest = np.maximum(1.0 - np.exp(logq).sum(axis=1), REST_FLOOR)
-    rest = p_rest > REST_FLOOR
-    kld[rest] += p_rest[rest] * (np.log(p_rest[rest]) - np.log(q_rest[rest]))
-    return Divergence(np.maximum(kld, 0.0), np.argmax(logits, axis=1) == reference.tokens[:, 0])
 
 
 def paired_nll_difference(result: PerplexityResult, reference: PerplexityResult) -> tuple[float, float]:

@@ -1,4 +1,5 @@
-"""Scoring a text with a loaded model: the windows that score each token once, and their log-likelihoods.
+"""Scoring a text with a loaded model: the windows that score each token once, their log-likelihoods, and how
+far a model's next-token predictions moved from a reference's.
 
 Shared by `neuralink perplexity` and by the conversion's quality search,
 which scores one loaded model under several threshold settings.
@@ -6,8 +7,9 @@ which scores one loaded model under several threshold settings.
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +19,38 @@ from neuralink.errors import OptionError
 
 if TYPE_CHECKING:
     import llama_cpp
+
+
+REFERENCE_TOP = 256  # next tokens kept per scored position for comparing other models with this one
+REST_FLOOR = 1e-6  # probability masses below this are float32 rounding where they come from 1 - a sum
+
+
+@dataclass(frozen=True)
+class TopTokens:
+    """A model's most likely next tokens at each scored position, most likely first, with their log-probabilities."""
+
+    tokens: np.ndarray = field(repr=False)  # int64 (scored tokens, k)
+    logprobs: np.ndarray = field(repr=False)  # float64 (scored tokens, k)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """How another model's next-token predictions differ from the reference's, per scored token."""
+
+    kld: np.ndarray = field(repr=False)  # float64 KL(reference || model), nats
+    same_top: np.ndarray = field(repr=False)  # bool: both rank the same token first
+
+    @property
+    def mean_kld(self) -> float:
+        return float(self.kld.mean())
+
+    @property
+    def kld_standard_error(self) -> float:
+        return float(self.kld.std(ddof=1) / math.sqrt(self.kld.size)) if self.kld.size > 1 else math.nan
+
+    @property
+    def top_agreement(self) -> float:
+        return float(self.same_top.mean())
 
 
 @dataclass(frozen=True)
@@ -56,6 +90,41 @@ def window_nll(logits: np.ndarray, targets: np.ndarray, threads: int | None = No
     temporaries over a window's 512 x 151936 logits cost about half of llama.cpp's forward pass of it)."""
     rows = np.ascontiguousarray(logits, dtype=np.float32)
     return _engine.token_nll(rows, np.asarray(targets, dtype=np.int64), threads or os.cpu_count() or 1)
+
+
+def row_log_total(logits: np.ndarray, targets: np.ndarray, nll: np.ndarray) -> np.ndarray:
+    """log(sum(exp(row))) of each row, float64, from the rows' target NLLs (no second pass over the logits)."""
+    return nll + logits[np.arange(len(targets)), targets].astype(np.float64)
+
+
+def top_tokens(logits: np.ndarray, log_total: np.ndarray, k: int) -> TopTokens:
+    """Each row's k most likely tokens, most likely first, with their log-probabilities."""
+    k = min(k, logits.shape[1])
+    index = np.argpartition(logits, logits.shape[1] - k, axis=1)[:, -k:]
+    chosen = np.take_along_axis(logits, index, axis=1)
+    order = np.argsort(-chosen, axis=1, kind="stable")
+    index = np.take_along_axis(index, order, axis=1)
+    logprobs = np.take_along_axis(chosen, order, axis=1).astype(np.float64) - log_total[:, None]
+    return TopTokens(index.astype(np.int64), logprobs)
+
+
+def divergence(logits: np.ndarray, log_total: np.ndarray, reference: TopTokens) -> Divergence:
+    """KL(reference || model) per row, over the reference's top tokens and the rest of the vocabulary as one.
+
+    Coarsening the vocabulary never raises a KL divergence, so this is at
+    most the full one. The rest's masses come from one minus the top tokens'
+    sum, exact only to float32 logits' rounding: below REST_FLOOR they are
+    not told apart from it (the rest's term is then left out where the
+    reference's is below it, and the model's counts as REST_FLOOR).
+    """
+    logq = np.take_along_axis(logits, reference.tokens, axis=1).astype(np.float64) - log_total[:, None]
+    p = np.exp(reference.logprobs)
+    kld = (p * (reference.logprobs - logq)).sum(axis=1)
+    p_rest = 1.0 - p.sum(axis=1)
+    q_rest = np.maximum(1.0 - np.exp(logq).sum(axis=1), REST_FLOOR)
+    rest = p_rest > REST_FLOOR
+    kld[rest] += p_rest[rest] * (np.log(p_rest[rest]) - np.log(q_rest[rest]))
+    return Divergence(np.maximum(kld, 0.0), np.argmax(logits, axis=1) == reference.tokens[:, 0])
 
 
 class TextScorer:
