@@ -54,11 +54,9 @@ from neuralink.profile.contribution import candidate_density
 from neuralink.runtime.scoring import (
     REFERENCE_TOP,
     Divergence,
+    PredictionRecorder,
     TopTokens,
-    divergence,
-    row_log_total,
     scoring_windows,
-    top_tokens,
     window_nll,
 )
 
@@ -186,31 +184,19 @@ class ContributionScorer:
             counts[:] += (candidates, finals, changed, rows.size)
 
         nlls: list[np.ndarray] = []
-        tops: list[TopTokens] = []
-        kld, same_top = [], []
-        scored = 0
+        recorder = PredictionRecorder(keep_top, reference)
         wanted = {"ffn_gate", self.h_tensor}.__contains__ if setting is not None else (lambda name: False)
         for w in self.windows:
             self.reader.evaluate(self.tokens[w.begin:w.end], wanted, consume, bos=False)
             # row r of the window's logits predicts token begin + r + 1
             logits = self.reader.logits(copy=False)[w.first_scored - 1 - w.begin:w.end - 1 - w.begin]
             targets = self.tokens[w.first_scored:w.end]
-            nll = window_nll(logits, targets, self.threads)
-            nlls.append(nll)
-            if keep_top or reference is not None:
-                log_total = row_log_total(logits, targets, nll)
-                if keep_top:
-                    tops.append(top_tokens(logits, log_total, keep_top))
-                if reference is not None:
-                    d = divergence(logits, log_total, TopTokens(reference.tokens[scored:scored + nll.size],
-                                                                reference.logprobs[scored:scored + nll.size]))
-                    kld.append(d.kld)
-                    same_top.append(d.same_top)
-            scored += nll.size
+            nlls.append(window_nll(logits, targets, self.threads))
+            recorder.add(logits, targets, nlls[-1])
         self.passes += 1
-        if tops:
-            self.top = TopTokens(np.concatenate([t.tokens for t in tops]), np.concatenate([t.logprobs for t in tops]))
-        self.divergence = Divergence(np.concatenate(kld), np.concatenate(same_top)) if reference is not None else None
+        if keep_top:
+            self.top = recorder.top
+        self.divergence = recorder.divergence
         moved = {"kld": self.divergence.mean_kld, "same_top": self.divergence.top_agreement} \
             if self.divergence is not None else {}
         if setting is None:

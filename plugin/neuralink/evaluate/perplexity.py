@@ -43,11 +43,9 @@ from neuralink.profile.activations import check_gguf_file
 from neuralink.runtime.scoring import (
     REFERENCE_TOP,
     Divergence,
+    PredictionRecorder,
     TopTokens,
-    divergence,
-    row_log_total,
     scoring_windows,
-    top_tokens,
     window_nll,
 )
 
@@ -134,9 +132,8 @@ def perplexity(
             reference = None
         start = time.perf_counter()
         nlls: list[np.ndarray] = []
-        tops: list[TopTokens] = []
-        divergences: list[Divergence] = []
-        scored, comparing = 0, 0.0  # comparing: seconds spent on top tokens and divergence, not scoring
+        recorder = PredictionRecorder(keep_top, reference.top if reference is not None else None)
+        comparing = 0.0  # seconds spent on top tokens and divergence, not scoring
         for window in windows:
             llm.reset()
             llm.eval(tokens[window.begin:window.end].tolist())
@@ -144,17 +141,9 @@ def perplexity(
             rows = slice(window.first_scored - 1 - window.begin, window.end - 1 - window.begin)
             logits = np.asarray(llm.scores[rows], dtype=np.float32)
             targets = tokens[window.first_scored:window.end]
-            nll = window_nll(logits, targets)
-            nlls.append(nll)
+            nlls.append(window_nll(logits, targets))
             compare_start = time.perf_counter()
-            log_total = row_log_total(logits, targets, nll)
-            if keep_top:
-                tops.append(top_tokens(logits, log_total, keep_top))
-            if reference is not None and reference.top is not None:
-                ref = TopTokens(reference.top.tokens[scored:scored + nll.size],
-                                reference.top.logprobs[scored:scored + nll.size])
-                divergences.append(divergence(logits, log_total, ref))
-            scored += nll.size
+            recorder.add(logits, targets, nlls[-1])
             comparing += time.perf_counter() - compare_start
             if progress is not None:
                 progress(len(nlls), len(windows))
@@ -165,10 +154,7 @@ def perplexity(
         llm.close()
     result = PerplexityResult(
         str(model_path), n_ctx, stride, len(windows), np.concatenate(nlls), seconds, tokens=tokens,
-        top=TopTokens(np.concatenate([t.tokens for t in tops]), np.concatenate([t.logprobs for t in tops]))
-        if tops else None,
-        divergence=Divergence(np.concatenate([d.kld for d in divergences]),
-                              np.concatenate([d.same_top for d in divergences])) if divergences else None,
+        top=recorder.top, divergence=recorder.divergence,
     )
     log.info("%s: perplexity %.4f over %d tokens (%d windows, %.1f s)", model_path, result.perplexity,
              result.n_scored, result.n_windows, seconds)

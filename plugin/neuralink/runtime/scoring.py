@@ -127,6 +127,43 @@ def divergence(logits: np.ndarray, log_total: np.ndarray, reference: TopTokens) 
     return Divergence(np.maximum(kld, 0.0), np.argmax(logits, axis=1) == reference.tokens[:, 0])
 
 
+class PredictionRecorder:
+    """A pass over a text's windows, window by window: its most likely next tokens (`keep_top` of them, to be a
+    later pass's reference) and its divergence from a `reference` pass's (on the same scored tokens)."""
+
+    def __init__(self, keep_top: int = 0, reference: TopTokens | None = None) -> None:
+        self.keep_top, self.reference = keep_top, reference
+        self._tops: list[TopTokens] = []
+        self._moved: list[Divergence] = []
+        self._scored = 0
+
+    def add(self, logits: np.ndarray, targets: np.ndarray, nll: np.ndarray) -> None:
+        """One window's scored rows: their logits, the tokens they predict and those tokens' NLLs."""
+        if self.keep_top or self.reference is not None:
+            log_total = row_log_total(logits, targets, nll)
+            if self.keep_top:
+                self._tops.append(top_tokens(logits, log_total, self.keep_top))
+            if self.reference is not None:
+                rows = slice(self._scored, self._scored + len(targets))
+                self._moved.append(divergence(logits, log_total, TopTokens(self.reference.tokens[rows],
+                                                                           self.reference.logprobs[rows])))
+        self._scored += len(targets)
+
+    @property
+    def top(self) -> TopTokens | None:
+        if not self._tops:
+            return None
+        return TopTokens(np.concatenate([t.tokens for t in self._tops]),
+                         np.concatenate([t.logprobs for t in self._tops]))
+
+    @property
+    def divergence(self) -> Divergence | None:
+        if not self._moved:
+            return None
+        return Divergence(np.concatenate([d.kld for d in self._moved]),
+                          np.concatenate([d.same_top for d in self._moved]))
+
+
 class TextScorer:
     """One loaded model (with logits_all) and one tokenized text: `score()` gives every scored token's NLL.
 
