@@ -49,6 +49,29 @@ def test_conversion_writes_the_split_layout_and_measures_the_given_density(contr
             opened.verify_records(il)
 
 
+def test_a_divergence_budget_is_searched_recorded_and_said(synthetic_model: ModelFactory, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`convert --kld-budget`: a budget no sparse level keeps leaves every neuron as the default."""
+    from neuralink.cli import main as cli_main
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(carried_text(2500, seed=11))
+    code = cli_main(["convert", str(synthetic_model("llama", "f32")), "--calibration", str(text), "-o",
+                     str(tmp_path / "m.gguf"), "--max-tokens", "1024", "--heldout-tokens", "256", "--workers", "1",
+                     "--ppl-budget", "50", "--kld-budget", "1e-9"])
+    out = capsys.readouterr().out
+    assert code == 0
+    with Sidecar.open(tmp_path / "m.neuralink.sidecar", tmp_path / "m.gguf") as opened:
+        q = opened.header.quality
+        assert q["kld_budget"] == 1e-9 and q["budget"] == 0.5
+        # every sparse level measured moved the predictions by more than the budget, though within +50 % perplexity
+        sparse = [m for m in q["measured"] if m["label"].startswith("level")]
+        assert sparse and all(m["kld"] > 1e-9 for m in sparse)
+        assert any(m["upper_bound"] <= 0.5 for m in sparse)
+        assert q["chosen"] == "level 1.0" and opened.header.default_predictor == "dense"
+    assert "(budget 1e-09)" in out
+
+
 def test_engine_equals_the_thresholded_ffn(contribution_pair) -> None:
     model, sidecar = contribution_pair
     engine = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none")

@@ -65,3 +65,18 @@ def test_a_level_within_the_budget_by_its_mean_alone_is_not_chosen() -> None:
     assert sparser, record["measured"]
     for m in sparser:  # what the point estimate alone would have taken
         assert m["perplexity_change"] < 0.01 < m["upper_bound"]
+
+
+def test_a_divergence_budget_keeps_a_denser_level() -> None:
+    """The fake's divergence is 1 - level: within 0.4 nats only levels of 0.6 and denser are, whatever perplexity
+    allows."""
+    setting, record = search(NoisyBelowHalf(), Selection(), 3, budget=0.01, kld_budget=0.4, allocation="uniform")
+    assert record["chosen"] == "level 0.6" and setting.finals == (0.6, 0.6, 0.6) and record["validated"]
+    assert record["kld_budget"] == 0.4 and record["kld"] == pytest.approx(0.4)
+    assert all(m["kld"] > 0.4 for m in record["measured"] if float(m["label"].split()[1]) < 0.6)
+    # a given density outside the divergence budget is measured and recorded, but not validated
+    _, given = search(NoisyBelowHalf(), Selection(), 3, budget=0.01, kld_budget=0.4, fixed_density=0.5)
+    assert not given["validated"] and given["predictor"] == "dense" and given["kld"] == pytest.approx(0.5)
+    for bad in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="divergence budget"):
+            search(NoisyBelowHalf(), Selection(), 3, kld_budget=bad)

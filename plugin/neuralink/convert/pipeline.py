@@ -173,6 +173,7 @@ def convert_from_text(
     criterion: str | None = None,
     max_tokens: int | None = 4096,
     budget: float = DEFAULT_BUDGET,
+    kld_budget: float | None = None,
     allocation: Allocation = "sensitivity",
     heldout_tokens: int = DEFAULT_HELDOUT_TOKENS,
     lowrank_rank: int = 0,
@@ -192,7 +193,9 @@ def convert_from_text(
 
     `density` fixes one final density for every layer instead of searching
     (still measured and recorded); `budget` is the perplexity increase the
-    search may spend (0.01: +1 %). With `lowrank_rank` a low-rank predictor
+    search may spend (0.01: +1 %), and `kld_budget` (nats per token, or
+    None) the KL divergence from every neuron's predictions it may also
+    spend (the contribution criterion's search only). With `lowrank_rank` a low-rank predictor
     is fitted too and validated the same way; on gated FFNs its records
     then hold the gate rows (unless `bundle_parts` says otherwise), which it
     needs not keep resident, and under the contribution criterion its
@@ -245,7 +248,8 @@ def convert_from_text(
             scorer = ContributionScorer(gguf, side, heldout, max_tokens=heldout_tokens, threads=threads)
             try:
                 setting, record = search(scorer, placement.selection, model.n_layer, budget=budget,
-                                         allocation=allocation, fixed_density=density, progress=report)
+                                         kld_budget=kld_budget, allocation=allocation, fixed_density=density,
+                                         progress=report)
             finally:
                 scorer.close()
             if predictor is not None and record.get("validated"):

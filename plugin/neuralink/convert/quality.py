@@ -277,8 +277,9 @@ def divergence_text(record: dict[str, Any]) -> str:
     them" for a quality record that measured it (older sidecars did not: "")."""
     if "kld" not in record:
         return ""
-    return (f", KL divergence {record['kld']:.4f} nats a token from every neuron's predictions, the same top token "
-            f"at {record['same_top']:.3f} of them")
+    budgeted = f" (budget {record['kld_budget']:g})" if "kld_budget" in record else ""
+    return (f", KL divergence {record['kld']:.4f} nats a token from every neuron's predictions{budgeted}, the same "
+            f"top token at {record['same_top']:.3f} of them")
 
 
 def engine_n_ff(llm: Any) -> int:
@@ -287,14 +288,17 @@ def engine_n_ff(llm: Any) -> int:
 
 
 def search(scorer: ContributionScorer, selection: SelectionStats, n_layer: int, *, budget: float = DEFAULT_BUDGET,
-           allocation: Allocation = "sensitivity", fixed_density: float | None = None,
-           progress: SearchProgress | None = None) -> tuple[Setting, dict[str, Any]]:
-    """The chosen setting and the quality record (module doc). `fixed_density`: no search, one uniform final
-    density (measured all the same, so the record says what it costs)."""
+           kld_budget: float | None = None, allocation: Allocation = "sensitivity",
+           fixed_density: float | None = None, progress: SearchProgress | None = None) -> tuple[Setting, dict[str, Any]]:
+    """The chosen setting and the quality record (module doc). `kld_budget`: a level must also keep its mean KL
+    divergence from every neuron's predictions at most this (nats per token). `fixed_density`: no search, one
+    uniform final density (measured all the same, so the record says what it costs)."""
     if allocation not in ALLOCATIONS:
         raise OptionError(f"allocation must be one of {ALLOCATIONS}, not {allocation!r}")
     if not budget > 0:
         raise OptionError(f"the perplexity budget must be positive, got {budget}")
+    if kld_budget is not None and not (kld_budget > 0 and math.isfinite(kld_budget)):
+        raise OptionError(f"the divergence budget must be a positive number of nats, got {kld_budget}")
     report = progress or (lambda stage, done, total: None)
     dense = setting_for(selection, [1.0] * n_layer)
     reference_nlls, _ = scorer.token_nll(dense, keep_top=REFERENCE_TOP)
@@ -302,9 +306,12 @@ def search(scorer: ContributionScorer, selection: SelectionStats, n_layer: int, 
     reference = float(reference_nlls.mean())
     record: dict[str, Any] = {"budget": budget, "reference_nll": reference, "allocation": allocation,
                               "heldout_tokens": int(scorer.tokens.size), "confidence": CONFIDENCE, "measured": []}
+    if kld_budget is not None:
+        record["kld_budget"] = kld_budget
 
-    def measure(setting: Setting, label: str) -> float:
-        """The upper end of the level's perplexity change bound, recorded with the change itself."""
+    def measure(setting: Setting, label: str) -> bool:
+        """Whether the level is within the budgets (its perplexity bound, and its divergence where one is
+        budgeted), recorded with what was measured."""
         nlls, densities = scorer.token_nll(setting, reference=reference_top)
         ratio, upper = perplexity_change(nlls, reference_nlls)
         record["measured"].append({"label": label, "perplexity_change": ratio, "upper_bound": upper,
@@ -313,13 +320,13 @@ def search(scorer: ContributionScorer, selection: SelectionStats, n_layer: int, 
         log.info("quality search: %s: perplexity %+.2f %% (at most %+.2f %% at 90 %%; KL divergence %.4f, same top "
                  "token %.3f; up rows %.3f, down columns %.3f)", label, 100 * ratio, 100 * upper, densities["kld"],
                  densities["same_top"], densities["up_density"], densities["down_density"])
-        return upper
+        return within_budgets(record, upper, densities["kld"])
 
     if fixed_density is not None:
         setting = setting_for(selection, [fixed_density] * n_layer)
         label = f"uniform {fixed_density} (given)"
         measure(setting, label)
-        return setting, _chosen(record, setting, budget, label)
+        return setting, _chosen(record, setting, label)
 
     offsets = np.zeros(n_layer, dtype=int)
     if allocation == "sensitivity":
@@ -335,21 +342,20 @@ def search(scorer: ContributionScorer, selection: SelectionStats, n_layer: int, 
 
     # bisection over the global level: the sparsest one within the budget
     low, high = 0, len(LADDER) - 1  # high (every neuron) is within any budget
-    results: dict[int, float] = {high: 0.0}
     steps = math.ceil(math.log2(len(LADDER))) + 1
     done = 0
     while low < high:
         mid = (low + high) // 2
         setting = setting_for(selection, layer_levels(mid, offsets))
-        results[mid] = measure(setting, f"level {LADDER[mid]}")
+        within = measure(setting, f"level {LADDER[mid]}")
         done += 1
         report("densities", done, steps)
-        if results[mid] <= budget:
+        if within:
             high = mid
         else:
             low = mid + 1
     setting = setting_for(selection, layer_levels(high, offsets))
-    return setting, _chosen(record, setting, budget, f"level {LADDER[high]}")
+    return setting, _chosen(record, setting, f"level {LADDER[high]}")
 
 
 def measure_predictor(model: os.PathLike[str] | str, sidecar: os.PathLike[str] | str, text: str, predictor: str,
@@ -378,12 +384,18 @@ def measure_predictor(model: os.PathLike[str] | str, sidecar: os.PathLike[str] |
     return record
 
 
-def _chosen(record: dict[str, Any], setting: Setting, budget: float, label: str) -> dict[str, Any]:
+def within_budgets(record: dict[str, Any], upper: float, kld: float) -> bool:
+    """A measured level's perplexity bound within the record's budget, and its divergence within the divergence
+    budget where the record has one."""
+    return upper <= record["budget"] and ("kld_budget" not in record or kld <= record["kld_budget"])
+
+
+def _chosen(record: dict[str, Any], setting: Setting, label: str) -> dict[str, Any]:
     measured = next((m for m in reversed(record["measured"]) if m["label"] == label), None)
     dense = all(f >= 1.0 for f in setting.finals)
     ratio, upper = (measured["perplexity_change"], measured["upper_bound"]) if measured else (0.0, 0.0)
-    # validated: its bound within the budget; a given density outside it is recorded but not run by default
-    within = upper <= budget
+    # validated: within the budgets; a given density outside them is recorded but not run by default
+    within = within_budgets(record, upper, measured["kld"] if measured else 0.0)
     record.update(
         validated=within,
         predictor="gate" if within and not dense else "dense",
