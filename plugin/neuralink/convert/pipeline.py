@@ -195,12 +195,12 @@ def convert_from_text(
     (still measured and recorded); `budget` is the perplexity increase the
     search may spend (0.01: +1 %), and `kld_budget` (nats per token, or
     None) the KL divergence from every neuron's predictions it may also
-    spend (the contribution criterion's search only). With `lowrank_rank` a low-rank predictor
-    is fitted too and validated the same way; on gated FFNs its records
-    then hold the gate rows (unless `bundle_parts` says otherwise), which it
-    needs not keep resident, and under the contribution criterion its
-    thresholds follow the search's (set_contribution_thresholds). It is the
-    default predictor when its own perplexity is within the budget.
+    spend (the contribution criterion's search only). With `lowrank_rank` a
+    low-rank predictor is fitted too and validated the same way; on gated
+    FFNs its records then hold the gate rows (unless `bundle_parts` says
+    otherwise), which it needs not keep resident, and under the contribution
+    criterion its thresholds follow the search's (set_contribution_thresholds).
+    It is the default predictor when its own perplexity is within the budget.
     """
     report = progress or (lambda stage, done, total: None)
     model, output_path, sidecar_path = check_model_and_outputs(model_path, output, sidecar, activation=activation,

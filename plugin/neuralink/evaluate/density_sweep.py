@@ -236,7 +236,6 @@ def _score_settings(settings: list[tuple[str, str | None, DensityThresholds | No
                                           top=fast.top if setting is None else None, divergence=moved)
                 if setting is None:
                     reference_top = fast.top
-                if setting is None:
                     if chosen is not None and densities["changed_pairs"] == 0:
                         shared = (result, densities)
                     densities = {"up_density": 1.0, "down_density": 1.0}

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 LlamaFactory = Callable[..., llama_cpp.Llama]
 
+
 @dataclass(frozen=True)
 class PerplexityResult:
     """Token-level likelihood of a text under one model."""
