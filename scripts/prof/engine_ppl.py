@@ -10,7 +10,8 @@ divergence from stock's next-token distribution (its 256 most likely tokens and 
 """
 import os, sys
 import llama_cpp, neuralink
-from neuralink.evaluate.perplexity import REFERENCE_TOP, paired_nll_difference, perplexity
+from neuralink.evaluate.perplexity import paired_nll_difference, perplexity
+from neuralink.runtime.scoring import REFERENCE_TOP
 
 original, models = sys.argv[1], sys.argv[2:]
 text = open(os.environ.get("TEXT", "code-mz.txt")).read()

@@ -23,12 +23,12 @@ from neuralink.evaluate.density_sweep import (
     plot_sweep,
 )
 from neuralink.evaluate.perplexity import (
-    REFERENCE_TOP,
     PerplexityResult,
     paired_nll_difference,
     perplexity,
 )
 from neuralink.evaluate.predictor_quality import evaluate_predictor
+from neuralink.runtime.scoring import REFERENCE_TOP
 from neuralink.runtime.sidecar_lookup import find_sidecar
 
 

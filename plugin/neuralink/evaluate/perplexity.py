@@ -40,14 +40,7 @@ import numpy as np
 
 from neuralink.errors import OptionError
 from neuralink.profile.activations import check_gguf_file
-from neuralink.runtime.scoring import (
-    REFERENCE_TOP,
-    Divergence,
-    PredictionRecorder,
-    TopTokens,
-    scoring_windows,
-    window_nll,
-)
+from neuralink.runtime.scoring import Divergence, PredictionRecorder, TopTokens, scoring_windows, window_nll
 
 log = logging.getLogger(__name__)
 
