@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One-off check: llama.cpp with patches/ applied and no hook set gives logits
-# bit-identical to the unpatched llama.cpp of llama-cpp-python 0.3.36.
+# bit-identical to the unpatched llama.cpp of llama-cpp-python 0.3.36, for
+# models without q5_K matrices: on x86 patch 0003 multiplies those with repacked
+# kernels (the same integer sums as vec_dot, the float steps in another order;
+# docs/q5k-repack.md). The default models below have none.
 #
 #   bash scripts/check_patch_identity.sh [model.gguf ...]   (default: SmolLM2 and synthetic models)
 #

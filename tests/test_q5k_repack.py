@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import platform
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import llama_cpp
@@ -26,6 +28,24 @@ MiB = 1 << 20
 # (arch, options): n_head 32 with one KV head gives K and V matrices of 8 rows, one group of eight, which the
 # kernels take alone after the pairs of groups the others go through
 MODELS = [("qwen2", {}), ("llama", {}), ("gemma3", {}), ("arcee", dict(n_head=32, n_head_kv=1))]
+
+
+def test_kernels_match_ggml_portable_versions(tmp_path: Path) -> None:
+    """The GEMV and GEMM against ggml's portable versions (which define the interleaved layout) on random blocks,
+    two pairs of groups and one group alone; the GEMM against the GEMV on the same activations."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    exe = tmp_path / "q5k_kernels_check"
+    source = Path(__file__).parent / "q5k_kernels_check.cpp"
+    subprocess.run([compiler, "-O2", "-o", str(exe), str(source), f"-L{lib}", "-lggml-cpu", "-lggml-base",
+                    f"-Wl,-rpath,{lib}"], check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=60).stdout.split()
+    errors = dict(zip(out[::2], map(float, out[1::2])))
+    # the portable versions add the float products of each 8-value chunk, then subtract the minimums: ~1e-5 here
+    assert errors["gemm"] <= 1e-3 and errors["gemv"] <= 1e-3, errors
+    assert errors["gemm-vs-gemv"] <= 1e-6, errors
 
 
 def load(path: Path, repack: bool) -> tuple[llama_cpp.Llama, list[str]]:

@@ -2,8 +2,8 @@
 
 With the whole model in RAM nothing is read from storage per token, so the engine's sparsity saves arithmetic
 only, and llama.cpp's repacked kernels do that arithmetic faster on some CPUs (Qwen2.5-Coder-1.5B on a 2.6 GHz
-Zen 4, `bench e2e` uncapped: the engine 0.64-0.78x stock, llama.cpp on the converted file 0.91-0.95x, the rest
-being its q5_K ffn_down, which x86 llama.cpp does not repack). ``ffn="auto"`` therefore leaves the
+Zen 4, `bench e2e` uncapped: the engine 0.64-0.78x stock, llama.cpp on the converted file 0.99-1.04x since
+patches/0003 repacks its q5_K ffn_down on x86 as well). ``ffn="auto"`` therefore leaves the
 FFNs to llama.cpp where stock llama.cpp running the whole model fits what the process may use and nobody asked
 for the engine (a budget or one of its options); the converted GGUF is a valid model for llama.cpp (its FFN
 tensors permuted, same outputs), so nothing of the sidecar is read then.
