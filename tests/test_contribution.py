@@ -72,6 +72,28 @@ def test_a_divergence_budget_is_searched_recorded_and_said(synthetic_model: Mode
     assert "(budget 1e-09)" in out
 
 
+@pytest.mark.parametrize("given", [None, "none"])
+def test_the_divergence_is_budgeted_by_default(synthetic_model: ModelFactory, tmp_path: Path, given: str | None) -> None:
+    """`convert` holds a level's divergence to 0.01 nats unless told `--kld-budget none`."""
+    from neuralink.cli import main as cli_main
+    from neuralink.convert.quality import DEFAULT_KLD_BUDGET
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(carried_text(2500, seed=11))
+    args = ["convert", str(synthetic_model("llama", "f32")), "--calibration", str(text), "-o", str(tmp_path / "m.gguf"),
+            "--max-tokens", "1024", "--heldout-tokens", "256", "--workers", "1", "--ppl-budget", "50"]
+    assert cli_main(args + (["--kld-budget", given] if given else [])) == 0
+    with Sidecar.open(tmp_path / "m.neuralink.sidecar", tmp_path / "m.gguf") as opened:
+        q = opened.header.quality
+    if given == "none":
+        assert "kld_budget" not in q
+        # within +50 % perplexity alone a sparse level is chosen, one that moved the predictions beyond 0.01
+        assert q["chosen"] != "level 1.0" and q["kld"] > DEFAULT_KLD_BUDGET
+    else:
+        assert DEFAULT_KLD_BUDGET == 0.01 and q["kld_budget"] == DEFAULT_KLD_BUDGET
+        assert q["kld"] <= DEFAULT_KLD_BUDGET
+
+
 def test_engine_equals_the_thresholded_ffn(contribution_pair) -> None:
     model, sidecar = contribution_pair
     engine = _engine.Engine(str(model), sidecar=str(sidecar), predictor="gate", cache_policy="none")

@@ -30,6 +30,7 @@ from neuralink.convert.quality import (
     ALLOCATIONS,
     DEFAULT_BUDGET,
     DEFAULT_HELDOUT_TOKENS,
+    DEFAULT_KLD_BUDGET,
     bound_text,
     divergence_text,
 )
@@ -90,6 +91,11 @@ def print_summary(result: ConversionResult) -> None:
         print("\nno quality check (no --calibration): neuralink.Llama reads every neuron by default")
 
 
+def kld_budget_argument(text: str) -> float | None:
+    """An argparse type: a divergence budget in nats above 0, or 'none' for no divergence budget."""
+    return None if text.strip().lower() == "none" else positive_float(text)
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="the original GGUF model")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -131,11 +137,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              help=f"perplexity increase the quality search may spend on held-out calibration text, "
                                   f"held by the upper end of a one-sided 90 %% confidence bound on the measured "
                                   f"change (default: {100 * DEFAULT_BUDGET:g}, i.e. +{100 * DEFAULT_BUDGET:g} %%)")
-    calibration.add_argument("--kld-budget", type=positive_float, default=None, metavar="NATS",
-                             help="also keep the chosen setting's mean KL divergence from every neuron's next-token "
-                                  "predictions on the held-out text at most this (nats per token; default: none). "
-                                  "Perplexity misses changes that cancel: on Qwen2.5-Coder-1.5B density 0.45 "
-                                  "measured +0.02 %% perplexity on English and a divergence of 0.034 (docs/convert.md)")
+    calibration.add_argument("--kld-budget", type=kld_budget_argument, default=DEFAULT_KLD_BUDGET, metavar="NATS",
+                             help=f"also keep the chosen setting's mean KL divergence from every neuron's next-token "
+                                  f"predictions on the held-out text at most this (nats per token; default: "
+                                  f"{DEFAULT_KLD_BUDGET:g}; 'none' for the perplexity budget alone). Perplexity misses "
+                                  f"changes that cancel: on Qwen2.5-Coder-1.5B density 0.45 measured +0.02 %% "
+                                  f"perplexity on English and a divergence of 0.034 (docs/convert.md)")
     calibration.add_argument("--allocation", choices=ALLOCATIONS, default="sensitivity",
                              help="per-layer densities from each layer's measured sensitivity (default), or one "
                                   "density for all")

@@ -21,6 +21,7 @@ from neuralink.convert.predictor import LowRankPredictor, capture_ffn_inputs, fi
 from neuralink.convert.quality import (
     DEFAULT_BUDGET,
     DEFAULT_HELDOUT_TOKENS,
+    DEFAULT_KLD_BUDGET,
     Allocation,
     ContributionScorer,
     measure_predictor,
@@ -173,7 +174,7 @@ def convert_from_text(
     criterion: str | None = None,
     max_tokens: int | None = 4096,
     budget: float = DEFAULT_BUDGET,
-    kld_budget: float | None = None,
+    kld_budget: float | None = DEFAULT_KLD_BUDGET,
     allocation: Allocation = "sensitivity",
     heldout_tokens: int = DEFAULT_HELDOUT_TOKENS,
     lowrank_rank: int = 0,
@@ -193,9 +194,9 @@ def convert_from_text(
 
     `density` fixes one final density for every layer instead of searching
     (still measured and recorded); `budget` is the perplexity increase the
-    search may spend (0.01: +1 %), and `kld_budget` (nats per token, or
-    None) the KL divergence from every neuron's predictions it may also
-    spend (the contribution criterion's search only). With `lowrank_rank` a
+    search may spend (0.01: +1 %), and `kld_budget` (nats per token, 0.01
+    by default, or None) the KL divergence from every neuron's predictions
+    it may also spend (the contribution criterion's search only). With `lowrank_rank` a
     low-rank predictor is fitted too and validated the same way; on gated
     FFNs its records then hold the gate rows (unless `bundle_parts` says
     otherwise), which it needs not keep resident, and under the contribution
