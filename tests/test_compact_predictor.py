@@ -29,9 +29,9 @@ def silu(v: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def compact_pair(synthetic_model: ModelFactory, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    # any measured perplexity validates (budget): the test is of the mechanism
+    # any measured perplexity validates (budget, no divergence budget): the test is of the mechanism
     return converted_on_carried_text(synthetic_model("llama", "f32"), tmp_path_factory.mktemp("compact"), DENSITY,
-                                     lowrank_rank=RANK, budget=10.0)
+                                     lowrank_rank=RANK, budget=10.0, kld_budget=None)
 
 
 def test_conversion_stores_gate_rows_in_records_and_records_the_recall(compact_pair) -> None:
@@ -140,7 +140,7 @@ def test_the_convert_command_reports_the_compact_predictor(synthetic_model: Mode
     done = subprocess.run([sys.executable, "-m", "neuralink", "convert", str(synthetic_model("llama", "f32")),
                            "--calibration", str(text), "-o", str(tmp_path / "m.gguf"), "--density", "0.3",
                            "--max-tokens", "1024", "--heldout-tokens", "256", "--workers", "1", "--lowrank-rank", "16",
-                           "--ppl-budget", "1000"], capture_output=True, text=True, timeout=300)
+                           "--ppl-budget", "1000", "--kld-budget", "none"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "low-rank predictor (rank 16, 0.1 MiB resident, no gate row): held-out recall" in done.stdout
     assert "default predictor: lowrank" in done.stdout
