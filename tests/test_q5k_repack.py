@@ -19,6 +19,7 @@ from neuralink.runtime.llama_params import without_weight_repacking
 from neuralink.runtime.memory_budget import capture_llama_log
 
 from conftest import ModelFactory
+from test_llama_hook import rel_max_abs
 
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the x86 kernels")
 
@@ -63,10 +64,6 @@ def one_at_a_time(llm: llama_cpp.Llama, tokens: list[int]) -> np.ndarray:
     return np.array(rows)
 
 
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.fixture(scope="module", params=MODELS, ids=[arch for arch, _ in MODELS])
 def q5k_model(request, synthetic_model: ModelFactory) -> Path:
     arch, options = request.param
@@ -95,7 +92,7 @@ def test_prompt_batches_compute_what_decoding_does(q5k_model: Path) -> None:
         decoded = one_at_a_time(llm, tokens)
     finally:
         llm.close()
-    assert rel(batch, decoded) <= 1e-5
+    assert rel_max_abs(batch, decoded) <= 1e-5
 
 
 def test_repacked_agrees_with_vec_dot(q5k_model: Path) -> None:
@@ -111,6 +108,6 @@ def test_repacked_agrees_with_vec_dot(q5k_model: Path) -> None:
             llm.close()
         assert any("CPU_REPACK" in line for line in log) == repack
     repacked, plain = results
-    assert rel(repacked[0], plain[0]) <= 1e-4
-    assert rel(repacked, plain) <= 0.1
+    assert rel_max_abs(repacked[0], plain[0]) <= 1e-4
+    assert rel_max_abs(repacked, plain) <= 0.1
     assert (repacked.argmax(axis=1) == plain.argmax(axis=1)).mean() >= 0.9
