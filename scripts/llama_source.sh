@@ -57,10 +57,12 @@ ensure_patched_source() {
 # path repacks Q4_0/Q4_1/Q8_0 weights into an AMX buffer at load and crashes on some Sapphire
 # Rapids machines (upstream ggml-org/llama.cpp#20824), and -march=native would also pick
 # different instructions on every machine, so a cached build could not say what it holds.
-# Prints the CMake options; $1 overrides the CPU flags (default: /proc/cpuinfo), for tests.
+# Prints the CMake options; $1 overrides the CPU flags (for tests), then NEURALINK_CPU_FLAGS (to build for
+# a CPU with fewer instruction sets than this one, named as /proc/cpuinfo's flags line names them),
+# then /proc/cpuinfo.
 # On other architectures it prints nothing: ggml's own defaults stand.
 ggml_cpu_cmake_args() {
-  local flags="${1:-}"
+  local flags="${1:-${NEURALINK_CPU_FLAGS:-}}"
   if [ -z "$flags" ]; then
     [ "$(uname -m)" = x86_64 ] || return 0
     flags=$(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2)

@@ -150,6 +150,17 @@ def test_setup_never_selects_amx_even_on_an_amx_cpu():
     assert options["GGML_AVX2"] == "ON" and options["GGML_AVX512"] == "OFF"
 
 
+def test_setup_builds_for_the_cpu_flags_it_is_given():
+    """NEURALINK_CPU_FLAGS names the CPU to build for (an AVX2 fleet from an AVX-512 machine), not /proc/cpuinfo."""
+    out = subprocess.run(
+        ["bash", "-c", 'say() { :; }; die() { exit 1; }; source scripts/llama_source.sh; ggml_cpu_cmake_args'],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+        env={**os.environ, "NEURALINK_CPU_FLAGS": "sse4_2 avx avx2 fma f16c"}).stdout.split()
+    options = dict(o.removeprefix("-D").split("=") for o in out)
+    assert options["GGML_AVX2"] == "ON" and options["GGML_F16C"] == "ON"
+    assert options["GGML_AVX512"] == "OFF" and options["GGML_BMI2"] == "OFF"
+
+
 @pytest.mark.parametrize("weight_type", ["q4_0", "q8_0"])
 def test_stock_llama_decodes_without_an_amx_buffer(tmp_path, weight_type):
     """Q4_0/Q8_0 weights are what ggml would repack into an AMX buffer; stock llama.cpp must not."""
