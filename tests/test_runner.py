@@ -310,7 +310,7 @@ def test_help_explains_every_option(runner: Path) -> None:
                  "--memory-budget", "--io-backend", "--queue-depth", "--no-direct-io", "--adaptive-collapse",
                  "--prompt", "--n-predict",
                  "--threads", "--ctx-size", "--batch-size", "--flash-attn", "--ignore-eos", "--dump-logits",
-                 "--follow-tokens", "--prompt-lookup", "--verbose",
+                 "--follow-tokens", "--prompt-lookup", "--output-screen", "--verbose",
                  "exit status"):
         assert flag in result.stdout, flag
 
@@ -456,3 +456,23 @@ def test_the_default_thread_count_follows_the_cpus_the_runner_may_use(runner: Pa
                             preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))  # taskset
     assert pinned.returncode == 0, pinned.stderr
     assert re.search(r"served by the engine, 1 thread$", pinned.stderr, re.MULTILINE), pinned.stderr
+
+
+def test_under_a_budget_the_output_matrix_is_screened_with_the_same_greedy_tokens(runner: Path,
+                                                                                   converted_model) -> None:
+    # rows of 1024: a matrix (0.44 MiB) and copy (0.23 MiB) the plan's printed tenths of a MiB tell apart
+    model, _ = converted_model("qwen2", "q4_K", output_type="q6_K", n_embd=1024)
+    common = ["-m", model, "-p", PROMPT, "-n", N_PREDICT, "-t", 2, "--memory-budget", "1GiB"]
+    screened, whole = run(runner, *common), run(runner, *common, "--output-screen", "off")
+    assert screened.returncode == 0 and whole.returncode == 0, screened.stderr[-2000:] + whole.stderr[-2000:]
+    assert "output matrix screened by a q3_K copy" in screened.stderr
+    assert "screened" not in whole.stderr
+    assert generated_tokens(screened) == generated_tokens(whole)
+    # the plan counts the copy in the engine's resident bytes, and not the matrix among the weights read every token
+    def plan(result: subprocess.CompletedProcess[str], row: str) -> float:
+        return float(re.search(rf"^\s*{row}\s+([0-9.]+) MiB", result.stderr, re.MULTILINE).group(1))
+    assert plan(screened, "non ffn weights") < plan(whole, "non ffn weights")
+    assert plan(screened, "engine resident") > plan(whole, "engine resident")
+    # on demand only where the model can have it: an f16 output matrix is refused by name
+    f16 = run(runner, "-m", converted_model("qwen2", "q4_K")[0], "-p", PROMPT, "-n", 2, "--output-screen", "on")
+    assert f16.returncode == EXIT_UNSUPPORTED and "--output-screen on, but" in f16.stderr

@@ -180,11 +180,50 @@ static void register_engine(py::module_ & m) {
         .def_property_readonly("scratch_bytes", [](const Engine & e) {
             return e.sparse() ? e.sparse()->scratch_bytes() : (size_t) 0;
         })
-        .def("error", [](const Engine & e) { return e.sparse() ? e.sparse()->error() : std::string(); },
-             "The first read or compute failure since the last clear_error(), empty if none.")
+        .def("error", [](const Engine & e) {
+            std::string what = e.sparse() ? e.sparse()->error() : std::string();
+            if (what.empty() && e.output_screen()) what = e.output_screen()->error();
+            return what;
+        }, "The first read or compute failure since the last clear_error(), empty if none.")
         .def("error_is_numeric", [](const Engine & e) { return e.sparse() && e.sparse()->error_is_numeric(); },
              "Whether that failure is a non-finite FFN output rather than a read.")
-        .def("clear_error", [](Engine & e) { if (e.sparse()) e.sparse()->clear_error(); })
+        .def("clear_error", [](Engine & e) {
+            if (e.sparse()) e.sparse()->clear_error();
+            if (e.output_screen()) e.output_screen()->clear_error();
+        })
+        .def("screen_output", [](Engine & e, const std::string & coarse_type, float margin, int n_threads) {
+            if (!(margin > 0.0f)) throw std::invalid_argument("the output screen's margin must be positive");
+            OutputScreenOptions o;
+            o.coarse_type = type_from_name(coarse_type);
+            o.margin = margin;
+            o.n_threads = n_threads;
+            py::gil_scoped_release release;
+            e.screen_output(o);
+        }, py::arg("coarse_type") = std::string(ggml_type_name(OutputScreenOptions {}.coarse_type)),
+           py::arg("margin") = OutputScreenOptions {}.margin, py::arg("n_threads") = 1,
+           "Keep a coarse copy of the untied output matrix and take llama.cpp's output product (output_screen.h): "
+           "before llama.cpp loads the model, which must then map the output matrix lazily.")
+        .def("drop_output_screen", &Engine::drop_output_screen,
+             "Free the output screen (llama.cpp computes the output product itself once its graphs are rebuilt).")
+        .def_property_readonly("output_taken", &Engine::output_taken,
+                               "whether llama.cpp handed the output product to the screen")
+        .def_property_readonly("output_screen", [](const Engine & e) -> py::object {
+            const OutputScreen * s = e.output_screen();
+            if (!s) return py::none();
+            const OutputScreenStats st = s->stats();
+            py::dict d;
+            d["tensor"] = s->name();
+            d["coarse_type"] = std::string(ggml_type_name(s->coarse_type()));
+            d["margin"] = s->margin();
+            d["resident_bytes"] = s->resident_bytes();
+            d["matrix_bytes"] = s->matrix_bytes();
+            d["tokens"] = st.tokens;
+            d["exact_rows"] = st.exact_rows;
+            d["max_exact_rows"] = st.max_exact_rows;
+            d["rows_read"] = st.rows_read;
+            return d;
+        }, "the output screen's figures (its copy and row cache, the matrix it stands in for, rows of logits, rows "
+           "multiplied exactly, the most for one row of logits, rows read from the file), or None")
         .def("take_stats", [](Engine & e) {
             std::vector<LayerStepStats> stats = e.sparse() ? e.sparse()->take_stats() : std::vector<LayerStepStats>();
             py::array_t<LayerStepStats> out((py::ssize_t) stats.size());
@@ -505,6 +544,10 @@ static void register_io(py::module_ & m) {
           "Fraction of the pages of a file range that are in the page cache (mincore).");
     m.def("evict_from_page_cache", &evict_from_page_cache, py::arg("path"),
           "Drop a file's clean pages from the page cache (posix_fadvise DONTNEED).");
+    m.def("output_screen_unsupported", [](const Engine & e, const std::string & coarse_type) {
+        return OutputScreen::unsupported(e.model(), type_from_name(coarse_type));
+    }, py::arg("engine"), py::arg("coarse_type"),
+          "Why the engine's model's output matrix cannot be screened by a copy in coarse_type, or ''.");
 }
 
 PYBIND11_MODULE(_engine, m) {
@@ -521,6 +564,8 @@ PYBIND11_MODULE(_engine, m) {
     m.attr("DEFAULT_MAX_READ_BYTES") = kDefaultMaxReadBytes;
     m.attr("BUDGET_N_BATCH") = kBudgetBatch;
     m.attr("DIRECT_ALIGN") = kDirectAlign;
+    m.attr("OUTPUT_SCREEN_TYPE") = std::string(ggml_type_name(OutputScreenOptions {}.coarse_type));
+    m.attr("OUTPUT_SCREEN_MARGIN") = OutputScreenOptions {}.margin;
     register_errors();
     register_engine(m);
     register_quant(m);

@@ -337,13 +337,19 @@ struct LlamaSession {
 };
 
 void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & log, LlamaSession & s) {
-    llama_model_kv_override overrides[2] {}; // the empty key ends the list
+    llama_model_kv_override overrides[3] {}; // the empty key ends the list
     llama_model_params mparams = llama_model_default_params();
     if (engine) {
-        // llama.cpp maps the FFN weights lazily: never prefetched, repacked or read by it
-        overrides[0].tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
-        std::snprintf(overrides[0].key, sizeof(overrides[0].key), "%s", LLAMA_FFN_HOOK_LAZY_WEIGHTS_KEY);
-        overrides[0].val_bool = true;
+        // llama.cpp maps the FFN weights lazily: never prefetched, repacked or read by it; and the output matrix
+        // an output screen stands in for
+        int n = 0;
+        for (const char * key : { LLAMA_FFN_HOOK_LAZY_WEIGHTS_KEY, LLAMA_FFN_HOOK_LAZY_OUTPUT_KEY }) {
+            if (key == std::string(LLAMA_FFN_HOOK_LAZY_OUTPUT_KEY) && !engine->output_screen()) continue;
+            overrides[n].tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
+            std::snprintf(overrides[n].key, sizeof(overrides[n].key), "%s", key);
+            overrides[n].val_bool = true;
+            ++n;
+        }
         mparams.kv_overrides = overrides;
     }
     if (o.memory_budget || o.tight_cgroup) {
@@ -382,6 +388,11 @@ void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & 
         llama_set_ffn_hook(s.ctx.get(), engine->hook());
         s.attachment.ctx = s.ctx.get();
         require_all_layers_taken(*engine, o.model);
+        if (engine->output_screen() && !engine->output_taken()) {
+            note("llama.cpp computes the output product itself (not offered to the hook): the output screen is "
+                 "dropped and the output matrix counted");
+            engine->drop_output_screen();
+        }
     }
 }
 
@@ -458,7 +469,8 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
     if (!automatic || o.tight_cgroup) {
         // the plan counts the weights read every token resident: keep them so under the cgroup's reclaim (with no
         // budget asked for, llama.cpp reads the repacked copies it made of them instead)
-        const neuralink::LockedPages locked = neuralink::lock_every_token_weights(engine.model());
+        const neuralink::LockedPages locked = neuralink::lock_every_token_weights(
+            engine.model(), engine.output_screen() ? engine.output_screen()->name() : std::string());
         if (!locked.error.empty()) {
             note("%s; %.0f MiB locked, the rest may be evicted and read again", locked.error.c_str(),
                  locked.bytes / 1048576.0);
@@ -470,6 +482,29 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
     }
     hold_down_rows(engine, plan.budget > plan.minimum() ? plan.budget - plan.minimum() : 0, o.down_rows);
     preload_store(*engine.sparse());
+}
+
+// The output screen (output_screen.h) where --output-screen asks for it: on, or auto under a budget or a tight
+// cgroup limit with a sidecar. Before llama.cpp loads (it then maps the output matrix lazily) and before the plans.
+void start_output_screen(const RunnerOptions & o, neuralink::Engine & engine) {
+    const bool bounded = o.memory_budget || o.tight_cgroup;
+    if (o.output_screen == "off" || (o.output_screen == "auto" && !(bounded && engine.sparse()))) {
+        return;
+    }
+    neuralink::OutputScreenOptions screen; // the engine's type and margin
+    screen.n_threads = o.n_threads;
+    if (const std::string why = neuralink::OutputScreen::unsupported(engine.model(), screen.coarse_type); !why.empty()) {
+        if (o.output_screen == "on") {
+            throw neuralink::UnsupportedModelError(o.model + ": --output-screen on, but " + why);
+        }
+        note("no output screen: %s", why.c_str());
+        return;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    engine.screen_output(screen);
+    note("the output matrix screened by a %s copy of %.1f MiB in place of its %.1f MiB (made in %.1f s)",
+         ggml_type_name(screen.coarse_type), engine.output_screen()->resident_bytes() / 1048576.0,
+         engine.output_screen()->matrix_bytes() / 1048576.0, seconds_since(t0));
 }
 
 int run(RunnerOptions o) {
@@ -523,6 +558,9 @@ int run(RunnerOptions o) {
                 o.n_batch = neuralink::kBudgetBatch;
             }
         }
+    }
+    if (engine) {
+        start_output_screen(o, *engine);
     }
     if (engine && engine->sparse() && (o.memory_budget || (automatic && automatic->cgroup_limit))) {
         // a budget the model cannot run in is refused before llama.cpp allocates its KV cache (a large context

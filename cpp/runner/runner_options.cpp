@@ -62,7 +62,8 @@ model and weights:
                            --predictor, --cache-policy, --cache-bytes,
                            --memory-budget, --io-backend, --queue-depth,
                            --no-direct-io, --adaptive-collapse, --down-rows,
-                           --prompt-lookup above 0), else engine (default auto)
+                           --prompt-lookup above 0, --output-screen on), else
+                           engine (default auto)
   --stock-ffn              the same as --ffn llama
   --predictor NAME         how active neurons are found with a sidecar: gate (exact
                            gate from resident gate rows and the sidecar's threshold),
@@ -110,6 +111,13 @@ model and weights:
                            and columns on the first decoded tokens and keeps the
                            faster (two encodings of the weights: the text then
                            depends on the timing); off keeps the columns
+  --output-screen auto|on|off
+                           an untied output matrix replaced by a q3_K copy that
+                           ranks the vocabulary, the rows within 10 nats of its
+                           maximum read from the model and multiplied exactly
+                           (greedy decoding takes llama.cpp's token): under
+                           --memory-budget or a tight cgroup limit (auto, the
+                           default), always (on), or never (off)
 
 generation:
   -p, --prompt TEXT        the prompt (tokenized with the model's BOS where it uses one)
@@ -218,6 +226,7 @@ RunnerOptions parse_options(int argc, char ** argv) {
         else if (a == "--no-direct-io") { o.direct_io = false; }
         else if (a == "--adaptive-collapse") { o.adaptive_collapse = true; }
         else if (a == "--down-rows") { o.down_rows = value(); }
+        else if (a == "--output-screen") { o.output_screen = value(); }
         else if (a == "-p" || a == "--prompt") { o.prompt = value(); }
         else if (a == "-n" || a == "--n-predict") { o.n_predict = parse_int(a, value(), 0, 1 << 20); }
         else if (a == "-t" || a == "--threads") { o.n_threads = parse_int(a, value(), 1, 256); }
@@ -253,7 +262,8 @@ RunnerOptions parse_options(int argc, char ** argv) {
     }
     o.engine_options_given = o.dense || predictor_given || o.cache_policy != "auto" || o.cache_bytes_given ||
                              o.memory_budget || o.io_backend_given || o.queue_depth != neuralink::kDefaultQueueDepth ||
-                             !o.direct_io || o.adaptive_collapse || o.down_rows != "on" || o.prompt_lookup > 0;
+                             !o.direct_io || o.adaptive_collapse || o.down_rows != "on" || o.prompt_lookup > 0 ||
+                             o.output_screen == "on";
     if (o.dense && !o.sidecar.empty()) {
         throw UsageError("--dense and --sidecar exclude each other");
     }
@@ -269,6 +279,7 @@ RunnerOptions parse_options(int argc, char ** argv) {
     }
     check_name("--io-backend", o.io_backend, { "auto", "uring", "pread" });
     check_name("--down-rows", o.down_rows, { "on", "trial", "off" });
+    check_name("--output-screen", o.output_screen, { "auto", "on", "off" });
     if ((o.dense || o.stock_ffn) && o.adaptive_collapse) {
         throw UsageError("--adaptive-collapse plans sidecar reads: it needs a sidecar, and --dense or --stock-ffn "
                          "reads none");

@@ -45,6 +45,8 @@ struct RunnerOptions {
     bool adaptive_collapse = false; // fit the read cost (and the collapse gap) to the reads' own timing
     std::string down_rows = "on"; // the converted GGUF's down rows where they pay (on), timed against the columns
                                    // (trial), or never (off), when the cache holds the whole store
+    std::string output_screen = "auto"; // a coarse copy of an untied output matrix in its place (output_screen.h):
+                                        // under a budget (auto), always (on) or never (off)
     bool direct_io = true;
     std::string prompt;
     int n_predict = 64;

@@ -329,8 +329,35 @@ std::string Engine::check_layer(const FfnLayer & L, const llama_ffn_hook_layer &
     return "";
 }
 
+void Engine::screen_output(const OutputScreenOptions & options) {
+    output_screen_ = std::make_unique<OutputScreen>(model_, options);
+    output_taken_ = false;
+}
+
+void Engine::drop_output_screen() {
+    output_screen_.reset();
+    output_taken_ = false;
+}
+
+bool Engine::llama_reads_every_token(const TensorInfo & t) const {
+    if (output_screen_ && t.name == output_screen_->name()) {
+        return false;
+    }
+    return read_every_token(model_, t);
+}
+
 int32_t Engine::take(const llama_ffn_hook_layer & d, int32_t * n_phases) {
-    if (d.il < 0 || d.il >= n_layer()) {
+    if (d.kind == LLAMA_FFN_HOOK_KIND_OUTPUT) {
+        if (!output_screen_ || !same_name(d.up, output_screen_->name()) || d.n_embd != output_screen_->n_embd() ||
+                d.n_out != output_screen_->n_vocab()) {
+            return -1;
+        }
+        output_screen_->reserve(d.n_tokens);
+        output_taken_ = true;
+        *n_phases = OutputScreen::kPhases;
+        return kOutputHandle;
+    }
+    if (d.kind != LLAMA_FFN_HOOK_KIND_FFN || d.il < 0 || d.il >= n_layer()) {
         return -1;
     }
     LayerStatus & st = status_[d.il];
@@ -375,6 +402,10 @@ const LookupPages & Engine::bound_lookup_pages() {
 }
 
 void Engine::compute(int32_t handle, int32_t phase, const float * x, float * y, int64_t n_tokens, int ith, int nth) {
+    if (handle == kOutputHandle) {
+        output_screen_->phase(phase, x, y, n_tokens, ith, nth);
+        return;
+    }
     if (handle == 0 && phase == 0 && ith == 0) {
         release_lookup_pages(lookup_pages_); // this micro-batch's rows are in its input by now
     }

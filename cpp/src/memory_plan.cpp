@@ -297,7 +297,7 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     // what llama.cpp reads every token (residency.h's rule, the tensors it locks); the embedding counts below.
     // Read into its heap (use_mmap=False) they are in the load heap, the whole embedding table with them
     for (const TensorInfo & t : model.tensors()) {
-        if (!weights_in_heap && read_every_token(model, t) && &t != embedding) {
+        if (!weights_in_heap && engine.llama_reads_every_token(t) && &t != embedding) {
             p.non_ffn_weights += t.nbytes;
         }
     }
@@ -313,7 +313,9 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
         p.token_embedding = tied ? embedding->nbytes : std::min(embedding->nbytes, touched);
     }
     const LlamaBuffers buffers = parse_buffer_sizes(llama_log);
-    p.engine_resident = sparse.resident_bytes();
+    const OutputScreen * screen = engine.output_screen();
+    // the output screen's coarse copy stands in for the output matrix (not counted above)
+    p.engine_resident = sparse.resident_bytes() + (screen ? screen->resident_bytes() : 0);
     p.kv_cache = buffers.kv_cache;
     // gate rows streamed since the load were resident when the growth was measured
     const uint64_t reported = buffers.kv_cache + p.engine_resident + sparse.released_bytes();
@@ -350,7 +352,7 @@ MemoryPlan plan_memory(const neuralink::Engine & engine, uint64_t budget, uint64
     const bool copies = policy == CachePolicy::Lru || policy == CachePolicy::S3Fifo || policy == CachePolicy::Linking;
     const uint64_t reads = policy == CachePolicy::Stream ? sparse.stream_buffer_bytes() : (copies ? 2 : 1) * layer_store;
     p.engine_scratch = reads + (uint64_t) n_threads * per_thread + (uint64_t) n_ubatch * n_ff * 6 +
-                       sparse.gate_stream_bytes();
+                       sparse.gate_stream_bytes() + (screen ? screen->scratch_bytes(n_threads) : 0);
     return p;
 }
 

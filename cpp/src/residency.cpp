@@ -90,7 +90,7 @@ const TensorInfo * untied_embedding(const GgufModel & model) {
 constexpr uint64_t kLockPiece = 4 << 20;
 constexpr uint64_t kLockAhead = 8 * kLockPiece;
 
-LockedPages lock_every_token_weights(const GgufModel & model) {
+LockedPages lock_every_token_weights(const GgufModel & model, const std::string & except) {
     LockedPages result;
     const std::vector<Mapping> maps = mappings_of(model.path());
     if (maps.empty()) {
@@ -103,7 +103,7 @@ LockedPages lock_every_token_weights(const GgufModel & model) {
     std::vector<Pages> tensors;
     std::vector<FileRange> in_file;
     for (const TensorInfo & t : model.tensors()) {
-        if (!read_every_token(model, t) || t.nbytes == 0) continue;
+        if (!read_every_token(model, t) || t.nbytes == 0 || t.name == except) continue;
         const Mapping * m = mapping_holding(maps, t);
         if (!m) {
             result.error = "tensor '" + t.name + "' lies outside this process's mappings of " + model.path();

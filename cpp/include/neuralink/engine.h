@@ -7,6 +7,7 @@
 #include "neuralink/direct_file.h"
 #include "neuralink/ffn_layer.h"
 #include "neuralink/gguf_model.h"
+#include "neuralink/output_screen.h"
 #include "neuralink/residency.h"
 #include "neuralink/sparse_ffn.h"
 
@@ -128,6 +129,22 @@ public:
     // the table bounded, why not or '').
     const LookupPages & bound_lookup_pages();
 
+    // Makes the coarse copy of the untied output matrix and offers to take the output product (output_screen.h),
+    // for a memory budget: before llama.cpp loads the model (with the output matrix mapped lazily). Throws
+    // UnsupportedModelError where OutputScreen::unsupported says why not, IoError for a failed read.
+    void screen_output(const OutputScreenOptions & options);
+    // Frees it (llama.cpp computes the output product itself from then on, once its graphs are rebuilt): where
+    // llama.cpp did not hand the engine the product (a LoRA on the output matrix, say).
+    void drop_output_screen();
+    // the screen, or null
+    const OutputScreen * output_screen() const { return output_screen_.get(); }
+    OutputScreen * output_screen() { return output_screen_.get(); }
+    // whether llama.cpp handed the output product to the screen when it built its graphs
+    bool output_taken() const { return output_taken_; }
+    // Whether llama.cpp reads tensor t every token, so it stays resident (residency.h's rule), less the output
+    // matrix while the engine screens it.
+    bool llama_reads_every_token(const TensorInfo & t) const;
+
     // the sparse evaluator when a sidecar is used, else null
     SparseFfn * sparse() { return sparse_.get(); }
     const SparseFfn * sparse() const { return sparse_.get(); }
@@ -157,6 +174,11 @@ private:
     std::string io_note_;
     uint64_t tokens_computed_ = 0;
     LookupPages lookup_pages_;
+    std::unique_ptr<OutputScreen> output_screen_;
+    bool output_taken_ = false;
 };
+
+// the hook handle of the output product (layers' handles are their indices)
+constexpr int32_t kOutputHandle = 1 << 24;
 
 } // namespace neuralink

@@ -27,7 +27,8 @@ struct LockedPages {
 // Locks the pages of every tensor read_every_token selects in this process's mapping of the model file (the
 // one llama.cpp made; found in /proc/self/maps). Faults them in now. Never throws: a failure (no mapping,
 // RLIMIT_MEMLOCK) is reported in `error` with what was locked before it.
-LockedPages lock_every_token_weights(const GgufModel & model);
+// `except`: a tensor left out (the output matrix an output screen stands in for), or "".
+LockedPages lock_every_token_weights(const GgufModel & model, const std::string & except = "");
 
 // An untied token embedding is only looked up, a row per token, but a lookup
 // maps far more than its row: the kernel reads ahead (8 MiB on some disks)

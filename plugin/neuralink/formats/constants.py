@@ -6,6 +6,8 @@ from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
 
 # kv override understood by the patched loader (LLAMA_FFN_HOOK_LAZY_WEIGHTS_KEY in llama-ffn-hook.h)
 LAZY_FFN_WEIGHTS_KEY = "ffn_hook.lazy_weights"
+# and for an untied output matrix an output screen serves (LLAMA_FFN_HOOK_LAZY_OUTPUT_KEY)
+LAZY_OUTPUT_KEY = "ffn_hook.lazy_output"
 
 # per-layer FFN tensor names, from gguf's own table ("blk.{bid}.ffn_up" ...)
 FFN_GATE = TENSOR_NAMES[MODEL_TENSOR.FFN_GATE] + ".weight"

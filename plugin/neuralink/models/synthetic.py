@@ -227,6 +227,7 @@ def _add_tensors(
     n_head: int,
     n_head_kv: int,
     seed: int,
+    output_qtype: QType | None = None,
 ) -> None:
     spec = ARCH_SPECS[arch]
     rng = np.random.default_rng(seed)
@@ -249,7 +250,10 @@ def _add_tensors(
     writer.add_tensor(_tensor_name(MODEL_TENSOR.TOKEN_EMBD), embd.astype(outer_dtype))
     writer.add_tensor(_tensor_name(MODEL_TENSOR.OUTPUT_NORM), ones)
     output = random_matrix(n_vocab, n_embd, _OUTPUT_SCALE)
-    writer.add_tensor(_tensor_name(MODEL_TENSOR.OUTPUT), output.astype(outer_dtype))
+    if output_qtype is None:
+        writer.add_tensor(_tensor_name(MODEL_TENSOR.OUTPUT), output.astype(outer_dtype))
+    else:
+        writer.add_tensor(_tensor_name(MODEL_TENSOR.OUTPUT), _encode(output, output_qtype), raw_dtype=output_qtype)
 
     for il in range(n_layer):
         # llama.cpp multiplies by the stored norm weight (gemma's converter already folded in the +1)
@@ -297,18 +301,21 @@ def write_synthetic_model(
     context_length: int = 512,
     seed: int = 0,
     ffn_weights: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    output_type: str | None = None,
 ) -> Path:
     """Write a tiny random-weight `arch` model that llama.cpp loads, and return its path.
 
     All attention and FFN matrices are stored in `weight_type` (a ggml type name);
     token embeddings and the output matrix in F32 for f32 models, F16 otherwise; norms are F32 ones.
     `ffn_weights[layer]` may replace "gate"/"up" (shape (n_ff, n_embd), one row
-    per neuron) and "down" (shape (n_embd, n_ff)) of a layer. The file is written
+    per neuron) and "down" (shape (n_embd, n_ff)) of a layer. `output_type` stores the output matrix in
+    that ggml type instead (as Q4_K_M models store theirs in q6_K). The file is written
     to a temporary name and renamed, so `path` is either complete or untouched.
     """
     if arch not in ARCH_SPECS:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {list(ARCH_SPECS)}")
     qtype = resolve_weight_type(weight_type)
+    output_qtype = resolve_weight_type(output_type) if output_type is not None else None
     dims = dict(n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv)
     _check_dimensions(qtype, context_length=context_length, **dims)
     overrides = _check_ffn_overrides(ffn_weights or {}, arch, n_layer, n_embd, n_ff)
@@ -318,7 +325,7 @@ def write_synthetic_model(
     with atomic_gguf(path, MODEL_ARCH_NAMES[ARCH_SPECS[arch].model_arch]) as writer:
         quantized = qtype not in (QType.F32, QType.F16, QType.BF16)
         _add_metadata(writer, arch, vocab, context_length=context_length, quantized=quantized, **dims)
-        _add_tensors(writer, arch, qtype, len(vocab.tokens), overrides, seed=seed, **dims)
+        _add_tensors(writer, arch, qtype, len(vocab.tokens), overrides, seed=seed, output_qtype=output_qtype, **dims)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -34,6 +34,7 @@ class FfnHookLayer(ctypes.Structure):
         ("up_bias", ctypes.c_char_p),
         ("gate_bias", ctypes.c_char_p),
         ("down_bias", ctypes.c_char_p),
+        ("kind", ctypes.c_int32),  # enum llama_ffn_hook_kind: 0 a layer's FFN, 1 the output matrix's product
     ]
 
 

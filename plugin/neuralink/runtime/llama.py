@@ -38,6 +38,7 @@ from neuralink.runtime.hook import FfnHookApi, detach_before_free, ffn_hook_api
 from neuralink.runtime.llama_ffn import FFN_CHOICES, FfnChoice, engine_options_given
 from neuralink.runtime.llama_memory import MemoryPlanning
 from neuralink.runtime.llama_params import outputs_per_micro_batch, without_weight_repacking
+from neuralink.runtime.output_screen import OUTPUT_SCREEN_CHOICES, confirm_output_screen, start_output_screen
 from neuralink.runtime.memory_budget import (
     MemoryPlan,
     anonymous_resident_bytes,
@@ -45,7 +46,6 @@ from neuralink.runtime.memory_budget import (
     bound_lookup_pages,
     capture_llama_log,
     check_memory_plan,
-    hold_down_rows,
     llama_fits_whole,
     lock_every_token_weights,
     memory_budget_bytes,
@@ -159,7 +159,7 @@ class Llama(FfnChoice, PromptLookupDrafts, FfnReporting, MemoryPlanning, Sampler
         (``memory_budget.llama_fits_whole``: the memory there is, as above) and none of the engine's own arguments
         (sidecar=False, predictor, cache_policy, cache_bytes, queue_depth, io_backend, collapse_gap,
         adaptive_collapse, memory_budget, direct_io, the thresholds, down_rows, preload, lock_weights,
-        prompt_lookup above 0) is given; else the engine. Why: ``neuralink.runtime.llama_ffn``.
+        prompt_lookup above 0, output_screen=True) is given; else the engine. Why: ``neuralink.runtime.llama_ffn``.
     prompt_lookup:
         decode with prompt lookup drafts of this many tokens (the continuation of the most recent earlier
         occurrence of the last tokens), each verified in one batch, whose records are read once for all its
@@ -168,6 +168,11 @@ class Llama(FfnChoice, PromptLookupDrafts, FfnReporting, MemoryPlanning, Sampler
         takes 35 % of a token: ``stall_share``); 0: none. Greedy text can differ where two tokens nearly tie
         (a batch sums in another order than one token, in stock llama.cpp too).
         llama-cpp-python's ``draft_model=`` replaces it, verified with the rows it samples (engine.md, "Drafts").
+    output_screen:
+        under a budget (``"auto"``, the default) a q3_K copy of an untied output matrix ranks the vocabulary, and the
+        rows within 10 nats of its maximum are multiplied exactly, as llama.cpp does (Qwen2.5-Coder-1.5B: 101 MiB
+        resident instead of 182.6); greedy decoding takes llama.cpp's token, unlikely tokens keep the copy's logits
+        (engine.md, "The output screen"). True: always (refused where the model cannot have it); False: never.
 
     The default predictor is the one the conversion validated (its quality
     search measured perplexity on held-out calibration text within the
@@ -208,6 +213,7 @@ class Llama(FfnChoice, PromptLookupDrafts, FfnReporting, MemoryPlanning, Sampler
         lock_weights: bool | None = None,
         prompt_lookup: int | None = None,
         ffn: str = "auto",
+        output_screen: bool | str = "auto",
         **kwargs: Any,
     ) -> None:
         self._hook_api: FfnHookApi | None = None
@@ -239,13 +245,15 @@ class Llama(FfnChoice, PromptLookupDrafts, FfnReporting, MemoryPlanning, Sampler
             raise OptionError(f"down_rows={down_rows!r}: expected True, False or 'trial'")
         if ffn not in FFN_CHOICES:
             raise OptionError(f"ffn={ffn!r}: expected one of {', '.join(map(repr, FFN_CHOICES))}")
+        if not any(output_screen is choice or output_screen == choice == "auto" for choice in OUTPUT_SCREEN_CHOICES):
+            raise OptionError(f"output_screen={output_screen!r}: expected 'auto', True or False")
         engine_options = engine_options_given(
             sidecar=sidecar, predictor=predictor, cache_policy=cache_policy, cache_bytes=cache_bytes,
             queue_depth=queue_depth, io_backend=io_backend, collapse_gap=collapse_gap,
             adaptive_collapse=adaptive_collapse, memory_budget=memory_budget, direct_io=direct_io,
             thresholds=thresholds, predictor_thresholds=predictor_thresholds,
             candidate_thresholds=candidate_thresholds, down_rows=down_rows, preload=preload, lock_weights=lock_weights,
-            prompt_lookup=prompt_lookup)
+            prompt_lookup=prompt_lookup, output_screen=output_screen)
         if ffn == "llama" and engine_options:
             raise OptionError(f"{', '.join(engine_options)}: the engine's, but ffn='llama' has llama.cpp compute "
                               "the FFNs")
@@ -321,14 +329,16 @@ class Llama(FfnChoice, PromptLookupDrafts, FfnReporting, MemoryPlanning, Sampler
         bounded = memory_budget is not None or tight_cgroup_limit(engine, automatic, kwargs, baseline)
         if bounded and "n_batch" not in kwargs and not kwargs.get("embedding"):
             kwargs["n_batch"] = BUDGET_N_BATCH  # (an embedding's whole input must fit one batch: not then)
+        kv_overrides = dict(kwargs.pop("kv_overrides", None) or {})
+        kv_overrides[LAZY_FFN_WEIGHTS_KEY] = True
+        # before the plans count it: a coarse copy of the output matrix in its place, the matrix mapped lazily
+        start_output_screen(engine, output_screen, bounded, model_path, kwargs["n_threads"], kv_overrides)
         if budget is not None and (automatic is None or automatic[2]):
             # below the minimum before llama.cpp allocates its KV cache (n_ctx=0 under a cgroup's limit was killed)
             refuse_before_load(engine, budget, baseline, model_path, kwargs, automatic[1] if automatic else None)
         # llama.cpp's mlock would lock the whole mapping, the FFN tensors the engine reads itself included (1 GB on
         # Qwen2.5-Coder-1.5B; llama-cpp-python's server asks for it by default): the every-token weights instead
         use_mlock = bool(kwargs.pop("use_mlock", False))
-        kv_overrides = dict(kwargs.pop("kv_overrides", None) or {})
-        kv_overrides[LAZY_FFN_WEIGHTS_KEY] = True
         # llama.cpp reports its KV, output and compute buffers in its log; attaching re-reserves the latter
         repack = repack_weights if repack_weights is not None else not bounded
         # logits_all or embeddings need a whole micro-batch of output rows; else one (38 -> 4 MiB of compute buffer
@@ -346,6 +356,7 @@ class Llama(FfnChoice, PromptLookupDrafts, FfnReporting, MemoryPlanning, Sampler
                 outputs_per_micro_batch(rows) if rows else contextlib.nullcontext():
             super().__init__(model_path, *args, kv_overrides=kv_overrides, **kwargs)
             api.attach(self._ctx.ctx, engine.hook_address)
+            confirm_output_screen(engine, model_path)
             # what the load parsed and freed (llama.cpp's vocabulary maps, the GGUF's metadata) leaves the heap
             release_free_heap()
             load_anon_growth = max(0, anonymous_resident_bytes() - anon_before)
@@ -410,21 +421,8 @@ class Llama(FfnChoice, PromptLookupDrafts, FfnReporting, MemoryPlanning, Sampler
                                locked / 2**20)
             else:
                 logger.info("%s: %.0f MiB of weights read every token locked in RAM", model_path, locked / 2**20)
-        if down_rows and engine.cache_holds_store:
-            try:
-                hold_down_rows(engine, model_path, self.memory_plan, cache_bytes, trial=down_rows == "trial")
-            except Exception:
-                self.close()
-                raise
-        if preload and engine.cache_holds_store:  # from a budget, the memory there is, or cache_bytes
-            start = time.perf_counter()
-            try:
-                filled = engine.fill_cache()
-            except Exception:
-                self.close()
-                raise
-            logger.info("%s: bundle store read into the cache: %.0f MiB in %.2f s", model_path, filled / 2**20,
-                        time.perf_counter() - start)
+        if engine.cache_holds_store:  # from a budget, the memory there is, or cache_bytes
+            self._hold_store(down_rows, preload, cache_bytes)
         self._neuralink_args = dict(sidecar=sidecar, predictor=predictor, cache_policy=cache_policy,
                                     cache_bytes=cache_bytes, queue_depth=queue_depth, io_backend=io_backend,
                                     collapse_gap=collapse_gap, adaptive_collapse=adaptive_collapse,
@@ -432,7 +430,8 @@ class Llama(FfnChoice, PromptLookupDrafts, FfnReporting, MemoryPlanning, Sampler
                                     thresholds=thresholds, predictor_thresholds=predictor_thresholds,
                                     repack_weights=repack_weights, preload=preload,
                                     candidate_thresholds=candidate_thresholds, lock_weights=lock_weights,
-                                    prompt_lookup=prompt_lookup, use_mlock=use_mlock, ffn=ffn)
+                                    prompt_lookup=prompt_lookup, use_mlock=use_mlock, ffn=ffn,
+                                    output_screen=output_screen)
         self._start_reporting()
 
         refused = [s for s in engine.layer_status() if not s.taken]

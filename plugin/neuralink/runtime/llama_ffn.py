@@ -31,7 +31,7 @@ def engine_options_given(*, sidecar: Any, predictor: str | None, cache_policy: s
                          queue_depth: int, io_backend: str, collapse_gap: int | None, adaptive_collapse: bool,
                          memory_budget: Any, direct_io: bool, thresholds: Any, predictor_thresholds: Any,
                          candidate_thresholds: Any, down_rows: bool | str, preload: bool, lock_weights: bool | None,
-                         prompt_lookup: int | None) -> list[str]:
+                         prompt_lookup: int | None, output_screen: Any = "auto") -> list[str]:
     """The names of neuralink.Llama's engine arguments given other than their defaults: whoever gives one asks
     for the engine (ffn='auto' then runs it; ffn='llama' refuses them). prompt_lookup=0 (no drafts) is not one:
     llama.cpp's FFN drafts nothing either."""
@@ -44,7 +44,7 @@ def engine_options_given(*, sidecar: Any, predictor: str | None, cache_policy: s
         ("thresholds", thresholds is not None), ("predictor_thresholds", predictor_thresholds is not None),
         ("candidate_thresholds", candidate_thresholds is not None), ("down_rows", down_rows is not True),
         ("preload", preload is not True), ("lock_weights", lock_weights is not None),
-        ("prompt_lookup", prompt_lookup not in (None, 0))) if given]
+        ("prompt_lookup", prompt_lookup not in (None, 0)), ("output_screen", output_screen is True)) if given]
 
 
 class FfnChoice:

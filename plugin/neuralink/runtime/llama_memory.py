@@ -1,14 +1,15 @@
 """neuralink.Llama's memory plan under a budget: what it counts of the process, and the gate rows it streams to
 fit (a mixin before llama_cpp.Llama: it needs the Llama's ``engine``, ``memory_plan``, ``model_path``, its
-context's parameters and its logits arrays)."""
+context's parameters and its logits arrays), and the store it holds whole."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 import llama_cpp
 
-from neuralink.runtime.memory_budget import MemoryPlan, gate_layers_to_stream, plan_memory
+from neuralink.runtime.memory_budget import MemoryPlan, gate_layers_to_stream, hold_down_rows, plan_memory
 
 # its messages are neuralink.Llama's
 logger = logging.getLogger("neuralink.runtime.llama")
@@ -50,3 +51,20 @@ class MemoryPlanning:
                     "region stream's buffers under cache policy auto or stream)",
                     self.model_path, layers, self.engine.n_layer, before / 2**20, self.memory_plan.minimum / 2**20,
                     budget / 2**20)
+
+    def _hold_store(self, down_rows: bool | str, preload: bool, cache_bytes: int) -> None:
+        """With a cache that holds the whole store: the converted GGUF's down rows where they pay (down_rows=,
+        memory_budget.hold_down_rows), then the store read in long sequential reads (preload=). A failure closes
+        the Llama before it is raised."""
+        engine = self.engine
+        try:
+            if down_rows:
+                hold_down_rows(engine, self.model_path, self.memory_plan, cache_bytes, trial=down_rows == "trial")
+            if preload:
+                start = time.perf_counter()
+                filled = engine.fill_cache()
+                logger.info("%s: bundle store read into the cache: %.0f MiB in %.2f s", self.model_path,
+                            filled / 2**20, time.perf_counter() - start)
+        except Exception:
+            self.close()
+            raise

@@ -87,10 +87,13 @@ def configure_e2e_parser(parser: argparse.ArgumentParser) -> None:
                              "neuralink-generate: neuralink decoding through llama-cpp-python's generate() and "
                              "sampler, as completions do (the others call eval and take the argmax), with the "
                              "prompt lookup drafts neuralink.Llama decides on; neuralink-nodraft: the same without "
-                             "drafts; neuralink-draft: with drafts of --draft-tokens always; runner: the native "
+                             "drafts; neuralink-draft: with drafts of --draft-tokens always; neuralink-noscreen: "
+                             "neuralink with output_screen=False (the output matrix resident, as llama.cpp reads "
+                             "it, where a budget would screen it); runner: the native "
                              "runner neuralink-run (--runner) with its defaults, one process per prompt; "
                              "runner-nodraft: the same with --prompt-lookup 0; runner-engine: runner-nodraft with "
-                             "--ffn engine (the engine even where the model fits whole); runner-stock: stock llama.cpp in the same "
+                             "--ffn engine (the engine even where the model fits whole); runner-noscreen: runner-nodraft with "
+                             "--output-screen off; runner-stock: stock llama.cpp in the same "
                              "binary (--stock-ffn on --stock-model), the runner variants' baseline; to compare them "
                              "side by side")
     parser.add_argument("--prompts-from", type=Path, default=SHARED_TEXT,

@@ -247,6 +247,10 @@ def format_table(results: list[RunResult]) -> str:
         if by_llama:
             notes = "; ".join(filter(None, [notes, f"FFN by llama.cpp (the model fits in memory) in {by_llama} of "
                                                    f"{len(nl.runs)} runs"]))
+        screened = [r["exact_output_rows"] for r in (nl.runs if nl else []) if r.get("exact_output_rows") is not None]
+        if screened:
+            notes = "; ".join(filter(None, [notes, f"output screened, {statistics.median(screened):.0f} exact rows "
+                                                   "a token"]))
         stall = nl.median("stall_s_per_token") if nl else None
         read_mib = nl.median("bytes_per_token") if nl else None
         lines.append(

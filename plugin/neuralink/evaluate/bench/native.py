@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from neuralink.evaluate.bench.e2e import E2eSettings
 
-RUNNER_VARIANTS = ("runner", "runner-nodraft", "runner-engine", "runner-stock")
+RUNNER_VARIANTS = ("runner", "runner-nodraft", "runner-engine", "runner-stock", "runner-noscreen")
 
 _PHASE = re.compile(r"^(prompt|generation) +(\d+) tokens +([0-9.]+) s +([0-9.]+) tok/s")
 _COUNTERS = re.compile(r"^ +reads/token ([0-9.]+) +bytes/token ([0-9.]+) KiB .*cache hits ([0-9.]+)%")
@@ -75,8 +75,10 @@ def runner_command(variant: str, settings: E2eSettings, prompt: str, budget: int
         command += ["--memory-budget", str(budget)]
     if settings.predictor:
         command += ["--predictor", settings.predictor]
-    if variant in ("runner-nodraft", "runner-engine"):
+    if variant in ("runner-nodraft", "runner-engine", "runner-noscreen"):
         command += ["--prompt-lookup", "0"]
+    if variant == "runner-noscreen":
+        command += ["--output-screen", "off"]
     if variant == "runner-engine":
         command += ["--ffn", "engine"]
     return command

@@ -19,7 +19,8 @@ from typing import Any
 
 # what `bench e2e --variants` runs besides stock: neuralink.Llama with its defaults, or with one setting forced
 NEURALINK_VARIANTS = ("neuralink", "neuralink-engine", "neuralink-adaptive", "neuralink-pinned", "neuralink-stream",
-                      "neuralink-columns", "neuralink-generate", "neuralink-nodraft", "neuralink-draft")
+                      "neuralink-columns", "neuralink-generate", "neuralink-nodraft", "neuralink-draft",
+                      "neuralink-noscreen")
 # what users get (ffn='auto': llama.cpp's own FFN where the whole model fits the memory there is); every other
 # variant forces the engine
 AUTO_FFN_VARIANTS = ("neuralink", "neuralink-generate", "neuralink-nodraft")
@@ -130,6 +131,7 @@ def run(args: argparse.Namespace) -> dict:
                               cache_policy=VARIANT_CACHE_POLICY.get(args.variant, args.cache_policy),
                               adaptive_collapse=args.variant == "neuralink-adaptive",
                               down_rows=args.variant != "neuralink-columns", **overrides, **context,
+                              output_screen=False if args.variant == "neuralink-noscreen" else "auto",
                               **_draft(args), ffn="auto" if args.variant in AUTO_FFN_VARIANTS else "engine")
     load_s = time.perf_counter() - start
     prompts = json.loads(Path(args.prompts).read_text())
@@ -188,6 +190,9 @@ def run(args: argparse.Namespace) -> dict:
             collapse_gap_bytes=llm.engine.collapse_gap_bytes,  # at the end (adaptive: the fit's)
             cache_policy=llm.engine.cache_policy,  # what auto chose
             down_trial=dict(llm.engine.down_trial),  # rows against columns, where the store is held whole
+            # the output screen's rows multiplied exactly, a row of logits (read through the page cache)
+            exact_output_rows=(screen["exact_rows"] / max(screen["tokens"], 1)
+                               if (screen := llm.engine.output_screen) else None),
         )
     llm.close()
     return result
