@@ -3,11 +3,8 @@
 #include "neuralink/errors.h"
 
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
 #include <fcntl.h>
 #include <thread>
-#include <unistd.h>
 
 namespace neuralink {
 
@@ -45,7 +42,7 @@ std::string OutputScreen::unsupported(const GgufModel & model, ggml_type coarse_
 }
 
 OutputScreen::OutputScreen(const GgufModel & model, const OutputScreenOptions & options)
-    : options_(options), path_(model.path()) {
+    : options_(options) {
     init_ggml_cpu();
     if (const std::string why = unsupported(model, options.coarse_type); !why.empty()) {
         throw UnsupportedModelError(model.path() + ": no output screen: " + why);
@@ -61,12 +58,9 @@ OutputScreen::OutputScreen(const GgufModel & model, const OutputScreenOptions & 
     exact_row_bytes_ = exact_->row_bytes(n_embd_);
     coarse_row_bytes_ = coarse_->row_bytes(n_embd_);
     act_row_bytes_ = exact_->act_row_bytes(n_embd_);
-    file_.fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (file_.fd < 0) {
-        throw IoError(path_ + ": cannot open for the output screen: " + std::strerror(errno));
-    }
+    file_ = std::make_unique<DirectFile>(model.path(), false);
     // exact rows are read one at a time, wherever the coarse ranking puts them: no read-ahead around them
-    (void) posix_fadvise(file_.fd, 0, 0, POSIX_FADV_RANDOM);
+    (void) posix_fadvise(file_->fd(), 0, 0, POSIX_FADV_RANDOM);
 
     coarse_bytes_.resize(coarse_row_bytes_ * (size_t) n_vocab_);
     const int nth = std::max(1, options.n_threads);
@@ -79,19 +73,14 @@ OutputScreen::OutputScreen(const GgufModel & model, const OutputScreenOptions & 
             const int64_t rows = std::min(kCopyRows, n_vocab_ - first);
             const size_t bytes = (size_t) rows * exact_row_bytes_;
             const uint64_t at = offset_ + (uint64_t) first * exact_row_bytes_;
-            size_t done = 0;
-            while (done < bytes) {
-                const ssize_t got = ::pread(file_.fd, raw.data() + done, bytes - done, (off_t) (at + done));
-                if (got <= 0) {
-                    if (got < 0 && errno == EINTR) continue;
-                    errors[(size_t) ith] = path_ + ": reading " + name_ + " for the output screen: " +
-                                           (got < 0 ? std::strerror(errno) : "the file ends early");
-                    return;
-                }
-                done += (size_t) got;
+            try {
+                file_->read_exact(at, raw.data(), bytes);
+            } catch (const std::exception & e) {
+                errors[(size_t) ith] = std::string(e.what()) + " (" + name_ + ", for the output screen)";
+                return;
             }
             // these pages are read once: not left in the page cache a memory cap charges
-            (void) posix_fadvise(file_.fd, (off_t) at, (off_t) bytes, POSIX_FADV_DONTNEED);
+            (void) posix_fadvise(file_->fd(), (off_t) at, (off_t) bytes, POSIX_FADV_DONTNEED);
             dequantize_rows(exact_->type, raw.data(), values.data(), rows, n_embd_);
             ggml_quantize_chunk(coarse_->type, values.data(), coarse_bytes_.data() + (size_t) first * coarse_row_bytes_,
                                 0, rows, n_embd_, nullptr);
@@ -154,17 +143,7 @@ void OutputScreen::reserve(int64_t n_tokens) {
 }
 
 void OutputScreen::read_row(int64_t row, uint8_t * dst) const {
-    const uint64_t at = offset_ + (uint64_t) row * exact_row_bytes_;
-    size_t done = 0;
-    while (done < exact_row_bytes_) {
-        const ssize_t got = ::pread(file_.fd, dst + done, exact_row_bytes_ - done, (off_t) (at + done));
-        if (got <= 0) {
-            if (got < 0 && errno == EINTR) continue;
-            throw IoError(path_ + ": reading row " + std::to_string(row) + " of " + name_ + ": " +
-                          (got < 0 ? std::strerror(errno) : "the file ends early"));
-        }
-        done += (size_t) got;
-    }
+    file_->read_exact(offset_ + (uint64_t) row * exact_row_bytes_, dst, exact_row_bytes_);
 }
 
 // the activations in the types' vec_dot_type, converted by each thread into a buffer of its own (there is no
@@ -246,7 +225,7 @@ void OutputScreen::list_exact_rows(const float * y, int64_t n_tokens) {
             if (!hit) {
                 reads_.push_back({ r, slot });
                 // the kernel reads every missing row at once, while this thread lists the rest
-                (void) posix_fadvise(file_.fd, (off_t) (offset_ + (uint64_t) r * exact_row_bytes_),
+                (void) posix_fadvise(file_->fd(), (off_t) (offset_ + (uint64_t) r * exact_row_bytes_),
                                      (off_t) exact_row_bytes_, POSIX_FADV_WILLNEED);
             }
             exact_list_.push_back({ t, r, slot });

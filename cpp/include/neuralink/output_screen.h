@@ -20,12 +20,13 @@
 // page cache does not keep them. The others are asked of the kernel all at
 // once (POSIX_FADV_WILLNEED) before the threads read them.
 
+#include "neuralink/direct_file.h"
 #include "neuralink/gguf_model.h"
-#include "neuralink/owned_fd.h"
 #include "neuralink/weight_types.h"
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -93,8 +94,8 @@ private:
     OutputScreenOptions options_;
     const WeightType * exact_ = nullptr;
     const WeightType * coarse_ = nullptr;
-    std::string path_, name_;
-    OwnedFd file_;
+    std::string name_;
+    std::unique_ptr<DirectFile> file_; // buffered: rows are read where the coarse ranking puts them
     int64_t n_embd_ = 0, n_vocab_ = 0;
     uint64_t offset_ = 0, matrix_bytes_ = 0;
     size_t exact_row_bytes_ = 0, coarse_row_bytes_ = 0, act_row_bytes_ = 0;
