@@ -76,8 +76,7 @@ void register_memory(py::module_ & m) {
           "The lowest minimum streaming gate rows can reach (every resident layer's streamed); the plan's own "
           "minimum where streaming would not lower it.");
     m.def("lock_every_token_weights", [](const Engine & engine) {
-              const LockedPages locked = lock_every_token_weights(
-                  engine.model(), engine.output_screen() ? engine.output_screen()->name() : std::string());
+              const LockedPages locked = lock_every_token_weights(engine.model(), engine.screened_tensor());
               return py::make_tuple(locked.bytes, locked.error);
           }, py::arg("engine"),
           "Lock (mlock) the pages of the tensors llama.cpp reads every token (attention, norms, output) in this "

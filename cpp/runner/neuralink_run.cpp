@@ -343,13 +343,14 @@ void load_llama(const RunnerOptions & o, neuralink::Engine * engine, LlamaLog & 
         // llama.cpp maps the FFN weights lazily: never prefetched, repacked or read by it; and the output matrix
         // an output screen stands in for
         int n = 0;
-        for (const char * key : { LLAMA_FFN_HOOK_LAZY_WEIGHTS_KEY, LLAMA_FFN_HOOK_LAZY_OUTPUT_KEY }) {
-            if (key == std::string(LLAMA_FFN_HOOK_LAZY_OUTPUT_KEY) && !engine->output_screen()) continue;
+        auto lazy = [&](const char * key) {
             overrides[n].tag = LLAMA_KV_OVERRIDE_TYPE_BOOL;
             std::snprintf(overrides[n].key, sizeof(overrides[n].key), "%s", key);
             overrides[n].val_bool = true;
             ++n;
-        }
+        };
+        lazy(LLAMA_FFN_HOOK_LAZY_WEIGHTS_KEY);
+        if (engine->output_screen()) lazy(LLAMA_FFN_HOOK_LAZY_OUTPUT_KEY);
         mparams.kv_overrides = overrides;
     }
     if (o.memory_budget || o.tight_cgroup) {
@@ -469,8 +470,8 @@ void apply_memory_budget(const RunnerOptions & o, neuralink::Engine & engine, co
     if (!automatic || o.tight_cgroup) {
         // the plan counts the weights read every token resident: keep them so under the cgroup's reclaim (with no
         // budget asked for, llama.cpp reads the repacked copies it made of them instead)
-        const neuralink::LockedPages locked = neuralink::lock_every_token_weights(
-            engine.model(), engine.output_screen() ? engine.output_screen()->name() : std::string());
+        const neuralink::LockedPages locked = neuralink::lock_every_token_weights(engine.model(),
+                                                                                  engine.screened_tensor());
         if (!locked.error.empty()) {
             note("%s; %.0f MiB locked, the rest may be evicted and read again", locked.error.c_str(),
                  locked.bytes / 1048576.0);

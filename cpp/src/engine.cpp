@@ -340,10 +340,7 @@ void Engine::drop_output_screen() {
 }
 
 bool Engine::llama_reads_every_token(const TensorInfo & t) const {
-    if (output_screen_ && t.name == output_screen_->name()) {
-        return false;
-    }
-    return read_every_token(model_, t);
+    return t.name != screened_tensor() && read_every_token(model_, t);
 }
 
 int32_t Engine::take(const llama_ffn_hook_layer & d, int32_t * n_phases) {

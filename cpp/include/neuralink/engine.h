@@ -144,6 +144,8 @@ public:
     // Whether llama.cpp reads tensor t every token, so it stays resident (residency.h's rule), less the output
     // matrix while the engine screens it.
     bool llama_reads_every_token(const TensorInfo & t) const;
+    // the tensor the screen stands in for, which is not locked (lock_every_token_weights's `except`), or ""
+    std::string screened_tensor() const { return output_screen_ ? output_screen_->name() : std::string(); }
 
     // the sparse evaluator when a sidecar is used, else null
     SparseFfn * sparse() { return sparse_.get(); }
