@@ -38,7 +38,7 @@ from neuralink.runtime.hook import FfnHookApi, detach_before_free, ffn_hook_api
 from neuralink.runtime.llama_ffn import FFN_CHOICES, FfnChoice, engine_options_given
 from neuralink.runtime.llama_memory import MemoryPlanning
 from neuralink.runtime.llama_params import outputs_per_micro_batch, without_weight_repacking
-from neuralink.runtime.output_screen import OUTPUT_SCREEN_CHOICES, confirm_output_screen, start_output_screen
+from neuralink.runtime.output_screen import check_output_screen_choice, confirm_output_screen, start_output_screen
 from neuralink.runtime.memory_budget import (
     MemoryPlan,
     anonymous_resident_bytes,
@@ -245,8 +245,7 @@ class Llama(FfnChoice, PromptLookupDrafts, FfnReporting, MemoryPlanning, Sampler
             raise OptionError(f"down_rows={down_rows!r}: expected True, False or 'trial'")
         if ffn not in FFN_CHOICES:
             raise OptionError(f"ffn={ffn!r}: expected one of {', '.join(map(repr, FFN_CHOICES))}")
-        if not any(output_screen is choice or output_screen == choice == "auto" for choice in OUTPUT_SCREEN_CHOICES):
-            raise OptionError(f"output_screen={output_screen!r}: expected 'auto', True or False")
+        check_output_screen_choice(output_screen)
         engine_options = engine_options_given(
             sidecar=sidecar, predictor=predictor, cache_policy=cache_policy, cache_bytes=cache_bytes,
             queue_depth=queue_depth, io_backend=io_backend, collapse_gap=collapse_gap,

@@ -18,16 +18,21 @@ import time
 from typing import Any
 
 from neuralink import _engine
-from neuralink.errors import UnsupportedModelError
+from neuralink.errors import OptionError, UnsupportedModelError
 from neuralink.formats.constants import LAZY_OUTPUT_KEY
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_SCREEN_CHOICES = ("auto", True, False)  # neuralink.Llama checks its argument against these
 # the coarse copy's type and the margin (nats below the coarse maximum) within which rows are multiplied exactly:
 # the engine's (OutputScreenOptions), which neuralink-run uses too
 OUTPUT_SCREEN_TYPE: str = _engine.OUTPUT_SCREEN_TYPE
 OUTPUT_SCREEN_MARGIN: float = _engine.OUTPUT_SCREEN_MARGIN
+
+
+def check_output_screen_choice(choice: Any) -> None:
+    """OptionError unless `choice` (neuralink.Llama's output_screen) is "auto", True or False (not 1 or 0)."""
+    if not (choice == "auto" or isinstance(choice, bool)):
+        raise OptionError(f"output_screen={choice!r}: expected 'auto', True or False")
 
 
 def start_output_screen(engine: _engine.Engine, choice: Any, bounded: bool, model_path: str | os.PathLike[str],
