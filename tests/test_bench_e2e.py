@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from neuralink.evaluate.bench.e2e import E2eSettings, RunResult, format_table
 from neuralink.evaluate.bench.native import run_native, runner_command, runner_minimum
@@ -118,3 +121,32 @@ def test_the_runners_minimum_is_the_budget_it_accepts(runner, converted_model) -
     assert "below the minimum" in refused["error"]
     accepted = run_native("runner", settings, ["a prompt"], budget=minimum + (2 << 20), cgroup=None)
     assert "error" not in accepted, accepted
+
+
+def test_the_read_rate_is_set_beside_the_disks_sequential_rate() -> None:
+    nl = _run("800MB", "neuralink", 8.0, bytes_per_token=250e6)
+    nl.disk_rates = [4.0e9, 5.0e9, 4.5e9]
+    cells = format_table([_run("800MB", "stock", 1.0), nl]).splitlines()[2].split("|")[1:-1]
+    # 250 MB a token at 8 tok/s is 2 GB/s, against the rounds' median 4.5 GB/s
+    assert cells[8].strip() == "2.00 of 4.50 (0.44)"
+    # no disk rate (direct I/O unavailable): the rate alone; nothing read: a dash
+    nl.disk_rates = []
+    assert format_table([nl]).splitlines()[2].split("|")[9].strip() == "2.00"
+    assert format_table([_run("none", "neuralink", 9.0)]).splitlines()[2].split("|")[9].strip() == "—"
+
+
+def test_the_disks_rate_is_measured_with_direct_reads(tmp_path) -> None:
+    from neuralink.evaluate.bench.e2e import PEAK_READ_BYTES, disk_read_rate
+
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(2 * PEAK_READ_BYTES))
+    rate = disk_read_rate(data)
+    if rate is None:  # a filesystem without O_DIRECT (tmpfs): the rate would be the page cache's
+        pytest.skip(f"{tmp_path} does not take direct reads")
+    assert rate > 1e6
+    # a sidecar shorter than one read (a small model's) is read whole; an empty file has no rate
+    small = tmp_path / "small.bin"
+    small.write_bytes(os.urandom(3 * 4096 + 100))
+    assert disk_read_rate(small) > 1e5
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert disk_read_rate(tmp_path / "empty.bin") is None

@@ -7,6 +7,10 @@ first: stock `llama_cpp.Llama` (mmap, as users run it) against
 memory_budget = the cap. Same prompts (from a text, default emma.txt), greedy
 decoding. Prints a table (median over runs) and writes JSON and a PNG curve.
 Without the right to create cgroups it says so and runs uncapped.
+
+The table's "read GB/s" is what decoding read per second (bytes read a token
+times tok/s), beside the disk's sequential rate measured before every round
+of runs (long direct reads of the sidecar) and their ratio.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 from neuralink import _engine
 from neuralink.child import report_child_death
-from neuralink.errors import CgroupUnavailable
+from neuralink.errors import CgroupUnavailable, NeuralinkError
 from neuralink.evaluate.bench.native import RUNNER_VARIANTS, run_native
 from neuralink.evaluate.cgroup import MemoryCgroup
 from neuralink.formats.files import atomic_output
@@ -37,6 +41,13 @@ FALLBACK_PROMPTS = (
     "The three most useful things to know about flash storage are",
     "Once upon a time, in a small village by the sea, there lived",
 )
+# the disk's sequential rate, measured beside every round of runs: long direct reads of the sidecar at random
+# offsets, many in flight (128 reads of 4 MiB at depth 16: ~0.2 s at 2.5 GB/s), as a reference for the rate
+# decoding reads at. Decoding reads its regions in order, which storage may serve faster (read-ahead below the
+# VM): the ratio can pass 1.
+PEAK_READ_BYTES = 4 << 20
+PEAK_QUEUE_DEPTH = 16
+PEAK_READS = 128
 
 
 @dataclass(frozen=True)
@@ -72,12 +83,32 @@ class RunResult:
     variant: str
     runs: list[dict] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
+    disk_rates: list[float] = field(default_factory=list)  # the disk's sequential bytes/s, one per round
     note: str = ""
     crashed: bool = False
 
     def median(self, key: str) -> float | None:
         values = [r[key] for r in self.runs if key in r]
         return statistics.median(values) if values else None
+
+    def read_rate(self) -> float | None:
+        """Bytes read per second of decoding (MiB per token times tok/s), the median over runs."""
+        values = [r["bytes_per_token"] * r["tok_s"] for r in self.runs if r.get("bytes_per_token")]
+        return statistics.median(values) if values else None
+
+
+def disk_read_rate(path: Path) -> float | None:
+    """The sequential rate of the disk holding `path`, bytes/s: long direct reads of it, many in flight (reads
+    of the whole file where it is shorter than one). None where it cannot say: direct I/O not available (the
+    reads would come from the page cache), or the file too small or unreadable, which the runs will report."""
+    read_bytes = min(PEAK_READ_BYTES, path.stat().st_size // _engine.DIRECT_ALIGN * _engine.DIRECT_ALIGN)
+    if read_bytes == 0:
+        return None
+    try:
+        result = _engine.probe_reads(str(path), read_bytes, PEAK_QUEUE_DEPTH, PEAK_READS)
+    except (NeuralinkError, OSError):
+        return None
+    return result["bytes"] / result["seconds"] if result["direct"] and result["seconds"] > 0 else None
 
 
 def prompts_from(text_path: Path | None, n: int, words: int = 40) -> list[str]:
@@ -192,7 +223,10 @@ def run_e2e(settings: E2eSettings, progress: Callable[[str], None] = print) -> l
             rows = {variant: RunResult(cap, variant) for variant in settings.variants}
             # the variants take turns, run by run: a shared machine's slow minutes fall on both alike
             for _ in range(settings.runs):
+                rate = disk_read_rate(settings.sidecar)
                 for variant, row in rows.items():
+                    if rate is not None:
+                        row.disk_rates.append(rate)
                     if row.note:
                         continue  # it failed: its later runs would too
                     result, peak = run_worker(variant, cap, settings, prompts_file, use_cgroups)
@@ -216,8 +250,9 @@ def format_table(results: list[RunResult]) -> str:
     for r in results:
         by_cap.setdefault(r.cap, {})[r.variant] = r
     lines = ["| cap | stock tok/s | neuralink tok/s | neuralink / stock | stock peak MiB | neuralink peak MiB "
-             "| reads/token | MiB read/token | I/O stall ms/token | cache hits | TTFT s (stock, neuralink) | notes |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| reads/token | MiB read/token | read GB/s (disk's) | I/O stall ms/token | cache hits | TTFT s (stock, neuralink) "
+             "| notes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def fmt(v: float | None, spec: str) -> str:
         return "—" if v is None else format(v, spec)
@@ -253,10 +288,15 @@ def format_table(results: list[RunResult]) -> str:
                                                    "a token"]))
         stall = nl.median("stall_s_per_token") if nl else None
         read_mib = nl.median("bytes_per_token") if nl else None
+        rate = nl.read_rate() if nl else None
+        disk = statistics.median(nl.disk_rates) if nl and nl.disk_rates else None
+        rate_cell = "—" if rate is None else (f"{rate / 1e9:.2f}" if disk is None else
+                                              f"{rate / 1e9:.2f} of {disk / 1e9:.2f} ({rate / disk:.2f})")
         lines.append(
             f"| {cap} | {fmt(s_tok, '.2f')} | {fmt(n_tok, '.2f')} | {fmt(ratio, '.2f')} | {fmt(peak(stock), '.0f')} "
             f"| {fmt(peak(nl), '.0f')} | {fmt(nl.median('reads_per_token') if nl else None, '.0f')} "
-            f"| {fmt(read_mib / 2**20 if read_mib else None, '.2f')} | {fmt(stall * 1e3 if stall else None, '.2f')} "
+            f"| {fmt(read_mib / 2**20 if read_mib else None, '.2f')} | {rate_cell} "
+            f"| {fmt(stall * 1e3 if stall else None, '.2f')} "
             f"| {fmt(nl.median('cache_hit_rate') if nl else None, '.2f')} "
             f"| {fmt(stock.median('ttft_s') if stock else None, '.2f')}, {fmt(nl.median('ttft_s') if nl else None, '.2f')} "
             f"| {notes} |"
