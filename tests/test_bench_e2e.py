@@ -150,3 +150,4 @@ def test_the_disks_rate_is_measured_with_direct_reads(tmp_path) -> None:
     assert disk_read_rate(small) > 1e5
     (tmp_path / "empty.bin").write_bytes(b"")
     assert disk_read_rate(tmp_path / "empty.bin") is None
+    assert disk_read_rate(tmp_path / "missing.bin") is None

@@ -526,20 +526,22 @@ static void register_planner(py::module_ & m) {
 
 static void register_io(py::module_ & m) {
     m.def("probe_reads",
-          [](const std::string & path, size_t read_size, int queue_depth, uint64_t n_reads, uint64_t seed, bool direct) {
+          [](const std::string & path, size_t read_size, int queue_depth, uint64_t n_reads, uint64_t seed, bool direct,
+             bool in_order) {
               ProbeResult r;
               {
                   // only C++ buffers and threads are involved
                   py::gil_scoped_release release;
-                  r = probe_reads(path, read_size, queue_depth, n_reads, seed, direct);
+                  r = probe_reads(path, read_size, queue_depth, n_reads, seed, direct, in_order);
               }
               py::dict d;
               d["seconds"] = r.seconds; d["reads"] = r.reads; d["bytes"] = r.bytes; d["direct"] = r.direct;
               return d;
           },
           py::arg("path"), py::arg("read_size"), py::arg("queue_depth"), py::arg("n_reads"), py::arg("seed") = 0,
-          py::arg("direct") = true,
-          "Random aligned reads of one size with queue_depth in flight: {seconds, reads, bytes, direct}.");
+          py::arg("direct") = true, py::arg("in_order") = false,
+          "Random aligned reads of one size with queue_depth in flight (in_order: one after the other from the "
+          "file's start): {seconds, reads, bytes, direct}.");
     m.def("resident_fraction", &resident_fraction, py::arg("path"), py::arg("offset"), py::arg("length"),
           "Fraction of the pages of a file range that are in the page cache (mincore).");
     m.def("evict_from_page_cache", &evict_from_page_cache, py::arg("path"),

@@ -148,7 +148,7 @@ void IoPool::clear_error() {
 }
 
 ProbeResult probe_reads(const std::string & path, size_t read_size, int queue_depth, uint64_t n_reads,
-                        uint64_t seed, bool direct) {
+                        uint64_t seed, bool direct, bool in_order) {
     if (read_size == 0 || read_size % kDirectAlign) {
         throw std::invalid_argument("read size must be a positive multiple of " + std::to_string(kDirectAlign));
     }
@@ -175,7 +175,8 @@ ProbeResult probe_reads(const std::string & path, size_t read_size, int queue_de
             pool.wait(r);
         }
         if (i < n_reads) {
-            r.offset = (rng() % slots) * kDirectAlign;
+            // in order: the blocks that fit whole, one after the other, over and over
+            r.offset = in_order ? (i % (file.size() / read_size)) * read_size : (rng() % slots) * kDirectAlign;
             r.length = read_size;
             r.dst = buffers[i % ring].data();
             PendingRead * batch[] = { &r };

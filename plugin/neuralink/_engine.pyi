@@ -141,7 +141,8 @@ def plan_reads(
     max_read_bytes: int = 0,
 ) -> npt.NDArray[np.uint64]: ...
 def probe_reads(
-    path: str, read_size: int, queue_depth: int, n_reads: int, seed: int = 0, direct: bool = True
+    path: str, read_size: int, queue_depth: int, n_reads: int, seed: int = 0, direct: bool = True,
+    in_order: bool = False,
 ) -> dict[str, float | int | bool]: ...
 def resident_fraction(path: str, offset: int, length: int) -> float: ...
 def zero_dropped_pairs(

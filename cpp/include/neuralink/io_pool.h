@@ -100,8 +100,10 @@ struct ProbeResult {
 
 // Reads `n_reads` blocks of `read_size` bytes at random aligned offsets of the
 // file, keeping `queue_depth` in flight: the device's IOPS and bandwidth for
-// that read size and depth (direct I/O unless refused).
+// that read size and depth (direct I/O unless refused). `in_order`: one block
+// after the other from the file's start instead (from the start again at its
+// end), as a stream reads a region.
 ProbeResult probe_reads(const std::string & path, size_t read_size, int queue_depth, uint64_t n_reads,
-                        uint64_t seed, bool direct);
+                        uint64_t seed, bool direct, bool in_order = false);
 
 } // namespace neuralink

@@ -41,10 +41,9 @@ FALLBACK_PROMPTS = (
     "The three most useful things to know about flash storage are",
     "Once upon a time, in a small village by the sea, there lived",
 )
-# the disk's sequential rate, measured beside every round of runs: long direct reads of the sidecar at random
-# offsets, many in flight (128 reads of 4 MiB at depth 16: ~0.2 s at 2.5 GB/s), as a reference for the rate
-# decoding reads at. Decoding reads its regions in order, which storage may serve faster (read-ahead below the
-# VM): the ratio can pass 1.
+# the disk's sequential rate, measured beside every round of runs: long direct reads of the sidecar in order from
+# its start, many in flight (128 reads of 4 MiB at depth 16: ~0.2 s at 2.5 GB/s), as a reference for the rate
+# decoding reads at (its stream reads each region in order too)
 PEAK_READ_BYTES = 4 << 20
 PEAK_QUEUE_DEPTH = 16
 PEAK_READS = 128
@@ -92,20 +91,20 @@ class RunResult:
         return statistics.median(values) if values else None
 
     def read_rate(self) -> float | None:
-        """Bytes read per second of decoding (MiB per token times tok/s), the median over runs."""
+        """Bytes read per second of decoding (bytes read a token times tok/s), the median over runs."""
         values = [r["bytes_per_token"] * r["tok_s"] for r in self.runs if r.get("bytes_per_token")]
         return statistics.median(values) if values else None
 
 
 def disk_read_rate(path: Path) -> float | None:
-    """The sequential rate of the disk holding `path`, bytes/s: long direct reads of it, many in flight (reads
-    of the whole file where it is shorter than one). None where it cannot say: direct I/O not available (the
+    """The sequential rate of the disk holding `path`, bytes/s: long direct reads of it in order, many in flight
+    (of the whole file, again and again, where it is shorter than one read). None where it cannot say: direct I/O not available (the
     reads would come from the page cache), or the file too small or unreadable, which the runs will report."""
-    read_bytes = min(PEAK_READ_BYTES, path.stat().st_size // _engine.DIRECT_ALIGN * _engine.DIRECT_ALIGN)
-    if read_bytes == 0:
-        return None
     try:
-        result = _engine.probe_reads(str(path), read_bytes, PEAK_QUEUE_DEPTH, PEAK_READS)
+        read_bytes = min(PEAK_READ_BYTES, path.stat().st_size // _engine.DIRECT_ALIGN * _engine.DIRECT_ALIGN)
+        if read_bytes == 0:
+            return None
+        result = _engine.probe_reads(str(path), read_bytes, PEAK_QUEUE_DEPTH, PEAK_READS, in_order=True)
     except (NeuralinkError, OSError):
         return None
     return result["bytes"] / result["seconds"] if result["direct"] and result["seconds"] > 0 else None
