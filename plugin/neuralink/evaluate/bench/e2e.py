@@ -9,8 +9,10 @@ decoding. Prints a table (median over runs) and writes JSON and a PNG curve.
 Without the right to create cgroups it says so and runs uncapped.
 
 The table's "read GB/s" is what decoding read per second (bytes read a token
-times tok/s), beside the disk's sequential rate measured before every round
-of runs (long direct reads of the sidecar) and their ratio.
+times tok/s), beside the disk's sequential rate and their ratio: the highest
+of the rates measured before every round of runs and after each cap's last
+(long direct reads of the sidecar), so that a probe that fell in a slow
+moment of a shared disk does not flatter the ratio.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class RunResult:
     variant: str
     runs: list[dict] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
-    disk_rates: list[float] = field(default_factory=list)  # the disk's sequential bytes/s, one per round
+    disk_rates: list[float] = field(default_factory=list)  # the disk's bytes/s: before each round, after the last
     note: str = ""
     crashed: bool = False
 
@@ -108,6 +110,12 @@ def disk_read_rate(path: Path) -> float | None:
     except (NeuralinkError, OSError):
         return None
     return result["bytes"] / result["seconds"] if result["direct"] and result["seconds"] > 0 else None
+
+
+def disk_peak(results: list[RunResult]) -> float | None:
+    """The disk's sequential rate for the whole bench: the highest of its probes (a shared disk's speed moves
+    within seconds, and a probe in a slow moment would make decoding look closer to the disk's peak than it is)."""
+    return max((rate for r in results for rate in r.disk_rates), default=None)
 
 
 def prompts_from(text_path: Path | None, n: int, words: int = 40) -> list[str]:
@@ -221,13 +229,14 @@ def run_e2e(settings: E2eSettings, progress: Callable[[str], None] = print) -> l
         for cap in settings.caps:
             rows = {variant: RunResult(cap, variant) for variant in settings.variants}
             # the variants take turns, run by run: a shared machine's slow minutes fall on both alike
-            for _ in range(settings.runs):
+            for round_ in range(settings.runs + 1):
                 rate = disk_read_rate(settings.sidecar)
                 for variant, row in rows.items():
                     if rate is not None:
                         row.disk_rates.append(rate)
-                    if row.note:
-                        continue  # it failed: its later runs would too
+                    # a failed variant's later runs would fail too; the last round is the probe after the runs
+                    if row.note or round_ == settings.runs:
+                        continue
                     result, peak = run_worker(variant, cap, settings, prompts_file, use_cgroups)
                     if "error" in result:
                         row.crashed = bool(result.get("crashed"))
@@ -256,6 +265,7 @@ def format_table(results: list[RunResult]) -> str:
     def fmt(v: float | None, spec: str) -> str:
         return "—" if v is None else format(v, spec)
 
+    disk = disk_peak(results)
     # one line per cap and neuralink variant, each against the same stock runs: the runner's against stock
     # llama.cpp in the same binary where that ran (runner-stock), the others against stock llama-cpp-python
     baselines = ("stock", "runner-stock")
@@ -288,7 +298,6 @@ def format_table(results: list[RunResult]) -> str:
         stall = nl.median("stall_s_per_token") if nl else None
         read_mib = nl.median("bytes_per_token") if nl else None
         rate = nl.read_rate() if nl else None
-        disk = statistics.median(nl.disk_rates) if nl and nl.disk_rates else None
         rate_cell = "—" if rate is None else (f"{rate / 1e9:.2f}" if disk is None else
                                               f"{rate / 1e9:.2f} of {disk / 1e9:.2f} ({rate / disk:.2f})")
         lines.append(
