@@ -45,8 +45,31 @@ def test_conversion_writes_the_split_layout_and_measures_the_given_density(contr
         assert 0 < q["down_density"] < q["up_density"] <= 1.0
         # how far the measured setting moved the predictions from every neuron's, recorded with it
         assert q["kld"] > 0 and 0 < q["same_top"] <= 1 and q["measured"][-1]["kld"] == q["kld"]
+        # and how far from the source model: every neuron (the re-encoding alone), and the default setting
+        moved = q["against_source"]
+        assert 0 < moved["every_neuron"]["kld"] and 0 < moved["every_neuron"]["same_top"] <= 1
+        if header.default_predictor == "gate":
+            assert moved["default"]["kld"] > moved["every_neuron"]["kld"]
+        else:
+            assert moved["default"] == moved["every_neuron"]
         for il in range(header.n_layer):
             opened.verify_records(il)
+
+
+def test_the_record_says_what_the_down_columns_encoding_costs_against_the_source(
+        synthetic_model: ModelFactory, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The quality search holds its budgets against the conversion's own every neuron, blind to the down columns'
+    encoding; the record measures the conversion against the source model too, where q4_K columns move the
+    predictions further than q8_0 ones."""
+    source = synthetic_model("llama", "f32")
+    moved = {}
+    for down in ("q8_0", "q4_K"):
+        model, sidecar = converted_on_carried_text(source, tmp_path_factory.mktemp(f"source-{down}"), DENSITY,
+                                                   bundle_down_type=down)
+        with Sidecar.open(sidecar, model) as opened:
+            moved[down] = opened.header.quality["against_source"]["every_neuron"]
+    assert 0 < moved["q8_0"]["kld"] < moved["q4_K"]["kld"]
+    assert moved["q4_K"]["same_top"] <= moved["q8_0"]["same_top"]
 
 
 def test_a_divergence_budget_is_searched_recorded_and_said(synthetic_model: ModelFactory, tmp_path: Path,
@@ -70,6 +93,7 @@ def test_a_divergence_budget_is_searched_recorded_and_said(synthetic_model: Mode
         assert any(m["upper_bound"] <= 0.5 for m in sparse)
         assert q["chosen"] == "level 1.0" and opened.header.default_predictor == "dense"
     assert "(budget 1e-09)" in out
+    assert "against the source model on the same tokens: every neuron perplexity" in out
 
 
 @pytest.mark.parametrize("given", [None, "none"])

@@ -10,7 +10,8 @@ With --calibration, the end of the text is kept aside: the model is profiled
 and placed on the rest, and once the pair is written a quality search picks
 the sparsest per-layer densities whose perplexity on the held-out text stays
 within --ppl-budget of every neuron (default +1 %); the sidecar records what
-was chosen and measured, and neuralink.Llama runs it by default. Both files
+was chosen and measured (how far from the source model's predictions too),
+and neuralink.Llama runs it by default. Both files
 are written to temporary names and committed together (a kill leaves the old
 pair or the new one); the input is never modified. See docs/convert.md.
 """
@@ -31,6 +32,7 @@ from neuralink.convert.quality import (
     DEFAULT_BUDGET,
     DEFAULT_HELDOUT_TOKENS,
     DEFAULT_KLD_BUDGET,
+    against_source_text,
     bound_text,
     divergence_text,
 )
@@ -77,6 +79,8 @@ def print_summary(result: ConversionResult) -> None:
               f"{100 * q['perplexity_change']:+.2f} %{bound_text(q)} (budget {100 * q.get('budget', 0):.1f} %)"
               f"{divergence_text(q)}, up rows read {q.get('up_density', 1.0):.3f}, down columns "
               f"{q.get('down_density', 1.0):.3f} of (token, neuron) pairs")
+        if moved := against_source_text(q):
+            print(moved)
         if "lowrank" in q:
             lr = q["lowrank"]
             print(f"low-rank predictor (rank {lr['rank']}, {lr['resident_bytes'] / 2**20:.1f} MiB resident, no gate row): "

@@ -24,6 +24,7 @@ from neuralink.convert.quality import (
     DEFAULT_KLD_BUDGET,
     Allocation,
     ContributionScorer,
+    measure_against_source,
     measure_predictor,
     search,
 )
@@ -251,6 +252,7 @@ def convert_from_text(
                 setting, record = search(scorer, placement.selection, model.n_layer, budget=budget,
                                          kld_budget=kld_budget, allocation=allocation, fixed_density=density,
                                          progress=report)
+                record["against_source"] = measure_against_source(scorer, model_path, record, setting)
             finally:
                 scorer.close()
             if predictor is not None and record.get("validated"):

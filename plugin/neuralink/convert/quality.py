@@ -188,16 +188,9 @@ class ContributionScorer:
                 float(setting.thresholds[layer]), self.threads, apply=not count_only)
             counts[:] += (candidates, finals, changed, rows.size)
 
-        nlls: list[np.ndarray] = []
         recorder = PredictionRecorder(keep_top, reference)
         wanted = {"ffn_gate", self.h_tensor}.__contains__ if setting is not None else (lambda name: False)
-        for w in self.windows:
-            self.reader.evaluate(self.tokens[w.begin:w.end], wanted, consume, bos=False)
-            # row r of the window's logits predicts token begin + r + 1
-            logits = self.reader.logits(copy=False)[w.first_scored - 1 - w.begin:w.end - 1 - w.begin]
-            targets = self.tokens[w.first_scored:w.end]
-            nlls.append(window_nll(logits, targets, self.threads))
-            recorder.add(logits, targets, nlls[-1])
+        nlls = self._score(self.reader, wanted, consume, recorder)
         self.passes += 1
         if keep_top:
             self.top = recorder.top
@@ -205,9 +198,33 @@ class ContributionScorer:
         moved = {"kld": self.divergence.mean_kld, "same_top": self.divergence.top_agreement} \
             if self.divergence is not None else {}
         if setting is None:
-            return np.concatenate(nlls), {"up_density": 1.0, "down_density": 1.0, "changed_pairs": 0, **moved}
-        return np.concatenate(nlls), {"up_density": counts[0] / counts[3], "down_density": counts[1] / counts[3],
-                                      "changed_pairs": int(counts[2]), **moved}
+            return nlls, {"up_density": 1.0, "down_density": 1.0, "changed_pairs": 0, **moved}
+        return nlls, {"up_density": counts[0] / counts[3], "down_density": counts[1] / counts[3],
+                      "changed_pairs": int(counts[2]), **moved}
+
+    def _score(self, reader: Any, wanted: Callable[[str], bool], consume: Callable[[str, int, np.ndarray], None],
+               recorder: PredictionRecorder) -> np.ndarray:
+        """Every window of the held-out tokens through `reader`: the NLL of every scored token, text order."""
+        nlls: list[np.ndarray] = []
+        for w in self.windows:
+            reader.evaluate(self.tokens[w.begin:w.end], wanted, consume, bos=False)
+            # row r of the window's logits predicts token begin + r + 1
+            logits = reader.logits(copy=False)[w.first_scored - 1 - w.begin:w.end - 1 - w.begin]
+            targets = self.tokens[w.first_scored:w.end]
+            nlls.append(window_nll(logits, targets, self.threads))
+            recorder.add(logits, targets, nlls[-1])
+        return np.concatenate(nlls)
+
+    def source_predictions(self, source: os.PathLike[str] | str) -> tuple[np.ndarray, TopTokens]:
+        """The source model's NLLs and most likely next tokens on the same held-out tokens and windows (the
+        conversion keeps its vocabulary, so the tokens are the same)."""
+        from neuralink.profile.activations import ActivationReader
+
+        recorder = PredictionRecorder(REFERENCE_TOP, None)
+        with ActivationReader(source, window=self.n_ctx, threads=self.threads) as reader:
+            nlls = self._score(reader, lambda name: False, lambda name, layer, rows: None, recorder)
+        assert recorder.top is not None
+        return nlls, recorder.top
 
     def nll(self, setting: Setting) -> tuple[float, dict[str, float]]:
         """Mean NLL under `setting`, and the densities it ran at (`token_nll`)."""
@@ -361,6 +378,44 @@ def search(scorer: ContributionScorer, selection: SelectionStats, n_layer: int, 
             low = mid + 1
     setting = setting_for(selection, layer_levels(high, offsets))
     return setting, _chosen(record, setting, f"level {LADDER[high]}")
+
+
+def measure_against_source(scorer: ContributionScorer, source: os.PathLike[str] | str, record: dict[str, Any],
+                           chosen: Setting) -> dict[str, Any]:
+    """How far the conversion moved from the source model on the held-out tokens: with every neuron (what the
+    re-encoding of the down weights alone costs) and at the default setting the record validated (every neuron
+    again where that is the default). The search's budgets are held against every neuron of the conversion, so
+    they do not see the first; this says it."""
+    source_nlls, source_top = scorer.source_predictions(source)
+    # every neuron: llama.cpp on the converted GGUF with nothing zeroed (None: not even looked at)
+    settings: dict[str, Setting | None] = {"every_neuron": None}
+    if record.get("predictor") == "gate":
+        settings["default"] = chosen
+    moved: dict[str, Any] = {}
+    for key, setting in settings.items():
+        nlls, measured = scorer.token_nll(setting, reference=source_top)
+        ratio, upper = perplexity_change(nlls, source_nlls)
+        moved[key] = {"perplexity_change": ratio, "upper_bound": upper, "kld": measured["kld"],
+                      "same_top": measured["same_top"]}
+    moved.setdefault("default", moved["every_neuron"])
+    return moved
+
+
+def source_text(measured: dict[str, Any]) -> str:
+    """"perplexity +x.xx %, KL divergence 0.0xxx nats a token, the same top token at 0.9xx" of one setting
+    against the source model."""
+    return (f"perplexity {100 * measured['perplexity_change']:+.2f} %, KL divergence {measured['kld']:.4f} nats a "
+            f"token, the same top token at {measured['same_top']:.3f}")
+
+
+def against_source_text(record: dict[str, Any]) -> str:
+    """The quality record's `against_source` as a sentence ("" for a record without it: other criteria, older
+    sidecars)."""
+    if "against_source" not in record:
+        return ""
+    moved = record["against_source"]
+    return (f"against the source model on the same tokens: every neuron {source_text(moved['every_neuron'])}; "
+            f"the default {source_text(moved['default'])}")
 
 
 def measure_predictor(model: os.PathLike[str] | str, sidecar: os.PathLike[str] | str, text: str, predictor: str,
