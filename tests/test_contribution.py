@@ -94,6 +94,38 @@ def test_a_divergence_budget_is_searched_recorded_and_said(synthetic_model: Mode
         assert q["chosen"] == "level 1.0" and opened.header.default_predictor == "dense"
     assert "(budget 1e-09)" in out
     assert "against the source model on the same tokens: every neuron perplexity" in out
+    # an f32 model's down weights stay f32: with every neuron the conversion predicts as the source does
+    assert "warning: with every neuron" not in out
+
+
+def test_convert_warns_where_the_reencoding_alone_exceeds_the_divergence_budget(
+        synthetic_model: ModelFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from neuralink.cli import main as cli_main
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(carried_text(2500, seed=11))
+    assert cli_main(["convert", str(synthetic_model("llama", "f32")), "--calibration", str(text), "-o",
+                     str(tmp_path / "m.gguf"), "--max-tokens", "1024", "--heldout-tokens", "256", "--workers", "1",
+                     "--density", str(DENSITY), "--bundle-down-type", "q4_K", "--kld-budget", "1e-6"]) == 0
+    out = capsys.readouterr().out
+    with Sidecar.open(tmp_path / "m.neuralink.sidecar", tmp_path / "m.gguf") as opened:
+        moved = opened.header.quality["against_source"]["every_neuron"]["kld"]
+    assert moved > 1e-6
+    assert f"warning: with every neuron the converted model's predictions are {moved:.4f} nats" in out
+    assert "--bundle-down-type (q6_K, q8_0)" in out
+
+
+def test_a_reencoding_beyond_the_divergence_budget_is_warned_of() -> None:
+    from neuralink.convert.quality import reencoding_warning
+
+    moved = {"perplexity_change": 0.01, "upper_bound": 0.02, "kld": 0.013, "same_top": 0.95}
+    record = {"kld_budget": 0.01, "against_source": {"every_neuron": moved, "default": moved}}
+    assert "0.0130 nats a token" in reencoding_warning(record) and "--kld-budget 0.01" in reencoding_warning(record)
+    moved["kld"] = 0.009  # within the budget
+    assert reencoding_warning(record) == ""
+    moved["kld"] = 0.013
+    assert reencoding_warning({k: v for k, v in record.items() if k != "kld_budget"}) == ""  # --kld-budget none
+    assert reencoding_warning({"kld_budget": 0.01}) == ""  # not measured (other criteria, older sidecars)
 
 
 @pytest.mark.parametrize("given", [None, "none"])

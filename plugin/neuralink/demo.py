@@ -51,7 +51,7 @@ from neuralink.child import run_in_child
 from neuralink.command import Command, positive_int
 from neuralink.convert.pipeline import convert_from_text
 from neuralink.convert.quality import DEFAULT_BUDGET as QUALITY_BUDGET
-from neuralink.convert.quality import against_source_text, bound_text, divergence_text
+from neuralink.convert.quality import against_source_text, bound_text, divergence_text, reencoding_warning
 from neuralink.errors import ModelFileError, OptionError
 from neuralink.evaluate.bench.e2e import E2eSettings, RunResult, budget_for_cap, plot_pair, run_e2e
 from neuralink.evaluate.bench.native import runner_minimum
@@ -162,8 +162,9 @@ def converted_model(model: Path, calibration: list[Path] | None, threads: int | 
         print(f"quality check: {q.get('chosen')}, perplexity {100 * q['perplexity_change']:+.2f} %{bound_text(q)} "
               f"on held-out text (budget {100 * q['budget']:.0f} %){divergence_text(q)}; default predictor "
               f"{q.get('predictor')}", file=sys.stderr)
-        if moved := against_source_text(q):
-            print(moved, file=sys.stderr)
+        for line in (against_source_text(q), reencoding_warning(q)):
+            if line:
+                print(line, file=sys.stderr)
     return output
 
 

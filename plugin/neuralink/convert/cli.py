@@ -35,6 +35,7 @@ from neuralink.convert.quality import (
     against_source_text,
     bound_text,
     divergence_text,
+    reencoding_warning,
 )
 from neuralink.convert.writer import ConversionResult, run_conversion
 from neuralink.errors import OptionError
@@ -81,6 +82,8 @@ def print_summary(result: ConversionResult) -> None:
               f"{q.get('down_density', 1.0):.3f} of (token, neuron) pairs")
         if moved := against_source_text(q):
             print(moved)
+        if warning := reencoding_warning(q):
+            print(warning)
         if "lowrank" in q:
             lr = q["lowrank"]
             print(f"low-rank predictor (rank {lr['rank']}, {lr['resident_bytes'] / 2**20:.1f} MiB resident, no gate row): "

@@ -418,6 +418,18 @@ def against_source_text(record: dict[str, Any]) -> str:
             f"the default {source_text(moved['default'])}")
 
 
+def reencoding_warning(record: dict[str, Any]) -> str:
+    """A warning where re-encoding the down weights alone moved the predictions from the source model's further
+    than the divergence budget the search held against the converted model ("" otherwise)."""
+    moved = record.get("against_source", {}).get("every_neuron")
+    if moved is None or "kld_budget" not in record or moved["kld"] <= record["kld_budget"]:
+        return ""
+    return (f"warning: with every neuron the converted model's predictions are {moved['kld']:.4f} nats a token from "
+            f"the source model's, beyond --kld-budget {record['kld_budget']:g}, which the search holds against the "
+            "converted model itself: that is the down weights' re-encoding; a finer --bundle-down-type (q6_K, "
+            "q8_0) keeps them closer")
+
+
 def measure_predictor(model: os.PathLike[str] | str, sidecar: os.PathLike[str] | str, text: str, predictor: str,
                       *, budget: float = DEFAULT_BUDGET, threads: int | None = None) -> dict[str, Any]:
     """The quality record of running `predictor` at the sidecar's own thresholds (criteria without a density
