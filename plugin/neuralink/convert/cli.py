@@ -119,12 +119,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="sidecar file (default: <output>.neuralink.sidecar beside the output)")
     parser.add_argument("--down-type", choices=DOWN_ENCODINGS, default="auto",
                         help="type of the converted GGUF's re-encoded ffn_down (default: auto: --bundle-down-type's "
-                             "when that is given, so the quality search measures its cost; see docs/convert.md)")
+                             "when that is given, so that the quality search scores what the engine computes and "
+                             "the record says how far it is from the source model; see docs/convert.md)")
     parser.add_argument("--bundle-down-type", choices=DOWN_ENCODINGS, default="auto",
                         help="type of the sidecar's down columns (default: auto: q5_K for a K-quant ffn_down, see "
                              "docs/convert.md; q4_K reads 18 %% fewer bytes per column where a memory cap leaves "
-                             "every token reading the records: 8-10 %% faster there, ~+0.6-0.9 %% perplexity on "
-                             "Qwen2.5-Coder-1.5B)")
+                             "every token reading the records: 8-31 %% faster there, the more the slower the disk, "
+                             "for about twice q5_K's KL divergence from the source model on Qwen2.5-Coder-1.5B)")
     parser.add_argument("--bundle-layout", choices=BUNDLE_LAYOUTS, default="auto",
                         help="joint: one record per neuron; split: down columns in a region of their own, read "
                              "only once the up row shows they are needed (auto: split for the contribution criterion)")
